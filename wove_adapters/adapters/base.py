@@ -1,0 +1,359 @@
+"""The adapter contract, the lazy registry, and the transport that drives any adapter.
+
+An adapter fills three primitives for its job system (``submit``, ``cancel``, ``status``),
+declares ``Capabilities`` honestly, and maps its native states into ``JobState``. All the
+shared machinery (signed payloads, the payload store, the callback receiver, the ledger,
+reconciliation) lives in ``AdapterTransport``, so an adapter fits in a screenful or three.
+
+The registry is a table of strings (name -> "module:Class" + extra), fed by the built-ins
+and by the entry-point group ``wove_adapters.adapters``; nothing is imported until a name
+is looked up, and a missing backend library becomes one error naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import difflib
+import importlib
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, ClassVar
+
+from wove_adapters.callbacks import payload as payload_mod
+from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
+from wove_adapters.core import frames
+from wove_adapters.core.errors import MissingBackendError
+from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.core.transport import Emit, RunAttempt, Transport
+
+
+@dataclass
+class JobSpec:
+    """What an adapter submits: the signed payload text plus naming hints."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+    payload: str  # "wove1.…" – verify-before-unpickle, safe in env vars (if small)
+    idempotency_key: str | None
+    job_name: str  # a readable, backend-safe default name
+    environment: str
+    delivery: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # per-task pass-through
+
+
+class BackendAdapter(abc.ABC):
+    """The per-backend piece. Promises:
+
+    - ``start``: connect (clients are shared per process and configuration); raise a clear
+      error if the backend is unreachable.
+    - ``submit``: hand the payload to the backend without blocking the loop; return the
+      backend's handle. With ``capabilities.native_idempotency`` the same
+      ``idempotency_key`` must yield one backend job.
+    - ``cancel``: ask the backend to stop the job (queued and, where declared, running).
+    - ``status``: the backend's view, mapped with ``STATE_MAP`` (UNKNOWN fallback).
+    - ``close``: release clients.
+    """
+
+    name: ClassVar[str] = ""
+    extra: ClassVar[str] = ""
+    required_modules: ClassVar[tuple[str, ...]] = ()
+    capabilities: ClassVar[Capabilities] = Capabilities(status=True)
+    STATE_MAP: ClassVar[dict[str, JobState]] = {}
+    # How long a run may stay silent before its job's status is checked.
+    reconcile_seconds: ClassVar[float] = 2.0
+
+    def __init__(self, config: dict[str, Any], *, environment: str) -> None:
+        self.config = config
+        self.environment = environment
+        self.emit: Emit | None = None
+
+    async def start(self) -> None:
+        """Connect; default: nothing to do."""
+
+    @abc.abstractmethod
+    async def submit(self, job: JobSpec) -> str: ...
+
+    @abc.abstractmethod
+    async def cancel(self, handle: str, *, running: bool = True) -> None: ...
+
+    @abc.abstractmethod
+    async def status(self, handle: str) -> JobState: ...
+
+    async def detach(self, handle: str) -> None:
+        """Leave the job running without us (default: nothing to let go of)."""
+
+    async def close(self) -> None:
+        """Release clients; default: nothing."""
+
+    @classmethod
+    def map_state(cls, native: object) -> JobState:
+        from wove_adapters.core.policies import map_state
+
+        return map_state(cls.STATE_MAP, native)
+
+    @staticmethod
+    def safe_name(text: str, *, allowed: str = r"A-Za-z0-9_\-", max_len: int = 128) -> str:
+        """A backend-safe name from any key: disallowed characters become ``-``; a long
+        name keeps a digest of the whole so distinct keys stay distinct."""
+        import hashlib
+
+        cleaned = re.sub(f"[^{allowed}]", "-", text)
+        if len(cleaned) > max_len or cleaned != text:
+            digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+            cleaned = f"{cleaned[: max_len - 13]}-{digest}"
+        return cleaned
+
+
+# ---------------------------------------------------------------- registry
+
+# name -> ("module:Class", extra). Alphabetized; strings only, imported on lookup.
+_BUILTINS: dict[str, tuple[str, str]] = {
+    "arq": ("wove_adapters.adapters.arq:ArqAdapter", "arq"),
+    "aws_batch": ("wove_adapters.adapters.aws_batch:AwsBatchAdapter", "aws"),
+    "celery": ("wove_adapters.adapters.celery:CeleryAdapter", "celery"),
+    "dask": ("wove_adapters.adapters.dask:DaskAdapter", "dask"),
+    "kubernetes_jobs": ("wove_adapters.adapters.kubernetes_jobs:KubernetesJobsAdapter", "kubernetes"),
+    "process": ("wove_adapters.adapters.process:ProcessAdapter", ""),
+    "ray": ("wove_adapters.adapters.ray:RayAdapter", "ray"),
+    "rq": ("wove_adapters.adapters.rq:RqAdapter", "rq"),
+    "slurm": ("wove_adapters.adapters.slurm:SlurmAdapter", "slurm"),
+    "taskiq": ("wove_adapters.adapters.taskiq:TaskiqAdapter", "taskiq"),
+    "temporal": ("wove_adapters.adapters.temporal:TemporalAdapter", "temporal"),
+}
+_registered: dict[str, type[BackendAdapter] | str] = {}
+_entry_points: dict[str, str] | None = None
+
+
+def register_adapter(name: str, target: type[BackendAdapter] | str) -> None:
+    """Explicit registration wins over built-ins and entry points."""
+    _registered[name] = target
+
+
+def _load_entry_points() -> dict[str, str]:
+    global _entry_points
+    if _entry_points is None:
+        found: dict[str, str] = {}
+        for ep in metadata.entry_points(group="wove_adapters.adapters"):
+            found[ep.name] = ep.value
+        _entry_points = found
+    return _entry_points
+
+
+def refresh_entry_points() -> None:
+    global _entry_points
+    _entry_points = None
+
+
+def adapter_names() -> list[str]:
+    return sorted({*_registered, *_BUILTINS, *_load_entry_points()})
+
+
+def _import(dotted: str) -> Any:
+    module_name, _, attr = dotted.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
+def get_adapter_class(name: str) -> type[BackendAdapter]:
+    """Look up by name: explicit registration, built-ins, entry points (in that order).
+
+    Raises ValueError for unknown names (suggesting the closest) and MissingBackendError
+    when the adapter's declared library is missing; any other import error is a bug in the
+    adapter and surfaces as itself.
+    """
+    target: type[BackendAdapter] | str | None = _registered.get(name)
+    extra = ""
+    if target is None and name in _BUILTINS:
+        target, extra = _BUILTINS[name]
+    if target is None:
+        target = _load_entry_points().get(name)
+    if target is None:
+        known = adapter_names()
+        close = difflib.get_close_matches(name, [*known, "local", "stdio"], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(
+            f"Unknown executor '{name}'.{hint} Known executors: local, stdio, "
+            f"{', '.join(known)} (third-party adapters register through the "
+            f"'wove_adapters.adapters' entry-point group)."
+        )
+    if isinstance(target, str):
+        try:
+            cls = _import(target)
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or "").split(".")[0]
+            module_of_target = target.partition(":")[0]
+            if missing and not module_of_target.startswith(missing):
+                raise MissingBackendError(name, missing, extra or name) from exc
+            raise
+    else:
+        cls = target
+    check_requirements(cls)
+    return cls  # type: ignore[no-any-return]
+
+
+def check_requirements(cls: type[BackendAdapter]) -> None:
+    for module in cls.required_modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name.split(".")[0]):
+                raise MissingBackendError(cls.name, module, cls.extra or cls.name) from exc
+            raise
+
+
+# ---------------------------------------------------------------- the transport
+
+
+class AdapterTransport(Transport):
+    """Turns any BackendAdapter into a transport: payloads out, receiver events in."""
+
+    def __init__(self, adapter_cls: type[BackendAdapter]) -> None:
+        self.adapter_cls = adapter_cls
+        self.name = adapter_cls.name
+        self.capabilities = adapter_cls.capabilities
+        self.reconcile_seconds = adapter_cls.reconcile_seconds
+        self.adapter: BackendAdapter | None = None
+        self.receiver: CallbackReceiver | None = None
+        self._emit: Emit | None = None
+        self._config: dict[str, Any] = {}
+        self._key_id = ""
+        self._ledger_url: str | None = None
+        self._store_url: str | None = None
+        self._environment = ""
+        self._body_refs: dict[str, payload_mod.BodyRef] = {}
+
+    async def open(
+        self,
+        *,
+        environment: str,
+        executor_config: dict[str, Any],
+        settings: dict[str, Any],
+        emit: Emit,
+    ) -> None:
+        self._emit = emit
+        self._config = executor_config
+        self._environment = environment
+        self._key_id = executor_config["_key_id"]
+        self._ledger_url = executor_config.get("_ledger_url")
+        self._store_url = executor_config.get("payload_store")
+        if not native_only(self.adapter_cls, executor_config):
+            self.receiver = await get_receiver(executor_config)
+        self.adapter = self.adapter_cls(executor_config, environment=environment)
+        self.adapter.emit = emit
+        await self.adapter.start()
+
+    def return_path(self, run: RunAttempt) -> payload_mod.ReturnPath:
+        kind = str(self._config.get("return_path", "http"))
+        if kind == "redis":
+            url = str(self._config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
+            return payload_mod.ReturnPath(kind="redis", url=url, key=self._config["_dropbox_key"])
+        assert self.receiver is not None
+        return payload_mod.ReturnPath(kind="http", url=self.receiver.url)
+
+    async def submit(self, run: RunAttempt) -> None:
+        assert self.adapter is not None
+        delivery = run.policy.as_delivery(run.idempotency_key)
+        if self.receiver is not None:
+            self.receiver.register(run.run_id, self._sink)
+        envelope = await asyncio.to_thread(
+            payload_mod.build_envelope,
+            adapter=self.name,
+            run_id=run.run_id,
+            task_id=run.task_id,
+            attempt=run.attempt,
+            func=run.func,
+            args=run.args,
+            return_path=self.return_path(run),
+            delivery=delivery,
+            key_id=self._key_id,
+            inline_limit=int(self._config.get("inline_payload_limit")
+                             or self.capabilities.inline_payload_limit),
+            store_url=self._store_url,
+            ledger=self._ledger_url,
+            heartbeat_seconds=run.policy.heartbeat_seconds,
+            body=run.extra.get("body"),
+        )
+        if envelope.body_ref is not None:
+            self._body_refs[f"{run.run_id}#{run.attempt}"] = envelope.body_ref
+        text = payload_mod.encode_payload(envelope)
+        job = JobSpec(
+            run_id=run.run_id,
+            task_id=run.task_id,
+            attempt=run.attempt,
+            payload=text,
+            idempotency_key=run.idempotency_key,
+            job_name=self.adapter.safe_name(
+                f"wove-{run.task_id}-{run.run_id.rsplit(':', 1)[-1][:12]}-{run.attempt}"
+            ),
+            environment=self._environment,
+            delivery=delivery,
+            options=dict(run.extra.get("options") or {}),
+        )
+        run.submission = await self.adapter.submit(job)
+
+    def _sink(self, event: frames.WireEvent, raw: bytes) -> None:
+        from wove_adapters.core.runtime import wire_to_frame
+
+        assert self._emit is not None
+        terminal = isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled))
+        self._emit(wire_to_frame(event, raw if terminal else None))
+
+    async def cancel(self, run: RunAttempt, *, mode: str) -> None:
+        assert self.adapter is not None
+        if run.submission is None:
+            return
+        await self.adapter.cancel(run.submission, running=True)
+        if mode == "require_ack" and self.capabilities.confirm_cancel:
+            asyncio.get_running_loop().create_task(self._confirm(run))
+
+    async def _confirm(self, run: RunAttempt) -> None:
+        """The worker usually confirms with task_cancelled; if the backend killed it
+        before it could, the backend's own CANCELLED state is the confirmation."""
+        assert self.adapter is not None and self._emit is not None
+        deadline = asyncio.get_running_loop().time() + run.policy.cancel_ack_timeout
+        while asyncio.get_running_loop().time() < deadline and run.submission:
+            with contextlib.suppress(Exception):
+                state = await self.adapter.status(run.submission)
+                if state in (JobState.CANCELLED, JobState.GONE):
+                    self._emit(
+                        frames.event(
+                            frames.TASK_CANCELLED, run.run_id, run.task_id, run.attempt,
+                            reason=f"{self.name} reports the job {state.value}",
+                        )
+                    )
+                    return
+                if state.finished:
+                    return
+            await asyncio.sleep(0.1)
+
+    async def status(self, run: RunAttempt) -> JobState:
+        assert self.adapter is not None
+        if run.submission is None:
+            return JobState.UNKNOWN
+        return await self.adapter.status(run.submission)
+
+    async def detach(self, run: RunAttempt) -> None:
+        assert self.adapter is not None
+        if run.submission is not None:
+            await self.adapter.detach(run.submission)
+
+    async def release(self, run: RunAttempt) -> None:
+        if self.receiver is not None:
+            self.receiver.unregister(run.run_id)
+        ref = self._body_refs.pop(f"{run.run_id}#{run.attempt}", None)
+        if ref is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(payload_mod.open_store(ref.store).delete, ref)
+
+    async def close(self) -> None:
+        if self.adapter is not None:
+            await self.adapter.close()
+
+
+def native_only(cls: type[BackendAdapter], config: dict[str, Any]) -> bool:
+    """Adapters with a native result path may skip the receiver when configured so."""
+    return cls.capabilities.native_result and config.get("return_path") == "native"

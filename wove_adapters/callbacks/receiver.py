@@ -1,0 +1,183 @@
+"""The caller's HTTP receiver for worker events: ``POST /wove/events/{token}``.
+
+Built on aiohttp.web. Every request is checked in order of cost before anything is
+decoded: path token, size, signature, timestamp window, nonce (no replay), then the event
+schema. Anything wrong gets a 4xx and changes nothing; one bad request never blocks or
+crashes the others. Verified events are routed by ``run_id`` to whoever registered the
+run; a second terminal event for a run is dropped and counted.
+
+One receiver per (host, port, token) per process, shared by every environment and Hub,
+so a short-lived caller pays for the listening socket once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from wove_adapters.callbacks import signing
+from wove_adapters.core import frames
+from wove_adapters.core.errors import PayloadError
+
+EventSink = Callable[[frames.WireEvent, bytes], None]
+DEFAULT_MAX_BODY = 512 * 1024 * 1024
+
+
+class CallbackReceiver:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        public_url: str | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        window: float = signing.DEFAULT_WINDOW_SECONDS,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.token = token or secrets.token_urlsafe(18)
+        self._public_url = public_url
+        self.max_body = max_body
+        self.nonces = signing.NonceCache(window)
+        self.window = window
+        self._sinks: dict[str, EventSink] = {}
+        self._terminal_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._runner: Any = None
+        self.stats: dict[str, int] = {
+            "accepted": 0,
+            "rejected": 0,
+            "duplicates_dropped": 0,
+            "unrouted": 0,
+        }
+        self.ready = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        """The full callback URL a worker POSTs to (token included)."""
+        base = self._public_url or f"http://{self.host}:{self.port}"
+        base = base.rstrip("/")
+        if "{token}" in base:
+            return base.replace("{token}", self.token)
+        if base.endswith("/wove/events"):
+            return f"{base}/{self.token}"
+        return f"{base}/wove/events/{self.token}"
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        app = web.Application(client_max_size=self.max_body)
+        app.router.add_post("/wove/events/{token}", self._handle)
+        app.router.add_get("/wove/health", self._health)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True, backlog=1024)
+        await site.start()
+        if self.port == 0:
+            server = site._server
+            assert server is not None
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner = runner
+        self.ready.set()
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def register(self, run_id: str, sink: EventSink) -> None:
+        self._sinks[run_id] = sink
+
+    def unregister(self, run_id: str) -> None:
+        self._sinks.pop(run_id, None)
+
+    async def _health(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response({"ok": True, **self.stats})
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if not secrets.compare_digest(request.match_info["token"], self.token):
+            return self._reject(404, "unknown callback token")
+        if request.content_length is not None and request.content_length > self.max_body:
+            return self._reject(413, "body too large")
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._reject(413, "body too large")
+        except Exception:  # noqa: BLE001 - a broken client must not break us
+            return self._reject(400, "unreadable body")
+        try:
+            blob = signing.decode_blob(data)
+            body = signing.verify(blob, window=self.window, nonces=self.nonces)
+            batch = msgspec.msgpack.decode(body, type=frames.EventBatch)
+        except PayloadError as exc:
+            status = 409 if "replayed" in str(exc) else 401 if "signature" in str(exc) or "key" in str(exc) or "timestamp" in str(exc) else 400
+            return self._reject(status, str(exc))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return self._reject(400, f"malformed events: {exc}")
+        routed = self.route(batch.events, data)
+        self.stats["accepted"] += 1
+        return web.json_response({"ok": True, "events": len(batch.events), "routed": routed})
+
+    def route(self, events: list[frames.WireEvent], raw: bytes) -> int:
+        """Hand verified events to their runs' sinks; drop duplicate terminals."""
+        routed = 0
+        for event in events:
+            if isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled)):
+                ident = (event.run_id, event.attempt)
+                if ident in self._terminal_seen:
+                    self.stats["duplicates_dropped"] += 1
+                    continue
+                self._terminal_seen[ident] = None
+                if len(self._terminal_seen) > 100_000:
+                    self._terminal_seen.popitem(last=False)
+            sink = self._sinks.get(event.run_id)
+            if sink is None:
+                self.stats["unrouted"] += 1
+                continue
+            try:
+                sink(event, raw)
+                routed += 1
+            except Exception:  # noqa: BLE001 - one run's sink must not fail the batch
+                self.stats["unrouted"] += 1
+        return routed
+
+    def _reject(self, status: int, reason: str) -> Any:
+        from aiohttp import web
+
+        self.stats["rejected"] += 1
+        return web.json_response({"ok": False, "error": reason}, status=status)
+
+
+_receivers: dict[tuple[str, int, str | None, str | None], CallbackReceiver] = {}
+_lock: asyncio.Lock | None = None
+
+
+async def get_receiver(config: dict[str, Any]) -> CallbackReceiver:
+    """The shared receiver for this executor_config's callback settings (started once)."""
+    global _lock
+    if _lock is None:
+        _lock = asyncio.Lock()
+    host = str(config.get("callback_host") or "127.0.0.1")
+    port = int(config.get("callback_port") or 0)
+    token = config.get("callback_token")
+    public = config.get("callback_url")
+    ident = (host, port, token, public)
+    async with _lock:
+        receiver = _receivers.get(ident)
+        if receiver is None:
+            receiver = CallbackReceiver(host=host, port=port, token=token, public_url=public)
+            await receiver.start()
+            _receivers[ident] = receiver
+            from wove_adapters.core.loop import add_shutdown_hook
+
+            add_shutdown_hook(receiver.aclose)
+        return receiver

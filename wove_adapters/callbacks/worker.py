@@ -1,0 +1,304 @@
+"""The worker side: verify a payload, run its task, report events, never lose the outcome.
+
+Any backend's worker runs a payload with one call: ``run(payload)`` from sync code (a
+Celery or RQ task body), ``await arun(payload)`` from async code (ARQ, Taskiq), or
+``python -m wove_adapters.worker`` from a batch script. The payload is verified before
+anything is unpickled. The task runs in the calling thread (so SIGTERM can interrupt it);
+heartbeats come from a timer thread; the terminal event is acknowledged by the caller, or,
+when the caller cannot be reached, written to the ledger the envelope names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from wove_adapters.callbacks import payload as payload_mod
+from wove_adapters.callbacks import sender
+from wove_adapters.callbacks.payload import Envelope
+from wove_adapters.core import frames
+from wove_adapters.core.errors import PayloadError
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+EXIT_PAYLOAD_REFUSED = 2
+EXIT_DELIVERY_FAILED = 3
+EXIT_CANCELLED = 143
+
+
+class TaskCancelled(BaseException):
+    """Raised inside a running task when its run is cancelled (SIGTERM, cancel frame).
+
+    A BaseException so ``except Exception`` in user code does not swallow it."""
+
+
+@dataclass
+class Outcome:
+    state: str  # succeeded | failed | cancelled | refused
+    value: Any = None
+    error: BaseException | None = None
+    delivered: bool = True
+
+    @property
+    def exit_code(self) -> int:
+        if not self.delivered:
+            return EXIT_DELIVERY_FAILED
+        return {
+            "succeeded": EXIT_OK,
+            "failed": EXIT_TASK_FAILED,
+            "cancelled": EXIT_CANCELLED,
+        }.get(self.state, EXIT_PAYLOAD_REFUSED)
+
+
+# ---------------------------------------------------------------- running one callable
+
+
+def call_task(func: Callable[..., Any], args: dict[str, Any]) -> Any:
+    """Call sync or async task code from this (non-loop) thread."""
+    result = func(**args)
+    if inspect.isawaitable(result):
+        return asyncio.run(_await(result))
+    return result
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+@contextmanager
+def sigterm_cancels() -> Iterator[None]:
+    """Within the block, SIGTERM raises TaskCancelled in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _handler(signum: int, frame: FrameType | None) -> None:
+        raise TaskCancelled(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class HeartbeatTimer:
+    """Calls ``beat`` every ``interval`` seconds from a daemon thread until stopped."""
+
+    def __init__(self, interval: float | None, beat: Callable[[], None]) -> None:
+        self._interval = interval
+        self._beat = beat
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> HeartbeatTimer:
+        if self._interval:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="wove-heartbeat")
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        assert self._interval is not None
+        while not self._stop.wait(self._interval):
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001 - a lost heartbeat must not kill the task
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+
+def heartbeat_interval(heartbeat_seconds: float | None) -> float:
+    """Beat three times per allowed silence, and at least every 5 s so reconciliation and
+    observers always see life."""
+    if heartbeat_seconds:
+        return max(min(heartbeat_seconds / 3.0, 5.0), 0.05)
+    return 5.0
+
+
+def pickled_exception(exc: BaseException) -> bytes | None:
+    try:
+        data = payload_mod.dumps(exc)
+        payload_mod.loads(data)
+        return data
+    except Exception:  # noqa: BLE001 - unpicklable exception types travel as text only
+        return None
+
+
+# ---------------------------------------------------------------- the payload runner
+
+
+def _emit(envelope: Envelope, event: frames.WireEvent) -> Any:
+    return sender.send(envelope.return_path, envelope.key_id, event)
+
+
+def _refuse(raw: str | bytes, exc: PayloadError) -> Outcome:
+    """Report a refused payload where it claims to come from, if we can sign for it."""
+    print(f"wove-adapters worker: payload refused: {exc}", file=sys.stderr)
+    try:
+        import base64
+
+        import msgspec
+
+        from wove_adapters.callbacks import signing
+
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        blob = signing.decode_blob(
+            base64.urlsafe_b64decode(text.strip()[len(payload_mod.PAYLOAD_PREFIX) :])
+        )
+        claimed = msgspec.msgpack.decode(blob.body, type=Envelope)
+        signing.KEYRING.get(claimed.key_id)
+        event = frames.TaskError(
+            run_id=claimed.run_id,
+            task_id=claimed.task_id,
+            attempt=claimed.attempt,
+            error=frames.ErrorPayload(
+                kind="PayloadError", message=f"worker refused the payload: {exc}", source="payload"
+            ),
+        )
+        _emit(claimed, event).result(timeout=10)
+    except Exception:  # noqa: BLE001 - nothing trustworthy to report to
+        pass
+    return Outcome("refused", error=exc, delivered=True)
+
+
+def run(payload: str | bytes, *, handle_sigterm: bool = True) -> Outcome:
+    """Run one payload to completion from sync code; see the module docstring."""
+    try:
+        envelope = payload_mod.decode_payload(payload)
+    except PayloadError as exc:
+        return _refuse(payload, exc)
+    return run_envelope(envelope, handle_sigterm=handle_sigterm)
+
+
+def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
+    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
+    _emit(envelope, frames.TaskStarted(**ident, pid=os.getpid(), host=socket.gethostname()))
+    outcome: Outcome
+    event: frames.WireEvent
+    with HeartbeatTimer(
+        heartbeat_interval(envelope.heartbeat_seconds),
+        lambda: _emit(envelope, frames.Heartbeat(**ident)),
+    ):
+        try:
+            func, args = payload_mod.load_body(envelope)
+            if handle_sigterm:
+                with sigterm_cancels():
+                    value = call_task(func, args)
+            else:
+                value = call_task(func, args)
+            event = frames.TaskResult(**ident, result=payload_mod.dumps(value))
+            outcome = Outcome("succeeded", value=value)
+        except TaskCancelled as exc:
+            event = frames.TaskCancelled(**ident, reason=str(exc))
+            outcome = Outcome("cancelled", error=exc)
+        except PayloadError as exc:
+            event = frames.TaskError(
+                **ident, error=frames.normalize_exception(exc, source="payload")
+            )
+            outcome = Outcome("refused", error=exc)
+        except Exception as exc:  # noqa: BLE001 - the task's failure is the message
+            event = frames.TaskError(
+                **ident,
+                error=frames.normalize_exception(exc, source="task"),
+                exception=pickled_exception(exc),
+            )
+            outcome = Outcome("failed", error=exc)
+    outcome.delivered = deliver_terminal(envelope, event)
+    return outcome
+
+
+def deliver_terminal(envelope: Envelope, event: frames.WireEvent) -> bool:
+    """Get the terminal event to the caller, or into the ledger; False if both fail."""
+    detach = envelope.delivery.get("delivery_orphan_policy") == "detach"
+    if detach and envelope.ledger:
+        _record_in_ledger(envelope, event)
+    try:
+        _emit(envelope, event).result(timeout=sender.RETRY_SECONDS + 30)
+        return True
+    except Exception as exc:  # noqa: BLE001
+        print(f"wove-adapters worker: could not deliver the outcome: {exc}", file=sys.stderr)
+        if envelope.ledger and not detach:
+            return _record_in_ledger(envelope, event)
+        return detach and bool(envelope.ledger)
+
+
+_STATE_OF = {
+    frames.TASK_RESULT: "succeeded",
+    frames.TASK_ERROR: "failed",
+    frames.TASK_CANCELLED: "cancelled",
+}
+
+
+def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
+    from wove_adapters.core.ledger import record_outcome_sync
+
+    blob = sender.sign_events([event], envelope.key_id)
+    from wove_adapters.callbacks.signing import encode_blob
+
+    kind = type(event).__struct_config__.tag  # type: ignore[attr-defined]
+    try:
+        record_outcome_sync(
+            envelope.ledger or "", envelope.run_id, _STATE_OF.get(str(kind), "failed"),
+            encode_blob(blob),
+        )
+        return True
+    except Exception as exc:  # noqa: BLE001
+        print(f"wove-adapters worker: could not record the outcome: {exc}", file=sys.stderr)
+        return False
+
+
+async def arun(payload: str | bytes) -> Outcome:
+    """Run a payload from async code: the task runs in a thread so it never blocks the
+    caller's loop (ARQ and Taskiq workers serve many jobs on one loop)."""
+    return await asyncio.to_thread(run, payload, handle_sigterm=False)
+
+
+# ---------------------------------------------------------------- python -m wove_adapters.worker
+
+
+def read_payload(argv: list[str]) -> str:
+    """From ``--payload-file PATH``, ``--payload-env VAR``, ``--payload-ref URL#KEY``,
+    ``-`` (stdin), or the default env var ``WOVE_PAYLOAD``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m wove_adapters.worker")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--payload-file")
+    source.add_argument("--payload-env")
+    source.add_argument("--payload-ref", help="STORE_URL#KEY: the payload text in a store")
+    source.add_argument("payload", nargs="?", help="'-' for stdin")
+    options = parser.parse_args(argv)
+    if options.payload_file:
+        with open(options.payload_file) as handle:
+            return handle.read()
+    if options.payload_ref:
+        url, _, key = options.payload_ref.rpartition("#")
+        store = payload_mod.open_store(url)
+        return store._get(key).decode()
+    if options.payload == "-":
+        return sys.stdin.read()
+    if options.payload:
+        return str(options.payload)
+    var = options.payload_env or "WOVE_PAYLOAD"
+    value = os.environ.get(var)
+    if not value:
+        parser.error(f"no payload: ${var} is empty and no --payload-file/--payload-ref given")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    text = read_payload(list(sys.argv[1:] if argv is None else argv))
+    outcome = run(text)
+    return outcome.exit_code

@@ -1,0 +1,88 @@
+"""Exceptions a caller can catch, shared by every executor and adapter.
+
+Names match wove 2.x where wove has the same concept, so code written against wove's
+errors reads the same against ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WoveAdaptersError(Exception):
+    """Base class: everything this package raises on purpose derives from it."""
+
+
+class DeliveryTimeoutError(WoveAdaptersError, TimeoutError):
+    """No terminal event arrived within ``delivery_timeout`` (or a heartbeat lapsed)."""
+
+
+class DeliveryOrphanedError(WoveAdaptersError, RuntimeError):
+    """A run was lost (worker died, heartbeat lapsed, shutdown) and its policy is ``fail``."""
+
+    def __init__(self, message: str, *, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class DeliveryDetachedError(DeliveryOrphanedError):
+    """A lost run under ``detach``: the job keeps running and the ledger keeps its result.
+
+    ``run_id`` is the handle: ``hub.result(run_id)`` or ``wove-adapters result RUN_ID``
+    fetches the outcome once the worker records it.
+    """
+
+    def __init__(self, message: str, *, run_id: str, ledger: str | None = None) -> None:
+        super().__init__(message, run_id=run_id)
+        self.ledger = ledger
+
+
+class CancelNotAcknowledgedError(WoveAdaptersError, RuntimeError):
+    """``require_ack`` cancellation: nobody confirmed the cancel within the ack window."""
+
+
+class MissingDispatchFeatureError(WoveAdaptersError, ImportError):
+    """cloudpickle is missing, so callables cannot be shipped to another process."""
+
+    def __init__(self, reason: str = "") -> None:
+        why = f" ({reason})" if reason else ""
+        super().__init__(
+            "Dispatching tasks to another process needs cloudpickle, which is not installed"
+            f"{why}. Install it with: pip install 'wove-adapters' (or pip install cloudpickle)."
+        )
+
+
+class MissingBackendError(WoveAdaptersError, ImportError):
+    """The job-system library behind an adapter is not installed."""
+
+    def __init__(self, adapter: str, module: str, extra: str) -> None:
+        super().__init__(
+            f"The '{adapter}' adapter needs the Python module '{module}', which is not "
+            f"installed. Install it with: pip install 'wove-adapters[{extra}]'"
+        )
+        self.adapter = adapter
+        self.module = module
+        self.extra = extra
+
+
+class UnsupportedPolicyError(WoveAdaptersError, ValueError):
+    """A delivery policy asks for something the adapter declared it cannot do."""
+
+
+class PayloadError(WoveAdaptersError, ValueError):
+    """A payload or event failed verification (signature, digest, version, size)."""
+
+
+class TaskExecutionError(WoveAdaptersError, RuntimeError):
+    """A task failed remotely and its original exception could not be rebuilt here.
+
+    ``payload`` is the normalized error: ``kind``, ``message``, ``traceback``,
+    ``retryable``, ``source``.
+    """
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        self.payload = payload
+        kind = payload.get("kind", "Error")
+        super().__init__(f"{kind}: {payload.get('message', 'task failed')}")
+        self.kind = kind
+        self.remote_traceback = payload.get("traceback", "")

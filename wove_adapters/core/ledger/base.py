@@ -1,0 +1,114 @@
+"""The run ledger: a durable record of every run, so no result depends on one process.
+
+The ledger is what makes idempotency work across processes (two callers claiming one key
+get one backend job), what lets ``detach`` hand back a run id whose result can be fetched
+later, and what a restarted caller reads to recover. Implementations: ``memory://``,
+``sqlite:///path`` (the embedded default, WAL), ``redis://`` and ``postgresql://``.
+
+All methods are coroutines; an implementation with a blocking client runs it in a worker
+thread so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from typing import Final
+
+import msgspec
+
+# Run states as the ledger records them.
+SUBMITTED: Final = "submitted"
+RUNNING: Final = "running"
+SUCCEEDED: Final = "succeeded"
+FAILED: Final = "failed"
+CANCELLED: Final = "cancelled"
+LOST: Final = "lost"
+DETACHED: Final = "detached"
+TERMINAL_STATES: Final = frozenset({SUCCEEDED, FAILED, CANCELLED, LOST})
+STATES: Final = (SUBMITTED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST, DETACHED)
+
+
+class RunRecord(msgspec.Struct, kw_only=True):
+    """One run. ``outcome`` holds the signed terminal event exactly as the worker sent it
+    (an encoded, signed ``EventBatch``), so a reader verifies it before unpickling."""
+
+    run_id: str
+    environment: str
+    task_id: str = ""
+    adapter: str = ""
+    idempotency_key: str | None = None
+    attempt: int = 1
+    state: str = SUBMITTED
+    submission: str | None = None  # the backend's handle (job id, workflow id, ...)
+    outcome: bytes | None = None
+    created_at: float = msgspec.field(default_factory=time.time)
+    updated_at: float = msgspec.field(default_factory=time.time)
+
+
+class Ledger(abc.ABC):
+    """Where runs are recorded. One instance per URL per process (see ``open_ledger``)."""
+
+    url: str
+
+    @property
+    def shareable(self) -> bool:
+        """True when another process (a worker, a later caller) can open the same ledger."""
+        return True
+
+    @abc.abstractmethod
+    async def claim(self, record: RunRecord) -> RunRecord:
+        """Insert ``record`` unless a non-final run already holds its idempotency key.
+
+        Returns the record that owns the key afterwards: ``record`` itself when the claim
+        won, else the existing run (which may already be terminal, carrying its outcome).
+        A key whose earlier run ended ``failed``, ``cancelled`` or ``lost`` is free to be
+        claimed again; a ``succeeded`` one keeps answering with its outcome. Atomic across
+        processes sharing the ledger. Records without a key are simply inserted.
+        """
+
+    @abc.abstractmethod
+    async def update(self, run_id: str, **fields: object) -> None:
+        """Set fields (state, attempt, submission, ...) of a run; bumps ``updated_at``."""
+
+    @abc.abstractmethod
+    async def set_outcome(self, run_id: str, state: str, outcome: bytes | None) -> bool:
+        """Record the terminal state and signed event. First writer wins: returns False
+        (and changes nothing) when the run already has an outcome."""
+
+    @abc.abstractmethod
+    async def get(self, run_id: str) -> RunRecord | None:
+        """The run, or None."""
+
+    @abc.abstractmethod
+    async def by_key(self, idempotency_key: str) -> RunRecord | None:
+        """The newest run holding this idempotency key, or None."""
+
+    @abc.abstractmethod
+    async def list_runs(
+        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
+    ) -> list[RunRecord]:
+        """Newest first."""
+
+    async def wait_outcome(
+        self, run_id: str, *, timeout: float | None = None, poll: float = 0.05
+    ) -> RunRecord | None:
+        """Wait until the run has an outcome; None on timeout. Polls by default; an
+        implementation with notifications may override it."""
+        import asyncio
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = await self.get(run_id)
+            if record is not None and record.outcome is not None:
+                return record
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(poll)
+
+    @abc.abstractmethod
+    async def delete(self, run_id: str) -> None:
+        """Forget a run (tests and `runs --prune`)."""
+
+    async def aclose(self) -> None:
+        """Release connections. The shared instance is closed at interpreter exit."""

@@ -1,0 +1,270 @@
+"""``postgresql://user@host:port/db?table=wove_runs``: a ledger in an existing PostgreSQL.
+
+For teams that already run PostgreSQL and want runs next to their other data, queryable
+with SQL. One table (default ``wove_runs``, created on first use), one row per run.
+
+Why it is built this way:
+
+- ``claim`` takes ``pg_advisory_xact_lock`` on a hash of (table, key) before checking for a
+  holder, so two processes claiming one key serialize on the server and exactly one
+  inserts. A unique index cannot express the rule: a key is held only while its run is in
+  a holding state, and a released run may later turn ``succeeded`` (a detached worker
+  finishing), which a partial unique index would refuse.
+- One ``psycopg.AsyncConnection`` per running event loop (async connections bind to their
+  loop), with an ``asyncio.Lock`` around each use: a transaction must not interleave with
+  another task's statements on the same connection. A broken connection is replaced on
+  the next call; nothing is retried automatically, since a blind retry of ``set_outcome``
+  could report a lost race it actually won.
+
+``psycopg`` is imported lazily (``pip install 'wove-adapters[postgres]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from wove_adapters.core.errors import MissingBackendError
+from wove_adapters.core.ledger import (
+    HOLDING_STATES,
+    PerLoop,
+    check_outcome_state,
+    check_update,
+)
+from wove_adapters.core.ledger.base import Ledger, RunRecord
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+DEFAULT_TABLE: Final = "wove_runs"
+_TABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,49}")  # room for index suffixes
+_FIELDS: Final = tuple(RunRecord.__struct_fields__)
+_COLUMNS: Final = ", ".join(_FIELDS)
+_HOLDING: Final = sorted(HOLDING_STATES)
+
+
+def _import_psycopg() -> ModuleType:
+    try:
+        import psycopg
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == "psycopg":
+            raise MissingBackendError("ledger", "psycopg", "postgres") from exc
+        raise
+    return psycopg
+
+
+def parse_postgres_url(url: str) -> tuple[str, str]:
+    """Split off our ``table`` parameter: (conninfo URL for psycopg, table name)."""
+    parts = urlsplit(url)
+    table = DEFAULT_TABLE
+    rest: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "table":
+            table = value
+        else:
+            rest.append((name, value))
+    if not _TABLE_NAME.fullmatch(table):
+        raise ValueError(
+            f"PostgreSQL ledger URL {url!r}: table {table!r} must be a plain identifier "
+            "(letters, digits, underscore; at most 50 characters)."
+        )
+    if not any(name == "connect_timeout" for name, _ in rest):
+        rest.append(("connect_timeout", "5"))  # fail fast when the server is down
+    return urlunsplit(parts._replace(query=urlencode(rest))), table
+
+
+class _Sql:
+    """The statements for one table (the name is validated, so formatting it in is safe)."""
+
+    def __init__(self, table: str) -> None:
+        t = f'"{table}"'
+        self.schema = [
+            f"""CREATE TABLE IF NOT EXISTS {t} (
+                seq             BIGSERIAL,
+                run_id          TEXT PRIMARY KEY,
+                environment     TEXT NOT NULL,
+                task_id         TEXT NOT NULL DEFAULT '',
+                adapter         TEXT NOT NULL DEFAULT '',
+                idempotency_key TEXT,
+                attempt         INTEGER NOT NULL DEFAULT 1,
+                state           TEXT NOT NULL,
+                submission      TEXT,
+                outcome         BYTEA,
+                created_at      DOUBLE PRECISION NOT NULL,
+                updated_at      DOUBLE PRECISION NOT NULL
+            )""",
+            f'CREATE INDEX IF NOT EXISTS "{table}_key_idx" ON {t} (idempotency_key, created_at)',
+            f'CREATE INDEX IF NOT EXISTS "{table}_created_idx" ON {t} (created_at)',
+        ]
+        self.lock = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+        self.select = f"SELECT {_COLUMNS} FROM {t}"
+        self.get = f"{self.select} WHERE run_id = %s"
+        self.holder = (
+            f"{self.select} WHERE idempotency_key = %s AND state = ANY(%s) "
+            "ORDER BY created_at DESC, seq DESC LIMIT 1"
+        )
+        self.by_key = (
+            f"{self.select} WHERE idempotency_key = %s ORDER BY created_at DESC, seq DESC LIMIT 1"
+        )
+        self.insert = (
+            f"INSERT INTO {t} ({_COLUMNS}) VALUES ({', '.join(['%s'] * len(_FIELDS))}) "
+            "ON CONFLICT (run_id) DO NOTHING RETURNING run_id"
+        )
+        self.set_outcome = (
+            f"UPDATE {t} SET state = %s, outcome = %s, updated_at = %s "
+            "WHERE run_id = %s AND outcome IS NULL"
+        )
+        self.exists = f"SELECT 1 FROM {t} WHERE run_id = %s"
+        self.update = f"UPDATE {t} SET {{assignments}} WHERE run_id = %s"
+        self.delete = f"DELETE FROM {t} WHERE run_id = %s"
+        self.ddl_lock_key = f"wove-adapters-ledger-ddl:{table}"
+        self.table = table
+
+
+def _record(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(**dict(zip(_FIELDS, row, strict=True)))
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One loop's connection and the lock that keeps its transactions whole."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    conn: Any = None
+
+
+class PostgresLedger(Ledger):
+    """Runs as rows of one table; claims serialized by advisory locks (see module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        self._psycopg = _import_psycopg()
+        self.url = url
+        self._conninfo, self.table = parse_postgres_url(url)
+        self._sql = _Sql(self.table)
+        self._slots: PerLoop[_Slot] = PerLoop()
+        self._schema_ready = False
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        slot = self._slots.get_or_create(_Slot)
+        async with slot.lock:
+            if slot.conn is None or slot.conn.closed or slot.conn.broken:
+                slot.conn = await self._psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True
+                )
+            if not self._schema_ready:
+                async with slot.conn.transaction():
+                    # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the
+                    # catalog; a lock on the table name makes first use race-free.
+                    await slot.conn.execute(self._sql.lock, (self._sql.ddl_lock_key,))
+                    for statement in self._sql.schema:
+                        await slot.conn.execute(statement)
+                self._schema_ready = True
+            yield slot.conn
+
+    async def claim(self, record: RunRecord) -> RunRecord:
+        sql = self._sql
+        key = record.idempotency_key
+        async with self._connection() as conn, conn.transaction():
+            if key is not None:
+                await conn.execute(sql.lock, (f"{sql.table}:{key}",))
+            row = await (await conn.execute(sql.get, (record.run_id,))).fetchone()
+            if row is not None:  # a retried claim of the same run: it already owns it
+                return _record(row)
+            if key is not None:
+                row = await (await conn.execute(sql.holder, (key, _HOLDING))).fetchone()
+                if row is not None:
+                    return _record(row)
+            values = tuple(getattr(record, name) for name in _FIELDS)
+            inserted = await (await conn.execute(sql.insert, values)).fetchone()
+            if inserted is None:  # the same run_id (no key, so no lock) won a moment ago
+                row = await (await conn.execute(sql.get, (record.run_id,))).fetchone()
+                return _record(row)
+        return record
+
+    async def update(self, run_id: str, **fields: object) -> None:
+        checked = check_update(run_id, fields)
+        # Column names come from check_update's whitelist, never from the caller verbatim.
+        statement = self._sql.update.format(
+            assignments=", ".join(f"{name} = %s" for name in checked)
+        )
+        async with self._connection() as conn:
+            cursor = await conn.execute(statement, (*checked.values(), run_id))
+            if cursor.rowcount == 0:
+                raise KeyError(f"No run {run_id!r} in ledger {self.url}")
+
+    async def set_outcome(self, run_id: str, state: str, outcome: bytes | None) -> bool:
+        check_outcome_state(state)
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                self._sql.set_outcome, (state, outcome, time.time(), run_id)
+            )
+            if cursor.rowcount:
+                return True
+            if await (await conn.execute(self._sql.exists, (run_id,))).fetchone() is None:
+                raise KeyError(f"No run {run_id!r} in ledger {self.url}")
+            return False
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        async with self._connection() as conn:
+            row = await (await conn.execute(self._sql.get, (run_id,))).fetchone()
+        return None if row is None else _record(row)
+
+    async def by_key(self, idempotency_key: str) -> RunRecord | None:
+        async with self._connection() as conn:
+            row = await (await conn.execute(self._sql.by_key, (idempotency_key,))).fetchone()
+        return None if row is None else _record(row)
+
+    async def list_runs(
+        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
+    ) -> list[RunRecord]:
+        where: list[str] = []
+        params: list[object] = []
+        if state is not None:
+            where.append("state = %s")
+            params.append(state)
+        if environment is not None:
+            where.append("environment = %s")
+            params.append(environment)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        statement = f"{self._sql.select}{clause} ORDER BY created_at DESC, seq DESC LIMIT %s"
+        async with self._connection() as conn:
+            cursor = await conn.execute(statement, (*params, max(limit, 0)))
+            rows = await cursor.fetchall()
+        return [_record(row) for row in rows]
+
+    async def delete(self, run_id: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(self._sql.delete, (run_id,))
+
+    async def aclose(self) -> None:
+        """Close this loop's connection. Each loop that used the ledger closes its own (a
+        connection cannot be closed from another loop); those of closed loops are dropped."""
+        slot = self._slots.pop_current()
+        if slot is not None and slot.conn is not None:
+            async with slot.lock:
+                await slot.conn.close()
+
+
+def record_outcome_sync(url: str, run_id: str, state: str, outcome: bytes) -> bool:
+    """Blocking ``set_outcome`` for a worker process, with psycopg's sync connection."""
+    check_outcome_state(state)
+    psycopg = _import_psycopg()
+    conninfo, table = parse_postgres_url(url)
+    sql = _Sql(table)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        try:
+            cursor = conn.execute(sql.set_outcome, (state, outcome, time.time(), run_id))
+        except psycopg.errors.UndefinedTable as exc:
+            raise KeyError(f"No run {run_id!r} in ledger {url} (no table {table!r})") from exc
+        if cursor.rowcount:
+            return True
+        if conn.execute(sql.exists, (run_id,)).fetchone() is None:
+            raise KeyError(f"No run {run_id!r} in ledger {url}")
+        return False

@@ -1,0 +1,310 @@
+"""``redis://host:port/db?prefix=...``: a ledger shared by callers and workers on many hosts.
+
+Layout under the prefix (default ``wove-adapters:ledger:``):
+
+- ``{prefix}run:{run_id}``  a hash per run; a ``None`` field is simply absent
+- ``{prefix}key:{key}``     the run_id that last claimed an idempotency key
+- ``{prefix}runs``          a sorted set of run_ids scored by ``created_at`` (listing)
+
+Every read-check-write (claim, set_outcome, update, delete) is one Lua script, so it is
+atomic on the server however many processes race. Scripts touch keys derived from the
+prefix that they do not declare, which is fine on a single Redis server or a replica set
+and not supported on Redis Cluster.
+
+``redis`` is imported lazily (``pip install 'wove-adapters[redis]'``); async clients bind
+to the loop that made them, so one client is kept per running loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from wove_adapters.core.errors import MissingBackendError
+from wove_adapters.core.ledger import (
+    HOLDING_STATES,
+    PerLoop,
+    check_outcome_state,
+    check_update,
+)
+from wove_adapters.core.ledger.base import Ledger, RunRecord
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+DEFAULT_PREFIX: Final = "wove-adapters:ledger:"
+_FIELDS: Final = tuple(RunRecord.__struct_fields__)
+_HOLDING_LUA: Final = " or ".join(f"state == '{s}'" for s in sorted(HOLDING_STATES))
+
+# KEYS: run hash, key mapping, run index. ARGV: run_id, has_key, created_at, run-hash
+# prefix, then the record's field/value pairs. Returns {1} when the claim won, else
+# {0, HGETALL of the run that owns the key (or of the same run_id, on a retried claim)}.
+_CLAIM_LUA: Final = f"""
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {{0, redis.call('HGETALL', KEYS[1])}}
+end
+if ARGV[2] == '1' then
+  local holder = redis.call('GET', KEYS[2])
+  if holder then
+    local holder_key = ARGV[4] .. holder
+    local state = redis.call('HGET', holder_key, 'state')
+    if {_HOLDING_LUA} then
+      return {{0, redis.call('HGETALL', holder_key)}}
+    end
+  end
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+return {{1}}
+"""
+
+# KEYS: run hash. ARGV: state, updated_at, has_outcome, outcome. -1 unknown run, 0 lost the
+# race (an outcome is already there), 1 recorded.
+SET_OUTCOME_LUA: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then return 0 end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[2], 'outcome', ARGV[4])
+else
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[2])
+end
+return 1
+"""
+
+# KEYS: run hash. ARGV: n, n field/value pairs to set, then fields to delete (None values).
+_UPDATE_LUA: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = tonumber(ARGV[1])
+if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 2, 2 * n + 1)) end
+for i = 2 * n + 2, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+return 1
+"""
+
+# KEYS: run hash, run index. ARGV: run_id, key-mapping prefix. Drops the key mapping only
+# when it still points at this run.
+_DELETE_LUA: Final = """
+local key = redis.call('HGET', KEYS[1], 'idempotency_key')
+if key then
+  local mapping = ARGV[2] .. key
+  if redis.call('GET', mapping) == ARGV[1] then redis.call('DEL', mapping) end
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+def _import_redis() -> ModuleType:
+    try:
+        import redis
+        import redis.asyncio
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == "redis":
+            raise MissingBackendError("ledger", "redis", "redis") from exc
+        raise
+    return redis
+
+
+def parse_redis_url(url: str) -> tuple[str, str]:
+    """Split off our ``prefix`` parameter: (URL for redis-py, key prefix)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = DEFAULT_PREFIX
+    rest: list[tuple[str, str]] = []
+    for name, value in query:
+        if name == "prefix":
+            prefix = value
+        else:
+            rest.append((name, value))
+    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+
+
+def _encode(value: object) -> bytes | str:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, float):
+        return repr(value)  # repr round-trips a float exactly
+    return str(value)
+
+
+def _pairs(values: dict[str, object]) -> list[bytes | str]:
+    pairs: list[bytes | str] = []
+    for name, value in values.items():
+        if value is not None:
+            pairs += [name, _encode(value)]
+    return pairs
+
+
+def _decode(flat: list[bytes] | dict[bytes, bytes]) -> RunRecord:
+    raw = flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2], strict=True))
+    fields: dict[str, Any] = {}
+    for name_bytes, value in raw.items():
+        name = name_bytes.decode()
+        if name == "outcome":
+            fields[name] = bytes(value)
+        elif name == "attempt":
+            fields[name] = int(value)
+        elif name in ("created_at", "updated_at"):
+            fields[name] = float(value)
+        elif name in _FIELDS:
+            fields[name] = value.decode()
+    return RunRecord(**fields)
+
+
+@dataclasses.dataclass
+class _Client:
+    """One loop's client and its scripts (scripts are bound to a client)."""
+
+    redis: Any
+    claim: Any
+    set_outcome: Any
+    update: Any
+    delete: Any
+
+
+class RedisLedger(Ledger):
+    """Runs as Redis hashes; atomic steps as Lua scripts (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = _import_redis()
+        self.url = url
+        self._client_url, self.prefix = parse_redis_url(url)
+        self._clients: PerLoop[_Client] = PerLoop()
+
+    def _make_client(self) -> _Client:
+        client = self._redis.asyncio.Redis.from_url(
+            self._client_url, socket_connect_timeout=5, socket_timeout=30
+        )
+        return _Client(
+            redis=client,
+            claim=client.register_script(_CLAIM_LUA),
+            set_outcome=client.register_script(SET_OUTCOME_LUA),
+            update=client.register_script(_UPDATE_LUA),
+            delete=client.register_script(_DELETE_LUA),
+        )
+
+    def _client(self) -> _Client:
+        return self._clients.get_or_create(self._make_client)
+
+    def _run_key(self, run_id: str) -> str:
+        return f"{self.prefix}run:{run_id}"
+
+    def _map_key(self, key: str) -> str:
+        return f"{self.prefix}key:{key}"
+
+    @property
+    def _index_key(self) -> str:
+        return f"{self.prefix}runs"
+
+    async def claim(self, record: RunRecord) -> RunRecord:
+        key = record.idempotency_key
+        values = {name: getattr(record, name) for name in _FIELDS}
+        result = await self._client().claim(
+            keys=[self._run_key(record.run_id), self._map_key(key or ""), self._index_key],
+            args=[
+                record.run_id,
+                "0" if key is None else "1",
+                repr(record.created_at),
+                f"{self.prefix}run:",
+                *_pairs(values),
+            ],
+        )
+        if int(result[0]) == 1:
+            return record
+        return _decode(result[1])
+
+    async def update(self, run_id: str, **fields: object) -> None:
+        checked = check_update(run_id, fields)
+        to_set = _pairs(checked)
+        to_delete = [name for name, value in checked.items() if value is None]
+        done = await self._client().update(
+            keys=[self._run_key(run_id)], args=[len(to_set) // 2, *to_set, *to_delete]
+        )
+        if not int(done):
+            raise KeyError(f"No run {run_id!r} in ledger {self.url}")
+
+    async def set_outcome(self, run_id: str, state: str, outcome: bytes | None) -> bool:
+        check_outcome_state(state)
+        result = int(
+            await self._client().set_outcome(
+                keys=[self._run_key(run_id)], args=_outcome_args(state, outcome)
+            )
+        )
+        if result < 0:
+            raise KeyError(f"No run {run_id!r} in ledger {self.url}")
+        return result == 1
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        raw = await self._client().redis.hgetall(self._run_key(run_id))
+        return _decode(raw) if raw else None
+
+    async def by_key(self, idempotency_key: str) -> RunRecord | None:
+        run_id = await self._client().redis.get(self._map_key(idempotency_key))
+        return None if run_id is None else await self.get(run_id.decode())
+
+    async def list_runs(
+        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
+    ) -> list[RunRecord]:
+        if limit <= 0:
+            return []
+        client = self._client().redis
+        filtered = state is not None or environment is not None
+        page = max(limit, 200) if filtered else limit
+        found: list[RunRecord] = []
+        start = 0
+        while len(found) < limit:
+            run_ids = await client.zrevrange(self._index_key, start, start + page - 1)
+            if not run_ids:
+                break
+            async with client.pipeline(transaction=False) as pipe:
+                for run_id in run_ids:
+                    pipe.hgetall(self._run_key(run_id.decode()))
+                rows = await pipe.execute()
+            for raw in rows:
+                if not raw:  # deleted between the two reads
+                    continue
+                record = _decode(raw)
+                if (state is None or record.state == state) and (
+                    environment is None or record.environment == environment
+                ):
+                    found.append(record)
+            start += page
+        return found[:limit]
+
+    async def delete(self, run_id: str) -> None:
+        await self._client().delete(
+            keys=[self._run_key(run_id), self._index_key], args=[run_id, f"{self.prefix}key:"]
+        )
+
+    async def aclose(self) -> None:
+        """Close this loop's client. Each loop that used the ledger closes its own (a
+        client cannot be closed from another loop); those of closed loops are dropped."""
+        client = self._clients.pop_current()
+        if client is not None:
+            await client.redis.aclose()
+
+
+def _outcome_args(state: str, outcome: bytes | None) -> list[bytes | str]:
+    return [state, repr(time.time()), "0" if outcome is None else "1", outcome or b""]
+
+
+def record_outcome_sync(url: str, run_id: str, state: str, outcome: bytes) -> bool:
+    """Blocking ``set_outcome`` for a worker process, with redis-py's sync client."""
+    check_outcome_state(state)
+    redis = _import_redis()
+    client_url, prefix = parse_redis_url(url)
+    client = redis.Redis.from_url(client_url, socket_connect_timeout=5, socket_timeout=30)
+    try:
+        result = int(
+            client.register_script(SET_OUTCOME_LUA)(
+                keys=[f"{prefix}run:{run_id}"], args=_outcome_args(state, outcome)
+            )
+        )
+    finally:
+        client.close()
+    if result < 0:
+        raise KeyError(f"No run {run_id!r} in ledger {url}")
+    return result == 1

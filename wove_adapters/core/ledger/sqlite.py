@@ -1,0 +1,323 @@
+"""``sqlite:///path``: the embedded default ledger, one file shared by every local process.
+
+URLs follow SQLAlchemy: what follows ``sqlite:///`` is the path, so ``sqlite:///runs.db`` is
+relative to the working directory and ``sqlite:////var/lib/wove/runs.db`` (four slashes) is
+absolute. ``open_ledger`` turns a relative path into an absolute URL once, so the URL handed
+to a worker means the same file wherever the worker runs.
+
+Why it is built this way:
+
+- WAL + ``synchronous=NORMAL``: readers never block the writer, and a commit costs no fsync
+  (durable across a process crash; a power cut may lose the last commits, acceptable for a
+  run ledger whose backends keep their own state).
+- ``busy_timeout`` 5000 ms: concurrent writers from several processes wait instead of
+  failing with "database is locked".
+- One worker thread per ledger runs every sqlite3 call, so the event loop never blocks and
+  the connection is only ever used from one thread. Work is submitted with the *running*
+  loop's ``run_in_executor`` on each call, so the ledger binds to no loop.
+- ``claim`` runs in ``BEGIN IMMEDIATE``, which takes the database's write lock before the
+  key check, so the check and the insert are atomic across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final, TypeVar
+from urllib.parse import unquote
+
+from wove_adapters.core.ledger import HOLDING_STATES, check_outcome_state, check_update
+from wove_adapters.core.ledger.base import Ledger, RunRecord
+
+_COLUMNS: Final = tuple(RunRecord.__struct_fields__)
+_SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM runs"
+_HOLDING_SQL: Final = ", ".join(f"'{state}'" for state in sorted(HOLDING_STATES))
+SCHEMA_VERSION: Final = 1
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id          TEXT PRIMARY KEY,
+    environment     TEXT NOT NULL,
+    task_id         TEXT NOT NULL DEFAULT '',
+    adapter         TEXT NOT NULL DEFAULT '',
+    idempotency_key TEXT,
+    attempt         INTEGER NOT NULL DEFAULT 1,
+    state           TEXT NOT NULL,
+    submission      TEXT,
+    outcome         BLOB,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_idempotency_key ON runs (idempotency_key, created_at);
+CREATE INDEX IF NOT EXISTS runs_created_at ON runs (created_at);
+"""
+
+T = TypeVar("T")
+
+
+def parse_sqlite_url(url: str) -> Path:
+    """The absolute database path a ``sqlite:///...`` URL names (relative to the cwd)."""
+    prefix = "sqlite://"
+    if not url.lower().startswith(prefix):
+        raise ValueError(f"Not a SQLite ledger URL: {url!r} (expected 'sqlite:///path').")
+    rest, _, query = url[len(prefix) :].partition("?")
+    if query:
+        raise ValueError(f"SQLite ledger URL {url!r}: query parameters are not supported.")
+    if not rest.startswith("/") or rest == "/" or rest[1:] == ":memory:":
+        raise ValueError(
+            f"SQLite ledger URL {url!r} names no file. Use 'sqlite:///runs.db' (relative to "
+            "the working directory) or 'sqlite:////abs/path/runs.db' (absolute); for an "
+            "in-process ledger use 'memory://'."
+        )
+    path = Path(unquote(rest[1:])).expanduser()
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+def sqlite_url(url: str) -> str:
+    """The canonical (absolute-path) form of a SQLite ledger URL."""
+    return f"sqlite:///{parse_sqlite_url(url)}"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating file, parent dirs and schema as needed) with the ledger's pragmas.
+
+    ``isolation_level=None`` leaves transactions to us (``BEGIN IMMEDIATE`` in claim);
+    ``check_same_thread=False`` only lets the at-exit close run from the main thread once
+    the worker thread is gone: all other use stays on the worker thread.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        # Switching to WAL needs a moment of exclusive access; two processes creating the
+        # file at once can collide here before the busy handler is involved, so retry.
+        for attempt in range(50):
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.02)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            with _immediate(conn):
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that holds the write lock from its first statement."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _record(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(**dict(zip(_COLUMNS, row, strict=True)))
+
+
+def _get(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
+    row = conn.execute(f"{_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
+    return None if row is None else _record(row)
+
+
+def _claim(conn: sqlite3.Connection, record: RunRecord) -> RunRecord:
+    with _immediate(conn):
+        existing = _get(conn, record.run_id)
+        if existing is not None:  # a retried claim of the same run: it already owns it
+            return existing
+        if record.idempotency_key is not None:
+            row = conn.execute(
+                f"{_SELECT} WHERE idempotency_key = ? AND state IN ({_HOLDING_SQL}) "
+                "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                (record.idempotency_key,),
+            ).fetchone()
+            if row is not None:
+                return _record(row)
+        conn.execute(
+            f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+            tuple(getattr(record, name) for name in _COLUMNS),
+        )
+    return record
+
+
+def _update(conn: sqlite3.Connection, run_id: str, fields: dict[str, object]) -> None:
+    # Column names come from check_update's whitelist, never from the caller verbatim.
+    assignments = ", ".join(f"{name} = ?" for name in fields)
+    cursor = conn.execute(
+        f"UPDATE runs SET {assignments} WHERE run_id = ?", (*fields.values(), run_id)
+    )
+    if cursor.rowcount == 0:
+        raise KeyError(f"No run {run_id!r} in the SQLite ledger")
+
+
+def set_outcome_on(
+    conn: sqlite3.Connection, run_id: str, state: str, outcome: bytes | None
+) -> bool:
+    """First writer wins: the ``outcome IS NULL`` guard makes the check-and-set one statement."""
+    cursor = conn.execute(
+        "UPDATE runs SET state = ?, outcome = ?, updated_at = ? "
+        "WHERE run_id = ? AND outcome IS NULL",
+        (state, outcome, time.time(), run_id),
+    )
+    if cursor.rowcount:
+        return True
+    if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+        raise KeyError(f"No run {run_id!r} in the SQLite ledger")
+    return False
+
+
+def _by_key(conn: sqlite3.Connection, key: str) -> RunRecord | None:
+    row = conn.execute(
+        f"{_SELECT} WHERE idempotency_key = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
+        (key,),
+    ).fetchone()
+    return None if row is None else _record(row)
+
+
+def _list_runs(
+    conn: sqlite3.Connection, limit: int, state: str | None, environment: str | None
+) -> list[RunRecord]:
+    where: list[str] = []
+    params: list[object] = []
+    if state is not None:
+        where.append("state = ?")
+        params.append(state)
+    if environment is not None:
+        where.append("environment = ?")
+        params.append(environment)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    rows = conn.execute(
+        f"{_SELECT}{clause} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+        (*params, max(limit, 0)),
+    ).fetchall()
+    return [_record(row) for row in rows]
+
+
+def _delete(conn: sqlite3.Connection, run_id: str) -> None:
+    conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
+
+class _Worker:
+    """One thread and the connection only it touches. Replaced whole after close or fork,
+    so work still queued on an old thread never shares a connection with a new one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="wove-ledger-sqlite"
+        )
+        self.conn: sqlite3.Connection | None = None
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        # Runs on this worker's thread only.
+        if self.conn is None:
+            self.conn = connect(self.path)
+        return fn(self.conn, *args)
+
+    def close_connection(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+
+class SqliteLedger(Ledger):
+    """A SQLite file driven from one dedicated thread (see the module docstring for why)."""
+
+    def __init__(self, url: str) -> None:
+        self.path = parse_sqlite_url(url)
+        self.url = f"sqlite:///{self.path}"
+        self._lock = threading.Lock()  # guards the worker's lifecycle, not the database
+        self._current: _Worker | None = None
+        self._pid = os.getpid()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        # Submitting under the lock orders every job before a concurrent aclose's final
+        # close job, so no job can reach a closed (or shut down) worker.
+        with self._lock:
+            if self._pid != os.getpid():
+                # Forked: the parent's thread does not exist here and its connection must
+                # not be used by two processes. Abandon both and start fresh.
+                self._current, self._pid = None, os.getpid()
+            if self._current is None:
+                self._current = _Worker(self.path)
+            worker = self._current
+            future = loop.run_in_executor(
+                worker.executor, functools.partial(worker.call, fn, *args)
+            )
+        return await future
+
+    async def claim(self, record: RunRecord) -> RunRecord:
+        return await self._run(_claim, record)
+
+    async def update(self, run_id: str, **fields: object) -> None:
+        await self._run(_update, run_id, check_update(run_id, fields))
+
+    async def set_outcome(self, run_id: str, state: str, outcome: bytes | None) -> bool:
+        check_outcome_state(state)
+        return await self._run(set_outcome_on, run_id, state, outcome)
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        return await self._run(_get, run_id)
+
+    async def by_key(self, idempotency_key: str) -> RunRecord | None:
+        return await self._run(_by_key, idempotency_key)
+
+    async def list_runs(
+        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
+    ) -> list[RunRecord]:
+        return await self._run(_list_runs, limit, state, environment)
+
+    async def delete(self, run_id: str) -> None:
+        await self._run(_delete, run_id)
+
+    async def aclose(self) -> None:
+        """Close the connection on its own thread, after queued work; a later call reopens."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            worker, self._current = self._current, None
+            if worker is None:
+                return
+            closed = loop.run_in_executor(worker.executor, worker.close_connection)
+            worker.executor.shutdown(wait=False)
+        await closed
+
+    def close_sync(self) -> None:
+        """Blocking close for interpreter exit, when no event loop may be running."""
+        with self._lock:
+            worker, self._current = self._current, None
+            if worker is None:
+                return
+            worker.executor.shutdown(wait=False)
+        worker.executor.shutdown(wait=True)  # queued work finishes first
+        worker.close_connection()
+
+
+def record_outcome_sync(url: str, run_id: str, state: str, outcome: bytes) -> bool:
+    """Blocking ``set_outcome`` for a worker process: one short-lived connection."""
+    check_outcome_state(state)
+    conn = connect(parse_sqlite_url(url))
+    try:
+        return set_outcome_on(conn, run_id, state, outcome)
+    finally:
+        conn.close()

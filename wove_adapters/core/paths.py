@@ -1,0 +1,30 @@
+"""Where this package keeps per-user state: the default ledger, payload store and keys.
+
+``WOVE_ADAPTERS_HOME`` overrides the location (tests and CI point it at a temp dir);
+otherwise it is the platform's user data directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    override = os.environ.get("WOVE_ADAPTERS_HOME")
+    if override:
+        path = Path(override)
+    else:
+        import platformdirs
+
+        path = Path(platformdirs.user_data_dir("wove-adapters", appauthor=False))
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def default_ledger_url() -> str:
+    return f"sqlite:///{data_dir() / 'runs.db'}"
+
+
+def default_store_url() -> str:
+    return f"file://{data_dir() / 'payloads'}"

@@ -1,0 +1,163 @@
+"""Delivery policies resolved for one task, and what an executor says it can honour.
+
+The runtime resolves a ``DeliveryPolicy`` per run from the task's settings and checks it
+against the executor's declared ``Capabilities`` when the environment starts, so an
+impossible policy (``require_ack`` where cancellation cannot be confirmed) is a start-up
+error, not a surprise at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import enum
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from wove_adapters.core.errors import UnsupportedPolicyError
+from wove_adapters.core.frames import CANCEL_MODES, ORPHAN_POLICIES
+
+
+class JobState(str, enum.Enum):
+    """The shared vocabulary every backend's native states are mapped into."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    GONE = "gone"  # the backend no longer knows the job
+    UNKNOWN = "unknown"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.GONE)
+
+
+def map_state(table: Mapping[str, JobState], native: object) -> JobState:
+    """Translate a backend's state at the boundary; anything unmapped is UNKNOWN."""
+    return table.get(str(native).upper(), JobState.UNKNOWN) if native is not None else JobState.UNKNOWN
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an executor or adapter can really do. Declared honestly; the conformance
+    suite checks each claim against the real backend."""
+
+    cancel_queued: bool = False
+    cancel_running: bool = False
+    confirm_cancel: bool = False  # can honour require_ack
+    native_idempotency: bool = False
+    native_result: bool = False
+    status: bool = False  # can report job state for reconciliation
+    requeue: bool = True
+    detach: bool = False  # a run can outlive the caller and report to the ledger
+    heartbeats: bool = True
+    inline_payload_limit: int = 256 * 1024
+    array_jobs: bool = False
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    timeout: float | None = None
+    idempotency_key: Any = None  # literal, format string, or callable (unresolved)
+    cancel_mode: str = "best_effort"
+    heartbeat_seconds: float | None = None
+    max_in_flight: int | None = None
+    orphan_policy: str = "cancel"
+    max_requeues: int = 3
+    cancel_ack_timeout: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], where: str = "task") -> DeliveryPolicy:
+        cancel_mode = settings.get("delivery_cancel_mode") or "best_effort"
+        if cancel_mode not in CANCEL_MODES:
+            raise ValueError(
+                f"{where} has invalid delivery_cancel_mode {cancel_mode!r}; "
+                f"allowed: {', '.join(CANCEL_MODES)}"
+            )
+        orphan = settings.get("delivery_orphan_policy") or "cancel"
+        if orphan not in ORPHAN_POLICIES:
+            raise ValueError(
+                f"{where} has invalid delivery_orphan_policy {orphan!r}; "
+                f"allowed: {', '.join(ORPHAN_POLICIES)}"
+            )
+        executor_config = settings.get("executor_config") or {}
+        return cls(
+            timeout=_positive(settings.get("delivery_timeout")),
+            idempotency_key=settings.get("delivery_idempotency_key"),
+            cancel_mode=cancel_mode,
+            heartbeat_seconds=_positive(settings.get("delivery_heartbeat_seconds")),
+            max_in_flight=settings.get("delivery_max_in_flight") or None,
+            orphan_policy=orphan,
+            max_requeues=int(executor_config.get("max_requeues", 3)),
+            cancel_ack_timeout=float(executor_config.get("cancel_ack_timeout", 10.0)),
+        )
+
+    def as_delivery(self, key: str | None) -> dict[str, Any]:
+        """The ``delivery`` dict of a run_task frame (wove's shape)."""
+        delivery = {
+            "delivery_timeout": self.timeout,
+            "delivery_idempotency_key": key,
+            "delivery_cancel_mode": self.cancel_mode,
+            "delivery_heartbeat_seconds": self.heartbeat_seconds,
+            "delivery_orphan_policy": self.orphan_policy,
+            "delivery_max_in_flight": self.max_in_flight,
+        }
+        return {k: v for k, v in delivery.items() if v is not None}
+
+
+def _positive(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return number if number > 0 else None
+
+
+def resolve_idempotency_key(
+    raw: Any, arguments: Mapping[str, Any], task_id: str
+) -> str | None:
+    """A literal, a ``str.format`` template over the task's named arguments, or a callable
+    taking the arguments dict. A template naming a missing argument is an error (silently
+    falling back to the literal would merge unrelated runs under one key)."""
+    if raw is None:
+        return None
+    if callable(raw):
+        value: Any = raw(dict(arguments))
+        return None if value is None else str(value)
+    if isinstance(raw, str):
+        fields = [name for _, name, _, _ in string.Formatter().parse(raw) if name is not None]
+        if not fields:
+            return raw
+        try:
+            return raw.format_map(dict(arguments, task=task_id))
+        except (KeyError, IndexError, AttributeError) as exc:
+            raise ValueError(
+                f"delivery_idempotency_key {raw!r} names {exc} but task '{task_id}' has "
+                f"arguments {sorted(arguments)}; fix the template or pass a callable"
+            ) from None
+    return str(raw)
+
+
+def check_supported(
+    policy: DeliveryPolicy, caps: Capabilities, *, environment: str, executor: str
+) -> None:
+    """Refuse policies the executor declared it cannot honour."""
+    problems: list[str] = []
+    if policy.cancel_mode == "require_ack" and not caps.confirm_cancel:
+        problems.append(
+            "delivery_cancel_mode='require_ack' needs confirmed cancellation, which "
+            f"'{executor}' cannot provide; use 'best_effort'"
+        )
+    if policy.orphan_policy == "requeue" and not caps.requeue:
+        problems.append(f"delivery_orphan_policy='requeue' is not supported by '{executor}'")
+    if policy.orphan_policy == "detach" and not caps.detach:
+        problems.append(
+            f"delivery_orphan_policy='detach' needs runs that outlive the caller; "
+            f"'{executor}' cannot detach (its work dies with the caller)"
+        )
+    if problems:
+        raise UnsupportedPolicyError(f"Environment '{environment}': " + "; ".join(problems))
+
+
+KeyFunc = Callable[[Mapping[str, Any]], Any]

@@ -1,0 +1,674 @@
+"""The dispatcher: one per environment configuration per process, owner of every policy.
+
+Transports only move attempts; this module decides what a run's life looks like:
+idempotency (one run per key, in process and, through the ledger, across processes),
+in-flight caps, delivery timeouts, heartbeat lapses, reconciliation against the backend's
+own view, the orphan policies (fail / cancel / requeue / detach), both cancel modes, and
+"exactly one terminal event per run as the caller sees it". Everything runs on the shared
+loop (``core.loop``); nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from wove_adapters.core import frames
+from wove_adapters.core.errors import (
+    CancelNotAcknowledgedError,
+    DeliveryDetachedError,
+    DeliveryOrphanedError,
+    DeliveryTimeoutError,
+    TaskExecutionError,
+)
+from wove_adapters.core.ledger.base import (
+    CANCELLED,
+    DETACHED,
+    FAILED,
+    LOST,
+    RUNNING,
+    SUCCEEDED,
+    Ledger,
+    RunRecord,
+)
+from wove_adapters.core.policies import DeliveryPolicy, JobState, check_supported
+from wove_adapters.core.transport import RunAttempt, Transport
+
+log = logging.getLogger("wove_adapters.runtime")
+
+Listener = Callable[[dict[str, Any]], None]
+_STATE_OF_EVENT = {
+    frames.TASK_RESULT: SUCCEEDED,
+    frames.TASK_ERROR: FAILED,
+    frames.TASK_CANCELLED: CANCELLED,
+}
+
+
+@dataclass
+class Run:
+    attempt: RunAttempt
+    listeners: list[tuple[str, Listener]] = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    started: bool = False
+    launched: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    terminal: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    timer: asyncio.TimerHandle | None = None
+    launch_task: asyncio.Task[None] | None = None
+    semaphore: asyncio.Semaphore | None = None
+    holds_slot: bool = False
+    finishing: bool = False
+
+    @property
+    def run_id(self) -> str:
+        return self.attempt.run_id
+
+
+# ---------------------------------------------------------------- wire <-> frame
+
+
+def wire_to_frame(event: frames.WireEvent, raw: bytes | None = None) -> dict[str, Any]:
+    """A verified wire event as a wove dict frame; results and exceptions unpickled."""
+    from wove_adapters.callbacks.payload import loads
+
+    kind = type(event).__struct_config__.tag
+    frame = frames.event(str(kind), event.run_id, event.task_id, event.attempt)
+    if isinstance(event, frames.TaskResult):
+        frame["result"] = loads(event.result)
+    elif isinstance(event, frames.TaskError):
+        payload = event.error.to_dict()
+        frame["error"] = payload
+        exc: BaseException | None = None
+        if event.exception is not None:
+            with contextlib.suppress(Exception):
+                loaded = loads(event.exception)
+                if isinstance(loaded, BaseException):
+                    exc = loaded
+        frame["exception"] = exc if exc is not None else TaskExecutionError(payload)
+    elif isinstance(event, frames.Log):
+        frame["message"] = event.message
+        frame["level"] = event.level
+    elif isinstance(event, (frames.TaskCancelled, frames.TaskLost)):
+        frame["reason"] = event.reason
+    if raw is not None:
+        frame["_blob"] = raw
+    return frame
+
+
+def frame_to_wire(frame: dict[str, Any]) -> frames.WireEvent:
+    """The inverse, for recording a locally produced outcome in a shared ledger."""
+    from wove_adapters.callbacks.payload import dumps
+    from wove_adapters.callbacks.worker import pickled_exception
+
+    ident = {
+        "run_id": frame["run_id"],
+        "task_id": frame.get("task_id", ""),
+        "attempt": frame.get("attempt", 1),
+    }
+    kind = frame["type"]
+    if kind == frames.TASK_RESULT:
+        return frames.TaskResult(**ident, result=dumps(frame.get("result")))
+    if kind == frames.TASK_ERROR:
+        exc = frame.get("exception")
+        error = frame.get("error") or {"kind": "Error", "message": str(exc)}
+        return frames.TaskError(
+            **ident,
+            error=msgspec.convert(error, frames.ErrorPayload),
+            exception=pickled_exception(exc) if isinstance(exc, BaseException) else None,
+        )
+    return frames.TaskCancelled(**ident, reason=str(frame.get("reason", "")))
+
+
+def decode_outcome(blob_bytes: bytes, run_id: str | None = None) -> dict[str, Any]:
+    """Verify a stored outcome and return its terminal event as a frame."""
+    from wove_adapters.callbacks import signing
+
+    body = signing.verify(signing.decode_blob(blob_bytes), window=None)
+    batch = msgspec.msgpack.decode(body, type=frames.EventBatch)
+    for event in reversed(batch.events):
+        if isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled)):
+            if run_id is None or event.run_id == run_id:
+                return wire_to_frame(event)
+    raise ValueError("the stored outcome holds no terminal event")
+
+
+def exception_from_frame(frame: dict[str, Any]) -> BaseException:
+    exc = frame.get("exception")
+    if isinstance(exc, BaseException):
+        return exc
+    return TaskExecutionError(frame.get("error") or {"kind": "Error", "message": "task failed"})
+
+
+# ---------------------------------------------------------------- the dispatcher
+
+
+class Dispatcher:
+    """Runs for one environment configuration, over one transport."""
+
+    def __init__(
+        self,
+        *,
+        environment: str,
+        transport: Transport,
+        executor_config: dict[str, Any],
+        settings: dict[str, Any],
+        ledger: Ledger,
+        key_id: str,
+    ) -> None:
+        self.environment = environment
+        self.transport = transport
+        self.executor_config = executor_config
+        self.settings = settings
+        self.ledger = ledger
+        self.key_id = key_id
+        self.runs: dict[str, Run] = {}
+        self.by_key: dict[str, Run] = {}
+        self.detached: dict[str, Run] = {}
+        self.stats: dict[str, int] = {
+            "submitted": 0,
+            "duplicate_terminal_dropped": 0,
+            "stale_attempt_dropped": 0,
+            "requeued": 0,
+            "lost": 0,
+            "dedup_attached": 0,
+        }
+        self._semaphores: dict[int, asyncio.Semaphore] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        self._ledger_queue: asyncio.Queue[Callable[[], Any]] = asyncio.Queue()
+        self._ledger_task: asyncio.Task[None] | None = None
+        self._reconcile_every = float(executor_config.get("reconcile_seconds", 2.0))
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ---------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        await self.transport.open(
+            environment=self.environment,
+            executor_config=self.executor_config,
+            settings=self.settings,
+            emit=self._on_event,
+        )
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
+        self._ledger_task = asyncio.get_running_loop().create_task(self._ledger_writer())
+
+    def check_policy(self, policy: DeliveryPolicy) -> None:
+        check_supported(
+            policy,
+            self.transport.capabilities,
+            environment=self.environment,
+            executor=self.transport.name,
+        )
+
+    async def stop(self) -> None:
+        await self.abandon(list(self.runs), reason="the executor stopped with runs in flight")
+        for task in (self._monitor, self._ledger_task):
+            if task is not None:
+                task.cancel()
+        await self._drain_ledger()
+        await self.transport.close()
+
+    # ---------------------------------------------------------- submit
+
+    async def submit(self, attempt: RunAttempt, listener: Listener) -> Run:
+        """Accept a run. Returns at once; events reach ``listener`` (with this run's id)."""
+        self.check_policy(attempt.policy)
+        key = attempt.idempotency_key
+        if key is not None:
+            existing = self.by_key.get(key)
+            if existing is not None and not existing.done.is_set():
+                self.stats["dedup_attached"] += 1
+                self._attach(existing, attempt.run_id, listener)
+                return existing
+            record = await self.ledger.claim(self._record(attempt))
+            if record.run_id != attempt.run_id:
+                self.stats["dedup_attached"] += 1
+                return await self._follow_ledger(record, attempt, listener)
+        else:
+            self._ledger_later(lambda: self.ledger.claim(self._record(attempt)))
+        run = Run(attempt=attempt, listeners=[(attempt.run_id, listener)])
+        self.runs[attempt.run_id] = run
+        if key is not None:
+            self.by_key[key] = run
+        self.stats["submitted"] += 1
+        if attempt.policy.timeout:
+            run.timer = asyncio.get_running_loop().call_later(
+                attempt.policy.timeout, self._spawn, self._on_timeout(run)
+            )
+        run.launch_task = asyncio.get_running_loop().create_task(self._launch(run))
+        return run
+
+    def _record(self, attempt: RunAttempt) -> RunRecord:
+        return RunRecord(
+            run_id=attempt.run_id,
+            environment=self.environment,
+            task_id=attempt.task_id,
+            adapter=self.transport.name,
+            idempotency_key=attempt.idempotency_key,
+            attempt=attempt.attempt,
+        )
+
+    def _attach(self, run: Run, run_id: str, listener: Listener) -> None:
+        run.listeners.append((run_id, listener))
+        if run.started:
+            listener(
+                frames.event(frames.TASK_STARTED, run_id, run.attempt.task_id, run.attempt.attempt)
+            )
+
+    async def _follow_ledger(
+        self, record: RunRecord, attempt: RunAttempt, listener: Listener
+    ) -> Run:
+        """Another process (or an earlier run) owns this key: answer from the ledger."""
+        run = Run(attempt=attempt, listeners=[(attempt.run_id, listener)])
+        run.launched = True
+
+        async def _wait() -> None:
+            owner = record
+            if owner.outcome is None:
+                timeout = attempt.policy.timeout
+                found = await self.ledger.wait_outcome(record.run_id, timeout=timeout, poll=0.05)
+                if found is None:
+                    self._finish(
+                        run,
+                        frames.error_event(
+                            attempt.run_id,
+                            attempt.task_id,
+                            DeliveryTimeoutError(
+                                f"run {record.run_id} holding key {attempt.idempotency_key!r} "
+                                f"gave no outcome within {timeout}s"
+                            ),
+                        ),
+                        record_outcome=False,
+                    )
+                    return
+                owner = found
+            assert owner.outcome is not None
+            try:
+                frame = await asyncio.to_thread(decode_outcome, owner.outcome, owner.run_id)
+            except Exception as exc:  # noqa: BLE001 - a bad stored outcome is the answer
+                frame = frames.error_event(attempt.run_id, attempt.task_id, exc, source="ledger")
+            self._finish(run, frame, record_outcome=False)
+
+        self._spawn(_wait())
+        return run
+
+    async def _launch(self, run: Run) -> None:
+        cap = run.attempt.policy.max_in_flight
+        try:
+            if cap:
+                semaphore = self._semaphores.get(cap)
+                if semaphore is None:
+                    semaphore = self._semaphores[cap] = asyncio.Semaphore(cap)
+                await semaphore.acquire()
+                run.semaphore, run.holds_slot = semaphore, True
+                if run.done.is_set():
+                    self._release_slot(run)
+                    return
+            run.submitted_at = run.last_seen = time.monotonic()
+            await self.transport.submit(run.attempt)
+            run.launched = True
+            if run.attempt.submission:
+                sub = run.attempt.submission
+                self._ledger_later(lambda: self.ledger.update(run.run_id, submission=sub))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed submit is the run's error
+            self._finish(
+                run,
+                frames.error_event(
+                    run.run_id, run.attempt.task_id, exc, attempt=run.attempt.attempt,
+                    source="transport", retryable=True,
+                ),
+            )
+
+    # ---------------------------------------------------------- events
+
+    def _on_event(self, frame: dict[str, Any]) -> None:
+        run_id = frame.get("run_id", "")
+        run = self.runs.get(run_id)
+        if run is None:
+            detached = self.detached.get(run_id)
+            if detached is not None and frame.get("type") in frames.TERMINAL_EVENTS:
+                self.detached.pop(run_id, None)
+                self._store_outcome(detached, frame)
+            return
+        if frame.get("attempt", 1) != run.attempt.attempt:
+            self.stats["stale_attempt_dropped"] += 1
+            return
+        kind = frame.get("type")
+        run.last_seen = time.monotonic()
+        if kind == frames.TASK_STARTED:
+            if not run.started:
+                run.started = True
+                self._ledger_later(lambda: self.ledger.update(run_id, state=RUNNING))
+            self._broadcast(run, frame)
+        elif kind in (frames.HEARTBEAT, frames.LOG):
+            self._broadcast(run, frame)
+        elif kind == frames.TASK_LOST:
+            self._spawn(self._orphan(run, str(frame.get("reason") or "the backend lost the run")))
+        elif kind in frames.TERMINAL_EVENTS:
+            self._finish(run, frame)
+        else:
+            log.warning("dropping unknown event type %r for run %s", kind, run_id)
+
+    def _broadcast(self, run: Run, frame: dict[str, Any]) -> None:
+        for run_id, listener in list(run.listeners):
+            out = frame if run_id == frame.get("run_id") else {**frame, "run_id": run_id}
+            try:
+                listener(out)
+            except Exception:  # noqa: BLE001 - one caller's bug must not hurt the others
+                log.exception("event listener failed for run %s", run_id)
+
+    def _finish(
+        self, run: Run, frame: dict[str, Any], *, record_outcome: bool = True
+    ) -> None:
+        """Deliver the one terminal event a caller sees; later ones are dropped."""
+        if run.done.is_set():
+            self.stats["duplicate_terminal_dropped"] += 1
+            return
+        run.terminal = frame
+        run.done.set()
+        if run.timer is not None:
+            run.timer.cancel()
+        self._release_slot(run)
+        self.runs.pop(run.run_id, None)
+        key = run.attempt.idempotency_key
+        if key is not None and self.by_key.get(key) is run:
+            self.by_key.pop(key, None)
+        frame.pop("_lost_reason", None)
+        self._broadcast(run, {k: v for k, v in frame.items() if k != "_blob"})
+        if record_outcome:
+            self._store_outcome(run, frame)
+        if run.launched and run.run_id not in self.detached:
+            self._spawn(self.transport.release(run.attempt))
+
+    def _release_slot(self, run: Run) -> None:
+        if run.holds_slot and run.semaphore is not None:
+            run.holds_slot = False
+            run.semaphore.release()
+
+    def _store_outcome(self, run: Run, frame: dict[str, Any]) -> None:
+        state = _STATE_OF_EVENT.get(frame.get("type", ""), FAILED)
+        if frame.get("error", {}).get("source") == "orphan":
+            state = LOST
+        blob = frame.get("_blob")
+        durable = (
+            run.attempt.idempotency_key is not None
+            or run.attempt.policy.orphan_policy == "detach"
+        )
+        if blob is None and durable and state != LOST:
+            blob = self._sign_outcome(frame)
+        run_id = run.run_id
+        if blob is not None:
+            data = blob
+            self._ledger_later(lambda: self.ledger.set_outcome(run_id, state, data))
+        else:
+            self._ledger_later(lambda: self.ledger.update(run_id, state=state))
+
+    def _sign_outcome(self, frame: dict[str, Any]) -> bytes | None:
+        from wove_adapters.callbacks import sender, signing
+
+        try:
+            return signing.encode_blob(sender.sign_events([frame_to_wire(frame)], self.key_id))
+        except Exception:  # noqa: BLE001 - an unpicklable result is still delivered locally
+            log.warning("could not record the outcome of %s in the ledger", frame.get("run_id"))
+            return None
+
+    # ---------------------------------------------------------- policies
+
+    async def _on_timeout(self, run: Run) -> None:
+        if run.done.is_set():
+            return
+        policy = run.attempt.policy
+        with contextlib.suppress(Exception):
+            await self.transport.cancel(run.attempt, mode=policy.cancel_mode)
+        self._finish(
+            run,
+            frames.error_event(
+                run.run_id,
+                run.attempt.task_id,
+                DeliveryTimeoutError(
+                    f"Delivery timeout exceeded for task '{run.attempt.task_id}' "
+                    f"({policy.timeout}s) in environment '{self.environment}'; the run was "
+                    f"cancelled ({policy.cancel_mode})."
+                ),
+                attempt=run.attempt.attempt,
+                source="timeout",
+            ),
+        )
+
+    async def _orphan(self, run: Run, reason: str, *, shutting_down: bool = False) -> None:
+        """Apply the run's orphan policy to a lost run."""
+        if run.done.is_set() or run.finishing:
+            return
+        self.stats["lost"] += 1
+        policy = run.attempt.policy.orphan_policy
+        attempt = run.attempt
+        where = f"task '{attempt.task_id}' (run {attempt.run_id}, attempt {attempt.attempt})"
+        if policy == "requeue" and not shutting_down:
+            if attempt.attempt <= attempt.policy.max_requeues:
+                with contextlib.suppress(Exception):
+                    await self.transport.cancel(attempt, mode="best_effort")
+                await self.transport.release(attempt)
+                attempt.attempt += 1
+                attempt.submission = None
+                run.started = False
+                run.launched = False
+                self.stats["requeued"] += 1
+                self._broadcast(
+                    run,
+                    frames.event(
+                        frames.LOG, attempt.run_id, attempt.task_id, attempt.attempt,
+                        message=f"{where} was lost ({reason}); requeued", level="warning",
+                    ),
+                )
+                number = attempt.attempt
+                self._ledger_later(lambda: self.ledger.update(attempt.run_id, attempt=number))
+                self._release_slot(run)
+                run.launch_task = asyncio.get_running_loop().create_task(self._launch(run))
+                return
+            reason = f"{reason}; gave up after {attempt.policy.max_requeues} requeues"
+        if policy == "cancel":
+            with contextlib.suppress(Exception):
+                await self.transport.cancel(attempt, mode="best_effort")
+            self._finish(
+                run,
+                frames.event(
+                    frames.TASK_CANCELLED, attempt.run_id, attempt.task_id, attempt.attempt,
+                    reason=f"orphaned: {reason}",
+                ),
+            )
+            self._ledger_later(lambda: self.ledger.update(attempt.run_id, state=LOST))
+            return
+        if policy == "detach" and self.transport.capabilities.detach:
+            run.finishing = True
+            await self.transport.detach(attempt)
+            self.detached[attempt.run_id] = run
+            self._ledger_later(lambda: self.ledger.update(attempt.run_id, state=DETACHED))
+            url = self.ledger.url if self.ledger.shareable else None
+            self._finish(
+                run,
+                frames.error_event(
+                    attempt.run_id, attempt.task_id,
+                    DeliveryDetachedError(
+                        f"{where} detached ({reason}); it keeps running and its outcome "
+                        f"will be in the ledger: wove-adapters result {attempt.run_id}"
+                        + (f" --ledger {url}" if url else ""),
+                        run_id=attempt.run_id,
+                        ledger=url,
+                    ),
+                    attempt=attempt.attempt,
+                    source="orphan",
+                ),
+                record_outcome=False,
+            )
+            return
+        with contextlib.suppress(Exception):
+            await self.transport.cancel(attempt, mode="best_effort")
+        self._finish(
+            run,
+            frames.error_event(
+                attempt.run_id, attempt.task_id,
+                DeliveryOrphanedError(
+                    f"{where} in environment '{self.environment}' was lost: {reason} "
+                    f"(delivery_orphan_policy='{policy}')",
+                    run_id=attempt.run_id,
+                ),
+                attempt=attempt.attempt,
+                source="orphan",
+            ),
+        )
+
+    async def cancel(self, run_id: str, mode: str | None = None) -> None:
+        """Cancel a run. ``best_effort`` resolves the caller at once; ``require_ack`` waits
+        for the worker or backend to confirm and raises CancelNotAcknowledgedError."""
+        run = self.runs.get(run_id) or self._find_attached(run_id)
+        if run is None or run.done.is_set():
+            return
+        mode = mode or run.attempt.policy.cancel_mode
+        run.cancel_requested = True
+        if not run.launched and run.launch_task is not None and not run.started:
+            # Never reached the backend: nothing to confirm.
+            run.launch_task.cancel()
+            self._finish(run, self._cancelled(run, "cancelled before submission"))
+            return
+        try:
+            await self.transport.cancel(run.attempt, mode=mode)
+        except Exception as exc:
+            if mode == "require_ack":
+                error = CancelNotAcknowledgedError(
+                    f"cancel of run {run_id} failed: {exc}"
+                )
+                self._finish(run, frames.error_event(run_id, run.attempt.task_id, error))
+                raise error from exc
+            log.warning("best-effort cancel of %s failed: %s", run_id, exc)
+        if mode == "best_effort":
+            self._finish(run, self._cancelled(run, "cancelled by the caller (best effort)"))
+            return
+        timeout = run.attempt.policy.cancel_ack_timeout
+        try:
+            await asyncio.wait_for(run.done.wait(), timeout)
+        except asyncio.TimeoutError:
+            error = CancelNotAcknowledgedError(
+                f"Cancellation of task '{run.attempt.task_id}' (run {run_id}) was not "
+                f"acknowledged by '{self.transport.name}' within {timeout}s; the work may "
+                f"still be running."
+            )
+            self._finish(
+                run,
+                frames.error_event(run_id, run.attempt.task_id, error, source="cancel"),
+            )
+            raise error from None
+
+    def _cancelled(self, run: Run, reason: str) -> dict[str, Any]:
+        return frames.event(
+            frames.TASK_CANCELLED, run.run_id, run.attempt.task_id, run.attempt.attempt,
+            reason=reason,
+        )
+
+    def _find_attached(self, run_id: str) -> Run | None:
+        for run in self.runs.values():
+            if any(rid == run_id for rid, _ in run.listeners):
+                return run
+        return None
+
+    async def abandon(self, run_ids: list[str], *, reason: str) -> None:
+        """The caller goes away with these runs in flight: apply each one's orphan policy."""
+        for run_id in run_ids:
+            run = self.runs.get(run_id) or self._find_attached(run_id)
+            if run is None or run.done.is_set():
+                continue
+            others = [rid for rid, _ in run.listeners if rid not in run_ids]
+            if others:
+                run.listeners = [(rid, cb) for rid, cb in run.listeners if rid in others]
+                continue
+            await self._orphan(run, reason, shutting_down=True)
+
+    # ---------------------------------------------------------- watching
+
+    async def _watch(self) -> None:
+        """Heartbeat lapses and reconciliation, on one timer for all runs."""
+        last_reconcile = time.monotonic()
+        while True:
+            await asyncio.sleep(self._tick())
+            now = time.monotonic()
+            for run in list(self.runs.values()):
+                hb = run.attempt.policy.heartbeat_seconds
+                if hb and run.started and not run.done.is_set() and now - run.last_seen > hb:
+                    self._spawn(
+                        self._orphan(run, f"no heartbeat for {now - run.last_seen:.1f}s "
+                                          f"(delivery_heartbeat_seconds={hb})")
+                    )
+            if (
+                self.transport.capabilities.status
+                and now - last_reconcile >= self._reconcile_every
+            ):
+                last_reconcile = now
+                await self._reconcile(now)
+
+    def _tick(self) -> float:
+        beats = [
+            run.attempt.policy.heartbeat_seconds
+            for run in self.runs.values()
+            if run.attempt.policy.heartbeat_seconds
+        ]
+        tick = min([self._reconcile_every, *[b / 4 for b in beats]]) if beats else self._reconcile_every
+        return max(tick, 0.02)
+
+    async def _reconcile(self, now: float) -> None:
+        quiet = [
+            run for run in self.runs.values()
+            if run.launched and not run.done.is_set() and now - run.last_seen >= self._reconcile_every
+        ]
+        for run in quiet:
+            try:
+                state = await self.transport.status(run.attempt)
+            except Exception as exc:  # noqa: BLE001 - a flaky status call is not a loss
+                log.debug("status of %s failed: %s", run.run_id, exc)
+                continue
+            if not state.finished or run.done.is_set():
+                continue
+            # Give events already on the wire a moment to land before calling it lost.
+            attempt_number = run.attempt.attempt
+            await asyncio.sleep(float(self.executor_config.get("reconcile_grace", 0.5)))
+            if not run.done.is_set() and run.attempt.attempt == attempt_number:
+                self._spawn(self._orphan(run, f"the backend reports the job {state.value} "
+                                              f"without a terminal event"))
+
+    # ---------------------------------------------------------- ledger, tasks
+
+    def _ledger_later(self, op: Callable[[], Any]) -> None:
+        self._ledger_queue.put_nowait(op)
+
+    async def _ledger_writer(self) -> None:
+        while True:
+            op = await self._ledger_queue.get()
+            try:
+                await op()
+            except Exception as exc:  # noqa: BLE001 - the ledger must not break delivery
+                log.warning("ledger write failed: %s", exc)
+
+    async def _drain_ledger(self) -> None:
+        while not self._ledger_queue.empty():
+            op = self._ledger_queue.get_nowait()
+            with contextlib.suppress(Exception):
+                await op()
+
+    async def flush(self) -> None:
+        """Wait until every queued ledger write has been applied."""
+        while not self._ledger_queue.empty():
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

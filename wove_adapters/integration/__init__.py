@@ -1,0 +1,1 @@
+"""Front ends: the Hub API, concurrent.futures executors and the wove bridge."""

@@ -1,0 +1,124 @@
+"""Turn an environment's resolved settings into a started, shared Dispatcher.
+
+Dispatchers (and the transports, pools, receivers and clients under them) are shared per
+process and per configuration: a second Hub, a second weave or a CLI call with the same
+environment definition reuses the warm one. They live on the shared loop and stop at
+interpreter exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from wove_adapters.adapters.base import AdapterTransport, get_adapter_class
+from wove_adapters.callbacks import signing
+from wove_adapters.core.executors.local import LocalTransport
+from wove_adapters.core.executors.stdio import StdioTransport
+from wove_adapters.core.ledger import open_ledger
+from wove_adapters.core.loop import add_shutdown_hook
+from wove_adapters.core.protocol import EnvironmentExecutor
+from wove_adapters.core.runtime import Dispatcher
+from wove_adapters.core.transport import Transport
+
+_dispatchers: dict[str, Dispatcher] = {}
+_lock: asyncio.Lock | None = None
+_process_key_id: str | None = None
+
+
+def build_transport(executor: Any) -> Transport:
+    """Executor name or object -> transport. Unknown names raise ValueError here, at
+    construction; a missing backend library raises MissingBackendError (naming the extra)."""
+    if isinstance(executor, Transport):
+        return executor
+    if isinstance(executor, str):
+        if executor == "local":
+            return LocalTransport()
+        if executor == "stdio":
+            return StdioTransport()
+        return AdapterTransport(get_adapter_class(executor))
+    if isinstance(executor, EnvironmentExecutor) or _looks_like_executor(executor):
+        from wove_adapters.integration.foreign import ExecutorTransport
+
+        return ExecutorTransport(executor)
+    raise TypeError(
+        f"Environment 'executor' must be an executor name or an EnvironmentExecutor "
+        f"instance, not {type(executor).__name__}"
+    )
+
+
+def _looks_like_executor(obj: Any) -> bool:
+    return all(callable(getattr(obj, name, None)) for name in ("start", "send", "recv", "stop"))
+
+
+def key_id_for_config(executor_config: dict[str, Any]) -> str:
+    """The signing key for this environment: its configured secret, else one generated
+    key per process (published 0600 for same-host workers)."""
+    global _process_key_id
+    secret = signing.resolve_secret(executor_config.get("secret"))
+    if secret is None:
+        secret = signing.resolve_secret(__import__("os").environ.get(signing.SECRET_ENV))
+    if secret is not None:
+        return signing.KEYRING.add(secret)
+    if _process_key_id is None:
+        _process_key_id = signing.KEYRING.generate()
+    return _process_key_id
+
+
+def _identity(environment: str, settings: dict[str, Any]) -> str:
+    executor = settings.get("executor", "local")
+    executor_id = executor if isinstance(executor, str) else f"obj:{id(executor)}"
+    return json.dumps(
+        [environment, executor_id, settings.get("executor_config") or {},
+         settings.get("ledger"), settings.get("max_workers")],
+        sort_keys=True,
+        default=repr,
+    )
+
+
+async def get_dispatcher(environment: str, settings: dict[str, Any]) -> Dispatcher:
+    """The shared, started dispatcher for these settings (runs on the shared loop)."""
+    global _lock
+    ident = _identity(environment, settings)
+    found = _dispatchers.get(ident)
+    if found is not None:
+        return found
+    if _lock is None:
+        _lock = asyncio.Lock()
+    async with _lock:
+        found = _dispatchers.get(ident)
+        if found is not None:
+            return found
+        transport = build_transport(settings.get("executor", "local"))
+        executor_config = dict(settings.get("executor_config") or {})
+        ledger = open_ledger(settings.get("ledger"))
+        key_id = key_id_for_config(executor_config)
+        executor_config["_key_id"] = key_id
+        executor_config["_ledger_url"] = ledger.url if ledger.shareable else None
+        executor_config.setdefault(
+            "reconcile_seconds", getattr(transport, "reconcile_seconds", 2.0)
+        )
+        dispatcher = Dispatcher(
+            environment=environment,
+            transport=transport,
+            executor_config=executor_config,
+            settings=settings,
+            ledger=ledger,
+            key_id=key_id,
+        )
+        await dispatcher.start()
+        _dispatchers[ident] = dispatcher
+        if len(_dispatchers) == 1:
+            add_shutdown_hook(stop_all)
+        return dispatcher
+
+
+async def stop_all() -> None:
+    dispatchers = list(_dispatchers.values())
+    _dispatchers.clear()
+    for dispatcher in dispatchers:
+        try:
+            await dispatcher.stop()
+        except Exception:  # noqa: BLE001 - keep stopping the others
+            pass

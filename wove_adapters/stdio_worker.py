@@ -1,0 +1,129 @@
+"""``python -m wove_adapters.stdio_worker``: a JSON-lines worker process for ``stdio``.
+
+Reads command frames (``run_task``, ``cancel_task``, ``shutdown``) one per line on stdin
+and writes event frames one per line on stdout; task code's own prints go to stderr, so
+they can never corrupt the protocol. It runs one task at a time in the main thread, so a
+``cancel_task`` (or SIGTERM) really interrupts it, sleeps included; heartbeats come from a
+timer thread while the task runs. When stdin closes (the parent died) it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any, BinaryIO
+
+import msgspec
+
+from wove_adapters.callbacks.payload import dumps, loads
+from wove_adapters.callbacks.worker import (
+    HeartbeatTimer,
+    TaskCancelled,
+    call_task,
+    heartbeat_interval,
+    pickled_exception,
+)
+from wove_adapters.core import frames
+
+_decoder = msgspec.json.Decoder(frames.WireCommand)
+_encoder = msgspec.json.Encoder()
+
+
+class StdioWorker:
+    def __init__(self, commands: BinaryIO, events: BinaryIO) -> None:
+        self._commands = commands
+        self._events = events
+        self._write_lock = threading.Lock()
+        self._queue: queue.Queue[frames.RunTaskWire | None] = queue.Queue()
+        self._current: str | None = None
+        self._current_lock = threading.RLock()
+
+    def emit(self, event: frames.WireEvent) -> None:
+        line = _encoder.encode(event) + b"\n"
+        with self._write_lock:
+            self._events.write(line)
+            self._events.flush()
+
+    def _read(self) -> None:
+        for raw in self._commands:
+            try:
+                command = _decoder.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                print(f"stdio worker: bad frame ignored: {exc}", file=sys.stderr)
+                continue
+            if isinstance(command, frames.RunTaskWire):
+                self._queue.put(command)
+            elif isinstance(command, frames.CancelTaskWire):
+                with self._current_lock:
+                    if self._current == command.run_id:
+                        os.kill(os.getpid(), signal.SIGUSR1)
+            else:
+                break
+        self._queue.put(None)
+        with self._current_lock:
+            if self._current is not None:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    def serve(self) -> None:
+        def _cancel(signum: int, frame: FrameType | None) -> None:
+            with self._current_lock:
+                running = self._current is not None
+            if running:
+                raise TaskCancelled(f"cancelled (signal {signum})")
+
+        signal.signal(signal.SIGUSR1, _cancel)
+        signal.signal(signal.SIGTERM, _cancel)
+        threading.Thread(target=self._read, daemon=True, name="stdio-reader").start()
+        while True:
+            command = self._queue.get()
+            if command is None:
+                return
+            self._run(command)
+
+    def _run(self, command: frames.RunTaskWire) -> None:
+        ident: dict[str, Any] = {
+            "run_id": command.run_id, "task_id": command.task_id, "attempt": command.attempt,
+        }
+        event: frames.WireEvent
+        try:
+            with self._current_lock:
+                self._current = command.run_id
+            self.emit(frames.TaskStarted(**ident, pid=os.getpid()))
+            with HeartbeatTimer(
+                heartbeat_interval(command.heartbeat_seconds),
+                lambda: self.emit(frames.Heartbeat(**ident)),
+            ):
+                func, args = loads(command.body)
+                value = call_task(func, args)
+                with self._current_lock:
+                    self._current = None
+            event = frames.TaskResult(**ident, result=dumps(value))
+        except TaskCancelled as exc:
+            event = frames.TaskCancelled(**ident, reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - the task's failure is the message
+            event = frames.TaskError(
+                **ident,
+                error=frames.normalize_exception(exc),
+                exception=pickled_exception(exc),
+            )
+        finally:
+            with self._current_lock:
+                self._current = None
+        self.emit(event)
+
+
+def main() -> int:
+    protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # task prints go to stderr, never into the protocol stream
+    sys.stdout = sys.stderr
+    worker = StdioWorker(sys.stdin.buffer, protocol_out)
+    worker.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
