@@ -89,6 +89,11 @@ class BackendAdapter(abc.ABC):
     async def close(self) -> None:
         """Release clients; default: nothing."""
 
+    async def doctor(self) -> list[tuple[str, bool, str]]:
+        """Checks for ``wove-adapters doctor``: (what, ok, detail) rows, e.g. broker
+        reachable, a worker listening on the queue. Each failing row says what to do."""
+        return []
+
     @classmethod
     def map_state(cls, native: object) -> JobState:
         from wove_adapters.core.policies import map_state

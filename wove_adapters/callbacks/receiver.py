@@ -49,6 +49,7 @@ class CallbackReceiver:
         self._sinks: dict[str, EventSink] = {}
         self._terminal_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._runner: Any = None
+        self._site: Any = None
         self.stats: dict[str, int] = {
             "accepted": 0,
             "rejected": 0,
@@ -83,7 +84,22 @@ class CallbackReceiver:
             assert server is not None
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         self._runner = runner
+        self._site = site
         self.ready.set()
+
+    async def pause(self) -> None:
+        """Stop listening (tests: an unreachable receiver); registrations are kept."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def resume(self) -> None:
+        """Listen again on the same port."""
+        from aiohttp import web
+
+        if self._site is None and self._runner is not None:
+            self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+            await self._site.start()
 
     async def aclose(self) -> None:
         if self._runner is not None:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from wove_adapters.core.ledger import HOLDING_STATES, check_outcome_state, check_update
 from wove_adapters.core.ledger.base import Ledger, RunRecord
@@ -82,7 +82,7 @@ def parse_sqlite_url(url: str) -> Path:
 
 def sqlite_url(url: str) -> str:
     """The canonical (absolute-path) form of a SQLite ledger URL."""
-    return f"sqlite:///{parse_sqlite_url(url)}"
+    return f"sqlite:///{quote(str(parse_sqlite_url(url)), safe='/:~')}"
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -245,7 +245,7 @@ class SqliteLedger(Ledger):
 
     def __init__(self, url: str) -> None:
         self.path = parse_sqlite_url(url)
-        self.url = f"sqlite:///{self.path}"
+        self.url = sqlite_url(url)
         self._lock = threading.Lock()  # guards the worker's lifecycle, not the database
         self._current: _Worker | None = None
         self._pid = os.getpid()

@@ -1,0 +1,272 @@
+"""``AdapterConformance``: one suite, every adapter, the real backend.
+
+A backend's test module provides the ``environment`` fixture (the backend and a real
+worker are running; return ``{"executor": name, "executor_config": {...}}``) and, where
+needed, overrides ``kill_worker`` (how to SIGKILL the process running a task, given the
+pid the task reported) and ``worker_slots`` (how many tasks the worker runs at once).
+Tests a capability does not claim are not skipped silently: each checks that the claim
+is absent *and* that asking for it is refused at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wove_adapters.core import loop as shared_loop
+from wove_adapters.core.errors import (
+    CancelNotAcknowledgedError,
+    DeliveryDetachedError,
+    DeliveryOrphanedError,
+    UnsupportedPolicyError,
+)
+from wove_adapters.integration.hub import Hub
+from wove_adapters.testing import tasks
+
+CancelledErrors = (concurrent.futures.CancelledError, asyncio.CancelledError)
+
+
+def wait_for_file(path: Path, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            text = path.read_text()
+            if text:
+                return text
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not appear within {timeout}s: the worker never ran the task")
+
+
+class AdapterConformance:
+    """Subclass and provide the ``environment`` fixture."""
+
+    # Seconds a killed or cancelled run may take to be noticed on this backend.
+    detection_timeout: float = 60.0
+    heartbeat_seconds: float = 2.0
+
+    @pytest.fixture
+    def environment(self) -> dict[str, Any]:
+        raise NotImplementedError("a backend's test module provides the environment fixture")
+
+    @pytest.fixture
+    def worker_slots(self) -> int:
+        """Tasks the worker runs at once (0: no queue; every job starts immediately)."""
+        return 1
+
+    def kill_worker(self, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    @pytest.fixture
+    def markers(self, tmp_path: Path) -> Path:
+        path = tmp_path / "markers"
+        path.mkdir()
+        os.chmod(path, 0o777)
+        return path
+
+    @pytest.fixture
+    def hub_for(self, environment: dict[str, Any]) -> Iterator[Any]:
+        hubs: list[Hub] = []
+
+        def make(**settings: Any) -> Hub:
+            definition = {**environment, **settings}
+            hub = Hub(environments={"conformance": definition}, default_environment="conformance")
+            hubs.append(hub)
+            return hub
+
+        yield make
+        for hub in hubs:
+            hub.close()
+
+    def capabilities(self, hub: Hub) -> Any:
+        return hub.dispatcher("conformance").transport.capabilities
+
+    # ------------------------------------------------------------ results
+
+    def test_round_trip(self, hub_for: Any) -> None:
+        hub = hub_for()
+        assert hub.run(tasks.add, 1, y=2) == 3
+        assert hub.run(tasks.add, 40) == 41
+        assert hub.map(tasks.add, range(8)) == [i + 1 for i in range(8)]
+
+    def test_exception_keeps_its_type(self, hub_for: Any) -> None:
+        hub = hub_for()
+        with pytest.raises(tasks.ConformanceError, match="broken on purpose"):
+            hub.run(tasks.fail, "broken on purpose")
+
+    def test_twenty_megabyte_argument(self, hub_for: Any) -> None:
+        hub = hub_for()
+        data = os.urandom(20 * 1024 * 1024)
+        expected = tasks.digest(data)
+        assert hub.run(tasks.digest, data) == expected
+
+    # ------------------------------------------------------------ cancellation
+
+    def _cancel_running(self, hub: Hub, markers: Path, mode: str) -> None:
+        tag = f"cancel-{mode}-{uuid.uuid4().hex[:6]}"
+        future = hub.submit(tasks.sleepy, str(markers), tag, 30.0)
+        wait_for_file(markers / f"{tag}.started", self.detection_timeout)
+        started = time.monotonic()
+        hub.cancel(future, mode=mode)
+        with pytest.raises(CancelledErrors):
+            future.result(timeout=self.detection_timeout)
+        assert time.monotonic() - started < self.detection_timeout
+        if self.capabilities(hub).cancel_running:
+            time.sleep(2.0)
+            assert not (markers / f"{tag}.finished").exists(), "cancelled work went on running"
+
+    def test_cancel_running_best_effort(self, hub_for: Any, markers: Path) -> None:
+        self._cancel_running(hub_for(), markers, "best_effort")
+
+    def test_cancel_running_require_ack(self, hub_for: Any, markers: Path) -> None:
+        hub = hub_for(delivery_cancel_mode="require_ack")
+        if not self.capabilities(hub).confirm_cancel:
+            with pytest.raises(UnsupportedPolicyError, match="require_ack"):
+                hub.run(tasks.add, 1)
+            return
+        self._cancel_running(hub, markers, "require_ack")
+
+    def test_cancel_queued(self, hub_for: Any, markers: Path, worker_slots: int) -> None:
+        hub = hub_for()
+        if not self.capabilities(hub).cancel_queued:
+            pytest.fail("every adapter must be able to cancel work that has not started")
+        blockers = [
+            hub.submit(tasks.sleepy, str(markers), f"block{i}", 4.0) for i in range(worker_slots)
+        ]
+        for i in range(worker_slots):
+            wait_for_file(markers / f"block{i}.started", self.detection_timeout)
+        queued = hub.submit(tasks.sleepy, str(markers), "queued", 0.1)
+        if worker_slots:
+            time.sleep(0.5)  # let it reach the backend's queue behind the blockers
+        # worker_slots == 0: the backend has no queue (a job starts at once), so cancel
+        # right after submission, before the job got going.
+        hub.cancel(queued)
+        with pytest.raises(CancelledErrors):
+            queued.result(timeout=self.detection_timeout)
+        for blocker in blockers:
+            blocker.result(timeout=self.detection_timeout)
+        time.sleep(2.0)
+        assert not (markers / "queued.started").exists(), "a cancelled queued task still ran"
+
+    # ------------------------------------------------------------ idempotency
+
+    def test_idempotency_one_execution(self, hub_for: Any, markers: Path) -> None:
+        key = f"conf-{uuid.uuid4().hex}"
+        hub = hub_for(delivery_idempotency_key=key)
+        first = hub.submit(tasks.record, str(markers), "idem", 21)
+        second = hub.submit(tasks.record, str(markers), "idem", 21)
+        assert first.result(timeout=self.detection_timeout) == 42
+        assert second.result(timeout=self.detection_timeout) == 42
+        runs = (markers / "idem.runs").read_text().splitlines()
+        assert len(runs) == 1, f"same key ran {len(runs)} times"
+        shared_loop.run_sync(hub.dispatcher("conformance").flush())
+        # A key whose run already finished answers with the recorded result.
+        assert hub.run(tasks.record, str(markers), "idem", 21) == 42
+        assert len((markers / "idem.runs").read_text().splitlines()) == 1
+
+    def test_idempotency_key_template(self, hub_for: Any, markers: Path) -> None:
+        prefix = uuid.uuid4().hex[:8]
+        hub = hub_for(delivery_idempotency_key=prefix + "-{tag}-{value}")
+        results = [hub.submit(tasks.record, str(markers), "tmpl", v) for v in (1, 1, 2)]
+        assert [f.result(timeout=self.detection_timeout) for f in results] == [2, 2, 4]
+        assert len((markers / "tmpl.runs").read_text().splitlines()) == 2
+
+    # ------------------------------------------------------------ liveness
+
+    def test_heartbeats_keep_a_long_task_alive(self, hub_for: Any, markers: Path) -> None:
+        hub = hub_for(delivery_heartbeat_seconds=1.0)
+        assert hub.run(tasks.sleepy, str(markers), "long", 3.5) == "long"
+
+    def _killed(self, hub: Hub, markers: Path, tag: str) -> concurrent.futures.Future[Any]:
+        future = hub.submit(tasks.die_once, str(markers), tag)
+        pid = int(wait_for_file(markers / f"{tag}.pid", self.detection_timeout))
+        self.kill_worker(pid)
+        return future
+
+    def test_killed_worker_fail(self, hub_for: Any, markers: Path) -> None:
+        hub = hub_for(delivery_orphan_policy="fail", delivery_heartbeat_seconds=self.heartbeat_seconds)
+        future = self._killed(hub, markers, "kill-fail")
+        with pytest.raises(DeliveryOrphanedError):
+            future.result(timeout=self.detection_timeout)
+
+    def test_killed_worker_cancel(self, hub_for: Any, markers: Path) -> None:
+        hub = hub_for(delivery_orphan_policy="cancel", delivery_heartbeat_seconds=self.heartbeat_seconds)
+        future = self._killed(hub, markers, "kill-cancel")
+        with pytest.raises(CancelledErrors):
+            future.result(timeout=self.detection_timeout)
+
+    def test_killed_worker_requeue_yields_one_result(self, hub_for: Any, markers: Path) -> None:
+        hub = hub_for(delivery_orphan_policy="requeue", delivery_heartbeat_seconds=self.heartbeat_seconds)
+        if not self.capabilities(hub).requeue:
+            with pytest.raises(UnsupportedPolicyError):
+                hub.run(tasks.add, 1)
+            return
+        future = self._killed(hub, markers, "kill-requeue")
+        assert future.result(timeout=self.detection_timeout * 2) == "kill-requeue-done"
+        attempts = (markers / "kill-requeue.attempts").read_text().splitlines()
+        assert len(attempts) >= 2, "the task was not run again after its worker died"
+
+    def test_killed_worker_detach(self, hub_for: Any, markers: Path) -> None:
+        hub = hub_for(delivery_orphan_policy="detach", delivery_heartbeat_seconds=self.heartbeat_seconds)
+        if not self.capabilities(hub).detach:
+            with pytest.raises(UnsupportedPolicyError, match="detach"):
+                hub.run(tasks.add, 1)
+            return
+        future = self._killed(hub, markers, "kill-detach")
+        with pytest.raises(DeliveryDetachedError) as info:
+            future.result(timeout=self.detection_timeout)
+        assert info.value.run_id == future.run_id  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ the way back
+
+    def test_duplicate_terminal_event_is_dropped(self, hub_for: Any) -> None:
+        hub = hub_for()
+        future = hub.submit(tasks.add, 1, y=1)
+        assert future.result(timeout=self.detection_timeout) == 2
+        receiver = getattr(hub.dispatcher("conformance").transport, "receiver", None)
+        if receiver is None:
+            pytest.fail("this adapter has no receiver; override this test with its native path")
+        from wove_adapters.core.runtime import frame_to_wire
+
+        before = receiver.stats["duplicates_dropped"]
+        event = frame_to_wire(
+            {"type": "task_result", "run_id": future.run_id, "task_id": "add", "result": 999}  # type: ignore[attr-defined]
+        )
+        _post_signed(receiver, hub, event)
+        assert receiver.stats["duplicates_dropped"] == before + 1
+
+    def test_unreachable_receiver_events_are_retried(self, hub_for: Any, markers: Path) -> None:
+        hub = hub_for()
+        receiver = getattr(hub.dispatcher("conformance").transport, "receiver", None)
+        if receiver is None:
+            pytest.fail("this adapter has no receiver; override this test with its native path")
+        future = hub.submit(tasks.sleepy, str(markers), "offline", 1.0)
+        wait_for_file(markers / "offline.started", self.detection_timeout)
+        shared_loop.run_sync(receiver.pause())
+        try:
+            wait_for_file(markers / "offline.finished", 30)
+            time.sleep(2.0)
+            assert not future.done()
+        finally:
+            shared_loop.run_sync(receiver.resume())
+        assert future.result(timeout=self.detection_timeout) == "offline"
+
+
+def _post_signed(receiver: Any, hub: Hub, event: Any) -> None:
+    import urllib.request
+
+    from wove_adapters.callbacks import sender, signing
+
+    key_id = hub.dispatcher("conformance").key_id
+    data = signing.encode_blob(sender.sign_events([event], key_id))
+    request = urllib.request.Request(receiver.url, data=data, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200

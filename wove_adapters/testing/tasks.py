@@ -1,0 +1,55 @@
+"""Task functions the conformance suite ships to workers.
+
+Module-level (importable by workers that have wove_adapters installed) and side effects
+go to marker files, so the test observes what really ran on the worker's side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+
+class ConformanceError(ValueError):
+    """A distinct exception type, to check the original type comes back."""
+
+
+def add(x: int, y: int = 1) -> int:
+    return x + y
+
+
+def fail(message: str) -> None:
+    raise ConformanceError(message)
+
+
+def digest(data: bytes) -> str:
+    return f"{len(data)}:{hashlib.sha256(data).hexdigest()}"
+
+
+def record(directory: str, tag: str, value: int) -> int:
+    """Appends one line per execution: the count of lines is the count of executions."""
+    with open(Path(directory) / f"{tag}.runs", "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    time.sleep(0.5)
+    return value * 2
+
+
+def sleepy(directory: str, tag: str, seconds: float) -> str:
+    """Writes ``<tag>.started`` (with its pid), sleeps, then writes ``<tag>.finished``."""
+    Path(directory, f"{tag}.started").write_text(str(os.getpid()))
+    time.sleep(seconds)
+    Path(directory, f"{tag}.finished").write_text(str(os.getpid()))
+    return tag
+
+
+def die_once(directory: str, tag: str) -> str:
+    """First attempt writes its pid and waits to be killed; later attempts finish fast."""
+    marker = Path(directory, f"{tag}.pid")
+    with open(Path(directory) / f"{tag}.attempts", "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        time.sleep(120)
+    return f"{tag}-done"
