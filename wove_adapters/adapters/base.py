@@ -245,7 +245,12 @@ class AdapterTransport(Transport):
         self._key_id = executor_config["_key_id"]
         self._ledger_url = executor_config.get("_ledger_url")
         self._store_url = executor_config.get("payload_store")
-        if not native_only(self.adapter_cls, executor_config):
+        if executor_config.get("return_path") == "redis":
+            from wove_adapters.callbacks.dropbox import get_dropbox
+
+            url = str(executor_config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
+            self.receiver = await get_dropbox(url)
+        elif not native_only(self.adapter_cls, executor_config):
             self.receiver = await get_receiver(executor_config)
         self.adapter = self.adapter_cls(executor_config, environment=environment)
         self.adapter.emit = emit
@@ -253,10 +258,14 @@ class AdapterTransport(Transport):
 
     def return_path(self, run: RunAttempt) -> payload_mod.ReturnPath:
         kind = str(self._config.get("return_path", "http"))
-        if kind == "redis":
-            url = str(self._config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
-            return payload_mod.ReturnPath(kind="redis", url=url, key=self._config["_dropbox_key"])
         assert self.receiver is not None
+        if kind == "redis":
+            from wove_adapters.callbacks.dropbox import DropboxReader
+
+            assert isinstance(self.receiver, DropboxReader)
+            return payload_mod.ReturnPath(
+                kind="redis", url=self.receiver.redis_url, key=self.receiver.key
+            )
         return payload_mod.ReturnPath(kind="http", url=self.receiver.url)
 
     async def submit(self, run: RunAttempt) -> None:

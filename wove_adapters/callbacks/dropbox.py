@@ -1,0 +1,96 @@
+"""The ``redis`` return path: a drop box for workers that cannot reach the caller.
+
+The worker RPUSHes signed event batches to a Redis list; the caller BLPOPs them and puts
+them through the very checks the HTTP receiver applies (signature, window, nonce) before
+routing them to their runs. One list and one reader per (Redis URL, process, config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+import msgspec
+
+from wove_adapters.callbacks import signing
+from wove_adapters.callbacks.receiver import CallbackReceiver
+from wove_adapters.core import frames
+from wove_adapters.core.errors import MissingBackendError, PayloadError
+
+log = logging.getLogger("wove_adapters.dropbox")
+
+
+class DropboxReader(CallbackReceiver):
+    """Routes events like the receiver, but reads them from a Redis list."""
+
+    def __init__(self, url: str, key: str | None = None) -> None:
+        super().__init__()
+        self.redis_url = url
+        self.key = key or f"wove-adapters:dropbox:{uuid.uuid4().hex}"
+        self._task: asyncio.Task[None] | None = None
+        self._client: Any = None
+
+    @property
+    def url(self) -> str:
+        return self.redis_url
+
+    async def start(self) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError:
+            raise MissingBackendError("redis return path", "redis", "redis") from None
+        self._client = aioredis.Redis.from_url(self.redis_url)
+        await self._client.ping()
+        self._task = asyncio.get_running_loop().create_task(self._read())
+        self.ready.set()
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                item = await self._client.blpop([self.key], timeout=1)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis hiccup: retry shortly
+                log.warning("drop box %s read failed: %s", self.key, exc)
+                await asyncio.sleep(0.5)
+                continue
+            if item is None:
+                continue
+            data = bytes(item[1])
+            try:
+                body = signing.verify(signing.decode_blob(data), window=self.window, nonces=self.nonces)
+                batch = msgspec.msgpack.decode(body, type=frames.EventBatch)
+            except (PayloadError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.stats["rejected"] += 1
+                log.warning("drop box %s: rejected an entry: %s", self.key, exc)
+                continue
+            self.stats["accepted"] += 1
+            self.route(batch.events, data)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.delete(self.key)
+                await self._client.aclose()
+
+
+_readers: dict[str, DropboxReader] = {}
+
+
+async def get_dropbox(url: str) -> DropboxReader:
+    reader = _readers.get(url)
+    if reader is None:
+        reader = DropboxReader(url)
+        await reader.start()
+        _readers[url] = reader
+        from wove_adapters.core.loop import add_shutdown_hook
+
+        add_shutdown_hook(reader.aclose)
+    return reader
