@@ -24,7 +24,11 @@ from typing import Any
 from wove_adapters.core import frames
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.config import Config, load_config
-from wove_adapters.core.errors import CancelNotAcknowledgedError, MissingDispatchFeatureError
+from wove_adapters.core.errors import (
+    CancelNotAcknowledgedError,
+    MissingDispatchFeatureError,
+    WoveAdaptersError,
+)
 from wove_adapters.core.ledger import open_ledger
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
 from wove_adapters.core.runtime import Dispatcher, decode_outcome, exception_from_frame
@@ -262,13 +266,15 @@ class Hub:
                 if timeout:
                     return await asyncio.wait_for(coro, float(timeout))
                 return await coro
+            except (asyncio.CancelledError, CancelNotAcknowledgedError):
+                raise
+            except WoveAdaptersError as exc:  # DeliveryTimeoutError is a TimeoutError too
+                last = exc
             except asyncio.TimeoutError as exc:
                 last = TimeoutError(
                     f"task '{task_name}' exceeded timeout={timeout}s (run {attempt_id})"
                 )
                 last.__cause__ = exc
-            except (asyncio.CancelledError, CancelNotAcknowledgedError):
-                raise
             except Exception as exc:  # noqa: BLE001 - retried, then re-raised
                 last = exc
         assert last is not None
