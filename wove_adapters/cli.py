@@ -227,3 +227,7 @@ def _configured_ledger() -> str | None:
         return load_config().ledger
     except Exception:  # noqa: BLE001 - fall back to the default ledger
         return None
+
+
+if __name__ == "__main__":
+    main()

@@ -116,16 +116,14 @@ class BackendAdapter(abc.ABC):
 # ---------------------------------------------------------------- registry
 
 # name -> ("module:Class", extra). Alphabetized; strings only, imported on lookup.
+# Slurm, AWS Batch and Kubernetes Jobs join this table when their adapters land (issue 6).
 _BUILTINS: dict[str, tuple[str, str]] = {
     "arq": ("wove_adapters.adapters.arq:ArqAdapter", "arq"),
-    "aws_batch": ("wove_adapters.adapters.aws_batch:AwsBatchAdapter", "aws"),
     "celery": ("wove_adapters.adapters.celery:CeleryAdapter", "celery"),
     "dask": ("wove_adapters.adapters.dask:DaskAdapter", "dask"),
-    "kubernetes_jobs": ("wove_adapters.adapters.kubernetes_jobs:KubernetesJobsAdapter", "kubernetes"),
     "process": ("wove_adapters.adapters.process:ProcessAdapter", ""),
     "ray": ("wove_adapters.adapters.ray:RayAdapter", "ray"),
     "rq": ("wove_adapters.adapters.rq:RqAdapter", "rq"),
-    "slurm": ("wove_adapters.adapters.slurm:SlurmAdapter", "slurm"),
     "taskiq": ("wove_adapters.adapters.taskiq:TaskiqAdapter", "taskiq"),
     "temporal": ("wove_adapters.adapters.temporal:TemporalAdapter", "temporal"),
 }
@@ -253,11 +251,17 @@ class AdapterTransport(Transport):
         elif not native_only(self.adapter_cls, executor_config):
             self.receiver = await get_receiver(executor_config)
         self.adapter = self.adapter_cls(executor_config, environment=environment)
+        # An adapter may narrow or widen its claims per configuration (e.g. arq's
+        # isolation="process" can interrupt running work, its default cannot).
+        self.capabilities = self.adapter.capabilities
         self.adapter.emit = emit
         await self.adapter.start()
 
     def return_path(self, run: RunAttempt) -> payload_mod.ReturnPath:
         kind = str(self._config.get("return_path", "http"))
+        if kind == "native" and native_only(self.adapter_cls, self._config):
+            # The backend hands the outcome back itself (the adapter emits it).
+            return payload_mod.ReturnPath(kind="native")
         assert self.receiver is not None
         if kind == "redis":
             from wove_adapters.callbacks.dropbox import DropboxReader

@@ -88,10 +88,16 @@ class CallbackReceiver:
         self.ready.set()
 
     async def pause(self) -> None:
-        """Stop listening (tests: an unreachable receiver); registrations are kept."""
+        """Stop listening (tests: an unreachable receiver); registrations are kept.
+
+        Open keep-alive connections are closed too (once their current request is
+        answered): a warm worker would otherwise keep reaching a "paused" receiver."""
         if self._site is not None:
             await self._site.stop()
             self._site = None
+            server = getattr(self._runner, "server", None)
+            if server is not None and hasattr(server, "pre_shutdown"):
+                server.pre_shutdown()
 
     async def resume(self) -> None:
         """Listen again on the same port."""

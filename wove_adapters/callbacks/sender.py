@@ -149,6 +149,12 @@ async def _enqueue(
 
 def send(return_path: ReturnPath, key_id: str, event: WireEvent) -> ConcurrentFuture[None]:
     """Queue one event; the future resolves when its batch is acknowledged. Thread-safe."""
+    if return_path.kind == "native":
+        # The backend carries the outcome back itself (Temporal's workflow result, ...):
+        # nothing to send, and nothing for the task to wait on.
+        done: ConcurrentFuture[None] = ConcurrentFuture()
+        done.set_result(None)
+        return done
 
     async def _go() -> None:
         waiter = await _enqueue(return_path, key_id, event)

@@ -222,16 +222,17 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
 def deliver_terminal(envelope: Envelope, event: frames.WireEvent) -> bool:
     """Get the terminal event to the caller, or into the ledger; False if both fail."""
     detach = envelope.delivery.get("delivery_orphan_policy") == "detach"
-    if detach and envelope.ledger:
-        _record_in_ledger(envelope, event)
+    recorded = bool(detach and envelope.ledger and _record_in_ledger(envelope, event))
+    # Once the ledger holds the outcome, a gone caller is no reason to linger.
+    wait = 5.0 if recorded else sender.RETRY_SECONDS + 30
     try:
-        _emit(envelope, event).result(timeout=sender.RETRY_SECONDS + 30)
+        _emit(envelope, event).result(timeout=wait)
         return True
     except Exception as exc:  # noqa: BLE001
         print(f"wove-adapters worker: could not deliver the outcome: {exc}", file=sys.stderr)
-        if envelope.ledger and not detach:
+        if envelope.ledger and not recorded:
             return _record_in_ledger(envelope, event)
-        return detach and bool(envelope.ledger)
+        return recorded
 
 
 _STATE_OF = {

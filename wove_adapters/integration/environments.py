@@ -107,6 +107,12 @@ async def get_dispatcher(environment: str, settings: dict[str, Any]) -> Dispatch
             ledger=ledger,
             key_id=key_id,
         )
+        from wove_adapters.core.policies import DeliveryPolicy
+
+        # Reject impossible environment-level policies at start-up, before any run.
+        dispatcher.check_policy(
+            DeliveryPolicy.from_settings(settings, where=f"Environment '{environment}'")
+        )
         await dispatcher.start()
         _dispatchers[ident] = dispatcher
         if len(_dispatchers) == 1:

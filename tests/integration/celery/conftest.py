@@ -1,0 +1,41 @@
+"""Real Celery workers for the Celery tests: one on a Redis broker, one on RabbitMQ.
+
+Session scoped (a worker start costs seconds on a busy machine); each has its own queue
+and Redis key prefix, is stopped by PID and has its keys and queue removed at the end.
+A missing broker fails the tests with the command that starts it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from celery_services import CeleryService  # noqa: E402
+
+
+def _service(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryService]:
+    service = CeleryService(broker, log_dir=tmp_path_factory.mktemp(f"celery-{broker}"))
+    try:
+        service.start()
+    except RuntimeError as exc:
+        service.stop()
+        service.cleanup()
+        pytest.fail(str(exc), pytrace=False)
+    yield service
+    service.stop()
+    service.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_celery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryService]:
+    yield from _service("redis", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def amqp_celery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryService]:
+    yield from _service("amqp", tmp_path_factory)

@@ -1,0 +1,33 @@
+"""The Taskiq adapter passes the shared conformance suite against a real ``taskiq worker``
+(taskiq-redis ``ListQueueBroker`` on the local Redis)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+from conftest import SLOTS, TaskiqWorker
+
+from wove_adapters.testing import AdapterConformance
+
+
+class TestTaskiqConformance(AdapterConformance):
+    detection_timeout = 60.0
+
+    @pytest.fixture
+    def environment(self, taskiq_worker: TaskiqWorker) -> dict[str, Any]:
+        self._worker = taskiq_worker
+        return {"executor": "taskiq", "executor_config": taskiq_worker.config}
+
+    @pytest.fixture
+    def worker_slots(self) -> int:
+        return SLOTS
+
+    def kill_worker(self, pid: int) -> None:
+        """SIGKILL the taskiq worker process running the task (its payload process dies
+        with it); the CLI's process manager starts a fresh worker, as in production."""
+        parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        assert parent in self._worker.worker_pids(), "the task did not run under our worker"
+        os.kill(parent, signal.SIGKILL)

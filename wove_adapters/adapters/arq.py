@@ -1,0 +1,684 @@
+"""``arq``: tasks become jobs on an ARQ (asyncio + Redis) queue.
+
+Caller side: one ``arq.create_pool`` client per adapter instance submits
+``enqueue_job("wove_adapters_run", payload, _job_id=..., _queue_name=..., ...)``; the
+sanitised idempotency key is the job id, so ARQ's own uniqueness gives one job per key
+(a duplicate id makes ``enqueue_job`` return None: we attach to the existing job and
+read its recorded, signed outcome). Events come back through the receiver (or the Redis
+drop box); ``status()`` reads ARQ's job state for reconciliation.
+
+Worker side: put :func:`wove_adapters_run` in ``WorkerSettings.functions`` and run
+``arq yourapp.WorkerSettings`` (``allow_abort_jobs = True`` for cancellation). A payload
+runs in a thread of the worker (``isolation="thread"``, the default: the worker's loop is
+never blocked) or in its own ``python`` process (``isolation="process"``): only the
+latter can really interrupt running sync code, so only it claims ``cancel_running`` and
+``confirm_cancel``. See docs/adapters/arq.md.
+
+The library is imported inside methods only; the worker-side helpers need nothing from
+ARQ beyond the ``ctx`` dict it passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import os
+import signal
+import sys
+import tempfile
+import time
+from typing import Any, ClassVar
+
+from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.core import frames
+from wove_adapters.core.policies import Capabilities, JobState
+
+FUNCTION_NAME = "wove_adapters_run"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_QUEUE = "arq:queue"  # arq.constants.default_queue_name
+ISOLATIONS = ("thread", "process")
+# Our own small keys next to ARQ's (``arq:job:<id>`` ...), keyed by job id.
+CANCEL_KEY = "wove-adapters:arq:cancel:"  # the caller asked for this job to stop
+DONE_KEY = "wove-adapters:arq:done:"  # a try that finished after ARQ cancelled it
+MARKER_TTL = 86_400
+_JOB_ID_CHARS = r"A-Za-z0-9_\-.:"
+
+_OPTION_KEYS = {
+    "queue_name": ("_queue_name", "queue_name", "queue"),
+    "defer_by": ("_defer_by", "defer_by"),
+    "defer_until": ("_defer_until", "defer_until"),
+    "expires": ("_expires", "expires"),
+}
+
+
+def _option(sources: list[dict[str, Any]], name: str) -> Any:
+    """The first value of ``name`` (with or without ARQ's leading underscore)."""
+    for source in sources:
+        for key in _OPTION_KEYS[name]:
+            if source.get(key) is not None:
+                return source[key]
+    return None
+
+
+class ArqAdapter(BackendAdapter):
+    name = "arq"
+    extra = "arq"
+    required_modules = ("arq",)
+    # isolation="thread" (default): ARQ's abort cancels the job's asyncio task, but the
+    # thread running the task's code cannot be interrupted, so running work is NOT
+    # stopped: cancel_running and confirm_cancel are False. Queued work is removed.
+    capabilities = Capabilities(
+        cancel_queued=True,
+        cancel_running=False,
+        confirm_cancel=False,
+        native_idempotency=True,
+        native_result=False,
+        status=True,
+        requeue=True,
+        detach=True,
+        heartbeats=True,
+        inline_payload_limit=1024 * 1024,
+        array_jobs=False,
+    )
+    # isolation="process": the payload runs in a child process the worker SIGTERMs on
+    # abort (SIGKILL after ``kill_after``): running work really stops, and the child's
+    # task_cancelled (or ARQ's aborted state) confirms it.
+    PROCESS_CAPABILITIES: ClassVar[Capabilities] = dataclasses.replace(
+        capabilities, cancel_running=True, confirm_cancel=True
+    )
+    STATE_MAP: ClassVar[dict[str, JobState]] = {
+        # arq.jobs.JobStatus
+        "DEFERRED": JobState.PENDING,
+        "QUEUED": JobState.PENDING,
+        "IN_PROGRESS": JobState.RUNNING,
+        "COMPLETE": JobState.SUCCEEDED,
+        "NOT_FOUND": JobState.GONE,
+        # a complete job, refined by its result (ours: the dict wove_adapters_run returns)
+        "SUCCEEDED": JobState.SUCCEEDED,
+        "FAILED": JobState.FAILED,
+        "REFUSED": JobState.FAILED,
+        "LOST": JobState.FAILED,
+        "KILLED": JobState.FAILED,
+        "CANCELLED": JobState.CANCELLED,
+        "ABORTED": JobState.CANCELLED,
+    }
+    reconcile_seconds: ClassVar[float] = 2.0
+
+    def __init__(self, config: dict[str, Any], *, environment: str) -> None:
+        super().__init__(config, environment=environment)
+        self._redis_url = str(config.get("redis_url") or DEFAULT_REDIS_URL)
+        self._redis_settings = dict(config.get("redis_settings") or {})
+        self._queue = str(_option([config], "queue_name") or DEFAULT_QUEUE)
+        self._function = str(config.get("function") or FUNCTION_NAME)
+        self._prefix = str(config.get("job_id_prefix") or "")
+        self._isolation = str(config.get("isolation") or "thread")
+        if self._isolation not in ISOLATIONS:
+            raise ValueError(
+                f"arq executor_config.isolation must be one of {', '.join(ISOLATIONS)}, "
+                f"not {self._isolation!r}"
+            )
+        self._kill_after = float(config.get("kill_after", 10.0))
+        self._poll = float(config.get("result_poll_delay", 0.05))
+        self._max_submits = int(config.get("max_concurrent_submits", 64))
+        if self._isolation == "process":
+            self.capabilities = self.PROCESS_CAPABILITIES  # type: ignore[misc]
+        self._pool: Any = None
+        self._submits: asyncio.Semaphore | None = None
+        self._queues: dict[str, str] = {}  # job id -> queue name
+        self._watchers: dict[str, asyncio.Task[None]] = {}  # attached job id -> watcher
+        self._let_go: set[str] = set()  # attached jobs this caller stopped following
+
+    # ------------------------------------------------------------ life cycle
+
+    def _settings(self) -> Any:
+        from arq.connections import RedisSettings
+
+        settings = RedisSettings.from_dsn(self._redis_url)
+        settings.conn_retries = 1
+        for key, value in self._redis_settings.items():
+            if not hasattr(settings, key):
+                raise ValueError(f"arq executor_config.redis_settings has unknown key {key!r}")
+            setattr(settings, key, value)
+        return settings
+
+    async def start(self) -> None:
+        from arq import create_pool
+
+        try:
+            self._pool = await create_pool(self._settings(), default_queue_name=self._queue)
+        except Exception as exc:
+            raise ConnectionError(
+                f"arq: cannot reach Redis at {self._redis_url} ({type(exc).__name__}: {exc}). "
+                f"Start Redis (e.g. `redis-server --daemonize yes --bind 127.0.0.1`) or set "
+                f"executor_config.redis_url."
+            ) from exc
+        self._submits = asyncio.Semaphore(self._max_submits)
+
+    async def close(self) -> None:
+        for task in self._watchers.values():
+            task.cancel()
+        self._watchers.clear()
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.close(close_connection_pool=True)
+            self._pool = None
+
+    # ------------------------------------------------------------ submit
+
+    def job_id(self, job: JobSpec) -> str:
+        """The ARQ job id: the sanitised idempotency key (attempt 1; a requeued attempt
+        gets ``~N``, a character sanitising never produces), else the run's job name."""
+        if job.idempotency_key is not None:
+            base = self.safe_name(job.idempotency_key, allowed=_JOB_ID_CHARS)
+            ident = base if job.attempt == 1 else f"{base}~{job.attempt}"
+        else:
+            ident = job.job_name
+        return self._prefix + ident
+
+    async def submit(self, job: JobSpec) -> str:
+        assert self._pool is not None and self._submits is not None, "start() first"
+        sources = [job.options, self.config]
+        queue = str(_option(sources, "queue_name") or self._queue)
+        enqueue: dict[str, Any] = {"_queue_name": queue}
+        defer_until = _option(sources, "defer_until")
+        if defer_until is not None:
+            enqueue["_defer_until"] = _as_datetime(defer_until)
+        else:
+            defer_by = _option(sources, "defer_by")
+            if defer_by is not None:
+                enqueue["_defer_by"] = float(defer_by)
+        expires = _option(sources, "expires")
+        if expires is not None:
+            enqueue["_expires"] = float(expires)
+        if self._isolation == "process":
+            enqueue["isolation"] = "process"
+            enqueue["kill_after"] = self._kill_after
+        job_id = self.job_id(job)
+        self._queues[job_id] = queue
+        async with self._submits:
+            for _ in range(3):
+                created = await self._pool.enqueue_job(
+                    self._function, job.payload, _job_id=job_id, **enqueue
+                )
+                if created is not None:
+                    return job_id
+                if await self._existing_holds_key(job_id, queue):
+                    break
+        # ARQ already has a job with this id (another caller, another process, or an
+        # earlier run that succeeded): follow it instead of running the task again.
+        self._watchers[job_id] = asyncio.get_running_loop().create_task(
+            self._follow(job, job_id, queue)
+        )
+        return job_id
+
+    async def _existing_holds_key(self, job_id: str, queue: str) -> bool:
+        """A job with this id exists. Queued, running and succeeded jobs hold the key;
+        a job that failed, was cancelled or was lost releases it (as the ledger does) so
+        a retry runs again: its record is dropped and the caller enqueues afresh."""
+        native, _ = await self._native(job_id, queue)
+        if native != "complete":
+            return native != "not_found"
+        from arq.constants import result_key_prefix, retry_key_prefix
+        from arq.jobs import deserialize_result
+
+        key = result_key_prefix + job_id
+        async with self._pool.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            raw = await pipe.get(key)
+            if raw is None:
+                await pipe.reset()
+                return False
+            info = deserialize_result(raw, deserializer=self._pool.job_deserializer)
+            if self._state_of(info) is JobState.SUCCEEDED:
+                await pipe.reset()
+                return True
+            pipe.multi()
+            pipe.delete(key, retry_key_prefix + job_id, CANCEL_KEY + job_id, DONE_KEY + job_id)
+            with contextlib.suppress(Exception):  # WatchError: someone else replaced it
+                await pipe.execute()
+        return False
+
+    async def _follow(self, job: JobSpec, job_id: str, queue: str) -> None:
+        """Wait for an existing job (not ours) and hand its recorded outcome to our run."""
+        try:
+            while True:
+                native, info = await self._native(job_id, queue)
+                if native == "complete" and info is not None:
+                    frame = await self._frame_from_result(job, job_id, info)
+                    break
+                if native == "not_found":
+                    frame = frames.event(
+                        frames.TASK_LOST, job.run_id, job.task_id, job.attempt,
+                        reason=f"the arq job {job_id} this run follows is gone without a "
+                               f"recorded outcome (keep_result=0, or it expired)",
+                    )
+                    break
+                await asyncio.sleep(self._poll)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the follower's failure is the run's error
+            frame = frames.error_event(
+                job.run_id, job.task_id, exc, attempt=job.attempt, source="transport",
+                retryable=True,
+            )
+        finally:
+            self._watchers.pop(job_id, None)
+        if self.emit is not None:
+            self.emit(frame)
+
+    async def _frame_from_result(self, job: JobSpec, job_id: str, info: Any) -> dict[str, Any]:
+        ident = (job.run_id, job.task_id, job.attempt)
+        result = info.result
+        if not info.success:
+            if isinstance(result, asyncio.CancelledError):
+                return frames.event(frames.TASK_CANCELLED, *ident,
+                                    reason=f"the arq job {job_id} was aborted")
+            return frames.event(frames.TASK_LOST, *ident,
+                                reason=f"the arq job {job_id} failed in arq: {result!r}")
+        blob = result.get("outcome") if isinstance(result, dict) else None
+        if not blob:
+            return frames.event(
+                frames.TASK_LOST, *ident,
+                reason=f"the arq job {job_id} finished ({self._state_of(info).value}) "
+                       f"without a recorded outcome",
+            )
+        from wove_adapters.core.runtime import decode_outcome
+
+        frame = await asyncio.to_thread(decode_outcome, bytes(blob))
+        frame.update(run_id=job.run_id, task_id=job.task_id, attempt=job.attempt)
+        return frame
+
+    # ------------------------------------------------------------ cancel, status
+
+    async def cancel(self, handle: str, *, running: bool = True) -> None:
+        assert self._pool is not None
+        watcher = self._watchers.pop(handle, None)
+        if watcher is not None:
+            # Not our job: stop following it; it goes on for the caller that owns it.
+            watcher.cancel()
+            self._let_go.add(handle)
+            return
+        from arq.constants import abort_jobs_ss
+
+        queue = self._queues.get(handle, self._queue)
+        native, _ = await self._native(handle, queue)
+        if native in ("complete", "not_found"):
+            return
+        if native == "in_progress" and not running:
+            return
+        now = int(time.time() * 1000)
+        async with self._pool.pipeline(transaction=True) as pipe:
+            pipe.set(CANCEL_KEY + handle, b"1", ex=MARKER_TTL)
+            if native == "deferred":
+                # As Job.abort does: bring it forward so a worker sees the abort now.
+                pipe.zadd(queue, {handle: 1})
+            pipe.zadd(abort_jobs_ss, {handle: now})
+            await pipe.execute()
+
+    async def status(self, handle: str) -> JobState:
+        if handle in self._let_go:
+            return JobState.CANCELLED
+        native, info = await self._native(handle, self._queues.get(handle, self._queue))
+        if native == "complete":
+            return self._state_of(info) if info is not None else JobState.GONE
+        return self.map_state(native)
+
+    async def _native(self, job_id: str, queue: str) -> tuple[str, Any]:
+        """ARQ's ``Job.status()`` (and ``result_info()`` once complete)."""
+        from arq.constants import job_key_prefix
+        from arq.jobs import Job
+
+        assert self._pool is not None
+        job = Job(job_id, self._pool, _queue_name=queue,
+                  _deserializer=self._pool.job_deserializer)
+        native = (await job.status()).value
+        if native == "complete":
+            return native, await job.result_info()
+        if native == "not_found" and await self._pool.exists(job_key_prefix + job_id):
+            return "queued", None  # enqueued under another queue name
+        return native, None
+
+    def _state_of(self, info: Any) -> JobState:
+        if not info.success:
+            if isinstance(info.result, asyncio.CancelledError):
+                return JobState.CANCELLED
+            return JobState.FAILED
+        if isinstance(info.result, dict) and "state" in info.result:
+            return self.map_state(info.result["state"])
+        return JobState.SUCCEEDED
+
+    async def detach(self, handle: str) -> None:
+        watcher = self._watchers.pop(handle, None)
+        if watcher is not None:
+            watcher.cancel()
+
+    # ------------------------------------------------------------ doctor
+
+    async def doctor(self) -> list[tuple[str, bool, str]]:
+        rows: list[tuple[str, bool, str]] = []
+        try:
+            import arq.version
+
+            rows.append(("arq installed", True, f"arq {arq.version.VERSION}"))
+        except ImportError:
+            return [("arq installed", False, "pip install 'wove-adapters[arq]'")]
+        pool = self._pool
+        if pool is None:
+            return [*rows, ("broker reachable", False, "the adapter is not started")]
+        try:
+            server = await pool.info(section="server")
+            rows.append(("broker reachable", True,
+                         f"Redis {server.get('redis_version', '?')} at {self._redis_url}"))
+        except Exception as exc:  # every failure is a row
+            return [*rows, ("broker reachable", False,
+                            f"Redis at {self._redis_url}: {exc}; start it or fix redis_url")]
+        from arq.constants import health_check_key_suffix
+
+        health = await pool.get(self._queue + health_check_key_suffix)
+        if health:
+            text = health.decode() if isinstance(health, bytes) else str(health)
+            rows.append(("worker listening on queue", True, f"{self._queue}: {text}"))
+        else:
+            rows.append((
+                "worker listening on queue", False,
+                f"no arq worker reports on queue {self._queue!r}: start one with "
+                f"`arq yourapp.WorkerSettings` where WorkerSettings.functions includes "
+                f"wove_adapters.adapters.arq.wove_adapters_run and queue_name = "
+                f"{self._queue!r} (allow_abort_jobs = True for cancellation)",
+            ))
+        due = await pool.zcount(self._queue, "-inf", int(time.time() * 1000))
+        oldest = await pool.zrange(self._queue, 0, 0, withscores=True)
+        wait = (time.time() * 1000 - oldest[0][1]) / 1000 if oldest and due else 0.0
+        rows.append(("queue backlog", True, f"{due} due job(s), oldest waiting {wait:.1f}s"))
+        return rows
+
+
+def _as_datetime(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, (int, float)):
+        return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
+    return dt.datetime.fromisoformat(str(value))
+
+
+# ====================================================================== worker side
+
+
+async def wove_adapters_run(
+    ctx: dict[str, Any],
+    payload: str,
+    isolation: str = "thread",
+    kill_after: float = 10.0,
+) -> dict[str, Any]:
+    """The ARQ job function: put it in ``WorkerSettings.functions``.
+
+    Runs one signed payload (what ``await wove_adapters.worker.arun(payload)`` does: verify,
+    run in a thread so the worker's loop is never blocked, heartbeat, report events) and
+    returns a small dict ``{"state": ..., "outcome": <signed terminal event, keyed runs
+    only>}`` that ARQ stores as the job result. With ``isolation="process"`` the payload
+    runs in a child ``python`` process instead, which an abort really stops.
+
+    An ARQ abort cancels this coroutine: in process isolation the child gets SIGTERM (it
+    reports ``task_cancelled``), then SIGKILL after ``kill_after`` seconds. Any other
+    cancellation (worker shutdown, ARQ's ``job_timeout``) lets the running task finish and
+    deliver its outcome, and records it, so ARQ's retry of the job does not run it twice.
+    A retry (``job_try > 1``) with no recorded outcome means the worker running it died:
+    the caller is told the run was lost, and its orphan policy decides (``detach`` runs
+    are run again, their outcome goes to the ledger).
+    """
+    redis = ctx.get("redis")
+    job_id = str(ctx.get("job_id") or "")
+    job_try = int(ctx.get("job_try") or 1)
+    if job_try > 1 and redis is not None and job_id:
+        recorded = await redis.get(DONE_KEY + job_id)
+        if recorded:
+            return _unpack(recorded)
+        if not await asyncio.to_thread(_rerun_allowed, payload, job_id, job_try):
+            return {"state": "lost"}
+    child: _Child | None = None
+    if isolation == "process":
+        child = _Child(payload)
+        work: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(child.run())
+    else:
+        work = asyncio.ensure_future(asyncio.to_thread(_execute, payload, False))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        if redis is None or not job_id or await redis.exists(CANCEL_KEY + job_id):
+            if child is not None:
+                await child.terminate(kill_after)
+            else:
+                # A thread cannot be interrupted; its late outcome is dropped by the caller.
+                work.add_done_callback(_consume)
+            raise
+        result = await _finish_anyway(work, redis, job_id)
+        with contextlib.suppress(Exception):
+            await redis.set(DONE_KEY + job_id, _pack(result), ex=MARKER_TTL)
+        raise
+
+
+async def _finish_anyway(
+    work: asyncio.Future[dict[str, Any]], redis: Any, job_id: str
+) -> dict[str, Any]:
+    """Wait for work ARQ gave up on, keeping ARQ's in-progress mark alive meanwhile so
+    no other worker starts the job again."""
+    from arq.constants import in_progress_key_prefix
+
+    while True:
+        try:
+            done, _ = await asyncio.wait({work}, timeout=20)
+        except asyncio.CancelledError:
+            continue
+        if done:
+            try:
+                return work.result()
+            except BaseException as exc:  # recorded, not raised
+                return {"state": "failed", "error": repr(exc)}
+        with contextlib.suppress(Exception):
+            await redis.pexpire(in_progress_key_prefix + job_id, 60_000)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _pack(result: dict[str, Any]) -> bytes:
+    import msgspec
+
+    return msgspec.msgpack.encode(result)
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    import msgspec
+
+    value = msgspec.msgpack.decode(data)
+    return value if isinstance(value, dict) else {"state": "failed"}
+
+
+def _execute(payload: str, handle_sigterm: bool) -> dict[str, Any]:
+    """Run one payload here (a worker thread, or the child's main thread)."""
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks import worker
+    from wove_adapters.core.errors import PayloadError
+
+    try:
+        envelope = payload_mod.decode_payload(payload)
+    except PayloadError:
+        outcome = worker.run(payload, handle_sigterm=handle_sigterm)  # reports the refusal
+        return {"state": outcome.state, "exit_code": outcome.exit_code}
+    outcome = worker.run_envelope(envelope, handle_sigterm=handle_sigterm)
+    result: dict[str, Any] = {
+        "state": outcome.state,
+        "exit_code": outcome.exit_code,
+        "run_id": envelope.run_id,
+        "attempt": envelope.attempt,
+        "delivered": outcome.delivered,
+    }
+    if envelope.delivery.get("delivery_idempotency_key") is not None:
+        # Keyed runs keep a signed copy of their outcome in ARQ's result, so another
+        # caller with the same key (another process, no shared ledger) gets it too.
+        result["outcome"] = _signed_outcome(envelope, outcome)
+    return result
+
+
+def _signed_outcome(envelope: Any, outcome: Any) -> bytes | None:
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks import sender, signing
+    from wove_adapters.callbacks.worker import pickled_exception
+
+    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
+    event: frames.WireEvent
+    try:
+        if outcome.state == "succeeded":
+            event = frames.TaskResult(**ident, result=payload_mod.dumps(outcome.value))
+        elif outcome.state == "cancelled":
+            event = frames.TaskCancelled(**ident, reason=str(outcome.error or "cancelled"))
+        else:
+            error = outcome.error or RuntimeError(f"task {outcome.state}")
+            event = frames.TaskError(
+                **ident,
+                error=frames.normalize_exception(
+                    error, source="payload" if outcome.state == "refused" else "task"
+                ),
+                exception=pickled_exception(error),
+            )
+        return signing.encode_blob(sender.sign_events([event], envelope.key_id))
+    except Exception:  # an unpicklable result is still delivered by events
+        return None
+
+
+def _report_lost(envelope: Any, reason: str) -> None:
+    from wove_adapters.callbacks import sender
+
+    event = frames.TaskLost(
+        run_id=envelope.run_id, task_id=envelope.task_id, attempt=envelope.attempt,
+        reason=reason,
+    )
+    try:
+        sender.send(envelope.return_path, envelope.key_id, event).result(timeout=60)
+    except Exception as exc:  # the caller's reconciliation still finds it
+        print(f"wove-adapters arq: could not report a lost run: {exc}", file=sys.stderr)
+
+
+def _rerun_allowed(payload: str, job_id: str, job_try: int) -> bool:
+    """ARQ starts a job again when the worker that ran it died (its in-progress mark
+    expired) or was stopped before it finished. Only ``detach`` runs, whose caller may be
+    gone, run again; every other run is reported lost so its orphan policy applies."""
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.core.errors import PayloadError
+
+    try:
+        envelope = payload_mod.decode_payload(payload)
+    except PayloadError:
+        return True  # run() refuses and reports it
+    if envelope.delivery.get("delivery_orphan_policy") == "detach":
+        return True
+    _report_lost(
+        envelope,
+        f"arq started job {job_id} again (try {job_try}): the worker running it stopped "
+        f"without an outcome",
+    )
+    return False
+
+
+class _Child:
+    """``isolation="process"``: the payload runs in ``python -m wove_adapters.adapters.arq``
+    (its own session, killed with its worker), so an abort can interrupt it."""
+
+    def __init__(self, payload: str) -> None:
+        self.payload = payload
+        self.proc: asyncio.subprocess.Process | None = None
+        self.terminated = False
+
+    async def run(self) -> dict[str, Any]:
+        fd, path = tempfile.mkstemp(prefix="wove-arq-", suffix=".outcome")
+        os.close(fd)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "wove_adapters.adapters.arq",
+                "--outcome-file", path, "--parent", str(os.getpid()),
+                stdin=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(self.payload.encode())
+            with contextlib.suppress(ConnectionError):
+                await self.proc.stdin.drain()
+            self.proc.stdin.close()
+            code = await self.proc.wait()
+            data = await asyncio.to_thread(_read_bytes, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if data:
+            return _unpack(data)
+        # Died without recording an outcome (killed): tell the caller at once.
+        if not self.terminated:
+            await asyncio.to_thread(_report_child_lost, self.payload, self.proc.pid, code)
+        return {"state": "killed", "exit_code": code}
+
+    async def terminate(self, kill_after: float) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        self.terminated = True
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), kill_after)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def _report_child_lost(payload: str, pid: int, code: int) -> None:
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.core.errors import PayloadError
+
+    try:
+        envelope = payload_mod.decode_payload(payload)
+    except PayloadError:
+        return
+    _report_lost(envelope, f"the worker process {pid} died (exit {code}) without an outcome")
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this child when its ARQ worker dies (Linux), as a thread would die."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if parent and os.getppid() != parent:
+        os._exit(3)
+
+
+def _child_main(argv: list[str]) -> int:
+    import argparse
+
+    import msgspec
+
+    parser = argparse.ArgumentParser(prog="python -m wove_adapters.adapters.arq")
+    parser.add_argument("--outcome-file", required=True)
+    parser.add_argument("--parent", type=int, default=0)
+    options = parser.parse_args(argv)
+    _die_with_parent(options.parent)
+    result = _execute(sys.stdin.read(), True)
+    with open(options.outcome_file, "wb") as handle:
+        handle.write(msgspec.msgpack.encode(result))
+    return int(result.get("exit_code", 0))
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,564 @@
+"""``celery``: each run is one Celery task, ``wove_adapters.run(payload)``, on your workers.
+
+Caller side: ``CeleryAdapter`` sends the signed payload with ``app.send_task`` (from a
+small thread pool, never on the event loop) to a Celery app created once per adapter from
+``executor_config`` (or your own app, ``app: "pkg.module:app"``). Worker side: one line,
+``register(app)``, adds the task to your app so ``celery -A yourapp worker`` runs payloads;
+with no app at all, ``celery -A wove_adapters.adapters.celery:worker_app worker`` does.
+
+The Celery task id is the run's idempotency key (sanitised), and the key is claimed in the
+Redis result backend (``SET NX``) before sending: Celery itself runs a task id as often as
+it is sent, so the claim is what makes "same key, one execution" hold even between callers
+that share no ledger. A caller that loses the claim follows the owner's task and answers
+from the signed outcome the worker stores as the task's result; a key whose task already
+finished answers at once from that stored outcome.
+
+Cancel is ``revoke(terminate=True, signal="SIGTERM")``: workers drop a queued task and
+SIGTERM the prefork child running it, where ``wove_adapters.callbacks.worker`` turns the
+signal into ``task_cancelled``. ``status()`` maps the result backend's task state
+(``task_track_started`` on, so STARTED is visible); PENDING is also Celery's word for
+"unknown", so it maps to PENDING and a run that never starts is caught by its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import functools
+import importlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.core.policies import Capabilities, JobState
+
+log = logging.getLogger("wove_adapters.adapters.celery")
+
+T = TypeVar("T")
+
+TASK_NAME = "wove_adapters.run"
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+DEFAULT_QUEUE = "celery"
+# Settings both sides agree on: JSON only (the payload is signed ASCII text; nothing of
+# ours needs pickle on the broker).
+BASE_CONF: dict[str, Any] = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "broker_connection_retry_on_startup": True,
+}
+# Celery task ids: we keep keys readable; anything else becomes "-" (plus a digest).
+_ID_CHARS = r"A-Za-z0-9_\-.:@"
+# send_task keywords that executor_config may set directly (besides ``send_options``).
+_SEND_KEYS = ("queue", "routing_key", "exchange", "priority")
+
+
+class CeleryAdapter(BackendAdapter):
+    name = "celery"
+    extra = "celery"
+    required_modules = ("celery", "kombu")
+    capabilities = Capabilities(
+        cancel_queued=True,
+        cancel_running=True,  # prefork pool: the child is SIGTERMed, the task interrupted
+        confirm_cancel=True,  # task_cancelled from the worker, or REVOKED in the backend
+        native_idempotency=True,  # task id = key, claimed in the Redis result backend
+        native_result=False,
+        status=True,
+        requeue=True,
+        detach=True,  # workers outlive the caller and record outcomes in the ledger
+        inline_payload_limit=512 * 1024,
+    )
+    STATE_MAP: ClassVar[dict[str, JobState]] = {
+        "PENDING": JobState.PENDING,  # also "never heard of it"
+        "RECEIVED": JobState.PENDING,
+        "RETRY": JobState.PENDING,
+        "STARTED": JobState.RUNNING,
+        "SUCCESS": JobState.SUCCEEDED,
+        "FAILURE": JobState.FAILED,
+        "REJECTED": JobState.FAILED,
+        "REVOKED": JobState.CANCELLED,
+    }
+    reconcile_seconds: ClassVar[float] = 2.0
+
+    def __init__(self, config: dict[str, Any], *, environment: str) -> None:
+        super().__init__(config, environment=environment)
+        self.app: Any = None
+        self._own_app = False
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.task_name = str(config.get("task_name") or TASK_NAME)
+        self.queue = str(config.get("queue") or DEFAULT_QUEUE)
+        send = {key: config[key] for key in _SEND_KEYS if config.get(key) is not None}
+        send.setdefault("queue", self.queue)
+        self.send_options: dict[str, Any] = {**send, **dict(config.get("send_options") or {})}
+        self.revoke_signal = str(config.get("revoke_signal") or "SIGTERM")
+        self.use_claims = bool(config.get("idempotency_claim", True))
+        self._followers: dict[str, _Follower] = {}
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=int(self.config.get("client_threads") or 4),
+            thread_name_prefix=f"wove-celery-{self.environment}",
+        )
+        self.app, self._own_app = self._make_app()
+        await self._call(self._check_connections)
+
+    def _make_app(self) -> tuple[Any, bool]:
+        spec = self.config.get("app")
+        if spec:
+            return _import_object(str(spec)), False
+        from celery import Celery
+
+        broker = str(self.config.get("broker_url") or DEFAULT_BROKER)
+        backend = self.config.get("result_backend")
+        if backend is None and broker.startswith(("redis://", "rediss://")):
+            backend = broker
+        app = Celery(
+            f"wove-adapters-{self.environment}",
+            broker=broker,
+            backend=backend or None,
+            set_as_current=False,
+        )
+        app.conf.update(BASE_CONF)
+        app.conf.update(dict(self.config.get("celery_config") or {}))
+        return app, True
+
+    def _check_connections(self) -> None:
+        timeout = float(self.config.get("connect_timeout") or 10.0)
+        url = self.app.conf.broker_url
+        try:
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=3, interval_start=0.2,
+                                             interval_step=0.5, timeout=timeout)
+        except Exception as exc:
+            raise ConnectionError(
+                f"Celery broker {_redact(url)} is unreachable ({exc}). Start it (Redis: "
+                f"`redis-server --bind 127.0.0.1`; RabbitMQ: `rabbitmq-server -detached`) or "
+                f"fix executor_config.broker_url."
+            ) from exc
+        client = self._claim_client()
+        if client is not None:
+            try:
+                client.ping()
+            except Exception as exc:
+                raise ConnectionError(
+                    f"Celery result backend {_redact(self.app.conf.result_backend)} is "
+                    f"unreachable ({exc}); fix executor_config.result_backend."
+                ) from exc
+
+    async def close(self) -> None:
+        for follower in list(self._followers.values()):
+            follower.stop()
+        self._followers.clear()
+        if self._pool is not None:
+            if self._own_app and self.app is not None:
+                with contextlib.suppress(Exception):
+                    await self._call(self.app.close)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking Celery/kombu/redis call in this adapter's client threads."""
+        assert self._pool is not None, "the celery adapter is not started"
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(fn, *args, **kwargs)
+        )
+
+    # ------------------------------------------------------------ the three primitives
+
+    def task_id_for(self, job: JobSpec) -> str:
+        """The idempotency key (sanitised) when there is one, else the run and attempt.
+        A requeued attempt of a keyed run gets ``~<attempt>``: ``~`` never survives
+        sanitising, so it cannot collide with another key."""
+        if job.idempotency_key is not None:
+            base = self.safe_name(job.idempotency_key, allowed=_ID_CHARS, max_len=200)
+            return base if job.attempt == 1 else f"{base}~{job.attempt}"
+        return self.safe_name(f"{job.run_id}.{job.attempt}", allowed=_ID_CHARS, max_len=200)
+
+    async def submit(self, job: JobSpec) -> str:
+        task_id = self.task_id_for(job)
+        if job.idempotency_key is not None and self.use_claims:
+            owner, current, claim_key = await self._call(self._claim, job, task_id)
+            if not owner:
+                return self._follow(job, current, claim_key)
+        options = {**self.send_options, **job.options}
+        await self._call(self._send, job.payload, task_id, options)
+        return task_id
+
+    def _send(self, payload: str, task_id: str, options: dict[str, Any]) -> None:
+        self._quiet_backend()
+        self.app.send_task(self.task_name, args=[payload], task_id=task_id, **options)
+
+    async def cancel(self, handle: str, *, running: bool = True) -> None:
+        follower = self._followers.pop(handle, None)
+        if follower is not None:
+            follower.stop()  # the task belongs to another caller: stop following only
+            return
+        await self._call(
+            self.app.control.revoke, handle, terminate=running, signal=self.revoke_signal
+        )
+
+    async def status(self, handle: str) -> JobState:
+        follower = self._followers.get(handle)
+        if follower is None:
+            return self.map_state(await self._call(self._state, handle))
+        task_id = await self._call(self._current_task, follower.claim_key) or follower.task_id
+        state = self.map_state(await self._call(self._state, task_id))
+        # A finished owner's outcome is the follower's to emit: not a lost run.
+        return JobState.RUNNING if state is JobState.SUCCEEDED else state
+
+    def _state(self, task_id: str) -> str:
+        if not self._has_backend():
+            return "UNKNOWN"
+        return str(self.app.backend.get_task_meta(task_id, cache=False).get("status"))
+
+    async def detach(self, handle: str) -> None:
+        follower = self._followers.pop(handle, None)
+        if follower is not None:
+            follower.stop()
+
+    # ------------------------------------------------------------ the result backend
+
+    def _has_backend(self) -> bool:
+        from celery.backends.base import DisabledBackend
+
+        return not isinstance(self.app.backend, DisabledBackend)
+
+    def _quiet_backend(self) -> None:
+        """Celery's Redis backend SUBSCRIBEs to every task it sends, for ``.get()``; we
+        never call it (results come back as events), and unread subscriptions pile up in
+        the server's pub/sub buffer, so switch that off for this thread's backend."""
+        backend = self.app.backend
+        if not getattr(backend, "_wove_quiet", False):
+            backend.on_task_call = _no_subscription
+            backend._wove_quiet = True
+
+    def _claim_client(self) -> Any:
+        """The Redis client of the result backend, when it is Redis (else None)."""
+        if not self._has_backend():
+            return None
+        from celery.backends.redis import RedisBackend
+
+        backend = self.app.backend
+        return backend.client if isinstance(backend, RedisBackend) else None
+
+    def _claim_key(self, job: JobSpec) -> str:
+        base = self.safe_name(job.idempotency_key or "", allowed=_ID_CHARS, max_len=200)
+        key = self.app.backend.get_key_for_task(base, key=":wove-claim")
+        return key.decode() if isinstance(key, bytes) else str(key)
+
+    def _claim(self, job: JobSpec, task_id: str) -> tuple[bool, str, str]:
+        """Claim the key for this run (``SET NX``); a requeued attempt of the owner moves
+        the claim to its new task id. Returns (we own it, the task id to follow, the
+        claim's Redis key)."""
+        client = self._claim_client()
+        if client is None:
+            return True, task_id, ""
+        key = self._claim_key(job)
+        ttl = int(self.app.backend.expires or 86400)
+        value = json.dumps({"run": job.run_id, "task": task_id})
+        for _ in range(3):
+            if client.set(key, value, nx=True, ex=ttl):
+                return True, task_id, key
+            raw = client.get(key)
+            if raw is None:
+                continue  # expired in between: try again
+            holder = json.loads(raw)
+            if holder.get("run") == job.run_id:
+                client.set(key, value, xx=True, ex=ttl)
+                return True, task_id, key
+            return False, str(holder.get("task") or task_id), key
+        return True, task_id, key
+
+    def _current_task(self, claim_key: str) -> str | None:
+        client = self._claim_client()
+        raw = client.get(claim_key) if client is not None else None
+        return str(json.loads(raw).get("task")) if raw else None
+
+    def _follow(self, job: JobSpec, task_id: str, claim_key: str) -> str:
+        """Another caller owns this key: watch its task and answer from its outcome."""
+        handle = f"{task_id}#follow-{job.run_id.rsplit(':', 1)[-1][:12]}-{job.attempt}"
+        follower = _Follower(self, job, claim_key, task_id)
+        self._followers[handle] = follower
+        follower.task = asyncio.get_running_loop().create_task(follower.watch(handle))
+        return handle
+
+    # ------------------------------------------------------------ doctor
+
+    async def doctor(self) -> list[tuple[str, bool, str]]:
+        rows: list[tuple[str, bool, str]] = []
+        try:
+            await self._call(self._check_connections)
+            rows.append(("broker reachable", True, _redact(self.app.conf.broker_url)))
+        except Exception as exc:  # every failure is a row
+            rows.append(("broker reachable", False, str(exc)))
+            return rows
+        if self._has_backend():
+            rows.append(("result backend", True, _redact(self.app.conf.result_backend)))
+        else:
+            rows.append(("result backend", False, "none configured: status() cannot see "
+                         "jobs; set executor_config.result_backend (e.g. redis://...)"))
+        rows.append(await self._worker_row())
+        if self.config.get("return_path") == "redis":
+            url = str(self.config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
+            try:
+                await self._call(_redis_ping, url)
+                rows.append(("redis return path", True, _redact(url)))
+            except Exception as exc:
+                rows.append(("redis return path", False, f"{_redact(url)}: {exc}"))
+        return rows
+
+    async def _worker_row(self) -> tuple[str, bool, str]:
+        inspect = self.app.control.inspect(timeout=float(self.config.get("inspect_timeout", 2.0)))
+        queues = await self._call(inspect.active_queues) or {}
+        listening = sorted(
+            worker for worker, items in queues.items()
+            if any(item.get("name") == self.queue for item in items or [])
+        )
+        if not listening:
+            return ("worker on queue", False,
+                    f"no worker consumes queue '{self.queue}': start one with "
+                    f"`celery -A yourapp worker -Q {self.queue}` after "
+                    f"`wove_adapters.adapters.celery.register(app)`")
+        registered = await self._call(inspect.registered) or {}
+        missing = [w for w in listening if self.task_name not in (registered.get(w) or [])]
+        if missing:
+            return ("worker on queue", False,
+                    f"{', '.join(missing)} consume '{self.queue}' but lack the task "
+                    f"'{self.task_name}': call wove_adapters.adapters.celery.register(app)")
+        return ("worker on queue", True, f"{', '.join(listening)} on '{self.queue}'")
+
+
+class _Follower:
+    """Watches the task that owns an idempotency key and emits its recorded outcome as
+    this run's terminal event. Polls the result backend (fast at first, then every 0.5 s);
+    reconciliation (``status``) applies the orphan policy if the owner's task dies."""
+
+    def __init__(self, adapter: CeleryAdapter, job: JobSpec, claim_key: str, task_id: str) -> None:
+        self.adapter = adapter
+        self.job = job
+        self.claim_key = claim_key
+        self.task_id = task_id
+        self.task: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def watch(self, handle: str) -> None:
+        from wove_adapters.core import frames
+
+        delay = 0.02
+        try:
+            while True:
+                task_id = await self.adapter._call(self.adapter._current_task, self.claim_key)
+                meta = await self.adapter._call(
+                    self.adapter.app.backend.get_task_meta, task_id or self.task_id, cache=False
+                )
+                frame = await asyncio.to_thread(self._frame_of, meta)
+                if frame is not None:
+                    if self.adapter.emit is not None:
+                        self.adapter.emit(frame)
+                    return
+                if meta.get("status") == "REVOKED":
+                    if self.adapter.emit is not None:
+                        self.adapter.emit(frames.event(
+                            frames.TASK_CANCELLED, self.job.run_id, self.job.task_id,
+                            self.job.attempt, reason="the task holding this key was revoked",
+                        ))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the follower's failure is its run's error
+            if self.adapter.emit is not None:
+                self.adapter.emit(frames.error_event(
+                    self.job.run_id, self.job.task_id, exc, attempt=self.job.attempt,
+                    source="transport",
+                ))
+        finally:
+            self.adapter._followers.pop(handle, None)
+
+    def _frame_of(self, meta: dict[str, Any]) -> dict[str, Any] | None:
+        """The owner's verified terminal event, re-addressed to this run (None if the
+        task has not finished with a recorded outcome yet)."""
+        from wove_adapters.core.runtime import decode_outcome
+
+        result = meta.get("result")
+        if meta.get("status") != "SUCCESS" or not isinstance(result, dict):
+            return None
+        blob = result.get("outcome")
+        if not blob:
+            raise RuntimeError(
+                f"Celery task {self.task_id} holding idempotency key "
+                f"{self.job.idempotency_key!r} finished without a recorded outcome (a "
+                f"worker older than this caller?); share a ledger between callers"
+            )
+        frame = decode_outcome(base64.b64decode(blob))
+        frame.update(run_id=self.job.run_id, task_id=self.job.task_id, attempt=self.job.attempt)
+        return frame
+
+
+def _no_subscription(producer: Any, task_id: str) -> None:
+    return None
+
+
+def _import_object(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in (attr or "app").split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _redact(url: Any) -> str:
+    """A URL without its password, for messages."""
+    text = str(url or "")
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else text
+    return text
+
+
+def _redis_ping(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- the worker side
+
+
+def register(
+    app: Any,
+    *,
+    name: str = TASK_NAME,
+    acks_late: bool = False,
+    reject_on_worker_lost: bool | None = None,
+    track_started: bool = True,
+    **task_options: Any,
+) -> Any:
+    """Add the payload task to your Celery app; ``celery -A yourapp worker`` then runs
+    wove-adapters payloads. Returns the task.
+
+    ``acks_late`` stays off by default: a worker killed mid-task then loses the message,
+    and the caller's ``delivery_orphan_policy`` decides (fail, cancel, requeue, detach).
+    With ``acks_late=True, reject_on_worker_lost=True`` Celery redelivers a task whose
+    worker died by itself, whatever the caller's policy says (at least once).
+    """
+
+    def run_payload(task: Any, payload: str) -> dict[str, Any]:
+        return execute(task, payload)
+
+    return app.task(
+        name=name,
+        bind=True,
+        acks_late=acks_late,
+        reject_on_worker_lost=reject_on_worker_lost,
+        track_started=track_started,
+        **task_options,
+    )(run_payload)
+
+
+def execute(task: Any, payload: str) -> dict[str, Any]:
+    """The body of the payload task: run it with the shared worker entrypoint, then make
+    the Celery state tell the truth (REVOKED when cancelled, FAILURE when the outcome
+    could not be delivered), and keep the signed outcome of keyed runs as the result so
+    other callers holding the key can answer from it."""
+    from celery import states
+    from celery.exceptions import Ignore
+
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks import worker
+    from wove_adapters.core.errors import PayloadError
+
+    try:
+        envelope = payload_mod.decode_payload(payload)
+    except PayloadError:
+        refused = worker.run(payload)  # reports the refusal where it can, then gives up
+        return {"state": refused.state}
+    outcome = worker.run_envelope(envelope)
+    summary: dict[str, Any] = {
+        "state": outcome.state, "run_id": envelope.run_id, "attempt": envelope.attempt,
+    }
+    if outcome.state == "cancelled":
+        task.update_state(state=states.REVOKED, meta=summary)
+        raise Ignore()
+    if not outcome.delivered:
+        raise RuntimeError(
+            f"the outcome of run {envelope.run_id} could not be delivered to its caller "
+            f"({envelope.return_path.kind} {envelope.return_path.url}) nor recorded"
+        )
+    if envelope.delivery.get("delivery_idempotency_key") is not None:
+        summary["outcome"] = _signed_outcome(envelope, outcome)
+    return summary
+
+
+def _signed_outcome(envelope: Any, outcome: Any) -> str | None:
+    from wove_adapters.callbacks import sender, signing
+    from wove_adapters.callbacks.payload import dumps
+    from wove_adapters.callbacks.worker import pickled_exception
+    from wove_adapters.core import frames
+
+    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
+    event: frames.WireEvent
+    try:
+        if outcome.state == "succeeded":
+            event = frames.TaskResult(**ident, result=dumps(outcome.value))
+        else:
+            error = outcome.error or RuntimeError(outcome.state)
+            event = frames.TaskError(
+                **ident, error=frames.normalize_exception(error, source="task"),
+                exception=pickled_exception(error),
+            )
+        blob = signing.encode_blob(sender.sign_events([event], envelope.key_id))
+    except Exception:  # the caller has it already; followers get an error
+        return None
+    return base64.b64encode(blob).decode("ascii")
+
+
+def make_worker_app(
+    broker_url: str | None = None, result_backend: str | None = None, **conf: Any
+) -> Any:
+    """A ready Celery app with the payload task, for deployments without one:
+    ``celery -A wove_adapters.adapters.celery:worker_app worker -Q QUEUE`` reads
+    ``WOVE_CELERY_BROKER_URL``, ``WOVE_CELERY_RESULT_BACKEND`` and
+    ``WOVE_CELERY_CONFIG`` (JSON of Celery settings)."""
+    from celery import Celery
+
+    broker = broker_url or os.environ.get("WOVE_CELERY_BROKER_URL") or DEFAULT_BROKER
+    backend = result_backend or os.environ.get("WOVE_CELERY_RESULT_BACKEND")
+    if backend is None and broker.startswith(("redis://", "rediss://")):
+        backend = broker
+    app = Celery("wove_adapters", broker=broker, backend=backend or None)
+    app.conf.update(BASE_CONF)
+    app.conf.update(json.loads(os.environ.get("WOVE_CELERY_CONFIG") or "{}"))
+    app.conf.update(conf)
+    register(app)
+    return app
+
+
+_worker_app: Any = None
+
+
+def __getattr__(name: str) -> Any:
+    """``worker_app`` is built on first access (so importing this module stays cheap)."""
+    global _worker_app
+    if name == "worker_app":
+        if _worker_app is None:
+            _worker_app = make_worker_app()
+        return _worker_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

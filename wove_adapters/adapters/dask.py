@@ -1,0 +1,389 @@
+"""``dask``: tasks run on a Dask cluster (``distributed``), one Dask task per attempt.
+
+The adapter talks to the scheduler with Dask's asynchronous ``Client`` on the shared loop,
+created once per environment; it never blocks the loop. ``executor_config["address"]``
+names a running scheduler, or ``cluster: "local"`` starts a ``LocalCluster`` (worker
+processes, loopback only, no dashboard) that the environment owns and stops.
+
+What runs on a worker is ``run_payload(payload)`` from this module: Dask imports it by
+reference, so a plain ``dask worker`` with wove-adapters installed is the whole worker
+side. It verifies the signed payload before anything is unpickled, then either
+
+- ``return_path: "http"`` (default) / ``"redis"``: runs it with ``callbacks.worker.run``,
+  which reports ``task_started``, heartbeats and the terminal event to the caller, or
+- ``return_path: "native"``: runs it and returns the value (raises the task's exception),
+  so the Dask future itself carries the outcome and the adapter emits the events.
+
+Either way the Dask future is watched: an error of the wrapper itself, a cancellation and
+a dead worker (``KilledWorker``) become events, so no run waits on a reconciliation tick.
+
+Dask keys are the run's identity: the sanitised idempotency key when there is one (Dask
+deduplicates by key: the same key twice is one execution), otherwise a key unique to the
+run and attempt. This module must not import dask or distributed at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.core import frames
+from wove_adapters.core.errors import PayloadError
+from wove_adapters.core.policies import Capabilities, JobState
+
+log = logging.getLogger("wove_adapters.adapters.dask")
+
+# Per-task options Dask's ``Client.submit`` understands, passed through as given.
+SUBMIT_OPTIONS = ("resources", "priority", "retries", "workers", "allow_other_workers")
+_FINISHED_MEMORY = 10_000  # final states kept for status() after a future is released
+
+
+class OutcomeUndelivered(RuntimeError):
+    """Raised on the worker when the terminal event reached neither the caller nor the
+    ledger: the Dask future then reports the run as lost instead of finished."""
+
+
+# ---------------------------------------------------------------- the worker side
+
+
+def run_payload(payload: str) -> Any:
+    """What a Dask worker runs: verify, run, report (or return, on the native path).
+
+    Runs in a Dask worker thread, so SIGTERM cannot interrupt it (``handle_sigterm`` is
+    off: signal handlers belong to the main thread).
+    """
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks import worker
+
+    envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
+    if envelope.return_path.kind == "native":
+        return _run_native(envelope)
+    outcome = worker.run_envelope(envelope, handle_sigterm=False)
+    if not outcome.delivered:
+        raise OutcomeUndelivered(
+            f"run {envelope.run_id}: the worker could not deliver its outcome to "
+            f"{envelope.return_path.url or envelope.return_path.kind}"
+        )
+    return outcome.state
+
+
+def _run_native(envelope: Any) -> Any:
+    """The future carries the value; a detached run also records it in the ledger."""
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks import worker
+
+    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
+    detach = envelope.delivery.get("delivery_orphan_policy") == "detach" and envelope.ledger
+    func, args = payload_mod.load_body(envelope)
+    try:
+        value = worker.call_task(func, args)
+    except Exception as exc:
+        if detach:
+            worker._record_in_ledger(envelope, frames.TaskError(
+                **ident, error=frames.normalize_exception(exc, source="task"),
+                exception=worker.pickled_exception(exc),
+            ))
+        raise
+    if detach:
+        worker._record_in_ledger(envelope, frames.TaskResult(**ident, result=payload_mod.dumps(value)))
+    return value
+
+
+def check_workers(client: Any) -> Any:
+    """Check that a cluster's workers can run payloads: ``{worker: version}``.
+
+    Nothing needs registering on Dask (functions travel by reference, so a plain
+    ``dask worker`` with wove-adapters installed runs payloads); this fails with the
+    worker's ImportError when one lacks it. Sync client: the dict; async: awaitable."""
+    return client.run(_worker_ready)
+
+
+def _worker_ready() -> str:
+    import wove_adapters
+
+    return getattr(wove_adapters, "__version__", "installed")
+
+
+# ---------------------------------------------------------------- the caller side
+
+
+@dataclass
+class _Tracked:
+    run_id: str
+    task_id: str
+    attempt: int
+    future: Any
+    watcher: asyncio.Task[None] | None = None
+
+
+class DaskAdapter(BackendAdapter):
+    name = "dask"
+    extra = "dask"
+    required_modules = ("dask", "distributed")
+    capabilities = Capabilities(
+        cancel_queued=True,
+        # A running task is a Python thread inside the worker: Dask forgets it and drops its
+        # result, but the thread runs to its end. Not a real stop, so not claimed.
+        cancel_running=False,
+        confirm_cancel=False,
+        native_idempotency=True,
+        native_result=True,
+        status=True,
+        requeue=True,
+        detach=True,  # fire_and_forget keeps the task alive without this client
+        inline_payload_limit=4 * 1024 * 1024,
+    )
+    STATE_MAP: ClassVar[dict[str, JobState]] = {
+        # client-side Future.status
+        "PENDING": JobState.PENDING,
+        "FINISHED": JobState.SUCCEEDED,
+        "ERROR": JobState.FAILED,
+        "CANCELLED": JobState.CANCELLED,
+        "LOST": JobState.GONE,
+        # scheduler TaskState.state
+        "RELEASED": JobState.PENDING,
+        "WAITING": JobState.PENDING,
+        "QUEUED": JobState.PENDING,
+        "NO-WORKER": JobState.PENDING,
+        "PROCESSING": JobState.RUNNING,
+        "MEMORY": JobState.SUCCEEDED,
+        "ERRED": JobState.FAILED,
+        "FORGOTTEN": JobState.GONE,
+    }
+    reconcile_seconds: ClassVar[float] = 2.0
+
+    def __init__(self, config: dict[str, Any], *, environment: str) -> None:
+        super().__init__(config, environment=environment)
+        self.client: Any = None
+        self.cluster: Any = None
+        self.native = config.get("return_path") == "native"
+        self._tracked: dict[str, _Tracked] = {}
+        self._finished: OrderedDict[str, JobState] = OrderedDict()
+        self._defaults = {k: config[k] for k in SUBMIT_OPTIONS if config.get(k) is not None}
+        self._cancel_force = bool(config.get("cancel_force", False))
+
+    # ---------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        from distributed import Client
+
+        address = self.config.get("address") or self.config.get("scheduler_file")
+        cluster = self.config.get("cluster")
+        if cluster not in (None, "local"):
+            raise ValueError(f"dask executor_config 'cluster' must be 'local', not {cluster!r}")
+        if not address and cluster is None:
+            raise ValueError(
+                "dask executor_config needs 'address' (e.g. 'tcp://127.0.0.1:8786'), "
+                "'scheduler_file', or cluster: 'local' to start a LocalCluster"
+            )
+        if cluster == "local":
+            self.cluster = await self._local_cluster()
+            address = self.cluster.scheduler_address
+        timeout = float(self.config.get("connect_timeout", 30))
+        kwargs: dict[str, Any] = {"asynchronous": True, "timeout": timeout,
+                                  "name": f"wove-adapters-{self.environment}"}
+        if self.config.get("scheduler_file") and not self.config.get("address"):
+            kwargs["scheduler_file"] = self.config["scheduler_file"]
+            target = None
+        else:
+            target = address
+        try:
+            self.client = await Client(target, **kwargs)
+        except Exception as exc:
+            await self._close_cluster()
+            raise ConnectionError(
+                f"cannot reach the Dask scheduler at {address}: {exc}. Start one with "
+                f"'dask scheduler --host 127.0.0.1' and workers with 'dask worker {address}', "
+                f"or use executor_config cluster: 'local'."
+            ) from exc
+        failures = self.config.get("allowed_failures")
+        if failures is not None and self.cluster is None:
+            await self.client.run_on_scheduler(_set_allowed_failures, allowed=int(failures))
+
+    async def _local_cluster(self) -> Any:
+        from distributed import LocalCluster
+
+        options: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "protocol": "tcp://",
+            "n_workers": int(self.config.get("n_workers", 2)),
+            "threads_per_worker": int(self.config.get("threads_per_worker", 1)),
+            "processes": True,
+            # None still binds nothing; '--no-dashboard' would listen on 0.0.0.0.
+            "dashboard_address": None,
+            # A worker that dies mid-task fails the task (KilledWorker) instead of Dask
+            # re-running it: the orphan policy decides what happens to a lost run.
+            "scheduler_kwargs": {"allowed_failures": int(self.config.get("allowed_failures", 0))},
+            "asynchronous": True,
+        }
+        options.update(self.config.get("cluster_options") or {})
+        return await LocalCluster(**options)
+
+    async def close(self) -> None:
+        for tracked in list(self._tracked.values()):
+            if tracked.watcher is not None:
+                tracked.watcher.cancel()
+        self._tracked.clear()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close()
+            self.client = None
+        await self._close_cluster()
+
+    async def _close_cluster(self) -> None:
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                await self.cluster.close()
+            self.cluster = None
+
+    # ---------------------------------------------------------- the primitives
+
+    def dask_key(self, job: JobSpec) -> str:
+        """The sanitised idempotency key (one Dask task per key and attempt), else a key
+        unique to the run and attempt."""
+        if job.idempotency_key is not None:
+            suffix = "" if job.attempt == 1 else f"-a{job.attempt}"
+            return self.safe_name(f"wove-key-{job.idempotency_key}") + suffix
+        return self.safe_name(f"wove-{job.task_id}-{job.run_id.rsplit(':', 1)[-1]}-{job.attempt}")
+
+    async def submit(self, job: JobSpec) -> str:
+        key = self.dask_key(job)
+        options = {**self._defaults,
+                   **{k: v for k, v in job.options.items() if k in SUBMIT_OPTIONS}}
+        future = self.client.submit(run_payload, job.payload, key=key, pure=False, **options)
+        tracked = _Tracked(job.run_id, job.task_id, job.attempt, future)
+        self._tracked[key] = tracked
+        self._finished.pop(key, None)
+        tracked.watcher = asyncio.get_running_loop().create_task(self._watch(key, tracked))
+        return key
+
+    async def cancel(self, handle: str, *, running: bool = True) -> None:
+        tracked = self._tracked.get(handle)
+        if tracked is None or tracked.future.done():
+            return
+        await self.client.cancel([tracked.future], force=self._cancel_force,
+                                 reason="cancelled by wove-adapters")
+
+    async def status(self, handle: str) -> JobState:
+        tracked = self._tracked.get(handle)
+        if tracked is None:
+            return self._finished.get(handle, JobState.GONE)
+        local = self.map_state(tracked.future.status)
+        if local is not JobState.PENDING:
+            return local
+        states = await self.client.scheduler.get_task_status(keys=[handle])
+        native = states.get(handle)
+        return JobState.GONE if native is None else self.map_state(native)
+
+    async def detach(self, handle: str) -> None:
+        """Keep the task alive after this client lets go; the worker records the outcome
+        in the ledger (both return paths do, for ``detach`` runs)."""
+        from distributed import fire_and_forget
+
+        tracked = self._tracked.pop(handle, None)
+        if tracked is None:
+            return
+        if not tracked.future.done():
+            fire_and_forget(tracked.future)
+        if tracked.watcher is not None:
+            tracked.watcher.cancel()
+
+    # ---------------------------------------------------------- the future as a return path
+
+    async def _watch(self, key: str, tracked: _Tracked) -> None:
+        future = tracked.future
+        value: Any = None
+        try:
+            exc = await future.exception()
+            status = future.status
+            if status == "finished" and self.native:
+                try:
+                    value = await future
+                except Exception as gather_error:  # noqa: BLE001 - result lost in transit
+                    exc, status = gather_error, "lost"
+        except asyncio.CancelledError:
+            if self._tracked.get(key) is tracked:  # closing, not a Dask cancellation
+                raise
+            return
+        except Exception as watch_error:  # noqa: BLE001 - the comm to the scheduler broke
+            exc, status = watch_error, "lost"
+        if self._tracked.get(key) is tracked:
+            del self._tracked[key]
+        self._remember(key, self.map_state(status))
+        frame = self._frame_for(tracked, status, value, exc)
+        if frame is not None and self.emit is not None:
+            self.emit(frame)
+
+    def _frame_for(
+        self, tracked: _Tracked, status: str | None, value: Any, exc: BaseException | None
+    ) -> dict[str, Any] | None:
+        ident = (tracked.run_id, tracked.task_id, tracked.attempt)
+        if status == "finished":
+            if not self.native:
+                return None  # the worker already reported (and was acknowledged)
+            return frames.event(frames.TASK_RESULT, *ident, result=value)
+        if status == "cancelled":
+            return frames.event(frames.TASK_CANCELLED, *ident,
+                                reason="the Dask task was cancelled")
+        if status == "error" and exc is not None and not _lost(exc):
+            source = "payload" if isinstance(exc, PayloadError) else (
+                "task" if self.native else "worker")
+            return frames.error_event(*ident[:2], exc, attempt=tracked.attempt, source=source)
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else f"Dask reports {status}"
+        return frames.event(frames.TASK_LOST, *ident, reason=f"the Dask task was lost ({reason})")
+
+    def _remember(self, key: str, state: JobState) -> None:
+        self._finished[key] = state
+        while len(self._finished) > _FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+
+    # ---------------------------------------------------------- doctor
+
+    async def doctor(self) -> list[tuple[str, bool, str]]:
+        rows: list[tuple[str, bool, str]] = []
+        if self.client is None:
+            return [("dask scheduler reachable", False, "the adapter is not started")]
+        rows.append(("dask scheduler reachable", True, str(self.client.scheduler.address)))
+        info = await self.client.scheduler.identity()
+        workers = info.get("workers", {})
+        threads = sum(int(w.get("nthreads", 0)) for w in workers.values())
+        rows.append(("dask workers connected", bool(workers),
+                     f"{len(workers)} workers, {threads} threads" if workers else
+                     f"no workers: start one with 'dask worker {self.client.scheduler.address}'"))
+        if workers:
+            try:
+                versions = await self.client.run(_worker_ready)
+                rows.append(("workers import wove_adapters", True, f"{len(versions)} workers"))
+            except Exception as exc:  # noqa: BLE001 - every failure is a row
+                rows.append(("workers import wove_adapters", False,
+                             f"{exc}: pip install 'wove-adapters[dask]' on every worker"))
+        failures = await self.client.run_on_scheduler(_allowed_failures)
+        rows.append((
+            "scheduler allowed-failures is 0", failures == 0,
+            "a dead worker fails the task, so the orphan policy applies" if failures == 0 else
+            f"allowed-failures={failures}: Dask re-runs a task whose worker died (at least "
+            f"once) before wove-adapters sees a loss; set "
+            f"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0 on the scheduler or "
+            f"executor_config allowed_failures: 0",
+        ))
+        return rows
+
+
+def _lost(exc: BaseException) -> bool:
+    from distributed import KilledWorker
+
+    return isinstance(exc, (KilledWorker, OutcomeUndelivered))
+
+
+def _allowed_failures(dask_scheduler: Any) -> int:
+    return int(dask_scheduler.allowed_failures)
+
+
+def _set_allowed_failures(dask_scheduler: Any, allowed: int) -> int:
+    dask_scheduler.allowed_failures = allowed
+    return allowed

@@ -1,0 +1,758 @@
+"""``taskiq``: payloads travel as a Taskiq task named ``wove_adapters.run``.
+
+Caller side (``TaskiqAdapter``): one broker per adapter (taskiq-redis ``ListQueueBroker``
+by default, ``RedisStreamBroker``, or the user's own broker object), the async kicker
+(``kiq`` with ``with_task_id``), and a small set of Redis keys under ``key_prefix`` that
+give Taskiq what it lacks:
+
+- ``claim:<key>``: SET NX on the sanitised idempotency key; a second caller with the same
+  key follows the first job (and reads its signed outcome) instead of kicking again.
+- ``cancel:<id>`` + a publish on ``cancel``: the worker skips a queued job carrying the
+  marker (and reports ``task_cancelled``) and SIGTERMs a running one.
+- ``state:<id>`` / ``lease:<id>``: written by the worker; a ``running`` job whose lease
+  lapsed belongs to a worker that died (``status()`` says GONE).
+
+Worker side (``register(broker)``): adds the ``wove_adapters.run`` task to the user's
+broker, so ``taskiq worker myapp:broker`` runs payloads. Each payload runs in a warm child
+process (``python -m wove_adapters.adapters.taskiq``) from a small pool, never on the
+worker's event loop, so a sync task cannot stall the worker and a running task can really
+be stopped.
+
+Nothing here imports taskiq at module level; ``core`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.core.policies import Capabilities, JobState
+
+TASK_NAME = "wove_adapters.run"
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_QUEUE = "wove_adapters"
+_HEADER = struct.Struct(">I")
+_FINAL_STATES = ("succeeded", "failed", "cancelled", "refused", "lost")
+# Worker side, atomically: a cancel marker wins; otherwise the job is running under a lease.
+_BEGIN_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[2], 'cancelled', 'EX', ARGV[1])
+  return 0
+end
+redis.call('SET', KEYS[2], 'running', 'EX', ARGV[1])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
+return 1
+"""
+
+
+def workers_key(queue: str) -> str:
+    """The sorted set where workers announce themselves (``doctor`` reads it)."""
+    return f"wove:taskiq:workers:{queue}"
+
+
+def _unreachable(url: str, exc: BaseException) -> ConnectionError:
+    return ConnectionError(
+        f"taskiq: Redis at {url} is unreachable ({type(exc).__name__}: {exc}). Start it "
+        "(`redis-server --daemonize yes --bind 127.0.0.1`) or set executor_config['url']."
+    )
+
+
+class TaskiqAdapter(BackendAdapter):
+    name = "taskiq"
+    extra = "taskiq"
+    required_modules = ("taskiq", "taskiq_redis")
+    capabilities = Capabilities(
+        cancel_queued=True,  # the worker drops a marked job when it dequeues it
+        cancel_running=True,  # the payload's child process is SIGTERMed (SIGKILL later)
+        confirm_cancel=True,  # the worker reports task_cancelled; status() says CANCELLED
+        native_idempotency=True,  # task id = key, plus a Redis SET NX claim
+        native_result=False,  # results come back on the return path, not by polling
+        status=True,
+        requeue=True,
+        detach=True,  # the worker is independent of the caller; it reports to the ledger
+        heartbeats=True,
+        inline_payload_limit=1024 * 1024,
+    )
+    # Our worker-written states (taskiq itself has none besides "result ready").
+    STATE_MAP: ClassVar[dict[str, JobState]] = {
+        "QUEUED": JobState.PENDING,
+        "RUNNING": JobState.RUNNING,
+        "SUCCEEDED": JobState.SUCCEEDED,
+        "FAILED": JobState.FAILED,
+        "REFUSED": JobState.FAILED,
+        "CANCELLED": JobState.CANCELLED,
+        "LOST": JobState.GONE,  # the payload's process died without an outcome
+        "LAPSED": JobState.GONE,  # running, but the worker's lease expired: worker died
+        "RESULT_OK": JobState.SUCCEEDED,  # only taskiq's result backend knows the job
+        "RESULT_ERR": JobState.FAILED,
+    }
+    reconcile_seconds: ClassVar[float] = 1.0
+
+    def __init__(self, config: dict[str, Any], *, environment: str) -> None:
+        super().__init__(config, environment=environment)
+        self.url = str(config.get("url") or DEFAULT_URL)
+        self.queue = str(config.get("queue") or DEFAULT_QUEUE)
+        self.control_url = str(config.get("control_url") or self.url)
+        self.prefix = str(config.get("key_prefix") or f"wove:taskiq:{self.queue}")
+        self.lease_seconds = float(config.get("lease_seconds") or 10.0)
+        self.claim_ttl = int(config.get("claim_ttl") or 86400)
+        self.follow_poll = float(config.get("follow_poll") or 0.05)
+        self.labels: dict[str, Any] = dict(config.get("labels") or {})
+        self._broker: Any = None
+        self._redis: Any = None
+        self._followers: set[asyncio.Task[None]] = set()
+
+    # ---------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(self.control_url)
+        try:
+            await self._redis.ping()
+        except Exception as exc:
+            await self._redis.aclose()
+            raise _unreachable(self.control_url, exc) from exc
+        self._broker = self._make_broker()
+        await self._broker.startup()
+
+    def _make_broker(self) -> Any:
+        from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend, RedisStreamBroker
+
+        kind = str(self.config.get("broker") or "list")
+        if ":" in kind:  # the user's own broker object (or a factory returning one)
+            import importlib
+
+            module, _, attr = kind.partition(":")
+            broker = getattr(importlib.import_module(module), attr)
+            return broker() if not hasattr(broker, "kick") else broker
+        if kind == "list":
+            broker = ListQueueBroker(self.url, queue_name=self.queue)
+        elif kind == "stream":
+            broker = RedisStreamBroker(self.url, queue_name=self.queue)
+        else:
+            raise ValueError(
+                f"taskiq executor_config['broker']={kind!r}: use 'list', 'stream' or "
+                "'module:attribute' naming your own taskiq broker"
+            )
+        backend: Any = RedisAsyncResultBackend(
+            str(self.config.get("result_url") or self.url),
+            prefix_str=self.config.get("result_prefix"),
+        )
+        return broker.with_result_backend(backend)
+
+    async def close(self) -> None:
+        for task in list(self._followers):
+            task.cancel()
+        if self._broker is not None:
+            with contextlib.suppress(Exception):
+                await self._broker.shutdown()
+            self._broker = None
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
+
+    def _key(self, kind: str, handle: str) -> str:
+        return f"{self.prefix}:{kind}:{handle}"
+
+    # ---------------------------------------------------------------- submit
+
+    async def submit(self, job: JobSpec) -> str:
+        from taskiq.kicker import AsyncKicker
+
+        if job.idempotency_key is None:
+            handle = f"{job.job_name}-{uuid.uuid4().hex[:10]}"
+        else:
+            base = self.safe_name(job.idempotency_key)
+            handle = base if job.attempt == 1 else f"{base}-a{job.attempt}"
+            owner = await self._claim(base, job, handle)
+            if owner is not None:  # another caller's job holds this key: follow it
+                self._spawn_follower(owner, job)
+                return owner
+        control = {
+            "url": self.control_url,
+            "prefix": self.prefix,
+            "handle": handle,
+            "lease": self.lease_seconds,
+            "ttl": self.claim_ttl,
+        }
+        labels = {**self.labels, **job.options}
+        kicker: Any = AsyncKicker(TASK_NAME, self._broker, labels).with_task_id(handle)
+        await kicker.kiq(payload=job.payload, control=control)
+        return handle
+
+    async def _claim(self, base: str, job: JobSpec, handle: str) -> str | None:
+        """SET NX the key: None if this run owns it (now), else the owner's handle."""
+        key = self._key("claim", base)
+        mine = json.dumps({"run": job.run_id, "handle": handle})
+        for _ in range(3):
+            if await self._redis.set(key, mine, nx=True, ex=self.claim_ttl):
+                return None
+            raw = await self._redis.get(key)
+            if raw is None:
+                continue  # expired in between: try again
+            owner = json.loads(raw)
+            if owner.get("run") == job.run_id:  # our own requeue: point the claim here
+                await self._redis.set(key, mine, ex=self.claim_ttl)
+                return None
+            return str(owner["handle"])
+        return None
+
+    def _spawn_follower(self, handle: str, job: JobSpec) -> None:
+        task = asyncio.get_running_loop().create_task(self._follow(handle, job))
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    async def _follow(self, handle: str, job: JobSpec) -> None:
+        """Wait for the owner's signed outcome and hand it to our run as its own."""
+        from wove_adapters.core import frames
+        from wove_adapters.core.runtime import decode_outcome
+
+        deadline = time.monotonic() + self.claim_ttl
+        while time.monotonic() < deadline:
+            blob, state = await self._redis.mget(
+                self._key("outcome", handle), self._key("state", handle)
+            )
+            if blob is not None:
+                try:
+                    frame = await asyncio.to_thread(decode_outcome, base64.b64decode(blob))
+                except Exception as exc:
+                    frame = frames.error_event(job.run_id, job.task_id, exc, source="taskiq")
+                frame.update(run_id=job.run_id, task_id=job.task_id, attempt=job.attempt)
+                if self.emit is not None:
+                    self.emit(frame)
+                return
+            native = state.decode() if state is not None else ""
+            if native == "cancelled" and self.emit is not None:
+                self.emit(frames.event(
+                    frames.TASK_CANCELLED, job.run_id, job.task_id, job.attempt,
+                    reason=f"the job {handle} holding this idempotency key was cancelled",
+                ))
+                return
+            if native in _FINAL_STATES:
+                return  # no outcome will come; reconciliation applies the orphan policy
+            await asyncio.sleep(self.follow_poll)
+
+    # ---------------------------------------------------------------- cancel, status
+
+    async def cancel(self, handle: str, *, running: bool = True) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._key("cancel", handle), "1", ex=self.claim_ttl)
+            pipe.publish(f"{self.prefix}:cancel", handle)
+            await pipe.execute()
+
+    async def status(self, handle: str) -> JobState:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._key("state", handle))
+            pipe.exists(self._key("lease", handle))
+            pipe.exists(self._key("cancel", handle))
+            state, leased, cancelled = await pipe.execute()
+        if state is not None:
+            native = state.decode()
+            if native == "running" and not leased:
+                native = "lapsed"
+            return self.map_state(native)
+        if cancelled:
+            return JobState.CANCELLED  # never started; the worker drops it on sight
+        backend = self._broker.result_backend
+        with contextlib.suppress(Exception):
+            if await backend.is_result_ready(handle):
+                result = await backend.get_result(handle)
+                return self.map_state("result_err" if result.is_err else "result_ok")
+        return self.map_state("queued")
+
+    # ---------------------------------------------------------------- doctor
+
+    async def doctor(self) -> list[tuple[str, bool, str]]:
+        rows: list[tuple[str, bool, str]] = []
+        try:
+            await self._redis.ping()
+            depth = ""
+            if str(self.config.get("broker") or "list") == "list":
+                depth = f", {await self._redis.llen(self.queue)} message(s) waiting"
+            detail = f"{self.url} queue '{self.queue}'{depth}"
+            rows.append(("taskiq broker reachable", True, detail))
+        except Exception as exc:
+            rows.append(("taskiq broker reachable", False, str(_unreachable(self.url, exc))))
+            return rows
+        seen = await self._redis.zrangebyscore(workers_key(self.queue), time.time() - 15, "+inf")
+        rows.append((
+            "taskiq worker listening",
+            bool(seen),
+            f"{len(seen)} worker process(es) on queue '{self.queue}': "
+            + ", ".join(s.decode() for s in seen[:5])
+            if seen
+            else f"no worker announced itself on queue '{self.queue}' in the last 15 s: call "
+            "wove_adapters.adapters.taskiq.register(broker) in your broker module and run "
+            "`taskiq worker yourmodule:broker`",
+        ))
+        backend = self._broker.result_backend
+        try:
+            await backend.is_result_ready("wove-adapters-doctor")
+            rows.append(("taskiq result backend reachable", True, type(backend).__name__))
+        except Exception as exc:
+            rows.append(("taskiq result backend reachable", False, f"{type(exc).__name__}: {exc}"))
+        return rows
+
+
+# ==================================================================== the worker side
+
+
+def register(
+    broker: Any,
+    *,
+    processes: int | None = None,
+    kill_after: float = 5.0,
+    task_name: str = TASK_NAME,
+    announce_queue: str | None = None,
+) -> Any:
+    """Add the ``wove_adapters.run`` task to a Taskiq broker (one line in your broker
+    module); then ``taskiq worker yourmodule:broker`` runs payloads.
+
+    ``processes``: payload processes per worker process (default: CPU count); match it
+    with ``--max-async-tasks`` so queued jobs stay in the broker. ``kill_after``: seconds
+    a cancelled task gets to stop after SIGTERM before SIGKILL. ``announce_queue``: the
+    queue name the worker announces for ``wove-adapters doctor`` (default: the broker's).
+    """
+    from taskiq import TaskiqEvents
+
+    side = _WorkerSide.get()
+    side.size = int(processes or os.cpu_count() or 2)
+    side.kill_after = kill_after
+
+    async def _startup(state: Any) -> None:
+        await side.start(broker, announce_queue)
+
+    async def _shutdown(state: Any) -> None:
+        await side.stop()
+
+    broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, _startup)
+    broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, _shutdown)
+    return broker.register_task(run_payload, task_name=task_name)
+
+
+async def run_payload(payload: str, control: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The task body: run one signed payload in a payload process, honouring the
+    caller's cancel markers and holding a lease while it runs."""
+    return await _WorkerSide.get().run(payload, control)
+
+
+@dataclass
+class _Job:
+    handle: str
+    payload: str
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    child: _Child | None = None
+
+
+class _Child:
+    """One warm payload process: length-prefixed payload in, JSON outcome out."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    async def call(self, payload: str) -> dict[str, Any] | None:
+        """The child's report, or None if it died first."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        data = payload.encode()
+        try:
+            self.proc.stdin.write(_HEADER.pack(len(data)) + data)
+            await self.proc.stdin.drain()
+            size = _HEADER.unpack(await self.proc.stdout.readexactly(_HEADER.size))[0]
+            reply: dict[str, Any] = json.loads(await self.proc.stdout.readexactly(size))
+            return reply
+        except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+            return None
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signum)
+
+
+class _WorkerSide:
+    """Per worker process: the payload process pool, Redis clients, cancel listeners,
+    leases, and the presence record for ``doctor``."""
+
+    _instance: ClassVar[_WorkerSide | None] = None
+
+    def __init__(self) -> None:
+        self.size = os.cpu_count() or 2
+        self.kill_after = 5.0
+        self._idle: list[_Child] = []
+        self._slots: asyncio.Semaphore | None = None
+        self._redis: dict[str, Any] = {}
+        self._listening: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._jobs: dict[tuple[str, str], _Job] = {}
+        self._leases: dict[str, dict[str, tuple[str, float]]] = {}
+        self._lease_tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._scripts: dict[str, Any] = {}
+
+    @classmethod
+    def get(cls) -> _WorkerSide:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(self, broker: Any, announce_queue: str | None) -> None:
+        self._spawn_bg(self._warm())
+        queue = announce_queue or getattr(broker, "queue_name", None)
+        pool = getattr(broker, "connection_pool", None)
+        if queue and pool is not None:
+            self._spawn_bg(self._announce(pool, str(queue)))
+
+    async def _warm(self) -> None:
+        for child in await asyncio.gather(
+            *(self._spawn_child() for _ in range(self.size)), return_exceptions=True
+        ):
+            if isinstance(child, _Child):
+                self._idle.append(child)
+
+    async def stop(self) -> None:
+        tasks = [*self._background, *self._listening.values(), *self._lease_tasks.values()]
+        for task in tasks:
+            task.cancel()
+        self._lease_tasks.clear()
+        for child in self._idle:
+            if child.proc.stdin is not None:
+                child.proc.stdin.close()
+        for child in self._idle:
+            try:
+                await asyncio.wait_for(child.proc.wait(), 5)
+            except asyncio.TimeoutError:
+                child.signal(signal.SIGKILL)
+        self._idle.clear()
+        for client in self._redis.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        self._redis.clear()
+        self._listening.clear()
+
+    async def _announce(self, pool: Any, queue: str) -> None:
+        from redis.asyncio import Redis
+
+        member = f"{socket.gethostname()}:{os.getpid()}"
+        client = Redis(connection_pool=pool)
+        try:
+            while True:
+                with contextlib.suppress(Exception):
+                    now = time.time()
+                    await client.zadd(workers_key(queue), {member: now})
+                    await client.zremrangebyscore(workers_key(queue), "-inf", now - 60)
+                    await client.expire(workers_key(queue), 120)
+                await asyncio.sleep(5)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(client.zrem(workers_key(queue), member))
+
+    def _spawn_bg(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------ the pool
+
+    async def _spawn_child(self) -> _Child:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wove_adapters.adapters.taskiq", str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,  # terminal signals go to the worker, not to payloads
+            env=dict(os.environ),
+        )
+        return _Child(proc)
+
+    async def _acquire(self, job: _Job) -> _Child | None:
+        """A free payload process, or None if the job was cancelled while it waited."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.size)
+        if self._slots.locked():
+            slot = asyncio.ensure_future(self._slots.acquire())
+            cancelled = asyncio.ensure_future(job.cancelled.wait())
+            try:
+                await asyncio.wait({slot, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cancelled.cancel()
+                if not slot.done():
+                    slot.cancel()
+            if slot.cancelled():
+                return None
+            if job.cancelled.is_set():
+                self._slots.release()
+                return None
+        else:
+            await self._slots.acquire()
+        while self._idle:
+            child = self._idle.pop()
+            if child.alive:
+                return child
+        try:
+            return await self._spawn_child()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _release(self, child: _Child | None) -> None:
+        if child is not None and child.alive:
+            self._idle.append(child)
+        assert self._slots is not None
+        self._slots.release()
+
+    # ------------------------------------------------------------ control keys
+
+    async def _client(self, url: str) -> Any:
+        client = self._redis.get(url)
+        if client is None:
+            import redis.asyncio as aioredis
+
+            client = self._redis[url] = aioredis.Redis.from_url(url)
+            self._scripts[url] = client.register_script(_BEGIN_SCRIPT)
+        return client
+
+    async def _listen(self, url: str, prefix: str) -> None:
+        """Subscribe once per (Redis, prefix) to cancel requests; return when subscribed."""
+        if (url, prefix) in self._listening and not self._listening[(url, prefix)].done():
+            return
+        client = await self._client(url)
+        pubsub = client.pubsub()
+        await pubsub.subscribe(f"{prefix}:cancel")
+
+        async def _loop() -> None:
+            try:
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._cancel(url, prefix, message["data"].decode())
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+        task = asyncio.get_running_loop().create_task(_loop())
+        self._listening[(url, prefix)] = task
+
+    def _cancel(self, url: str, prefix: str, handle: str) -> None:
+        job = self._jobs.get((prefix, handle))
+        if job is None or job.cancelled.is_set():
+            return
+        job.cancelled.set()
+        if job.child is not None:
+            child = job.child
+            child.signal(signal.SIGTERM)
+
+            def _escalate() -> None:
+                if job.child is child:  # still on this job after kill_after: SIGKILL
+                    child.signal(signal.SIGKILL)
+
+            asyncio.get_running_loop().call_later(self.kill_after, _escalate)
+
+    async def _keep_leases(self, url: str) -> None:
+        """One loop per Redis: renew the lease of every running job a third into it."""
+        client = await self._client(url)
+        leases = self._leases[url]
+        while True:
+            shortest = min((seconds for _, seconds in leases.values()), default=3.0)
+            await asyncio.sleep(max(shortest / 3, 0.2))
+            if not leases:
+                continue
+            with contextlib.suppress(Exception):
+                async with client.pipeline(transaction=False) as pipe:
+                    for key, seconds in list(leases.values()):
+                        pipe.set(key, "1", ex=max(int(seconds), 1))
+                    await pipe.execute()
+
+    # ------------------------------------------------------------ one job
+
+    async def run(self, payload: str, control: dict[str, Any] | None) -> dict[str, Any]:
+        if not control:
+            job = _Job(handle=uuid.uuid4().hex, payload=payload)
+            child = await self._acquire(job)
+            return await self._execute(job, child)
+        url, prefix, handle = str(control["url"]), str(control["prefix"]), str(control["handle"])
+        lease, ttl = float(control.get("lease", 10.0)), int(control.get("ttl", 86400))
+        key = (prefix, handle)
+        job = _Job(handle=handle, payload=payload)
+        client = await self._client(url)
+        await self._listen(url, prefix)
+        self._jobs[key] = job  # registered before the marker check: no cancel slips by
+        try:
+            if self._slots is not None and self._slots.locked():
+                if await client.exists(f"{prefix}:cancel:{handle}"):
+                    job.cancelled.set()
+            child = await self._acquire(job) if not job.cancelled.is_set() else None
+            if child is None:
+                return await self._skip(client, prefix, handle, ttl, job)
+            began = await self._scripts[url](
+                keys=[f"{prefix}:cancel:{handle}", f"{prefix}:state:{handle}",
+                      f"{prefix}:lease:{handle}"],
+                args=[ttl, max(int(lease), 1), "1"],
+            )
+            if not began:
+                self._release(child)
+                return await self._skip(client, prefix, handle, ttl, job, marked=True)
+            leases = self._leases.setdefault(url, {})
+            leases[handle] = (f"{prefix}:lease:{handle}", lease)
+            if url not in self._lease_tasks or self._lease_tasks[url].done():
+                self._lease_tasks[url] = asyncio.get_running_loop().create_task(
+                    self._keep_leases(url)
+                )
+            try:
+                report = await self._execute(job, child)
+            finally:
+                leases.pop(handle, None)
+            async with client.pipeline(transaction=True) as pipe:  # state + outcome at once
+                pipe.set(f"{prefix}:state:{handle}", report["state"], ex=ttl)
+                if report.get("outcome"):
+                    pipe.set(f"{prefix}:outcome:{handle}", report["outcome"], ex=ttl)
+                pipe.delete(f"{prefix}:lease:{handle}")
+                await pipe.execute()
+            return report
+        finally:
+            self._jobs.pop(key, None)
+
+    async def _execute(self, job: _Job, child: _Child | None) -> dict[str, Any]:
+        assert child is not None
+        job.child = child
+        try:
+            reply = await child.call(job.payload)
+        except BaseException:
+            child.signal(signal.SIGKILL)  # our coroutine was cancelled: stop the payload
+            raise
+        finally:
+            job.child = None
+            self._release(child)
+        if reply is not None:
+            return reply
+        code = child.proc.returncode
+        if job.cancelled.is_set():
+            await _report(job.payload, "cancelled", f"killed after cancellation (exit {code})")
+            return {"state": "cancelled"}
+        await _report(job.payload, "lost", f"the payload process died (exit code {code})")
+        return {"state": "lost"}
+
+    async def _skip(
+        self, client: Any, prefix: str, handle: str, ttl: int, job: _Job, marked: bool = False
+    ) -> dict[str, Any]:
+        if not marked:
+            await client.set(f"{prefix}:state:{handle}", "cancelled", ex=ttl)
+        await _report(job.payload, "cancelled", "cancelled before it started")
+        return {"state": "cancelled"}
+
+
+async def _report(payload: str, kind: str, reason: str) -> None:
+    """Tell the caller what happened to a payload that did not report for itself."""
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks import sender
+    from wove_adapters.core import frames
+
+    try:
+        envelope = await asyncio.to_thread(payload_mod.decode_payload, payload)
+        ident = (envelope.run_id, envelope.task_id, envelope.attempt)
+        event: frames.WireEvent = (
+            frames.TaskCancelled(run_id=ident[0], task_id=ident[1], attempt=ident[2], reason=reason)
+            if kind == "cancelled"
+            else frames.TaskLost(run_id=ident[0], task_id=ident[1], attempt=ident[2], reason=reason)
+        )
+        await asyncio.wait_for(sender.asend(envelope.return_path, envelope.key_id, event), 30)
+    except Exception as exc:
+        print(f"wove-adapters taskiq: could not report {kind}: {exc}", file=sys.stderr)
+
+
+# ==================================================================== the payload process
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the worker dies (Linux), with a polling fallback."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    def _watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=_watch, daemon=True, name="wove-parent-watch").start()
+
+
+def _outcome_blob(envelope: Any, outcome: Any) -> str | None:
+    """The signed terminal event, kept for callers that share the idempotency key."""
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks import sender, signing
+    from wove_adapters.callbacks.worker import pickled_exception
+    from wove_adapters.core import frames
+
+    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
+    event: frames.WireEvent
+    if outcome.state == "succeeded":
+        event = frames.TaskResult(**ident, result=payload_mod.dumps(outcome.value))
+    elif outcome.state == "cancelled":
+        event = frames.TaskCancelled(**ident, reason=str(outcome.error))
+    else:
+        event = frames.TaskError(
+            **ident,
+            error=frames.normalize_exception(outcome.error, source="task"),
+            exception=pickled_exception(outcome.error) if outcome.error else None,
+        )
+    blob = signing.encode_blob(sender.sign_events([event], envelope.key_id))
+    return base64.b64encode(blob).decode("ascii")
+
+
+def _child_main(argv: list[str]) -> int:
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks.worker import run, run_envelope
+    from wove_adapters.core.errors import PayloadError
+
+    _die_with_parent(int(argv[0]) if argv else os.getppid())
+    replies = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # task prints go to stderr, never into the protocol stream
+    sys.stdout = sys.stderr
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # idle: a late cancel is moot
+    requests = sys.stdin.buffer
+    while True:
+        header = requests.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return 0
+        text = requests.read(_HEADER.unpack(header)[0]).decode()
+        report: dict[str, Any]
+        try:
+            envelope = payload_mod.decode_payload(text)
+        except PayloadError:
+            report = {"state": run(text).state}
+        else:
+            outcome = run_envelope(envelope, handle_sigterm=True)
+            report = {"state": outcome.state, "delivered": outcome.delivered}
+            if envelope.delivery.get("delivery_idempotency_key") is not None:
+                with contextlib.suppress(Exception):
+                    report["outcome"] = _outcome_blob(envelope, outcome)
+        data = json.dumps(report).encode()
+        replies.write(_HEADER.pack(len(data)) + data)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
