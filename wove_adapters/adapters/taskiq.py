@@ -330,6 +330,7 @@ def register(
     """
     from taskiq import TaskiqEvents
 
+    _no_read_timeout_for_brpop(broker)
     side = _WorkerSide.get()
     side.size = int(processes or os.cpu_count() or 2)
     side.kill_after = kill_after
@@ -343,6 +344,26 @@ def register(
     broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, _startup)
     broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, _shutdown)
     return broker.register_task(run_payload, task_name=task_name)
+
+
+def _no_read_timeout_for_brpop(broker: Any) -> None:
+    """redis-py 8 reads with a 5 s socket timeout by default, and taskiq-redis's
+    ``ListQueueBroker`` waits in an unbounded BRPOP: an idle worker dies every 5 s and
+    takes its running tasks with it (taskiq-redis issue #127). Lift the read timeout on
+    that broker's pool, and say so."""
+    from taskiq_redis import ListQueueBroker
+
+    pool = getattr(broker, "connection_pool", None)
+    if isinstance(broker, ListQueueBroker) and pool is not None:
+        if pool.connection_kwargs.get("socket_timeout") is not None:
+            import logging
+
+            logging.getLogger("wove_adapters.taskiq").warning(
+                "ListQueueBroker had socket_timeout=%s: set to None so BRPOP can wait "
+                "(pass socket_timeout=None to ListQueueBroker to silence this)",
+                pool.connection_kwargs["socket_timeout"],
+            )
+            pool.connection_kwargs["socket_timeout"] = None
 
 
 async def run_payload(payload: str, control: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -402,7 +423,7 @@ class _WorkerSide:
         self._idle: list[_Child] = []
         self._slots: asyncio.Semaphore | None = None
         self._redis: dict[str, Any] = {}
-        self._listening: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._listening: dict[tuple[str, str], asyncio.Task[None]] = {}  # subscribed
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._leases: dict[str, dict[str, tuple[str, float]]] = {}
         self._lease_tasks: dict[str, asyncio.Task[None]] = {}
@@ -534,25 +555,53 @@ class _WorkerSide:
 
     async def _listen(self, url: str, prefix: str) -> None:
         """Subscribe once per (Redis, prefix) to cancel requests; return when subscribed."""
-        if (url, prefix) in self._listening and not self._listening[(url, prefix)].done():
-            return
-        client = await self._client(url)
+        entry = self._listening.get((url, prefix))
+        if entry is None or (entry.done() and entry.exception() is not None):
+            entry = asyncio.get_running_loop().create_task(self._subscribe(url, prefix))
+            self._listening[(url, prefix)] = entry
+        await asyncio.shield(entry)
+
+    async def _subscribe(self, url: str, prefix: str) -> None:
+        import redis.asyncio as aioredis
+
+        # Its own client without a read timeout: a quiet channel is not a dead one.
+        client = aioredis.Redis.from_url(url, socket_timeout=None, health_check_interval=30)
         pubsub = client.pubsub()
         await pubsub.subscribe(f"{prefix}:cancel")
+        self._spawn_bg(self._cancel_loop(url, prefix, client, pubsub))
 
-        async def _loop() -> None:
-            try:
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._cancel(url, prefix, message["data"].decode())
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+    async def _cancel_loop(self, url: str, prefix: str, client: Any, pubsub: Any) -> None:
+        try:
+            while True:
+                try:
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._cancel(prefix, message["data"].decode())
+                except Exception:
+                    await asyncio.sleep(0.5)  # Redis went away: resubscribe, then catch up
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                    pubsub = client.pubsub()
+                    with contextlib.suppress(Exception):
+                        await pubsub.subscribe(f"{prefix}:cancel")
+                        await self._catch_up(url, prefix)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+                await client.aclose()
 
-        task = asyncio.get_running_loop().create_task(_loop())
-        self._listening[(url, prefix)] = task
+    async def _catch_up(self, url: str, prefix: str) -> None:
+        """Cancel requests published while we were not subscribed: read the markers."""
+        handles = [h for (p, h) in self._jobs if p == prefix]
+        if not handles:
+            return
+        client = await self._client(url)
+        marked = await client.mget([f"{prefix}:cancel:{h}" for h in handles])
+        for handle, mark in zip(handles, marked, strict=True):
+            if mark is not None:
+                self._cancel(prefix, handle)
 
-    def _cancel(self, url: str, prefix: str, handle: str) -> None:
+    def _cancel(self, prefix: str, handle: str) -> None:
         job = self._jobs.get((prefix, handle))
         if job is None or job.cancelled.is_set():
             return

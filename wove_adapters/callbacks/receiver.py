@@ -96,8 +96,8 @@ class CallbackReceiver:
             await self._site.stop()
             self._site = None
             server = getattr(self._runner, "server", None)
-            if server is not None and hasattr(server, "pre_shutdown"):
-                server.pre_shutdown()
+            if server is not None and hasattr(server, "shutdown"):
+                await server.shutdown(1.0)
 
     async def resume(self) -> None:
         """Listen again on the same port."""

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,8 +127,20 @@ def _stop_dispatchers() -> None:
 
 
 def wait_for_workers(address: str, count: int = WORKERS, timeout: float = 120) -> None:
-    """After a test killed a worker, wait until its nanny brought a new one up."""
+    """Before each test: all workers up (a killed one is restarted by its nanny) and idle.
+
+    A cancelled task that was already running keeps its worker thread busy until it ends
+    (Dask cannot stop a running thread; the adapter does not claim it can). Such leftover
+    threads would eat the next test's slots, so workers still executing are restarted.
+    """
     from distributed import Client
 
     with Client(address, timeout=30) as client:
         client.wait_for_workers(count, timeout=timeout)
+        def executing(dask_worker: Any) -> int:  # nested: pickled by value for the workers
+            return int(dask_worker.state.executing_count)
+
+        busy = [addr for addr, n in client.run(executing).items() if n]
+        if busy:
+            client.restart_workers(busy, timeout=timeout)
+            client.wait_for_workers(count, timeout=timeout)

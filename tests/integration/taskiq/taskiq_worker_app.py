@@ -16,7 +16,8 @@ from wove_adapters.adapters.taskiq import register
 URL = os.environ.get("WOVE_TEST_TASKIQ_URL", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("WOVE_TEST_TASKIQ_QUEUE", "wove_adapters")
 
-broker = ListQueueBroker(URL, queue_name=QUEUE).with_result_backend(
+# socket_timeout=None: redis-py 8 would time out the idle BRPOP (taskiq-redis #127).
+broker = ListQueueBroker(URL, queue_name=QUEUE, socket_timeout=None).with_result_backend(
     RedisAsyncResultBackend(URL, result_ex_time=3600)
 )
 register(broker, processes=int(os.environ.get("WOVE_TEST_TASKIQ_PROCESSES", "2")))

@@ -1,0 +1,168 @@
+"""Real ``arq`` CLI workers for the arq tests, and per-session Redis hygiene.
+
+Redis must be running on 127.0.0.1:6379 (the tests fail, naming how to start it, when it
+is not). A session uses database ``$WOVE_TEST_ARQ_DB`` (default 10), its own queue names
+and job-id prefix ``wove-test-arq-<uuid8>-``, deletes only the keys carrying that prefix,
+and stops its workers by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REDIS_DB = int(os.environ.get("WOVE_TEST_ARQ_DB", "10"))
+REDIS_URL = os.environ.get("WOVE_TEST_ARQ_REDIS_URL", f"redis://127.0.0.1:6379/{REDIS_DB}")
+SESSION = f"wove-test-arq-{uuid.uuid4().hex[:8]}"
+PREFIX = f"{SESSION}-"  # every job id and queue name of this session starts with it
+
+
+def redis_client() -> Any:
+    import redis
+
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def require_redis() -> None:
+    import redis
+
+    try:
+        client = redis_client()
+        client.ping()
+        client.close()
+    except redis.RedisError as exc:
+        pytest.fail(
+            f"Redis is not reachable at {REDIS_URL} ({exc}). Start it with "
+            f"`redis-server --daemonize yes --bind 127.0.0.1 --port 6379` (or point "
+            f"WOVE_TEST_ARQ_REDIS_URL at one) and run the arq tests again."
+        )
+
+
+def arq_command() -> list[str]:
+    """The system's own CLI: the ``arq`` script next to this Python."""
+    script = Path(sys.executable).parent / "arq"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "arq"]
+
+
+class ArqWorker:
+    """One ``arq arq_worker_settings.<settings>`` process in its own session."""
+
+    def __init__(
+        self,
+        queue: str,
+        log_dir: Path,
+        *,
+        settings: str = "WorkerSettings",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.settings = settings
+        self.env = {
+            **os.environ,
+            "WOVE_TEST_ARQ_REDIS_URL": REDIS_URL,
+            "WOVE_TEST_ARQ_QUEUE": queue,
+            **(env or {}),
+        }
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def health_key(self) -> str:
+        return f"{self.queue}:health-check"
+
+    def start(self, timeout: float = 60.0) -> ArqWorker:
+        client = redis_client()
+        client.delete(self.health_key)  # a killed worker's key would look alive
+        self.starts += 1
+        log = open(self.log_dir / f"{self.queue}-{self.starts}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*arq_command(), f"arq_worker_settings.{self.settings}"],
+            cwd=str(HERE),
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"arq worker exited with {self.proc.returncode}: {self.log_tail()}"
+                    )
+                if client.exists(self.health_key):
+                    return self
+                time.sleep(0.05)
+        finally:
+            client.close()
+        self.kill()
+        raise AssertionError(f"arq worker on {self.queue} not ready within {timeout}s")
+
+    def log_tail(self) -> str:
+        path = self.log_dir / f"{self.queue}-{self.starts}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait(30)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (arq stops, letting running payloads finish), SIGKILL after timeout."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+def cleanup_session() -> None:
+    """Delete what this session left in Redis (only keys carrying its prefix)."""
+    client = redis_client()
+    try:
+        for pattern in (f"arq:*{SESSION}*", f"wove-adapters:arq:*{SESSION}*", f"{SESSION}*"):
+            keys = list(client.scan_iter(pattern, count=1000))
+            for start in range(0, len(keys), 500):
+                client.delete(*keys[start : start + 500])
+        stale = [m for m in client.zrange("arq:abort", 0, -1) if SESSION.encode() in m]
+        if stale:
+            client.zrem("arq:abort", *stale)
+    finally:
+        client.close()
+
+
+def environment(**config: Any) -> dict[str, Any]:
+    """An environment definition for this session's queue and prefix."""
+    executor_config = {
+        "redis_url": REDIS_URL,
+        "queue_name": f"{SESSION}-main",
+        "job_id_prefix": PREFIX,
+        **config,
+    }
+    return {"executor": "arq", "executor_config": executor_config}

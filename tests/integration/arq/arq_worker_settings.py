@@ -1,0 +1,33 @@
+"""``WorkerSettings`` for the ``arq`` CLI workers the tests start (``arq
+arq_worker_settings.WorkerSettings``, run from this directory).
+
+The only wove-adapters line a real deployment needs is the ``functions`` entry; the rest
+reads the per-session queue and Redis from the environment the fixture sets.
+"""
+
+from __future__ import annotations
+
+import os
+
+from arq.connections import RedisSettings
+
+from wove_adapters.adapters.arq import wove_adapters_run
+
+
+class WorkerSettings:
+    functions = [wove_adapters_run]  # the one line an existing deployment adds
+    redis_settings = RedisSettings.from_dsn(os.environ["WOVE_TEST_ARQ_REDIS_URL"])
+    queue_name = os.environ["WOVE_TEST_ARQ_QUEUE"]
+    allow_abort_jobs = True
+    poll_delay = float(os.environ.get("WOVE_TEST_ARQ_POLL_DELAY", "0.01"))
+    max_jobs = int(os.environ.get("WOVE_TEST_ARQ_MAX_JOBS", "4"))
+    job_timeout = float(os.environ.get("WOVE_TEST_ARQ_JOB_TIMEOUT", "120"))
+    health_check_interval = 1
+
+
+class MinimalWorkerSettings:
+    """What the docs show: arq's defaults (0.5 s polls, no abort) plus our function."""
+
+    functions = [wove_adapters_run]
+    redis_settings = RedisSettings.from_dsn(os.environ["WOVE_TEST_ARQ_REDIS_URL"])
+    queue_name = os.environ["WOVE_TEST_ARQ_QUEUE"]

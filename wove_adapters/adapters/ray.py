@@ -1,0 +1,417 @@
+"""``ray``: tasks run as Ray tasks, one Ray task per attempt.
+
+The adapter connects the calling process to Ray once (``address`` of a running cluster, or
+a local Ray it starts itself) and creates one remote function, ``run_payload`` from this
+module, with the configured ``ray.remote`` options; per-task options go through
+``.options()``. Ray ships the function by reference, so any Ray worker whose Python has
+wove-adapters installed runs payloads: a cluster started with ``ray start`` needs nothing
+registered. The worker verifies the signed payload before anything is unpickled, then
+
+- ``return_path: "http"`` (default) / ``"redis"``: runs it with ``callbacks.worker``,
+  which reports ``task_started``, heartbeats and the terminal event to the caller, or
+- ``return_path: "native"``: runs it and returns the value (raises the task's exception),
+  so the ObjectRef itself carries the outcome and the adapter emits the events.
+
+Either way every ObjectRef is watched without blocking the loop (a done-callback on
+``ref.future()``): a cancellation, a dead worker or node (a lost run: Ray's own retries
+are off by default so the orphan policy owns requeue) and an error of the wrapper itself
+become events, so no run waits for a reconciliation tick.
+
+Cancellation asks first (``ray.cancel``: Ray interrupts the task's main thread, which the
+worker turns into ``task_cancelled``) and, when the task has not stopped after
+``force_cancel_after`` seconds (a task blocked in C code never sees the interrupt), kills
+it with ``ray.cancel(force=True)``; Ray then reports the task cancelled, which is the
+confirmation ``require_ack`` waits for. This module must not import ray at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, ClassVar
+
+from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.core import frames
+from wove_adapters.core.errors import PayloadError
+from wove_adapters.core.policies import Capabilities, JobState
+
+log = logging.getLogger("wove_adapters.adapters.ray")
+
+# ``ray.remote`` options accepted at the top level of executor_config (the rest go in
+# ``remote_options``); per-task options arrive through ``task_options``.
+REMOTE_OPTIONS = (
+    "accelerator_type", "label_selector", "max_retries", "memory", "num_cpus", "num_gpus",
+    "resources", "retry_exceptions", "runtime_env", "scheduling_strategy",
+)
+# Our orphan policy owns requeue: Ray re-running a task whose worker died would hide the
+# loss (and run the task twice behind the caller's back).
+DEFAULT_REMOTE_OPTIONS: dict[str, Any] = {"max_retries": 0}
+# Ray errors that mean the run was lost (the worker, its node or the object is gone).
+LOST_ERRORS = frozenset({
+    "WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OwnerDiedError",
+    "ObjectLostError", "OutOfMemoryError", "RaySystemError", "ActorDiedError",
+})
+_FINISHED_MEMORY = 10_000  # final states kept for status() after a ref is released
+_SUBMIT_IN_THREAD = 64 * 1024  # payloads this large go to the object store: off the loop
+_CONNECT_LOCK = threading.Lock()
+
+
+class OutcomeUndelivered(RuntimeError):
+    """Raised on the worker when the terminal event reached neither the caller nor the
+    ledger: the ObjectRef then reports the run as lost instead of finished."""
+
+
+@dataclass(frozen=True)
+class NativeCancelled:
+    """What a cancelled payload returns to the caller through the ObjectRef."""
+
+    reason: str
+
+
+# ---------------------------------------------------------------- the worker side
+
+
+def run_payload(payload: str) -> Any:
+    """What a Ray worker runs: verify, run, report (or return, on the native path).
+
+    Ray runs tasks on the worker's main thread, so both SIGTERM and ``ray.cancel``'s
+    interrupt (a simulated SIGINT, ignored by Ray workers otherwise) cancel the task.
+    """
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks import worker
+
+    envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
+    try:
+        with interrupt_cancels():
+            if envelope.return_path.kind == "native":
+                return _run_native(envelope)
+            outcome = worker.run_envelope(envelope)
+    except worker.TaskCancelled as exc:  # interrupted outside the task body
+        return NativeCancelled(str(exc))
+    if not outcome.delivered:
+        raise OutcomeUndelivered(
+            f"run {envelope.run_id}: the worker could not deliver its outcome to "
+            f"{envelope.return_path.url or envelope.return_path.kind}"
+        )
+    return outcome.state
+
+
+def _run_native(envelope: Any) -> Any:
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks import worker
+
+    func, args = payload_mod.load_body(envelope)
+    with worker.sigterm_cancels():
+        return worker.call_task(func, args)
+
+
+@contextlib.contextmanager
+def interrupt_cancels() -> Iterator[None]:
+    """Within the block, ``ray.cancel``'s interrupt raises TaskCancelled (main thread)."""
+    from wove_adapters.callbacks.worker import TaskCancelled
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _handler(signum: int, frame: FrameType | None) -> None:
+        raise TaskCancelled("cancelled through ray.cancel")
+
+    previous = signal.signal(signal.SIGINT, _handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def worker_ready() -> str:
+    """Probe run on a Ray worker by ``doctor``: it imports this package."""
+    import os
+    from importlib import metadata
+
+    return f"wove-adapters {metadata.version('wove-adapters')} (pid {os.getpid()})"
+
+
+# ---------------------------------------------------------------- the caller side
+
+
+@dataclass
+class _Tracked:
+    ref: Any
+    run_id: str
+    task_id: str
+    attempt: int
+    escalation: asyncio.Task[None] | None = None
+
+
+class RayAdapter(BackendAdapter):
+    name = "ray"
+    extra = "ray"
+    required_modules = ("ray",)
+    capabilities = Capabilities(
+        cancel_queued=True,
+        cancel_running=True,
+        confirm_cancel=True,
+        native_idempotency=False,  # Ray has no dedupe: the ledger and dispatcher do it
+        native_result=True,
+        status=True,
+        requeue=True,
+        detach=False,  # Ray tasks share the fate of the driver that submitted them
+        inline_payload_limit=256 * 1024 * 1024,  # args travel through Ray's object store
+    )
+    # Native states: Ray's task states (state API) plus what an ObjectRef says.
+    STATE_MAP: ClassVar[dict[str, JobState]] = {
+        "PENDING_ARGS_AVAIL": JobState.PENDING,
+        "PENDING_NODE_ASSIGNMENT": JobState.PENDING,
+        "PENDING_OBJ_STORE_MEM_AVAIL": JobState.PENDING,
+        "PENDING_ARGS_FETCH": JobState.PENDING,
+        "SUBMITTED_TO_WORKER": JobState.PENDING,
+        "RUNNING": JobState.RUNNING,
+        "RUNNING_IN_RAY_GET": JobState.RUNNING,
+        "RUNNING_IN_RAY_WAIT": JobState.RUNNING,
+        "FINISHED": JobState.SUCCEEDED,
+        "FAILED": JobState.FAILED,
+        "CANCELLED": JobState.CANCELLED,
+        "LOST": JobState.GONE,
+    }
+    reconcile_seconds: ClassVar[float] = 2.0
+
+    def __init__(self, config: dict[str, Any], *, environment: str) -> None:
+        super().__init__(config, environment=environment)
+        self.address = str(config.get("address") or "local")
+        self.init_options: dict[str, Any] = dict(config.get("init") or {})
+        self.remote_options: dict[str, Any] = {
+            **DEFAULT_REMOTE_OPTIONS,
+            **{key: config[key] for key in REMOTE_OPTIONS if key in config},
+            **dict(config.get("remote_options") or {}),
+        }
+        self.native = config.get("return_path") == "native"
+        self.force_cancel_after = float(config.get("force_cancel_after", 2.0))
+        self._ray: Any = None
+        self._remote: Any = None
+        self._exported = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tracked: dict[str, _Tracked] = {}
+        self._finished: OrderedDict[str, str] = OrderedDict()
+
+    # ---------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        import ray
+
+        self._ray = ray
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._connect)
+        # One remote function per environment, created here and never per submit.
+        self._remote = ray.remote(**self.remote_options)(run_payload)
+
+    def _connect(self) -> None:
+        """Connect this process to Ray (one connection per process, shared)."""
+        ray = self._ray
+        with _CONNECT_LOCK:
+            if ray.is_initialized():
+                current = ray.get_runtime_context().gcs_address
+                if not _same_cluster(self.address, current):
+                    raise RuntimeError(
+                        f"Environment '{self.environment}' wants the Ray cluster at "
+                        f"{self.address!r}, but this process is already connected to "
+                        f"{current!r}; Ray allows one cluster per process"
+                    )
+                return
+            if self.address == "local":
+                ray.init(address="local", **{"include_dashboard": False, **self.init_options})
+                return
+            _check_reachable(self.address)
+            try:
+                ray.init(address=self.address, **self.init_options)
+            except ConnectionError as exc:
+                raise ConnectionError(
+                    f"Cannot connect to the Ray cluster at {self.address!r}: {exc}. Start "
+                    f"one with 'ray start --head --port=PORT' (not 6379 if Redis runs "
+                    f"there) or use address 'local'"
+                ) from exc
+
+    async def close(self) -> None:
+        # The Ray connection is per process and may serve other environments; Ray's own
+        # exit hook disconnects it (and stops a local Ray).
+        for tracked in self._tracked.values():
+            if tracked.escalation is not None:
+                tracked.escalation.cancel()
+        self._tracked.clear()
+
+    # ---------------------------------------------------------- the three primitives
+
+    async def submit(self, job: JobSpec) -> str:
+        remote = self._remote.options(**job.options) if job.options else self._remote
+        if not self._exported or len(job.payload) > _SUBMIT_IN_THREAD:
+            # The first call exports the function to the cluster; a large argument is
+            # copied into the object store: both block, so neither runs on the loop.
+            ref = await asyncio.to_thread(remote.remote, job.payload)
+            self._exported = True
+        else:
+            ref = remote.remote(job.payload)
+        handle = str(ref.hex())
+        tracked = _Tracked(ref, job.run_id, job.task_id, job.attempt)
+        self._tracked[handle] = tracked
+        ref.future().add_done_callback(lambda done: self._settle_soon(handle, tracked, done))
+        return handle
+
+    async def cancel(self, handle: str, *, running: bool = True) -> None:
+        tracked = self._tracked.get(handle)
+        if tracked is None:
+            return
+        force = running and self.force_cancel_after <= 0
+        await asyncio.to_thread(self._ray.cancel, tracked.ref, force=force)
+        if running and not force and tracked.escalation is None:
+            assert self._loop is not None
+            tracked.escalation = self._loop.create_task(self._escalate(handle, tracked))
+
+    async def _escalate(self, handle: str, tracked: _Tracked) -> None:
+        """A task that ignored the interrupt (blocked in C code) is killed."""
+        await asyncio.sleep(self.force_cancel_after)
+        if self._tracked.get(handle) is tracked:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._ray.cancel, tracked.ref, force=True)
+
+    async def status(self, handle: str) -> JobState:
+        if handle in self._tracked:
+            # Unfinished: Ray's per-task state lives in its state API (dashboard); the
+            # ObjectRef only says the task is queued or running.
+            return JobState.RUNNING
+        return self.map_state(self._finished.get(handle, "LOST"))
+
+    # ---------------------------------------------------------- the ObjectRef as a return path
+
+    def _settle_soon(self, handle: str, tracked: _Tracked, done: Any) -> None:
+        """Ray's callback thread: hand the finished ref to the loop."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed: the process is exiting
+            self._loop.call_soon_threadsafe(self._settle, handle, tracked, done)
+
+    def _settle(self, handle: str, tracked: _Tracked, done: Any) -> None:
+        if self._tracked.get(handle) is tracked:
+            del self._tracked[handle]  # drops the ref: Ray may free the object
+        if tracked.escalation is not None:
+            tracked.escalation.cancel()
+        state, frame = self._outcome(tracked, done)
+        self._finished[handle] = state
+        while len(self._finished) > _FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+        if frame is not None and self.emit is not None:
+            self.emit(frame)
+
+    def _outcome(self, tracked: _Tracked, done: Any) -> tuple[str, dict[str, Any] | None]:
+        """(native state, frame to emit) for a finished ObjectRef future."""
+        ident = (tracked.run_id, tracked.task_id, tracked.attempt)
+        try:
+            value = done.result()
+        except BaseException as exc:  # every Ray error becomes an event
+            kinds = {cls.__name__ for cls in type(exc).__mro__}
+            if "TaskCancelledError" in kinds:
+                return "CANCELLED", frames.event(
+                    frames.TASK_CANCELLED, *ident, reason="Ray cancelled the task"
+                )
+            cause = getattr(exc, "cause", None) if "RayTaskError" in kinds else None
+            if kinds & LOST_ERRORS or isinstance(cause, OutcomeUndelivered):
+                return "LOST", frames.event(
+                    frames.TASK_LOST, *ident,
+                    reason=f"Ray lost the task ({type(exc).__name__}: {_first_line(exc)})",
+                )
+            if isinstance(cause, BaseException):
+                source = "payload" if isinstance(cause, PayloadError) else (
+                    "task" if self.native else "worker")
+                frame = frames.error_event(*ident[:2], cause, attempt=tracked.attempt,
+                                           source=source)
+                if not frame["error"]["traceback"]:
+                    frame["error"]["traceback"] = str(getattr(exc, "traceback_str", ""))
+                return "FAILED", frame
+            return "FAILED", frames.error_event(
+                *ident[:2], exc, attempt=tracked.attempt, source="backend"
+            )
+        if isinstance(value, NativeCancelled):
+            return "CANCELLED", frames.event(frames.TASK_CANCELLED, *ident, reason=value.reason)
+        if self.native:
+            return "FINISHED", frames.event(frames.TASK_RESULT, *ident, result=value)
+        # The worker already reported (and was acknowledged); the ref says how it ended.
+        return _STATE_OF_OUTCOME.get(str(value), "FINISHED"), None
+
+    # ---------------------------------------------------------- doctor
+
+    async def doctor(self) -> list[tuple[str, bool, str]]:
+        ray = self._ray
+        if ray is None or not ray.is_initialized():
+            return [("ray cluster reachable", False, "the adapter is not started")]
+        rows: list[tuple[str, bool, str]] = [(
+            "ray cluster reachable", True,
+            f"{ray.get_runtime_context().gcs_address} (Ray {ray.__version__})",
+        )]
+        nodes = [node for node in await asyncio.to_thread(ray.nodes) if node.get("Alive")]
+        cpus = sum(float(node.get("Resources", {}).get("CPU", 0)) for node in nodes)
+        rows.append(("ray nodes alive", bool(nodes) and cpus > 0,
+                     f"{len(nodes)} nodes, {cpus:g} CPUs" if nodes else
+                     "no live node: start one with 'ray start --address=HEAD:PORT'"))
+        try:
+            probe = ray.remote(max_retries=0, num_cpus=0)(worker_ready).remote()
+            detail = await asyncio.wait_for(probe, 60)
+            rows.append(("ray workers import wove_adapters", True, str(detail)))
+        except Exception as exc:  # every failure is a row
+            rows.append(("ray workers import wove_adapters", False,
+                         f"{type(exc).__name__}: {_first_line(exc)}; pip install "
+                         f"'wove-adapters[ray]' in every node's Python (or runtime_env)"))
+        retries = self.remote_options.get("max_retries")
+        rows.append(("ray max_retries is 0", retries == 0,
+                     "a dead worker fails the task, so the orphan policy applies"
+                     if retries == 0 else
+                     f"max_retries={retries}: Ray re-runs a task whose worker died before "
+                     f"wove-adapters sees a loss (the orphan policy applies after that)"))
+        return rows
+
+
+_STATE_OF_OUTCOME = {
+    "succeeded": "FINISHED",
+    "failed": "FAILED",
+    "cancelled": "CANCELLED",
+    "refused": "FAILED",
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    if "://" in address:
+        return None
+    host, _, port = address.rpartition(":")
+    return (host or "127.0.0.1", int(port)) if port.isdigit() else None
+
+
+def _same_cluster(wanted: str, current: str) -> bool:
+    """A configured address matches this process's connection (``local``/``auto`` and
+    Ray Client addresses accept whatever the process is connected to)."""
+    target = _host_port(wanted)
+    return target is None or _host_port(current) == target or wanted == current
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's long connection retries, on a wrong address."""
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=5):
+            pass
+    except OSError as exc:
+        raise ConnectionError(
+            f"Cannot reach the Ray cluster at {address!r} ({exc}). Start one with "
+            f"'ray start --head --port={target[1]}' or use address 'local'"
+        ) from exc
