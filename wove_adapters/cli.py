@@ -21,8 +21,13 @@ def main() -> None:
 
 
 @main.command("config")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="A wove_config.py or .toml file (default: discovered upwards from cwd).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A wove_config.py or .toml file (default: discovered upwards from cwd).",
+)
 @click.option("--environment", default=None, help="Show only this environment.")
 @click.option("--format", "fmt", type=click.Choice(["toml", "json"]), default="toml")
 def config_cmd(config_file: str | None, environment: str | None, fmt: str) -> None:
@@ -37,9 +42,12 @@ def config_cmd(config_file: str | None, environment: str | None, fmt: str) -> No
 
 
 @main.command("demo")
-@click.option("--environment", default=None,
-              help="Run the mapped step in this configured environment "
-                   "(default: stdio worker processes, no server needed).")
+@click.option(
+    "--environment",
+    default=None,
+    help="Run the mapped step in this configured environment "
+    "(default: stdio worker processes, no server needed).",
+)
 @click.option("--items", default=50, show_default=True, help="Chunks in the mapped step.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None)
 def demo_cmd(environment: str | None, items: int, config_file: str | None) -> None:
@@ -62,6 +70,7 @@ def demo_cmd(environment: str | None, items: int, config_file: str | None) -> No
     except (NameError, ValueError, TypeError, FileNotFoundError) as exc:
         raise _fail(exc) from exc
     with hub:
+
         def timed(name: str, env: str, fn: Any, *args: Any) -> Any:
             start = time.perf_counter()
             value = hub.run(fn, *args, environment=env)
@@ -74,8 +83,12 @@ def demo_cmd(environment: str | None, items: int, config_file: str | None) -> No
         parts: list[Any] = [None] * len(chunks)
         durations: list[float] = []
         with Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=console, transient=False,
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
         ) as progress:
             bar = progress.add_task(f"parse_chunk on '{environment}'", total=len(chunks))
             started = time.perf_counter()
@@ -87,7 +100,7 @@ def demo_cmd(environment: str | None, items: int, config_file: str | None) -> No
             for index, future, submitted in futures:
                 try:
                     parts[index] = future.result()
-                except Exception as exc:  # noqa: BLE001 - reported, not hidden
+                except Exception as exc:
                     raise _fail(exc) from exc
                 durations.append(time.perf_counter() - submitted)
             wall = time.perf_counter() - started
@@ -98,20 +111,32 @@ def demo_cmd(environment: str | None, items: int, config_file: str | None) -> No
     for column in ("endpoint", "requests", "error rate", "p50 ms", "p95 ms"):
         table.add_column(column, justify="right" if column != "endpoint" else "left")
     for row in rows:
-        table.add_row(row["endpoint"], str(row["requests"]), f"{row['error_rate']:.2%}",
-                      f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}")
+        table.add_row(
+            row["endpoint"],
+            str(row["requests"]),
+            f"{row['error_rate']:.2%}",
+            f"{row['p50_ms']:.1f}",
+            f"{row['p95_ms']:.1f}",
+        )
     console.print(table)
     timing = Table(title="Task timings")
     for column in ("task", "environment", "runs", "total s", "p50 s", "max s"):
         timing.add_column(column, justify="left" if column in ("task", "environment") else "right")
     for name, env, runs, values in timings:
         ordered = sorted(values)
-        timing.add_row(name, env, str(runs), f"{sum(values):.3f}",
-                       f"{ordered[len(ordered) // 2]:.3f}", f"{ordered[-1]:.3f}")
+        timing.add_row(
+            name,
+            env,
+            str(runs),
+            f"{sum(values):.3f}",
+            f"{ordered[len(ordered) // 2]:.3f}",
+            f"{ordered[-1]:.3f}",
+        )
     console.print(timing)
     workers = {part["pid"] for part in parts}
-    console.print(f"mapped step: {len(chunks)} runs on {len(workers)} worker process(es) "
-                  f"in {wall:.2f}s")
+    console.print(
+        f"mapped step: {len(chunks)} runs on {len(workers)} worker process(es) in {wall:.2f}s"
+    )
 
 
 @main.command("runs")
@@ -128,13 +153,27 @@ def runs_cmd(ledger: str | None, fmt: str, limit: int, state: str | None) -> Non
     url = ledger or _configured_ledger()
     records = asyncio.run(open_ledger(url).list_runs(limit=limit, state=state))
     if fmt == "json":
-        click.echo(json.dumps([
-            {"run_id": r.run_id, "environment": r.environment, "task_id": r.task_id,
-             "adapter": r.adapter, "idempotency_key": r.idempotency_key, "attempt": r.attempt,
-             "state": r.state, "submission": r.submission, "has_outcome": r.outcome is not None,
-             "created_at": r.created_at, "updated_at": r.updated_at}
-            for r in records
-        ], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "run_id": r.run_id,
+                        "environment": r.environment,
+                        "task_id": r.task_id,
+                        "adapter": r.adapter,
+                        "idempotency_key": r.idempotency_key,
+                        "attempt": r.attempt,
+                        "state": r.state,
+                        "submission": r.submission,
+                        "has_outcome": r.outcome is not None,
+                        "created_at": r.created_at,
+                        "updated_at": r.updated_at,
+                    }
+                    for r in records
+                ],
+                indent=2,
+            )
+        )
         return
     from rich.console import Console
     from rich.table import Table
@@ -143,16 +182,28 @@ def runs_cmd(ledger: str | None, fmt: str, limit: int, state: str | None) -> Non
     for column in ("run id", "task", "environment", "adapter", "attempt", "state", "outcome"):
         table.add_column(column)
     for r in records:
-        table.add_row(r.run_id, r.task_id, r.environment, r.adapter, str(r.attempt), r.state,
-                      "yes" if r.outcome is not None else "")
+        table.add_row(
+            r.run_id,
+            r.task_id,
+            r.environment,
+            r.adapter,
+            str(r.attempt),
+            r.state,
+            "yes" if r.outcome is not None else "",
+        )
     Console().print(table)
 
 
 @main.command("result")
 @click.argument("run_id")
 @click.option("--ledger", default=None, help="Ledger URL (default: the configured one).")
-@click.option("--wait", "wait", type=float, default=None,
-              help="Seconds to wait for an outcome that is not recorded yet.")
+@click.option(
+    "--wait",
+    "wait",
+    type=float,
+    default=None,
+    help="Seconds to wait for an outcome that is not recorded yet.",
+)
 def result_cmd(run_id: str, ledger: str | None, wait: float | None) -> None:
     """Print a run's recorded result (exit 1 if the task failed or was cancelled)."""
     from wove_adapters.integration.hub import Hub
@@ -162,7 +213,7 @@ def result_cmd(run_id: str, ledger: str | None, wait: float | None) -> None:
             value = hub.result(run_id, ledger=ledger or _configured_ledger(), timeout=wait)
         except (KeyError, TimeoutError) as exc:
             raise _fail(exc) from exc
-        except BaseException as exc:  # noqa: BLE001 - the task's own failure
+        except BaseException as exc:
             click.echo(f"run {run_id} failed: {type(exc).__name__}: {exc}", err=True)
             sys.exit(1)
     try:
@@ -172,8 +223,12 @@ def result_cmd(run_id: str, ledger: str | None, wait: float | None) -> None:
 
 
 @main.command("doctor")
-@click.option("--environment", "environments", multiple=True,
-              help="Check only these environments (default: every configured one).")
+@click.option(
+    "--environment",
+    "environments",
+    multiple=True,
+    help="Check only these environments (default: every configured one).",
+)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None)
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds for the probe task.")
 def doctor_cmd(environments: tuple[str, ...], config_file: str | None, timeout: float) -> None:
@@ -204,9 +259,14 @@ def doctor_cmd(environments: tuple[str, ...], config_file: str | None, timeout: 
                 start = time.perf_counter()
                 future = hub.submit(_probe, 1, environment=name)
                 value = future.result(timeout=timeout)
-                rows.append(("probe task round trip", value == 2,
-                             f"{(time.perf_counter() - start) * 1000:.1f} ms"))
-            except Exception as exc:  # noqa: BLE001 - every failure is a row
+                rows.append(
+                    (
+                        "probe task round trip",
+                        value == 2,
+                        f"{(time.perf_counter() - start) * 1000:.1f} ms",
+                    )
+                )
+            except Exception as exc:
                 rows.append(("environment", False, f"{type(exc).__name__}: {exc}"))
             for check, ok, detail in rows:
                 failed |= not ok
@@ -225,7 +285,7 @@ def _configured_ledger() -> str | None:
 
     try:
         return load_config().ledger
-    except Exception:  # noqa: BLE001 - fall back to the default ledger
+    except Exception:
         return None
 
 

@@ -44,8 +44,12 @@ def parse_chunk(chunk: list[str]) -> dict[str, Any]:
         latencies[endpoint].append(float(latency[:-2]))
     import os
 
-    return {"counts": dict(counts), "errors": dict(errors), "latencies": dict(latencies),
-            "pid": os.getpid()}
+    return {
+        "counts": dict(counts),
+        "errors": dict(errors),
+        "latencies": dict(latencies),
+        "pid": os.getpid(),
+    }
 
 
 def merge(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -60,11 +64,13 @@ def merge(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for endpoint, count in counts.most_common():
         values = sorted(latencies[endpoint])
-        rows.append({
-            "endpoint": endpoint,
-            "requests": count,
-            "error_rate": errors[endpoint] / count,
-            "p50_ms": statistics.median(values),
-            "p95_ms": values[int(len(values) * 0.95) - 1],
-        })
+        rows.append(
+            {
+                "endpoint": endpoint,
+                "requests": count,
+                "error_rate": errors[endpoint] / count,
+                "p50_ms": statistics.median(values),
+                "p95_ms": values[int(len(values) * 0.95) - 1],
+            }
+        )
     return rows

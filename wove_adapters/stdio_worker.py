@@ -86,7 +86,9 @@ class StdioWorker:
 
     def _run(self, command: frames.RunTaskWire) -> None:
         ident: dict[str, Any] = {
-            "run_id": command.run_id, "task_id": command.task_id, "attempt": command.attempt,
+            "run_id": command.run_id,
+            "task_id": command.task_id,
+            "attempt": command.attempt,
         }
         event: frames.WireEvent
         try:
@@ -104,7 +106,7 @@ class StdioWorker:
             event = frames.TaskResult(**ident, result=dumps(value))
         except TaskCancelled as exc:
             event = frames.TaskCancelled(**ident, reason=str(exc))
-        except Exception as exc:  # noqa: BLE001 - the task's failure is the message
+        except Exception as exc:
             event = frames.TaskError(
                 **ident,
                 error=frames.normalize_exception(exc),

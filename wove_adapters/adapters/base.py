@@ -37,7 +37,7 @@ class JobSpec:
     run_id: str
     task_id: str
     attempt: int
-    payload: str  # "wove1.…" – verify-before-unpickle, safe in env vars (if small)
+    payload: str  # "wove1.…" - verify-before-unpickle, safe in env vars (if small)
     idempotency_key: str | None
     job_name: str  # a readable, backend-safe default name
     environment: str
@@ -195,7 +195,7 @@ def get_adapter_class(name: str) -> type[BackendAdapter]:
     else:
         cls = target
     check_requirements(cls)
-    return cls  # type: ignore[no-any-return]
+    return cls
 
 
 def check_requirements(cls: type[BackendAdapter]) -> None:
@@ -288,8 +288,9 @@ class AdapterTransport(Transport):
             return_path=self.return_path(run),
             delivery=delivery,
             key_id=self._key_id,
-            inline_limit=int(self._config.get("inline_payload_limit")
-                             or self.capabilities.inline_payload_limit),
+            inline_limit=int(
+                self._config.get("inline_payload_limit") or self.capabilities.inline_payload_limit
+            ),
             store_url=self._store_url,
             ledger=self._ledger_url,
             heartbeat_seconds=run.policy.heartbeat_seconds,
@@ -339,7 +340,10 @@ class AdapterTransport(Transport):
                 if state in (JobState.CANCELLED, JobState.GONE):
                     self._emit(
                         frames.event(
-                            frames.TASK_CANCELLED, run.run_id, run.task_id, run.attempt,
+                            frames.TASK_CANCELLED,
+                            run.run_id,
+                            run.task_id,
+                            run.attempt,
                             reason=f"{self.name} reports the job {state.value}",
                         )
                     )

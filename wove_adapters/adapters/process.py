@@ -53,7 +53,11 @@ class ProcessAdapter(BackendAdapter):
         path = self._spool / f"{job.job_name}.payload"
         await asyncio.to_thread(_write_private, path, job.payload)
         proc = await asyncio.create_subprocess_exec(
-            self._python, "-m", "wove_adapters.worker", "--payload-file", str(path),
+            self._python,
+            "-m",
+            "wove_adapters.worker",
+            "--payload-file",
+            str(path),
             env={**os.environ, **self._env},
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,
@@ -95,7 +99,7 @@ class ProcessAdapter(BackendAdapter):
                 path.unlink()
 
     async def close(self) -> None:
-        for handle, proc in list(self._procs.items()):
+        for proc in list(self._procs.values()):
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)

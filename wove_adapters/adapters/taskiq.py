@@ -355,15 +355,17 @@ def _no_read_timeout_for_brpop(broker: Any) -> None:
 
     pool = getattr(broker, "connection_pool", None)
     if isinstance(broker, ListQueueBroker) and pool is not None:
-        if pool.connection_kwargs.get("socket_timeout") is not None:
+        kwargs = pool.connection_kwargs
+        if "socket_timeout" not in kwargs or kwargs["socket_timeout"] is not None:
             import logging
 
-            logging.getLogger("wove_adapters.taskiq").warning(
-                "ListQueueBroker had socket_timeout=%s: set to None so BRPOP can wait "
-                "(pass socket_timeout=None to ListQueueBroker to silence this)",
-                pool.connection_kwargs["socket_timeout"],
+            logging.getLogger("wove_adapters.taskiq").info(
+                "ListQueueBroker: read timeout lifted so BRPOP can wait (taskiq-redis #127); "
+                "pass socket_timeout=None to ListQueueBroker to make that explicit",
             )
-            pool.connection_kwargs["socket_timeout"] = None
+            kwargs["socket_timeout"] = None
+            if "orig_socket_timeout" in kwargs:
+                kwargs["orig_socket_timeout"] = None
 
 
 async def run_payload(payload: str, control: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -538,7 +540,10 @@ class _WorkerSide:
 
     def _release(self, child: _Child | None) -> None:
         if child is not None and child.alive:
-            self._idle.append(child)
+            if len(self._idle) < self.size:
+                self._idle.append(child)
+            elif child.proc.stdin is not None:
+                child.proc.stdin.close()  # one too many (warm-up raced a spawn): let it exit
         assert self._slots is not None
         self._slots.release()
 

@@ -370,37 +370,43 @@ def _retry_policy(spec: dict[str, Any] | None) -> Any:
     return RetryPolicy(**spec)
 
 
-_built: dict[str, Any] = {}
+_built: dict[str, Any] = {}  # the workflow and activities, decorated on first use
+_lock = threading.Lock()
+
+
+class WoveRunWorkflow:
+    """Runs one wove-adapters payload in one activity; its result is the run's outcome.
+
+    Plain here so importing this module needs no ``temporalio``; ``workflows()`` applies
+    Temporal's decorators on first use (Temporal refuses classes defined in functions).
+    Unsandboxed: it only schedules one activity (no user code, nothing
+    non-deterministic), and the sandbox would re-import this module for every run."""
+
+    async def run(self, request: dict[str, Any]) -> dict[str, Any]:
+        from temporalio import workflow
+        from temporalio.workflow import ActivityCancellationType
+
+        result: dict[str, Any] = await workflow.execute_activity(
+            ACTIVITY_NAME,
+            request,
+            task_queue=request.get("activity_task_queue") or None,
+            start_to_close_timeout=timedelta(seconds=request["start_to_close_timeout"]),
+            heartbeat_timeout=timedelta(seconds=request["heartbeat_timeout"]),
+            retry_policy=_retry_policy(request.get("retry_policy")),
+            # CANCELED then means the task really stopped (its process exited).
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+        return result
 
 
 def _workflow_class() -> type:
-    found: type | None = _built.get("workflow")
-    if found is not None:
-        return found
-    from temporalio import workflow
-    from temporalio.workflow import ActivityCancellationType
+    with _lock:
+        if "workflow" not in _built:
+            from temporalio import workflow
 
-    # Unsandboxed: the workflow only schedules one activity (no user code, nothing
-    # non-deterministic), and the sandbox would re-import this module per run.
-    @workflow.defn(name=WORKFLOW_NAME, sandboxed=False)
-    class WoveRunWorkflow:
-        """Runs one wove-adapters payload in one activity; the result is its outcome."""
-
-        @workflow.run
-        async def run(self, request: dict[str, Any]) -> dict[str, Any]:
-            result: dict[str, Any] = await workflow.execute_activity(
-                ACTIVITY_NAME,
-                request,
-                task_queue=request.get("activity_task_queue") or None,
-                start_to_close_timeout=timedelta(seconds=request["start_to_close_timeout"]),
-                heartbeat_timeout=timedelta(seconds=request["heartbeat_timeout"]),
-                retry_policy=_retry_policy(request.get("retry_policy")),
-                # CANCELED means the task really stopped (the child process exited).
-                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            )
-            return result
-
-    _built["workflow"] = WoveRunWorkflow
+            WoveRunWorkflow.run = workflow.run(WoveRunWorkflow.run)  # type: ignore[method-assign]
+            workflow.defn(name=WORKFLOW_NAME, sandboxed=False)(WoveRunWorkflow)
+            _built["workflow"] = WoveRunWorkflow
     return WoveRunWorkflow
 
 
@@ -416,14 +422,15 @@ def activities(*, kill_after: float = 10.0) -> list[Any]:
     child process. ``kill_after``: seconds a cancelled task gets to stop after SIGTERM
     before SIGKILL."""
     key = f"activity:{kill_after}"
-    if key not in _built:
-        from temporalio import activity
+    with _lock:
+        if key not in _built:
+            from temporalio import activity
 
-        @activity.defn(name=ACTIVITY_NAME)
-        async def run_payload(request: dict[str, Any]) -> dict[str, Any]:
-            return await _host_payload(request, kill_after=kill_after)
+            @activity.defn(name=ACTIVITY_NAME)
+            async def run_payload(request: dict[str, Any]) -> dict[str, Any]:
+                return await _host_payload(request, kill_after=kill_after)
 
-        _built[key] = run_payload
+            _built[key] = run_payload
     return [_built[key]]
 
 
@@ -459,7 +466,6 @@ async def run_worker(
 # ---------------------------------------------------------------- one child per payload
 
 _mp_context: Any = None
-_mp_lock = threading.Lock()
 
 
 def prepare_processes(preload: Sequence[str] = ()) -> Any:
@@ -467,7 +473,7 @@ def prepare_processes(preload: Sequence[str] = ()) -> Any:
     wove-adapters (and ``preload``) imported once, so each task starts in milliseconds
     without inheriting the worker's threads. Starts it now (the first task would)."""
     global _mp_context
-    with _mp_lock:
+    with _lock:
         if _mp_context is None:
             _mp_context = _start_context(preload)
     return _mp_context
@@ -628,9 +634,7 @@ def _summary(envelope: Any, outcome: Any) -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
-    """``WoveRunWorkflow`` and ``run_payload``, built on first access (lazy import)."""
-    if name == "WoveRunWorkflow":
-        return _workflow_class()
+    """``run_payload`` (the activity), built on first access (lazy import)."""
     if name == "run_payload":
         return activities()[0]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

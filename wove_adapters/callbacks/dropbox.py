@@ -53,7 +53,7 @@ class DropboxReader(CallbackReceiver):
                 item = await self._client.blpop([self.key], timeout=1)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - Redis hiccup: retry shortly
+            except Exception as exc:
                 log.warning("drop box %s read failed: %s", self.key, exc)
                 await asyncio.sleep(0.5)
                 continue
@@ -61,7 +61,9 @@ class DropboxReader(CallbackReceiver):
                 continue
             data = bytes(item[1])
             try:
-                body = signing.verify(signing.decode_blob(data), window=self.window, nonces=self.nonces)
+                body = signing.verify(
+                    signing.decode_blob(data), window=self.window, nonces=self.nonces
+                )
                 batch = msgspec.msgpack.decode(body, type=frames.EventBatch)
             except (PayloadError, msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self.stats["rejected"] += 1

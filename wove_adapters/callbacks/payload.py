@@ -151,7 +151,9 @@ class PayloadStore(abc.ABC):
         try:
             data = self._get(ref.key)
         except (OSError, KeyError) as exc:
-            raise PayloadError(f"payload body {ref.key} is missing from {self.url}: {exc}") from None
+            raise PayloadError(
+                f"payload body {ref.key} is missing from {self.url}: {exc}"
+            ) from None
         if hashlib.sha256(data).hexdigest() != ref.sha256:
             raise PayloadError(f"payload body {ref.key} does not match its sha256; refused")
         return data
@@ -241,9 +243,8 @@ def open_store(url: str | None) -> PayloadStore:
         scheme = urllib.parse.urlparse(url).scheme
         dotted = _STORE_KINDS.get(scheme)
         if dotted is None:
-            raise ValueError(
-                f"Unknown payload store {url!r}; supported schemes: {', '.join(sorted(_STORE_KINDS))}"
-            )
+            known = ", ".join(sorted(_STORE_KINDS))
+            raise ValueError(f"Unknown payload store {url!r}; supported schemes: {known}")
         module, _, name = dotted.partition(":")
         store = getattr(importlib.import_module(module), name)(url)
         _stores[url] = store

@@ -59,7 +59,7 @@ class _Destination:
             blob = sign_events([item[0] for item in batch], self.key_id)
             try:
                 await self._deliver(signing.encode_blob(blob))
-            except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+            except Exception as exc:
                 for _, waiter in batch:
                     if not waiter.done():
                         waiter.set_exception(DeliveryFailed(str(exc)))
@@ -80,7 +80,7 @@ class _Destination:
                 return
             except PayloadError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - connection trouble: retry
+            except Exception as exc:
                 if time.monotonic() + delay > deadline:
                     raise DeliveryFailed(
                         f"could not deliver events to {self.return_path.url} within "
@@ -134,9 +134,7 @@ async def _close_all() -> None:
 shared_loop.add_shutdown_hook(_close_all)
 
 
-async def _enqueue(
-    return_path: ReturnPath, key_id: str, event: WireEvent
-) -> asyncio.Future[None]:
+async def _enqueue(return_path: ReturnPath, key_id: str, event: WireEvent) -> asyncio.Future[None]:
     ident = (return_path.kind, return_path.url, return_path.key, key_id)
     destination = _destinations.get(ident)
     if destination is None:

@@ -112,7 +112,7 @@ class HeartbeatTimer:
         while not self._stop.wait(self._interval):
             try:
                 self._beat()
-            except Exception:  # noqa: BLE001 - a lost heartbeat must not kill the task
+            except Exception:
                 pass
 
     def __exit__(self, *exc: object) -> None:
@@ -132,7 +132,7 @@ def pickled_exception(exc: BaseException) -> bytes | None:
         data = payload_mod.dumps(exc)
         payload_mod.loads(data)
         return data
-    except Exception:  # noqa: BLE001 - unpicklable exception types travel as text only
+    except Exception:
         return None
 
 
@@ -168,7 +168,7 @@ def _refuse(raw: str | bytes, exc: PayloadError) -> Outcome:
             ),
         )
         _emit(claimed, event).result(timeout=10)
-    except Exception:  # noqa: BLE001 - nothing trustworthy to report to
+    except Exception:
         pass
     return Outcome("refused", error=exc, delivered=True)
 
@@ -183,7 +183,11 @@ def run(payload: str | bytes, *, handle_sigterm: bool = True) -> Outcome:
 
 
 def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
-    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
+    ident: dict[str, Any] = {
+        "run_id": envelope.run_id,
+        "task_id": envelope.task_id,
+        "attempt": envelope.attempt,
+    }
     _emit(envelope, frames.TaskStarted(**ident, pid=os.getpid(), host=socket.gethostname()))
     outcome: Outcome
     event: frames.WireEvent
@@ -208,7 +212,7 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
                 **ident, error=frames.normalize_exception(exc, source="payload")
             )
             outcome = Outcome("refused", error=exc)
-        except Exception as exc:  # noqa: BLE001 - the task's failure is the message
+        except Exception as exc:
             event = frames.TaskError(
                 **ident,
                 error=frames.normalize_exception(exc, source="task"),
@@ -228,7 +232,7 @@ def deliver_terminal(envelope: Envelope, event: frames.WireEvent) -> bool:
     try:
         _emit(envelope, event).result(timeout=wait)
         return True
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"wove-adapters worker: could not deliver the outcome: {exc}", file=sys.stderr)
         if envelope.ledger and not recorded:
             return _record_in_ledger(envelope, event)
@@ -248,14 +252,16 @@ def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
     blob = sender.sign_events([event], envelope.key_id)
     from wove_adapters.callbacks.signing import encode_blob
 
-    kind = type(event).__struct_config__.tag  # type: ignore[attr-defined]
+    kind = type(event).__struct_config__.tag
     try:
         record_outcome_sync(
-            envelope.ledger or "", envelope.run_id, _STATE_OF.get(str(kind), "failed"),
+            envelope.ledger or "",
+            envelope.run_id,
+            _STATE_OF.get(str(kind), "failed"),
             encode_blob(blob),
         )
         return True
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"wove-adapters worker: could not record the outcome: {exc}", file=sys.stderr)
         return False
 

@@ -74,34 +74,34 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     attempt: int = 1
 
 
-class TaskStarted(_Event, tag=TASK_STARTED):
+class TaskStarted(_Event, frozen=True, kw_only=True, tag=TASK_STARTED):
     pid: int | None = None
     host: str | None = None
 
 
-class Heartbeat(_Event, tag=HEARTBEAT):
+class Heartbeat(_Event, frozen=True, kw_only=True, tag=HEARTBEAT):
     pass
 
 
-class Log(_Event, tag=LOG):
+class Log(_Event, frozen=True, kw_only=True, tag=LOG):
     message: str
     level: str = "info"
 
 
-class TaskResult(_Event, tag=TASK_RESULT):
+class TaskResult(_Event, frozen=True, kw_only=True, tag=TASK_RESULT):
     result: bytes  # cloudpickle
 
 
-class TaskError(_Event, tag=TASK_ERROR):
+class TaskError(_Event, frozen=True, kw_only=True, tag=TASK_ERROR):
     error: ErrorPayload
     exception: bytes | None = None  # cloudpickle of the original exception, best effort
 
 
-class TaskCancelled(_Event, tag=TASK_CANCELLED):
+class TaskCancelled(_Event, frozen=True, kw_only=True, tag=TASK_CANCELLED):
     reason: str = ""
 
 
-class TaskLost(_Event, tag=TASK_LOST):
+class TaskLost(_Event, frozen=True, kw_only=True, tag=TASK_LOST):
     reason: str = ""
 
 
@@ -126,9 +126,7 @@ class RunTaskWire(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     heartbeat_seconds: float | None = None
 
 
-class CancelTaskWire(
-    msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=CANCEL_TASK
-):
+class CancelTaskWire(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=CANCEL_TASK):
     run_id: str
     task_id: str = ""
 
@@ -161,6 +159,4 @@ def error_event(
 ) -> dict:
     """A ``task_error`` frame that carries the live exception, as wove's runtime expects."""
     payload = normalize_exception(exc, source=source, retryable=retryable)
-    return event(
-        TASK_ERROR, run_id, task_id, attempt, error=payload.to_dict(), exception=exc
-    )
+    return event(TASK_ERROR, run_id, task_id, attempt, error=payload.to_dict(), exception=exc)

@@ -96,7 +96,7 @@ def _shutdown() -> None:
         for hook in reversed(_shutdown_hooks):
             try:
                 await asyncio.wait_for(hook(), 10)
-            except Exception:  # noqa: BLE001 - exit must go on whatever a hook does
+            except Exception:
                 pass
         current = asyncio.current_task()
         leftovers = [task for task in asyncio.all_tasks() if task is not current]
@@ -106,7 +106,7 @@ def _shutdown() -> None:
 
     try:
         asyncio.run_coroutine_threadsafe(_run_hooks(), loop).result(30)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     loop.call_soon_threadsafe(loop.stop)
 

@@ -36,7 +36,9 @@ class JobState(str, enum.Enum):
 
 def map_state(table: Mapping[str, JobState], native: object) -> JobState:
     """Translate a backend's state at the boundary; anything unmapped is UNKNOWN."""
-    return table.get(str(native).upper(), JobState.UNKNOWN) if native is not None else JobState.UNKNOWN
+    return (
+        table.get(str(native).upper(), JobState.UNKNOWN) if native is not None else JobState.UNKNOWN
+    )
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,7 @@ def _positive(value: Any) -> float | None:
     return number if number > 0 else None
 
 
-def resolve_idempotency_key(
-    raw: Any, arguments: Mapping[str, Any], task_id: str
-) -> str | None:
+def resolve_idempotency_key(raw: Any, arguments: Mapping[str, Any], task_id: str) -> str | None:
     """A literal, a ``str.format`` template over the task's named arguments, or a callable
     taking the arguments dict. A template naming a missing argument is an error (silently
     falling back to the literal would merge unrelated runs under one key)."""

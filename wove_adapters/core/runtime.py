@@ -38,7 +38,7 @@ from wove_adapters.core.ledger.base import (
     Ledger,
     RunRecord,
 )
-from wove_adapters.core.policies import DeliveryPolicy, JobState, check_supported
+from wove_adapters.core.policies import DeliveryPolicy, check_supported
 from wove_adapters.core.transport import RunAttempt, Transport
 
 log = logging.getLogger("wove_adapters.runtime")
@@ -293,7 +293,7 @@ class Dispatcher:
             assert owner.outcome is not None
             try:
                 frame = await asyncio.to_thread(decode_outcome, owner.outcome, owner.run_id)
-            except Exception as exc:  # noqa: BLE001 - a bad stored outcome is the answer
+            except Exception as exc:
                 frame = frames.error_event(attempt.run_id, attempt.task_id, exc, source="ledger")
             self._finish(run, frame, record_outcome=False)
 
@@ -320,12 +320,16 @@ class Dispatcher:
                 self._ledger_later(lambda: self.ledger.update(run.run_id, submission=sub))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a failed submit is the run's error
+        except Exception as exc:
             self._finish(
                 run,
                 frames.error_event(
-                    run.run_id, run.attempt.task_id, exc, attempt=run.attempt.attempt,
-                    source="transport", retryable=True,
+                    run.run_id,
+                    run.attempt.task_id,
+                    exc,
+                    attempt=run.attempt.attempt,
+                    source="transport",
+                    retryable=True,
                 ),
             )
 
@@ -364,12 +368,10 @@ class Dispatcher:
             out = frame if run_id == frame.get("run_id") else {**frame, "run_id": run_id}
             try:
                 listener(out)
-            except Exception:  # noqa: BLE001 - one caller's bug must not hurt the others
+            except Exception:
                 log.exception("event listener failed for run %s", run_id)
 
-    def _finish(
-        self, run: Run, frame: dict[str, Any], *, record_outcome: bool = True
-    ) -> None:
+    def _finish(self, run: Run, frame: dict[str, Any], *, record_outcome: bool = True) -> None:
         """Deliver the one terminal event a caller sees; later ones are dropped."""
         if run.done.is_set():
             self.stats["duplicate_terminal_dropped"] += 1
@@ -401,8 +403,7 @@ class Dispatcher:
             state = LOST
         blob = frame.get("_blob")
         durable = (
-            run.attempt.idempotency_key is not None
-            or run.attempt.policy.orphan_policy == "detach"
+            run.attempt.idempotency_key is not None or run.attempt.policy.orphan_policy == "detach"
         )
         if blob is None and durable and state != LOST:
             blob = self._sign_outcome(frame)
@@ -418,7 +419,7 @@ class Dispatcher:
 
         try:
             return signing.encode_blob(sender.sign_events([frame_to_wire(frame)], self.key_id))
-        except Exception:  # noqa: BLE001 - an unpicklable result is still delivered locally
+        except Exception:
             log.warning("could not record the outcome of %s in the ledger", frame.get("run_id"))
             return None
 
@@ -466,8 +467,12 @@ class Dispatcher:
                 self._broadcast(
                     run,
                     frames.event(
-                        frames.LOG, attempt.run_id, attempt.task_id, attempt.attempt,
-                        message=f"{where} was lost ({reason}); requeued", level="warning",
+                        frames.LOG,
+                        attempt.run_id,
+                        attempt.task_id,
+                        attempt.attempt,
+                        message=f"{where} was lost ({reason}); requeued",
+                        level="warning",
                     ),
                 )
                 number = attempt.attempt
@@ -482,7 +487,10 @@ class Dispatcher:
             self._finish(
                 run,
                 frames.event(
-                    frames.TASK_CANCELLED, attempt.run_id, attempt.task_id, attempt.attempt,
+                    frames.TASK_CANCELLED,
+                    attempt.run_id,
+                    attempt.task_id,
+                    attempt.attempt,
                     reason=f"orphaned: {reason}",
                 ),
             )
@@ -497,7 +505,8 @@ class Dispatcher:
             self._finish(
                 run,
                 frames.error_event(
-                    attempt.run_id, attempt.task_id,
+                    attempt.run_id,
+                    attempt.task_id,
                     DeliveryDetachedError(
                         f"{where} detached ({reason}); it keeps running and its outcome "
                         f"will be in the ledger: wove-adapters result {attempt.run_id}"
@@ -516,7 +525,8 @@ class Dispatcher:
         self._finish(
             run,
             frames.error_event(
-                attempt.run_id, attempt.task_id,
+                attempt.run_id,
+                attempt.task_id,
                 DeliveryOrphanedError(
                     f"{where} in environment '{self.environment}' was lost: {reason} "
                     f"(delivery_orphan_policy='{policy}')",
@@ -544,9 +554,7 @@ class Dispatcher:
             await self.transport.cancel(run.attempt, mode=mode)
         except Exception as exc:
             if mode == "require_ack":
-                error = CancelNotAcknowledgedError(
-                    f"cancel of run {run_id} failed: {exc}"
-                )
+                error = CancelNotAcknowledgedError(f"cancel of run {run_id} failed: {exc}")
                 self._finish(run, frames.error_event(run_id, run.attempt.task_id, error))
                 raise error from exc
             log.warning("best-effort cancel of %s failed: %s", run_id, exc)
@@ -570,7 +578,10 @@ class Dispatcher:
 
     def _cancelled(self, run: Run, reason: str) -> dict[str, Any]:
         return frames.event(
-            frames.TASK_CANCELLED, run.run_id, run.attempt.task_id, run.attempt.attempt,
+            frames.TASK_CANCELLED,
+            run.run_id,
+            run.attempt.task_id,
+            run.attempt.attempt,
             reason=reason,
         )
 
@@ -604,13 +615,13 @@ class Dispatcher:
                 hb = run.attempt.policy.heartbeat_seconds
                 if hb and run.started and not run.done.is_set() and now - run.last_seen > hb:
                     self._spawn(
-                        self._orphan(run, f"no heartbeat for {now - run.last_seen:.1f}s "
-                                          f"(delivery_heartbeat_seconds={hb})")
+                        self._orphan(
+                            run,
+                            f"no heartbeat for {now - run.last_seen:.1f}s "
+                            f"(delivery_heartbeat_seconds={hb})",
+                        )
                     )
-            if (
-                self.transport.capabilities.status
-                and now - last_reconcile >= self._reconcile_every
-            ):
+            if self.transport.capabilities.status and now - last_reconcile >= self._reconcile_every:
                 last_reconcile = now
                 await self._reconcile(now)
 
@@ -620,18 +631,25 @@ class Dispatcher:
             for run in self.runs.values()
             if run.attempt.policy.heartbeat_seconds
         ]
-        tick = min([self._reconcile_every, *[b / 4 for b in beats]]) if beats else self._reconcile_every
+        tick = (
+            min([self._reconcile_every, *[b / 4 for b in beats]])
+            if beats
+            else self._reconcile_every
+        )
         return max(tick, 0.02)
 
     async def _reconcile(self, now: float) -> None:
         quiet = [
-            run for run in self.runs.values()
-            if run.launched and not run.done.is_set() and now - run.last_seen >= self._reconcile_every
+            run
+            for run in self.runs.values()
+            if run.launched
+            and not run.done.is_set()
+            and now - run.last_seen >= self._reconcile_every
         ]
         for run in quiet:
             try:
                 state = await self.transport.status(run.attempt)
-            except Exception as exc:  # noqa: BLE001 - a flaky status call is not a loss
+            except Exception as exc:
                 log.debug("status of %s failed: %s", run.run_id, exc)
                 continue
             if not state.finished or run.done.is_set():
@@ -640,8 +658,11 @@ class Dispatcher:
             attempt_number = run.attempt.attempt
             await asyncio.sleep(float(self.executor_config.get("reconcile_grace", 0.5)))
             if not run.done.is_set() and run.attempt.attempt == attempt_number:
-                self._spawn(self._orphan(run, f"the backend reports the job {state.value} "
-                                              f"without a terminal event"))
+                self._spawn(
+                    self._orphan(
+                        run, f"the backend reports the job {state.value} without a terminal event"
+                    )
+                )
 
     # ---------------------------------------------------------- ledger, tasks
 
@@ -653,7 +674,7 @@ class Dispatcher:
             op = await self._ledger_queue.get()
             try:
                 await op()
-            except Exception as exc:  # noqa: BLE001 - the ledger must not break delivery
+            except Exception as exc:
                 log.warning("ledger write failed: %s", exc)
 
     async def _drain_ledger(self) -> None:
@@ -663,10 +684,14 @@ class Dispatcher:
                 await op()
 
     async def flush(self) -> None:
-        """Wait until every queued ledger write has been applied."""
-        while not self._ledger_queue.empty():
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0)
+        """Wait until every ledger write queued so far has been applied."""
+        done = asyncio.Event()
+
+        async def _mark() -> None:
+            done.set()
+
+        self._ledger_later(_mark)
+        await done.wait()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -70,8 +70,13 @@ def _identity(environment: str, settings: dict[str, Any]) -> str:
     executor = settings.get("executor", "local")
     executor_id = executor if isinstance(executor, str) else f"obj:{id(executor)}"
     return json.dumps(
-        [environment, executor_id, settings.get("executor_config") or {},
-         settings.get("ledger"), settings.get("max_workers")],
+        [
+            environment,
+            executor_id,
+            settings.get("executor_config") or {},
+            settings.get("ledger"),
+            settings.get("max_workers"),
+        ],
         sort_keys=True,
         default=repr,
     )
@@ -126,5 +131,5 @@ async def stop_all() -> None:
     for dispatcher in dispatchers:
         try:
             await dispatcher.stop()
-        except Exception:  # noqa: BLE001 - keep stopping the others
+        except Exception:
             pass

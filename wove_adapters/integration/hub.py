@@ -43,7 +43,9 @@ def task_name_of(fn: Callable[..., Any]) -> str:
     return "task" if name == "<lambda>" else str(name)
 
 
-def named_arguments(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def named_arguments(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     """The call's arguments by parameter name, for idempotency-key templates."""
     try:
         bound = inspect.signature(fn).bind_partial(*args, **kwargs)
@@ -56,7 +58,7 @@ def named_arguments(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
     return named
 
 
-class RunFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+class RunFuture(concurrent.futures.Future):
     """A ``concurrent.futures.Future`` that knows its run."""
 
     run_id: str = ""
@@ -138,7 +140,9 @@ class Hub:
         """Start a run from async code; the returned future has ``run_id``."""
         run_id = self._new_run_id(fn, task_options)
         future = asyncio.wrap_future(
-            shared_loop.submit(self._call(fn, args, kwargs, environment, task_options, None, run_id))
+            shared_loop.submit(
+                self._call(fn, args, kwargs, environment, task_options, None, run_id)
+            )
         )
         future.run_id = run_id  # type: ignore[attr-defined]
         return future
@@ -158,7 +162,9 @@ class Hub:
             self._map(fn, list(items), environment, task_options, call_settings)
         )
 
-    async def aresult(self, run_id: str, *, timeout: float | None = None, ledger: str | None = None) -> Any:
+    async def aresult(
+        self, run_id: str, *, timeout: float | None = None, ledger: str | None = None
+    ) -> Any:
         """The outcome of a run recorded in the ledger (detached runs, other processes)."""
         return await shared_loop.run_async(self._result(run_id, timeout, ledger))
 
@@ -210,7 +216,9 @@ class Hub:
             self._map(fn, list(items), environment, task_options, call_settings)
         )
 
-    def result(self, run_id: str, *, timeout: float | None = None, ledger: str | None = None) -> Any:
+    def result(
+        self, run_id: str, *, timeout: float | None = None, ledger: str | None = None
+    ) -> Any:
         return shared_loop.run_sync(self._result(run_id, timeout, ledger))
 
     def cancel(self, run: str | Any, *, mode: str | None = None) -> None:
@@ -275,7 +283,7 @@ class Hub:
                     f"task '{task_name}' exceeded timeout={timeout}s (run {attempt_id})"
                 )
                 last.__cause__ = exc
-            except Exception as exc:  # noqa: BLE001 - retried, then re-raised
+            except Exception as exc:
                 last = exc
         assert last is not None
         raise last
@@ -427,7 +435,7 @@ class HubExecutor(concurrent.futures.Executor):
         self._futures: set[concurrent.futures.Future[Any]] = set()
         self._shutdown = False
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RunFuture:  # type: ignore[override]
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RunFuture:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         future = self._hub.submit(

@@ -37,7 +37,7 @@ def _wove_base() -> type:
         from wove.environment import EnvironmentExecutor
     except ImportError:
         raise MissingBackendError("wove bridge", "wove", "wove") from None
-    return EnvironmentExecutor  # type: ignore[no-any-return]
+    return EnvironmentExecutor
 
 
 class _Bridge:

@@ -24,7 +24,6 @@ import pytest
 
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import (
-    CancelNotAcknowledgedError,
     DeliveryDetachedError,
     DeliveryOrphanedError,
     UnsupportedPolicyError,
@@ -192,19 +191,25 @@ class AdapterConformance:
         return future
 
     def test_killed_worker_fail(self, hub_for: Any, markers: Path) -> None:
-        hub = hub_for(delivery_orphan_policy="fail", delivery_heartbeat_seconds=self.heartbeat_seconds)
+        hub = hub_for(
+            delivery_orphan_policy="fail", delivery_heartbeat_seconds=self.heartbeat_seconds
+        )
         future = self._killed(hub, markers, "kill-fail")
         with pytest.raises(DeliveryOrphanedError):
             future.result(timeout=self.detection_timeout)
 
     def test_killed_worker_cancel(self, hub_for: Any, markers: Path) -> None:
-        hub = hub_for(delivery_orphan_policy="cancel", delivery_heartbeat_seconds=self.heartbeat_seconds)
+        hub = hub_for(
+            delivery_orphan_policy="cancel", delivery_heartbeat_seconds=self.heartbeat_seconds
+        )
         future = self._killed(hub, markers, "kill-cancel")
         with pytest.raises(CancelledErrors):
             future.result(timeout=self.detection_timeout)
 
     def test_killed_worker_requeue_yields_one_result(self, hub_for: Any, markers: Path) -> None:
-        hub = hub_for(delivery_orphan_policy="requeue", delivery_heartbeat_seconds=self.heartbeat_seconds)
+        hub = hub_for(
+            delivery_orphan_policy="requeue", delivery_heartbeat_seconds=self.heartbeat_seconds
+        )
         if not self.capabilities(hub).requeue:
             with pytest.raises(UnsupportedPolicyError):
                 hub.run(tasks.add, 1)
@@ -215,7 +220,9 @@ class AdapterConformance:
         assert len(attempts) >= 2, "the task was not run again after its worker died"
 
     def test_killed_worker_detach(self, hub_for: Any, markers: Path) -> None:
-        hub = hub_for(delivery_orphan_policy="detach", delivery_heartbeat_seconds=self.heartbeat_seconds)
+        hub = hub_for(
+            delivery_orphan_policy="detach", delivery_heartbeat_seconds=self.heartbeat_seconds
+        )
         if not self.capabilities(hub).detach:
             with pytest.raises(UnsupportedPolicyError, match="detach"):
                 hub.run(tasks.add, 1)
@@ -238,7 +245,7 @@ class AdapterConformance:
 
         before = receiver.stats["duplicates_dropped"]
         event = frame_to_wire(
-            {"type": "task_result", "run_id": future.run_id, "task_id": "add", "result": 999}  # type: ignore[attr-defined]
+            {"type": "task_result", "run_id": future.run_id, "task_id": "add", "result": 999}
         )
         _post_signed(receiver, hub, event)
         assert receiver.stats["duplicates_dropped"] == before + 1

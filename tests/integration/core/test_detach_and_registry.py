@@ -62,13 +62,17 @@ def test_detached_run_outlives_its_caller(tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "wove_adapters.cli"]
     result = subprocess.run(
         [*cli, "result", run_id, "--ledger", ledger, "--wait", "30"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"answer": 42}
     listing = subprocess.run(
         [*cli, "runs", "--ledger", ledger, "--format", "json"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     runs = {r["run_id"]: r for r in json.loads(listing.stdout)}
     assert runs[run_id]["state"] == "succeeded" and runs[run_id]["has_outcome"]
@@ -77,8 +81,9 @@ def test_detached_run_outlives_its_caller(tmp_path: Path) -> None:
 def test_idempotency_across_processes_sharing_a_ledger(tmp_path: Path) -> None:
     ledger = f"sqlite:///{tmp_path / 'shared.db'}"
     script = tmp_path / "keyed.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import sys
         from wove_adapters import Hub
         from wove_adapters.testing import tasks
@@ -87,10 +92,15 @@ def test_idempotency_across_processes_sharing_a_ledger(tmp_path: Path) -> None:
                  default_environment="p", ledger=sys.argv[2]) as hub:
             print(hub.run(tasks.record, sys.argv[1], "x", 7))
         """
-    ))
+        )
+    )
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(tmp_path), ledger],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), ledger],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=60) for p in procs]
@@ -105,14 +115,16 @@ DIST = "toy_adapter_pkg"
 def entry_point_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     pkg = tmp_path / DIST
     pkg.mkdir()
-    (pkg / "__init__.py").write_text(textwrap.dedent(
-        """
+    (pkg / "__init__.py").write_text(
+        textwrap.dedent(
+            """
         from wove_adapters.adapters.process import ProcessAdapter
 
         class ToyAdapter(ProcessAdapter):
             name = "toy"
         """
-    ))
+        )
+    )
     info = tmp_path / f"{DIST}-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {DIST}\nVersion: 0.1\n")

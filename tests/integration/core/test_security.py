@@ -51,7 +51,9 @@ def running(hub: Hub, tmp_path: Path) -> tuple[Any, Any]:
 
 
 def result_event(run_id: str, value: Any) -> frames.WireEvent:
-    return frame_to_wire({"type": "task_result", "run_id": run_id, "task_id": "sleepy", "result": value})
+    return frame_to_wire(
+        {"type": "task_result", "run_id": run_id, "task_id": "sleepy", "result": value}
+    )
 
 
 def test_forged_event_is_rejected_and_does_not_resolve_the_run(hub: Hub, tmp_path: Path) -> None:
@@ -87,9 +89,17 @@ def test_replayed_event_is_rejected(hub: Hub, tmp_path: Path) -> None:
 def _payload(hub: Hub, tmp_path: Path) -> str:
     receiver_url = "http://127.0.0.1:9/wove/events/none"
     envelope = payload_mod.build_envelope(
-        adapter="process", run_id="r:1", task_id="add", attempt=1, func=tasks.add,
-        args={"x": 1}, return_path=payload_mod.ReturnPath(url=receiver_url), delivery={},
-        key_id=hub.dispatcher("p").key_id, inline_limit=1 << 20, store_url=None,
+        adapter="process",
+        run_id="r:1",
+        task_id="add",
+        attempt=1,
+        func=tasks.add,
+        args={"x": 1},
+        return_path=payload_mod.ReturnPath(url=receiver_url),
+        delivery={},
+        key_id=hub.dispatcher("p").key_id,
+        inline_limit=1 << 20,
+        store_url=None,
     )
     return payload_mod.encode_payload(envelope)
 
@@ -99,14 +109,16 @@ def _run_worker(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     path.write_text(text)
     return subprocess.run(
         [sys.executable, "-m", "wove_adapters.worker", "--payload-file", str(path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "WOVE_ADAPTERS_RETRY_SECONDS": "1"},
     )
 
 
 def test_tampered_and_unsigned_payloads_are_refused(hub: Hub, tmp_path: Path) -> None:
     text = _payload(hub, tmp_path)
-    raw = bytearray(base64.urlsafe_b64decode(text[len("wove1."):]))
+    raw = bytearray(base64.urlsafe_b64decode(text[len("wove1.") :]))
     raw[-20] ^= 0xFF  # flip a byte inside the pickled body
     tampered = "wove1." + base64.urlsafe_b64encode(bytes(raw)).decode()
     result = _run_worker(tampered, tmp_path)
@@ -125,11 +137,24 @@ def test_large_argument_goes_through_the_store(hub: Hub) -> None:
     assert not [p for p in store.glob("*") if p.stat().st_size > 10 * 1024 * 1024]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     body=st.one_of(
         st.binary(max_size=2048),
-        st.builds(lambda items: msgspec.msgpack.encode(items), st.lists(st.one_of(st.text(), st.integers(min_value=-(2**63), max_value=2**63), st.binary(), st.none()), max_size=6)),
+        st.builds(
+            lambda items: msgspec.msgpack.encode(items),
+            st.lists(
+                st.one_of(
+                    st.text(),
+                    st.integers(min_value=-(2**63), max_value=2**63),
+                    st.binary(),
+                    st.none(),
+                ),
+                max_size=6,
+            ),
+        ),
     ),
     token=st.one_of(st.none(), st.text(alphabet="abcdefghij-_", min_size=1, max_size=30)),
 )

@@ -74,7 +74,16 @@ def test_requeue_is_bounded(tmp_path: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     settings = {"delivery_orphan_policy": "requeue"}
-    hub = Hub(environments={"w": {"executor": "stdio", "executor_config": {"processes": 1, "max_requeues": 2}, **settings}}, default_environment="w")
+    hub = Hub(
+        environments={
+            "w": {
+                "executor": "stdio",
+                "executor_config": {"processes": 1, "max_requeues": 2},
+                **settings,
+            }
+        },
+        default_environment="w",
+    )
     with hub:
         with pytest.raises(DeliveryOrphanedError, match="gave up after 2 requeues"):
             hub.run(always_dies, str(tmp_path))
@@ -83,7 +92,16 @@ def test_requeue_is_bounded(tmp_path: Path) -> None:
 
 def test_require_ack_against_a_worker_ignoring_cancel(tmp_path: Path) -> None:
     settings = {"delivery_cancel_mode": "require_ack"}
-    hub = Hub(environments={"w": {"executor": "stdio", "executor_config": {"processes": 1, "cancel_ack_timeout": 1.0}, **settings}}, default_environment="w")
+    hub = Hub(
+        environments={
+            "w": {
+                "executor": "stdio",
+                "executor_config": {"processes": 1, "cancel_ack_timeout": 1.0},
+                **settings,
+            }
+        },
+        default_environment="w",
+    )
     with hub:
         future = hub.submit(ignore_cancel, str(tmp_path), 4.0)
         wait_for_file(tmp_path / "stubborn.started")

@@ -16,8 +16,9 @@ from wove_adapters.adapters.taskiq import register
 URL = os.environ.get("WOVE_TEST_TASKIQ_URL", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("WOVE_TEST_TASKIQ_QUEUE", "wove_adapters")
 
-# socket_timeout=None: redis-py 8 would time out the idle BRPOP (taskiq-redis #127).
-broker = ListQueueBroker(URL, queue_name=QUEUE, socket_timeout=None).with_result_backend(
+# Deliberately without socket_timeout=None (the docs recommend it): register() must lift
+# redis-py 8's 5 s read timeout itself, or this idle worker would die every 5 s.
+broker = ListQueueBroker(URL, queue_name=QUEUE).with_result_backend(
     RedisAsyncResultBackend(URL, result_ex_time=3600)
 )
 register(broker, processes=int(os.environ.get("WOVE_TEST_TASKIQ_PROCESSES", "2")))

@@ -83,7 +83,7 @@ class LocalTransport(Transport):
             emit(frames.event(frames.TASK_RESULT, *ident, result=value))
         except asyncio.CancelledError:
             emit(frames.event(frames.TASK_CANCELLED, *ident, reason="cancelled"))
-        except Exception as exc:  # noqa: BLE001 - the task's failure is the message
+        except Exception as exc:
             emit(frames.error_event(run.run_id, run.task_id, exc, attempt=run.attempt))
         finally:
             if heart is not None:

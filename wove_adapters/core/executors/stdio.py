@@ -69,7 +69,10 @@ class StdioTransport(Transport):
         self._size = int(executor_config.get("processes") or min(os.cpu_count() or 2, 8))
         python = str(executor_config.get("python") or sys.executable)
         self._command = [python, "-m", "wove_adapters.stdio_worker"]
-        self._env = {**os.environ, **{k: str(v) for k, v in (executor_config.get("env") or {}).items()}}
+        self._env = {
+            **os.environ,
+            **{k: str(v) for k, v in (executor_config.get("env") or {}).items()},
+        }
         await asyncio.gather(*(self._spawn() for _ in range(self._size)))
 
     async def _spawn(self) -> _Worker:
@@ -100,7 +103,7 @@ class StdioTransport(Transport):
             try:
                 event = _event_decoder.decode(line)
                 frame = wire_to_frame(event)
-            except Exception as exc:  # noqa: BLE001 - a garbled line loses nothing else
+            except Exception as exc:
                 print(f"stdio executor: bad event line ignored: {exc}", file=sys.stderr)
                 continue
             if frame["type"] in frames.TERMINAL_EVENTS and worker.run is not None:
@@ -117,7 +120,10 @@ class StdioTransport(Transport):
         if lost is not None:
             self._emit(
                 frames.event(
-                    frames.TASK_LOST, lost.run_id, lost.task_id, lost.attempt,
+                    frames.TASK_LOST,
+                    lost.run_id,
+                    lost.task_id,
+                    lost.attempt,
                     reason=f"stdio worker pid {worker.proc.pid} exited with code {code}",
                 )
             )
@@ -135,8 +141,11 @@ class StdioTransport(Transport):
                 try:
                     await worker.send(
                         frames.RunTaskWire(
-                            run_id=run.run_id, task_id=run.task_id, attempt=run.attempt,
-                            body=run.extra["body"], heartbeat_seconds=run.policy.heartbeat_seconds,
+                            run_id=run.run_id,
+                            task_id=run.task_id,
+                            attempt=run.attempt,
+                            body=run.extra["body"],
+                            heartbeat_seconds=run.policy.heartbeat_seconds,
                         )
                     )
                 except (ConnectionError, RuntimeError):
@@ -156,7 +165,10 @@ class StdioTransport(Transport):
                 assert self._emit is not None
                 self._emit(
                     frames.event(
-                        frames.TASK_CANCELLED, run.run_id, run.task_id, run.attempt,
+                        frames.TASK_CANCELLED,
+                        run.run_id,
+                        run.task_id,
+                        run.attempt,
                         reason="removed from the queue",
                     )
                 )

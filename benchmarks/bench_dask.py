@@ -1,0 +1,163 @@
+"""Dask: native ``Client.submit`` + ``result`` vs ours (``Hub.run`` / ``Hub.map``), on both
+of our return paths (callback receiver ``http`` and Dask future ``native``).
+
+Starts its own ``dask scheduler`` + ``dask worker --nworkers 2 --nthreads 1`` on 127.0.0.1
+(allowed-failures=0, dashboards on 127.0.0.1:0), measures interleaved rounds, stops them
+by process group, and prints one JSON line per return path plus a summary line:
+
+    python benchmarks/bench_dask.py [--seq 200] [--burst 1000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_one(x: int) -> int:
+    return x + 1
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def start_cluster(tmp: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    cli = str(Path(sys.executable).with_name("dask"))
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
+    scheduler_file = tmp / "scheduler.json"
+    log = open(tmp / "cluster.log", "wb")  # noqa: SIM115 - lives as long as the cluster
+    procs = [subprocess.Popen(
+        [cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)]
+    deadline = time.monotonic() + 60
+    address = ""
+    while not address:
+        if time.monotonic() > deadline:
+            raise SystemExit("dask scheduler did not start; see " + str(tmp / "cluster.log"))
+        try:
+            address = json.loads(scheduler_file.read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.05)
+    procs.append(subprocess.Popen(
+        [cli, "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
+         "--dashboard-address", "127.0.0.1:0"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+    return address, procs
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in reversed(procs):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def native_round(client: Any, seq: int, burst: int) -> tuple[list[float], float]:
+    samples = []
+    for i in range(seq):
+        start = time.perf_counter()
+        assert client.submit(add_one, i, pure=False).result() == i + 1
+        samples.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    futures = client.map(add_one, range(burst), pure=False)
+    assert client.gather(futures) == [i + 1 for i in range(burst)]
+    return samples, burst / (time.perf_counter() - start)
+
+
+def ours_round(hub: Any, seq: int, burst: int) -> tuple[list[float], float]:
+    samples = []
+    for i in range(seq):
+        start = time.perf_counter()
+        assert hub.run(add_one, i) == i + 1
+        samples.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    assert hub.map(add_one, range(burst)) == [i + 1 for i in range(burst)]
+    return samples, burst / (time.perf_counter() - start)
+
+
+def summary(samples: list[float], rates: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(samples) * 1000, 2),
+        "p99_ms": round(percentile(samples, 0.99) * 1000, 2),
+        "throughput_per_s": round(statistics.median(rates), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq", type=int, default=200)
+    parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    options = parser.parse_args()
+    os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-dask-"))
+
+    from distributed import Client
+
+    from wove_adapters.integration.hub import Hub
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dask-"))
+    address, procs = start_cluster(tmp)
+    try:
+        client = Client(address, timeout=30)
+        client.wait_for_workers(2, timeout=120)
+        paths = ("http", "native")
+        hubs = {
+            path: Hub(environments={"dask": {"executor": "dask", "executor_config": {
+                "address": address, "return_path": path}}}, default_environment="dask")
+            for path in paths
+        }
+        # Warm up: connections, imports on the workers, receiver.
+        native_round(client, 20, 50)
+        for hub in hubs.values():
+            ours_round(hub, 20, 50)
+        # "baseline": Dask's own submit + result; the others: ours, per return path.
+        samples: dict[str, list[float]] = {"baseline": [], **{p: [] for p in paths}}
+        rates: dict[str, list[float]] = {"baseline": [], **{p: [] for p in paths}}
+        for _ in range(options.rounds):
+            s, r = native_round(client, options.seq, options.burst)
+            samples["baseline"] += s
+            rates["baseline"].append(r)
+            for path, hub in hubs.items():
+                s, r = ours_round(hub, options.seq, options.burst)
+                samples[path] += s
+                rates[path].append(r)
+        native = summary(samples["baseline"], rates["baseline"])
+        results = {}
+        for path in paths:
+            ours = summary(samples[path], rates[path])
+            results[path] = ours
+            print(json.dumps({
+                "backend": "dask", "return_path": path, "native": native, "ours": ours,
+                "ratio_p50": round(ours["p50_ms"] / native["p50_ms"], 2),
+                "ratio_throughput": round(ours["throughput_per_s"] / native["throughput_per_s"], 2),
+            }))
+        for hub in hubs.values():
+            hub.close()
+        client.close()
+    finally:
+        from wove_adapters.core import loop as shared_loop
+        from wove_adapters.integration.environments import stop_all
+
+        shared_loop.run_sync(stop_all(), 60)
+        stop(procs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Taskiq-specific behaviour against the real ``taskiq worker`` CLI and Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REDIS_URL, TaskiqWorker, _redis
+
+from wove_adapters.core import loop as shared_loop
+from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
+from wove_adapters.core.policies import JobState
+from wove_adapters.integration.hub import Hub
+from wove_adapters.testing import tasks
+from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
+
+
+@pytest.fixture
+def markers(tmp_path: Path) -> Path:
+    path = tmp_path / "markers"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def hubs() -> Iterator[Any]:
+    made: list[Hub] = []
+
+    def make(config: dict[str, Any], **settings: Any) -> Hub:
+        definition = {"executor": "taskiq", "executor_config": config, **settings}
+        hub = Hub(environments={"t": definition}, default_environment="t")
+        made.append(hub)
+        return hub
+
+    yield make
+    for hub in made:
+        hub.close()
+
+
+def _submission(hub: Hub, run_id: str) -> str:
+    dispatcher = hub.dispatcher("t")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        run = dispatcher.runs.get(run_id)
+        if run is not None and run.attempt.submission:
+            return run.attempt.submission
+        time.sleep(0.01)
+    raise AssertionError(f"run {run_id} was never submitted")
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+# ---------------------------------------------------------------- the system's own CLI
+
+
+def test_cli_worker_runs_payloads_and_doctor_sees_it(taskiq_worker: TaskiqWorker, hubs: Any) -> None:
+    hub = hubs(taskiq_worker.config)
+    assert hub.run(tasks.add, 2, y=3) == 5
+    adapter = hub.dispatcher("t").transport.adapter
+    rows = shared_loop.run_sync(adapter.doctor())
+    assert [ok for _, ok, _ in rows] == [True, True, True], rows
+    assert taskiq_worker.queue in rows[1][2]
+
+
+def test_doctor_names_what_is_missing(redis_available: None, hubs: Any) -> None:
+    idle = f"wove-test-taskiq-nobody-{uuid.uuid4().hex[:6]}"
+    hub = hubs({"url": REDIS_URL, "queue": idle})
+    rows = shared_loop.run_sync(hub.dispatcher("t").transport.adapter.doctor())
+    what, ok, detail = rows[1]
+    assert not ok and "register(broker)" in detail and "taskiq worker" in detail
+
+
+def test_unreachable_redis_is_a_clear_start_up_error(hubs: Any) -> None:
+    hub = hubs({"url": "redis://127.0.0.1:1/0", "queue": "nowhere"})
+    with pytest.raises(ConnectionError, match="redis-server"):
+        hub.run(tasks.add, 1)
+
+
+def test_idle_worker_survives_redis_py_8_read_timeout(taskiq_worker: TaskiqWorker) -> None:
+    """redis-py 8 times out reads after 5 s; an idle ListQueueBroker worker must not die."""
+    before = taskiq_worker.worker_pids()
+    time.sleep(6.5)
+    assert taskiq_worker.worker_pids() == before
+
+
+def test_register_lifts_the_brpop_read_timeout() -> None:
+    from taskiq_redis import ListQueueBroker
+
+    from wove_adapters.adapters.taskiq import TASK_NAME, register
+
+    broker = ListQueueBroker(REDIS_URL, queue_name="wove-test-unused")
+    assert "socket_timeout" not in broker.connection_pool.connection_kwargs  # redis-py: 5 s
+    task = register(broker)
+    assert broker.connection_pool.connection_kwargs["socket_timeout"] is None
+    assert task.task_name == TASK_NAME and TASK_NAME in broker.get_all_tasks()
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_labels_and_queue_routing_pass_through(taskiq_worker: TaskiqWorker, hubs: Any) -> None:
+    side = f"wove-test-taskiq-side-{uuid.uuid4().hex[:6]}"
+    config = {
+        **taskiq_worker.config,
+        "labels": {"team": "data"},
+        "task_options": {"queue_name": side, "priority": 3},
+    }
+    hub = hubs(config)
+    client = _redis()
+    try:
+        future = hub.submit(tasks.add, 1)
+        deadline = time.monotonic() + 30
+        while not client.llen(side) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        message = json.loads(client.lindex(side, 0))
+        assert message["task_name"] == "wove_adapters.run"
+        assert message["labels"]["team"] == "data"
+        assert message["labels"]["priority"] == 3
+        assert message["labels"]["queue_name"] == side
+        assert message["task_id"] == _submission(hub, future.run_id)  # type: ignore[attr-defined]
+        hub.cancel(future)
+        with pytest.raises(CancelledErrors):
+            future.result(timeout=30)
+    finally:
+        client.delete(side)
+
+
+# ---------------------------------------------------------------- idempotency
+
+
+def test_idempotency_key_is_the_taskiq_task_id_across_ledgers(
+    taskiq_worker: TaskiqWorker, hubs: Any, markers: Path
+) -> None:
+    """Callers that do not share a ledger still get one execution: the Redis claim on the
+    sanitised key (= the taskiq task id) makes the second caller follow the first job."""
+    key = f"order {uuid.uuid4().hex[:8]}:v1"  # spaces and colons: sanitised
+    one = hubs(taskiq_worker.config, ledger="memory://taskiq-one", delivery_idempotency_key=key)
+    two = hubs(taskiq_worker.config, ledger="memory://taskiq-two", delivery_idempotency_key=key)
+    first = one.submit(tasks.record, str(markers), "cross", 21)
+    handle = _submission(one, first.run_id)  # type: ignore[attr-defined]
+    second = two.submit(tasks.record, str(markers), "cross", 21)
+    assert first.result(timeout=60) == 42
+    assert second.result(timeout=60) == 42
+    assert len((markers / "cross.runs").read_text().splitlines()) == 1
+
+    from wove_adapters.adapters.base import BackendAdapter
+
+    assert handle == BackendAdapter.safe_name(key) and " " not in handle and ":" not in handle
+    assert _redis().exists(handle), "taskiq's result backend stores the result under the key"
+    # A third caller, long after: the recorded outcome answers, nothing runs again.
+    three = hubs(taskiq_worker.config, ledger="memory://taskiq-three", delivery_idempotency_key=key)
+    assert three.run(tasks.record, str(markers), "cross", 21) == 42
+    assert len((markers / "cross.runs").read_text().splitlines()) == 1
+    _redis().delete(handle)
+
+
+# ---------------------------------------------------------------- status and lost work
+
+
+def test_status_finds_a_dead_worker_without_heartbeats(
+    taskiq_worker: TaskiqWorker, hubs: Any, markers: Path
+) -> None:
+    """No heartbeat policy: the worker's lease lapses, status() says GONE, reconciliation
+    applies the orphan policy (fail)."""
+    config = {**taskiq_worker.config, "lease_seconds": 2}
+    hub = hubs(config, delivery_orphan_policy="fail")
+    future = hub.submit(tasks.sleepy, str(markers), "dead", 60.0)
+    pid = int(wait_for_file(markers / "dead.started", 60))
+    handle = _submission(hub, future.run_id)  # type: ignore[attr-defined]
+    adapter = hub.dispatcher("t").transport.adapter
+    assert shared_loop.run_sync(adapter.status(handle)) == JobState.RUNNING
+    os.kill(_parent_of(pid), signal.SIGKILL)  # the taskiq worker process; its payload dies too
+    try:
+        with pytest.raises(DeliveryOrphanedError, match="gone"):
+            future.result(timeout=60)
+        assert shared_loop.run_sync(adapter.status(handle)) == JobState.GONE
+        time.sleep(1.0)
+        assert not (markers / "dead.finished").exists()
+    finally:
+        taskiq_worker.wait_ready()
+
+
+def test_killed_payload_process_is_reported_lost_at_once(
+    taskiq_worker: TaskiqWorker, hubs: Any, markers: Path
+) -> None:
+    hub = hubs(taskiq_worker.config, delivery_orphan_policy="fail")
+    future = hub.submit(tasks.die_once, str(markers), "lost")
+    pid = int(wait_for_file(markers / "lost.pid", 60))
+    started = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(DeliveryOrphanedError, match="payload process died"):
+        future.result(timeout=60)
+    assert time.monotonic() - started < 10
+    handle = _submission(hub, future.run_id)  # type: ignore[attr-defined]
+    adapter = hub.dispatcher("t").transport.adapter
+    assert shared_loop.run_sync(adapter.status(handle)) == JobState.GONE
+
+
+def test_cancel_of_queued_work_is_confirmed_without_a_worker(redis_available: None, hubs: Any) -> None:
+    """require_ack on a queue nobody consumes: the marker guarantees the job never runs,
+    so status() reports CANCELLED and the caller's cancel is confirmed."""
+    idle = f"wove-test-taskiq-nobody-{uuid.uuid4().hex[:6]}"
+    hub = hubs({"url": REDIS_URL, "queue": idle}, delivery_cancel_mode="require_ack")
+    client = _redis()
+    try:
+        future = hub.submit(tasks.add, 1)
+        handle = _submission(hub, future.run_id)  # type: ignore[attr-defined]
+        hub.cancel(future)
+        with pytest.raises(CancelledErrors):
+            future.result(timeout=30)
+        adapter = hub.dispatcher("t").transport.adapter
+        assert shared_loop.run_sync(adapter.status(handle)) == JobState.CANCELLED
+    finally:
+        client.delete(idle)
+        for key in client.scan_iter(match=f"wove:taskiq:{idle}:*"):
+            client.delete(key)
+
+
+# ---------------------------------------------------------------- wove
+
+
+def test_wove_weave_maps_100_items(taskiq_worker: TaskiqWorker) -> None:
+    import wove
+
+    from wove_adapters.integration.wove import executor
+
+    wove.config(environments={
+        "tq": {"executor": executor("taskiq", executor_config=taskiq_worker.config)}
+    })
+    try:
+        with wove.weave() as w:
+
+            @w.do
+            def items() -> list[int]:
+                return list(range(100))
+
+            @w.do("items", environment="tq")
+            def double(item: int) -> tuple[int, int]:
+                return item * 2, os.getpid()
+
+        assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
+        assert all(pid != os.getpid() for _, pid in w.result.double)
+    finally:
+        wove.config(environments={"default": {"executor": "local"}}, default_environment="default")
+
+
+# ---------------------------------------------------------------- install hint
+
+
+def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch, hubs: Any) -> None:
+    monkeypatch.setitem(sys.modules, "taskiq", None)
+    hub = hubs({"url": REDIS_URL, "queue": f"wove-test-missing-{uuid.uuid4().hex[:6]}"})
+    with pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[taskiq\]'"):
+        hub.run(tasks.add, 1)

@@ -1,0 +1,82 @@
+"""A user's own Temporal worker hosting wove-adapters' generic workflow and activity next to
+its own workflow (``user.Greet``) and activity (``user.greet``).
+
+    python -m temporal_test_worker --address 127.0.0.1:7233 --task-queue Q [--style own]
+
+``--style helper`` (default) uses ``run_worker(client, task_queue, workflows=[...],
+activities=[...])``; ``--style own`` builds ``temporalio.worker.Worker`` itself with
+``workflows()`` and ``activities()``. Stops gracefully on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from datetime import timedelta
+
+from temporalio import activity, workflow
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from wove_adapters.adapters.temporal import activities, prepare_processes, run_worker, workflows
+
+
+@activity.defn(name="user.greet")
+async def greet(name: str) -> str:
+    return f"hello {name}"
+
+
+@workflow.defn(name="user.Greet", sandboxed=False)
+class GreetWorkflow:
+    @workflow.run
+    async def run(self, name: str) -> str:
+        result: str = await workflow.execute_activity(
+            "user.greet", name, start_to_close_timeout=timedelta(seconds=30)
+        )
+        return result
+
+
+async def serve(options: argparse.Namespace) -> None:
+    client = await Client.connect(options.address)
+    if options.style == "helper":
+        running = asyncio.ensure_future(run_worker(
+            client, options.task_queue,
+            max_concurrent_activities=options.max_concurrent,
+            workflows=[GreetWorkflow], activities=[greet],
+        ))
+    else:
+        prepare_processes()
+        worker = Worker(
+            client,
+            task_queue=options.task_queue,
+            workflows=[*workflows(), GreetWorkflow],
+            activities=[*activities(), greet],
+            max_concurrent_activities=options.max_concurrent,
+            max_heartbeat_throttle_interval=timedelta(seconds=1),
+        )
+        running = asyncio.ensure_future(worker.run())
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    running.cancel()
+    try:
+        await running
+    except asyncio.CancelledError:
+        pass
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--task-queue", required=True)
+    parser.add_argument("--max-concurrent", type=int, default=2)
+    parser.add_argument("--style", choices=["helper", "own"], default="helper")
+    asyncio.run(serve(parser.parse_args()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
