@@ -42,7 +42,9 @@ ISOLATIONS = ("thread", "process")
 # Our own small keys next to ARQ's (``arq:job:<id>`` ...), keyed by job id.
 CANCEL_KEY = "wove-adapters:arq:cancel:"  # the caller asked for this job to stop
 DONE_KEY = "wove-adapters:arq:done:"  # a try that finished after ARQ cancelled it
+LEASE_KEY = "wove-adapters:arq:lease:"  # renewed while a worker really runs the job
 MARKER_TTL = 86_400
+LEASE_SECONDS = 15.0
 _JOB_ID_CHARS = r"A-Za-z0-9_\-.:"
 
 _OPTION_KEYS = {
@@ -122,6 +124,7 @@ class ArqAdapter(BackendAdapter):
         self._kill_after = float(config.get("kill_after", 10.0))
         self._poll = float(config.get("result_poll_delay", 0.05))
         self._max_submits = int(config.get("max_concurrent_submits", 64))
+        self._lease = float(config.get("lease_seconds", LEASE_SECONDS))
         if self._isolation == "process":
             self.capabilities = self.PROCESS_CAPABILITIES  # type: ignore[misc]
         self._pool: Any = None
@@ -129,6 +132,7 @@ class ArqAdapter(BackendAdapter):
         self._queues: dict[str, str] = {}  # job id -> queue name
         self._watchers: dict[str, asyncio.Task[None]] = {}  # attached job id -> watcher
         self._let_go: set[str] = set()  # attached jobs this caller stopped following
+        self._unleased: dict[str, float] = {}  # in-progress job id -> first seen unleased
 
     # ------------------------------------------------------------ life cycle
 
@@ -195,6 +199,8 @@ class ArqAdapter(BackendAdapter):
         if self._isolation == "process":
             enqueue["isolation"] = "process"
             enqueue["kill_after"] = self._kill_after
+        if self._lease != LEASE_SECONDS:
+            enqueue["lease_seconds"] = self._lease
         job_id = self.job_id(job)
         self._queues[job_id] = queue
         async with self._submits:
@@ -322,8 +328,25 @@ class ArqAdapter(BackendAdapter):
             return JobState.CANCELLED
         native, info = await self._native(handle, self._queues.get(handle, self._queue))
         if native == "complete":
+            self._unleased.pop(handle, None)
             return self._state_of(info) if info is not None else JobState.GONE
+        if native == "in_progress":
+            return await self._check_lease(handle)
+        self._unleased.pop(handle, None)
         return self.map_state(native)
+
+    async def _check_lease(self, handle: str) -> JobState:
+        """ARQ keeps a job "in progress" for job_timeout + 10 s after its worker died;
+        wove_adapters_run renews a short lease while it really runs the job. No lease for
+        longer than a lease period (the start of a job is a brief unleased window): the
+        worker is gone, and so is the run."""
+        if await self._pool.exists(LEASE_KEY + handle):
+            self._unleased.pop(handle, None)
+            return JobState.RUNNING
+        first = self._unleased.setdefault(handle, time.monotonic())
+        if time.monotonic() - first > self._lease:
+            return JobState.GONE
+        return JobState.RUNNING
 
     async def _native(self, job_id: str, queue: str) -> tuple[str, Any]:
         """ARQ's ``Job.status()`` (and ``result_info()`` once complete)."""
@@ -411,6 +434,7 @@ async def wove_adapters_run(
     payload: str,
     isolation: str = "thread",
     kill_after: float = 10.0,
+    lease_seconds: float = LEASE_SECONDS,
 ) -> dict[str, Any]:
     """The ARQ job function: put it in ``WorkerSettings.functions``.
 
@@ -437,6 +461,19 @@ async def wove_adapters_run(
             return _unpack(recorded)
         if not await asyncio.to_thread(_rerun_allowed, payload, job_id, job_try):
             return {"state": "lost"}
+    lease: asyncio.Task[None] | None = None
+    if redis is not None and job_id:
+        lease = asyncio.ensure_future(_hold_lease(redis, job_id, lease_seconds))
+    try:
+        return await _run_job(payload, isolation, kill_after, redis, job_id)
+    finally:
+        if lease is not None:
+            lease.cancel()
+
+
+async def _run_job(
+    payload: str, isolation: str, kill_after: float, redis: Any, job_id: str
+) -> dict[str, Any]:
     child: _Child | None = None
     if isolation == "process":
         child = _Child(payload)
@@ -447,16 +484,26 @@ async def wove_adapters_run(
         return await asyncio.shield(work)
     except asyncio.CancelledError:
         if redis is None or not job_id or await redis.exists(CANCEL_KEY + job_id):
+            work.add_done_callback(_consume)
             if child is not None:
                 await child.terminate(kill_after)
-            else:
-                # A thread cannot be interrupted; its late outcome is dropped by the caller.
-                work.add_done_callback(_consume)
+            # A thread cannot be interrupted; its late outcome is dropped by the caller.
             raise
         result = await _finish_anyway(work, redis, job_id)
         with contextlib.suppress(Exception):
             await redis.set(DONE_KEY + job_id, _pack(result), ex=MARKER_TTL)
         raise
+
+
+async def _hold_lease(redis: Any, job_id: str, seconds: float) -> None:
+    """Renew ``LEASE_KEY + job_id`` while the job runs here (see ArqAdapter.status)."""
+    import socket
+
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        with contextlib.suppress(Exception):
+            await redis.set(LEASE_KEY + job_id, owner, px=int(seconds * 1000))
+        await asyncio.sleep(seconds / 3)
 
 
 async def _finish_anyway(

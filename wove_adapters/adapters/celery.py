@@ -98,6 +98,7 @@ class CeleryAdapter(BackendAdapter):
         self.revoke_signal = str(config.get("revoke_signal") or "SIGTERM")
         self.use_claims = bool(config.get("idempotency_claim", True))
         self._followers: dict[str, _Follower] = {}
+        self._owned: dict[str, tuple[str, str]] = {}  # task id -> (claim key, run id)
 
     # ------------------------------------------------------------ life cycle
 
@@ -183,12 +184,22 @@ class CeleryAdapter(BackendAdapter):
 
     async def submit(self, job: JobSpec) -> str:
         task_id = self.task_id_for(job)
+        claim = ""
         if job.idempotency_key is not None and self.use_claims:
-            owner, current, claim_key = await self._call(self._claim, job, task_id)
+            owner, current, claim = await self._call(self._claim, job, task_id)
             if not owner:
-                return self._follow(job, current, claim_key)
+                return self._follow(job, current, claim)
         options = {**self.send_options, **job.options}
-        await self._call(self._send, job.payload, task_id, options)
+        try:
+            await self._call(self._send, job.payload, task_id, options)
+        except BaseException:
+            if claim:
+                await self._call(self._release, claim, job.run_id)
+            raise
+        if claim:
+            self._owned[task_id] = (claim, job.run_id)
+            if len(self._owned) > 10_000:  # only cancel reads it; keep the recent ones
+                self._owned.pop(next(iter(self._owned)))
         return task_id
 
     def _send(self, payload: str, task_id: str, options: dict[str, Any]) -> None:
@@ -203,6 +214,9 @@ class CeleryAdapter(BackendAdapter):
         await self._call(
             self.app.control.revoke, handle, terminate=running, signal=self.revoke_signal
         )
+        owned = self._owned.pop(handle, None)
+        if owned is not None:  # a cancelled key is free to run again
+            await self._call(self._release, *owned)
 
     async def status(self, handle: str) -> JobState:
         follower = self._followers.get(handle)
@@ -254,8 +268,9 @@ class CeleryAdapter(BackendAdapter):
         return key.decode() if isinstance(key, bytes) else str(key)
 
     def _claim(self, job: JobSpec, task_id: str) -> tuple[bool, str, str]:
-        """Claim the key for this run (``SET NX``); a requeued attempt of the owner moves
-        the claim to its new task id. Returns (we own it, the task id to follow, the
+        """Claim the key for this run (``SET NX``). The owner's requeued attempt moves the
+        claim to its new task id; a claim whose task ended without an outcome (worker
+        lost, revoked) is taken over. Returns (we own it, the task id to follow, the
         claim's Redis key)."""
         client = self._claim_client()
         if client is None:
@@ -263,18 +278,27 @@ class CeleryAdapter(BackendAdapter):
         key = self._claim_key(job)
         ttl = int(self.app.backend.expires or 86400)
         value = json.dumps({"run": job.run_id, "task": task_id})
-        for _ in range(3):
+        for _ in range(5):
             if client.set(key, value, nx=True, ex=ttl):
                 return True, task_id, key
             raw = client.get(key)
             if raw is None:
                 continue  # expired in between: try again
             holder = json.loads(raw)
-            if holder.get("run") == job.run_id:
-                client.set(key, value, xx=True, ex=ttl)
-                return True, task_id, key
-            return False, str(holder.get("task") or task_id), key
-        return True, task_id, key
+            held = str(holder.get("task") or "")
+            if holder.get("run") == job.run_id or self._state(held) in _DEAD_STATES:
+                if _compare_and_set(client, key, raw, value, ttl):
+                    return True, task_id, key
+                continue
+            return False, held, key
+        raise RuntimeError(f"could not claim idempotency key {job.idempotency_key!r} in "
+                           f"the result backend (contended); try again")
+
+    def _release(self, claim_key: str, run_id: str) -> None:
+        client = self._claim_client()
+        raw = client.get(claim_key) if client is not None else None
+        if raw is not None and json.loads(raw).get("run") == run_id:
+            _compare_and_set(client, claim_key, raw, None, 0)
 
     def _current_task(self, claim_key: str) -> str | None:
         client = self._claim_client()
@@ -406,6 +430,30 @@ class _Follower:
         return frame
 
 
+_DEAD_STATES = ("FAILURE", "REVOKED", "REJECTED")
+
+
+def _compare_and_set(client: Any, key: str, expected: bytes, value: str | None, ttl: int) -> bool:
+    """Replace (or delete, for ``None``) ``key`` only if it still holds ``expected``."""
+    import redis
+
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            if pipe.get(key) != expected:
+                pipe.unwatch()
+                return False
+            pipe.multi()
+            if value is None:
+                pipe.delete(key)
+            else:
+                pipe.set(key, value, ex=ttl)
+            pipe.execute()
+            return True
+        except redis.WatchError:
+            return False
+
+
 def _no_subscription(producer: Any, task_id: str) -> None:
     return None
 
@@ -460,10 +508,14 @@ def register(
     worker died by itself, whatever the caller's policy says (at least once).
     """
 
+    registered: dict[str, Any] = app.__dict__.setdefault("_wove_adapters_tasks", {})
+    if name in registered:
+        return registered[name]  # registering twice (re-imported module) is a no-op
+
     def run_payload(task: Any, payload: str) -> dict[str, Any]:
         return execute(task, payload)
 
-    return app.task(
+    registered[name] = app.task(
         name=name,
         bind=True,
         acks_late=acks_late,
@@ -471,6 +523,7 @@ def register(
         track_started=track_started,
         **task_options,
     )(run_payload)
+    return registered[name]
 
 
 def execute(task: Any, payload: str) -> dict[str, Any]:

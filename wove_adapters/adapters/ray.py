@@ -232,12 +232,8 @@ class RayAdapter(BackendAdapter):
             _check_reachable(self.address)
             try:
                 ray.init(address=self.address, **self.init_options)
-            except ConnectionError as exc:
-                raise ConnectionError(
-                    f"Cannot connect to the Ray cluster at {self.address!r}: {exc}. Start "
-                    f"one with 'ray start --head --port=PORT' (not 6379 if Redis runs "
-                    f"there) or use address 'local'"
-                ) from exc
+            except Exception as exc:
+                raise _connection_error(self.address, exc) from exc
 
     async def close(self) -> None:
         # The Ray connection is per process and may serve other environments; Ray's own
@@ -400,6 +396,24 @@ def _same_cluster(wanted: str, current: str) -> bool:
     Ray Client addresses accept whatever the process is connected to)."""
     target = _host_port(wanted)
     return target is None or _host_port(current) == target or wanted == current
+
+
+def _connection_error(address: str, exc: BaseException) -> ConnectionError:
+    text = str(exc)
+    if "uthentication" in text or "auth token" in text.lower():
+        return ConnectionError(
+            f"The Ray cluster at {address!r} uses token authentication (recent Ray turns "
+            f"it on for a head that finds a token, e.g. the ~/.ray/auth_token a local "
+            f"ray.init() writes) and this process sent none: export RAY_AUTH_MODE=token "
+            f"and the cluster's token "
+            f"(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) before starting "
+            f"it ({type(exc).__name__}: {_first_line(exc)})"
+        )
+    return ConnectionError(
+        f"Cannot connect to the Ray cluster at {address!r}: {type(exc).__name__}: "
+        f"{_first_line(exc)}. Start one with 'ray start --head --port=PORT' (not 6379 if "
+        f"Redis runs there) or use address 'local'"
+    )
 
 
 def _check_reachable(address: str) -> None:

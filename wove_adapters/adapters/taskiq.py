@@ -642,7 +642,7 @@ class _WorkerSide:
         if not control:
             job = _Job(handle=uuid.uuid4().hex, payload=payload)
             child = await self._acquire(job)
-            return await self._execute(job, child)
+            return await self._notify(job, await self._execute(job, child))
         url, prefix, handle = str(control["url"]), str(control["prefix"]), str(control["handle"])
         lease, ttl = float(control.get("lease", 10.0)), int(control.get("ttl", 86400))
         key = (prefix, handle)
@@ -681,7 +681,7 @@ class _WorkerSide:
                     pipe.set(f"{prefix}:outcome:{handle}", report["outcome"], ex=ttl)
                 pipe.delete(f"{prefix}:lease:{handle}")
                 await pipe.execute()
-            return report
+            return await self._notify(job, report)
         finally:
             self._jobs.pop(key, None)
 
@@ -698,12 +698,19 @@ class _WorkerSide:
             self._release(child)
         if reply is not None:
             return reply
+        # The payload process died without reporting: the caller hears it from us, after
+        # the state key says so (see ``_finish``).
         code = child.proc.returncode
         if job.cancelled.is_set():
-            await _report(job.payload, "cancelled", f"killed after cancellation (exit {code})")
-            return {"state": "cancelled"}
-        await _report(job.payload, "lost", f"the payload process died (exit code {code})")
-        return {"state": "lost"}
+            return {"state": "cancelled", "notice": f"killed after cancellation (exit {code})"}
+        return {"state": "lost", "notice": f"the payload process died (exit code {code})"}
+
+    @staticmethod
+    async def _notify(job: _Job, report: dict[str, Any]) -> dict[str, Any]:
+        notice = report.pop("notice", None)
+        if notice is not None:
+            await _report(job.payload, report["state"], notice)
+        return report
 
     async def _skip(
         self, client: Any, prefix: str, handle: str, ttl: int, job: _Job, marked: bool = False

@@ -121,6 +121,10 @@ class CeleryService:
             "WOVE_TEST_CELERY_BROKER": self.broker_url,
             "WOVE_TEST_CELERY_BACKEND": REDIS_URL,
             "WOVE_TEST_CELERY_CONFIG": json.dumps(self.celery_config),
+            # What `-A wove_adapters.adapters.celery:worker_app` reads.
+            "WOVE_CELERY_BROKER_URL": self.broker_url,
+            "WOVE_CELERY_RESULT_BACKEND": REDIS_URL,
+            "WOVE_CELERY_CONFIG": json.dumps(self.celery_config),
             "PYTHONPATH": os.pathsep.join(
                 [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
             ),

@@ -23,6 +23,7 @@ import ctypes
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -110,18 +111,18 @@ class RayNode:
     log: Path
 
     def stop(self) -> None:
-        """SIGTERM the node's process group (the CLI and everything it started), then
-        SIGKILL what is left after 20 s: a CLI head may sit on SIGTERM for a while."""
-        stop_group(self.process, grace=20.0)
+        stop_node(self.process, grace=20.0)
 
 
-def stop_group(process: subprocess.Popen[bytes], grace: float) -> None:
+def stop_node(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the ``ray start`` CLI by PID: it drains the node and stops what it started
+    (signalling the whole group instead kills the GCS first and the CLI then hangs).
+    After ``grace`` seconds, SIGKILL whatever is left in its process group (its own
+    session, so only what this node started)."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
+        os.kill(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -160,6 +161,22 @@ class RayCluster:
     head: RayNode
     temp_dir: str
     netns: str
+
+
+def use_session_token(directory: Path) -> Path:
+    """Token authentication (Ray's default for new clusters) with a token of this
+    session: ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` for the head, its
+    workers, this driver and every subprocess; ``~/.ray/auth_token`` is never touched.
+    Ray reads the mode when it is imported, so this runs before anything imports it."""
+    if "ray" in sys.modules:
+        raise RuntimeError("ray was imported before the Ray tests could configure its token")
+    path = directory / "auth_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)})
+    return path
 
 
 @contextlib.contextmanager

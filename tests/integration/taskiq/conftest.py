@@ -63,7 +63,8 @@ class TaskiqWorker:
             if any(m.decode().rsplit(":", 1)[-1] in map(str, pids) for m in seen):
                 return
             time.sleep(0.05)
-        raise AssertionError(f"taskiq worker not ready in {timeout}s: {self.log.read_text()[-3000:]}")
+        tail = self.log.read_text()[-3000:]
+        raise AssertionError(f"taskiq worker not ready in {timeout}s: {tail}")
 
 
 def start_worker(queue: str, log: Path, *, slots: int = SLOTS) -> TaskiqWorker:
@@ -124,7 +125,9 @@ def redis_available() -> None:
 
 
 @pytest.fixture(scope="session")
-def taskiq_worker(redis_available: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskiqWorker]:
+def taskiq_worker(
+    redis_available: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TaskiqWorker]:
     queue = f"wove-test-taskiq-{uuid.uuid4().hex[:8]}"
     log = tmp_path_factory.mktemp("taskiq") / "worker.log"
     worker = start_worker(queue, log)

@@ -63,7 +63,9 @@ def _parent_of(pid: int) -> int:
 # ---------------------------------------------------------------- the system's own CLI
 
 
-def test_cli_worker_runs_payloads_and_doctor_sees_it(taskiq_worker: TaskiqWorker, hubs: Any) -> None:
+def test_cli_worker_runs_payloads_and_doctor_sees_it(
+    taskiq_worker: TaskiqWorker, hubs: Any
+) -> None:
     hub = hubs(taskiq_worker.config)
     assert hub.run(tasks.add, 2, y=3) == 5
     adapter = hub.dispatcher("t").transport.adapter
@@ -76,7 +78,7 @@ def test_doctor_names_what_is_missing(redis_available: None, hubs: Any) -> None:
     idle = f"wove-test-taskiq-nobody-{uuid.uuid4().hex[:6]}"
     hub = hubs({"url": REDIS_URL, "queue": idle})
     rows = shared_loop.run_sync(hub.dispatcher("t").transport.adapter.doctor())
-    what, ok, detail = rows[1]
+    _, ok, detail = rows[1]
     assert not ok and "register(broker)" in detail and "taskiq worker" in detail
 
 
@@ -125,7 +127,8 @@ def test_labels_and_queue_routing_pass_through(taskiq_worker: TaskiqWorker, hubs
         message = json.loads(client.lindex(side, 0))
         assert message["task_name"] == "wove_adapters.run"
         assert message["labels"]["team"] == "data"
-        assert message["labels"]["priority"] == 3
+        assert message["labels"]["priority"] == "3"  # taskiq sends labels as text + a type tag
+        assert "priority" in message["labels_types"]
         assert message["labels"]["queue_name"] == side
         assert message["task_id"] == _submission(hub, future.run_id)  # type: ignore[attr-defined]
         hub.cancel(future)
@@ -196,17 +199,19 @@ def test_killed_payload_process_is_reported_lost_at_once(
     hub = hubs(taskiq_worker.config, delivery_orphan_policy="fail")
     future = hub.submit(tasks.die_once, str(markers), "lost")
     pid = int(wait_for_file(markers / "lost.pid", 60))
+    handle = _submission(hub, future.run_id)  # type: ignore[attr-defined]
     started = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(DeliveryOrphanedError, match="payload process died"):
         future.result(timeout=60)
     assert time.monotonic() - started < 10
-    handle = _submission(hub, future.run_id)  # type: ignore[attr-defined]
     adapter = hub.dispatcher("t").transport.adapter
     assert shared_loop.run_sync(adapter.status(handle)) == JobState.GONE
 
 
-def test_cancel_of_queued_work_is_confirmed_without_a_worker(redis_available: None, hubs: Any) -> None:
+def test_cancel_of_queued_work_is_confirmed_without_a_worker(
+    redis_available: None, hubs: Any
+) -> None:
     """require_ack on a queue nobody consumes: the marker guarantees the job never runs,
     so status() reports CANCELLED and the caller's cancel is confirmed."""
     idle = f"wove-test-taskiq-nobody-{uuid.uuid4().hex[:6]}"

@@ -1,5 +1,5 @@
 """A user's own Temporal worker hosting wove-adapters' generic workflow and activity next to
-its own workflow (``user.Greet``) and activity (``user.greet``).
+its own workflows (``user.Greet``, ``user.Increment``) and activities.
 
     python -m temporal_test_worker --address 127.0.0.1:7233 --task-queue Q [--style own]
 
@@ -38,21 +38,42 @@ class GreetWorkflow:
         return result
 
 
+@activity.defn(name="user.increment")
+async def increment(x: int) -> int:
+    return x + 1
+
+
+@workflow.defn(name="user.Increment", sandboxed=False)
+class IncrementWorkflow:
+    """The native baseline of ``benchmarks/bench_temporal.py``: one workflow, one activity."""
+
+    @workflow.run
+    async def run(self, x: int) -> int:
+        result: int = await workflow.execute_activity(
+            "user.increment", x, start_to_close_timeout=timedelta(seconds=30)
+        )
+        return result
+
+
+OWN_WORKFLOWS = [GreetWorkflow, IncrementWorkflow]
+OWN_ACTIVITIES = [greet, increment]
+
+
 async def serve(options: argparse.Namespace) -> None:
     client = await Client.connect(options.address)
     if options.style == "helper":
         running = asyncio.ensure_future(run_worker(
             client, options.task_queue,
             max_concurrent_activities=options.max_concurrent,
-            workflows=[GreetWorkflow], activities=[greet],
+            workflows=OWN_WORKFLOWS, activities=OWN_ACTIVITIES,
         ))
     else:
         prepare_processes()
         worker = Worker(
             client,
             task_queue=options.task_queue,
-            workflows=[*workflows(), GreetWorkflow],
-            activities=[*activities(), greet],
+            workflows=[*workflows(), *OWN_WORKFLOWS],
+            activities=[*activities(), *OWN_ACTIVITIES],
             max_concurrent_activities=options.max_concurrent,
             max_heartbeat_throttle_interval=timedelta(seconds=1),
         )

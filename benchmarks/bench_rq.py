@@ -1,0 +1,196 @@
+"""RQ: native ``Queue.enqueue`` + ``job.latest_result(timeout=...)`` vs ours (``Hub.run`` /
+``Hub.map``), through the same real ``rq worker`` (RQ's forking worker: one work-horse
+per job; ours is started with ``-w wove_adapters.adapters.rq.Worker``, which only adds a
+preload of the payload runner before the first fork).
+
+Starts its own worker on a fresh queue in Redis db ``$WOVE_BENCH_RQ_DB`` (default 9),
+interleaves native and ours sample by sample (sequential round trips) and round by round
+(bursts of tasks submitted at once), stops the worker by PID, removes its jobs, and prints
+one JSON line:
+
+    python benchmarks/bench_rq.py [--seq 200] [--burst 1000] [--rounds 1] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import operator
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REDIS_URL = os.environ.get(
+    "WOVE_BENCH_RQ_REDIS_URL", f"redis://127.0.0.1:6379/{os.environ.get('WOVE_BENCH_RQ_DB', '9')}"
+)
+
+
+def add_one(x: int) -> int:
+    return x + 1
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def start_workers(queue: str, count: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
+    from redis import Redis
+    from rq import Queue, Worker
+
+    procs = []
+    for i in range(count):
+        log = open(log_dir / f"worker-{i}.log", "wb")  # noqa: SIM115 - lives with the worker
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "rq.cli", "worker", queue, "--url", REDIS_URL,
+             "--logging_level", "WARNING", "-w", "wove_adapters.adapters.rq.Worker"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=os.environ.copy(), start_new_session=True, cwd=str(log_dir),
+        ))
+    connection = Redis.from_url(REDIS_URL)
+    deadline = time.monotonic() + 60
+    while len(Worker.all(queue=Queue(queue, connection=connection))) < count:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            stop_workers(procs)
+            raise SystemExit(f"rq worker did not start; see {log_dir}")
+        time.sleep(0.05)
+    connection.close()
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(15)
+
+
+def cleanup(queue: str) -> None:
+    from redis import Redis
+    from rq import Queue
+    from rq.job import Job
+
+    connection = Redis.from_url(REDIS_URL)
+    for key in connection.scan_iter("rq:job:*", count=1000):
+        job_id = key.decode().split(":", 2)[2]
+        origin = connection.hget(key, "origin")
+        if ":" not in job_id and origin is not None and origin.decode() == queue:
+            with contextlib.suppress(Exception):
+                Job.fetch(job_id, connection=connection).delete()
+    with contextlib.suppress(Exception):
+        Queue(queue, connection=connection).delete(delete_jobs=True)
+    for key in connection.scan_iter(f"rq:*{queue}*", count=1000):
+        connection.delete(key)
+    connection.close()
+
+
+class Native:
+    """RQ's own path: enqueue ``operator.add(x, 1)``; block on the result stream."""
+
+    def __init__(self, queue: str) -> None:
+        from redis import Redis
+        from rq import Queue
+
+        self.connection = Redis.from_url(REDIS_URL)
+        self.queue = Queue(queue, connection=self.connection)
+
+    def one(self, x: int) -> int:
+        job = self.queue.enqueue(operator.add, x, 1)
+        return int(self._value(job))
+
+    def burst(self, n: int) -> list[int]:
+        from rq import Queue
+
+        jobs = self.queue.enqueue_many(
+            [Queue.prepare_data(operator.add, (i, 1)) for i in range(n)]
+        )
+        return [int(self._value(job)) for job in jobs]
+
+    @staticmethod
+    def _value(job: Any) -> Any:
+        result = job.latest_result(timeout=120)
+        if result is None or result.type != result.Type.SUCCESSFUL:
+            raise RuntimeError(f"native job {job.id} did not succeed: {result}")
+        return result.return_value
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from wove_adapters.integration.hub import Hub
+
+    queue = f"wove-bench-rq-{uuid.uuid4().hex[:8]}"
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-rq-"))
+    procs = start_workers(queue, args.workers, log_dir)
+    hub = Hub(environments={"rq": {"executor": "rq", "executor_config": {
+        "redis_url": REDIS_URL, "queue": queue}}}, default_environment="rq")
+    native = Native(queue)
+    try:
+        # Warm both paths (connections, receiver, first fork).
+        for i in range(5):
+            assert native.one(i) == i + 1
+            assert hub.run(add_one, i) == i + 1
+        seq: dict[str, list[float]] = {"native": [], "ours": []}
+        for i in range(args.seq):
+            for name, call in (("native", native.one), ("ours", lambda x: hub.run(add_one, x))):
+                started = time.perf_counter()
+                assert call(i) == i + 1
+                seq[name].append(time.perf_counter() - started)
+        rates: dict[str, list[float]] = {"native": [], "ours": []}
+        expected = [i + 1 for i in range(args.burst)]
+        for _ in range(args.rounds):
+            for name, call in (("native", native.burst),
+                               ("ours", lambda n: hub.map(add_one, range(n)))):
+                started = time.perf_counter()
+                assert call(args.burst) == expected
+                rates[name].append(args.burst / (time.perf_counter() - started))
+    finally:
+        hub.close()
+        native.connection.close()
+        stop_workers(procs)
+        cleanup(queue)
+
+    def summary(name: str) -> dict[str, float]:
+        return {
+            "p50_ms": round(statistics.median(seq[name]) * 1000, 2),
+            "p99_ms": round(percentile(seq[name], 0.99) * 1000, 2),
+            "throughput_per_s": round(statistics.median(rates[name]), 1),
+        }
+
+    result = {"backend": "rq", "native": summary("native"), "ours": summary("ours")}
+    result["ratios"] = {
+        "p50_ours_over_native": round(result["ours"]["p50_ms"] / result["native"]["p50_ms"], 3),
+        "throughput_ours_over_native": round(
+            result["ours"]["throughput_per_s"] / result["native"]["throughput_per_s"], 3
+        ),
+    }
+    result["setup"] = {"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
+                       "workers": args.workers}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq", type=int, default=200)
+    parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    # The caller and the worker share one home, so the worker finds the signing key.
+    os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="bench-rq-home-"))
+    print(json.dumps(measure(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Temporal: native ``execute_workflow`` (one workflow + one activity running ``x + 1``,
+hosted by the same worker process) vs ours (``Hub.run`` / ``Hub.map``) on both return
+paths: the callback receiver (``http``, default) and the workflow result (``native``).
+
+Starts its own dev server (``temporal server start-dev``, in memory, 127.0.0.1) and one
+worker process (``tests/integration/temporal/temporal_test_worker.py``: our workflow and
+activity next to the native baseline's), measures the paths interleaved in one run, stops
+both by PID, and prints one JSON line per return path:
+
+    python benchmarks/bench_temporal.py [--seq 200] [--burst 1000] [--slots 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "integration" / "temporal"))
+os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-temporal-"))
+
+from temporal_services import start_dev_server, start_worker  # noqa: E402
+
+from wove_adapters.core import loop as shared_loop  # noqa: E402
+from wove_adapters.integration.hub import Hub  # noqa: E402
+
+
+def add_one(x: int) -> int:
+    return x + 1
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summary(samples: list[float], throughput: float) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(samples) * 1000, 2),
+        "p99_ms": round(percentile(samples, 0.99) * 1000, 2),
+        "throughput_per_s": round(throughput, 1),
+    }
+
+
+class Native:
+    """Temporal's own path, on the same shared loop our adapter uses."""
+
+    def __init__(self, address: str, task_queue: str) -> None:
+        self.task_queue = task_queue
+        self.client: Any = shared_loop.run_sync(self._connect(address))
+
+    @staticmethod
+    async def _connect(address: str) -> Any:
+        from temporalio.client import Client
+
+        return await Client.connect(address)
+
+    async def one(self, x: int) -> int:
+        result: int = await self.client.execute_workflow(
+            "user.Increment", x, id=f"bench-native-{uuid.uuid4().hex}",
+            task_queue=self.task_queue,
+        )
+        return result
+
+    def run(self, x: int) -> int:
+        return int(shared_loop.run_sync(self.one(x)))
+
+    def burst(self, n: int) -> list[int]:
+        async def _all() -> list[int]:
+            return list(await asyncio.gather(*(self.one(i) for i in range(n))))
+
+        return shared_loop.run_sync(_all())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq", type=int, default=200)
+    parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--slots", type=int, default=100,
+                        help="the worker's max_concurrent_activities")
+    parser.add_argument("--warmup", type=int, default=20)
+    options = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-temporal-"))
+    server = start_dev_server(work / "server")
+    queue = f"wove-bench-temporal-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(server.address, queue, work / "worker.log",
+                          args=["--max-concurrent", str(options.slots)])
+    hubs: dict[str, Hub] = {}
+    try:
+        native = Native(server.address, queue)
+        for path in ("http", "native"):
+            hubs[path] = Hub(environments={path: {"executor": "temporal", "executor_config": {
+                "address": server.address, "task_queue": queue, "return_path": path,
+            }}}, default_environment=path)
+        runners = {
+            "native": native.run,
+            "http": lambda x: hubs["http"].run(add_one, x),
+            "native_path": lambda x: hubs["native"].run(add_one, x),
+        }
+        for i in range(options.warmup):
+            for run in runners.values():
+                assert run(i) == i + 1
+        samples: dict[str, list[float]] = {name: [] for name in runners}
+        for i in range(options.seq):  # interleaved: each path sees the same conditions
+            for name, run in runners.items():
+                start = time.perf_counter()
+                assert run(i) == i + 1
+                samples[name].append(time.perf_counter() - start)
+        rates: dict[str, float] = {}
+        bursts = {
+            "native": lambda: native.burst(options.burst),
+            "http": lambda: hubs["http"].map(add_one, range(options.burst)),
+            "native_path": lambda: hubs["native"].map(add_one, range(options.burst)),
+        }
+        for name, burst in bursts.items():
+            start = time.perf_counter()
+            values = burst()
+            rates[name] = options.burst / (time.perf_counter() - start)
+            assert values == [i + 1 for i in range(options.burst)], name
+        base = summary(samples["native"], rates["native"])
+        for path, name in (("http", "http"), ("native", "native_path")):
+            ours = summary(samples[name], rates[name])
+            print(json.dumps({
+                "backend": "temporal",
+                "return_path": path,
+                "native": base,
+                "ours": ours,
+                "p50_ratio": round(ours["p50_ms"] / base["p50_ms"], 3),
+                "throughput_ratio": round(ours["throughput_per_s"] / base["throughput_per_s"], 3),
+                "seq": options.seq,
+                "burst": options.burst,
+                "worker_slots": options.slots,
+            }), flush=True)
+    finally:
+        for hub in hubs.values():
+            hub.close()
+        worker.stop()
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

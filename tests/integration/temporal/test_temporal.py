@@ -1,0 +1,363 @@
+"""Temporal specifics: worker helpers in a user's own worker and the module CLI, options
+reaching Temporal, one execution per key through the workflow id, status mapping and
+reconciliation for runs that die without an event, cancellation recorded by Temporal, a
+real wove weave, and the install hint when temporalio is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporal_services import DevServer, WorkerProcess, start_worker
+
+from wove_adapters.adapters.temporal import TemporalAdapter
+from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
+from wove_adapters.core.policies import JobState
+from wove_adapters.integration.hub import Hub
+from wove_adapters.testing import tasks
+from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
+
+TIMEOUT = 60.0
+
+
+@pytest.fixture
+def markers(tmp_path: Path) -> Path:
+    path = tmp_path / "markers"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def hub_for(temporal_config: dict[str, Any]) -> Iterator[Any]:
+    hubs: list[Hub] = []
+
+    def make(executor_config: dict[str, Any] | None = None, **settings: Any) -> Hub:
+        definition = {
+            "executor": "temporal",
+            "executor_config": {**temporal_config, **(executor_config or {})},
+            **settings,
+        }
+        hub = Hub(environments={"t": definition}, default_environment="t")
+        hubs.append(hub)
+        return hub
+
+    yield make
+    for hub in hubs:
+        hub.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _client(address: str) -> Any:
+    from temporalio.client import Client
+
+    return await Client.connect(address)
+
+
+async def _history_attributes(address: str, workflow_id: str) -> tuple[Any, Any]:
+    """(the workflow's description, the scheduled activity's attributes)."""
+    client = await _client(address)
+    handle = client.get_workflow_handle(workflow_id)
+    description = await handle.describe()
+    history = await handle.fetch_history()
+    for event in history.events:
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            return description, event.activity_task_scheduled_event_attributes
+    raise AssertionError(f"workflow {workflow_id} scheduled no activity")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# ---------------------------------------------------------------- the worker side
+
+
+def test_own_worker_hosts_our_workflow_next_to_its_own(
+    temporal_server: DevServer, tmp_path: Path
+) -> None:
+    """``workflows()`` + ``activities()`` in a user's own ``Worker``: our payloads and the
+    user's own workflow are both served from one worker process."""
+    queue = f"wove-test-temporal-own-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(temporal_server.address, queue, tmp_path / "own.log",
+                          args=["--style", "own"])
+    try:
+        hub = Hub(environments={"own": {"executor": "temporal", "executor_config": {
+            "address": temporal_server.address, "task_queue": queue}}},
+            default_environment="own")
+        try:
+            assert hub.run(tasks.add, 20, y=22) == 42
+        finally:
+            hub.close()
+
+        async def greet() -> str:
+            client = await _client(temporal_server.address)
+            result: str = await client.execute_workflow(
+                "user.Greet", "wove", id=f"greet-{uuid.uuid4().hex}", task_queue=queue
+            )
+            return result
+
+        assert run(greet()) == "hello wove"
+    finally:
+        worker.stop()
+
+
+def test_module_cli_worker_serves_payloads(temporal_server: DevServer, tmp_path: Path) -> None:
+    """``python -m wove_adapters.adapters.temporal --task-queue Q`` is a complete worker."""
+    queue = f"wove-test-temporal-cli-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(temporal_server.address, queue, tmp_path / "cli.log",
+                          module="wove_adapters.adapters.temporal",
+                          args=["--max-concurrent-activities", "2"])
+    try:
+        hub = Hub(environments={"cli": {"executor": "temporal", "executor_config": {
+            "address": temporal_server.address, "task_queue": queue}}},
+            default_environment="cli")
+        try:
+            assert hub.map(tasks.add, range(5)) == [1, 2, 3, 4, 5]
+        finally:
+            hub.close()
+    finally:
+        worker.stop()
+    assert worker.proc.returncode == 0, worker.log.read_text()[-2000:]
+
+
+def test_doctor_reports_server_and_pollers(hub_for: Any) -> None:
+    from wove_adapters.core import loop as shared_loop
+
+    hub = hub_for()
+    adapter = hub.dispatcher("t").transport.adapter
+    rows = shared_loop.run_sync(adapter.doctor())
+    assert rows and all(ok for _, ok, _ in rows), rows
+    assert any("polls" in check for check, _, _ in rows)
+
+
+# ---------------------------------------------------------------- submit options
+
+
+def test_options_reach_temporal(
+    hub_for: Any, temporal_server: DevServer, markers: Path
+) -> None:
+    key = f"opts-{uuid.uuid4().hex}"
+    hub = hub_for(
+        executor_config={"task_options": {
+            "heartbeat_timeout": 7, "retries": 2, "priority": 2,
+            "memo": {"team": "reports"}, "start_to_close_timeout": 600,
+        }},
+        delivery_idempotency_key=key,
+    )
+    assert hub.run(tasks.record, str(markers), "opts", 4) == 8
+    description, scheduled = run(
+        _history_attributes(temporal_server.address, f"wove-key-{key}")
+    )
+    assert scheduled.heartbeat_timeout.ToTimedelta().total_seconds() == 7
+    assert scheduled.start_to_close_timeout.ToTimedelta().total_seconds() == 600
+    assert scheduled.retry_policy.maximum_attempts == 3
+    assert run(description.memo_value("team")) == "reports"
+    assert description.raw_description.workflow_execution_info.priority.priority_key == 2
+
+
+def test_default_activity_retry_is_one_attempt(
+    hub_for: Any, temporal_server: DevServer, markers: Path
+) -> None:
+    """Our orphan policy owns requeue: Temporal does not retry the activity by itself."""
+    key = f"retry-{uuid.uuid4().hex}"
+    hub = hub_for(delivery_idempotency_key=key)
+    assert hub.run(tasks.record, str(markers), "retry", 1) == 2
+    _, scheduled = run(_history_attributes(temporal_server.address, f"wove-key-{key}"))
+    assert scheduled.retry_policy.maximum_attempts == 1
+    assert scheduled.heartbeat_timeout.ToTimedelta().total_seconds() == 10
+
+
+def test_payload_between_inline_limit_and_blob_limit_goes_through_the_store(
+    hub_for: Any, temporal_server: DevServer
+) -> None:
+    """1.8 MiB: over our 1 MiB inline limit, under Temporal's 2 MiB blob limit only as a
+    store reference (inline, the base64 payload would be ~2.4 MiB and refused)."""
+    key = f"big-{uuid.uuid4().hex}"
+    data = os.urandom(1_800_000)
+    hub = hub_for(delivery_idempotency_key=key)
+    assert hub.run(tasks.digest, data) == tasks.digest(data)
+
+    async def input_size() -> int:
+        client = await _client(temporal_server.address)
+        history = await client.get_workflow_handle(f"wove-key-{key}").fetch_history()
+        started = history.events[0].workflow_execution_started_event_attributes
+        return sum(len(p.data) for p in started.input.payloads)
+
+    assert run(input_size()) < 64 * 1024
+
+
+# ---------------------------------------------------------------- idempotency
+
+
+def test_one_execution_per_key_across_callers_without_a_shared_ledger(
+    hub_for: Any, markers: Path
+) -> None:
+    """Two callers whose ledgers know nothing of each other (say, two hosts): the workflow
+    id is the key, so the second start attaches to the first run and both get its result;
+    a caller arriving after it completed gets the recorded result, not a new execution."""
+    key = f"cross-{uuid.uuid4().hex}"
+    first = hub_for(delivery_idempotency_key=key, ledger=f"memory://a-{key}")
+    second = hub_for(delivery_idempotency_key=key, ledger=f"memory://b-{key}")
+    one = first.submit(tasks.record, str(markers), "cross", 5)
+    two = second.submit(tasks.record, str(markers), "cross", 5)
+    assert one.result(timeout=TIMEOUT) == 10
+    assert two.result(timeout=TIMEOUT) == 10
+    later = hub_for(delivery_idempotency_key=key, ledger=f"memory://c-{key}")
+    assert later.run(tasks.record, str(markers), "cross", 5) == 10
+    runs = (markers / "cross.runs").read_text().splitlines()
+    assert len(runs) == 1, f"one key ran {len(runs)} times"
+
+
+# ---------------------------------------------------------------- status and reconciliation
+
+
+def test_state_map_covers_every_workflow_status() -> None:
+    from temporalio.client import WorkflowExecutionStatus
+
+    expected = {
+        "RUNNING": JobState.RUNNING, "COMPLETED": JobState.SUCCEEDED,
+        "FAILED": JobState.FAILED, "CANCELED": JobState.CANCELLED,
+        "TERMINATED": JobState.CANCELLED, "TIMED_OUT": JobState.FAILED,
+        "CONTINUED_AS_NEW": JobState.RUNNING,
+    }
+    assert {s.name: TemporalAdapter.map_state(s.name) for s in WorkflowExecutionStatus} == expected
+    assert TemporalAdapter.map_state("SOMETHING_NEW") is JobState.UNKNOWN
+    assert TemporalAdapter.map_state(None) is JobState.UNKNOWN
+
+
+def test_terminated_workflow_is_a_lost_run(
+    hub_for: Any, temporal_server: DevServer, markers: Path
+) -> None:
+    """An operator terminates the workflow: no event ever comes; status() says
+    TERMINATED, reconciliation calls the run lost and its orphan policy applies."""
+    key = f"term-{uuid.uuid4().hex}"
+    hub = hub_for(delivery_idempotency_key=key, delivery_orphan_policy="fail")
+    future = hub.submit(tasks.sleepy, str(markers), "term", 60.0)
+    pid = int(wait_for_file(markers / "term.started", TIMEOUT))
+
+    async def terminate() -> None:
+        client = await _client(temporal_server.address)
+        await client.get_workflow_handle(f"wove-key-{key}").terminate("test: operator")
+
+    run(terminate())
+    with pytest.raises(DeliveryOrphanedError, match="cancelled without a terminal event"):
+        future.result(timeout=TIMEOUT)
+    # Temporal tells the activity on its next heartbeat; the task process is killed.
+    assert _wait_gone(pid), "the task of a terminated workflow kept running"
+    assert not (markers / "term.finished").exists()
+
+
+def test_whole_worker_killed_mid_task(
+    temporal_server: DevServer, markers: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the worker process itself: its task process dies with it; the activity's
+    heartbeat timeout lets Temporal fail the workflow once a worker is back; the run is
+    lost and the orphan policy applies (no delivery heartbeats configured here)."""
+    queue = f"wove-test-temporal-kill-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(temporal_server.address, queue, tmp_path / "kill.log")
+    replacement: WorkerProcess | None = None
+    hub = Hub(environments={"k": {
+        "executor": "temporal",
+        "executor_config": {"address": temporal_server.address, "task_queue": queue,
+                            "heartbeat_timeout": 2},
+        "delivery_orphan_policy": "fail",
+    }}, default_environment="k")
+    try:
+        future = hub.submit(tasks.sleepy, str(markers), "whole", 60.0)
+        pid = int(wait_for_file(markers / "whole.started", TIMEOUT))
+        worker.kill()
+        assert _wait_gone(pid), "the task process outlived its killed worker"
+        replacement = start_worker(temporal_server.address, queue, tmp_path / "kill2.log")
+        with pytest.raises(DeliveryOrphanedError, match="failed without a terminal event"):
+            future.result(timeout=TIMEOUT)
+    finally:
+        hub.close()
+        worker.stop()
+        if replacement is not None:
+            replacement.stop()
+
+
+def test_require_ack_waits_until_temporal_records_the_cancel(
+    hub_for: Any, temporal_server: DevServer, markers: Path
+) -> None:
+    key = f"ack-{uuid.uuid4().hex}"
+    hub = hub_for(delivery_idempotency_key=key, delivery_cancel_mode="require_ack")
+    future = hub.submit(tasks.sleepy, str(markers), "ack", 60.0)
+    pid = int(wait_for_file(markers / "ack.started", TIMEOUT))
+    hub.cancel(future, mode="require_ack")
+    with pytest.raises(CancelledErrors):
+        future.result(timeout=TIMEOUT)
+    assert _wait_gone(pid, 15), "acknowledged, yet the task process still runs"
+
+    async def status() -> str:
+        client = await _client(temporal_server.address)
+        description = await client.get_workflow_handle(f"wove-key-{key}").describe()
+        return str(description.status.name)
+
+    deadline = time.monotonic() + 15
+    while run(status()) != "CANCELED" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert run(status()) == "CANCELED"
+
+
+# ---------------------------------------------------------------- wove, install hint
+
+
+def test_wove_weave_with_a_mapped_task_of_100_items(temporal_config: dict[str, Any]) -> None:
+    wove = pytest.importorskip("wove", reason="the wove extra is part of `dev`; install it")
+    from wove_adapters.integration.wove import executor
+
+    wove.config(environments={"temporal": {
+        "executor": executor("temporal", executor_config=dict(temporal_config)),
+    }})
+    try:
+        with wove.weave() as w:
+
+            @w.do
+            def items() -> list[int]:
+                return list(range(100))
+
+            @w.do("items", environment="temporal")
+            def double(item: int) -> tuple[int, int]:
+                return item * 2, os.getpid()
+
+        assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
+        assert all(pid != os.getpid() for _, pid in w.result.double)
+    finally:
+        wove.config(environments={"default": {"executor": "local"}},
+                    default_environment="default")
+
+
+def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "temporalio", None)  # `import temporalio` now fails
+    hub = Hub(environments={"nolib": {"executor": "temporal", "executor_config": {
+        "address": "127.0.0.1:1", "task_queue": f"missing-{uuid.uuid4().hex}"}}},
+        default_environment="nolib")
+    try:
+        with pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[temporal\]'"):
+            hub.run(tasks.add, 1)
+    finally:
+        hub.close()
