@@ -29,14 +29,14 @@ def add_one(x: int) -> int:
 
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def start_cluster(tmp: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
     cli = str(Path(sys.executable).with_name("dask"))
     env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
     scheduler_file = tmp / "scheduler.json"
-    log = open(tmp / "cluster.log", "wb")  # noqa: SIM115 - lives as long as the cluster
+    log = open(tmp / "cluster.log", "wb")  # lives as long as the cluster
     procs = [subprocess.Popen(
         [cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
          "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
@@ -117,11 +117,19 @@ def main() -> None:
     try:
         client = Client(address, timeout=30)
         client.wait_for_workers(2, timeout=120)
-        paths = ("http", "native")
+        # "native+direct": the caller fetches results from the workers itself
+        # (client_options direct_to_workers), not through the scheduler.
+        configs = {
+            "http": {"return_path": "http"},
+            "native": {"return_path": "native"},
+            "native+direct": {"return_path": "native",
+                              "client_options": {"direct_to_workers": True}},
+        }
+        paths = tuple(configs)
         hubs = {
             path: Hub(environments={"dask": {"executor": "dask", "executor_config": {
-                "address": address, "return_path": path}}}, default_environment="dask")
-            for path in paths
+                "address": address, **config}}}, default_environment="dask")
+            for path, config in configs.items()
         }
         # Warm up: connections, imports on the workers, receiver.
         native_round(client, 20, 50)

@@ -39,7 +39,7 @@ def add_one(x: int) -> int:
 
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def start_workers(queue: str, count: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
@@ -48,7 +48,7 @@ def start_workers(queue: str, count: int, log_dir: Path) -> list[subprocess.Pope
 
     procs = []
     for i in range(count):
-        log = open(log_dir / f"worker-{i}.log", "wb")  # noqa: SIM115 - lives with the worker
+        log = open(log_dir / f"worker-{i}.log", "wb")  # lives with the worker
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "rq.cli", "worker", queue, "--url", REDIS_URL,
              "--logging_level", "WARNING", "-w", "wove_adapters.adapters.rq.Worker"],
@@ -86,7 +86,7 @@ def cleanup(queue: str) -> None:
     connection = Redis.from_url(REDIS_URL)
     for key in connection.scan_iter("rq:job:*", count=1000):
         job_id = key.decode().split(":", 2)[2]
-        origin = connection.hget(key, "origin")
+        origin: Any = connection.hget(key, "origin")
         if ":" not in job_id and origin is not None and origin.decode() == queue:
             with contextlib.suppress(Exception):
                 Job.fetch(job_id, connection=connection).delete()
@@ -168,11 +168,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "throughput_per_s": round(statistics.median(rates[name]), 1),
         }
 
-    result = {"backend": "rq", "native": summary("native"), "ours": summary("ours")}
+    native_stats, ours_stats = summary("native"), summary("ours")
+    result: dict[str, Any] = {"backend": "rq", "native": native_stats, "ours": ours_stats}
     result["ratios"] = {
-        "p50_ours_over_native": round(result["ours"]["p50_ms"] / result["native"]["p50_ms"], 3),
+        "p50_ours_over_native": round(ours_stats["p50_ms"] / native_stats["p50_ms"], 3),
         "throughput_ours_over_native": round(
-            result["ours"]["throughput_per_s"] / result["native"]["throughput_per_s"], 3
+            ours_stats["throughput_per_s"] / native_stats["throughput_per_s"], 3
         ),
     }
     result["setup"] = {"seq": args.seq, "burst": args.burst, "rounds": args.rounds,

@@ -215,12 +215,11 @@ def _no_leaked_sqlite_threads() -> Iterator[None]:
     before = {t.ident for t in threading.enumerate()}
     yield
     leaked = [
-        t.name
+        t
         for t in threading.enumerate()
         if t.ident not in before and t.name.startswith("wove-ledger-sqlite") and t.is_alive()
     ]
     # shutdown(wait=False) lets a worker exit a moment after its close job.
-    for thread in threading.enumerate():
-        if thread.name in leaked:
-            thread.join(timeout=2)
-    assert not [t for t in threading.enumerate() if t.name in leaked and t.is_alive()]
+    for thread in leaked:
+        thread.join(timeout=2)
+    assert not [t for t in leaked if t.is_alive()]

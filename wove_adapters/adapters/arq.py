@@ -21,6 +21,7 @@ ARQ beyond the ``ctx`` dict it passes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -45,6 +46,7 @@ DONE_KEY = "wove-adapters:arq:done:"  # a try that finished after ARQ cancelled 
 LEASE_KEY = "wove-adapters:arq:lease:"  # renewed while a worker really runs the job
 MARKER_TTL = 86_400
 LEASE_SECONDS = 15.0
+LEASE_TAIL = 60.0  # a lapsed lease stays readable this long, so its age can be told
 _JOB_ID_CHARS = r"A-Za-z0-9_\-.:"
 
 _OPTION_KEYS = {
@@ -166,7 +168,11 @@ class ArqAdapter(BackendAdapter):
         self._watchers.clear()
         if self._pool is not None:
             with contextlib.suppress(Exception):
-                await self._pool.close(close_connection_pool=True)
+                aclose = getattr(self._pool, "aclose", None)  # redis-py >= 5.0.1
+                if aclose is not None:
+                    await aclose()
+                else:
+                    await self._pool.close(close_connection_pool=True)
             self._pool = None
 
     # ------------------------------------------------------------ submit
@@ -312,16 +318,53 @@ class ArqAdapter(BackendAdapter):
         native, _ = await self._native(handle, queue)
         if native in ("complete", "not_found"):
             return
+        if native in ("queued", "deferred") and await self._remove_queued(handle, queue):
+            return
         if native == "in_progress" and not running:
             return
+        # Running (or started meanwhile): what Job.abort() does, without waiting for it.
         now = int(time.time() * 1000)
         async with self._pool.pipeline(transaction=True) as pipe:
             pipe.set(CANCEL_KEY + handle, b"1", ex=MARKER_TTL)
             if native == "deferred":
-                # As Job.abort does: bring it forward so a worker sees the abort now.
-                pipe.zadd(queue, {handle: 1})
+                pipe.zadd(queue, {handle: 1})  # bring it forward so a worker sees the abort
             pipe.zadd(abort_jobs_ss, {handle: now})
             await pipe.execute()
+
+    async def _remove_queued(self, handle: str, queue: str) -> bool:
+        """Take a job no worker has started off the queue, recording it aborted (the
+        result ARQ itself records for an aborted job: ``CancelledError``). False if a
+        worker started it meanwhile."""
+        from arq.constants import (
+            in_progress_key_prefix,
+            job_key_prefix,
+            result_key_prefix,
+            retry_key_prefix,
+        )
+        from arq.jobs import serialize_result
+
+        now = int(time.time() * 1000)
+        aborted = serialize_result(
+            self._function, (), {}, 1, now, False,
+            asyncio.CancelledError("cancelled before it started"), now, now,
+            f"{handle}:{self._function}", queue, handle,
+            serializer=self._pool.job_serializer,
+        )
+        async with self._pool.pipeline(transaction=True) as pipe:
+            await pipe.watch(in_progress_key_prefix + handle)
+            if await pipe.exists(in_progress_key_prefix + handle):
+                await pipe.reset()
+                return False
+            pipe.multi()
+            pipe.zrem(queue, handle)
+            pipe.delete(job_key_prefix + handle, retry_key_prefix + handle)
+            if aborted is not None:
+                pipe.set(result_key_prefix + handle, aborted, px=3_600_000)
+            try:
+                await pipe.execute()
+            except Exception:  # WatchError: a worker just started it
+                return False
+        return True
 
     async def status(self, handle: str) -> JobState:
         if handle in self._let_go:
@@ -337,11 +380,15 @@ class ArqAdapter(BackendAdapter):
 
     async def _check_lease(self, handle: str) -> JobState:
         """ARQ keeps a job "in progress" for job_timeout + 10 s after its worker died;
-        wove_adapters_run renews a short lease while it really runs the job. No lease for
-        longer than a lease period (the start of a job is a brief unleased window): the
-        worker is gone, and so is the run."""
-        if await self._pool.exists(LEASE_KEY + handle):
+        wove_adapters_run renews a lease while it really runs the job. A lease not
+        renewed for ``lease_seconds`` (measured on Redis's clock), or none at all for that
+        long (a job's first moments are unleased), means the worker is gone."""
+        ttl = await self._pool.pttl(LEASE_KEY + handle)
+        if ttl >= 0:
             self._unleased.pop(handle, None)
+            since_renewal = (self._lease + LEASE_TAIL) * 1000 - ttl
+            return JobState.GONE if since_renewal > self._lease * 1000 else JobState.RUNNING
+        if ttl == -1:  # no expiry: not ours to judge
             return JobState.RUNNING
         first = self._unleased.setdefault(handle, time.monotonic())
         if time.monotonic() - first > self._lease:
@@ -479,7 +526,9 @@ async def _run_job(
         child = _Child(payload)
         work: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(child.run())
     else:
-        work = asyncio.ensure_future(asyncio.to_thread(_execute, payload, False))
+        work = asyncio.ensure_future(
+            asyncio.get_running_loop().run_in_executor(_threads(), _execute, payload, False)
+        )
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
@@ -496,13 +545,15 @@ async def _run_job(
 
 
 async def _hold_lease(redis: Any, job_id: str, seconds: float) -> None:
-    """Renew ``LEASE_KEY + job_id`` while the job runs here (see ArqAdapter.status)."""
+    """Renew ``LEASE_KEY + job_id`` while the job runs here (see ArqAdapter.status). The
+    first write waits a little: a short job never costs a Redis command for it."""
     import socket
 
     owner = f"{socket.gethostname()}:{os.getpid()}"
+    await asyncio.sleep(min(1.0, seconds / 3))
     while True:
         with contextlib.suppress(Exception):
-            await redis.set(LEASE_KEY + job_id, owner, px=int(seconds * 1000))
+            await redis.set(LEASE_KEY + job_id, owner, px=int((seconds + LEASE_TAIL) * 1000))
         await asyncio.sleep(seconds / 3)
 
 
@@ -525,6 +576,22 @@ async def _finish_anyway(
                 return {"state": "failed", "error": repr(exc)}
         with contextlib.suppress(Exception):
             await redis.pexpire(in_progress_key_prefix + job_id, 60_000)
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads payloads run in (what ``arun`` does with the loop's default executor,
+    which has only ``cpu_count + 4`` threads: a thread mostly waits for its terminal
+    event's acknowledgement, so that would cap a worker's throughput well below its
+    ``max_jobs``). Size: ``$WOVE_ADAPTERS_ARQ_THREADS`` (default 64); threads start on
+    demand."""
+    global _pool
+    if _pool is None:
+        size = int(os.environ.get("WOVE_ADAPTERS_ARQ_THREADS", "64"))
+        _pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="wove-arq")
+    return _pool
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -559,11 +626,13 @@ def _execute(payload: str, handle_sigterm: bool) -> dict[str, Any]:
     outcome = worker.run_envelope(envelope, handle_sigterm=handle_sigterm)
     result: dict[str, Any] = {
         "state": outcome.state,
-        "exit_code": outcome.exit_code,
         "run_id": envelope.run_id,
         "attempt": envelope.attempt,
-        "delivered": outcome.delivered,
     }
+    if not outcome.delivered:
+        result["delivered"] = False
+    if handle_sigterm:  # the child process: its exit code
+        result["exit_code"] = outcome.exit_code
     if envelope.delivery.get("delivery_idempotency_key") is not None:
         # Keyed runs keep a signed copy of their outcome in ARQ's result, so another
         # caller with the same key (another process, no shared ledger) gets it too.

@@ -86,6 +86,14 @@ class BackendAdapter(abc.ABC):
     async def detach(self, handle: str) -> None:
         """Leave the job running without us (default: nothing to let go of)."""
 
+    async def submit_many(self, jobs: list[JobSpec]) -> list[str]:
+        """Submit several jobs at once (``capabilities.array_jobs``: one array job).
+        Returns one handle per job, in order. Default: one by one."""
+        return [await self.submit(job) for job in jobs]
+
+    async def release(self, handle: str) -> None:
+        """The run ended: remove per-job files or records (default: nothing)."""
+
     async def close(self) -> None:
         """Release clients; default: nothing."""
 
@@ -116,7 +124,7 @@ class BackendAdapter(abc.ABC):
 # ---------------------------------------------------------------- registry
 
 # name -> ("module:Class", extra). Alphabetized; strings only, imported on lookup.
-# Slurm, AWS Batch and Kubernetes Jobs join this table when their adapters land (issue 6).
+# AWS Batch and Kubernetes Jobs join this table when their adapters land (issue 6).
 _BUILTINS: dict[str, tuple[str, str]] = {
     "arq": ("wove_adapters.adapters.arq:ArqAdapter", "arq"),
     "celery": ("wove_adapters.adapters.celery:CeleryAdapter", "celery"),
@@ -124,6 +132,7 @@ _BUILTINS: dict[str, tuple[str, str]] = {
     "process": ("wove_adapters.adapters.process:ProcessAdapter", ""),
     "ray": ("wove_adapters.adapters.ray:RayAdapter", "ray"),
     "rq": ("wove_adapters.adapters.rq:RqAdapter", "rq"),
+    "slurm": ("wove_adapters.adapters.slurm:SlurmAdapter", "slurm"),
     "taskiq": ("wove_adapters.adapters.taskiq:TaskiqAdapter", "taskiq"),
     "temporal": ("wove_adapters.adapters.temporal:TemporalAdapter", "temporal"),
 }
@@ -228,6 +237,8 @@ class AdapterTransport(Transport):
         self._store_url: str | None = None
         self._environment = ""
         self._body_refs: dict[str, payload_mod.BodyRef] = {}
+        self._batch: list[tuple[JobSpec, asyncio.Future[str]]] = []
+        self.stats: dict[str, int] = {"array_submissions": 0, "single_submissions": 0}
 
     async def open(
         self,
@@ -251,11 +262,10 @@ class AdapterTransport(Transport):
         elif not native_only(self.adapter_cls, executor_config):
             self.receiver = await get_receiver(executor_config)
         self.adapter = self.adapter_cls(executor_config, environment=environment)
-        # An adapter may narrow or widen its claims per configuration (e.g. arq's
-        # isolation="process" can interrupt running work, its default cannot).
-        self.capabilities = self.adapter.capabilities
         self.adapter.emit = emit
         await self.adapter.start()
+        # An adapter may refine its capabilities from its configuration.
+        self.capabilities = self.adapter.capabilities
 
     def return_path(self, run: RunAttempt) -> payload_mod.ReturnPath:
         kind = str(self._config.get("return_path", "http"))
@@ -312,7 +322,43 @@ class AdapterTransport(Transport):
             delivery=delivery,
             options=dict(run.extra.get("options") or {}),
         )
-        run.submission = await self.adapter.submit(job)
+        if self.capabilities.array_jobs and job.idempotency_key is None:
+            run.submission = await self._submit_batched(job)
+        else:
+            run.submission = await self.adapter.submit(job)
+
+    async def _submit_batched(self, job: JobSpec) -> str:
+        """Jobs submitted within ``array_window`` seconds of each other (a mapped task)
+        go to the backend as one array job: one submission instead of N."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[str] = loop.create_future()
+        self._batch.append((job, waiter))
+        if len(self._batch) == 1:
+            window = float(self._config.get("array_window", 0.05))
+            loop.call_later(window, lambda: loop.create_task(self._flush_batch()))
+        return await waiter
+
+    async def _flush_batch(self) -> None:
+        assert self.adapter is not None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        jobs = [job for job, _ in batch]
+        try:
+            if len(jobs) == 1:
+                handles = [await self.adapter.submit(jobs[0])]
+            else:
+                handles = await self.adapter.submit_many(jobs)
+        except Exception as exc:  # noqa: BLE001 - every waiter hears about it
+            for _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        self.stats["array_submissions"] += len(jobs) > 1
+        self.stats["single_submissions"] += len(jobs) == 1
+        for (_, waiter), handle in zip(batch, handles):
+            if not waiter.done():
+                waiter.set_result(handle)
 
     def _sink(self, event: frames.WireEvent, raw: bytes) -> None:
         from wove_adapters.core.runtime import wire_to_frame
@@ -366,6 +412,9 @@ class AdapterTransport(Transport):
     async def release(self, run: RunAttempt) -> None:
         if self.receiver is not None:
             self.receiver.unregister(run.run_id)
+        if self.adapter is not None and run.submission is not None:
+            with contextlib.suppress(Exception):
+                await self.adapter.release(run.submission)
         ref = self._body_refs.pop(f"{run.run_id}#{run.attempt}", None)
         if ref is not None:
             with contextlib.suppress(Exception):

@@ -15,8 +15,8 @@ finished answers at once from that stored outcome.
 
 Cancel is ``revoke(terminate=True, signal="SIGTERM")``: workers drop a queued task and
 SIGTERM the prefork child running it, where ``wove_adapters.callbacks.worker`` turns the
-signal into ``task_cancelled``. ``status()`` maps the result backend's task state
-(``task_track_started`` on, so STARTED is visible); PENDING is also Celery's word for
+signal into ``task_cancelled``. ``status()`` maps the result backend's task state (the
+task records STARTED itself, off its critical path); PENDING is also Celery's word for
 "unknown", so it maps to PENDING and a run that never starts is caught by its timeout.
 """
 
@@ -26,6 +26,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import importlib
 import json
@@ -56,6 +57,7 @@ BASE_CONF: dict[str, Any] = {
 _ID_CHARS = r"A-Za-z0-9_\-.:@"
 # send_task keywords that executor_config may set directly (besides ``send_options``).
 _SEND_KEYS = ("queue", "routing_key", "exchange", "priority")
+_PAYLOAD_REPR = "('<signed wove-adapters payload>',)"
 
 
 class CeleryAdapter(BackendAdapter):
@@ -99,6 +101,26 @@ class CeleryAdapter(BackendAdapter):
         self.use_claims = bool(config.get("idempotency_claim", True))
         self._followers: dict[str, _Follower] = {}
         self._owned: dict[str, tuple[str, str]] = {}  # task id -> (claim key, run id)
+        self._dropbox_client: Any = None
+        self.capabilities = self._capabilities_for(config)  # type: ignore[misc]
+
+    @classmethod
+    def _capabilities_for(cls, config: dict[str, Any]) -> Capabilities:
+        """Narrow the claims to this configuration: without a result backend nothing can
+        report a job's state (nor confirm a queued task's revoke); claims need one too."""
+        broker = str(config.get("broker_url") or DEFAULT_BROKER)
+        has_backend = bool(
+            config.get("app")
+            or config.get("result_backend")
+            or (config.get("result_backend") is None
+                and broker.startswith(("redis://", "rediss://")))
+        )
+        return dataclasses.replace(
+            cls.capabilities,
+            status=has_backend,
+            confirm_cancel=has_backend,
+            native_idempotency=has_backend and bool(config.get("idempotency_claim", True)),
+        )
 
     # ------------------------------------------------------------ life cycle
 
@@ -107,7 +129,7 @@ class CeleryAdapter(BackendAdapter):
             max_workers=int(self.config.get("client_threads") or 4),
             thread_name_prefix=f"wove-celery-{self.environment}",
         )
-        self.app, self._own_app = self._make_app()
+        self.app, self._own_app = await self._call(self._make_app)  # may import a module
         await self._call(self._check_connections)
 
     def _make_app(self) -> tuple[Any, bool]:
@@ -157,6 +179,10 @@ class CeleryAdapter(BackendAdapter):
         for follower in list(self._followers.values()):
             follower.stop()
         self._followers.clear()
+        if self._dropbox_client is not None:
+            client, self._dropbox_client = self._dropbox_client, None
+            with contextlib.suppress(Exception):
+                await self._call(client.close)
         if self._pool is not None:
             if self._own_app and self.app is not None:
                 with contextlib.suppress(Exception):
@@ -203,8 +229,14 @@ class CeleryAdapter(BackendAdapter):
         return task_id
 
     def _send(self, payload: str, task_id: str, options: dict[str, Any]) -> None:
-        self._quiet_backend()
-        self.app.send_task(self.task_name, args=[payload], task_id=task_id, **options)
+        # ignore_result: the worker side stores the task's states itself (see
+        # ``execute``); Celery also skips its per-task result subscription then.
+        # argsrepr: Celery would otherwise saferepr the payload into every message
+        # (half the cost of send_task) and show it in logs and monitors.
+        self.app.send_task(
+            self.task_name, args=[payload], task_id=task_id, ignore_result=True,
+            argsrepr=_PAYLOAD_REPR, kwargsrepr="{}", **options,
+        )
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
         follower = self._followers.pop(handle, None)
@@ -221,16 +253,40 @@ class CeleryAdapter(BackendAdapter):
     async def status(self, handle: str) -> JobState:
         follower = self._followers.get(handle)
         if follower is None:
-            return self.map_state(await self._call(self._state, handle))
+            state = self.map_state(await self._call(self._state, handle))
+            if state.finished and await self._dropbox_backlog():
+                # With the redis return path a task finishes once its events are pushed;
+                # while the caller has not read them all, the run is not lost.
+                return JobState.RUNNING
+            return state
         task_id = await self._call(self._current_task, follower.claim_key) or follower.task_id
         state = self.map_state(await self._call(self._state, task_id))
         # A finished owner's outcome is the follower's to emit: not a lost run.
         return JobState.RUNNING if state is JobState.SUCCEEDED else state
 
+    def _meta(self, task_id: str) -> dict[str, Any]:
+        return dict(self.app.backend.get_task_meta(task_id, cache=False))
+
     def _state(self, task_id: str) -> str:
         if not self._has_backend():
             return "UNKNOWN"
-        return str(self.app.backend.get_task_meta(task_id, cache=False).get("status"))
+        return str(self._meta(task_id).get("status"))
+
+    async def _dropbox_backlog(self) -> bool:
+        if self.config.get("return_path") != "redis":
+            return False
+        from wove_adapters.callbacks.dropbox import get_dropbox
+
+        url = str(self.config.get("return_redis_url") or DEFAULT_BROKER)
+        reader = await get_dropbox(url)
+        if self._dropbox_client is None:
+            import redis
+
+            self._dropbox_client = redis.Redis.from_url(url)
+        try:
+            return bool(await self._call(self._dropbox_client.llen, reader.key))
+        except Exception:  # a flaky check must not hide a lost run for good
+            return False
 
     async def detach(self, handle: str) -> None:
         follower = self._followers.pop(handle, None)
@@ -243,15 +299,6 @@ class CeleryAdapter(BackendAdapter):
         from celery.backends.base import DisabledBackend
 
         return not isinstance(self.app.backend, DisabledBackend)
-
-    def _quiet_backend(self) -> None:
-        """Celery's Redis backend SUBSCRIBEs to every task it sends, for ``.get()``; we
-        never call it (results come back as events), and unread subscriptions pile up in
-        the server's pub/sub buffer, so switch that off for this thread's backend."""
-        backend = self.app.backend
-        if not getattr(backend, "_wove_quiet", False):
-            backend.on_task_call = _no_subscription
-            backend._wove_quiet = True
 
     def _claim_client(self) -> Any:
         """The Redis client of the result backend, when it is Redis (else None)."""
@@ -382,9 +429,7 @@ class _Follower:
         try:
             while True:
                 task_id = await self.adapter._call(self.adapter._current_task, self.claim_key)
-                meta = await self.adapter._call(
-                    self.adapter.app.backend.get_task_meta, task_id or self.task_id, cache=False
-                )
+                meta = await self.adapter._call(self.adapter._meta, task_id or self.task_id)
                 frame = await asyncio.to_thread(self._frame_of, meta)
                 if frame is not None:
                     if self.adapter.emit is not None:
@@ -454,10 +499,6 @@ def _compare_and_set(client: Any, key: str, expected: bytes, value: str | None, 
             return False
 
 
-def _no_subscription(producer: Any, task_id: str) -> None:
-    return None
-
-
 def _import_object(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     obj: Any = importlib.import_module(module_name)
@@ -506,31 +547,44 @@ def register(
     and the caller's ``delivery_orphan_policy`` decides (fail, cancel, requeue, detach).
     With ``acks_late=True, reject_on_worker_lost=True`` Celery redelivers a task whose
     worker died by itself, whatever the caller's policy says (at least once).
+    ``track_started`` records STARTED in the result backend (off the task's critical
+    path); the task writes its own SUCCESS/REVOKED states, and Celery stores failures
+    (worker lost, outcome undeliverable).
     """
-
     registered: dict[str, Any] = app.__dict__.setdefault("_wove_adapters_tasks", {})
     if name in registered:
         return registered[name]  # registering twice (re-imported module) is a no-op
+    # Import the payload runner (cloudpickle, msgspec, aiohttp) in the worker's main
+    # process, before the prefork pool forks: every child then starts warm.
+    importlib.import_module("wove_adapters.callbacks.worker")
 
     def run_payload(task: Any, payload: str) -> dict[str, Any]:
-        return execute(task, payload)
+        return execute(task, payload, track_started=track_started)
 
+    options = {
+        # Celery would spend two result-backend round trips per state (GET, then SET
+        # + PUBLISH); ``execute`` writes each state once. Failures Celery sees itself
+        # (WorkerLostError, revoke) are still stored.
+        "ignore_result": True,
+        "store_errors_even_if_ignored": True,
+        **task_options,
+    }
     registered[name] = app.task(
         name=name,
         bind=True,
         acks_late=acks_late,
         reject_on_worker_lost=reject_on_worker_lost,
-        track_started=track_started,
-        **task_options,
+        track_started=False,
+        **options,
     )(run_payload)
     return registered[name]
 
 
-def execute(task: Any, payload: str) -> dict[str, Any]:
-    """The body of the payload task: run it with the shared worker entrypoint, then make
-    the Celery state tell the truth (REVOKED when cancelled, FAILURE when the outcome
-    could not be delivered), and keep the signed outcome of keyed runs as the result so
-    other callers holding the key can answer from it."""
+def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str, Any]:
+    """The body of the payload task: run it with the shared worker entrypoint, and make
+    the Celery state tell the truth: STARTED while it runs, SUCCESS with a summary (plus,
+    for keyed runs, the signed outcome other callers holding the key answer from),
+    REVOKED when cancelled, FAILURE when the outcome could not be delivered."""
     from celery import states
     from celery.exceptions import Ignore
 
@@ -541,23 +595,86 @@ def execute(task: Any, payload: str) -> dict[str, Any]:
     try:
         envelope = payload_mod.decode_payload(payload)
     except PayloadError:
-        refused = worker.run(payload)  # reports the refusal where it can, then gives up
-        return {"state": refused.state}
+        worker.run(payload)  # reports the refusal to the caller where it can
+        raise  # and Celery records FAILURE
+    # States go through one background thread per child, in order (STARTED before the
+    # final one), off the task's critical path. Keyed runs wait for their final state:
+    # other callers holding the key answer from it.
+    writer = _StateWriter(task)
+    if track_started:
+        writer.write_soon(states.STARTED, {"pid": os.getpid(),
+                                           "hostname": task.request.hostname})
     outcome = worker.run_envelope(envelope)
     summary: dict[str, Any] = {
         "state": outcome.state, "run_id": envelope.run_id, "attempt": envelope.attempt,
     }
     if outcome.state == "cancelled":
-        task.update_state(state=states.REVOKED, meta=summary)
+        writer.write_soon(states.REVOKED, summary)
         raise Ignore()
     if not outcome.delivered:
+        writer.flush()  # Celery stores FAILURE next: our STARTED must not land after it
         raise RuntimeError(
             f"the outcome of run {envelope.run_id} could not be delivered to its caller "
             f"({envelope.return_path.kind} {envelope.return_path.url}) nor recorded"
         )
-    if envelope.delivery.get("delivery_idempotency_key") is not None:
+    keyed = envelope.delivery.get("delivery_idempotency_key") is not None
+    if keyed:
         summary["outcome"] = _signed_outcome(envelope, outcome)
+    done = writer.write_soon(states.SUCCESS, summary)
+    if keyed:
+        done.result(timeout=60)
     return summary
+
+
+class _StateWriter:
+    """Writes this task's state to the result backend: one ``SET`` (+ ``PUBLISH``, for
+    ``.get()`` waiters) on key-value backends, Celery's ``store_result`` elsewhere.
+    ``write_soon`` uses a per-process background thread, off the task's critical path."""
+
+    _pool: concurrent.futures.ThreadPoolExecutor | None = None
+    _pid = 0
+
+    def __init__(self, task: Any) -> None:
+        self.backend = task.backend
+        self.request = task.request
+        self.task_id = task.request.id
+        self.last: concurrent.futures.Future[None] | None = None
+
+    def write(self, state: str, result: Any) -> None:
+        from celery.backends.base import BaseKeyValueStoreBackend, DisabledBackend
+
+        backend = self.backend
+        if isinstance(backend, DisabledBackend):
+            return
+        if not isinstance(backend, BaseKeyValueStoreBackend):
+            backend.store_result(self.task_id, result, state, request=self.request)
+            return
+        meta = backend._get_result_meta(result=result, state=state, traceback=None,
+                                        request=self.request)
+        meta["task_id"] = self.task_id
+        backend.set(backend.get_key_for_task(self.task_id), backend.encode(meta))
+
+    def write_soon(self, state: str, result: Any) -> concurrent.futures.Future[None]:
+        cls = type(self)
+        if cls._pool is None or cls._pid != os.getpid():  # first task of this child
+            cls._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="wove-celery-state")
+            cls._pid = os.getpid()
+        self.last = cls._pool.submit(self._write_logged, state, result)
+        return self.last
+
+    def _write_logged(self, state: str, result: Any) -> None:
+        try:
+            self.write(state, result)
+        except Exception as exc:  # the state is advisory; the outcome went out already
+            log.warning("could not record state %s of task %s: %s", state, self.task_id, exc)
+            raise
+
+    def flush(self) -> None:
+        """Wait until this task's queued writes have landed (errors are logged)."""
+        if self.last is not None:
+            with contextlib.suppress(Exception):  # logged by _write_logged
+                self.last.result(timeout=30)
 
 
 def _signed_outcome(envelope: Any, outcome: Any) -> str | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -90,7 +91,8 @@ def _run_native(envelope: Any) -> Any:
             ))
         raise
     if detach:
-        worker._record_in_ledger(envelope, frames.TaskResult(**ident, result=payload_mod.dumps(value)))
+        worker._record_in_ledger(
+            envelope, frames.TaskResult(**ident, result=payload_mod.dumps(value)))
     return value
 
 
@@ -162,10 +164,18 @@ class DaskAdapter(BackendAdapter):
         self.client: Any = None
         self.cluster: Any = None
         self.native = config.get("return_path") == "native"
+        if self.native:  # the future carries the outcome only: no started/heartbeat events
+            self.capabilities = dataclasses.replace(  # type: ignore[misc]
+                type(self).capabilities, heartbeats=False)
         self._tracked: dict[str, _Tracked] = {}
         self._finished: OrderedDict[str, JobState] = OrderedDict()
         self._defaults = {k: config[k] for k in SUBMIT_OPTIONS if config.get(k) is not None}
         self._cancel_force = bool(config.get("cancel_force", False))
+        self._batch: list[tuple[str, str, dict[str, Any]]] = []
+        self._gathers: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._states: dict[str, str | None] = {}
+        self._states_at = float("-inf")
 
     # ---------------------------------------------------------- life cycle
 
@@ -181,12 +191,16 @@ class DaskAdapter(BackendAdapter):
                 "dask executor_config needs 'address' (e.g. 'tcp://127.0.0.1:8786'), "
                 "'scheduler_file', or cluster: 'local' to start a LocalCluster"
             )
+        defaults: dict[str, Any] = {}
         if cluster == "local":
             self.cluster = await self._local_cluster()
             address = self.cluster.scheduler_address
+            # Same host: fetch results from the workers, not through the scheduler.
+            defaults["direct_to_workers"] = True
         timeout = float(self.config.get("connect_timeout", 30))
-        kwargs: dict[str, Any] = {"asynchronous": True, "timeout": timeout,
-                                  "name": f"wove-adapters-{self.environment}"}
+        kwargs: dict[str, Any] = {"timeout": timeout, "name": f"wove-adapters-{self.environment}",
+                                  **defaults, **(self.config.get("client_options") or {}),
+                                  "asynchronous": True}
         if self.config.get("scheduler_file") and not self.config.get("address"):
             kwargs["scheduler_file"] = self.config["scheduler_file"]
             target = None
@@ -214,8 +228,9 @@ class DaskAdapter(BackendAdapter):
             "n_workers": int(self.config.get("n_workers", 2)),
             "threads_per_worker": int(self.config.get("threads_per_worker", 1)),
             "processes": True,
-            # None still binds nothing; '--no-dashboard' would listen on 0.0.0.0.
-            "dashboard_address": None,
+            # The scheduler always serves HTTP (health, metrics); with None it takes 8787.
+            # Loopback and a free port instead ('--no-dashboard' would bind 0.0.0.0).
+            "dashboard_address": "127.0.0.1:0",
             # A worker that dies mid-task fails the task (KilledWorker) instead of Dask
             # re-running it: the orphan policy decides what happens to a lost run.
             "scheduler_kwargs": {"allowed_failures": int(self.config.get("allowed_failures", 0))},
@@ -229,6 +244,8 @@ class DaskAdapter(BackendAdapter):
             if tracked.watcher is not None:
                 tracked.watcher.cancel()
         self._tracked.clear()
+        for task in list(self._background):
+            task.cancel()
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.close()
@@ -237,8 +254,10 @@ class DaskAdapter(BackendAdapter):
 
     async def _close_cluster(self) -> None:
         if self.cluster is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await self.cluster.close()
+            except Exception:  # closing must go on
+                log.warning("closing the Dask LocalCluster failed", exc_info=True)
             self.cluster = None
 
     # ---------------------------------------------------------- the primitives
@@ -252,19 +271,52 @@ class DaskAdapter(BackendAdapter):
         return self.safe_name(f"wove-{job.task_id}-{job.run_id.rsplit(':', 1)[-1]}-{job.attempt}")
 
     async def submit(self, job: JobSpec) -> str:
+        """Queue the job for this loop iteration's batch: many submits become one
+        ``client.map`` (one graph update on the scheduler instead of one per task)."""
         key = self.dask_key(job)
         options = {**self._defaults,
                    **{k: v for k, v in job.options.items() if k in SUBMIT_OPTIONS}}
-        future = self.client.submit(run_payload, job.payload, key=key, pure=False, **options)
-        tracked = _Tracked(job.run_id, job.task_id, job.attempt, future)
-        self._tracked[key] = tracked
+        self._tracked[key] = _Tracked(job.run_id, job.task_id, job.attempt, None)
         self._finished.pop(key, None)
-        tracked.watcher = asyncio.get_running_loop().create_task(self._watch(key, tracked))
+        self._batch.append((key, job.payload, options))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
         return key
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        groups: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+        for item in batch:
+            if item[0] in self._tracked:  # not cancelled before it left
+                groups.setdefault(repr(sorted(item[2].items())), []).append(item)
+        loop = asyncio.get_running_loop()
+        for items in groups.values():
+            keys = [key for key, _, _ in items]
+            try:
+                futures = self.client.map(run_payload, [p for _, p, _ in items], key=keys,
+                                          pure=False, **items[0][2])
+            except Exception as exc:  # every run in the batch hears of it
+                for key in keys:
+                    tracked = self._tracked.pop(key, None)
+                    if tracked is not None and self.emit is not None:
+                        self.emit(frames.error_event(tracked.run_id, tracked.task_id, exc,
+                                                     attempt=tracked.attempt, source="transport",
+                                                     retryable=True))
+                continue
+            for key, future in zip(keys, futures, strict=True):
+                tracked = self._tracked[key]
+                tracked.future = future
+                tracked.watcher = loop.create_task(self._watch(key, tracked))
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
         tracked = self._tracked.get(handle)
-        if tracked is None or tracked.future.done():
+        if tracked is None:
+            return
+        if tracked.future is None:  # still in this iteration's batch: it never leaves
+            del self._tracked[handle]
+            self._remember(handle, JobState.CANCELLED)
+            return
+        if tracked.future.done():
             return
         await self.client.cancel([tracked.future], force=self._cancel_force,
                                  reason="cancelled by wove-adapters")
@@ -273,12 +325,24 @@ class DaskAdapter(BackendAdapter):
         tracked = self._tracked.get(handle)
         if tracked is None:
             return self._finished.get(handle, JobState.GONE)
+        if tracked.future is None:
+            return JobState.PENDING
         local = self.map_state(tracked.future.status)
         if local is not JobState.PENDING:
-            return local
-        states = await self.client.scheduler.get_task_status(keys=[handle])
-        native = states.get(handle)
-        return JobState.GONE if native is None else self.map_state(native)
+            return local  # the scheduler tells the client of errors, losses, cancels
+        # Running or still queued; a key the scheduler dropped reaches the client as
+        # "lost"/"cancelled" on its own, so a missing entry here is only not-yet-seen.
+        return self.map_state((await self._scheduler_states()).get(handle))
+
+    async def _scheduler_states(self) -> dict[str, str | None]:
+        """The scheduler's state of every pending key, one request per second at most
+        (reconciliation asks about many quiet runs in a row)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._states_at > 1.0:
+            keys = [k for k, t in self._tracked.items() if t.future is not None]
+            self._states = await self.client.scheduler.get_task_status(keys=keys)
+            self._states_at = loop.time()
+        return self._states
 
     async def detach(self, handle: str) -> None:
         """Keep the task alive after this client lets go; the worker records the outcome
@@ -288,7 +352,7 @@ class DaskAdapter(BackendAdapter):
         tracked = self._tracked.pop(handle, None)
         if tracked is None:
             return
-        if not tracked.future.done():
+        if tracked.future is not None and not tracked.future.done():
             fire_and_forget(tracked.future)
         if tracked.watcher is not None:
             tracked.watcher.cancel()
@@ -303,14 +367,14 @@ class DaskAdapter(BackendAdapter):
             status = future.status
             if status == "finished" and self.native:
                 try:
-                    value = await future
-                except Exception as gather_error:  # noqa: BLE001 - result lost in transit
+                    value = await self._gather(future)
+                except Exception as gather_error:  # result lost in transit
                     exc, status = gather_error, "lost"
         except asyncio.CancelledError:
             if self._tracked.get(key) is tracked:  # closing, not a Dask cancellation
                 raise
             return
-        except Exception as watch_error:  # noqa: BLE001 - the comm to the scheduler broke
+        except Exception as watch_error:  # the comm to the scheduler broke
             exc, status = watch_error, "lost"
         if self._tracked.get(key) is tracked:
             del self._tracked[key]
@@ -318,6 +382,39 @@ class DaskAdapter(BackendAdapter):
         frame = self._frame_for(tracked, status, value, exc)
         if frame is not None and self.emit is not None:
             self.emit(frame)
+
+    def _gather(self, future: Any) -> asyncio.Future[Any]:
+        """Results finished in the same loop iteration are fetched with one request (the
+        scheduler and workers pay per request, not per key)."""
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._gathers.append((future, waiter))
+        if len(self._gathers) == 1:
+            asyncio.get_running_loop().call_soon(self._spawn_gather)
+        return waiter
+
+    def _spawn_gather(self) -> None:
+        batch, self._gathers = self._gathers, []
+        task = asyncio.get_running_loop().create_task(self._gather_batch(batch))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _gather_batch(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        try:
+            values = await self.client.gather([future for future, _ in batch])
+        except Exception:  # one lost result: fetch one by one, each hears its own error
+            for future, waiter in batch:
+                try:
+                    value = await future
+                except Exception as exc:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                else:
+                    if not waiter.done():
+                        waiter.set_result(value)
+            return
+        for (_, waiter), value in zip(batch, values, strict=True):
+            if not waiter.done():
+                waiter.set_result(value)
 
     def _frame_for(
         self, tracked: _Tracked, status: str | None, value: Any, exc: BaseException | None
@@ -359,7 +456,7 @@ class DaskAdapter(BackendAdapter):
             try:
                 versions = await self.client.run(_worker_ready)
                 rows.append(("workers import wove_adapters", True, f"{len(versions)} workers"))
-            except Exception as exc:  # noqa: BLE001 - every failure is a row
+            except Exception as exc:  # every failure is a row
                 rows.append(("workers import wove_adapters", False,
                              f"{exc}: pip install 'wove-adapters[dask]' on every worker"))
         failures = await self.client.run_on_scheduler(_allowed_failures)

@@ -3,8 +3,9 @@
 The reference adapter and the embedded default: no server, yet it uses the whole return
 path (signed payload in a file, store for large bodies, signed callbacks to the receiver,
 the ledger for detached runs). Processes start in their own session, so a detached run
-outlives its caller. Cancel is SIGTERM (the worker reports ``task_cancelled``), with
-SIGKILL after ``kill_after`` seconds for ``require_ack`` confirmation by exit.
+outlives its caller. Cancel is SIGTERM: the worker reports ``task_cancelled`` (a task that
+ignores it is not confirmed, and ``require_ack`` raises). A configured
+``executor_config.secret`` is handed to the worker processes as ``WOVE_ADAPTERS_SECRET``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ class ProcessAdapter(BackendAdapter):
         self._spool.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._python = str(config.get("python") or sys.executable)
         self._env = {k: str(v) for k, v in (config.get("env") or {}).items()}
+        if config.get("secret"):
+            from wove_adapters.callbacks.signing import SECRET_ENV, resolve_secret
+
+            secret = resolve_secret(config["secret"])
+            if secret is not None:
+                self._env.setdefault(SECRET_ENV, secret.decode())
 
     async def submit(self, job: JobSpec) -> str:
         path = self._spool / f"{job.job_name}.payload"
@@ -91,6 +98,11 @@ class ProcessAdapter(BackendAdapter):
     async def detach(self, handle: str) -> None:
         self._procs.pop(handle, None)
         self._files.pop(handle, None)
+
+    async def release(self, handle: str) -> None:
+        """The run ended: drop the payload file and the process handle."""
+        self._procs.pop(handle, None)
+        self._cleanup(handle)
 
     def _cleanup(self, handle: str) -> None:
         path = self._files.pop(handle, None)

@@ -294,7 +294,8 @@ class RayAdapter(BackendAdapter):
 
     def _settle(self, handle: str, tracked: _Tracked, done: Any) -> None:
         if self._tracked.get(handle) is tracked:
-            del self._tracked[handle]  # drops the ref: Ray may free the object
+            del self._tracked[handle]
+        tracked.ref = None  # the last reference: Ray may free the object
         if tracked.escalation is not None:
             tracked.escalation.cancel()
         state, frame = self._outcome(tracked, done)
@@ -399,8 +400,13 @@ def _same_cluster(wanted: str, current: str) -> bool:
 
 
 def _connection_error(address: str, exc: BaseException) -> ConnectionError:
-    text = str(exc)
-    if "uthentication" in text or "auth token" in text.lower():
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:  # Ray wraps the real reason
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(str(error) for error in chain)
+    if "InvalidAuthToken" in text or "AuthenticationError" in text:
         return ConnectionError(
             f"The Ray cluster at {address!r} uses token authentication (recent Ray turns "
             f"it on for a head that finds a token, e.g. the ~/.ray/auth_token a local "

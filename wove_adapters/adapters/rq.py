@@ -3,11 +3,12 @@
 The caller enqueues the signed payload text as the job's only argument; any ``rq worker``
 that has ``wove-adapters`` installed runs it (its work-horse verifies, runs, heartbeats and
 reports back through the run's return path). Job ids are the sanitised idempotency key
-(RQ 2.x/3.x ids allow only letters, digits, ``_`` and ``-``), so the same key is one RQ
+(RQ 2.x and 3.x ids allow only letters, digits, ``_`` and ``-``), so the same key is one RQ
 job across callers; a key whose job already finished answers with the signed outcome the
 job recorded as its return value. Cancel removes a queued job (``Job.cancel``) or kills a
 running one's work-horse (``send_stop_job_command``); RQ then marks the job STOPPED,
-which confirms ``require_ack``. ``status`` reads the job's RQ status (one ``HGET``).
+which confirms ``require_ack``. ``status`` reads the job's RQ status, one pipelined
+``HGET`` for all recently asked jobs at a time.
 
 This module never imports ``rq`` or ``redis`` at import time: the worker-side pieces
 (``run_payload`` and the preloading ``Worker`` class, reached through ``__getattr__``)
@@ -42,6 +43,8 @@ _ENQUEUE_OPTIONS = {
 # RQ statuses under which a job with our id still counts as the key's one execution.
 _HOLDS_KEY = {"created", "queued", "started", "deferred", "scheduled", "finished",
               "rate_limited", "ready_to_enqueue"}
+# Seconds one pipelined status read serves every status() call (see _cached_status).
+_STATUS_WINDOW = 0.25
 _CANCELLABLE = {"created", "queued", "deferred", "scheduled", "rate_limited", "ready_to_enqueue"}
 
 
@@ -84,6 +87,9 @@ class RqAdapter(BackendAdapter):
         self._queues: dict[str, Any] = {}
         self._unique = False
         self._dropbox_client: Any = None
+        self._asked: dict[str, float] = {}  # handle -> when status() last asked
+        self._statuses: dict[str, str | None] = {}
+        self._statuses_at = -_STATUS_WINDOW
         # Runs that attached to a job another caller enqueued under the same key: the
         # job's recorded outcome is relabelled for them (handle -> run identity).
         self._followers: dict[str, tuple[str, str, int]] = {}
@@ -107,7 +113,7 @@ class RqAdapter(BackendAdapter):
                 f"(redis-server --daemonize yes --bind 127.0.0.1) or set "
                 f"executor_config.redis_url"
             ) from exc
-        # RQ >= 3 enqueues a job id atomically only if it is new; older RQ: check first.
+        # Newer RQ (2.12, 3.0) enqueues a job id atomically only if it is new; else check first.
         self._unique = "unique" in inspect.signature(Queue.enqueue_call).parameters
 
     async def close(self) -> None:
@@ -221,7 +227,20 @@ class RqAdapter(BackendAdapter):
     # ------------------------------------------------------------ cancel, status
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
-        self._followers.pop(handle, None)
+        follower = self._followers.pop(handle, None)
+        if follower is not None:
+            # The job belongs to another caller who still wants its result: stop
+            # following it, and confirm the cancellation of our run ourselves.
+            if self.emit is not None:
+                from wove_adapters.core import frames
+
+                run_id, task_id, attempt = follower
+                asyncio.get_running_loop().call_soon(self.emit, frames.event(
+                    frames.TASK_CANCELLED, run_id, task_id, attempt,
+                    reason=f"stopped following rq job {handle}, which another caller owns",
+                ))
+            return
+        self._statuses.pop(handle, None)  # about to change: never answer from the cache
         await asyncio.to_thread(self._cancel, handle, running)
 
     def _cancel(self, handle: str, running: bool) -> None:
@@ -253,9 +272,7 @@ class RqAdapter(BackendAdapter):
             time.sleep(0.05)
 
     async def status(self, handle: str) -> JobState:
-        from rq.job import Job
-
-        text = await asyncio.to_thread(_status_text, Job(handle, connection=self._connection))
+        text = await self._cached_status(handle)
         if text is None:
             return JobState.GONE
         state = self.map_state(text)
@@ -266,6 +283,32 @@ class RqAdapter(BackendAdapter):
             # the caller has not read them all yet, the run is not lost.
             return JobState.RUNNING
         return state
+
+    async def _cached_status(self, handle: str) -> str | None:
+        """One pipelined ``HGET`` for every job asked about recently, reused for
+        ``_STATUS_WINDOW``: reconciliation asks about every quiet run in turn, and a
+        thousand queued runs must not cost a thousand round trips each cycle."""
+        now = time.monotonic()
+        self._asked[handle] = now
+        if now - self._statuses_at < _STATUS_WINDOW:
+            if handle in self._statuses:
+                return self._statuses[handle]
+            return (await asyncio.to_thread(self._fetch_statuses, [handle]))[0]
+        horizon = now - max(3 * float(self.config.get("reconcile_seconds") or 1.0), 5.0)
+        self._asked = {h: t for h, t in self._asked.items() if t >= horizon}
+        handles = list(self._asked)
+        texts = await asyncio.to_thread(self._fetch_statuses, handles)
+        fresh = dict(zip(handles, texts, strict=True))
+        self._statuses, self._statuses_at = fresh, time.monotonic()
+        return fresh[handle]
+
+    def _fetch_statuses(self, handles: list[str]) -> list[str | None]:
+        from rq.job import Job
+
+        pipe = self._connection.pipeline(transaction=False)
+        for handle in handles:
+            pipe.hget(Job.key_for(handle), "status")
+        return [value.decode() if value else None for value in pipe.execute()]
 
     async def _dropbox_backlog(self) -> bool:
         if self.config.get("return_path") != "redis":

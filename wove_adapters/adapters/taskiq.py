@@ -35,7 +35,8 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
@@ -46,14 +47,25 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "wove_adapters"
 _HEADER = struct.Struct(">I")
 _FINAL_STATES = ("succeeded", "failed", "cancelled", "refused", "lost")
-# Worker side, atomically: a cancel marker wins; otherwise the job is running under a lease.
+# Worker side, atomically: a cancel marker wins (0); a job that already finished, or runs
+# elsewhere under a live lease, is a redelivery and is dropped (2); else it runs here (1).
 _BEGIN_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('SET', KEYS[2], 'cancelled', 'EX', ARGV[1])
   return 0
 end
+local state = redis.call('GET', KEYS[2])
+if state and (state ~= 'running' or redis.call('EXISTS', KEYS[3]) == 1) then
+  return 2
+end
 redis.call('SET', KEYS[2], 'running', 'EX', ARGV[1])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
+return 1
+"""
+_FINISH_SCRIPT = """
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+redis.call('DEL', KEYS[2])
+if ARGV[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[1]) end
 return 1
 """
 
@@ -99,7 +111,7 @@ class TaskiqAdapter(BackendAdapter):
         "RESULT_OK": JobState.SUCCEEDED,  # only taskiq's result backend knows the job
         "RESULT_ERR": JobState.FAILED,
     }
-    reconcile_seconds: ClassVar[float] = 1.0
+    reconcile_seconds: ClassVar[float] = 2.0
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
@@ -113,7 +125,9 @@ class TaskiqAdapter(BackendAdapter):
         self.labels: dict[str, Any] = dict(config.get("labels") or {})
         self._broker: Any = None
         self._redis: Any = None
-        self._followers: set[asyncio.Task[None]] = set()
+        self._followers: dict[str, set[asyncio.Task[None]]] = {}
+        self.status_cache = float(config.get("status_cache") or 0.25)
+        self._seen: dict[str, tuple[JobState, float]] = {}
 
     # ---------------------------------------------------------------- life cycle
 
@@ -140,7 +154,7 @@ class TaskiqAdapter(BackendAdapter):
             broker = getattr(importlib.import_module(module), attr)
             return broker() if not hasattr(broker, "kick") else broker
         if kind == "list":
-            broker = ListQueueBroker(self.url, queue_name=self.queue)
+            broker = _kicking_list_broker(ListQueueBroker)(self.url, queue_name=self.queue)
         elif kind == "stream":
             broker = RedisStreamBroker(self.url, queue_name=self.queue)
         else:
@@ -155,8 +169,9 @@ class TaskiqAdapter(BackendAdapter):
         return broker.with_result_backend(backend)
 
     async def close(self) -> None:
-        for task in list(self._followers):
-            task.cancel()
+        for tasks in list(self._followers.values()):
+            for task in list(tasks):
+                task.cancel()
         if self._broker is not None:
             with contextlib.suppress(Exception):
                 await self._broker.shutdown()
@@ -201,6 +216,10 @@ class TaskiqAdapter(BackendAdapter):
         mine = json.dumps({"run": job.run_id, "handle": handle})
         for _ in range(3):
             if await self._redis.set(key, mine, nx=True, ex=self.claim_ttl):
+                # A fresh claim: whatever an expired claim left under this id is stale.
+                await self._redis.delete(
+                    *(self._key(kind, handle) for kind in ("state", "lease", "cancel", "outcome"))
+                )
                 return None
             raw = await self._redis.get(key)
             if raw is None:
@@ -214,18 +233,30 @@ class TaskiqAdapter(BackendAdapter):
 
     def _spawn_follower(self, handle: str, job: JobSpec) -> None:
         task = asyncio.get_running_loop().create_task(self._follow(handle, job))
-        self._followers.add(task)
-        task.add_done_callback(self._followers.discard)
+        self._followers.setdefault(handle, set()).add(task)
+
+        def _forget(done: asyncio.Task[None]) -> None:
+            tasks = self._followers.get(handle, set())
+            tasks.discard(done)
+            if not tasks:
+                self._followers.pop(handle, None)
+
+        task.add_done_callback(_forget)
 
     async def _follow(self, handle: str, job: JobSpec) -> None:
         """Wait for the owner's signed outcome and hand it to our run as its own."""
         from wove_adapters.core import frames
         from wove_adapters.core.runtime import decode_outcome
 
-        deadline = time.monotonic() + self.claim_ttl
+        # Until the owner's job ends; bounded by our run's delivery timeout if it has one
+        # (the dispatcher cancels the run then, which also stops this follower).
+        limit = job.delivery.get("delivery_timeout") or self.claim_ttl
+        deadline = time.monotonic() + float(limit)
+        poll = self.follow_poll
         while time.monotonic() < deadline:
-            blob, state = await self._redis.mget(
-                self._key("outcome", handle), self._key("state", handle)
+            blob, state, leased = await self._redis.mget(
+                self._key("outcome", handle), self._key("state", handle),
+                self._key("lease", handle),
             )
             if blob is not None:
                 try:
@@ -243,24 +274,60 @@ class TaskiqAdapter(BackendAdapter):
                     reason=f"the job {handle} holding this idempotency key was cancelled",
                 ))
                 return
-            if native in _FINAL_STATES:
+            if native in _FINAL_STATES or (native == "running" and leased is None):
                 return  # no outcome will come; reconciliation applies the orphan policy
-            await asyncio.sleep(self.follow_poll)
+            await asyncio.sleep(poll)
+            poll = min(poll * 1.5, 0.5)
 
     # ---------------------------------------------------------------- cancel, status
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
+        self._seen.pop(handle, None)
+        for follower in list(self._followers.get(handle, ())):
+            follower.cancel()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self._key("cancel", handle), "1", ex=self.claim_ttl)
             pipe.publish(f"{self.prefix}:cancel", handle)
             await pipe.execute()
 
     async def status(self, handle: str) -> JobState:
+        """Our worker-written state, else taskiq's result backend. Reconciliation asks
+        about every quiet run in turn; unfinished answers are kept ``status_cache``
+        seconds, and each round trip also refreshes the other stale ones, so a thousand
+        queued runs cost a few pipelines, not a thousand round trips."""
+        now = time.monotonic()
+        seen = self._seen.get(handle)
+        if seen is not None and now - seen[1] < self.status_cache:
+            return seen[0]
+        stale = [h for h, (_, at) in self._seen.items() if now - at >= self.status_cache]
+        handles = [handle, *[h for h in stale if h != handle][:499]]
+        states = await self._fetch_states(handles)
+        for one, state in zip(handles, states, strict=True):
+            if state.finished:
+                self._seen.pop(one, None)
+            else:
+                self._seen[one] = (state, now)
+        return states[0]
+
+    async def _fetch_states(self, handles: list[str]) -> list[JobState]:
+        keyed = [(h, self._result_key(h)) for h in handles]
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(self._key("state", handle))
-            pipe.exists(self._key("lease", handle))
-            pipe.exists(self._key("cancel", handle))
-            state, leased, cancelled = await pipe.execute()
+            for handle, result_key in keyed:
+                pipe.get(self._key("state", handle))
+                pipe.exists(self._key("lease", handle))
+                pipe.exists(self._key("cancel", handle))
+                pipe.exists(result_key or self._key("state", handle))
+            replies = await pipe.execute()
+        states = []
+        for i, (handle, result_key) in enumerate(keyed):
+            state, leased, cancelled, result_ready = replies[4 * i : 4 * i + 4]
+            states.append(await self._state_of(handle, state, leased, cancelled,
+                                               result_ready or result_key is None))
+        return states
+
+    async def _state_of(
+        self, handle: str, state: bytes | None, leased: int, cancelled: int, check_result: bool
+    ) -> JobState:
         if state is not None:
             native = state.decode()
             if native == "running" and not leased:
@@ -268,12 +335,23 @@ class TaskiqAdapter(BackendAdapter):
             return self.map_state(native)
         if cancelled:
             return JobState.CANCELLED  # never started; the worker drops it on sight
-        backend = self._broker.result_backend
-        with contextlib.suppress(Exception):
-            if await backend.is_result_ready(handle):
-                result = await backend.get_result(handle)
-                return self.map_state("result_err" if result.is_err else "result_ok")
+        if check_result:
+            backend = self._broker.result_backend
+            with contextlib.suppress(Exception):
+                if await backend.is_result_ready(handle):
+                    result = await backend.get_result(handle)
+                    return self.map_state("result_err" if result.is_err else "result_ok")
         return self.map_state("queued")
+
+    def _result_key(self, handle: str) -> str | None:
+        """Where our own RedisAsyncResultBackend keeps a result, when it shares our Redis
+        (then the readiness check rides in the status pipeline)."""
+        if ":" in str(self.config.get("broker") or "list"):
+            return None
+        if str(self.config.get("result_url") or self.url) != self.control_url:
+            return None
+        prefix = self.config.get("result_prefix")
+        return f"{prefix}:{handle}" if prefix else handle
 
     # ---------------------------------------------------------------- doctor
 
@@ -307,6 +385,22 @@ class TaskiqAdapter(BackendAdapter):
         except Exception as exc:
             rows.append(("taskiq result backend reachable", False, f"{type(exc).__name__}: {exc}"))
         return rows
+
+
+def _kicking_list_broker(base: Any) -> Any:
+    """taskiq-redis builds a ``Redis`` object per kick (about a tenth of a caller's CPU
+    in a burst); the caller's broker keeps one over the same pool instead."""
+
+    class _ListQueueBroker(base):
+        async def kick(self, message: Any) -> None:
+            client = getattr(self, "_wove_client", None)
+            if client is None:
+                from redis.asyncio import Redis
+
+                client = self._wove_client = Redis(connection_pool=self.connection_pool)
+            await client.lpush(message.labels.get("queue_name") or self.queue_name, message.message)
+
+    return _ListQueueBroker
 
 
 # ==================================================================== the worker side
@@ -378,8 +472,13 @@ async def run_payload(payload: str, control: dict[str, Any] | None = None) -> di
 class _Job:
     handle: str
     payload: str
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: bool = False
     child: _Child | None = None
+    waiter: asyncio.Future[bool] | None = None  # set while waiting for a payload process
+
+
+class _NotDelivered(Exception):
+    """The payload process was gone before it could take the payload."""
 
 
 class _Child:
@@ -393,12 +492,18 @@ class _Child:
         return self.proc.returncode is None
 
     async def call(self, payload: str) -> dict[str, Any] | None:
-        """The child's report, or None if it died first."""
+        """The child's report, or None if it died after taking the payload; raises
+        ``_NotDelivered`` if it was dead before (the payload never started)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         data = payload.encode()
         try:
             self.proc.stdin.write(_HEADER.pack(len(data)) + data)
             await self.proc.stdin.drain()
+        except (ConnectionError, BrokenPipeError) as exc:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            raise _NotDelivered from exc
+        try:
             size = _HEADER.unpack(await self.proc.stdout.readexactly(_HEADER.size))[0]
             reply: dict[str, Any] = json.loads(await self.proc.stdout.readexactly(size))
             return reply
@@ -423,7 +528,8 @@ class _WorkerSide:
         self.size = os.cpu_count() or 2
         self.kill_after = 5.0
         self._idle: list[_Child] = []
-        self._slots: asyncio.Semaphore | None = None
+        self._free: int | None = None  # payload-process slots not in use
+        self._waiters: deque[asyncio.Future[bool]] = deque()
         self._redis: dict[str, Any] = {}
         self._listening: dict[tuple[str, str], asyncio.Task[None]] = {}  # subscribed
         self._jobs: dict[tuple[str, str], _Job] = {}
@@ -510,24 +616,23 @@ class _WorkerSide:
 
     async def _acquire(self, job: _Job) -> _Child | None:
         """A free payload process, or None if the job was cancelled while it waited."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.size)
-        if self._slots.locked():
-            slot = asyncio.ensure_future(self._slots.acquire())
-            cancelled = asyncio.ensure_future(job.cancelled.wait())
-            try:
-                await asyncio.wait({slot, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                cancelled.cancel()
-                if not slot.done():
-                    slot.cancel()
-            if slot.cancelled():
-                return None
-            if job.cancelled.is_set():
-                self._slots.release()
-                return None
+        if self._free is None:
+            self._free = self.size
+        if self._free > 0:
+            self._free -= 1
         else:
-            await self._slots.acquire()
+            job.waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(job.waiter)
+            try:
+                granted = await job.waiter
+            except asyncio.CancelledError:
+                if job.waiter.done() and not job.waiter.cancelled() and job.waiter.result():
+                    self._release_slot()
+                raise
+            finally:
+                job.waiter = None
+            if not granted:
+                return None
         while self._idle:
             child = self._idle.pop()
             if child.alive:
@@ -535,8 +640,18 @@ class _WorkerSide:
         try:
             return await self._spawn_child()
         except BaseException:
-            self._slots.release()
+            self._release_slot()
             raise
+
+    def _release_slot(self) -> None:
+        """Hand the slot to the longest waiter still waiting, else free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                return
+        assert self._free is not None
+        self._free += 1
 
     def _release(self, child: _Child | None) -> None:
         if child is not None and child.alive:
@@ -544,8 +659,7 @@ class _WorkerSide:
                 self._idle.append(child)
             elif child.proc.stdin is not None:
                 child.proc.stdin.close()  # one too many (warm-up raced a spawn): let it exit
-        assert self._slots is not None
-        self._slots.release()
+        self._release_slot()
 
     # ------------------------------------------------------------ control keys
 
@@ -555,7 +669,9 @@ class _WorkerSide:
             import redis.asyncio as aioredis
 
             client = self._redis[url] = aioredis.Redis.from_url(url)
-            self._scripts[url] = client.register_script(_BEGIN_SCRIPT)
+            self._scripts[url] = (
+                client.register_script(_BEGIN_SCRIPT), client.register_script(_FINISH_SCRIPT)
+            )
         return client
 
     async def _listen(self, url: str, prefix: str) -> None:
@@ -608,9 +724,11 @@ class _WorkerSide:
 
     def _cancel(self, prefix: str, handle: str) -> None:
         job = self._jobs.get((prefix, handle))
-        if job is None or job.cancelled.is_set():
+        if job is None or job.cancelled:
             return
-        job.cancelled.set()
+        job.cancelled = True
+        if job.waiter is not None and not job.waiter.done():
+            job.waiter.set_result(False)  # still waiting for a payload process: never runs
         if job.child is not None:
             child = job.child
             child.signal(signal.SIGTERM)
@@ -647,24 +765,22 @@ class _WorkerSide:
         lease, ttl = float(control.get("lease", 10.0)), int(control.get("ttl", 86400))
         key = (prefix, handle)
         job = _Job(handle=handle, payload=payload)
-        client = await self._client(url)
+        await self._client(url)  # registers the scripts for this Redis
         await self._listen(url, prefix)
         self._jobs[key] = job  # registered before the marker check: no cancel slips by
         try:
-            if self._slots is not None and self._slots.locked():
-                if await client.exists(f"{prefix}:cancel:{handle}"):
-                    job.cancelled.set()
-            child = await self._acquire(job) if not job.cancelled.is_set() else None
-            if child is None:
-                return await self._skip(client, prefix, handle, ttl, job)
-            began = await self._scripts[url](
+            # Atomically: a cancel marker wins, else the job is ours, under a lease, from
+            # here on (also while it waits for a payload process: that wait is ours).
+            began = await self._scripts[url][0](
                 keys=[f"{prefix}:cancel:{handle}", f"{prefix}:state:{handle}",
                       f"{prefix}:lease:{handle}"],
                 args=[ttl, max(int(lease), 1), "1"],
             )
+            if began == 2:
+                return {"state": "duplicate"}  # redelivered (stream brokers): already handled
             if not began:
-                self._release(child)
-                return await self._skip(client, prefix, handle, ttl, job, marked=True)
+                await _report(job.payload, "cancelled", "cancelled before it started")
+                return {"state": "cancelled"}
             leases = self._leases.setdefault(url, {})
             leases[handle] = (f"{prefix}:lease:{handle}", lease)
             if url not in self._lease_tasks or self._lease_tasks[url].done():
@@ -672,15 +788,18 @@ class _WorkerSide:
                     self._keep_leases(url)
                 )
             try:
-                report = await self._execute(job, child)
+                child = await self._acquire(job)
+                if child is None:
+                    report = {"state": "cancelled", "notice": "cancelled before it started"}
+                else:
+                    report = await self._execute(job, child)
             finally:
                 leases.pop(handle, None)
-            async with client.pipeline(transaction=True) as pipe:  # state + outcome at once
-                pipe.set(f"{prefix}:state:{handle}", report["state"], ex=ttl)
-                if report.get("outcome"):
-                    pipe.set(f"{prefix}:outcome:{handle}", report["outcome"], ex=ttl)
-                pipe.delete(f"{prefix}:lease:{handle}")
-                await pipe.execute()
+            await self._scripts[url][1](  # state, outcome and lease in one atomic step
+                keys=[f"{prefix}:state:{handle}", f"{prefix}:lease:{handle}",
+                      f"{prefix}:outcome:{handle}"],
+                args=[ttl, report["state"], report.get("outcome") or ""],
+            )
             return await self._notify(job, report)
         finally:
             self._jobs.pop(key, None)
@@ -689,7 +808,11 @@ class _WorkerSide:
         assert child is not None
         job.child = child
         try:
-            reply = await child.call(job.payload)
+            try:
+                reply = await child.call(job.payload)
+            except _NotDelivered:  # died while idle (OOM killer, stray signal): use another
+                job.child = child = await self._spawn_child()
+                reply = await child.call(job.payload)
         except BaseException:
             child.signal(signal.SIGKILL)  # our coroutine was cancelled: stop the payload
             raise
@@ -699,9 +822,9 @@ class _WorkerSide:
         if reply is not None:
             return reply
         # The payload process died without reporting: the caller hears it from us, after
-        # the state key says so (see ``_finish``).
+        # the state key says so (see ``run``).
         code = child.proc.returncode
-        if job.cancelled.is_set():
+        if job.cancelled:
             return {"state": "cancelled", "notice": f"killed after cancellation (exit {code})"}
         return {"state": "lost", "notice": f"the payload process died (exit code {code})"}
 
@@ -711,14 +834,6 @@ class _WorkerSide:
         if notice is not None:
             await _report(job.payload, report["state"], notice)
         return report
-
-    async def _skip(
-        self, client: Any, prefix: str, handle: str, ttl: int, job: _Job, marked: bool = False
-    ) -> dict[str, Any]:
-        if not marked:
-            await client.set(f"{prefix}:state:{handle}", "cancelled", ex=ttl)
-        await _report(job.payload, "cancelled", "cancelled before it started")
-        return {"state": "cancelled"}
 
 
 async def _report(payload: str, kind: str, reason: str) -> None:

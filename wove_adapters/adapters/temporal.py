@@ -8,9 +8,9 @@ with its recorded result), ``cancel`` through the workflow handle, ``status`` fr
 
 Worker side (``run_worker`` / ``workflows()`` + ``activities()``): a generic workflow and
 activity any Temporal worker can host next to its own. The activity runs each payload in
-a child process (forked from a forkserver with ``wove_adapters`` preloaded, so a start
-costs milliseconds) and sends Temporal heartbeats while it runs: a cancellation reaches
-the activity on a heartbeat, the child gets SIGTERM and reports ``task_cancelled``.
+its own process (forked from a zygote with ``wove_adapters`` imported, so a start costs
+milliseconds) and sends Temporal heartbeats while it runs: a cancellation reaches the
+activity on a heartbeat, the task process gets SIGTERM and reports ``task_cancelled``.
 
 This module must not import ``temporalio`` at import time (``core`` never does, and
 ``wove-adapters`` works without the extra); the workflow and activity classes are built
@@ -22,14 +22,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import multiprocessing
+import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import frames
@@ -45,8 +48,9 @@ INLINE_LIMIT = 1024 * 1024
 # A signed outcome above this is not put into the workflow result (callback path: the
 # caller already has it; native path: the run fails with a clear message).
 RESULT_LIMIT = 1536 * 1024
-PRELOAD = ("wove_adapters.callbacks.worker", "wove_adapters.adapters.temporal", "aiohttp")
+PRELOAD = ("wove_adapters.callbacks.worker", "aiohttp")
 
+TASK_FAILED = "WoveTaskFailed"  # ApplicationError type of a workflow whose task raised
 Ident = tuple[str, str, int]  # run_id, task_id, attempt
 
 START_HINT = (
@@ -219,7 +223,10 @@ class TemporalAdapter(BackendAdapter):
         except asyncio.CancelledError:
             raise
         except WorkflowFailureError as exc:
-            if is_cancelled_exception(exc.cause):
+            outcome = _failed_task_outcome(exc)
+            if outcome is not None:
+                self._emit(await asyncio.to_thread(_outcome_frame, outcome, *ident))
+            elif is_cancelled_exception(exc.cause):
                 self._emit(frames.event(
                     frames.TASK_CANCELLED, run_id, task_id, attempt,
                     reason=f"Temporal cancelled workflow {workflow_id}",
@@ -324,6 +331,17 @@ class TemporalAdapter(BackendAdapter):
         return rows
 
 
+def _failed_task_outcome(exc: Any) -> dict[str, Any] | None:
+    """The outcome summary a workflow failed with because its task raised, else None."""
+    from temporalio.exceptions import ApplicationError
+
+    cause = exc.cause
+    if isinstance(cause, ApplicationError) and cause.type == TASK_FAILED and cause.details:
+        details = cause.details[0]
+        return details if isinstance(details, dict) else None
+    return None
+
+
 def _describe_failure(exc: BaseException) -> str:
     parts: list[str] = []
     cause: BaseException | None = exc
@@ -384,6 +402,7 @@ class WoveRunWorkflow:
 
     async def run(self, request: dict[str, Any]) -> dict[str, Any]:
         from temporalio import workflow
+        from temporalio.exceptions import ApplicationError
         from temporalio.workflow import ActivityCancellationType
 
         result: dict[str, Any] = await workflow.execute_activity(
@@ -396,6 +415,12 @@ class WoveRunWorkflow:
             # CANCELED then means the task really stopped (its process exited).
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
+        if result.get("state") != "succeeded":
+            # A task that raised fails its workflow: the key is released for a retry (as
+            # the ledger releases it), and the outcome travels in the failure's details.
+            raise ApplicationError(
+                f"the task {result.get('state')}", result, type=TASK_FAILED, non_retryable=True
+            )
         return result
 
 
@@ -463,124 +488,204 @@ async def run_worker(
     await worker.run()
 
 
-# ---------------------------------------------------------------- one child per payload
-
-_mp_context: Any = None
+# ---------------------------------------------------------------- one process per payload
 
 
-def prepare_processes(preload: Sequence[str] = ()) -> Any:
-    """The multiprocessing context task processes start from: a forkserver with
-    wove-adapters (and ``preload``) imported once, so each task starts in milliseconds
-    without inheriting the worker's threads. Starts it now (the first task would)."""
-    global _mp_context
-    with _lock:
-        if _mp_context is None:
-            _mp_context = _start_context(preload)
-    return _mp_context
+class Zygote:
+    """One small process that imported wove-adapters (and ``preload``) once and forks a
+    fresh task process per payload, so a task starts in milliseconds, inherits none of the
+    worker's threads, and never re-imports the worker's main module (multiprocessing's
+    forkserver re-runs ``__main__`` in every child). It exits with the worker (stdin EOF,
+    and PR_SET_PDEATHSIG on Linux); its task processes exit with it."""
 
-
-def _start_context(preload: Sequence[str]) -> Any:
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload([*PRELOAD, *preload])
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-    return context
-
-
-async def _host_payload(request: dict[str, Any], *, kill_after: float) -> dict[str, Any]:
-    """The activity body: run the payload in a child, heartbeat to Temporal while it
-    runs, pass a cancellation on as SIGTERM, return the child's outcome summary."""
-    from temporalio import activity
-    from temporalio.exceptions import ApplicationError
-
-    context = await asyncio.to_thread(prepare_processes)
-    reader, writer = context.Pipe(duplex=False)
-    child = context.Process(
-        target=_child_main, args=(request["payload"], writer), daemon=False,
-        name=f"wove-{request.get('run_id', '')}",
-    )
-    await asyncio.to_thread(child.start)
-    writer.close()
-    loop = asyncio.get_running_loop()
-    readable = loop.create_future()
-
-    def _on_readable() -> None:
-        if not readable.done():
-            readable.set_result(None)
-
-    loop.add_reader(reader.fileno(), _on_readable)
-    interval = min(max(float(request.get("heartbeat_timeout") or 10.0) / 4, 0.05), 1.0)
-    try:
-        try:
-            while True:
-                activity.heartbeat({"pid": child.pid})
-                done, _ = await asyncio.wait({readable}, timeout=interval)
-                if done:
-                    break
-        except asyncio.CancelledError:
-            details = activity.cancellation_details()
-            # A cancel request: SIGTERM, the task reports task_cancelled. Anything else
-            # (worker shutting down, Temporal timed the activity out): the run is lost,
-            # the child dies without a word and the caller's orphan policy decides.
-            requested = details is None or details.cancel_requested
-            _signal(child, signal.SIGTERM if requested else signal.SIGKILL)
-            try:
-                await asyncio.wait_for(asyncio.shield(readable), kill_after)
-            except asyncio.TimeoutError:
-                _signal(child, signal.SIGKILL)
-            raise
-    finally:
-        loop.remove_reader(reader.fileno())
-        summary = await asyncio.to_thread(_collect, reader, child)
-    if summary is None:
-        raise ApplicationError(
-            f"the task process {child.pid} died (exit code {child.exitcode}) without an "
-            f"outcome", type="WoveTaskProcessDied",
+    def __init__(self, preload: Sequence[str]) -> None:
+        self.directory = tempfile.mkdtemp(prefix="wove-temporal-")
+        self.path = os.path.join(self.directory, "zygote.sock")
+        environment = {**os.environ, ZYGOTE_PATH_ENV: json.dumps(sys.path)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from wove_adapters.adapters.temporal import zygote_main; "
+             "zygote_main()", self.path, *PRELOAD, *preload],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,
         )
-    return summary
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline()  # the zygote says when it listens
+        if ready.strip() != b"ready":
+            raise RuntimeError(
+                f"the wove-adapters task zygote did not start (exit {self.proc.poll()})"
+            )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    async def spawn(self, payload: str) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new task process running ``payload``: (pid, reader, writer)."""
+        reader, writer = await asyncio.open_unix_connection(self.path)
+        writer.write(_frame(payload.encode()))
+        await writer.drain()
+        hello = await _read_frame(reader)
+        if hello is None:
+            writer.close()
+            raise RuntimeError("the task process died before it started")
+        return int(json.loads(hello)["pid"]), reader, writer
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.proc.kill()
+            self.proc.wait(5)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _signal(child: Any, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, TypeError):
-        os.kill(child.pid, signum)
+_zygote: Zygote | None = None
 
 
-def _collect(reader: Any, child: Any) -> dict[str, Any] | None:
-    """Read the child's summary (None if it died first) and reap it."""
-    summary: dict[str, Any] | None = None
+def prepare_processes(preload: Sequence[str] = ()) -> Zygote:
+    """The zygote task processes fork from, started now if it is not running (the first
+    payload would start it). ``preload``: modules task processes import up front."""
+    global _zygote
+    with _lock:
+        if _zygote is None or not _zygote.alive():
+            if _zygote is not None:
+                _zygote.close()
+            _zygote = Zygote(preload)
+        return _zygote
+
+
+ZYGOTE_PATH_ENV = "WOVE_ADAPTERS_ZYGOTE_SYS_PATH"
+
+
+def zygote_main() -> None:
+    """``python -c 'from wove_adapters.adapters.temporal import zygote_main; ...' SOCKET
+    [MODULE...]``: import the modules, listen, fork one task process per connection."""
+    import importlib
+    import select
+    import socket
+
+    path, *preload = sys.argv[1:]
+    sys.path[:] = json.loads(os.environ.pop(ZYGOTE_PATH_ENV, "[]")) or sys.path
+    _die_with_parent()
+    for module in preload:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a missing optional module only costs its import later
+            print(f"wove-adapters zygote: could not preload {module}: {exc}", file=sys.stderr)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1024)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps task processes
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    os.dup2(2, 1)  # task output goes to the worker's stderr, never into the ready pipe
+    while True:
+        readable, _, _ = select.select([listener.fileno(), 0], [], [])
+        if 0 in readable and not os.read(0, 1):
+            os._exit(0)  # the worker is gone
+        if listener.fileno() in readable:
+            conn, _ = listener.accept()
+            if os.fork() == 0:
+                code = 0
+                try:
+                    listener.close()
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    _task_process(conn)
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    os._exit(code)
+            conn.close()
+
+
+def _task_process(conn: Any) -> None:
+    """In a fresh task process: say our pid, run the payload (SIGTERM cancels it) with the
+    events going to the caller, then hand the activity a summary of the outcome."""
+    _die_with_parent()
+    stream = conn.makefile("rwb")
+    payload = _read_frame_sync(stream)
+    stream.write(_frame(json.dumps({"pid": os.getpid()}).encode()))
+    stream.flush()
+    summary = _run_payload(payload.decode())
+    stream.write(_frame(json.dumps(summary).encode()))
+    stream.flush()
+
+
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
     try:
-        if reader.poll(0.5):
-            summary = reader.recv()
-    except (EOFError, OSError):
-        summary = None
-    finally:
-        reader.close()
-    child.join(10)
-    return summary
+        size = int.from_bytes(await reader.readexactly(4), "big")
+        return await reader.readexactly(size)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+def _read_frame_sync(stream: Any) -> bytes:
+    size = int.from_bytes(stream.read(4), "big")
+    return bytes(stream.read(size))
 
 
 def _die_with_parent() -> None:
-    """Linux: the child dies with the forkserver, which exits when the worker dies, so a
-    killed worker takes its tasks with it instead of leaving them running unseen."""
+    """Linux: die when the parent dies (worker -> zygote -> task process), so a killed
+    worker takes its tasks with it instead of leaving them running unseen."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(Exception):
         import ctypes
 
         parent = os.getppid()
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:
             os._exit(1)
 
 
-def _child_main(payload: str, conn: Any) -> None:
-    """In the task process: verify and run the payload (SIGTERM cancels it), report to
-    the caller, and hand the activity a summary with the signed terminal event."""
-    _die_with_parent()
+async def _host_payload(request: dict[str, Any], *, kill_after: float) -> dict[str, Any]:
+    """The activity body: run the payload in a task process, heartbeat to Temporal while
+    it runs, pass a cancellation on as SIGTERM, return the process's outcome summary."""
+    from temporalio import activity
+    from temporalio.exceptions import ApplicationError
+
+    zygote = _zygote if _zygote is not None and _zygote.alive() else (
+        await asyncio.to_thread(prepare_processes)
+    )
+    pid, reader, writer = await zygote.spawn(request["payload"])
+    outcome = asyncio.ensure_future(_read_frame(reader))
+    interval = min(max(float(request.get("heartbeat_timeout") or 10.0) / 4, 0.05), 1.0)
+    try:
+        while not outcome.done():
+            activity.heartbeat({"pid": pid})
+            await asyncio.wait({outcome}, timeout=interval)
+    except asyncio.CancelledError:
+        details = activity.cancellation_details()
+        # A cancel request: SIGTERM, the task reports task_cancelled. Anything else
+        # (worker shutting down, Temporal timed the activity out or forgot it): the run is
+        # lost, the process dies without a word and the caller's orphan policy decides.
+        requested = details is None or details.cancel_requested
+        _signal(pid, signal.SIGTERM if requested else signal.SIGKILL)
+        try:
+            await asyncio.wait_for(asyncio.shield(outcome), kill_after)
+        except asyncio.TimeoutError:
+            _signal(pid, signal.SIGKILL)
+        raise
+    finally:
+        writer.close()
+    data = outcome.result()
+    if data is None:
+        raise ApplicationError(
+            f"the task process {pid} died without an outcome", type="WoveTaskProcessDied"
+        )
+    summary: dict[str, Any] = json.loads(data)
+    return summary
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _run_payload(payload: str) -> dict[str, Any]:
     from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import worker
     from wove_adapters.core.errors import PayloadError
@@ -589,11 +694,8 @@ def _child_main(payload: str, conn: Any) -> None:
         envelope = payload_mod.decode_payload(payload)
     except PayloadError:
         outcome = worker.run(payload)  # refused: reported where it claims to come from
-        conn.send({"state": outcome.state, "outcome": None})
-        return
-    outcome = worker.run_envelope(envelope)
-    conn.send(_summary(envelope, outcome))
-    conn.close()
+        return {"state": outcome.state, "outcome": None}
+    return _summary(envelope, worker.run_envelope(envelope))
 
 
 def _summary(envelope: Any, outcome: Any) -> dict[str, Any]:
@@ -674,8 +776,19 @@ def main(argv: list[str] | None = None) -> int:
             await worker
 
     asyncio.run(_serve())
-    return 0
+    return exit_now(0)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Leave without interpreter finalization: temporalio's Rust threads can crash a
+    finalizing interpreter (temporalio/sdk-python#300) even after a clean shutdown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy's (one set of globals).
+    from wove_adapters.adapters.temporal import main as _main
+
+    sys.exit(_main())

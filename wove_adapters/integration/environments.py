@@ -114,11 +114,15 @@ async def get_dispatcher(environment: str, settings: dict[str, Any]) -> Dispatch
         )
         from wove_adapters.core.policies import DeliveryPolicy
 
-        # Reject impossible environment-level policies at start-up, before any run.
-        dispatcher.check_policy(
-            DeliveryPolicy.from_settings(settings, where=f"Environment '{environment}'")
-        )
         await dispatcher.start()
+        # Reject impossible environment-level policies at start-up, before any run.
+        try:
+            dispatcher.check_policy(
+                DeliveryPolicy.from_settings(settings, where=f"Environment '{environment}'")
+            )
+        except Exception:
+            await dispatcher.stop()
+            raise
         _dispatchers[ident] = dispatcher
         if len(_dispatchers) == 1:
             add_shutdown_hook(stop_all)

@@ -26,10 +26,13 @@ from wove_adapters.core import frames
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.config import load_config
 from wove_adapters.core.errors import MissingBackendError
-from wove_adapters.core.policies import DeliveryPolicy
+from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
 from wove_adapters.core.runtime import Dispatcher
 from wove_adapters.core.transport import RunAttempt
 from wove_adapters.integration.environments import get_dispatcher
+
+
+_WOVE_DEFAULTS = {"delivery_cancel_mode": "best_effort", "delivery_orphan_policy": "cancel"}
 
 
 def _wove_base() -> type:
@@ -81,15 +84,25 @@ class _Bridge:
         kind = frame.get("type")
         if kind == frames.RUN_TASK:
             delivery = {k: v for k, v in (frame.get("delivery") or {}).items() if v is not None}
+            # wove always sends its resolved defaults; where it only has its default and
+            # our environment sets the policy, ours wins.
+            for key, wove_default in _WOVE_DEFAULTS.items():
+                if delivery.get(key) == wove_default and self._settings.get(key):
+                    delivery.pop(key)
             settings = {**self._settings, **delivery}
             policy = DeliveryPolicy.from_settings(settings, where=f"Environment '{self._name}'")
+            args = dict(frame.get("args") or {})
+            task_id = str(frame.get("task_id", ""))
+            key = delivery.get("delivery_idempotency_key")
+            if key is None:
+                key = resolve_idempotency_key(policy.idempotency_key, args, task_id)
             attempt = RunAttempt(
                 run_id=frame["run_id"],
-                task_id=str(frame.get("task_id", "")),
+                task_id=task_id,
                 func=frame["callable"],
-                args=dict(frame.get("args") or {}),
+                args=args,
                 policy=policy,
-                idempotency_key=delivery.get("delivery_idempotency_key"),
+                idempotency_key=None if key is None else str(key),
                 environment=self._name,
             )
             self._runs.add(attempt.run_id)

@@ -90,7 +90,7 @@ class ArqWorker:
         client = redis_client()
         client.delete(self.health_key)  # a killed worker's key would look alive
         self.starts += 1
-        log = open(self.log_dir / f"{self.queue}-{self.starts}.log", "wb")  # noqa: SIM115
+        log = open(self.log_dir / f"{self.queue}-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
             [*arq_command(), f"arq_worker_settings.{self.settings}"],
             cwd=str(HERE),

@@ -31,3 +31,22 @@ class MinimalWorkerSettings:
     functions = [wove_adapters_run]
     redis_settings = RedisSettings.from_dsn(os.environ["WOVE_TEST_ARQ_REDIS_URL"])
     queue_name = os.environ["WOVE_TEST_ARQ_QUEUE"]
+
+
+async def native_add(ctx: dict[str, object], x: int) -> int:
+    """ARQ's own path, for the benchmark: an async job function, result via Redis."""
+    return x + 1
+
+
+class BenchWorkerSettings:
+    """benchmarks/bench_arq.py: both paths on one worker, same polls, same slots (arq
+    reads only a settings class's own ``__dict__``, so nothing is inherited)."""
+
+    functions = [wove_adapters_run, native_add]
+    redis_settings = WorkerSettings.redis_settings
+    queue_name = WorkerSettings.queue_name
+    allow_abort_jobs = True
+    poll_delay = WorkerSettings.poll_delay
+    max_jobs = WorkerSettings.max_jobs
+    job_timeout = WorkerSettings.job_timeout
+    health_check_interval = 1

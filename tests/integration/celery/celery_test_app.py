@@ -20,7 +20,7 @@ app = Celery(
 )
 app.conf.update(BASE_CONF)
 app.conf.update(json.loads(os.environ.get("WOVE_TEST_CELERY_CONFIG") or "{}"))
-register(app)
+register(app, **json.loads(os.environ.get("WOVE_TEST_CELERY_REGISTER") or "{}"))
 
 
 @app.task(name="wove_test.add")

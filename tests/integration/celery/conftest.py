@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from celery_services import CeleryService  # noqa: E402
+from celery_services import CeleryService
 
 
 def _service(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryService]:

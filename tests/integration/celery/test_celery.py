@@ -75,7 +75,10 @@ def test_register_adds_the_task_to_a_users_app() -> None:
     app = Celery("someone-elses-app", set_as_current=False)
     register(app, acks_late=True, reject_on_worker_lost=True)
     task = app.tasks["wove_adapters.run"]
-    assert task.acks_late and task.reject_on_worker_lost and task.track_started
+    assert task.acks_late and task.reject_on_worker_lost
+    # States are written by the task itself (one round trip each); failures Celery sees
+    # on its own (worker lost, revoked) are still stored.
+    assert task.ignore_result and task.store_errors_even_if_ignored
     register(app)  # idempotent: the first registration stays
     assert app.tasks["wove_adapters.run"] is task and task.acks_late
 
@@ -152,8 +155,8 @@ def test_idempotency_key_is_the_celery_task_id(redis_celery: CeleryService, mark
     assert task_id.startswith("order-")
     app = redis_celery.client_app()
     try:
+        _wait_state(app, task_id, "SUCCESS")  # stored just after the event went out
         result = app.AsyncResult(task_id)
-        assert result.state == "SUCCESS"
         assert result.result["state"] == "succeeded" and result.result["outcome"]
     finally:
         app.close()
@@ -202,11 +205,23 @@ def test_state_map_covers_celery_states() -> None:
     assert CeleryAdapter.map_state("SOMETHING-NEW") is JobState.UNKNOWN
 
 
-def test_status_of_unknown_and_finished_tasks(redis_celery: CeleryService) -> None:
+def test_status_of_unknown_running_and_finished_tasks(
+    redis_celery: CeleryService, markers: Path
+) -> None:
     adapter = _adapter(redis_celery.executor_config)
     try:
         # PENDING is Celery's answer for "never heard of it" too.
         assert shared_loop.run_sync(adapter.status("no-such-task")) is JobState.PENDING
+        running = f"run-{uuid.uuid4().hex}"
+        with _hub(redis_celery, delivery_idempotency_key=running) as hub:
+            future = hub.submit(tasks.sleepy, str(markers), "status", 1.5)
+            wait_for_file(markers / "status.started", 60)
+            deadline = time.monotonic() + 10  # STARTED is written beside the task
+            while (state := shared_loop.run_sync(adapter.status(running))) is JobState.PENDING:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert state is JobState.RUNNING
+            assert future.result(timeout=60) == "status"
         key = f"st-{uuid.uuid4().hex}"
         with _hub(redis_celery, delivery_idempotency_key=key) as hub:
             assert hub.run(tasks.add, 1) == 2

@@ -158,11 +158,11 @@ def test_a_silent_worker_is_lost_after_the_heartbeat_window(tmp_path: Path) -> N
 
 
 def test_delivery_timeout_cancels_the_run(tmp_path: Path) -> None:
-    with stdio_hub(delivery_timeout=1.0) as hub:
+    with stdio_hub(delivery_timeout=3.0) as hub:
         start = time.monotonic()
         with pytest.raises(DeliveryTimeoutError):
             hub.run(tasks.sleepy, str(tmp_path), "slow", 30.0)
-        assert time.monotonic() - start < 10
+        assert time.monotonic() - start < 20
         time.sleep(0.5)
         assert (tmp_path / "slow.started").exists()
         assert not (tmp_path / "slow.finished").exists()

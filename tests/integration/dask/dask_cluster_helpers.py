@@ -62,7 +62,8 @@ def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"'dask scheduler' exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"'dask scheduler' exited with {proc.returncode}:\n"
+                        f"{log.read_text()[-3000:]}")
         if path.exists():
             text = path.read_text()
             if text.strip():
@@ -109,7 +110,7 @@ def start_cluster(tmp: Path) -> Iterator[DaskCluster]:
         with Client(address, timeout=30) as client:
             try:
                 client.wait_for_workers(WORKERS, timeout=120)
-            except Exception as exc:  # noqa: BLE001 - say why, with the logs
+            except Exception as exc:  # say why, with the logs
                 pytest.fail(f"{WORKERS} dask workers did not join within 120s ({exc}):\n"
                             f"{worker_log.read_text()[-3000:]}")
         yield DaskCluster(address=address, scheduler_file=str(scheduler_file), log_dir=tmp)

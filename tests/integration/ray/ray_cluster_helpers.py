@@ -95,6 +95,16 @@ def shared_loop_netns() -> str | None:
     return os.readlink(f"/proc/self/task/{thread.native_id}/ns/net")
 
 
+def check_shared_loop(netns: str) -> None:
+    loop_ns = shared_loop_netns()
+    if loop_ns is not None and loop_ns != netns:
+        raise RuntimeError(
+            "the wove-adapters loop started outside the Ray tests' network namespace (an "
+            "earlier test in this session used it); run the Ray tests in their own "
+            "session: pytest tests/integration/ray (or tox -e ray)"
+        )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -185,13 +195,7 @@ def ray_cluster(log_dir: Path) -> Iterator[RayCluster]:
     import ray
 
     with loopback_namespace() as netns:
-        loop_ns = shared_loop_netns()
-        if loop_ns is not None and loop_ns != netns:
-            raise RuntimeError(
-                "the wove-adapters loop started outside the Ray tests' network namespace "
-                "(an earlier test in this session used it); run the Ray tests in their "
-                "own session: pytest tests/integration/ray (or tox -e ray)"
-            )
+        check_shared_loop(netns)
         port = free_port()
         # Short: Ray puts Unix sockets under it (108-byte path limit).
         temp_dir = tempfile.mkdtemp(prefix="wove-ray-", dir="/tmp")

@@ -65,7 +65,7 @@ class TestRayNativeConformance(TestRayConformance):
         wait_for_file(markers / f"{tag}.started", self.detection_timeout)
 
         async def block_the_loop() -> None:
-            time.sleep(3.0)  # deliberately blocking: the caller is unresponsive
+            time.sleep(3.0)  # noqa: ASYNC251 - deliberately blocking: the caller is unresponsive
 
         shared_loop.run_sync(block_the_loop())
         assert (markers / f"{tag}.finished").exists()

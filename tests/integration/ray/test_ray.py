@@ -176,7 +176,9 @@ def test_doctor(ray_head: RayCluster, hub: Any) -> None:
 # ---------------------------------------------------------------- idempotency, status, cancel
 
 
-def test_no_native_dedupe_the_ledger_does_it(ray_head: RayCluster, hub: Any, tmp_path: Path) -> None:
+def test_no_native_dedupe_the_ledger_does_it(
+    ray_head: RayCluster, hub: Any, tmp_path: Path
+) -> None:
     """Two environments (two dispatchers, one ledger) and one key: one execution."""
     assert RayAdapter.capabilities.native_idempotency is False
     key = f"ray-{uuid.uuid4().hex}"
@@ -224,13 +226,15 @@ def test_status_of_a_job_whose_worker_died_without_an_event(
         adapter.emit = forward
 
 
+@pytest.mark.parametrize("return_path", ["http", "native"])
 def test_cancel_interrupts_python_code_without_killing_the_worker(
-    ray_head: RayCluster, hub: Any, tmp_path: Path
+    ray_head: RayCluster, hub: Any, tmp_path: Path, return_path: str
 ) -> None:
-    """``ray.cancel`` interrupts a task running Python code; the worker reports
-    ``task_cancelled`` and lives on (force is only for tasks that ignore it)."""
-    made = hub({"address": ray_head.address, "force_cancel_after": 30},
-               delivery_cancel_mode="require_ack")
+    """``ray.cancel`` interrupts a task running Python code, which ends as cancelled
+    (confirmed: ``require_ack``) while its worker lives on; force is only for tasks that
+    ignore the interrupt (blocked in C code, as the suite's ``sleepy``)."""
+    made = hub({"address": ray_head.address, "return_path": return_path,
+                "force_cancel_after": 30}, delivery_cancel_mode="require_ack")
     future = made.submit(spin, str(tmp_path), "spin", 20.0)
     pid = int(wait_for_file(tmp_path / "spin.started", TIMEOUT))
     started = time.monotonic()
@@ -326,7 +330,9 @@ def test_a_cluster_with_token_auth_needs_the_token(ray_head: RayCluster) -> None
             print(json.dumps({{"error": str(exc)}}))
     """
     assert run_script(script) == {"result": 2}
-    refused = run_script(script, RAY_AUTH_MODE="", RAY_AUTH_TOKEN_PATH="")
+    # (Ray's own connect timeout shortened: it retries a refused token for ~20 s.)
+    refused = run_script(script, RAY_AUTH_MODE="", RAY_AUTH_TOKEN_PATH="",
+                         RAY_gcs_server_port_wait_time_s="2")
     assert "export RAY_AUTH_MODE=token" in refused["error"]
 
 

@@ -47,7 +47,7 @@ class TestRqDropboxConformance(TestRqConformance):
     def _reader(self, hub: Hub) -> Any:
         from wove_adapters.callbacks.dropbox import DropboxReader
 
-        reader = hub.dispatcher("conformance").transport.receiver
+        reader = getattr(hub.dispatcher("conformance").transport, "receiver", None)
         assert isinstance(reader, DropboxReader)
         return reader
 
@@ -66,7 +66,7 @@ class TestRqDropboxConformance(TestRqConformance):
         reader = self._reader(hub)
         before = reader.stats["duplicates_dropped"]
         event = frame_to_wire(
-            {"type": "task_result", "run_id": future.run_id, "task_id": "add", "result": 999}  # type: ignore[attr-defined]
+            {"type": "task_result", "run_id": future.run_id, "task_id": "add", "result": 999}
         )
         key_id = hub.dispatcher("conformance").key_id
         client = redis_client()

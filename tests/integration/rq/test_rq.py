@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
-from wove_adapters.testing.conformance import wait_for_file
+from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
 
 
 def _hub(environment: dict[str, Any], **settings: Any) -> Hub:
@@ -100,6 +101,20 @@ def test_options_pass_through(rq_environment: dict[str, Any], markers: Path) -> 
     assert "team" not in job.meta  # task_options' meta replaces executor_config's
 
 
+def test_job_timeout_is_enforced_by_rq(rq_environment: dict[str, Any], markers: Path) -> None:
+    """RQ's own death penalty interrupts the task; the caller gets RQ's exception."""
+    from rq.timeouts import JobTimeoutException
+
+    config = {**rq_environment["executor_config"], "task_options": {"job_timeout": 1}}
+    hub = _hub({"executor": "rq", "executor_config": config})
+    try:
+        with pytest.raises(JobTimeoutException):
+            hub.run(tasks.sleepy, str(markers), "too-slow", 5.0)
+    finally:
+        hub.close()
+    assert not (markers / "too-slow.finished").exists()
+
+
 def test_queue_and_at_front_reach_rq(redis_url: str) -> None:
     """Submit straight through the adapter to a queue nobody serves: the job waits there
     with our options, status maps it, cancel removes it."""
@@ -165,6 +180,31 @@ def test_native_idempotency_across_callers(rq_environment: dict[str, Any], marke
     finally:
         for hub in hubs:
             hub.close()
+
+
+def test_cancelling_a_follower_leaves_the_owners_job_running(
+    rq_environment: dict[str, Any], markers: Path
+) -> None:
+    key = f"native-cancel-{uuid.uuid4().hex}"
+    owner, follower = [
+        Hub(environments={"r": {**rq_environment, "delivery_idempotency_key": key,
+                                "delivery_cancel_mode": "require_ack"}},
+            default_environment="r", ledger=f"memory://rq-fc-{i}-{uuid.uuid4().hex[:6]}")
+        for i in range(2)
+    ]
+    try:
+        first = owner.submit(tasks.sleepy, str(markers), "shared", 2.0)
+        wait_for_file(markers / "shared.started", 60)
+        second = follower.submit(tasks.sleepy, str(markers), "shared", 2.0)
+        time.sleep(0.5)  # let the follower attach to the owner's job
+        follower.cancel(second)
+        with pytest.raises(CancelledErrors):
+            second.result(timeout=30)
+        assert first.result(timeout=60) == "shared"
+        assert (markers / "shared.finished").exists()
+    finally:
+        owner.close()
+        follower.close()
 
 
 def test_recorded_error_comes_back_with_its_type(rq_environment: dict[str, Any]) -> None:

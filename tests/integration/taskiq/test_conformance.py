@@ -8,7 +8,7 @@ import signal
 from typing import Any
 
 import pytest
-from conftest import SLOTS, TaskiqWorker
+from taskiq_fixtures import SLOTS, TaskiqWorker
 
 from wove_adapters.testing import AdapterConformance
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REDIS_URL, TaskiqWorker, _redis
+from taskiq_fixtures import REDIS_URL, TaskiqWorker, redis_client
 
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
@@ -54,6 +54,14 @@ def _submission(hub: Hub, run_id: str) -> str:
             return run.attempt.submission
         time.sleep(0.01)
     raise AssertionError(f"run {run_id} was never submitted")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 def _parent_of(pid: int) -> int:
@@ -118,7 +126,7 @@ def test_labels_and_queue_routing_pass_through(taskiq_worker: TaskiqWorker, hubs
         "task_options": {"queue_name": side, "priority": 3},
     }
     hub = hubs(config)
-    client = _redis()
+    client = redis_client()
     try:
         future = hub.submit(tasks.add, 1)
         deadline = time.monotonic() + 30
@@ -136,6 +144,18 @@ def test_labels_and_queue_routing_pass_through(taskiq_worker: TaskiqWorker, hubs
             future.result(timeout=30)
     finally:
         client.delete(side)
+
+
+def test_redis_drop_box_return_path(taskiq_worker: TaskiqWorker, hubs: Any) -> None:
+    """Workers that cannot reach the caller push signed events to a Redis list."""
+    from wove_adapters.callbacks.dropbox import DropboxReader
+
+    config = {**taskiq_worker.config, "return_path": "redis", "return_redis_url": REDIS_URL}
+    hub = hubs(config)
+    assert isinstance(hub.dispatcher("t").transport.receiver, DropboxReader)
+    assert hub.map(tasks.add, range(10)) == [i + 1 for i in range(10)]
+    with pytest.raises(tasks.ConformanceError, match="via redis"):
+        hub.run(tasks.fail, "via redis")
 
 
 # ---------------------------------------------------------------- idempotency
@@ -159,12 +179,12 @@ def test_idempotency_key_is_the_taskiq_task_id_across_ledgers(
     from wove_adapters.adapters.base import BackendAdapter
 
     assert handle == BackendAdapter.safe_name(key) and " " not in handle and ":" not in handle
-    assert _redis().exists(handle), "taskiq's result backend stores the result under the key"
+    assert redis_client().exists(handle), "taskiq's result backend stores the result under the key"
     # A third caller, long after: the recorded outcome answers, nothing runs again.
     three = hubs(taskiq_worker.config, ledger="memory://taskiq-three", delivery_idempotency_key=key)
     assert three.run(tasks.record, str(markers), "cross", 21) == 42
     assert len((markers / "cross.runs").read_text().splitlines()) == 1
-    _redis().delete(handle)
+    redis_client().delete(handle)
 
 
 # ---------------------------------------------------------------- status and lost work
@@ -187,8 +207,10 @@ def test_status_finds_a_dead_worker_without_heartbeats(
         with pytest.raises(DeliveryOrphanedError, match="gone"):
             future.result(timeout=60)
         assert shared_loop.run_sync(adapter.status(handle)) == JobState.GONE
-        time.sleep(1.0)
-        assert not (markers / "dead.finished").exists()
+        deadline = time.monotonic() + 15
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid), "the payload process outlived its worker"
     finally:
         taskiq_worker.wait_ready()
 
@@ -216,7 +238,7 @@ def test_cancel_of_queued_work_is_confirmed_without_a_worker(
     so status() reports CANCELLED and the caller's cancel is confirmed."""
     idle = f"wove-test-taskiq-nobody-{uuid.uuid4().hex[:6]}"
     hub = hubs({"url": REDIS_URL, "queue": idle}, delivery_cancel_mode="require_ack")
-    client = _redis()
+    client = redis_client()
     try:
         future = hub.submit(tasks.add, 1)
         handle = _submission(hub, future.run_id)  # type: ignore[attr-defined]
@@ -267,3 +289,52 @@ def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch, hubs: 
     hub = hubs({"url": REDIS_URL, "queue": f"wove-test-missing-{uuid.uuid4().hex[:6]}"})
     with pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[taskiq\]'"):
         hub.run(tasks.add, 1)
+
+
+# ---------------------------------------------------------------- other brokers
+
+
+def test_stream_broker_runs_cancels_and_drops_redeliveries(
+    redis_available: None, hubs: Any, markers: Path, tmp_path: Path
+) -> None:
+    from taskiq_fixtures import start_worker, stop_worker
+
+    queue = f"wove-test-taskiq-stream-{uuid.uuid4().hex[:6]}"
+    worker = start_worker(queue, tmp_path / "stream.log", broker="stream")
+    try:
+        hub = hubs({"url": REDIS_URL, "queue": queue, "broker": "stream"})
+        assert hub.map(tasks.add, range(5)) == [1, 2, 3, 4, 5]
+        future = hub.submit(tasks.sleepy, str(markers), "stream", 30.0)
+        wait_for_file(markers / "stream.started", 60)
+        hub.cancel(future)
+        with pytest.raises(CancelledErrors):
+            future.result(timeout=30)
+        # A finished job delivered again (stream brokers redeliver unacked messages) is
+        # dropped by the worker, not run twice.
+        done = hub.submit(tasks.record, str(markers), "redeliver", 1)
+        assert done.result(timeout=60) == 2
+        entries = redis_client().xrange(queue)
+        last = entries[-1][1][b"data"]
+        redis_client().xadd(queue, {b"data": last})
+        time.sleep(2.0)
+        assert len((markers / "redeliver.runs").read_text().splitlines()) == 1
+        time.sleep(2.0)
+        assert not (markers / "stream.finished").exists()
+    finally:
+        stop_worker(worker)
+
+
+def test_users_own_broker_object(
+    taskiq_worker: TaskiqWorker, hubs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """executor_config['broker'] = 'module:attribute': the caller kicks through the
+    user's own broker (here: the very module the worker runs)."""
+    import importlib
+
+    monkeypatch.setenv("WOVE_TEST_TASKIQ_QUEUE", taskiq_worker.queue)
+    monkeypatch.setenv("WOVE_TEST_TASKIQ_URL", taskiq_worker.url)
+    module = importlib.import_module("taskiq_worker_app")
+    importlib.reload(module)
+    config = {**taskiq_worker.config, "broker": "taskiq_worker_app:broker"}
+    hub = hubs(config)
+    assert hub.run(tasks.add, 41) == 42

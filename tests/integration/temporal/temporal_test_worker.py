@@ -20,7 +20,13 @@ from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from wove_adapters.adapters.temporal import activities, prepare_processes, run_worker, workflows
+from wove_adapters.adapters.temporal import (
+    activities,
+    exit_now,
+    prepare_processes,
+    run_worker,
+    workflows,
+)
 
 
 @activity.defn(name="user.greet")
@@ -96,7 +102,7 @@ def main() -> int:
     parser.add_argument("--max-concurrent", type=int, default=2)
     parser.add_argument("--style", choices=["helper", "own"], default="helper")
     asyncio.run(serve(parser.parse_args()))
-    return 0
+    return exit_now(0)  # a clean stop; skip finalization (temporalio/sdk-python#300)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,20 @@ async def _history_attributes(address: str, workflow_id: str) -> tuple[Any, Any]
     raise AssertionError(f"workflow {workflow_id} scheduled no activity")
 
 
+def _wait_status(address: str, workflow_id: str, expected: str, timeout: float = 30) -> bool:
+    async def status() -> str:
+        client = await _client(address)
+        description = await client.get_workflow_handle(workflow_id).describe()
+        return str(description.status.name)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if run(status()) == expected:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -231,6 +245,43 @@ def test_one_execution_per_key_across_callers_without_a_shared_ledger(
     assert len(runs) == 1, f"one key ran {len(runs)} times"
 
 
+def test_a_key_whose_task_raised_may_run_again(
+    hub_for: Any, temporal_server: DevServer, markers: Path
+) -> None:
+    """A task that raised fails its workflow, which releases the workflow id (as the
+    ledger releases a failed key): the next caller with that key runs the task again."""
+    key = f"again-{uuid.uuid4().hex}"
+    first = hub_for(delivery_idempotency_key=key, ledger=f"memory://a-{key}")
+    with pytest.raises(tasks.ConformanceError, match="first try"):
+        first.run(tasks.fail, "first try")
+    # The caller hears first (callback); the workflow closes a moment later. Until then
+    # a second caller would attach to it (and get the same error).
+    assert _wait_status(temporal_server.address, f"wove-key-{key}", "FAILED")
+    second = hub_for(delivery_idempotency_key=key, ledger=f"memory://b-{key}")
+    assert second.run(tasks.record, str(markers), "again", 3) == 6
+    assert len((markers / "again.runs").read_text().splitlines()) == 1
+
+
+def test_an_attached_caller_gets_the_original_error(hub_for: Any, markers: Path) -> None:
+    """The second caller attaches to the running execution; its task raises; both callers
+    get the original exception (the follower reads it from the workflow's failure)."""
+
+    def slow_failure(directory: str) -> None:  # defined here: travels by value
+        Path(directory, "slow-failure.started").write_text(str(os.getpid()))
+        time.sleep(1.5)
+        raise KeyError("late failure")
+
+    key = f"err-{uuid.uuid4().hex}"
+    first = hub_for(delivery_idempotency_key=key, ledger=f"memory://a-{key}")
+    second = hub_for(delivery_idempotency_key=key, ledger=f"memory://b-{key}")
+    one = first.submit(slow_failure, str(markers))
+    wait_for_file(markers / "slow-failure.started", TIMEOUT)
+    two = second.submit(slow_failure, str(markers))
+    for future in (one, two):
+        with pytest.raises(KeyError, match="late failure"):
+            future.result(timeout=TIMEOUT)
+
+
 # ---------------------------------------------------------------- status and reconciliation
 
 
@@ -312,15 +363,7 @@ def test_require_ack_waits_until_temporal_records_the_cancel(
         future.result(timeout=TIMEOUT)
     assert _wait_gone(pid, 15), "acknowledged, yet the task process still runs"
 
-    async def status() -> str:
-        client = await _client(temporal_server.address)
-        description = await client.get_workflow_handle(f"wove-key-{key}").describe()
-        return str(description.status.name)
-
-    deadline = time.monotonic() + 15
-    while run(status()) != "CANCELED" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert run(status()) == "CANCELED"
+    assert _wait_status(temporal_server.address, f"wove-key-{key}", "CANCELED", 15)
 
 
 # ---------------------------------------------------------------- wove, install hint
@@ -349,6 +392,19 @@ def test_wove_weave_with_a_mapped_task_of_100_items(temporal_config: dict[str, A
     finally:
         wove.config(environments={"default": {"executor": "local"}},
                     default_environment="default")
+
+
+def test_unreachable_server_fails_with_a_hint() -> None:
+    from temporal_services import free_port
+
+    hub = Hub(environments={"down": {"executor": "temporal", "executor_config": {
+        "address": f"127.0.0.1:{free_port()}", "connect_timeout": 5}}},
+        default_environment="down")
+    try:
+        with pytest.raises(ConnectionError, match="temporal server start-dev"):
+            hub.run(tasks.add, 1)
+    finally:
+        hub.close()
 
 
 def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

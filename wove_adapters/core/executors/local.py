@@ -33,7 +33,7 @@ class LocalTransport(Transport):
         self._emit: Emit | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._thread_futures: dict[str, asyncio.Future[Any]] = {}
+        self._thread_futures: dict[str, concurrent.futures.Future[Any]] = {}
 
     async def open(
         self,
@@ -73,8 +73,9 @@ class LocalTransport(Transport):
                     loop.call_soon_threadsafe(emit, frames.event(frames.TASK_STARTED, *ident))
                     return run.func(**run.args)
 
-                future = loop.run_in_executor(self._pool, _call)
-                self._thread_futures[run.run_id] = future
+                submitted = self._pool.submit(_call)
+                self._thread_futures[run.run_id] = submitted
+                future = asyncio.wrap_future(submitted)
                 if beat:
                     heart = loop.create_task(self._beat(run, beat, started))
                 value = await future
@@ -104,8 +105,9 @@ class LocalTransport(Transport):
     async def cancel(self, run: RunAttempt, *, mode: str) -> None:
         thread_future = self._thread_futures.get(run.run_id)
         if thread_future is not None:
-            # Cancels only if the thread has not picked it up yet; a running thread
-            # finishes on its own and no acknowledgement is sent.
+            # Succeeds only if no thread has picked it up yet (then the run reports
+            # task_cancelled); a running thread finishes on its own and nothing is
+            # acknowledged, so require_ack raises CancelNotAcknowledgedError.
             thread_future.cancel()
             return
         task = self._tasks.get(run.run_id)

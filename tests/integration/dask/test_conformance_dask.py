@@ -89,4 +89,4 @@ async def _call_on_loop(fn: Any, *args: Any) -> None:
 
 
 async def _block_loop(seconds: float) -> None:
-    time.sleep(seconds)  # deliberately blocking: simulates a caller that cannot listen
+    time.sleep(seconds)  # noqa: ASYNC251 - on purpose: a caller that cannot listen

@@ -1,0 +1,147 @@
+"""Celery: our round trip and throughput against Celery's own submit + result path.
+
+Standalone: starts a real ``celery worker --pool=prefork`` per broker (like the tests,
+private queue and key prefix, stopped by PID), then measures, interleaved in one run:
+
+- sequential round trip of ``x + 1`` (p50/p99 over ``--n`` tasks): native is
+  ``app.send_task(...).get()`` (Redis result backend, pub/sub wake-up); ours is
+  ``Hub.run(add, x)`` (payload signed, events back over HTTP);
+- throughput for ``--burst`` tasks submitted at once: native sends them all and then
+  ``.get()``s each; ours is ``Hub.map``.
+
+Ours runs twice, interleaved with native: with the default ``http`` return path and
+with the ``redis`` drop box. Prints one JSON line per broker:
+``{"backend": "celery+redis", "native": {...}, "ours": {...},
+"ours_redis_return_path": {...}, "ratio": {...}, "ratio_redis_return_path": {...}}``.
+
+    python benchmarks/bench_celery.py [--broker redis|amqp|both] [--n 300] [--burst 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "celery"))
+
+from celery_services import REDIS_URL, CeleryService  # noqa: E402
+
+from wove_adapters.integration.hub import Hub  # noqa: E402
+from wove_adapters.testing.tasks import add  # noqa: E402
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summary(latencies: list[float], throughputs: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+        "throughput_per_s": round(statistics.median(throughputs), 1),
+    }
+
+
+def bench(broker: str, n: int, burst: int, rounds: int, concurrency: int) -> dict[str, Any]:
+    service = CeleryService(broker, concurrency=concurrency, log_dir=Path(tempfile.mkdtemp()))
+    service.start()
+    app = service.client_app()
+    dropbox = {**service.executor_config, "return_path": "redis",
+               "return_redis_url": REDIS_URL}
+    hub = Hub(environments={
+        "bench": {"executor": "celery", "executor_config": service.executor_config},
+        "bench_redis": {"executor": "celery", "executor_config": dropbox},
+    }, default_environment="bench")
+    try:
+        def native_one(x: int) -> int:
+            return int(app.send_task("wove_test.add", args=[x, 1], queue=service.queue)
+                       .get(timeout=60))
+
+        def native_burst(count: int) -> list[int]:
+            results = [app.send_task("wove_test.add", args=[i, 1], queue=service.queue)
+                       for i in range(count)]
+            return [int(r.get(timeout=120)) for r in results]
+
+        # Warm both paths (connections, receiver, worker children, imports).
+        for i in range(30):
+            assert native_one(i) == i + 1
+            assert hub.run(add, i) == i + 1
+            assert hub.run(add, i, environment="bench_redis") == i + 1
+        native_lat: list[float] = []
+        ours_lat: list[float] = []
+        dropbox_lat: list[float] = []
+        for i in range(n):
+            start = time.perf_counter()
+            assert native_one(i) == i + 1
+            native_lat.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            assert hub.run(add, i) == i + 1
+            ours_lat.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            assert hub.run(add, i, environment="bench_redis") == i + 1
+            dropbox_lat.append(time.perf_counter() - start)
+        native_tp: list[float] = []
+        ours_tp: list[float] = []
+        dropbox_tp: list[float] = []
+        expected = [i + 1 for i in range(burst)]
+        for _ in range(rounds):
+            start = time.perf_counter()
+            assert native_burst(burst) == expected
+            native_tp.append(burst / (time.perf_counter() - start))
+            start = time.perf_counter()
+            assert hub.map(add, range(burst)) == expected
+            ours_tp.append(burst / (time.perf_counter() - start))
+            start = time.perf_counter()
+            assert hub.map(add, range(burst), environment="bench_redis") == expected
+            dropbox_tp.append(burst / (time.perf_counter() - start))
+    finally:
+        hub.close()
+        app.close()
+        service.stop()
+        service.cleanup()
+    native = summary(native_lat, native_tp)
+    ours = summary(ours_lat, ours_tp)
+    dropbox = summary(dropbox_lat, dropbox_tp)
+    return {
+        "backend": f"celery+{'redis' if broker == 'redis' else 'rabbitmq'}",
+        "tasks": n, "burst": burst, "worker_concurrency": concurrency,
+        "native": native,
+        "ours": ours,
+        "ours_redis_return_path": dropbox,
+        "ratio": ratio(ours, native),
+        "ratio_redis_return_path": ratio(dropbox, native),
+    }
+
+
+def ratio(ours: dict[str, float], native: dict[str, float]) -> dict[str, float]:
+    return {
+        "p50": round(ours["p50_ms"] / native["p50_ms"], 3),
+        "p99": round(ours["p99_ms"] / native["p99_ms"], 3),
+        "throughput": round(ours["throughput_per_s"] / native["throughput_per_s"], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--broker", choices=["redis", "amqp", "both"], default="both")
+    parser.add_argument("--n", type=int, default=300, help="sequential tasks per side")
+    parser.add_argument("--burst", type=int, default=1000, help="tasks submitted at once")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per side")
+    parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
+    options = parser.parse_args()
+    brokers = ["redis", "amqp"] if options.broker == "both" else [options.broker]
+    for broker in brokers:
+        result = bench(broker, options.n, options.burst, options.rounds, options.concurrency)
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

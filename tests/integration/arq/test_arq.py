@@ -1,0 +1,358 @@
+"""ARQ-specific behaviour against a real Redis and real ``arq`` CLI workers."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import arq_test_tasks
+import pytest
+from arq_services import PREFIX, REDIS_URL, SESSION, ArqWorker, environment, redis_client
+
+from wove_adapters.adapters.arq import ArqAdapter
+from wove_adapters.adapters.base import JobSpec
+from wove_adapters.core import loop as shared_loop
+from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
+from wove_adapters.core.policies import JobState
+from wove_adapters.integration.hub import Hub
+from wove_adapters.testing import tasks
+from wove_adapters.testing.conformance import wait_for_file
+
+CancelledErrors = (concurrent.futures.CancelledError, asyncio.CancelledError)
+
+
+@pytest.fixture
+def hubs() -> Any:
+    made: list[Hub] = []
+
+    def make(definition: dict[str, Any], name: str = "arqtest") -> Hub:
+        hub = Hub(environments={name: definition}, default_environment=name)
+        made.append(hub)
+        return hub
+
+    yield make
+    for hub in made:
+        hub.close()
+
+
+@pytest.fixture
+def markers(tmp_path: Path) -> Path:
+    path = tmp_path / "markers"
+    path.mkdir()
+    return path
+
+
+def adapter_of(hub: Hub) -> ArqAdapter:
+    adapter = hub.dispatcher().transport.adapter  # type: ignore[attr-defined]
+    assert isinstance(adapter, ArqAdapter)
+    return adapter
+
+
+def arq_result(job_id: str) -> Any:
+    from arq.jobs import deserialize_result
+
+    client = redis_client()
+    try:
+        raw = client.get(f"arq:result:{job_id}")
+    finally:
+        client.close()
+    return None if raw is None else deserialize_result(raw)
+
+
+def wait_until(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {timeout}s")
+
+
+# ---------------------------------------------------------------- worker side, CLI
+
+
+def test_the_arq_cli_runs_payloads_with_one_settings_line(make_worker: Any, hubs: Any) -> None:
+    """``functions = [wove_adapters_run]`` in arq's own WorkerSettings (its defaults: 0.5 s
+    polls, no aborts) and ``arq module.WorkerSettings`` is all a deployment needs."""
+    worker: ArqWorker = make_worker("minimal", settings="MinimalWorkerSettings").start()
+    hub = hubs(environment(queue_name=worker.queue))
+    assert hub.run(tasks.add, 41) == 42
+    assert hub.map(tasks.add, range(5)) == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_queue_name_routes_jobs_to_another_worker(
+    arq_worker: ArqWorker, make_worker: Any, hubs: Any
+) -> None:
+    routed: ArqWorker = make_worker("routed").start()
+    key = f"route-{uuid.uuid4().hex[:8]}"
+    hub = hubs({**environment(task_options={"_queue_name": routed.queue}),
+                "delivery_idempotency_key": key})
+    assert hub.run(tasks.add, 1) == 2
+    # The caller hears the result before ARQ records the job complete.
+    wait_until(lambda: arq_result(PREFIX + key) is not None, what="ARQ's job record")
+    info = arq_result(PREFIX + key)
+    assert info.queue_name == routed.queue
+    assert info.result["state"] == "succeeded"
+
+
+def test_defer_by_and_expires_pass_through_and_a_deferred_job_cancels(
+    arq_worker: ArqWorker, hubs: Any, markers: Path
+) -> None:
+    key = f"defer-{uuid.uuid4().hex[:8]}"
+    hub = hubs({**environment(task_options={"_defer_by": 60, "_expires": 120}),
+                "delivery_idempotency_key": key})
+    adapter = adapter_of(hub)
+    job_id = PREFIX + key
+    future = hub.submit(tasks.sleepy, str(markers), "deferred", 0.1)
+    client = redis_client()
+    try:
+        wait_until(lambda: client.exists(f"arq:job:{job_id}"), what="the enqueue")
+        score = client.zscore(arq_worker.queue, job_id)
+        assert score is not None and score / 1000 - time.time() > 50  # deferred ~60 s
+        assert 100_000 < client.pttl(f"arq:job:{job_id}") <= 120_000  # _expires
+        assert shared_loop.run_sync(adapter.status(job_id)) is JobState.PENDING
+        hub.cancel(future)
+        with pytest.raises(CancelledErrors):
+            future.result(timeout=30)
+        # A job no worker started leaves the queue at once, recorded as ARQ records an
+        # aborted job (its result is CancelledError).
+        wait_until(lambda: arq_result(job_id) is not None, what="the cancel")
+        assert client.zscore(arq_worker.queue, job_id) is None
+        assert not client.exists(f"arq:job:{job_id}")
+        assert isinstance(arq_result(job_id).result, asyncio.CancelledError)
+    finally:
+        client.close()
+    assert shared_loop.run_sync(adapter.status(job_id)) is JobState.CANCELLED
+    assert not (markers / "deferred.started").exists()
+
+
+# ---------------------------------------------------------------- idempotency
+
+
+def test_the_idempotency_key_is_the_arq_job_id_across_callers(
+    arq_worker: ArqWorker, hubs: Any, markers: Path, tmp_path: Path
+) -> None:
+    """Callers that share no ledger still get one execution: ARQ refuses a second job
+    with the same id, and the second caller follows the first job's recorded outcome."""
+    key = f"user:{uuid.uuid4().hex[:8]} order 7"  # ':' and ' ' are sanitised
+    job_id = PREFIX + ArqAdapter.safe_name(key, allowed=r"A-Za-z0-9_\-.:")
+    assert job_id != PREFIX + key
+    first = hubs({**environment(), "delivery_idempotency_key": key,
+                  "ledger": f"sqlite:///{tmp_path / 'a.db'}"}, "a")
+    second = hubs({**environment(), "delivery_idempotency_key": key,
+                   "ledger": f"sqlite:///{tmp_path / 'b.db'}"}, "b")
+    one = first.submit(tasks.record, str(markers), "native", 21)
+    two = second.submit(tasks.record, str(markers), "native", 21)
+    assert one.result(timeout=60) == 42
+    assert two.result(timeout=60) == 42
+    assert len((markers / "native.runs").read_text().splitlines()) == 1
+    wait_until(lambda: arq_result(job_id) is not None, what="ARQ's job record")
+    assert arq_result(job_id).result["state"] == "succeeded"
+    # A third caller, after the job finished: the recorded result, no new execution.
+    third = hubs({**environment(), "delivery_idempotency_key": key,
+                  "ledger": f"sqlite:///{tmp_path / 'c.db'}"}, "c")
+    assert third.run(tasks.record, str(markers), "native", 21) == 42
+    assert len((markers / "native.runs").read_text().splitlines()) == 1
+
+
+def test_a_failed_keyed_job_releases_its_key(
+    arq_worker: ArqWorker, hubs: Any, markers: Path, tmp_path: Path
+) -> None:
+    key = f"retry-{uuid.uuid4().hex[:8]}"
+    first = hubs({**environment(), "delivery_idempotency_key": key,
+                  "ledger": f"sqlite:///{tmp_path / 'a.db'}"}, "a")
+    with pytest.raises(RuntimeError, match="first try fails"):
+        first.run(arq_test_tasks.fail_once, str(markers), "again")
+    second = hubs({**environment(), "delivery_idempotency_key": key,
+                   "ledger": f"sqlite:///{tmp_path / 'b.db'}"}, "b")
+    assert second.run(arq_test_tasks.fail_once, str(markers), "again") == "again-ok"
+    assert len((markers / "again.runs").read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------- status, reconciliation
+
+
+def _spec(job_name: str, **options: Any) -> JobSpec:
+    return JobSpec(run_id=f"t:{job_name}", task_id="t", attempt=1, payload="wove1.unused",
+                   idempotency_key=None, job_name=job_name, environment="arqtest",
+                   options=options)
+
+
+def test_status_maps_every_arq_state(hubs: Any) -> None:
+    """On a queue no worker reads, every native state is put in place by hand."""
+    from arq.jobs import serialize_result
+
+    idle = f"{SESSION}-idle"
+    hub = hubs(environment(queue_name=idle, lease_seconds=1.0))
+    adapter = adapter_of(hub)
+    run = shared_loop.run_sync
+    queued = run(adapter.submit(_spec("st-queued")))
+    deferred = run(adapter.submit(_spec("st-deferred", _defer_by=60)))
+    assert queued == PREFIX + "st-queued"
+    assert run(adapter.status(queued)) is JobState.PENDING
+    assert run(adapter.status(deferred)) is JobState.PENDING
+    assert run(adapter.status(PREFIX + "st-never-submitted")) is JobState.GONE
+    removed = run(adapter.submit(_spec("st-removed")))
+    run(adapter.cancel(removed))  # queued, no worker: taken off the queue at once
+    assert run(adapter.status(removed)) is JobState.CANCELLED
+
+    client = redis_client()
+    try:
+        # in progress with a fresh lease: running; never leased for a lease period: gone
+        client.set(f"arq:in-progress:{queued}", b"1", px=60_000)
+        client.set(f"wove-adapters:arq:lease:{queued}", b"w", px=61_000)
+        assert run(adapter.status(queued)) is JobState.RUNNING
+        client.set(f"wove-adapters:arq:lease:{queued}", b"w", px=59_000)  # 2 s old: lapsed
+        assert run(adapter.status(queued)) is JobState.GONE
+        client.set(f"arq:in-progress:{deferred}", b"1", px=60_000)
+        assert run(adapter.status(deferred)) is JobState.RUNNING  # a job's first moments
+        time.sleep(1.2)
+        assert run(adapter.status(deferred)) is JobState.GONE
+
+        def complete(job_id: str, success: bool, result: Any) -> None:
+            data = serialize_result("wove_adapters_run", (), {}, 1, 0, success, result, 0, 0,
+                                    job_id, idle, job_id)
+            assert data is not None
+            client.set(f"arq:result:{job_id}", data, px=60_000)
+
+        cases = {
+            "succeeded": (True, {"state": "succeeded"}, JobState.SUCCEEDED),
+            "failed": (True, {"state": "failed"}, JobState.FAILED),
+            "cancelled": (True, {"state": "cancelled"}, JobState.CANCELLED),
+            "killed": (True, {"state": "killed"}, JobState.FAILED),
+            "aborted": (False, asyncio.CancelledError(), JobState.CANCELLED),
+            "expired": (False, RuntimeError("job expired"), JobState.FAILED),
+        }
+        for name, (success, result, expected) in cases.items():
+            job_id = PREFIX + f"st-{name}"
+            complete(job_id, success, result)
+            assert run(adapter.status(job_id)) is expected, name
+    finally:
+        client.close()
+
+
+def test_a_job_arq_failed_without_an_event_gets_its_orphan_policy(
+    arq_worker: ArqWorker, hubs: Any
+) -> None:
+    """The job's key expires before the worker reaches it: ARQ records "job expired"
+    and no event is ever sent. Reconciliation reads the failed state; policy ``fail``."""
+    hub = hubs({**environment(task_options={"_defer_by": 1.0, "_expires": 0.3}),
+                "delivery_orphan_policy": "fail"})
+    started = time.monotonic()
+    with pytest.raises(DeliveryOrphanedError, match="failed without a terminal event"):
+        hub.run(tasks.add, 1)
+    assert time.monotonic() - started < 60
+
+
+def test_sigkilled_worker_arq_rerun_is_reported_lost_and_requeue_runs_once(
+    make_worker: Any, hubs: Any, markers: Path
+) -> None:
+    """No heartbeat policy and a long lease, so only ARQ notices: its in-progress mark
+    (job_timeout + 10 s) expires, a worker starts the job again (try 2), and
+    wove_adapters_run reports the run lost instead of running it a second time. The
+    dispatcher requeues (attempt 2, a new job): the task ran twice in all, once per
+    attempt, and the caller gets exactly one result."""
+    worker: ArqWorker = make_worker("sigkill", env={"WOVE_TEST_ARQ_JOB_TIMEOUT": "5"}).start()
+    hub = hubs({**environment(queue_name=worker.queue, lease_seconds=300.0),
+                "delivery_orphan_policy": "requeue"})
+    future = hub.submit(tasks.die_once, str(markers), "rerun")
+    pid = int(wait_for_file(markers / "rerun.pid", 60))
+    assert pid == worker.pid  # thread isolation: the task ran inside the worker
+    os.kill(pid, signal.SIGKILL)
+    worker.restart()
+    assert future.result(timeout=120) == "rerun-done"
+    attempts = (markers / "rerun.attempts").read_text().splitlines()
+    assert len(attempts) == 2, attempts
+    assert hub.dispatcher().stats["requeued"] == 1
+    assert "try=2" in worker.log_tail()
+
+
+def test_worker_shutdown_lets_the_running_task_finish_once(
+    make_worker: Any, hubs: Any, markers: Path
+) -> None:
+    """SIGTERM to an arq worker cancels its jobs (and ARQ retries them later). The
+    running task finishes and delivers its result; the retry returns the recorded
+    outcome instead of running the task again."""
+    worker: ArqWorker = make_worker("shutdown").start()
+    key = f"shutdown-{uuid.uuid4().hex[:8]}"
+    hub = hubs({**environment(queue_name=worker.queue), "delivery_idempotency_key": key})
+    future = hub.submit(arq_test_tasks.slow_record, str(markers), "graceful", 2.0)
+    wait_for_file(markers / "graceful.runs", 60)
+    worker.stop(timeout=60)
+    assert future.result(timeout=60) == "graceful"
+    worker.start()  # picks up ARQ's retry of the job
+    wait_until(lambda: arq_result(PREFIX + key) is not None, what="the retried job")
+    assert arq_result(PREFIX + key).result["state"] == "succeeded"
+    assert len((markers / "graceful.runs").read_text().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- the way back
+
+
+def test_the_redis_return_path(arq_worker: ArqWorker, hubs: Any) -> None:
+    hub = hubs(environment(return_path="redis", return_redis_url=REDIS_URL))
+    assert hub.run(tasks.add, 2) == 3
+    assert hub.map(tasks.add, range(10)) == [i + 1 for i in range(10)]
+
+
+# ---------------------------------------------------------------- wove, doctor, install
+
+
+def test_a_wove_weave_with_a_mapped_task_of_100_items(arq_worker: ArqWorker) -> None:
+    wove = pytest.importorskip("wove", reason="the wove extra is part of `dev`; install it")
+    from wove_adapters.integration.wove import executor
+
+    config = environment()["executor_config"]
+    wove.config(environments={"x": {"executor": executor("arq", executor_config=config)}})
+    try:
+        with wove.weave() as w:
+
+            @w.do
+            def items() -> list[int]:
+                return list(range(100))
+
+            @w.do("items", environment="x")
+            def double(item: int) -> tuple[int, int]:
+                return item * 2, os.getpid()
+
+        assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
+        assert {pid for _, pid in w.result.double} == {arq_worker.pid}
+    finally:
+        wove.config(environments={"default": {"executor": "local"}},
+                    default_environment="default")
+
+
+def test_doctor_names_what_is_missing(arq_worker: ArqWorker, hubs: Any) -> None:
+    rows = shared_loop.run_sync(adapter_of(hubs(environment())).doctor())
+    checks = {check: (ok, detail) for check, ok, detail in rows}
+    assert checks["broker reachable"][0], checks
+    assert checks["worker listening on queue"][0], checks
+    lonely = hubs(environment(queue_name=f"{SESSION}-nobody"), "lonely")
+    rows = shared_loop.run_sync(adapter_of(lonely).doctor())
+    ok, detail = {check: (ok, detail) for check, ok, detail in rows}["worker listening on queue"]
+    assert not ok and "arq yourapp.WorkerSettings" in detail and "wove_adapters_run" in detail
+
+
+def test_unreachable_redis_is_a_clear_start_up_error(hubs: Any) -> None:
+    hub = hubs(environment(redis_url="redis://127.0.0.1:1/0"))
+    with pytest.raises(ConnectionError, match="redis-server"):
+        hub.run(tasks.add, 1)
+
+
+def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch, hubs: Any) -> None:
+    for name in [m for m in sys.modules if m == "arq" or m.startswith("arq.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "arq", None)
+    hub = hubs(environment(queue_name=f"{SESSION}-missing"))
+    with pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[arq\]'"):
+        hub.run(tasks.add, 1)
