@@ -9,6 +9,7 @@ interleaves native and ours sample by sample (sequential round trips) and round 
 one JSON line:
 
     python benchmarks/bench_rq.py [--seq 200] [--burst 1000] [--rounds 1] [--workers 1]
+                                  [--worker-class wove_adapters.adapters.rq.Worker]
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def start_workers(queue: str, count: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
+def start_workers(
+    queue: str, count: int, log_dir: Path, worker_class: str = "wove_adapters.adapters.rq.Worker"
+) -> list[subprocess.Popen[bytes]]:
     from redis import Redis
     from rq import Queue, Worker
 
@@ -51,7 +54,7 @@ def start_workers(queue: str, count: int, log_dir: Path) -> list[subprocess.Pope
         log = open(log_dir / f"worker-{i}.log", "wb")  # lives with the worker
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "rq.cli", "worker", queue, "--url", REDIS_URL,
-             "--logging_level", "WARNING", "-w", "wove_adapters.adapters.rq.Worker"],
+             "--logging_level", "WARNING", "-w", worker_class],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=os.environ.copy(), start_new_session=True, cwd=str(log_dir),
         ))
@@ -132,7 +135,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     queue = f"wove-bench-rq-{uuid.uuid4().hex[:8]}"
     log_dir = Path(tempfile.mkdtemp(prefix="bench-rq-"))
-    procs = start_workers(queue, args.workers, log_dir)
+    procs = start_workers(queue, args.workers, log_dir, args.worker_class)
     hub = Hub(environments={"rq": {"executor": "rq", "executor_config": {
         "redis_url": REDIS_URL, "queue": queue}}}, default_environment="rq")
     native = Native(queue)
@@ -177,7 +180,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         ),
     }
     result["setup"] = {"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                       "workers": args.workers}
+                       "workers": args.workers, "worker_class": args.worker_class}
     return result
 
 
@@ -187,6 +190,8 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--worker-class", default="wove_adapters.adapters.rq.Worker",
+                        help="the rq worker class both paths run on")
     args = parser.parse_args()
     # The caller and the worker share one home, so the worker finds the signing key.
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="bench-rq-home-"))

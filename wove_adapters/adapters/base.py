@@ -16,6 +16,7 @@ import abc
 import asyncio
 import contextlib
 import difflib
+import functools
 import importlib
 import re
 from dataclasses import dataclass, field
@@ -287,7 +288,14 @@ class AdapterTransport(Transport):
         delivery = run.policy.as_delivery(run.idempotency_key)
         if self.receiver is not None:
             self.receiver.register(run.run_id, self._sink)
-        envelope = await asyncio.to_thread(
+        limit = int(
+            self._config.get("inline_payload_limit") or self.capabilities.inline_payload_limit
+        )
+        body = run.extra.get("body")
+        if body is None:
+            body = payload_mod.dumps((run.func, run.args))  # small tasks: cheaper than a thread hop
+        large = len(body) > min(limit, 256 * 1024)
+        build = functools.partial(
             payload_mod.build_envelope,
             adapter=self.name,
             run_id=run.run_id,
@@ -298,17 +306,20 @@ class AdapterTransport(Transport):
             return_path=self.return_path(run),
             delivery=delivery,
             key_id=self._key_id,
-            inline_limit=int(
-                self._config.get("inline_payload_limit") or self.capabilities.inline_payload_limit
-            ),
+            inline_limit=limit,
             store_url=self._store_url,
             ledger=self._ledger_url,
             heartbeat_seconds=run.policy.heartbeat_seconds,
-            body=run.extra.get("body"),
+            body=body,
         )
+        envelope = await asyncio.to_thread(build) if large else build()
         if envelope.body_ref is not None:
             self._body_refs[f"{run.run_id}#{run.attempt}"] = envelope.body_ref
-        text = payload_mod.encode_payload(envelope)
+        text = (
+            await asyncio.to_thread(payload_mod.encode_payload, envelope)
+            if large
+            else payload_mod.encode_payload(envelope)
+        )
         job = JobSpec(
             run_id=run.run_id,
             task_id=run.task_id,
@@ -349,14 +360,14 @@ class AdapterTransport(Transport):
                 handles = [await self.adapter.submit(jobs[0])]
             else:
                 handles = await self.adapter.submit_many(jobs)
-        except Exception as exc:  # noqa: BLE001 - every waiter hears about it
+        except Exception as exc:
             for _, waiter in batch:
                 if not waiter.done():
                     waiter.set_exception(exc)
             return
         self.stats["array_submissions"] += len(jobs) > 1
         self.stats["single_submissions"] += len(jobs) == 1
-        for (_, waiter), handle in zip(batch, handles):
+        for (_, waiter), handle in zip(batch, handles, strict=True):
             if not waiter.done():
                 waiter.set_result(handle)
 

@@ -120,7 +120,8 @@ class TemporalAdapter(BackendAdapter):
         except Exception as exc:
             raise ConnectionError(
                 f"Environment '{self.environment}': cannot reach the Temporal server at "
-                f"{self.address} (namespace {self.namespace!r}): {exc}; {START_HINT}"
+                f"{self.address} (namespace {self.namespace!r}): "
+                f"{exc or type(exc).__name__}; {START_HINT}"
             ) from exc
 
     async def close(self) -> None:
@@ -363,15 +364,21 @@ def _outcome_frame(result: Any, run_id: str, task_id: str, attempt: int) -> dict
             return frames.error_event(run_id, task_id, exc, attempt=attempt, source="backend")
         frame.update(run_id=run_id, task_id=task_id, attempt=attempt)
         return frame
-    size = (result or {}).get("outcome_size") if isinstance(result, dict) else None
+    summary = result if isinstance(result, dict) else {}
+    if summary.get("outcome_size"):
+        message = (
+            f"the outcome ({summary['outcome_size']} bytes) is too large for Temporal's "
+            f"native result path (limit {RESULT_LIMIT}); use return_path='http' for it"
+        )
+    elif summary.get("state") == "refused":
+        message = (
+            "the worker refused the payload (bad signature, unknown signing key or a "
+            "missing body); see the worker's log"
+        )
+    else:
+        message = "the Temporal workflow finished without an outcome"
     return frames.error_event(
-        run_id, task_id,
-        RuntimeError(
-            f"the outcome ({size} bytes) is too large for Temporal's native result path "
-            f"(limit {RESULT_LIMIT}); use return_path='http' for large results"
-            if size else "the Temporal workflow finished without an outcome"
-        ),
-        attempt=attempt, source="backend",
+        run_id, task_id, RuntimeError(message), attempt=attempt, source="backend"
     )
 
 
@@ -477,7 +484,7 @@ async def run_worker(
     worker_kwargs.setdefault("graceful_shutdown_timeout", timedelta(seconds=5))
     own_workflows = list(worker_kwargs.pop("workflows", []))
     own_activities = list(worker_kwargs.pop("activities", []))
-    prepare_processes(preload)
+    await asyncio.to_thread(prepare_processes, preload)
     worker = Worker(
         client,
         task_queue=task_queue,
@@ -572,6 +579,9 @@ def zygote_main() -> None:
     listener.bind(path)
     listener.listen(1024)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps task processes
+    # Ctrl-C in the worker's terminal is the worker's to handle (a graceful shutdown that
+    # cancels the activities); tasks inherit this and never see a KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     os.dup2(2, 1)  # task output goes to the worker's stderr, never into the ready pipe
@@ -650,7 +660,15 @@ async def _host_payload(request: dict[str, Any], *, kill_after: float) -> dict[s
     zygote = _zygote if _zygote is not None and _zygote.alive() else (
         await asyncio.to_thread(prepare_processes)
     )
-    pid, reader, writer = await zygote.spawn(request["payload"])
+    spawning = asyncio.ensure_future(zygote.spawn(request["payload"]))
+    try:
+        pid, reader, writer = await asyncio.shield(spawning)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # it may have started: stop it, too
+            pid, _, writer = await spawning
+            _signal(pid, _stop_signal(activity.cancellation_details()))
+            writer.close()
+        raise
     outcome = asyncio.ensure_future(_read_frame(reader))
     interval = min(max(float(request.get("heartbeat_timeout") or 10.0) / 4, 0.05), 1.0)
     try:
@@ -658,12 +676,7 @@ async def _host_payload(request: dict[str, Any], *, kill_after: float) -> dict[s
             activity.heartbeat({"pid": pid})
             await asyncio.wait({outcome}, timeout=interval)
     except asyncio.CancelledError:
-        details = activity.cancellation_details()
-        # A cancel request: SIGTERM, the task reports task_cancelled. Anything else
-        # (worker shutting down, Temporal timed the activity out or forgot it): the run is
-        # lost, the process dies without a word and the caller's orphan policy decides.
-        requested = details is None or details.cancel_requested
-        _signal(pid, signal.SIGTERM if requested else signal.SIGKILL)
+        _signal(pid, _stop_signal(activity.cancellation_details()))
         try:
             await asyncio.wait_for(asyncio.shield(outcome), kill_after)
         except asyncio.TimeoutError:
@@ -678,6 +691,14 @@ async def _host_payload(request: dict[str, Any], *, kill_after: float) -> dict[s
         )
     summary: dict[str, Any] = json.loads(data)
     return summary
+
+
+def _stop_signal(details: Any) -> int:
+    """A cancel request: SIGTERM, and the task reports task_cancelled. Anything else (the
+    worker shutting down, Temporal timed the activity out or forgot it): the run is lost,
+    the process dies without a word and the caller's orphan policy decides."""
+    requested = details is None or details.cancel_requested
+    return signal.SIGTERM if requested else signal.SIGKILL
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,31 +93,79 @@ def sigterm_cancels() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class HeartbeatTimer:
-    """Calls ``beat`` every ``interval`` seconds from a daemon thread until stopped."""
+class _Heart:
+    """One daemon thread beats for every running task in this process (a worker running
+    thousands of short tasks must not start a thread per task)."""
 
-    def __init__(self, interval: float | None, beat: Callable[[], None]) -> None:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._beats: dict[int, tuple[float, float, Callable[[], object]]] = {}
+        self._thread: threading.Thread | None = None
+        self._next_id = 0
+
+    def add(self, interval: float, beat: Callable[[], object]) -> int:
+        """Call ``beat`` every ``interval`` s; a number it returns sets the next delay."""
+        with self._cond:
+            self._next_id += 1
+            ident = self._next_id
+            self._beats[ident] = (interval, time.monotonic() + interval, beat)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, daemon=True, name="wove-heartbeat"
+                )
+                self._thread.start()
+            self._cond.notify()
+            return ident
+
+    def remove(self, ident: int) -> None:
+        with self._cond:
+            self._beats.pop(ident, None)
+
+    def _loop(self) -> None:
+        while True:
+            due: list[tuple[int, Callable[[], object]]] = []
+            with self._cond:
+                now = time.monotonic()
+                wake = now + 60.0
+                for ident, (interval, at, beat) in list(self._beats.items()):
+                    if at <= now:
+                        due.append((ident, beat))
+                        at = now + interval
+                        self._beats[ident] = (interval, at, beat)
+                    wake = min(wake, at)
+                if not due:
+                    self._cond.wait(max(wake - now, 0.005))
+            for ident, beat in due:
+                try:
+                    delay = beat()
+                except Exception:  # a lost heartbeat must not kill the task
+                    continue
+                if isinstance(delay, (int, float)):
+                    with self._cond:
+                        entry = self._beats.get(ident)
+                        if entry is not None:
+                            self._beats[ident] = (entry[0], time.monotonic() + delay, entry[2])
+
+
+_HEART = _Heart()
+
+
+class HeartbeatTimer:
+    """Calls ``beat`` every ``interval`` seconds while the block runs (shared thread)."""
+
+    def __init__(self, interval: float | None, beat: Callable[[], object]) -> None:
         self._interval = interval
         self._beat = beat
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ident: int | None = None
 
     def __enter__(self) -> HeartbeatTimer:
         if self._interval:
-            self._thread = threading.Thread(target=self._loop, daemon=True, name="wove-heartbeat")
-            self._thread.start()
+            self._ident = _HEART.add(self._interval, self._beat)
         return self
 
-    def _loop(self) -> None:
-        assert self._interval is not None
-        while not self._stop.wait(self._interval):
-            try:
-                self._beat()
-            except Exception:
-                pass
-
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
+        if self._ident is not None:
+            _HEART.remove(self._ident)
 
 
 def heartbeat_interval(heartbeat_seconds: float | None) -> float:
@@ -182,19 +231,42 @@ def run(payload: str | bytes, *, handle_sigterm: bool = True) -> Outcome:
     return run_envelope(envelope, handle_sigterm=handle_sigterm)
 
 
+# A task that ends within this many seconds sends only its terminal event: one request
+# per short task instead of two. Longer tasks report task_started at this point.
+STARTED_AFTER = 0.05
+
+
+class _Pulse:
+    """First tick: task_started; then heartbeats at the policy's interval."""
+
+    def __init__(self, envelope: Envelope, ident: dict[str, Any]) -> None:
+        self.envelope = envelope
+        self.ident = ident
+        self.started = False
+        self.every = heartbeat_interval(envelope.heartbeat_seconds)
+
+    def beat(self) -> float:
+        if not self.started:
+            self.started = True
+            _emit(
+                self.envelope,
+                frames.TaskStarted(**self.ident, pid=os.getpid(), host=socket.gethostname()),
+            )
+        else:
+            _emit(self.envelope, frames.Heartbeat(**self.ident))
+        return self.every
+
+
 def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
     ident: dict[str, Any] = {
         "run_id": envelope.run_id,
         "task_id": envelope.task_id,
         "attempt": envelope.attempt,
     }
-    _emit(envelope, frames.TaskStarted(**ident, pid=os.getpid(), host=socket.gethostname()))
     outcome: Outcome
     event: frames.WireEvent
-    with HeartbeatTimer(
-        heartbeat_interval(envelope.heartbeat_seconds),
-        lambda: _emit(envelope, frames.Heartbeat(**ident)),
-    ):
+    pulse = _Pulse(envelope, ident)
+    with HeartbeatTimer(STARTED_AFTER, pulse.beat):
         try:
             func, args = payload_mod.load_body(envelope)
             if handle_sigterm:

@@ -43,16 +43,21 @@ def task_name_of(fn: Callable[..., Any]) -> str:
     return "task" if name == "<lambda>" else str(name)
 
 
+@functools.lru_cache(maxsize=1024)
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
 def named_arguments(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> dict[str, Any]:
     """The call's arguments by parameter name, for idempotency-key templates."""
     try:
-        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+        bound = _signature(fn).bind_partial(*args, **kwargs)
     except (TypeError, ValueError):
         return {**{str(i): a for i, a in enumerate(args)}, **kwargs}
     named = dict(bound.arguments)
-    for name, param in inspect.signature(fn).parameters.items():
+    for name, param in _signature(fn).parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
             named.update(named.pop(name))
     return named
@@ -77,6 +82,8 @@ class Hub:
         self.config: Config = load_config(config, config_file=config_file, **overrides)
         self._inflight: dict[str, Dispatcher] = {}
         self._closed = False
+        self._settings_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._resolved: dict[int, tuple[dict[str, Any], Dispatcher, DeliveryPolicy]] = {}
 
     # ------------------------------------------------------------ context managers
 
@@ -239,6 +246,29 @@ class Hub:
 
     # ------------------------------------------------------------ internals (shared loop)
 
+    def _settings_for(
+        self,
+        task_name: str,
+        environment: str | None,
+        call_settings: dict[str, Any] | None,
+        options: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Resolved settings, memoized: configuration does not change after load, and a
+        mapped task resolves the same settings thousands of times."""
+        key = (task_name, environment, repr(sorted((call_settings or {}).items())),
+               repr(sorted(options.items())))
+        settings = self._settings_cache.get(key)
+        if settings is None:
+            settings = self.config.task_settings(
+                task_name,
+                environment=environment,
+                call_overrides=call_settings,
+                task_overrides=options or None,
+            )
+            if len(self._settings_cache) < 4096:
+                self._settings_cache[key] = settings
+        return settings
+
     def _new_run_id(self, fn: Callable[..., Any], task_options: dict[str, Any] | None) -> str:
         name = (task_options or {}).get("task_name") or task_name_of(fn)
         return f"{name}:{uuid.uuid4().hex}"
@@ -258,12 +288,7 @@ class Hub:
         options = dict(task_options or {})
         task_name = options.pop("task_name", None) or task_name_of(fn)
         task_env = options.pop("environment", None)
-        settings = self.config.task_settings(
-            task_name,
-            environment=task_env or environment,
-            call_overrides=call_settings,
-            task_overrides=options or None,
-        )
+        settings = self._settings_for(task_name, task_env or environment, call_settings, options)
         retries = int(settings.get("retries") or 0)
         timeout = settings.get("timeout")
         last: BaseException | None = None
@@ -298,10 +323,19 @@ class Hub:
         run_id: str,
     ) -> Any:
         environment = settings["environment"]
-        dispatcher = await get_dispatcher(environment, settings)
-        policy = DeliveryPolicy.from_settings(settings, where=f"Environment '{environment}'")
-        key = resolve_idempotency_key(
-            policy.idempotency_key, named_arguments(fn, args, kwargs), task_name
+        cached = self._resolved.get(id(settings))
+        if cached is None or cached[0] is not settings:
+            dispatcher = await get_dispatcher(environment, settings)
+            policy = DeliveryPolicy.from_settings(settings, where=f"Environment '{environment}'")
+            if len(self._resolved) < 4096:
+                self._resolved[id(settings)] = (settings, dispatcher, policy)
+        else:
+            _, dispatcher, policy = cached
+        raw_key = policy.idempotency_key
+        key = (
+            resolve_idempotency_key(raw_key, named_arguments(fn, args, kwargs), task_name)
+            if raw_key is not None
+            else None
         )
         func = functools.partial(fn, *args) if args else fn
         if settings.get("executor", "local") != "local":
