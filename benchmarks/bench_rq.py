@@ -93,6 +93,7 @@ def cleanup(queue: str) -> None:
         if ":" not in job_id and origin is not None and origin.decode() == queue:
             with contextlib.suppress(Exception):
                 Job.fetch(job_id, connection=connection).delete()
+            connection.delete(f"rq:results:{job_id}")  # older RQ keeps it past delete()
     with contextlib.suppress(Exception):
         Queue(queue, connection=connection).delete(delete_jobs=True)
     for key in connection.scan_iter(f"rq:*{queue}*", count=1000):

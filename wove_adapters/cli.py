@@ -276,6 +276,72 @@ def doctor_cmd(environments: tuple[str, ...], config_file: str | None, timeout: 
         sys.exit(1)
 
 
+@main.command("bench")
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    help="Only this backend (repeatable): process, stdio, celery, rq, arq, taskiq, dask, "
+    "ray, temporal, ... (default: every backend with a benchmark script).",
+)
+@click.option("--quick", is_flag=True, help="Fewer tasks: 50 sequential, bursts of 200.")
+@click.option("--no-wove", is_flag=True, help="Skip wove 2.x's own adapters.")
+@click.option("--skip-footprint", is_flag=True, help="Skip the memory and payload-size runs.")
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where benchmarks.json, benchmarks.md and the charts go (default: docs/).",
+)
+@click.option(
+    "--source",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="The wove-adapters source checkout holding benchmarks/ (default: found from "
+    "the working directory, then from this package).",
+)
+def bench_cmd(
+    backends: tuple[str, ...],
+    quick: bool,
+    no_wove: bool,
+    skip_footprint: bool,
+    output_dir: str | None,
+    source: str | None,
+) -> None:
+    """Benchmark each backend: native vs ours vs wove's adapter; write docs/benchmarks.*."""
+    import subprocess
+    from pathlib import Path
+
+    import wove_adapters
+
+    candidates = [Path(source)] if source else [
+        Path.cwd(),
+        *Path.cwd().parents,
+        Path(wove_adapters.__file__).resolve().parent.parent,
+    ]
+    runner = next(
+        (
+            c / "benchmarks" / "run.py"
+            for c in candidates
+            if (c / "benchmarks" / "run.py").exists() and (c / "wove_adapters").is_dir()
+        ),
+        None,
+    )
+    if runner is None:
+        raise click.ClickException(
+            "benchmarks/run.py was not found: the benchmarks ship with the source, not the "
+            "wheel. Run this from a wove-adapters checkout (or pass --source PATH)."
+        )
+    argv = [sys.executable, str(runner)]
+    for backend in backends:
+        argv += ["--backend", backend]
+    argv += [flag for flag, on in (("--quick", quick), ("--no-wove", no_wove),
+                                   ("--skip-footprint", skip_footprint)) if on]
+    if output_dir:
+        argv += ["--output-dir", output_dir]
+    sys.exit(subprocess.call(argv, cwd=runner.parent.parent))
+
+
 def _probe(x: int) -> int:
     return x + 1
 

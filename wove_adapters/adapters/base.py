@@ -128,8 +128,12 @@ class BackendAdapter(abc.ABC):
 # AWS Batch and Kubernetes Jobs join this table when their adapters land (issue 6).
 _BUILTINS: dict[str, tuple[str, str]] = {
     "arq": ("wove_adapters.adapters.arq:ArqAdapter", "arq"),
+    "aws_batch": ("wove_adapters.adapters.aws_batch:AwsBatchAdapter", "aws"),
     "celery": ("wove_adapters.adapters.celery:CeleryAdapter", "celery"),
     "dask": ("wove_adapters.adapters.dask:DaskAdapter", "dask"),
+    "kubernetes_jobs": (
+        "wove_adapters.adapters.kubernetes_jobs:KubernetesJobsAdapter", "kubernetes"
+    ),
     "process": ("wove_adapters.adapters.process:ProcessAdapter", ""),
     "ray": ("wove_adapters.adapters.ray:RayAdapter", "ray"),
     "rq": ("wove_adapters.adapters.rq:RqAdapter", "rq"),
@@ -352,6 +356,8 @@ class AdapterTransport(Transport):
     async def _flush_batch(self) -> None:
         assert self.adapter is not None
         batch, self._batch = self._batch, []
+        # A run cancelled while it waited for the window never reaches the backend.
+        batch = [(job, waiter) for job, waiter in batch if not waiter.done()]
         if not batch:
             return
         jobs = [job for job, _ in batch]
@@ -367,9 +373,15 @@ class AdapterTransport(Transport):
             return
         self.stats["array_submissions"] += len(jobs) > 1
         self.stats["single_submissions"] += len(jobs) == 1
+        strays = []
         for (_, waiter), handle in zip(batch, handles, strict=True):
             if not waiter.done():
                 waiter.set_result(handle)
+            else:  # cancelled while the submission was in flight: stop its job
+                strays.append(handle)
+        for handle in strays:
+            with contextlib.suppress(Exception):
+                await self.adapter.cancel(handle, running=True)
 
     def _sink(self, event: frames.WireEvent, raw: bytes) -> None:
         from wove_adapters.core.runtime import wire_to_frame

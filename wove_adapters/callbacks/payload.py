@@ -225,6 +225,9 @@ _STORE_KINDS: dict[str, str] = {
     "file": "wove_adapters.callbacks.payload:FileStore",
     "redis": "wove_adapters.callbacks.payload:RedisStore",
     "rediss": "wove_adapters.callbacks.payload:RedisStore",
+    # A string, imported on first use: workers open s3:// references without ever
+    # importing the AWS Batch adapter.
+    "s3": "wove_adapters.adapters.aws_batch:S3Store",
 }
 _stores: dict[str, PayloadStore] = {}
 

@@ -15,6 +15,7 @@ import asyncio
 import signal
 import sys
 from datetime import timedelta
+from typing import Any
 
 from temporalio import activity, workflow
 from temporalio.client import Client
@@ -61,8 +62,8 @@ class IncrementWorkflow:
         return result
 
 
-OWN_WORKFLOWS = [GreetWorkflow, IncrementWorkflow]
-OWN_ACTIVITIES = [greet, increment]
+OWN_WORKFLOWS: list[type] = [GreetWorkflow, IncrementWorkflow]
+OWN_ACTIVITIES: list[Any] = [greet, increment]
 
 
 async def serve(options: argparse.Namespace) -> None:

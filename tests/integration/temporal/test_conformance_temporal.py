@@ -38,7 +38,9 @@ class TestTemporalNativeConformance(TestTemporalConformance):
             "executor_config": {**temporal_config, "return_path": "native"},
         }
 
-    def test_duplicate_terminal_event_is_dropped(self, hub_for: Any, markers: Any) -> None:
+    def test_duplicate_terminal_event_is_dropped(  # type: ignore[override]
+        self, hub_for: Any, markers: Any
+    ) -> None:
         """Two outcomes for one run (a replayed result, a racing follower): the caller sees
         the first; the later one, and the workflow's own result after it, are dropped."""
         hub: Hub = hub_for()
@@ -46,7 +48,7 @@ class TestTemporalNativeConformance(TestTemporalConformance):
         wait_for_file(markers / "native-dup.started", self.detection_timeout)
         transport: Any = hub.dispatcher("conformance").transport
         assert transport.receiver is None, "the native path must not start a receiver"
-        run_id = future.run_id  # type: ignore[attr-defined]
+        run_id = future.run_id
         first = frames.event(frames.TASK_RESULT, run_id, "sleepy", 1, result="first")
         second = frames.event(frames.TASK_RESULT, run_id, "sleepy", 1, result="second")
         shared_loop.run_sync(_emit_on_loop(transport.adapter, first, second))

@@ -1,0 +1,172 @@
+"""AWS Batch (moto in server mode + the Docker Engine API shim, every job a real local
+process): native ``submit_job`` + polling ``describe_jobs`` until SUCCEEDED vs ours
+(``Hub.run`` / ``Hub.map``, payload in S3, result back over HTTP).
+
+- sequential round trips, native and ours interleaved sample by sample: a native job runs
+  ``python -c 'print(x + 1)'`` and is done when describe_jobs says SUCCEEDED (polled every
+  ``--poll`` seconds); ours runs ``x + 1`` through ``python -m wove_adapters.worker``;
+- a burst of N tasks submitted at once: native is one array job of size N (each child
+  computes index + 1, done when the parent is SUCCEEDED); ours is ``Hub.map`` (one array
+  job too);
+- 100 mapped items as one array job vs 100 separate SubmitJob calls (ours).
+
+Starts its own moto_server and shim (``tests/integration/aws_batch/aws_batch_services.py``),
+stops them by PID, and prints one JSON line:
+
+    python benchmarks/bench_aws_batch.py [--seq 200] [--burst 1000] [--rounds 1]
+                                         [--max-running 16] [--poll 0.05]
+
+moto's batch backend polls each container every 0.5 s and walks every job through
+SUBMITTED..RUNNING with 0.5 s sleeps in between, so absolute numbers say more about moto
+than about AWS; the comparison is what matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration" / "aws_batch"))
+
+import aws_batch_services as services  # noqa: E402
+
+CHILD_PLUS_ONE = (
+    "import os; index = os.environ.get('AWS_BATCH_JOB_ARRAY_INDEX') or "
+    "os.environ['AWS_BATCH_JOB_ID'].rsplit(':', 1)[1]; print(int(index) + 1)"
+)
+
+
+def add_one(x: int) -> int:
+    return x + 1
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Native:
+    """The backend's own path: SubmitJob, then DescribeJobs until the job is finished."""
+
+    def __init__(self, stack: services.BatchStack, poll: float) -> None:
+        self.batch = stack.client("batch")
+        self.queue = stack.names["queue"]
+        self.definition = stack.names["definition"]
+        self.poll = poll
+
+    def _submit(self, command: list[str], size: int = 0) -> str:
+        request: dict[str, Any] = {
+            "jobName": f"native-{uuid.uuid4().hex[:12]}", "jobQueue": self.queue,
+            "jobDefinition": self.definition, "containerOverrides": {"command": command},
+        }
+        if size:
+            request["arrayProperties"] = {"size": size}
+        return str(self.batch.submit_job(**request)["jobId"])
+
+    def _wait(self, job_id: str, timeout: float = 900.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.batch.describe_jobs(jobs=[job_id])["jobs"][0]["status"]
+            if status == "SUCCEEDED":
+                return
+            if status == "FAILED":
+                raise RuntimeError(f"native job {job_id} FAILED")
+            time.sleep(self.poll)
+        raise TimeoutError(f"native job {job_id} did not finish in {timeout}s")
+
+    def once(self, x: int) -> float:
+        start = time.perf_counter()
+        self._wait(self._submit([sys.executable, "-c", f"print({x} + 1)"]))
+        return time.perf_counter() - start
+
+    def burst(self, n: int) -> float:
+        start = time.perf_counter()
+        self._wait(self._submit([sys.executable, "-c", CHILD_PLUS_ONE], size=n))
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq", type=int, default=200)
+    parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--max-running", type=int, default=16)
+    parser.add_argument("--poll", type=float, default=0.05)
+    parser.add_argument("--skip-array-compare", action="store_true")
+    options = parser.parse_args()
+
+    os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-aws-home-"))
+    from wove_adapters import Hub
+
+    stack = services.start_stack(
+        Path(tempfile.mkdtemp(prefix="wove-bench-aws-")), max_running=options.max_running
+    )
+    result: dict[str, Any] = {"backend": "aws_batch"}
+    try:
+        config = stack.executor_config
+        native = Native(stack, options.poll)
+        with Hub(environments={"b": {"executor": "aws_batch", "executor_config": config}},
+                 default_environment="b") as hub:
+            for i in range(3):  # warm-up: clients, receiver, page cache
+                native.once(i)
+                assert hub.run(add_one, i) == i + 1
+            samples: dict[str, list[float]] = {"native": [], "ours": []}
+            for i in range(options.seq):
+                samples["native"].append(native.once(i))
+                start = time.perf_counter()
+                assert hub.run(add_one, i) == i + 1
+                samples["ours"].append(time.perf_counter() - start)
+            bursts: dict[str, list[float]] = {"native": [], "ours": []}
+            for _ in range(options.rounds):
+                bursts["native"].append(native.burst(options.burst))
+                start = time.perf_counter()
+                assert hub.map(add_one, range(options.burst)) == [
+                    i + 1 for i in range(options.burst)
+                ]
+                bursts["ours"].append(time.perf_counter() - start)
+            for side in ("native", "ours"):
+                result[side] = {
+                    "p50_ms": round(statistics.median(samples[side]) * 1000, 1),
+                    "p99_ms": round(percentile(samples[side], 0.99) * 1000, 1),
+                    "throughput_per_s": round(options.burst / statistics.median(bursts[side]), 2),
+                }
+            if not options.skip_array_compare:
+                adapter = hub.dispatcher("b").transport.adapter  # type: ignore[attr-defined]
+                before = adapter.submissions
+                start = time.perf_counter()
+                assert hub.map(add_one, range(100)) == [i + 1 for i in range(100)]
+                result["array_100"] = {"submissions": adapter.submissions - before,
+                                       "seconds": round(time.perf_counter() - start, 2)}
+        if not options.skip_array_compare:
+            keyed = {"executor": "aws_batch", "executor_config": config,
+                     "delivery_idempotency_key": "{x}-" + uuid.uuid4().hex}
+            with Hub(environments={"k": keyed}, default_environment="k") as hub:
+                adapter = hub.dispatcher("k").transport.adapter  # type: ignore[attr-defined]
+                start = time.perf_counter()
+                assert hub.map(add_one, range(100)) == [i + 1 for i in range(100)]
+                result["single_100"] = {"submissions": adapter.submissions,
+                                        "seconds": round(time.perf_counter() - start, 2)}
+        result["settings"] = {"seq": options.seq, "burst": options.burst,
+                              "rounds": options.rounds, "max_running": options.max_running,
+                              "poll_s": options.poll, "load_avg_1m": os.getloadavg()[0]}
+        result["ratios"] = {
+            "p50_ours_over_native": round(result["ours"]["p50_ms"] / result["native"]["p50_ms"], 3),
+            "throughput_ours_over_native": round(
+                result["ours"]["throughput_per_s"] / result["native"]["throughput_per_s"], 3),
+        }
+    finally:
+        services.stop_stack(stack)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

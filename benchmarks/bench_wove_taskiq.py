@@ -1,0 +1,125 @@
+"""Taskiq: native vs ours vs wove 2.0.3's taskiq adapter, interleaved in one run.
+
+One ``taskiq worker`` (1 worker process, taskiq-redis ``ListQueueBroker`` on a fresh
+queue; the broker module is ``wove_workers/wove_taskiq_broker.py``: ``bench_taskiq.py``'s
+broker plus wove's worker task) serves all three sides:
+
+- native: ``await kicker.kiq(x)`` + ``wait_result(check_interval=0.01)``;
+- ours: ``Hub.run(add, x)`` / ``Hub.map`` (default ``http`` return path);
+- wove: wove's ``taskiq`` executor (``broker.find_task("wove.run_backend_payload")
+  .kiq(payload)``, result POSTed to its callback server), driven warm.
+
+    python benchmarks/bench_wove_taskiq.py [--seq 200] [--burst 1000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_taskiq  # noqa: E402
+from common import (  # noqa: E402
+    Side,
+    WoveRuntime,
+    bench_arguments,
+    emit,
+    hub_side,
+    interleave,
+    record_of,
+)
+
+BROKER_MODULE = (HERE / "wove_workers" / "wove_taskiq_broker.py").read_text()
+
+
+def caller_broker() -> Any:
+    """A client broker on the same queue, knowing wove's task by name (the adapter looks
+    it up with ``find_task``; the body never runs here)."""
+    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+
+    broker = ListQueueBroker(bench_taskiq.URL, queue_name=bench_taskiq.QUEUE).with_result_backend(
+        RedisAsyncResultBackend(bench_taskiq.URL, result_ex_time=600))
+
+    @broker.task(task_name="wove.run_backend_payload")
+    async def wove_run_backend_payload(payload: dict[str, Any]) -> Any:
+        raise RuntimeError("runs on the worker")
+
+    return broker
+
+
+def main() -> None:
+    # No one-task-weave timing here: wove's taskiq adapter needs a started broker, and a
+    # weave's runtime neither starts one nor runs on a loop a shared broker could use.
+    parser = bench_arguments(__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, default=2, help="our payload processes")
+    args = parser.parse_args()
+    os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-taskiq-"))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-wove-taskiq-"))
+    bench_taskiq.BROKER_MODULE = BROKER_MODULE  # start_worker writes it as bench_broker.py
+    worker = bench_taskiq.start_worker(workdir, args.processes)
+    native = None
+    hub: Any = None
+    wove: WoveRuntime | None = None
+    wove_note: str | None = None
+    broker = caller_broker()
+    try:
+        from wove_adapters.integration.hub import Hub
+
+        native = bench_taskiq.Native()
+        hub = Hub(environments={"tq": {"executor": "taskiq", "executor_config": {
+            "url": bench_taskiq.URL, "queue": bench_taskiq.QUEUE}}}, default_environment="tq")
+        sides = [Side("native", lambda x: native.loop.run_until_complete(native._one(x)),
+                      lambda n: native.loop.run_until_complete(_native_burst(native, n))),
+                 hub_side(hub)]
+        try:
+            wove = WoveRuntime("taskiq", {"broker": broker})
+            wove.call(broker.startup())
+            sides.append(wove.side())
+        except Exception as exc:
+            wove_note = f"wove's taskiq executor did not start: {type(exc).__name__}: {exc}"
+        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
+                              warmup=args.warmup, label="taskiq")
+    finally:
+        if wove is not None:
+            wove.call(broker.shutdown())
+            wove.close()
+        if hub is not None:
+            hub.close()
+        if native is not None:
+            native.close()
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+        import redis
+
+        client = redis.Redis.from_url(bench_taskiq.URL)
+        client.delete(bench_taskiq.QUEUE, f"wove:taskiq:workers:{bench_taskiq.QUEUE}")
+        for key in client.scan_iter(match=f"wove:taskiq:{bench_taskiq.QUEUE}:*", count=1000):
+            client.delete(key)
+        client.close()
+    emit(record_of("taskiq", measured, wove_note=wove_note,
+                   settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
+                             "worker_processes": 1, "payload_processes": args.processes,
+                             "check_interval_s": 0.01}))
+
+
+async def _native_burst(native: Any, n: int) -> list[int]:
+    import asyncio
+
+    tasks = [await native.kicker().kiq(i) for i in range(n)]
+    results = await asyncio.gather(
+        *(t.wait_result(check_interval=0.01, timeout=300) for t in tasks))
+    return [int(r.return_value) for r in results]
+
+
+if __name__ == "__main__":
+    main()

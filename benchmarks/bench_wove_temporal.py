@@ -1,0 +1,89 @@
+"""Temporal: native vs ours vs wove 2.0.3's temporal adapter, interleaved in one run.
+
+A dev server (``temporal server start-dev``, in memory, 127.0.0.1) and one worker process
+(``wove_workers/wove_temporal_worker.py``: the tests' worker plus a one-activity workflow
+for wove's payloads, ``--max-concurrent`` activity slots) serve all three sides:
+
+- native: ``client.execute_workflow("user.Increment", x)`` (one workflow, one activity);
+- ours: ``Hub.run(add, x)`` / ``Hub.map`` (default ``http`` return path);
+- wove: wove's ``temporal`` executor (``start_workflow("wove.RunBackendPayload",
+  payload)``, the result POSTed to its callback server), driven warm.
+
+    python benchmarks/bench_wove_temporal.py [--seq 200] [--burst 1000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "temporal"))
+os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-temporal-"))
+
+from bench_temporal import Native  # noqa: E402
+from common import (  # noqa: E402
+    Side,
+    WoveRuntime,
+    bench_arguments,
+    emit,
+    hub_side,
+    interleave,
+    record_of,
+)
+from temporal_services import start_dev_server, start_worker  # noqa: E402
+
+
+def main() -> None:
+    parser = bench_arguments(__doc__.split("\n\n")[0])
+    parser.add_argument("--slots", type=int, default=100,
+                        help="the worker's max_concurrent_activities")
+    args = parser.parse_args()
+    from wove_adapters.integration.hub import Hub
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE / "wove_workers"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    work = Path(tempfile.mkdtemp(prefix="bench-wove-temporal-"))
+    server = start_dev_server(work / "server")
+    queue = f"wove-bench-temporal-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(server.address, queue, work / "worker.log",
+                          module="wove_temporal_worker",
+                          args=["--max-concurrent", str(args.slots)])
+    hub: Any = None
+    wove: WoveRuntime | None = None
+    wove_note: str | None = None
+    try:
+        native = Native(server.address, queue)
+        hub = Hub(environments={"temporal": {"executor": "temporal", "executor_config": {
+            "address": server.address, "task_queue": queue}}}, default_environment="temporal")
+        sides = [Side("native", native.run, native.burst), hub_side(hub)]
+        try:
+            wove = WoveRuntime("temporal", {"target_host": server.address,
+                                            "workflow": "wove.RunBackendPayload",
+                                            "task_queue": queue})
+            sides.append(wove.side())
+        except Exception as exc:
+            wove_note = f"wove's temporal executor did not start: {type(exc).__name__}: {exc}"
+        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
+                              warmup=args.warmup, label="temporal")
+    finally:
+        if hub is not None:
+            hub.close()
+        if wove is not None:
+            wove.close()
+        worker.stop()
+        server.stop()
+    emit(record_of("temporal", measured, wove_note=wove_note, settings={
+        "seq": args.seq, "burst": args.burst, "rounds": args.rounds,
+        "worker_slots": args.slots, "return_path": "http",
+        "native": "workflow + one activity (user.Increment)",
+        "wove_workflow": "workflow + one activity running wove's payload"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,525 @@
+"""Shared helpers for the benchmark scripts: interleaved timing, percentiles, throughput,
+memory, payload sizes, machine facts, and wove 2.x's own runtime driven warm.
+
+Every ``bench_*.py`` script prints one JSON line per measured configuration on stdout
+(anything else goes to stderr); ``benchmarks/run.py`` collects them. The figures per side
+are ``{"p50_ms", "p99_ms", "throughput_per_s"}``:
+
+- p50/p99: sequential round trips of ``add(x) -> x + 1`` (submit, wait for the result,
+  next), the sides taking turns sample by sample, the order rotating, so a burst of
+  machine noise hits every side alike;
+- throughput: ``burst`` tasks submitted at once, then every result awaited; the median of
+  ``rounds`` rounds, the sides taking turns round by round.
+
+This module imports only the standard library at module level; wove, wove-adapters and
+backend libraries are imported where they are used, so it loads in every environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "benchmarks"
+
+# Distributions whose versions a result records (those installed in the measuring env).
+VERSIONED = (
+    "wove-adapters", "wove", "cloudpickle", "msgspec", "aiohttp", "celery", "kombu", "redis",
+    "rq", "arq", "taskiq", "taskiq-redis", "dask", "distributed", "ray", "temporalio",
+)
+
+
+def log(*parts: object) -> None:
+    """Progress on stderr (stdout carries only the JSON result lines)."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..1), the definition every script here uses."""
+    if not samples:
+        raise ValueError("no samples")
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarize(latencies_s: Sequence[float], rates: Sequence[float]) -> dict[str, float]:
+    """``{"p50_ms", "p99_ms", "throughput_per_s"}`` from round trips (seconds) and rates."""
+    return {
+        "p50_ms": round(statistics.median(latencies_s) * 1000, 3),
+        "p99_ms": round(percentile(latencies_s, 0.99) * 1000, 3),
+        "throughput_per_s": round(statistics.median(rates), 1) if rates else 0.0,
+    }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def ratios(ours: dict[str, Any] | None, base: dict[str, Any] | None) -> dict[str, float | None]:
+    """``p50`` (lower is better for ours) and ``throughput`` (higher is better)."""
+    if not ours or not base:
+        return {"p50": None, "throughput": None}
+    return {
+        "p50": ratio(ours.get("p50_ms"), base.get("p50_ms")),
+        "throughput": ratio(ours.get("throughput_per_s"), base.get("throughput_per_s")),
+    }
+
+
+# ---------------------------------------------------------------- interleaved runs
+
+
+@dataclass
+class Side:
+    """One way of running ``add``: ``one(x)`` returns ``x + 1`` after a full round trip;
+    ``burst(n)`` submits ``add(0..n-1)`` at once and returns every result in order."""
+
+    name: str
+    one: Callable[[int], Any]
+    burst: Callable[[int], list[Any]]
+    # Work a side leaves behind after its results are in (our ledger writes, queued on
+    # the loop): run untimed after each burst, so it cannot steal the next side's CPU;
+    # its time is reported separately (``throughput_incl_settle_per_s``).
+    settle: Callable[[], None] | None = None
+    latencies: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    settled_rates: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any] | None:
+        if self.error is not None or not self.latencies:
+            return None
+        out: dict[str, Any] = {**summarize(self.latencies, self.rates),
+                               "samples": len(self.latencies),
+                               "throughput_rounds": len(self.rates)}
+        if self.settled_rates:
+            out["throughput_incl_settle_per_s"] = round(statistics.median(self.settled_rates), 1)
+        return out
+
+
+def _fail(side: Side, phase: str, exc: BaseException) -> None:
+    side.error = f"{phase}: {type(exc).__name__}: {exc}"
+    log(f"[{side.name}] failed during {phase}: {side.error}")
+    log("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-3000:])
+
+
+def interleave(
+    sides: Sequence[Side],
+    *,
+    seq: int,
+    burst: int,
+    rounds: int,
+    warmup: int = 10,
+    label: str = "",
+) -> dict[str, Side]:
+    """Measure every side in turns (see the module docstring). A side that raises is
+    dropped with its error recorded (``side.error``); the others carry on."""
+    live = list(sides)
+    tag = f"[{label}] " if label else ""
+    for side in live:
+        try:
+            for i in range(warmup):
+                value = side.one(i)
+                if value != i + 1:
+                    raise AssertionError(f"add({i}) returned {value!r}")
+            warm = min(burst, 50)
+            if side.burst(warm) != [i + 1 for i in range(warm)]:
+                raise AssertionError("a warm-up burst returned wrong values")
+            if side.settle is not None:
+                side.settle()
+        except Exception as exc:
+            _fail(side, "warm-up", exc)
+    live = [s for s in live if s.error is None]
+    log(f"{tag}sequential: {seq} round trips x {[s.name for s in live]}")
+    for i in range(seq):
+        shift = i % len(live) if live else 0
+        for side in live[shift:] + live[:shift]:
+            if side.error is not None:
+                continue
+            try:
+                start = time.perf_counter()
+                value = side.one(i)
+                elapsed = time.perf_counter() - start
+                if value != i + 1:
+                    raise AssertionError(f"add({i}) returned {value!r}")
+                side.latencies.append(elapsed)
+            except Exception as exc:
+                _fail(side, f"round trip {i}", exc)
+        live = [s for s in live if s.error is None]
+    for side in live:
+        if side.settle is not None:
+            side.settle()
+    expected = [i + 1 for i in range(burst)]
+    for r in range(rounds):
+        shift = r % len(live) if live else 0
+        for side in live[shift:] + live[:shift]:
+            if side.error is not None:
+                continue
+            try:
+                start = time.perf_counter()
+                values = side.burst(burst)
+                elapsed = time.perf_counter() - start
+                if list(values) != expected:
+                    raise AssertionError("a burst returned wrong values")
+                side.rates.append(burst / elapsed)
+                note = ""
+                if side.settle is not None:
+                    side.settle()
+                    settled = time.perf_counter() - start
+                    side.settled_rates.append(burst / settled)
+                    note = f" ({burst / settled:.1f}/s with its settle)"
+                log(f"{tag}burst {r + 1}/{rounds} {side.name}: {burst / elapsed:.1f}/s{note}")
+            except Exception as exc:
+                _fail(side, f"burst round {r + 1}", exc)
+        live = [s for s in live if s.error is None]
+    return {side.name: side for side in sides}
+
+
+def hub_side(hub: Any, environment: str | None = None, name: str = "ours",
+             fn: Callable[[int], int] | None = None) -> Side:
+    """Ours: ``Hub.run(add, x)`` / ``Hub.map(add, range(n))`` with its settle step (the
+    environment's dispatcher flushing its queued ledger writes)."""
+    from wove_adapters.core import loop as shared_loop
+    from wove_adapters.testing.tasks import add as default_add
+
+    add = fn or default_add
+
+    def settle() -> None:
+        shared_loop.run_sync(hub.dispatcher(environment).flush(), 300)
+
+    return Side(
+        name,
+        lambda x: hub.run(add, x, environment=environment),
+        lambda n: hub.map(add, range(n), environment=environment),
+        settle=settle,
+    )
+
+
+def record_of(backend: str, measured: dict[str, Side], *, wove_note: str | None = None,
+              **extra: Any) -> dict[str, Any]:
+    """The JSON line of a three-way run (native, ours, wove): figures, errors, ratios."""
+    native = measured["native"].summary() if "native" in measured else None
+    ours = measured["ours"].summary() if "ours" in measured else None
+    wove_side = measured.get("wove")
+    wove = wove_side.summary() if wove_side is not None else None
+    if wove_side is not None and wove_side.error and not wove_note:
+        wove_note = f"wove's adapter failed during the run: {wove_side.error}"
+    return {
+        "backend": backend,
+        "native": native,
+        "ours": ours,
+        "wove": wove,
+        "wove_note": wove_note,
+        "errors": {name: side.error for name, side in measured.items() if side.error},
+        "ratio_ours_native": ratios(ours, native),
+        "ratio_ours_wove": ratios(ours, wove),
+        **extra,
+    }
+
+
+def bench_arguments(description: str, *, seq: int = 200, burst: int = 1000,
+                    rounds: int = 3) -> Any:
+    """The arguments every ``bench_wove_*.py`` script takes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seq", type=int, default=seq, help="sequential round trips per side")
+    parser.add_argument("--burst", type=int, default=burst, help="tasks submitted at once")
+    parser.add_argument("--rounds", type=int, default=rounds, help="burst rounds per side")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--weave-samples", type=int, default=3,
+                        help="one-task `with wove.weave()` blocks to time (0: skip)")
+    return parser
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One result line on stdout."""
+    print(json.dumps(record), flush=True)
+
+
+# ---------------------------------------------------------------- machine, memory
+
+
+def rss_kb() -> int:
+    """This process's resident set size (VmRSS from /proc/self/status), in KiB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def versions(names: Sequence[str] = VERSIONED) -> dict[str, str]:
+    found = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def machine() -> dict[str, Any]:
+    """The facts a reader needs to judge the figures."""
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    return info
+
+
+# ---------------------------------------------------------------- wove 2.x, warm
+
+
+class WoveRuntime:
+    """wove 2.0.3's ``ExecutorRuntime`` with one environment, started once and kept warm on
+    its own event-loop thread, driven the way a weave drives it (``run_task`` per task,
+    one asyncio task per item for a mapped task).
+
+    This is wove at its best: a weave (``with wove.weave() as w``) builds and stops the
+    runtime, its callback server and the backend client on every block, which costs
+    ~0.5 s at close on top of what is measured here (see ``weave_round_trip``).
+    """
+
+    ENV = "bench"
+
+    def __init__(self, executor: Any, executor_config: dict[str, Any] | None = None,
+                 *, timeout: float = 60.0, start_timeout: float = 120.0) -> None:
+        from wove.environment import ExecutorRuntime
+
+        self.timeout = timeout
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="wove-bench-loop", daemon=True)
+        self._thread.start()
+        definition = {"executor": executor, "executor_config": dict(executor_config or {})}
+        run_config = {"error_mode": "raise", "max_pending": None,
+                      "delivery_heartbeat_seconds": None, "delivery_orphan_policy": None}
+        self.runtime = ExecutorRuntime({self.ENV: definition}, run_config)
+        self.call(self.runtime.start(), start_timeout)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout if timeout is not None else self.timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _task(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Coroutine[Any, Any, Any]:
+        return self.runtime.run_task(
+            task_name=getattr(fn, "__name__", "task"), task_func=fn, task_args=kwargs,
+            task_info={"environment": self.ENV},
+        )
+
+    def run(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        return self.call(self._task(fn, kwargs))
+
+    def map(self, fn: Callable[..., Any], items: Sequence[dict[str, Any]]) -> list[Any]:
+        async def gather() -> list[Any]:
+            tasks = [asyncio.ensure_future(self._task(fn, kwargs)) for kwargs in items]
+            return list(await asyncio.gather(*tasks))
+
+        return self.call(gather(), max(self.timeout, 300.0))
+
+    def side(self, name: str = "wove") -> Side:
+        from wove_adapters.testing.tasks import add
+
+        return Side(
+            name,
+            lambda x: self.run(add, x=x),
+            lambda n: self.map(add, [{"x": i} for i in range(n)]),
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call(self.runtime.stop(), 30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def wove_attempt(executor: str, executor_config: dict[str, Any], *,
+                 timeout: float = 30.0) -> str | None:
+    """Run one task through wove's adapter; ``None`` if it worked, else why not."""
+    try:
+        runtime = WoveRuntime(executor, executor_config, timeout=timeout)
+    except Exception as exc:
+        return f"wove's {executor} environment did not start: {type(exc).__name__}: {exc}"
+    try:
+        from wove_adapters.testing.tasks import add
+
+        value = runtime.run(add, x=1)
+        if value != 2:
+            return f"wove's {executor} adapter returned {value!r} for add(1)"
+        return None
+    except TimeoutError:
+        return f"wove's {executor} adapter gave no result within {timeout:.0f}s"
+    except Exception as exc:
+        return f"wove's {executor} adapter failed: {type(exc).__name__}: {exc}"
+    finally:
+        runtime.close()
+
+
+def weave_round_trip(environment: dict[str, Any], samples: int = 5) -> dict[str, float]:
+    """What one task costs through wove's public API, a fresh ``with wove.weave()`` block
+    per task (the runtime, callback server and backend client built and torn down each
+    time): p50/max over ``samples`` blocks, in ms."""
+    import wove
+
+    from wove_adapters.testing.tasks import add
+
+    def task_for(value: int) -> Callable[[], int]:
+        def step() -> int:  # wove reads dependencies from the signature: none here
+            return add(value)
+
+        return step
+
+    wove.config(environments={"wove-bench": environment})
+    times = []
+    for i in range(samples):
+        start = time.perf_counter()
+        with wove.weave(environment="wove-bench") as w:
+            w.do(task_for(i))
+
+        assert w.result.step == i + 1
+        times.append(time.perf_counter() - start)
+    return {"p50_ms": round(statistics.median(times) * 1000, 1),
+            "max_ms": round(max(times) * 1000, 1), "samples": samples}
+
+
+# ---------------------------------------------------------------- payload bytes
+
+
+def wire_sizes(sizes: Sequence[int] = (1024, 1024 * 1024)) -> dict[str, Any]:
+    """Bytes on the wire for one task with a ``size``-byte argument (the callable, by
+    reference: ``wove_adapters.testing.tasks.digest``) and a result of the same size,
+    measured with the encoders the real paths use:
+
+    - ours: the signed payload text a backend carries (``wove1.`` + base64 of the signed
+      msgpack envelope, body inline), the same with the body offloaded to the payload
+      store (what travels when the body exceeds an adapter's inline limit, plus the body
+      itself in the store), and the signed event batch one callback POST carries;
+    - wove 2.0.3: its backend payload (base64 of JSON with base64 pickles, as it puts in
+      environment variables and ``--wrap`` lines; queue backends get the JSON dict) and
+      its callback POST body.
+    """
+    import secrets
+
+    from wove.backend import build_backend_payload, payload_to_b64, serialize_frame
+
+    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.callbacks import signing
+    from wove_adapters.callbacks.sender import sign_events
+    from wove_adapters.core import frames
+    from wove_adapters.testing.tasks import digest as task
+
+    key_id = signing.KEYRING.add(secrets.token_bytes(32))
+    return_path = payload_mod.ReturnPath(kind="http", url="http://127.0.0.1:40000/wove/events/"
+                                         + secrets.token_urlsafe(24))
+    store_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"wove-bench-store-{os.getpid()}"
+    out: dict[str, Any] = {}
+    for size in sizes:
+        arg = os.urandom(size)
+        run_id = f"digest:{secrets.token_hex(16)}"
+        body = payload_mod.dumps((task, {"data": arg}))
+        common = {"adapter": "process", "run_id": run_id, "task_id": "digest", "attempt": 1,
+                  "func": task, "args": {"data": arg}, "return_path": return_path,
+                  "delivery": {}, "key_id": key_id, "body": body}
+        inline = payload_mod.encode_payload(
+            payload_mod.build_envelope(**common, inline_limit=1 << 62, store_url=None))
+        offloaded = payload_mod.encode_payload(payload_mod.build_envelope(
+            **common, inline_limit=0, store_url=f"file://{store_dir}"))
+        event = frames.TaskResult(run_id=run_id, task_id="digest", attempt=1,
+                                  result=payload_mod.dumps(arg))
+        batch = signing.encode_blob(sign_events([event], key_id))
+        wove_frame = {"type": "run_task", "run_id": run_id, "task_id": "digest",
+                      "callable": task, "args": {"data": arg}, "delivery": {}}
+        wove_payload = build_backend_payload(
+            wove_frame, callback_url=return_path.url, adapter="celery")
+        wove_b64 = payload_to_b64(wove_payload)
+        wove_json = json.dumps(wove_payload, separators=(",", ":"))
+        wove_event = json.dumps(serialize_frame(
+            {"type": "task_result", "run_id": run_id, "task_id": "digest", "result": arg}),
+            separators=(",", ":"))
+        out[_size_label(size)] = {
+            "argument_bytes": size,
+            "pickled_body_bytes": len(body),
+            "ours": {
+                "payload_text_inline": len(inline),
+                "payload_text_offloaded": len(offloaded),
+                "store_object": len(body),
+                "result_event_batch": len(batch),
+            },
+            "wove": {
+                "payload_b64": len(wove_b64),
+                "payload_json": len(wove_json),
+                "result_event_json": len(wove_event),
+            },
+        }
+    with contextlib.suppress(OSError):
+        for child in store_dir.iterdir():
+            child.unlink()
+        store_dir.rmdir()
+    return out
+
+
+def inline_limits() -> dict[str, int]:
+    """Each built-in adapter's inline payload limit (bytes): above it, the body goes to the
+    payload store. Read from the classes without their backend libraries (those are
+    imported inside methods only)."""
+    import importlib
+
+    from wove_adapters.adapters import base
+    from wove_adapters.core.policies import Capabilities
+
+    limits = {"(core default)": Capabilities().inline_payload_limit}
+    for name, (dotted, _extra) in sorted(base._BUILTINS.items()):
+        module_name, _, attr = dotted.partition(":")
+        with contextlib.suppress(Exception):
+            cls = getattr(importlib.import_module(module_name), attr)
+            limits[name] = int(cls.capabilities.inline_payload_limit)
+    return limits
+
+
+def _size_label(size: int) -> str:
+    if size >= 1024 * 1024:
+        return f"{size // (1024 * 1024)}MB"
+    return f"{size // 1024}KB"

@@ -1,0 +1,507 @@
+"""``aws_batch``: each task is an AWS Batch job; a mapped task is one array job.
+
+boto3 runs off the event loop (``asyncio.to_thread``, one client per adapter). The signed
+payload goes to a payload store (S3: ``s3://bucket/prefix``) and the job's container
+command carries only its reference (``python -m wove_adapters.worker --payload-ref
+s3://...#key``), so nothing large travels in SubmitJob (limited to 30 KiB). Status comes
+from ``describe_jobs``, batched: one call per 100 tracked jobs answers every run for
+``status_cache_seconds``. Cancel is ``cancel_job`` for queued work and ``terminate_job``
+for started work; a job that failed after our own cancel (its ``statusReason`` is ours)
+reads as CANCELLED, which is how ``require_ack`` is confirmed when the container was
+killed before our worker could report ``task_cancelled``. Batch has no dedupe, so
+idempotency is the ledger's. This module also holds ``S3Store``, the ``s3://`` kind of
+payload store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import threading
+import time
+import urllib.parse
+import uuid
+from typing import Any, ClassVar
+
+from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.callbacks import payload as payload_mod
+from wove_adapters.core.policies import Capabilities, JobState
+
+# AWS Batch's job statuses in the shared vocabulary.
+_STATES: dict[str, JobState] = {
+    "SUBMITTED": JobState.PENDING,
+    "PENDING": JobState.PENDING,
+    "RUNNABLE": JobState.PENDING,
+    "STARTING": JobState.RUNNING,
+    "RUNNING": JobState.RUNNING,
+    "SUCCEEDED": JobState.SUCCEEDED,
+    "FAILED": JobState.FAILED,
+}
+_QUEUED = frozenset({"SUBMITTED", "PENDING", "RUNNABLE"})
+_FINISHED = frozenset({"SUCCEEDED", "FAILED"})
+
+# The statusReason we give cancel_job/terminate_job: a FAILED job carrying it was cancelled.
+CANCEL_REASON = "wove-adapters: cancelled by the caller"
+
+# DescribeJobs takes at most 100 job ids; array jobs at most 10,000 children.
+_DESCRIBE_BATCH = 100
+_ARRAY_MAX = 10_000
+
+# An array child finds its payload by index. AWS sets AWS_BATCH_JOB_ARRAY_INDEX; a child's
+# job id is always "<parent id>:<index>", the fallback for emulators that omit the former.
+_ARRAY_SCRIPT = (
+    'exec "$0" -m wove_adapters.worker '
+    '--payload-ref "$1-${AWS_BATCH_JOB_ARRAY_INDEX:-${AWS_BATCH_JOB_ID##*:}}"'
+)
+
+
+class AwsBatchError(RuntimeError):
+    """An AWS Batch call failed or the configuration cannot work; the message says why."""
+
+
+class AwsBatchAdapter(BackendAdapter):
+    name = "aws_batch"
+    extra = "aws"
+    required_modules = ("boto3",)
+    capabilities = Capabilities(
+        cancel_queued=True,
+        cancel_running=True,
+        confirm_cancel=True,
+        native_idempotency=False,
+        native_result=False,
+        status=True,
+        requeue=True,
+        detach=True,
+        # The whole payload already lives in the store; a body above this gets its own
+        # object (the 30 KiB SubmitJob limit never sees either).
+        inline_payload_limit=256 * 1024,
+        array_jobs=True,
+    )
+    STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
+    reconcile_seconds: ClassVar[float] = 3.0
+
+    def __init__(self, config: dict[str, Any], *, environment: str) -> None:
+        super().__init__(config, environment=environment)
+        self.store_url = str(config.get("payload_store") or "")
+        self.python = str(config.get("python") or "python")
+        self.cache_seconds = float(config.get("status_cache_seconds", 1.0))
+        self.submissions = 0  # SubmitJob calls (an array job counts once)
+        self._client: Any = None
+        self._table: dict[str, tuple[str, str]] = {}  # handle -> (status, statusReason)
+        self._table_at = 0.0
+        self._table_lock = asyncio.Lock()
+        self._tracked: dict[str, float] = {}  # handle -> when we submitted it
+        self._keys: dict[str, str] = {}  # handle -> payload key in the store
+
+    # ------------------------------------------------------------ life cycle
+
+    def _options(self, job: JobSpec | None = None) -> dict[str, Any]:
+        return {**self.config, **(job.options if job is not None else {})}
+
+    async def start(self) -> None:
+        if not self.config.get("job_queue") or not self.config.get("job_definition"):
+            raise AwsBatchError(
+                "aws_batch needs executor_config.job_queue and executor_config.job_definition "
+                "(the name or ARN of an existing Batch job queue and job definition)"
+            )
+        if not self.store_url:
+            raise AwsBatchError(
+                "aws_batch needs executor_config.payload_store, a store the jobs can read, "
+                "e.g. 's3://my-bucket/wove-payloads' (payloads never travel inside SubmitJob)"
+            )
+        self._client = await asyncio.to_thread(self._make_client)
+        if self.config.get("verify_on_start", True):
+            queue = await self._describe_queue(str(self.config["job_queue"]))
+            if queue is None:
+                raise AwsBatchError(
+                    f"AWS Batch job queue {self.config['job_queue']!r} does not exist at "
+                    f"{self._where()}; create it or set executor_config.job_queue"
+                )
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.session.Session(
+            region_name=self.config.get("region") or self.config.get("region_name"),
+            profile_name=self.config.get("profile"),
+        )
+        if session.region_name is None:
+            raise AwsBatchError(
+                "no AWS region: set executor_config.region or AWS_DEFAULT_REGION"
+            )
+        return session.client(
+            "batch",
+            endpoint_url=self.config.get("endpoint_url"),
+            config=Config(
+                max_pool_connections=int(self.config.get("max_pool_connections", 32)),
+                retries={"mode": "standard", "max_attempts": int(self.config.get("max_attempts", 5))},
+            ),
+        )
+
+    def _where(self) -> str:
+        region = getattr(getattr(self._client, "meta", None), "region_name", "?")
+        return str(self.config.get("endpoint_url") or f"AWS Batch in {region}")
+
+    async def _call(self, method: str, **kwargs: Any) -> Any:
+        if self._client is None:
+            raise AwsBatchError("the aws_batch adapter is not started")
+        return await asyncio.to_thread(getattr(self._client, method), **kwargs)
+
+    async def _describe_queue(self, queue: str) -> dict[str, Any] | None:
+        found = (await self._call("describe_job_queues", jobQueues=[queue])).get("jobQueues", [])
+        return found[0] if found else None
+
+    # ------------------------------------------------------------ submit
+
+    def _store(self) -> payload_mod.PayloadStore:
+        return payload_mod.open_store(self.store_url)
+
+    def _job_name(self, job: JobSpec) -> str:
+        raw = f"wove-{job.idempotency_key}" if job.idempotency_key is not None else job.job_name
+        name = self.safe_name(raw, max_len=128)
+        return name if name[:1].isalnum() else f"w{name[:127]}"
+
+    def _request(self, job: JobSpec, name: str, command: list[str]) -> dict[str, Any]:
+        """SubmitJob arguments: queue, definition and pass-through options, our command."""
+        options = self._options(job)
+        overrides = copy.deepcopy(dict(options.get("container_overrides") or {}))
+        environment = list(overrides.get("environment") or [])
+        environment += [
+            {"name": str(k), "value": str(v)} for k, v in (options.get("environment") or {}).items()
+        ]
+        if environment:
+            overrides["environment"] = environment
+        overrides["command"] = command
+        request: dict[str, Any] = {
+            "jobName": name,
+            "jobQueue": str(options["job_queue"]),
+            "jobDefinition": str(options["job_definition"]),
+            "containerOverrides": overrides,
+        }
+        timeout = options.get("timeout")
+        if timeout:
+            request["timeout"] = (
+                dict(timeout) if isinstance(timeout, dict) else {"attemptDurationSeconds": int(timeout)}
+            )
+        for key, field in (
+            ("retry_strategy", "retryStrategy"),
+            ("parameters", "parameters"),
+            ("tags", "tags"),
+            ("propagate_tags", "propagateTags"),
+            ("scheduling_priority", "schedulingPriorityOverride"),
+            ("share_identifier", "shareIdentifier"),
+        ):
+            if options.get(key) not in (None, ""):
+                request[field] = options[key]
+        request.update(options.get("submit_options") or {})
+        return request
+
+    async def _submit_request(self, request: dict[str, Any], children: int = 0) -> str:
+        """SubmitJob, shielded: if our caller gives up while the request is in flight, the
+        job it may still create is stopped instead of running for nobody."""
+        call = asyncio.ensure_future(self._call("submit_job", **request))
+        try:
+            response = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._stop_stray(done, children))
+            raise
+        self.submissions += 1
+        return str(response["jobId"])
+
+    def _stop_stray(self, call: asyncio.Future[Any], children: int) -> None:
+        if call.cancelled() or call.exception() is not None:
+            return
+        job_id = str(call.result()["jobId"])
+        handles = [job_id, *(f"{job_id}:{index}" for index in range(children))]
+        for handle in handles:
+            asyncio.get_running_loop().create_task(self._quietly(self.cancel(handle)))
+
+    @staticmethod
+    async def _quietly(coro: Any) -> None:
+        with contextlib.suppress(Exception):
+            await coro
+
+    async def submit(self, job: JobSpec) -> str:
+        name = self._job_name(job)
+        key = self.safe_name(f"{job.run_id}-{job.attempt}", max_len=200) + ".payload"
+        await asyncio.to_thread(self._store()._put, key, job.payload.encode("ascii"))
+        command = [self.python, "-m", "wove_adapters.worker", "--payload-ref", f"{self.store_url}#{key}"]
+        try:
+            handle = await self._submit_request(self._request(job, name, command))
+        except BaseException:
+            await asyncio.shield(self._quietly(self._delete_key(key)))
+            raise
+        self._track(handle, key)
+        return handle
+
+    async def submit_many(self, jobs: list[JobSpec]) -> list[str]:
+        """Jobs with the same queue, definition and options become one array job (one
+        SubmitJob); each child reads the payload of its index. Handles are child job ids
+        (``<array job id>:<index>``)."""
+        groups: dict[str, list[int]] = {}
+        for position, job in enumerate(jobs):
+            groups.setdefault(self._group_key(job), []).append(position)
+        handles: list[str] = [""] * len(jobs)
+        for positions in groups.values():
+            for start in range(0, len(positions), _ARRAY_MAX):
+                chunk = positions[start : start + _ARRAY_MAX]
+                if len(chunk) == 1:  # an array job needs at least two children
+                    handles[chunk[0]] = await self.submit(jobs[chunk[0]])
+                    continue
+                chunk_handles = await self._submit_array([jobs[p] for p in chunk])
+                for position, handle in zip(chunk, chunk_handles):
+                    handles[position] = handle
+        return handles
+
+    def _group_key(self, job: JobSpec) -> str:
+        return json.dumps(job.options, sort_keys=True, default=repr)
+
+    async def _submit_array(self, jobs: list[JobSpec]) -> list[str]:
+        tag = self.safe_name(f"wove-{jobs[0].task_id}-a{uuid.uuid4().hex[:12]}", max_len=100)
+        keys = [f"{tag}-{index}" for index in range(len(jobs))]
+        store = self._store()
+        puts = asyncio.Semaphore(16)
+
+        async def put(key: str, job: JobSpec) -> None:
+            async with puts:
+                await asyncio.to_thread(store._put, key, job.payload.encode("ascii"))
+
+        await asyncio.gather(*(put(key, job) for key, job in zip(keys, jobs)))
+        command = ["/bin/sh", "-c", _ARRAY_SCRIPT, self.python, f"{self.store_url}#{tag}"]
+        request = self._request(jobs[0], tag if tag[:1].isalnum() else f"w{tag}", command)
+        request["arrayProperties"] = {"size": len(jobs)}
+        try:
+            job_id = await self._submit_request(request, children=len(jobs))
+        except BaseException:
+            await asyncio.shield(
+                self._quietly(asyncio.gather(*(self._delete_key(key) for key in keys)))
+            )
+            raise
+        handles = [f"{job_id}:{index}" for index in range(len(jobs))]
+        for handle, key in zip(handles, keys):
+            self._track(handle, key)
+        return handles
+
+    def _track(self, handle: str, key: str) -> None:
+        self._tracked[handle] = time.monotonic()
+        self._keys[handle] = key
+
+    # ------------------------------------------------------------ status, cancel
+
+    async def _refresh(self, force: bool = False) -> dict[str, tuple[str, str]]:
+        """One DescribeJobs call per 100 tracked jobs answers every run's status for
+        ``status_cache_seconds``."""
+        async with self._table_lock:
+            if not force and time.monotonic() - self._table_at < self.cache_seconds:
+                return self._table
+            handles = list(self._tracked)
+            chunks = [handles[i : i + _DESCRIBE_BATCH] for i in range(0, len(handles), _DESCRIBE_BATCH)]
+            answers = await asyncio.gather(*(self._call("describe_jobs", jobs=c) for c in chunks))
+            table: dict[str, tuple[str, str]] = {}
+            for answer in answers:
+                for described in answer.get("jobs", []):
+                    table[str(described["jobId"])] = (
+                        str(described.get("status", "")),
+                        str(described.get("statusReason") or ""),
+                    )
+            self._table, self._table_at = table, time.monotonic()
+            return table
+
+    def _state_of(self, status: str, reason: str) -> JobState:
+        if status == "FAILED" and reason.startswith(CANCEL_REASON):
+            return JobState.CANCELLED
+        return self.map_state(status)
+
+    async def status(self, handle: str) -> JobState:
+        if handle not in self._tracked:
+            self._tracked[handle] = time.monotonic()
+            self._table_at = 0.0
+        table = await self._refresh()
+        found = table.get(handle)
+        if found is None:
+            # DescribeJobs is eventually consistent right after SubmitJob.
+            recent = time.monotonic() - self._tracked.get(handle, 0.0) < 30.0
+            return JobState.UNKNOWN if recent else JobState.GONE
+        return self._state_of(*found)
+
+    async def cancel(self, handle: str, *, running: bool = True) -> None:
+        described = (await self._call("describe_jobs", jobs=[handle])).get("jobs", [])
+        status = str(described[0].get("status", "")) if described else ""
+        if status in _FINISHED:
+            return
+        if status in _QUEUED:
+            await self._call("cancel_job", jobId=handle, reason=CANCEL_REASON)
+        if running and status not in _FINISHED:
+            # Also for a job we saw queued: it may have started since, and cancel_job is a
+            # no-op on a started job.
+            await self._call("terminate_job", jobId=handle, reason=CANCEL_REASON)
+        self._table_at = 0.0
+
+    async def _delete_key(self, key: str) -> None:
+        store = self._store()
+        ref = payload_mod.BodyRef(store=self.store_url, key=key, sha256="", size=0)
+        await asyncio.to_thread(store.delete, ref)
+
+    async def release(self, handle: str) -> None:
+        self._tracked.pop(handle, None)
+        self._table.pop(handle, None)
+        key = self._keys.pop(handle, None)
+        if key is not None:
+            await self._delete_key(key)
+
+    async def detach(self, handle: str) -> None:
+        # The job may still need its payload object: leave it (an S3 lifecycle rule on
+        # the prefix expires leftovers).
+        self._tracked.pop(handle, None)
+        self._keys.pop(handle, None)
+
+    async def close(self) -> None:
+        self._tracked.clear()
+        self._keys.clear()
+
+    # ------------------------------------------------------------ doctor
+
+    async def doctor(self) -> list[tuple[str, bool, str]]:
+        rows: list[tuple[str, bool, str]] = []
+        queue_name = str(self.config.get("job_queue"))
+        try:
+            started = time.perf_counter()
+            queue = await self._describe_queue(queue_name)
+            rows.append(("AWS Batch endpoint reachable", True,
+                         f"{self._where()} ({(time.perf_counter() - started) * 1000:.0f} ms)"))
+        except Exception as exc:  # every failure is a row
+            rows.append(("AWS Batch endpoint reachable", False,
+                         f"{self._where()}: {exc}; check endpoint_url, region and credentials"))
+            return rows
+        if queue is None:
+            rows.append((f"job queue '{queue_name}'", False,
+                         "does not exist: create it (aws batch create-job-queue) or fix job_queue"))
+        else:
+            healthy = queue.get("state") == "ENABLED" and queue.get("status") == "VALID"
+            rows.append((f"job queue '{queue_name}'", healthy,
+                         f"state {queue.get('state')}, status {queue.get('status')}"
+                         + ("" if healthy else f": {queue.get('statusReason', '')}; enable it "
+                            "(aws batch update-job-queue --state ENABLED)")))
+            rows.extend(await self._compute_rows(queue))
+        rows.append(await self._definition_row())
+        rows.append(await asyncio.to_thread(self._store_row))
+        return rows
+
+    async def _compute_rows(self, queue: dict[str, Any]) -> list[tuple[str, bool, str]]:
+        arns = [str(o["computeEnvironment"]) for o in queue.get("computeEnvironmentOrder", [])]
+        if not arns:
+            return [("compute environment", False, "the queue has none; attach one")]
+        found = (await self._call("describe_compute_environments", computeEnvironments=arns))
+        envs = found.get("computeEnvironments", [])
+        usable = [e for e in envs if e.get("state") == "ENABLED" and e.get("status") == "VALID"]
+        names = ", ".join(f"{e.get('computeEnvironmentName')} {e.get('state')}/{e.get('status')}"
+                          for e in envs)
+        return [("compute environment VALID and ENABLED", bool(usable), names or "none found")]
+
+    async def _definition_row(self) -> tuple[str, bool, str]:
+        definition = str(self.config.get("job_definition"))
+        label = f"job definition '{definition}'"
+        try:
+            if definition.startswith("arn:") or ":" in definition:
+                found = await self._call("describe_job_definitions", jobDefinitions=[definition])
+            else:
+                found = await self._call(
+                    "describe_job_definitions", jobDefinitionName=definition, status="ACTIVE"
+                )
+        except Exception as exc:
+            return (label, False, str(exc))
+        active = [d for d in found.get("jobDefinitions", []) if d.get("status") == "ACTIVE"]
+        if not active:
+            return (label, False, "no ACTIVE revision: register it (aws batch register-job-definition)")
+        latest = max(active, key=lambda d: int(d.get("revision", 0)))
+        image = (latest.get("containerProperties") or {}).get("image", "?")
+        return (label, True, f"revision {latest.get('revision')}, image {image} "
+                             "(it must have wove-adapters installed)")
+
+    def _store_row(self) -> tuple[str, bool, str]:
+        label = "payload store reachable (S3 bucket)" if self.store_url.startswith("s3:") \
+            else "payload store reachable"
+        key = f"doctor-{uuid.uuid4().hex}"
+        try:
+            store = self._store()
+            ref = store.put(key, b"wove-adapters doctor")
+            store.get(ref)
+            store.delete(ref)
+        except Exception as exc:
+            return (label, False, f"{_redact(self.store_url)}: {exc}; the caller writes and "
+                                  "the jobs read payloads here")
+        return (label, True, f"{_redact(self.store_url)} (write, read, delete)")
+
+
+def _redact(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+# ---------------------------------------------------------------- the S3 payload store
+
+
+class S3Store(payload_mod.PayloadStore):
+    """``s3://bucket/prefix?endpoint_url=http://127.0.0.1:5000&region=us-east-1``: payloads
+    in S3 for jobs on other machines. Credentials come from boto3's usual chain (the job
+    role inside AWS Batch). Sync on purpose, like every store; the caller uses a thread."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urllib.parse.urlparse(url)
+        if not parsed.netloc:
+            raise ValueError(f"S3 payload store URL {url!r} names no bucket: use s3://BUCKET/PREFIX")
+        query = urllib.parse.parse_qs(parsed.query)
+        self.url = url
+        self.bucket = parsed.netloc
+        prefix = parsed.path.strip("/")
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.endpoint_url = query.get("endpoint_url", [None])[0]
+        self.region = query.get("region", [None])[0]
+        self.profile = query.get("profile", [None])[0]
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            with self._lock:  # boto3 sessions are not thread-safe; clients are
+                if self._client is None:
+                    try:
+                        import boto3
+                        from botocore.config import Config
+                    except ImportError:
+                        from wove_adapters.core.errors import MissingBackendError
+
+                        raise MissingBackendError("s3 payload store", "boto3", "aws") from None
+                    session = boto3.session.Session(
+                        region_name=self.region, profile_name=self.profile
+                    )
+                    self._client = session.client(
+                        "s3",
+                        endpoint_url=self.endpoint_url,
+                        config=Config(max_pool_connections=32, retries={"mode": "standard"}),
+                    )
+        return self._client
+
+    def _key(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise payload_mod.PayloadError(f"bad payload key {key!r}")
+        return self.prefix + key
+
+    def _put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def _get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            raise KeyError(f"s3://{self.bucket}/{self._key(key)}") from None
+        return bytes(response["Body"].read())
+
+    def delete(self, ref: payload_mod.BodyRef) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(ref.key))
+
+
+payload_mod.register_store("s3", "wove_adapters.adapters.aws_batch:S3Store")

@@ -1,0 +1,757 @@
+"""``kubernetes_jobs``: each task is a Kubernetes Job; a mapped task is one Indexed Job.
+
+The adapter talks to the API server with the official ``kubernetes`` client: the sync
+client, created once per adapter, every call in the adapter's own small thread pool, so
+the event loop never blocks. The signed payload goes to the payload store (a directory
+the Pods mount, Redis, ...); the Pod spec carries only its reference, in the env var
+``WOVE_PAYLOAD_REF``, and runs ``python -m wove_adapters.worker --payload-ref
+$(WOVE_PAYLOAD_REF)`` (the kubelet expands ``$(VAR)``; an Indexed Job's Pods add
+``-$(JOB_COMPLETION_INDEX)``).
+
+Job names are RFC 1123 labels (63 characters, lowercase alphanumerics and ``-``) derived
+from the idempotency key, so one key is one Job: ``409 AlreadyExists`` on create means the
+Job exists and the run attaches to it. Without a key the name comes from the run id.
+Status comes from the Job's conditions, counts and completed/failed indexes (and, while a
+Pod waits, from its container state, so a Pod that can never start is a lost run); one
+LIST per namespace answers every run's status for a second. Cancel deletes the Job with
+``propagationPolicy=Background`` (its Pods go too; the worker gets SIGTERM and reports
+``task_cancelled``); one index of an Indexed Job is cancelled by deleting its Pod and
+its payload. This module imports ``kubernetes`` only inside methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.callbacks import payload as payload_mod
+from wove_adapters.core.policies import Capabilities, JobState
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "wove-adapters"
+ENV_LABEL = "wove-adapters/environment"
+TASK_LABEL = "wove-adapters/task"
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+CONTAINER = "wove-worker"
+
+# Native states (derived from a Job and its waiting Pods) in the shared vocabulary.
+_STATES: dict[str, JobState] = {
+    "PENDING": JobState.PENDING,  # created, no Pod ready yet (unscheduled, pulling, ...)
+    "SUSPENDED": JobState.PENDING,
+    "RUNNING": JobState.RUNNING,  # a Pod is ready
+    "ACTIVE": JobState.RUNNING,  # an Indexed Job is running (this index not settled yet)
+    "TERMINATING": JobState.RUNNING,  # deletion in progress (foreground finalizer)
+    "COMPLETE": JobState.SUCCEEDED,
+    "SUCCESSCRITERIAMET": JobState.SUCCEEDED,
+    "FAILED": JobState.FAILED,  # BackoffLimitExceeded, DeadlineExceeded, FailedIndexes, ...
+    "FAILURETARGET": JobState.FAILED,  # Pods still terminating, the Job will fail
+    "START_FAILED": JobState.FAILED,  # a Pod stuck in ImagePullBackOff & co past pending_timeout
+    "CANCELLED": JobState.CANCELLED,  # an index we cancelled has settled
+    "GONE": JobState.GONE,  # 404: deleted (by us, TTL, or someone else)
+}
+
+# Container waiting reasons that do not fix themselves: a Pod in one of these never starts.
+START_FAILURES = frozenset({
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+
+
+class KubernetesApiError(RuntimeError):
+    """The API server refused a request; the message carries its Status message."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------- names
+
+
+def dns_label(text: str, *, max_len: int = 63) -> str:
+    """An RFC 1123 label (lowercase alphanumerics and ``-``, alphanumeric at both ends, at
+    most ``max_len``) from any text. A text that had to change keeps a digest of the
+    original, so distinct keys give distinct names (``A`` and ``a`` included)."""
+    cleaned = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+    if cleaned == text and 0 < len(text) <= max_len:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    head = cleaned[: max(max_len - len(digest) - 1, 0)].rstrip("-")
+    return f"{head}-{digest}" if head else digest
+
+
+def label_value(text: str) -> str:
+    """A valid label value (``[A-Za-z0-9._-]``, alphanumeric at both ends, at most 63)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", text).strip("-_.")
+    if cleaned == text and len(text) <= 63:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    head = cleaned[:52].rstrip("-_.")
+    return f"{head}-{digest}" if head else digest
+
+
+def parse_indexes(text: str | None) -> set[int]:
+    """``"0-2,5"`` (the Job status format) -> ``{0, 1, 2, 5}``."""
+    found: set[int] = set()
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        found.update(range(int(low), int(high or low) + 1))
+    return found
+
+
+def native_state(job: dict[str, Any] | None, index: int | None = None) -> str:
+    """What the Job says about one run (the whole Job, or one completion index)."""
+    if job is None:
+        return "GONE"
+    if job.get("metadata", {}).get("deletionTimestamp"):
+        return "TERMINATING"
+    status = job.get("status") or {}
+    if index is not None:
+        if index in parse_indexes(status.get("completedIndexes")):
+            return "COMPLETE"
+        if index in parse_indexes(status.get("failedIndexes")):
+            return "FAILED"
+    true = [c.get("type", "") for c in status.get("conditions") or [] if c.get("status") == "True"]
+    for kind in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget", "Suspended"):
+        if kind in true:
+            # An index neither completed nor failed in a finished Job did not succeed.
+            if index is not None and kind in ("Complete", "SuccessCriteriaMet"):
+                return "FAILED"
+            return kind.upper()
+    if index is not None:
+        return "ACTIVE"
+    return "RUNNING" if status.get("ready") or status.get("succeeded") else "PENDING"
+
+
+def start_failure(pod: dict[str, Any]) -> str | None:
+    """The waiting reason of a Pod that cannot start, else None."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in START_FAILURES:
+            return f"{waiting['reason']}: {waiting.get('message', '')}".strip()
+    return None
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+
+@dataclass
+class _Job:
+    """One Job we submitted or attached to."""
+
+    namespace: str
+    name: str
+    created: bool  # we created it (an attached Job belongs to someone else)
+    store_url: str
+    payload_keys: dict[int | None, str]  # index (None: a plain Job) -> payload key
+    submitted_at: float = field(default_factory=time.monotonic)
+    open_runs: set[int | None] = field(default_factory=set)
+    cancelled: set[int | None] = field(default_factory=set)
+
+
+@dataclass
+class _Snapshot:
+    taken_at: float
+    jobs: dict[str, dict[str, Any]]
+    stuck: dict[tuple[str, int | None], str]  # (job, index) -> waiting reason past timeout
+
+
+class KubernetesJobsAdapter(BackendAdapter):
+    name = "kubernetes_jobs"
+    extra = "kubernetes"
+    required_modules = ("kubernetes",)
+    capabilities = Capabilities(
+        cancel_queued=True,
+        cancel_running=True,
+        confirm_cancel=True,
+        native_idempotency=True,
+        native_result=False,
+        status=True,
+        requeue=True,
+        detach=True,
+        inline_payload_limit=1024 * 1024,
+        array_jobs=True,
+    )
+    STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
+    reconcile_seconds: ClassVar[float] = 2.0
+
+    def __init__(self, config: dict[str, Any], *, environment: str) -> None:
+        super().__init__(config, environment=environment)
+        if config.get("array_jobs") is False:  # clusters older than 1.29 (backoffLimitPerIndex)
+            self.capabilities = dataclasses.replace(self.capabilities, array_jobs=False)
+        self.namespace = str(config.get("namespace") or "")
+        self.submissions = 0  # Jobs created (an Indexed Job counts once)
+        self._api: Any = None
+        self._batch: Any = None
+        self._core: Any = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._jobs: dict[tuple[str, str], _Job] = {}
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._snapshot_locks: dict[str, asyncio.Lock] = {}
+        self._stuck_since: dict[str, float] = {}
+        self._cache_seconds = float(config.get("status_cache_seconds", 1.0))
+        self._pending_timeout = float(config.get("pending_timeout", 120.0))
+        self._timeout = float(config.get("request_timeout", 30.0))
+
+    # ------------------------------------------------------------ client
+
+    async def start(self) -> None:
+        from kubernetes import client
+
+        if not (self.config.get("image") or (self.config.get("task_options") or {}).get("image")):
+            raise ValueError(
+                "kubernetes_jobs needs executor_config 'image': an image with wove-adapters "
+                "installed (e.g. FROM python:3.11-slim + RUN pip install wove-adapters)"
+            )
+        threads = int(self.config.get("api_threads", 8))
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="wove-k8s")
+        configuration, context_namespace = await self._in_pool(self._client_configuration)
+        configuration.connection_pool_maxsize = threads
+        self.namespace = self.namespace or context_namespace or "default"
+        self._api = client.ApiClient(configuration)
+        self._batch = client.BatchV1Api(self._api)
+        self._core = client.CoreV1Api(self._api)
+        try:
+            await self._call(client.VersionApi(self._api).get_code)
+        except KubernetesApiError as exc:
+            raise KubernetesApiError(
+                f"the Kubernetes API at {configuration.host} is not usable: {exc} "
+                "(check executor_config kubeconfig/context/host/token)", exc.status
+            ) from None
+
+    def _client_configuration(self) -> tuple[Any, str | None]:
+        """Blocking (reads files): runs in the pool. Explicit ``host`` > in-cluster >
+        kubeconfig (``kubeconfig``/``context``, else $KUBECONFIG or ~/.kube/config)."""
+        from kubernetes import client
+        from kubernetes import config as kube_config
+
+        cfg = client.Configuration()
+        namespace: str | None = None
+        if self.config.get("host"):
+            cfg.host = str(self.config["host"]).rstrip("/")
+            token = self.config.get("token")
+            if token:
+                token = _resolve(str(token))
+                cfg.api_key["BearerToken"] = f"Bearer {token}"
+            if self.config.get("ca_cert"):
+                cfg.ssl_ca_cert = str(self.config["ca_cert"])
+        elif self.config.get("in_cluster") or (
+            self.config.get("in_cluster") is None
+            and not self.config.get("kubeconfig")
+            and os.environ.get("KUBERNETES_SERVICE_HOST")
+        ):
+            kube_config.load_incluster_config(client_configuration=cfg)
+            with contextlib.suppress(OSError):
+                with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as handle:
+                    namespace = handle.read().strip() or None
+        else:
+            path = self.config.get("kubeconfig")
+            context = self.config.get("context")
+            kube_config.load_kube_config(
+                config_file=path, context=context, client_configuration=cfg
+            )
+            with contextlib.suppress(Exception):
+                _, active = kube_config.list_kube_config_contexts(config_file=path)
+                if context:
+                    contexts, _ = kube_config.list_kube_config_contexts(config_file=path)
+                    active = next(c for c in contexts if c["name"] == context)
+                namespace = (active.get("context") or {}).get("namespace")
+        if self.config.get("verify_ssl") is not None:
+            cfg.verify_ssl = bool(self.config["verify_ssl"])
+        return cfg, namespace
+
+    async def _in_pool(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One API call off the loop; the JSON body as plain data (no model objects)."""
+        from kubernetes.client.exceptions import ApiException
+
+        def call() -> Any:
+            try:
+                response = method(
+                    *args, _preload_content=False, _request_timeout=self._timeout, **kwargs
+                )
+            except ApiException as exc:
+                raise _api_error(exc) from None
+            except Exception as exc:  # connection refused, DNS, TLS: say where
+                raise KubernetesApiError(f"{type(exc).__name__}: {exc}") from exc
+            try:
+                data = response.data
+            finally:
+                with contextlib.suppress(Exception):
+                    response.release_conn()
+            if not data:
+                return {}
+            try:
+                return json.loads(data)
+            except ValueError:
+                return data.decode(errors="replace")
+
+        return await self._in_pool(call)
+
+    # ------------------------------------------------------------ the Job we send
+
+    def _options(self, job: JobSpec) -> dict[str, Any]:
+        return {**self.config, **job.options}
+
+    def manifest(
+        self,
+        name: str,
+        payload_ref: str,
+        options: dict[str, Any],
+        *,
+        task_id: str,
+        completions: int | None = None,
+        annotations: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The Job object for one run (``completions=None``) or one Indexed Job. Public, so
+        a deployment can print it and ``kubectl create -f`` it (see the docs)."""
+        python = str(options.get("python") or "python")
+        ref_arg = "$(WOVE_PAYLOAD_REF)"
+        if completions is not None:
+            ref_arg += "-$(JOB_COMPLETION_INDEX)"
+        env: list[dict[str, Any]] = [{"name": "WOVE_PAYLOAD_REF", "value": payload_ref}]
+        env += [{"name": str(k), "value": str(v)} for k, v in (options.get("env") or {}).items()]
+        secret_ref = options.get("secret_ref")
+        if secret_ref:
+            env.append({
+                "name": "WOVE_ADAPTERS_SECRET",
+                "valueFrom": {"secretKeyRef": {
+                    "name": secret_ref["name"], "key": secret_ref.get("key", "secret")}},
+            })
+        container: dict[str, Any] = {
+            "name": CONTAINER,
+            "image": options.get("image"),
+            "command": [python, "-m", "wove_adapters.worker"],
+            "args": ["--payload-ref", ref_arg],
+            "env": env,
+        }
+        _put(container, "imagePullPolicy", options.get("image_pull_policy"))
+        _put(container, "resources", _resources(options))
+        _put(container, "envFrom", options.get("env_from"))
+        _put(container, "volumeMounts", options.get("volume_mounts"))
+        container.update(options.get("container") or {})
+        labels = {
+            MANAGED_BY: MANAGER,
+            ENV_LABEL: label_value(self.environment),
+            TASK_LABEL: label_value(task_id),
+            **{str(k): str(v) for k, v in (options.get("labels") or {}).items()},
+        }
+        pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+        _put(pod_spec, "serviceAccountName", options.get("service_account"))
+        pull_secrets = options.get("image_pull_secrets")
+        if pull_secrets:
+            pod_spec["imagePullSecrets"] = [
+                s if isinstance(s, dict) else {"name": str(s)} for s in pull_secrets
+            ]
+        _put(pod_spec, "nodeSelector", options.get("node_selector"))
+        _put(pod_spec, "tolerations", options.get("tolerations"))
+        _put(pod_spec, "affinity", options.get("affinity"))
+        _put(pod_spec, "volumes", options.get("volumes"))
+        _put(pod_spec, "priorityClassName", options.get("priority_class_name"))
+        _put(pod_spec, "terminationGracePeriodSeconds",
+             options.get("termination_grace_period_seconds"))
+        pod_spec.update(options.get("pod_spec") or {})
+        spec: dict[str, Any] = {
+            "backoffLimit": int(options.get("backoff_limit", 0)),
+            "template": {
+                "metadata": {"labels": labels,
+                             "annotations": {str(k): str(v)
+                                             for k, v in (options.get("annotations") or {}).items()}},
+                "spec": pod_spec,
+            },
+        }
+        ttl = options.get("ttl_seconds_after_finished", 3600)
+        _put(spec, "ttlSecondsAfterFinished", None if ttl is None else int(ttl))
+        _put(spec, "activeDeadlineSeconds", options.get("active_deadline_seconds"))
+        if completions is not None:
+            # Each index fails on its own (one raising task must not stop the others);
+            # backoffLimit then defaults to "unlimited" and must not be set to 0.
+            spec.pop("backoffLimit")
+            parallelism = int(options.get("parallelism") or completions)
+            spec.update(completionMode="Indexed", completions=completions,
+                        parallelism=min(parallelism, completions),
+                        backoffLimitPerIndex=int(options.get("backoff_limit", 0)))
+        spec.update(options.get("job_spec") or {})
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "name": name,
+                "labels": labels,
+                "annotations": {**{str(k): str(v) for k, v in (options.get("annotations") or {}).items()},
+                                **(annotations or {})},
+            },
+            "spec": spec,
+        }
+
+    def job_name(self, job: JobSpec) -> str:
+        """One key, one Job: the name is the key's RFC 1123 form. A requeued attempt (the
+        first one's Job was lost) gets a distinct name; without a key, the run's name."""
+        if job.idempotency_key is not None:
+            key = f"wove-{job.idempotency_key}"
+            return dns_label(key if job.attempt <= 1 else f"{key}#attempt-{job.attempt}")
+        return dns_label(job.job_name)
+
+    def _store(self) -> payload_mod.PayloadStore:
+        return payload_mod.open_store(self.config.get("payload_store"))
+
+    # ------------------------------------------------------------ submit
+
+    async def submit(self, job: JobSpec) -> str:
+        options = self._options(job)
+        namespace = str(options.get("namespace") or self.namespace)
+        name = self.job_name(job)
+        store = self._store()
+        key = f"k8s-{name}-{secrets.token_hex(4)}"
+        await self._in_pool(store.put, key, job.payload.encode())
+        annotations = {"wove-adapters/run-id": job.run_id, "wove-adapters/attempt": str(job.attempt)}
+        if job.idempotency_key is not None:
+            annotations["wove-adapters/idempotency-key"] = job.idempotency_key
+        body = self.manifest(name, f"{store.url}#{key}", options, task_id=job.task_id,
+                             annotations=annotations)
+        created = await self._create(namespace, body, store, [key])
+        tracked = _Job(namespace, name, created, store.url, {None: key} if created else {})
+        tracked.open_runs.add(None)
+        self._jobs.setdefault((namespace, name), tracked).open_runs.add(None)
+        return f"{namespace}/{name}"
+
+    async def submit_many(self, jobs: list[JobSpec]) -> list[str]:
+        """N runs -> one Indexed Job per group of runs with the same options; handles are
+        ``namespace/name#index``."""
+        groups: dict[str, list[int]] = {}
+        for position, job in enumerate(jobs):
+            signature = json.dumps([job.task_id, job.options], sort_keys=True, default=str)
+            groups.setdefault(signature, []).append(position)
+        handles: list[str] = [""] * len(jobs)
+        for positions in groups.values():
+            group = [jobs[p] for p in positions]
+            for p, handle in zip(positions, await self._submit_indexed(group)):
+                handles[p] = handle
+        return handles
+
+    async def _submit_indexed(self, jobs: list[JobSpec]) -> list[str]:
+        first = jobs[0]
+        options = self._options(first)
+        namespace = str(options.get("namespace") or self.namespace)
+        name = f"{dns_label('wove-' + first.task_id, max_len=40)}-{secrets.token_hex(4)}"
+        store = self._store()
+        keys = [f"k8s-{name}-{index}" for index in range(len(jobs))]
+
+        def put_all() -> None:
+            for key, job in zip(keys, jobs):
+                store.put(key, job.payload.encode())
+
+        await self._in_pool(put_all)
+        annotations = {"wove-adapters/run-ids": json.dumps([j.run_id for j in jobs])}
+        body = self.manifest(name, f"{store.url}#k8s-{name}", options, task_id=first.task_id,
+                             completions=len(jobs), annotations=annotations)
+        await self._create(namespace, body, store, keys)
+        tracked = _Job(namespace, name, True, store.url, dict(enumerate(keys)))
+        tracked.open_runs.update(range(len(jobs)))
+        self._jobs[(namespace, name)] = tracked
+        return [f"{namespace}/{name}#{index}" for index in range(len(jobs))]
+
+    async def _create(
+        self, namespace: str, body: dict[str, Any], store: payload_mod.PayloadStore,
+        keys: list[str],
+    ) -> bool:
+        """Create the Job; True if we created it, False if it already existed (attach)."""
+        try:
+            await self._call(self._batch.create_namespaced_job, namespace, body)
+        except KubernetesApiError as exc:
+            await self._in_pool(_delete_keys, store, keys)
+            if exc.status == 409:
+                return False
+            raise KubernetesApiError(
+                f"creating Job {namespace}/{body['metadata']['name']} failed: {exc}", exc.status
+            ) from None
+        self.submissions += 1
+        return True
+
+    # ------------------------------------------------------------ status
+
+    async def status(self, handle: str) -> JobState:
+        namespace, name, index = _parse(handle)
+        tracked = self._jobs.get((namespace, name))
+        since = tracked.submitted_at if tracked else 0.0
+        snapshot = await self._snapshot(namespace, since)
+        job = snapshot.jobs.get(name)
+        if job is None:
+            job = await self._read_job(namespace, name)  # not ours by label, or just created
+        state = native_state(job, index)
+        if self.map_state(state) in (JobState.PENDING, JobState.RUNNING, JobState.UNKNOWN):
+            reason = snapshot.stuck.get((name, index)) or snapshot.stuck.get((name, None))
+            if reason is not None:
+                state = "START_FAILED"
+        if tracked is not None and index in tracked.cancelled and (
+            job is None or self.map_state(state).finished
+        ):
+            state = "CANCELLED" if job is not None else "GONE"
+        return self.map_state(state)
+
+    async def _read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = await self._call(
+                self._batch.read_namespaced_job, name, namespace
+            )
+            return found
+        except KubernetesApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def _snapshot(self, namespace: str, since: float) -> _Snapshot:
+        """One LIST of our Jobs per namespace (and of waiting Pods, when some Job has Pods
+        that are not ready) answers every run's status for ``status_cache_seconds``."""
+        lock = self._snapshot_locks.setdefault(namespace, asyncio.Lock())
+        async with lock:
+            snapshot = self._snapshots.get(namespace)
+            now = time.monotonic()
+            if snapshot and now - snapshot.taken_at < self._cache_seconds and snapshot.taken_at > since:
+                return snapshot
+            selector = f"{MANAGED_BY}={MANAGER},{ENV_LABEL}={label_value(self.environment)}"
+            started = time.monotonic()
+            listed = await self._call(
+                self._batch.list_namespaced_job, namespace, label_selector=selector
+            )
+            jobs = {j["metadata"]["name"]: j for j in listed.get("items") or []}
+            stuck: dict[tuple[str, int | None], str] = {}
+            waiting = [
+                j for j in jobs.values()
+                if (j.get("status") or {}).get("active", 0) > (j.get("status") or {}).get("ready", 0)
+                and native_state(j) in ("PENDING", "RUNNING")
+            ]
+            if waiting:
+                pods = await self._call(
+                    self._core.list_namespaced_pod, namespace, label_selector=selector,
+                    field_selector="status.phase=Pending",
+                )
+                stuck = self._stuck_pods(pods.get("items") or [], now)
+            snapshot = _Snapshot(taken_at=started, jobs=jobs, stuck=stuck)
+            self._snapshots[namespace] = snapshot
+            return snapshot
+
+    def _stuck_pods(self, pods: list[dict[str, Any]], now: float) -> dict[tuple[str, int | None], str]:
+        stuck: dict[tuple[str, int | None], str] = {}
+        seen: set[str] = set()
+        for pod in pods:
+            meta = pod.get("metadata") or {}
+            reason = start_failure(pod)
+            uid = meta.get("uid", "")
+            if reason is None:
+                continue
+            seen.add(uid)
+            first = self._stuck_since.setdefault(uid, now)
+            if now - first < self._pending_timeout:
+                continue
+            labels = meta.get("labels") or {}
+            job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name", "")
+            raw_index = (meta.get("annotations") or {}).get(INDEX_KEY)
+            stuck[(job, int(raw_index) if raw_index is not None else None)] = reason
+        for uid in list(self._stuck_since):
+            if uid not in seen:
+                del self._stuck_since[uid]
+        return stuck
+
+    # ------------------------------------------------------------ cancel, release
+
+    async def cancel(self, handle: str, *, running: bool = True) -> None:
+        namespace, name, index = _parse(handle)
+        tracked = self._jobs.get((namespace, name))
+        if tracked is not None:
+            tracked.cancelled.add(index)
+        if index is None:
+            await self._delete_job(namespace, name)
+            return
+        # One index of an Indexed Job: its payload goes first (a Pod that has not started
+        # yet then finds nothing to run), then its Pod (a running worker gets SIGTERM).
+        if tracked is not None and index in tracked.payload_keys:
+            await self._in_pool(_delete_keys, self._store(), [tracked.payload_keys[index]])
+        pods = await self._call(
+            self._core.list_namespaced_pod, namespace, label_selector=f"job-name={name}"
+        )
+        for pod in pods.get("items") or []:
+            if (pod["metadata"].get("annotations") or {}).get(INDEX_KEY) == str(index):
+                with contextlib.suppress(KubernetesApiError):
+                    await self._call(
+                        self._core.delete_namespaced_pod, pod["metadata"]["name"], namespace
+                    )
+        if tracked is not None and tracked.open_runs <= tracked.cancelled:
+            await self._delete_job(namespace, name)
+
+    async def _delete_job(self, namespace: str, name: str) -> None:
+        try:
+            await self._call(
+                self._batch.delete_namespaced_job, name, namespace,
+                propagation_policy="Background",
+            )
+        except KubernetesApiError as exc:
+            if exc.status != 404:
+                raise
+        self._snapshots.pop(namespace, None)
+
+    async def release(self, handle: str) -> None:
+        """The run ended: drop its payload; once every run of a Job we created has ended,
+        delete the Job (``cleanup: false`` leaves it to ``ttl_seconds_after_finished``)."""
+        namespace, name, index = _parse(handle)
+        tracked = self._jobs.get((namespace, name))
+        if tracked is None:
+            return
+        key = tracked.payload_keys.pop(index, None)
+        if key is not None:
+            await self._in_pool(_delete_keys, self._store(), [key])
+        tracked.open_runs.discard(index)
+        if tracked.open_runs:
+            return
+        self._jobs.pop((namespace, name), None)
+        if tracked.created and self.config.get("cleanup", True):
+            await self._delete_job(namespace, name)
+
+    async def detach(self, handle: str) -> None:
+        """The Job keeps running without us; it still needs its payload."""
+        namespace, name, index = _parse(handle)
+        tracked = self._jobs.get((namespace, name))
+        if tracked is not None:
+            tracked.payload_keys.pop(index, None)
+            tracked.open_runs.discard(index)
+            if not tracked.open_runs:
+                self._jobs.pop((namespace, name), None)
+
+    async def close(self) -> None:
+        if self._api is not None:
+            with contextlib.suppress(Exception):
+                await self._in_pool(self._api.close)
+            self._api = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    # ------------------------------------------------------------ doctor
+
+    async def doctor(self) -> list[tuple[str, bool, str]]:
+        rows: list[tuple[str, bool, str]] = []
+        if self._api is None:
+            try:
+                await self.start()
+            except Exception as exc:
+                return [("Kubernetes API reachable", False, f"{exc}")]
+        from kubernetes import client
+
+        try:
+            version = await self._call(client.VersionApi(self._api).get_code)
+            rows.append(("Kubernetes API reachable", True,
+                         f"{self._api.configuration.host} ({version.get('gitVersion', '?')})"))
+        except KubernetesApiError as exc:
+            return [("Kubernetes API reachable", False,
+                     f"{exc}: check kubeconfig/context/host/token in executor_config")]
+        try:
+            await self._call(self._core.read_namespace, self.namespace)
+            rows.append((f"namespace {self.namespace} exists", True, "found"))
+        except KubernetesApiError as exc:
+            hint = (f"kubectl create namespace {self.namespace}" if exc.status == 404
+                    else "cannot read namespaces (not required if creating Jobs works)")
+            rows.append((f"namespace {self.namespace} exists", exc.status == 403, f"{exc}; {hint}"))
+        probe = self.manifest(
+            f"wove-doctor-{secrets.token_hex(3)}", "probe#probe", {**self.config}, task_id="doctor"
+        )
+        try:
+            await self._call(self._batch.create_namespaced_job, self.namespace, probe, dry_run="All")
+            rows.append(("RBAC: can create jobs (dry run)", True, f"in {self.namespace}"))
+        except KubernetesApiError as exc:
+            rows.append(("RBAC: can create jobs (dry run)", False,
+                         f"{exc}; grant create/get/list/delete on jobs.batch and get/list/delete "
+                         f"on pods in namespace {self.namespace}"))
+        try:
+            await self._call(self._core.list_namespaced_pod, self.namespace, limit=1)
+            rows.append(("RBAC: can list pods", True, "needed to see Pods that cannot start"))
+        except KubernetesApiError as exc:
+            rows.append(("RBAC: can list pods", False, f"{exc}; grant list on pods"))
+        store = self._store()
+        try:
+            await self._in_pool(store.put, "k8s-doctor-probe", b"probe")
+            await self._in_pool(_delete_keys, store, ["k8s-doctor-probe"])
+            rows.append(("payload store writable", True,
+                         f"{store.url} (the Pods must read it: mount it or use a Redis store)"))
+        except Exception as exc:
+            rows.append(("payload store writable", False, f"{store.url}: {exc}"))
+        return rows
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _parse(handle: str) -> tuple[str, str, int | None]:
+    """``namespace/name`` or ``namespace/name#index``."""
+    namespace, _, rest = handle.partition("/")
+    name, _, index = rest.partition("#")
+    return namespace, name, int(index) if index else None
+
+
+def _put(target: dict[str, Any], key: str, value: Any) -> None:
+    if value not in (None, "", [], {}):
+        target[key] = value
+
+
+def _resources(options: dict[str, Any]) -> dict[str, Any] | None:
+    """``resources`` as Kubernetes writes it, or the ``cpu``/``memory``/``gpu`` shortcuts
+    (requests = limits for memory, so an OOM kill happens at the number you chose)."""
+    if options.get("resources"):
+        return dict(options["resources"])
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if options.get("cpu"):
+        requests["cpu"] = str(options["cpu"])
+    if options.get("memory"):
+        requests["memory"] = limits["memory"] = str(options["memory"])
+    if options.get("gpu"):
+        limits["nvidia.com/gpu"] = str(options["gpu"])
+    out = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+    return out or None
+
+
+def _delete_keys(store: payload_mod.PayloadStore, keys: list[str]) -> None:
+    for key in keys:
+        with contextlib.suppress(Exception):
+            store.delete(payload_mod.BodyRef(store=store.url, key=key, sha256="", size=0))
+
+
+def _resolve(value: str) -> str:
+    """``env:VAR`` / ``file:/path`` / a literal."""
+    if value.startswith("env:"):
+        found = os.environ.get(value[4:])
+        if not found:
+            raise ValueError(f"executor_config token is 'env:{value[4:]}' but ${value[4:]} is not set")
+        return found
+    if value.startswith("file:"):
+        with open(value[5:]) as handle:
+            return handle.read().strip()
+    return value
+
+
+def _api_error(exc: Any) -> KubernetesApiError:
+    """The API server's Status message, not the client's multi-line dump."""
+    message = ""
+    with contextlib.suppress(Exception):
+        body = json.loads(exc.body)
+        message = body.get("message", "")
+    status = int(exc.status or 0)
+    return KubernetesApiError(f"{status} {exc.reason}: {message or exc.body}".strip(), status)
