@@ -55,8 +55,20 @@ _STATES: dict[str, JobState] = {
 
 # executor_config keys passed straight through as `#SBATCH --key=value`.
 _PASSTHROUGH = (
-    "partition", "account", "qos", "time", "mem", "mem-per-cpu", "cpus-per-task", "gres",
-    "constraint", "nodelist", "exclude", "reservation", "nice", "comment",
+    "partition",
+    "account",
+    "qos",
+    "time",
+    "mem",
+    "mem-per-cpu",
+    "cpus-per-task",
+    "gres",
+    "constraint",
+    "nodelist",
+    "exclude",
+    "reservation",
+    "nice",
+    "comment",
 )
 
 
@@ -111,7 +123,8 @@ class SlurmAdapter(BackendAdapter):
 
     async def _run(self, *args: str, stdin: bytes | None = None, check: bool = True) -> str:
         proc = await asyncio.create_subprocess_exec(
-            self._tool(args[0]), *args[1:],
+            self._tool(args[0]),
+            *args[1:],
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -139,12 +152,15 @@ class SlurmAdapter(BackendAdapter):
         return lines
 
     def _script(self, directives: list[str], payload_arg: str) -> str:
-        return "\n".join([
-            "#!/bin/sh",
-            *directives,
-            f"exec {shlex.quote(self.python)} -m wove_adapters.worker --payload-file {payload_arg}",
-            "",
-        ])
+        return "\n".join(
+            [
+                "#!/bin/sh",
+                *directives,
+                f"exec {shlex.quote(self.python)} -m wove_adapters.worker"
+                f" --payload-file {payload_arg}",
+                "",
+            ]
+        )
 
     def _name_for(self, job: JobSpec) -> str:
         if job.idempotency_key is not None:
@@ -172,11 +188,15 @@ class SlurmAdapter(BackendAdapter):
         """N jobs -> one ``sbatch --array=0-(N-1)``; handles are ``JOBID_INDEX``."""
         tag = f"wove-array-{uuid.uuid4().hex[:12]}"
         for index, job in enumerate(jobs):
-            await asyncio.to_thread(_write_private, self.spool / f"{tag}_{index}.payload", job.payload)
+            await asyncio.to_thread(
+                _write_private, self.spool / f"{tag}_{index}.payload", job.payload
+            )
         directives = self._directives(jobs[0], tag, str(self.spool / f"{tag}_%a.out"))
         directives.append(f"#SBATCH --array=0-{len(jobs) - 1}")
         payload_arg = shlex.quote(str(self.spool / tag)) + '_"$SLURM_ARRAY_TASK_ID".payload'
-        out = await self._run("sbatch", "--parsable", stdin=self._script(directives, payload_arg).encode())
+        out = await self._run(
+            "sbatch", "--parsable", stdin=self._script(directives, payload_arg).encode()
+        )
         self.submissions += 1
         job_id = out.strip().split(";")[0]
         handles = [f"{job_id}_{index}" for index in range(len(jobs))]
@@ -202,9 +222,7 @@ class SlurmAdapter(BackendAdapter):
             table: dict[str, str] = {}
             shown = await self._run("scontrol", "-o", "show", "job", check=False)
             for line in shown.splitlines():
-                fields = dict(
-                    part.split("=", 1) for part in line.split() if "=" in part
-                )
+                fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
                 job_id = fields.get("JobId", "")
                 if fields.get("ArrayJobId") and fields.get("ArrayTaskId", "").isdigit():
                     job_id = f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
@@ -245,8 +263,15 @@ class SlurmAdapter(BackendAdapter):
             out = await self._run("sinfo", "-h", "-o", "%P %a %D %T")
             rows.append(("slurmctld reachable (sinfo)", True, out.strip().replace("\n", "; ")))
             idle = any(word in out for word in ("idle", "mixed"))
-            rows.append(("a node can take work", idle,
-                         "idle or mixed" if idle else "no idle node: scontrol update nodename=... state=resume"))
+            rows.append(
+                (
+                    "a node can take work",
+                    idle,
+                    "idle or mixed"
+                    if idle
+                    else "no idle node: scontrol update nodename=... state=resume",
+                )
+            )
         except SlurmError as exc:
             rows.append(("slurmctld reachable (sinfo)", False, str(exc)))
         rows.append(("spool dir writable", os.access(self.spool, os.W_OK), str(self.spool)))

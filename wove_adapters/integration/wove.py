@@ -31,7 +31,6 @@ from wove_adapters.core.runtime import Dispatcher
 from wove_adapters.core.transport import RunAttempt
 from wove_adapters.integration.environments import get_dispatcher
 
-
 _WOVE_DEFAULTS = {"delivery_cancel_mode": "best_effort", "delivery_orphan_policy": "cancel"}
 
 
@@ -86,9 +85,9 @@ class _Bridge:
             delivery = {k: v for k, v in (frame.get("delivery") or {}).items() if v is not None}
             # wove always sends its resolved defaults; where it only has its default and
             # our environment sets the policy, ours wins.
-            for key, wove_default in _WOVE_DEFAULTS.items():
-                if delivery.get(key) == wove_default and self._settings.get(key):
-                    delivery.pop(key)
+            for name, wove_default in _WOVE_DEFAULTS.items():
+                if delivery.get(name) == wove_default and self._settings.get(name):
+                    delivery.pop(name)
             settings = {**self._settings, **delivery}
             policy = DeliveryPolicy.from_settings(settings, where=f"Environment '{self._name}'")
             args = dict(frame.get("args") or {})

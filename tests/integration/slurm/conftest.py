@@ -19,9 +19,11 @@ SLURM_CONF = f"{SLURM_DIR}/slurm.conf"
 def slurm_cluster() -> Any:
     script = ROOT / "scripts" / "services" / "slurm"
     env = {**os.environ, "SLURM_CONF": SLURM_CONF}
-    was_running = subprocess.run(
-        ["sinfo", "-h"], capture_output=True, env=env, check=False
-    ).returncode == 0 if _has("sinfo") else False
+    was_running = (
+        subprocess.run(["sinfo", "-h"], capture_output=True, env=env, check=False).returncode == 0
+        if _has("sinfo")
+        else False
+    )
     done = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(

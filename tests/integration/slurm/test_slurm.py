@@ -36,14 +36,23 @@ def test_a_mapped_task_is_one_job_array(slurm_cluster: dict[str, Any]) -> None:
         assert transport.stats["array_submissions"] >= 1  # type: ignore[attr-defined]
     # The same 100 items as separate jobs (array batching off), for the closing note.
     cluster = {**slurm_cluster, "array_window": 0}
-    with Hub(environments={"one": {"executor": "slurm", "executor_config": cluster,
-                                    "delivery_idempotency_key": "{x}-" + uuid.uuid4().hex}}) as hub:
+    with Hub(
+        environments={
+            "one": {
+                "executor": "slurm",
+                "executor_config": cluster,
+                "delivery_idempotency_key": "{x}-" + uuid.uuid4().hex,
+            }
+        }
+    ) as hub:
         start = time.perf_counter()
         assert hub.map(tasks.add, range(100), environment="one") == [i + 1 for i in range(100)]
         single_seconds = time.perf_counter() - start
         singles = hub.dispatcher("one").transport.adapter.submissions  # type: ignore[attr-defined]
-    print(f"slurm 100 items: array 1 submission {array_seconds:.2f}s; "
-          f"separate {singles} submissions {single_seconds:.2f}s")
+    print(
+        f"slurm 100 items: array 1 submission {array_seconds:.2f}s; "
+        f"separate {singles} submissions {single_seconds:.2f}s"
+    )
 
 
 def test_same_key_is_one_job(slurm_cluster: dict[str, Any], tmp_path: Path) -> None:
@@ -57,7 +66,9 @@ def test_same_key_is_one_job(slurm_cluster: dict[str, Any], tmp_path: Path) -> N
     assert len((tmp_path / "k.runs").read_text().splitlines()) == 1
 
 
-def test_job_name_dedupes_a_pending_job_across_callers(slurm_cluster: dict[str, Any], tmp_path: Path) -> None:
+def test_job_name_dedupes_a_pending_job_across_callers(
+    slurm_cluster: dict[str, Any], tmp_path: Path
+) -> None:
     from wove_adapters.adapters.base import JobSpec
     from wove_adapters.adapters.slurm import SlurmAdapter
 
@@ -65,8 +76,16 @@ def test_job_name_dedupes_a_pending_job_across_callers(slurm_cluster: dict[str, 
 
     async def two_submits() -> tuple[str, str]:
         await adapter.start()
-        job = JobSpec(run_id="r", task_id="t", attempt=1, payload="wove1.x", idempotency_key=f"dup-{uuid.uuid4().hex[:6]}",
-                      job_name="n", environment="t", options={"sbatch_lines": ["#SBATCH --begin=now+60"]})
+        job = JobSpec(
+            run_id="r",
+            task_id="t",
+            attempt=1,
+            payload="wove1.x",
+            idempotency_key=f"dup-{uuid.uuid4().hex[:6]}",
+            job_name="n",
+            environment="t",
+            options={"sbatch_lines": ["#SBATCH --begin=now+60"]},
+        )
         first = await adapter.submit(job)
         second = await adapter.submit(job)
         await adapter.cancel(first)
@@ -76,7 +95,9 @@ def test_job_name_dedupes_a_pending_job_across_callers(slurm_cluster: dict[str, 
     assert first == second
 
 
-def test_a_job_that_dies_without_an_event_is_lost(slurm_cluster: dict[str, Any], tmp_path: Path) -> None:
+def test_a_job_that_dies_without_an_event_is_lost(
+    slurm_cluster: dict[str, Any], tmp_path: Path
+) -> None:
     # No heartbeat policy: only reconciliation (squeue/scontrol) can notice.
     with hub_for(slurm_cluster, delivery_orphan_policy="fail") as hub:
         future = hub.submit(tasks.sleepy, str(tmp_path), "doomed", 60.0)
@@ -97,8 +118,12 @@ def test_state_map_covers_slurm_states() -> None:
 
 
 def test_options_reach_the_batch_script(slurm_cluster: dict[str, Any]) -> None:
-    cluster = {**slurm_cluster, "partition": "debug", "time": "00:05:00",
-               "sbatch_lines": ["#SBATCH --comment=wove-test"]}
+    cluster = {
+        **slurm_cluster,
+        "partition": "debug",
+        "time": "00:05:00",
+        "sbatch_lines": ["#SBATCH --comment=wove-test"],
+    }
     with hub_for(cluster) as hub:
         future = hub.submit(tasks.add, 1)
         assert future.result(timeout=120) == 2
@@ -110,7 +135,9 @@ def test_weave_routes_100_items_to_slurm(slurm_cluster: dict[str, Any]) -> None:
     wove = pytest.importorskip("wove")
     from wove_adapters.integration.wove import executor
 
-    wove.config(environments={"hpc": {"executor": executor("slurm", executor_config=dict(slurm_cluster))}})
+    wove.config(
+        environments={"hpc": {"executor": executor("slurm", executor_config=dict(slurm_cluster))}}
+    )
     try:
         with wove.weave() as w:
 
