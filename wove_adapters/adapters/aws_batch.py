@@ -137,7 +137,10 @@ class AwsBatchAdapter(BackendAdapter):
             endpoint_url=self.config.get("endpoint_url"),
             config=Config(
                 max_pool_connections=int(self.config.get("max_pool_connections", 32)),
-                retries={"mode": "standard", "max_attempts": int(self.config.get("max_attempts", 5))},
+                retries={
+                    "mode": "standard",
+                    "max_attempts": int(self.config.get("max_attempts", 5)),
+                },
             ),
         )
 
@@ -170,7 +173,8 @@ class AwsBatchAdapter(BackendAdapter):
         overrides = copy.deepcopy(dict(options.get("container_overrides") or {}))
         environment = list(overrides.get("environment") or [])
         environment += [
-            {"name": str(k), "value": str(v)} for k, v in (options.get("environment") or {}).items()
+            {"name": str(k), "value": str(v)}
+            for k, v in (options.get("environment") or {}).items()
         ]
         if environment:
             overrides["environment"] = environment
@@ -184,7 +188,9 @@ class AwsBatchAdapter(BackendAdapter):
         timeout = options.get("timeout")
         if timeout:
             request["timeout"] = (
-                dict(timeout) if isinstance(timeout, dict) else {"attemptDurationSeconds": int(timeout)}
+                dict(timeout)
+                if isinstance(timeout, dict)
+                else {"attemptDurationSeconds": int(timeout)}
             )
         for key, field in (
             ("retry_strategy", "retryStrategy"),
@@ -228,7 +234,8 @@ class AwsBatchAdapter(BackendAdapter):
         name = self._job_name(job)
         key = self.safe_name(f"{job.run_id}-{job.attempt}", max_len=200) + ".payload"
         await asyncio.to_thread(self._store()._put, key, job.payload.encode("ascii"))
-        command = [self.python, "-m", "wove_adapters.worker", "--payload-ref", f"{self.store_url}#{key}"]
+        ref = f"{self.store_url}#{key}"
+        command = [self.python, "-m", "wove_adapters.worker", "--payload-ref", ref]
         try:
             handle = await self._submit_request(self._request(job, name, command))
         except BaseException:
@@ -252,7 +259,7 @@ class AwsBatchAdapter(BackendAdapter):
                     handles[chunk[0]] = await self.submit(jobs[chunk[0]])
                     continue
                 chunk_handles = await self._submit_array([jobs[p] for p in chunk])
-                for position, handle in zip(chunk, chunk_handles):
+                for position, handle in zip(chunk, chunk_handles, strict=True):
                     handles[position] = handle
         return handles
 
@@ -269,7 +276,7 @@ class AwsBatchAdapter(BackendAdapter):
             async with puts:
                 await asyncio.to_thread(store._put, key, job.payload.encode("ascii"))
 
-        await asyncio.gather(*(put(key, job) for key, job in zip(keys, jobs)))
+        await asyncio.gather(*(put(key, job) for key, job in zip(keys, jobs, strict=True)))
         command = ["/bin/sh", "-c", _ARRAY_SCRIPT, self.python, f"{self.store_url}#{tag}"]
         request = self._request(jobs[0], tag if tag[:1].isalnum() else f"w{tag}", command)
         request["arrayProperties"] = {"size": len(jobs)}
@@ -281,7 +288,7 @@ class AwsBatchAdapter(BackendAdapter):
             )
             raise
         handles = [f"{job_id}:{index}" for index in range(len(jobs))]
-        for handle, key in zip(handles, keys):
+        for handle, key in zip(handles, keys, strict=True):
             self._track(handle, key)
         return handles
 
@@ -298,7 +305,9 @@ class AwsBatchAdapter(BackendAdapter):
             if not force and time.monotonic() - self._table_at < self.cache_seconds:
                 return self._table
             handles = list(self._tracked)
-            chunks = [handles[i : i + _DESCRIBE_BATCH] for i in range(0, len(handles), _DESCRIBE_BATCH)]
+            chunks = [
+                handles[i : i + _DESCRIBE_BATCH] for i in range(0, len(handles), _DESCRIBE_BATCH)
+            ]
             answers = await asyncio.gather(*(self._call("describe_jobs", jobs=c) for c in chunks))
             table: dict[str, tuple[str, str]] = {}
             for answer in answers:
@@ -415,7 +424,8 @@ class AwsBatchAdapter(BackendAdapter):
             return (label, False, str(exc))
         active = [d for d in found.get("jobDefinitions", []) if d.get("status") == "ACTIVE"]
         if not active:
-            return (label, False, "no ACTIVE revision: register it (aws batch register-job-definition)")
+            return (label, False,
+                    "no ACTIVE revision: register it (aws batch register-job-definition)")
         latest = max(active, key=lambda d: int(d.get("revision", 0)))
         image = (latest.get("containerProperties") or {}).get("image", "?")
         return (label, True, f"revision {latest.get('revision')}, image {image} "
@@ -468,18 +478,19 @@ class S3Store(payload_mod.PayloadStore):
         if self._client is None:
             with self._lock:  # boto3 sessions are not thread-safe; clients are
                 if self._client is None:
+                    # botocore directly: a job's worker skips importing boto3 and
+                    # s3transfer (~30% of its S3 start-up cost).
                     try:
-                        import boto3
+                        import botocore.session
                         from botocore.config import Config
                     except ImportError:
                         from wove_adapters.core.errors import MissingBackendError
 
-                        raise MissingBackendError("s3 payload store", "boto3", "aws") from None
-                    session = boto3.session.Session(
-                        region_name=self.region, profile_name=self.profile
-                    )
-                    self._client = session.client(
+                        raise MissingBackendError("s3 payload store", "botocore", "aws") from None
+                    session = botocore.session.Session(profile=self.profile)
+                    self._client = session.create_client(
                         "s3",
+                        region_name=self.region,
                         endpoint_url=self.endpoint_url,
                         config=Config(max_pool_connections=32, retries={"mode": "standard"}),
                     )

@@ -1,31 +1,35 @@
-"""The worker's way back: ordered, batched, signed event delivery with retry and backoff.
+"""The worker's way back: signed event delivery over a persistent connection, with retry.
 
-One sender per destination per process, living on the shared background loop: a worker
-that runs many tasks (a Celery or RQ worker) keeps one persistent HTTP connection to the
-caller's receiver, and a task's code never waits on the network except for its terminal
-event, which is acknowledged before ``run()`` returns so a worker that exits right after
-cannot lose it. A briefly unreachable receiver is retried with capped exponential backoff
-for ``WOVE_ADAPTERS_RETRY_SECONDS`` (default 120 s).
+Synchronous on purpose. A worker process is usually a plain process (a forked RQ
+work-horse, a Celery prefork child, a batch job): starting an event loop thread and an
+async HTTP session in each one cost more than the task (measured: ~6 ms CPU per forked RQ
+job). One keep-alive ``http.client`` connection per destination per process, guarded by a
+lock, keeps order and costs one request per event batch. A briefly unreachable receiver
+is retried with capped exponential backoff for the caller's budget (the terminal event
+gets ``WOVE_ADAPTERS_RETRY_SECONDS``, default 120 s; a heartbeat gets a few seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import http.client
 import os
+import threading
 import time
-from concurrent.futures import Future as ConcurrentFuture
+import urllib.parse
 from typing import Any
 
 import msgspec
 
 from wove_adapters.callbacks import signing
 from wove_adapters.callbacks.payload import ReturnPath
-from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.frames import EventBatch, WireEvent
 
 _encoder = msgspec.msgpack.Encoder()
 RETRY_SECONDS = float(os.environ.get("WOVE_ADAPTERS_RETRY_SECONDS", "120"))
+HEARTBEAT_BUDGET = 5.0
 _PERMANENT = {400, 401, 403, 404, 405, 413, 415, 422}
 
 
@@ -38,133 +42,102 @@ def sign_events(events: list[WireEvent], key_id: str) -> signing.SignedBlob:
 
 
 class _Destination:
-    def __init__(self, return_path: ReturnPath, key_id: str) -> None:
+    def __init__(self, return_path: ReturnPath) -> None:
         self.return_path = return_path
-        self.key_id = key_id
-        self.queue: asyncio.Queue[tuple[WireEvent, asyncio.Future[None]]] = asyncio.Queue()
-        self.task: asyncio.Task[None] | None = None
-        self.session: Any = None
+        self.lock = threading.Lock()
+        self.conn: http.client.HTTPConnection | None = None
         self.redis: Any = None
+        parsed = urllib.parse.urlsplit(return_path.url)
+        self._https = parsed.scheme == "https"
+        self._host = parsed.hostname or "127.0.0.1"
+        self._port = parsed.port or (443 if self._https else 80)
+        self._path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
 
-    def ensure_running(self) -> None:
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        while True:
-            first = await self.queue.get()
-            batch = [first]
-            while not self.queue.empty() and len(batch) < 256:
-                batch.append(self.queue.get_nowait())
-            blob = sign_events([item[0] for item in batch], self.key_id)
-            try:
-                await self._deliver(signing.encode_blob(blob))
-            except Exception as exc:
-                for _, waiter in batch:
-                    if not waiter.done():
-                        waiter.set_exception(DeliveryFailed(str(exc)))
-            else:
-                for _, waiter in batch:
-                    if not waiter.done():
-                        waiter.set_result(None)
-
-    async def _deliver(self, data: bytes) -> None:
-        deadline = time.monotonic() + RETRY_SECONDS
+    def deliver(self, data: bytes, budget: float) -> None:
+        deadline = time.monotonic() + budget
         delay = 0.05
-        while True:
-            try:
-                if self.return_path.kind == "redis":
-                    await self._push_redis(data)
-                else:
-                    await self._post_http(data)
-                return
-            except PayloadError:
-                raise
-            except Exception as exc:
-                if time.monotonic() + delay > deadline:
-                    raise DeliveryFailed(
-                        f"could not deliver events to {self.return_path.url} within "
-                        f"{RETRY_SECONDS:.0f}s: {exc}"
-                    ) from exc
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        with self.lock:
+            while True:
+                try:
+                    self._once(data)
+                    return
+                except PayloadError:
+                    raise
+                except Exception as exc:  # connection trouble: retry with backoff
+                    self._reset()
+                    if time.monotonic() + delay > deadline:
+                        raise DeliveryFailed(
+                            f"could not deliver events to {self.return_path.url} within "
+                            f"{budget:.0f}s: {exc}"
+                        ) from exc
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
 
-    async def _post_http(self, data: bytes) -> None:
-        import aiohttp
+    def _once(self, data: bytes) -> None:
+        if self.return_path.kind == "redis":
+            if self.redis is None:
+                import redis
 
-        if self.session is None or self.session.closed:
-            self.session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=30),
-                connector=aiohttp.TCPConnector(limit=8, keepalive_timeout=60),
-            )
-        async with self.session.post(
-            self.return_path.url,
-            data=data,
-            headers={"Content-Type": "application/x-wove-events"},
-        ) as response:
-            if response.status < 300:
-                return
-            text = (await response.text())[:200]
-            if response.status in _PERMANENT:
-                raise PayloadError(f"receiver refused events: HTTP {response.status} {text}")
-            raise ConnectionError(f"receiver answered HTTP {response.status} {text}")
+                self.redis = redis.Redis.from_url(self.return_path.url)
+            self.redis.rpush(self.return_path.key, data)
+            return
+        if self.conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self.conn = cls(self._host, self._port, timeout=30)
+        self.conn.request(
+            "POST", self._path, body=data, headers={"Content-Type": "application/x-wove-events"}
+        )
+        response = self.conn.getresponse()
+        text = response.read()[:200].decode("utf-8", "replace")
+        if response.status < 300:
+            return
+        if response.status in _PERMANENT:
+            raise PayloadError(f"receiver refused events: HTTP {response.status} {text}")
+        raise ConnectionError(f"receiver answered HTTP {response.status} {text}")
 
-    async def _push_redis(self, data: bytes) -> None:
-        if self.redis is None:
-            import redis.asyncio as aioredis
-
-            self.redis = aioredis.Redis.from_url(self.return_path.url)
-        await self.redis.rpush(self.return_path.key, data)
-
-
-_destinations: dict[tuple[str, str, str, str], _Destination] = {}
+    def _reset(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
-async def _close_all() -> None:
-    for destination in list(_destinations.values()):
-        if destination.task is not None:
-            destination.task.cancel()
-        if destination.session is not None:
-            await destination.session.close()
-        if destination.redis is not None:
-            await destination.redis.aclose()
-    _destinations.clear()
+_destinations: dict[tuple[str, str, str], _Destination] = {}
+_lock = threading.Lock()
+_pid = os.getpid()
 
 
-shared_loop.add_shutdown_hook(_close_all)
+def _destination(return_path: ReturnPath) -> _Destination:
+    global _pid
+    ident = (return_path.kind, return_path.url, return_path.key)
+    with _lock:
+        if _pid != os.getpid():  # a forked child must not share its parent's sockets
+            _destinations.clear()
+            _pid = os.getpid()
+        found = _destinations.get(ident)
+        if found is None:
+            found = _destinations[ident] = _Destination(return_path)
+        return found
 
 
-async def _enqueue(return_path: ReturnPath, key_id: str, event: WireEvent) -> asyncio.Future[None]:
-    ident = (return_path.kind, return_path.url, return_path.key, key_id)
-    destination = _destinations.get(ident)
-    if destination is None:
-        destination = _destinations[ident] = _Destination(return_path, key_id)
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    destination.queue.put_nowait((event, waiter))
-    destination.ensure_running()
-    return waiter
+def post(
+    return_path: ReturnPath, key_id: str, events: list[WireEvent], *, budget: float = RETRY_SECONDS
+) -> None:
+    """Sign and deliver events; returns once acknowledged, raises DeliveryFailed."""
+    data = signing.encode_blob(sign_events(events, key_id))
+    _destination(return_path).deliver(data, budget)
 
 
-def send(return_path: ReturnPath, key_id: str, event: WireEvent) -> ConcurrentFuture[None]:
-    """Queue one event; the future resolves when its batch is acknowledged. Thread-safe."""
-    if return_path.kind == "native":
-        # The backend carries the outcome back itself (Temporal's workflow result, ...):
-        # nothing to send, and nothing for the task to wait on.
-        done: ConcurrentFuture[None] = ConcurrentFuture()
-        done.set_result(None)
-        return done
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    async def _go() -> None:
-        waiter = await _enqueue(return_path, key_id, event)
-        await waiter
 
-    return shared_loop.submit(_go())
+def send(return_path: ReturnPath, key_id: str, event: WireEvent) -> concurrent.futures.Future[None]:
+    """Deliver one event from a worker thread; the future resolves when acknowledged."""
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="wove-sender")
+    return _pool.submit(post, return_path, key_id, [event])
 
 
 async def asend(return_path: ReturnPath, key_id: str, event: WireEvent) -> None:
-    await shared_loop.run_async(_await_enqueued(return_path, key_id, event))
-
-
-async def _await_enqueued(return_path: ReturnPath, key_id: str, event: WireEvent) -> None:
-    waiter = await _enqueue(return_path, key_id, event)
-    await waiter
+    """Deliver one event from async code without blocking its loop."""
+    await asyncio.to_thread(post, return_path, key_id, [event])

@@ -188,8 +188,17 @@ def pickled_exception(exc: BaseException) -> bytes | None:
 # ---------------------------------------------------------------- the payload runner
 
 
-def _emit(envelope: Envelope, event: frames.WireEvent) -> Any:
-    return sender.send(envelope.return_path, envelope.key_id, event)
+def _emit(
+    envelope: Envelope, event: frames.WireEvent, budget: float = sender.HEARTBEAT_BUDGET
+) -> None:
+    """Deliver one event now (heartbeats and task_started get a short budget: a later
+    event supersedes them; the terminal event gets the full retry budget)."""
+    try:
+        sender.post(envelope.return_path, envelope.key_id, [event], budget=budget)
+    except sender.DeliveryFailed as exc:
+        if budget > sender.HEARTBEAT_BUDGET:
+            raise
+        print(f"wove-adapters worker: an event was not delivered: {exc}", file=sys.stderr)
 
 
 def _refuse(raw: str | bytes, exc: PayloadError) -> Outcome:
@@ -216,7 +225,7 @@ def _refuse(raw: str | bytes, exc: PayloadError) -> Outcome:
                 kind="PayloadError", message=f"worker refused the payload: {exc}", source="payload"
             ),
         )
-        _emit(claimed, event).result(timeout=10)
+        _emit(claimed, event, budget=10.0)
     except Exception:
         pass
     return Outcome("refused", error=exc, delivered=True)
@@ -300,9 +309,9 @@ def deliver_terminal(envelope: Envelope, event: frames.WireEvent) -> bool:
     detach = envelope.delivery.get("delivery_orphan_policy") == "detach"
     recorded = bool(detach and envelope.ledger and _record_in_ledger(envelope, event))
     # Once the ledger holds the outcome, a gone caller is no reason to linger.
-    wait = 5.0 if recorded else sender.RETRY_SECONDS + 30
+    wait = 5.0 if recorded else sender.RETRY_SECONDS
     try:
-        _emit(envelope, event).result(timeout=wait)
+        _emit(envelope, event, budget=wait)
         return True
     except Exception as exc:
         print(f"wove-adapters worker: could not deliver the outcome: {exc}", file=sys.stderr)

@@ -113,7 +113,8 @@ def _wait(what: str, ready: Any, proc: subprocess.Popen[bytes], log: Path, timeo
     raise RuntimeError(
         f"{what} did not become ready within {timeout}s (exit code {proc.poll()}); its log "
         f"{log}:\n{log.read_text(errors='replace')[-3000:] if log.exists() else '(none)'}\n"
-        "Install the test dependencies: pip install 'wove-adapters[aws]' 'moto[server,batch]' docker"
+        "Install the test dependencies: "
+        "pip install 'wove-adapters[aws]' 'moto[server,batch]' docker"
     )
 
 
@@ -135,7 +136,8 @@ def start_stack(workdir: Path, *, max_running: int = 16, timeout: float = 60.0) 
     )
     moto = None
     try:
-        _wait("the Docker Engine API shim", lambda: _ping_shim(socket_path), shim, shim_log, timeout)
+        _wait("the Docker Engine API shim", lambda: _ping_shim(socket_path), shim, shim_log,
+              timeout)
         port = free_port()
         moto_log = workdir / "moto-server.log"
         moto = subprocess.Popen(
@@ -145,7 +147,9 @@ def start_stack(workdir: Path, *, max_running: int = 16, timeout: float = 60.0) 
             start_new_session=True, cwd=str(workdir),
         )
         _wait("moto_server", lambda: _ping_moto(port), moto, moto_log, timeout)
-        stack = BatchStack(workdir=workdir, socket_path=socket_path, port=port, shim=shim, moto=moto)
+        stack = BatchStack(
+            workdir=workdir, socket_path=socket_path, port=port, shim=shim, moto=moto
+        )
         stack.names = create_resources(stack)
         return stack
     except BaseException:

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import aws_batch_services as services  # noqa: E402
+import aws_batch_services as services
 
 
 @pytest.fixture(scope="session")

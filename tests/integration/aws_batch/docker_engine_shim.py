@@ -45,6 +45,7 @@ from aiohttp import web
 API_VERSION = "1.44"
 MIN_API_VERSION = "1.24"
 STDOUT, STDERR = 1, 2
+NEVER = "0001-01-01T00:00:00Z"
 
 
 def _rfc3339(ts: float) -> str:
@@ -98,8 +99,8 @@ class Container:
                 "Pid": self.pid if running else 0,
                 "ExitCode": self.exit_code,
                 "Error": self.error,
-                "StartedAt": _rfc3339(self.started_at) if self.started_at else "0001-01-01T00:00:00Z",
-                "FinishedAt": _rfc3339(self.finished_at) if self.finished_at else "0001-01-01T00:00:00Z",
+                "StartedAt": _rfc3339(self.started_at) if self.started_at else NEVER,
+                "FinishedAt": _rfc3339(self.finished_at) if self.finished_at else NEVER,
             },
             "Config": {
                 "Tty": False,
@@ -140,6 +141,7 @@ class Engine:
         self.workdir = workdir
         # Like a compute environment's capacity: ``start`` waits for a free slot.
         self.slots = asyncio.Semaphore(max_running) if max_running > 0 else None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def find(self, ref: str) -> Container:
         ref = ref.lstrip("/")
@@ -186,7 +188,7 @@ class Engine:
         if self.slots is None:
             await launch
         else:
-            asyncio.create_task(launch)
+            self._spawn(launch)
 
     async def _launch(self, container: Container, argv: list[str], env: dict[str, str]) -> None:
         if self.slots is not None:
@@ -214,7 +216,12 @@ class Engine:
             asyncio.create_task(self._read(container, container.proc.stdout, STDOUT)),
             asyncio.create_task(self._read(container, container.proc.stderr, STDERR)),
         ]
-        asyncio.create_task(self._reap(container))
+        self._spawn(self._reap(container))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _free_slot(self) -> None:
         if self.slots is not None:
@@ -477,15 +484,19 @@ def build_app(engine: Engine) -> web.Application:
     return app
 
 
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
 async def serve(socket_path: Path, log_dir: Path | None, max_running: int = 0) -> None:
     workdir = Path(os.environ.get("WOVE_SHIM_WORKDIR") or socket_path.parent)
     if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        os.makedirs(log_dir, exist_ok=True)
     engine = Engine(log_dir, workdir, max_running)
     runner = web.AppRunner(build_app(engine), access_log=None)
     await runner.setup()
-    with contextlib.suppress(FileNotFoundError):
-        socket_path.unlink()
+    _unlink(socket_path)
     site = web.UnixSite(runner, str(socket_path))
     await site.start()
     stop = asyncio.Event()
@@ -495,8 +506,7 @@ async def serve(socket_path: Path, log_dir: Path | None, max_running: int = 0) -
     print(f"docker engine shim listening on unix://{socket_path}", flush=True)
     await stop.wait()
     await runner.cleanup()
-    with contextlib.suppress(FileNotFoundError):
-        socket_path.unlink()
+    _unlink(socket_path)
 
 
 def main(argv: list[str] | None = None) -> int:

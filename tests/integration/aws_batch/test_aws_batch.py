@@ -108,7 +108,8 @@ def test_the_job_command_runs_and_its_result_comes_back_over_http(
     # The job's own id, as moto set it in the container's environment.
     described = batch_stack.client("batch").describe_jobs(jobs=[result["job_id"]])["jobs"]
     assert described and described[0]["jobName"].startswith("wove-whoami-")
-    assert described[0]["container"]["command"][1:4] == ["-m", "wove_adapters.worker", "--payload-ref"]
+    command = described[0]["container"]["command"]
+    assert command[1:4] == ["-m", "wove_adapters.worker", "--payload-ref"]
     final = wait_final(batch_stack.client("batch"), result["job_id"])
     assert final["status"] == "SUCCEEDED" and final["exitCode"] == 0
     assert run is None or run.done.is_set()
@@ -133,7 +134,9 @@ def test_a_command_that_exits_nonzero_is_failed_in_describe_jobs(batch_stack: An
     assert succeeded["status"] == "SUCCEEDED" and succeeded["exitCode"] == 0
 
 
-def test_worker_exit_code_one_is_failed_state(batch_stack: Any, batch_config: dict[str, Any]) -> None:
+def test_worker_exit_code_one_is_failed_state(
+    batch_stack: Any, batch_config: dict[str, Any]
+) -> None:
     """A task that raised: the worker exits 1, so Batch (and status()) say FAILED."""
     with hub_for(batch_config) as hub:
         adapter = adapter_of(hub)
@@ -204,7 +207,9 @@ def test_a_key_with_colons_submits(batch_config: dict[str, Any], tmp_path: Path)
     assert JOB_NAME.match(submits[0]["jobName"]) and ":" not in submits[0]["jobName"]
 
 
-def test_same_key_is_one_job_through_the_ledger(batch_config: dict[str, Any], tmp_path: Path) -> None:
+def test_same_key_is_one_job_through_the_ledger(
+    batch_config: dict[str, Any], tmp_path: Path
+) -> None:
     key = f"batch-{uuid.uuid4().hex[:8]}"
     with hub_for(batch_config, delivery_idempotency_key=key) as hub:
         submits = record_calls(adapter_of(hub), "SubmitJob")
@@ -217,7 +222,9 @@ def test_same_key_is_one_job_through_the_ledger(batch_config: dict[str, Any], tm
 # ---------------------------------------------------------------- options
 
 
-def test_options_pass_through(batch_stack: Any, batch_config: dict[str, Any], tmp_path: Path) -> None:
+def test_options_pass_through(
+    batch_stack: Any, batch_config: dict[str, Any], tmp_path: Path
+) -> None:
     config = {
         **batch_config,
         "timeout": 600,
@@ -281,7 +288,9 @@ def test_state_map() -> None:
     assert adapter.map_state("SOMETHING_NEW") is JobState.UNKNOWN
 
 
-def test_a_job_that_dies_without_an_event_is_lost(batch_config: dict[str, Any], tmp_path: Path) -> None:
+def test_a_job_that_dies_without_an_event_is_lost(
+    batch_config: dict[str, Any], tmp_path: Path
+) -> None:
     # No heartbeat policy: only describe_jobs (FAILED, exit 137) can tell.
     with hub_for(batch_config, delivery_orphan_policy="fail") as hub:
         future = hub.submit(tasks.sleepy, str(tmp_path), "doomed", 60.0)
@@ -291,7 +300,9 @@ def test_a_job_that_dies_without_an_event_is_lost(batch_config: dict[str, Any], 
             future.result(timeout=90)
 
 
-def test_cancel_queued_uses_cancel_job(batch_stack: Any, batch_config: dict[str, Any], tmp_path: Path) -> None:
+def test_cancel_queued_uses_cancel_job(
+    batch_stack: Any, batch_config: dict[str, Any], tmp_path: Path
+) -> None:
     batch = batch_stack.client("batch")
     names = batch_stack.names
     blocker = str(batch.submit_job(
@@ -299,7 +310,8 @@ def test_cancel_queued_uses_cancel_job(batch_stack: Any, batch_config: dict[str,
         jobDefinition=names["definition"],
         containerOverrides={"command": [sys.executable, "-c", "import time; time.sleep(60)"]},
     )["jobId"])
-    config = {**batch_config, "task_options": {"submit_options": {"dependsOn": [{"jobId": blocker}]}}}
+    depends = {"submit_options": {"dependsOn": [{"jobId": blocker}]}}
+    config = {**batch_config, "task_options": depends}
     try:
         with hub_for(config, delivery_cancel_mode="require_ack") as hub:
             adapter = adapter_of(hub)
@@ -392,7 +404,9 @@ def test_doctor_rows(batch_stack: Any, batch_config: dict[str, Any]) -> None:
                            computeEnvironmentOrder=compute)
     bad = shared_loop.run_sync(rows_for({
         **batch_config, "job_queue": queue, "job_definition": "no-such-definition",
-        "payload_store": batch_stack.store_url.replace(batch_stack.names["bucket"], "no-such-bucket"),
+        "payload_store": batch_stack.store_url.replace(
+            batch_stack.names["bucket"], "no-such-bucket"
+        ),
     }))
     failed = {check.split(" '")[0] for check, ok, _ in bad if not ok}
     assert failed == {"job queue", "job definition", "payload store reachable (S3 bucket)"}, bad
@@ -415,7 +429,8 @@ def test_weave_routes_100_items_to_aws_batch(batch_config: dict[str, Any]) -> No
     wove = pytest.importorskip("wove")
     from wove_adapters.integration.wove import executor
 
-    wove.config(environments={"batch": {"executor": executor("aws_batch", executor_config=batch_config)}})
+    batch = executor("aws_batch", executor_config=batch_config)
+    wove.config(environments={"batch": {"executor": batch}})
     try:
         with wove.weave() as w:
 
