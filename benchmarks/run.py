@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -143,19 +144,27 @@ def run_script(python: str, script: Path, args: list[str], log_path: Path,
     log(f"    $ {' '.join(command)}")
     started = time.monotonic()
     with open(log_path, "w") as err:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
         try:
-            done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=err, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            return _json_lines(out), f"timed out after {timeout:.0f}s (log: {log_path})", \
-                time.monotonic() - started
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGINT first: the scripts' ``finally`` blocks stop the workers, clusters and
+            # servers they started (in their own sessions); SIGKILL if that hangs too.
+            proc.send_signal(signal.SIGINT)
+            try:
+                stdout, _ = proc.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, _ = proc.communicate()
+            return _json_lines(stdout or ""), \
+                f"timed out after {timeout:.0f}s (log: {log_path})", time.monotonic() - started
     elapsed = time.monotonic() - started
-    lines = _json_lines(done.stdout)
+    lines = _json_lines(stdout or "")
     error = None
-    if done.returncode != 0 or not lines:
+    if proc.returncode != 0 or not lines:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-12:]
-        error = (f"exit code {done.returncode}, {len(lines)} result line(s); log {log_path}: "
+        error = (f"exit code {proc.returncode}, {len(lines)} result line(s); log {log_path}: "
                  + " | ".join(tail))[-2000:]
     return lines, error, elapsed
 
@@ -377,14 +386,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the memory and payload-size measurements")
     parser.add_argument("--sync-envs", action="store_true",
                         help="run `tox -e <backend> --notest` even if the env exists")
-    parser.add_argument("--timeout", type=float, default=3600.0,
-                        help="seconds per script before it is stopped")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per script before it is stopped (default: 3600, "
+                             "900 with --quick)")
     parser.add_argument("--output-dir", default=str(ROOT / "docs"),
                         help="where benchmarks.json, benchmarks.md and charts go")
     parser.add_argument("--log-dir", default=None, help="script logs (default: a temp dir)")
     parser.add_argument("--no-write", action="store_true",
                         help="print the JSON instead of writing the docs")
     args = parser.parse_args(argv)
+    if args.timeout is None:
+        args.timeout = 900.0 if args.quick else 3600.0
     result = run(args)
     if args.no_write:
         print(json.dumps(result, indent=2))

@@ -609,7 +609,10 @@ def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str,
         "state": outcome.state, "run_id": envelope.run_id, "attempt": envelope.attempt,
     }
     if outcome.state == "cancelled":
-        writer.write_soon(states.REVOKED, summary)
+        from celery.exceptions import TaskRevokedError
+
+        # REVOKED is one of Celery's exception states: readers decode an exception.
+        writer.write_soon(states.REVOKED, TaskRevokedError(f"cancelled: {summary}"))
         raise Ignore()
     if not outcome.delivered:
         writer.flush()  # Celery stores FAILURE next: our STARTED must not land after it
@@ -649,6 +652,10 @@ class _StateWriter:
         if not isinstance(backend, BaseKeyValueStoreBackend):
             backend.store_result(self.task_id, result, state, request=self.request)
             return
+        from celery import states
+
+        if state in states.EXCEPTION_STATES and isinstance(result, BaseException):
+            result = backend.prepare_exception(result)
         meta = backend._get_result_meta(result=result, state=state, traceback=None,
                                         request=self.request)
         meta["task_id"] = self.task_id

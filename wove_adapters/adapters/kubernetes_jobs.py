@@ -103,8 +103,10 @@ def label_value(text: str) -> str:
     return f"{head}-{digest}" if head else digest
 
 
-def parse_indexes(text: str | None) -> set[int]:
-    """``"0-2,5"`` (the Job status format) -> ``{0, 1, 2, 5}``."""
+@functools.lru_cache(maxsize=512)
+def parse_indexes(text: str | None) -> frozenset[int]:
+    """``"0-2,5"`` (the Job status format) -> ``{0, 1, 2, 5}`` (cached: every run of an
+    Indexed Job asks about the same string)."""
     found: set[int] = set()
     for part in (text or "").split(","):
         part = part.strip()
@@ -112,7 +114,7 @@ def parse_indexes(text: str | None) -> set[int]:
             continue
         low, _, high = part.partition("-")
         found.update(range(int(low), int(high or low) + 1))
-    return found
+    return frozenset(found)
 
 
 def native_state(job: dict[str, Any] | None, index: int | None = None) -> str:
@@ -158,7 +160,6 @@ class _Job:
     namespace: str
     name: str
     created: bool  # we created it (an attached Job belongs to someone else)
-    store_url: str
     payload_keys: dict[int | None, str]  # index (None: a plain Job) -> payload key
     submitted_at: float = field(default_factory=time.monotonic)
     open_runs: set[int | None] = field(default_factory=set)
@@ -194,7 +195,9 @@ class KubernetesJobsAdapter(BackendAdapter):
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
         if config.get("array_jobs") is False:  # clusters older than 1.29 (backoffLimitPerIndex)
-            self.capabilities = dataclasses.replace(self.capabilities, array_jobs=False)
+            self.capabilities = dataclasses.replace(  # type: ignore[misc]
+                self.capabilities, array_jobs=False
+            )
         self.namespace = str(config.get("namespace") or "")
         self.submissions = 0  # Jobs created (an Indexed Job counts once)
         self._api: Any = None
@@ -207,6 +210,8 @@ class KubernetesJobsAdapter(BackendAdapter):
         self._stuck_since: dict[str, float] = {}
         self._cache_seconds = float(config.get("status_cache_seconds", 1.0))
         self._pending_timeout = float(config.get("pending_timeout", 120.0))
+        self._pods_every = max(self._cache_seconds, min(self._pending_timeout / 4, 15.0))
+        self._pods_listed_at: dict[str, float] = {}
         self._timeout = float(config.get("request_timeout", 30.0))
 
     # ------------------------------------------------------------ client
@@ -221,7 +226,11 @@ class KubernetesJobsAdapter(BackendAdapter):
             )
         threads = int(self.config.get("api_threads", 8))
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="wove-k8s")
-        configuration, context_namespace = await self._in_pool(self._client_configuration)
+        try:
+            configuration, context_namespace = await self._in_pool(self._client_configuration)
+        except Exception:
+            await self.close()
+            raise
         configuration.connection_pool_maxsize = threads
         self.namespace = self.namespace or context_namespace or "default"
         self._api = client.ApiClient(configuration)
@@ -266,10 +275,9 @@ class KubernetesJobsAdapter(BackendAdapter):
             kube_config.load_kube_config(
                 config_file=path, context=context, client_configuration=cfg
             )
-            with contextlib.suppress(Exception):
-                _, active = kube_config.list_kube_config_contexts(config_file=path)
+            with contextlib.suppress(Exception):  # the context's namespace is a default only
+                contexts, active = kube_config.list_kube_config_contexts(config_file=path)
                 if context:
-                    contexts, _ = kube_config.list_kube_config_contexts(config_file=path)
                     active = next(c for c in contexts if c["name"] == context)
                 namespace = (active.get("context") or {}).get("namespace")
         if self.config.get("verify_ssl") is not None:
@@ -353,8 +361,9 @@ class KubernetesJobsAdapter(BackendAdapter):
             MANAGED_BY: MANAGER,
             ENV_LABEL: label_value(self.environment),
             TASK_LABEL: label_value(task_id),
-            **{str(k): str(v) for k, v in (options.get("labels") or {}).items()},
+            **_strings(options.get("labels")),
         }
+        user_annotations = _strings(options.get("annotations"))
         pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
         _put(pod_spec, "serviceAccountName", options.get("service_account"))
         pull_secrets = options.get("image_pull_secrets")
@@ -373,9 +382,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         spec: dict[str, Any] = {
             "backoffLimit": int(options.get("backoff_limit", 0)),
             "template": {
-                "metadata": {"labels": labels,
-                             "annotations": {str(k): str(v)
-                                             for k, v in (options.get("annotations") or {}).items()}},
+                "metadata": {"labels": labels, "annotations": user_annotations},
                 "spec": pod_spec,
             },
         }
@@ -397,8 +404,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             "metadata": {
                 "name": name,
                 "labels": labels,
-                "annotations": {**{str(k): str(v) for k, v in (options.get("annotations") or {}).items()},
-                                **(annotations or {})},
+                "annotations": {**user_annotations, **(annotations or {})},
             },
             "spec": spec,
         }
@@ -423,13 +429,15 @@ class KubernetesJobsAdapter(BackendAdapter):
         store = self._store()
         key = f"k8s-{name}-{secrets.token_hex(4)}"
         await self._in_pool(store.put, key, job.payload.encode())
-        annotations = {"wove-adapters/run-id": job.run_id, "wove-adapters/attempt": str(job.attempt)}
+        annotations = {
+            "wove-adapters/run-id": job.run_id, "wove-adapters/attempt": str(job.attempt)
+        }
         if job.idempotency_key is not None:
             annotations["wove-adapters/idempotency-key"] = job.idempotency_key
         body = self.manifest(name, f"{store.url}#{key}", options, task_id=job.task_id,
                              annotations=annotations)
         created = await self._create(namespace, body, store, [key])
-        tracked = _Job(namespace, name, created, store.url, {None: key} if created else {})
+        tracked = _Job(namespace, name, created, {None: key} if created else {})
         tracked.open_runs.add(None)
         self._jobs.setdefault((namespace, name), tracked).open_runs.add(None)
         return f"{namespace}/{name}"
@@ -444,7 +452,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         handles: list[str] = [""] * len(jobs)
         for positions in groups.values():
             group = [jobs[p] for p in positions]
-            for p, handle in zip(positions, await self._submit_indexed(group)):
+            for p, handle in zip(positions, await self._submit_indexed(group), strict=True):
                 handles[p] = handle
         return handles
 
@@ -457,7 +465,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         keys = [f"k8s-{name}-{index}" for index in range(len(jobs))]
 
         def put_all() -> None:
-            for key, job in zip(keys, jobs):
+            for key, job in zip(keys, jobs, strict=True):
                 store.put(key, job.payload.encode())
 
         await self._in_pool(put_all)
@@ -465,7 +473,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         body = self.manifest(name, f"{store.url}#k8s-{name}", options, task_id=first.task_id,
                              completions=len(jobs), annotations=annotations)
         await self._create(namespace, body, store, keys)
-        tracked = _Job(namespace, name, True, store.url, dict(enumerate(keys)))
+        tracked = _Job(namespace, name, True, dict(enumerate(keys)))
         tracked.open_runs.update(range(len(jobs)))
         self._jobs[(namespace, name)] = tracked
         return [f"{namespace}/{name}#{index}" for index in range(len(jobs))]
@@ -492,84 +500,93 @@ class KubernetesJobsAdapter(BackendAdapter):
     async def status(self, handle: str) -> JobState:
         namespace, name, index = _parse(handle)
         tracked = self._jobs.get((namespace, name))
-        since = tracked.submitted_at if tracked else 0.0
-        snapshot = await self._snapshot(namespace, since)
+        snapshot = await self._snapshot(namespace, tracked.submitted_at if tracked else 0.0)
         job = snapshot.jobs.get(name)
         if job is None:
-            job = await self._read_job(namespace, name)  # not ours by label, or just created
-        state = native_state(job, index)
-        if self.map_state(state) in (JobState.PENDING, JobState.RUNNING, JobState.UNKNOWN):
-            reason = snapshot.stuck.get((name, index)) or snapshot.stuck.get((name, None))
-            if reason is not None:
-                state = "START_FAILED"
-        if tracked is not None and index in tracked.cancelled and (
-            job is None or self.map_state(state).finished
+            job = await self._read_job(namespace, name)  # not in our LIST, or just created
+        state = self.map_state(native_state(job, index))
+        if state in (JobState.PENDING, JobState.RUNNING) and (
+            (name, index) in snapshot.stuck or (name, None) in snapshot.stuck
         ):
-            state = "CANCELLED" if job is not None else "GONE"
-        return self.map_state(state)
+            state = self.map_state("START_FAILED")
+        if tracked is not None and index in tracked.cancelled and (job is None or state.finished):
+            # Confirmed only once no Pod of it is left: a terminating worker still runs.
+            if await self._pods_left(namespace, name, index):
+                return self.map_state("TERMINATING")
+            state = self.map_state("GONE" if job is None else "CANCELLED")
+        return state
 
     async def _read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             found: dict[str, Any] = await self._call(
                 self._batch.read_namespaced_job, name, namespace
             )
-            return found
         except KubernetesApiError as exc:
             if exc.status == 404:
                 return None
             raise
+        return found
+
+    async def _pods_left(self, namespace: str, name: str, index: int | None) -> bool:
+        listed = await self._call(
+            self._core.list_namespaced_pod, namespace, label_selector=f"job-name={name}"
+        )
+        return any(
+            (pod.get("status") or {}).get("phase") in ("Pending", "Running", None)
+            and (index is None or _index_of(pod) == index)
+            for pod in listed.get("items") or []
+        )
 
     async def _snapshot(self, namespace: str, since: float) -> _Snapshot:
-        """One LIST of our Jobs per namespace (and of waiting Pods, when some Job has Pods
-        that are not ready) answers every run's status for ``status_cache_seconds``."""
+        """One LIST of our Jobs per namespace (and of Pending Pods, when a Job has Pods
+        that are not ready) answers every run's status for ``status_cache_seconds``. A
+        snapshot older than the Job asked about is refreshed."""
         lock = self._snapshot_locks.setdefault(namespace, asyncio.Lock())
         async with lock:
             snapshot = self._snapshots.get(namespace)
-            now = time.monotonic()
-            if snapshot and now - snapshot.taken_at < self._cache_seconds and snapshot.taken_at > since:
+            started = time.monotonic()
+            if snapshot and started - snapshot.taken_at < self._cache_seconds \
+                    and snapshot.taken_at > since:
                 return snapshot
             selector = f"{MANAGED_BY}={MANAGER},{ENV_LABEL}={label_value(self.environment)}"
-            started = time.monotonic()
             listed = await self._call(
                 self._batch.list_namespaced_job, namespace, label_selector=selector
             )
             jobs = {j["metadata"]["name"]: j for j in listed.get("items") or []}
-            stuck: dict[tuple[str, int | None], str] = {}
-            waiting = [
-                j for j in jobs.values()
-                if (j.get("status") or {}).get("active", 0) > (j.get("status") or {}).get("ready", 0)
-                and native_state(j) in ("PENDING", "RUNNING")
-            ]
-            if waiting:
+            stuck = snapshot.stuck if snapshot else {}
+            pods_due = started - self._pods_listed_at.get(namespace, -1e9) >= self._pods_every
+            if pods_due and any(_has_unready_pods(j) for j in jobs.values()):
+                # Scheduled yet not running: pulling, or stuck (unscheduled Pods only wait).
+                self._pods_listed_at[namespace] = started
                 pods = await self._call(
                     self._core.list_namespaced_pod, namespace, label_selector=selector,
-                    field_selector="status.phase=Pending",
+                    field_selector="status.phase=Pending,spec.nodeName!=",
                 )
-                stuck = self._stuck_pods(pods.get("items") or [], now)
+                stuck = self._stuck_pods(pods.get("items") or [], started)
             snapshot = _Snapshot(taken_at=started, jobs=jobs, stuck=stuck)
             self._snapshots[namespace] = snapshot
             return snapshot
 
-    def _stuck_pods(self, pods: list[dict[str, Any]], now: float) -> dict[tuple[str, int | None], str]:
+    def _stuck_pods(
+        self, pods: list[dict[str, Any]], now: float
+    ) -> dict[tuple[str, int | None], str]:
+        """Pods that cannot start (image pull, config errors) for ``pending_timeout``."""
         stuck: dict[tuple[str, int | None], str] = {}
         seen: set[str] = set()
         for pod in pods:
-            meta = pod.get("metadata") or {}
             reason = start_failure(pod)
-            uid = meta.get("uid", "")
             if reason is None:
                 continue
+            meta = pod.get("metadata") or {}
+            uid = str(meta.get("uid", ""))
             seen.add(uid)
-            first = self._stuck_since.setdefault(uid, now)
-            if now - first < self._pending_timeout:
+            if now - self._stuck_since.setdefault(uid, now) < self._pending_timeout:
                 continue
             labels = meta.get("labels") or {}
             job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name", "")
-            raw_index = (meta.get("annotations") or {}).get(INDEX_KEY)
-            stuck[(job, int(raw_index) if raw_index is not None else None)] = reason
-        for uid in list(self._stuck_since):
-            if uid not in seen:
-                del self._stuck_since[uid]
+            stuck[(job, _index_of(pod))] = reason
+        for uid in set(self._stuck_since) - seen:
+            del self._stuck_since[uid]
         return stuck
 
     # ------------------------------------------------------------ cancel, release
@@ -590,7 +607,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             self._core.list_namespaced_pod, namespace, label_selector=f"job-name={name}"
         )
         for pod in pods.get("items") or []:
-            if (pod["metadata"].get("annotations") or {}).get(INDEX_KEY) == str(index):
+            if _index_of(pod) == index:
                 with contextlib.suppress(KubernetesApiError):
                     await self._call(
                         self._core.delete_namespaced_pod, pod["metadata"]["name"], namespace
@@ -652,6 +669,8 @@ class KubernetesJobsAdapter(BackendAdapter):
         if self._api is None:
             try:
                 await self.start()
+            except ValueError as exc:
+                return [("executor_config complete", False, str(exc))]
             except Exception as exc:
                 return [("Kubernetes API reachable", False, f"{exc}")]
         from kubernetes import client
@@ -674,7 +693,9 @@ class KubernetesJobsAdapter(BackendAdapter):
             f"wove-doctor-{secrets.token_hex(3)}", "probe#probe", {**self.config}, task_id="doctor"
         )
         try:
-            await self._call(self._batch.create_namespaced_job, self.namespace, probe, dry_run="All")
+            await self._call(
+                self._batch.create_namespaced_job, self.namespace, probe, dry_run="All"
+            )
             rows.append(("RBAC: can create jobs (dry run)", True, f"in {self.namespace}"))
         except KubernetesApiError as exc:
             rows.append(("RBAC: can create jobs (dry run)", False,
@@ -704,6 +725,22 @@ def _parse(handle: str) -> tuple[str, str, int | None]:
     namespace, _, rest = handle.partition("/")
     name, _, index = rest.partition("#")
     return namespace, name, int(index) if index else None
+
+
+def _index_of(pod: dict[str, Any]) -> int | None:
+    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(INDEX_KEY)
+    return int(raw) if raw is not None else None
+
+
+def _has_unready_pods(job: dict[str, Any]) -> bool:
+    status = job.get("status") or {}
+    return int(status.get("active") or 0) > int(status.get("ready") or 0) and native_state(
+        job
+    ) in ("PENDING", "RUNNING")
+
+
+def _strings(mapping: dict[str, Any] | None) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (mapping or {}).items()}
 
 
 def _put(target: dict[str, Any], key: str, value: Any) -> None:
@@ -739,7 +776,7 @@ def _resolve(value: str) -> str:
     if value.startswith("env:"):
         found = os.environ.get(value[4:])
         if not found:
-            raise ValueError(f"executor_config token is 'env:{value[4:]}' but ${value[4:]} is not set")
+            raise ValueError(f"executor_config.token is 'env:{value[4:]}': ${value[4:]} is unset")
         return found
     if value.startswith("file:"):
         with open(value[5:]) as handle:

@@ -58,6 +58,10 @@ ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 VAR_REF = re.compile(r"\$\$|\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 MAX_INT32 = 2147483647
+LABEL_RULE = (
+    "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an "
+    "alphanumeric character, at most 63 characters"
+)
 LABEL_MSG = (
     "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
     "and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', "
@@ -76,8 +80,13 @@ class ApiError(Exception):
 
     def response(self) -> web.Response:
         body: dict[str, Any] = {
-            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": self.message, "reason": self.reason, "code": self.code,
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
         }
         if self.details:
             body["details"] = self.details
@@ -140,8 +149,15 @@ def field_value(obj: dict[str, Any], path: str) -> Any:
 
 SUPPORTED_FIELDS = {
     "jobs": {"metadata.name", "metadata.namespace", "status.successful"},
-    "pods": {"metadata.name", "metadata.namespace", "status.phase", "spec.nodeName",
-             "spec.restartPolicy", "spec.serviceAccountName", "status.podIP"},
+    "pods": {
+        "metadata.name",
+        "metadata.namespace",
+        "status.phase",
+        "spec.nodeName",
+        "spec.restartPolicy",
+        "spec.serviceAccountName",
+        "status.podIP",
+    },
     "secrets": {"metadata.name", "metadata.namespace", "type"},
 }
 
@@ -155,9 +171,13 @@ def fields_match(kind: str, obj: dict[str, Any], selector: str) -> bool:
         key, value = re.split(r"!=|==?", part, maxsplit=1)
         key = key.strip()
         if key not in SUPPORTED_FIELDS[kind]:
-            raise ApiError(400, "BadRequest",
-                           f'"{key}" is not a known field selector: only "'
-                           + '", "'.join(sorted(SUPPORTED_FIELDS[kind])) + '"')
+            raise ApiError(
+                400,
+                "BadRequest",
+                f'"{key}" is not a known field selector: only "'
+                + '", "'.join(sorted(SUPPORTED_FIELDS[kind]))
+                + '"',
+            )
         actual = field_value(obj, "status.succeeded" if key == "status.successful" else key)
         actual = "" if actual is None else str(actual)
         if (actual == value.strip()) == negate:
@@ -170,21 +190,44 @@ def fields_match(kind: str, obj: dict[str, Any], selector: str) -> bool:
 
 def check_name(kind: str, name: str, field: str = "metadata.name") -> None:
     if not name:
-        raise ApiError(422, "Invalid", f"{kind} is invalid: {field}: Required value: name or generateName is required")
+        raise ApiError(
+            422,
+            "Invalid",
+            f"{kind} is invalid: {field}: Required value: name or generateName is required",
+        )
     if len(name) > 63 or not DNS1123_LABEL.match(name):
         detail = "must be no more than 63 characters" if len(name) > 63 else LABEL_MSG
-        raise ApiError(422, "Invalid", f'{kind} "{name}" is invalid: {field}: Invalid value: "{name}": {detail}')
+        raise ApiError(
+            422,
+            "Invalid",
+            f'{kind} "{name}" is invalid: {field}: Invalid value: "{name}": {detail}',
+        )
 
 
 def check_labels(kind: str, name: str, labels: dict[str, Any], field: str) -> None:
     for key, value in (labels or {}).items():
         prefix, _, short = key.rpartition("/")
         if prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
-            raise ApiError(422, "Invalid", f'{kind} "{name}" is invalid: {field}: Invalid value: "{key}": prefix part must be a lowercase RFC 1123 subdomain')
+            raise ApiError(
+                422,
+                "Invalid",
+                f'{kind} "{name}" is invalid: {field}: Invalid value: "{key}": '
+                "prefix part must be a lowercase RFC 1123 subdomain",
+            )
         if not short or len(short) > 63 or not LABEL_VALUE.match(short):
-            raise ApiError(422, "Invalid", f'{kind} "{name}" is invalid: {field}: Invalid value: "{key}": name part must consist of alphanumeric characters, \'-\', \'_\' or \'.\', and must start and end with an alphanumeric character, at most 63 characters')
+            raise ApiError(
+                422,
+                "Invalid",
+                f'{kind} "{name}" is invalid: {field}: Invalid value: "{key}": name part '
+                f"{LABEL_RULE}",
+            )
         if not isinstance(value, str) or len(value) > 63 or not LABEL_VALUE.match(value):
-            raise ApiError(422, "Invalid", f'{kind} "{name}" is invalid: {field}: Invalid value: "{value}": a valid label must be an empty string or consist of alphanumeric characters, \'-\', \'_\' or \'.\', and must start and end with an alphanumeric character, at most 63 characters')
+            raise ApiError(
+                422,
+                "Invalid",
+                f'{kind} "{name}" is invalid: {field}: Invalid value: "{value}": a valid label '
+                f"must be an empty string or {LABEL_RULE}",
+            )
 
 
 def validate_job(job: dict[str, Any]) -> None:
@@ -195,35 +238,77 @@ def validate_job(job: dict[str, Any]) -> None:
     check_labels("Job.batch", name, meta.get("labels") or {}, "metadata.labels")
     spec = job.get("spec") or {}
     template = spec.get("template") or {}
-    check_labels("Job.batch", name, (template.get("metadata") or {}).get("labels") or {},
-                 "spec.template.metadata.labels")
+    check_labels(
+        "Job.batch",
+        name,
+        (template.get("metadata") or {}).get("labels") or {},
+        "spec.template.metadata.labels",
+    )
     pod_spec = template.get("spec") or {}
     containers = pod_spec.get("containers") or []
     if not containers:
-        raise ApiError(422, "Invalid", f"{kind} is invalid: spec.template.spec.containers: Required value")
+        raise ApiError(
+            422, "Invalid", f"{kind} is invalid: spec.template.spec.containers: Required value"
+        )
     if pod_spec.get("restartPolicy") not in ("Never", "OnFailure"):
-        raise ApiError(422, "Invalid", f'{kind} is invalid: spec.template.spec.restartPolicy: Required value: valid values: "OnFailure", "Never"')
+        raise ApiError(
+            422,
+            "Invalid",
+            f"{kind} is invalid: spec.template.spec.restartPolicy: Required value: "
+            'valid values: "OnFailure", "Never"',
+        )
     for i, container in enumerate(containers):
         where = f"spec.template.spec.containers[{i}]"
         if not container.get("name") or not DNS1123_LABEL.match(container["name"]):
-            raise ApiError(422, "Invalid", f"{kind} is invalid: {where}.name: Invalid value: {container.get('name')!r}: {LABEL_MSG}")
+            raise ApiError(
+                422,
+                "Invalid",
+                f"{kind} is invalid: {where}.name: Invalid value: "
+                f"{container.get('name')!r}: {LABEL_MSG}",
+            )
         if not container.get("image"):
             raise ApiError(422, "Invalid", f"{kind} is invalid: {where}.image: Required value")
         for env in container.get("env") or []:
             if not ENV_NAME.match(env.get("name", "")):
-                raise ApiError(422, "Invalid", f"{kind} is invalid: {where}.env.name: Invalid value: {env.get('name')!r}")
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f"{kind} is invalid: {where}.env.name: Invalid value: {env.get('name')!r}",
+                )
     mode = spec.get("completionMode") or "NonIndexed"
     if mode not in ("NonIndexed", "Indexed"):
-        raise ApiError(422, "Invalid", f'{kind} is invalid: spec.completionMode: Unsupported value: "{mode}"')
+        raise ApiError(
+            422, "Invalid", f'{kind} is invalid: spec.completionMode: Unsupported value: "{mode}"'
+        )
     if mode == "Indexed" and not spec.get("completions"):
-        raise ApiError(422, "Invalid", f"{kind} is invalid: spec.completions: Required value: when completion mode is Indexed")
+        raise ApiError(
+            422,
+            "Invalid",
+            f"{kind} is invalid: spec.completions: Required value: when completion mode is Indexed",
+        )
     if spec.get("backoffLimitPerIndex") is not None and mode != "Indexed":
-        raise ApiError(422, "Invalid", f"{kind} is invalid: spec.backoffLimitPerIndex: Forbidden: requires indexed completion mode")
-    for key in ("parallelism", "completions", "backoffLimit", "ttlSecondsAfterFinished",
-                "activeDeadlineSeconds", "backoffLimitPerIndex"):
+        raise ApiError(
+            422,
+            "Invalid",
+            f"{kind} is invalid: spec.backoffLimitPerIndex: Forbidden: "
+            "requires indexed completion mode",
+        )
+    for key in (
+        "parallelism",
+        "completions",
+        "backoffLimit",
+        "ttlSecondsAfterFinished",
+        "activeDeadlineSeconds",
+        "backoffLimitPerIndex",
+    ):
         value = spec.get(key)
         if value is not None and (not isinstance(value, int) or value < 0):
-            raise ApiError(422, "Invalid", f"{kind} is invalid: spec.{key}: Invalid value: {value}: must be greater than or equal to 0")
+            raise ApiError(
+                422,
+                "Invalid",
+                f"{kind} is invalid: spec.{key}: Invalid value: {value}: "
+                "must be greater than or equal to 0",
+            )
 
 
 def default_job(job: dict[str, Any], namespace: str) -> dict[str, Any]:
@@ -239,9 +324,15 @@ def default_job(job: dict[str, Any], namespace: str) -> dict[str, Any]:
     spec.setdefault("completionMode", "NonIndexed")
     spec.setdefault("suspend", False)
     spec.setdefault("podReplacementPolicy", "TerminatingOrFailed")
-    spec.setdefault("backoffLimit", MAX_INT32 if spec.get("backoffLimitPerIndex") is not None else 6)
-    own = {"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": meta["name"],
-           "controller-uid": uid, "job-name": meta["name"]}
+    spec.setdefault(
+        "backoffLimit", MAX_INT32 if spec.get("backoffLimitPerIndex") is not None else 6
+    )
+    own = {
+        "batch.kubernetes.io/controller-uid": uid,
+        "batch.kubernetes.io/job-name": meta["name"],
+        "controller-uid": uid,
+        "job-name": meta["name"],
+    }
     spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
     template = spec.setdefault("template", {})
     tmeta = template.setdefault("metadata", {})
@@ -305,10 +396,18 @@ class Cluster:
         (state_dir / "pods").mkdir(parents=True, exist_ok=True)
 
     def _namespace(self, name: str) -> dict[str, Any]:
-        return {"apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": name, "uid": str(uuid.uuid4()), "creationTimestamp": now_iso(),
-                             "labels": {"kubernetes.io/metadata.name": name}},
-                "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+        return {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": name,
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": now_iso(),
+                "labels": {"kubernetes.io/metadata.name": name},
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        }
 
     def bump(self, obj: dict[str, Any]) -> None:
         self.version += 1
@@ -317,54 +416,83 @@ class Cluster:
 
     def need_namespace(self, ns: str) -> None:
         if ns not in self.namespaces:
-            raise ApiError(404, "NotFound", f'namespaces "{ns}" not found',
-                           {"name": ns, "kind": "namespaces"})
+            raise ApiError(
+                404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"}
+            )
 
     # ------------------------------------------------------------ jobs
 
     def create_job(self, ns: str, body: dict[str, Any], dry_run: bool) -> dict[str, Any]:
         self.need_namespace(ns)
         if ns in self.readonly:
-            raise ApiError(403, "Forbidden",
-                           f'jobs.batch is forbidden: User "system:serviceaccount:{ns}:wove" '
-                           f'cannot create resource "jobs" in API group "batch" in the namespace "{ns}"',
-                           {"group": "batch", "kind": "jobs"})
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'jobs.batch is forbidden: User "system:serviceaccount:{ns}:wove" '
+                f'cannot create resource "jobs" in API group "batch" in the namespace "{ns}"',
+                {"group": "batch", "kind": "jobs"},
+            )
         meta = body.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
         if meta.get("namespace") not in (None, ns):
-            raise ApiError(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request")
+            raise ApiError(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent "
+                "on the request",
+            )
         validate_job(body)
         name = meta["name"]
         if (ns, name) in self.jobs:
-            raise ApiError(409, "AlreadyExists", f'jobs.batch "{name}" already exists',
-                           {"name": name, "group": "batch", "kind": "jobs"})
+            raise ApiError(
+                409,
+                "AlreadyExists",
+                f'jobs.batch "{name}" already exists',
+                {"name": name, "group": "batch", "kind": "jobs"},
+            )
         job = default_job(body, ns)
         if dry_run:
             job["metadata"]["resourceVersion"] = ""
             return job
         self.jobs[(ns, name)] = job
-        self.job_state[job["metadata"]["uid"]] = {"failures": {}, "succeeded": set(), "failed": 0,
-                                                  "done_indexes": set(), "failed_indexes": set(),
-                                                  "succeeded_count": 0}
+        self.job_state[job["metadata"]["uid"]] = {
+            "failures": {},
+            "succeeded": set(),
+            "failed": 0,
+            "done_indexes": set(),
+            "failed_indexes": set(),
+            "succeeded_count": 0,
+        }
         self.bump(job)
         return job
 
     def get_job(self, ns: str, name: str) -> dict[str, Any]:
         job = self.jobs.get((ns, name))
         if job is None:
-            raise ApiError(404, "NotFound", f'jobs.batch "{name}" not found',
-                           {"name": name, "group": "batch", "kind": "jobs"})
+            raise ApiError(
+                404,
+                "NotFound",
+                f'jobs.batch "{name}" not found',
+                {"name": name, "group": "batch", "kind": "jobs"},
+            )
         return job
 
-    def delete_job(self, ns: str, name: str, policy: str | None, dry_run: bool) -> tuple[int, dict[str, Any]]:
+    def delete_job(
+        self, ns: str, name: str, policy: str | None, dry_run: bool
+    ) -> tuple[int, dict[str, Any]]:
         job = self.get_job(ns, name)
         policy = policy or "Orphan"  # the batch/v1 REST default, unlike kubectl's
         if policy not in ("Orphan", "Background", "Foreground"):
             raise ApiError(400, "BadRequest", f'propagationPolicy "{policy}" is not supported')
         uid = job["metadata"]["uid"]
-        status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                  "details": {"name": name, "group": "batch", "kind": "jobs", "uid": uid}}
+        status = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": {"name": name, "group": "batch", "kind": "jobs", "uid": uid},
+        }
         if dry_run:
             return 200, status
         owned = self.owned_pods(uid)
@@ -403,8 +531,14 @@ class Cluster:
             patched["metadata"][key] = job["metadata"][key]
         check_labels("Job.batch", name, patched["metadata"].get("labels") or {}, "metadata.labels")
         if patched["spec"].get("template") != job["spec"].get("template"):
-            raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.template: Invalid value: field is immutable')
-        patched["metadata"]["generation"] = job["metadata"].get("generation", 1) + (patched["spec"] != job["spec"])
+            raise ApiError(
+                422,
+                "Invalid",
+                f'Job.batch "{name}" is invalid: spec.template: Invalid value: field is immutable',
+            )
+        patched["metadata"]["generation"] = job["metadata"].get("generation", 1) + (
+            patched["spec"] != job["spec"]
+        )
         self.jobs[(ns, name)] = patched
         self.bump(patched)
         return patched
@@ -413,13 +547,21 @@ class Cluster:
 
     def owned_pods(self, uid: str) -> list[dict[str, Any]]:
         keys = self.by_owner.get(uid) or set()
-        return [self.pods[k] for k in sorted(keys) if k in self.pods
-                and any(r.get("uid") == uid for r in self.pods[k]["metadata"].get("ownerReferences") or [])]
+        return [
+            self.pods[k]
+            for k in sorted(keys)
+            if k in self.pods
+            and any(
+                r.get("uid") == uid for r in self.pods[k]["metadata"].get("ownerReferences") or []
+            )
+        ]
 
     def get_pod(self, ns: str, name: str) -> dict[str, Any]:
         pod = self.pods.get((ns, name))
         if pod is None:
-            raise ApiError(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+            raise ApiError(
+                404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"}
+            )
         return pod
 
     def new_pod(self, job: dict[str, Any], index: int | None) -> None:
@@ -434,30 +576,64 @@ class Cluster:
             labels[INDEX_KEY] = str(index)
             annotations[INDEX_KEY] = str(index)
             for container in pod_spec["containers"]:
-                container.setdefault("env", []).append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {
-                    "fieldRef": {"apiVersion": "v1", "fieldPath": f"metadata.annotations['{INDEX_KEY}']"}}})
+                container.setdefault("env", []).append(
+                    {
+                        "name": "JOB_COMPLETION_INDEX",
+                        "valueFrom": {
+                            "fieldRef": {
+                                "apiVersion": "v1",
+                                "fieldPath": f"metadata.annotations['{INDEX_KEY}']",
+                            }
+                        },
+                    }
+                )
             pod_spec.setdefault("hostname", base[:63])
         pod = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": jmeta["namespace"], "uid": str(uuid.uuid4()),
-                         "creationTimestamp": now_iso(), "labels": labels, "annotations": annotations,
-                         "generateName": f"{base}-",
-                         "finalizers": ["batch.kubernetes.io/job-tracking"],
-                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": jmeta["name"],
-                                              "uid": jmeta["uid"], "controller": True,
-                                              "blockOwnerDeletion": True}]},
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": jmeta["namespace"],
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": now_iso(),
+                "labels": labels,
+                "annotations": annotations,
+                "generateName": f"{base}-",
+                "finalizers": ["batch.kubernetes.io/job-tracking"],
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": jmeta["name"],
+                        "uid": jmeta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
             "spec": pod_spec,
-            "status": {"phase": "Pending", "qosClass": "BestEffort", "conditions": [
-                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                 "message": "0/1 nodes are available: 1 Insufficient pods.",
-                 "lastTransitionTime": now_iso()}]},
+            "status": {
+                "phase": "Pending",
+                "qosClass": "BestEffort",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/1 nodes are available: 1 Insufficient pods.",
+                        "lastTransitionTime": now_iso(),
+                    }
+                ],
+            },
         }
         self.pods[(jmeta["namespace"], name)] = pod
         self.by_owner.setdefault(jmeta["uid"], set()).add((jmeta["namespace"], name))
         self.queue.append((jmeta["namespace"], name))
         self.bump(pod)
 
-    def delete_pod(self, pod: dict[str, Any], grace: int | None, by_controller: bool = False) -> None:
+    def delete_pod(
+        self, pod: dict[str, Any], grace: int | None, by_controller: bool = False
+    ) -> None:
         meta = pod["metadata"]
         key = (meta["namespace"], meta["name"])
         if grace is None:
@@ -530,8 +706,11 @@ class Cluster:
     # ------------------------------------------------------------ running containers
 
     def _schedule(self) -> None:
-        running = sum(1 for p in self.pods.values()
-                      if p["spec"].get("nodeName") and p["status"]["phase"] in ("Pending", "Running"))
+        running = sum(
+            1
+            for p in self.pods.values()
+            if p["spec"].get("nodeName") and p["status"]["phase"] in ("Pending", "Running")
+        )
         while self.queue and running < self.capacity:
             key = self.queue.pop(0)
             pod = self.pods.get(key)
@@ -539,16 +718,20 @@ class Cluster:
                 continue
             pod["spec"]["nodeName"] = "wove-emulated-node"
             pod["status"].update(hostIP="127.0.0.1", podIP="127.0.0.1", startTime=now_iso())
-            pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "True",
-                                            "lastTransitionTime": now_iso()}]
+            pod["status"]["conditions"] = [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()}
+            ]
             running += 1
             self.bump(pod)
             asyncio.get_running_loop().create_task(self._start(pod))
 
     def _container_env(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
-        env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "HOME": "/root",
-               "HOSTNAME": pod["spec"].get("hostname") or pod["metadata"]["name"],
-               "KUBERNETES_SERVICE_HOST": "127.0.0.1"}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": "/root",
+            "HOSTNAME": pod["spec"].get("hostname") or pod["metadata"]["name"],
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        }
         meta = pod["metadata"]
         for source in container.get("envFrom") or []:
             ref = source.get("secretRef")
@@ -584,8 +767,11 @@ class Cluster:
                     if ref.get("optional"):
                         continue
                     raise ContainerConfigError(
-                        f'secret "{ref["name"]}" not found' if secret is None
-                        else f'couldn\'t find key {ref["key"]} in Secret {meta["namespace"]}/{ref["name"]}')
+                        f'secret "{ref["name"]}" not found'
+                        if secret is None
+                        else f"couldn't find key {ref['key']} in Secret "
+                        f"{meta['namespace']}/{ref['name']}"
+                    )
                 env[item["name"]] = base64.b64decode(data[ref["key"]]).decode()
         return env
 
@@ -597,8 +783,12 @@ class Cluster:
         image = container.get("image", "")
         host = image.split("/", 1)[0] if "/" in image else ""
         if host.split(":")[0].endswith(".invalid"):
-            self._waiting(pod, cname, "ErrImagePull",
-                          f'failed to pull and unpack image "{image}": dial tcp: lookup {host}: no such host')
+            self._waiting(
+                pod,
+                cname,
+                "ErrImagePull",
+                f'failed to pull and unpack image "{image}": dial tcp: lookup {host}: no such host',
+            )
             await asyncio.sleep(1.0)
             if key in self.pods:
                 self._waiting(pod, cname, "ImagePullBackOff", f'Back-off pulling image "{image}"')
@@ -608,26 +798,38 @@ class Cluster:
         except ContainerConfigError as exc:
             self._waiting(pod, cname, "CreateContainerConfigError", str(exc))
             return
-        argv = [expand(a, env) for a in [*(container.get("command") or []), *(container.get("args") or [])]]
+        argv = [
+            expand(a, env)
+            for a in [*(container.get("command") or []), *(container.get("args") or [])]
+        ]
         workdir = self.state_dir / "pods" / meta["name"]
         workdir.mkdir(parents=True, exist_ok=True)
         log_path = self.state_dir / "logs" / f"{meta['namespace']}_{meta['name']}.log"
         if not argv:
             argv = ["/bin/true"]
         exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env["PATH"])
-        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(log_path, "ab")  # noqa: ASYNC230 - tiny local file, handed to the child
         try:
             if exe is None:
                 raise FileNotFoundError(argv[0])
             proc = await asyncio.create_subprocess_exec(
-                exe, *argv[1:], env=env, cwd=container.get("workingDir") or str(workdir),
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+                exe,
+                *argv[1:],
+                env=env,
+                cwd=container.get("workingDir") or str(workdir),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             log.write(f"exec {argv[0]!r} failed: {exc}\n".encode())
             log.close()
-            message = (f'failed to create containerd task: failed to create shim task: OCI runtime '
-                       f'create failed: runc create failed: unable to start container process: '
-                       f'exec: "{argv[0]}": executable file not found in $PATH: unknown')
+            message = (
+                f"failed to create containerd task: failed to create shim task: OCI runtime "
+                f"create failed: runc create failed: unable to start container process: "
+                f'exec: "{argv[0]}": executable file not found in $PATH: unknown'
+            )
             self._terminated(pod, cname, 128, "StartError", message)
             return
         finally:
@@ -638,13 +840,25 @@ class Cluster:
                 os.killpg(proc.pid, signal.SIGKILL)
         self.procs[key] = proc
         started = now_iso()
-        pod["status"].update(phase="Running", containerStatuses=[{
-            "name": cname, "image": image, "imageID": f"{image}@sha256:{'0' * 64}",
-            "containerID": f"containerd://{uuid.uuid4().hex}", "ready": True, "started": True,
-            "restartCount": 0, "state": {"running": {"startedAt": started}}}])
+        pod["status"].update(
+            phase="Running",
+            containerStatuses=[
+                {
+                    "name": cname,
+                    "image": image,
+                    "imageID": f"{image}@sha256:{'0' * 64}",
+                    "containerID": f"containerd://{uuid.uuid4().hex}",
+                    "ready": True,
+                    "started": True,
+                    "restartCount": 0,
+                    "state": {"running": {"startedAt": started}},
+                }
+            ],
+        )
         pod["status"]["conditions"] = [
             {"type": t, "status": "True", "lastTransitionTime": started}
-            for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]
+            for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+        ]
         self.bump(pod)
         code = await proc.wait()
         self.procs.pop(key, None)
@@ -656,13 +870,22 @@ class Cluster:
             self._remove_pod(pod)
 
     def _waiting(self, pod: dict[str, Any], cname: str, reason: str, message: str) -> None:
-        pod["status"]["containerStatuses"] = [{"name": cname, "image": pod["spec"]["containers"][0]["image"],
-                                               "imageID": "", "ready": False, "started": False,
-                                               "restartCount": 0,
-                                               "state": {"waiting": {"reason": reason, "message": message}}}]
+        pod["status"]["containerStatuses"] = [
+            {
+                "name": cname,
+                "image": pod["spec"]["containers"][0]["image"],
+                "imageID": "",
+                "ready": False,
+                "started": False,
+                "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": message}},
+            }
+        ]
         self.bump(pod)
 
-    def _terminated(self, pod: dict[str, Any], cname: str, code: int, reason: str, message: str | None) -> None:
+    def _terminated(
+        self, pod: dict[str, Any], cname: str, code: int, reason: str, message: str | None
+    ) -> None:
         state: dict[str, Any] = {"exitCode": code, "reason": reason, "finishedAt": now_iso()}
         if message:
             state["message"] = message
@@ -670,9 +893,12 @@ class Cluster:
         statuses[0].update(ready=False, started=False, state={"terminated": state})
         pod["status"]["containerStatuses"] = statuses
         pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
-        pod["status"]["conditions"] = [c if c["type"] not in ("Ready", "ContainersReady")
-                                       else {**c, "status": "False", "reason": "PodCompleted"}
-                                       for c in pod["status"].get("conditions") or []]
+        pod["status"]["conditions"] = [
+            c
+            if c["type"] not in ("Ready", "ContainersReady")
+            else {**c, "status": "False", "reason": "PodCompleted"}
+            for c in pod["status"].get("conditions") or []
+        ]
         self._account(pod)
         self.bump(pod)
 
@@ -701,8 +927,12 @@ class Cluster:
                 self.delete_job(meta["namespace"], meta["name"], "Background", False)
             return
         pods = self.owned_pods(meta["uid"])
-        active = [p for p in pods if p["status"]["phase"] in ("Pending", "Running")
-                  and not p["metadata"].get("deletionTimestamp")]
+        active = [
+            p
+            for p in pods
+            if p["status"]["phase"] in ("Pending", "Running")
+            and not p["metadata"].get("deletionTimestamp")
+        ]
         if spec.get("suspend"):
             for pod in active:
                 self.delete_pod(pod, grace=None, by_controller=True)
@@ -758,13 +988,18 @@ class Cluster:
             return
         self._set_counts(job, self.owned_pods(meta["uid"]), state)
 
-    def _set_counts(self, job: dict[str, Any], pods: list[dict[str, Any]], state: dict[str, Any]) -> None:
+    def _set_counts(
+        self, job: dict[str, Any], pods: list[dict[str, Any]], state: dict[str, Any]
+    ) -> None:
         status = job["status"]
         live = [p for p in pods if p["status"]["phase"] in ("Pending", "Running")]
         new = {
             "active": sum(1 for p in live if not p["metadata"].get("deletionTimestamp")),
-            "ready": sum(1 for p in live if p["status"]["phase"] == "Running"
-                         and not p["metadata"].get("deletionTimestamp")),
+            "ready": sum(
+                1
+                for p in live
+                if p["status"]["phase"] == "Running" and not p["metadata"].get("deletionTimestamp")
+            ),
             "terminating": sum(1 for p in live if p["metadata"].get("deletionTimestamp")),
             "succeeded": state["succeeded_count"],
             "failed": state["failed"],
@@ -783,23 +1018,60 @@ class Cluster:
         if changed:
             self.bump(job)
 
-    def _finish(self, job: dict[str, Any], kind: str, reason: str | None, message: str | None,
-                pods: list[dict[str, Any]], state: dict[str, Any]) -> None:
+    def _finish(
+        self,
+        job: dict[str, Any],
+        kind: str,
+        reason: str | None,
+        message: str | None,
+        pods: list[dict[str, Any]],
+        state: dict[str, Any],
+    ) -> None:
         stamp = now_iso()
         conditions = job["status"].setdefault("conditions", [])
         if kind == "Complete":
-            conditions.append({"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached",
-                               "message": "Reached expected number of succeeded pods",
-                               "lastProbeTime": stamp, "lastTransitionTime": stamp})
-            conditions.append({"type": "Complete", "status": "True", "reason": "CompletionsReached",
-                               "message": "Reached expected number of succeeded pods",
-                               "lastProbeTime": stamp, "lastTransitionTime": stamp})
+            conditions.append(
+                {
+                    "type": "SuccessCriteriaMet",
+                    "status": "True",
+                    "reason": "CompletionsReached",
+                    "message": "Reached expected number of succeeded pods",
+                    "lastProbeTime": stamp,
+                    "lastTransitionTime": stamp,
+                }
+            )
+            conditions.append(
+                {
+                    "type": "Complete",
+                    "status": "True",
+                    "reason": "CompletionsReached",
+                    "message": "Reached expected number of succeeded pods",
+                    "lastProbeTime": stamp,
+                    "lastTransitionTime": stamp,
+                }
+            )
             job["status"]["completionTime"] = stamp
         else:
-            conditions.append({"type": "FailureTarget", "status": "True", "reason": reason,
-                               "message": message, "lastProbeTime": stamp, "lastTransitionTime": stamp})
-            conditions.append({"type": "Failed", "status": "True", "reason": reason, "message": message,
-                               "lastProbeTime": stamp, "lastTransitionTime": stamp})
+            conditions.append(
+                {
+                    "type": "FailureTarget",
+                    "status": "True",
+                    "reason": reason,
+                    "message": message,
+                    "lastProbeTime": stamp,
+                    "lastTransitionTime": stamp,
+                }
+            )
+            conditions.append(
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": reason,
+                    "message": message,
+                    "lastProbeTime": stamp,
+                    "lastTransitionTime": stamp,
+                }
+            )
         state["done_at"] = time.time()
         self._set_counts(job, pods, state)
         self.bump(job)
@@ -817,11 +1089,13 @@ class ContainerConfigError(Exception):
 
 def expand(text: str, env: dict[str, str]) -> str:
     """The kubelet's $(VAR) expansion: known names are replaced, $$ escapes, others stay."""
+
     def one(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
         name = match.group(1)
         return env[name] if name in env else match.group(0)
+
     return VAR_REF.sub(one, text)
 
 
@@ -856,7 +1130,9 @@ def json_patch(target: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, A
             else:
                 parent.pop(last, None)
         else:
-            raise ApiError(422, "Invalid", f"json patch op {op['op']!r} is not supported by this server")
+            raise ApiError(
+                422, "Invalid", f"json patch op {op['op']!r} is not supported by this server"
+            )
     return target
 
 
@@ -865,8 +1141,14 @@ def json_patch(target: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, A
 
 def list_of(kind: str, items: list[dict[str, Any]], version: int) -> dict[str, Any]:
     api = "batch/v1" if kind == "JobList" else "v1"
-    return {"kind": kind, "apiVersion": api, "metadata": {"resourceVersion": str(version)},
-            "items": [{k: v for k, v in item.items() if k not in ("kind", "apiVersion")} for item in items]}
+    return {
+        "kind": kind,
+        "apiVersion": api,
+        "metadata": {"resourceVersion": str(version)},
+        "items": [
+            {k: v for k, v in item.items() if k not in ("kind", "apiVersion")} for item in items
+        ],
+    }
 
 
 def make_app(cluster: Cluster, token: str | None) -> web.Application:
@@ -882,7 +1164,9 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
         except ApiError as exc:
             return exc.response()
         except (ValueError, KeyError, TypeError) as exc:
-            return ApiError(400, "BadRequest", f"the server rejected our request: {exc!r}").response()
+            return ApiError(
+                400, "BadRequest", f"the server rejected our request: {exc!r}"
+            ).response()
 
     async def body_of(request: web.Request) -> Any:
         raw = await request.read()  # a create POST from the client has no Content-Type
@@ -891,15 +1175,26 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
         try:
             return json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ApiError(400, "BadRequest", f"the object provided is unrecognized: {exc}") from None
+            raise ApiError(
+                400, "BadRequest", f"the object provided is unrecognized: {exc}"
+            ) from None
 
     @routes.get("/version")
     @routes.get("/version/")
     async def version(request: web.Request) -> web.Response:
-        return web.json_response({"major": "1", "minor": "31", "gitVersion": "v1.31.0",
-                                  "gitCommit": "0" * 40, "gitTreeState": "clean",
-                                  "buildDate": "2024-08-13T07:28:49Z", "goVersion": "go1.22.5",
-                                  "compiler": "gc", "platform": "linux/amd64"})
+        return web.json_response(
+            {
+                "major": "1",
+                "minor": "31",
+                "gitVersion": "v1.31.0",
+                "gitCommit": "0" * 40,
+                "gitTreeState": "clean",
+                "buildDate": "2024-08-13T07:28:49Z",
+                "goVersion": "go1.22.5",
+                "compiler": "gc",
+                "platform": "linux/amd64",
+            }
+        )
 
     @routes.get("/healthz")
     async def healthz(request: web.Request) -> web.Response:
@@ -907,8 +1202,13 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
 
     @routes.get("/api/v1/namespaces")
     async def list_namespaces(request: web.Request) -> web.Response:
-        items = [n for n in cluster.namespaces.values()
-                 if labels_match(n["metadata"].get("labels") or {}, request.query.get("labelSelector", ""))]
+        items = [
+            n
+            for n in cluster.namespaces.values()
+            if labels_match(
+                n["metadata"].get("labels") or {}, request.query.get("labelSelector", "")
+            )
+        ]
         return web.json_response(list_of("NamespaceList", items, cluster.version))
 
     @routes.post("/api/v1/namespaces")
@@ -940,9 +1240,18 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
         data = dict(body.get("data") or {})
         for key, value in (body.get("stringData") or {}).items():
             data[key] = base64.b64encode(str(value).encode()).decode()
-        secret = {"apiVersion": "v1", "kind": "Secret", "type": body.get("type", "Opaque"),
-                  "metadata": {**body.get("metadata", {}), "namespace": ns, "uid": str(uuid.uuid4()),
-                               "creationTimestamp": now_iso()}, "data": data}
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": body.get("type", "Opaque"),
+            "metadata": {
+                **body.get("metadata", {}),
+                "namespace": ns,
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": now_iso(),
+            },
+            "data": data,
+        }
         cluster.secrets[(ns, name)] = secret
         cluster.bump(secret)
         return web.json_response(secret, status=201)
@@ -967,7 +1276,9 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
         body = await body_of(request)
         dry_run = request.query.get("dryRun") == "All"
         if "dryRun" in request.query and not dry_run:
-            raise ApiError(400, "BadRequest", f'unsupported dry run option "{request.query["dryRun"]}"')
+            raise ApiError(
+                400, "BadRequest", f'unsupported dry run option "{request.query["dryRun"]}"'
+            )
         job = cluster.create_job(request.match_info["ns"], body, dry_run)
         return web.json_response(job, status=201)
 
@@ -976,25 +1287,40 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
         ns = request.match_info["ns"]
         if request.query.get("watch") in ("true", "1"):
             raise ApiError(400, "BadRequest", "watch is not served by this test cluster")
-        selector, fields = request.query.get("labelSelector", ""), request.query.get("fieldSelector", "")
-        items = [j for (n, _), j in sorted(cluster.jobs.items()) if n == ns
-                 and labels_match(j["metadata"].get("labels") or {}, selector)
-                 and fields_match("jobs", j, fields)]
+        selector, fields = (
+            request.query.get("labelSelector", ""),
+            request.query.get("fieldSelector", ""),
+        )
+        items = [
+            j
+            for (n, _), j in sorted(cluster.jobs.items())
+            if n == ns
+            and labels_match(j["metadata"].get("labels") or {}, selector)
+            and fields_match("jobs", j, fields)
+        ]
         return web.json_response(list_of("JobList", items, cluster.version))
 
     @routes.get("/apis/batch/v1/namespaces/{ns}/jobs/{name}")
     async def read_job(request: web.Request) -> web.Response:
-        return web.json_response(cluster.get_job(request.match_info["ns"], request.match_info["name"]))
+        return web.json_response(
+            cluster.get_job(request.match_info["ns"], request.match_info["name"])
+        )
 
     @routes.get("/apis/batch/v1/namespaces/{ns}/jobs/{name}/status")
     async def read_job_status(request: web.Request) -> web.Response:
-        return web.json_response(cluster.get_job(request.match_info["ns"], request.match_info["name"]))
+        return web.json_response(
+            cluster.get_job(request.match_info["ns"], request.match_info["name"])
+        )
 
     @routes.patch("/apis/batch/v1/namespaces/{ns}/jobs/{name}")
     async def patch_job(request: web.Request) -> web.Response:
         patch = await body_of(request)
-        job = cluster.patch_job(request.match_info["ns"], request.match_info["name"],
-                                request.headers.get("Content-Type", "application/merge-patch+json"), patch)
+        job = cluster.patch_job(
+            request.match_info["ns"],
+            request.match_info["name"],
+            request.headers.get("Content-Type", "application/merge-patch+json"),
+            patch,
+        )
         return web.json_response(job)
 
     @routes.delete("/apis/batch/v1/namespaces/{ns}/jobs/{name}")
@@ -1003,23 +1329,36 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
         policy = request.query.get("propagationPolicy") or options.get("propagationPolicy")
         if policy is None and options.get("orphanDependents") is False:
             policy = "Background"
-        code, body = cluster.delete_job(request.match_info["ns"], request.match_info["name"], policy,
-                                        request.query.get("dryRun") == "All")
+        code, body = cluster.delete_job(
+            request.match_info["ns"],
+            request.match_info["name"],
+            policy,
+            request.query.get("dryRun") == "All",
+        )
         return web.json_response(body, status=code)
 
     # ---- pods
     @routes.get("/api/v1/namespaces/{ns}/pods")
     async def list_pods(request: web.Request) -> web.Response:
         ns = request.match_info["ns"]
-        selector, fields = request.query.get("labelSelector", ""), request.query.get("fieldSelector", "")
-        items = [p for (n, _), p in sorted(cluster.pods.items()) if n == ns
-                 and labels_match(p["metadata"].get("labels") or {}, selector)
-                 and fields_match("pods", p, fields)]
+        selector, fields = (
+            request.query.get("labelSelector", ""),
+            request.query.get("fieldSelector", ""),
+        )
+        items = [
+            p
+            for (n, _), p in sorted(cluster.pods.items())
+            if n == ns
+            and labels_match(p["metadata"].get("labels") or {}, selector)
+            and fields_match("pods", p, fields)
+        ]
         return web.json_response(list_of("PodList", items, cluster.version))
 
     @routes.get("/api/v1/namespaces/{ns}/pods/{name}")
     async def read_pod(request: web.Request) -> web.Response:
-        return web.json_response(cluster.get_pod(request.match_info["ns"], request.match_info["name"]))
+        return web.json_response(
+            cluster.get_pod(request.match_info["ns"], request.match_info["name"])
+        )
 
     @routes.delete("/api/v1/namespaces/{ns}/pods/{name}")
     async def delete_pod(request: web.Request) -> web.Response:
@@ -1037,7 +1376,7 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
         text = path.read_text(errors="replace") if path.exists() else ""
         tail = request.query.get("tailLines")
         if tail:
-            text = "\n".join(text.splitlines()[-int(tail):]) + "\n"
+            text = "\n".join(text.splitlines()[-int(tail) :]) + "\n"
         return web.Response(text=text, content_type="text/plain")
 
     app = web.Application(middlewares=[middleware], client_max_size=64 * 1024 * 1024)
@@ -1047,9 +1386,10 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
 
 async def serve(args: argparse.Namespace) -> None:
     state_dir = Path(args.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(state_dir, args.capacity, set(args.readonly_namespace or []),
-                      set(args.namespace or []))
+    state_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before serving
+    cluster = Cluster(
+        state_dir, args.capacity, set(args.readonly_namespace or []), set(args.namespace or [])
+    )
     runner = web.AppRunner(make_app(cluster, args.token), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
@@ -1076,8 +1416,11 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=4, help="pods the one node runs at once")
     parser.add_argument("--token", default=None, help="require this bearer token")
     parser.add_argument("--namespace", action="append", help="namespaces that exist (plus default)")
-    parser.add_argument("--readonly-namespace", action="append",
-                        help="namespaces where creating Jobs is forbidden (RBAC)")
+    parser.add_argument(
+        "--readonly-namespace",
+        action="append",
+        help="namespaces where creating Jobs is forbidden (RBAC)",
+    )
     asyncio.run(serve(parser.parse_args()))
 
 

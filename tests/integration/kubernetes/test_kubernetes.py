@@ -34,6 +34,9 @@ from wove_adapters.testing.conformance import wait_for_file
 RFC1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 LABEL = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 Cancelled = (concurrent.futures.CancelledError,)
+# Submissions within this window form one Indexed Job; generous, so a busy machine
+# building 100 envelopes cannot split one mapped task into two Jobs.
+BATCH = {"array_window": 0.5}
 
 
 def hub_for(cluster: KubeCluster, name: str = "k8s", *, config: dict[str, Any] | None = None,
@@ -92,7 +95,7 @@ AWKWARD = ["a:b/C_d", "a:b/C_d" * 20, "A", "a", "-x-", "x" * 63, "x" * 64, "", "
 
 def test_dns_names_from_awkward_keys_are_valid_and_distinct() -> None:
     names = [dns_label(f"wove-{key}") for key in AWKWARD]
-    for key, name in zip(AWKWARD, names):
+    for key, name in zip(AWKWARD, names, strict=True):
         assert RFC1123.match(name) and len(name) <= 63, (key, name)
     assert len(set(names)) == len(names), "distinct keys must give distinct Job names"
     assert dns_label("wove-ok") == "wove-ok"  # a valid name stays readable
@@ -192,7 +195,7 @@ def test_cancel_deletes_the_job_and_its_pods(kube_cluster: KubeCluster, tmp_path
 
 
 def test_cancel_one_index_of_an_indexed_job(kube_cluster: KubeCluster, tmp_path: Path) -> None:
-    with hub_for(kube_cluster) as hub:
+    with hub_for(kube_cluster, config=BATCH) as hub:
         adapter = adapter_of(hub)
         before = adapter.submissions
         futures = [hub.submit(tasks.sleepy, str(tmp_path), f"ix{i}", 3.0) for i in range(3)]
@@ -282,7 +285,7 @@ def test_state_map() -> None:
 
 
 def test_a_failing_item_does_not_stop_its_indexed_job(kube_cluster: KubeCluster) -> None:
-    with hub_for(kube_cluster) as hub:
+    with hub_for(kube_cluster, config=BATCH) as hub:
         futures = [hub.submit(fail_on_three, i) for i in range(6)]
         for i, future in enumerate(futures):
             if i == 3:
@@ -293,7 +296,7 @@ def test_a_failing_item_does_not_stop_its_indexed_job(kube_cluster: KubeCluster)
 
 
 def test_a_mapped_task_is_one_indexed_job(kube_cluster: KubeCluster) -> None:
-    with hub_for(kube_cluster, config={"cleanup": False}) as hub:
+    with hub_for(kube_cluster, config={"cleanup": False, **BATCH}) as hub:
         transport = hub.dispatcher("k8s").transport
         adapter = adapter_of(hub)
         before = adapter.submissions
@@ -332,7 +335,7 @@ def test_weave_routes_100_items_as_one_indexed_job(kube_cluster: KubeCluster) ->
     from wove_adapters.integration import environments
     from wove_adapters.integration.wove import executor
 
-    config = kube_cluster.config()
+    config = kube_cluster.config(**BATCH)
 
     def jobs_created() -> int:
         return sum(d.transport.adapter.submissions  # type: ignore[attr-defined]
