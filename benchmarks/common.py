@@ -393,9 +393,22 @@ def wove_attempt(executor: str, executor_config: dict[str, Any], *,
     except TimeoutError:
         return f"wove's {executor} adapter gave no result within {timeout:.0f}s"
     except Exception as exc:
-        return f"wove's {executor} adapter failed: {type(exc).__name__}: {exc}"
+        return f"wove's {executor} adapter failed: {type(exc).__name__}: {_compact(exc)}"
     finally:
         runtime.close()
+
+
+def _compact(exc: BaseException) -> str:
+    """An exception's message in one line; an API error's own ``message`` if it has one."""
+    import re
+
+    text = str(exc)
+    found = re.search(r'"message":\s*"((?:[^"\\]|\\.)*)"', text)
+    if found:
+        text = found.group(1).replace('\\"', '"')
+    text = " ".join(text.split())
+    return text if len(text) <= 500 else text[:497] + "..."
+
 
 
 def weave_round_trip(environment: dict[str, Any], samples: int = 5) -> dict[str, float]:

@@ -255,6 +255,8 @@ def backend_section(name: str, record: dict[str, Any]) -> list[str]:
         f"{ratio_cell(r['ours_wove_throughput'], good_above=1.001)}.",
         "",
     ]
+    if record.get("source_note"):
+        lines += [f"Note: {escape_md(record['source_note'])}.", ""]
     if record.get("wove_note"):
         lines += [f"wove: {escape_md(record['wove_note'])}", ""]
     for problem in record.get("problems", []):

@@ -223,16 +223,22 @@ def backend_record(adapter: dict[str, Any] | None, wove_line: dict[str, Any] | N
     if three_way_only and wove_line is not None:  # process, stdio: one script, one run
         record["native"] = figures(wove_line.get("native"))
         record["ours"] = figures(wove_line.get("ours"))
-    elif adapter is not None:
+    elif adapter is not None and adapter.get("native") and adapter.get("ours"):
         record["native"] = adapter.get("native")
         record["ours"] = adapter.get("ours")
         if adapter.get("ours_other"):
             record["ours_other_paths"] = adapter["ours_other"]
+    elif wove_line is not None and wove_line.get("native") and wove_line.get("ours"):
+        record["native"] = figures(wove_line.get("native"))
+        record["ours"] = figures(wove_line.get("ours"))
+        record["source_note"] = ("native and ours come from the three-way run: the adapter's "
+                                 "own script gave no figures")
     wove_run_ours = None
     if wove_line is not None:
         record["wove"] = figures(wove_line.get("wove"))
         wove_run_ours = figures(wove_line.get("ours"))
-        if not three_way_only and (wove_line.get("native") or wove_run_ours):
+        if not three_way_only and "source_note" not in record and (
+                wove_line.get("native") or wove_run_ours):
             record["wove_run"] = {"native": figures(wove_line.get("native")),
                                   "ours": wove_run_ours, "wove": record["wove"]}
         if wove_line.get("wove_weave_per_task"):

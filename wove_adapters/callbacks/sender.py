@@ -11,7 +11,6 @@ gets ``WOVE_ADAPTERS_RETRY_SECONDS``, default 120 s; a heartbeat gets a few seco
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import http.client
 import os
@@ -140,4 +139,6 @@ def send(return_path: ReturnPath, key_id: str, event: WireEvent) -> concurrent.f
 
 async def asend(return_path: ReturnPath, key_id: str, event: WireEvent) -> None:
     """Deliver one event from async code without blocking its loop."""
+    import asyncio
+
     await asyncio.to_thread(post, return_path, key_id, [event])

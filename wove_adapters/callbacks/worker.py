@@ -10,7 +10,6 @@ when the caller cannot be reached, written to the ledger the envelope names.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import os
 import signal
@@ -68,6 +67,8 @@ def call_task(func: Callable[..., Any], args: dict[str, Any]) -> Any:
     """Call sync or async task code from this (non-loop) thread."""
     result = func(**args)
     if inspect.isawaitable(result):
+        import asyncio  # only async task code pays for it
+
         return asyncio.run(_await(result))
     return result
 
@@ -350,6 +351,8 @@ def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
 async def arun(payload: str | bytes) -> Outcome:
     """Run a payload from async code: the task runs in a thread so it never blocks the
     caller's loop (ARQ and Taskiq workers serve many jobs on one loop)."""
+    import asyncio
+
     return await asyncio.to_thread(run, payload, handle_sigterm=False)
 
 

@@ -497,7 +497,8 @@ async def serve(socket_path: Path, log_dir: Path | None, max_running: int = 0) -
     runner = web.AppRunner(build_app(engine), access_log=None)
     await runner.setup()
     _unlink(socket_path)
-    site = web.UnixSite(runner, str(socket_path))
+    # moto opens a new client per job: a 1000-child array job connects 1000 times at once.
+    site = web.UnixSite(runner, str(socket_path), backlog=4096)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -505,6 +506,7 @@ async def serve(socket_path: Path, log_dir: Path | None, max_running: int = 0) -
         loop.add_signal_handler(signum, stop.set)
     print(f"docker engine shim listening on unix://{socket_path}", flush=True)
     await stop.wait()
+    await engine.shutdown()  # first, so pending waits answer and the server can close
     await runner.cleanup()
     _unlink(socket_path)
 
