@@ -122,6 +122,10 @@ def post(
     return_path: ReturnPath, key_id: str, events: list[WireEvent], *, budget: float = RETRY_SECONDS
 ) -> None:
     """Sign and deliver events; returns once acknowledged, raises DeliveryFailed."""
+    if return_path.kind == "native":
+        # The backend carries the outcome back itself (e.g. a Temporal workflow result,
+        # see AdapterTransport.return_path): there is nowhere to send events to.
+        return
     data = signing.encode_blob(sign_events(events, key_id))
     _destination(return_path).deliver(data, budget)
 
