@@ -5,6 +5,9 @@ A dev server (``temporal server start-dev``, in memory, 127.0.0.1) and one worke
 for wove's payloads, ``--max-concurrent`` activity slots) serve all three sides:
 
 - native: ``client.execute_workflow("user.Increment", x)`` (one workflow, one activity);
+  bursts keep at most ``--concurrency`` runs in flight on every side, as
+  ``bench_temporal.py`` does, and wait until the server has closed the previous
+  side's workflows;
 - ours: ``Hub.run(add, x)`` / ``Hub.map`` (default ``http`` return path);
 - wove: wove's ``temporal`` executor (``start_workflow("wove.RunBackendPayload",
   payload)``, the result POSTed to its callback server), driven warm.
@@ -43,6 +46,10 @@ def main() -> None:
     parser = bench_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--slots", type=int, default=100,
                         help="the worker's max_concurrent_activities")
+    parser.add_argument("--concurrency", type=int, default=200,
+                        help="runs in flight during a burst, every side (0: all at once), "
+                             "as bench_temporal.py: the in-memory dev server on a loaded "
+                             "2-core host collapses under 1000 concurrent starts")
     args = parser.parse_args()
     from wove_adapters.integration.hub import Hub
 
@@ -59,14 +66,25 @@ def main() -> None:
     wove_note: str | None = None
     try:
         native = Native(server.address, queue)
-        hub = Hub(environments={"temporal": {"executor": "temporal", "executor_config": {
-            "address": server.address, "task_queue": queue}}}, default_environment="temporal")
-        sides = [Side("native", native.run, native.burst), hub_side(hub)]
+        concurrency = args.concurrency or args.burst
+        hub = Hub(environments={"temporal": {
+            "executor": "temporal",
+            "executor_config": {"address": server.address, "task_queue": queue},
+            "workers": concurrency,  # Hub.map's in-flight bound
+        }}, default_environment="temporal")
+
+        # Before each burst (untimed): the previous side's workflows are closed.
+        ours = hub_side(hub)
+        ours.before_burst = native.drain
+        sides = [Side("native", native.run, lambda n: native.burst(n, concurrency),
+                      before_burst=native.drain), ours]
         try:
             wove = WoveRuntime("temporal", {"target_host": server.address,
                                             "workflow": "wove.RunBackendPayload",
                                             "task_queue": queue})
-            sides.append(wove.side())
+            wove_side = wove.side(workers=concurrency)
+            wove_side.before_burst = native.drain
+            sides.append(wove_side)
         except Exception as exc:
             wove_note = f"wove's temporal executor did not start: {type(exc).__name__}: {exc}"
         measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
@@ -81,6 +99,7 @@ def main() -> None:
     emit(record_of("temporal", measured, wove_note=wove_note, settings={
         "seq": args.seq, "burst": args.burst, "rounds": args.rounds,
         "worker_slots": args.slots, "return_path": "http",
+        "burst_concurrency": args.concurrency or args.burst,
         "native": "workflow + one activity (user.Increment)",
         "wove_workflow": "workflow + one activity running wove's payload"}))
 

@@ -101,6 +101,8 @@ class Side:
     # the loop): run untimed after each burst, so it cannot steal the next side's CPU;
     # its time is reported separately (``throughput_incl_settle_per_s``).
     settle: Callable[[], None] | None = None
+    # Run untimed before each burst (e.g. wait until a server has closed earlier work).
+    before_burst: Callable[[], None] | None = None
     latencies: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
     settled_rates: list[float] = field(default_factory=list)
@@ -176,6 +178,8 @@ def interleave(
             if side.error is not None:
                 continue
             try:
+                if side.before_burst is not None:
+                    side.before_burst()
                 start = time.perf_counter()
                 values = side.burst(burst)
                 elapsed = time.perf_counter() - start
@@ -351,20 +355,32 @@ class WoveRuntime:
     def run(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
         return self.call(self._task(fn, kwargs))
 
-    def map(self, fn: Callable[..., Any], items: Sequence[dict[str, Any]]) -> list[Any]:
+    def map(self, fn: Callable[..., Any], items: Sequence[dict[str, Any]],
+            workers: int | None = None) -> list[Any]:
+        """One task per item, all at once; at most ``workers`` in flight if given (what a
+        mapped wove task's ``workers=`` does: a semaphore around each item)."""
+
         async def gather() -> list[Any]:
-            tasks = [asyncio.ensure_future(self._task(fn, kwargs)) for kwargs in items]
+            gate = asyncio.Semaphore(workers) if workers else None
+
+            async def one(kwargs: dict[str, Any]) -> Any:
+                if gate is None:
+                    return await self._task(fn, kwargs)
+                async with gate:
+                    return await self._task(fn, kwargs)
+
+            tasks = [asyncio.ensure_future(one(kwargs)) for kwargs in items]
             return list(await asyncio.gather(*tasks))
 
-        return self.call(gather(), max(self.timeout, 300.0))
+        return self.call(gather(), max(self.timeout, 600.0))
 
-    def side(self, name: str = "wove") -> Side:
+    def side(self, name: str = "wove", workers: int | None = None) -> Side:
         from wove_adapters.testing.tasks import add
 
         return Side(
             name,
             lambda x: self.run(add, x=x),
-            lambda n: self.map(add, [{"x": i} for i in range(n)]),
+            lambda n: self.map(add, [{"x": i} for i in range(n)], workers),
         )
 
     def close(self) -> None:

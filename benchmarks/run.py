@@ -373,7 +373,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{r['ours_native_throughput']}; ours/wove p50 {r['ours_wove_p50']}, "
                 f"throughput {r['ours_wove_throughput']}")
         if not any(k in result["backends"] for k in keys):
-            result["not_measured"][backend] = "; ".join(problems) or "no figures were produced"
+            why = "; ".join(problems) or "no figures were produced"
+            notes = [line["wove_note"] for line in wove_by_key.values() if line.get("wove_note")]
+            if notes:
+                why += " | wove: " + " ".join(notes)
+            result["not_measured"][backend] = why
     result["run"]["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(
         timespec="seconds")
     result["run"]["logs"] = str(logs)
