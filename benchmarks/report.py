@@ -210,8 +210,10 @@ def summary_table(backends: dict[str, Any]) -> list[str]:
             f"{ratio_cell(r['ours_wove_p50'], good_below=0.999)} | "
             f"{ratio_cell(r['ours_wove_throughput'], good_above=1.001)} |"
         )
-    rows += ["", "p50 in ms, throughput (tput) in tasks/s; n/a: wove's adapter cannot run "
-             "(see the backend's section)."]
+    rows += ["", "p50 in ms, throughput (tput) in tasks/s. Native and ours come from the "
+             "adapter's script, wove's columns and the ours/wove ratios from the three-way run "
+             "(each backend's section shows native and ours in that run too). n/a: wove's "
+             "adapter cannot run (see the backend's section)."]
     return rows
 
 
@@ -233,7 +235,8 @@ def backend_section(name: str, record: dict[str, Any]) -> list[str]:
                      f"{fmt(side.get('throughput_per_s'), 1)} | {note} |")
 
     row("native", record.get("native"))
-    row("ours", record.get("ours"), "default return path (http)")
+    row("ours", record.get("ours"), "Hub defaults" + (
+        " (return path `http`)" if record.get("environment", "").startswith(".tox") else ""))
     for label, side in (record.get("ours_other_paths") or {}).items():
         row(f"ours, {label.replace('_', ' ')}", side)
     wove_run = record.get("wove_run")

@@ -113,7 +113,13 @@ class AwsBatchAdapter(BackendAdapter):
             )
         self._client = await asyncio.to_thread(self._make_client)
         if self.config.get("verify_on_start", True):
-            queue = await self._describe_queue(str(self.config["job_queue"]))
+            try:
+                queue = await self._describe_queue(str(self.config["job_queue"]))
+            except Exception as exc:  # botocore's errors: unreachable, credentials, denied
+                raise AwsBatchError(
+                    f"cannot reach AWS Batch at {self._where()}: {exc}; check endpoint_url, "
+                    "region and credentials (or set verify_on_start = false)"
+                ) from exc
             if queue is None:
                 raise AwsBatchError(
                     f"AWS Batch job queue {self.config['job_queue']!r} does not exist at "

@@ -419,6 +419,8 @@ def test_start_fails_clearly(batch_config: dict[str, Any]) -> None:
         ({**batch_config, "job_queue": "no-such-queue"}, "does not exist"),
         ({**batch_config, "payload_store": ""}, "payload_store"),
         ({k: v for k, v in batch_config.items() if k != "job_definition"}, "job_definition"),
+        ({**batch_config, "endpoint_url": "http://127.0.0.1:9", "max_attempts": 1},
+         "cannot reach AWS Batch"),
     ):
         adapter = AwsBatchAdapter(config, environment="t")
         with pytest.raises(AwsBatchError, match=message):
