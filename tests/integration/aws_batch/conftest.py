@@ -6,7 +6,6 @@ stopped by PID at the end; a failure to start fails the tests with what to insta
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import aws_batch_services as services
 
 
 @pytest.fixture(scope="session")
-def batch_stack() -> Iterator[services.BatchStack]:
-    workdir = Path(tempfile.mkdtemp(prefix="wove-test-aws-"))
+def batch_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.BatchStack]:
+    # pytest keeps the last few of these (moto's and the shim's logs, one per job).
+    workdir = tmp_path_factory.mktemp("aws-batch")
     try:
         stack = services.start_stack(workdir)
     except Exception as exc:
