@@ -489,9 +489,11 @@ def wire_sizes(sizes: Sequence[int] = (1024, 1024 * 1024)) -> dict[str, Any]:
         arg = os.urandom(size)
         run_id = f"digest:{secrets.token_hex(16)}"
         body = payload_mod.dumps((task, {"data": arg}))
-        common = {"adapter": "process", "run_id": run_id, "task_id": "digest", "attempt": 1,
-                  "func": task, "args": {"data": arg}, "return_path": return_path,
-                  "delivery": {}, "key_id": key_id, "body": body}
+        common: dict[str, Any] = {
+            "adapter": "process", "run_id": run_id, "task_id": "digest", "attempt": 1,
+            "func": task, "args": {"data": arg}, "return_path": return_path,
+            "delivery": {}, "key_id": key_id, "body": body,
+        }
         inline = payload_mod.encode_payload(
             payload_mod.build_envelope(**common, inline_limit=1 << 62, store_url=None))
         offloaded = payload_mod.encode_payload(payload_mod.build_envelope(

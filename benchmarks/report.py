@@ -123,8 +123,10 @@ def markdown(result: dict[str, Any]) -> str:
         "running, like the integration tests. Backends run one after the other.",
         "",
         f"This run: `{run['command']}`" + (" (quick)" if run.get("quick") else "")
-        + (" (a partial run merged into the previous one)" if run.get("partial") else "")
-        + f", {run['started_at']} to {run.get('finished_at', '?')}.",
+        + f", {run['started_at']} to {run.get('finished_at', '?')}."
+        + "".join(f" Rows of {', '.join(u['backends'])} were measured again by "
+                  f"`{u['command']}`, {u['started_at']} to {u.get('finished_at', '?')}."
+                  for u in run.get("updates", [])),
         "",
         "## The machine",
         "",
@@ -238,7 +240,8 @@ def backend_section(name: str, record: dict[str, Any]) -> list[str]:
     row("ours", record.get("ours"), "Hub defaults" + (
         " (return path `http`)" if record.get("environment", "").startswith(".tox") else ""))
     for label, side in (record.get("ours_other_paths") or {}).items():
-        row(f"ours, {label.replace('_', ' ')}", side)
+        text = label.replace("_", " ")
+        row(text if text.startswith("native") else f"ours, {text}", side)
     wove_run = record.get("wove_run")
     if wove_run:
         row("native, in the wove run", wove_run.get("native"))
@@ -354,7 +357,7 @@ def chart(result: dict[str, Any], metric: str) -> str:
     height = 60 + len(rows) * (2 * bar + gap) + 30
     scale = width / cap
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 90}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 140}" '
         f'height="{height}" font-family="sans-serif" font-size="12">',
         '<rect width="100%" height="100%" fill="white"/>',
         f'<text x="10" y="20" font-size="14" font-weight="bold">{escape(title)}</text>',

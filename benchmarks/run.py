@@ -209,6 +209,12 @@ def merge_adapter_lines(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]
         for key, value in line.items():  # e.g. celery's ours_redis_return_path
             if key.startswith("ours_") and isinstance(value, dict) and "p50_ms" in value:
                 entry["ours_other"][key.removeprefix("ours_")] = figures(value)
+        for key, value in line.items():  # other measured sides, e.g. a native control
+            if key not in ("native", "ours", "wove") and not key.startswith("ours_") \
+                    and isinstance(value, dict) and ("p50_ms" in value or
+                                                     "throughput_per_s" in value):
+                entry["ours_other"][key] = figures(value)
+        entry.setdefault("lines", []).append(line)
         for key in ("wove", "wove_note", "errors", "native_description",
                     "ours_description", "settings", "setup"):
             if key in line and line[key] not in (None, {}, ""):
@@ -228,6 +234,7 @@ def backend_record(adapter: dict[str, Any] | None, wove_line: dict[str, Any] | N
         record["ours"] = adapter.get("ours")
         if adapter.get("ours_other"):
             record["ours_other_paths"] = adapter["ours_other"]
+        record["adapter_script_output"] = adapter.get("lines", [])
     elif wove_line is not None and wove_line.get("native") and wove_line.get("ours"):
         record["native"] = figures(wove_line.get("native"))
         record["ours"] = figures(wove_line.get("ours"))
@@ -415,19 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.output_dir)
     if args.backend:  # a partial run updates only its backends in the published files
-        previous = out / "benchmarks.json"
-        with contextlib.suppress(OSError, ValueError):
-            old = json.loads(previous.read_text())
-            for name, record in old.get("backends", {}).items():
-                if name not in result["backends"] and not _selected(name, args.backend):
-                    result["backends"][name] = record
-            for key in ("memory", "wire_bytes", "inline_payload_limits"):
-                if key not in result and key in old:
-                    result[key] = old[key]
-            for name, why in old.get("not_measured", {}).items():
-                if name not in args.backend and name not in result["backends"]:
-                    result["not_measured"].setdefault(name, why)
-            result["run"]["partial"] = True
+        result = merge_partial(out / "benchmarks.json", result, args.backend)
     paths = write_all(result, out)
     for path in paths:
         log(f"wrote {path}")
@@ -435,7 +430,45 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _selected(key: str, backends: list[str]) -> bool:
-    return key.split("+")[0] in backends
+    return key.split("+")[0] in backends or any(key.startswith(b) for b in backends)
+
+
+def merge_partial(previous: Path, result: dict[str, Any], backends: list[str]) -> dict[str, Any]:
+    """Fold a run of some backends into the published run: their rows are replaced, the
+    others kept; the published machine and run stay, and this run is listed under
+    ``run.updates`` (each backend's row carries its own load average and versions)."""
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return result
+    merged = dict(old)
+    merged["backends"] = {}
+    for name, record in old.get("backends", {}).items():
+        if not _selected(name, backends):
+            merged["backends"][name] = record
+    merged["backends"].update(result["backends"])
+    order = {b: i for i, b in enumerate(BACKENDS)}
+    seen = [*old.get("backends", {}), *result["backends"]]
+    merged["backends"] = dict(sorted(
+        merged["backends"].items(),
+        key=lambda kv: (order.get(next((b for b in BACKENDS if kv[0].startswith(b)), ""),
+                                  len(order)), seen.index(kv[0]))))
+    not_measured = {k: v for k, v in old.get("not_measured", {}).items() if k not in backends}
+    not_measured.update(result["not_measured"])
+    merged["not_measured"] = not_measured
+    for key in ("memory", "wire_bytes", "inline_payload_limits"):
+        if key in result:
+            merged[key] = result[key]
+    run_info = dict(old.get("run", {}))
+    run_info["updates"] = [*run_info.get("updates", []), {
+        "command": result["run"]["command"],
+        "started_at": result["run"]["started_at"],
+        "finished_at": result["run"].get("finished_at"),
+        "load_average_at_start": result["machine"]["load_average_at_start"],
+        "backends": backends,
+    }]
+    merged["run"] = run_info
+    return merged
 
 
 if __name__ == "__main__":
