@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
 from typing import Any
 
 import click
+
+from wove_adapters.core.ledger.base import STATES, TERMINAL_STATES
 
 
 def _fail(exc: BaseException) -> click.ClickException:
@@ -54,7 +57,6 @@ def demo_cmd(environment: str | None, items: int, config_file: str | None) -> No
     """Run a small log-analytics pipeline: local steps + a mapped step on workers."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-    from rich.table import Table
 
     from wove_adapters import demo
     from wove_adapters.integration.hub import Hub
@@ -64,24 +66,27 @@ def demo_cmd(environment: str | None, items: int, config_file: str | None) -> No
     if environment is None:
         environment = "demo-workers"
         overrides["environments"] = {"demo-workers": {"executor": "stdio"}}
-    timings: list[tuple[str, str, int, list[float]]] = []
+    steps: list[_StepTiming] = []
     try:
         hub = Hub(config_file=config_file, **overrides)
     except (NameError, ValueError, TypeError, FileNotFoundError) as exc:
         raise _fail(exc) from exc
     with hub:
 
-        def timed(name: str, env: str, fn: Any, *args: Any) -> Any:
-            start = time.perf_counter()
-            value = hub.run(fn, *args, environment=env)
-            timings.append((name, env, 1, [time.perf_counter() - start]))
-            return value
+        def step(env: str, fn: Any, *args: Any) -> Any:
+            submitted = time.time()
+            try:
+                out = hub.run(demo.timed, fn, *args, environment=env,
+                              task_options={"task_name": fn.__name__})
+            except Exception as exc:
+                raise _fail(exc) from exc
+            steps.append(_StepTiming(fn.__name__, env, time.time() - submitted,
+                                     [out["run_s"]], [out["started_at"] - submitted]))
+            return out["value"]
 
         local = hub.config.default_environment
-        lines = timed("generate_logs", local, demo.generate_logs)
-        chunks = timed("split", local, demo.split, lines, items)
-        parts: list[Any] = [None] * len(chunks)
-        durations: list[float] = []
+        lines = step(local, demo.generate_logs)
+        chunks = step(local, demo.split, lines, items)
         with Progress(
             "[progress.description]{task.description}",
             BarColumn(),
@@ -91,24 +96,57 @@ def demo_cmd(environment: str | None, items: int, config_file: str | None) -> No
             transient=False,
         ) as progress:
             bar = progress.add_task(f"parse_chunk on '{environment}'", total=len(chunks))
-            started = time.perf_counter()
+            started = time.time()
             futures = []
-            for index, chunk in enumerate(chunks):
-                future = hub.submit(demo.parse_chunk, chunk, environment=environment)
+            for chunk in chunks:
+                submitted = time.time()
+                future = hub.submit(demo.timed, demo.parse_chunk, chunk,
+                                    environment=environment,
+                                    task_options={"task_name": "parse_chunk"})
                 future.add_done_callback(lambda _f: progress.advance(bar))
-                futures.append((index, future, time.perf_counter()))
-            for index, future, submitted in futures:
+                futures.append((future, submitted))
+            outs = []
+            for future, submitted in futures:
                 try:
-                    parts[index] = future.result()
+                    out = future.result()
                 except Exception as exc:
                     raise _fail(exc) from exc
-                durations.append(time.perf_counter() - submitted)
-            wall = time.perf_counter() - started
-        timings.append(("parse_chunk (mapped)", environment, len(chunks), durations))
-        rows = timed("merge", local, demo.merge, parts)
+                outs.append((out, submitted))
+            wall = time.time() - started
+        steps.append(_StepTiming(
+            "parse_chunk", environment, wall,
+            [out["run_s"] for out, _ in outs],
+            [out["started_at"] - submitted for out, submitted in outs],
+        ))
+        rows = step(local, demo.merge, [out["value"] for out, _ in outs])
+
+    console.print(_endpoint_table(rows))
+    console.print(_timing_table(steps))
+    workers = {out["pid"] for out, _ in outs}
+    console.print(
+        f"mapped step: {len(chunks)} runs on {len(workers)} worker process(es), "
+        f"{wall:.2f} s wall time"
+    )
+
+
+class _StepTiming:
+    """One pipeline step: its wall time as the caller saw it, and per run the time the
+    task ran on its worker and the time it waited before starting."""
+
+    def __init__(self, name: str, environment: str, wall: float, run: list[float],
+                 wait: list[float]) -> None:
+        self.name = name
+        self.environment = environment
+        self.wall = wall
+        self.run = sorted(run)
+        self.wait = sorted(max(0.0, w) for w in wait)  # clocks of two processes
+
+
+def _endpoint_table(rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
 
     table = Table(title="Requests by endpoint")
-    for column in ("endpoint", "requests", "error rate", "p50 ms", "p95 ms"):
+    for column in ("endpoint", "requests", "5xx share", "p50 ms", "p95 ms"):
         table.add_column(column, justify="right" if column != "endpoint" else "left")
     for row in rows:
         table.add_row(
@@ -118,40 +156,115 @@ def demo_cmd(environment: str | None, items: int, config_file: str | None) -> No
             f"{row['p50_ms']:.1f}",
             f"{row['p95_ms']:.1f}",
         )
-    console.print(table)
-    timing = Table(title="Task timings")
-    for column in ("task", "environment", "runs", "total s", "p50 s", "max s"):
-        timing.add_column(column, justify="left" if column in ("task", "environment") else "right")
-    for name, env, runs, values in timings:
-        ordered = sorted(values)
-        timing.add_row(
-            name,
-            env,
-            str(runs),
-            f"{sum(values):.3f}",
-            f"{ordered[len(ordered) // 2]:.3f}",
-            f"{ordered[-1]:.3f}",
-        )
-    console.print(timing)
-    workers = {part["pid"] for part in parts}
-    console.print(
-        f"mapped step: {len(chunks)} runs on {len(workers)} worker process(es) in {wall:.2f}s"
+    return table
+
+
+# Two-line headers keep the table inside 80 columns (a non-terminal's width) uncut.
+TIMING_COLUMNS = ("step", "environment", "runs", "wall\ns", "run\np50 ms", "run\nmax ms",
+                  "wait\np50 ms", "wait\nmax ms")
+
+
+def _timing_table(steps: list[_StepTiming]) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title="Task timings",
+        caption="wall: the step as the caller saw it, from submit to its last result.\n"
+        "run: each task's time on its worker.\n"
+        "wait: from submit to the task starting on its worker (queue, transfer).",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
     )
+    for column in TIMING_COLUMNS:
+        left = column in ("step", "environment")
+        # fold, never "…": a cut number reads as a different number.
+        table.add_column(column, justify="left" if left else "right", overflow="fold")
+    for s in steps:
+        table.add_row(
+            s.name,
+            s.environment,
+            str(len(s.run)),
+            f"{s.wall:.3f}",
+            f"{s.run[len(s.run) // 2] * 1000:.1f}",
+            f"{s.run[-1] * 1000:.1f}",
+            f"{s.wait[len(s.wait) // 2] * 1000:.1f}",
+            f"{s.wait[-1] * 1000:.1f}",
+        )
+    return table
+
+
+# ---------------------------------------------------------------- runs
+
+#: The task id ``doctor`` gives its probe runs, so ``runs`` can leave them out.
+PROBE_TASK = "wove-adapters-doctor-probe"
+
+
+def _is_probe(record: Any) -> bool:
+    return bool(record.task_id == PROBE_TASK)
+
+
+async def _list_visible(ledger: Any, limit: int, state: str | None, everything: bool) -> tuple[
+    list[Any], int
+]:
+    """The newest ``limit`` runs, doctor probes left out unless ``everything``; returns
+    them and how many probes were hidden. Asks for more rows while probes fill the page,
+    because the ledger cannot filter on task id."""
+    if everything or limit <= 0:
+        return await ledger.list_runs(limit=limit, state=state), 0
+    want = limit
+    while True:
+        records = await ledger.list_runs(limit=want, state=state)
+        shown = [r for r in records if not _is_probe(r)]
+        if len(shown) >= limit or len(records) < want or want >= limit * 16:
+            return shown[:limit], sum(1 for r in records if _is_probe(r))
+        want *= 4
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """Plain, left-aligned columns. Nothing is ever cut: a run id must paste whole into
+    ``wove-adapters result``, so a line wider than the terminal wraps instead."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 @main.command("runs")
 @click.option("--ledger", default=None, help="Ledger URL (default: the configured one).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @click.option("--limit", default=50, show_default=True)
-@click.option("--state", default=None, help="Only runs in this state.")
-def runs_cmd(ledger: str | None, fmt: str, limit: int, state: str | None) -> None:
-    """List recorded runs, newest first."""
+@click.option("--state", default=None, type=click.Choice(list(STATES)),
+              help="Only runs in this state.")
+@click.option("--all", "everything", is_flag=True,
+              help=f"Include the probe runs of `wove-adapters doctor` (task {PROBE_TASK}).")
+def runs_cmd(ledger: str | None, fmt: str, limit: int, state: str | None,
+             everything: bool) -> None:
+    """List recorded runs, newest first, with whole run ids (paste one into `result`)."""
     import asyncio
 
     from wove_adapters.core.ledger import open_ledger
 
-    url = ledger or _configured_ledger()
-    records = asyncio.run(open_ledger(url).list_runs(limit=limit, state=state))
+    try:
+        store = open_ledger(ledger or _configured_ledger())
+        records, hidden = asyncio.run(_list_visible(store, limit, state, everything))
+    except (KeyError, ValueError, OSError) as exc:
+        raise _Exit(f"cannot read the ledger {ledger or 'configured'}: "
+                    f"{type(exc).__name__}: {exc}", EXIT_UNREADABLE) from exc
     if fmt == "json":
         click.echo(
             json.dumps(
@@ -175,23 +288,153 @@ def runs_cmd(ledger: str | None, fmt: str, limit: int, state: str | None) -> Non
             )
         )
         return
-    from rich.console import Console
-    from rich.table import Table
+    click.echo(f"runs in {store.url}, newest first")
+    if not records:
+        click.echo("(none)")
+    else:
+        now = time.time()
+        rows: list[tuple[str, ...]] = [
+            ("RUN ID", "STATE", "ENVIRONMENT", "ADAPTER", "ATTEMPT", "CREATED", "OUTCOME")
+        ]
+        rows += [
+            (r.run_id, r.state, r.environment, r.adapter or "-", str(r.attempt),
+             _age(now - r.created_at), "kept" if r.outcome is not None else "-")
+            for r in records
+        ]
+        for line in _columns(rows):
+            click.echo(line)
+    if hidden:
+        click.echo(f"({hidden} doctor probe run(s) hidden: --all shows them)")
 
-    table = Table(title=f"Runs in {open_ledger(url).url}")
-    for column in ("run id", "task", "environment", "adapter", "attempt", "state", "outcome"):
-        table.add_column(column)
-    for r in records:
-        table.add_row(
-            r.run_id,
-            r.task_id,
-            r.environment,
-            r.adapter,
-            str(r.attempt),
-            r.state,
-            "yes" if r.outcome is not None else "",
+
+# ---------------------------------------------------------------- result
+
+# Exit codes of `wove-adapters result`, one per answer (documented in docs/ledger.md).
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1
+EXIT_NOT_FOUND = 2  # also: an ambiguous prefix, a bad option (click's usage errors)
+EXIT_CANCELLED = 3
+EXIT_TIMED_OUT = 4
+EXIT_LOST = 5
+EXIT_IN_FLIGHT = 6
+EXIT_UNREADABLE = 7
+
+#: How many of the newest runs a prefix is matched against (the ledger has no prefix
+#: query, so a longer scan would read every row).
+PREFIX_SCAN = 5000
+
+
+class _Exit(click.ClickException):
+    """A ClickException with our own exit code (click prints ``Error: message``)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        setattr(self, "exit_code", code)  # noqa: B010 (a ClassVar on ClickException)
+
+
+async def _find_run(ledger: Any, ref: str) -> Any:
+    """The run whose id is ``ref``, else the one run whose id (or the part after the task
+    name) starts with ``ref``. Unknown and ambiguous references exit 2, naming the fix."""
+    record = await ledger.get(ref)
+    if record is not None:
+        return record
+    if not ref.strip():
+        raise _Exit("give a run id (or a unique prefix of one)", EXIT_NOT_FOUND)
+    candidates = [
+        r for r in await ledger.list_runs(limit=PREFIX_SCAN)
+        if r.run_id.startswith(ref) or r.run_id.partition(":")[2].startswith(ref)
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise _Exit(
+            f"no run {ref!r} in {ledger.url} (looked for that id, and for a prefix among the "
+            f"newest {PREFIX_SCAN} runs). `wove-adapters runs` lists the runs; pass "
+            f"--ledger URL if the run was recorded in another ledger.",
+            EXIT_NOT_FOUND,
         )
-    Console().print(table)
+    shown = "\n  ".join(f"{r.run_id}  ({r.state})" for r in candidates[:20])
+    more = f"\n  ... and {len(candidates) - 20} more" if len(candidates) > 20 else ""
+    raise _Exit(
+        f"{ref!r} is ambiguous: it starts {len(candidates)} run ids; give more of the id.\n"
+        f"  {shown}{more}",
+        EXIT_NOT_FOUND,
+    )
+
+
+async def _await_answer(ledger: Any, ref: str, wait: float) -> Any:
+    """The run's record once it is terminal (or has an outcome), or as it stands after
+    ``wait`` seconds. Terminal rows answer at once, outcome blob or not."""
+    record = await _find_run(ledger, ref)
+    deadline = time.monotonic() + max(wait, 0.0)
+    pause = 0.05
+    while record.state not in TERMINAL_STATES and record.outcome is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 1.5, 0.5)
+        record = await ledger.get(record.run_id) or record
+    return record
+
+
+def _answer(record: Any) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) for a run's record: the word that names its outcome,
+    then what the ledger knows about it."""
+    from wove_adapters.core import frames
+    from wove_adapters.core.ledger.base import CANCELLED, FAILED, LOST, SUCCEEDED
+    from wove_adapters.core.runtime import decode_outcome
+
+    run = f"run {record.run_id}"
+    if record.state not in TERMINAL_STATES and record.outcome is None:
+        hint = ("it was detached: its worker still runs it" if record.state == "detached"
+                else "it has no outcome yet")
+        return (EXIT_IN_FLIGHT, "",
+                f"{run} is still {record.state} ({hint}); wait for it with --wait SECONDS")
+    frame: dict[str, Any] | None = None
+    if record.outcome is not None:
+        try:
+            frame = decode_outcome(record.outcome, record.run_id)
+        except Exception as exc:  # an unverifiable or unloadable outcome is its own answer
+            return (EXIT_UNREADABLE, "",
+                    f"{run} is {record.state}, but its recorded outcome cannot be read: "
+                    f"{type(exc).__name__}: {exc}. A bad signature means the signing key "
+                    f"is not this machine's (set WOVE_ADAPTERS_SECRET); a missing module "
+                    f"means the result's type must be importable here.")
+    kind = frame.get("type") if frame else None
+    error: dict[str, Any] = (frame or {}).get("error") or {}
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.updated_at))
+    if record.state == LOST or error.get("source") == "orphan":
+        reason = error.get("message") or (frame or {}).get("reason")
+        return (EXIT_LOST, "", f"{run} lost: "
+                + (reason or f"the ledger records no reason (marked lost at {when})"))
+    if kind == frames.TASK_RESULT or (kind is None and record.state == SUCCEEDED):
+        if frame is None:
+            return (EXIT_SUCCEEDED, "",
+                    f"{run} succeeded; its value was not kept (the ledger keeps values of "
+                    f"runs with an idempotency key or delivery_orphan_policy 'detach')")
+        value = frame.get("result")
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            text = repr(value)
+        return (EXIT_SUCCEEDED, text, "")
+    if kind == frames.TASK_CANCELLED or (kind is None and record.state == CANCELLED):
+        reason = (frame or {}).get("reason") or f"no reason recorded (cancelled at {when})"
+        return (EXIT_CANCELLED, "", f"{run} cancelled: {reason}")
+    if error.get("source") == "timeout" or error.get("kind") == "DeliveryTimeoutError":
+        return (EXIT_TIMED_OUT, "", f"{run} timed out: {error.get('message', '')}")
+    if kind is None:
+        assert record.state == FAILED
+        return (EXIT_FAILED, "",
+                f"{run} failed; the ledger recorded the state without the error (it keeps "
+                f"errors of runs with an idempotency key or delivery_orphan_policy 'detach')")
+    text = f"{run} failed: {error.get('kind', 'Error')}: {error.get('message', '')}"
+    remote = str(error.get("traceback") or "").rstrip()
+    if remote:
+        where = error.get("source") or "task"
+        text += f"\n\nremote traceback ({where}):\n{remote}"
+    return (EXIT_FAILED, "", text)
 
 
 @main.command("result")
@@ -200,26 +443,47 @@ def runs_cmd(ledger: str | None, fmt: str, limit: int, state: str | None) -> Non
 @click.option(
     "--wait",
     "wait",
-    type=float,
-    default=None,
-    help="Seconds to wait for an outcome that is not recorded yet.",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds to wait while the run is still in flight (`inf`: until it ends).",
 )
-def result_cmd(run_id: str, ledger: str | None, wait: float | None) -> None:
-    """Print a run's recorded result (exit 1 if the task failed or was cancelled)."""
-    from wove_adapters.integration.hub import Hub
+def result_cmd(run_id: str, ledger: str | None, wait: float) -> None:
+    """Print a run's outcome. RUN_ID may be a unique prefix of the id.
 
-    with Hub() as hub:
-        try:
-            value = hub.result(run_id, ledger=ledger or _configured_ledger(), timeout=wait)
-        except (KeyError, TimeoutError) as exc:
-            raise _fail(exc) from exc
-        except BaseException as exc:
-            click.echo(f"run {run_id} failed: {type(exc).__name__}: {exc}", err=True)
-            sys.exit(1)
+    \b
+    A finished run answers at once; one still in flight is waited for up to --wait.
+    Exit codes:
+      0 succeeded (the value on stdout, JSON when it can be)
+      1 failed (type: message, then the remote traceback, on stderr)
+      2 no such run, or an ambiguous prefix (the candidates are listed)
+      3 cancelled (with the reason)
+      4 timed out (delivery_timeout)
+      5 lost (with the reason)
+      6 still in flight when --wait ran out
+      7 the ledger or the recorded outcome could not be read
+    """
+    from wove_adapters.core.ledger import open_ledger
+
     try:
-        click.echo(json.dumps(value))
-    except TypeError:
-        click.echo(repr(value))
+        store = open_ledger(ledger or _configured_ledger())
+        record = asyncio.run(_await_answer(store, run_id, wait))
+    except click.ClickException:
+        raise
+    except Exception as exc:
+        raise _Exit(f"cannot read the ledger {ledger or '(configured)'}: "
+                    f"{type(exc).__name__}: {exc}", EXIT_UNREADABLE) from exc
+    code, out, err = _answer(record)
+    if out:
+        click.echo(out)
+    if err:
+        click.echo(err, err=True)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- doctor
+
+_MARK = {True: ("ok", "green"), False: ("FAIL", "red"), None: ("skip", "yellow")}
 
 
 @main.command("doctor")
@@ -230,50 +494,85 @@ def result_cmd(run_id: str, ledger: str | None, wait: float | None) -> None:
     help="Check only these environments (default: every configured one).",
 )
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None)
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds for the probe task.")
+@click.option("--timeout", default=30.0, show_default=True,
+              help="Seconds for the probe task (and for the backend checks).")
 def doctor_cmd(environments: tuple[str, ...], config_file: str | None, timeout: float) -> None:
-    """Check each environment: library installed, backend reachable, a worker answers."""
-    from rich.console import Console
-    from rich.table import Table
+    """Check each environment: library installed, backend reachable, a worker answers.
 
-    from wove_adapters.core import loop as shared_loop
+    The probe task is sent only when every other check passed, so a queue nobody
+    consumes gets an answer in seconds and no stray probe message. Probe runs are
+    recorded under the task id wove-adapters-doctor-probe and hidden from `runs`.
+    """
     from wove_adapters.integration.hub import Hub
 
-    table = Table(title="wove-adapters doctor")
-    for column in ("environment", "check", "ok", "detail"):
-        table.add_column(column)
     failed = False
-    with Hub(config_file=config_file) as hub:
+    try:
+        hub = Hub(config_file=config_file)
+    except (NameError, ValueError, TypeError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    with hub:
         names = list(environments) or sorted(hub.config.environments)
         for name in names:
-            rows: list[tuple[str, bool, str]] = []
-            try:
-                dispatcher = hub.dispatcher(name)
-                rows.append(("executor starts", True, dispatcher.transport.name))
-                adapter = getattr(dispatcher.transport, "adapter", None)
-                if adapter is not None:
-                    rows.extend(shared_loop.run_sync(adapter.doctor(), timeout))
-                receiver = getattr(dispatcher.transport, "receiver", None)
-                if receiver is not None:
-                    rows.append(("return path", True, receiver.url.split("/wove/events/")[0]))
-                start = time.perf_counter()
-                future = hub.submit(_probe, 1, environment=name)
-                value = future.result(timeout=timeout)
-                rows.append(
-                    (
-                        "probe task round trip",
-                        value == 2,
-                        f"{(time.perf_counter() - start) * 1000:.1f} ms",
-                    )
-                )
-            except Exception as exc:
-                rows.append(("environment", False, f"{type(exc).__name__}: {exc}"))
+            rows = _doctor_rows(hub, name, timeout)
+            executor = next((d for c, ok, d in rows if c == "executor starts" and ok), "?")
+            click.echo(f"environment '{name}' ({executor})")
             for check, ok, detail in rows:
-                failed |= not ok
-                table.add_row(name, check, "[green]ok[/]" if ok else "[red]FAIL[/]", detail)
-    Console().print(table)
+                failed |= ok is False
+                word, colour = _MARK[ok]
+                # Plain lines, never a fixed-width table: a fix hint is a command to
+                # copy, so it must never be cut at a narrow terminal.
+                click.echo(f"  {click.style(word.ljust(4), fg=colour)}  {check}: {detail}")
     if failed:
+        click.echo("doctor: some checks failed; each FAIL line says what to do")
         sys.exit(1)
+    click.echo("doctor: every check passed")
+
+
+def _doctor_rows(hub: Any, name: str, timeout: float) -> list[tuple[str, bool | None, str]]:
+    from wove_adapters.core import loop as shared_loop
+
+    rows: list[tuple[str, bool | None, str]] = []
+    try:
+        dispatcher = hub.dispatcher(name)
+    except Exception as exc:
+        return [("executor starts", False, f"{type(exc).__name__}: {exc}")]
+    rows.append(("executor starts", True, dispatcher.transport.name))
+    adapter = getattr(dispatcher.transport, "adapter", None)
+    if adapter is not None:
+        try:
+            rows.extend(shared_loop.run_sync(adapter.doctor(), timeout))
+        except Exception as exc:
+            rows.append(("backend checks", False, f"did not finish within {timeout:g}s: "
+                         f"{type(exc).__name__}: {exc}"))
+    receiver = getattr(dispatcher.transport, "receiver", None)
+    if receiver is not None:
+        rows.append(("return path", True, receiver.url.split("/wove/events/")[0]))
+    if any(ok is False for _, ok, _ in rows):
+        rows.append(("probe task round trip", None,
+                     "not sent until the failures above are fixed (it would wait in the "
+                     "queue for a worker)"))
+        return rows
+    start = time.perf_counter()
+    future = hub.submit(
+        _probe, 1, environment=name,
+        task_options={
+            "task_name": PROBE_TASK,
+            # On a timeout the runtime cancels the probe, so none is left on the broker.
+            "delivery_timeout": timeout,
+            "delivery_cancel_mode": "best_effort",
+            "delivery_orphan_policy": "cancel",
+        },
+    )
+    try:
+        value = future.result(timeout=timeout + 10)
+        rows.append(("probe task round trip", value == 2,
+                     f"{(time.perf_counter() - start) * 1000:.1f} ms"))
+    except Exception as exc:
+        rows.append(("probe task round trip", False,
+                     f"{type(exc).__name__}: {str(exc).rstrip('.')}. The checks above "
+                     f"passed, so look at the worker's log: it may be stuck, or dead but "
+                     f"still registered"))
+    return rows
 
 
 @main.command("bench")

@@ -7,8 +7,10 @@ The functions live in a module (not in the CLI) so workers import them by name.
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
+import time
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -42,12 +44,23 @@ def parse_chunk(chunk: list[str]) -> dict[str, Any]:
         if status.startswith("5"):
             errors[endpoint] += 1
         latencies[endpoint].append(float(latency[:-2]))
-    import os
+    return {"counts": dict(counts), "errors": dict(errors), "latencies": dict(latencies)}
 
+
+def timed(fn: Any, *args: Any) -> dict[str, Any]:
+    """Run ``fn(*args)`` where the task runs and say when it started and for how long.
+
+    The caller sees only submit-to-result time; splitting it into the wait before the
+    task started (queue, transfer, worker start) and the run itself needs the worker's
+    own clock readings. ``started_at`` is wall-clock time, comparable with the caller's
+    on one machine (and roughly across machines with synchronised clocks)."""
+    started_at = time.time()
+    begin = time.perf_counter()
+    value = fn(*args)
     return {
-        "counts": dict(counts),
-        "errors": dict(errors),
-        "latencies": dict(latencies),
+        "value": value,
+        "started_at": started_at,
+        "run_s": time.perf_counter() - begin,
         "pid": os.getpid(),
     }
 
