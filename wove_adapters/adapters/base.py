@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 from wove_adapters.callbacks import payload as payload_mod
 from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import frames
+from wove_adapters.core.codec import attach_remote_traceback
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.core.transport import Emit, RunAttempt, Transport
@@ -243,6 +244,7 @@ class AdapterTransport(Transport):
         self._environment = ""
         self._body_refs: dict[str, payload_mod.BodyRef] = {}
         self._batch: list[tuple[JobSpec, asyncio.Future[str]]] = []
+        self._worker_bounds: dict[str, Any] = {}
         self.stats: dict[str, int] = {"array_submissions": 0, "single_submissions": 0}
 
     async def open(
@@ -259,6 +261,7 @@ class AdapterTransport(Transport):
         self._key_id = executor_config["_key_id"]
         self._ledger_url = executor_config.get("_ledger_url")
         self._store_url = executor_config.get("payload_store")
+        self._worker_bounds = worker_bounds(executor_config)
         if executor_config.get("return_path") == "redis":
             from wove_adapters.callbacks.dropbox import get_dropbox
 
@@ -315,6 +318,7 @@ class AdapterTransport(Transport):
             ledger=self._ledger_url,
             heartbeat_seconds=run.policy.heartbeat_seconds,
             body=body,
+            **self._worker_bounds,
         )
         envelope = await asyncio.to_thread(build) if large else build()
         if envelope.body_ref is not None:
@@ -388,7 +392,14 @@ class AdapterTransport(Transport):
 
         assert self._emit is not None
         terminal = isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled))
-        self._emit(wire_to_frame(event, raw if terminal else None))
+        frame = wire_to_frame(event, raw if terminal else None)
+        if isinstance(event, frames.TaskError) and isinstance(
+            frame.get("exception"), BaseException
+        ):
+            # The caller's exception carries the worker's frames (idempotent: a no-op
+            # once wire_to_frame rebuilds with core.codec itself).
+            attach_remote_traceback(frame["exception"], event.error.traceback)
+        self._emit(frame)
 
     async def cancel(self, run: RunAttempt, *, mode: str) -> None:
         assert self.adapter is not None
@@ -446,6 +457,30 @@ class AdapterTransport(Transport):
     async def close(self) -> None:
         if self.adapter is not None:
             await self.adapter.close()
+
+
+def worker_bounds(config: dict[str, Any]) -> dict[str, Any]:
+    """How long workers keep trying to hand an outcome back (see callbacks.sender), from
+    ``executor_config``; a bad value fails at start-up, naming the key."""
+    bounds: dict[str, Any] = {}
+    for key, field_name, kind in (
+        ("worker_retry_seconds", "retry_seconds", float),
+        ("worker_retry_attempts", "retry_attempts", int),
+        ("worker_exit_flush_seconds", "exit_flush_seconds", float),
+    ):
+        value = config.get(key)
+        if value is None:
+            continue
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            number = -1
+        if number < 0 or isinstance(value, bool):
+            raise ValueError(
+                f"executor_config {key!r} must be a number >= 0, not {value!r}"
+            )
+        bounds[field_name] = number
+    return bounds
 
 
 def native_only(cls: type[BackendAdapter], config: dict[str, Any]) -> bool:

@@ -440,6 +440,9 @@ def run_payload(payload: str) -> bytes | str:
     except PayloadError:
         return worker.run(payload).state  # reports the refusal where it can
     outcome = worker.run_envelope(envelope)
+    # RQ's work-horse ends with os._exit right after this job (no exit hooks run): the
+    # outcome must be delivered or recorded in the ledger before we return.
+    outcome.settle(linger=False)
     if not outcome.delivered:
         raise RuntimeError(
             f"wove-adapters: the outcome of run {envelope.run_id} could not be delivered "

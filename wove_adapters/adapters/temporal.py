@@ -621,6 +621,11 @@ def _task_process(conn: Any) -> None:
     summary = _run_payload(payload.decode())
     stream.write(_frame(json.dumps(summary).encode()))
     stream.flush()
+    # This process ends with os._exit (no exit hooks): an outcome the caller did not take
+    # yet is delivered or recorded in the ledger first (the activity already has it).
+    from wove_adapters.callbacks import sender
+
+    sender.OUTBOX.flush(None)
 
 
 def _frame(data: bytes) -> bytes:

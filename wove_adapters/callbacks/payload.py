@@ -57,6 +57,12 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     issued_at: float = 0.0
     ledger: str | None = None
     heartbeat_seconds: float | None = None
+    # How long the worker keeps trying to hand the outcome back in the background
+    # (executor_config worker_retry_seconds / worker_retry_attempts /
+    # worker_exit_flush_seconds); None: the worker's own defaults (see callbacks.sender).
+    retry_seconds: float | None = None
+    retry_attempts: int | None = None
+    exit_flush_seconds: float | None = None
 
 
 _env_encoder = msgspec.msgpack.Encoder()
@@ -270,6 +276,9 @@ def build_envelope(
     ledger: str | None = None,
     heartbeat_seconds: float | None = None,
     body: bytes | None = None,
+    retry_seconds: float | None = None,
+    retry_attempts: int | None = None,
+    exit_flush_seconds: float | None = None,
 ) -> Envelope:
     """Pickle the task and place its body inline or in the store (blocking: call in a thread
     when the body may be large)."""
@@ -292,4 +301,7 @@ def build_envelope(
         issued_at=time.time(),
         ledger=ledger,
         heartbeat_seconds=heartbeat_seconds,
+        retry_seconds=retry_seconds,
+        retry_attempts=retry_attempts,
+        exit_flush_seconds=exit_flush_seconds,
     )

@@ -1,22 +1,42 @@
-"""The worker's way back: signed event delivery over a persistent connection, with retry.
+"""The worker's way back: signed event delivery that never holds a worker slot.
 
 Synchronous on purpose. A worker process is usually a plain process (a forked RQ
 work-horse, a Celery prefork child, a batch job): starting an event loop thread and an
 async HTTP session in each one cost more than the task (measured: ~6 ms CPU per forked RQ
 job). One keep-alive ``http.client`` connection per destination per process, guarded by a
-lock, keeps order and costs one request per event batch. A briefly unreachable receiver
-is retried with capped exponential backoff for the caller's budget (the terminal event
-gets ``WOVE_ADAPTERS_RETRY_SECONDS``, default 120 s; a heartbeat gets a few seconds).
+lock held for one request at a time, costs one request per event batch.
+
+A terminal event gets one short inline try (``try_post``). If the caller cannot take it
+(its receiver is gone, down or slow), the event goes to the process's ``OUTBOX``: one
+daemon thread that retries in the background, bounded by attempts and total time, and
+calls the event's fallback (the worker records the outcome in the run's ledger) when it
+gives up. The task's worker slot is free as soon as the event is handed over, so a caller
+that went away costs the next task nothing (it used to cost up to 120 s of blocked slot).
+
+Bounds, from the payload (``executor_config``: ``worker_retry_seconds``,
+``worker_retry_attempts``, ``worker_exit_flush_seconds``) or the worker's environment
+(``WOVE_ADAPTERS_RETRY_SECONDS``, default 120; ``WOVE_ADAPTERS_RETRY_ATTEMPTS``, default
+40; ``WOVE_ADAPTERS_EXIT_FLUSH_SECONDS``, default 10). A process that exits right after
+its task (``python -m wove_adapters.worker``, an RQ work-horse, interpreter exit) flushes
+first: every pending event is delivered, recorded by its fallback, or out of budget
+before it exits.
+Each attempt is signed afresh (new nonce and timestamp), so a retry is never refused as a
+replay and never ages out of the receiver's window; a duplicate terminal event is dropped
+by the receiver.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import http.client
 import os
+import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -27,8 +47,26 @@ from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.frames import EventBatch, WireEvent
 
 _encoder = msgspec.msgpack.Encoder()
-RETRY_SECONDS = float(os.environ.get("WOVE_ADAPTERS_RETRY_SECONDS", "120"))
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+RETRY_SECONDS = _env_float("WOVE_ADAPTERS_RETRY_SECONDS", 120.0)
+RETRY_ATTEMPTS = int(_env_float("WOVE_ADAPTERS_RETRY_ATTEMPTS", 40))
+EXIT_FLUSH_SECONDS = _env_float("WOVE_ADAPTERS_EXIT_FLUSH_SECONDS", 10.0)
 HEARTBEAT_BUDGET = 5.0
+# The inline try of a terminal event: a live caller answers in milliseconds; a refused
+# connection (the caller is gone) is handed to the outbox at once.
+INLINE_BUDGET = 1.0
+INLINE_TIMEOUT = 5.0
+BACKGROUND_TIMEOUT = 30.0
+MAX_BACKOFF = 5.0
+MAX_PENDING = 10_000  # beyond this, new events go straight to their fallback
 _PERMANENT = {400, 401, 403, 404, 405, 413, 415, 422}
 
 
@@ -40,49 +78,84 @@ def sign_events(events: list[WireEvent], key_id: str) -> signing.SignedBlob:
     return signing.sign(_encoder.encode(EventBatch(events=events, sent_at=time.time())), key_id)
 
 
+def _refused(exc: BaseException) -> bool:
+    """A refused connection: nobody listens there any more (the caller went away)."""
+    return isinstance(exc, ConnectionRefusedError) or (
+        isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED
+    )
+
+
 class _Destination:
+    """One receiver (or drop box): a keep-alive connection, used one request at a time."""
+
     def __init__(self, return_path: ReturnPath) -> None:
         self.return_path = return_path
         self.lock = threading.Lock()
         self.conn: http.client.HTTPConnection | None = None
         self.redis: Any = None
+        # Until then, inline tries skip this destination: its last request failed and the
+        # outbox is retrying it (a caller that went away must not cost every task a try).
+        self.down_until = 0.0
         parsed = urllib.parse.urlsplit(return_path.url)
         self._https = parsed.scheme == "https"
         self._host = parsed.hostname or "127.0.0.1"
         self._port = parsed.port or (443 if self._https else 80)
         self._path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
 
-    def deliver(self, data: bytes, budget: float) -> None:
+    def attempt(self, data: bytes, timeout: float) -> None:
+        """One request under the lock. Raises PayloadError when refused for good (bad
+        signature, unknown token: retrying cannot help), any other error otherwise."""
+        with self.lock:
+            try:
+                self._once(data, timeout)
+            except PayloadError:
+                raise
+            except Exception:
+                self._reset()
+                raise
+
+    def deliver(self, data_for: Callable[[], bytes], budget: float) -> None:
+        """Retry with capped exponential backoff for ``budget`` seconds (heartbeats and
+        one-off reports); the lock is never held while waiting between tries."""
         deadline = time.monotonic() + budget
         delay = 0.05
-        with self.lock:
-            while True:
-                try:
-                    self._once(data)
-                    return
-                except PayloadError:
-                    raise
-                except Exception as exc:  # connection trouble: retry with backoff
-                    self._reset()
-                    if time.monotonic() + delay > deadline:
-                        raise DeliveryFailed(
-                            f"could not deliver events to {self.return_path.url} within "
-                            f"{budget:.0f}s: {exc}"
-                        ) from exc
-                    time.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+        while True:
+            try:
+                self.attempt(data_for(), timeout=min(BACKGROUND_TIMEOUT, max(budget, 1.0)))
+                self.down_until = 0.0
+                return
+            except PayloadError:
+                raise
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
+                    raise DeliveryFailed(
+                        f"could not deliver events to {self.describe()} within "
+                        f"{budget:.0f}s: {exc}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
-    def _once(self, data: bytes) -> None:
+    def describe(self) -> str:
+        if self.return_path.kind == "redis":
+            return f"redis {self.return_path.url} {self.return_path.key}"
+        return self.return_path.url
+
+    def _once(self, data: bytes, timeout: float) -> None:
         if self.return_path.kind == "redis":
             if self.redis is None:
                 import redis
 
-                self.redis = redis.Redis.from_url(self.return_path.url)
+                self.redis = redis.Redis.from_url(
+                    self.return_path.url, socket_timeout=timeout, socket_connect_timeout=timeout
+                )
             self.redis.rpush(self.return_path.key, data)
             return
         if self.conn is None:
             cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self.conn = cls(self._host, self._port, timeout=30)
+            self.conn = cls(self._host, self._port, timeout=timeout)
+        elif self.conn.sock is not None:
+            self.conn.sock.settimeout(timeout)
+        self.conn.timeout = timeout
         self.conn.request(
             "POST", self._path, body=data, headers={"Content-Type": "application/x-wove-events"}
         )
@@ -121,13 +194,283 @@ def _destination(return_path: ReturnPath) -> _Destination:
 def post(
     return_path: ReturnPath, key_id: str, events: list[WireEvent], *, budget: float = RETRY_SECONDS
 ) -> None:
-    """Sign and deliver events; returns once acknowledged, raises DeliveryFailed."""
+    """Sign and deliver events, retrying for ``budget`` seconds; returns once acknowledged,
+    raises DeliveryFailed (or PayloadError when refused for good). Blocks: terminal events
+    use ``try_post`` + ``OUTBOX`` instead."""
     if return_path.kind == "native":
         # The backend carries the outcome back itself (e.g. a Temporal workflow result,
         # see AdapterTransport.return_path): there is nowhere to send events to.
         return
-    data = signing.encode_blob(sign_events(events, key_id))
-    _destination(return_path).deliver(data, budget)
+    _destination(return_path).deliver(
+        lambda: signing.encode_blob(sign_events(events, key_id)), budget
+    )
+
+
+def try_post(
+    return_path: ReturnPath,
+    key_id: str,
+    events: list[WireEvent],
+    *,
+    budget: float = INLINE_BUDGET,
+) -> bool:
+    """The inline try: True once acknowledged; False (at once) when the destination is
+    known down or refuses connections, or after ``budget`` seconds of other trouble.
+    Raises PayloadError when the destination refuses the events for good."""
+    if return_path.kind == "native":
+        return True
+    destination = _destination(return_path)
+    if destination.down_until > time.monotonic():
+        return False
+    deadline = time.monotonic() + budget
+    delay = 0.05
+    while True:
+        try:
+            destination.attempt(
+                signing.encode_blob(sign_events(events, key_id)), timeout=INLINE_TIMEOUT
+            )
+            destination.down_until = 0.0
+            return True
+        except PayloadError:
+            raise
+        except Exception as exc:
+            if _refused(exc) or time.monotonic() + delay > deadline:
+                destination.down_until = time.monotonic() + 1.0
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.4)
+
+
+# ---------------------------------------------------------------- the outbox
+
+
+DELIVERED = "delivered"
+RECORDED = "recorded"  # not delivered, but the fallback (the ledger) holds it
+LOST = "lost"  # neither: the run's outcome is gone (logged on the worker)
+
+
+@dataclass(eq=False)
+class Pending:
+    """One event the caller has not acknowledged yet, owned by the outbox."""
+
+    return_path: ReturnPath
+    key_id: str
+    events: list[WireEvent]
+    label: str
+    retry_seconds: float = RETRY_SECONDS
+    retry_attempts: int = RETRY_ATTEMPTS
+    exit_flush_seconds: float = EXIT_FLUSH_SECONDS
+    # Records the event somewhere durable (the run's ledger): called once the outbox
+    # takes the event (so a worker killed meanwhile loses nothing), again at give-up if
+    # that failed. Returns True when recorded.
+    fallback: Callable[[], bool] | None = None
+    created: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    next_at: float = 0.0
+    recorded: bool = False
+    result: str | None = None
+    settled: threading.Event = field(default_factory=threading.Event)
+    safe: threading.Event = field(default_factory=threading.Event)  # delivered or recorded
+    last_error: str = ""
+
+    @property
+    def deadline(self) -> float:
+        return self.created + self.retry_seconds
+
+    def wait(self, timeout: float | None = None) -> str | None:
+        """Block until delivered, recorded for good, or out of budget; the result."""
+        self.settled.wait(timeout)
+        return self.result
+
+    def wait_safe(self, timeout: float | None = None) -> bool:
+        """Block until the event is delivered or durably recorded (what a process must
+        see before it exits), or given up; True if it is safe."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.safe.is_set() and not self.settled.is_set():
+            if end is not None and time.monotonic() >= end:
+                break
+            self.safe.wait(0.05)
+        return self.safe.is_set()
+
+
+class Outbox:
+    """Per-process background delivery: one daemon thread, bounded work per event."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: list[Pending] = []
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._exit_hook = False
+        self.stats: dict[str, int] = {DELIVERED: 0, RECORDED: 0, LOST: 0, "queued": 0}
+
+    def _after_fork(self) -> None:
+        # The parent keeps retrying its own events; a child starts empty.
+        self._cond = threading.Condition()
+        self._items = []
+        self._thread = None
+        self._pid = os.getpid()
+        self._exit_hook = False
+
+    def put(self, item: Pending) -> Pending:
+        """Take over an event; returns at once."""
+        if self._pid != os.getpid():
+            self._after_fork()
+        with self._cond:
+            if len(self._items) >= MAX_PENDING:
+                full = True
+            else:
+                full = False
+                self._items.append(item)
+                self.stats["queued"] += 1
+                self._ensure_thread()
+                self._cond.notify()
+        if full:  # no unbounded memory: record it now, no retries
+            self._settle(item, RECORDED if self._record(item) else LOST, "outbox full")
+        return item
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    def flush(self, timeout: float | None = None, *, linger: bool = False) -> bool:
+        """Wait until every pending event is safe (delivered, or recorded in its ledger)
+        or out of budget, up to ``timeout`` seconds. With ``linger``, a recorded event
+        also gets up to its ``exit_flush_seconds`` to reach the caller itself. True when
+        nothing is left unsafe."""
+        start = time.monotonic()
+        end = None if timeout is None else start + timeout
+        while True:
+            with self._cond:
+                items = list(self._items)
+            now = time.monotonic()
+            waiting = [
+                item
+                for item in items
+                if not item.safe.is_set()
+                or (linger and now - start < item.exit_flush_seconds)
+            ]
+            if not waiting or (end is not None and now >= end):
+                return all(item.safe.is_set() for item in items)
+            waiting[0].settled.wait(0.05)
+
+    # ------------------------------------------------------------ the thread
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="wove-outbox")
+            self._thread.start()
+            if not self._exit_hook:
+                self._exit_hook = True
+                _register_exit_flush(self)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                now = time.monotonic()
+                due = [item for item in self._items if item.next_at <= now]
+                if not due:
+                    wake = min(item.next_at for item in self._items)
+                    self._cond.wait(max(wake - now, 0.005))
+                    continue
+            failed: set[int] = set()
+            for item in due:
+                destination = _destination(item.return_path)
+                if id(destination) in failed:  # it just failed: try again next round
+                    item.next_at = time.monotonic() + 0.05
+                    continue
+                if not self._work(item, destination):
+                    failed.add(id(destination))
+
+    def _work(self, item: Pending, destination: _Destination) -> bool:
+        """One step for one event; False when its destination failed this round."""
+        if item.fallback is not None and not item.recorded and item.attempts == 0:
+            item.recorded = self._record(item)
+            if item.recorded:
+                item.safe.set()
+        item.attempts += 1
+        try:
+            destination.attempt(
+                signing.encode_blob(sign_events(item.events, item.key_id)),
+                timeout=BACKGROUND_TIMEOUT,
+            )
+        except PayloadError as exc:  # refused for good: retrying cannot help
+            item.last_error = str(exc)
+            self._give_up(item)
+            return True
+        except Exception as exc:
+            item.last_error = f"{type(exc).__name__}: {exc}"
+            destination.down_until = time.monotonic() + 1.0
+            now = time.monotonic()
+            if item.attempts >= item.retry_attempts or now >= item.deadline:
+                self._give_up(item)
+            else:
+                backoff = min(0.1 * 2 ** (item.attempts - 1), MAX_BACKOFF)
+                item.next_at = min(now + backoff, item.deadline)
+            return False
+        destination.down_until = 0.0
+        self._settle(item, DELIVERED)
+        return True
+
+    def _record(self, item: Pending) -> bool:
+        if item.fallback is None:
+            return False
+        try:
+            return bool(item.fallback())
+        except Exception as exc:  # the fallback reports its own trouble
+            item.last_error = f"{type(exc).__name__}: {exc}"
+            return False
+
+    def _give_up(self, item: Pending) -> None:
+        if not item.recorded:
+            item.recorded = self._record(item)
+        result = RECORDED if item.recorded else LOST
+        if result == LOST:
+            print(
+                f"wove-adapters worker: the outcome of {item.label} was not delivered to "
+                f"{_destination(item.return_path).describe()} after {item.attempts} attempts "
+                f"in {time.monotonic() - item.created:.1f}s ({item.last_error}) and no "
+                f"shareable ledger holds it: it is lost. Configure a sqlite/redis/postgres "
+                f"ledger the workers can reach, or a longer worker_retry_seconds.",
+                file=sys.stderr,
+            )
+        self._settle(item, result)
+
+    def _settle(self, item: Pending, result: str, why: str = "") -> None:
+        item.result = result
+        if result in (DELIVERED, RECORDED):
+            item.safe.set()
+        self.stats[result] += 1
+        with self._cond:
+            if item in self._items:
+                self._items.remove(item)
+        item.settled.set()
+
+
+def _register_exit_flush(outbox: Outbox) -> None:
+    """Flush at interpreter exit, before the standard library joins threads: a worker
+    process that ends after its task still delivers or records what it holds (bounded by
+    each event's retry budget; a recorded event does not hold the exit)."""
+
+    def _flush() -> None:
+        if outbox._pid == os.getpid() and outbox.pending():
+            outbox.flush(None)
+
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(_flush)
+            return
+    except RuntimeError:  # already shutting down: nothing to register with
+        return
+    import atexit
+
+    atexit.register(_flush)
+
+
+OUTBOX = Outbox()
+os.register_at_fork(after_in_child=OUTBOX._after_fork)
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None

@@ -4,14 +4,20 @@ Any backend's worker runs a payload with one call: ``run(payload)`` from sync co
 Celery or RQ task body), ``await arun(payload)`` from async code (ARQ, Taskiq), or
 ``python -m wove_adapters.worker`` from a batch script. The payload is verified before
 anything is unpickled. The task runs in the calling thread (so SIGTERM can interrupt it);
-heartbeats come from a timer thread; the terminal event is acknowledged by the caller, or,
-when the caller cannot be reached, written to the ledger the envelope names.
+heartbeats come from a timer thread. The terminal event gets one short inline try; when
+the caller cannot take it, the process's outbox (``callbacks.sender``) retries it in the
+background and records it in the ledger the envelope names, so the worker slot is free
+as soon as the task ends. A failing task's event carries its traceback (the caller chains
+it to the rebuilt exception, see ``core.codec``); a task whose module the worker cannot
+import fails with ``WorkerImportError`` naming the backend, host, pid and the fix.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+import re
 import signal
 import socket
 import sys
@@ -27,7 +33,7 @@ from wove_adapters.callbacks import payload as payload_mod
 from wove_adapters.callbacks import sender
 from wove_adapters.callbacks.payload import Envelope
 from wove_adapters.core import frames
-from wove_adapters.core.errors import PayloadError
+from wove_adapters.core.errors import PayloadError, WorkerImportError
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
@@ -47,7 +53,10 @@ class Outcome:
     state: str  # succeeded | failed | cancelled | refused
     value: Any = None
     error: BaseException | None = None
+    # False only when the outcome is known lost (neither delivered nor recorded). While
+    # the outbox still owns it (``pending``), it is presumed on its way.
     delivered: bool = True
+    pending: sender.Pending | None = None
 
     @property
     def exit_code(self) -> int:
@@ -58,6 +67,21 @@ class Outcome:
             "failed": EXIT_TASK_FAILED,
             "cancelled": EXIT_CANCELLED,
         }.get(self.state, EXIT_PAYLOAD_REFUSED)
+
+    def settle(self, *, linger: bool = True) -> bool:
+        """For a process about to exit (it would take the outbox's thread with it): wait
+        until the terminal event is delivered or recorded in the ledger, within its retry
+        budget. ``linger`` also gives a recorded-but-undelivered event up to its
+        ``exit_flush_seconds`` to reach the caller. Sets and returns ``delivered``."""
+        item = self.pending
+        if item is None:
+            return self.delivered
+        if linger:
+            sender.OUTBOX.flush(item.retry_seconds + item.exit_flush_seconds, linger=True)
+        else:
+            item.wait_safe(item.retry_seconds + 1.0)
+        self.delivered = item.safe.is_set()
+        return self.delivered
 
 
 # ---------------------------------------------------------------- running one callable
@@ -189,17 +213,15 @@ def pickled_exception(exc: BaseException) -> bytes | None:
 # ---------------------------------------------------------------- the payload runner
 
 
-def _emit(
-    envelope: Envelope, event: frames.WireEvent, budget: float = sender.HEARTBEAT_BUDGET
-) -> None:
-    """Deliver one event now (heartbeats and task_started get a short budget: a later
-    event supersedes them; the terminal event gets the full retry budget)."""
+def _emit(envelope: Envelope, event: frames.WireEvent) -> None:
+    """Send a non-terminal event (task_started, heartbeat) if the caller takes it within
+    a few seconds; a later event supersedes it, so it is never queued or retried long."""
     try:
-        sender.post(envelope.return_path, envelope.key_id, [event], budget=budget)
-    except sender.DeliveryFailed as exc:
-        if budget > sender.HEARTBEAT_BUDGET:
-            raise
-        print(f"wove-adapters worker: an event was not delivered: {exc}", file=sys.stderr)
+        sender.try_post(
+            envelope.return_path, envelope.key_id, [event], budget=sender.HEARTBEAT_BUDGET
+        )
+    except PayloadError as exc:
+        print(f"wove-adapters worker: an event was refused: {exc}", file=sys.stderr)
 
 
 def _refuse(raw: str | bytes, exc: PayloadError) -> Outcome:
@@ -226,7 +248,13 @@ def _refuse(raw: str | bytes, exc: PayloadError) -> Outcome:
                 kind="PayloadError", message=f"worker refused the payload: {exc}", source="payload"
             ),
         )
-        _emit(claimed, event, budget=10.0)
+        if not sender.try_post(claimed.return_path, claimed.key_id, [event]):
+            sender.OUTBOX.put(
+                sender.Pending(
+                    claimed.return_path, claimed.key_id, [event],
+                    label=f"the refusal of run {claimed.run_id}", retry_seconds=10.0,
+                )
+            )
     except Exception:
         pass
     return Outcome("refused", error=exc, delivered=True)
@@ -268,6 +296,8 @@ class _Pulse:
 
 
 def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
+    """Run a verified envelope's task and hand its terminal event back (see
+    ``deliver_terminal``): returns as soon as the caller has it or the outbox owns it."""
     ident: dict[str, Any] = {
         "run_id": envelope.run_id,
         "task_id": envelope.task_id,
@@ -278,7 +308,7 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
     pulse = _Pulse(envelope, ident)
     with HeartbeatTimer(STARTED_AFTER, pulse.beat):
         try:
-            func, args = payload_mod.load_body(envelope)
+            func, args = _load_task(envelope)
             if handle_sigterm:
                 with sigterm_cancels():
                     value = call_task(func, args)
@@ -294,31 +324,129 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
                 **ident, error=frames.normalize_exception(exc, source="payload")
             )
             outcome = Outcome("refused", error=exc)
+        except WorkerImportError as exc:
+            event = frames.TaskError(
+                **ident,
+                error=frames.normalize_exception(exc, source="worker"),
+                exception=pickled_exception(exc),
+            )
+            outcome = Outcome("failed", error=exc)
         except Exception as exc:
+            _drop_own_frames(exc)
             event = frames.TaskError(
                 **ident,
                 error=frames.normalize_exception(exc, source="task"),
                 exception=pickled_exception(exc),
             )
             outcome = Outcome("failed", error=exc)
-    outcome.delivered = deliver_terminal(envelope, event)
+    deliver_terminal(envelope, event, outcome)
     return outcome
 
 
-def deliver_terminal(envelope: Envelope, event: frames.WireEvent) -> bool:
-    """Get the terminal event to the caller, or into the ledger; False if both fail."""
+def _drop_own_frames(exc: BaseException) -> None:
+    """The remote traceback starts at the task's code: the runner's own frames (this
+    module: run_envelope, call_task) say nothing to the reader."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    exc.__traceback__ = tb
+
+
+def _load_task(envelope: Envelope) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """Unpickle the task; a module (or a name in it) this worker cannot import becomes a
+    WorkerImportError that says where it happened and what to do."""
+    try:
+        return payload_mod.load_body(envelope)
+    except ImportError as exc:
+        raise worker_import_error(envelope, exc) from exc
+    except AttributeError as exc:  # pickle: "Can't get attribute 'f' on <module ...>"
+        if "Can't get attribute" not in str(exc):
+            raise
+        raise worker_import_error(envelope, exc) from exc
+
+
+_IMPORT_HINTS = {
+    "dask": "; a `dask worker` imports what its PYTHONPATH (or installed packages) holds: "
+    "start it with PYTHONPATH set, `--preload MODULE`, or send a single file with "
+    "Client.upload_file(path)",
+    "ray": "; or ship the code with the job: ray.init(runtime_env={'py_modules': [...]}) "
+    "or {'working_dir': ...}",
+    "process": "; worker processes get the caller's environment variables, not its "
+    "sys.path: set PYTHONPATH, or executor_config env: {PYTHONPATH: ...}",
+    "celery": "; a Celery worker imports from its working directory and PYTHONPATH",
+    "rq": "; an RQ worker imports from its working directory and PYTHONPATH",
+    "slurm": "; batch jobs get the environment sbatch passes on: export PYTHONPATH there",
+    "kubernetes_jobs": "; build the module into the job's image",
+    "aws_batch": "; build the module into the job definition's image",
+}
+
+
+def worker_import_error(envelope: Envelope, exc: BaseException) -> WorkerImportError:
+    host, pid = socket.gethostname(), os.getpid()
+    module = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if module is None and isinstance(exc, AttributeError):
+        found = re.search(r"on <module '([^']+)'", str(exc))
+        module = found.group(1) if found else None
+    what = f"module '{module}'" if module else "a module"
+    backend = envelope.adapter or "wove-adapters"
+    top = module.split(".")[0] if module else "the module"
+    return WorkerImportError(
+        f"The {backend} worker on host {host} (pid {pid}) could not import {what} that task "
+        f"'{envelope.task_id}' needs (run {envelope.run_id}): {type(exc).__name__}: {exc}. "
+        f"The code exists where the task was submitted but not where it runs: install "
+        f"{top} on the workers (pip install ...), or add the directory that holds it to the "
+        f"worker's PYTHONPATH{_IMPORT_HINTS.get(backend, '')}.",
+        backend=backend,
+        host=host,
+        pid=pid,
+        module=module,
+    )
+
+
+def deliver_terminal(
+    envelope: Envelope, event: frames.WireEvent, outcome: Outcome | None = None
+) -> bool:
+    """Hand the terminal event back without holding the worker slot: one short inline
+    try; if the caller cannot take it now, the process's outbox owns it (retries in the
+    background, bounded, and records it in the run's ledger). A ``detach`` run is recorded
+    first, whatever happens to the caller. Returns False only when the outcome is known
+    lost (no caller, no ledger); ``outcome.pending`` is set while the outbox owns it."""
     detach = envelope.delivery.get("delivery_orphan_policy") == "detach"
     recorded = bool(detach and envelope.ledger and _record_in_ledger(envelope, event))
-    # Once the ledger holds the outcome, a gone caller is no reason to linger.
-    wait = 5.0 if recorded else sender.RETRY_SECONDS
     try:
-        _emit(envelope, event, budget=wait)
-        return True
-    except Exception as exc:
-        print(f"wove-adapters worker: could not deliver the outcome: {exc}", file=sys.stderr)
-        if envelope.ledger and not recorded:
-            return _record_in_ledger(envelope, event)
-        return recorded
+        if sender.try_post(envelope.return_path, envelope.key_id, [event]):
+            return True
+        why = "the caller did not answer"
+    except PayloadError as exc:  # refused for good: the ledger is the only way left
+        print(f"wove-adapters worker: the caller refused the outcome: {exc}", file=sys.stderr)
+        delivered = recorded or bool(envelope.ledger and _record_in_ledger(envelope, event))
+        if outcome is not None:
+            outcome.delivered = delivered
+        return delivered
+    fallback = None
+    if envelope.ledger and not recorded:
+        fallback = functools.partial(_record_in_ledger, envelope, event)
+    item = sender.Pending(
+        envelope.return_path,
+        envelope.key_id,
+        [event],
+        label=f"run {envelope.run_id} ({why})",
+        retry_seconds=_bound(envelope.retry_seconds, sender.RETRY_SECONDS),
+        retry_attempts=int(_bound(envelope.retry_attempts, sender.RETRY_ATTEMPTS)),
+        exit_flush_seconds=_bound(envelope.exit_flush_seconds, sender.EXIT_FLUSH_SECONDS),
+        fallback=fallback,
+        recorded=recorded,
+    )
+    if recorded:
+        item.safe.set()
+    sender.OUTBOX.put(item)
+    if outcome is not None:
+        outcome.pending = item
+    return True
+
+
+def _bound(value: float | None, default: float) -> float:
+    return default if value is None else float(value)
 
 
 _STATE_OF = {
@@ -329,11 +457,12 @@ _STATE_OF = {
 
 
 def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
+    """Record the signed terminal event in the run's (shareable) ledger; first writer
+    wins, so a run that already has its outcome there counts as recorded."""
+    from wove_adapters.callbacks.signing import encode_blob
     from wove_adapters.core.ledger import record_outcome_sync
 
     blob = sender.sign_events([event], envelope.key_id)
-    from wove_adapters.callbacks.signing import encode_blob
-
     kind = type(event).__struct_config__.tag
     try:
         record_outcome_sync(
@@ -344,7 +473,11 @@ def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
         )
         return True
     except Exception as exc:
-        print(f"wove-adapters worker: could not record the outcome: {exc}", file=sys.stderr)
+        print(
+            f"wove-adapters worker: could not record the outcome of run {envelope.run_id} "
+            f"in the ledger: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return False
 
 
@@ -392,4 +525,5 @@ def read_payload(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     text = read_payload(list(sys.argv[1:] if argv is None else argv))
     outcome = run(text)
+    outcome.settle(linger=True)  # this process ends now: deliver or record before exiting
     return outcome.exit_code

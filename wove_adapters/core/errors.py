@@ -86,3 +86,29 @@ class TaskExecutionError(WoveAdaptersError, RuntimeError):
         super().__init__(f"{kind}: {payload.get('message', 'task failed')}")
         self.kind = kind
         self.remote_traceback = payload.get("traceback", "")
+
+
+class WorkerImportError(WoveAdaptersError, ImportError):
+    """The worker could not import what the task needs (its module, or a class of an
+    argument): the code exists in the caller but not where the task runs.
+
+    Raised on the worker while it unpickles the task, so the message says where it
+    happened (``backend``, ``host``, ``pid``) and the fix: install the module on the
+    workers, or put its directory on the worker's ``PYTHONPATH``. ``module`` is the
+    missing module's name when Python reported one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        backend: str = "",
+        host: str = "",
+        pid: int | None = None,
+        module: str | None = None,
+    ) -> None:
+        super().__init__(message, name=module)
+        self.backend = backend
+        self.host = host
+        self.pid = pid
+        self.module = module

@@ -1,0 +1,106 @@
+"""Point 4 of issue 10 on the ``process`` adapter: errors keep their story.
+
+A task that raises in a worker process reaches the caller as its own type, with the
+worker's traceback chained the way ``concurrent.futures.process`` chains it, so the
+formatted exception names the task's function and line. A task whose module the worker
+cannot import fails with ``WorkerImportError``: backend, host, pid and the fix.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import sys
+import traceback
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from wove_adapters.core.codec import RemoteTraceback
+from wove_adapters.core.errors import WorkerImportError
+from wove_adapters.integration.hub import Hub
+
+
+def explode_remotely(value: int) -> int:
+    """The task: raises in the worker, in a function of this module (pickled by value,
+    so its code object keeps this file's name and line numbers)."""
+    if value > 0:
+        raise ValueError(f"bad value {value}")
+    return value
+
+
+RAISE_LINE = next(
+    number
+    for number, line in enumerate(inspect.getsourcelines(explode_remotely)[0],
+                                  inspect.getsourcelines(explode_remotely)[1])
+    if "raise ValueError" in line
+)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    with Hub(
+        environments={"p": {"executor": "process", "executor_config": {}}},
+        default_environment="p",
+        ledger=f"sqlite:///{tmp_path / 'runs.db'}",
+    ) as hub:
+        yield hub
+
+
+def test_remote_traceback_reaches_the_caller(hub: Hub) -> None:
+    with pytest.raises(ValueError, match="bad value 7") as caught:
+        hub.run(explode_remotely, 7)
+    exc = caught.value
+    assert type(exc) is ValueError  # the original type, not a wrapper
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    formatted = "".join(traceback.format_exception(exc))
+    assert f'line {RAISE_LINE}, in explode_remotely' in formatted, formatted
+    # The worker's frames come first, then the caller's, as concurrent.futures prints them.
+    assert formatted.index("explode_remotely") < formatted.index(
+        "The above exception was the direct cause"
+    )
+
+
+@pytest.fixture
+def caller_only_module(tmp_path: Path) -> Iterator[ModuleType]:
+    """A module the caller can import (its directory is on the caller's sys.path only),
+    so cloudpickle ships the task by reference and the worker cannot import it."""
+    name = f"wove_errors_only_here_{uuid.uuid4().hex[:8]}"
+    directory = tmp_path / "caller-only"
+    directory.mkdir()
+    (directory / f"{name}.py").write_text("def task(x):\n    return x + 1\n")
+    sys.path.insert(0, str(directory))
+    try:
+        module = __import__(name)
+        yield module
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop(name, None)
+
+
+def test_import_error_names_the_worker_and_the_fix(
+    hub: Hub, caller_only_module: ModuleType
+) -> None:
+    assert "PYTHONPATH" not in os.environ or caller_only_module.__file__ not in os.environ[
+        "PYTHONPATH"
+    ]
+    task: Any = caller_only_module.task
+    with pytest.raises(ImportError) as caught:
+        hub.run(task, 1)
+    exc = caught.value
+    assert isinstance(exc, WorkerImportError), repr(exc)
+    message = str(exc)
+    name = caller_only_module.__name__
+    assert f"module '{name}'" in message
+    assert f"process worker on host {socket.gethostname()}" in message
+    assert exc.pid is not None and exc.pid != os.getpid()  # the worker's pid, not ours
+    assert f"(pid {exc.pid})" in message
+    assert "PYTHONPATH" in message and "install" in message
+    assert exc.backend == "process" and exc.module == name
+    # The remote traceback is chained too (where the worker failed to import it).
+    assert "ModuleNotFoundError" in "".join(traceback.format_exception(exc))
