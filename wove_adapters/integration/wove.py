@@ -152,6 +152,7 @@ def executor(
     if name in cfg.environments:
         resolved = cfg.environment_settings(name)
     else:
+        _require_executor_name(name, sorted(cfg.environments))
         resolved = cfg.environment_settings(cfg.default_environment)
         resolved["executor"] = name
         resolved["executor_config"] = {}
@@ -163,3 +164,25 @@ def executor(
     build_transport(resolved["executor"])  # unknown names fail here, at construction
     bridge_cls = type("WoveAdaptersExecutor", (_Bridge, base), {})
     return bridge_cls(name, resolved)
+
+
+def _require_executor_name(name: str, environments: list[str]) -> None:
+    """``name`` is not a configured environment: it must be an executor name. Say both
+    lists when it is neither, because the caller may have meant either (a typo in an
+    environment name would otherwise read as an unknown *executor*)."""
+    from wove_adapters.adapters.base import adapter_names
+
+    executors = ["local", "stdio", *adapter_names()]
+    if name in executors:
+        return
+    import difflib
+
+    configured = ", ".join(environments) if environments else "none"
+    close = difflib.get_close_matches(name, [*environments, *executors], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"Unknown executor {name!r}: {name!r} is neither a configured environment nor an "
+        f"executor name.{hint} Configured environments: {configured}. Executor names: "
+        f"{', '.join(executors)}. Add an environment named {name!r} to your configuration "
+        f"(wove_config.py or TOML, `[environments.{name}]`) or pass one of those names."
+    )
