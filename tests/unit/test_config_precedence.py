@@ -1,7 +1,7 @@
 """Precedence of configuration sources and levels, in one place (as pydantic-settings does).
 
 Sources, highest first: load_config argument > WOVE__* variable > config file > built-in.
-Levels for one task: task overrides > tasks table > call overrides > environment > global.
+Levels for one task: task overrides > call overrides > tasks table > environment > global.
 """
 
 from __future__ import annotations
@@ -319,12 +319,22 @@ def test_environment_name_resolution_order(
     cfg = load_config({"environments": envs}, environ={}, cwd=tmp_path,
                       default_environment=default_env)
     assert cfg.resolve_environment_name(task_env, call_env) == expected
-    tasks = {"job": {"environment": task_env}} if task_env else {}
-    cfg = load_config({"environments": envs, "tasks": tasks}, environ={}, cwd=tmp_path,
+    # Through task_settings the task level is the call site's task_options; a configured
+    # tasks.<name> table sits below an explicit call-site environment (next test).
+    cfg = load_config({"environments": envs}, environ={}, cwd=tmp_path,
                       default_environment=default_env)
-    settings = cfg.task_settings("job", environment=call_env)
+    overrides = {"environment": task_env} if task_env else None
+    settings = cfg.task_settings("job", environment=call_env, task_overrides=overrides)
     assert settings["environment"] == expected
     assert settings["executor"] == ("local" if expected == "default" else expected)
+
+
+def test_call_site_environment_beats_the_tasks_table(tmp_path: Path) -> None:
+    envs = {"a": {"executor": "a"}, "b": {"executor": "b"}}
+    cfg = load_config({"environments": envs, "tasks": {"job": {"environment": "a"}}},
+                      environ={}, cwd=tmp_path)
+    assert cfg.task_settings("job")["environment"] == "a"
+    assert cfg.task_settings("job", environment="b")["environment"] == "b"
 
 
 def test_task_overrides_environment_beats_tasks_table(tmp_path: Path) -> None:
@@ -336,7 +346,8 @@ def test_task_overrides_environment_beats_tasks_table(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ task-settings level order
 
-LEVELS = ("task_overrides", "tasks_table", "call_overrides", "environment", "global", "builtin")
+# What the call site says (task_options, then call settings) beats every configured level.
+LEVELS = ("task_overrides", "call_overrides", "tasks_table", "environment", "global", "builtin")
 
 
 @pytest.mark.parametrize("top", range(len(LEVELS)), ids=lambda i: LEVELS[i])

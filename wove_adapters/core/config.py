@@ -155,7 +155,13 @@ class Config:
         call_overrides: Mapping[str, Any] | None = None,
         task_overrides: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Settings for one task: task > call > environment > global > built-in levels."""
+        """Settings for one task: task overrides > call > tasks table > environment >
+        global > built-in levels.
+
+        What the program says at the call site (``task_options``, then call settings such
+        as ``hub.map(..., delivery_timeout=5)``) beats every configured level, including
+        the ``tasks.<name>`` table of a file: an explicit argument is never silently ignored.
+        """
         call = dict(call_overrides or {})
         table = self.tasks.get(task_name or "", {})
         overrides = dict(task_overrides or {})
@@ -164,10 +170,10 @@ class Config:
             for key, value in level.items():
                 _check_value(key, value, (*_TASK_KEYS, "ledger"), where, _ARGUMENT_DETAIL)
         name = self.resolve_environment_name(
-            overrides.get("environment") or table.get("environment"),
-            environment or call.get("environment"),
+            overrides.get("environment") or environment or call.get("environment"),
+            table.get("environment"),
         )
-        settings = _overlay([self.defaults, self._definition(name), call, table, overrides])
+        settings = _overlay([self.defaults, self._definition(name), table, call, overrides])
         return {"environment": name, **settings}
 
     def to_dict(self) -> dict[str, Any]:
@@ -347,23 +353,34 @@ def _env_assignments(environ: Mapping[str, str], names: dict[str, set[str]]) -> 
 
 
 def _find_file(cwd: Path, explicit: str | os.PathLike[str] | None) -> Path | None:
-    """An explicit path must exist; a bare name is searched upwards from cwd, as wove does.
+    """Which config file to read.
 
-    Without one, the nearest directory holding wove_config.py or wove_config.toml wins (the
-    .py file first), so a project's own file is never shadowed by one in a parent directory.
+    - A path (anything with a directory part, ``./x.toml`` included) is relative to cwd,
+      must exist, and is never searched for: ``--config ./x.toml`` that silently picked a
+      parent's ``x.toml`` would run a job with somebody else's settings.
+    - A bare file name is searched upwards from cwd, as wove does.
+    - Nothing: the nearest directory upwards holding wove_config.py or wove_config.toml
+      wins (the .py file first), so a project's own file is never shadowed by a parent's.
     """
-    if explicit is not None and Path(explicit).parent != Path("."):
-        resolved = cwd / explicit  # an absolute path replaces cwd
+    raw = os.fspath(explicit) if explicit is not None else None
+    if raw is not None and (os.sep in raw or "/" in raw or raw.startswith("~")):
+        resolved = cwd / Path(raw).expanduser()  # an absolute path replaces cwd
         if not resolved.is_file():
-            raise FileNotFoundError(f"Config file not found: {resolved}")
+            raise FileNotFoundError(
+                f"Config file not found: {resolved} (a config path is taken relative to "
+                f"the working directory {cwd}, never searched for)"
+            )
         return resolved
-    names = _FILE_NAMES if explicit is None else (str(explicit),)
+    names = _FILE_NAMES if raw is None else (raw,)
     for directory in (cwd, *cwd.parents):
         for name in names:
             if (directory / name).is_file():
                 return directory / name
-    if explicit is not None:
-        raise FileNotFoundError(f"Config file not found: {explicit} (searched up from {cwd})")
+    if raw is not None:
+        raise FileNotFoundError(
+            f"Config file not found: {raw} (searched from {cwd} upwards; give a path such as "
+            f"./{raw} to name one file exactly)"
+        )
     return None
 
 

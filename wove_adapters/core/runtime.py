@@ -44,6 +44,8 @@ from wove_adapters.core.transport import RunAttempt, Transport
 log = logging.getLogger("wove_adapters.runtime")
 
 Listener = Callable[[dict[str, Any]], None]
+# How long shutdown waits for a run's launch (or a background step) to finish.
+_LAUNCH_BOUND = 30.0
 _STATE_OF_EVENT = {
     frames.TASK_RESULT: SUCCEEDED,
     frames.TASK_ERROR: FAILED,
@@ -67,6 +69,9 @@ class Run:
     semaphore: asyncio.Semaphore | None = None
     holds_slot: bool = False
     finishing: bool = False
+    # The ledger claim queued for this run; the job is launched only once it is committed,
+    # so a worker can always record the outcome of a run id the caller handed out.
+    claimed: asyncio.Future[Any] | None = None
 
     @property
     def run_id(self) -> str:
@@ -183,7 +188,9 @@ class Dispatcher:
         }
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self._monitor: asyncio.Task[None] | None = None
-        self._ledger_queue: asyncio.Queue[Callable[[], Any]] = asyncio.Queue()
+        self._ledger_queue: asyncio.Queue[
+            tuple[Callable[[], Any], asyncio.Future[Any]] | None
+        ] = asyncio.Queue()
         self._ledger_task: asyncio.Task[None] | None = None
         self._reconcile_every = float(executor_config.get("reconcile_seconds", 2.0))
         self._background: set[asyncio.Task[Any]] = set()
@@ -209,11 +216,18 @@ class Dispatcher:
         )
 
     async def stop(self) -> None:
+        """Orphan policies for what is still in flight, then every queued ledger write,
+        then the transport. Every background task is awaited or cancelled here."""
         await self.abandon(list(self.runs), reason="the executor stopped with runs in flight")
-        for task in (self._monitor, self._ledger_task):
-            if task is not None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+        if self._background:
+            _, pending = await asyncio.wait(set(self._background), timeout=_LAUNCH_BOUND)
+            for task in pending:
                 task.cancel()
-        await self._drain_ledger()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._stop_ledger_writer()
         await self.transport.close()
 
     # ---------------------------------------------------------- submit
@@ -232,18 +246,22 @@ class Dispatcher:
             if record.run_id != attempt.run_id:
                 self.stats["dedup_attached"] += 1
                 return await self._follow_ledger(record, attempt, listener)
+            claimed: asyncio.Future[Any] | None = None
         else:
-            self._ledger_later(lambda: self.ledger.claim(self._record(attempt)))
+            claimed = self._ledger_later(lambda: self.ledger.claim(self._record(attempt)))
         run = Run(attempt=attempt, listeners=[(attempt.run_id, listener)])
+        run.claimed = claimed
         self.runs[attempt.run_id] = run
         if key is not None:
             self.by_key[key] = run
         self.stats["submitted"] += 1
         if attempt.policy.timeout:
+            # The coroutine is built only when the timer fires: a run that finishes in time
+            # must not leave a never-awaited coroutine behind.
             run.timer = asyncio.get_running_loop().call_later(
-                attempt.policy.timeout, self._spawn, self._on_timeout(run)
+                attempt.policy.timeout, lambda: self._spawn(self._on_timeout(run))
             )
-        run.launch_task = asyncio.get_running_loop().create_task(self._launch(run))
+        run.launch_task = self._spawn(self._launch(run))
         return run
 
     def _record(self, attempt: RunAttempt) -> RunRecord:
@@ -312,6 +330,11 @@ class Dispatcher:
                 if run.done.is_set():
                     self._release_slot(run)
                     return
+            if run.claimed is not None:
+                await asyncio.shield(run.claimed)
+            if run.done.is_set():  # cancelled while its claim was being written
+                self._release_slot(run)
+                return
             run.submitted_at = run.last_seen = time.monotonic()
             await self.transport.submit(run.attempt)
             run.launched = True
@@ -405,7 +428,9 @@ class Dispatcher:
         durable = (
             run.attempt.idempotency_key is not None or run.attempt.policy.orphan_policy == "detach"
         )
-        if blob is None and durable and state != LOST:
+        # Every ending but a plain success keeps its signed event, so `wove-adapters
+        # result` can say why a run failed, timed out, was cancelled or was lost.
+        if blob is None and (durable or state != SUCCEEDED):
             blob = self._sign_outcome(frame)
         run_id = run.run_id
         if blob is not None:
@@ -478,7 +503,7 @@ class Dispatcher:
                 number = attempt.attempt
                 self._ledger_later(lambda: self.ledger.update(attempt.run_id, attempt=number))
                 self._release_slot(run)
-                run.launch_task = asyncio.get_running_loop().create_task(self._launch(run))
+                run.launch_task = self._spawn(self._launch(run))
                 return
             reason = f"{reason}; gave up after {attempt.policy.max_requeues} requeues"
         if policy == "cancel":
@@ -498,6 +523,12 @@ class Dispatcher:
             return
         if policy == "detach" and self.transport.capabilities.detach:
             run.finishing = True
+            if not run.launched and run.launch_task is not None:
+                # A detached run must exist at the backend before the caller lets go of it.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(run.launch_task), _LAUNCH_BOUND)
+            if run.done.is_set():
+                return
             await self.transport.detach(attempt)
             self.detached[attempt.run_id] = run
             self._ledger_later(lambda: self.ledger.update(attempt.run_id, state=DETACHED))
@@ -666,34 +697,55 @@ class Dispatcher:
 
     # ---------------------------------------------------------- ledger, tasks
 
-    def _ledger_later(self, op: Callable[[], Any]) -> None:
-        self._ledger_queue.put_nowait(op)
+    def _ledger_later(self, op: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Queue a ledger write; writes apply in order. The future resolves when it has."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._ledger_task is None or self._ledger_task.done():
+            # Stopped (or never started): nothing would apply it, so say so now.
+            done.set_exception(RuntimeError(f"the dispatcher of '{self.environment}' stopped"))
+            done.exception()  # retrieved: the caller may not look
+            log.warning("ledger write after stop dropped (environment %s)", self.environment)
+            return done
+        self._ledger_queue.put_nowait((op, done))
+        return done
 
     async def _ledger_writer(self) -> None:
         while True:
-            op = await self._ledger_queue.get()
+            item = await self._ledger_queue.get()
+            if item is None:
+                return
+            op, done = item
             try:
-                await op()
+                result = await op()
             except Exception as exc:
-                log.warning("ledger write failed: %s", exc)
+                log.warning("ledger write failed (%s): %r", self.ledger.url, exc)
+                if not done.done():
+                    done.set_exception(exc)
+                    done.exception()
+            else:
+                if not done.done():
+                    done.set_result(result)
 
-    async def _drain_ledger(self) -> None:
-        while not self._ledger_queue.empty():
-            op = self._ledger_queue.get_nowait()
-            with contextlib.suppress(Exception):
-                await op()
+    async def _stop_ledger_writer(self) -> None:
+        """Apply every write queued so far, then end the writer."""
+        task = self._ledger_task
+        if task is None or task.done():
+            return
+        self._ledger_queue.put_nowait(None)
+        await asyncio.shield(task)
 
     async def flush(self) -> None:
         """Wait until every ledger write queued so far has been applied."""
-        done = asyncio.Event()
 
         async def _mark() -> None:
-            done.set()
+            return None
 
-        self._ledger_later(_mark)
-        await done.wait()
+        with contextlib.suppress(Exception):
+            await self._ledger_later(_mark)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Start a background step this dispatcher owns: ``stop`` awaits or cancels it."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task

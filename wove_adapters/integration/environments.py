@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from wove_adapters.adapters.base import AdapterTransport, get_adapter_class
@@ -17,11 +18,12 @@ from wove_adapters.callbacks import signing
 from wove_adapters.core.executors.local import LocalTransport
 from wove_adapters.core.executors.stdio import StdioTransport
 from wove_adapters.core.ledger import open_ledger
-from wove_adapters.core.loop import add_shutdown_hook
+from wove_adapters.core.loop import PHASE_DISPATCHERS, add_shutdown_hook
 from wove_adapters.core.protocol import EnvironmentExecutor
 from wove_adapters.core.runtime import Dispatcher
 from wove_adapters.core.transport import Transport
 
+log = logging.getLogger("wove_adapters.environments")
 _dispatchers: dict[str, Dispatcher] = {}
 _lock: asyncio.Lock | None = None
 _process_key_id: str | None = None
@@ -125,15 +127,16 @@ async def get_dispatcher(environment: str, settings: dict[str, Any]) -> Dispatch
             raise
         _dispatchers[ident] = dispatcher
         if len(_dispatchers) == 1:
-            add_shutdown_hook(stop_all)
+            add_shutdown_hook(stop_all, PHASE_DISPATCHERS)
         return dispatcher
 
 
 async def stop_all() -> None:
+    """Stop every shared dispatcher (at exit, after the callers' own close)."""
     dispatchers = list(_dispatchers.values())
     _dispatchers.clear()
     for dispatcher in dispatchers:
         try:
             await dispatcher.stop()
-        except Exception:
-            pass
+        except Exception as exc:  # the others must still stop and flush
+            log.warning("stopping environment %r failed: %r", dispatcher.environment, exc)

@@ -12,12 +12,15 @@ policies are applied by the dispatcher under every front end alike.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
 import inspect
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,10 +29,11 @@ from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.config import Config, load_config
 from wove_adapters.core.errors import (
     CancelNotAcknowledgedError,
+    DeliveryOrphanedError,
     MissingDispatchFeatureError,
-    WoveAdaptersError,
+    TaskExecutionError,
 )
-from wove_adapters.core.ledger import open_ledger
+from wove_adapters.core.ledger import CANCELLED, FAILED, TERMINAL_STATES, open_ledger
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
 from wove_adapters.core.runtime import Dispatcher, decode_outcome, exception_from_frame
 from wove_adapters.core.transport import RunAttempt
@@ -64,9 +68,29 @@ def named_arguments(
 
 
 class RunFuture(concurrent.futures.Future):
-    """A ``concurrent.futures.Future`` that knows its run."""
+    """A ``concurrent.futures.Future`` that knows its run.
+
+    It keeps the ``concurrent.futures`` contract: pending until the run is handed to the
+    backend, then running (``cancel()`` returns False from there on, as for a thread
+    pool; ``Hub.cancel(future)`` cancels a launched run for real), then finished.
+    """
 
     run_id: str = ""
+
+
+# Every Hub not yet closed; interpreter exit closes them (PHASE_CALLERS), before the
+# shared dispatchers stop, so their accepted submissions are finished first.
+_open_hubs: weakref.WeakSet[Hub] = weakref.WeakSet()
+# Bound on waiting for accepted submissions to reach their dispatcher at close.
+_ACCEPT_BOUND = 60.0
+
+
+async def _close_open_hubs() -> None:
+    for hub in list(_open_hubs):
+        await hub._close(reason="the program exited with the run in flight")
+
+
+shared_loop.add_shutdown_hook(_close_open_hubs, shared_loop.PHASE_CALLERS)
 
 
 class Hub:
@@ -81,9 +105,14 @@ class Hub:
     ) -> None:
         self.config: Config = load_config(config, config_file=config_file, **overrides)
         self._inflight: dict[str, Dispatcher] = {}
+        # Calls accepted but not yet handed to a dispatcher: close waits for them.
+        self._accepting: dict[str, asyncio.Event] = {}
+        self._executors: weakref.WeakSet[HubExecutor] = weakref.WeakSet()
         self._closed = False
+        self._closing: asyncio.Event | None = None
         self._settings_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._resolved: dict[int, tuple[dict[str, Any], Dispatcher, DeliveryPolicy]] = {}
+        _open_hubs.add(self)
 
     # ------------------------------------------------------------ context managers
 
@@ -100,6 +129,8 @@ class Hub:
         await self.aclose()
 
     def close(self) -> None:
+        """Finish accepted submissions and executor work, apply each in-flight run's
+        orphan policy, and wait until every queued ledger write has landed."""
         if not self._closed:
             shared_loop.run_sync(self._close())
 
@@ -107,16 +138,39 @@ class Hub:
         if not self._closed:
             await shared_loop.run_async(self._close())
 
-    async def _close(self) -> None:
-        """Runs still in flight get their orphan policy; queued ledger writes land."""
-        self._closed = True
-        by_dispatcher: dict[int, tuple[Dispatcher, list[str]]] = {}
-        for run_id, dispatcher in list(self._inflight.items()):
-            by_dispatcher.setdefault(id(dispatcher), (dispatcher, []))[1].append(run_id)
-        for dispatcher, run_ids in by_dispatcher.values():
-            await dispatcher.abandon(run_ids, reason="the Hub closed with the run in flight")
-        for dispatcher, _ in by_dispatcher.values():
-            await dispatcher.flush()
+    async def _close(self, reason: str = "the Hub closed with the run in flight") -> None:
+        """The shutdown order of DESIGN, for this Hub's runs (runs on the shared loop)."""
+        if self._closing is not None:  # a second close waits for the first
+            await self._closing.wait()
+            return
+        self._closing = asyncio.Event()
+        try:
+            # 1. Work handed to an executor runs, as concurrent.futures promises.
+            for pool in list(self._executors):
+                await pool._drain()
+            self._closed = True
+            # 2. Submissions already accepted reach their dispatcher (and the ledger).
+            await asyncio.sleep(0)  # calls scheduled from other threads start first
+            waiting = [event.wait() for event in self._accepting.values()]
+            if waiting:
+                await asyncio.wait(
+                    [asyncio.ensure_future(w) for w in waiting], timeout=_ACCEPT_BOUND
+                )
+            # 3. What is still in flight gets its orphan policy.
+            by_dispatcher: dict[int, tuple[Dispatcher, list[str]]] = {}
+            for run_id, dispatcher in list(self._inflight.items()):
+                by_dispatcher.setdefault(id(dispatcher), (dispatcher, []))[1].append(run_id)
+            for dispatcher, run_ids in by_dispatcher.values():
+                await dispatcher.abandon(run_ids, reason=reason)
+            # 4. Every ledger write queued so far lands.
+            dispatchers = {id(d): d for d in self._inflight.values()}
+            dispatchers.update({id(d): d for _, d, _ in self._resolved.values()})
+            for dispatcher in dispatchers.values():
+                await dispatcher.flush()
+        finally:
+            self._closed = True
+            _open_hubs.discard(self)
+            self._closing.set()
 
     # ------------------------------------------------------------ async API
 
@@ -131,9 +185,10 @@ class Hub:
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` in its environment and return its result."""
         run_id = self._new_run_id(fn, task_options)
-        return await shared_loop.run_async(
+        frame = await shared_loop.run_async(
             self._call(fn, args, kwargs, environment, task_options, None, run_id)
         )
+        return _value_of(frame)
 
     def asubmit(
         self,
@@ -146,11 +201,40 @@ class Hub:
     ) -> asyncio.Future[Any]:
         """Start a run from async code; the returned future has ``run_id``."""
         run_id = self._new_run_id(fn, task_options)
-        future = asyncio.wrap_future(
+        inner = asyncio.wrap_future(
             shared_loop.submit(
                 self._call(fn, args, kwargs, environment, task_options, None, run_id)
             )
         )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if future.done():
+                return
+            if done.cancelled():
+                future.cancel()
+                return
+            error = done.exception()
+            if error is not None:
+                future.set_exception(error)
+                return
+            try:
+                future.set_result(_value_of(done.result()))
+            except asyncio.CancelledError as exc:
+                future.cancel(str(exc) or None)
+            except BaseException as exc:
+                future.set_exception(exc)
+                if self._closed and isinstance(exc, DeliveryOrphanedError):
+                    # The program closed the Hub with this run in flight: it chose not
+                    # to wait, so asyncio need not log the orphaning as unretrieved.
+                    future.exception()
+
+        def propagate(done: asyncio.Future[Any]) -> None:
+            if done.cancelled() and not inner.done():
+                inner.cancel()
+
+        inner.add_done_callback(settle)
+        future.add_done_callback(propagate)
         future.run_id = run_id  # type: ignore[attr-defined]
         return future
 
@@ -165,15 +249,17 @@ class Hub:
     ) -> list[Any]:
         """``fn(item)`` for each item, with call-level settings (workers, limit_per_minute,
         max_pending, error_mode, retries, timeout, delivery_*)."""
-        return await shared_loop.run_async(
+        outcome = await shared_loop.run_async(
             self._map(fn, list(items), environment, task_options, call_settings)
         )
+        return _values_of(outcome)
 
     async def aresult(
         self, run_id: str, *, timeout: float | None = None, ledger: str | None = None
     ) -> Any:
         """The outcome of a run recorded in the ledger (detached runs, other processes)."""
-        return await shared_loop.run_async(self._result(run_id, timeout, ledger))
+        frame = await shared_loop.run_async(self._result(run_id, timeout, ledger))
+        return _value_of(frame)
 
     async def acancel(self, run: str | Any, *, mode: str | None = None) -> None:
         run_id = run if isinstance(run, str) else run.run_id
@@ -203,12 +289,10 @@ class Hub:
         task_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> RunFuture:
-        run_id = self._new_run_id(fn, task_options)
-        inner = shared_loop.submit(
-            self._call(fn, args, kwargs, environment, task_options, None, run_id)
-        )
-        inner.run_id = run_id  # type: ignore[attr-defined]
-        return inner  # type: ignore[return-value]
+        future = RunFuture()
+        future.run_id = self._new_run_id(fn, task_options)
+        self._start(fn, args, kwargs, environment, task_options, future)
+        return future
 
     def map(
         self,
@@ -219,30 +303,78 @@ class Hub:
         task_options: dict[str, Any] | None = None,
         **call_settings: Any,
     ) -> list[Any]:
-        return shared_loop.run_sync(
+        outcome = shared_loop.run_sync(
             self._map(fn, list(items), environment, task_options, call_settings)
         )
+        return _values_of(outcome)
 
     def result(
         self, run_id: str, *, timeout: float | None = None, ledger: str | None = None
     ) -> Any:
-        return shared_loop.run_sync(self._result(run_id, timeout, ledger))
+        return _value_of(shared_loop.run_sync(self._result(run_id, timeout, ledger)))
 
     def cancel(self, run: str | Any, *, mode: str | None = None) -> None:
-        """Cancel a run (or a future from ``submit``). With ``require_ack`` this waits for
-        confirmation and raises CancelNotAcknowledgedError without it."""
+        """Cancel a run (or a future from ``submit``), launched or not. With
+        ``require_ack`` this waits for confirmation and raises CancelNotAcknowledgedError
+        without it."""
         run_id = run if isinstance(run, str) else run.run_id
         shared_loop.run_sync(self._cancel(run_id, mode))
 
-    def executor(self, environment: str | None = None, **task_options: Any) -> HubExecutor:
-        """A ``concurrent.futures.Executor`` whose work runs in ``environment``."""
-        return HubExecutor(self, environment, task_options)
+    def executor(
+        self,
+        environment: str | None = None,
+        *,
+        max_workers: int | None = None,
+        **task_options: Any,
+    ) -> HubExecutor:
+        """A ``concurrent.futures.Executor`` whose work runs in ``environment``; at most
+        ``max_workers`` of its calls are handed to the backend at once (the rest wait,
+        cancellable, in submission order)."""
+        pool = HubExecutor(self, environment, task_options, max_workers=max_workers)
+        self._executors.add(pool)
+        return pool
 
     def dispatcher(self, environment: str | None = None) -> Dispatcher:
         """The shared dispatcher behind an environment (for introspection and tests)."""
         name = self.config.resolve_environment_name(None, environment)
         settings = self.config.task_settings(None, environment=name)
         return shared_loop.run_sync(get_dispatcher(settings["environment"], settings))
+
+    # ------------------------------------------------------------ futures (any thread)
+
+    def _start(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        environment: str | None,
+        task_options: dict[str, Any] | None,
+        future: RunFuture,
+    ) -> None:
+        """Start ``future``'s run on the shared loop and settle ``future`` from it.
+
+        The task's own exception (``SystemExit`` included) is set on the future, never
+        raised on the shared loop, where it would stop every other run.
+        """
+
+        def launched() -> None:
+            with contextlib.suppress(RuntimeError):  # already cancelled or finished
+                future.set_running_or_notify_cancel()
+
+        inner = shared_loop.submit(
+            self._call(fn, args, kwargs, environment, task_options, None, future.run_id,
+                       on_launched=launched)
+        )
+
+        def settle(done: concurrent.futures.Future[Any]) -> None:
+            _settle_future(future, done)
+
+        def propagate(done: concurrent.futures.Future[Any]) -> None:
+            if done.cancelled() and not inner.done():
+                inner.cancel()  # cancels the call on the loop: the run never launches
+
+        inner.add_done_callback(settle)
+        future.add_done_callback(propagate)
 
     # ------------------------------------------------------------ internals (shared loop)
 
@@ -282,36 +414,52 @@ class Hub:
         task_options: dict[str, Any] | None,
         call_settings: dict[str, Any] | None,
         run_id: str,
-    ) -> Any:
+        on_launched: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """One call with its retries and ``timeout``; returns the terminal frame.
+
+        Failures come back as frames, not raised: the front end raises them in the
+        caller's own thread or loop (see ``_value_of``).
+        """
         if self._closed:
-            raise RuntimeError("this Hub is closed")
-        options = dict(task_options or {})
-        task_name = options.pop("task_name", None) or task_name_of(fn)
-        task_env = options.pop("environment", None)
-        settings = self._settings_for(task_name, task_env or environment, call_settings, options)
-        retries = int(settings.get("retries") or 0)
-        timeout = settings.get("timeout")
-        last: BaseException | None = None
-        for number in range(retries + 1):
-            attempt_id = run_id if number == 0 else f"{run_id}.retry{number}"
+            return _error_frame(run_id, RuntimeError(
+                f"this Hub is closed; run {run_id} was not submitted (submit before "
+                "close(), or open a new Hub)"))
+        accepted = self._accepting[run_id] = asyncio.Event()
+        try:
+            options = dict(task_options or {})
+            task_name = options.pop("task_name", None) or task_name_of(fn)
+            task_env = options.pop("environment", None)
             try:
-                coro = self._deliver(fn, args, kwargs, task_name, settings, attempt_id)
-                if timeout:
-                    return await asyncio.wait_for(coro, float(timeout))
-                return await coro
-            except (asyncio.CancelledError, CancelNotAcknowledgedError):
-                raise
-            except WoveAdaptersError as exc:  # DeliveryTimeoutError is a TimeoutError too
-                last = exc
-            except asyncio.TimeoutError as exc:
-                last = TimeoutError(
-                    f"task '{task_name}' exceeded timeout={timeout}s (run {attempt_id})"
+                settings = self._settings_for(
+                    task_name, task_env or environment, call_settings, options
                 )
-                last.__cause__ = exc
-            except Exception as exc:
-                last = exc
-        assert last is not None
-        raise last
+            except Exception as exc:  # bad configuration: the caller sees it as raised
+                return _error_frame(run_id, exc)
+            retries = int(settings.get("retries") or 0)
+            timeout = settings.get("timeout")
+            frame: dict[str, Any] = {}
+            for number in range(retries + 1):
+                attempt_id = run_id if number == 0 else f"{run_id}.retry{number}"
+                coro = self._deliver(
+                    fn, args, kwargs, task_name, settings, attempt_id, accepted, on_launched
+                )
+                try:
+                    frame = await (asyncio.wait_for(coro, float(timeout)) if timeout else coro)
+                except asyncio.TimeoutError as exc:
+                    error = TimeoutError(
+                        f"task '{task_name}' exceeded timeout={timeout}s (run {attempt_id})"
+                    )
+                    error.__cause__ = exc
+                    frame = _error_frame(attempt_id, error)
+                except Exception as exc:  # setup failures: policy, dispatcher start-up
+                    frame = _error_frame(attempt_id, exc)
+                if not _retryable(frame) or self._closed:
+                    return frame
+            return frame
+        finally:
+            accepted.set()
+            self._accepting.pop(run_id, None)
 
     async def _deliver(
         self,
@@ -321,7 +469,9 @@ class Hub:
         task_name: str,
         settings: dict[str, Any],
         run_id: str,
-    ) -> Any:
+        accepted: asyncio.Event,
+        on_launched: Callable[[], None] | None,
+    ) -> dict[str, Any]:
         environment = settings["environment"]
         cached = self._resolved.get(id(settings))
         if cached is None or cached[0] is not settings:
@@ -357,11 +507,25 @@ class Hub:
             environment=environment,
             extra={"options": settings.get("executor_config", {}).get("task_options", {})},
         )
+        del func
         self._inflight[run_id] = dispatcher
         try:
-            await dispatcher.submit(attempt, listener)
+            # Once accepted, a submission is not torn in half by a cancelled caller: the
+            # run is created (and recorded), then cancelled below.
+            submitting = asyncio.ensure_future(dispatcher.submit(attempt, listener))
             try:
-                frame = await asyncio.shield(outcome)
+                run = await asyncio.shield(submitting)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await submitting
+                    await dispatcher.cancel(run_id)
+                raise
+            finally:
+                accepted.set()
+            if on_launched is not None:
+                _when_launched(run, on_launched)
+            try:
+                return await asyncio.shield(outcome)
             except asyncio.CancelledError:
                 # The caller gave up (future cancelled, timeout): cancel the run for real.
                 with contextlib.suppress(Exception):
@@ -369,7 +533,6 @@ class Hub:
                 raise
         finally:
             self._inflight.pop(run_id, None)
-        return _value_of(frame)
 
     async def _map(
         self,
@@ -378,26 +541,28 @@ class Hub:
         environment: str | None,
         task_options: dict[str, Any] | None,
         call_settings: dict[str, Any],
-    ) -> list[Any]:
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """Every item's terminal frame, with the error mode; ``_values_of`` raises."""
         task_name = (task_options or {}).get("task_name") or task_name_of(fn)
         settings = self.config.task_settings(
             task_name, environment=environment, call_overrides=call_settings
         )
+        error_mode = settings.get("error_mode") or "raise"
         max_pending = settings.get("max_pending")
         if max_pending is not None and len(items) > int(max_pending):
-            raise RuntimeError(
+            error = RuntimeError(
                 f"Mapped task '{task_name}' has {len(items)} items, which exceeds "
                 f"max_pending={max_pending}."
             )
+            return "raise", [_error_frame("", error)]
         workers = settings.get("workers")
         limiter = asyncio.Semaphore(int(workers)) if workers else None
         per_minute = settings.get("limit_per_minute")
         spacing = 60.0 / float(per_minute) if per_minute else 0.0
-        error_mode = settings.get("error_mode") or "raise"
         start = time.monotonic()
         passthrough = {k: v for k, v in call_settings.items() if k not in _MAP_KEYS}
 
-        async def one(index: int, item: Any) -> Any:
+        async def one(index: int, item: Any) -> dict[str, Any]:
             if spacing:
                 await asyncio.sleep(max(0.0, start + index * spacing - time.monotonic()))
             run_id = self._new_run_id(fn, task_options)
@@ -409,45 +574,146 @@ class Hub:
 
         tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(items)]
         if error_mode == "return":
-            return list(await asyncio.gather(*tasks, return_exceptions=True))
+            return "return", list(await asyncio.gather(*tasks))
         try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
+            for finished in asyncio.as_completed(tasks):
+                frame = await finished
+                if frame.get("type") != frames.TASK_RESULT:
+                    return "raise", [frame]
+            return "raise", [task.result() for task in tasks]
+        finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            raise
 
-    async def _result(self, run_id: str, timeout: float | None, ledger_url: str | None) -> Any:
-        ledger = open_ledger(ledger_url or self.config.ledger)
-        record = await ledger.get(run_id)
-        if record is None:
-            raise KeyError(f"run {run_id} is not in the ledger {ledger.url}")
-        if record.outcome is None:
+    async def _result(
+        self, run_id: str, timeout: float | None, ledger_url: str | None
+    ) -> dict[str, Any]:
+        """A recorded run's terminal frame, from the ledger its environment uses."""
+        urls = [ledger_url] if ledger_url else self._ledger_urls()
+        ledger = record = None
+        for url in urls:
+            ledger = open_ledger(url)
+            record = await ledger.get(run_id)
+            if record is not None:
+                break
+        if record is None or ledger is None:
+            where = ", ".join(open_ledger(url).url for url in urls)
+            raise KeyError(f"run {run_id} is not in the ledger ({where})")
+        if record.outcome is None and record.state not in TERMINAL_STATES:
             found = await ledger.wait_outcome(run_id, timeout=timeout)
-            if found is None or found.outcome is None:
+            if found is None or (found.outcome is None and found.state not in TERMINAL_STATES):
                 raise TimeoutError(
                     f"run {run_id} has no outcome yet (state {record.state}) in {ledger.url}"
                 )
             record = found
-        assert record.outcome is not None
-        frame = await asyncio.to_thread(decode_outcome, record.outcome, run_id)
-        return _value_of(frame)
+        if record.outcome is None:  # a terminal state recorded without an event
+            reason = f"run {run_id} ended {record.state} (no outcome was recorded)"
+            if record.state == CANCELLED:
+                return {"type": frames.TASK_CANCELLED, "run_id": run_id, "reason": reason}
+            error: Exception = DeliveryOrphanedError(reason, run_id=run_id)
+            if record.state == FAILED:
+                error = TaskExecutionError({"kind": "Error", "message": reason})
+            return _error_frame(run_id, error)
+        return await asyncio.to_thread(decode_outcome, record.outcome, run_id)
+
+    def _ledger_urls(self) -> list[str | None]:
+        """The configured ledger, then every environment's own, in order, deduplicated."""
+        urls: list[str | None] = [self.config.ledger]
+        for name in sorted(self.config.environments):
+            with contextlib.suppress(Exception):
+                url = self.config.environment_settings(name).get("ledger")
+                if url not in urls:
+                    urls.append(url)
+        return urls
 
     async def _cancel(self, run_id: str, mode: str | None) -> None:
+        accepting = self._accepting.get(run_id)
+        if run_id not in self._inflight and accepting is not None:
+            # Submitted a moment ago and still on its way to the dispatcher: cancel it
+            # once it is there, rather than letting the cancel fall through the gap.
+            await accepting.wait()
         dispatcher = self._inflight.get(run_id)
         if dispatcher is None:
             return
         await dispatcher.cancel(run_id, mode)
 
 
+def _when_launched(run: Any, callback: Callable[[], None]) -> None:
+    """Call ``callback`` once ``run`` has been handed to its backend (or at once)."""
+    task = getattr(run, "launch_task", None)
+    if getattr(run, "launched", True) or task is None:
+        callback()
+        return
+
+    def done(_: asyncio.Task[None]) -> None:
+        if run.launched:
+            callback()
+
+    task.add_done_callback(done)
+
+
+def _error_frame(run_id: str, error: BaseException) -> dict[str, Any]:
+    return {"type": frames.TASK_ERROR, "run_id": run_id, "exception": error,
+            "error": {"kind": type(error).__name__, "message": str(error), "source": "hub"}}
+
+
+def _retryable(frame: dict[str, Any]) -> bool:
+    """A failed attempt is retried (``retries``) unless it was cancelled, its cancel
+    was not confirmed, or the task raised something that is not an ``Exception``."""
+    if frame.get("type") != frames.TASK_ERROR:
+        return False
+    exc = frame.get("exception")
+    if isinstance(exc, CancelNotAcknowledgedError):
+        return False
+    return exc is None or isinstance(exc, Exception)
+
+
 def _value_of(frame: dict[str, Any]) -> Any:
+    """The run's value, or its exception raised in the caller's own context."""
     kind = frame.get("type")
     if kind == frames.TASK_RESULT:
         return frame.get("result")
     if kind == frames.TASK_CANCELLED:
         raise asyncio.CancelledError(frame.get("reason") or "the run was cancelled")
     raise exception_from_frame(frame)
+
+
+def _values_of(outcome: tuple[str, list[dict[str, Any]]]) -> list[Any]:
+    mode, results = outcome
+    if mode == "return":
+        values: list[Any] = []
+        for frame in results:
+            try:
+                values.append(_value_of(frame))
+            except BaseException as exc:
+                values.append(exc)
+        return values
+    return [_value_of(frame) for frame in results]
+
+
+def _settle_future(future: RunFuture, done: concurrent.futures.Future[Any]) -> None:
+    """Resolve a caller's future from its call's outcome (on the loop thread)."""
+    if future.done():
+        return
+    if done.cancelled():
+        future.cancel()
+        return
+    error = done.exception()
+    if error is not None:  # a bug in the hub itself: still the caller's to see
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            future.set_exception(error)
+        return
+    frame = done.result()
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if frame.get("type") == frames.TASK_RESULT:
+            future.set_result(frame.get("result"))
+        elif frame.get("type") == frames.TASK_CANCELLED:
+            reason = frame.get("reason") or "the run was cancelled"
+            if not future.cancel():  # running: cancelled for real, by Hub.cancel or the backend
+                future.set_exception(concurrent.futures.CancelledError(reason))
+        else:
+            future.set_exception(exception_from_frame(frame))
 
 
 def _require_cloudpickle() -> None:
@@ -460,29 +726,95 @@ def _require_cloudpickle() -> None:
 
 
 class HubExecutor(concurrent.futures.Executor):
-    """``concurrent.futures`` face of one environment."""
+    """``concurrent.futures`` face of one environment, with that contract: every keyword
+    of ``submit`` goes to ``fn``; at most ``max_workers`` calls are handed to the backend
+    at once and the rest wait here, cancellable; submitted work runs even if the program
+    exits without ``shutdown`` (as a thread pool's does); ``shutdown(cancel_futures=True)``
+    cancels what has not started."""
 
-    def __init__(self, hub: Hub, environment: str | None, task_options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        environment: str | None,
+        task_options: dict[str, Any],
+        *,
+        max_workers: int | None = None,
+    ) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
         self._hub = hub
         self._environment = environment
-        self._task_options = task_options or None
-        self._futures: set[concurrent.futures.Future[Any]] = set()
+        self._task_options = dict(task_options) or None
+        self._max_workers = max_workers
+        self._lock = threading.Lock()
+        self._queue: collections.deque[
+            tuple[RunFuture, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+        ] = collections.deque()
+        self._futures: set[RunFuture] = set()
+        self._active = 0
         self._shutdown = False
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RunFuture:
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        future = self._hub.submit(
-            fn, *args, environment=self._environment, task_options=self._task_options, **kwargs
-        )
-        self._futures.add(future)
-        future.add_done_callback(self._futures.discard)
+        future = RunFuture()
+        future.run_id = self._hub._new_run_id(fn, self._task_options)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._futures.add(future)
+            if self._max_workers is not None and self._active >= self._max_workers:
+                self._queue.append((future, fn, args, kwargs))
+                return future
+            self._active += 1
+        self._launch(future, fn, args, kwargs)
         return future
 
+    def _launch(
+        self,
+        future: RunFuture,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        future.add_done_callback(self._finished)
+        self._hub._start(fn, args, kwargs, self._environment, self._task_options, future)
+
+    def _finished(self, future: concurrent.futures.Future[Any]) -> None:
+        """A slot is free: launch the next queued call that was not cancelled."""
+        while True:
+            with self._lock:
+                self._futures.discard(future)
+                if not self._queue:
+                    self._active -= 1
+                    return
+                nxt, fn, args, kwargs = self._queue.popleft()
+                if nxt.cancelled():
+                    self._futures.discard(nxt)
+                    continue
+            self._launch(nxt, fn, args, kwargs)
+            return
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._shutdown = True
-        if cancel_futures:
-            for future in list(self._futures):
-                future.cancel()
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                queued = list(self._queue)
+                self._queue.clear()
+            else:
+                queued = []
+        for future, *_ in queued:
+            future.cancel()
+            with self._lock:
+                self._futures.discard(future)
         if wait:
-            concurrent.futures.wait(list(self._futures))
+            with self._lock:
+                pending = list(self._futures)
+            concurrent.futures.wait(pending)
+
+    async def _drain(self) -> None:
+        """Hub close and interpreter exit: every submitted call finishes (shared loop)."""
+        while True:
+            with self._lock:
+                pending = [f for f in self._futures if not f.done()]
+            if not pending:
+                return
+            await asyncio.wait([asyncio.wrap_future(f) for f in pending])

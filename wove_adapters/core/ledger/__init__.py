@@ -17,7 +17,6 @@ cannot drift apart.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import importlib
 import os
@@ -78,6 +77,7 @@ SUPPORTED_SCHEMES: Final = ("memory", "sqlite", "redis", "postgresql")
 
 _shared: dict[str, Ledger] = {}
 _shared_lock = threading.Lock()
+_exit_registered = False
 
 
 def _scheme(url: str) -> str:
@@ -108,6 +108,7 @@ def open_ledger(url: str | None = None) -> Ledger:
     from several event loops over the process lifetime (each backend handles that), so
     callers never need to close it: ``close_all()`` or interpreter exit does.
     """
+    global _exit_registered
     if url is None:
         from wove_adapters.core.paths import default_ledger_url
 
@@ -119,6 +120,13 @@ def open_ledger(url: str | None = None) -> Ledger:
             module_name, class_name = _BACKENDS[_scheme(key)]
             cls: type[Ledger] = getattr(importlib.import_module(module_name), class_name)
             ledger = cls(key)  # type: ignore[call-arg]
+            if not _exit_registered:
+                _exit_registered = True
+                # After the shared loop's shutdown hooks (dispatchers flush their writes
+                # first), before ``concurrent.futures`` refuses work to the SQLite thread.
+                from wove_adapters.core.loop import add_exit_closer
+
+                add_exit_closer(_close_at_exit)
             _shared[key] = ledger
         return ledger
 
@@ -132,7 +140,6 @@ async def close_all() -> None:
         await ledger.aclose()
 
 
-@atexit.register
 def _close_at_exit() -> None:
     # Only the SQLite ledger holds something worth closing synchronously (it checkpoints
     # the WAL on close); network clients die with the process.
@@ -143,6 +150,7 @@ def _close_at_exit() -> None:
         if close is not None:
             with contextlib.suppress(Exception):  # best effort at interpreter exit
                 close()
+
 
 
 def record_outcome_sync(url: str, run_id: str, state: str, outcome: bytes) -> bool:
