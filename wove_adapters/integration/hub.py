@@ -358,8 +358,11 @@ class Hub:
         """
 
         def launched() -> None:
-            with contextlib.suppress(RuntimeError):  # already cancelled or finished
-                future.set_running_or_notify_cancel()
+            # Runs on the loop thread, like ``settle``: a future settled first (a very short
+            # run) is not moved back; one cancelled by another thread just says False.
+            if not future.done() and not future.running():
+                with contextlib.suppress(RuntimeError):
+                    future.set_running_or_notify_cancel()
 
         inner = shared_loop.submit(
             self._call(fn, args, kwargs, environment, task_options, None, future.run_id,
