@@ -96,6 +96,10 @@ class BackendAdapter(abc.ABC):
     async def release(self, handle: str) -> None:
         """The run ended: remove per-job files or records (default: nothing)."""
 
+    async def drain(self) -> None:
+        """Shutdown, after orphan policies and before the dispatcher's last ledger write:
+        let work that must end with this process end (default: nothing to wait for)."""
+
     async def close(self) -> None:
         """Release clients; default: nothing."""
 
@@ -245,6 +249,9 @@ class AdapterTransport(Transport):
         self._body_refs: dict[str, payload_mod.BodyRef] = {}
         self._batch: list[tuple[JobSpec, asyncio.Future[str]]] = []
         self._worker_bounds: dict[str, Any] = {}
+        # Runs whose job ended without their terminal event: when we first saw it.
+        self._ended_quiet: dict[str, float] = {}
+        self._delivery_grace = 0.0
         self.stats: dict[str, int] = {"array_submissions": 0, "single_submissions": 0}
 
     async def open(
@@ -262,6 +269,7 @@ class AdapterTransport(Transport):
         self._ledger_url = executor_config.get("_ledger_url")
         self._store_url = executor_config.get("payload_store")
         self._worker_bounds = worker_bounds(executor_config)
+        self._delivery_grace = delivery_grace(self._worker_bounds)
         if executor_config.get("return_path") == "redis":
             from wove_adapters.callbacks.dropbox import get_dropbox
 
@@ -433,10 +441,44 @@ class AdapterTransport(Transport):
             await asyncio.sleep(0.1)
 
     async def status(self, run: RunAttempt) -> JobState:
+        """The backend's view, with one correction: a job that ended normally while its
+        terminal event has not arrived is still RUNNING for the delivery grace (the
+        worker's background outbox retries it; see callbacks.sender). After the grace,
+        an outcome the worker recorded in the ledger resolves the run; only a job with no
+        event and no record anywhere is reported finished (and so lost)."""
         assert self.adapter is not None
         if run.submission is None:
             return JobState.UNKNOWN
-        return await self.adapter.status(run.submission)
+        state = await self.adapter.status(run.submission)
+        if state is not JobState.SUCCEEDED or self.receiver is None:
+            return state
+        key = f"{run.run_id}#{run.attempt}"
+        now = asyncio.get_running_loop().time()
+        first = self._ended_quiet.setdefault(key, now)
+        if now - first < self._delivery_grace:
+            return JobState.RUNNING
+        if await self._resolve_from_ledger(run):
+            self._ended_quiet.pop(key, None)
+        return state
+
+    async def _resolve_from_ledger(self, run: RunAttempt) -> bool:
+        """Emit the outcome the worker recorded when it could not reach us, if any."""
+        if not self._ledger_url or self._emit is None:
+            return False
+        from wove_adapters.core.ledger import open_ledger
+        from wove_adapters.core.runtime import decode_outcome
+
+        try:
+            record = await open_ledger(self._ledger_url).get(run.run_id)
+            if record is None or record.outcome is None:
+                return False
+            frame = await asyncio.to_thread(decode_outcome, record.outcome, run.run_id)
+        except Exception:  # unreadable: reconciliation reports the run lost
+            return False
+        if frame.get("attempt", run.attempt) != run.attempt:
+            return False
+        self._emit(frame)
+        return True
 
     async def detach(self, run: RunAttempt) -> None:
         assert self.adapter is not None
@@ -444,6 +486,7 @@ class AdapterTransport(Transport):
             await self.adapter.detach(run.submission)
 
     async def release(self, run: RunAttempt) -> None:
+        self._ended_quiet.pop(f"{run.run_id}#{run.attempt}", None)
         if self.receiver is not None:
             self.receiver.unregister(run.run_id)
         if self.adapter is not None and run.submission is not None:
@@ -453,6 +496,11 @@ class AdapterTransport(Transport):
         if ref is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(payload_mod.open_store(ref.store).delete, ref)
+
+    async def drain(self) -> None:
+        """See BackendAdapter.drain (the dispatcher calls it while stopping)."""
+        if self.adapter is not None:
+            await self.adapter.drain()
 
     async def close(self) -> None:
         if self.adapter is not None:
@@ -481,6 +529,15 @@ def worker_bounds(config: dict[str, Any]) -> dict[str, Any]:
             )
         bounds[field_name] = number
     return bounds
+
+
+def delivery_grace(bounds: dict[str, Any]) -> float:
+    """How long a job that ended without its terminal event still counts as delivering:
+    the worker's retry window (``worker_retry_seconds``, else this process's default) and
+    a little for the last try in flight."""
+    from wove_adapters.callbacks import sender
+
+    return float(bounds.get("retry_seconds", sender.RETRY_SECONDS)) + 5.0
 
 
 def native_only(cls: type[BackendAdapter], config: dict[str, Any]) -> bool:

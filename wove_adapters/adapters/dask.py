@@ -29,11 +29,13 @@ import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import frames
+from wove_adapters.core.codec import attach_remote_traceback
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.policies import Capabilities, JobState
 
@@ -64,6 +66,8 @@ def run_payload(payload: str) -> Any:
     envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
     if envelope.return_path.kind == "native":
         return _run_native(envelope)
+    # Returns as soon as the caller has the outcome or this process's outbox owns it
+    # (the caller is gone or slow): the Dask thread is free for the next task at once.
     outcome = worker.run_envelope(envelope, handle_sigterm=False)
     if not outcome.delivered:
         raise OutcomeUndelivered(
@@ -80,7 +84,7 @@ def _run_native(envelope: Any) -> Any:
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     detach = envelope.delivery.get("delivery_orphan_policy") == "detach" and envelope.ledger
-    func, args = payload_mod.load_body(envelope)
+    func, args = worker._load_task(envelope)  # WorkerImportError names host, pid, the fix
     try:
         value = worker.call_task(func, args)
     except Exception as exc:
@@ -121,6 +125,7 @@ class _Tracked:
     attempt: int
     future: Any
     watcher: asyncio.Task[None] | None = None
+    detached: bool = False  # detached before its batch left: submitted, then let go
 
 
 class DaskAdapter(BackendAdapter):
@@ -176,6 +181,7 @@ class DaskAdapter(BackendAdapter):
         self._background: set[asyncio.Task[None]] = set()
         self._states: dict[str, str | None] = {}
         self._states_at = float("-inf")
+        self._detached: dict[str, Any] = {}
 
     # ---------------------------------------------------------- life cycle
 
@@ -234,31 +240,72 @@ class DaskAdapter(BackendAdapter):
             # A worker that dies mid-task fails the task (KilledWorker) instead of Dask
             # re-running it: the orphan policy decides what happens to a lost run.
             "scheduler_kwargs": {"allowed_failures": int(self.config.get("allowed_failures", 0))},
+            # The cluster is ours and stops with us: its workers' expected goodbyes at
+            # close (a cancelled task interrupted, comms closed) are warnings, not news
+            # for the user's terminal. Errors still print.
+            "silence_logs": logging.ERROR,
             "asynchronous": True,
         }
         options.update(self.config.get("cluster_options") or {})
         return await LocalCluster(**options)
 
     async def close(self) -> None:
+        """Stop in the order that keeps the cluster quiet: detached runs on our own
+        cluster finish first (they cannot outlive it), then our watchers stop, then the
+        client closes (releasing every key, so no worker holds data or runs our work
+        when it is told to stop), and only then the LocalCluster."""
+        await self._finish_detached()
         for tracked in list(self._tracked.values()):
             if tracked.watcher is not None:
                 tracked.watcher.cancel()
         self._tracked.clear()
-        for task in list(self._background):
+        tasks = list(self._background)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.client is not None:
-            with contextlib.suppress(Exception):
-                await self.client.close()
-            self.client = None
+            client, self.client = self.client, None
+            with _quiet_dask_logs():
+                with contextlib.suppress(Exception):
+                    await client.close()
         await self._close_cluster()
+
+    async def drain(self) -> None:
+        """Before the dispatcher stops writing its ledger: detached runs on our own
+        cluster finish (their outcomes still reach the ledger through the dispatcher)."""
+        await self._finish_detached()
+
+    async def _finish_detached(self) -> None:
+        """A detached run on the LocalCluster we own would die with it, its ledger row
+        left ``detached`` for good: wait for those runs (their workers record the outcome
+        in the ledger), up to ``executor_config["close_timeout"]`` seconds (default 45, inside
+        the 60 s the shared loop gives dispatchers at exit)."""
+        pending = [f for f in self._detached.values() if not f.done()]
+        self._detached.clear()
+        if not pending or self.client is None:
+            return
+        timeout = float(self.config.get("close_timeout", 45))
+        waits = [asyncio.ensure_future(f.exception()) for f in pending]
+        _, left = await asyncio.wait(waits, timeout=timeout)
+        for waiter in left:
+            waiter.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        if left:
+            log.warning(
+                "%d detached Dask runs were still running when the environment closed "
+                "after close_timeout=%ss; the LocalCluster stops them, so their ledger rows "
+                "stay 'detached'. Use a separate scheduler ('address') for runs that must "
+                "outlive the caller.", len(left), timeout,
+            )
 
     async def _close_cluster(self) -> None:
         if self.cluster is not None:
-            try:
-                await self.cluster.close()
-            except Exception:  # closing must go on
-                log.warning("closing the Dask LocalCluster failed", exc_info=True)
-            self.cluster = None
+            cluster, self.cluster = self.cluster, None
+            with _quiet_dask_logs():
+                try:
+                    await cluster.close()
+                except Exception:  # closing must go on
+                    log.warning("closing the Dask LocalCluster failed", exc_info=True)
 
     # ---------------------------------------------------------- the primitives
 
@@ -306,6 +353,10 @@ class DaskAdapter(BackendAdapter):
             for key, future in zip(keys, futures, strict=True):
                 tracked = self._tracked[key]
                 tracked.future = future
+                if tracked.detached:
+                    del self._tracked[key]
+                    self._let_go(key, future)
+                    continue
                 tracked.watcher = loop.create_task(self._watch(key, tracked))
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
@@ -347,24 +398,39 @@ class DaskAdapter(BackendAdapter):
     async def detach(self, handle: str) -> None:
         """Keep the task alive after this client lets go; the worker records the outcome
         in the ledger (both return paths do, for ``detach`` runs)."""
-        from distributed import fire_and_forget
-
-        tracked = self._tracked.pop(handle, None)
+        tracked = self._tracked.get(handle)
         if tracked is None:
             return
-        if tracked.future is not None and not tracked.future.done():
-            fire_and_forget(tracked.future)
+        if tracked.future is None:  # still in this iteration's batch: it leaves, then
+            tracked.detached = True  # _flush lets it go (a detached run still runs)
+            return
+        del self._tracked[handle]
+        if not tracked.future.done():
+            self._let_go(handle, tracked.future)
         if tracked.watcher is not None:
             tracked.watcher.cancel()
+
+    def _let_go(self, key: str, future: Any) -> None:
+        """A detached run's future: on a cluster we own, kept so close() can wait for it
+        (it cannot outlive the cluster); elsewhere handed to the scheduler for good."""
+        from distributed import fire_and_forget
+
+        if self.cluster is not None:
+            self._detached[key] = future
+        else:
+            fire_and_forget(future)
 
     # ---------------------------------------------------------- the future as a return path
 
     async def _watch(self, key: str, tracked: _Tracked) -> None:
         future = tracked.future
         value: Any = None
+        remote_tb = ""
         try:
             exc = await future.exception()
             status = future.status
+            if status == "error" and self.native and exc is not None:
+                remote_tb = _format_remote(exc, await future.traceback())
             if status == "finished" and self.native:
                 try:
                     value = await self._gather(future)
@@ -379,7 +445,7 @@ class DaskAdapter(BackendAdapter):
         if self._tracked.get(key) is tracked:
             del self._tracked[key]
         self._remember(key, self.map_state(status))
-        frame = self._frame_for(tracked, status, value, exc)
+        frame = self._frame_for(tracked, status, value, exc, remote_tb)
         if frame is not None and self.emit is not None:
             self.emit(frame)
 
@@ -417,7 +483,12 @@ class DaskAdapter(BackendAdapter):
                 waiter.set_result(value)
 
     def _frame_for(
-        self, tracked: _Tracked, status: str | None, value: Any, exc: BaseException | None
+        self,
+        tracked: _Tracked,
+        status: str | None,
+        value: Any,
+        exc: BaseException | None,
+        remote_tb: str = "",
     ) -> dict[str, Any] | None:
         ident = (tracked.run_id, tracked.task_id, tracked.attempt)
         if status == "finished":
@@ -430,7 +501,11 @@ class DaskAdapter(BackendAdapter):
         if status == "error" and exc is not None and not _lost(exc):
             source = "payload" if isinstance(exc, PayloadError) else (
                 "task" if self.native else "worker")
-            return frames.error_event(*ident[:2], exc, attempt=tracked.attempt, source=source)
+            frame = frames.error_event(*ident[:2], exc, attempt=tracked.attempt, source=source)
+            if remote_tb:  # the task's own frames, as the worker saw them
+                frame["error"]["traceback"] = remote_tb
+                attach_remote_traceback(exc, remote_tb)
+            return frame
         reason = f"{type(exc).__name__}: {exc}" if exc is not None else f"Dask reports {status}"
         return frames.event(frames.TASK_LOST, *ident, reason=f"the Dask task was lost ({reason})")
 
@@ -469,6 +544,35 @@ class DaskAdapter(BackendAdapter):
             f"executor_config allowed_failures: 0",
         ))
         return rows
+
+
+def _format_remote(exc: BaseException, tb: Any) -> str:
+    """The worker's traceback (Dask ships it beside the exception) as text, without the
+    payload runner's own frames."""
+    import traceback
+
+    from wove_adapters.callbacks import worker
+
+    own = {__file__, worker.__file__}
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in own:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+@contextlib.contextmanager
+def _quiet_dask_logs() -> Iterator[None]:
+    """While we stop our own client and cluster, Dask's in-process loggers (scheduler,
+    client, nanny, comms) report the expected goodbyes (closed comms, removed workers) as
+    warnings and tracebacks; only real failures (CRITICAL) pass."""
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _lost(exc: BaseException) -> bool:
