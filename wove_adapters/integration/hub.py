@@ -33,7 +33,13 @@ from wove_adapters.core.errors import (
     MissingDispatchFeatureError,
     TaskExecutionError,
 )
-from wove_adapters.core.ledger import CANCELLED, FAILED, TERMINAL_STATES, open_ledger
+from wove_adapters.core.ledger import (
+    CANCELLED,
+    FAILED,
+    SUCCEEDED,
+    TERMINAL_STATES,
+    open_ledger,
+)
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
 from wove_adapters.core.runtime import Dispatcher, decode_outcome, exception_from_frame
 from wove_adapters.core.transport import RunAttempt
@@ -610,6 +616,12 @@ class Hub:
                     f"run {run_id} has no outcome yet (state {record.state}) in {ledger.url}"
                 )
             record = found
+        if record.outcome is None and record.state == SUCCEEDED:
+            raise LookupError(
+                f"run {run_id} succeeded, but its value was not kept in {ledger.url}: only "
+                "runs with a delivery_idempotency_key or delivery_orphan_policy='detach' "
+                "keep their value for later retrieval"
+            )
         if record.outcome is None:  # a terminal state recorded without an event
             reason = f"run {run_id} ended {record.state} (no outcome was recorded)"
             if record.state == CANCELLED:

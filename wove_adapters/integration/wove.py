@@ -109,6 +109,10 @@ class _Bridge:
         elif kind == frames.CANCEL_TASK:
             run_id = frame.get("run_id", "")
             mode = frame.get("delivery_cancel_mode")
+            # As for run_task: wove's own default gives way to our environment's setting.
+            default = _WOVE_DEFAULTS["delivery_cancel_mode"]
+            if mode == default and self._settings.get("delivery_cancel_mode"):
+                mode = None  # the run's own policy (this environment's) decides
             shared_loop.submit(_quiet(dispatcher.cancel(run_id, mode)))
         elif kind == frames.SHUTDOWN:
             await self._abandon()
