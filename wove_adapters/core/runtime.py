@@ -72,6 +72,8 @@ class Run:
     # The ledger claim queued for this run; the job is launched only once it is committed,
     # so a worker can always record the outcome of a run id the caller handed out.
     claimed: asyncio.Future[Any] | None = None
+    # Being handed to the backend right now: from here a cancel must go to the backend.
+    submitting: bool = False
 
     @property
     def run_id(self) -> str:
@@ -156,6 +158,13 @@ def exception_from_frame(frame: dict[str, Any]) -> BaseException:
 # ---------------------------------------------------------------- the dispatcher
 
 
+def _fail(done: asyncio.Future[Any], exc: BaseException, url: str) -> None:
+    log.warning("ledger write failed (%s): %r", url, exc)
+    if not done.done():
+        done.set_exception(exc)
+        done.exception()  # retrieved: the caller may not look
+
+
 class Dispatcher:
     """Runs for one environment configuration, over one transport."""
 
@@ -189,8 +198,9 @@ class Dispatcher:
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self._monitor: asyncio.Task[None] | None = None
         self._ledger_queue: asyncio.Queue[
-            tuple[Callable[[], Any], asyncio.Future[Any]] | None
+            tuple[Callable[[], Any] | RunRecord, asyncio.Future[Any]] | None
         ] = asyncio.Queue()
+        self._ledger_stopping = False
         self._ledger_task: asyncio.Task[None] | None = None
         self._reconcile_every = float(executor_config.get("reconcile_seconds", 2.0))
         self._background: set[asyncio.Task[Any]] = set()
@@ -248,7 +258,7 @@ class Dispatcher:
                 return await self._follow_ledger(record, attempt, listener)
             claimed: asyncio.Future[Any] | None = None
         else:
-            claimed = self._ledger_later(lambda: self.ledger.claim(self._record(attempt)))
+            claimed = self._ledger_later(self._record(attempt))
         run = Run(attempt=attempt, listeners=[(attempt.run_id, listener)])
         run.claimed = claimed
         self.runs[attempt.run_id] = run
@@ -308,7 +318,13 @@ class Dispatcher:
                     )
                     return
                 owner = found
-            assert owner.outcome is not None
+            if owner.outcome is None:  # ended without a recorded event (lost, cancelled)
+                error = DeliveryOrphanedError(
+                    f"run {owner.run_id} holding key {attempt.idempotency_key!r} ended "
+                    f"{owner.state} without a recorded outcome", run_id=attempt.run_id)
+                self._finish(run, frames.error_event(attempt.run_id, attempt.task_id, error),
+                             record_outcome=False)
+                return
             try:
                 frame = await asyncio.to_thread(decode_outcome, owner.outcome, owner.run_id)
             except Exception as exc:
@@ -336,6 +352,7 @@ class Dispatcher:
                 self._release_slot(run)
                 return
             run.submitted_at = run.last_seen = time.monotonic()
+            run.submitting = True
             await self.transport.submit(run.attempt)
             run.launched = True
             if run.attempt.submission:
@@ -577,10 +594,17 @@ class Dispatcher:
         mode = mode or run.attempt.policy.cancel_mode
         run.cancel_requested = True
         if not run.launched and run.launch_task is not None and not run.started:
-            # Never reached the backend: nothing to confirm.
-            run.launch_task.cancel()
-            self._finish(run, self._cancelled(run, "cancelled before submission"))
-            return
+            if not run.submitting:
+                # Never reached the backend: nothing to confirm.
+                run.launch_task.cancel()
+                self._finish(run, self._cancelled(run, "cancelled before submission"))
+                return
+            # The backend may already hold the job (a process spawned, a message sent):
+            # let the hand-over finish, then cancel it there.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(run.launch_task)
+            if run.done.is_set():
+                return
         try:
             await self.transport.cancel(run.attempt, mode=mode)
         except Exception as exc:
@@ -697,10 +721,11 @@ class Dispatcher:
 
     # ---------------------------------------------------------- ledger, tasks
 
-    def _ledger_later(self, op: Callable[[], Any]) -> asyncio.Future[Any]:
-        """Queue a ledger write; writes apply in order. The future resolves when it has."""
+    def _ledger_later(self, op: Callable[[], Any] | RunRecord) -> asyncio.Future[Any]:
+        """Queue a ledger write (a claim is given as its record); writes apply in order.
+        The future resolves when it has."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if self._ledger_task is None or self._ledger_task.done():
+        if self._ledger_task is None or self._ledger_task.done() or self._ledger_stopping:
             # Stopped (or never started): nothing would apply it, so say so now.
             done.set_exception(RuntimeError(f"the dispatcher of '{self.environment}' stopped"))
             done.exception()  # retrieved: the caller may not look
@@ -710,27 +735,56 @@ class Dispatcher:
         return done
 
     async def _ledger_writer(self) -> None:
+        """Apply queued writes in order; the claims queued in one loop turn go to the
+        ledger as one ``claim_many`` (one transaction), so launching only after the claim
+        is committed costs a batch, not a commit per run."""
         while True:
-            item = await self._ledger_queue.get()
-            if item is None:
+            batch = [await self._ledger_queue.get()]
+            await asyncio.sleep(0)  # let this loop turn's submissions queue their claims
+            while not self._ledger_queue.empty():
+                batch.append(self._ledger_queue.get_nowait())
+            stop = None in batch
+            entries = [entry for entry in batch if entry is not None]
+            index = 0
+            while index < len(entries):
+                op, done = entries[index]
+                if isinstance(op, RunRecord):
+                    claims = [entries[index]]
+                    while index + len(claims) < len(entries) and isinstance(
+                        entries[index + len(claims)][0], RunRecord
+                    ):
+                        claims.append(entries[index + len(claims)])
+                    index += len(claims)
+                    await self._apply_claims(claims)
+                    continue
+                index += 1
+                try:
+                    result = await op()
+                except Exception as exc:
+                    _fail(done, exc, self.ledger.url)
+                else:
+                    if not done.done():
+                        done.set_result(result)
+            if stop:
                 return
-            op, done = item
-            try:
-                result = await op()
-            except Exception as exc:
-                log.warning("ledger write failed (%s): %r", self.ledger.url, exc)
-                if not done.done():
-                    done.set_exception(exc)
-                    done.exception()
-            else:
-                if not done.done():
-                    done.set_result(result)
+
+    async def _apply_claims(self, claims: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self.ledger.claim_many([record for record, _ in claims])
+        except Exception as exc:
+            for _, done in claims:
+                _fail(done, exc, self.ledger.url)
+            return
+        for (_, done), result in zip(claims, results, strict=True):
+            if not done.done():
+                done.set_result(result)
 
     async def _stop_ledger_writer(self) -> None:
         """Apply every write queued so far, then end the writer."""
         task = self._ledger_task
         if task is None or task.done():
             return
+        self._ledger_stopping = True
         self._ledger_queue.put_nowait(None)
         await asyncio.shield(task)
 

@@ -644,7 +644,7 @@ class Hub:
 
     async def _cancel(self, run_id: str, mode: str | None) -> None:
         accepting = self._accepting.get(run_id)
-        if run_id not in self._inflight and accepting is not None:
+        if accepting is not None:
             # Submitted a moment ago and still on its way to the dispatcher: cancel it
             # once it is there, rather than letting the cancel fall through the gap.
             await accepting.wait()

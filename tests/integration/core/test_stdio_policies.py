@@ -177,7 +177,7 @@ def test_idempotency_in_process(tmp_path: Path) -> None:
 
 
 def test_idempotency_key_callable(tmp_path: Path) -> None:
-    with stdio_hub(delivery_idempotency_key=lambda a: f"cb-{a['value']}-{tmp_path.name}") as hub:
+    with stdio_hub(delivery_idempotency_key=lambda a: f"cb-{a['value']}-{tmp_path}") as hub:
         out = [hub.submit(tasks.record, str(tmp_path), "c", v) for v in (1, 2, 1)]
         assert [f.result(timeout=30) for f in out] == [2, 4, 2]
     assert len((tmp_path / "c.runs").read_text().splitlines()) == 2

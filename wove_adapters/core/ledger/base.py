@@ -67,6 +67,15 @@ class Ledger(abc.ABC):
         processes sharing the ledger. Records without a key are simply inserted.
         """
 
+    async def claim_many(self, records: list[RunRecord]) -> list[RunRecord]:
+        """``claim`` for several runs, in order; each result as ``claim`` returns it.
+
+        The dispatcher claims every run submitted in one loop turn with one call, so a
+        backend that can (SQLite, PostgreSQL) commits them in one transaction: a run is
+        durable before its job launches without a commit per run on the critical path.
+        """
+        return [await self.claim(record) for record in records]
+
     @abc.abstractmethod
     async def update(self, run_id: str, **fields: object) -> None:
         """Set fields (state, attempt, submission, ...) of a run; bumps ``updated_at``."""
@@ -93,14 +102,17 @@ class Ledger(abc.ABC):
     async def wait_outcome(
         self, run_id: str, *, timeout: float | None = None, poll: float = 0.05
     ) -> RunRecord | None:
-        """Wait until the run has an outcome; None on timeout. Polls by default; an
-        implementation with notifications may override it."""
+        """Wait until the run has an outcome or a terminal state (some endings keep no
+        outcome); None on timeout. Polls by default; an implementation with
+        notifications may override it."""
         import asyncio
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             record = await self.get(run_id)
-            if record is not None and record.outcome is not None:
+            if record is not None and (
+                record.outcome is not None or record.state in TERMINAL_STATES
+            ):
                 return record
             if deadline is not None and time.monotonic() >= deadline:
                 return None

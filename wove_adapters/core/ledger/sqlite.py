@@ -142,21 +142,31 @@ def _get(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
 
 def _claim(conn: sqlite3.Connection, record: RunRecord) -> RunRecord:
     with _immediate(conn):
-        existing = _get(conn, record.run_id)
-        if existing is not None:  # a retried claim of the same run: it already owns it
-            return existing
-        if record.idempotency_key is not None:
-            row = conn.execute(
-                f"{_SELECT} WHERE idempotency_key = ? AND state IN ({_HOLDING_SQL}) "
-                "ORDER BY created_at DESC, rowid DESC LIMIT 1",
-                (record.idempotency_key,),
-            ).fetchone()
-            if row is not None:
-                return _record(row)
-        conn.execute(
-            f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-            tuple(getattr(record, name) for name in _COLUMNS),
-        )
+        return _claim_in(conn, record)
+
+
+def _claim_many(conn: sqlite3.Connection, records: list[RunRecord]) -> list[RunRecord]:
+    """Every claim in one write transaction: one commit for a loop turn's runs."""
+    with _immediate(conn):
+        return [_claim_in(conn, record) for record in records]
+
+
+def _claim_in(conn: sqlite3.Connection, record: RunRecord) -> RunRecord:
+    existing = _get(conn, record.run_id)
+    if existing is not None:  # a retried claim of the same run: it already owns it
+        return existing
+    if record.idempotency_key is not None:
+        row = conn.execute(
+            f"{_SELECT} WHERE idempotency_key = ? AND state IN ({_HOLDING_SQL}) "
+            "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+            (record.idempotency_key,),
+        ).fetchone()
+        if row is not None:
+            return _record(row)
+    conn.execute(
+        f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+        tuple(getattr(record, name) for name in _COLUMNS),
+    )
     return record
 
 
@@ -269,6 +279,9 @@ class SqliteLedger(Ledger):
 
     async def claim(self, record: RunRecord) -> RunRecord:
         return await self._run(_claim, record)
+
+    async def claim_many(self, records: list[RunRecord]) -> list[RunRecord]:
+        return await self._run(_claim_many, records)
 
     async def update(self, run_id: str, **fields: object) -> None:
         await self._run(_update, run_id, check_update(run_id, fields))
