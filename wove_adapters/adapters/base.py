@@ -251,7 +251,7 @@ class AdapterTransport(Transport):
         self._worker_bounds: dict[str, Any] = {}
         # Runs whose job ended without their terminal event: when we first saw it.
         self._ended_quiet: dict[str, float] = {}
-        self._delivery_grace = 0.0
+        self._delivery_grace = (0.0, 0.0)
         self.stats: dict[str, int] = {"array_submissions": 0, "single_submissions": 0}
 
     async def open(
@@ -442,10 +442,10 @@ class AdapterTransport(Transport):
 
     async def status(self, run: RunAttempt) -> JobState:
         """The backend's view, with one correction: a job that ended normally while its
-        terminal event has not arrived is still RUNNING for the delivery grace (the
-        worker's background outbox retries it; see callbacks.sender). After the grace,
-        an outcome the worker recorded in the ledger resolves the run; only a job with no
-        event and no record anywhere is reported finished (and so lost)."""
+        terminal event has not arrived is still RUNNING while its worker may deliver it
+        (the background outbox retries, see callbacks.sender). Then an outcome the worker
+        recorded in the ledger resolves the run; only a job with no event and no record
+        after the worker's whole retry window is reported finished (and so lost)."""
         assert self.adapter is not None
         if run.submission is None:
             return JobState.UNKNOWN
@@ -454,11 +454,15 @@ class AdapterTransport(Transport):
             return state
         key = f"{run.run_id}#{run.attempt}"
         now = asyncio.get_running_loop().time()
-        first = self._ended_quiet.setdefault(key, now)
-        if now - first < self._delivery_grace:
+        quiet = now - self._ended_quiet.setdefault(key, now)
+        ledger_after, give_up_after = self._delivery_grace
+        if quiet < ledger_after:  # the worker may still reach us itself
             return JobState.RUNNING
         if await self._resolve_from_ledger(run):
             self._ended_quiet.pop(key, None)
+            return state
+        if quiet < give_up_after:  # not recorded: its outbox may still be retrying
+            return JobState.RUNNING
         return state
 
     async def _resolve_from_ledger(self, run: RunAttempt) -> bool:
@@ -531,13 +535,17 @@ def worker_bounds(config: dict[str, Any]) -> dict[str, Any]:
     return bounds
 
 
-def delivery_grace(bounds: dict[str, Any]) -> float:
+def delivery_grace(bounds: dict[str, Any]) -> tuple[float, float]:
     """How long a job that ended without its terminal event still counts as delivering:
-    the worker's retry window (``worker_retry_seconds``, else this process's default) and
-    a little for the last try in flight."""
+    ``(look in the ledger after, give up after)`` seconds. Its worker keeps trying to
+    reach us for ``worker_exit_flush_seconds`` even when it exits (then the outcome is in
+    the ledger), and for ``worker_retry_seconds`` when it lives on (defaults: this
+    process's, see callbacks.sender); plus a little for the last try in flight."""
     from wove_adapters.callbacks import sender
 
-    return float(bounds.get("retry_seconds", sender.RETRY_SECONDS)) + 5.0
+    flush = float(bounds.get("exit_flush_seconds", sender.EXIT_FLUSH_SECONDS))
+    retry = float(bounds.get("retry_seconds", sender.RETRY_SECONDS))
+    return flush + 2.0, max(retry, flush) + 5.0
 
 
 def native_only(cls: type[BackendAdapter], config: dict[str, Any]) -> bool:

@@ -441,8 +441,10 @@ def run_payload(payload: str) -> bytes | str:
         return worker.run(payload).state  # reports the refusal where it can
     outcome = worker.run_envelope(envelope)
     # RQ's work-horse ends with os._exit right after this job (no exit hooks run): the
-    # outcome must be delivered or recorded in the ledger before we return.
-    outcome.settle(linger=False)
+    # outcome must be delivered or recorded in the ledger before we return, and a caller
+    # that is only briefly unreachable gets worker_exit_flush_seconds (default 10) to
+    # take it directly. A caller that is gone costs the worker that long, not 120 s.
+    outcome.settle(linger=True)
     if not outcome.delivered:
         raise RuntimeError(
             f"wove-adapters: the outcome of run {envelope.run_id} could not be delivered "

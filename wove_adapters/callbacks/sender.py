@@ -96,6 +96,9 @@ class _Destination:
         # Until then, inline tries skip this destination: its last request failed and the
         # outbox is retrying it (a caller that went away must not cost every task a try).
         self.down_until = 0.0
+        # The last failure was a refused connection: nobody listens there any more (the
+        # caller's process is gone), so a process about to exit need not linger for it.
+        self.refused = False
         parsed = urllib.parse.urlsplit(return_path.url)
         self._https = parsed.scheme == "https"
         self._host = parsed.hostname or "127.0.0.1"
@@ -110,9 +113,11 @@ class _Destination:
                 self._once(data, timeout)
             except PayloadError:
                 raise
-            except Exception:
+            except Exception as exc:
                 self._reset()
+                self.refused = _refused(exc)
                 raise
+            self.refused = False
 
     def deliver(self, data_for: Callable[[], bytes], budget: float) -> None:
         """Retry with capped exponential backoff for ``budget`` seconds (heartbeats and
@@ -173,13 +178,25 @@ class _Destination:
             self.conn = None
 
 
+    def close(self) -> None:
+        with self.lock:
+            self._reset()
+            if self.redis is not None:
+                client, self.redis = self.redis, None
+                try:
+                    client.close()
+                except Exception:  # closing at exit is best effort
+                    pass
+
+
 _destinations: dict[tuple[str, str, str], _Destination] = {}
 _lock = threading.Lock()
 _pid = os.getpid()
+_closer_registered = False
 
 
 def _destination(return_path: ReturnPath) -> _Destination:
-    global _pid
+    global _pid, _closer_registered
     ident = (return_path.kind, return_path.url, return_path.key)
     with _lock:
         if _pid != os.getpid():  # a forked child must not share its parent's sockets
@@ -188,7 +205,21 @@ def _destination(return_path: ReturnPath) -> _Destination:
         found = _destinations.get(ident)
         if found is None:
             found = _destinations[ident] = _Destination(return_path)
+            if not _closer_registered:
+                _closer_registered = True
+                import atexit
+
+                atexit.register(close_connections)
         return found
+
+
+def close_connections() -> None:
+    """Close this process's connections to callers (a worker about to exit; also at
+    interpreter exit, so no socket is left for the garbage collector to warn about)."""
+    with _lock:
+        found = list(_destinations.values()) if _pid == os.getpid() else []
+    for destination in found:
+        destination.close()
 
 
 def post(
@@ -335,7 +366,8 @@ class Outbox:
     def flush(self, timeout: float | None = None, *, linger: bool = False) -> bool:
         """Wait until every pending event is safe (delivered, or recorded in its ledger)
         or out of budget, up to ``timeout`` seconds. With ``linger``, a recorded event
-        also gets up to its ``exit_flush_seconds`` to reach the caller itself. True when
+        also gets up to its ``exit_flush_seconds`` to reach a caller that may be alive but
+        slow (not one whose port refuses connections: that process is gone). True when
         nothing is left unsafe."""
         start = time.monotonic()
         end = None if timeout is None else start + timeout
@@ -347,7 +379,11 @@ class Outbox:
                 item
                 for item in items
                 if not item.safe.is_set()
-                or (linger and now - start < item.exit_flush_seconds)
+                or (
+                    linger
+                    and now - start < item.exit_flush_seconds
+                    and not _destination(item.return_path).refused
+                )
             ]
             if not waiting or (end is not None and now >= end):
                 return all(item.safe.is_set() for item in items)

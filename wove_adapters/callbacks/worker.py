@@ -526,4 +526,5 @@ def main(argv: list[str] | None = None) -> int:
     text = read_payload(list(sys.argv[1:] if argv is None else argv))
     outcome = run(text)
     outcome.settle(linger=True)  # this process ends now: deliver or record before exiting
+    sender.close_connections()
     return outcome.exit_code
