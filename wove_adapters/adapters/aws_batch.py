@@ -81,6 +81,9 @@ class AwsBatchAdapter(BackendAdapter):
     )
     STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
     reconcile_seconds: ClassVar[float] = 3.0
+    # The job's container ends with its task, having delivered or recorded
+    # its outcome first.
+    after_job: ClassVar[str] = "flushed"
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)

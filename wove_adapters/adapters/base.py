@@ -67,6 +67,16 @@ class BackendAdapter(abc.ABC):
     STATE_MAP: ClassVar[dict[str, JobState]] = {}
     # How long a run may stay silent before its job's status is checked.
     reconcile_seconds: ClassVar[float] = 2.0
+    # What the process that ran a job does with an outcome the caller did not take yet,
+    # once the backend reports the job finished (see AdapterTransport.status):
+    # "retries": it lives on (a worker pool) and its outbox keeps trying for
+    #   worker_retry_seconds, having recorded the outcome in the ledger;
+    # "settled": it exits with the job (a work-horse) once the outcome is delivered or
+    #   recorded, after up to worker_exit_flush_seconds of retries for a caller that may
+    #   be alive;
+    # "flushed": it exits (``python -m wove_adapters.worker``) only after those retries,
+    #   so the ledger is the only place left to look.
+    after_job: ClassVar[str] = "retries"
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         self.config = config
@@ -269,7 +279,7 @@ class AdapterTransport(Transport):
         self._ledger_url = executor_config.get("_ledger_url")
         self._store_url = executor_config.get("payload_store")
         self._worker_bounds = worker_bounds(executor_config)
-        self._delivery_grace = delivery_grace(self._worker_bounds)
+        self._delivery_grace = delivery_grace(self._worker_bounds, self.adapter_cls.after_job)
         if executor_config.get("return_path") == "redis":
             from wove_adapters.callbacks.dropbox import get_dropbox
 
@@ -535,17 +545,21 @@ def worker_bounds(config: dict[str, Any]) -> dict[str, Any]:
     return bounds
 
 
-def delivery_grace(bounds: dict[str, Any]) -> tuple[float, float]:
+def delivery_grace(bounds: dict[str, Any], after_job: str = "retries") -> tuple[float, float]:
     """How long a job that ended without its terminal event still counts as delivering:
-    ``(look in the ledger after, give up after)`` seconds. Its worker keeps trying to
-    reach us for ``worker_exit_flush_seconds`` even when it exits (then the outcome is in
-    the ledger), and for ``worker_retry_seconds`` when it lives on (defaults: this
-    process's, see callbacks.sender); plus a little for the last try in flight."""
+    ``(look in the ledger after, give up after)`` seconds, from the workers' bounds
+    (``worker_exit_flush_seconds``, ``worker_retry_seconds``; defaults: this process's,
+    see callbacks.sender) and what the adapter's workers do after a job (``after_job``),
+    plus a little for the last try in flight."""
     from wove_adapters.callbacks import sender
 
-    flush = float(bounds.get("exit_flush_seconds", sender.EXIT_FLUSH_SECONDS))
-    retry = float(bounds.get("retry_seconds", sender.RETRY_SECONDS))
-    return flush + 2.0, max(retry, flush) + 5.0
+    if after_job == "flushed":
+        return 0.0, 0.0
+    flush = float(bounds.get("exit_flush_seconds", sender.EXIT_FLUSH_SECONDS)) + 2.0
+    if after_job == "settled":
+        return flush, flush
+    retry = float(bounds.get("retry_seconds", sender.RETRY_SECONDS)) + 5.0
+    return flush, max(retry, flush)
 
 
 def native_only(cls: type[BackendAdapter], config: dict[str, Any]) -> bool:

@@ -191,6 +191,9 @@ class KubernetesJobsAdapter(BackendAdapter):
     )
     STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
     reconcile_seconds: ClassVar[float] = 2.0
+    # The job's pod ends with its task, having delivered or recorded
+    # its outcome first.
+    after_job: ClassVar[str] = "flushed"
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)

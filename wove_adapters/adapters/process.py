@@ -6,6 +6,14 @@ the ledger for detached runs). Processes start in their own session, so a detach
 outlives its caller. Cancel is SIGTERM: the worker reports ``task_cancelled`` (a task that
 ignores it is not confirmed, and ``require_ack`` raises). A configured
 ``executor_config.secret`` is handed to the worker processes as ``WOVE_ADAPTERS_SECRET``.
+
+Each worker process is watched: one that dies without settling its outcome is reported at
+once, with its exit code and signal, instead of waiting for reconciliation. A fault signal
+(SIGSEGV, SIGABRT, ...) or an exit code the worker never uses means the task ended its own
+process: the run fails with ``WorkerCrashed``. Any other signal (SIGKILL) means it was
+ended from outside: the run is lost and its orphan policy applies. The worker's own exit
+codes (0 succeeded, 1 failed, 2 refused, 143 cancelled) say its outcome was delivered or
+recorded, so nothing is reported for them; 3 says it is lost.
 """
 
 from __future__ import annotations
@@ -19,8 +27,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.core import frames
+from wove_adapters.core.executors.stdio import FAULT_SIGNALS, describe_exit, exit_frame
 from wove_adapters.core.paths import data_dir
 from wove_adapters.core.policies import Capabilities, JobState
+
+# ``python -m wove_adapters.worker`` exit codes after which its outcome is settled
+# (delivered, or owned by the ledger): see wove_adapters.callbacks.worker.
+_SETTLED_CODES = frozenset({0, 1, 2, 143})
+_DELIVERY_FAILED = 3
 
 
 class ProcessAdapter(BackendAdapter):
@@ -40,11 +55,16 @@ class ProcessAdapter(BackendAdapter):
     )
     STATE_MAP: ClassVar[dict[str, JobState]] = {}
     reconcile_seconds: ClassVar[float] = 0.5
+    # The worker process ends with its task, having delivered or recorded
+    # its outcome first.
+    after_job: ClassVar[str] = "flushed"
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._files: dict[str, Path] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._spool = Path(config.get("spool_dir") or data_dir() / "spool")
         self._spool.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._python = str(config.get("python") or sys.executable)
@@ -72,7 +92,33 @@ class ProcessAdapter(BackendAdapter):
         handle = str(proc.pid)
         self._procs[handle] = proc
         self._files[handle] = path
+        watcher = asyncio.get_running_loop().create_task(self._watch(handle, proc, job))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
         return handle
+
+    async def _watch(self, handle: str, proc: asyncio.subprocess.Process, job: JobSpec) -> None:
+        """Report a worker that died without settling its outcome (see the module doc)."""
+        code = await proc.wait()
+        if self._closing or self._procs.get(handle) is not proc or self.emit is None:
+            return  # the run ended (released) or was detached: nothing to report
+        if code in _SETTLED_CODES:
+            return
+        worker = f"process worker pid {proc.pid}"
+        if code == _DELIVERY_FAILED:
+            self.emit(
+                frames.event(
+                    frames.TASK_LOST,
+                    job.run_id,
+                    job.task_id,
+                    job.attempt,
+                    reason=f"{worker} {describe_exit(code)}: it could neither deliver nor "
+                    f"record the outcome of task '{job.task_id}'",
+                )
+            )
+            return
+        by_task = code >= 0 or -code in FAULT_SIGNALS
+        self.emit(exit_frame(worker, code, job.run_id, job.task_id, job.attempt, by_task=by_task))
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
         proc = self._procs.get(handle)
@@ -111,6 +157,7 @@ class ProcessAdapter(BackendAdapter):
                 path.unlink()
 
     async def close(self) -> None:
+        self._closing = True
         for proc in list(self._procs.values()):
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -123,6 +170,9 @@ class ProcessAdapter(BackendAdapter):
                     proc.kill()
             self._cleanup(handle)
         self._procs.clear()
+        for watcher in list(self._watchers):
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
 
 
 def _write_private(path: Path, text: str) -> None:

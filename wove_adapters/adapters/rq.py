@@ -77,6 +77,9 @@ class RqAdapter(BackendAdapter):
         "CANCELED": JobState.CANCELLED,
     }
     reconcile_seconds: ClassVar[float] = 1.0
+    # RQ's work-horse ends with its job, having delivered or recorded
+    # its outcome first.
+    after_job: ClassVar[str] = "settled"
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)

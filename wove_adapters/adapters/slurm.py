@@ -93,6 +93,9 @@ class SlurmAdapter(BackendAdapter):
     )
     STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
     reconcile_seconds: ClassVar[float] = 3.0
+    # The batch job ends with its task, having delivered or recorded
+    # its outcome first.
+    after_job: ClassVar[str] = "flushed"
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)

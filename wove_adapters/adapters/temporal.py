@@ -89,6 +89,9 @@ class TemporalAdapter(BackendAdapter):
         "CONTINUED_AS_NEW": JobState.RUNNING,
     }
     reconcile_seconds: ClassVar[float] = 2.0
+    # Each payload runs in a task process that ends with it, having delivered or
+    # recorded its outcome first.
+    after_job: ClassVar[str] = "settled"
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)

@@ -363,12 +363,14 @@ class Outbox:
         with self._cond:
             return len(self._items)
 
-    def flush(self, timeout: float | None = None, *, linger: bool = False) -> bool:
+    def flush(
+        self, timeout: float | None = None, *, linger: bool = False, refused_too: bool = False
+    ) -> bool:
         """Wait until every pending event is safe (delivered, or recorded in its ledger)
         or out of budget, up to ``timeout`` seconds. With ``linger``, a recorded event
         also gets up to its ``exit_flush_seconds`` to reach a caller that may be alive but
-        slow (not one whose port refuses connections: that process is gone). True when
-        nothing is left unsafe."""
+        slow (not one whose port refuses connections, which is usually gone, unless
+        ``refused_too``). True when nothing is left unsafe."""
         start = time.monotonic()
         end = None if timeout is None else start + timeout
         while True:
@@ -382,7 +384,7 @@ class Outbox:
                 or (
                     linger
                     and now - start < item.exit_flush_seconds
-                    and not _destination(item.return_path).refused
+                    and (refused_too or not _destination(item.return_path).refused)
                 )
             ]
             if not waiting or (end is not None and now >= end):

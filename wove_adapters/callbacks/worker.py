@@ -68,16 +68,22 @@ class Outcome:
             "cancelled": EXIT_CANCELLED,
         }.get(self.state, EXIT_PAYLOAD_REFUSED)
 
-    def settle(self, *, linger: bool = True) -> bool:
+    def settle(self, *, linger: bool = True, refused_too: bool = False) -> bool:
         """For a process about to exit (it would take the outbox's thread with it): wait
         until the terminal event is delivered or recorded in the ledger, within its retry
         budget. ``linger`` also gives a recorded-but-undelivered event up to its
-        ``exit_flush_seconds`` to reach the caller. Sets and returns ``delivered``."""
+        ``exit_flush_seconds`` to reach the caller, if the caller's port did not refuse
+        the connection (or ``refused_too``: nothing waits for this process's slot).
+        Sets and returns ``delivered``."""
         item = self.pending
         if item is None:
             return self.delivered
         if linger:
-            sender.OUTBOX.flush(item.retry_seconds + item.exit_flush_seconds, linger=True)
+            sender.OUTBOX.flush(
+                item.retry_seconds + item.exit_flush_seconds,
+                linger=True,
+                refused_too=refused_too,
+            )
         else:
             item.wait_safe(item.retry_seconds + 1.0)
         self.delivered = item.safe.is_set()
@@ -525,6 +531,8 @@ def read_payload(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     text = read_payload(list(sys.argv[1:] if argv is None else argv))
     outcome = run(text)
-    outcome.settle(linger=True)  # this process ends now: deliver or record before exiting
+    # This process ends now: deliver or record first. A receiver that is down may come
+    # back (a caller restarting its receiver), so give it exit_flush_seconds even then.
+    outcome.settle(linger=True, refused_too=True)
     sender.close_connections()
     return outcome.exit_code
