@@ -84,7 +84,7 @@ def _run_native(envelope: Any) -> Any:
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     detach = envelope.delivery.get("delivery_orphan_policy") == "detach" and envelope.ledger
-    func, args = worker._load_task(envelope)  # WorkerImportError names host, pid, the fix
+    func, args = worker.load_task(envelope)  # WorkerImportError names host, pid, the fix
     try:
         value = worker.call_task(func, args)
     except Exception as exc:

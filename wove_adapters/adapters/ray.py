@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import frames
+from wove_adapters.core.codec import attach_remote_traceback
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.policies import Capabilities, JobState
 
@@ -105,10 +106,9 @@ def run_payload(payload: str) -> Any:
 
 
 def _run_native(envelope: Any) -> Any:
-    from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import worker
 
-    func, args = payload_mod.load_body(envelope)
+    func, args = worker.load_task(envelope)  # WorkerImportError names host, pid, the fix
     with worker.sigterm_cancels():
         return worker.call_task(func, args)
 
@@ -327,8 +327,12 @@ class RayAdapter(BackendAdapter):
                     "task" if self.native else "worker")
                 frame = frames.error_event(*ident[:2], cause, attempt=tracked.attempt,
                                            source=source)
-                if not frame["error"]["traceback"]:
-                    frame["error"]["traceback"] = str(getattr(exc, "traceback_str", ""))
+                # The worker's own traceback (Ray ships it as text beside the cause),
+                # chained to the caller's exception as concurrent.futures does it.
+                remote = str(getattr(exc, "traceback_str", "") or "")
+                if remote:
+                    frame["error"]["traceback"] = remote
+                    attach_remote_traceback(cause, remote)
                 return "FAILED", frame
             return "FAILED", frames.error_event(
                 *ident[:2], exc, attempt=tracked.attempt, source="backend"

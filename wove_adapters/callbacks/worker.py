@@ -314,7 +314,7 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
     pulse = _Pulse(envelope, ident)
     with HeartbeatTimer(STARTED_AFTER, pulse.beat):
         try:
-            func, args = _load_task(envelope)
+            func, args = load_task(envelope)
             if handle_sigterm:
                 with sigterm_cancels():
                     value = call_task(func, args)
@@ -358,7 +358,7 @@ def _drop_own_frames(exc: BaseException) -> None:
     exc.__traceback__ = tb
 
 
-def _load_task(envelope: Envelope) -> tuple[Callable[..., Any], dict[str, Any]]:
+def load_task(envelope: Envelope) -> tuple[Callable[..., Any], dict[str, Any]]:
     """Unpickle the task; a module (or a name in it) this worker cannot import becomes a
     WorkerImportError that says where it happened and what to do."""
     try:
