@@ -1,14 +1,24 @@
 """``python -m wove_adapters.stdio_worker``: a JSON-lines worker process for ``stdio``.
 
 Reads command frames (``run_task``, ``cancel_task``, ``shutdown``) one per line on stdin
-and writes event frames one per line on stdout; task code's own prints go to stderr, so
-they can never corrupt the protocol. It runs one task at a time in the main thread, so a
+and writes event frames one per line on the pipe the pool passes in
+``WOVE_ADAPTERS_STDIO_EVENTS_FD``, so task code's own prints go to stdout as usual and can
+never corrupt the protocol (started without it, events go to stdout and prints to
+stderr). It runs one task at a time in the main thread, so a
 ``cancel_task`` (or SIGTERM) really interrupts it, sleeps included; heartbeats come from a
 timer thread while the task runs. When stdin closes (the parent died) it exits.
+
+Whatever the task raises is its outcome, ``BaseException`` included, as in
+``ProcessPoolExecutor``: ``SystemExit`` or ``KeyboardInterrupt`` raised by task code (or
+while unpickling its callable or pickling its result) goes back to the caller as that
+exception, and the worker lives on to serve the next task. Only a cancel ends a task as
+cancelled. SIGINT is ignored: Ctrl-C in a terminal reaches the whole process group, and it
+is the caller's to handle (it cancels or abandons its runs), not every idle worker's.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import signal
@@ -28,6 +38,7 @@ from wove_adapters.callbacks.worker import (
     pickled_exception,
 )
 from wove_adapters.core import frames
+from wove_adapters.core.executors.stdio import EVENTS_FD_ENV
 
 _decoder = msgspec.json.Decoder(frames.WireCommand)
 _encoder = msgspec.json.Encoder()
@@ -77,6 +88,7 @@ class StdioWorker:
 
         signal.signal(signal.SIGUSR1, _cancel)
         signal.signal(signal.SIGTERM, _cancel)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         threading.Thread(target=self._read, daemon=True, name="stdio-reader").start()
         while True:
             command = self._queue.get()
@@ -106,7 +118,7 @@ class StdioWorker:
             event = frames.TaskResult(**ident, result=dumps(value))
         except TaskCancelled as exc:
             event = frames.TaskCancelled(**ident, reason=str(exc))
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: the task's outcome, see above
             event = frames.TaskError(
                 **ident,
                 error=frames.normalize_exception(exc),
@@ -119,9 +131,19 @@ class StdioWorker:
 
 
 def main() -> int:
-    protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)  # task prints go to stderr, never into the protocol stream
-    sys.stdout = sys.stderr
+    events_fd = os.environ.pop(EVENTS_FD_ENV, None)
+    if events_fd:
+        # Events on their own pipe: task prints go to stdout, line by line, as the caller
+        # would see them from a thread. The pipe is not handed to the task's children
+        # (one holding it would hide this worker's death from the pool).
+        protocol_out = os.fdopen(int(events_fd), "wb", buffering=0)
+        os.set_inheritable(protocol_out.fileno(), False)
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(line_buffering=True)
+    else:  # started by hand: events on stdout, so task prints must go to stderr
+        protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
     worker = StdioWorker(sys.stdin.buffer, protocol_out)
     worker.serve()
     return 0

@@ -1,8 +1,14 @@
 """``local``: sync callables in a thread pool of ``max_workers``, coroutines on the loop.
 
 For steps that must stay in the caller's process. A running sync callable cannot be
-interrupted (Python has no safe thread kill), so cancelling one is not acknowledged and
-``require_ack`` raises; queued work and coroutines cancel for real.
+interrupted (Python has no safe thread kill), so this executor cannot confirm a cancel and
+declares ``confirm_cancel=False``: ``require_ack`` is refused when the environment starts.
+Queued work and coroutines cancel for real.
+
+Every outcome of the task is reported as its outcome, ``BaseException`` included: a task
+that raises ``SystemExit`` or ``KeyboardInterrupt`` fails its own run, as in
+``ThreadPoolExecutor``. Let through, either would stop the shared event loop and strand
+every other run of the process.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ class LocalTransport(Transport):
     capabilities = Capabilities(
         cancel_queued=True,
         cancel_running=False,
-        confirm_cancel=True,
+        confirm_cancel=False,
         requeue=False,
         heartbeats=True,
         inline_payload_limit=1 << 62,
@@ -44,7 +50,7 @@ class LocalTransport(Transport):
         emit: Emit,
     ) -> None:
         self._emit = emit
-        workers = int(executor_config.get("max_workers") or settings.get("max_workers") or 32)
+        workers = _pool_size(environment, executor_config, settings)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix=f"wove-local-{environment}"
         )
@@ -84,7 +90,7 @@ class LocalTransport(Transport):
             emit(frames.event(frames.TASK_RESULT, *ident, result=value))
         except asyncio.CancelledError:
             emit(frames.event(frames.TASK_CANCELLED, *ident, reason="cancelled"))
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: it is this run's outcome, see above
             emit(frames.error_event(run.run_id, run.task_id, exc, attempt=run.attempt))
         finally:
             if heart is not None:
@@ -121,3 +127,22 @@ class LocalTransport(Transport):
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _pool_size(environment: str, executor_config: dict[str, Any], settings: dict[str, Any]) -> int:
+    """``executor_config.max_workers``, else the ``max_workers`` setting, else 32; a size
+    below 1 is refused (a pool of none would accept runs and never start them)."""
+    for where, source in (
+        ("executor_config.max_workers", executor_config),
+        ("max_workers", settings),
+    ):
+        value = source.get("max_workers")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"Environment '{environment}': {where} must be greater than 0 (got {value!r}); "
+                "it is the number of threads that run this environment's sync tasks"
+            )
+        return value
+    return 32

@@ -1,8 +1,19 @@
 """``stdio``: a pool of ``python -m wove_adapters.stdio_worker`` processes over pipes.
 
-Each process runs one task at a time, so cancellation interrupts real work and a
-worker killed mid-task is noticed at once (its stdout closes): the run is reported lost
-and the dispatcher applies the orphan policy; the pool replaces the process.
+Each process runs one task at a time, so cancellation interrupts real work and a worker
+that dies mid-task is noticed at once (its event pipe closes), with its exit status; the
+pool replaces the process. How the run ends depends on who ended the worker:
+
+- the task itself (a fault signal such as SIGSEGV or SIGABRT, or ``os._exit``): the run
+  fails with ``TaskExecutionError`` of kind ``WorkerCrashed`` naming the pid, exit code
+  and signal, as ``ProcessPoolExecutor`` reports a broken pool; rerunning it would crash
+  again, so no orphan policy applies;
+- something outside (SIGKILL from an operator, the OOM killer): the run is reported lost
+  with that reason and the dispatcher applies the orphan policy (requeue, fail, ...).
+
+A result the caller cannot unpickle (its class exists only on the worker, or its
+unpickling raises) fails its run with an error naming the type and saying so, and the
+worker is free for the next task at once.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import signal
 import sys
 from typing import Any
 
@@ -18,16 +30,32 @@ import msgspec
 
 from wove_adapters.callbacks.payload import dumps
 from wove_adapters.core import frames
+from wove_adapters.core.errors import TaskExecutionError
 from wove_adapters.core.policies import Capabilities
 from wove_adapters.core.transport import Emit, RunAttempt, Transport
 
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(frames.WireEvent)
 
+# The worker writes its events to this inherited pipe descriptor (stdout stays the task's).
+EVENTS_FD_ENV = "WOVE_ADAPTERS_STDIO_EVENTS_FD"
+
+# Signals a process raises against itself when its own code faults: the task did it.
+FAULT_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS}
+)
+
 
 class _Worker:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        events: asyncio.StreamReader,
+        pipe: asyncio.BaseTransport,
+    ) -> None:
         self.proc = proc
+        self.events = events  # the worker's event pipe (see EVENTS_FD_ENV)
+        self.pipe = pipe
         self.run: RunAttempt | None = None
         self.reader: asyncio.Task[None] | None = None
 
@@ -66,7 +94,7 @@ class StdioTransport(Transport):
         emit: Emit,
     ) -> None:
         self._emit = emit
-        self._size = int(executor_config.get("processes") or min(os.cpu_count() or 2, 8))
+        self._size = _pool_size(environment, executor_config.get("processes"))
         python = str(executor_config.get("python") or sys.executable)
         self._command = [python, "-m", "wove_adapters.stdio_worker"]
         self._env = {
@@ -76,15 +104,29 @@ class StdioTransport(Transport):
         await asyncio.gather(*(self._spawn() for _ in range(self._size)))
 
     async def _spawn(self) -> _Worker:
-        proc = await asyncio.create_subprocess_exec(
-            *self._command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=self._env,
-            limit=1 << 30,
+        """Start one worker. Its events come on a pipe of their own, so the task's
+        ``print()`` goes to the caller's stdout, as with a thread or process pool."""
+        loop = asyncio.get_running_loop()
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._command,
+                stdin=asyncio.subprocess.PIPE,
+                env={**self._env, EVENTS_FD_ENV: str(write_fd)},
+                pass_fds=(write_fd,),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # the worker holds the only write end: EOF when it dies
+        events = asyncio.StreamReader(limit=1 << 30, loop=loop)
+        pipe, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(events, loop=loop),
+            os.fdopen(read_fd, "rb", buffering=0),
         )
-        worker = _Worker(proc)
-        worker.reader = asyncio.get_running_loop().create_task(self._read(worker))
+        worker = _Worker(proc, events, pipe)
+        worker.reader = loop.create_task(self._read(worker))
         self._workers.append(worker)
         return worker
 
@@ -93,38 +135,37 @@ class StdioTransport(Transport):
         return [worker.proc.pid for worker in self._workers]
 
     async def _read(self, worker: _Worker) -> None:
-        assert worker.proc.stdout is not None and self._emit is not None
-        from wove_adapters.core.runtime import wire_to_frame
-
+        assert self._emit is not None
         while True:
-            line = await worker.proc.stdout.readline()
+            line = await worker.events.readline()
             if not line:
                 break
             try:
                 event = _event_decoder.decode(line)
-                frame = wire_to_frame(event)
-            except Exception as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 print(f"stdio executor: bad event line ignored: {exc}", file=sys.stderr)
                 continue
-            if frame["type"] in frames.TERMINAL_EVENTS and worker.run is not None:
-                if worker.run.run_id == frame["run_id"]:
-                    worker.run = None
-            self._emit(frame)
+            if isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled)):
+                if worker.run is not None and worker.run.run_id == event.run_id:
+                    worker.run = None  # free before anything that may fail below
+            self._emit(event_frame(event, where="stdio executor"))
             if worker.run is None:
                 await self._dispatch()
+        worker.pipe.close()
         code = await worker.proc.wait()
         lost = worker.run
         worker.run = None
         with contextlib.suppress(ValueError):
             self._workers.remove(worker)
-        if lost is not None:
+        if lost is not None and not self._closing:
             self._emit(
-                frames.event(
-                    frames.TASK_LOST,
+                exit_frame(
+                    f"stdio worker pid {worker.proc.pid}",
+                    code,
                     lost.run_id,
                     lost.task_id,
                     lost.attempt,
-                    reason=f"stdio worker pid {worker.proc.pid} exited with code {code}",
+                    by_task=code >= 0 or -code in FAULT_SIGNALS,
                 )
             )
         if not self._closing:
@@ -186,6 +227,7 @@ class StdioTransport(Transport):
                 await worker.send(frames.ShutdownWire())
                 assert worker.proc.stdin is not None
                 worker.proc.stdin.close()
+        readers = [worker.reader for worker in self._workers if worker.reader is not None]
         for worker in list(self._workers):
             try:
                 await asyncio.wait_for(worker.proc.wait(), 3)
@@ -193,3 +235,172 @@ class StdioTransport(Transport):
                 with contextlib.suppress(ProcessLookupError):
                     worker.proc.kill()
                 await worker.proc.wait()
+        # Each reader ends at its worker's EOF; none outlives the transport.
+        if readers:
+            _, pending = await asyncio.wait(readers, timeout=3)
+            for reader in pending:
+                reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
+def _pool_size(environment: str, processes: Any) -> int:
+    if processes is None:
+        return min(os.cpu_count() or 2, 8)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(
+            f"Environment '{environment}': executor_config.processes must be greater than 0 "
+            f"(got {processes!r}); it is the number of stdio worker processes"
+        )
+    return processes
+
+
+# ---------------------------------------------------------------- shared with ``process``
+
+
+def describe_exit(code: int) -> str:
+    """``exited with code -11 (killed by signal 11, SIGSEGV)``: the code as asyncio
+    reports it, and the signal by name."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unknown signal"
+    return f"exited with code {code} (killed by signal {-code}, {name})"
+
+
+def exit_frame(
+    worker: str, code: int, run_id: str, task_id: str, attempt: int, *, by_task: bool
+) -> dict[str, Any]:
+    """The event for a run whose worker process died before reporting its outcome.
+
+    ``by_task``: the task ended its own process (a fault signal, ``os._exit``), so the run
+    fails with ``WorkerCrashed`` and the reason; otherwise the worker was ended from
+    outside and the run is lost, for the dispatcher's orphan policy.
+    """
+    what = f"{worker} {describe_exit(code)} while running task '{task_id}' (run {run_id})"
+    if not by_task:
+        return frames.event(frames.TASK_LOST, run_id, task_id, attempt, reason=what)
+    payload = frames.ErrorPayload(
+        kind="WorkerCrashed",
+        message=f"{what}, before it could report an outcome: the task ended its own process "
+        "(a crash in native code, an abort, or os._exit). The worker is replaced; the run "
+        "is not retried, as it would most likely crash again.",
+        source="worker",
+    ).to_dict()
+    return frames.event(
+        frames.TASK_ERROR,
+        run_id,
+        task_id,
+        attempt,
+        error=payload,
+        exception=TaskExecutionError(payload),
+    )
+
+
+def event_frame(event: frames.WireEvent, *, where: str) -> dict[str, Any]:
+    """``runtime.wire_to_frame``, except that unpickling never escapes: a result the caller
+    cannot unpickle becomes that run's error, and an exception that cannot be rebuilt
+    becomes ``TaskExecutionError``. Unpickling runs arbitrary code (a ``__reduce__`` may
+    even call ``sys.exit``); here it runs on the shared loop, which must survive it."""
+    from wove_adapters.core.runtime import wire_to_frame
+
+    try:
+        return wire_to_frame(event)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        if isinstance(event, frames.TaskResult):
+            return _unpicklable_result(event, exc)
+        if isinstance(event, frames.TaskError):
+            from wove_adapters.core.codec import rebuild_exception
+
+            payload = event.error.to_dict()
+            return frames.event(
+                frames.TASK_ERROR,
+                event.run_id,
+                event.task_id,
+                event.attempt,
+                error=payload,
+                exception=rebuild_exception(payload, None),
+            )
+        print(f"{where}: an event could not be read and was dropped: {exc!r}", file=sys.stderr)
+        return frames.event(
+            frames.LOG,
+            event.run_id,
+            event.task_id,
+            event.attempt,
+            message=f"unreadable event dropped: {exc!r}",
+            level="warning",
+        )
+
+
+def _unpicklable_result(event: frames.TaskResult, exc: BaseException) -> dict[str, Any]:
+    import traceback
+
+    names = pickled_names(event.result)
+    refers = f" The result refers to {', '.join(names)}." if names else ""
+    payload = frames.ErrorPayload(
+        kind="ResultNotUnpicklable",
+        message=(
+            f"task '{event.task_id}' (run {event.run_id}) returned a result that could not "
+            f"be unpickled in the caller: {type(exc).__name__}: {exc}.{refers} Make the "
+            "result's type importable where the task was submitted (install its module "
+            "there or add it to PYTHONPATH), or return plain data."
+        ),
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        source="transport",
+    ).to_dict()
+    error = TaskExecutionError(payload)
+    error.__cause__ = exc
+    return frames.event(
+        frames.TASK_ERROR,
+        event.run_id,
+        event.task_id,
+        event.attempt,
+        error=payload,
+        exception=error,
+    )
+
+
+_PLUMBING = ("builtins.", "copyreg.", "_codecs.", "cloudpickle.", "__builtin__.", "copy_reg.")
+
+
+def pickled_names(data: bytes, limit: int = 5) -> list[str]:
+    """The ``module.Name`` globals a pickle refers to, without unpickling it (pickle's
+    own plumbing left out): what the caller would need to import."""
+    import pickletools
+
+    names: list[str] = []
+    memo: dict[int, Any] = {}
+    recent: list[Any] = []  # values pushed since the last other opcode
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            op = opcode.name
+            if op in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                recent.append(arg)
+                continue
+            if op == "MEMOIZE":
+                memo[len(memo)] = recent[-1] if recent else None
+                continue
+            if op in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[int(str(arg))] = recent[-1] if recent else None
+                continue
+            if op in ("BINGET", "LONG_BINGET", "GET"):
+                recent.append(memo.get(int(str(arg))))
+                continue
+            name = None
+            if op == "STACK_GLOBAL" and len(recent) >= 2:
+                module, qualname = recent[-2], recent[-1]
+                if isinstance(module, str) and isinstance(qualname, str):
+                    name = f"{module}.{qualname}"
+            elif op == "GLOBAL" and isinstance(arg, str):
+                name = arg.replace(" ", ".")
+            recent = []
+            if name and not name.startswith(_PLUMBING) and name not in names:
+                names.append(name)
+                if len(names) >= limit:
+                    break
+    except Exception:  # a truncated or odd pickle: report what was found
+        pass
+    return names
