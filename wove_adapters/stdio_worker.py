@@ -119,6 +119,7 @@ class StdioWorker:
         except TaskCancelled as exc:
             event = frames.TaskCancelled(**ident, reason=str(exc))
         except BaseException as exc:  # SystemExit too: the task's outcome, see above
+            _drop_own_frames(exc)
             event = frames.TaskError(
                 **ident,
                 error=frames.normalize_exception(exc),
@@ -128,6 +129,20 @@ class StdioWorker:
             with self._current_lock:
                 self._current = None
         self.emit(event)
+
+
+_OWN_FILES = frozenset({__file__, call_task.__code__.co_filename})
+
+
+def _drop_own_frames(exc: BaseException) -> None:
+    """The remote traceback starts at the task's code: this worker's frames (``_run``,
+    ``call_task``) say nothing to the reader."""
+    tb = exc.__traceback__
+    while (
+        tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES
+    ):
+        tb = tb.tb_next
+    exc.__traceback__ = tb
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ import pickle
 import signal
 import sys
 import time
+import traceback
 import unittest
 import unittest.mock
 from pathlib import Path
@@ -353,6 +354,7 @@ def test_local_system_exit_fails_only_its_run() -> None:
         assert [f.result(timeout=30) for f in others + more] == list(range(8))
         error = exiting.exception(timeout=30)
         assert isinstance(error, SystemExit) and error.code == 3
+        assert "raise SystemExit(code)" in "".join(traceback.format_tb(error.__traceback__))
         assert isinstance(interrupted.exception(timeout=30), KeyboardInterrupt)
         error = exiting_async.exception(timeout=30)
         assert isinstance(error, SystemExit) and error.code == 4
@@ -378,6 +380,10 @@ def test_system_exit_in_a_worker_is_the_runs_error(executor: str) -> None:
         error = pool.submit(exits, 3).exception(timeout=60)
         assert isinstance(error, SystemExit), repr(error)
         assert error.code == 3
+        # With its context: the task's own frames, from the worker, and only those.
+        remote = str(error.__cause__)
+        assert "in exits" in remote and "SystemExit: 3" in remote, remote
+        assert "stdio_worker.py" not in remote, remote
         assert pool.submit(tasks.add, 1).result(timeout=60) == 2
 
 

@@ -301,12 +301,13 @@ def exit_frame(
 def event_frame(event: frames.WireEvent, *, where: str) -> dict[str, Any]:
     """``runtime.wire_to_frame``, except that unpickling never escapes: a result the caller
     cannot unpickle becomes that run's error, and an exception that cannot be rebuilt
-    becomes ``TaskExecutionError``. Unpickling runs arbitrary code (a ``__reduce__`` may
+    becomes ``TaskExecutionError``; a rebuilt exception gets the worker's traceback as
+    its cause (``core.codec``). Unpickling runs arbitrary code (a ``__reduce__`` may
     even call ``sys.exit``); here it runs on the shared loop, which must survive it."""
     from wove_adapters.core.runtime import wire_to_frame
 
     try:
-        return wire_to_frame(event)
+        frame = wire_to_frame(event)
     except asyncio.CancelledError:
         raise
     except BaseException as exc:
@@ -333,6 +334,12 @@ def event_frame(event: frames.WireEvent, *, where: str) -> dict[str, Any]:
             message=f"unreadable event dropped: {exc!r}",
             level="warning",
         )
+    if isinstance(event, frames.TaskError) and isinstance(frame.get("exception"), BaseException):
+        from wove_adapters.core.codec import attach_remote_traceback
+
+        # The caller's exception carries the task's own frames (idempotent).
+        attach_remote_traceback(frame["exception"], event.error.traceback)
+    return frame
 
 
 def _unpicklable_result(event: frames.TaskResult, exc: BaseException) -> dict[str, Any]:
