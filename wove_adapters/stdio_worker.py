@@ -18,6 +18,7 @@ is the caller's to handle (it cancels or abandons its runs), not every idle work
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -159,8 +160,11 @@ def main() -> int:
         protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
         os.dup2(2, 1)
         sys.stdout = sys.stderr
-    worker = StdioWorker(sys.stdin.buffer, protocol_out)
-    worker.serve()
+    try:
+        StdioWorker(sys.stdin.buffer, protocol_out).serve()
+    finally:
+        with contextlib.suppress(OSError):  # the caller may have closed its end
+            protocol_out.close()
     return 0
 
 

@@ -132,6 +132,11 @@ def _name(hook: Callable[..., Any]) -> str:
     return str(getattr(hook, "__qualname__", None) or repr(hook))
 
 
+def is_shut_down() -> bool:
+    """True once this process's exit shutdown has run (no new work is accepted)."""
+    return _stopped and _pid in (None, os.getpid())
+
+
 def shutdown() -> None:
     """Stop everything this process started, in order. Runs once, at interpreter exit
     (before the standard library refuses new thread work) or when called."""

@@ -94,13 +94,11 @@ def wire_to_frame(event: frames.WireEvent, raw: bytes | None = None) -> dict[str
     elif isinstance(event, frames.TaskError):
         payload = event.error.to_dict()
         frame["error"] = payload
-        exc: BaseException | None = None
-        if event.exception is not None:
-            with contextlib.suppress(Exception):
-                loaded = loads(event.exception)
-                if isinstance(loaded, BaseException):
-                    exc = loaded
-        frame["exception"] = exc if exc is not None else TaskExecutionError(payload)
+        from wove_adapters.core.codec import rebuild_exception
+
+        # The original type with the worker's traceback chained (TaskExecutionError when
+        # it does not unpickle here).
+        frame["exception"] = rebuild_exception(payload, event.exception)
     elif isinstance(event, frames.Log):
         frame["message"] = event.message
         frame["level"] = event.level
@@ -237,6 +235,10 @@ class Dispatcher:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        drain = getattr(self.transport, "drain", None)
+        if drain is not None:  # work that must end with this process ends, then its writes
+            with contextlib.suppress(Exception):
+                await drain()
         await self._stop_ledger_writer()
         await self.transport.close()
 

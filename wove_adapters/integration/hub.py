@@ -775,6 +775,8 @@ class HubExecutor(concurrent.futures.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if shared_loop.is_shut_down():
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             self._futures.add(future)
             if self._max_workers is not None and self._active >= self._max_workers:
                 self._queue.append((future, fn, args, kwargs))
