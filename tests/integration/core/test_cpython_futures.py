@@ -106,14 +106,9 @@ ALL = ("local", "stdio", "process")
 # the receiver path), run as expected failures so that a fix shows as an unexpected
 # success: then delete the entry.
 PENDING: dict[str, dict[str, str]] = {
-    "local": {
-        "test_submit_after_interpreter_shutdown": _HUB_EXIT,
-    },
-    "stdio": {
-        "test_submit_after_interpreter_shutdown": _HUB_EXIT,
-    },
+    "local": {},
+    "stdio": {},
     "process": {
-        "test_submit_after_interpreter_shutdown": _HUB_EXIT,
         "test_free_reference": (
             "the result object stays referenced for seconds after future.result() "
             "returned, on the receiver path only (stdio and local pass)"
