@@ -41,7 +41,7 @@ from wove_adapters.core.ledger import (
     open_ledger,
 )
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
-from wove_adapters.core.runtime import Dispatcher, decode_outcome, exception_from_frame
+from wove_adapters.core.runtime import Dispatcher, Run, decode_outcome, exception_from_frame
 from wove_adapters.core.transport import RunAttempt
 from wove_adapters.integration.environments import get_dispatcher
 
@@ -654,18 +654,12 @@ class Hub:
         await dispatcher.cancel(run_id, mode)
 
 
-def _when_launched(run: Any, callback: Callable[[], None]) -> None:
+def _when_launched(run: Run, callback: Callable[[], None]) -> None:
     """Call ``callback`` once ``run`` has been handed to its backend (or at once)."""
-    task = getattr(run, "launch_task", None)
-    if getattr(run, "launched", True) or task is None:
+    if run.launched or run.launch_task is None:
         callback()
         return
-
-    def done(_: asyncio.Task[None]) -> None:
-        if run.launched:
-            callback()
-
-    task.add_done_callback(done)
+    run.launch_task.add_done_callback(lambda _: callback() if run.launched else None)
 
 
 def _error_frame(run_id: str, error: BaseException) -> dict[str, Any]:
