@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -28,3 +32,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             seen.add(module.__name__)
             if module.__name__ in sys.modules:
                 cloudpickle.register_pickle_by_value(module)
+
+
+@pytest.fixture
+def caller_only_module(tmp_path: Path) -> Iterator[ModuleType]:
+    """A module importable in this process only (its directory is on this sys.path), so
+    cloudpickle ships its functions by reference and a worker cannot import it: the
+    worker-side import error every backend's error tests provoke."""
+    name = f"wove_caller_only_{uuid.uuid4().hex[:8]}"
+    directory = tmp_path / "caller-only"
+    directory.mkdir()
+    (directory / f"{name}.py").write_text("def task(x):\n    return x + 1\n")
+    sys.path.insert(0, str(directory))
+    try:
+        yield __import__(name)
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop(name, None)

@@ -11,11 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
-import sys
 import traceback
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -60,22 +56,6 @@ def test_remote_traceback_reaches_the_caller(redis_celery: CeleryService) -> Non
     assert formatted.index("explode_on_celery") < formatted.index(
         "The above exception was the direct cause"
     )
-
-
-@pytest.fixture
-def caller_only_module(tmp_path: Path) -> Iterator[ModuleType]:
-    """Importable here only (its directory is on this process's sys.path), so cloudpickle
-    ships the task by reference and the Celery worker cannot import it."""
-    name = f"wove_celery_only_here_{uuid.uuid4().hex[:8]}"
-    directory = tmp_path / "caller-only"
-    directory.mkdir()
-    (directory / f"{name}.py").write_text("def task(x):\n    return x + 1\n")
-    sys.path.insert(0, str(directory))
-    try:
-        yield __import__(name)
-    finally:
-        sys.path.remove(str(directory))
-        sys.modules.pop(name, None)
 
 
 def test_import_error_names_the_worker_and_the_fix(

@@ -11,9 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
-import sys
 import traceback
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -64,23 +62,6 @@ def test_remote_traceback_reaches_the_caller(hub: Hub) -> None:
     assert formatted.index("explode_remotely") < formatted.index(
         "The above exception was the direct cause"
     )
-
-
-@pytest.fixture
-def caller_only_module(tmp_path: Path) -> Iterator[ModuleType]:
-    """A module the caller can import (its directory is on the caller's sys.path only),
-    so cloudpickle ships the task by reference and the worker cannot import it."""
-    name = f"wove_errors_only_here_{uuid.uuid4().hex[:8]}"
-    directory = tmp_path / "caller-only"
-    directory.mkdir()
-    (directory / f"{name}.py").write_text("def task(x):\n    return x + 1\n")
-    sys.path.insert(0, str(directory))
-    try:
-        module = __import__(name)
-        yield module
-    finally:
-        sys.path.remove(str(directory))
-        sys.modules.pop(name, None)
 
 
 def test_import_error_names_the_worker_and_the_fix(

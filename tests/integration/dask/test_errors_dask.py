@@ -12,11 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
-import sys
 import traceback
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -67,22 +63,6 @@ def test_remote_traceback_reaches_the_caller(address: str, path: str) -> None:
     assert formatted.index("explode_on_dask") < formatted.index(
         "The above exception was the direct cause"
     )
-
-
-@pytest.fixture
-def caller_only_module(tmp_path: Path) -> Iterator[ModuleType]:
-    """Importable here (its directory is on this process's sys.path only), so cloudpickle
-    ships the task by reference and the CLI workers cannot import it."""
-    name = f"wove_dask_only_here_{uuid.uuid4().hex[:8]}"
-    directory = tmp_path / "caller-only"
-    directory.mkdir()
-    (directory / f"{name}.py").write_text("def task(x):\n    return x + 1\n")
-    sys.path.insert(0, str(directory))
-    try:
-        yield __import__(name)
-    finally:
-        sys.path.remove(str(directory))
-        sys.modules.pop(name, None)
 
 
 @pytest.mark.parametrize("path", ["http", "native"])
