@@ -11,6 +11,7 @@ Needs pytest and pytest-asyncio (``asyncio_mode = "auto"``), i.e. the ``dev`` ex
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 import time
@@ -250,6 +251,71 @@ class LedgerContract:
         with pytest.raises(KeyError):
             await ledger.update("no-such-run", state=RUNNING)
 
+    # --- states only move forward ----------------------------------------------------
+
+    async def test_update_never_moves_a_state_backwards(self, ledger: Ledger) -> None:
+        record = new_record()
+        await ledger.claim(record)
+        await ledger.update(record.run_id, state=RUNNING)
+        await ledger.update(record.run_id, state=SUBMITTED, submission="job-1")
+        stored = await ledger.get(record.run_id)
+        assert stored is not None
+        # The backward state is refused; the other fields of the write still apply.
+        assert (stored.state, stored.submission) == (RUNNING, "job-1")
+        await ledger.update(record.run_id, state=DETACHED)
+        await ledger.update(record.run_id, state=RUNNING)
+        stored = await ledger.get(record.run_id)
+        assert stored is not None and stored.state == DETACHED
+
+    @pytest.mark.parametrize("late", [SUBMITTED, RUNNING, DETACHED, LOST, FAILED])
+    async def test_late_update_keeps_a_recorded_outcome(self, ledger: Ledger, late: str) -> None:
+        record = new_record()
+        await ledger.claim(record)
+        assert await ledger.set_outcome(record.run_id, SUCCEEDED, b"value")
+        await ledger.update(record.run_id, state=late)
+        stored = await ledger.get(record.run_id)
+        assert stored is not None
+        assert (stored.state, stored.outcome) == (SUCCEEDED, b"value")
+
+    async def test_terminal_state_by_update_is_final(self, ledger: Ledger) -> None:
+        record = new_record()
+        await ledger.claim(record)
+        await ledger.update(record.run_id, state=SUCCEEDED)  # a success kept without value
+        await ledger.update(record.run_id, state=LOST)
+        assert await ledger.set_outcome(record.run_id, FAILED, b"other ending") is False
+        stored = await ledger.get(record.run_id)
+        assert stored is not None and (stored.state, stored.outcome) == (SUCCEEDED, None)
+        # The same ending may still gain its signed event.
+        assert await ledger.set_outcome(record.run_id, SUCCEEDED, b"value") is True
+        stored = await ledger.get(record.run_id)
+        assert stored is not None and (stored.state, stored.outcome) == (SUCCEEDED, b"value")
+
+    async def test_detached_run_takes_its_outcome(self, ledger: Ledger) -> None:
+        record = new_record()
+        await ledger.claim(record)
+        await ledger.update(record.run_id, state=DETACHED)
+        assert await ledger.set_outcome(record.run_id, SUCCEEDED, b"later") is True
+        stored = await ledger.get(record.run_id)
+        assert stored is not None and (stored.state, stored.outcome) == (SUCCEEDED, b"later")
+
+    async def test_outcome_and_late_update_race(self, ledger: Ledger) -> None:
+        # A worker's outcome and the caller's queued hand-off write, in either order and
+        # interleaved: the run always ends succeeded with its outcome.
+        records = [new_record() for _ in range(20)]
+        for record in records:
+            await ledger.claim(record)
+        writes = []
+        for i, record in enumerate(records):
+            pair = [
+                ledger.set_outcome(record.run_id, SUCCEEDED, b"won"),
+                ledger.update(record.run_id, state=DETACHED),
+            ]
+            writes += pair if i % 2 else pair[::-1]
+        await asyncio.gather(*writes)
+        for record in records:
+            stored = await ledger.get(record.run_id)
+            assert stored is not None and (stored.state, stored.outcome) == (SUCCEEDED, b"won")
+
     # --- reads -----------------------------------------------------------------------
 
     async def test_round_trip_of_every_field(self, ledger: Ledger) -> None:
@@ -447,3 +513,47 @@ class LedgerContract:
         assert again is False
         with pytest.raises(KeyError):
             await asyncio.to_thread(record_outcome_sync, ledger.url, "no-such-run", SUCCEEDED, b"x")
+
+    async def test_worker_creates_the_record_it_cannot_find(self, ledger: Ledger) -> None:
+        if not ledger.shareable:
+            return  # no worker can write into it (test_outcome_recorded_by_a_worker_process)
+        template = new_record(task_id="t", adapter="process", attempt=2, idempotency_key="k")
+        run_id = template.run_id
+        created = await asyncio.to_thread(
+            functools.partial(
+                record_outcome_sync, ledger.url, run_id, SUCCEEDED, b"made", create=template
+            )
+        )
+        assert created is True
+        stored = await ledger.get(run_id)
+        assert stored is not None
+        assert (stored.state, stored.outcome, stored.task_id, stored.attempt) == (
+            SUCCEEDED,
+            b"made",
+            "t",
+            2,
+        )
+        assert stored.idempotency_key is None  # keys are taken by claim alone
+        assert run_id in {r.run_id for r in await ledger.list_runs()}
+        again = await asyncio.to_thread(
+            functools.partial(
+                record_outcome_sync, ledger.url, run_id, FAILED, b"second", create=template
+            )
+        )
+        assert again is False
+        # A run that exists is only ended, as without ``create``.
+        existing = new_record()
+        await ledger.claim(existing)
+        assert await asyncio.to_thread(
+            functools.partial(
+                record_outcome_sync,
+                ledger.url,
+                existing.run_id,
+                FAILED,
+                b"e",
+                create=new_record(run_id=existing.run_id, environment="elsewhere"),
+            )
+        )
+        stored = await ledger.get(existing.run_id)
+        assert stored is not None
+        assert (stored.state, stored.environment) == (FAILED, existing.environment)

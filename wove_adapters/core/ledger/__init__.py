@@ -47,7 +47,9 @@ __all__ = [
     "HOLDING_STATES",
     "LOST",
     "RUNNING",
+    "SEALED_STATES",
     "STATES",
+    "STATE_RANK",
     "SUBMITTED",
     "SUCCEEDED",
     "SUPPORTED_SCHEMES",
@@ -55,14 +57,51 @@ __all__ = [
     "Ledger",
     "RunRecord",
     "close_all",
+    "created_record",
+    "moves_forward",
     "open_ledger",
+    "outcome_open",
     "record_outcome_sync",
+    "state_rank",
 ]
 
 # A run in one of these states keeps its idempotency key: a second caller with the same
 # key joins it (or, for ``succeeded``, reads its outcome) instead of starting a new job.
 # ``failed``, ``cancelled`` and ``lost`` release the key so a retry can run again.
 HOLDING_STATES: Final = frozenset({SUBMITTED, RUNNING, DETACHED, SUCCEEDED})
+
+# States only move forward: submitted -> running -> (detached) -> one terminal state.
+# ``update(state=...)`` applies a state only when its rank is higher than the stored one,
+# so a late queued write (``running`` after ``succeeded``, ``detached`` after the worker
+# recorded its outcome) changes nothing; a terminal state is never replaced by ``update``.
+# ``detached`` is a hand-off, not an ending: the worker's outcome still follows it.
+STATE_RANK: Final[Mapping[str, int]] = {SUBMITTED: 0, RUNNING: 1, DETACHED: 2}
+TERMINAL_RANK: Final = 3
+
+# ``set_outcome`` records the worker's signed event while the run has none, unless the
+# run already ended another way: a run the caller declared ``lost`` without an event
+# (it could not know) still takes the outcome its worker reports, but a run recorded
+# ``succeeded``, ``failed`` or ``cancelled`` keeps that ending (the same state may still
+# gain its event, e.g. a success recorded without its value).
+SEALED_STATES: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+
+def state_rank(state: str | None) -> int:
+    """Where a state stands in a run's life (None: no record yet)."""
+    if state is None:
+        return -1
+    return STATE_RANK.get(state, TERMINAL_RANK)
+
+
+def moves_forward(current: str | None, new: str) -> bool:
+    """True when ``update(state=new)`` may replace ``current`` (see STATE_RANK)."""
+    return state_rank(new) > state_rank(current)
+
+
+def outcome_open(current: str, has_outcome: bool, new: str) -> bool:
+    """True when ``set_outcome(new, ...)`` may still record over this run (see SEALED_STATES)."""
+    return not has_outcome and (current not in SEALED_STATES or current == new)
+
 
 # scheme -> (module, class). Strings, so nothing is imported until a scheme is used.
 _BACKENDS: Final[Mapping[str, tuple[str, str]]] = {
@@ -153,12 +192,17 @@ def _close_at_exit() -> None:
 
 
 
-def record_outcome_sync(url: str, run_id: str, state: str, outcome: bytes) -> bool:
+def record_outcome_sync(
+    url: str, run_id: str, state: str, outcome: bytes, *, create: RunRecord | None = None
+) -> bool:
     """Record a run's terminal state and signed event from code without an event loop.
 
     First writer wins, exactly as ``Ledger.set_outcome``: True when this call recorded the
-    outcome, False when the run already had one. Raises KeyError for an unknown run and
-    ValueError for ``memory://`` (another process cannot see it) or an unknown scheme.
+    outcome, False when the run already had one (or had ended otherwise). A run the ledger
+    does not hold raises KeyError, unless ``create`` is given: then that record is
+    inserted with this state and outcome (a worker whose run's claim never reached the
+    ledger still leaves an outcome anyone can fetch). Raises ValueError for
+    ``memory://`` (another process cannot see it) or an unknown scheme.
     """
     scheme = _scheme(url)
     check_outcome_state(state)
@@ -168,10 +212,32 @@ def record_outcome_sync(url: str, run_id: str, state: str, outcome: bytes) -> bo
             "so a worker cannot record an outcome in it. Use a sqlite://, redis:// or "
             "postgresql:// ledger for runs that outlive or leave the caller."
         )
+    if create is not None and create.run_id != run_id:
+        raise ValueError(f"record_outcome_sync: create.run_id {create.run_id!r} != {run_id!r}")
     module_name, _ = _BACKENDS[scheme]
     module = importlib.import_module(module_name)
-    result: bool = module.record_outcome_sync(url, run_id, state, outcome)
+    result: bool = module.record_outcome_sync(url, run_id, state, outcome, create=create)
     return result
+
+
+def created_record(template: RunRecord, state: str, outcome: bytes | None) -> RunRecord:
+    """The row ``record_outcome_sync(create=...)`` inserts: the template, ended. It holds no
+    idempotency key: a keyed run's claim is always committed before its job is sent, and a
+    key must only ever be taken by ``claim``."""
+    now = time.time()
+    return RunRecord(
+        run_id=template.run_id,
+        environment=template.environment,
+        task_id=template.task_id,
+        adapter=template.adapter,
+        idempotency_key=None,
+        attempt=template.attempt,
+        state=state,
+        submission=template.submission,
+        outcome=outcome,
+        created_at=template.created_at or now,
+        updated_at=now,
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,13 @@ import time
 
 import msgspec
 
-from wove_adapters.core.ledger import HOLDING_STATES, check_outcome_state, check_update
+from wove_adapters.core.ledger import (
+    HOLDING_STATES,
+    check_outcome_state,
+    check_update,
+    moves_forward,
+    outcome_open,
+)
 from wove_adapters.core.ledger.base import Ledger, RunRecord
 
 
@@ -57,6 +63,9 @@ class MemoryLedger(Ledger):
             record = self._runs.get(run_id)
             if record is None:
                 raise KeyError(f"No run {run_id!r} in ledger {self.url}")
+            state = checked.get("state")
+            if state is not None and not moves_forward(record.state, str(state)):
+                checked.pop("state")  # a late write never moves a run backwards
             self._runs[run_id] = msgspec.structs.replace(record, **checked)
 
     async def set_outcome(self, run_id: str, state: str, outcome: bytes | None) -> bool:
@@ -65,7 +74,7 @@ class MemoryLedger(Ledger):
             record = self._runs.get(run_id)
             if record is None:
                 raise KeyError(f"No run {run_id!r} in ledger {self.url}")
-            if record.outcome is not None:
+            if not outcome_open(record.state, record.outcome is not None, state):
                 return False
             self._runs[run_id] = msgspec.structs.replace(
                 record, state=state, outcome=outcome, updated_at=time.time()

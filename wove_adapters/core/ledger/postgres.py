@@ -33,9 +33,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.ledger import (
     HOLDING_STATES,
+    SEALED_STATES,
+    STATE_RANK,
+    TERMINAL_RANK,
     PerLoop,
     check_outcome_state,
     check_update,
+    created_record,
+    state_rank,
 )
 from wove_adapters.core.ledger.base import Ledger, RunRecord
 
@@ -47,6 +52,13 @@ _TABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,49}")  # room for inde
 _FIELDS: Final = tuple(RunRecord.__struct_fields__)
 _COLUMNS: Final = ", ".join(_FIELDS)
 _HOLDING: Final = sorted(HOLDING_STATES)
+_SEALED: Final = sorted(SEALED_STATES)
+# The stored state's rank (core.ledger.STATE_RANK), for the forward-only guard.
+_RANK_SQL: Final = (
+    "CASE state "
+    + " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in STATE_RANK.items())
+    + f" ELSE {TERMINAL_RANK} END"
+)
 
 
 def _import_psycopg() -> ModuleType:
@@ -116,9 +128,10 @@ class _Sql:
             f"INSERT INTO {t} ({_COLUMNS}) VALUES ({', '.join(['%s'] * len(_FIELDS))}) "
             "ON CONFLICT (run_id) DO NOTHING RETURNING run_id"
         )
+        # Parameters: state, outcome, updated_at, run_id, sealed states, state.
         self.set_outcome = (
             f"UPDATE {t} SET state = %s, outcome = %s, updated_at = %s "
-            "WHERE run_id = %s AND outcome IS NULL"
+            "WHERE run_id = %s AND outcome IS NULL AND (NOT state = ANY(%s) OR state = %s)"
         )
         self.exists = f"SELECT 1 FROM {t} WHERE run_id = %s"
         self.update = f"UPDATE {t} SET {{assignments}} WHERE run_id = %s"
@@ -191,11 +204,19 @@ class PostgresLedger(Ledger):
     async def update(self, run_id: str, **fields: object) -> None:
         checked = check_update(run_id, fields)
         # Column names come from check_update's whitelist, never from the caller verbatim.
-        statement = self._sql.update.format(
-            assignments=", ".join(f"{name} = %s" for name in checked)
-        )
+        # The state moves only forward, decided in the statement itself (atomic).
+        assignments: list[str] = []
+        params: list[object] = []
+        for name, value in checked.items():
+            if name == "state":
+                assignments.append(f"state = CASE WHEN {_RANK_SQL} < %s THEN %s ELSE state END")
+                params += [state_rank(str(value)), value]
+            else:
+                assignments.append(f"{name} = %s")
+                params.append(value)
+        statement = self._sql.update.format(assignments=", ".join(assignments))
         async with self._connection() as conn:
-            cursor = await conn.execute(statement, (*checked.values(), run_id))
+            cursor = await conn.execute(statement, (*params, run_id))
             if cursor.rowcount == 0:
                 raise KeyError(f"No run {run_id!r} in ledger {self.url}")
 
@@ -203,7 +224,7 @@ class PostgresLedger(Ledger):
         check_outcome_state(state)
         async with self._connection() as conn:
             cursor = await conn.execute(
-                self._sql.set_outcome, (state, outcome, time.time(), run_id)
+                self._sql.set_outcome, (state, outcome, time.time(), run_id, _SEALED, state)
             )
             if cursor.rowcount:
                 return True
@@ -252,15 +273,32 @@ class PostgresLedger(Ledger):
                 await slot.conn.close()
 
 
-def record_outcome_sync(url: str, run_id: str, state: str, outcome: bytes) -> bool:
-    """Blocking ``set_outcome`` for a worker process, with psycopg's sync connection."""
+def record_outcome_sync(
+    url: str, run_id: str, state: str, outcome: bytes, *, create: RunRecord | None = None
+) -> bool:
+    """Blocking ``set_outcome`` for a worker process, with psycopg's sync connection. With
+    ``create``, a run the ledger does not hold is inserted, ended (see core.ledger)."""
     check_outcome_state(state)
     psycopg = _import_psycopg()
     conninfo, table = parse_postgres_url(url)
     sql = _Sql(table)
     with psycopg.connect(conninfo, autocommit=True) as conn:
+        if create is not None:
+            values = tuple(getattr(created_record(create, state, outcome), n) for n in _FIELDS)
+            try:
+                inserted = conn.execute(sql.insert, values).fetchone()
+            except psycopg.errors.UndefinedTable:  # nobody used this ledger yet
+                with conn.transaction():
+                    conn.execute(sql.lock, (sql.ddl_lock_key,))
+                    for statement in sql.schema:
+                        conn.execute(statement)
+                inserted = conn.execute(sql.insert, values).fetchone()
+            if inserted is not None:
+                return True
         try:
-            cursor = conn.execute(sql.set_outcome, (state, outcome, time.time(), run_id))
+            cursor = conn.execute(
+                sql.set_outcome, (state, outcome, time.time(), run_id, _SEALED, state)
+            )
         except psycopg.errors.UndefinedTable as exc:
             raise KeyError(f"No run {run_id!r} in ledger {url} (no table {table!r})") from exc
         if cursor.rowcount:

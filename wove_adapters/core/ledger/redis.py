@@ -25,9 +25,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.ledger import (
     HOLDING_STATES,
+    SEALED_STATES,
+    STATE_RANK,
+    TERMINAL_RANK,
     PerLoop,
     check_outcome_state,
     check_update,
+    created_record,
+    state_rank,
 )
 from wove_adapters.core.ledger.base import Ledger, RunRecord
 
@@ -37,6 +42,8 @@ if TYPE_CHECKING:
 DEFAULT_PREFIX: Final = "wove-adapters:ledger:"
 _FIELDS: Final = tuple(RunRecord.__struct_fields__)
 _HOLDING_LUA: Final = " or ".join(f"state == '{s}'" for s in sorted(HOLDING_STATES))
+_SEALED_LUA: Final = " or ".join(f"current == '{s}'" for s in sorted(SEALED_STATES))
+_RANKS_LUA: Final = ", ".join(f"['{name}'] = {rank}" for name, rank in STATE_RANK.items())
 
 # KEYS: run hash, key mapping, run index. ARGV: run_id, has_key, created_at, run-hash
 # prefix, then the record's field/value pairs. Returns {1} when the claim won, else
@@ -61,11 +68,22 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return {{1}}
 """
 
-# KEYS: run hash. ARGV: state, updated_at, has_outcome, outcome. -1 unknown run, 0 lost the
-# race (an outcome is already there), 1 recorded.
-SET_OUTCOME_LUA: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+# KEYS: run hash (and the run index, to create). ARGV: state, updated_at, has_outcome,
+# outcome, then (only to create a run the ledger does not hold) '1', created_at, run_id
+# and the new run-hash field/value pairs. -1 unknown run, 0 lost the race (an outcome is
+# already there, or the run ended otherwise: see core.ledger.outcome_open), 1 recorded.
+SET_OUTCOME_LUA: Final = f"""
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[5] == '1' then
+    redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+    redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
+    return 1
+  end
+  return -1
+end
 if redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then return 0 end
+local current = redis.call('HGET', KEYS[1], 'state')
+if ({_SEALED_LUA}) and current ~= ARGV[1] then return 0 end
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[2], 'outcome', ARGV[4])
 else
@@ -74,12 +92,21 @@ end
 return 1
 """
 
-# KEYS: run hash. ARGV: n, n field/value pairs to set, then fields to delete (None values).
-_UPDATE_LUA: Final = """
+# KEYS: run hash. ARGV: n, new state ('' for none), its rank, n field/value pairs to set,
+# then fields to delete (None values). The state is set only when its rank is higher than
+# the stored one (core.ledger.STATE_RANK): states only move forward.
+_UPDATE_LUA: Final = f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local n = tonumber(ARGV[1])
-if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 2, 2 * n + 1)) end
-for i = 2 * n + 2, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 4, 2 * n + 3)) end
+for i = 2 * n + 4, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+if ARGV[2] ~= '' then
+  local ranks = {{{_RANKS_LUA}}}
+  local current = redis.call('HGET', KEYS[1], 'state')
+  local rank = -1
+  if current then rank = ranks[current] or {TERMINAL_RANK} end
+  if tonumber(ARGV[3]) > rank then redis.call('HSET', KEYS[1], 'state', ARGV[2]) end
+end
 return 1
 """
 
@@ -218,10 +245,13 @@ class RedisLedger(Ledger):
 
     async def update(self, run_id: str, **fields: object) -> None:
         checked = check_update(run_id, fields)
+        state = checked.pop("state", None)
         to_set = _pairs(checked)
         to_delete = [name for name, value in checked.items() if value is None]
+        state_args = ["", "-1"] if state is None else [str(state), str(state_rank(str(state)))]
         done = await self._client().update(
-            keys=[self._run_key(run_id)], args=[len(to_set) // 2, *to_set, *to_delete]
+            keys=[self._run_key(run_id)],
+            args=[len(to_set) // 2, *state_args, *to_set, *to_delete],
         )
         if not int(done):
             raise KeyError(f"No run {run_id!r} in ledger {self.url}")
@@ -291,18 +321,23 @@ def _outcome_args(state: str, outcome: bytes | None) -> list[bytes | str]:
     return [state, repr(time.time()), "0" if outcome is None else "1", outcome or b""]
 
 
-def record_outcome_sync(url: str, run_id: str, state: str, outcome: bytes) -> bool:
-    """Blocking ``set_outcome`` for a worker process, with redis-py's sync client."""
+def record_outcome_sync(
+    url: str, run_id: str, state: str, outcome: bytes, *, create: RunRecord | None = None
+) -> bool:
+    """Blocking ``set_outcome`` for a worker process, with redis-py's sync client. With
+    ``create``, a run the ledger does not hold is inserted, ended (see core.ledger)."""
     check_outcome_state(state)
     redis = _import_redis()
     client_url, prefix = parse_redis_url(url)
+    keys = [f"{prefix}run:{run_id}", f"{prefix}runs"]
+    args = _outcome_args(state, outcome)
+    if create is not None:
+        record = created_record(create, state, outcome)
+        values = {name: getattr(record, name) for name in _FIELDS}
+        args += ["1", repr(record.created_at), run_id, *_pairs(values)]
     client = redis.Redis.from_url(client_url, socket_connect_timeout=5, socket_timeout=30)
     try:
-        result = int(
-            client.register_script(SET_OUTCOME_LUA)(
-                keys=[f"{prefix}run:{run_id}"], args=_outcome_args(state, outcome)
-            )
-        )
+        result = int(client.register_script(SET_OUTCOME_LUA)(keys=keys, args=args))
     finally:
         client.close()
     if result < 0:

@@ -34,12 +34,28 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import quote, unquote
 
-from wove_adapters.core.ledger import HOLDING_STATES, check_outcome_state, check_update
+from wove_adapters.core.ledger import (
+    HOLDING_STATES,
+    SEALED_STATES,
+    STATE_RANK,
+    TERMINAL_RANK,
+    check_outcome_state,
+    check_update,
+    created_record,
+    state_rank,
+)
 from wove_adapters.core.ledger.base import Ledger, RunRecord
 
 _COLUMNS: Final = tuple(RunRecord.__struct_fields__)
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM runs"
 _HOLDING_SQL: Final = ", ".join(f"'{state}'" for state in sorted(HOLDING_STATES))
+_SEALED_SQL: Final = ", ".join(f"'{state}'" for state in sorted(SEALED_STATES))
+# The stored state's rank (core.ledger.STATE_RANK), for the forward-only guard.
+_RANK_SQL: Final = (
+    "CASE state "
+    + " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in STATE_RANK.items())
+    + f" ELSE {TERMINAL_RANK} END"
+)
 SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -172,9 +188,19 @@ def _claim_in(conn: sqlite3.Connection, record: RunRecord) -> RunRecord:
 
 def _update(conn: sqlite3.Connection, run_id: str, fields: dict[str, object]) -> None:
     # Column names come from check_update's whitelist, never from the caller verbatim.
-    assignments = ", ".join(f"{name} = ?" for name in fields)
+    # The state moves only forward, decided in the statement itself (atomic): a late
+    # queued write cannot replace a state another process recorded meanwhile.
+    assignments: list[str] = []
+    params: list[object] = []
+    for name, value in fields.items():
+        if name == "state":
+            assignments.append(f"state = CASE WHEN {_RANK_SQL} < ? THEN ? ELSE state END")
+            params += [state_rank(str(value)), value]
+        else:
+            assignments.append(f"{name} = ?")
+            params.append(value)
     cursor = conn.execute(
-        f"UPDATE runs SET {assignments} WHERE run_id = ?", (*fields.values(), run_id)
+        f"UPDATE runs SET {', '.join(assignments)} WHERE run_id = ?", (*params, run_id)
     )
     if cursor.rowcount == 0:
         raise KeyError(f"No run {run_id!r} in the SQLite ledger")
@@ -183,11 +209,12 @@ def _update(conn: sqlite3.Connection, run_id: str, fields: dict[str, object]) ->
 def set_outcome_on(
     conn: sqlite3.Connection, run_id: str, state: str, outcome: bytes | None
 ) -> bool:
-    """First writer wins: the ``outcome IS NULL`` guard makes the check-and-set one statement."""
+    """First writer wins: the guard (no outcome yet, not ended another way, see
+    ``core.ledger.outcome_open``) makes the check-and-set one statement."""
     cursor = conn.execute(
         "UPDATE runs SET state = ?, outcome = ?, updated_at = ? "
-        "WHERE run_id = ? AND outcome IS NULL",
-        (state, outcome, time.time(), run_id),
+        f"WHERE run_id = ? AND outcome IS NULL AND (state NOT IN ({_SEALED_SQL}) OR state = ?)",
+        (state, outcome, time.time(), run_id, state),
     )
     if cursor.rowcount:
         return True
@@ -326,11 +353,25 @@ class SqliteLedger(Ledger):
         worker.close_connection()
 
 
-def record_outcome_sync(url: str, run_id: str, state: str, outcome: bytes) -> bool:
-    """Blocking ``set_outcome`` for a worker process: one short-lived connection."""
+def record_outcome_sync(
+    url: str, run_id: str, state: str, outcome: bytes, *, create: RunRecord | None = None
+) -> bool:
+    """Blocking ``set_outcome`` for a worker process: one short-lived connection. With
+    ``create``, a run the ledger does not hold is inserted, ended (see core.ledger)."""
     check_outcome_state(state)
     conn = connect(parse_sqlite_url(url))
     try:
-        return set_outcome_on(conn, run_id, state, outcome)
+        if create is None:
+            return set_outcome_on(conn, run_id, state, outcome)
+        with _immediate(conn):
+            if _get(conn, run_id) is None:
+                record = created_record(create, state, outcome)
+                conn.execute(
+                    f"INSERT INTO runs ({', '.join(_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(_COLUMNS))})",
+                    tuple(getattr(record, name) for name in _COLUMNS),
+                )
+                return True
+            return set_outcome_on(conn, run_id, state, outcome)
     finally:
         conn.close()
