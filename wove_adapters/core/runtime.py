@@ -358,8 +358,10 @@ class Dispatcher:
             await self.transport.submit(run.attempt)
             run.launched = True
             if run.attempt.submission:
-                sub = run.attempt.submission
-                self._ledger_later(lambda: self.ledger.update(run.run_id, submission=sub))
+                # Closures name the run by id only: a queued write must not keep the
+                # task's callable (and what it references) alive.
+                sub, rid = run.attempt.submission, run.run_id
+                self._ledger_later(lambda: self.ledger.update(rid, submission=sub))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -519,8 +521,8 @@ class Dispatcher:
                         level="warning",
                     ),
                 )
-                number = attempt.attempt
-                self._ledger_later(lambda: self.ledger.update(attempt.run_id, attempt=number))
+                number, rid = attempt.attempt, attempt.run_id
+                self._ledger_later(lambda: self.ledger.update(rid, attempt=number))
                 self._release_slot(run)
                 run.launch_task = self._spawn(self._launch(run))
                 return
@@ -538,7 +540,8 @@ class Dispatcher:
                     reason=f"orphaned: {reason}",
                 ),
             )
-            self._ledger_later(lambda: self.ledger.update(attempt.run_id, state=LOST))
+            rid = attempt.run_id
+            self._ledger_later(lambda: self.ledger.update(rid, state=LOST))
             return
         if policy == "detach" and self.transport.capabilities.detach:
             run.finishing = True
@@ -550,7 +553,8 @@ class Dispatcher:
                 return
             await self.transport.detach(attempt)
             self.detached[attempt.run_id] = run
-            self._ledger_later(lambda: self.ledger.update(attempt.run_id, state=DETACHED))
+            rid = attempt.run_id
+            self._ledger_later(lambda: self.ledger.update(rid, state=DETACHED))
             url = self.ledger.url if self.ledger.shareable else None
             self._finish(
                 run,
@@ -668,19 +672,24 @@ class Dispatcher:
         while True:
             await asyncio.sleep(self._tick())
             now = time.monotonic()
-            for run in list(self.runs.values()):
-                hb = run.attempt.policy.heartbeat_seconds
-                if hb and run.started and not run.done.is_set() and now - run.last_seen > hb:
-                    self._spawn(
-                        self._orphan(
-                            run,
-                            f"no heartbeat for {now - run.last_seen:.1f}s "
-                            f"(delivery_heartbeat_seconds={hb})",
-                        )
-                    )
+            self._check_heartbeats(now)
             if self.transport.capabilities.status and now - last_reconcile >= self._reconcile_every:
                 last_reconcile = now
                 await self._reconcile(now)
+
+    def _check_heartbeats(self, now: float) -> None:
+        # A method, not a loop in _watch: a loop variable there would keep the last run
+        # seen (its callable, its result) alive for as long as the watcher sleeps.
+        for run in list(self.runs.values()):
+            hb = run.attempt.policy.heartbeat_seconds
+            if hb and run.started and not run.done.is_set() and now - run.last_seen > hb:
+                self._spawn(
+                    self._orphan(
+                        run,
+                        f"no heartbeat for {now - run.last_seen:.1f}s "
+                        f"(delivery_heartbeat_seconds={hb})",
+                    )
+                )
 
     def _tick(self) -> float:
         beats = [

@@ -109,10 +109,6 @@ PENDING: dict[str, dict[str, str]] = {
     "local": {},
     "stdio": {},
     "process": {
-        "test_free_reference": (
-            "the result object stays referenced for seconds after future.result() "
-            "returned, on the receiver path only (stdio and local pass)"
-        ),
         "test_exit_at_task_unpickle": _WORKER_SYSTEM_EXIT,
         "test_exit_during_func_exec_on_worker": _WORKER_SYSTEM_EXIT,
         "test_exit_during_result_pickle_on_worker": _WORKER_SYSTEM_EXIT,
