@@ -1,0 +1,590 @@
+"""The fault suite's harness (tests/faults): private brokers, caller programs, execution
+counts and the ``Counts`` every scenario asserts.
+
+Everything here starts its own processes, binds them to 127.0.0.1 and stops them by
+PID (never by name): a private ``redis-server`` on a free port that a test can SIGKILL and
+restart (with or without AOF), caller programs run as subprocesses that can be paused
+(SIGSTOP), resumed and killed, real ``rq worker`` processes whose work-horses are found
+and killed explicitly (they leave the worker's process group).
+
+Executions are counted on the worker's side: the task (``tests/faults/fault_tasks.py``,
+importable by workers through ``PYTHONPATH``) writes start/end lines to per-process marker
+files. Outcomes are counted on the caller's side: futures in the test process, or JSON
+lines a caller program writes to its results file. ``Counts`` brings both together and
+``check`` prints the table and asserts lost 0, duplicated 0, wrong 0, hung 0, no run
+executed more often than allowed, cap never exceeded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[2]
+FAULTS_DIR = ROOT / "tests" / "faults"
+SUPPORT_DIR = ROOT / "tests" / "support"
+
+# Every Counts checked in this process, for the session's closing table.
+RESULTS: list[Counts] = []
+
+
+# ---------------------------------------------------------------- waiting
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str,
+               interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after
+    ``timeout`` seconds. Every wait in the suite is bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def fault_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus ``tests/faults`` on ``PYTHONPATH``: workers and
+    caller programs import ``fault_tasks`` by reference from there."""
+    paths = [str(FAULTS_DIR), str(SUPPORT_DIR)]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1",
+            **(extra or {})}
+
+
+# ---------------------------------------------------------------- processes
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (an RQ worker's work-horses, a nanny's worker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and everything under it (children first looked up, then killed)."""
+    for victim in [pid, *descendants(pid)]:
+        kill(victim)
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        kill(proc.pid, signal.SIGCONT)  # a paused process cannot act on SIGTERM
+        kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill(proc.pid)
+            proc.wait(timeout)
+
+
+# ---------------------------------------------------------------- a private redis-server
+
+
+class RedisServer:
+    """A ``redis-server`` of this test's own on a free 127.0.0.1 port, killed (SIGKILL)
+    and restarted by PID. ``aof=True`` persists every write (``appendfsync always``) so a
+    restart reloads what the killed server had acknowledged; without it a restart comes
+    back empty, as a broker without persistence does."""
+
+    def __init__(self, directory: Path, *, aof: bool = False, port: int | None = None) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.aof = aof
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout: float = 20.0) -> RedisServer:
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                   "--save", "", "--dir", str(self.directory), "--daemonize", "no",
+                   "--logfile", str(self.directory / "redis.log"),
+                   "--appendonly", "yes" if self.aof else "no"]
+        if self.aof:
+            command += ["--appendfsync", "always"]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.starts += 1
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                log = self.directory / "redis.log"
+                raise AssertionError(
+                    f"redis-server on port {self.port} exited with {proc.returncode}: "
+                    f"{log.read_text()[-1500:] if log.exists() else ''}"
+                    " (is redis-server installed? apt-get install redis-server)")
+            return self.ping()
+
+        wait_until(ready, timeout, f"the private redis-server on 127.0.0.1:{self.port}")
+        return self
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, connections reset, as a crashed broker."""
+        if self.proc is not None and self.proc.poll() is None:
+            kill(self.proc.pid)
+            self.proc.wait(10)
+
+    def restart(self) -> RedisServer:
+        self.kill()
+        return self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
+# ---------------------------------------------------------------- an rq worker
+
+
+class RqWorkerProcess:
+    """One ``rq worker`` (our Worker class) on ``queue`` at ``redis_url``, in its own
+    session, stopped by PID. RQ forks a work-horse per job that leaves the worker's
+    process group: ``horses()`` finds them by parent PID so a test kills them explicitly."""
+
+    def __init__(self, redis_url: str, queue: str, log_dir: Path, *,
+                 worker_class: str = "wove_adapters.adapters.rq.Worker") -> None:
+        self.redis_url = redis_url
+        self.queue = queue
+        self.name = f"{queue}-{uuid.uuid4().hex[:6]}"
+        self.log_path = log_dir / f"{self.name}.log"
+        command = [sys.executable, "-m", "rq.cli", "worker", queue, "--url", redis_url,
+                   "--name", self.name, "--logging_level", "WARNING",
+                   "--worker-class", worker_class]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(command, env=fault_env(), stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd=str(log_dir))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 60.0) -> RqWorkerProcess:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        key = f"rq:worker:{self.name}".encode()
+
+        def registered() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"rq worker exited with {self.proc.returncode}: "
+                                     f"{self.log_path.read_text()[-2000:]}")
+            with contextlib.suppress(redis.RedisError):
+                return bool(client.exists(key))
+            return False
+
+        try:
+            wait_until(registered, timeout, f"rq worker {self.name} to register")
+        finally:
+            client.close()
+        return self
+
+    def horses(self) -> list[int]:
+        return children(self.pid)
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its work-horses (the whole worker dies, as on a lost host)."""
+        horses = self.horses()
+        kill(self.pid)
+        for pid in horses:
+            kill(pid)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        horses = self.horses()
+        if self.proc.poll() is None:
+            # Two SIGTERMs: RQ's cold shutdown kills the running work-horse, then exits.
+            kill(self.pid, signal.SIGTERM)
+            time.sleep(0.1)
+            kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                kill(self.pid)
+                self.proc.wait(10)
+        for pid in horses:
+            kill(pid)
+
+
+# ---------------------------------------------------------------- caller programs
+
+CALLER_HEADER = """\
+import asyncio, json, os, sys, time
+from wove_adapters import Hub
+import fault_tasks
+
+PARAMS = json.loads({params!r})
+_OUT = os.open({out!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+def emit(**fields):
+    '''One JSON line per fact (submitted run id, result, error), written at once: a test
+    that SIGKILLs this process reads everything emitted before the kill.'''
+    os.write(_OUT, (json.dumps(fields, default=repr) + "\\n").encode())
+
+"""
+
+
+class Caller:
+    """A caller program (a Hub in its own interpreter) the test can pause, resume and
+    kill. ``body`` runs after ``CALLER_HEADER``: it sees ``PARAMS`` (JSON), ``emit(...)``
+    (a JSON line to the results file), ``Hub`` and ``fault_tasks``."""
+
+    def __init__(self, workdir: Path, body: str, params: Mapping[str, Any] | None = None, *,
+                 name: str | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.name = name or f"caller-{uuid.uuid4().hex[:8]}"
+        self.workdir = workdir
+        self.script = workdir / f"{self.name}.py"
+        self.out = workdir / f"{self.name}.jsonl"
+        self.stdout = workdir / f"{self.name}.stdout"
+        self.stderr = workdir / f"{self.name}.stderr"
+        self.script.write_text(CALLER_HEADER.format(params=json.dumps(dict(params or {})),
+                                                    out=str(self.out))
+                               + textwrap.dedent(body))
+        self.env = fault_env(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Caller:
+        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, str(self.script)], cwd=self.workdir,
+                                         env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=err, start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "start() the caller first"
+        return self.proc.pid
+
+    def pause(self) -> None:
+        kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL the caller only: its detached workers (own sessions) live on."""
+        kill(self.pid)
+        assert self.proc is not None
+        self.proc.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code; fail with the caller's stderr if it runs past ``timeout``."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.resume()
+            kill(self.pid)
+            self.proc.wait(10)
+            raise AssertionError(f"caller {self.name} still running after {timeout:.0f}s "
+                                 f"(killed); stderr: {self.errors()[-3000:]}") from None
+
+    def errors(self) -> str:
+        return self.stderr.read_text() if self.stderr.exists() else ""
+
+    def records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Complete JSON lines emitted so far (a line cut by SIGKILL is ignored)."""
+        if not self.out.exists():
+            return []
+        found = []
+        for line in self.out.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if kind is None or record.get("kind") == kind:
+                    found.append(record)
+        return found
+
+    def wait_records(self, kind: str, count: int, timeout: float) -> list[dict[str, Any]]:
+        def enough() -> list[dict[str, Any]] | None:
+            records = self.records(kind)
+            if len(records) >= count:
+                return records
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"caller {self.name} exited with {self.proc.returncode} after "
+                    f"{len(records)} of {count} '{kind}' records: {self.errors()[-3000:]}")
+            return None
+
+        return wait_until(enough, timeout, f"{count} '{kind}' records from {self.name}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
+# ---------------------------------------------------------------- executions (worker side)
+
+
+@dataclass(frozen=True)
+class Mark:
+    event: str  # start | end
+    tag: str
+    at: float   # time.monotonic() in the worker
+    pid: int
+
+
+def read_marks(markers: Path) -> list[Mark]:
+    marks = []
+    for path in markers.glob("*.log"):
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 4:
+                marks.append(Mark(parts[0], parts[1], float(parts[2]), int(parts[3])))
+    marks.sort(key=lambda m: m.at)
+    return marks
+
+
+def executions(markers: Path) -> Counter[str]:
+    """Executions per tag: how many times the task started for it."""
+    return Counter(m.tag for m in read_marks(markers) if m.event == "start")
+
+
+def running(markers: Path) -> dict[str, int]:
+    """Tags executing now (started, not ended) -> the pid executing them."""
+    open_: dict[tuple[str, int], int] = Counter()
+    for mark in read_marks(markers):
+        open_[(mark.tag, mark.pid)] += 1 if mark.event == "start" else -1
+    return {tag: pid for (tag, pid), n in open_.items() if n > 0 and alive(pid)}
+
+
+def max_concurrent(markers: Path) -> int:
+    """The most executions that ran at once. An execution without an end mark (its
+    process was killed) counts until its process's next mark, else to the last mark."""
+    marks = read_marks(markers)
+    if not marks:
+        return 0
+    last = marks[-1].at
+    by_pid: dict[int, list[Mark]] = defaultdict(list)
+    for mark in marks:
+        by_pid[mark.pid].append(mark)
+    spans: list[tuple[float, int]] = []
+    for pid_marks in by_pid.values():
+        start: float | None = None
+        for mark in pid_marks:
+            if mark.event == "start":
+                if start is not None:
+                    spans += [(start, 1), (mark.at, -1)]
+                start = mark.at
+            elif start is not None:
+                spans += [(start, 1), (mark.at, -1)]
+                start = None
+        if start is not None:
+            spans += [(start, 1), (last, -1)]
+    # Ends sort before starts at the same instant: back to back is not at once.
+    spans.sort(key=lambda s: (s[0], s[1]))
+    now = most = 0
+    for _, step in spans:
+        now += step
+        most = max(most, now)
+    return most
+
+
+# ---------------------------------------------------------------- outcomes and counts
+
+
+@dataclass
+class Counts:
+    """What a scenario gave. ``runs``: run ids handed out; ``ok``: runs with exactly one
+    correct result; ``lost``: runs that ended without a result (an orphan error, not in
+    the ledger, no outcome recorded); ``duplicated``: runs (or keys) that gave more than
+    one result, or a key answered by two executions; ``wrong``: a result that is not this
+    run's; ``hung``: no answer within the scenario's bound; ``over_executed``: runs that
+    executed more often than allowed (``allowed`` per run, 1 unless a worker running it
+    was killed under ``requeue``)."""
+
+    scenario: str
+    runs: int = 0
+    ok: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    wrong: int = 0
+    hung: int = 0
+    over_executed: int = 0
+    executions: int = 0
+    cap: int | None = None
+    max_concurrent: int | None = None
+    seconds: float = 0.0
+    examples: list[str] = field(default_factory=list)
+
+    def problem(self, kind: str, text: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        if len(self.examples) < 8:
+            self.examples.append(f"{kind}: {text}")
+
+    def as_row(self) -> str:
+        cap = "" if self.cap is None else f"{self.max_concurrent}/{self.cap}"
+        return (f"| {self.scenario} | {self.runs} | {self.ok} | {self.lost} | "
+                f"{self.duplicated} | {self.wrong} | {self.hung} | {self.over_executed} | "
+                f"{self.executions} | {cap} | {self.seconds:.1f} |")
+
+    @property
+    def clean(self) -> bool:
+        capped = self.cap is None or (self.max_concurrent or 0) <= self.cap
+        return (capped and self.ok == self.runs and not (self.lost or self.duplicated
+                or self.wrong or self.hung or self.over_executed))
+
+
+TABLE_HEAD = ("| scenario | runs | ok | lost | duplicated | wrong | hung | over-executed | "
+              "executions | max at once/cap | s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table(counts: Iterable[Counts]) -> str:
+    return "\n".join([TABLE_HEAD, *(c.as_row() for c in counts)])
+
+
+def outcome_of(future: concurrent.futures.Future[Any], timeout: float) -> tuple[str, Any]:
+    """("ok", value) | ("error", exception) | ("hung", None), waiting at most ``timeout``."""
+    try:
+        return "ok", future.result(timeout=max(timeout, 0.0))
+    except concurrent.futures.TimeoutError:
+        return "hung", None
+    except BaseException as exc:
+        return "error", exc
+
+
+def count_futures(counts: Counts, futures: Mapping[str, concurrent.futures.Future[Any]],
+                  expected: Mapping[str, Any], *, timeout: float) -> Counts:
+    """Tally futures (tag -> future) against ``expected`` (tag -> value); all of them
+    share one deadline of ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    counts.runs += len(futures)
+    for tag, future in futures.items():
+        kind, value = outcome_of(future, deadline - time.monotonic())
+        tally(counts, tag, kind, value, expected[tag])
+    return counts
+
+
+def tally(counts: Counts, tag: str, kind: str, value: Any, want: Any) -> None:
+    if kind == "hung":
+        counts.problem("hung", f"{tag} has no outcome")
+    elif kind == "error":
+        counts.problem("lost", f"{tag}: {type(value).__name__}: {str(value)[:200]}")
+    elif value != want:
+        counts.problem("wrong", f"{tag}: got {value!r}, expected {want!r}")
+    else:
+        counts.ok += 1
+
+
+def count_records(counts: Counts, records: Iterable[Mapping[str, Any]],
+                  expected: Mapping[str, Any], *, key: str = "tag") -> Counts:
+    """Tally result records a caller program emitted (``{key: tag, "value": ...}`` or
+    ``{key: tag, "error": ...}``). Several records for one tag are duplicated results;
+    an expected tag with none is hung."""
+    by_tag: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_tag[str(record[key])].append(record)
+    counts.runs += len(expected)
+    for tag, want in expected.items():
+        got = by_tag.get(tag, [])
+        if not got:
+            counts.problem("hung", f"{tag}: no result record")
+            continue
+        if len(got) > 1:
+            counts.problem("duplicated", f"{tag}: {len(got)} result records")
+            continue
+        record = got[0]
+        if "error" in record:
+            tally(counts, tag, "error", RuntimeError(record["error"]), want)
+        else:
+            tally(counts, tag, "ok", record.get("value"), want)
+    return counts
+
+
+def count_executions(counts: Counts, markers: Path, tags: Iterable[str], *,
+                     allowed: Mapping[str, int] | None = None, default: int = 1) -> Counts:
+    """Add worker-side executions: every tag at least once when it has a result (a result
+    nobody executed is wrong), at most ``allowed[tag]`` (else ``default``) times."""
+    seen = executions(markers)
+    counts.executions += sum(seen[tag] for tag in tags)
+    for tag in tags:
+        limit = (allowed or {}).get(tag, default)
+        if seen[tag] > limit:
+            counts.problem("over_executed", f"{tag} executed {seen[tag]} times (allowed {limit})")
+    return counts
+
+
+def check(counts: Counts, started: float | None = None) -> None:
+    """Print the scenario's row, keep it for the session table, assert it is clean."""
+    if started is not None:
+        counts.seconds = time.monotonic() - started
+    RESULTS.append(counts)
+    path = os.environ.get("WOVE_TEST_FAULTS_RESULTS")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(asdict(counts)) + "\n")
+    print("\n" + table([counts]))
+    for example in counts.examples:
+        print("  " + example)
+    cap = "" if counts.cap is None else f", max at once {counts.max_concurrent} (cap {counts.cap})"
+    assert counts.clean, (
+        f"{counts.scenario}: {counts.ok}/{counts.runs} ok, lost {counts.lost}, duplicated "
+        f"{counts.duplicated}, wrong {counts.wrong}, hung {counts.hung}, over-executed "
+        f"{counts.over_executed}{cap}\n" + table([counts]) + "\n" + "\n".join(counts.examples))
