@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 from wove_adapters.callbacks import payload as payload_mod
 from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import frames
-from wove_adapters.core.codec import attach_remote_traceback
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.core.transport import Emit, RunAttempt, Transport
@@ -406,17 +405,19 @@ class AdapterTransport(Transport):
                 await self.adapter.cancel(handle, running=True)
 
     def _sink(self, event: frames.WireEvent, raw: bytes) -> None:
-        from wove_adapters.core.runtime import wire_to_frame
+        """A verified event, as a frame for the dispatcher. Unpickling runs on the shared
+        loop and may run anything (a ``__reduce__`` that raises, or calls ``sys.exit``):
+        ``event_frame`` turns that into the run's own error at once (the loop survives,
+        the run is never dropped to wait out its delivery grace)."""
+        from wove_adapters.core.executors.stdio import event_frame
 
         assert self._emit is not None
+        frame = event_frame(event, where=f"{self.name} receiver")
         terminal = isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled))
-        frame = wire_to_frame(event, raw if terminal else None)
-        if isinstance(event, frames.TaskError) and isinstance(
-            frame.get("exception"), BaseException
-        ):
-            # The caller's exception carries the worker's frames (idempotent: a no-op
-            # once wire_to_frame rebuilds with core.codec itself).
-            attach_remote_traceback(frame["exception"], event.error.traceback)
+        if terminal and frame.get("type") == type(event).__struct_config__.tag:
+            # The worker's signed event is what the ledger keeps (not when it became an
+            # unpicklable-result error: that one the dispatcher signs itself).
+            frame["_blob"] = raw
         self._emit(frame)
 
     async def cancel(self, run: RunAttempt, *, mode: str) -> None:

@@ -208,11 +208,14 @@ def heartbeat_interval(heartbeat_seconds: float | None) -> float:
 
 
 def pickled_exception(exc: BaseException) -> bytes | None:
+    """The exception pickled for the caller, if it round-trips here; None otherwise (the
+    caller then rebuilds it from its type name and message). Its pickling runs user code
+    (a ``__reduce__`` may even call ``sys.exit``), which must not end the worker."""
     try:
         data = payload_mod.dumps(exc)
         payload_mod.loads(data)
         return data
-    except Exception:
+    except BaseException:
         return None
 
 
@@ -337,7 +340,11 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
                 exception=pickled_exception(exc),
             )
             outcome = Outcome("failed", error=exc)
-        except Exception as exc:
+        except BaseException as exc:
+            # Whatever the task raises is its outcome, SystemExit and KeyboardInterrupt
+            # included (also from unpickling it or pickling its result), as in
+            # ProcessPoolExecutor: the worker reports it and lives on, instead of ending
+            # with no outcome for the caller to wait on.
             _drop_own_frames(exc)
             event = frames.TaskError(
                 **ident,

@@ -68,10 +68,6 @@ _HUB_EXIT = (
     "silently; it must raise RuntimeError('cannot schedule new futures after interpreter "
     "shutdown') as ThreadPoolExecutor does"
 )
-_WORKER_SYSTEM_EXIT = (
-    "callbacks/worker.py run_envelope reports only Exception: a SystemExit from the task "
-    "(or its unpickling or its result's pickling) ends the worker process with no outcome"
-)
 EXCLUDED: dict[str, dict[str, str]] = {
     "local": {
         "test_error_at_task_pickle": _LOCAL_NO_PICKLE,
@@ -92,12 +88,6 @@ EXCLUDED: dict[str, dict[str, str]] = {
     },
     "process": {
         "test_shutdown_deadlock_pickle": _PPE_INTERNALS,
-        # Not an exclusion: a known defect outside the process adapter that would stop the
-        # shared event loop and hang every later test in this process (see PENDING).
-        "test_exit_during_result_unpickle_in_result_handler": (
-            "PENDING: AdapterTransport._sink (adapters/base.py) unpickles results on the "
-            "shared loop unguarded: a result whose unpickling calls sys.exit stops the loop"
-        ),
     },
 }
 ALL = ("local", "stdio", "process")
@@ -109,14 +99,6 @@ PENDING: dict[str, dict[str, str]] = {
     "local": {},
     "stdio": {},
     "process": {
-        "test_exit_at_task_unpickle": _WORKER_SYSTEM_EXIT,
-        "test_exit_during_func_exec_on_worker": _WORKER_SYSTEM_EXIT,
-        "test_exit_during_result_pickle_on_worker": _WORKER_SYSTEM_EXIT,
-        "test_error_during_result_unpickle_in_result_handler": (
-            "AdapterTransport._sink drops a result it cannot unpickle (the receiver counts "
-            "it unrouted, the worker exits 0): the run waits out the delivery grace, then "
-            "is lost, instead of failing at once with the unpickling error"
-        ),
     },
 }
 
@@ -352,20 +334,7 @@ def test_local_system_exit_fails_only_its_run() -> None:
         assert pool.submit(tasks.add, 1).result(timeout=30) == 2  # the loop is alive
 
 
-@pytest.mark.parametrize(
-    "executor",
-    [
-        "stdio",
-        pytest.param(
-            "process",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="callbacks/worker.py run_envelope reports only Exception: SystemExit "
-                "ends the worker process without an outcome (change requested)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("executor", ["stdio", "process"])
 def test_system_exit_in_a_worker_is_the_runs_error(executor: str) -> None:
     with _hub(executor, workers=1) as hub, hub.executor("t") as pool:
         error = pool.submit(exits, 3).exception(timeout=60)
