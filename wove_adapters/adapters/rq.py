@@ -31,6 +31,8 @@ from wove_adapters.core.policies import Capabilities, JobState
 RUN_PAYLOAD = "wove_adapters.adapters.rq.run_payload"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "wove"
+# How long a cancelled job's hash stays readable (seconds), unless failure_ttl is set.
+CANCELLED_TTL = 86400
 # executor_config / task_options keys handed to ``Queue.enqueue_call`` (ours -> RQ's).
 _ENQUEUE_OPTIONS = {
     "job_timeout": "timeout",
@@ -260,6 +262,10 @@ class RqAdapter(BackendAdapter):
             if status in _CANCELLABLE:
                 with contextlib.suppress(InvalidJobOperation):
                     job.cancel()
+                    # RQ gives a cancelled job's hash no TTL (its canceled registry never
+                    # expires): without one, every cancelled run stays in Redis for good.
+                    self._connection.expire(job.key, int(self._defaults.get("failure_ttl")
+                                                         or CANCELLED_TTL))
                 if _status_text(job) != "started":  # not picked up meanwhile: done
                     return
             elif status == "started":
@@ -363,7 +369,23 @@ class RqAdapter(BackendAdapter):
         from rq import Worker
 
         workers = Worker.all(queue=self._queue(self.queue_name))
-        return [str(w.hostname or "?") for w in workers]
+        if not workers:
+            return []
+        # RQ keeps a worker killed with SIGKILL registered for its worker_ttl (minutes);
+        # a live worker is subscribed to its command channel, and Redis drops that
+        # subscription the moment the worker's connection dies.
+        listening = dict(
+            self._connection.pubsub_numsub(*[w.pubsub_channel_name for w in workers])
+        )
+        return [
+            str(w.hostname or "?")
+            for w in workers
+            if int(
+                listening.get(w.pubsub_channel_name.encode(), 0)
+                or listening.get(w.pubsub_channel_name, 0)
+            )
+            > 0
+        ]
 
     async def _return_path_row(self, hosts: list[str]) -> tuple[str, bool, str]:
         if self.config.get("return_path") == "redis":

@@ -137,12 +137,6 @@ def test_a_probe_nobody_takes_is_removed_from_the_queue(queue: str, tmp_path: Pa
     assert done.stderr == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/rq.py counts every registered worker, and RQ keeps a SIGKILLed worker "
-    "registered for its worker_ttl; the fix (in the adapter): count a worker only while it "
-    "is subscribed to its rq:pubsub:<name> channel (PUBSUB NUMSUB > 0)",
-)
 def test_a_killed_worker_does_not_count(queue: str, tmp_path: Path) -> None:
     killed_worker(queue, tmp_path)
     done, took = doctor(write_config(tmp_path, queue), "--timeout", "20")

@@ -324,3 +324,26 @@ def markers(tmp_path: Path) -> Path:
     path.mkdir()
     os.chmod(path, 0o777)
     return path
+
+
+def test_a_run_cancelled_while_queued_leaves_no_hash_forever(redis_url: str) -> None:
+    """RQ gives a cancelled job's hash no TTL; ours sets one (failure_ttl, else a day)."""
+    from rq.registry import CanceledJobRegistry
+
+    queue = f"wove-test-rq-cancel-ttl-{uuid.uuid4().hex[:8]}"  # no worker: stays queued
+    hub = _hub({"executor": "rq", "executor_config": {"redis_url": redis_url, "queue": queue}})
+    try:
+        future = hub.submit(tasks.add, 1, y=2)
+        deadline = time.monotonic() + 20
+        while not redis_client().llen(f"rq:queue:{queue}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert redis_client().llen(f"rq:queue:{queue}") == 1, "the job never reached RQ"
+        hub.cancel(future, mode="best_effort")
+        assert future.cancelled() or isinstance(future.exception(timeout=10), CancelledErrors)
+        ids = CanceledJobRegistry(queue, connection=redis_client()).get_job_ids()
+        assert len(ids) == 1, ids
+        ttl = redis_client().ttl(f"rq:job:{ids[0]}")
+        assert 0 < ttl <= 86400, f"cancelled job hash TTL {ttl} (-1: kept forever)"
+    finally:
+        hub.close()
+        cleanup_queue(queue)
