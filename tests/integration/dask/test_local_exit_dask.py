@@ -73,15 +73,7 @@ async def _states(ledger_url: str) -> Counter[tuple[str, bool]]:
         "with-submit-all",
         "with-exit-in-flight",
         "with-exit-running",
-        pytest.param(
-            "with-detach",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="needs the dispatcher to await transport.drain() before its last "
-                "ledger write, and ledger update(state=detached) to keep a recorded "
-                "terminal state (both outside the Dask adapter; see the issue-10 report)",
-            ),
-        ),
+        "with-detach",
     ],
 )
 def test_local_cluster_exits_clean(tmp_path: Path, mode: str) -> None:
