@@ -46,6 +46,15 @@ log = logging.getLogger("wove_adapters.runtime")
 Listener = Callable[[dict[str, Any]], None]
 # How long shutdown waits for a run's launch (or a background step) to finish.
 _LAUNCH_BOUND = 30.0
+# The caller's own loop counts as stalled (SIGSTOP, a GC pause, a blocking call) when a
+# sleep of ``s`` seconds ends more than ``max(_STALL_MIN, s)`` late.
+_STALL_MIN = 1.0
+# After a stall no verdict for this long: a worker whose post timed out while we were
+# stopped retries after its backoff (callbacks.sender: at most 5 s between tries), and its
+# event must land before its silence counts. Override: executor_config.stall_grace_seconds.
+_STALL_GRACE = 7.0
+# Before calling a run lost, let the loop read what is already in sockets and pipes.
+_SETTLE = 0.2
 _STATE_OF_EVENT = {
     frames.TASK_RESULT: SUCCEEDED,
     frames.TASK_ERROR: FAILED,
@@ -59,6 +68,8 @@ class Run:
     listeners: list[tuple[str, Listener]] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
+    # When the current attempt reached the backend; moved on by the caller's own stalls.
+    pending_since: float = field(default_factory=time.monotonic)
     started: bool = False
     launched: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -201,6 +212,10 @@ class Dispatcher:
         self._ledger_stopping = False
         self._ledger_task: asyncio.Task[None] | None = None
         self._reconcile_every = float(executor_config.get("reconcile_seconds", 2.0))
+        self._stall_grace = float(executor_config.get("stall_grace_seconds", _STALL_GRACE))
+        # No verdict before this (monotonic) time: the caller itself stalled just before.
+        self._quiet_until = 0.0
+        self.stats["caller_stalls"] = 0
         self._background: set[asyncio.Task[Any]] = set()
 
     # ---------------------------------------------------------- life cycle
@@ -353,7 +368,7 @@ class Dispatcher:
             if run.done.is_set():  # cancelled while its claim was being written
                 self._release_slot(run)
                 return
-            run.submitted_at = run.last_seen = time.monotonic()
+            run.submitted_at = run.last_seen = run.pending_since = time.monotonic()
             run.submitting = True
             await self.transport.submit(run.attempt)
             run.launched = True
@@ -472,6 +487,9 @@ class Dispatcher:
     # ---------------------------------------------------------- policies
 
     async def _on_timeout(self, run: Run) -> None:
+        # An outcome already in a socket or pipe (read late after a stall of this
+        # process) was in time: read it first.
+        await asyncio.sleep(0.05)
         if run.done.is_set():
             return
         policy = run.attempt.policy
@@ -667,22 +685,72 @@ class Dispatcher:
     # ---------------------------------------------------------- watching
 
     async def _watch(self) -> None:
-        """Heartbeat lapses and reconciliation, on one timer for all runs."""
+        """Heartbeat lapses and reconciliation, on one timer for all runs.
+
+        Silence is judged on the worker's side of the clock: time the caller itself did
+        not run (see ``_pause``) is not the worker's silence, and a verdict waits until
+        the events already in sockets and pipes have been read."""
         last_reconcile = time.monotonic()
         while True:
-            await asyncio.sleep(self._tick())
+            if not await self._pause(self._tick()):
+                last_reconcile = time.monotonic()
+                continue
             now = time.monotonic()
-            self._check_heartbeats(now)
+            if now < self._quiet_until:
+                continue
+            lapsed = [
+                run
+                for run in self.runs.values()
+                if run.attempt.policy.heartbeat_seconds
+                and run.started
+                and not run.done.is_set()
+                and now - run.last_seen > run.attempt.policy.heartbeat_seconds
+            ]
+            if lapsed:
+                await self._judge_silence(lapsed)
             if self.transport.capabilities.status and now - last_reconcile >= self._reconcile_every:
                 last_reconcile = now
                 await self._reconcile(now)
 
-    def _check_heartbeats(self, now: float) -> None:
-        # A method, not a loop in _watch: a loop variable there would keep the last run
-        # seen (its callable, its result) alive for as long as the watcher sleeps.
-        for run in list(self.runs.values()):
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep; False when the caller's own loop stalled meanwhile (it woke much later
+        than asked). Then every run's silence clock restarts, and no verdict is given for
+        ``stall_grace_seconds``: liveness counts only time the caller was running."""
+        before = time.monotonic()
+        await asyncio.sleep(seconds)
+        now = time.monotonic()
+        late = now - before - seconds
+        if late <= max(_STALL_MIN, seconds):
+            return True
+        self.stats["caller_stalls"] += 1
+        self._quiet_until = max(self._quiet_until, now + self._stall_grace)
+        for run in self.runs.values():
+            run.last_seen = max(run.last_seen, now)
+            run.pending_since += late
+        log.warning(
+            "environment '%s': this process did not run for %.1fs (stopped, a long GC "
+            "pause, or a blocking call on its event loop); no run is judged lost for the "
+            "next %.1fs, so events that waited meanwhile land first",
+            self.environment, late, self._stall_grace,
+        )
+        return False
+
+    async def _judge_silence(self, lapsed: list[Run]) -> None:
+        """Heartbeat lapses: read what is already on the wire, then judge again."""
+        attempts = {run.run_id: run.attempt.attempt for run in lapsed}
+        if not await self._pause(_SETTLE):
+            return
+        now = time.monotonic()
+        if now < self._quiet_until:
+            return
+        for run in lapsed:
             hb = run.attempt.policy.heartbeat_seconds
-            if hb and run.started and not run.done.is_set() and now - run.last_seen > hb:
+            if (
+                hb
+                and not run.done.is_set()
+                and run.attempt.attempt == attempts[run.run_id]
+                and now - run.last_seen > hb
+            ):
                 self._spawn(
                     self._orphan(
                         run,
@@ -705,6 +773,8 @@ class Dispatcher:
         return max(tick, 0.02)
 
     async def _reconcile(self, now: float) -> None:
+        if now < self._quiet_until:
+            return
         quiet = [
             run
             for run in self.runs.values()
@@ -722,8 +792,13 @@ class Dispatcher:
                 continue
             # Give events already on the wire a moment to land before calling it lost.
             attempt_number = run.attempt.attempt
-            await asyncio.sleep(float(self.executor_config.get("reconcile_grace", 0.5)))
-            if not run.done.is_set() and run.attempt.attempt == attempt_number:
+            if not await self._pause(float(self.executor_config.get("reconcile_grace", 0.5))):
+                return  # the caller stalled: what it did not read yet is not silence
+            if (
+                not run.done.is_set()
+                and run.attempt.attempt == attempt_number
+                and time.monotonic() >= self._quiet_until
+            ):
                 self._spawn(
                     self._orphan(
                         run, f"the backend reports the job {state.value} without a terminal event"
