@@ -144,3 +144,40 @@ def sqlite_ledger(tmp_path: Path) -> str:
 def ledger_url(request: pytest.FixtureRequest) -> str:
     """Parametrize with ``indirect=True`` over "sqlite", "redis", "postgres"."""
     return str(request.getfixturevalue(f"{request.param}_ledger"))
+
+
+@pytest.fixture
+def hub_for() -> Iterator[Callable[..., Any]]:
+    """``hub_for(definition, ledger=URL)``: a Hub with one environment, ``faults``. At
+    teardown the hubs close and every shared dispatcher stops, so no worker pool, client
+    or receiver outlives the test that made it."""
+    from wove_adapters.core import loop as shared_loop
+    from wove_adapters.integration.environments import stop_all
+    from wove_adapters.integration.hub import Hub
+
+    hubs: list[Hub] = []
+
+    def make(definition: dict[str, Any], *, ledger: str | None = None) -> Hub:
+        hub = Hub(environments={"faults": definition}, default_environment="faults",
+                  ledger=ledger)
+        hubs.append(hub)
+        return hub
+
+    yield make
+    for hub in hubs:
+        hub.close()
+    shared_loop.run_sync(stop_all(), 120)
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path) -> Iterator[faults.DaskCluster]:
+    cluster = faults.DaskCluster(tmp_path / "dask")
+    try:
+        yield cluster.start()
+    finally:
+        from wove_adapters.core import loop as shared_loop
+        from wove_adapters.integration.environments import stop_all
+
+        shared_loop.run_sync(stop_all(), 120)  # their clients would retry a stopped scheduler
+        cluster.stop()
+

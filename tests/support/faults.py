@@ -77,6 +77,12 @@ def fault_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
             **(extra or {})}
 
 
+def task_env() -> dict[str, str]:
+    """``executor_config.env`` for executors that start workers from the caller (stdio,
+    process): ``fault_tasks`` on their ``PYTHONPATH``."""
+    return {"PYTHONPATH": fault_env()["PYTHONPATH"]}
+
+
 # ---------------------------------------------------------------- processes
 
 
@@ -274,6 +280,80 @@ class RqWorkerProcess:
             kill(pid)
 
 
+class DaskCluster:
+    """``dask scheduler`` + ``dask worker`` (nannies, one thread per worker process) from
+    Dask's own CLI, bound to 127.0.0.1, each in its own session. The scheduler runs with
+    ``allowed-failures=0`` as the Dask docs of this project advise: a killed worker fails
+    its task (``KilledWorker``) and the orphan policy decides. ``kill_workers`` SIGKILLs
+    the whole ``dask worker`` session (CLI, nannies, worker processes)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.scheduler_file = directory / "scheduler.json"
+        self.address = ""
+        self.scheduler: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.env = fault_env({"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
+        self.cli = str(Path(sys.executable).with_name("dask"))
+
+    def start(self, workers: int = 2) -> DaskCluster:
+        if not Path(self.cli).exists():
+            raise AssertionError(f"the 'dask' CLI is missing next to {sys.executable}: "
+                                 "pip install 'wove-adapters[dask]'")
+        with open(self.directory / "scheduler.log", "ab") as log:
+            self.scheduler = subprocess.Popen(
+                [self.cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
+                 "--dashboard-address", "127.0.0.1:0",
+                 "--scheduler-file", str(self.scheduler_file)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                start_new_session=True)
+
+        def address() -> str:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                return str(json.loads(self.scheduler_file.read_text())["address"])
+            return ""
+
+        self.address = wait_until(address, 60, "the dask scheduler's address file")
+        return self.start_workers(workers)
+
+    def start_workers(self, count: int = 2) -> DaskCluster:
+        with open(self.directory / f"worker-{len(self.workers)}.log", "ab") as log:
+            self.workers.append(subprocess.Popen(
+                [self.cli, "worker", self.address, "--nworkers", str(count), "--nthreads", "1",
+                 "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                start_new_session=True))
+        self.wait_workers(count)
+        return self
+
+    def wait_workers(self, count: int, timeout: float = 90) -> None:
+        from distributed import Client
+
+        with Client(self.address, timeout=30) as client:
+            wait_until(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == count,
+                       timeout, f"{count} dask workers at {self.address}", interval=0.2)
+
+    def kill_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in [*self.workers, *([self.scheduler] if self.scheduler else [])]:
+            if proc.poll() is None:
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, sig)
+                    try:
+                        proc.wait(10)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+
+
 # ---------------------------------------------------------------- caller programs
 
 CALLER_HEADER = """\
@@ -413,6 +493,33 @@ def running(markers: Path) -> dict[str, int]:
     for mark in read_marks(markers):
         open_[(mark.tag, mark.pid)] += 1 if mark.event == "start" else -1
     return {tag: pid for (tag, pid), n in open_.items() if n > 0 and alive(pid)}
+
+
+def unfinished(markers: Path) -> Counter[str]:
+    """Executions per tag that started and never ended: their process was killed."""
+    left: Counter[str] = Counter()
+    for mark in read_marks(markers):
+        left[mark.tag] += 1 if mark.event == "start" else -1
+    return +left
+
+
+def allowed_after_kills(markers: Path) -> dict[str, int]:
+    """Executions each tag may have under ``requeue``: one, plus one per execution that a
+    kill cut short (the documented at-least-once). Anything above is a duplicate."""
+    return {tag: 1 + n for tag, n in unfinished(markers).items()}
+
+
+def processes_running(pattern: str, under: int | None = None) -> list[int]:
+    """PIDs whose command line contains ``pattern`` (only below ``under`` when given)."""
+    pids = descendants(under) if under is not None else [
+        int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if pattern in cmdline and alive(pid):
+                found.append(pid)
+    return found
 
 
 def max_concurrent(markers: Path) -> int:
