@@ -40,7 +40,7 @@ def _kill_children_then_whole(markers: Path, kill_child: Callable[[int], None],
     start: before that task's ``task_started`` event (workers send it after 50 ms, so a
     short task costs one request), the hardest moment to notice the loss."""
     for _ in range(CHILD_KILLS):
-        tag, pid = wait_running(markers)
+        _tag, pid = wait_running(markers)
         kill_child(pid)
         faults.wait_until(lambda pid=pid: not faults.alive(pid), 10, f"pid {pid} to die")
     wait_running(markers, fresh=FRESH)
