@@ -372,6 +372,34 @@ def emit(**fields):
 """
 
 
+# A caller program's usual body: one Hub, ``PARAMS["tags"]`` submitted (each emits
+# ``submitted`` with its run id), then each result waited for and emitted (``result`` with
+# ``value`` or ``error``; ``hung`` when it did not come within ``PARAMS["bound"]``). With
+# ``PARAMS["hold"]`` it emits ``holding`` and sleeps instead: the test kills it.
+SUBMIT_AND_WAIT = """
+import concurrent.futures
+with Hub(environments={"faults": PARAMS["environment"]}, default_environment="faults",
+         ledger=PARAMS.get("ledger")) as hub:
+    futures = {}
+    for tag in PARAMS["tags"]:
+        future = hub.submit(fault_tasks.work, PARAMS["markers"], tag, PARAMS["seconds"])
+        futures[tag] = future
+        emit(kind="submitted", tag=tag, run_id=future.run_id)
+    if PARAMS.get("hold"):
+        emit(kind="holding")
+        time.sleep(3600)
+    deadline = time.monotonic() + PARAMS["bound"]
+    for tag, future in futures.items():
+        try:
+            value = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            emit(kind="result", tag=tag, run_id=future.run_id, value=value)
+        except concurrent.futures.TimeoutError:
+            emit(kind="result", tag=tag, run_id=future.run_id, hung=True)
+        except BaseException as exc:
+            emit(kind="result", tag=tag, run_id=future.run_id,
+                 error=f"{type(exc).__name__}: {exc}")
+"""
+
 class Caller:
     """A caller program (a Hub in its own interpreter) the test can pause, resume and
     kill. ``body`` runs after ``CALLER_HEADER``: it sees ``PARAMS`` (JSON), ``emit(...)``
@@ -658,7 +686,9 @@ def count_records(counts: Counts, records: Iterable[Mapping[str, Any]],
             counts.problem("duplicated", f"{tag}: {len(got)} result records")
             continue
         record = got[0]
-        if "error" in record:
+        if record.get("hung"):
+            tally(counts, tag, "hung", None, want)
+        elif "error" in record:
             tally(counts, tag, "error", RuntimeError(record["error"]), want)
         else:
             tally(counts, tag, "ok", record.get("value"), want)
