@@ -550,6 +550,22 @@ def processes_running(pattern: str, under: int | None = None) -> list[int]:
     return found
 
 
+def wait_quiet(markers: Path, quiet: float = 3.0, timeout: float = 90.0) -> Counter[str]:
+    """Wait until no execution runs and none has started for ``quiet`` seconds (workers
+    of a killed caller may still be starting): the executions per tag then."""
+    state: dict[str, Any] = {"seen": None, "since": time.monotonic()}
+
+    def settled() -> Counter[str] | None:
+        seen = executions(markers)
+        if seen != state["seen"] or running(markers):
+            state["seen"], state["since"] = seen, time.monotonic()
+            return None
+        return seen if time.monotonic() - state["since"] >= quiet else None
+
+    return wait_until(settled, timeout, f"the workers to be quiet for {quiet:.0f}s",
+                      interval=0.1)
+
+
 def max_concurrent(markers: Path) -> int:
     """The most executions that ran at once. An execution without an end mark (its
     process was killed) counts until its process's next mark, else to the last mark."""
