@@ -37,7 +37,7 @@ SETTING_KEYS: tuple[str, ...] = (
     "executor", "executor_config", "max_workers", "background", "fork", "retries", "timeout",
     "workers", "limit_per_minute", "max_pending", "error_mode", "delivery_timeout",
     "delivery_idempotency_key", "delivery_cancel_mode", "delivery_heartbeat_seconds",
-    "delivery_max_in_flight", "delivery_orphan_policy",
+    "delivery_max_in_flight", "delivery_orphan_policy", "delivery_max_pending_seconds",
 )
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "executor": "local", "executor_config": {}, "max_workers": 256, "background": False,
@@ -46,6 +46,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "delivery_idempotency_key": None, "delivery_cancel_mode": "best_effort",
     "delivery_heartbeat_seconds": None, "delivery_max_in_flight": None,
     "delivery_orphan_policy": None,  # the runtime treats None as "cancel"
+    "delivery_max_pending_seconds": None,
     "ledger": None,  # the runtime falls back to a per-user SQLite file
 }
 # `Any` keys accept objects (an executor instance, an idempotency-key callable) untouched.
@@ -55,7 +56,8 @@ _TYPES: dict[str, Any] = {
     "max_pending": int, "error_mode": str, "delivery_timeout": float,
     "delivery_idempotency_key": Any, "delivery_cancel_mode": str,
     "delivery_heartbeat_seconds": float, "delivery_max_in_flight": int,
-    "delivery_orphan_policy": str, "ledger": str, "default_environment": str, "environment": str,
+    "delivery_orphan_policy": str, "delivery_max_pending_seconds": float, "ledger": str,
+    "default_environment": str, "environment": str,
 }
 _ALLOWED: dict[str, tuple[str, ...]] = {
     "error_mode": ("raise", "return"),

@@ -8,7 +8,9 @@ error, not a surprise at 3 a.m.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import math
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -69,6 +71,8 @@ class DeliveryPolicy:
     orphan_policy: str = "cancel"
     max_requeues: int = 3
     cancel_ack_timeout: float = 10.0
+    # A launched attempt with no event from its worker within this many seconds is lost.
+    max_pending_seconds: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], where: str = "task") -> DeliveryPolicy:
@@ -94,6 +98,9 @@ class DeliveryPolicy:
             orphan_policy=orphan,
             max_requeues=int(executor_config.get("max_requeues", 3)),
             cancel_ack_timeout=float(executor_config.get("cancel_ack_timeout", 10.0)),
+            max_pending_seconds=_seconds(
+                settings.get("delivery_max_pending_seconds"), "delivery_max_pending_seconds", where
+            ),
         )
 
     def as_delivery(self, key: str | None) -> dict[str, Any]:
@@ -113,6 +120,21 @@ def _positive(value: Any) -> float | None:
     if value is None:
         return None
     number = float(value)
+    return number if number > 0 else None
+
+
+def _seconds(value: Any, key: str, where: str) -> float | None:
+    """A number of seconds; ``0``, negative or unset means none. Anything that is not a
+    number is refused, naming the key and the place: a typo must not switch off a safety
+    net silently."""
+    if value is None:
+        return None
+    number = float("nan")
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if math.isnan(number):
+        raise ValueError(f"{where} has invalid {key} {value!r}; expected a number of seconds")
     return number if number > 0 else None
 
 

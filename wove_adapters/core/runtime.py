@@ -38,7 +38,7 @@ from wove_adapters.core.ledger.base import (
     Ledger,
     RunRecord,
 )
-from wove_adapters.core.policies import DeliveryPolicy, check_supported
+from wove_adapters.core.policies import DeliveryPolicy, JobState, check_supported
 from wove_adapters.core.transport import RunAttempt, Transport
 
 log = logging.getLogger("wove_adapters.runtime")
@@ -55,6 +55,13 @@ _STALL_MIN = 1.0
 _STALL_GRACE = 7.0
 # Before calling a run lost, let the loop read what is already in sockets and pipes.
 _SETTLE = 0.2
+# A run that has not started is reported after this many seconds (then 2x, 4x, ...) when
+# no delivery_max_pending_seconds applies. Override: executor_config.pending_warning_seconds.
+_PENDING_WARNING = 60.0
+# At most this many runs are named per warning round; the rest are counted.
+_WARN_LINES = 5
+# How long a status() call of the watcher may take.
+_STATUS_BOUND = 10.0
 _STATE_OF_EVENT = {
     frames.TASK_RESULT: SUCCEEDED,
     frames.TASK_ERROR: FAILED,
@@ -70,6 +77,15 @@ class Run:
     last_seen: float = field(default_factory=time.monotonic)
     # When the current attempt reached the backend; moved on by the caller's own stalls.
     pending_since: float = field(default_factory=time.monotonic)
+    # Any event of the current attempt arrived (task_started may be dropped by a worker
+    # that could not reach us; a heartbeat says the same).
+    heard: bool = False
+    # A verdict on this run is being reached (or its orphan policy applied) right now.
+    judging: bool = False
+    orphaning: bool = False
+    # Pending runs: the age of the next warning, and when to ask the backend again.
+    pending_warn_at: float = 0.0
+    pending_check_at: float = 0.0
     started: bool = False
     launched: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -167,6 +183,26 @@ def exception_from_frame(frame: dict[str, Any]) -> BaseException:
 # ---------------------------------------------------------------- the dispatcher
 
 
+def _config_seconds(
+    environment: str, executor_config: dict[str, Any], key: str, default: float
+) -> float:
+    """A positive number of seconds from ``executor_config``; a bad value fails at
+    start-up, naming the key."""
+    value = executor_config.get(key)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if isinstance(value, bool) or not number > 0:
+        raise ValueError(
+            f"Environment '{environment}': executor_config.{key} must be a number of "
+            f"seconds greater than 0 (got {value!r})"
+        )
+    return number
+
+
 def _fail(done: asyncio.Future[Any], exc: BaseException, url: str) -> None:
     log.warning("ledger write failed (%s): %r", url, exc)
     if not done.done():
@@ -212,7 +248,12 @@ class Dispatcher:
         self._ledger_stopping = False
         self._ledger_task: asyncio.Task[None] | None = None
         self._reconcile_every = float(executor_config.get("reconcile_seconds", 2.0))
-        self._stall_grace = float(executor_config.get("stall_grace_seconds", _STALL_GRACE))
+        self._stall_grace = _config_seconds(
+            environment, executor_config, "stall_grace_seconds", _STALL_GRACE
+        )
+        self._pending_warning = _config_seconds(
+            environment, executor_config, "pending_warning_seconds", _PENDING_WARNING
+        )
         # No verdict before this (monotonic) time: the caller itself stalled just before.
         self._quiet_until = 0.0
         self.stats["caller_stalls"] = 0
@@ -408,6 +449,7 @@ class Dispatcher:
             return
         kind = frame.get("type")
         run.last_seen = time.monotonic()
+        run.heard = True
         if kind == frames.TASK_STARTED:
             if not run.started:
                 run.started = True
@@ -417,6 +459,10 @@ class Dispatcher:
             self._broadcast(run, frame)
         elif kind == frames.TASK_LOST:
             self._spawn(self._orphan(run, str(frame.get("reason") or "the backend lost the run")))
+        elif kind == frames.TASK_CANCELLED and run.orphaning:
+            # The confirmation of the cancel the orphan policy itself sent: the policy's
+            # own ending (requeue, DeliveryOrphanedError, ...) is what the caller gets.
+            self.stats["stale_attempt_dropped"] += 1
         elif kind in frames.TERMINAL_EVENTS:
             self._finish(run, frame)
         else:
@@ -512,8 +558,15 @@ class Dispatcher:
 
     async def _orphan(self, run: Run, reason: str, *, shutting_down: bool = False) -> None:
         """Apply the run's orphan policy to a lost run."""
-        if run.done.is_set() or run.finishing:
+        if run.done.is_set() or run.finishing or run.orphaning:
             return
+        run.orphaning = True
+        try:
+            await self._apply_orphan_policy(run, reason, shutting_down=shutting_down)
+        finally:
+            run.orphaning = False
+
+    async def _apply_orphan_policy(self, run: Run, reason: str, *, shutting_down: bool) -> None:
         self.stats["lost"] += 1
         policy = run.attempt.policy.orphan_policy
         attempt = run.attempt
@@ -522,11 +575,14 @@ class Dispatcher:
             if attempt.attempt <= attempt.policy.max_requeues:
                 with contextlib.suppress(Exception):
                     await self.transport.cancel(attempt, mode="best_effort")
+                if run.done.is_set():  # its outcome arrived meanwhile: not lost after all
+                    return
                 await self.transport.release(attempt)
                 attempt.attempt += 1
                 attempt.submission = None
-                run.started = False
+                run.started = run.heard = False
                 run.launched = False
+                run.pending_warn_at = run.pending_check_at = 0.0
                 self.stats["requeued"] += 1
                 self._broadcast(
                     run,
@@ -698,16 +754,10 @@ class Dispatcher:
             now = time.monotonic()
             if now < self._quiet_until:
                 continue
-            lapsed = [
-                run
-                for run in self.runs.values()
-                if run.attempt.policy.heartbeat_seconds
-                and run.started
-                and not run.done.is_set()
-                and now - run.last_seen > run.attempt.policy.heartbeat_seconds
-            ]
-            if lapsed:
-                await self._judge_silence(lapsed)
+            # Methods, not loops here: a loop variable in _watch would keep the last run
+            # seen (its callable, its result) alive for as long as the watcher sleeps.
+            self._check_heartbeats(now)
+            self._check_pending(now)
             if self.transport.capabilities.status and now - last_reconcile >= self._reconcile_every:
                 last_reconcile = now
                 await self._reconcile(now)
@@ -735,42 +785,158 @@ class Dispatcher:
         )
         return False
 
+    def _check_heartbeats(self, now: float) -> None:
+        lapsed = [
+            run
+            for run in self.runs.values()
+            if run.attempt.policy.heartbeat_seconds
+            and run.started
+            and not run.judging
+            and not run.done.is_set()
+            and now - run.last_seen > run.attempt.policy.heartbeat_seconds
+        ]
+        if lapsed:
+            for run in lapsed:
+                run.judging = True
+            self._spawn(self._judge_silence(lapsed))
+
     async def _judge_silence(self, lapsed: list[Run]) -> None:
         """Heartbeat lapses: read what is already on the wire, then judge again."""
         attempts = {run.run_id: run.attempt.attempt for run in lapsed}
-        if not await self._pause(_SETTLE):
-            return
-        now = time.monotonic()
-        if now < self._quiet_until:
-            return
-        for run in lapsed:
-            hb = run.attempt.policy.heartbeat_seconds
-            if (
-                hb
-                and not run.done.is_set()
-                and run.attempt.attempt == attempts[run.run_id]
-                and now - run.last_seen > hb
-            ):
-                self._spawn(
-                    self._orphan(
-                        run,
-                        f"no heartbeat for {now - run.last_seen:.1f}s "
-                        f"(delivery_heartbeat_seconds={hb})",
+        try:
+            if not await self._pause(_SETTLE):
+                return
+            now = time.monotonic()
+            if now < self._quiet_until:
+                return
+            for run in lapsed:
+                hb = run.attempt.policy.heartbeat_seconds
+                if (
+                    hb
+                    and not run.done.is_set()
+                    and run.attempt.attempt == attempts[run.run_id]
+                    and now - run.last_seen > hb
+                ):
+                    self._spawn(
+                        self._orphan(
+                            run,
+                            f"no heartbeat for {now - run.last_seen:.1f}s "
+                            f"(delivery_heartbeat_seconds={hb})",
+                        )
                     )
-                )
+        finally:
+            for run in lapsed:
+                run.judging = False
 
     def _tick(self) -> float:
-        beats = [
-            run.attempt.policy.heartbeat_seconds
-            for run in self.runs.values()
-            if run.attempt.policy.heartbeat_seconds
-        ]
-        tick = (
-            min([self._reconcile_every, *[b / 4 for b in beats]])
-            if beats
-            else self._reconcile_every
-        )
-        return max(tick, 0.02)
+        windows = {self._pending_warning}
+        for run in self.runs.values():
+            policy = run.attempt.policy
+            if policy.heartbeat_seconds:
+                windows.add(policy.heartbeat_seconds)
+            if policy.max_pending_seconds:
+                windows.add(policy.max_pending_seconds)
+        return max(min([self._reconcile_every, *[w / 4 for w in windows]]), 0.02)
+
+    # ---------------------------------------------------------- runs that never start
+
+    def _check_pending(self, now: float) -> None:
+        """Launched runs that have not started: lost past ``delivery_max_pending_seconds``;
+        without it, reported at ``pending_warning_seconds`` and each doubling of it, so a
+        run the backend will never start (a message lost with its broker, a worker killed
+        with prefetched messages, no worker on the queue) is never waited on in silence."""
+        warn: list[tuple[Run, float]] = []
+        for run in self.runs.values():
+            if not run.launched or run.started or run.heard or run.finishing:
+                continue
+            if run.done.is_set():
+                continue
+            age = now - run.pending_since
+            limit = run.attempt.policy.max_pending_seconds
+            if limit is not None:
+                if age > limit and now >= run.pending_check_at and self._judges_pending():
+                    run.pending_check_at = float("inf")  # one judgement at a time
+                    self._spawn(self._judge_pending(run, limit))
+                continue
+            threshold = run.pending_warn_at or self._pending_warning
+            if age >= threshold:
+                while age >= threshold:
+                    threshold *= 2
+                run.pending_warn_at = threshold
+                warn.append((run, age))
+        if warn:
+            self._spawn(self._warn_pending(warn))
+
+    def _judges_pending(self) -> bool:
+        """Without events (heartbeats off: a native result path) only the backend's status
+        can tell a queued run from a running one; without that, nothing is judged."""
+        caps = self.transport.capabilities
+        return caps.heartbeats or caps.status
+
+    async def _backend_state(self, run: Run) -> tuple[JobState | None, str]:
+        """The backend's view of a run, and how to say it in a message."""
+        if not self.transport.capabilities.status:
+            return None, f"not reported (the '{self.transport.name}' executor has no status)"
+        try:
+            state = await asyncio.wait_for(self.transport.status(run.attempt), _STATUS_BOUND)
+        except Exception as exc:
+            return None, f"unknown (status failed: {type(exc).__name__}: {exc})"
+        return state, state.value
+
+    async def _judge_pending(self, run: Run, limit: float) -> None:
+        attempt_number = run.attempt.attempt
+        verdict = False
+        try:
+            state, described = await self._backend_state(run)
+            if not self.transport.capabilities.heartbeats:
+                # No events to wait for: only a backend that says queued (or gone) counts.
+                verdict = state in (JobState.PENDING, JobState.GONE)
+            else:
+                # The backend says the job ended: reconciliation decides (a short task
+                # sends no task_started, and its outcome may still be on its way).
+                verdict = state is None or not state.finished or state is JobState.GONE
+            if not verdict or not await self._pause(_SETTLE):
+                verdict = False
+                return
+            now = time.monotonic()
+            verdict = (
+                not run.done.is_set()
+                and not run.started
+                and not run.heard
+                and run.attempt.attempt == attempt_number
+                and now >= self._quiet_until
+                and now - run.pending_since > limit
+            )
+            if verdict:
+                await self._orphan(
+                    run,
+                    f"not started within {limit:g}s (delivery_max_pending_seconds); "
+                    f"backend state: {described}",
+                )
+        finally:
+            if not verdict and run.attempt.attempt == attempt_number:
+                run.pending_check_at = time.monotonic() + self._reconcile_every
+
+    async def _warn_pending(self, runs: list[tuple[Run, float]]) -> None:
+        for run, age in runs[:_WARN_LINES]:
+            _, described = await self._backend_state(run)
+            attempt = run.attempt
+            log.warning(
+                "environment '%s' (%s): run %s of task '%s' (attempt %d) has not started "
+                "%.0fs after it was submitted; backend state: %s. If it is only queued, "
+                "nothing is wrong; if no worker will ever take it (a worker killed with "
+                "prefetched messages, a message lost with its broker, no worker on the "
+                "queue), set delivery_max_pending_seconds so such runs are treated as lost "
+                "(requeue submits them again)",
+                self.environment, self.transport.name, attempt.run_id, attempt.task_id,
+                attempt.attempt, age, described,
+            )
+        if len(runs) > _WARN_LINES:
+            log.warning(
+                "environment '%s' (%s): %d more runs have not started after %.0fs or more",
+                self.environment, self.transport.name, len(runs) - _WARN_LINES,
+                min(age for _, age in runs),
+            )
 
     async def _reconcile(self, now: float) -> None:
         if now < self._quiet_until:
@@ -799,9 +965,12 @@ class Dispatcher:
                 and run.attempt.attempt == attempt_number
                 and time.monotonic() >= self._quiet_until
             ):
+                never = not run.started and not run.heard
                 self._spawn(
                     self._orphan(
-                        run, f"the backend reports the job {state.value} without a terminal event"
+                        run,
+                        f"the backend reports the job {state.value} "
+                        + ("before it ever started" if never else "without a terminal event"),
                     )
                 )
 

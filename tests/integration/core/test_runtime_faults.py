@@ -131,3 +131,114 @@ def test_a_paused_caller_loses_no_run(tmp_path: Path, executor: str, policy: str
     assert twice == {} and len(executions) == count, summary
     assert wrong == {}, f"{summary}: {dict(list(wrong.items())[:5])}"
     assert elapsed < 90, summary
+
+
+# ---------------------------------------------------------------- runs that never start
+
+
+def _mark(directory: str, index: int) -> int:
+    with open(os.path.join(directory, "executions.log"), "a") as handle:
+        handle.write(f"{index} {os.getpid()}\n")
+    return index * index
+
+
+def _block(directory: str, seconds: float) -> str:
+    Path(directory, "blocker.started").write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return "unblocked"
+
+
+def _swallowing_python(directory: Path) -> Path:
+    """A ``python`` for the ``process`` executor that accepts every first attempt and
+    never starts it (like a message prefetched by a worker that was then killed, or lost
+    with its broker); later attempts run for real."""
+    wrapper = directory / "python-swallows-first-attempts"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *-1.payload*) exec sleep 60;; esac\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def _hub(executor: str, executor_config: dict[str, Any], **settings: Any) -> Any:
+    from wove_adapters import Hub
+
+    return Hub(
+        environments={"w": {"executor": executor, "executor_config": executor_config,
+                            **settings}},
+        default_environment="w",
+        ledger="memory://",
+    )
+
+
+def test_runs_that_never_start_are_requeued_once_and_run_once(tmp_path: Path) -> None:
+    count = 6
+    config = {"python": str(_swallowing_python(tmp_path))}
+    began = time.monotonic()
+    with _hub("process", config, delivery_max_pending_seconds=2.0,
+              delivery_orphan_policy="requeue") as hub:
+        futures = [hub.submit(_mark, str(tmp_path), i) for i in range(count)]
+        results = [future.result(timeout=60) for future in futures]
+        stats = dict(hub.dispatcher("w").stats)
+    elapsed = time.monotonic() - began
+    print(f"never-started/requeue: requeued={stats['requeued']} in {elapsed:.1f}s")
+    assert results == [i * i for i in range(count)]
+    assert _executions(tmp_path) == Counter(range(count))  # each exactly once
+    assert stats["requeued"] == count and stats["lost"] == count
+    assert elapsed < 40
+
+
+def test_a_run_that_never_starts_fails_naming_the_cause(tmp_path: Path) -> None:
+    from wove_adapters.core.errors import DeliveryOrphanedError
+
+    config = {"python": str(_swallowing_python(tmp_path))}
+    with _hub("process", config, delivery_max_pending_seconds=1.5,
+              delivery_orphan_policy="fail") as hub:
+        future = hub.submit(_mark, str(tmp_path), 1)
+        with pytest.raises(DeliveryOrphanedError) as info:
+            future.result(timeout=30)
+    message = str(info.value)
+    assert "not started within 1.5s (delivery_max_pending_seconds)" in message, message
+    assert "backend state: running" in message, message
+    assert "environment 'w'" in message and "delivery_orphan_policy='fail'" in message
+    assert not (tmp_path / "executions.log").exists()
+
+
+def test_a_queued_run_past_its_pending_deadline_never_runs(tmp_path: Path) -> None:
+    from wove_adapters.core.errors import DeliveryOrphanedError
+
+    with _hub("stdio", {"processes": 1}, delivery_max_pending_seconds=1.0,
+              delivery_orphan_policy="fail") as hub:
+        blocker = hub.submit(_block, str(tmp_path), 3.0)
+        queued = hub.submit(_mark, str(tmp_path), 7)
+        with pytest.raises(DeliveryOrphanedError, match="not started within 1s") as info:
+            queued.result(timeout=30)
+        assert "the 'stdio' executor has no status" in str(info.value)
+        assert blocker.result(timeout=30) == "unblocked"
+    # Taken out of the executor's queue: it never ran, not even after the blocker.
+    assert not (tmp_path / "executions.log").exists()
+
+
+def test_a_run_waiting_to_start_is_reported_at_doubling_ages(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="wove_adapters.runtime")
+    with _hub("stdio", {"processes": 1, "pending_warning_seconds": 1.0}) as hub:
+        blocker = hub.submit(_block, str(tmp_path), 4.6)
+        queued = hub.submit(_mark, str(tmp_path), 3)
+        assert blocker.result(timeout=30) == "unblocked"
+        assert queued.result(timeout=30) == 9
+    run_id = queued.run_id
+    lines = [r.getMessage() for r in caplog.records if run_id in r.getMessage()]
+    assert len(lines) == 3, lines  # at about 1 s, 2 s and 4 s of waiting
+    for line in lines:
+        assert "environment 'w' (stdio)" in line and "task '_mark'" in line, line
+        assert "has not started" in line and "backend state: not reported" in line, line
+        assert "delivery_max_pending_seconds" in line, line
+    ages = [float(line.split("has not started ")[1].split("s ")[0]) for line in lines]
+    assert ages == sorted(ages) and ages[0] >= 1 and ages[-1] >= 4, ages
+    # The blocker started at once: it is never reported.
+    blocker_id = blocker.run_id
+    assert not any(blocker_id in r.getMessage() for r in caplog.records)
