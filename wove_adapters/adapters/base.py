@@ -335,6 +335,7 @@ class AdapterTransport(Transport):
             ledger=self._ledger_url,
             heartbeat_seconds=run.policy.heartbeat_seconds,
             body=body,
+            environment=self._environment,
             **self._worker_bounds,
         )
         envelope = await asyncio.to_thread(build) if large else build()

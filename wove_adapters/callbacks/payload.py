@@ -63,6 +63,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     retry_seconds: float | None = None
     retry_attempts: int | None = None
     exit_flush_seconds: float | None = None
+    # The caller's environment name: a worker that must create its run's ledger record
+    # (the claim never reached the ledger) files it there.
+    environment: str = ""
 
 
 _env_encoder = msgspec.msgpack.Encoder()
@@ -279,6 +282,7 @@ def build_envelope(
     retry_seconds: float | None = None,
     retry_attempts: int | None = None,
     exit_flush_seconds: float | None = None,
+    environment: str = "",
 ) -> Envelope:
     """Pickle the task and place its body inline or in the store (blocking: call in a thread
     when the body may be large)."""
@@ -304,4 +308,5 @@ def build_envelope(
         retry_seconds=retry_seconds,
         retry_attempts=retry_attempts,
         exit_flush_seconds=exit_flush_seconds,
+        environment=environment,
     )

@@ -4,7 +4,10 @@ Built on aiohttp.web. Every request is checked in order of cost before anything 
 decoded: path token, size, signature, timestamp window, nonce (no replay), then the event
 schema. Anything wrong gets a 4xx and changes nothing; one bad request never blocks or
 crashes the others. Verified events are routed by ``run_id`` to whoever registered the
-run; a second terminal event for a run is dropped and counted.
+run; a second terminal event for a run is dropped and counted. A batch with events for a
+run nobody here registered is answered ``404 {"unknown": [run ids]}`` (the known ones
+are routed): a restarted caller on the same port and token must not swallow the old runs'
+outcomes, which their workers then record in the ledger instead.
 
 One receiver per (host, port, token) per process, shared by every environment and Hub,
 so a short-lived caller pays for the listening socket once.
@@ -13,6 +16,7 @@ so a short-lived caller pays for the listening socket once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,11 +25,16 @@ from typing import Any
 import msgspec
 
 from wove_adapters.callbacks import signing
+from wove_adapters.callbacks.sender import UNKNOWN_RUN_STATUS
 from wove_adapters.core import frames
 from wove_adapters.core.errors import PayloadError
 
 EventSink = Callable[[frames.WireEvent, bytes], None]
 DEFAULT_MAX_BODY = 512 * 1024 * 1024
+# A signed, valid batch with events for runs nobody here follows gets UNKNOWN_RUN_STATUS;
+# the body lists them (``{"unknown": [run ids]}``) so the worker records those outcomes
+# in the ledger (see callbacks.sender).
+log = logging.getLogger("wove_adapters.receiver")
 
 
 class CallbackReceiver:
@@ -55,6 +64,7 @@ class CallbackReceiver:
             "rejected": 0,
             "duplicates_dropped": 0,
             "unrouted": 0,
+            "unknown_runs": 0,
         }
         self.ready = asyncio.Event()
 
@@ -151,32 +161,59 @@ class CallbackReceiver:
             return self._reject(status, str(exc))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return self._reject(400, f"malformed events: {exc}")
-        routed = self.route(batch.events, data)
+        routed, unknown = self.route(batch.events, data)
         self.stats["accepted"] += 1
+        if unknown:
+            # Not 200: a worker must not count these as delivered. Nobody here follows
+            # those runs (this caller restarted on the same port and token, or they
+            # ended here long ago), so the worker records them in the run's ledger,
+            # where whoever holds the run id fetches them.
+            self.stats["unknown_runs"] += len(unknown)
+            return web.json_response(
+                {
+                    "ok": False,
+                    "error": "no run with these ids is followed here",
+                    "unknown": unknown,
+                    "routed": routed,
+                },
+                status=UNKNOWN_RUN_STATUS,
+            )
         return web.json_response({"ok": True, "events": len(batch.events), "routed": routed})
 
-    def route(self, events: list[frames.WireEvent], raw: bytes) -> int:
-        """Hand verified events to their runs' sinks; drop duplicate terminals."""
+    def route(self, events: list[frames.WireEvent], raw: bytes) -> tuple[int, list[str]]:
+        """Hand verified events to their runs' sinks; drop duplicate terminals. Returns
+        how many were routed and the ids of runs that nobody here registered (a
+        duplicate of a terminal event already routed is neither)."""
         routed = 0
+        unknown: list[str] = []
         for event in events:
-            if isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled)):
-                ident = (event.run_id, event.attempt)
-                if ident in self._terminal_seen:
-                    self.stats["duplicates_dropped"] += 1
-                    continue
-                self._terminal_seen[ident] = None
-                if len(self._terminal_seen) > 100_000:
-                    self._terminal_seen.popitem(last=False)
+            terminal = isinstance(
+                event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled)
+            )
+            ident = (event.run_id, event.attempt)
+            if terminal and ident in self._terminal_seen:
+                self.stats["duplicates_dropped"] += 1
+                continue
             sink = self._sinks.get(event.run_id)
             if sink is None:
                 self.stats["unrouted"] += 1
+                if event.run_id not in unknown:
+                    unknown.append(event.run_id)
                 continue
+            if terminal:
+                # Marked only once routed: a retry of an event refused as unknown must
+                # be refused again, never swallowed as a "duplicate".
+                self._terminal_seen[ident] = None
+                if len(self._terminal_seen) > 100_000:
+                    self._terminal_seen.popitem(last=False)
             try:
                 sink(event, raw)
                 routed += 1
             except Exception:
                 self.stats["unrouted"] += 1
-        return routed
+                log.exception("the sink of run %s failed on a %s event", event.run_id,
+                              type(event).__struct_config__.tag)
+        return routed, unknown
 
     def _reject(self, status: int, reason: str) -> Any:
         from aiohttp import web

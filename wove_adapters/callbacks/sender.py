@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import http.client
+import json
 import os
 import sys
 import threading
@@ -61,21 +62,55 @@ RETRY_ATTEMPTS = int(_env_float("WOVE_ADAPTERS_RETRY_ATTEMPTS", 40))
 EXIT_FLUSH_SECONDS = _env_float("WOVE_ADAPTERS_EXIT_FLUSH_SECONDS", 10.0)
 HEARTBEAT_BUDGET = 5.0
 # The inline try of a terminal event: a live caller answers in milliseconds; a refused
-# connection (the caller is gone) is handed to the outbox at once.
+# connection (the caller is gone) is handed to the outbox at once, and a caller that does
+# not answer (paused, overloaded, a black-holed network) costs the task's slot at most
+# INLINE_BUDGET: each socket operation of the inline try is bounded by it, and the try
+# never waits behind the outbox's own (longer) request to the same destination.
 INLINE_BUDGET = 1.0
-INLINE_TIMEOUT = 5.0
+INLINE_TIMEOUT = INLINE_BUDGET
 BACKGROUND_TIMEOUT = 30.0
 MAX_BACKOFF = 5.0
 MAX_PENDING = 10_000  # beyond this, new events go straight to their fallback
+# The receiver's answer to a valid batch for runs it does not follow (callbacks.receiver).
+UNKNOWN_RUN_STATUS = 404
+_MAX_ANSWER = 64 * 1024  # a receiver's answer is small; never read more than this
 _PERMANENT = {400, 401, 403, 404, 405, 413, 415, 422}
+
+
+class _Busy(Exception):
+    """The destination's connection is in use past the caller's wait (see attempt)."""
 
 
 class DeliveryFailed(Exception):
     """The destination refused the events or stayed unreachable past the retry budget."""
 
 
+class UnknownRunError(PayloadError):
+    """The receiver is up but follows none of these runs (its caller restarted on the same
+    port and token, or the run ended there): not delivered, and retrying cannot help. A
+    terminal event then goes to the run's ledger at once; a heartbeat is simply dropped."""
+
+    def __init__(self, url: str, run_ids: list[str]) -> None:
+        self.run_ids = run_ids
+        super().__init__(
+            f"the receiver at {url} follows no run {', '.join(run_ids[:3])}"
+            f"{' ...' if len(run_ids) > 3 else ''} (its caller restarted or let the run go)"
+        )
+
+
 def sign_events(events: list[WireEvent], key_id: str) -> signing.SignedBlob:
     return signing.sign(_encoder.encode(EventBatch(events=events, sent_at=time.time())), key_id)
+
+
+def _unknown_runs(body: bytes) -> list[str]:
+    """The run ids a receiver's ``404 {"unknown": [...]}`` answer lists (none for a 404
+    that means something else, such as an unknown callback token)."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return []
+    found = answer.get("unknown") if isinstance(answer, dict) else None
+    return [str(run_id) for run_id in found] if isinstance(found, list) else []
 
 
 def _refused(exc: BaseException) -> bool:
@@ -105,10 +140,14 @@ class _Destination:
         self._port = parsed.port or (443 if self._https else 80)
         self._path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
 
-    def attempt(self, data: bytes, timeout: float) -> None:
+    def attempt(self, data: bytes, timeout: float, *, wait: float | None = None) -> None:
         """One request under the lock. Raises PayloadError when refused for good (bad
-        signature, unknown token: retrying cannot help), any other error otherwise."""
-        with self.lock:
+        signature, unknown token: retrying cannot help), any other error otherwise.
+        ``wait``: give up (``_Busy``) after that many seconds if another request holds
+        the connection (the outbox may be waiting out a slow caller)."""
+        if not self.lock.acquire(timeout=-1 if wait is None else max(wait, 0.0)):
+            raise _Busy(f"the connection to {self.describe()} is busy")
+        try:
             try:
                 self._once(data, timeout)
             except PayloadError:
@@ -118,6 +157,8 @@ class _Destination:
                 self.refused = _refused(exc)
                 raise
             self.refused = False
+        finally:
+            self.lock.release()
 
     def deliver(self, data_for: Callable[[], bytes], budget: float) -> None:
         """Retry with capped exponential backoff for ``budget`` seconds (heartbeats and
@@ -165,9 +206,14 @@ class _Destination:
             "POST", self._path, body=data, headers={"Content-Type": "application/x-wove-events"}
         )
         response = self.conn.getresponse()
-        text = response.read()[:200].decode("utf-8", "replace")
+        body = response.read(_MAX_ANSWER)
         if response.status < 300:
             return
+        if response.status == UNKNOWN_RUN_STATUS:
+            unknown = _unknown_runs(body)
+            if unknown:
+                raise UnknownRunError(self.return_path.url, unknown)
+        text = body[:200].decode("utf-8", "replace")
         if response.status in _PERMANENT:
             raise PayloadError(f"receiver refused events: HTTP {response.status} {text}")
         raise ConnectionError(f"receiver answered HTTP {response.status} {text}")
@@ -255,14 +301,19 @@ def try_post(
     deadline = time.monotonic() + budget
     delay = 0.05
     while True:
+        left = deadline - time.monotonic()
         try:
             destination.attempt(
-                signing.encode_blob(sign_events(events, key_id)), timeout=INLINE_TIMEOUT
+                signing.encode_blob(sign_events(events, key_id)),
+                timeout=max(min(INLINE_TIMEOUT, left), 0.05),
+                wait=left,
             )
             destination.down_until = 0.0
             return True
         except PayloadError:
             raise
+        except _Busy:
+            return False  # the outbox is mid-request there: it takes this event too
         except Exception as exc:
             if _refused(exc) or time.monotonic() + delay > deadline:
                 destination.down_until = time.monotonic() + 1.0
@@ -439,13 +490,16 @@ class Outbox:
             return True
         except Exception as exc:
             item.last_error = f"{type(exc).__name__}: {exc}"
-            destination.down_until = time.monotonic() + 1.0
             now = time.monotonic()
             if item.attempts >= item.retry_attempts or now >= item.deadline:
+                destination.down_until = now + 1.0
                 self._give_up(item)
             else:
                 backoff = min(0.1 * 2 ** (item.attempts - 1), MAX_BACKOFF)
                 item.next_at = min(now + backoff, item.deadline)
+                # Inline tries skip this destination until the outbox has tried again:
+                # while it keeps failing, no task pays for it in its slot.
+                destination.down_until = max(now + 1.0, item.next_at + 0.5)
             return False
         destination.down_until = 0.0
         self._settle(item, DELIVERED)

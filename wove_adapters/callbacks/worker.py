@@ -229,6 +229,8 @@ def _emit(envelope: Envelope, event: frames.WireEvent) -> None:
         sender.try_post(
             envelope.return_path, envelope.key_id, [event], budget=sender.HEARTBEAT_BUDGET
         )
+    except sender.UnknownRunError:
+        pass  # nobody follows the run there: only its terminal event matters (the ledger)
     except PayloadError as exc:
         print(f"wove-adapters worker: an event was refused: {exc}", file=sys.stderr)
 
@@ -431,8 +433,14 @@ def deliver_terminal(
             return True
         why = "the caller did not answer"
     except PayloadError as exc:  # refused for good: the ledger is the only way left
-        print(f"wove-adapters worker: the caller refused the outcome: {exc}", file=sys.stderr)
         delivered = recorded or bool(envelope.ledger and _record_in_ledger(envelope, event))
+        if not isinstance(exc, sender.UnknownRunError) or not delivered:
+            print(
+                f"wove-adapters worker: the caller refused the outcome of run "
+                f"{envelope.run_id}: {exc}"
+                + ("; recorded in the ledger" if delivered else "; no ledger holds it"),
+                file=sys.stderr,
+            )
         if outcome is not None:
             outcome.delivered = delivered
         return delivered
@@ -473,16 +481,26 @@ def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
     """Record the signed terminal event in the run's (shareable) ledger; first writer
     wins, so a run that already has its outcome there counts as recorded."""
     from wove_adapters.callbacks.signing import encode_blob
-    from wove_adapters.core.ledger import record_outcome_sync
+    from wove_adapters.core.ledger import RunRecord, record_outcome_sync
 
     blob = sender.sign_events([event], envelope.key_id)
     kind = type(event).__struct_config__.tag
+    # A run id the caller handed out is a promise: if its record is missing (the claim
+    # never reached the ledger), the worker creates it rather than drop the outcome.
+    template = RunRecord(
+        run_id=envelope.run_id,
+        environment=envelope.environment or envelope.adapter,
+        task_id=envelope.task_id,
+        adapter=envelope.adapter,
+        attempt=envelope.attempt,
+    )
     try:
         record_outcome_sync(
             envelope.ledger or "",
             envelope.run_id,
             _STATE_OF.get(str(kind), "failed"),
             encode_blob(blob),
+            create=template,
         )
         return True
     except Exception as exc:
