@@ -58,6 +58,11 @@ class CeleryService:
     tag: str = field(default_factory=lambda: f"wove-test-celery-{uuid.uuid4().hex[:8]}")
     log_dir: Path = field(default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")))
     extra_config: dict[str, Any] = field(default_factory=dict)
+    # The Redis the worker uses as result backend (and broker, for "redis"): the fault
+    # tests point it at a private redis-server they kill and restart.
+    redis_url: str = REDIS_URL
+    # More directories for the worker's PYTHONPATH (modules of the tasks it runs).
+    pythonpath: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -71,7 +76,7 @@ class CeleryService:
 
     @property
     def broker_url(self) -> str:
-        return REDIS_URL if self.broker == "redis" else AMQP_URL
+        return self.redis_url if self.broker == "redis" else AMQP_URL
 
     @property
     def celery_config(self) -> dict[str, Any]:
@@ -88,7 +93,7 @@ class CeleryService:
     def executor_config(self) -> dict[str, Any]:
         return {
             "broker_url": self.broker_url,
-            "result_backend": REDIS_URL,
+            "result_backend": self.redis_url,
             "queue": self.queue,
             "celery_config": self.celery_config,
         }
@@ -102,7 +107,7 @@ class CeleryService:
 
         from wove_adapters.adapters.celery import BASE_CONF
 
-        app = Celery("wove-test-client", broker=self.broker_url, backend=REDIS_URL,
+        app = Celery("wove-test-client", broker=self.broker_url, backend=self.redis_url,
                      set_as_current=False)
         app.conf.update(BASE_CONF)
         app.conf.update(self.celery_config)
@@ -112,21 +117,21 @@ class CeleryService:
 
     def start(self, timeout: float = 120.0, *, app_module: str = "celery_test_app",
               extra_args: tuple[str, ...] = ()) -> None:
-        require_service("redis", REDIS_URL)
+        require_service("redis", self.redis_url)
         if self.broker == "amqp":
             require_service("amqp", AMQP_URL)
         self.log_path = self.log_dir / f"{self.tag}.log"
         env = {
             **os.environ,
             "WOVE_TEST_CELERY_BROKER": self.broker_url,
-            "WOVE_TEST_CELERY_BACKEND": REDIS_URL,
+            "WOVE_TEST_CELERY_BACKEND": self.redis_url,
             "WOVE_TEST_CELERY_CONFIG": json.dumps(self.celery_config),
             # What `-A wove_adapters.adapters.celery:worker_app` reads.
             "WOVE_CELERY_BROKER_URL": self.broker_url,
-            "WOVE_CELERY_RESULT_BACKEND": REDIS_URL,
+            "WOVE_CELERY_RESULT_BACKEND": self.redis_url,
             "WOVE_CELERY_CONFIG": json.dumps(self.celery_config),
             "PYTHONPATH": os.pathsep.join(
-                [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+                [str(HERE), *self.pythonpath, *filter(None, [os.environ.get("PYTHONPATH")])]
             ),
         }
         command = [
@@ -135,7 +140,7 @@ class CeleryService:
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel=INFO", *extra_args,
         ]
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
@@ -185,11 +190,20 @@ class CeleryService:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
 
+    def kill(self) -> None:
+        """SIGKILL the whole worker, main process and prefork children (its process
+        group, which only this worker is in), as a crashed host would."""
+        process, self.process = self.process, None
+        assert process is not None, "the worker is not running"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
     def cleanup(self) -> None:
         """Delete this run's keys (by prefix) and, on RabbitMQ, its queue."""
         import redis
 
-        client = redis.Redis.from_url(REDIS_URL)
+        client = redis.Redis.from_url(self.redis_url)
         try:
             batch = []
             for key in client.scan_iter(match=f"{self.prefix}*", count=500):

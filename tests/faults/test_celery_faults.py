@@ -1,0 +1,234 @@
+"""Celery under faults: real ``celery worker`` processes and a private redis-server as
+broker and result backend, both started here and killed by their own PIDs.
+
+Scenarios (issue 11), each counted with the suite's ``Counts`` within a bound:
+  (a) kill -9 of a prefork child mid-task, ``requeue`` + heartbeats;
+  (b) kill -9 of the whole worker (its process group) with runs running, prefetched
+      (unacked, visibility timeout 1 h) and queued, then a new worker: every run resolves
+      once, with its own value;
+  (c) the broker killed for ~4 s mid-burst (runs queued, prefetched, running, and more
+      submitted while it is down) and restarted empty: every run resolves;
+  (d) 100 ``require_ack`` cancels of running tasks: each acknowledged or raising
+      ``CancelNotAcknowledgedError``, and none left running (checked on the task side:
+      every execution has its end mark, no worker reports an active task).
+
+Executions above one per run are allowed only for runs whose execution a kill cut short
+(``requeue`` is at least once); the prefetched messages a dead worker held were never
+started, so their runs must execute exactly once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fault_tasks
+import faults
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "celery"))
+
+from celery_services import CeleryService
+
+from wove_adapters.core.errors import CancelNotAcknowledgedError
+
+FAULTS_DIR = str(Path(__file__).resolve().parent)
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., CeleryService]]:
+    """``start_worker(redis_url, concurrency)``: a real prefork worker on the private
+    broker, on a queue and key prefix of its own, stopped by PID at the end."""
+    started: list[CeleryService] = []
+
+    def start(redis_url: str, concurrency: int = 2) -> CeleryService:
+        service = CeleryService("redis", concurrency=concurrency, redis_url=redis_url,
+                                log_dir=tmp_path, pythonpath=(FAULTS_DIR,))
+        started.append(service)
+        service.start(timeout=90)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+def environment(service: CeleryService, **settings: Any) -> dict[str, Any]:
+    return {
+        "executor": "celery",
+        # Reconcile every second: the scenarios' bounds stay short.
+        "executor_config": {**service.executor_config, "reconcile_seconds": 1.0},
+        "delivery_orphan_policy": "requeue",
+        **settings,
+    }
+
+
+def unacked(url: str, service: CeleryService) -> int:
+    """Messages the broker holds for a worker (prefetched, not yet acknowledged)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        return int(client.hlen(f"{service.prefix}unacked"))
+    finally:
+        client.close()
+
+
+def started_tags(markers: Path) -> set[str]:
+    return {mark.tag for mark in faults.read_marks(markers) if mark.event == "start"}
+
+
+def settle(name: str, futures: dict[str, Any], markers: Path, bound: float,
+           began: float) -> faults.Counts:
+    counts = faults.Counts(name)
+    expected = {tag: fault_tasks.expected(tag) for tag in futures}
+    faults.count_futures(counts, futures, expected, timeout=bound)
+    faults.count_executions(counts, markers, futures,
+                            allowed=faults.allowed_after_kills(markers))
+    counts.seconds = time.monotonic() - began
+    return counts
+
+
+# ---------------------------------------------------------------- (a) a child killed
+
+
+def test_a_child_killed_mid_task_is_requeued(
+    private_redis: Callable[..., faults.RedisServer],
+    start_worker: Callable[..., CeleryService],
+    hub_for: Callable[..., Any], markers: Path, sqlite_ledger: str,
+) -> None:
+    broker = private_redis()
+    service = start_worker(broker.url(), concurrency=2)
+    hub = hub_for(environment(service, delivery_heartbeat_seconds=3), ledger=sqlite_ledger)
+    began = time.monotonic()
+    tags = [f"a{i}" for i in range(24)]
+    futures = {tag: hub.submit(fault_tasks.work, str(markers), tag, 0.4) for tag in tags}
+    assert service.process is not None
+    killed: list[str] = []
+    while len(killed) < 3:
+        # An execution that started and has not ended runs in a prefork child now.
+        children = set(faults.children(service.process.pid))
+        running = {tag: pid for tag, pid in faults.running(markers).items()
+                   if pid in children and tag not in killed}
+        if running:
+            tag, pid = next(iter(running.items()))
+            faults.kill(pid, signal.SIGKILL)
+            killed.append(tag)
+        assert time.monotonic() - began < 60, f"only {len(killed)} kills in 60 s"
+        time.sleep(0.05)
+    counts = settle("celery (a) child kill -9 x3, requeue", futures, markers, 90, began)
+    faults.check(counts)
+
+
+# ---------------------------------------------------------------- (b) the whole worker
+
+
+def test_b_whole_worker_killed_then_restarted(
+    private_redis: Callable[..., faults.RedisServer],
+    start_worker: Callable[..., CeleryService],
+    hub_for: Callable[..., Any], markers: Path, sqlite_ledger: str,
+) -> None:
+    """Killed with messages running, prefetched (unacked until the 1 h visibility
+    timeout: no new worker takes them) and queued. Reconciliation must find the ones no
+    live worker holds and requeue them; the new worker runs the rest."""
+    broker = private_redis()
+    service = start_worker(broker.url(), concurrency=2)
+    hub = hub_for(environment(service, delivery_heartbeat_seconds=3), ledger=sqlite_ledger)
+    began = time.monotonic()
+    tags = [f"b{i}" for i in range(120)]
+    futures = {tag: hub.submit(fault_tasks.work, str(markers), tag, 0.1) for tag in tags}
+    faults.wait_until(lambda: len(started_tags(markers)) >= 10, 60, "ten executions")
+    service.kill()
+    held = unacked(broker.url(), service)
+    service.start(timeout=90)  # same node name, queue and key prefix
+    counts = settle("celery (b) whole worker kill -9 + restart", futures, markers, 100, began)
+    print(f"\n  prefetched (unacked) at the kill: {held}; dispatcher: "
+          f"{ {k: v for k, v in hub.dispatcher().stats.items() if v} }")
+    assert held > 0, "the kill left no prefetched message: the scenario did not happen"
+    faults.check(counts)
+
+
+# ---------------------------------------------------------------- (c) the broker
+
+
+def test_c_broker_killed_mid_burst_and_restarted(
+    private_redis: Callable[..., faults.RedisServer],
+    start_worker: Callable[..., CeleryService],
+    hub_for: Callable[..., Any], markers: Path, sqlite_ledger: str,
+) -> None:
+    """The broker (also the result backend) dies with messages queued, prefetched and
+    running; 20 more runs are submitted while it is down; it comes back empty ~4 s
+    later. With requeue every run resolves, each with its own value."""
+    broker = private_redis()
+    service = start_worker(broker.url(), concurrency=2)
+    hub = hub_for(environment(service, delivery_heartbeat_seconds=3), ledger=sqlite_ledger)
+    began = time.monotonic()
+    futures = {f"c{i}": hub.submit(fault_tasks.work, str(markers), f"c{i}", 0.1)
+               for i in range(100)}
+    faults.wait_until(lambda: len(started_tags(markers)) >= 10, 60, "ten executions")
+    broker.kill()
+    down = time.monotonic()
+    futures.update({f"c{i}": hub.submit(fault_tasks.work, str(markers), f"c{i}", 0.1)
+                    for i in range(100, 120)})
+    time.sleep(max(0.0, 4.0 - (time.monotonic() - down)))
+    broker.start()  # same port, no persistence: empty
+    counts = settle("celery (c) broker kill -9 ~4 s mid-burst", futures, markers, 100, began)
+    print(f"\n  dispatcher: { {k: v for k, v in hub.dispatcher().stats.items() if v} }")
+    faults.check(counts)
+
+
+# ---------------------------------------------------------------- (d) cancels
+
+
+def test_d_require_ack_cancels_of_running_tasks(
+    private_redis: Callable[..., faults.RedisServer],
+    start_worker: Callable[..., CeleryService],
+    hub_for: Callable[..., Any], markers: Path, sqlite_ledger: str,
+) -> None:
+    """100 running tasks cancelled with require_ack, ``width`` at a time (all of them
+    running when cancelled): each cancel is acknowledged or raises; afterwards no
+    execution is open and the worker reports nothing active."""
+    width, rounds = 5, 20
+    broker = private_redis()
+    service = start_worker(broker.url(), concurrency=width)
+    hub = hub_for(environment(service, delivery_cancel_mode="require_ack",
+                              delivery_orphan_policy="fail"), ledger=sqlite_ledger)
+    counts = faults.Counts("celery (d) 100 require_ack cancels of running tasks")
+    refused = 0
+    began = time.monotonic()
+    for r in range(rounds):
+        tags = [f"d{r}-{i}" for i in range(width)]
+        futures = [hub.submit(fault_tasks.work, str(markers), tag, 30.0) for tag in tags]
+        faults.wait_until(lambda tags=tags: set(tags) <= started_tags(markers), 60,
+                          f"round {r}: all {width} tasks running")
+        for tag, future in zip(tags, futures, strict=True):
+            counts.runs += 1
+            try:
+                hub.cancel(future, mode="require_ack")
+            except CancelNotAcknowledgedError:
+                refused += 1  # an honest answer; the task side is checked below
+            except Exception as exc:
+                counts.problem("lost", f"{tag}: cancel raised {type(exc).__name__}: {exc}")
+                continue
+            if not future.done():
+                counts.problem("hung", f"{tag}: the future is still pending after its cancel")
+            else:
+                counts.ok += 1
+    time.sleep(1.0)
+    counts.executions = len(started_tags(markers))
+    for tag, pid in faults.running(markers).items():
+        counts.problem("over_executed", f"{tag} still running in pid {pid} after its cancel")
+    app = service.client_app()
+    try:
+        active = app.control.inspect(destination=[service.node], timeout=2.0).active() or {}
+    finally:
+        app.close()
+    for items in active.values():
+        for item in items:
+            counts.problem("over_executed", f"task {item.get('id')} still active at the worker")
+    print(f"\n  acknowledged {counts.ok - refused}, CancelNotAcknowledgedError {refused}")
+    faults.check(counts, began)
