@@ -37,6 +37,46 @@ class DeliveryDetachedError(DeliveryOrphanedError):
         self.ledger = ledger
 
 
+class BackendUnavailableError(WoveAdaptersError, ConnectionError):
+    """A run could not be handed to its backend: the broker, server or scheduler did not
+    answer at the address configured for the environment.
+
+    The message names the environment, the executor, the address (password redacted) and
+    the setting to check; ``__cause__`` is the backend library's own error, whose text the
+    message repeats. The run never reached the backend, so retrying it is safe.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        environment: str = "",
+        executor: str = "",
+        address: str | None = None,
+        setting: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.environment = environment
+        self.executor = executor
+        self.address = address
+        self.setting = setting
+
+    def __reduce__(self) -> Any:
+        # Rebuilt with its fields in another process (outcomes travel pickled).
+        return (
+            _rebuild_unavailable,
+            (str(self), self.environment, self.executor, self.address, self.setting),
+        )
+
+
+def _rebuild_unavailable(
+    message: str, environment: str, executor: str, address: str | None, setting: str | None
+) -> BackendUnavailableError:
+    return BackendUnavailableError(
+        message, environment=environment, executor=executor, address=address, setting=setting
+    )
+
+
 class CancelNotAcknowledgedError(WoveAdaptersError, RuntimeError):
     """``require_ack`` cancellation: nobody confirmed the cancel within the ack window."""
 

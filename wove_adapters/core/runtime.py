@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import msgspec
 
 from wove_adapters.core import frames
 from wove_adapters.core.errors import (
+    BackendUnavailableError,
     CancelNotAcknowledgedError,
     DeliveryDetachedError,
     DeliveryOrphanedError,
@@ -181,6 +183,77 @@ def exception_from_frame(frame: dict[str, Any]) -> BaseException:
 
 
 # ---------------------------------------------------------------- the dispatcher
+
+
+# Where an executor's backend lives: the executor_config keys adapters read (first set
+# one wins), and the key each built-in adapter uses when none is set.
+_ADDRESS_KEYS = (
+    "broker_url", "redis_url", "url", "address", "scheduler_address", "scheduler_file",
+    "endpoint_url", "host",
+)
+_DEFAULT_ADDRESS_KEY = {
+    "celery": "broker_url", "rq": "redis_url", "arq": "redis_url", "taskiq": "url",
+    "dask": "address", "ray": "address", "temporal": "address", "kubernetes_jobs": "host",
+    "aws_batch": "endpoint_url",
+}
+_BACKEND_NOUNS = {
+    "broker_url": "the broker", "redis_url": "Redis", "url": "the broker",
+    "address": "the server", "scheduler_address": "the scheduler",
+    "scheduler_file": "the scheduler", "endpoint_url": "the service", "host": "the API server",
+}
+# Exception type names (anywhere in the class hierarchy) that mean "could not reach it",
+# for backend libraries whose errors do not derive from OSError (redis-py, kombu, grpc).
+_UNREACHABLE_NAMES = frozenset({
+    "ConnectionError", "OperationalError", "TimeoutError", "BrokerConnectionError",
+    "ConnectionRefusedError", "ConnectionClosed", "ConnectionClosedError",
+    "AMQPConnectionError", "ServiceUnavailable", "ClientConnectorError", "CommClosedError",
+    "EndpointConnectionError", "MaxRetryError", "NewConnectionError", "BusyLoadingError",
+})
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) says the backend could not be
+    reached, as opposed to refusing what was sent."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 8:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionError, TimeoutError, socket.gaierror)):
+            return True
+        if any(cls.__name__ in _UNREACHABLE_NAMES for cls in type(current).__mro__):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _backend_address(
+    transport: Transport, executor_config: dict[str, Any]
+) -> tuple[str | None, str | None]:
+    """The executor_config key that says where the backend is, and its value (password
+    redacted). Unset: the adapter's own key, and the address it resolved if it says."""
+    for key in _ADDRESS_KEYS:
+        value = executor_config.get(key)
+        if isinstance(value, str) and value:
+            return key, redact_url(value)
+    default_key = _DEFAULT_ADDRESS_KEY.get(transport.name)
+    if default_key is None:
+        return None, None
+    value = getattr(getattr(transport, "adapter", None), default_key, None)
+    return default_key, redact_url(value) if isinstance(value, str) and value else None
+
+
+def redact_url(url: str) -> str:
+    """A URL without its password (``redis://:***@host``), for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    if "@" not in netloc:
+        return url
+    credentials, _, host = netloc.rpartition("@")
+    user, colon, _ = credentials.partition(":")
+    shown = f"{user}:***" if colon else credentials
+    return f"{scheme}://{shown}@{host}{slash}{path}"
 
 
 def _config_seconds(
@@ -426,12 +499,45 @@ class Dispatcher:
                 frames.error_event(
                     run.run_id,
                     run.attempt.task_id,
-                    exc,
+                    self._submit_error(run, exc),
                     attempt=run.attempt.attempt,
                     source="transport",
                     retryable=True,
                 ),
             )
+
+    def _submit_error(self, run: Run, exc: Exception) -> BaseException:
+        """An error at the boundary names the environment, the executor, the address and
+        the setting to fix. A backend that cannot be reached becomes
+        ``BackendUnavailableError`` (the library's error as its cause, its text kept);
+        any other error keeps its type and gets a note saying where it happened."""
+        where = f"environment '{self.environment}' ({self.transport.name})"
+        if not _unreachable(exc):
+            add_note = getattr(exc, "add_note", None)  # Python 3.11+
+            if add_note is not None:
+                add_note(f"while submitting run {run.run_id} to {where}")
+            return exc
+        key, address = _backend_address(self.transport, self.executor_config)
+        noun = _BACKEND_NOUNS.get(key or "", "the backend")
+        text = f"{type(exc).__name__}: {exc}"
+        if key is None:
+            message = f"{where}: could not submit to {noun}: {text}; check that it is running"
+        else:
+            at = address if address is not None else "its default address"
+            unset = "" if key in self.executor_config else " (not set: the default applied)"
+            message = (
+                f"{where}: could not submit to {noun} at {at}: {text}; check "
+                f"executor_config.{key}{unset} and that {noun} is running"
+            )
+        error = BackendUnavailableError(
+            message,
+            environment=self.environment,
+            executor=self.transport.name,
+            address=address,
+            setting=f"executor_config.{key}" if key else None,
+        )
+        error.__cause__ = exc
+        return error
 
     # ---------------------------------------------------------- events
 
