@@ -1,7 +1,8 @@
 """``require_ack`` cancels at volume on RQ: 100 runs on two workers, each cancelled with
-``delivery_cancel_mode="require_ack"``, 20 while executing, 80 while queued (ten
-cancels at a time). Every cancel returns acknowledged (no ``CancelNotAcknowledgedError``), every
-future ends cancelled, and no cancelled task runs to its end. Celery's twin lives in
+``delivery_cancel_mode="require_ack"``: in five rounds, four while executing, then
+sixteen more (ten at a time) while the workers take the next jobs from the queue. Every
+cancel returns acknowledged (no ``CancelNotAcknowledgedError``), every future ends
+cancelled, and no cancelled task runs to its end. Celery's twin lives in
 test_celery_faults.py.
 """
 
@@ -16,13 +17,19 @@ from typing import Any
 
 import fault_tasks
 import faults
+import pytest
 
 RUNS = 100
-TASK_SECONDS = 5.0  # a cancelled run must never get this far
+TASK_SECONDS = 3.0  # a cancelled run must never get this far
 BOUND = 120.0
-RUNNING_CANCELS = 20  # cancelled while executing; the others while queued
+ROUNDS = 5
+RUNNING_PER_ROUND = 4  # cancelled while executing; the others while queued
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 11 (proof: require_ack cancels on RQ): a job cancelled while an RQ worker takes "
+    "it from the queue is acknowledged (Job.cancel on a 'queued' job the worker then "
+    "starts) and runs to its end; adapters/rq.py _cancel"))
 def test_rq_require_ack_cancels(hub_for: Callable[..., Any], markers: Path,
                                 private_redis: Callable[..., faults.RedisServer],
                                 rq_worker: Callable[..., faults.RqWorkerProcess]) -> None:
@@ -48,15 +55,22 @@ def test_rq_require_ack_cancels(hub_for: Callable[..., Any], markers: Path,
             return f"{type(exc).__name__}: {exc}"
         return None
 
-    # ``RUNNING_CANCELS`` of them while they execute (whichever a worker runs now; RQ takes
-    # the next from the queue at once), the rest while queued, ten at a time.
+    # In ``ROUNDS`` rounds: ``RUNNING_PER_ROUND`` runs cancelled while they execute
+    # (whichever a worker runs now; RQ takes the next from the queue at once), then as
+    # many queued ones as make up the round, ten at a time, while the workers dequeue.
     refused: dict[str, str | None] = {}
-    for _ in range(RUNNING_CANCELS):
-        executing = faults.wait_until(
-            lambda: [t for t in faults.running(markers) if t in futures and t not in refused],
-            60, "a run executing", interval=0.01)
-        refused[executing[0]] = cancel(executing[0])
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        for _ in range(ROUNDS):
+            for _ in range(RUNNING_PER_ROUND):
+                executing = faults.wait_until(
+                    lambda: [t for t in faults.running(markers)
+                             if t in futures and t not in refused],
+                    60, "a run executing", interval=0.01)
+                refused[executing[0]] = cancel(executing[0])
+            # Not "queued" for sure: a worker may be taking one of them right now.
+            queued = [tag for tag in tags if tag not in refused][:RUNS // ROUNDS
+                                                                 - RUNNING_PER_ROUND]
+            refused.update(zip(queued, pool.map(cancel, queued, timeout=BOUND), strict=True))
         rest = [tag for tag in tags if tag not in refused]
         refused.update(zip(rest, pool.map(cancel, rest, timeout=BOUND), strict=True))
     deadline = time.monotonic() + BOUND
