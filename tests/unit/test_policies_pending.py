@@ -1,4 +1,4 @@
-"""delivery_max_pending_seconds and the pending-warning threshold: parsed, validated, named."""
+"""delivery_max_pending_seconds and the dispatcher's thresholds: parsed, validated, named."""
 
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def test_configuration_knows_the_key_and_checks_its_type() -> None:
     ] == 12.5
 
 
-@pytest.mark.parametrize("key", ["pending_warning_seconds", "stall_grace_seconds"])
+@pytest.mark.parametrize(
+    "key", ["pending_warning_seconds", "stall_grace_seconds", "cancel_release_seconds"]
+)
 @pytest.mark.parametrize("value", ["soon", 0, -1, True])
 def test_dispatcher_refuses_bad_thresholds_naming_the_key(key: str, value: Any) -> None:
     from wove_adapters.core.executors.local import LocalTransport

@@ -64,6 +64,9 @@ _PENDING_WARNING = 60.0
 _WARN_LINES = 5
 # How long a status() call of the watcher may take.
 _STATUS_BOUND = 10.0
+# A cancelled run's in-flight slot is held until the backend says the job stopped, at
+# most this long. Override: executor_config.cancel_release_seconds.
+_CANCEL_RELEASE = 60.0
 _STATE_OF_EVENT = {
     frames.TASK_RESULT: SUCCEEDED,
     frames.TASK_ERROR: FAILED,
@@ -103,6 +106,9 @@ class Run:
     claimed: asyncio.Future[Any] | None = None
     # Being handed to the backend right now: from here a cancel must go to the backend.
     submitting: bool = False
+    # Resolved for the caller (cancelled) while its job may still run: the slot is kept
+    # until the backend confirms the stop, or until this timer gives up.
+    stop_timer: asyncio.TimerHandle | None = None
 
     @property
     def run_id(self) -> str:
@@ -305,6 +311,8 @@ class Dispatcher:
         self.runs: dict[str, Run] = {}
         self.by_key: dict[str, Run] = {}
         self.detached: dict[str, Run] = {}
+        # Cancelled runs whose job has not been seen to stop: they keep their slot.
+        self.stopping: dict[str, Run] = {}
         self.stats: dict[str, int] = {
             "submitted": 0,
             "duplicate_terminal_dropped": 0,
@@ -327,6 +335,10 @@ class Dispatcher:
         self._pending_warning = _config_seconds(
             environment, executor_config, "pending_warning_seconds", _PENDING_WARNING
         )
+        self._cancel_release = _config_seconds(
+            environment, executor_config, "cancel_release_seconds", _CANCEL_RELEASE
+        )
+        self.stats["released_unconfirmed"] = 0
         # No verdict before this (monotonic) time: the caller itself stalled just before.
         self._quiet_until = 0.0
         self.stats["caller_stalls"] = 0
@@ -356,6 +368,8 @@ class Dispatcher:
         """Orphan policies for what is still in flight, then every queued ledger write,
         then the transport. Every background task is awaited or cancelled here."""
         await self.abandon(list(self.runs), reason="the executor stopped with runs in flight")
+        for run in list(self.stopping.values()):
+            self._stopped(run)  # the transport's close ends what is still running
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
@@ -549,6 +563,14 @@ class Dispatcher:
             if detached is not None and frame.get("type") in frames.TERMINAL_EVENTS:
                 self.detached.pop(run_id, None)
                 self._store_outcome(detached, frame)
+            stopping = self.stopping.get(run_id)
+            if (
+                stopping is not None
+                and frame.get("attempt", 1) == stopping.attempt.attempt
+                and frame.get("type") in (*frames.TERMINAL_EVENTS, frames.TASK_LOST)
+            ):
+                # The caller already has its ending; this only says the job stopped.
+                self._stopped(stopping)
             return
         if frame.get("attempt", 1) != run.attempt.attempt:
             self.stats["stale_attempt_dropped"] += 1
@@ -582,8 +604,19 @@ class Dispatcher:
             except Exception:
                 log.exception("event listener failed for run %s", run_id)
 
-    def _finish(self, run: Run, frame: dict[str, Any], *, record_outcome: bool = True) -> None:
-        """Deliver the one terminal event a caller sees; later ones are dropped."""
+    def _finish(
+        self,
+        run: Run,
+        frame: dict[str, Any],
+        *,
+        record_outcome: bool = True,
+        until_stopped: bool = False,
+    ) -> None:
+        """Deliver the one terminal event a caller sees; later ones are dropped.
+
+        ``until_stopped``: the caller is resolved by a verdict of ours (a cancel nobody
+        confirmed yet, a timeout) while the job may still be running; it keeps its
+        ``delivery_max_in_flight`` slot until the backend says it stopped."""
         if run.done.is_set():
             self.stats["duplicate_terminal_dropped"] += 1
             return
@@ -591,7 +624,11 @@ class Dispatcher:
         run.done.set()
         if run.timer is not None:
             run.timer.cancel()
-        self._release_slot(run)
+        hold = until_stopped and run.launched and run.holds_slot
+        if hold:
+            self._hold_until_stopped(run)
+        else:
+            self._release_slot(run)
         self.runs.pop(run.run_id, None)
         key = run.attempt.idempotency_key
         if key is not None and self.by_key.get(key) is run:
@@ -600,13 +637,47 @@ class Dispatcher:
         self._broadcast(run, {k: v for k, v in frame.items() if k != "_blob"})
         if record_outcome:
             self._store_outcome(run, frame)
-        if run.launched and run.run_id not in self.detached:
+        if run.launched and run.run_id not in self.detached and not hold:
             self._spawn(self.transport.release(run.attempt))
 
     def _release_slot(self, run: Run) -> None:
         if run.holds_slot and run.semaphore is not None:
             run.holds_slot = False
             run.semaphore.release()
+
+    def _hold_until_stopped(self, run: Run) -> None:
+        """Keep the slot of a job that may still run; its registration at the transport
+        stays too, so the worker's terminal event (the proof it stopped) still reaches
+        us. Reconciliation polls such runs; ``cancel_release_seconds`` bounds the wait."""
+        self.stopping[run.run_id] = run
+        run.stop_timer = asyncio.get_running_loop().call_later(
+            self._cancel_release, self._give_up_stopping, run.run_id
+        )
+
+    def _give_up_stopping(self, run_id: str) -> None:
+        run = self.stopping.get(run_id)
+        if run is None:
+            return
+        self.stats["released_unconfirmed"] += 1
+        log.warning(
+            "environment '%s' (%s): run %s of task '%s' was cancelled %.0fs ago and the "
+            "backend never confirmed that it stopped; its delivery_max_in_flight slot is "
+            "released now, though the work may still be running "
+            "(executor_config.cancel_release_seconds)",
+            self.environment, self.transport.name, run_id, run.attempt.task_id,
+            self._cancel_release,
+        )
+        self._stopped(run)
+
+    def _stopped(self, run: Run) -> None:
+        """The job of a cancelled run stopped (or we gave up waiting): free its slot."""
+        if self.stopping.pop(run.run_id, None) is None:
+            return
+        if run.stop_timer is not None:
+            run.stop_timer.cancel()
+            run.stop_timer = None
+        self._release_slot(run)
+        self._spawn(self.transport.release(run.attempt))
 
     def _store_outcome(self, run: Run, frame: dict[str, Any]) -> None:
         state = _STATE_OF_EVENT.get(frame.get("type", ""), FAILED)
@@ -660,6 +731,7 @@ class Dispatcher:
                 attempt=run.attempt.attempt,
                 source="timeout",
             ),
+            until_stopped=True,
         )
 
     async def _orphan(self, run: Run, reason: str, *, shutting_down: bool = False) -> None:
@@ -796,11 +868,18 @@ class Dispatcher:
         except Exception as exc:
             if mode == "require_ack":
                 error = CancelNotAcknowledgedError(f"cancel of run {run_id} failed: {exc}")
-                self._finish(run, frames.error_event(run_id, run.attempt.task_id, error))
+                self._finish(
+                    run, frames.error_event(run_id, run.attempt.task_id, error),
+                    until_stopped=True,
+                )
                 raise error from exc
             log.warning("best-effort cancel of %s failed: %s", run_id, exc)
         if mode == "best_effort":
-            self._finish(run, self._cancelled(run, "cancelled by the caller (best effort)"))
+            self._finish(
+                run,
+                self._cancelled(run, "cancelled by the caller (best effort)"),
+                until_stopped=True,
+            )
             return
         timeout = run.attempt.policy.cancel_ack_timeout
         try:
@@ -814,6 +893,7 @@ class Dispatcher:
             self._finish(
                 run,
                 frames.error_event(run_id, run.attempt.task_id, error, source="cancel"),
+                until_stopped=True,
             )
             raise error from None
 
@@ -1047,6 +1127,7 @@ class Dispatcher:
     async def _reconcile(self, now: float) -> None:
         if now < self._quiet_until:
             return
+        await self._reconcile_stopping()
         quiet = [
             run
             for run in self.runs.values()
@@ -1079,6 +1160,18 @@ class Dispatcher:
                         + ("before it ever started" if never else "without a terminal event"),
                     )
                 )
+
+    async def _reconcile_stopping(self) -> None:
+        """Cancelled runs still holding their slot: free it once the backend reports
+        the job finished or gone (a job cancelled while queued sends no event)."""
+        for run in list(self.stopping.values()):
+            try:
+                state = await asyncio.wait_for(self.transport.status(run.attempt), _STATUS_BOUND)
+            except Exception as exc:
+                log.debug("status of cancelled run %s failed: %s", run.run_id, exc)
+                continue
+            if state.finished:
+                self._stopped(run)
 
     # ---------------------------------------------------------- ledger, tasks
 

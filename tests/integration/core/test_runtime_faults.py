@@ -242,3 +242,121 @@ def test_a_run_waiting_to_start_is_reported_at_doubling_ages(
     # The blocker started at once: it is never reported.
     blocker_id = blocker.run_id
     assert not any(blocker_id in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- caps and cancels
+
+
+def _step(directory: str, index: int, seconds: float) -> int:
+    """Records its span; when cancelled it takes a while to stop (cleanup), as real
+    tasks do, and a local thread cannot be stopped at all."""
+    start = time.time()
+    Path(directory, f"{index}.started").write_text("")
+    try:
+        time.sleep(seconds)
+    except BaseException:  # the stdio worker's TaskCancelled
+        time.sleep(0.3)
+        raise
+    finally:
+        with open(os.path.join(directory, "spans.log"), "a") as handle:
+            handle.write(f"{index} {start} {time.time()}\n")
+    return index
+
+
+def _most_at_once(directory: Path) -> int:
+    edges: list[tuple[float, int]] = []
+    for line in (directory / "spans.log").read_text().splitlines():
+        _, start, end = line.split()
+        edges += [(float(start), 1), (float(end), -1)]
+    running = most = 0
+    for _, step in sorted(edges):  # an end sorts before a start at the same instant
+        running += step
+        most = max(most, running)
+    return most
+
+
+@pytest.mark.parametrize(
+    ("executor", "config"),
+    [("stdio", {"processes": 14}), ("local", {"max_workers": 32})],
+)
+def test_best_effort_cancels_never_break_the_in_flight_cap(
+    tmp_path: Path, executor: str, config: dict[str, Any]
+) -> None:
+    import concurrent.futures
+
+    cap, count = 10, 100
+    cancelled = set(range(3, count, 5))  # 20%
+    began = time.monotonic()
+    with _hub(executor, config, delivery_max_in_flight=cap) as hub:
+        futures = [
+            hub.submit(_step, str(tmp_path), i, 0.2 + (i % 4) * 0.1) for i in range(count)
+        ]
+        for index in sorted(cancelled):
+            _wait(lambda i=index: (tmp_path / f"{i}.started").exists(), 60, f"run {index}")
+            hub.cancel(futures[index])
+        outcomes: dict[int, Any] = {}
+        for index, future in enumerate(futures):
+            try:
+                outcomes[index] = future.result(timeout=60)
+            except concurrent.futures.CancelledError:
+                outcomes[index] = "cancelled"
+        stats = dict(hub.dispatcher("w").stats)
+    elapsed = time.monotonic() - began
+    most = _most_at_once(tmp_path)
+    cancels = sum(1 for value in outcomes.values() if value == "cancelled")
+    print(f"{executor}: cap {cap}, most at once {most}, cancelled {cancels}, "
+          f"released unconfirmed {stats['released_unconfirmed']}, {elapsed:.1f}s")
+    assert most <= cap, f"{most} tasks ran at once under delivery_max_in_flight={cap}"
+    for index, value in outcomes.items():
+        if index not in cancelled:
+            assert value == index, (index, value)
+    assert cancels >= len(cancelled) // 2  # most cancels landed while their task ran
+    assert stats["released_unconfirmed"] == 0  # every stop was seen, none timed out
+    assert elapsed < 30
+
+
+def _stubborn(directory: str, seconds: float) -> str:
+    from wove_adapters.callbacks.worker import TaskCancelled
+
+    Path(directory, "stubborn.started").write_text("")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except TaskCancelled:
+            Path(directory, "stubborn.ignored").write_text("")
+    return "finished anyway"
+
+
+def _stamp(directory: str) -> float:
+    now = time.time()
+    Path(directory, "next.started").write_text(str(now))
+    return now
+
+
+def test_a_cancel_nobody_confirms_frees_the_slot_after_its_bound(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import concurrent.futures
+
+    caplog.set_level("WARNING", logger="wove_adapters.runtime")
+    config = {"processes": 2, "cancel_release_seconds": 1.5}
+    with _hub("stdio", config, delivery_max_in_flight=1) as hub:
+        stubborn = hub.submit(_stubborn, str(tmp_path), 8.0)
+        _wait(lambda: (tmp_path / "stubborn.started").exists(), 30, "the stubborn task")
+        cancelled_at = time.time()
+        hub.cancel(stubborn)
+        with pytest.raises(concurrent.futures.CancelledError):
+            stubborn.result(timeout=5)  # the caller is resolved at once
+        started = hub.submit(_stamp, str(tmp_path)).result(timeout=30)
+        stats = dict(hub.dispatcher("w").stats)
+    waited = started - cancelled_at
+    print(f"next run started {waited:.2f}s after the unconfirmed cancel")
+    assert (tmp_path / "stubborn.ignored").exists()
+    # The slot stayed held while the job ran on, and was freed at the bound, not later.
+    assert 1.3 <= waited < 5.0, waited
+    assert stats["released_unconfirmed"] == 1
+    assert any(
+        stubborn.run_id in r.getMessage() and "never confirmed that it stopped" in r.getMessage()
+        for r in caplog.records
+    )
