@@ -616,8 +616,9 @@ class _PendingCheck:
     same as a dead one).
 
     The dispatcher asks ``status`` once per quiet run per reconcile round: ``verdict``
-    only reads the latest snapshot, and a new one is taken in the adapter's client
-    threads (one broadcast and a few Redis reads for all runs), never on the loop. On
+    only reads the latest snapshot, and a new one is taken in a thread of its own (one
+    broadcast and a few Redis reads for all runs; the broadcast waits out its timeout,
+    which must not hold a client thread that submissions need), never on the loop. On
     any other broker (RabbitMQ redelivers a dead consumer's unacked messages by itself)
     it never reports anything.
     """
@@ -637,6 +638,12 @@ class _PendingCheck:
         self._connection: Any = None
         self._channel: Any = None
         self._client: Any = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"wove-celery-pending-{adapter.environment}"
+        )
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     # ------------------------------------------------------------ the loop side
 
@@ -691,7 +698,7 @@ class _PendingCheck:
         entry = snap.unacked.get(task_id) if snap is not None else None
         if entry is not None:
             try:
-                await self.adapter._call(self._discard, *entry)
+                await self._call(self._discard, *entry)
             except Exception as exc:  # the copy stays; a redelivery is a stale attempt
                 log.debug("could not drop the unacked copy of %s: %s", task_id, exc)
 
@@ -713,14 +720,14 @@ class _PendingCheck:
     async def _take_snapshot(self, seq: int, asked: frozenset[str],
                              queues: frozenset[str]) -> None:
         try:
-            snap = await self.adapter._call(self._read, seq, asked, queues)
+            snap = await self._call(self._read, seq, asked, queues)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # broker down: no verdicts until it answers again
             log.debug("celery pending check: snapshot failed: %s", exc)
             self.snapshot = None
             with contextlib.suppress(Exception):
-                await self.adapter._call(self._disconnect)
+                await self._call(self._disconnect)
             return
         if snap is not None:
             self.snapshot = snap
@@ -730,8 +737,11 @@ class _PendingCheck:
             self._refresh.cancel()
             with contextlib.suppress(BaseException):
                 await self._refresh
-        with contextlib.suppress(Exception):
-            await self.adapter._call(self._disconnect)
+        # Not awaited: a snapshot in progress may wait out its broadcast first, and
+        # closing must not wait for it. The thread disconnects, then ends.
+        with contextlib.suppress(RuntimeError):
+            self._thread.submit(self._disconnect)
+        self._thread.shutdown(wait=False)
 
     # ------------------------------------------------------------ the thread side
 
