@@ -528,13 +528,17 @@ class Dispatcher:
         where = f"environment '{self.environment}' ({self.transport.name})"
         if not _unreachable(exc):
             add_note = getattr(exc, "add_note", None)  # Python 3.11+
-            if add_note is not None:
-                add_note(f"while submitting run {run.run_id} to {where}")
+            notes = getattr(exc, "__notes__", None) or []
+            # One error may end a whole batch of runs: one note, not one per run.
+            if add_note is not None and not any(str(n).startswith(where) for n in notes):
+                add_note(f"{where}: raised while submitting run {run.run_id}")
             return exc
         key, address = _backend_address(self.transport, self.executor_config)
         noun = _BACKEND_NOUNS.get(key or "", "the backend")
         text = f"{type(exc).__name__}: {exc}"
-        if key is None:
+        if f"environment '{self.environment}'" in str(exc) and "executor_config." in str(exc):
+            message = str(exc)  # the adapter already said where and what to fix
+        elif key is None:
             message = f"{where}: could not submit to {noun}: {text}; check that it is running"
         else:
             at = address if address is not None else "its default address"
