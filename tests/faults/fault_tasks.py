@@ -10,7 +10,11 @@ is ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for every process on the mac
 from __future__ import annotations
 
 import os
+import signal
 import time
+
+# The signals workers use to interrupt a task (stdio: SIGUSR1, process: SIGTERM).
+CANCEL_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
 
 
 def _mark(markers: str, event: str, tag: str) -> None:
@@ -28,13 +32,23 @@ def expected(tag: str) -> str:
     return f"done:{tag}"
 
 
-def work(markers: str, tag: str, seconds: float = 0.0) -> str:
+def work(markers: str, tag: str, seconds: float = 0.0, shielded: float = 0.0) -> str:
     """One execution of ``tag``: start mark, sleep, end mark (also when interrupted: a
-    cancelled execution ends where the cancel stopped it)."""
+    cancelled execution ends where the cancel stopped it).
+
+    ``shielded``: the first seconds of the sleep hold the cancel signals back, as a task
+    inside a C call does (the interruption comes when it returns): a cancel then stops
+    the task only that much later, which a cap must still count."""
     _mark(markers, "start", tag)
     try:
-        if seconds:
-            time.sleep(seconds)
+        if shielded:
+            signal.pthread_sigmask(signal.SIG_BLOCK, CANCEL_SIGNALS)
+            try:
+                time.sleep(shielded)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, CANCEL_SIGNALS)
+        if seconds > shielded:
+            time.sleep(seconds - shielded)
     finally:
         _mark(markers, "end", tag)
     return expected(tag)
