@@ -106,7 +106,8 @@ def test_process_worker_kill(hub_for: Callable[..., Any], markers: Path) -> None
 @pytest.mark.xfail(strict=True, reason=(
     "issue 11 item 2: an RQ job whose whole worker died before its task_started event "
     "(sent 50 ms into the task) reads 'started' forever: heartbeats are armed only by "
-    "task_started and reconciliation trusts RQ's 'started' (the job's worker is gone)"))
+    "task_started and reconciliation trusts RQ's 'started' though the job's worker is gone "
+    "(passes in 11 s with delivery_max_pending_seconds: 10; without it, hung past 60 s)"))
 def test_rq_worker_kill_and_restart(hub_for: Callable[..., Any], markers: Path,
                                     private_redis: Callable[..., faults.RedisServer],
                                     rq_worker: Callable[..., faults.RqWorkerProcess]) -> None:
