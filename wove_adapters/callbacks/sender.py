@@ -32,6 +32,7 @@ import errno
 import http.client
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -134,19 +135,32 @@ class _Destination:
         # The last failure was a refused connection: nobody listens there any more (the
         # caller's process is gone), so a process about to exit need not linger for it.
         self.refused = False
+        # When the request in progress started (0: none): one that has run longer than an
+        # inline budget means a slow caller, and inline tries do not queue behind it.
+        self.request_started = 0.0
         parsed = urllib.parse.urlsplit(return_path.url)
         self._https = parsed.scheme == "https"
         self._host = parsed.hostname or "127.0.0.1"
         self._port = parsed.port or (443 if self._https else 80)
         self._path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
 
-    def attempt(self, data: bytes, timeout: float, *, wait: float | None = None) -> None:
+    def attempt(self, data: bytes, timeout: float, *, deadline: float | None = None) -> None:
         """One request under the lock. Raises PayloadError when refused for good (bad
         signature, unknown token: retrying cannot help), any other error otherwise.
-        ``wait``: give up (``_Busy``) after that many seconds if another request holds
-        the connection (the outbox may be waiting out a slow caller)."""
-        if not self.lock.acquire(timeout=-1 if wait is None else max(wait, 0.0)):
+        ``deadline`` (monotonic): the whole attempt, waiting for the connection included,
+        ends by then; ``_Busy`` if another request holds the connection until then (the
+        outbox may be waiting out a slow caller)."""
+        wait = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self.lock.acquire(timeout=wait):
             raise _Busy(f"the connection to {self.describe()} is busy")
+        self.request_started = time.monotonic()
+        if deadline is not None:
+            left = deadline - self.request_started
+            if left < 0.05:
+                self.request_started = 0.0
+                self.lock.release()
+                raise _Busy(f"the connection to {self.describe()} was busy")
+            timeout = min(timeout, left)
         try:
             try:
                 self._once(data, timeout)
@@ -158,7 +172,14 @@ class _Destination:
                 raise
             self.refused = False
         finally:
+            self.request_started = 0.0
             self.lock.release()
+
+    def slow(self, now: float) -> bool:
+        """A request has been waiting on this destination for longer than an inline try
+        may take: the caller is slow or gone, and the outbox is already on it."""
+        started = self.request_started
+        return bool(started) and now - started > INLINE_BUDGET
 
     def deliver(self, data_for: Callable[[], bytes], budget: float) -> None:
         """Retry with capped exponential backoff for ``budget`` seconds (heartbeats and
@@ -225,7 +246,12 @@ class _Destination:
 
 
     def close(self) -> None:
-        with self.lock:
+        # Never wait behind a request to a caller that does not answer (the outbox's
+        # may take BACKGROUND_TIMEOUT): a process about to exit closes what is idle, and
+        # the operating system closes the rest with the process.
+        if not self.lock.acquire(timeout=0.5):
+            return
+        try:
             self._reset()
             if self.redis is not None:
                 client, self.redis = self.redis, None
@@ -233,6 +259,8 @@ class _Destination:
                     client.close()
                 except Exception:  # closing at exit is best effort
                     pass
+        finally:
+            self.lock.release()
 
 
 _destinations: dict[tuple[str, str, str], _Destination] = {}
@@ -296,24 +324,28 @@ def try_post(
     if return_path.kind == "native":
         return True
     destination = _destination(return_path)
-    if destination.down_until > time.monotonic():
+    now = time.monotonic()
+    if destination.down_until > now:
+        return False
+    if destination.slow(now):
+        destination.down_until = now + 1.0
         return False
     deadline = time.monotonic() + budget
     delay = 0.05
     while True:
-        left = deadline - time.monotonic()
         try:
             destination.attempt(
                 signing.encode_blob(sign_events(events, key_id)),
-                timeout=max(min(INLINE_TIMEOUT, left), 0.05),
-                wait=left,
+                timeout=INLINE_TIMEOUT,
+                deadline=deadline,
             )
             destination.down_until = 0.0
             return True
         except PayloadError:
             raise
-        except _Busy:
-            return False  # the outbox is mid-request there: it takes this event too
+        except _Busy:  # the outbox is mid-request there: it takes this event too
+            destination.down_until = time.monotonic() + 1.0
+            return False
         except Exception as exc:
             if _refused(exc) or time.monotonic() + delay > deadline:
                 destination.down_until = time.monotonic() + 1.0
@@ -349,6 +381,7 @@ class Pending:
     attempts: int = 0
     next_at: float = 0.0
     recorded: bool = False
+    record_claimed: bool = False  # a thread is recording (or recorded) it: see Outbox
     result: str | None = None
     settled: threading.Event = field(default_factory=threading.Event)
     safe: threading.Event = field(default_factory=threading.Event)  # delivered or recorded
@@ -375,12 +408,18 @@ class Pending:
 
 
 class Outbox:
-    """Per-process background delivery: one daemon thread, bounded work per event."""
+    """Per-process background delivery: one daemon thread, bounded work per event, and
+    one more that records each new event in its ledger as it arrives (a few ms each), so
+    a recording never waits behind a request to a slow caller (up to BACKGROUND_TIMEOUT)
+    and a process about to exit is safe as soon as its outcomes are recorded."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._items: list[Pending] = []
         self._thread: threading.Thread | None = None
+        self._records: queue.SimpleQueue[Pending] = queue.SimpleQueue()
+        self._recorder: threading.Thread | None = None
+        self._claims = threading.Lock()
         self._pid = os.getpid()
         self._exit_hook = False
         self.stats: dict[str, int] = {DELIVERED: 0, RECORDED: 0, LOST: 0, "queued": 0}
@@ -390,8 +429,27 @@ class Outbox:
         self._cond = threading.Condition()
         self._items = []
         self._thread = None
+        self._records = queue.SimpleQueue()
+        self._recorder = None
+        self._claims = threading.Lock()
         self._pid = os.getpid()
         self._exit_hook = False
+
+    def _claim_record(self, item: Pending) -> bool:
+        """True for the one thread that records this item first (no double writes)."""
+        with self._claims:
+            if item.record_claimed:
+                return False
+            item.record_claimed = True
+            return True
+
+    def _record_loop(self) -> None:
+        while True:
+            item = self._records.get()
+            if not item.recorded and self._claim_record(item):
+                item.recorded = self._record(item)
+                if item.recorded:
+                    item.safe.set()
 
     def put(self, item: Pending) -> Pending:
         """Take over an event; returns at once."""
@@ -405,6 +463,13 @@ class Outbox:
                 self._items.append(item)
                 self.stats["queued"] += 1
                 self._ensure_thread()
+                if item.fallback is not None and not item.recorded:
+                    self._records.put(item)
+                    if self._recorder is None or not self._recorder.is_alive():
+                        self._recorder = threading.Thread(
+                            target=self._record_loop, daemon=True, name="wove-outbox-ledger"
+                        )
+                        self._recorder.start()
                 self._cond.notify()
         if full:  # no unbounded memory: record it now, no retries
             self._settle(item, RECORDED if self._record(item) else LOST, "outbox full")
@@ -474,7 +539,12 @@ class Outbox:
 
     def _work(self, item: Pending, destination: _Destination) -> bool:
         """One step for one event; False when its destination failed this round."""
-        if item.fallback is not None and not item.recorded and item.attempts == 0:
+        if (
+            item.fallback is not None
+            and not item.recorded
+            and item.attempts == 0
+            and self._claim_record(item)
+        ):
             item.recorded = self._record(item)
             if item.recorded:
                 item.safe.set()
