@@ -1139,18 +1139,22 @@ class Dispatcher:
             and not run.done.is_set()
             and now - run.last_seen >= self._reconcile_every
         ]
+        suspects: list[tuple[Run, int, JobState]] = []
         for run in quiet:
             try:
                 state = await self.transport.status(run.attempt)
             except Exception as exc:
                 log.debug("status of %s failed: %s", run.run_id, exc)
                 continue
-            if not state.finished or run.done.is_set():
-                continue
-            # Give events already on the wire a moment to land before calling it lost.
-            attempt_number = run.attempt.attempt
-            if not await self._pause(float(self.executor_config.get("reconcile_grace", 0.5))):
-                return  # the caller stalled: what it did not read yet is not silence
+            if state.finished and not run.done.is_set():
+                suspects.append((run, run.attempt.attempt, state))
+        if not suspects:
+            return
+        # Give events already on the wire a moment to land before calling anything lost:
+        # one pause per round, not one per run (90 runs lost with a broker took 45 s).
+        if not await self._pause(float(self.executor_config.get("reconcile_grace", 0.5))):
+            return  # the caller stalled: what it did not read yet is not silence
+        for run, attempt_number, state in suspects:
             if (
                 not run.done.is_set()
                 and run.attempt.attempt == attempt_number
