@@ -285,7 +285,7 @@ class AdapterTransport(Transport):
             url = str(executor_config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
             self.receiver = await get_dropbox(url)
         elif not native_only(self.adapter_cls, executor_config):
-            self.receiver = await get_receiver(executor_config)
+            self.receiver = await get_receiver(executor_config, environment=environment)
         self.adapter = self.adapter_cls(executor_config, environment=environment)
         self.adapter.emit = emit
         await self.adapter.start()

@@ -37,7 +37,7 @@ class DropboxReader(CallbackReceiver):
     def url(self) -> str:
         return self.redis_url
 
-    async def start(self) -> None:
+    async def start(self, *, environment: str | None = None) -> None:
         try:
             import redis.asyncio as aioredis
         except ImportError:

@@ -16,6 +16,7 @@ so a short-lived caller pays for the listening socket once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import secrets
 from collections import OrderedDict
@@ -35,6 +36,11 @@ DEFAULT_MAX_BODY = 512 * 1024 * 1024
 # the body lists them (``{"unknown": [run ids]}``) so the worker records those outcomes
 # in the ledger (see callbacks.sender).
 log = logging.getLogger("wove_adapters.receiver")
+
+
+class CallbackAddressError(OSError):
+    """The receiver cannot listen where it is configured to (port taken, address not on
+    this host). An OSError still, with the original error as its cause."""
 
 
 class CallbackReceiver:
@@ -79,7 +85,8 @@ class CallbackReceiver:
             return f"{base}/{self.token}"
         return f"{base}/wove/events/{self.token}"
 
-    async def start(self) -> None:
+    async def start(self, *, environment: str | None = None) -> None:
+        """Listen. ``environment`` only names who asked, in the error when it cannot."""
         from aiohttp import web
 
         app = web.Application(client_max_size=self.max_body)
@@ -88,7 +95,11 @@ class CallbackReceiver:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True, backlog=1024)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise _address_error(exc, self.host, self.port, environment) from exc
         if self.port == 0:
             server = site._server
             assert server is not None
@@ -222,12 +233,44 @@ class CallbackReceiver:
         return web.json_response({"ok": False, "error": reason}, status=status)
 
 
+def _address_error(
+    exc: OSError, host: str, port: int, environment: str | None
+) -> CallbackAddressError:
+    who = f"Environment '{environment}'" if environment else "The callback receiver"
+    if exc.errno == errno.EADDRINUSE:
+        why = (
+            "another process already listens there (an earlier caller still running, or "
+            "another program). Set executor_config.callback_port to a free port, or to 0 "
+            "(the default) to let the system pick one"
+        )
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = (
+            f"{host} is not an address of this host. Set executor_config.callback_host to "
+            f"one of its addresses (127.0.0.1 for same-host workers, 0.0.0.0 for all)"
+        )
+    elif exc.errno == errno.EACCES:
+        why = (
+            "ports below 1024 need privileges. Set executor_config.callback_port to 1024 "
+            "or above, or to 0 (the default)"
+        )
+    else:
+        why = "check executor_config.callback_host and executor_config.callback_port"
+    return CallbackAddressError(
+        exc.errno,
+        f"{who} cannot start its callback receiver on {host}:{port}: "
+        f"{exc.strerror or exc} (errno {exc.errno}); {why}.",
+    )
+
+
 _receivers: dict[tuple[str, int, str | None, str | None], CallbackReceiver] = {}
 _lock: asyncio.Lock | None = None
 
 
-async def get_receiver(config: dict[str, Any]) -> CallbackReceiver:
-    """The shared receiver for this executor_config's callback settings (started once)."""
+async def get_receiver(
+    config: dict[str, Any], *, environment: str | None = None
+) -> CallbackReceiver:
+    """The shared receiver for this executor_config's callback settings (started once).
+    ``environment`` names who asked in a start-up error (CallbackAddressError)."""
     global _lock
     if _lock is None:
         _lock = asyncio.Lock()
@@ -240,7 +283,7 @@ async def get_receiver(config: dict[str, Any]) -> CallbackReceiver:
         receiver = _receivers.get(ident)
         if receiver is None:
             receiver = CallbackReceiver(host=host, port=port, token=token, public_url=public)
-            await receiver.start()
+            await receiver.start(environment=environment)
             _receivers[ident] = receiver
             from wove_adapters.core.loop import add_shutdown_hook
 

@@ -412,3 +412,36 @@ def test_caller_killed_after_submit_leaves_every_executed_run_fetchable(
     finally:
         clean()
 
+
+
+# ---------------------------------------------------------------- an occupied port
+
+
+def test_an_occupied_callback_port_says_where_and_what_to_change(tmp_path: Path) -> None:
+    import errno
+
+    from wove_adapters import Hub
+    from wove_adapters.callbacks.receiver import CallbackAddressError
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        hub = Hub(
+            environments={"reports": {"executor": "process", "executor_config": {
+                "callback_port": port, "callback_token": uuid.uuid4().hex}}},
+            default_environment="reports",
+            ledger=f"sqlite:///{tmp_path / 'runs.db'}",
+        )
+        try:
+            with pytest.raises(CallbackAddressError) as raised:
+                hub.dispatcher("reports")
+        finally:
+            hub.close()
+    message = str(raised.value)
+    assert "Environment 'reports'" in message, message
+    assert f"127.0.0.1:{port}" in message, message
+    assert "executor_config.callback_port" in message, message
+    assert raised.value.errno == errno.EADDRINUSE
+    assert isinstance(raised.value.__cause__, OSError)
+    assert raised.value.__cause__.errno == errno.EADDRINUSE
