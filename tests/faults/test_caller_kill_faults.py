@@ -24,6 +24,7 @@ import pytest
 from wove_adapters.integration.hub import Hub
 
 RUNS = 12
+OLD_TASK_SECONDS = 4.0  # the old runs end after the restarted caller took the port
 FETCH_BOUND = 45.0
 LEDGERS = ["sqlite", "redis", "postgres"]
 
@@ -86,22 +87,31 @@ def test_caller_sigkill(moment: str, ledger_url: str, caller: Callable[..., faul
 
 
 def test_caller_restart_on_fixed_port(caller: Callable[..., faults.Caller], markers: Path,
-                                      sqlite_ledger: str) -> None:
-    """The first caller dies with ``requeue`` runs executing; a second one takes the same
-    port and token at once. The old runs' workers reach the new caller, which does not
-    know them: it must say so, and the workers record their outcomes in the ledger."""
+                                      sqlite_ledger: str,
+                                      private_redis: Callable[..., faults.RedisServer],
+                                      rq_worker: Callable[..., faults.RqWorkerProcess]) -> None:
+    """The first caller dies with ``requeue`` runs executing on RQ workers (long-lived
+    workers: no exit flush); a second one takes the same port and token at once. The old
+    runs' workers reach the new caller, which does not know them: it must say so, and the
+    workers record their outcomes in the ledger."""
     started = time.monotonic()
+    broker = private_redis()
+    queue = f"faults-{uuid.uuid4().hex[:8]}"
+    for _ in range(RUNS // 2):
+        rq_worker(broker.url(), queue)
     port, token = faults.free_port(), uuid.uuid4().hex
-    environment = _environment(delivery_orphan_policy="requeue", delivery_heartbeat_seconds=2.0)
-    environment["executor_config"].update(callback_port=port, callback_token=token)
+    environment = {"executor": "rq", "delivery_orphan_policy": "requeue",
+                   "delivery_heartbeat_seconds": 2.0,
+                   "executor_config": {"redis_url": broker.url(), "queue": queue,
+                                       "callback_port": port, "callback_token": token}}
     prefix = uuid.uuid4().hex[:6]
     old = [f"{prefix}-old-{i}" for i in range(RUNS)]
     first = caller(faults.SUBMIT_AND_WAIT, {
         "environment": environment, "ledger": sqlite_ledger, "tags": old,
-        "markers": str(markers), "seconds": 2.0, "bound": 120, "hold": True,
+        "markers": str(markers), "seconds": OLD_TASK_SECONDS, "bound": 120, "hold": True,
     }).start()
     first.wait_records("submitted", RUNS, 60)
-    faults.wait_until(lambda: len(faults.running(markers)) >= RUNS // 2, 60,
+    faults.wait_until(lambda: len(faults.running(markers)) >= RUNS // 2, 90,
                       "half of the old runs executing")
     first.kill()
     new = [f"{prefix}-new-{i}" for i in range(4)]
@@ -109,7 +119,9 @@ def test_caller_restart_on_fixed_port(caller: Callable[..., faults.Caller], mark
         "environment": environment, "ledger": sqlite_ledger, "tags": new,
         "markers": str(markers), "seconds": 0.2, "bound": 60,
     }).start()
-    second.wait_records("submitted", len(new), 60)
+    second.wait_records("submitted", len(new), 60)  # its receiver is up on the port
+    assert any(tag in faults.running(markers) for tag in old), (
+        "every old run ended before the new caller took the port: nothing was tested")
     runs = _executed_runs(first, markers)
     assert second.wait(90) == 0, second.errors()[-3000:]
     counts = faults.Counts("caller restart on a fixed callback_port: old runs fetchable, "
