@@ -388,12 +388,15 @@ def test_caller_killed_after_submit_leaves_every_executed_run_fetchable(
             time.sleep(0.3)
         finally:
             first.kill()
-        # Let every launched worker finish: it records its outcome (no caller answers).
-        time.sleep(seconds + 1)
-        deadline = time.monotonic() + 60
-        while _started(sandbox["dir"]) - _finished(sandbox["dir"]) and (
-            time.monotonic() < deadline
-        ):
+        # Let every launched worker finish (it records its outcome: no caller answers):
+        # done when every started run has finished and none started for 3 s.
+        deadline, quiet_since, seen = time.monotonic() + 120, time.monotonic(), -1
+        while time.monotonic() < deadline:
+            started = _started(sandbox["dir"])
+            if len(started) != seen:
+                seen, quiet_since = len(started), time.monotonic()
+            if not started - _finished(sandbox["dir"]) and time.monotonic() - quiet_since > 3:
+                break
             time.sleep(0.1)
         executed = _finished(sandbox["dir"])
         sandbox["port"] = _free_port()  # a new caller, anywhere: it only reads the ledger
