@@ -386,6 +386,11 @@ def test_caller_killed_after_submit_leaves_every_executed_run_fetchable(
         try:
             first.wait_line("submitted", 120)
             time.sleep(0.3)
+            # On a loaded machine nothing may have launched yet: then kill it as soon as
+            # the first run starts, so that the scenario is never vacuous.
+            deadline = time.monotonic() + 30
+            while not _started(sandbox["dir"]) and time.monotonic() < deadline:
+                time.sleep(0.01)
         finally:
             first.kill()
         # Let every launched worker finish (it records its outcome: no caller answers):
