@@ -795,9 +795,7 @@ class Dispatcher:
                     attempt.attempt,
                     reason=f"orphaned: {reason}",
                 ),
-            )
-            rid = attempt.run_id
-            self._ledger_later(lambda: self.ledger.update(rid, state=LOST))
+            )  # recorded as cancelled, with that reason (states only move forward)
             return
         if policy == "detach" and self.transport.capabilities.detach:
             run.finishing = True
