@@ -189,12 +189,14 @@ def _import(dotted: str) -> Any:
     return getattr(module, attr) if attr else module
 
 
-def get_adapter_class(name: str) -> type[BackendAdapter]:
+def get_adapter_class(name: str, *, require_backend: bool = True) -> type[BackendAdapter]:
     """Look up by name: explicit registration, built-ins, entry points (in that order).
 
     Raises ValueError for unknown names (suggesting the closest) and MissingBackendError
     when the adapter's declared library is missing; any other import error is a bug in the
-    adapter and surfaces as itself.
+    adapter and surfaces as itself. ``require_backend=False`` skips the library check:
+    adapter modules import their library lazily, so the class (and its ``config_struct``)
+    can be read to check a configuration on a machine without the backend.
     """
     target: type[BackendAdapter] | str | None = _registered.get(name)
     extra = ""
@@ -222,7 +224,8 @@ def get_adapter_class(name: str) -> type[BackendAdapter]:
             raise
     else:
         cls = target
-    check_requirements(cls)
+    if require_backend:
+        check_requirements(cls)
     return cls
 
 
