@@ -17,7 +17,6 @@ from typing import Any
 
 import fault_tasks
 import faults
-import pytest
 
 RUNS = 100
 TASK_SECONDS = 3.0  # a cancelled run must never get this far
@@ -26,10 +25,6 @@ ROUNDS = 5
 RUNNING_PER_ROUND = 4  # cancelled while executing; the others while queued
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11 (proof: require_ack cancels on RQ): a job cancelled while an RQ worker takes "
-    "it from the queue is acknowledged (Job.cancel on a 'queued' job the worker then "
-    "starts) and runs to its end; adapters/rq.py _cancel"))
 def test_rq_require_ack_cancels(hub_for: Callable[..., Any], markers: Path,
                                 private_redis: Callable[..., faults.RedisServer],
                                 rq_worker: Callable[..., faults.RqWorkerProcess]) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 
 import fault_tasks
 import faults
-import pytest
 
 RUNS = 16
 TASK_SECONDS = 0.5
@@ -103,11 +102,6 @@ def test_process_worker_kill(hub_for: Callable[..., Any], markers: Path) -> None
     _scenario("worker kill -9: process", hub, markers, faults.kill, kill_all)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11 item 2: an RQ job whose whole worker died before its task_started event "
-    "(sent 50 ms into the task) reads 'started' forever: heartbeats are armed only by "
-    "task_started and reconciliation trusts RQ's 'started' though the job's worker is gone "
-    "(passes in 11 s with delivery_max_pending_seconds: 10; without it, hung past 60 s)"))
 def test_rq_worker_kill_and_restart(hub_for: Callable[..., Any], markers: Path,
                                     private_redis: Callable[..., faults.RedisServer],
                                     rq_worker: Callable[..., faults.RqWorkerProcess]) -> None:

@@ -77,6 +77,7 @@ class RqAdapter(BackendAdapter):
         "FAILED": JobState.FAILED,
         "STOPPED": JobState.CANCELLED,
         "CANCELED": JobState.CANCELLED,
+        "ABANDONED": JobState.GONE,  # ours: started, but its worker is gone (status())
     }
     reconcile_seconds: ClassVar[float] = 1.0
     # RQ's work-horse ends with its job, having delivered or recorded
@@ -95,6 +96,7 @@ class RqAdapter(BackendAdapter):
         self._asked: dict[str, float] = {}  # handle -> when status() last asked
         self._statuses: dict[str, str | None] = {}
         self._statuses_at = -_STATUS_WINDOW
+        self._worker_gone: dict[str, int] = {}  # handle -> rounds its worker was gone
         # Runs that attached to a job another caller enqueued under the same key: the
         # job's recorded outcome is relabelled for them (handle -> run identity).
         self._followers: dict[str, tuple[str, str, int]] = {}
@@ -266,6 +268,14 @@ class RqAdapter(BackendAdapter):
                     # expires): without one, every cancelled run stays in Redis for good.
                     self._connection.expire(job.key, int(self._defaults.get("failure_ttl")
                                                          or CANCELLED_TTL))
+                # A worker may have taken the job from the queue just before the cancel
+                # (it marks it started right after, over our 'canceled'): if the job is
+                # bound to a worker now, stop its work-horse too. A worker that has not
+                # bound it yet finds it in the canceled registry (run_payload).
+                if self._connection.hget(job.key, "worker_name"):
+                    with contextlib.suppress(InvalidJobOperation):
+                        send_stop_job_command(self._connection, handle)
+                    return
                 if _status_text(job) != "started":  # not picked up meanwhile: done
                     return
             elif status == "started":
@@ -312,12 +322,39 @@ class RqAdapter(BackendAdapter):
         return fresh[handle]
 
     def _fetch_statuses(self, handles: list[str]) -> list[str | None]:
+        """Statuses, with one correction: RQ keeps a job ``started`` when its whole worker
+        was killed (until its own cleanup, job_timeout later), so a started job whose
+        worker is no longer subscribed to its command channel, in two rounds in a row,
+        reads ``abandoned`` (gone: the orphan policy applies)."""
         from rq.job import Job
 
         pipe = self._connection.pipeline(transaction=False)
         for handle in handles:
-            pipe.hget(Job.key_for(handle), "status")
-        return [value.decode() if value else None for value in pipe.execute()]
+            pipe.hmget(Job.key_for(handle), "status", "worker_name")
+        rows = [
+            (status.decode() if status else None, worker.decode() if worker else None)
+            for status, worker in pipe.execute()
+        ]
+        workers = sorted({w for status, w in rows if status == "started" and w})
+        alive: set[str] = set()
+        if workers:
+            channels = [f"rq:pubsub:{name}" for name in workers]
+            counts = dict(self._connection.pubsub_numsub(*channels))
+            alive = {
+                name
+                for name, channel in zip(workers, channels, strict=True)
+                if int(counts.get(channel.encode(), 0) or counts.get(channel, 0)) > 0
+            }
+        texts: list[str | None] = []
+        suspects: dict[str, int] = {}
+        for handle, (status, worker) in zip(handles, rows, strict=True):
+            if status == "started" and worker and worker not in alive:
+                seen = suspects[handle] = self._worker_gone.get(handle, 0) + 1
+                texts.append("abandoned" if seen >= 2 else status)
+            else:
+                texts.append(status)
+        self._worker_gone = suspects
+        return texts
 
     async def _dropbox_backlog(self) -> bool:
         if self.config.get("return_path") != "redis":
@@ -458,12 +495,25 @@ def run_payload(payload: str) -> bytes | str:
     """
     from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import worker
+    from wove_adapters.core import frames
     from wove_adapters.core.errors import PayloadError
 
     try:
         envelope = payload_mod.decode_payload(payload)
     except PayloadError:
         return worker.run(payload).state  # reports the refusal where it can
+    if _cancelled_before_start():
+        outcome = worker.Outcome("cancelled")
+        worker.deliver_terminal(
+            envelope,
+            frames.TaskCancelled(
+                run_id=envelope.run_id, task_id=envelope.task_id, attempt=envelope.attempt,
+                reason="cancelled before it started",
+            ),
+            outcome,
+        )
+        outcome.settle(linger=True)
+        return outcome.state
     outcome = worker.run_envelope(envelope)
     # RQ's work-horse ends with os._exit right after this job (no exit hooks run): the
     # outcome must be delivered or recorded in the ledger before we return, and a caller
@@ -478,6 +528,23 @@ def run_payload(payload: str) -> bytes | str:
     if envelope.delivery.get("delivery_idempotency_key") is None:
         return outcome.state
     return _signed_outcome(envelope, outcome)
+
+
+def _cancelled_before_start() -> bool:
+    """True when the caller cancelled this job after a worker took it from the queue but
+    before the job function ran: RQ's Job.cancel marks it canceled and the worker then
+    marks it started over that, but the job stays in the queue's canceled registry."""
+    from rq import get_current_job
+    from rq.registry import CanceledJobRegistry
+
+    job = get_current_job()
+    if job is None:
+        return False
+    try:
+        registry = CanceledJobRegistry(job.origin, connection=job.connection)
+        return job.id in registry
+    except Exception:  # a failed check must not lose the run: run it
+        return False
 
 
 def _signed_outcome(envelope: Any, outcome: Any) -> bytes | str:
