@@ -6,6 +6,11 @@ needed, overrides ``kill_worker`` (how to SIGKILL the process running a task, gi
 pid the task reported) and ``worker_slots`` (how many tasks the worker runs at once).
 Tests a capability does not claim are not skipped silently: each checks that the claim
 is absent *and* that asking for it is refused at start-up.
+
+Two scenarios every backend used to copy live here too: a real ``wove`` weave mapping
+100 items through the backend, and the install hint when the backend's library is
+missing (set ``extra`` and ``library`` on the subclass; a backend with no library of its
+own leaves ``library`` empty and the test proves it starts without one).
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import re
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +33,7 @@ from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import (
     DeliveryDetachedError,
     DeliveryOrphanedError,
+    MissingBackendError,
     UnsupportedPolicyError,
 )
 from wove_adapters.integration.hub import Hub
@@ -51,6 +59,10 @@ class AdapterConformance:
     # Seconds a killed or cancelled run may take to be noticed on this backend.
     detection_timeout: float = 60.0
     heartbeat_seconds: float = 2.0
+    # The ``wove-adapters[extra]`` that installs the backend's library, and the top-level
+    # modules of that library (hidden in the missing-library test). Empty: no library.
+    extra: str = ""
+    library: tuple[str, ...] = ()
 
     @pytest.fixture
     def environment(self) -> dict[str, Any]:
@@ -63,6 +75,11 @@ class AdapterConformance:
 
     def kill_worker(self, pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
+
+    def check_weave_pids(self, pids: set[int]) -> None:
+        """Where the weave's mapped items ran; a backend that knows its worker's pid
+        overrides this to say so exactly."""
+        assert os.getpid() not in pids, "the weave's mapped items ran in the caller"
 
     @pytest.fixture
     def markers(self, tmp_path: Path) -> Path:
@@ -265,6 +282,57 @@ class AdapterConformance:
         finally:
             shared_loop.run_sync(receiver.resume())
         assert future.result(timeout=self.detection_timeout) == "offline"
+
+
+    # ------------------------------------------------------------ wove and installs
+
+    def test_wove_weave_maps_100_items(self, environment: dict[str, Any]) -> None:
+        """A real weave: a local task's 100 items mapped through this backend."""
+        try:
+            import wove
+        except ImportError:
+            pytest.fail("this scenario needs wove 2.x: pip install 'wove-adapters[wove]'")
+        from wove_adapters.integration.wove import executor
+
+        settings = {k: v for k, v in environment.items()
+                    if k not in ("executor", "executor_config")}
+        remote = executor(environment["executor"],
+                          executor_config=dict(environment.get("executor_config") or {}),
+                          **settings)
+        wove.config(environments={"conformance": {"executor": remote}})
+        try:
+            with wove.weave() as w:
+
+                @w.do
+                def items() -> list[int]:
+                    return list(range(100))
+
+                @w.do("items", environment="conformance")
+                def double(item: int) -> tuple[int, int]:
+                    return item * 2, os.getpid()
+
+            assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
+            self.check_weave_pids({pid for _, pid in w.result.double})
+        finally:
+            wove.config(environments={"default": {"executor": "local"}},
+                        default_environment="default")
+
+    def test_missing_library_names_the_extra(
+        self, hub_for: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without the backend's library the first use fails with the pip command that
+        installs it, not an ImportError from deep inside the adapter."""
+        if not self.library:
+            # Nothing to install: the adapter must start and run with no extra at all.
+            assert self.extra == "", "an extra without a library to hide: set `library`"
+            assert hub_for().run(tasks.add, 1) == 2
+            return
+        for module in self.library:
+            monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails
+        hub = hub_for()
+        hint = re.escape(f"pip install 'wove-adapters[{self.extra}]'")
+        with pytest.raises(MissingBackendError, match=hint):
+            hub.run(tasks.add, 1)
 
 
 def _post_signed(receiver: Any, hub: Hub, event: Any) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import os
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ from arq_services import PREFIX, REDIS_URL, SESSION, ArqWorker, environment, red
 from wove_adapters.adapters.arq import ArqAdapter
 from wove_adapters.adapters.base import JobSpec
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
+from wove_adapters.core.errors import DeliveryOrphanedError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
@@ -305,31 +304,7 @@ def test_the_redis_return_path(arq_worker: ArqWorker, hubs: Any) -> None:
     assert hub.map(tasks.add, range(10)) == [i + 1 for i in range(10)]
 
 
-# ---------------------------------------------------------------- wove, doctor, install
-
-
-def test_a_wove_weave_with_a_mapped_task_of_100_items(arq_worker: ArqWorker) -> None:
-    wove = pytest.importorskip("wove", reason="the wove extra is part of `dev`; install it")
-    from wove_adapters.integration.wove import executor
-
-    config = environment()["executor_config"]
-    wove.config(environments={"x": {"executor": executor("arq", executor_config=config)}})
-    try:
-        with wove.weave() as w:
-
-            @w.do
-            def items() -> list[int]:
-                return list(range(100))
-
-            @w.do("items", environment="x")
-            def double(item: int) -> tuple[int, int]:
-                return item * 2, os.getpid()
-
-        assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
-        assert {pid for _, pid in w.result.double} == {arq_worker.pid}
-    finally:
-        wove.config(environments={"default": {"executor": "local"}},
-                    default_environment="default")
+# ---------------------------------------------------------------- doctor, start-up errors
 
 
 def test_doctor_names_what_is_missing(arq_worker: ArqWorker, hubs: Any) -> None:
@@ -346,13 +321,4 @@ def test_doctor_names_what_is_missing(arq_worker: ArqWorker, hubs: Any) -> None:
 def test_unreachable_redis_is_a_clear_start_up_error(hubs: Any) -> None:
     hub = hubs(environment(redis_url="redis://127.0.0.1:1/0"))
     with pytest.raises(ConnectionError, match="redis-server"):
-        hub.run(tasks.add, 1)
-
-
-def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch, hubs: Any) -> None:
-    for name in [m for m in sys.modules if m == "arq" or m.startswith("arq.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "arq", None)
-    hub = hubs(environment(queue_name=f"{SESSION}-missing"))
-    with pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[arq\]'"):
         hub.run(tasks.add, 1)

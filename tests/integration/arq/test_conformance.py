@@ -20,6 +20,8 @@ class TestArqConformance(AdapterConformance):
     # The worker polls every 10 ms; reconciliation every 2 s. Generous for a shared box.
     detection_timeout = 60.0
     isolation = "thread"
+    extra = "arq"
+    library = ("arq",)
 
     @pytest.fixture
     def environment(self, arq_worker: ArqWorker) -> dict[str, Any]:
@@ -37,6 +39,13 @@ class TestArqConformance(AdapterConformance):
         worker = _WORKER["main"]
         if pid == worker.pid:
             worker.restart()
+
+    def check_weave_pids(self, pids: set[int]) -> None:
+        """Thread isolation runs every item in the one arq worker process."""
+        if self.isolation == "thread":
+            assert pids == {_WORKER["main"].pid}
+        else:
+            super().check_weave_pids(pids)
 
 
 class TestArqProcessConformance(TestArqConformance):

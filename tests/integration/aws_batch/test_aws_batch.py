@@ -18,7 +18,6 @@ import pytest
 from wove_adapters import DeliveryOrphanedError, Hub
 from wove_adapters.adapters.base import JobSpec
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import JobState
 from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
@@ -363,7 +362,7 @@ def test_cancel_running_terminates_and_describe_jobs_confirms(
     assert not (tmp_path / "running.finished").exists()
 
 
-# ---------------------------------------------------------------- store, doctor, weave
+# ---------------------------------------------------------------- store, doctor
 
 
 def test_s3_store_round_trip(batch_stack: Any) -> None:
@@ -425,36 +424,3 @@ def test_start_fails_clearly(batch_config: dict[str, Any]) -> None:
         adapter = AwsBatchAdapter(config, environment="t")
         with pytest.raises(AwsBatchError, match=message):
             shared_loop.run_sync(adapter.start())
-
-
-def test_weave_routes_100_items_to_aws_batch(batch_config: dict[str, Any]) -> None:
-    wove = pytest.importorskip("wove")
-    from wove_adapters.integration.wove import executor
-
-    batch = executor("aws_batch", executor_config=batch_config)
-    wove.config(environments={"batch": {"executor": batch}})
-    try:
-        with wove.weave() as w:
-
-            @w.do
-            def items() -> list[int]:
-                return list(range(100))
-
-            @w.do("items", environment="batch")
-            def double(item: int) -> int:
-                return item * 2
-
-        assert w.result.double == [i * 2 for i in range(100)]
-    finally:
-        wove.config(environments={"default": {"executor": "local"}}, default_environment="default")
-
-
-def test_missing_boto3_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "boto3", None)
-    hub = hub_for({"job_queue": "q", "job_definition": "d", "payload_store": "s3://b/p"})
-    try:
-        with pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[aws\]'"):
-            hub.run(tasks.add, 1)
-    finally:
-        hub.close()
-

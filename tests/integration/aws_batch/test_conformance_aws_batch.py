@@ -12,6 +12,8 @@ from wove_adapters.testing import AdapterConformance
 
 class TestAwsBatchConformance(AdapterConformance):
     detection_timeout = 60.0
+    extra = "aws"
+    library = ("boto3",)
 
     @pytest.fixture
     def environment(self, batch_config: dict[str, Any]) -> dict[str, Any]:

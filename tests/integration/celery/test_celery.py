@@ -15,7 +15,7 @@ import pytest
 from celery_services import REDIS_URL, CeleryService
 
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
+from wove_adapters.core.errors import DeliveryOrphanedError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
@@ -297,27 +297,6 @@ def test_redis_return_path_end_to_end(
 # ---------------------------------------------------------------- wove
 
 
-def test_wove_weave_maps_100_items(redis_celery: CeleryService) -> None:
-    import wove
-
-    from wove_adapters.integration.wove import executor
-
-    wove.config(environments={
-        "celery": {"executor": executor("celery", executor_config=redis_celery.executor_config)}
-    })
-    with wove.weave() as w:
-
-        @w.do
-        def items() -> list[int]:
-            return list(range(100))
-
-        @w.do("items", environment="celery")
-        def double(item: int) -> int:
-            return item * 2
-
-    assert w.result.double == [i * 2 for i in range(100)]
-
-
 # ---------------------------------------------------------------- doctor, errors
 
 
@@ -347,12 +326,4 @@ def test_unreachable_broker_is_a_clear_start_error() -> None:
         "broker_url": "redis://127.0.0.1:1/0", "connect_timeout": 1}}},
         default_environment="c",
     ) as hub, pytest.raises(ConnectionError, match="unreachable.*broker_url"):
-        hub.run(tasks.add, 1)
-
-
-def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "celery", None)
-    with Hub(environments={"c": {"executor": "celery", "executor_config": {
-        "broker_url": "redis://127.0.0.1:6379/15"}}}, default_environment="c",
-    ) as hub, pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[celery\]'"):
         hub.run(tasks.add, 1)

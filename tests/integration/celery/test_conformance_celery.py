@@ -13,6 +13,8 @@ from wove_adapters.testing import AdapterConformance
 
 class TestCeleryRedisConformance(AdapterConformance):
     detection_timeout = 30.0
+    extra = "celery"
+    library = ("celery",)
 
     @pytest.fixture
     def environment(self, redis_celery: CeleryService) -> dict[str, Any]:
@@ -21,6 +23,8 @@ class TestCeleryRedisConformance(AdapterConformance):
 
 class TestCeleryRabbitMQConformance(AdapterConformance):
     detection_timeout = 30.0
+    extra = "celery"
+    library = ("celery",)
 
     @pytest.fixture
     def environment(self, amqp_celery: CeleryService) -> dict[str, Any]:

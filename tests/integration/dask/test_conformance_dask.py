@@ -23,6 +23,8 @@ from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
 
 class TestDaskConformance(AdapterConformance):
     detection_timeout = 45.0
+    extra = "dask"
+    library = ("distributed",)
     return_path = "http"
 
     @pytest.fixture

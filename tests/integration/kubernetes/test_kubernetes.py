@@ -8,7 +8,6 @@ import concurrent.futures
 import os
 import re
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +25,6 @@ from wove_adapters.adapters.kubernetes_jobs import (
     native_state,
 )
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import JobState
 from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
@@ -330,41 +328,6 @@ def test_a_mapped_task_is_one_indexed_job(kube_cluster: KubeCluster) -> None:
           f"separate Jobs {singles} submissions {single_seconds:.2f}s")
 
 
-def test_weave_routes_100_items_as_one_indexed_job(kube_cluster: KubeCluster) -> None:
-    wove = pytest.importorskip("wove")
-    from wove_adapters.integration import environments
-    from wove_adapters.integration.wove import executor
-
-    config = kube_cluster.config(**BATCH)
-
-    def jobs_created() -> int:
-        return sum(d.transport.adapter.submissions  # type: ignore[attr-defined]
-                   for d in list(environments._dispatchers.values())
-                   if getattr(d.transport, "name", "") == "kubernetes_jobs")
-
-    before = jobs_created()
-    wove.config(environments={"k8s": {"executor": executor("kubernetes_jobs",
-                                                             executor_config=config)}})
-    try:
-        start = time.perf_counter()
-        with wove.weave() as w:
-
-            @w.do
-            def items() -> list[int]:
-                return list(range(100))
-
-            @w.do("items", environment="k8s")
-            def double(item: int) -> int:
-                return item * 2
-
-        seconds = time.perf_counter() - start
-        assert w.result.double == [i * 2 for i in range(100)]
-    finally:
-        wove.config(environments={"default": {"executor": "local"}}, default_environment="default")
-    assert jobs_created() - before == 1, "100 mapped items should be one Indexed Job"
-    print(f"\nweave: 100 mapped items, 1 Indexed Job, {seconds:.2f}s")
-
-
 # ---------------------------------------------------------------- options, secret, doctor
 
 
@@ -457,15 +420,6 @@ def test_explicit_host_and_token(kube_cluster: KubeCluster) -> None:
     with Hub(environments={"bad": {"executor": "kubernetes_jobs", "executor_config": bad}},
              default_environment="bad") as hub, pytest.raises(Exception, match="401"):
         hub.run(tasks.add, 5)
-
-
-def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "kubernetes", None)  # `import kubernetes` now fails
-    definition = {"executor": "kubernetes_jobs",
-                  "executor_config": {"host": "http://127.0.0.1:9", "image": "x"}}
-    with Hub(environments={"missing": definition}, default_environment="missing") as hub:
-        with pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[kubernetes\]'"):
-            hub.run(tasks.add, 1)
 
 
 def test_image_is_required(kube_cluster: KubeCluster) -> None:

@@ -18,6 +18,8 @@ from wove_adapters.testing.conformance import wait_for_file
 
 class TestRayConformance(AdapterConformance):
     detection_timeout = 30.0
+    extra = "ray"
+    library = ("ray",)
 
     @pytest.fixture
     def environment(self, ray_head: RayCluster) -> dict[str, Any]:

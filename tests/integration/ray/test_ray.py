@@ -1,7 +1,8 @@
 """Ray-specific behaviour, against the real cluster of ``conftest.py``: a node started
 with Ray's own CLI runs payloads with nothing registered, ``ray.remote`` options pass
 through, no native dedupe (the ledger does it), status() for a run whose worker died,
-a real wove weave, a local Ray owned by the environment, and the missing-library hint."""
+and a local Ray owned by the environment (the weave and the missing-library hint are in
+the conformance suite)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ray_cluster_helpers import RayCluster, shared_loop_netns, start_node, wait_
 from wove_adapters.adapters.ray import RayAdapter
 from wove_adapters.core import frames
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
+from wove_adapters.core.errors import DeliveryOrphanedError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
@@ -246,31 +247,7 @@ def test_cancel_interrupts_python_code_without_killing_the_worker(
     assert not (tmp_path / "spin.finished").exists()
 
 
-# ---------------------------------------------------------------- wove, local Ray, missing library
-
-
-@pytest.mark.parametrize("return_path", ["http", "native"])
-def test_wove_weave_with_a_mapped_task_of_100_items(ray_head: RayCluster, return_path: str) -> None:
-    wove = pytest.importorskip("wove", reason="the wove extra is part of `dev`; install it")
-    from wove_adapters.integration.wove import executor
-
-    wove.config(environments={"ray_env": {"executor": executor(
-        "ray", executor_config={"address": ray_head.address, "return_path": return_path})}})
-    try:
-        with wove.weave() as w:
-
-            @w.do
-            def items() -> list[int]:
-                return list(range(100))
-
-            @w.do("items", environment="ray_env")
-            def double(item: int) -> tuple[int, int]:
-                return item * 2, os.getpid()
-
-        assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
-        assert all(pid != os.getpid() for _, pid in w.result.double)
-    finally:
-        wove.config(environments={"default": {"executor": "local"}}, default_environment="default")
+# ---------------------------------------------------------------- local Ray
 
 
 def run_script(script: str, **env: str) -> dict[str, Any]:
@@ -340,15 +317,3 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "ray", None)
-    hub = Hub(environments={"x": {"executor": "ray", "executor_config": {
-        "address": f"127.0.0.1:{_closed_port()}", "marker": uuid.uuid4().hex}}},
-        default_environment="x")
-    try:
-        with pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[ray\]'"):
-            hub.run(tasks.add, 1)
-    finally:
-        hub.close()

@@ -21,6 +21,8 @@ class TestRqConformance(AdapterConformance):
     # A killed work-horse is marked failed by its worker at once; reconciliation polls
     # every second. Generous, for a machine shared with other test runs.
     detection_timeout = 45.0
+    extra = "rq"
+    library = ("rq",)
 
     @pytest.fixture
     def environment(self, rq_environment: dict[str, Any]) -> dict[str, Any]:

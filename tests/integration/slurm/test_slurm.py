@@ -129,26 +129,3 @@ def test_options_reach_the_batch_script(slurm_cluster: dict[str, Any]) -> None:
         assert future.result(timeout=120) == 2
     shown = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True).stdout
     assert "Comment=wove-test" in shown and "TimeLimit=00:05:00" in shown
-
-
-def test_weave_routes_100_items_to_slurm(slurm_cluster: dict[str, Any]) -> None:
-    wove = pytest.importorskip("wove")
-    from wove_adapters.integration.wove import executor
-
-    wove.config(
-        environments={"hpc": {"executor": executor("slurm", executor_config=dict(slurm_cluster))}}
-    )
-    try:
-        with wove.weave() as w:
-
-            @w.do
-            def items() -> list[int]:
-                return list(range(100))
-
-            @w.do("items", environment="hpc")
-            def double(item: int) -> int:
-                return item * 2
-
-        assert w.result.double == [i * 2 for i in range(100)]
-    finally:
-        wove.config(environments={"default": {"executor": "local"}}, default_environment="default")

@@ -15,6 +15,8 @@ from wove_adapters.testing import AdapterConformance
 
 class TestTaskiqConformance(AdapterConformance):
     detection_timeout = 60.0
+    extra = "taskiq"
+    library = ("taskiq",)
 
     @pytest.fixture
     def environment(self, taskiq_worker: TaskiqWorker) -> dict[str, Any]:

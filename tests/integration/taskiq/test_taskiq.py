@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 from taskiq_fixtures import REDIS_URL, TaskiqWorker, redis_client
 
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
+from wove_adapters.core.errors import DeliveryOrphanedError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
@@ -256,39 +255,7 @@ def test_cancel_of_queued_work_is_confirmed_without_a_worker(
 # ---------------------------------------------------------------- wove
 
 
-def test_wove_weave_maps_100_items(taskiq_worker: TaskiqWorker) -> None:
-    import wove
-
-    from wove_adapters.integration.wove import executor
-
-    wove.config(environments={
-        "tq": {"executor": executor("taskiq", executor_config=taskiq_worker.config)}
-    })
-    try:
-        with wove.weave() as w:
-
-            @w.do
-            def items() -> list[int]:
-                return list(range(100))
-
-            @w.do("items", environment="tq")
-            def double(item: int) -> tuple[int, int]:
-                return item * 2, os.getpid()
-
-        assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
-        assert all(pid != os.getpid() for _, pid in w.result.double)
-    finally:
-        wove.config(environments={"default": {"executor": "local"}}, default_environment="default")
-
-
 # ---------------------------------------------------------------- install hint
-
-
-def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch, hubs: Any) -> None:
-    monkeypatch.setitem(sys.modules, "taskiq", None)
-    hub = hubs({"url": REDIS_URL, "queue": f"wove-test-missing-{uuid.uuid4().hex[:6]}"})
-    with pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[taskiq\]'"):
-        hub.run(tasks.add, 1)
 
 
 # ---------------------------------------------------------------- other brokers

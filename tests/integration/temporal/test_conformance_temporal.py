@@ -18,6 +18,8 @@ from wove_adapters.testing.conformance import wait_for_file
 
 class TestTemporalConformance(AdapterConformance):
     detection_timeout = 60.0
+    extra = "temporal"
+    library = ("temporalio",)
 
     @pytest.fixture
     def environment(self, temporal_config: dict[str, Any]) -> dict[str, Any]:

@@ -1,13 +1,12 @@
 """Temporal specifics: worker helpers in a user's own worker and the module CLI, options
 reaching Temporal, one execution per key through the workflow id, status mapping and
-reconciliation for runs that die without an event, cancellation recorded by Temporal, a
-real wove weave, and the install hint when temporalio is missing."""
+reconciliation for runs that die without an event, and cancellation recorded by Temporal
+(the weave and the install hint are in the conformance suite)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 from temporal_services import DevServer, WorkerProcess, start_worker
 
 from wove_adapters.adapters.temporal import TemporalAdapter
-from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
+from wove_adapters.core.errors import DeliveryOrphanedError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
@@ -369,31 +368,6 @@ def test_require_ack_waits_until_temporal_records_the_cancel(
 # ---------------------------------------------------------------- wove, install hint
 
 
-def test_wove_weave_with_a_mapped_task_of_100_items(temporal_config: dict[str, Any]) -> None:
-    wove = pytest.importorskip("wove", reason="the wove extra is part of `dev`; install it")
-    from wove_adapters.integration.wove import executor
-
-    wove.config(environments={"temporal": {
-        "executor": executor("temporal", executor_config=dict(temporal_config)),
-    }})
-    try:
-        with wove.weave() as w:
-
-            @w.do
-            def items() -> list[int]:
-                return list(range(100))
-
-            @w.do("items", environment="temporal")
-            def double(item: int) -> tuple[int, int]:
-                return item * 2, os.getpid()
-
-        assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
-        assert all(pid != os.getpid() for _, pid in w.result.double)
-    finally:
-        wove.config(environments={"default": {"executor": "local"}},
-                    default_environment="default")
-
-
 def test_unreachable_server_fails_with_a_hint() -> None:
     from temporal_services import free_port
 
@@ -402,18 +376,6 @@ def test_unreachable_server_fails_with_a_hint() -> None:
         default_environment="down")
     try:
         with pytest.raises(ConnectionError, match="temporal server start-dev"):
-            hub.run(tasks.add, 1)
-    finally:
-        hub.close()
-
-
-def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "temporalio", None)  # `import temporalio` now fails
-    hub = Hub(environments={"nolib": {"executor": "temporal", "executor_config": {
-        "address": "127.0.0.1:1", "task_queue": f"missing-{uuid.uuid4().hex}"}}},
-        default_environment="nolib")
-    try:
-        with pytest.raises(MissingBackendError, match=r"pip install 'wove-adapters\[temporal\]'"):
             hub.run(tasks.add, 1)
     finally:
         hub.close()
