@@ -105,6 +105,28 @@ class MissingBackendError(WoveAdaptersError, ImportError):
         self.extra = extra
 
 
+class ExecutorConfigError(WoveAdaptersError, ValueError):
+    """An ``executor_config`` key the executor does not declare (a typo would otherwise
+    be ignored silently), or a value of the wrong type. Raised when the environment
+    starts, before anything connects or is submitted; ``suggestion`` is the closest valid
+    key, if any."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str,
+        executor: str,
+        environment: str,
+        suggestion: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        self.executor = executor
+        self.environment = environment
+        self.suggestion = suggestion
+
+
 class UnsupportedPolicyError(WoveAdaptersError, ValueError):
     """A delivery policy asks for something the adapter declared it cannot do."""
 
