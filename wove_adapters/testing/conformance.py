@@ -258,7 +258,7 @@ class AdapterConformance:
         receiver = getattr(hub.dispatcher("conformance").transport, "receiver", None)
         if receiver is None:
             pytest.fail("this adapter has no receiver; override this test with its native path")
-        from wove_adapters.core.runtime import frame_to_wire
+        from wove_adapters.core.codec import frame_to_wire
 
         before = receiver.stats["duplicates_dropped"]
         event = frame_to_wire(
@@ -318,27 +318,32 @@ class AdapterConformance:
                         default_environment="default")
 
     def test_missing_library_names_the_extra(
-        self, hub_for: Any, monkeypatch: pytest.MonkeyPatch
+        self, environment: dict[str, Any], monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Without the backend's library the first use fails with the pip command that
         installs it, not an ImportError from deep inside the adapter."""
-        if not self.library:
-            # Nothing to install: the adapter must start and run with no extra at all.
-            assert self.extra == "", "an extra without a library to hide: set `library`"
-            assert hub_for().run(tasks.add, 1) == 2
-            return
-        for module in self.library:
-            monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails
-        hub = hub_for()
-        hint = re.escape(f"pip install 'wove-adapters[{self.extra}]'")
-        with pytest.raises(MissingBackendError, match=hint):
-            hub.run(tasks.add, 1)
+        # An environment name of its own: dispatchers are shared per process by name and
+        # settings, and one started by an earlier test already holds the library.
+        name = f"conformance-missing-{uuid.uuid4().hex[:8]}"
+        with Hub(environments={name: environment}, default_environment=name) as hub:
+            if not self.library:
+                # Nothing to install: the adapter must start and run with no extra at all.
+                assert self.extra == "", "an extra without a library to hide: set `library`"
+                assert hub.run(tasks.add, 1) == 2
+                return
+            for module in self.library:
+                monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails
+            hint = re.escape(f"pip install 'wove-adapters[{self.extra}]'")
+            with pytest.raises(MissingBackendError, match=hint):
+                hub.run(tasks.add, 1)
+            monkeypatch.undo()  # the library is back before the hub closes
 
 
 def _post_signed(receiver: Any, hub: Hub, event: Any) -> None:
     import urllib.request
 
-    from wove_adapters.callbacks import sender, signing
+    from wove_adapters.callbacks import sender
+    from wove_adapters.core import signing
 
     key_id = hub.dispatcher("conformance").key_id
     data = signing.encode_blob(sender.sign_events([event], key_id))

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,9 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "support"))
+from services import ServiceError, ServiceProcess, log_tail  # noqa: E402
+
 REDIS_DB = int(os.environ.get("WOVE_TEST_ARQ_DB", "10"))
 REDIS_URL = os.environ.get("WOVE_TEST_ARQ_REDIS_URL", f"redis://127.0.0.1:6379/{REDIS_DB}")
 SESSION = f"wove-test-arq-{uuid.uuid4().hex[:8]}"
@@ -55,7 +56,8 @@ def arq_command() -> list[str]:
 
 
 class ArqWorker:
-    """One ``arq arq_worker_settings.<settings>`` process in its own session."""
+    """One ``arq <module>.<settings>`` process in its own session (``ServiceProcess``):
+    ready once its health-check key appears, stopped by PID."""
 
     def __init__(
         self,
@@ -64,9 +66,13 @@ class ArqWorker:
         *,
         settings: str = "WorkerSettings",
         env: dict[str, str] | None = None,
+        module: str = "arq_worker_settings",
+        cwd: Path = HERE,
     ) -> None:
         self.queue = queue
         self.settings = settings
+        self.module = module
+        self.cwd = cwd
         self.env = {
             **os.environ,
             "WOVE_TEST_ARQ_REDIS_URL": REDIS_URL,
@@ -74,68 +80,56 @@ class ArqWorker:
             **(env or {}),
         }
         self.log_dir = log_dir
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.service: ServiceProcess | None = None
         self.starts = 0
 
     @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return None if self.service is None else self.service.proc
+
+    @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.service is not None
+        return self.service.pid
 
     @property
     def health_key(self) -> str:
         return f"{self.queue}:health-check"
 
+    def _log_path(self) -> Path:
+        return self.log_dir / f"{self.queue}-{self.starts}.log"
+
     def start(self, timeout: float = 60.0) -> ArqWorker:
         client = redis_client()
         client.delete(self.health_key)  # a killed worker's key would look alive
         self.starts += 1
-        log = open(self.log_dir / f"{self.queue}-{self.starts}.log", "wb")
-        self.proc = subprocess.Popen(
-            [*arq_command(), f"arq_worker_settings.{self.settings}"],
-            cwd=str(HERE),
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.service = ServiceProcess(
+            f"arq worker on {self.queue}", [*arq_command(), f"{self.module}.{self.settings}"],
+            log=self._log_path(), env=self.env, cwd=self.cwd,
+            ready=lambda: client.exists(self.health_key), ready_timeout=timeout, grace=10,
+            kill_group_after=False,
         )
-        log.close()
         try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(
-                        f"arq worker exited with {self.proc.returncode}: {self.log_tail()}"
-                    )
-                if client.exists(self.health_key):
-                    return self
-                time.sleep(0.05)
+            self.service.start()
+        except ServiceError as exc:
+            raise AssertionError(str(exc)) from None
         finally:
             client.close()
-        self.kill()
-        raise AssertionError(f"arq worker on {self.queue} not ready within {timeout}s")
+        return self
 
     def log_tail(self) -> str:
-        path = self.log_dir / f"{self.queue}-{self.starts}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+        return log_tail(self._log_path())
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.service is not None and self.service.running():
             with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            self.proc.wait(30)
+                self.service.proc.kill()  # type: ignore[union-attr]
+            self.service.proc.wait(30)  # type: ignore[union-attr]
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (arq stops, letting running payloads finish), SIGKILL after timeout."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.service is not None:
+            self.service.stop(timeout)
 
     def restart(self) -> None:
         self.kill()

@@ -3,8 +3,9 @@
 Each ``CeleryService`` is one broker flavour (Redis or RabbitMQ) with its own queue name
 and Redis key prefix (``wove-test-celery-<uuid8>``), so runs never see each other's
 messages or results, and one ``celery -A celery_test_app worker --pool=prefork`` process
-started in its own session and stopped by its PID. Nothing here sleeps blindly: a worker
-is ready when it answers a ``ping`` addressed to its node name.
+started in its own session and stopped by its PID (``tests/support/services.py``).
+Nothing here sleeps blindly: a worker is ready when it answers a ``ping`` addressed to its
+node name.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "support"))
+from services import ServiceError, ServiceProcess  # noqa: E402
+
 REDIS_URL = os.environ.get("WOVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("WOVE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -63,8 +65,12 @@ class CeleryService:
     redis_url: str = REDIS_URL
     # More directories for the worker's PYTHONPATH (modules of the tasks it runs).
     pythonpath: tuple[str, ...] = ()
-    process: subprocess.Popen[bytes] | None = None
+    service: ServiceProcess | None = None
     log_path: Path | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return None if self.service is None else self.service.proc
 
     @property
     def queue(self) -> str:
@@ -140,29 +146,22 @@ class CeleryService:
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel=INFO", *extra_args,
         ]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        self.service = ServiceProcess(
+            f"the celery worker {self.node}", command, log=self.log_path, env=env, cwd=HERE,
+            grace=20, append_log=True,
+        ).launch()
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
+        """Until the worker answers a ping addressed to its node name."""
+        assert self.service is not None, "the worker was never started"
         app = self.client_app()
-        deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
-                assert self.process is not None
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"the celery worker exited with {self.process.returncode}:\n"
-                        f"{self.log_tail()}"
-                    )
-                with contextlib.suppress(Exception):
-                    if app.control.ping(destination=[self.node], timeout=0.5):
-                        return
-            raise RuntimeError(f"the celery worker did not answer within {timeout}s:\n"
-                               f"{self.log_tail()}")
+            self.service.wait_ready(
+                timeout, ready=lambda: app.control.ping(destination=[self.node], timeout=0.5)
+            )
+        except ServiceError as exc:
+            raise RuntimeError(str(exc)) from None
         finally:
             app.close()
 
@@ -173,31 +172,18 @@ class CeleryService:
 
     def stop(self) -> None:
         """SIGTERM the worker (a warm shutdown: it stops its prefork children), by its
-        PID; SIGKILL its process group if it does not go in time."""
-        process = self.process
-        self.process = None
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
-        # Children that outlived their parent (killed mid-test) share its group.
-        if process is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
+        PID; SIGKILL its process group if it does not go in time, and children that
+        outlived their parent (killed mid-test) afterwards."""
+        service, self.service = self.service, None
+        if service is not None:
+            service.stop()
 
     def kill(self) -> None:
         """SIGKILL the whole worker, main process and prefork children (its process
         group, which only this worker is in), as a crashed host would."""
-        process, self.process = self.process, None
-        assert process is not None, "the worker is not running"
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
+        service, self.service = self.service, None
+        assert service is not None, "the worker is not running"
+        service.kill()
 
     def cleanup(self) -> None:
         """Delete this run's keys (by prefix) and, on RabbitMQ, its queue."""

@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from services import ServiceError, ServiceProcess, children
+
 REDIS_DB = int(os.environ.get("WOVE_TEST_RQ_DB", "9"))
 REDIS_URL = os.environ.get("WOVE_TEST_RQ_REDIS_URL", f"redis://127.0.0.1:6379/{REDIS_DB}")
 WOVE_WORKER = "wove_adapters.adapters.rq.Worker"
@@ -47,20 +50,6 @@ def require_redis() -> None:
         )
 
 
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (an RQ worker's work-horses)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                found.append(int(entry.name))
-    return found
-
-
 class RqWorker:
     """One ``rq worker`` subprocess in its own session, stopped by PID."""
 
@@ -73,62 +62,53 @@ class RqWorker:
                    "--name", self.name, "--logging_level", "WARNING"]
         if worker_class:
             command += ["--worker-class", worker_class]
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            command,
-            env={**os.environ, **(extra_env or {})},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=str(log_dir),
-        )
+        self.service = ServiceProcess(
+            f"rq worker {self.name}", command, log=self.log_path,
+            env={**os.environ, **(extra_env or {})}, cwd=log_dir, ready=self._registered,
+        ).launch()
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.service.pid
 
-    def wait_ready(self, timeout: float = 60.0) -> RqWorker:
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.service.proc is not None
+        return self.service.proc
+
+    def _registered(self) -> bool:
         from rq import Queue, Worker
 
         connection = redis_client()
         try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(
-                        f"rq worker exited with {self.proc.returncode}: "
-                        f"{self.log_path.read_text()[-2000:]}"
-                    )
-                names = {w.name for w in Worker.all(queue=Queue(self.queue, connection=connection))}
-                if self.name in names:
-                    return self
-                time.sleep(0.05)
+            workers = Worker.all(queue=Queue(self.queue, connection=connection))
+            return self.name in {w.name for w in workers}
         finally:
             connection.close()
-        self.stop()
-        raise AssertionError(f"rq worker {self.name} did not register within {timeout}s")
+
+    def wait_ready(self, timeout: float = 60.0) -> RqWorker:
+        try:
+            self.service.wait_ready(timeout)
+        except ServiceError as exc:
+            self.stop()
+            raise AssertionError(str(exc)) from None
+        return self
 
     def horses(self) -> list[int]:
-        return _children(self.pid)
+        return children(self.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.service.running():
             horses = self.horses()
             # Two SIGTERMs: RQ's cold shutdown kills the running work-horse, then exits.
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
                 time.sleep(0.1)
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+            self.service.stop()
+            # Work-horses leave the worker's process group: by PID.
             for pid in horses:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        self._log.close()
 
 
 def cleanup_queue(queue: str) -> None:
