@@ -474,10 +474,9 @@ def wire_sizes(sizes: Sequence[int] = (1024, 1024 * 1024)) -> dict[str, Any]:
 
     from wove.backend import build_backend_payload, payload_to_b64, serialize_frame
 
-    from wove_adapters.callbacks import payload as payload_mod
-    from wove_adapters.callbacks import signing
-    from wove_adapters.callbacks.sender import sign_events
-    from wove_adapters.core import frames
+    from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.core import frames, signing
+    from wove_adapters.core.codec import sign_events
     from wove_adapters.testing.tasks import digest as task
 
     key_id = signing.KEYRING.add(secrets.token_bytes(32))

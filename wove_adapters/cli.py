@@ -382,8 +382,8 @@ def _answer(record: Any) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) for a run's record: the word that names its outcome,
     then what the ledger knows about it."""
     from wove_adapters.core import frames
+    from wove_adapters.core.codec import decode_outcome
     from wove_adapters.core.ledger.base import CANCELLED, FAILED, LOST, SUCCEEDED
-    from wove_adapters.core.runtime import decode_outcome
 
     run = f"run {record.run_id}"
     if record.state not in TERMINAL_STATES and record.outcome is None:

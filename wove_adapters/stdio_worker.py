@@ -30,15 +30,15 @@ from typing import Any, BinaryIO
 
 import msgspec
 
-from wove_adapters.callbacks.payload import dumps, loads
 from wove_adapters.callbacks.worker import (
     HeartbeatTimer,
     TaskCancelled,
     call_task,
     heartbeat_interval,
-    pickled_exception,
 )
 from wove_adapters.core import frames
+from wove_adapters.core.codec import pickled_exception
+from wove_adapters.core.envelope import dumps, loads
 from wove_adapters.core.executors.stdio import EVENTS_FD_ENV
 
 _decoder = msgspec.json.Decoder(frames.WireCommand)

@@ -296,7 +296,7 @@ class ArqAdapter(BackendAdapter):
                 reason=f"the arq job {job_id} finished ({self._state_of(info).value}) "
                        f"without a recorded outcome",
             )
-        from wove_adapters.core.runtime import decode_outcome
+        from wove_adapters.core.codec import decode_outcome
 
         frame = await asyncio.to_thread(decode_outcome, bytes(blob))
         frame.update(run_id=job.run_id, task_id=job.task_id, attempt=job.attempt)
@@ -614,8 +614,8 @@ def _unpack(data: bytes) -> dict[str, Any]:
 
 def _execute(payload: str, handle_sigterm: bool) -> dict[str, Any]:
     """Run one payload here (a worker thread, or the child's main thread)."""
-    from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import worker
+    from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core.errors import PayloadError
 
     try:
@@ -641,9 +641,10 @@ def _execute(payload: str, handle_sigterm: bool) -> dict[str, Any]:
 
 
 def _signed_outcome(envelope: Any, outcome: Any) -> bytes | None:
-    from wove_adapters.callbacks import payload as payload_mod
-    from wove_adapters.callbacks import sender, signing
-    from wove_adapters.callbacks.worker import pickled_exception
+    from wove_adapters.callbacks import sender
+    from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.core import signing
+    from wove_adapters.core.codec import pickled_exception
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     event: frames.WireEvent
@@ -683,7 +684,7 @@ def _rerun_allowed(payload: str, job_id: str, job_try: int) -> bool:
     """ARQ starts a job again when the worker that ran it died (its in-progress mark
     expired) or was stopped before it finished. Only ``detach`` runs, whose caller may be
     gone, run again; every other run is reported lost so its orphan policy applies."""
-    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core.errors import PayloadError
 
     try:
@@ -759,7 +760,7 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _report_child_lost(payload: str, pid: int, code: int) -> None:
-    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core.errors import PayloadError
 
     try:

@@ -9,8 +9,8 @@ from ``describe_jobs``, batched: one call per 100 tracked jobs answers every run
 for started work; a job that failed after our own cancel (its ``statusReason`` is ours)
 reads as CANCELLED, which is how ``require_ack`` is confirmed when the container was
 killed before our worker could report ``task_cancelled``. Batch has no dedupe, so
-idempotency is the ledger's. This module also holds ``S3Store``, the ``s3://`` kind of
-payload store.
+idempotency is the ledger's. The ``s3://`` payload store itself is ``core.stores.S3Store``:
+workers of every backend open it.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ import asyncio
 import contextlib
 import copy
 import json
-import threading
 import time
-import urllib.parse
 import uuid
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.callbacks import payload as payload_mod
+from wove_adapters.core import stores as payload_mod
 from wove_adapters.core.policies import Capabilities, JobState
 
 # AWS Batch's job statuses in the shared vocabulary.
@@ -457,71 +455,3 @@ class AwsBatchAdapter(BackendAdapter):
 
 def _redact(url: str) -> str:
     return url.split("?", 1)[0]
-
-
-# ---------------------------------------------------------------- the S3 payload store
-
-
-class S3Store(payload_mod.PayloadStore):
-    """``s3://bucket/prefix?endpoint_url=http://127.0.0.1:5000&region=us-east-1``: payloads
-    in S3 for jobs on other machines. Credentials come from boto3's usual chain (the job
-    role inside AWS Batch). Sync on purpose, like every store; the caller uses a thread."""
-
-    def __init__(self, url: str) -> None:
-        parsed = urllib.parse.urlparse(url)
-        if not parsed.netloc:
-            raise ValueError(f"S3 payload store URL {url!r} names no bucket: use s3://BUCKET/PREFIX")
-        query = urllib.parse.parse_qs(parsed.query)
-        self.url = url
-        self.bucket = parsed.netloc
-        prefix = parsed.path.strip("/")
-        self.prefix = f"{prefix}/" if prefix else ""
-        self.endpoint_url = query.get("endpoint_url", [None])[0]
-        self.region = query.get("region", [None])[0]
-        self.profile = query.get("profile", [None])[0]
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            with self._lock:  # boto3 sessions are not thread-safe; clients are
-                if self._client is None:
-                    # botocore directly: a job's worker skips importing boto3 and
-                    # s3transfer (~30% of its S3 start-up cost).
-                    try:
-                        import botocore.session
-                        from botocore.config import Config
-                    except ImportError:
-                        from wove_adapters.core.errors import MissingBackendError
-
-                        raise MissingBackendError("s3 payload store", "botocore", "aws") from None
-                    session = botocore.session.Session(profile=self.profile)
-                    self._client = session.create_client(
-                        "s3",
-                        region_name=self.region,
-                        endpoint_url=self.endpoint_url,
-                        config=Config(max_pool_connections=32, retries={"mode": "standard"}),
-                    )
-        return self._client
-
-    def _key(self, key: str) -> str:
-        if key.startswith("/") or ".." in key.split("/"):
-            raise payload_mod.PayloadError(f"bad payload key {key!r}")
-        return self.prefix + key
-
-    def _put(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-
-    def _get(self, key: str) -> bytes:
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except self.client.exceptions.NoSuchKey:
-            raise KeyError(f"s3://{self.bucket}/{self._key(key)}") from None
-        return bytes(response["Body"].read())
-
-    def delete(self, ref: payload_mod.BodyRef) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(ref.key))
-
-
-payload_mod.register_store("s3", "wove_adapters.adapters.aws_batch:S3Store")

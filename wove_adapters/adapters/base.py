@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, ClassVar
 
-from wove_adapters.callbacks import payload as payload_mod
 from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
+from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import Capabilities, JobState
@@ -484,8 +484,8 @@ class AdapterTransport(Transport):
         """Emit the outcome the worker recorded when it could not reach us, if any."""
         if not self._ledger_url or self._emit is None:
             return False
+        from wove_adapters.core.codec import decode_outcome
         from wove_adapters.core.ledger import open_ledger
-        from wove_adapters.core.runtime import decode_outcome
 
         try:
             record = await open_ledger(self._ledger_url).get(run.run_id)

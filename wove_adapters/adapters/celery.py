@@ -518,7 +518,7 @@ class _Follower:
     def _frame_of(self, meta: dict[str, Any]) -> dict[str, Any] | None:
         """The owner's verified terminal event, re-addressed to this run (None if the
         task has not finished with a recorded outcome yet)."""
-        from wove_adapters.core.runtime import decode_outcome
+        from wove_adapters.core.codec import decode_outcome
 
         result = meta.get("result")
         if meta.get("status") != "SUCCESS" or not isinstance(result, dict):
@@ -980,8 +980,8 @@ def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str,
     from celery import states
     from celery.exceptions import Ignore
 
-    from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import worker
+    from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core.errors import PayloadError
 
     try:
@@ -1077,10 +1077,10 @@ class _StateWriter:
 
 
 def _signed_outcome(envelope: Any, outcome: Any) -> str | None:
-    from wove_adapters.callbacks import sender, signing
-    from wove_adapters.callbacks.payload import dumps
-    from wove_adapters.callbacks.worker import pickled_exception
-    from wove_adapters.core import frames
+    from wove_adapters.callbacks import sender
+    from wove_adapters.core import frames, signing
+    from wove_adapters.core.codec import pickled_exception
+    from wove_adapters.core.envelope import dumps
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     event: frames.WireEvent

@@ -60,8 +60,8 @@ def run_payload(payload: str) -> Any:
     Runs in a Dask worker thread, so SIGTERM cannot interrupt it (``handle_sigterm`` is
     off: signal handlers belong to the main thread).
     """
-    from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import worker
+    from wove_adapters.core import envelope as payload_mod
 
     envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
     if envelope.return_path.kind == "native":
@@ -79,8 +79,8 @@ def run_payload(payload: str) -> Any:
 
 def _run_native(envelope: Any) -> Any:
     """The future carries the value; a detached run also records it in the ledger."""
-    from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import worker
+    from wove_adapters.core import envelope as payload_mod
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     detach = envelope.delivery.get("delivery_orphan_policy") == "detach" and envelope.ledger

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.callbacks import payload as payload_mod
+from wove_adapters.core import stores as payload_mod
 from wove_adapters.core.policies import Capabilities, JobState
 
 MANAGED_BY = "app.kubernetes.io/managed-by"

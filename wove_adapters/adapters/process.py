@@ -70,7 +70,7 @@ class ProcessAdapter(BackendAdapter):
         self._python = str(config.get("python") or sys.executable)
         self._env = {k: str(v) for k, v in (config.get("env") or {}).items()}
         if config.get("secret"):
-            from wove_adapters.callbacks.signing import SECRET_ENV, resolve_secret
+            from wove_adapters.core.signing import SECRET_ENV, resolve_secret
 
             secret = resolve_secret(config["secret"])
             if secret is not None:

@@ -86,8 +86,8 @@ def run_payload(payload: str) -> Any:
     Ray runs tasks on the worker's main thread, so both SIGTERM and ``ray.cancel``'s
     interrupt (a simulated SIGINT, ignored by Ray workers otherwise) cancel the task.
     """
-    from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import worker
+    from wove_adapters.core import envelope as payload_mod
 
     envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
     try:

@@ -202,7 +202,7 @@ class RqAdapter(BackendAdapter):
     async def _answer_follower(self, handle: str) -> bool:
         """Deliver the outcome a finished job recorded to the run that attached to it."""
         from wove_adapters.core import frames
-        from wove_adapters.core.runtime import decode_outcome
+        from wove_adapters.core.codec import decode_outcome
 
         ident = self._followers.get(handle)
         if ident is None or self.emit is None:
@@ -493,8 +493,8 @@ def run_payload(payload: str) -> bytes | str:
     event, which RQ keeps as the job's result for a later caller with the same key. Raises
     when the outcome could not be delivered anywhere, so RQ marks the job failed.
     """
-    from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import worker
+    from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core import frames
     from wove_adapters.core.errors import PayloadError
 
@@ -548,9 +548,9 @@ def _cancelled_before_start() -> bool:
 
 
 def _signed_outcome(envelope: Any, outcome: Any) -> bytes | str:
-    from wove_adapters.callbacks import payload as payload_mod
-    from wove_adapters.callbacks import sender, signing, worker
-    from wove_adapters.core import frames
+    from wove_adapters.callbacks import sender, worker
+    from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.core import frames, signing
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     event: frames.WireEvent
@@ -578,7 +578,7 @@ def _preload() -> None:
 
     for name in ("cloudpickle", "msgspec", "aiohttp", "redis.asyncio",
                  "wove_adapters.callbacks.worker", "wove_adapters.callbacks.sender",
-                 "wove_adapters.callbacks.payload", "wove_adapters.core.runtime"):
+                 "wove_adapters.core.envelope", "wove_adapters.core.runtime"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
 

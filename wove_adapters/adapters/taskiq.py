@@ -246,7 +246,7 @@ class TaskiqAdapter(BackendAdapter):
     async def _follow(self, handle: str, job: JobSpec) -> None:
         """Wait for the owner's signed outcome and hand it to our run as its own."""
         from wove_adapters.core import frames
-        from wove_adapters.core.runtime import decode_outcome
+        from wove_adapters.core.codec import decode_outcome
 
         # Until the owner's job ends; bounded by our run's delivery timeout if it has one
         # (the dispatcher cancels the run then, which also stops this follower).
@@ -838,8 +838,8 @@ class _WorkerSide:
 
 async def _report(payload: str, kind: str, reason: str) -> None:
     """Tell the caller what happened to a payload that did not report for itself."""
-    from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import sender
+    from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core import frames
 
     try:
@@ -877,10 +877,10 @@ def _die_with_parent(parent: int) -> None:
 
 def _outcome_blob(envelope: Any, outcome: Any) -> str | None:
     """The signed terminal event, kept for callers that share the idempotency key."""
-    from wove_adapters.callbacks import payload as payload_mod
-    from wove_adapters.callbacks import sender, signing
-    from wove_adapters.callbacks.worker import pickled_exception
-    from wove_adapters.core import frames
+    from wove_adapters.callbacks import sender
+    from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.core import frames, signing
+    from wove_adapters.core.codec import pickled_exception
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     event: frames.WireEvent
@@ -899,8 +899,8 @@ def _outcome_blob(envelope: Any, outcome: Any) -> str | None:
 
 
 def _child_main(argv: list[str]) -> int:
-    from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks.worker import run, run_envelope
+    from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core.errors import PayloadError
 
     _die_with_parent(int(argv[0]) if argv else os.getppid())

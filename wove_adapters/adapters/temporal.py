@@ -360,7 +360,7 @@ def _describe_failure(exc: BaseException) -> str:
 
 def _outcome_frame(result: Any, run_id: str, task_id: str, attempt: int) -> dict[str, Any]:
     """The workflow's result as this run's terminal frame (verified before unpickling)."""
-    from wove_adapters.core.runtime import decode_outcome
+    from wove_adapters.core.codec import decode_outcome
 
     blob = (result or {}).get("outcome") if isinstance(result, dict) else None
     if blob:
@@ -720,8 +720,8 @@ def _signal(pid: int, signum: int) -> None:
 
 
 def _run_payload(payload: str) -> dict[str, Any]:
-    from wove_adapters.callbacks import payload as payload_mod
     from wove_adapters.callbacks import worker
+    from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core.errors import PayloadError
 
     try:
@@ -733,9 +733,10 @@ def _run_payload(payload: str) -> dict[str, Any]:
 
 
 def _summary(envelope: Any, outcome: Any) -> dict[str, Any]:
-    from wove_adapters.callbacks import payload as payload_mod
-    from wove_adapters.callbacks import sender, signing
-    from wove_adapters.callbacks.worker import pickled_exception
+    from wove_adapters.callbacks import sender
+    from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.core import signing
+    from wove_adapters.core.codec import pickled_exception
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     event: frames.WireEvent

@@ -15,9 +15,8 @@ from typing import Any
 
 import msgspec
 
-from wove_adapters.callbacks import signing
 from wove_adapters.callbacks.receiver import CallbackReceiver
-from wove_adapters.core import frames
+from wove_adapters.core import frames, signing
 from wove_adapters.core.errors import MissingBackendError, PayloadError
 
 log = logging.getLogger("wove_adapters.dropbox")

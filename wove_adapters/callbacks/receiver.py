@@ -25,9 +25,8 @@ from typing import Any
 
 import msgspec
 
-from wove_adapters.callbacks import signing
 from wove_adapters.callbacks.sender import UNKNOWN_RUN_STATUS
-from wove_adapters.core import frames
+from wove_adapters.core import frames, signing
 from wove_adapters.core.errors import PayloadError
 
 EventSink = Callable[[frames.WireEvent, bytes], None]

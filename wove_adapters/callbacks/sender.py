@@ -41,14 +41,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
-from wove_adapters.callbacks import signing
-from wove_adapters.callbacks.payload import ReturnPath
+from wove_adapters.core import signing
+from wove_adapters.core.codec import sign_events
+from wove_adapters.core.envelope import ReturnPath
 from wove_adapters.core.errors import PayloadError
-from wove_adapters.core.frames import EventBatch, WireEvent
-
-_encoder = msgspec.msgpack.Encoder()
+from wove_adapters.core.frames import WireEvent
 
 
 def _env_float(name: str, default: float) -> float:
@@ -97,10 +94,6 @@ class UnknownRunError(PayloadError):
             f"the receiver at {url} follows no run {', '.join(run_ids[:3])}"
             f"{' ...' if len(run_ids) > 3 else ''} (its caller restarted or let the run go)"
         )
-
-
-def sign_events(events: list[WireEvent], key_id: str) -> signing.SignedBlob:
-    return signing.sign(_encoder.encode(EventBatch(events=events, sent_at=time.time())), key_id)
 
 
 def _unknown_runs(body: bytes) -> list[str]:

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from wove_adapters.callbacks import payload as payload_mod
 from wove_adapters.callbacks import sender
-from wove_adapters.callbacks.payload import Envelope
-from wove_adapters.core import frames
+from wove_adapters.core import envelope as payload_mod
+from wove_adapters.core import frames, stores
+from wove_adapters.core.codec import pickled_exception, sign_events
+from wove_adapters.core.envelope import Envelope
 from wove_adapters.core.errors import PayloadError, WorkerImportError
 
 EXIT_OK = 0
@@ -207,18 +208,6 @@ def heartbeat_interval(heartbeat_seconds: float | None) -> float:
     return 5.0
 
 
-def pickled_exception(exc: BaseException) -> bytes | None:
-    """The exception pickled for the caller, if it round-trips here; None otherwise (the
-    caller then rebuilds it from its type name and message). Its pickling runs user code
-    (a ``__reduce__`` may even call ``sys.exit``), which must not end the worker."""
-    try:
-        data = payload_mod.dumps(exc)
-        payload_mod.loads(data)
-        return data
-    except BaseException:
-        return None
-
-
 # ---------------------------------------------------------------- the payload runner
 
 
@@ -243,7 +232,7 @@ def _refuse(raw: str | bytes, exc: PayloadError) -> Outcome:
 
         import msgspec
 
-        from wove_adapters.callbacks import signing
+        from wove_adapters.core import signing
 
         text = raw.decode() if isinstance(raw, bytes) else raw
         blob = signing.decode_blob(
@@ -480,10 +469,10 @@ _STATE_OF = {
 def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
     """Record the signed terminal event in the run's (shareable) ledger; first writer
     wins, so a run that already has its outcome there counts as recorded."""
-    from wove_adapters.callbacks.signing import encode_blob
     from wove_adapters.core.ledger import RunRecord, record_outcome_sync
+    from wove_adapters.core.signing import encode_blob
 
-    blob = sender.sign_events([event], envelope.key_id)
+    blob = sign_events([event], envelope.key_id)
     kind = type(event).__struct_config__.tag
     # A run id the caller handed out is a promise: if its record is missing (the claim
     # never reached the ledger), the worker creates it rather than drop the outcome.
@@ -540,7 +529,7 @@ def read_payload(argv: list[str]) -> str:
             return handle.read()
     if options.payload_ref:
         url, _, key = options.payload_ref.rpartition("#")
-        store = payload_mod.open_store(url)
+        store = stores.open_store(url)
         return store._get(key).decode()
     if options.payload == "-":
         return sys.stdin.read()

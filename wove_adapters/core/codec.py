@@ -1,4 +1,9 @@
-"""Rebuild a remote task's exception in the caller, with the task's own traceback.
+"""Wire events <-> wove frames, stored outcomes, and remote exceptions rebuilt.
+
+Everything that turns what a worker sent (a verified ``WireEvent``, a signed outcome
+read back from a ledger or a drop box) into the dict frame the caller sees, and back,
+lives here, in ``core``: the dispatcher, the transports, the adapters and the CLI all
+decode the same way without importing the dispatcher or the worker side.
 
 A pickled exception loses its traceback: unpickled in the caller, it would show only the
 caller's frames (the Hub, the dispatcher) and none of the task's. This module gives it
@@ -9,18 +14,35 @@ traceback, so ``traceback.print_exc()`` in the caller prints the worker's frames
 that cannot be unpickled here (its class exists only on the worker) becomes a
 ``TaskExecutionError`` with the remote kind, message and traceback, chained the same way.
 
-Only the standard library is imported: ``core`` stays free of backend libraries.
+No backend library is imported: ``core`` stays free of them.
 """
 
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
+from wove_adapters.core import frames, signing
+from wove_adapters.core.envelope import dumps, loads
 from wove_adapters.core.errors import TaskExecutionError
 
-__all__ = ["RemoteTraceback", "attach_remote_traceback", "rebuild_exception"]
+__all__ = [
+    "RemoteTraceback",
+    "attach_remote_traceback",
+    "decode_outcome",
+    "exception_from_frame",
+    "frame_to_wire",
+    "pickled_exception",
+    "rebuild_exception",
+    "sign_events",
+    "wire_to_frame",
+]
+
+_encoder = msgspec.msgpack.Encoder()
 
 
 class RemoteTraceback(Exception):
@@ -57,7 +79,7 @@ def rebuild_exception(error: Mapping[str, Any], pickled: bytes | None) -> BaseEx
     ``pickled`` the cloudpickled original exception, if the worker could pickle it. The
     original type comes back when it unpickles here, else ``TaskExecutionError``; either
     way with the worker's traceback chained (see the module docstring). Drop-in for the
-    block in ``core.runtime.wire_to_frame`` that builds ``frame["exception"]``.
+    block in ``wire_to_frame`` that builds ``frame["exception"]``.
     """
     payload = dict(error)
     exc: BaseException | None = None
@@ -71,3 +93,90 @@ def rebuild_exception(error: Mapping[str, Any], pickled: bytes | None) -> BaseEx
     if exc is None:
         exc = TaskExecutionError(payload)
     return attach_remote_traceback(exc, str(payload.get("traceback") or ""))
+
+
+def pickled_exception(exc: BaseException) -> bytes | None:
+    """The exception pickled for the caller, if it round-trips here; None otherwise (the
+    caller then rebuilds it from its type name and message). Its pickling runs user code
+    (a ``__reduce__`` may even call ``sys.exit``), which must not end the worker."""
+    try:
+        data = dumps(exc)
+        loads(data)
+        return data
+    except BaseException:
+        return None
+
+
+# ---------------------------------------------------------------- wire <-> frame
+
+
+def wire_to_frame(event: frames.WireEvent, raw: bytes | None = None) -> dict[str, Any]:
+    """A verified wire event as a wove dict frame; results and exceptions unpickled."""
+    kind = type(event).__struct_config__.tag
+    frame = frames.event(str(kind), event.run_id, event.task_id, event.attempt)
+    if isinstance(event, frames.TaskResult):
+        frame["result"] = loads(event.result)
+    elif isinstance(event, frames.TaskError):
+        payload = event.error.to_dict()
+        frame["error"] = payload
+        # The original type with the worker's traceback chained (TaskExecutionError when
+        # it does not unpickle here).
+        frame["exception"] = rebuild_exception(payload, event.exception)
+    elif isinstance(event, frames.Log):
+        frame["message"] = event.message
+        frame["level"] = event.level
+    elif isinstance(event, (frames.TaskCancelled, frames.TaskLost)):
+        frame["reason"] = event.reason
+    if raw is not None:
+        frame["_blob"] = raw
+    return frame
+
+
+def frame_to_wire(frame: dict[str, Any]) -> frames.WireEvent:
+    """The inverse, for recording a locally produced outcome in a shared ledger."""
+    ident = {
+        "run_id": frame["run_id"],
+        "task_id": frame.get("task_id", ""),
+        "attempt": frame.get("attempt", 1),
+    }
+    kind = frame["type"]
+    if kind == frames.TASK_RESULT:
+        return frames.TaskResult(**ident, result=dumps(frame.get("result")))
+    if kind == frames.TASK_ERROR:
+        exc = frame.get("exception")
+        error = frame.get("error") or {"kind": "Error", "message": str(exc)}
+        return frames.TaskError(
+            **ident,
+            error=msgspec.convert(error, frames.ErrorPayload),
+            exception=pickled_exception(exc) if isinstance(exc, BaseException) else None,
+        )
+    return frames.TaskCancelled(**ident, reason=str(frame.get("reason", "")))
+
+
+def exception_from_frame(frame: dict[str, Any]) -> BaseException:
+    exc = frame.get("exception")
+    if isinstance(exc, BaseException):
+        return exc
+    return TaskExecutionError(frame.get("error") or {"kind": "Error", "message": "task failed"})
+
+
+# ---------------------------------------------------------------- signed batches
+
+
+def sign_events(events: list[frames.WireEvent], key_id: str) -> signing.SignedBlob:
+    """Events as one signed ``EventBatch``: the form every way back carries (HTTP, the
+    Redis drop box) and every ledger stores."""
+    return signing.sign(
+        _encoder.encode(frames.EventBatch(events=events, sent_at=time.time())), key_id
+    )
+
+
+def decode_outcome(blob_bytes: bytes, run_id: str | None = None) -> dict[str, Any]:
+    """Verify a stored outcome and return its terminal event as a frame."""
+    body = signing.verify(signing.decode_blob(blob_bytes), window=None)
+    batch = msgspec.msgpack.decode(body, type=frames.EventBatch)
+    for event in reversed(batch.events):
+        if isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled)):
+            if run_id is None or event.run_id == run_id:
+                return wire_to_frame(event)
+    raise ValueError("the stored outcome holds no terminal event")

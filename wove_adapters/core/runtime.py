@@ -19,16 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
-from wove_adapters.core import frames
+from wove_adapters.core import frames, signing
+from wove_adapters.core.codec import decode_outcome, frame_to_wire, sign_events
 from wove_adapters.core.errors import (
     BackendUnavailableError,
     CancelNotAcknowledgedError,
     DeliveryDetachedError,
     DeliveryOrphanedError,
     DeliveryTimeoutError,
-    TaskExecutionError,
 )
 from wove_adapters.core.ledger.base import (
     CANCELLED,
@@ -113,79 +111,6 @@ class Run:
     @property
     def run_id(self) -> str:
         return self.attempt.run_id
-
-
-# ---------------------------------------------------------------- wire <-> frame
-
-
-def wire_to_frame(event: frames.WireEvent, raw: bytes | None = None) -> dict[str, Any]:
-    """A verified wire event as a wove dict frame; results and exceptions unpickled."""
-    from wove_adapters.callbacks.payload import loads
-
-    kind = type(event).__struct_config__.tag
-    frame = frames.event(str(kind), event.run_id, event.task_id, event.attempt)
-    if isinstance(event, frames.TaskResult):
-        frame["result"] = loads(event.result)
-    elif isinstance(event, frames.TaskError):
-        payload = event.error.to_dict()
-        frame["error"] = payload
-        from wove_adapters.core.codec import rebuild_exception
-
-        # The original type with the worker's traceback chained (TaskExecutionError when
-        # it does not unpickle here).
-        frame["exception"] = rebuild_exception(payload, event.exception)
-    elif isinstance(event, frames.Log):
-        frame["message"] = event.message
-        frame["level"] = event.level
-    elif isinstance(event, (frames.TaskCancelled, frames.TaskLost)):
-        frame["reason"] = event.reason
-    if raw is not None:
-        frame["_blob"] = raw
-    return frame
-
-
-def frame_to_wire(frame: dict[str, Any]) -> frames.WireEvent:
-    """The inverse, for recording a locally produced outcome in a shared ledger."""
-    from wove_adapters.callbacks.payload import dumps
-    from wove_adapters.callbacks.worker import pickled_exception
-
-    ident = {
-        "run_id": frame["run_id"],
-        "task_id": frame.get("task_id", ""),
-        "attempt": frame.get("attempt", 1),
-    }
-    kind = frame["type"]
-    if kind == frames.TASK_RESULT:
-        return frames.TaskResult(**ident, result=dumps(frame.get("result")))
-    if kind == frames.TASK_ERROR:
-        exc = frame.get("exception")
-        error = frame.get("error") or {"kind": "Error", "message": str(exc)}
-        return frames.TaskError(
-            **ident,
-            error=msgspec.convert(error, frames.ErrorPayload),
-            exception=pickled_exception(exc) if isinstance(exc, BaseException) else None,
-        )
-    return frames.TaskCancelled(**ident, reason=str(frame.get("reason", "")))
-
-
-def decode_outcome(blob_bytes: bytes, run_id: str | None = None) -> dict[str, Any]:
-    """Verify a stored outcome and return its terminal event as a frame."""
-    from wove_adapters.callbacks import signing
-
-    body = signing.verify(signing.decode_blob(blob_bytes), window=None)
-    batch = msgspec.msgpack.decode(body, type=frames.EventBatch)
-    for event in reversed(batch.events):
-        if isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled)):
-            if run_id is None or event.run_id == run_id:
-                return wire_to_frame(event)
-    raise ValueError("the stored outcome holds no terminal event")
-
-
-def exception_from_frame(frame: dict[str, Any]) -> BaseException:
-    exc = frame.get("exception")
-    if isinstance(exc, BaseException):
-        return exc
-    return TaskExecutionError(frame.get("error") or {"kind": "Error", "message": "task failed"})
 
 
 # ---------------------------------------------------------------- the dispatcher
@@ -703,10 +628,8 @@ class Dispatcher:
             self._ledger_later(lambda: self.ledger.update(run_id, state=state))
 
     def _sign_outcome(self, frame: dict[str, Any]) -> bytes | None:
-        from wove_adapters.callbacks import sender, signing
-
         try:
-            return signing.encode_blob(sender.sign_events([frame_to_wire(frame)], self.key_id))
+            return signing.encode_blob(sign_events([frame_to_wire(frame)], self.key_id))
         except Exception:
             log.warning("could not record the outcome of %s in the ledger", frame.get("run_id"))
             return None

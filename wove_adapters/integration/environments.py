@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from wove_adapters.adapters.base import AdapterTransport, get_adapter_class
-from wove_adapters.callbacks import signing
+from wove_adapters.core import signing
 from wove_adapters.core.executors.local import LocalTransport
 from wove_adapters.core.executors.stdio import StdioTransport
 from wove_adapters.core.ledger import open_ledger

@@ -26,6 +26,7 @@ from typing import Any
 
 from wove_adapters.core import frames
 from wove_adapters.core import loop as shared_loop
+from wove_adapters.core.codec import decode_outcome, exception_from_frame
 from wove_adapters.core.config import Config, load_config
 from wove_adapters.core.errors import (
     CancelNotAcknowledgedError,
@@ -41,7 +42,7 @@ from wove_adapters.core.ledger import (
     open_ledger,
 )
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
-from wove_adapters.core.runtime import Dispatcher, Run, decode_outcome, exception_from_frame
+from wove_adapters.core.runtime import Dispatcher, Run
 from wove_adapters.core.transport import RunAttempt
 from wove_adapters.integration.environments import get_dispatcher
 

@@ -366,7 +366,7 @@ def test_cancel_running_terminates_and_describe_jobs_confirms(
 
 
 def test_s3_store_round_trip(batch_stack: Any) -> None:
-    from wove_adapters.callbacks import payload as payload_mod
+    from wove_adapters.core import stores as payload_mod
     from wove_adapters.core.errors import PayloadError
 
     store = payload_mod.open_store(batch_stack.store_url)

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import pytest
 
-from wove_adapters.callbacks import payload as payload_mod
-from wove_adapters.callbacks import signing
 from wove_adapters.callbacks.receiver import CallbackReceiver
+from wove_adapters.core import envelope as payload_mod
+from wove_adapters.core import signing
+from wove_adapters.core.codec import decode_outcome
 from wove_adapters.core.ledger import RunRecord, open_ledger
-from wove_adapters.core.runtime import decode_outcome
 from wove_adapters.testing import tasks
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -16,10 +16,10 @@ import time
 import uuid
 from pathlib import Path
 
-from wove_adapters.callbacks import payload as payload_mod
-from wove_adapters.callbacks import signing
+from wove_adapters.core import envelope as payload_mod
+from wove_adapters.core import signing
+from wove_adapters.core.codec import decode_outcome
 from wove_adapters.core.ledger import RunRecord, open_ledger
-from wove_adapters.core.runtime import decode_outcome
 
 
 def triple(x: int) -> int:

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from dask_cluster_helpers import DaskCluster, wait_for_workers
 
+from wove_adapters.core.codec import decode_outcome
 from wove_adapters.core.ledger import RunRecord, open_ledger
-from wove_adapters.core.runtime import decode_outcome
 from wove_adapters.integration.hub import Hub
 
 CALLER_A = textwrap.dedent('''

@@ -28,8 +28,8 @@ from typing import Any
 
 import msgspec
 
-from wove_adapters.callbacks.payload import dumps
 from wove_adapters.core import frames
+from wove_adapters.core.envelope import dumps
 from wove_adapters.core.errors import TaskExecutionError
 from wove_adapters.core.policies import Capabilities
 from wove_adapters.core.transport import Emit, RunAttempt, Transport
@@ -304,7 +304,7 @@ def event_frame(event: frames.WireEvent, *, where: str) -> dict[str, Any]:
     becomes ``TaskExecutionError``; a rebuilt exception gets the worker's traceback as
     its cause (``core.codec``). Unpickling runs arbitrary code (a ``__reduce__`` may
     even call ``sys.exit``); here it runs on the shared loop, which must survive it."""
-    from wove_adapters.core.runtime import wire_to_frame
+    from wove_adapters.core.codec import wire_to_frame
 
     try:
         frame = wire_to_frame(event)

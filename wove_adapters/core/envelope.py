@@ -3,25 +3,22 @@
 The payload is a versioned envelope; its ``body`` is cloudpickle of ``(callable, args)``.
 Backends limit what they carry inline (environment variables, command lines, API fields),
 so a body above the adapter's inline limit goes to a payload store and the envelope
-carries a reference with the body's sha256, which the worker checks before unpickling.
+carries a reference with the body's sha256, which the worker checks before unpickling
+(the stores are in ``core.stores``).
 """
 
 from __future__ import annotations
 
-import abc
 import base64
-import hashlib
 import importlib
-import os
 import time
-import urllib.parse
-from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 
-from wove_adapters.callbacks import signing
+from wove_adapters.core import signing
 from wove_adapters.core.errors import MissingDispatchFeatureError, PayloadError
+from wove_adapters.core.stores import BodyRef, open_store
 
 PAYLOAD_VERSION: Final = 1
 PAYLOAD_PREFIX: Final = "wove1."
@@ -34,13 +31,6 @@ class ReturnPath(msgspec.Struct, frozen=True, kw_only=True):
     kind: str = "http"
     url: str = ""
     key: str = ""
-
-
-class BodyRef(msgspec.Struct, frozen=True, kw_only=True):
-    store: str
-    key: str
-    sha256: str
-    size: int
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,137 +120,6 @@ def load_body(envelope: Envelope) -> tuple[Any, dict[str, Any]]:
         raise PayloadError("payload has neither a body nor a body reference")
     func, args = loads(data)
     return func, dict(args)
-
-
-# ---------------------------------------------------------------- stores
-
-
-class PayloadStore(abc.ABC):
-    """Holds bodies too large to travel inline. Sync on purpose: workers call it from
-    plain code; the caller runs it in a thread."""
-
-    url: str
-
-    @abc.abstractmethod
-    def _put(self, key: str, data: bytes) -> None: ...
-
-    @abc.abstractmethod
-    def _get(self, key: str) -> bytes: ...
-
-    @abc.abstractmethod
-    def delete(self, ref: BodyRef) -> None: ...
-
-    def put(self, key: str, data: bytes) -> BodyRef:
-        self._put(key, data)
-        return BodyRef(
-            store=self.url, key=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
-        )
-
-    def get(self, ref: BodyRef) -> bytes:
-        try:
-            data = self._get(ref.key)
-        except (OSError, KeyError) as exc:
-            raise PayloadError(
-                f"payload body {ref.key} is missing from {self.url}: {exc}"
-            ) from None
-        if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise PayloadError(f"payload body {ref.key} does not match its sha256; refused")
-        return data
-
-
-class FileStore(PayloadStore):
-    """A directory (local or shared, e.g. NFS for Slurm)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.root = Path(urllib.parse.urlparse(url).path)
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-    def _path(self, key: str) -> Path:
-        if "/" in key or key.startswith("."):
-            raise PayloadError(f"bad payload key {key!r}")
-        return self.root / key
-
-    def _put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-
-    def _get(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
-
-    def delete(self, ref: BodyRef) -> None:
-        try:
-            self._path(ref.key).unlink()
-        except FileNotFoundError:
-            pass
-
-
-class RedisStore(PayloadStore):
-    """``redis://host:port/db?prefix=...&ttl=86400``: for workers on other hosts."""
-
-    def __init__(self, url: str) -> None:
-        try:
-            import redis
-        except ImportError:
-            from wove_adapters.core.errors import MissingBackendError
-
-            raise MissingBackendError("redis payload store", "redis", "redis") from None
-        self.url = url
-        parsed = urllib.parse.urlparse(url)
-        query = urllib.parse.parse_qs(parsed.query)
-        self.prefix = query.get("prefix", ["wove-adapters:payload:"])[0]
-        self.ttl = int(query.get("ttl", ["86400"])[0])
-        base = urllib.parse.urlunparse(parsed._replace(query=""))
-        self._client = redis.Redis.from_url(base)
-
-    def _put(self, key: str, data: bytes) -> None:
-        self._client.set(self.prefix + key, data, ex=self.ttl)
-
-    def _get(self, key: str) -> bytes:
-        data = self._client.get(self.prefix + key)
-        if data is None:
-            raise KeyError(key)
-        return bytes(data)  # type: ignore[arg-type]
-
-    def delete(self, ref: BodyRef) -> None:
-        self._client.delete(self.prefix + ref.key)
-
-
-_STORE_KINDS: dict[str, str] = {
-    "file": "wove_adapters.callbacks.payload:FileStore",
-    "redis": "wove_adapters.callbacks.payload:RedisStore",
-    "rediss": "wove_adapters.callbacks.payload:RedisStore",
-    # A string, imported on first use: workers open s3:// references without ever
-    # importing the AWS Batch adapter.
-    "s3": "wove_adapters.adapters.aws_batch:S3Store",
-}
-_stores: dict[str, PayloadStore] = {}
-
-
-def register_store(scheme: str, dotted: str) -> None:
-    """Let an adapter add a store kind (S3 arrives with AWS Batch)."""
-    _STORE_KINDS[scheme] = dotted
-
-
-def open_store(url: str | None) -> PayloadStore:
-    from wove_adapters.core.paths import default_store_url
-
-    url = url or default_store_url()
-    store = _stores.get(url)
-    if store is None:
-        scheme = urllib.parse.urlparse(url).scheme
-        dotted = _STORE_KINDS.get(scheme)
-        if dotted is None:
-            known = ", ".join(sorted(_STORE_KINDS))
-            raise ValueError(f"Unknown payload store {url!r}; supported schemes: {known}")
-        module, _, name = dotted.partition(":")
-        store = getattr(importlib.import_module(module), name)(url)
-        _stores[url] = store
-    return store
 
 
 def build_envelope(
