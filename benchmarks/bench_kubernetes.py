@@ -193,7 +193,7 @@ def main() -> None:
             "versions": versions(("wove-adapters", "kubernetes", "aiohttp", "cloudpickle")),
         }), flush=True)
     finally:
-        services.stop_cluster(cluster.process)
+        services.stop_cluster(cluster)
 
 
 if __name__ == "__main__":

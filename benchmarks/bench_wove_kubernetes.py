@@ -38,7 +38,7 @@ def main() -> None:
             "image": "ghcr.io/example/wove-worker:py3.11",
         }, timeout=60)
     finally:
-        stop_cluster(cluster.process)
+        stop_cluster(cluster)
     emit({"backend": "kubernetes_jobs", "native": None, "ours": None, "wove": None,
           "wove_note": failure or "wove's kubernetes_jobs adapter ran one task; "
                                   "no figures were measured"})

@@ -16,13 +16,9 @@ caller's signing key).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "support"))
+from services import ServiceError, ServiceProcess, free_port  # noqa: E402
+
 SHIM = HERE / "docker_engine_shim.py"
 REGION = "us-east-1"
 DUMMY_CREDENTIALS = {
@@ -45,8 +44,8 @@ class BatchStack:
     workdir: Path
     socket_path: Path
     port: int
-    shim: subprocess.Popen[bytes]
-    moto: subprocess.Popen[bytes]
+    shim: ServiceProcess
+    moto: ServiceProcess
     names: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -77,12 +76,6 @@ class BatchStack:
         return boto3.client(service, endpoint_url=self.endpoint_url, region_name=REGION)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _ping_shim(path: Path) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -102,20 +95,8 @@ def _ping_moto(port: int) -> bool:
         return False
 
 
-def _wait(what: str, ready: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise RuntimeError(
-        f"{what} did not become ready within {timeout}s (exit code {proc.poll()}); its log "
-        f"{log}:\n{log.read_text(errors='replace')[-3000:] if log.exists() else '(none)'}\n"
-        "Install the test dependencies: "
-        "pip install 'wove-adapters[aws]' 'moto[server,batch]' docker"
-    )
+INSTALL_HINT = ("Install the test dependencies: "
+                "pip install 'wove-adapters[aws]' 'moto[server,batch]' docker")
 
 
 def start_stack(workdir: Path, *, max_running: int = 16, timeout: float = 60.0) -> BatchStack:
@@ -127,35 +108,35 @@ def start_stack(workdir: Path, *, max_running: int = 16, timeout: float = 60.0) 
     workdir.mkdir(parents=True, exist_ok=True)
     socket_path = workdir / "docker.sock"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WOVE_SHIM_WORKDIR": str(workdir)}
-    shim_log = workdir / "docker-shim.log"
-    shim = subprocess.Popen(
+    shim = ServiceProcess(
+        "the Docker Engine API shim",
         [sys.executable, str(SHIM), "--socket", str(socket_path),
          "--log-dir", str(workdir / "containers"), "--max-running", str(max_running)],
-        stdout=shim_log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env=env, start_new_session=True, cwd=str(workdir),
+        log=workdir / "docker-shim.log", env=env, cwd=workdir,
+        ready=lambda: _ping_shim(socket_path), ready_timeout=timeout, kill_group_after=False,
     )
-    moto = None
+    port = free_port()
+    moto = ServiceProcess(
+        "moto_server", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        log=workdir / "moto-server.log", env={**env, "DOCKER_HOST": f"unix://{socket_path}"},
+        cwd=workdir, ready=lambda: _ping_moto(port), ready_timeout=timeout,
+        kill_group_after=False,
+    )
     try:
-        _wait("the Docker Engine API shim", lambda: _ping_shim(socket_path), shim, shim_log,
-              timeout)
-        port = free_port()
-        moto_log = workdir / "moto-server.log"
-        moto = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=moto_log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**env, "DOCKER_HOST": f"unix://{socket_path}"},
-            start_new_session=True, cwd=str(workdir),
-        )
-        _wait("moto_server", lambda: _ping_moto(port), moto, moto_log, timeout)
+        shim.start()
+        moto.start()
         stack = BatchStack(
             workdir=workdir, socket_path=socket_path, port=port, shim=shim, moto=moto
         )
         stack.names = create_resources(stack)
         return stack
+    except ServiceError as exc:
+        moto.stop()
+        shim.stop()
+        raise RuntimeError(f"{exc}\n{INSTALL_HINT}") from None
     except BaseException:
-        for proc in (moto, shim):
-            if proc is not None:
-                _stop(proc)
+        moto.stop()
+        shim.stop()
         raise
 
 
@@ -189,20 +170,7 @@ def create_resources(stack: BatchStack, tag: str | None = None) -> dict[str, str
     return {"queue": f"{tag}-queue", "definition": f"{tag}-def", "bucket": tag, "tag": tag}
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-
 def stop_stack(stack: BatchStack) -> None:
     """moto first (its job threads stop asking), then the shim, which kills its containers."""
-    _stop(stack.moto)
-    _stop(stack.shim)
+    stack.moto.stop()
+    stack.shim.stop()

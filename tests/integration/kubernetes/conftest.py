@@ -27,4 +27,4 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeClust
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
     yield cluster
-    stop_cluster(cluster.process)
+    stop_cluster(cluster)

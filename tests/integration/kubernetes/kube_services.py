@@ -11,16 +11,17 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "support"))
+from services import ServiceError, ServiceProcess  # noqa: E402
+
 NAMESPACE = "wove-test"
 CAPACITY = 4  # Pods the emulated node runs at once; more wait Pending (a real queue)
 
@@ -31,7 +32,12 @@ class KubeCluster:
     token: str
     kubeconfig: Path
     state_dir: Path
-    process: subprocess.Popen[bytes]
+    service: ServiceProcess
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.service.proc is not None
+        return self.service.proc
 
     def config(self, **extra: Any) -> dict[str, Any]:
         """executor_config for the adapter: the kubeconfig, an image, and the env the
@@ -90,51 +96,36 @@ def start_cluster(state_dir: Path) -> KubeCluster:
     """Start the emulator (its own session), wait until it answers, write a kubeconfig.
     Raises RuntimeError with the emulator's log when it does not come up."""
     token = secrets.token_hex(16)
-    log = open(state_dir / "emulator.log", "wb")
-    process = subprocess.Popen(
+    service = ServiceProcess(
+        "the Kubernetes API emulator",
         [sys.executable, str(HERE / "kube_emulator.py"), "--state-dir", str(state_dir),
          "--capacity", str(CAPACITY), "--token", token, "--namespace", NAMESPACE,
          "--namespace", "wove-readonly", "--readonly-namespace", "wove-readonly"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ),
+        log=state_dir / "emulator.log", ready=lambda: _answers(state_dir, token),
+        ready_timeout=60,
     )
-    log.close()
     try:
-        url = _wait_ready(process, state_dir, token)
-    except RuntimeError as exc:
-        stop_cluster(process)
-        raise RuntimeError(f"{exc}\n{(state_dir / 'emulator.log').read_text()}") from None
+        service.start()
+    except ServiceError as exc:
+        raise RuntimeError(str(exc)) from None
+    url = _answers(state_dir, token)
     kubeconfig = state_dir / "kubeconfig"
     _kubeconfig(kubeconfig, url, token)
     return KubeCluster(url=url, token=token, kubeconfig=kubeconfig, state_dir=state_dir,
-                       process=process)
+                       service=service)
 
 
-def _wait_ready(process: subprocess.Popen[bytes], state_dir: Path, token: str) -> str:
-    deadline = time.monotonic() + 60
+def _answers(state_dir: Path, token: str) -> str:
+    """The emulator's URL once it wrote its port and answers ``/version``, else ""."""
     port_file = state_dir / "port"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the Kubernetes API emulator exited with {process.returncode}")
-        if port_file.exists():
-            url = f"http://127.0.0.1:{port_file.read_text().strip()}"
-            request = urllib.request.Request(
-                url + "/version", headers={"Authorization": f"Bearer {token}"}
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    if response.status == 200:
-                        return url
-            except OSError:
-                pass
-        time.sleep(0.05)
-    raise RuntimeError("the Kubernetes API emulator did not answer /version within 60s")
+    if not port_file.exists():
+        return ""
+    url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+    request = urllib.request.Request(url + "/version", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return url if response.status == 200 else ""
 
 
-def stop_cluster(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
+def stop_cluster(cluster: KubeCluster) -> None:
+    """SIGTERM by PID; SIGKILL of its group (the Pods it runs) after 15 s."""
+    cluster.service.stop()

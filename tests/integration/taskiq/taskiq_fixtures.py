@@ -7,7 +7,6 @@ other backend's test directory uses.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "support"))
+from services import ServiceError, ServiceProcess  # noqa: E402
+
 REDIS_URL = os.environ.get("WOVE_TEST_TASKIQ_URL", "redis://127.0.0.1:6379/0")
 SLOTS = 2
 
@@ -30,8 +32,13 @@ def redis_client() -> Any:
 class TaskiqWorker:
     queue: str
     url: str
-    proc: subprocess.Popen[bytes]
+    service: ServiceProcess
     log: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.service.proc is not None
+        return self.service.proc
 
     @property
     def config(self) -> dict[str, Any]:
@@ -44,21 +51,22 @@ class TaskiqWorker:
         ).stdout
         return [int(p) for p in out.split()]
 
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        """Until a worker process announced itself and its payload processes are warm."""
+    def announced(self) -> bool:
+        """A worker process announced itself and its payload processes are warm."""
         client = redis_client()
-        deadline = time.monotonic() + timeout
-        key = f"wove:taskiq:workers:{self.queue}"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"taskiq worker exited: {self.log.read_text()[-3000:]}")
-            seen = client.zrangebyscore(key, time.time() - 15, "+inf")
-            pids = self.worker_pids()
-            if any(m.decode().rsplit(":", 1)[-1] in map(str, pids) for m in seen):
-                return
-            time.sleep(0.05)
-        tail = self.log.read_text()[-3000:]
-        raise AssertionError(f"taskiq worker not ready in {timeout}s: {tail}")
+        try:
+            seen = client.zrangebyscore(f"wove:taskiq:workers:{self.queue}", time.time() - 15,
+                                        "+inf")
+        finally:
+            client.close()
+        pids = set(map(str, self.worker_pids()))
+        return any(m.decode().rsplit(":", 1)[-1] in pids for m in seen)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        try:
+            self.service.wait_ready(timeout)
+        except ServiceError as exc:
+            raise AssertionError(str(exc)) from None
 
 
 def start_worker(
@@ -72,14 +80,15 @@ def start_worker(
         "WOVE_TEST_TASKIQ_PROCESSES": str(slots),
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
     }
-    handle = open(log, "wb")
-    proc = subprocess.Popen(
+    service = ServiceProcess(
+        f"taskiq worker on {queue}",
         [sys.executable, "-m", "taskiq", "worker", "taskiq_worker_app:broker",
          "--workers", "1", "--max-async-tasks", str(slots), "--log-level", "WARNING",
          "--shutdown-timeout", "5", "--wait-tasks-timeout", "5"],
-        env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(HERE),
-    )
-    worker = TaskiqWorker(queue=queue, url=REDIS_URL, proc=proc, log=log)
+        log=log, env=env, cwd=HERE, grace=20, kill_group_after=False,
+    ).launch()
+    worker = TaskiqWorker(queue=queue, url=REDIS_URL, service=service, log=log)
+    service.ready = worker.announced
     try:
         worker.wait_ready()
     except BaseException:
@@ -89,13 +98,8 @@ def start_worker(
 
 
 def stop_worker(worker: TaskiqWorker) -> None:
-    if worker.proc.poll() is None:
-        worker.proc.send_signal(signal.SIGTERM)
-        try:
-            worker.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.proc.pid, signal.SIGKILL)  # its own session: only what we started
-            worker.proc.wait(10)
+    """SIGTERM by PID; SIGKILL of its own group (only what it started) after 20 s."""
+    worker.service.stop()
     cleanup_keys(worker.queue)
 
 

@@ -7,19 +7,18 @@ the task processes they fork)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "support"))
+from services import ServiceError, ServiceProcess, free_port  # noqa: E402 (re-exported)
+
 # Tasks the session worker runs at once (its max_concurrent_activities).
 WORKER_SLOTS = 2
 
@@ -37,37 +36,19 @@ def temporal_binary() -> str:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes], *, group: bool, timeout: float) -> None:
-    """SIGTERM by PID, wait, then SIGKILL (the whole process group when ``group``)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    if group:
-        # The worker's forkserver and task processes share its group (new session).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 @dataclass
 class DevServer:
     address: str
-    proc: subprocess.Popen[bytes]
+    service: ServiceProcess
     log: Path
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.service.proc is not None
+        return self.service.proc
+
     def stop(self) -> None:
-        _stop(self.proc, group=False, timeout=20)
+        self.service.stop()
 
 
 async def _connect(address: str) -> Any:
@@ -76,24 +57,9 @@ async def _connect(address: str) -> Any:
     return await Client.connect(address)
 
 
-def wait_until_serving(address: str, proc: subprocess.Popen[bytes], log: Path,
-                       timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"the Temporal dev server exited with {proc.returncode}: "
-                f"{log.read_text()[-2000:]}"
-            )
-        try:
-            asyncio.run(asyncio.wait_for(_connect(address), 5))
-            return
-        except Exception as exc:  # not serving yet
-            last = exc
-            time.sleep(0.1)
-    raise RuntimeError(f"the Temporal dev server at {address} did not serve within "
-                       f"{timeout}s: {last}")
+def _serving(address: str) -> bool:
+    asyncio.run(asyncio.wait_for(_connect(address), 5))
+    return True
 
 
 def start_dev_server(workdir: Path) -> DevServer:
@@ -111,38 +77,39 @@ def start_dev_server(workdir: Path) -> DevServer:
         "--headless",
         "--log-level", "warn",
     ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=workdir, start_new_session=True,
-        )
     address = f"127.0.0.1:{port}"
+    service = ServiceProcess(
+        "the Temporal dev server", command, log=log, cwd=workdir,
+        ready=lambda: _serving(address), ready_timeout=90, grace=20, kill_group_after=False,
+    )
     try:
-        wait_until_serving(address, proc, log)
-    except BaseException:
-        _stop(proc, group=False, timeout=10)
-        raise
-    return DevServer(address=address, proc=proc, log=log)
+        service.start()
+    except ServiceError as exc:
+        raise RuntimeError(str(exc)) from None
+    return DevServer(address=address, service=service, log=log)
 
 
 @dataclass
 class WorkerProcess:
     address: str
     task_queue: str
-    proc: subprocess.Popen[bytes]
+    service: ServiceProcess
     log: Path
     args: list[str] = field(default_factory=list)
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.service.proc is not None
+        return self.service.proc
+
     def stop(self) -> None:
-        _stop(self.proc, group=True, timeout=20)
+        """SIGTERM by PID; SIGKILL of its group (the forkserver and task processes it
+        started share it) after 20 s, and afterwards for any that outlived it."""
+        self.service.stop()
 
     def kill(self) -> None:
         """SIGKILL the worker (its task processes die with it)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.service.kill()
 
 
 async def _pollers(address: str, task_queue: str) -> tuple[int, int]:
@@ -183,32 +150,19 @@ def start_worker(
     environment["PYTHONPATH"] = os.pathsep.join(
         [str(HERE), *filter(None, [environment.get("PYTHONPATH")])]
     )
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=environment, start_new_session=True,
-        )
-    worker = WorkerProcess(address=address, task_queue=task_queue, proc=proc, log=log,
-                           args=list(args or []))
-    deadline = time.monotonic() + timeout
+    def polling() -> bool:
+        # Pollers linger in the server's view after a worker dies; this is a fresh
+        # queue or the previous worker's pollers were already seen gone.
+        workflow_pollers, activity_pollers = asyncio.run(_pollers(address, task_queue))
+        return bool(workflow_pollers and activity_pollers)
+
+    service = ServiceProcess(
+        f"the Temporal worker on '{task_queue}'", argv, log=log, env=environment,
+        ready=polling, ready_timeout=timeout, grace=20, append_log=True,
+    )
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"the Temporal worker exited with {proc.returncode}: "
-                    f"{log.read_text()[-3000:]}"
-                )
-            # Pollers linger in the server's view after a worker dies; this is a fresh
-            # queue or the previous worker's pollers were already seen gone.
-            with contextlib.suppress(Exception):
-                workflow_pollers, activity_pollers = asyncio.run(_pollers(address, task_queue))
-                if workflow_pollers and activity_pollers:
-                    return worker
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the Temporal worker did not poll '{task_queue}' within "
-                                   f"{timeout}s: {log.read_text()[-3000:]}")
-            time.sleep(0.1)
-    except BaseException:
-        worker.stop()
-        raise
+        service.start()
+    except ServiceError as exc:
+        raise RuntimeError(str(exc)) from None
+    return WorkerProcess(address=address, task_queue=task_queue, service=service, log=log,
+                         args=list(args or []))
