@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
+import dask_cli
 
 
 def add_one(x: int) -> int:
@@ -32,41 +33,14 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def start_cluster(tmp: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
-    cli = str(Path(sys.executable).with_name("dask"))
-    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
-    scheduler_file = tmp / "scheduler.json"
-    log = open(tmp / "cluster.log", "wb")  # lives as long as the cluster
-    procs = [subprocess.Popen(
-        [cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
-         "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)]
-    deadline = time.monotonic() + 60
-    address = ""
-    while not address:
-        if time.monotonic() > deadline:
-            raise SystemExit("dask scheduler did not start; see " + str(tmp / "cluster.log"))
-        try:
-            address = json.loads(scheduler_file.read_text())["address"]
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.05)
-    procs.append(subprocess.Popen(
-        [cli, "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
-         "--dashboard-address", "127.0.0.1:0"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-    return address, procs
+def start_cluster(tmp: Path) -> tuple[str, dask_cli.DaskCliCluster]:
+    """Scheduler + 2 worker processes from Dask's CLI (``tests/support/dask_cli.py``)."""
+    cluster = dask_cli.start(tmp, 2)
+    return cluster.address, cluster
 
 
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in reversed(procs):
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def stop(cluster: dask_cli.DaskCliCluster) -> None:
+    cluster.stop()
 
 
 def native_round(client: Any, seq: int, burst: int) -> tuple[list[float], float]:
@@ -113,7 +87,7 @@ def main() -> None:
     from wove_adapters.integration.hub import Hub
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dask-"))
-    address, procs = start_cluster(tmp)
+    address, cluster = start_cluster(tmp)
     try:
         client = Client(address, timeout=30)
         client.wait_for_workers(2, timeout=120)
@@ -164,7 +138,7 @@ def main() -> None:
         from wove_adapters.integration.environments import stop_all
 
         shared_loop.run_sync(stop_all(), 60)
-        stop(procs)
+        stop(cluster)
 
 
 if __name__ == "__main__":

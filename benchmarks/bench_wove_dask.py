@@ -46,7 +46,7 @@ def main() -> None:
     from wove_adapters.integration.hub import Hub
     from wove_adapters.testing.tasks import add
 
-    address, procs = start_cluster(Path(tempfile.mkdtemp(prefix="bench-wove-dask-")))
+    address, cluster = start_cluster(Path(tempfile.mkdtemp(prefix="bench-wove-dask-")))
     wove: WoveRuntime | None = None
     wove_note: str | None = None
     weave: dict[str, Any] | None = None
@@ -85,7 +85,7 @@ def main() -> None:
         if wove is not None:
             wove.close()
         shared_loop.run_sync(stop_all(), 60)
-        stop(procs)
+        stop(cluster)
     emit(record_of("dask", measured, wove_note=wove_note, wove_weave_per_task=weave,
                    settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
                              "workers": "2 processes x 1 thread", "return_path": "http"}))

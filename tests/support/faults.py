@@ -34,6 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dask_cli import DaskCliCluster
+from services import ServiceProcess, children, free_port
+
+__all__ = ["children", "free_port"]  # the fault tests reach them through this module
+
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,12 +66,6 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str,
         time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def fault_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment plus ``tests/faults`` on ``PYTHONPATH``: workers and
     caller programs import ``fault_tasks`` by reference from there."""
@@ -84,19 +83,6 @@ def task_env() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- processes
-
-
-def children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (an RQ worker's work-horses, a nanny's worker)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def descendants(pid: int) -> list[int]:
@@ -153,8 +139,12 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.aof = aof
         self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.service: ServiceProcess | None = None
         self.starts = 0
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return None if self.service is None else self.service.proc
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -166,22 +156,20 @@ class RedisServer:
                    "--appendonly", "yes" if self.aof else "no"]
         if self.aof:
             command += ["--appendfsync", "always"]
-        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
         self.starts += 1
-        proc = self.proc
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                log = self.directory / "redis.log"
-                raise AssertionError(
-                    f"redis-server on port {self.port} exited with {proc.returncode}: "
-                    f"{log.read_text()[-1500:] if log.exists() else ''}"
-                    " (is redis-server installed? apt-get install redis-server)")
-            return self.ping()
-
-        wait_until(ready, timeout, f"the private redis-server on 127.0.0.1:{self.port}")
+        # redis-server writes its own log (--logfile); the service log keeps what it
+        # prints before it opens that file.
+        self.service = ServiceProcess(
+            f"the private redis-server on 127.0.0.1:{self.port} (is redis-server installed? "
+            "apt-get install redis-server)", command, log=self.directory / "redis.out",
+            ready=self.ping, ready_timeout=timeout, grace=10, kill_group_after=False,
+        )
+        try:
+            self.service.start()
+        except RuntimeError as exc:
+            log = self.directory / "redis.log"
+            raise AssertionError(f"{exc}\n{log.read_text()[-1500:] if log.exists() else ''}"
+                                 ) from None
         return self
 
     def ping(self) -> bool:
@@ -194,17 +182,16 @@ class RedisServer:
 
     def kill(self) -> None:
         """SIGKILL: no shutdown save, connections reset, as a crashed broker."""
-        if self.proc is not None and self.proc.poll() is None:
-            kill(self.proc.pid)
-            self.proc.wait(10)
+        if self.service is not None and self.service.running():
+            self.service.kill()
 
     def restart(self) -> RedisServer:
         self.kill()
         return self.start()
 
     def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc)
+        if self.service is not None:
+            self.service.stop()
 
 
 # ---------------------------------------------------------------- an rq worker
@@ -224,31 +211,27 @@ class RqWorkerProcess:
         command = [sys.executable, "-m", "rq.cli", "worker", queue, "--url", redis_url,
                    "--name", self.name, "--logging_level", "WARNING",
                    "--worker-class", worker_class]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(command, env=fault_env(), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=str(log_dir))
+        self.service = ServiceProcess(f"rq worker {self.name}", command, log=self.log_path,
+                                      env=fault_env(), cwd=log_dir).launch()
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.service.proc is not None
+        return self.service.proc
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.service.pid
 
     def wait_ready(self, timeout: float = 60.0) -> RqWorkerProcess:
         import redis
 
         client = redis.Redis.from_url(self.redis_url)
-        key = f"rq:worker:{self.name}".encode()
-
-        def registered() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"rq worker exited with {self.proc.returncode}: "
-                                     f"{self.log_path.read_text()[-2000:]}")
-            with contextlib.suppress(redis.RedisError):
-                return bool(client.exists(key))
-            return False
-
         try:
-            wait_until(registered, timeout, f"rq worker {self.name} to register")
+            self.service.wait_ready(
+                timeout, ready=lambda: client.exists(f"rq:worker:{self.name}".encode()))
+        except RuntimeError as exc:
+            raise AssertionError(str(exc)) from None
         finally:
             client.close()
         return self
@@ -259,99 +242,48 @@ class RqWorkerProcess:
     def kill(self) -> None:
         """SIGKILL the worker and its work-horses (the whole worker dies, as on a lost host)."""
         horses = self.horses()
-        kill(self.pid)
+        self.service.kill()
         for pid in horses:
             kill(pid)
-        self.proc.wait(10)
 
     def stop(self) -> None:
         horses = self.horses()
-        if self.proc.poll() is None:
+        if self.service.running():
             # Two SIGTERMs: RQ's cold shutdown kills the running work-horse, then exits.
             kill(self.pid, signal.SIGTERM)
             time.sleep(0.1)
-            kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                kill(self.pid)
-                self.proc.wait(10)
+            self.service.stop()
         for pid in horses:
             kill(pid)
 
 
-class DaskCluster:
-    """``dask scheduler`` + ``dask worker`` (nannies, one thread per worker process) from
-    Dask's own CLI, bound to 127.0.0.1, each in its own session. The scheduler runs with
-    ``allowed-failures=0`` as the Dask docs of this project advise: a killed worker fails
-    its task (``KilledWorker``) and the orphan policy decides. ``kill_workers`` SIGKILLs
-    the whole ``dask worker`` session (CLI, nannies, worker processes)."""
+class DaskCluster(DaskCliCluster):
+    """``dask scheduler`` + ``dask worker`` from Dask's own CLI (``tests/support/dask_cli``),
+    with this suite's environment. ``kill_workers`` SIGKILLs the whole ``dask worker``
+    session (CLI, nannies, worker processes)."""
 
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.scheduler_file = directory / "scheduler.json"
-        self.address = ""
-        self.scheduler: subprocess.Popen[bytes] | None = None
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.env = fault_env({"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
-        self.cli = str(Path(sys.executable).with_name("dask"))
+        super().__init__(directory, env=fault_env())
 
     def start(self, workers: int = 2) -> DaskCluster:
-        if not Path(self.cli).exists():
-            raise AssertionError(f"the 'dask' CLI is missing next to {sys.executable}: "
-                                 "pip install 'wove-adapters[dask]'")
-        with open(self.directory / "scheduler.log", "ab") as log:
-            self.scheduler = subprocess.Popen(
-                [self.cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
-                 "--dashboard-address", "127.0.0.1:0",
-                 "--scheduler-file", str(self.scheduler_file)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                start_new_session=True)
-
-        def address() -> str:
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                return str(json.loads(self.scheduler_file.read_text())["address"])
-            return ""
-
-        self.address = wait_until(address, 60, "the dask scheduler's address file")
+        self.start_scheduler()
         return self.start_workers(workers)
 
     def start_workers(self, count: int = 2) -> DaskCluster:
-        with open(self.directory / f"worker-{len(self.workers)}.log", "ab") as log:
-            self.workers.append(subprocess.Popen(
-                [self.cli, "worker", self.address, "--nworkers", str(count), "--nthreads", "1",
-                 "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                start_new_session=True))
+        self.launch_workers(count)
         self.wait_workers(count)
         return self
 
     def wait_workers(self, count: int, timeout: float = 90) -> None:
+        """Exactly ``count`` workers (killed ones gone from the scheduler's view)."""
         from distributed import Client
 
         with Client(self.address, timeout=30) as client:
             wait_until(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == count,
                        timeout, f"{count} dask workers at {self.address}", interval=0.2)
 
-    def kill_workers(self) -> None:
-        for proc in self.workers:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-    def stop(self) -> None:
-        for proc in [*self.workers, *([self.scheduler] if self.scheduler else [])]:
-            if proc.poll() is None:
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, sig)
-                    try:
-                        proc.wait(10)
-                        break
-                    except subprocess.TimeoutExpired:
-                        continue
+    def stop(self, *, grace: float = 10.0) -> None:
+        super().stop(grace=grace)
 
 
 # ---------------------------------------------------------------- caller programs
