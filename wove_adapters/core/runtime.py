@@ -1081,7 +1081,9 @@ class Dispatcher:
                 and run.attempt.attempt == attempt_number
                 and time.monotonic() >= self._quiet_until
             ):
-                never = not run.started and not run.heard
+                # Only a job the backend no longer knows can have vanished before it
+                # started; one it reports failed or succeeded did run.
+                never = state is JobState.GONE and not run.started and not run.heard
                 self._spawn(
                     self._orphan(
                         run,
