@@ -42,6 +42,29 @@ def config_cmd(config_file: str | None, environment: str | None, fmt: str) -> No
         click.echo(render_config(cfg, environment=environment, fmt=fmt))
     except (NameError, ValueError, TypeError, FileNotFoundError) as exc:
         raise _fail(exc) from exc
+    problems = _executor_config_problems(cfg, environment)
+    if problems:  # printed after the values, so the key's source is on screen
+        raise click.ClickException("\n".join(problems))
+
+
+def _executor_config_problems(cfg: Any, environment: str | None) -> list[str]:
+    """Each environment's (and task table's) ``executor_config`` checked against its
+    executor's declared keys, as an environment start checks it; no backend imported."""
+    from wove_adapters.integration.executor_config import check_settings
+
+    settings = [(name, cfg.environment_settings(name))
+                for name in ([environment] if environment else sorted(cfg.environments))]
+    if environment is None:
+        for task in sorted(cfg.tasks):
+            resolved = cfg.task_settings(task)
+            settings.append((resolved["environment"], resolved))
+    problems: dict[str, None] = {}
+    for name, resolved in settings:
+        try:
+            check_settings(name, resolved)
+        except ValueError as exc:  # ExecutorConfigError, or an unknown executor
+            problems[f"{type(exc).__name__}: {exc}"] = None
+    return list(problems)
 
 
 @main.command("demo")
@@ -532,6 +555,9 @@ def _doctor_rows(hub: Any, name: str, timeout: float) -> list[tuple[str, bool | 
     from wove_adapters.core import loop as shared_loop
 
     rows: list[tuple[str, bool | None, str]] = []
+    problems = _executor_config_problems(hub.config, name)
+    if problems:  # reported before the executor (and its backend library) is touched
+        return [("executor_config", False, problem) for problem in problems]
     try:
         dispatcher = hub.dispatcher(name)
     except Exception as exc:

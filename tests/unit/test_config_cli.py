@@ -37,7 +37,7 @@ def config_file(tmp_path: Path) -> Path:
         'default_environment = "reports"\nretries = 2\n'
         '[environments.reports]\nexecutor = "celery"\ndelivery_timeout = 10\n'
         '[environments.reports.executor_config]\n'
-        'broker_url = "redis://user:hunter2@localhost/0"\napi_token = "s3cret"\n'
+        'broker_url = "redis://user:hunter2@localhost/0"\nsecret = "s3cret"\n'
         '[tasks.my_task]\nretries = 5\n')
     return path
 

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import frames
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
 FUNCTION_NAME = "wove_adapters_run"
@@ -66,8 +67,35 @@ def _option(sources: list[dict[str, Any]], name: str) -> Any:
     return None
 
 
+class ArqOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``arq`` (docs/adapters/arq.md, "Configuration")."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    # Any other arq.connections.RedisSettings field (password, ssl, conn_timeout, ...).
+    redis_settings: dict[str, Any] = {}
+    # The queue the worker reads; ARQ's own spelling and ours are all accepted.
+    queue_name: str | None = None
+    _queue_name: str | None = None
+    queue: str | None = None
+    function: str = FUNCTION_NAME
+    job_id_prefix: str = ""
+    isolation: str = "thread"  # or "process"
+    kill_after: float = 10.0
+    result_poll_delay: float = 0.05
+    max_concurrent_submits: int = 64
+    lease_seconds: float = LEASE_SECONDS
+    # ARQ's enqueue options, with or without its leading underscore.
+    defer_by: float | None = None
+    _defer_by: float | None = None
+    defer_until: Any = None  # a datetime, an ISO string or epoch seconds
+    _defer_until: Any = None
+    expires: float | None = None
+    _expires: float | None = None
+
+
 class ArqAdapter(BackendAdapter):
     name = "arq"
+    config_struct = ArqOptions
     extra = "arq"
     required_modules = ("arq",)
     # isolation="thread" (default): ARQ's abort cancels the job's asyncio task, but the

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import stores as payload_mod
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
 # AWS Batch's job statuses in the shared vocabulary.
@@ -59,8 +60,35 @@ class AwsBatchError(RuntimeError):
     """An AWS Batch call failed or the configuration cannot work; the message says why."""
 
 
+class AwsBatchOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``aws_batch`` (docs/adapters/aws_batch.md)."""
+
+    job_queue: str | None = None  # required
+    job_definition: str | None = None  # required
+    region: str | None = None
+    region_name: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+    python: str = "python"
+    container_overrides: dict[str, Any] = {}
+    environment: dict[str, Any] = {}
+    retry_strategy: dict[str, Any] | None = None
+    timeout: int | float | dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = None
+    tags: dict[str, Any] | None = None
+    propagate_tags: bool | None = None
+    scheduling_priority: int | None = None
+    share_identifier: str | None = None
+    submit_options: dict[str, Any] = {}
+    status_cache_seconds: float = 1.0
+    verify_on_start: bool = True
+    max_pool_connections: int = 32
+    max_attempts: int = 5
+
+
 class AwsBatchAdapter(BackendAdapter):
     name = "aws_batch"
+    config_struct = AwsBatchOptions
     extra = "aws"
     required_modules = ("boto3",)
     capabilities = Capabilities(

@@ -27,6 +27,7 @@ from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
 from wove_adapters.core.errors import MissingBackendError
+from wove_adapters.core.options import AdapterOptions, check_executor_config
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.core.transport import Emit, RunAttempt, Transport
 
@@ -64,6 +65,10 @@ class BackendAdapter(abc.ABC):
     required_modules: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[Capabilities] = Capabilities(status=True)
     STATE_MAP: ClassVar[dict[str, JobState]] = {}
+    # Every executor_config key the adapter reads (an AdapterOptions subclass, declared
+    # at the top of its module); unknown keys then fail at start-up. None: not declared
+    # (a third-party adapter), nothing is checked.
+    config_struct: ClassVar[type[AdapterOptions] | None] = None
     # How long a run may stay silent before its job's status is checked.
     reconcile_seconds: ClassVar[float] = 2.0
     # What the process that ran a job does with an outcome the caller did not take yet,
@@ -274,6 +279,11 @@ class AdapterTransport(Transport):
         settings: dict[str, Any],
         emit: Emit,
     ) -> None:
+        # Before the receiver binds or the backend is contacted: a typo fails here.
+        check_executor_config(
+            self.adapter_cls.config_struct, executor_config,
+            environment=environment, executor=self.name,
+        )
         self._emit = emit
         self._config = executor_config
         self._environment = environment

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
 log = logging.getLogger("wove_adapters.adapters.celery")
@@ -68,8 +69,32 @@ PUBLISH_RETRY_POLICY: dict[str, Any] = {
 }
 
 
+class CeleryOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``celery`` (docs/adapters/celery.md)."""
+
+    broker_url: str = DEFAULT_BROKER
+    result_backend: str | None = None  # default: the broker URL if it is Redis
+    app: Any = None  # "pkg.module:app", or the Celery app itself
+    queue: str = DEFAULT_QUEUE
+    # send_task options for every task (_SEND_KEYS), and any others.
+    routing_key: str | None = None
+    exchange: Any = None  # a name or a kombu Exchange
+    priority: int | None = None
+    send_options: dict[str, Any] = {}
+    task_name: str = TASK_NAME
+    celery_config: dict[str, Any] = {}
+    idempotency_claim: bool = True
+    revoke_signal: str = "SIGTERM"
+    client_threads: int = 4
+    connect_timeout: float = 10.0
+    inspect_timeout: float = 2.0
+    pending_check: bool | str = True  # "false", "no", "off", "0" turn it off
+    pending_check_timeout: float = 1.0
+
+
 class CeleryAdapter(BackendAdapter):
     name = "celery"
+    config_struct = CeleryOptions
     extra = "celery"
     required_modules = ("celery", "kombu")
     capabilities = Capabilities(

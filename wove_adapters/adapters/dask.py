@@ -37,6 +37,7 @@ from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import frames
 from wove_adapters.core.codec import attach_remote_traceback
 from wove_adapters.core.errors import PayloadError
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
 log = logging.getLogger("wove_adapters.adapters.dask")
@@ -128,8 +129,31 @@ class _Tracked:
     detached: bool = False  # detached before its batch left: submitted, then let go
 
 
+class DaskOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``dask`` (docs/adapters/dask.md)."""
+
+    address: str | None = None
+    scheduler_file: str | None = None
+    cluster: str | None = None  # "local": a LocalCluster owned by the environment
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    cluster_options: dict[str, Any] = {}
+    allowed_failures: int | None = None
+    connect_timeout: float = 30.0
+    client_options: dict[str, Any] = {}
+    close_timeout: float = 45.0
+    cancel_force: bool = False
+    # Client.submit options for every task (SUBMIT_OPTIONS).
+    resources: dict[str, Any] | None = None
+    priority: int | None = None
+    retries: int | None = None
+    workers: Any = None  # addresses or names: a string or a list
+    allow_other_workers: bool | None = None
+
+
 class DaskAdapter(BackendAdapter):
     name = "dask"
+    config_struct = DaskOptions
     extra = "dask"
     required_modules = ("dask", "distributed")
     capabilities = Capabilities(

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import stores as payload_mod
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -173,8 +174,56 @@ class _Snapshot:
     stuck: dict[tuple[str, int | None], str]  # (job, index) -> waiting reason past timeout
 
 
+class KubernetesJobsOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``kubernetes_jobs`` (docs/adapters/kubernetes_jobs.md)."""
+
+    image: str | None = None  # required (here or in task_options)
+    namespace: str | None = None
+    kubeconfig: str | None = None
+    context: str | None = None
+    host: str | None = None
+    token: str | None = None
+    ca_cert: str | None = None
+    verify_ssl: bool | None = None
+    in_cluster: bool | None = None
+    python: str = "python"
+    service_account: str | None = None
+    image_pull_secrets: list[Any] = []
+    image_pull_policy: str | None = None
+    resources: dict[str, Any] | None = None
+    cpu: str | None = None
+    memory: str | None = None
+    gpu: str | None = None
+    env: dict[str, Any] = {}
+    env_from: list[Any] | None = None
+    volumes: list[Any] | None = None
+    volume_mounts: list[Any] | None = None
+    node_selector: dict[str, Any] | None = None
+    tolerations: list[Any] | None = None
+    affinity: dict[str, Any] | None = None
+    priority_class_name: str | None = None
+    termination_grace_period_seconds: int | None = None
+    labels: dict[str, Any] = {}
+    annotations: dict[str, Any] = {}
+    secret_ref: dict[str, Any] | None = None
+    backoff_limit: int = 0
+    ttl_seconds_after_finished: int | None = 3600
+    active_deadline_seconds: int | None = None
+    parallelism: int | None = None
+    pod_spec: dict[str, Any] = {}
+    container: dict[str, Any] = {}
+    job_spec: dict[str, Any] = {}
+    cleanup: bool = True
+    array_jobs: bool = True
+    pending_timeout: float = 120.0
+    status_cache_seconds: float = 1.0
+    api_threads: int = 8
+    request_timeout: float = 30.0
+
+
 class KubernetesJobsAdapter(BackendAdapter):
     name = "kubernetes_jobs"
+    config_struct = KubernetesJobsOptions
     extra = "kubernetes"
     required_modules = ("kubernetes",)
     capabilities = Capabilities(

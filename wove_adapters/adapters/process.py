@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import frames
 from wove_adapters.core.executors.stdio import FAULT_SIGNALS, describe_exit, exit_frame
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.paths import data_dir
 from wove_adapters.core.policies import Capabilities, JobState
 
@@ -38,8 +39,17 @@ _SETTLED_CODES = frozenset({0, 1, 2, 143})
 _DELIVERY_FAILED = 3
 
 
+class ProcessOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``process`` (docs/adapters/process.md)."""
+
+    spool_dir: str | None = None  # default: <data dir>/spool
+    python: str | None = None  # default: the caller's sys.executable
+    env: dict[str, Any] = {}
+
+
 class ProcessAdapter(BackendAdapter):
     name = "process"
+    config_struct = ProcessOptions
     extra = ""
     required_modules = ()
     capabilities = Capabilities(

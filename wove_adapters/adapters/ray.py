@@ -42,6 +42,7 @@ from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import frames
 from wove_adapters.core.codec import attach_remote_traceback
 from wove_adapters.core.errors import PayloadError
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
 log = logging.getLogger("wove_adapters.adapters.ray")
@@ -152,8 +153,29 @@ class _Tracked:
     escalation: asyncio.Task[None] | None = None
 
 
+class RayOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``ray`` (docs/adapters/ray.md)."""
+
+    address: str = "local"
+    init: dict[str, Any] = {}
+    remote_options: dict[str, Any] = {}
+    force_cancel_after: float = 2.0
+    # ray.remote options accepted at the top level (REMOTE_OPTIONS).
+    accelerator_type: str | None = None
+    label_selector: dict[str, Any] | None = None
+    max_retries: int | None = None
+    memory: float | None = None
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    resources: dict[str, Any] | None = None
+    retry_exceptions: Any = None  # a bool or a list of exception types
+    runtime_env: dict[str, Any] | None = None
+    scheduling_strategy: Any = None  # a string or a Ray strategy object
+
+
 class RayAdapter(BackendAdapter):
     name = "ray"
+    config_struct = RayOptions
     extra = "ray"
     required_modules = ("ray",)
     capabilities = Capabilities(

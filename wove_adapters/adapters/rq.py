@@ -26,6 +26,7 @@ import time
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
 RUN_PAYLOAD = "wove_adapters.adapters.rq.run_payload"
@@ -50,8 +51,25 @@ _STATUS_WINDOW = 0.25
 _CANCELLABLE = {"created", "queued", "deferred", "scheduled", "rate_limited", "ready_to_enqueue"}
 
 
+class RqOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``rq`` (docs/adapters/rq.md)."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_options: dict[str, Any] = {}  # more redis.Redis.from_url keyword arguments
+    queue: str = DEFAULT_QUEUE
+    # Queue.enqueue_call options for every job (_ENQUEUE_OPTIONS, also per task).
+    job_timeout: int | str | None = None
+    result_ttl: int | None = None
+    failure_ttl: int | None = None
+    ttl: int | None = None
+    at_front: bool = False
+    description: str | None = None
+    meta: dict[str, Any] = {}
+
+
 class RqAdapter(BackendAdapter):
     name = "rq"
+    config_struct = RqOptions
     extra = "rq"
     required_modules = ("rq", "redis")
     capabilities = Capabilities(

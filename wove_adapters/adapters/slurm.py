@@ -21,7 +21,10 @@ import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
+import msgspec
+
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.paths import data_dir
 from wove_adapters.core.policies import Capabilities, JobState
 
@@ -76,8 +79,36 @@ class SlurmError(RuntimeError):
     """A Slurm command failed; the message carries its stderr."""
 
 
+class SlurmOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``slurm`` (docs/adapters/slurm.md)."""
+
+    spool_dir: str | None = None  # default: <data dir>/slurm-spool
+    python: str | None = None  # default: the caller's sys.executable
+    slurm_conf: str | None = None
+    slurm_bin: str | None = None
+    # Passed through as #SBATCH --key=value (_PASSTHROUGH; dashes or underscores).
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    mem: str | None = None
+    mem_per_cpu: str | None = None
+    mem_per_cpu_dashed: str | None = msgspec.field(default=None, name="mem-per-cpu")
+    cpus_per_task: str | None = None
+    cpus_per_task_dashed: str | None = msgspec.field(default=None, name="cpus-per-task")
+    gres: str | None = None
+    constraint: str | None = None
+    nodelist: str | None = None
+    exclude: str | None = None
+    reservation: str | None = None
+    nice: str | None = None
+    comment: str | None = None
+    sbatch_lines: list[str] = []
+
+
 class SlurmAdapter(BackendAdapter):
     name = "slurm"
+    config_struct = SlurmOptions
     extra = "slurm"
     required_modules = ()
     capabilities = Capabilities(

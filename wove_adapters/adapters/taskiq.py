@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
 TASK_NAME = "wove_adapters.run"
@@ -82,8 +83,26 @@ def _unreachable(url: str, exc: BaseException) -> ConnectionError:
     )
 
 
+class TaskiqOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``taskiq`` (docs/adapters/taskiq.md)."""
+
+    url: str = DEFAULT_URL
+    queue: str = DEFAULT_QUEUE
+    broker: str = "list"  # "list", "stream" or "module:attribute"
+    result_url: str | None = None  # default: url
+    result_prefix: str | None = None
+    control_url: str | None = None  # default: url
+    key_prefix: str | None = None  # default: wove:taskiq:<queue>
+    labels: dict[str, Any] = {}
+    lease_seconds: float = 10.0
+    claim_ttl: int = 86400
+    follow_poll: float = 0.05
+    status_cache: float = 0.25
+
+
 class TaskiqAdapter(BackendAdapter):
     name = "taskiq"
+    config_struct = TaskiqOptions
     extra = "taskiq"
     required_modules = ("taskiq", "taskiq_redis")
     capabilities = Capabilities(

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, NoReturn
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import frames
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
 WORKFLOW_NAME = "wove_adapters.run"
@@ -62,8 +63,30 @@ START_HINT = (
 )
 
 
+class TemporalOptions(AdapterOptions, kw_only=True):
+    """``executor_config`` of ``temporal`` (docs/adapters/temporal.md)."""
+
+    address: str = DEFAULT_ADDRESS
+    namespace: str = "default"
+    task_queue: str = DEFAULT_TASK_QUEUE
+    tls: bool = False
+    api_key: str | None = None
+    connect_timeout: float = 10.0
+    # Activity and workflow options (also per task, in task_options).
+    heartbeat_timeout: float = 10.0
+    start_to_close_timeout: float | None = None
+    retries: int | None = None
+    retry_policy: dict[str, Any] | None = None
+    activity_task_queue: str | None = None
+    priority: int | None = None
+    execution_timeout: float | None = None
+    memo: dict[str, Any] | None = None
+    summary: bool = True
+
+
 class TemporalAdapter(BackendAdapter):
     name = "temporal"
+    config_struct = TemporalOptions
     extra = "temporal"
     required_modules = ("temporalio",)
     capabilities = Capabilities(

@@ -135,14 +135,26 @@ def _check_type(
             value = os.fspath(value)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             return
-    try:
-        msgspec.convert(value, expected, strict=False)
-    except (msgspec.ValidationError, TypeError):
+    if not any(_fits(value, member) for member in _members(expected)):
         raise ExecutorConfigError(
             f"{where}: executor_config key '{key}' must be {_describe(expected)}, "
             f"not {value!r} ({type(value).__name__})",
             key=key, executor=executor, environment=environment, suggestion=None,
-        ) from None
+        )
+
+
+def _fits(value: Any, member: Any) -> bool:
+    """One member of a union at a time: msgspec refuses some unions (``str | bytes``)."""
+    if member is Any:
+        return True
+    plain = typing.get_origin(member) or member
+    if isinstance(plain, type) and isinstance(value, plain):
+        return not (isinstance(value, bool) and plain in (int, float))
+    try:
+        msgspec.convert(value, member, strict=False)  # "2.5" -> 2.5, "false" -> False
+    except (msgspec.ValidationError, TypeError):
+        return False
+    return True
 
 
 def _members(tp: Any) -> tuple[Any, ...]:

@@ -22,6 +22,7 @@ from wove_adapters.core.loop import PHASE_DISPATCHERS, add_shutdown_hook
 from wove_adapters.core.protocol import EnvironmentExecutor
 from wove_adapters.core.runtime import Dispatcher
 from wove_adapters.core.transport import Transport
+from wove_adapters.integration.executor_config import check_settings
 
 log = logging.getLogger("wove_adapters.environments")
 _dispatchers: dict[str, Dispatcher] = {}
@@ -97,6 +98,9 @@ async def get_dispatcher(environment: str, settings: dict[str, Any]) -> Dispatch
         found = _dispatchers.get(ident)
         if found is not None:
             return found
+        # A misspelt executor_config key fails here, before the backend library is
+        # imported, a receiver binds or anything connects.
+        check_settings(environment, settings)
         transport = build_transport(settings.get("executor", "local"))
         executor_config = dict(settings.get("executor_config") or {})
         ledger = open_ledger(settings.get("ledger"))

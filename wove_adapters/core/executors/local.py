@@ -20,12 +20,21 @@ import inspect
 from typing import Any
 
 from wove_adapters.core import frames
+from wove_adapters.core.options import ExecutorOptions, check_executor_config
 from wove_adapters.core.policies import Capabilities
 from wove_adapters.core.transport import Emit, RunAttempt, Transport
 
 
+class LocalOptions(ExecutorOptions, kw_only=True):
+    """``executor_config`` of ``local`` (see docs/executors.md)."""
+
+    # Threads for sync tasks; unset: the ``max_workers`` setting, else 32.
+    max_workers: int | None = None
+
+
 class LocalTransport(Transport):
     name = "local"
+    config_struct = LocalOptions
     capabilities = Capabilities(
         cancel_queued=True,
         cancel_running=False,
@@ -49,6 +58,9 @@ class LocalTransport(Transport):
         settings: dict[str, Any],
         emit: Emit,
     ) -> None:
+        check_executor_config(
+            LocalOptions, executor_config, environment=environment, executor=self.name
+        )
         self._emit = emit
         workers = _pool_size(environment, executor_config, settings)
         self._pool = concurrent.futures.ThreadPoolExecutor(

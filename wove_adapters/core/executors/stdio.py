@@ -31,6 +31,7 @@ import msgspec
 from wove_adapters.core import frames
 from wove_adapters.core.envelope import dumps
 from wove_adapters.core.errors import TaskExecutionError
+from wove_adapters.core.options import ExecutorOptions, check_executor_config
 from wove_adapters.core.policies import Capabilities
 from wove_adapters.core.transport import Emit, RunAttempt, Transport
 
@@ -65,8 +66,20 @@ class _Worker:
         await self.proc.stdin.drain()
 
 
+class StdioOptions(ExecutorOptions, kw_only=True):
+    """``executor_config`` of ``stdio`` (see docs/executors.md)."""
+
+    # Worker processes; unset: the number of CPUs, at most 8.
+    processes: int | None = None
+    # The interpreter that runs ``python -m wove_adapters.stdio_worker``.
+    python: str | None = None
+    # Extra environment variables for the workers (values ``str()``-ed).
+    env: dict[str, Any] = {}
+
+
 class StdioTransport(Transport):
     name = "stdio"
+    config_struct = StdioOptions
     capabilities = Capabilities(
         cancel_queued=True,
         cancel_running=True,
@@ -93,6 +106,9 @@ class StdioTransport(Transport):
         settings: dict[str, Any],
         emit: Emit,
     ) -> None:
+        check_executor_config(
+            StdioOptions, executor_config, environment=environment, executor=self.name
+        )
         self._emit = emit
         self._size = _pool_size(environment, executor_config.get("processes"))
         python = str(executor_config.get("python") or sys.executable)
