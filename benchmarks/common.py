@@ -537,11 +537,11 @@ def inline_limits() -> dict[str, int]:
     imported inside methods only)."""
     import importlib
 
-    from wove_adapters.adapters import base
+    from wove_adapters.adapters import registry
     from wove_adapters.core.policies import Capabilities
 
     limits = {"(core default)": Capabilities().inline_payload_limit}
-    for name, (dotted, _extra) in sorted(base._BUILTINS.items()):
+    for name, (dotted, _extra) in sorted(registry._BUILTINS.items()):
         module_name, _, attr = dotted.partition(":")
         with contextlib.suppress(Exception):
             cls = getattr(importlib.import_module(module_name), attr)

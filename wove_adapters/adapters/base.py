@@ -1,13 +1,11 @@
-"""The adapter contract, the lazy registry, and the transport that drives any adapter.
+"""The adapter contract and the transport that drives any adapter.
 
 An adapter fills three primitives for its job system (``submit``, ``cancel``, ``status``),
 declares ``Capabilities`` honestly, and maps its native states into ``JobState``. All the
 shared machinery (signed payloads, the payload store, the callback receiver, the ledger,
 reconciliation) lives in ``AdapterTransport``, so an adapter fits in a screenful or three.
 
-The registry is a table of strings (name -> "module:Class" + extra), fed by the built-ins
-and by the entry-point group ``wove_adapters.adapters``; nothing is imported until a name
-is looked up, and a missing backend library becomes one error naming the extra to install.
+Which class a name means is the registry's job (``adapters/registry.py``).
 """
 
 from __future__ import annotations
@@ -15,18 +13,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import difflib
 import functools
-import importlib
 import re
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, ClassVar
 
 from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
-from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.options import AdapterOptions, check_executor_config
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.core.transport import Emit, RunAttempt, Transport
@@ -139,109 +133,6 @@ class BackendAdapter(abc.ABC):
             digest = hashlib.sha256(text.encode()).hexdigest()[:12]
             cleaned = f"{cleaned[: max_len - 13]}-{digest}"
         return cleaned
-
-
-# ---------------------------------------------------------------- registry
-
-# name -> ("module:Class", extra). Alphabetized; strings only, imported on lookup.
-# AWS Batch and Kubernetes Jobs join this table when their adapters land (issue 6).
-_BUILTINS: dict[str, tuple[str, str]] = {
-    "arq": ("wove_adapters.adapters.arq:ArqAdapter", "arq"),
-    "aws_batch": ("wove_adapters.adapters.aws_batch:AwsBatchAdapter", "aws"),
-    "celery": ("wove_adapters.adapters.celery:CeleryAdapter", "celery"),
-    "dask": ("wove_adapters.adapters.dask:DaskAdapter", "dask"),
-    "kubernetes_jobs": (
-        "wove_adapters.adapters.kubernetes_jobs:KubernetesJobsAdapter", "kubernetes"
-    ),
-    "process": ("wove_adapters.adapters.process:ProcessAdapter", ""),
-    "ray": ("wove_adapters.adapters.ray:RayAdapter", "ray"),
-    "rq": ("wove_adapters.adapters.rq:RqAdapter", "rq"),
-    "slurm": ("wove_adapters.adapters.slurm:SlurmAdapter", "slurm"),
-    "taskiq": ("wove_adapters.adapters.taskiq:TaskiqAdapter", "taskiq"),
-    "temporal": ("wove_adapters.adapters.temporal:TemporalAdapter", "temporal"),
-}
-_registered: dict[str, type[BackendAdapter] | str] = {}
-_entry_points: dict[str, str] | None = None
-
-
-def register_adapter(name: str, target: type[BackendAdapter] | str) -> None:
-    """Explicit registration wins over built-ins and entry points."""
-    _registered[name] = target
-
-
-def _load_entry_points() -> dict[str, str]:
-    global _entry_points
-    if _entry_points is None:
-        found: dict[str, str] = {}
-        for ep in metadata.entry_points(group="wove_adapters.adapters"):
-            found[ep.name] = ep.value
-        _entry_points = found
-    return _entry_points
-
-
-def refresh_entry_points() -> None:
-    global _entry_points
-    _entry_points = None
-
-
-def adapter_names() -> list[str]:
-    return sorted({*_registered, *_BUILTINS, *_load_entry_points()})
-
-
-def _import(dotted: str) -> Any:
-    module_name, _, attr = dotted.partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, attr) if attr else module
-
-
-def get_adapter_class(name: str, *, require_backend: bool = True) -> type[BackendAdapter]:
-    """Look up by name: explicit registration, built-ins, entry points (in that order).
-
-    Raises ValueError for unknown names (suggesting the closest) and MissingBackendError
-    when the adapter's declared library is missing; any other import error is a bug in the
-    adapter and surfaces as itself. ``require_backend=False`` skips the library check:
-    adapter modules import their library lazily, so the class (and its ``config_struct``)
-    can be read to check a configuration on a machine without the backend.
-    """
-    target: type[BackendAdapter] | str | None = _registered.get(name)
-    extra = ""
-    if target is None and name in _BUILTINS:
-        target, extra = _BUILTINS[name]
-    if target is None:
-        target = _load_entry_points().get(name)
-    if target is None:
-        known = adapter_names()
-        close = difflib.get_close_matches(name, [*known, "local", "stdio"], n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(
-            f"Unknown executor '{name}'.{hint} Known executors: local, stdio, "
-            f"{', '.join(known)} (third-party adapters register through the "
-            f"'wove_adapters.adapters' entry-point group)."
-        )
-    if isinstance(target, str):
-        try:
-            cls = _import(target)
-        except ModuleNotFoundError as exc:
-            missing = (exc.name or "").split(".")[0]
-            module_of_target = target.partition(":")[0]
-            if missing and not module_of_target.startswith(missing):
-                raise MissingBackendError(name, missing, extra or name) from exc
-            raise
-    else:
-        cls = target
-    if require_backend:
-        check_requirements(cls)
-    return cls
-
-
-def check_requirements(cls: type[BackendAdapter]) -> None:
-    for module in cls.required_modules:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name.split(".")[0]):
-                raise MissingBackendError(cls.name, module, cls.extra or cls.name) from exc
-            raise
 
 
 # ---------------------------------------------------------------- the transport

@@ -13,10 +13,8 @@ import json
 import logging
 from typing import Any
 
-from wove_adapters.adapters.base import AdapterTransport, get_adapter_class
+from wove_adapters.adapters.registry import transport_for
 from wove_adapters.core import signing
-from wove_adapters.core.executors.local import LocalTransport
-from wove_adapters.core.executors.stdio import StdioTransport
 from wove_adapters.core.ledger import open_ledger
 from wove_adapters.core.loop import PHASE_DISPATCHERS, add_shutdown_hook
 from wove_adapters.core.protocol import EnvironmentExecutor
@@ -36,11 +34,7 @@ def build_transport(executor: Any) -> Transport:
     if isinstance(executor, Transport):
         return executor
     if isinstance(executor, str):
-        if executor == "local":
-            return LocalTransport()
-        if executor == "stdio":
-            return StdioTransport()
-        return AdapterTransport(get_adapter_class(executor))
+        return transport_for(executor)
     if isinstance(executor, EnvironmentExecutor) or _looks_like_executor(executor):
         from wove_adapters.integration.foreign import ExecutorTransport
 

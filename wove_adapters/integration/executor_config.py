@@ -30,7 +30,7 @@ def config_struct_for(executor: Any) -> type[ExecutorOptions] | None:
             from wove_adapters.core.executors.stdio import StdioOptions
 
             return StdioOptions
-        from wove_adapters.adapters.base import get_adapter_class
+        from wove_adapters.adapters.registry import get_adapter_class
 
         try:
             return get_adapter_class(executor, require_backend=False).config_struct

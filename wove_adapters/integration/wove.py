@@ -174,9 +174,9 @@ def _require_executor_name(name: str, environments: list[str]) -> None:
     """``name`` is not a configured environment: it must be an executor name. Say both
     lists when it is neither, because the caller may have meant either (a typo in an
     environment name would otherwise read as an unknown *executor*)."""
-    from wove_adapters.adapters.base import adapter_names
+    from wove_adapters.adapters.registry import executor_names
 
-    executors = ["local", "stdio", *adapter_names()]
+    executors = executor_names()
     if name in executors:
         return
     import difflib

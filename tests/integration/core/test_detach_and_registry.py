@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import pytest
 
 from wove_adapters import Hub, MissingBackendError, MissingDispatchFeatureError
-from wove_adapters.adapters import base as registry
+from wove_adapters.adapters import registry
 from wove_adapters.adapters.process import ProcessAdapter
 from wove_adapters.core.errors import UnsupportedPolicyError
 from wove_adapters.testing import tasks
