@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
+    "BackendUnavailableError": "wove_adapters.core.errors",
     "CancelNotAcknowledgedError": "wove_adapters.core.errors",
     "Capabilities": "wove_adapters.core.policies",
     "DeliveryDetachedError": "wove_adapters.core.errors",
@@ -21,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "DeliveryPolicy": "wove_adapters.core.policies",
     "DeliveryTimeoutError": "wove_adapters.core.errors",
     "EnvironmentExecutor": "wove_adapters.core.protocol",
+    "ExecutorConfigError": "wove_adapters.core.errors",
     "Hub": "wove_adapters.integration.hub",
     "HubExecutor": "wove_adapters.integration.hub",
     "JobState": "wove_adapters.core.policies",
@@ -34,6 +36,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "BackendUnavailableError",
     "CancelNotAcknowledgedError",
     "Capabilities",
     "DeliveryDetachedError",
@@ -41,6 +44,7 @@ __all__ = [
     "DeliveryPolicy",
     "DeliveryTimeoutError",
     "EnvironmentExecutor",
+    "ExecutorConfigError",
     "Hub",
     "HubExecutor",
     "JobState",
@@ -65,10 +69,12 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from wove_adapters.core.errors import (
+        BackendUnavailableError,
         CancelNotAcknowledgedError,
         DeliveryDetachedError,
         DeliveryOrphanedError,
         DeliveryTimeoutError,
+        ExecutorConfigError,
         MissingBackendError,
         MissingDispatchFeatureError,
         PayloadError,
