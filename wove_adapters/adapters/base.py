@@ -14,7 +14,9 @@ import abc
 import asyncio
 import contextlib
 import functools
+import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,7 +25,9 @@ from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
 from wove_adapters.core.options import AdapterOptions, check_executor_config
 from wove_adapters.core.policies import Capabilities, JobState
-from wove_adapters.core.transport import Emit, RunAttempt, Transport
+from wove_adapters.core.transport import Emit, RunAttempt, Transport, gather_statuses
+
+log = logging.getLogger("wove_adapters.adapters")
 
 
 @dataclass
@@ -51,6 +55,10 @@ class BackendAdapter(abc.ABC):
       ``idempotency_key`` must yield one backend job.
     - ``cancel``: ask the backend to stop the job (queued and, where declared, running).
     - ``status``: the backend's view, mapped with ``STATE_MAP`` (UNKNOWN fallback).
+    - ``status_many``: the same for many handles at once. The transport asks it once per
+      reconciliation tick (and once per confirmation round) for every job it wonders
+      about; an adapter whose backend answers many jobs in one request overrides it,
+      and keeps no status cache of its own.
     - ``close``: release clients.
     """
 
@@ -92,6 +100,11 @@ class BackendAdapter(abc.ABC):
 
     @abc.abstractmethod
     async def status(self, handle: str) -> JobState: ...
+
+    async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
+        """``{handle: state}``; a handle left out could not be told this time (never a
+        verdict). Default: ``status`` of each, a bounded number at a time."""
+        return await gather_statuses(self.status, {handle: handle for handle in handles})
 
     async def detach(self, handle: str) -> None:
         """Leave the job running without us (default: nothing to let go of)."""
@@ -160,6 +173,10 @@ class AdapterTransport(Transport):
         # Runs whose job ended without their terminal event: when we first saw it.
         self._ended_quiet: dict[str, float] = {}
         self._delivery_grace = (0.0, 0.0)
+        # require_ack cancels waiting for the backend to confirm: (run id, attempt) ->
+        # (the attempt, deadline); one task polls them all (_confirm).
+        self._confirming: dict[tuple[str, int], tuple[RunAttempt, float]] = {}
+        self._confirmer: asyncio.Task[None] | None = None
         self.stats: dict[str, int] = {"array_submissions": 0, "single_submissions": 0}
 
     async def open(
@@ -331,16 +348,35 @@ class AdapterTransport(Transport):
             return
         await self.adapter.cancel(run.submission, running=True)
         if mode == "require_ack" and self.capabilities.confirm_cancel:
-            asyncio.get_running_loop().create_task(self._confirm(run))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + run.policy.cancel_ack_timeout
+            self._confirming[(run.run_id, run.attempt)] = (run, deadline)
+            if self._confirmer is None or self._confirmer.done():
+                self._confirmer = loop.create_task(self._confirm())
 
-    async def _confirm(self, run: RunAttempt) -> None:
+    async def _confirm(self) -> None:
         """The worker usually confirms with task_cancelled; if the backend killed it
-        before it could, the backend's own CANCELLED state is the confirmation."""
+        before it could, the backend's own CANCELLED state is the confirmation. One
+        ``status_many`` per round for every run waiting for its confirmation (a hundred
+        require_ack cancels are one request every 0.1 s, not a hundred)."""
         assert self.adapter is not None and self._emit is not None
-        deadline = asyncio.get_running_loop().time() + run.policy.cancel_ack_timeout
-        while asyncio.get_running_loop().time() < deadline and run.submission:
-            with contextlib.suppress(Exception):
-                state = await self.adapter.status(run.submission)
+        loop = asyncio.get_running_loop()
+        while self._confirming:
+            now = loop.time()
+            for key, (run, deadline) in list(self._confirming.items()):
+                if now >= deadline or not run.submission:
+                    del self._confirming[key]
+            waiting = dict(self._confirming)
+            handles = {run.submission for run, _ in waiting.values() if run.submission}
+            try:
+                states = await self.adapter.status_many(sorted(handles))
+            except Exception as exc:  # the next round asks again
+                log.debug("%s: confirming cancels: status failed: %r", self.name, exc)
+                states = {}
+            for key, (run, _) in waiting.items():
+                state = states.get(run.submission or "")
+                if state is None:
+                    continue
                 if state in (JobState.CANCELLED, JobState.GONE):
                     self._emit(
                         frames.event(
@@ -351,21 +387,36 @@ class AdapterTransport(Transport):
                             reason=f"{self.name} reports the job {state.value}",
                         )
                     )
-                    return
                 if state.finished:
-                    return
-            await asyncio.sleep(0.1)
+                    self._confirming.pop(key, None)
+            if self._confirming:
+                await asyncio.sleep(0.1)
 
     async def status(self, run: RunAttempt) -> JobState:
+        assert self.adapter is not None
+        if run.submission is None:
+            return JobState.UNKNOWN
+        return await self._delivering(run, await self.adapter.status(run.submission))
+
+    async def status_many(self, runs: Sequence[RunAttempt]) -> dict[str, JobState]:
+        """One ``adapter.status_many`` for every run, then ``_delivering`` per run."""
+        assert self.adapter is not None
+        handles = sorted({run.submission for run in runs if run.submission is not None})
+        found = await self.adapter.status_many(handles) if handles else {}
+        states: dict[str, JobState] = {}
+        for run in runs:
+            if run.submission is None:
+                states[run.run_id] = JobState.UNKNOWN
+            elif (state := found.get(run.submission)) is not None:
+                states[run.run_id] = await self._delivering(run, state)
+        return states
+
+    async def _delivering(self, run: RunAttempt, state: JobState) -> JobState:
         """The backend's view, with one correction: a job that ended normally while its
         terminal event has not arrived is still RUNNING while its worker may deliver it
         (the background outbox retries, see callbacks.sender). Then an outcome the worker
         recorded in the ledger resolves the run; only a job with no event and no record
         after the worker's whole retry window is reported finished (and so lost)."""
-        assert self.adapter is not None
-        if run.submission is None:
-            return JobState.UNKNOWN
-        state = await self.adapter.status(run.submission)
         if state is not JobState.SUCCEEDED or self.receiver is None:
             return state
         key = f"{run.run_id}#{run.attempt}"
@@ -423,6 +474,12 @@ class AdapterTransport(Transport):
             await self.adapter.drain()
 
     async def close(self) -> None:
+        if self._confirmer is not None:
+            self._confirmer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._confirmer
+            self._confirmer = None
+        self._confirming.clear()
         if self.adapter is not None:
             await self.adapter.close()
 

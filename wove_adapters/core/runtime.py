@@ -957,6 +957,7 @@ class Dispatcher:
         run the backend will never start (a message lost with its broker, a worker killed
         with prefetched messages, no worker on the queue) is never waited on in silence."""
         warn: list[tuple[Run, float]] = []
+        judge: list[tuple[Run, float]] = []
         for run in self.runs.values():
             if not run.launched or run.started or run.heard or run.finishing:
                 continue
@@ -967,7 +968,7 @@ class Dispatcher:
             if limit is not None:
                 if age > limit and now >= run.pending_check_at and self._judges_pending():
                     run.pending_check_at = float("inf")  # one judgement at a time
-                    self._spawn(self._judge_pending(run, limit))
+                    judge.append((run, limit))
                 continue
             threshold = run.pending_warn_at or self._pending_warning
             if age >= threshold:
@@ -975,6 +976,8 @@ class Dispatcher:
                     threshold *= 2
                 run.pending_warn_at = threshold
                 warn.append((run, age))
+        if judge:
+            self._spawn(self._judge_pending_all(judge))
         if warn:
             self._spawn(self._warn_pending(warn))
 
@@ -984,21 +987,43 @@ class Dispatcher:
         caps = self.transport.capabilities
         return caps.heartbeats or caps.status
 
-    async def _backend_state(self, run: Run) -> tuple[JobState | None, str]:
-        """The backend's view of a run, and how to say it in a message."""
+    async def _backend_states(self, runs: list[Run]) -> dict[str, tuple[JobState | None, str]]:
+        """The backend's view of some runs (one ``status_many``), and how to say each in
+        a message."""
         if not self.transport.capabilities.status:
-            return None, f"not reported (the '{self.transport.name}' executor has no status)"
+            described = f"not reported (the '{self.transport.name}' executor has no status)"
+            return {run.run_id: (None, described) for run in runs}
         try:
-            state = await asyncio.wait_for(self.transport.status(run.attempt), _STATUS_BOUND)
+            states = await asyncio.wait_for(
+                self.transport.status_many([run.attempt for run in runs]), _STATUS_BOUND
+            )
         except Exception as exc:
-            return None, f"unknown (status failed: {type(exc).__name__}: {exc})"
-        return state, state.value
+            described = f"unknown (status failed: {type(exc).__name__}: {exc})"
+            return {run.run_id: (None, described) for run in runs}
+        return {
+            run.run_id: (state, state.value) if (state := states.get(run.run_id)) is not None
+            else (None, "unknown (status failed)")
+            for run in runs
+        }
 
-    async def _judge_pending(self, run: Run, limit: float) -> None:
+    async def _judge_pending_all(self, runs: list[tuple[Run, float]]) -> None:
+        """Runs past their ``delivery_max_pending_seconds``: one status round for all."""
+        try:
+            found = await self._backend_states([run for run, _ in runs])
+        except BaseException:
+            for run, _ in runs:
+                run.pending_check_at = time.monotonic() + self._reconcile_every
+            raise
+        await asyncio.gather(
+            *(self._judge_pending(run, limit, *found[run.run_id]) for run, limit in runs)
+        )
+
+    async def _judge_pending(
+        self, run: Run, limit: float, state: JobState | None, described: str
+    ) -> None:
         attempt_number = run.attempt.attempt
         verdict = False
         try:
-            state, described = await self._backend_state(run)
             if not self.transport.capabilities.heartbeats:
                 # No events to wait for: only a backend that says queued (or gone) counts.
                 verdict = state in (JobState.PENDING, JobState.GONE)
@@ -1029,8 +1054,9 @@ class Dispatcher:
                 run.pending_check_at = time.monotonic() + self._reconcile_every
 
     async def _warn_pending(self, runs: list[tuple[Run, float]]) -> None:
+        found = await self._backend_states([run for run, _ in runs[:_WARN_LINES]])
         for run, age in runs[:_WARN_LINES]:
-            _, described = await self._backend_state(run)
+            _, described = found[run.run_id]
             attempt = run.attempt
             log.warning(
                 "environment '%s' (%s): run %s of task '%s' (attempt %d) has not started "
@@ -1050,9 +1076,11 @@ class Dispatcher:
             )
 
     async def _reconcile(self, now: float) -> None:
+        """One ``status_many`` per tick for every run the watcher wonders about: cancelled
+        runs still holding their slot, and launched runs silent for ``reconcile_seconds``."""
         if now < self._quiet_until:
             return
-        await self._reconcile_stopping()
+        stopping = list(self.stopping.values())
         quiet = [
             run
             for run in self.runs.values()
@@ -1060,14 +1088,21 @@ class Dispatcher:
             and not run.done.is_set()
             and now - run.last_seen >= self._reconcile_every
         ]
+        if not stopping and not quiet:
+            return
+        try:
+            states = await asyncio.wait_for(
+                self.transport.status_many([run.attempt for run in (*stopping, *quiet)]),
+                _STATUS_BOUND,
+            )
+        except Exception as exc:
+            log.debug("status of %d runs failed: %r", len(stopping) + len(quiet), exc)
+            return
+        self._reconcile_stopping(stopping, states)
         suspects: list[tuple[Run, int, JobState]] = []
         for run in quiet:
-            try:
-                state = await self.transport.status(run.attempt)
-            except Exception as exc:
-                log.debug("status of %s failed: %s", run.run_id, exc)
-                continue
-            if state.finished and not run.done.is_set():
+            state = states.get(run.run_id)
+            if state is not None and state.finished and not run.done.is_set():
                 suspects.append((run, run.attempt.attempt, state))
         if not suspects:
             return
@@ -1092,16 +1127,12 @@ class Dispatcher:
                     )
                 )
 
-    async def _reconcile_stopping(self) -> None:
+    def _reconcile_stopping(self, stopping: list[Run], states: dict[str, JobState]) -> None:
         """Cancelled runs still holding their slot: free it once the backend reports
         the job finished or gone (a job cancelled while queued sends no event)."""
-        for run in list(self.stopping.values()):
-            try:
-                state = await asyncio.wait_for(self.transport.status(run.attempt), _STATUS_BOUND)
-            except Exception as exc:
-                log.debug("status of cancelled run %s failed: %s", run.run_id, exc)
-                continue
-            if state.finished:
+        for run in stopping:
+            state = states.get(run.run_id)
+            if state is not None and state.finished and self.stopping.get(run.run_id) is run:
                 self._stopped(run)
 
     # ---------------------------------------------------------- ledger, tasks

@@ -11,13 +11,18 @@ events of superseded attempts.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from wove_adapters.core.policies import Capabilities, DeliveryPolicy, JobState
 
 Emit = Callable[[dict[str, Any]], None]
+log = logging.getLogger("wove_adapters.transport")
+# How many status() calls the default status_many runs at once.
+STATUS_CONCURRENCY = 16
 
 
 @dataclass
@@ -62,6 +67,14 @@ class Transport(abc.ABC):
         """The backend's view of the attempt, for reconciliation."""
         return JobState.UNKNOWN
 
+    async def status_many(self, runs: Sequence[RunAttempt]) -> dict[str, JobState]:
+        """The backend's view of several attempts, by run id: the dispatcher asks once per
+        reconciliation tick for every run it wonders about, so a backend that can answer
+        for many jobs in one request (a pipeline, a LIST, DescribeJobs) is asked once.
+        A run missing from the answer could not be told this time; that is never a
+        verdict. Default: ``status`` of each, at most ``STATUS_CONCURRENCY`` at a time."""
+        return await gather_statuses(self.status, {run.run_id: run for run in runs})
+
     async def detach(self, run: RunAttempt) -> None:
         """Stop tracking the attempt but leave it running (``detach`` policy)."""
 
@@ -71,3 +84,31 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release what ``open`` acquired."""
+
+
+async def gather_statuses(
+    status: Callable[[Any], Any], items: dict[str, Any]
+) -> dict[str, JobState]:
+    """``{name: await status(item)}`` for every item, a bounded number at a time. An item
+    whose status failed is left out; when every one failed, the first error is raised
+    (the backend itself is unreachable: the caller says so)."""
+    bound = asyncio.Semaphore(STATUS_CONCURRENCY)
+
+    async def one(item: Any) -> JobState:
+        async with bound:
+            state: JobState = await status(item)
+            return state
+
+    names = list(items)
+    answers = await asyncio.gather(*(one(items[n]) for n in names), return_exceptions=True)
+    states: dict[str, JobState] = {}
+    errors: list[BaseException] = []
+    for name, answer in zip(names, answers, strict=True):
+        if isinstance(answer, BaseException):
+            log.debug("status of %s failed: %r", name, answer)
+            errors.append(answer)
+        else:
+            states[name] = answer
+    if errors and not states:
+        raise errors[0]
+    return states
