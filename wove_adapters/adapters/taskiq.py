@@ -13,8 +13,8 @@ give Taskiq what it lacks:
   lapsed belongs to a worker that died (``status()`` says GONE).
 
 Worker side (``register(broker)``): adds the ``wove_adapters.run`` task to the user's
-broker, so ``taskiq worker myapp:broker`` runs payloads. Each payload runs in a warm child
-process (``python -m wove_adapters.adapters.taskiq``) from a small pool, never on the
+broker, so ``taskiq worker myapp:broker`` runs payloads. Each payload runs in a process
+of its own from the shared warm pool (``wove_adapters.worker.pool``), never on the
 worker's event loop, so a sync task cannot stall the worker and a running task can really
 be stopped.
 
@@ -30,23 +30,19 @@ import json
 import os
 import signal
 import socket
-import struct
-import sys
-import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker.pool import PoolRun, ProcessPool, report_to_caller
 
 TASK_NAME = "wove_adapters.run"
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "wove_adapters"
-_HEADER = struct.Struct(">I")
 _FINAL_STATES = ("succeeded", "failed", "cancelled", "refused", "lost")
 # Worker side, atomically: a cancel marker wins (0); a job that already finished, or runs
 # elsewhere under a live lease, is a redelivery and is dropped (2); else it runs here (1).
@@ -492,63 +488,19 @@ class _Job:
     handle: str
     payload: str
     cancelled: bool = False
-    child: _Child | None = None
-    waiter: asyncio.Future[bool] | None = None  # set while waiting for a payload process
-
-
-class _NotDelivered(Exception):
-    """The payload process was gone before it could take the payload."""
-
-
-class _Child:
-    """One warm payload process: length-prefixed payload in, JSON outcome out."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.returncode is None
-
-    async def call(self, payload: str) -> dict[str, Any] | None:
-        """The child's report, or None if it died after taking the payload; raises
-        ``_NotDelivered`` if it was dead before (the payload never started)."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        data = payload.encode()
-        try:
-            self.proc.stdin.write(_HEADER.pack(len(data)) + data)
-            await self.proc.stdin.drain()
-        except (ConnectionError, BrokenPipeError) as exc:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            raise _NotDelivered from exc
-        try:
-            size = _HEADER.unpack(await self.proc.stdout.readexactly(_HEADER.size))[0]
-            reply: dict[str, Any] = json.loads(await self.proc.stdout.readexactly(size))
-            return reply
-        except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
-            return None
-
-    def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signum)
+    run: PoolRun | None = None  # set once the job is handed to the payload pool
 
 
 class _WorkerSide:
-    """Per worker process: the payload process pool, Redis clients, cancel listeners,
-    leases, and the presence record for ``doctor``."""
+    """Per worker process: the payload process pool (``wove_adapters.worker.pool``),
+    Redis clients, cancel listeners, leases, and the presence record for ``doctor``."""
 
     _instance: ClassVar[_WorkerSide | None] = None
 
     def __init__(self) -> None:
         self.size = os.cpu_count() or 2
         self.kill_after = 5.0
-        self._idle: list[_Child] = []
-        self._free: int | None = None  # payload-process slots not in use
-        self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._pool: ProcessPool | None = None
         self._redis: dict[str, Any] = {}
         self._listening: dict[tuple[str, str], asyncio.Task[None]] = {}  # subscribed
         self._jobs: dict[tuple[str, str], _Job] = {}
@@ -565,34 +517,27 @@ class _WorkerSide:
 
     # ------------------------------------------------------------ life cycle
 
+    @property
+    def pool(self) -> ProcessPool:
+        if self._pool is None:
+            self._pool = ProcessPool(self.size, kill_after=self.kill_after)
+        return self._pool
+
     async def start(self, broker: Any, announce_queue: str | None) -> None:
-        self._spawn_bg(self._warm())
+        self._spawn_bg(self.pool.start())  # warm: the zygote imports while we announce
         queue = announce_queue or getattr(broker, "queue_name", None)
         pool = getattr(broker, "connection_pool", None)
         if queue and pool is not None:
             self._spawn_bg(self._announce(pool, str(queue)))
-
-    async def _warm(self) -> None:
-        for child in await asyncio.gather(
-            *(self._spawn_child() for _ in range(self.size)), return_exceptions=True
-        ):
-            if isinstance(child, _Child):
-                self._idle.append(child)
 
     async def stop(self) -> None:
         tasks = [*self._background, *self._listening.values(), *self._lease_tasks.values()]
         for task in tasks:
             task.cancel()
         self._lease_tasks.clear()
-        for child in self._idle:
-            if child.proc.stdin is not None:
-                child.proc.stdin.close()
-        for child in self._idle:
-            try:
-                await asyncio.wait_for(child.proc.wait(), 5)
-            except asyncio.TimeoutError:
-                child.signal(signal.SIGKILL)
-        self._idle.clear()
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
         for client in self._redis.values():
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -620,65 +565,6 @@ class _WorkerSide:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    # ------------------------------------------------------------ the pool
-
-    async def _spawn_child(self) -> _Child:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wove_adapters.adapters.taskiq", str(os.getpid()),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,  # terminal signals go to the worker, not to payloads
-            env=dict(os.environ),
-        )
-        return _Child(proc)
-
-    async def _acquire(self, job: _Job) -> _Child | None:
-        """A free payload process, or None if the job was cancelled while it waited."""
-        if self._free is None:
-            self._free = self.size
-        if self._free > 0:
-            self._free -= 1
-        else:
-            job.waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(job.waiter)
-            try:
-                granted = await job.waiter
-            except asyncio.CancelledError:
-                if job.waiter.done() and not job.waiter.cancelled() and job.waiter.result():
-                    self._release_slot()
-                raise
-            finally:
-                job.waiter = None
-            if not granted:
-                return None
-        while self._idle:
-            child = self._idle.pop()
-            if child.alive:
-                return child
-        try:
-            return await self._spawn_child()
-        except BaseException:
-            self._release_slot()
-            raise
-
-    def _release_slot(self) -> None:
-        """Hand the slot to the longest waiter still waiting, else free it."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(True)
-                return
-        assert self._free is not None
-        self._free += 1
-
-    def _release(self, child: _Child | None) -> None:
-        if child is not None and child.alive:
-            if len(self._idle) < self.size:
-                self._idle.append(child)
-            elif child.proc.stdin is not None:
-                child.proc.stdin.close()  # one too many (warm-up raced a spawn): let it exit
-        self._release_slot()
 
     # ------------------------------------------------------------ control keys
 
@@ -746,17 +632,8 @@ class _WorkerSide:
         if job is None or job.cancelled:
             return
         job.cancelled = True
-        if job.waiter is not None and not job.waiter.done():
-            job.waiter.set_result(False)  # still waiting for a payload process: never runs
-        if job.child is not None:
-            child = job.child
-            child.signal(signal.SIGTERM)
-
-            def _escalate() -> None:
-                if job.child is child:  # still on this job after kill_after: SIGKILL
-                    child.signal(signal.SIGKILL)
-
-            asyncio.get_running_loop().call_later(self.kill_after, _escalate)
+        if job.run is not None:  # waiting: never runs; running: SIGTERM, SIGKILL later
+            job.run.cancel()
 
     async def _keep_leases(self, url: str) -> None:
         """One loop per Redis: renew the lease of every running job a third into it."""
@@ -778,8 +655,7 @@ class _WorkerSide:
     async def run(self, payload: str, control: dict[str, Any] | None) -> dict[str, Any]:
         if not control:
             job = _Job(handle=uuid.uuid4().hex, payload=payload)
-            child = await self._acquire(job)
-            return await self._notify(job, await self._execute(job, child))
+            return await self._notify(job, await self._execute(job))
         url, prefix, handle = str(control["url"]), str(control["prefix"]), str(control["handle"])
         lease, ttl = float(control.get("lease", 10.0)), int(control.get("ttl", 86400))
         key = (prefix, handle)
@@ -798,7 +674,7 @@ class _WorkerSide:
             if began == 2:
                 return {"state": "duplicate"}  # redelivered (stream brokers): already handled
             if not began:
-                await _report(job.payload, "cancelled", "cancelled before it started")
+                await report_to_caller(job.payload, "cancelled", "cancelled before it started")
                 return {"state": "cancelled"}
             leases = self._leases.setdefault(url, {})
             leases[handle] = (f"{prefix}:lease:{handle}", lease)
@@ -807,11 +683,7 @@ class _WorkerSide:
                     self._keep_leases(url)
                 )
             try:
-                child = await self._acquire(job)
-                if child is None:
-                    report = {"state": "cancelled", "notice": "cancelled before it started"}
-                else:
-                    report = await self._execute(job, child)
+                report = await self._execute(job)
             finally:
                 leases.pop(handle, None)
             await self._scripts[url][1](  # state, outcome and lease in one atomic step
@@ -823,131 +695,27 @@ class _WorkerSide:
         finally:
             self._jobs.pop(key, None)
 
-    async def _execute(self, job: _Job, child: _Child | None) -> dict[str, Any]:
-        assert child is not None
-        job.child = child
-        try:
-            try:
-                reply = await child.call(job.payload)
-            except _NotDelivered:  # died while idle (OOM killer, stray signal): use another
-                job.child = child = await self._spawn_child()
-                reply = await child.call(job.payload)
-        except BaseException:
-            child.signal(signal.SIGKILL)  # our coroutine was cancelled: stop the payload
-            raise
-        finally:
-            job.child = None
-            self._release(child)
-        if reply is not None:
-            return reply
-        # The payload process died without reporting: the caller hears it from us, after
-        # the state key says so (see ``run``).
-        code = child.proc.returncode
+    async def _execute(self, job: _Job) -> dict[str, Any]:
+        job.run = run = self.pool.run(job.payload)
         if job.cancelled:
-            return {"state": "cancelled", "notice": f"killed after cancellation (exit {code})"}
-        return {"state": "lost", "notice": f"the payload process died (exit code {code})"}
+            run.cancel()
+        try:
+            outcome = await run
+        except BaseException:
+            run.cancel(signal.SIGKILL)  # our coroutine was cancelled: stop the payload
+            raise
+        report: dict[str, Any] = {"state": outcome.state, "delivered": outcome.delivered}
+        if outcome.outcome is not None:
+            report["outcome"] = base64.b64encode(outcome.outcome).decode("ascii")
+        if outcome.notice is not None:
+            # The payload process did not report (it died, or never started): the caller
+            # hears it from us, after the state key says so (see ``run``).
+            report["notice"] = outcome.notice
+        return report
 
     @staticmethod
     async def _notify(job: _Job, report: dict[str, Any]) -> dict[str, Any]:
         notice = report.pop("notice", None)
         if notice is not None:
-            await _report(job.payload, report["state"], notice)
+            await report_to_caller(job.payload, report["state"], notice)
         return report
-
-
-async def _report(payload: str, kind: str, reason: str) -> None:
-    """Tell the caller what happened to a payload that did not report for itself."""
-    from wove_adapters.callbacks import sender
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core import frames
-
-    try:
-        envelope = await asyncio.to_thread(payload_mod.decode_payload, payload)
-        ident = (envelope.run_id, envelope.task_id, envelope.attempt)
-        event: frames.WireEvent = (
-            frames.TaskCancelled(run_id=ident[0], task_id=ident[1], attempt=ident[2], reason=reason)
-            if kind == "cancelled"
-            else frames.TaskLost(run_id=ident[0], task_id=ident[1], attempt=ident[2], reason=reason)
-        )
-        await asyncio.wait_for(sender.asend(envelope.return_path, envelope.key_id, event), 30)
-    except Exception as exc:
-        print(f"wove-adapters taskiq: could not report {kind}: {exc}", file=sys.stderr)
-
-
-# ==================================================================== the payload process
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this process when the worker dies (Linux), with a polling fallback."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    def _watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=_watch, daemon=True, name="wove-parent-watch").start()
-
-
-def _outcome_blob(envelope: Any, outcome: Any) -> str | None:
-    """The signed terminal event, kept for callers that share the idempotency key."""
-    from wove_adapters.callbacks import sender
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core import frames, signing
-    from wove_adapters.core.codec import pickled_exception
-
-    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
-    event: frames.WireEvent
-    if outcome.state == "succeeded":
-        event = frames.TaskResult(**ident, result=payload_mod.dumps(outcome.value))
-    elif outcome.state == "cancelled":
-        event = frames.TaskCancelled(**ident, reason=str(outcome.error))
-    else:
-        event = frames.TaskError(
-            **ident,
-            error=frames.normalize_exception(outcome.error, source="task"),
-            exception=pickled_exception(outcome.error) if outcome.error else None,
-        )
-    blob = signing.encode_blob(sender.sign_events([event], envelope.key_id))
-    return base64.b64encode(blob).decode("ascii")
-
-
-def _child_main(argv: list[str]) -> int:
-    from wove_adapters.callbacks.worker import run, run_envelope
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core.errors import PayloadError
-
-    _die_with_parent(int(argv[0]) if argv else os.getppid())
-    replies = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)  # task prints go to stderr, never into the protocol stream
-    sys.stdout = sys.stderr
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # idle: a late cancel is moot
-    requests = sys.stdin.buffer
-    while True:
-        header = requests.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            return 0
-        text = requests.read(_HEADER.unpack(header)[0]).decode()
-        report: dict[str, Any]
-        try:
-            envelope = payload_mod.decode_payload(text)
-        except PayloadError:
-            report = {"state": run(text).state}
-        else:
-            outcome = run_envelope(envelope, handle_sigterm=True)
-            report = {"state": outcome.state, "delivered": outcome.delivered}
-            if envelope.delivery.get("delivery_idempotency_key") is not None:
-                with contextlib.suppress(Exception):
-                    report["outcome"] = _outcome_blob(envelope, outcome)
-        data = json.dumps(report).encode()
-        replies.write(_HEADER.pack(len(data)) + data)
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

@@ -58,6 +58,9 @@ class Outcome:
     # the outbox still owns it (``pending``), it is presumed on its way.
     delivered: bool = True
     pending: sender.Pending | None = None
+    # The terminal event the caller was sent (None for a refused payload): what a backend
+    # keeps, signed, for another caller that holds the same idempotency key.
+    event: frames.WireEvent | None = None
 
     @property
     def exit_code(self) -> int:
@@ -343,6 +346,7 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
                 exception=pickled_exception(exc),
             )
             outcome = Outcome("failed", error=exc)
+    outcome.event = event
     deliver_terminal(envelope, event, outcome)
     return outcome
 

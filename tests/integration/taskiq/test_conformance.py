@@ -28,8 +28,13 @@ class TestTaskiqConformance(AdapterConformance):
         return SLOTS
 
     def kill_worker(self, pid: int) -> None:
-        """SIGKILL the taskiq worker process running the task (its payload process dies
-        with it); the CLI's process manager starts a fresh worker, as in production."""
-        parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        assert parent in self._worker.worker_pids(), "the task did not run under our worker"
-        os.kill(parent, signal.SIGKILL)
+        """SIGKILL the taskiq worker process running the task (worker -> its pool's
+        zygote -> payload process: both die with it); the CLI's process manager starts a
+        fresh worker, as in production."""
+
+        def parent_of(child: int) -> int:
+            return int(open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[1])
+
+        worker = parent_of(parent_of(pid))
+        assert worker in self._worker.worker_pids(), "the task did not run under our worker"
+        os.kill(worker, signal.SIGKILL)

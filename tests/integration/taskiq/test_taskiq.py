@@ -67,6 +67,11 @@ def _parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def _worker_of(pid: int) -> int:
+    """The taskiq worker process a payload process runs under (worker -> zygote -> it)."""
+    return _parent_of(_parent_of(pid))
+
+
 # ---------------------------------------------------------------- the system's own CLI
 
 
@@ -201,7 +206,7 @@ def test_status_finds_a_dead_worker_without_heartbeats(
     handle = _submission(hub, future.run_id)  # type: ignore[attr-defined]
     adapter = hub.dispatcher("t").transport.adapter
     assert shared_loop.run_sync(adapter.status(handle)) == JobState.RUNNING
-    os.kill(_parent_of(pid), signal.SIGKILL)  # the taskiq worker process; its payload dies too
+    os.kill(_worker_of(pid), signal.SIGKILL)  # the taskiq worker process; its payload dies too
     try:
         with pytest.raises(DeliveryOrphanedError, match="gone"):
             future.result(timeout=60)

@@ -1,0 +1,562 @@
+"""One warm process pool for payloads a worker must not run on its own event loop.
+
+Taskiq, ARQ (``isolation="process"``) and Temporal workers all run each payload in a
+process of its own, so a sync task cannot stall the worker's loop and a running task can
+really be stopped. They share this pool:
+
+- **A zygote.** One small process per pool imports ``wove_adapters`` (and ``preload``)
+  once, then forks a fresh payload process per payload: a start costs milliseconds, no
+  payload inherits another's state or the worker's threads, and nothing re-runs the
+  worker's ``__main__`` (multiprocessing's forkserver would). The zygote reaps its
+  children and tells the pool how each one ended (exit code or signal).
+- **A framed pipe.** Each payload has its own Unix socket to the zygote: 4-byte length +
+  msgpack frames (request, ``{pid}``, ``{report}``, or the zygote's ``{exit}``). Task code's
+  prints go to the worker's stderr, never into the protocol.
+- **Slots.** ``size`` payloads at once (None: as many as the backend hands over); the
+  rest wait in order, and a cancel of a waiting payload means it never starts.
+- **Stopping.** ``cancel()`` sends SIGTERM (the runner turns it into ``task_cancelled``),
+  then SIGKILL after ``kill_after`` seconds.
+- **Dying with the worker.** ``PR_SET_PDEATHSIG`` on Linux chains worker -> zygote ->
+  payload process (a watcher thread elsewhere); the zygote also exits when its stdin
+  (held by the worker) closes.
+
+A payload process answers with a report (the runner's state, exit code, whether the
+outcome was delivered, and, for runs with an idempotency key or when asked, the signed
+terminal event) and then stays only until its outcome is delivered or recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+# What every payload process needs, imported once in the zygote instead of once per
+# payload (profiled on Temporal: cloudpickle and the idna codec getaddrinfo pulls in were
+# about half of a trivial task's CPU when each task imported them).
+PRELOAD = ("wove_adapters.callbacks.worker", "cloudpickle", "encodings.idna")
+SYS_PATH_ENV = "WOVE_ADAPTERS_ZYGOTE_SYS_PATH"
+_ZYGOTE_CODE = "from wove_adapters.worker.pool import zygote_main; zygote_main()"
+
+
+# ==================================================================== both sides
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """SIGKILL this process when ``parent`` dies, so a killed worker takes its payloads
+    with it instead of leaving them running unseen: ``PR_SET_PDEATHSIG`` on Linux, a
+    watcher thread elsewhere. Exits at once if ``parent`` is already gone."""
+    parent = os.getppid() if parent is None else parent
+    armed = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            armed = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+
+        def _watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=_watch, daemon=True, name="wove-parent-watch").start()
+
+
+def _frame(message: dict[str, Any]) -> bytes:
+    data = msgspec.msgpack.encode(message)
+    return len(data).to_bytes(4, "big") + data
+
+
+def _read_frame_sync(stream: Any) -> dict[str, Any]:
+    size = int.from_bytes(stream.read(4), "big")
+    value = msgspec.msgpack.decode(stream.read(size))
+    return value if isinstance(value, dict) else {}
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    try:
+        size = int.from_bytes(await reader.readexactly(4), "big")
+        value = msgspec.msgpack.decode(await reader.readexactly(size))
+    except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# ==================================================================== the payload process
+
+
+def run_payload(
+    payload: str, *, keep_outcome: bool | None = None, handle_sigterm: bool = True
+) -> dict[str, Any]:
+    """Run one payload here and say how it went: ``{state, exit_code, delivered, run_id,
+    task_id, attempt, outcome}``. ``outcome`` is the signed terminal event (bytes) when
+    ``keep_outcome`` is true, or when it is None and the run has an idempotency key (a
+    backend keeps it for another caller that holds the same key)."""
+    from wove_adapters.callbacks import worker
+    from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.core.errors import PayloadError
+
+    try:
+        envelope = payload_mod.decode_payload(payload)
+    except PayloadError:
+        refused = worker.run(payload, handle_sigterm=handle_sigterm)  # reports the refusal
+        return {"state": refused.state, "exit_code": refused.exit_code, "delivered": True}
+    outcome = worker.run_envelope(envelope, handle_sigterm=handle_sigterm)
+    report: dict[str, Any] = {
+        "state": outcome.state,
+        "exit_code": outcome.exit_code,
+        "delivered": outcome.delivered,
+        "run_id": envelope.run_id,
+        "task_id": envelope.task_id,
+        "attempt": envelope.attempt,
+    }
+    keyed = envelope.delivery.get("delivery_idempotency_key") is not None
+    if outcome.event is not None and (keep_outcome or (keep_outcome is None and keyed)):
+        report["outcome"] = signed_outcome(outcome.event, envelope.key_id)
+    return report
+
+
+def signed_outcome(event: Any, key_id: str) -> bytes | None:
+    """The terminal event as a signed blob (``core.codec.decode_outcome`` reads it)."""
+    from wove_adapters.core import signing
+    from wove_adapters.core.codec import sign_events
+
+    try:
+        return signing.encode_blob(sign_events([event], key_id))
+    except Exception:  # the caller still has the event itself
+        return None
+
+
+def _payload_process(conn: Any, zygote: int) -> None:
+    """In a freshly forked payload process: say our pid, run the payload (SIGTERM cancels
+    it), report, then stay until the outcome is delivered or recorded."""
+    die_with_parent(zygote)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # the zygote's stdin is the worker's lifeline, not the task's
+    os.close(devnull)
+    stream = conn.makefile("rwb")
+    request = _read_frame_sync(stream)
+    stream.write(_frame({"pid": os.getpid()}))
+    stream.flush()
+    report = run_payload(str(request.get("payload", "")), keep_outcome=request.get("keep"))
+    stream.write(_frame({"report": report}))
+    stream.flush()
+    # This process ends with os._exit (no exit hooks): an outcome the caller did not take
+    # yet is delivered or recorded in the ledger first (the pool already has the report).
+    from wove_adapters.callbacks import sender
+
+    sender.OUTBOX.flush(None)
+
+
+def zygote_main(argv: list[str] | None = None) -> None:
+    """``python -c '...zygote_main()' SOCKET PARENT LINGER [MODULE...]``: import the
+    modules, listen, fork one payload process per connection, reap them and send each
+    connection its process's exit status. Stdin EOF: stop accepting, give running
+    payloads ``LINGER`` seconds, exit (they die with it)."""
+    import importlib
+    import select
+    import socket
+    import traceback
+
+    path, parent, linger, *preload = sys.argv[1:] if argv is None else argv
+    sys.path[:] = json.loads(os.environ.pop(SYS_PATH_ENV, "[]")) or sys.path
+    die_with_parent(int(parent))
+    for module in preload:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a missing optional module only costs its import later
+            print(f"wove-adapters zygote: could not preload {module}: {exc}", file=sys.stderr)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1024)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select via wake_w
+    # Ctrl-C in the worker's terminal is the worker's to handle; payloads inherit this.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    os.dup2(2, 1)  # task output goes to the worker's stderr, never into the ready pipe
+    children: dict[int, socket.socket] = {}
+    closing_at: float | None = None
+    while True:
+        watched = [wake_r] if closing_at is not None else [wake_r, listener.fileno(), 0]
+        wait = None if closing_at is None else max(closing_at - time.monotonic(), 0.0)
+        readable, _, _ = select.select(watched, [], [], wait)
+        if wake_r in readable:
+            with contextlib.suppress(OSError):
+                os.read(wake_r, 4096)
+            _reap(children)
+        if closing_at is not None:
+            if not children or time.monotonic() >= closing_at:
+                os._exit(0)
+            continue
+        if 0 in readable and not os.read(0, 1):  # the worker closed us (or died)
+            listener.close()
+            closing_at = time.monotonic() + float(linger)
+            if not children:
+                os._exit(0)
+            continue
+        if listener.fileno() in readable:
+            conn, _ = listener.accept()
+            zygote = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    for fd in (wake_r, wake_w):
+                        os.close(fd)
+                    listener.close()
+                    for other in children.values():
+                        other.close()
+                    _payload_process(conn, zygote)
+                except BaseException:
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    os._exit(code)
+            children[pid] = conn
+
+
+def _reap(children: dict[int, Any]) -> None:
+    """Collect every payload process that ended and tell its connection how."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is not None:
+            with contextlib.suppress(OSError):  # the pool may have stopped listening
+                conn.sendall(_frame({"exit": os.waitstatus_to_exitcode(status)}))
+            conn.close()
+
+
+# ==================================================================== the worker's side
+
+
+class Zygote:
+    """The zygote process of one pool (see the module docstring)."""
+
+    def __init__(self, preload: Sequence[str], linger: float) -> None:
+        self.directory = tempfile.mkdtemp(prefix="wove-pool-")
+        self.path = os.path.join(self.directory, "zygote.sock")
+        self.linger = linger
+        environment = {**os.environ, SYS_PATH_ENV: json.dumps(sys.path)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ZYGOTE_CODE, self.path, str(os.getpid()), str(linger),
+             *dict.fromkeys([*PRELOAD, *preload])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,
+            start_new_session=True,  # terminal signals go to the worker, not to payloads
+        )
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline()  # the zygote says when it listens
+        if ready.strip() != b"ready":
+            self.close()
+            raise RuntimeError(
+                f"the wove-adapters payload zygote did not start (exit {self.proc.poll()}); "
+                "its error is on this worker's stderr"
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self, wait: float = 0.0) -> None:
+        """Close its stdin (it stops taking payloads and lingers for running ones), wait
+        up to ``wait`` seconds, then kill it."""
+        with contextlib.suppress(Exception):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(Exception):
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class ChildOutcome:
+    """How one payload ended. ``report`` is what its process said (empty when it died
+    first or never started); ``notice``, set when the caller has not heard of it from the
+    payload itself, says what happened (``report_to_caller`` sends it)."""
+
+    state: str  # succeeded | failed | cancelled | refused (the runner's) | lost
+    pid: int | None = None
+    exit_code: int | None = None  # the runner's exit code, or the process's status
+    delivered: bool = True
+    outcome: bytes | None = None  # the signed terminal event, when kept
+    report: dict[str, Any] = field(default_factory=dict)
+    notice: str | None = None
+
+
+class PoolRun:
+    """One payload handed to the pool: ``await`` it for its ``ChildOutcome`` (awaiting is
+    shielded: a cancelled awaiter leaves the payload running; call ``cancel``)."""
+
+    def __init__(self, pool: ProcessPool, payload: str, keep_outcome: bool | None) -> None:
+        self.pool = pool
+        self.payload = payload
+        self.keep_outcome = keep_outcome
+        self.pid: int | None = None
+        self.signum: int | None = None  # the stop signal asked for, if any
+        self.ended = False  # the payload process reported or exited: never signal it
+        self.waiter: asyncio.Future[bool] | None = None  # set while waiting for a slot
+        self.task: asyncio.Task[ChildOutcome] = asyncio.get_running_loop().create_task(
+            pool._run(self)
+        )
+
+    @property
+    def cancelled(self) -> bool:
+        return self.signum is not None
+
+    def cancel(self, signum: int = signal.SIGTERM) -> None:
+        """A waiting payload never starts; a running one gets ``signum`` now and SIGKILL
+        after the pool's ``kill_after`` seconds; a finished one is left alone."""
+        first = self.signum is None
+        self.signum = signum if first or signum == signal.SIGKILL else self.signum
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(False)
+            return
+        if self.pid is not None:
+            self._signal(signum)
+            if first and signum != signal.SIGKILL:
+                asyncio.get_running_loop().call_later(
+                    self.pool.kill_after, self._signal, signal.SIGKILL
+                )
+
+    def _signal(self, signum: int) -> None:
+        if self.pid is not None and not self.ended:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def done(self) -> bool:
+        return self.task.done()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Whether the payload ended within ``timeout`` seconds (it runs on regardless)."""
+        done, _ = await asyncio.wait({self.task}, timeout=timeout)
+        return bool(done)
+
+    def __await__(self) -> Generator[Any, None, ChildOutcome]:
+        return asyncio.shield(self.task).__await__()
+
+
+class ProcessPool:
+    """The warm payload processes of one worker process (see the module docstring).
+
+    ``async with ProcessPool(4) as pool: outcome = await pool.run(payload)``; ``run``
+    returns a ``PoolRun`` at once (``cancel()`` it, ``await`` it). ``size``: payloads at
+    once (None: no bound of our own). ``kill_after``: seconds between SIGTERM and SIGKILL.
+    ``preload``: modules the payload processes import up front. ``linger``: on
+    ``aclose``, seconds running payloads get to finish and settle their outcomes."""
+
+    def __init__(
+        self,
+        size: int | None = None,
+        *,
+        kill_after: float = 10.0,
+        preload: Sequence[str] = (),
+        linger: float = 30.0,
+    ) -> None:
+        self.size = size
+        self.kill_after = kill_after
+        self.preload = tuple(preload)
+        self.linger = linger
+        self._zygote: Zygote | None = None
+        self._lock = threading.Lock()  # prepare() may run in any thread
+        self._free = size
+        self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._closed = False
+
+    # ------------------------------------------------------------ life cycle
+
+    def prepare(self) -> Zygote:
+        """Start the zygote now if it is not running (blocks while it imports; the first
+        payload would start it otherwise)."""
+        with self._lock:
+            if self._zygote is None or not self._zygote.alive():
+                if self._zygote is not None:
+                    self._zygote.close()
+                self._zygote = Zygote(self.preload, self.linger)
+            return self._zygote
+
+    async def start(self) -> ProcessPool:
+        self._closed = False
+        await asyncio.to_thread(self.prepare)
+        return self
+
+    async def __aenter__(self) -> ProcessPool:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Waiting payloads never start; running ones get ``linger`` seconds."""
+        self._closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(False)
+        zygote, self._zygote = self._zygote, None
+        if zygote is not None:
+            await asyncio.to_thread(zygote.close, self.linger + 2.0)
+
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._zygote.pid if self._zygote is not None else None
+
+    # ------------------------------------------------------------ payloads
+
+    def run(self, payload: str, *, keep_outcome: bool | None = None) -> PoolRun:
+        """Run ``payload`` in a payload process as soon as a slot is free."""
+        return PoolRun(self, payload, keep_outcome)
+
+    async def _run(self, run: PoolRun) -> ChildOutcome:
+        if not await self._acquire(run):
+            return ChildOutcome("cancelled", notice="cancelled before it started")
+        try:
+            return await self._execute(run)
+        finally:
+            self._release()
+
+    async def _acquire(self, run: PoolRun) -> bool:
+        if self._closed or run.cancelled:
+            return False
+        if self._free is None:
+            return True
+        if self._free > 0:
+            self._free -= 1
+            return True
+        run.waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(run.waiter)
+        try:
+            granted = await run.waiter
+        except asyncio.CancelledError:
+            if run.waiter.done() and not run.waiter.cancelled() and run.waiter.result():
+                self._release()
+            raise
+        finally:
+            run.waiter = None
+        return granted
+
+    def _release(self) -> None:
+        """Hand the slot to the longest waiter still waiting, else free it."""
+        if self._free is None:
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                return
+        self._free += 1
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        zygote = self._zygote
+        if zygote is None or not zygote.alive():
+            zygote = await asyncio.to_thread(self.prepare)
+        return await asyncio.open_unix_connection(zygote.path)
+
+    async def _execute(self, run: PoolRun) -> ChildOutcome:
+        request = {"payload": run.payload, "keep": run.keep_outcome}
+        message: dict[str, Any] | None = None
+        for tries in (1, 2):  # a zygote that died while idle is replaced once
+            try:
+                reader, writer = await self._connect()
+            except OSError:
+                if tries == 2:
+                    raise
+                continue
+            try:
+                writer.write(_frame(request))
+                await writer.drain()
+                hello = await _read_frame(reader)
+                if hello is None or "pid" not in hello:
+                    continue  # nothing started: try a fresh zygote
+                run.pid = int(hello["pid"])
+                if run.signum is not None:  # cancelled while it was being forked
+                    run.cancel(run.signum)
+                message = await _read_frame(reader)
+                break
+            except (ConnectionError, OSError):
+                if run.pid is None and tries == 1:
+                    continue
+                break
+            except BaseException:
+                run._signal(signal.SIGKILL)  # our task was cancelled: stop the payload
+                raise
+            finally:
+                writer.close()
+        run.ended = True
+        if run.pid is None:
+            raise RuntimeError("the payload process could not be started (the zygote died)")
+        if message is not None and isinstance(message.get("report"), dict):
+            report: dict[str, Any] = message["report"]
+            return ChildOutcome(
+                str(report.get("state", "failed")), pid=run.pid,
+                exit_code=report.get("exit_code"), delivered=bool(report.get("delivered", True)),
+                outcome=report.get("outcome"), report=report,
+            )
+        code = message.get("exit") if message is not None else None
+        how = describe_exit(code) if code is not None else "ended with its zygote"
+        if run.cancelled:
+            return ChildOutcome("cancelled", pid=run.pid, exit_code=code,
+                                notice=f"killed after cancellation: pid {run.pid} {how}")
+        return ChildOutcome("lost", pid=run.pid, exit_code=code,
+                            notice=f"the payload process died: pid {run.pid} {how}")
+
+
+def describe_exit(code: int) -> str:
+    from wove_adapters.core.executors.stdio import describe_exit as describe
+
+    return describe(int(code))
+
+
+async def report_to_caller(payload: str, state: str, reason: str) -> None:
+    """Tell the caller what happened to a payload that did not report for itself
+    (``task_cancelled`` for ``state == "cancelled"``, else ``task_lost``)."""
+    from wove_adapters.callbacks import sender
+    from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.core import frames
+
+    try:
+        envelope = await asyncio.to_thread(payload_mod.decode_payload, payload)
+        ident: dict[str, Any] = {"run_id": envelope.run_id, "task_id": envelope.task_id,
+                 "attempt": envelope.attempt}
+        event: frames.WireEvent = (
+            frames.TaskCancelled(**ident, reason=reason)
+            if state == "cancelled"
+            else frames.TaskLost(**ident, reason=reason)
+        )
+        await asyncio.wait_for(sender.asend(envelope.return_path, envelope.key_id, event), 30)
+    except Exception as exc:  # the caller's reconciliation still finds it
+        print(f"wove-adapters worker: could not report a {state} run: {exc}", file=sys.stderr)
