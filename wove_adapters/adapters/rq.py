@@ -7,8 +7,8 @@ reports back through the run's return path). Job ids are the sanitised idempoten
 job across callers; a key whose job already finished answers with the signed outcome the
 job recorded as its return value. Cancel removes a queued job (``Job.cancel``) or kills a
 running one's work-horse (``send_stop_job_command``); RQ then marks the job STOPPED,
-which confirms ``require_ack``. ``status`` reads the job's RQ status, one pipelined
-``HGET`` for all recently asked jobs at a time.
+which confirms ``require_ack``. ``status_many`` reads every asked job's RQ status in one
+pipelined ``HMGET``.
 
 This module never imports ``rq`` or ``redis`` at import time: the worker-side pieces
 (``run_payload`` and the preloading ``Worker`` class, reached through ``__getattr__``)
@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
@@ -46,8 +47,8 @@ _ENQUEUE_OPTIONS = {
 # RQ statuses under which a job with our id still counts as the key's one execution.
 _HOLDS_KEY = {"created", "queued", "started", "deferred", "scheduled", "finished",
               "rate_limited", "ready_to_enqueue"}
-# Seconds one pipelined status read serves every status() call (see _cached_status).
-_STATUS_WINDOW = 0.25
+# A started job's worker must be seen gone in two status rounds at least this far apart.
+_ROUND_SECONDS = 0.25
 _CANCELLABLE = {"created", "queued", "deferred", "scheduled", "rate_limited", "ready_to_enqueue"}
 
 
@@ -111,10 +112,7 @@ class RqAdapter(BackendAdapter):
         self._queues: dict[str, Any] = {}
         self._unique = False
         self._dropbox_client: Any = None
-        self._asked: dict[str, float] = {}  # handle -> when status() last asked
-        self._statuses: dict[str, str | None] = {}
-        self._statuses_at = -_STATUS_WINDOW
-        self._worker_gone: dict[str, int] = {}  # handle -> rounds its worker was gone
+        self._worker_gone: dict[str, float] = {}  # handle -> when its worker was first gone
         # Runs that attached to a job another caller enqueued under the same key: the
         # job's recorded outcome is relabelled for them (handle -> run identity).
         self._followers: dict[str, tuple[str, str, int]] = {}
@@ -265,7 +263,6 @@ class RqAdapter(BackendAdapter):
                     reason=f"stopped following rq job {handle}, which another caller owns",
                 ))
             return
-        self._statuses.pop(handle, None)  # about to change: never answer from the cache
         await asyncio.to_thread(self._cancel, handle, running)
 
     def _cancel(self, handle: str, running: bool) -> None:
@@ -309,41 +306,33 @@ class RqAdapter(BackendAdapter):
             time.sleep(0.05)
 
     async def status(self, handle: str) -> JobState:
-        text = await self._cached_status(handle)
-        if text is None:
-            return JobState.GONE
-        state = self.map_state(text)
-        if state is JobState.SUCCEEDED and handle in self._followers:
-            await self._answer_follower(handle)
-        elif state.finished and await self._dropbox_backlog():
-            # With the redis return path a job finishes once its events are pushed; while
-            # the caller has not read them all yet, the run is not lost.
-            return JobState.RUNNING
-        return state
+        return (await self.status_many([handle]))[handle]
 
-    async def _cached_status(self, handle: str) -> str | None:
-        """One pipelined ``HGET`` for every job asked about recently, reused for
-        ``_STATUS_WINDOW``: reconciliation asks about every quiet run in turn, and a
-        thousand queued runs must not cost a thousand round trips each cycle."""
-        now = time.monotonic()
-        self._asked[handle] = now
-        if now - self._statuses_at < _STATUS_WINDOW:
-            if handle in self._statuses:
-                return self._statuses[handle]
-            return (await asyncio.to_thread(self._fetch_statuses, [handle]))[0]
-        horizon = now - max(3 * float(self.config.get("reconcile_seconds") or 1.0), 5.0)
-        self._asked = {h: t for h, t in self._asked.items() if t >= horizon}
-        handles = list(self._asked)
-        texts = await asyncio.to_thread(self._fetch_statuses, handles)
-        fresh = dict(zip(handles, texts, strict=True))
-        self._statuses, self._statuses_at = fresh, time.monotonic()
-        return fresh[handle]
+    async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
+        """One pipelined ``HMGET`` (and one ``PUBSUB NUMSUB``) for every job asked about."""
+        texts = await asyncio.to_thread(self._fetch_statuses, list(handles))
+        states: dict[str, JobState] = {}
+        backlog: bool | None = None
+        for handle, text in zip(handles, texts, strict=True):
+            state = JobState.GONE if text is None else self.map_state(text)
+            if state is JobState.SUCCEEDED and handle in self._followers:
+                await self._answer_follower(handle)
+            elif state.finished and text is not None:
+                if backlog is None:
+                    backlog = await self._dropbox_backlog()
+                if backlog:
+                    # With the redis return path a job finishes once its events are
+                    # pushed; while the caller has not read them all, it is not lost.
+                    state = JobState.RUNNING
+            states[handle] = state
+        return states
 
     def _fetch_statuses(self, handles: list[str]) -> list[str | None]:
         """Statuses, with one correction: RQ keeps a job ``started`` when its whole worker
         was killed (until its own cleanup, job_timeout later), so a started job whose
-        worker is no longer subscribed to its command channel, in two rounds in a row,
-        reads ``abandoned`` (gone: the orphan policy applies)."""
+        worker is no longer subscribed to its command channel, in two rounds in a row (at
+        least ``_ROUND_SECONDS`` apart), reads ``abandoned`` (gone: the orphan policy
+        applies)."""
         from rq.job import Job
 
         pipe = self._connection.pipeline(transaction=False)
@@ -363,15 +352,15 @@ class RqAdapter(BackendAdapter):
                 for name, channel in zip(workers, channels, strict=True)
                 if int(counts.get(channel.encode(), 0) or counts.get(channel, 0)) > 0
             }
+        now = time.monotonic()
         texts: list[str | None] = []
-        suspects: dict[str, int] = {}
         for handle, (status, worker) in zip(handles, rows, strict=True):
             if status == "started" and worker and worker not in alive:
-                seen = suspects[handle] = self._worker_gone.get(handle, 0) + 1
-                texts.append("abandoned" if seen >= 2 else status)
+                first = self._worker_gone.setdefault(handle, now)
+                texts.append("abandoned" if now - first >= _ROUND_SECONDS else status)
             else:
+                self._worker_gone.pop(handle, None)
                 texts.append(status)
-        self._worker_gone = suspects
         return texts
 
     async def _dropbox_backlog(self) -> bool:
@@ -392,6 +381,10 @@ class RqAdapter(BackendAdapter):
 
     async def detach(self, handle: str) -> None:
         self._followers.pop(handle, None)
+        self._worker_gone.pop(handle, None)
+
+    async def release(self, handle: str) -> None:
+        self._worker_gone.pop(handle, None)
 
     # ------------------------------------------------------------ doctor
 
