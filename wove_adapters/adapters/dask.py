@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -203,8 +203,6 @@ class DaskAdapter(BackendAdapter):
         self._batch: list[tuple[str, str, dict[str, Any]]] = []
         self._gathers: list[tuple[Any, asyncio.Future[Any]]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self._states: dict[str, str | None] = {}
-        self._states_at = float("-inf")
         self._detached: dict[str, Any] = {}
 
     # ---------------------------------------------------------- life cycle
@@ -397,27 +395,30 @@ class DaskAdapter(BackendAdapter):
                                  reason="cancelled by wove-adapters")
 
     async def status(self, handle: str) -> JobState:
-        tracked = self._tracked.get(handle)
-        if tracked is None:
-            return self._finished.get(handle, JobState.GONE)
-        if tracked.future is None:
-            return JobState.PENDING
-        local = self.map_state(tracked.future.status)
-        if local is not JobState.PENDING:
-            return local  # the scheduler tells the client of errors, losses, cancels
-        # Running or still queued; a key the scheduler dropped reaches the client as
-        # "lost"/"cancelled" on its own, so a missing entry here is only not-yet-seen.
-        return self.map_state((await self._scheduler_states()).get(handle))
+        return (await self.status_many([handle]))[handle]
 
-    async def _scheduler_states(self) -> dict[str, str | None]:
-        """The scheduler's state of every pending key, one request per second at most
-        (reconciliation asks about many quiet runs in a row)."""
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._states_at > 1.0:
-            keys = [k for k, t in self._tracked.items() if t.future is not None]
-            self._states = await self.client.scheduler.get_task_status(keys=keys)
-            self._states_at = loop.time()
-        return self._states
+    async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
+        """The client's own view first (the scheduler tells it of errors, losses and
+        cancels); keys it still holds as pending: one scheduler request for all."""
+        states: dict[str, JobState] = {}
+        pending: list[str] = []
+        for handle in handles:
+            tracked = self._tracked.get(handle)
+            if tracked is None:
+                states[handle] = self._finished.get(handle, JobState.GONE)
+            elif tracked.future is None:
+                states[handle] = JobState.PENDING
+            elif (local := self.map_state(tracked.future.status)) is not JobState.PENDING:
+                states[handle] = local
+            else:
+                pending.append(handle)
+        if pending:
+            # Running or still queued; a key the scheduler dropped reaches the client as
+            # "lost"/"cancelled" on its own, so a missing entry is only not-yet-seen.
+            found = await self.client.scheduler.get_task_status(keys=pending)
+            for handle in pending:
+                states[handle] = self.map_state(found.get(handle))
+        return states
 
     async def detach(self, handle: str) -> None:
         """Keep the task alive after this client lets go; the worker records the outcome
