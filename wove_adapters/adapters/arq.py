@@ -10,9 +10,10 @@ drop box); ``status()`` reads ARQ's job state for reconciliation.
 Worker side: put :func:`wove_adapters_run` in ``WorkerSettings.functions`` and run
 ``arq yourapp.WorkerSettings`` (``allow_abort_jobs = True`` for cancellation). A payload
 runs in a thread of the worker (``isolation="thread"``, the default: the worker's loop is
-never blocked) or in its own ``python`` process (``isolation="process"``): only the
-latter can really interrupt running sync code, so only it claims ``cancel_running`` and
-``confirm_cancel``. See docs/adapters/arq.md.
+never blocked) or in a process of its own (``isolation="process"``, forked from the
+shared warm pool, ``wove_adapters.worker.pool``): only the latter can really interrupt
+running sync code, so only it claims ``cancel_running`` and ``confirm_cancel``. See
+docs/adapters/arq.md.
 
 The library is imported inside methods only; the worker-side helpers need nothing from
 ARQ beyond the ``ctx`` dict it passes.
@@ -26,9 +27,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import os
-import signal
 import sys
-import tempfile
 import time
 from typing import Any, ClassVar
 
@@ -36,6 +35,7 @@ from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import frames
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker.pool import PoolRun, ProcessPool, report_to_caller, run_payload
 
 FUNCTION_NAME = "wove_adapters_run"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -517,7 +517,8 @@ async def wove_adapters_run(
     run in a thread so the worker's loop is never blocked, heartbeat, report events) and
     returns a small dict ``{"state": ..., "outcome": <signed terminal event, keyed runs
     only>}`` that ARQ stores as the job result. With ``isolation="process"`` the payload
-    runs in a child ``python`` process instead, which an abort really stops.
+    runs in a payload process of the worker's warm pool (``wove_adapters.worker.pool``)
+    instead, which an abort really stops.
 
     An ARQ abort cancels this coroutine: in process isolation the child gets SIGTERM (it
     reports ``task_cancelled``), then SIGKILL after ``kill_after`` seconds. Any other
@@ -549,21 +550,23 @@ async def wove_adapters_run(
 async def _run_job(
     payload: str, isolation: str, kill_after: float, redis: Any, job_id: str
 ) -> dict[str, Any]:
-    child: _Child | None = None
+    child: PoolRun | None = None
     if isolation == "process":
-        child = _Child(payload)
-        work: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(child.run())
+        child = _processes().run(payload)
+        work: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(_in_process(child))
     else:
         work = asyncio.ensure_future(
-            asyncio.get_running_loop().run_in_executor(_threads(), _execute, payload, False)
+            asyncio.get_running_loop().run_in_executor(_threads(), _execute, payload)
         )
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
         if redis is None or not job_id or await redis.exists(CANCEL_KEY + job_id):
             work.add_done_callback(_consume)
-            if child is not None:
-                await child.terminate(kill_after)
+            if child is not None:  # SIGTERM now, SIGKILL after kill_after
+                child.cancel(kill_after=kill_after)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await child.wait(kill_after)
             # A thread cannot be interrupted; its late outcome is dropped by the caller.
             raise
         result = await _finish_anyway(work, redis, job_id)
@@ -607,6 +610,16 @@ async def _finish_anyway(
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
+_process_pool: ProcessPool | None = None
+
+
+def _processes() -> ProcessPool:
+    """``isolation="process"``: this worker's payload processes (``max_jobs`` bounds how
+    many run at once; the zygote starts with the first such job)."""
+    global _process_pool
+    if _process_pool is None:
+        _process_pool = ProcessPool()
+    return _process_pool
 
 
 def _threads() -> concurrent.futures.ThreadPoolExecutor:
@@ -640,59 +653,37 @@ def _unpack(data: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"state": "failed"}
 
 
-def _execute(payload: str, handle_sigterm: bool) -> dict[str, Any]:
-    """Run one payload here (a worker thread, or the child's main thread)."""
-    from wove_adapters.callbacks import worker
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core.errors import PayloadError
+def _execute(payload: str) -> dict[str, Any]:
+    """Run one payload in this worker thread."""
+    return _result(run_payload(payload, handle_sigterm=False))
 
-    try:
-        envelope = payload_mod.decode_payload(payload)
-    except PayloadError:
-        outcome = worker.run(payload, handle_sigterm=handle_sigterm)  # reports the refusal
-        return {"state": outcome.state, "exit_code": outcome.exit_code}
-    outcome = worker.run_envelope(envelope, handle_sigterm=handle_sigterm)
+
+async def _in_process(child: PoolRun) -> dict[str, Any]:
+    """Run one payload in a payload process of the shared pool."""
+    outcome = await child
+    if outcome.report:
+        return _result(outcome.report, exit_code=True)
+    # Died without reporting (killed): tell the caller at once, unless we stopped it.
+    if not child.cancelled:
+        await report_to_caller(child.payload, "lost", str(outcome.notice))
+    return {"state": "killed", "exit_code": outcome.exit_code}
+
+
+def _result(report: dict[str, Any], *, exit_code: bool = False) -> dict[str, Any]:
+    """ARQ's job result. Keyed runs keep a signed copy of their outcome in it, so another
+    caller with the same key (another process, no shared ledger) gets it too."""
+    if "run_id" not in report:  # refused before its envelope could be read
+        return {"state": report["state"], "exit_code": report.get("exit_code")}
     result: dict[str, Any] = {
-        "state": outcome.state,
-        "run_id": envelope.run_id,
-        "attempt": envelope.attempt,
+        "state": report["state"], "run_id": report["run_id"], "attempt": report["attempt"],
     }
-    if not outcome.delivered:
+    if not report.get("delivered", True):
         result["delivered"] = False
-    if handle_sigterm:  # the child process: its exit code
-        result["exit_code"] = outcome.exit_code
-    if envelope.delivery.get("delivery_idempotency_key") is not None:
-        # Keyed runs keep a signed copy of their outcome in ARQ's result, so another
-        # caller with the same key (another process, no shared ledger) gets it too.
-        result["outcome"] = _signed_outcome(envelope, outcome)
+    if exit_code:
+        result["exit_code"] = report.get("exit_code")
+    if "outcome" in report:
+        result["outcome"] = report["outcome"]
     return result
-
-
-def _signed_outcome(envelope: Any, outcome: Any) -> bytes | None:
-    from wove_adapters.callbacks import sender
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core import signing
-    from wove_adapters.core.codec import pickled_exception
-
-    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
-    event: frames.WireEvent
-    try:
-        if outcome.state == "succeeded":
-            event = frames.TaskResult(**ident, result=payload_mod.dumps(outcome.value))
-        elif outcome.state == "cancelled":
-            event = frames.TaskCancelled(**ident, reason=str(outcome.error or "cancelled"))
-        else:
-            error = outcome.error or RuntimeError(f"task {outcome.state}")
-            event = frames.TaskError(
-                **ident,
-                error=frames.normalize_exception(
-                    error, source="payload" if outcome.state == "refused" else "task"
-                ),
-                exception=pickled_exception(error),
-            )
-        return signing.encode_blob(sender.sign_events([event], envelope.key_id))
-    except Exception:  # an unpicklable result is still delivered by events
-        return None
 
 
 def _report_lost(envelope: Any, reason: str) -> None:
@@ -727,103 +718,3 @@ def _rerun_allowed(payload: str, job_id: str, job_try: int) -> bool:
         f"without an outcome",
     )
     return False
-
-
-class _Child:
-    """``isolation="process"``: the payload runs in ``python -m wove_adapters.adapters.arq``
-    (its own session, killed with its worker), so an abort can interrupt it."""
-
-    def __init__(self, payload: str) -> None:
-        self.payload = payload
-        self.proc: asyncio.subprocess.Process | None = None
-        self.terminated = False
-
-    async def run(self) -> dict[str, Any]:
-        fd, path = tempfile.mkstemp(prefix="wove-arq-", suffix=".outcome")
-        os.close(fd)
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "wove_adapters.adapters.arq",
-                "--outcome-file", path, "--parent", str(os.getpid()),
-                stdin=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(self.payload.encode())
-            with contextlib.suppress(ConnectionError):
-                await self.proc.stdin.drain()
-            self.proc.stdin.close()
-            code = await self.proc.wait()
-            data = await asyncio.to_thread(_read_bytes, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        if data:
-            return _unpack(data)
-        # Died without recording an outcome (killed): tell the caller at once.
-        if not self.terminated:
-            await asyncio.to_thread(_report_child_lost, self.payload, self.proc.pid, code)
-        return {"state": "killed", "exit_code": code}
-
-    async def terminate(self, kill_after: float) -> None:
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        self.terminated = True
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), kill_after)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError:
-        return b""
-
-
-def _report_child_lost(payload: str, pid: int, code: int) -> None:
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core.errors import PayloadError
-
-    try:
-        envelope = payload_mod.decode_payload(payload)
-    except PayloadError:
-        return
-    _report_lost(envelope, f"the worker process {pid} died (exit {code}) without an outcome")
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this child when its ARQ worker dies (Linux), as a thread would die."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if parent and os.getppid() != parent:
-        os._exit(3)
-
-
-def _child_main(argv: list[str]) -> int:
-    import argparse
-
-    import msgspec
-
-    parser = argparse.ArgumentParser(prog="python -m wove_adapters.adapters.arq")
-    parser.add_argument("--outcome-file", required=True)
-    parser.add_argument("--parent", type=int, default=0)
-    options = parser.parse_args(argv)
-    _die_with_parent(options.parent)
-    result = _execute(sys.stdin.read(), True)
-    with open(options.outcome_file, "wb") as handle:
-        handle.write(msgspec.msgpack.encode(result))
-    return int(result.get("exit_code", 0))
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

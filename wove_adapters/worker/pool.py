@@ -327,6 +327,7 @@ class PoolRun:
         self.payload = payload
         self.keep_outcome = keep_outcome
         self.pid: int | None = None
+        self.kill_after = pool.kill_after
         self.signum: int | None = None  # the stop signal asked for, if any
         self.ended = False  # the payload process reported or exited: never signal it
         self.waiter: asyncio.Future[bool] | None = None  # set while waiting for a slot
@@ -338,9 +339,11 @@ class PoolRun:
     def cancelled(self) -> bool:
         return self.signum is not None
 
-    def cancel(self, signum: int = signal.SIGTERM) -> None:
+    def cancel(self, signum: int = signal.SIGTERM, *, kill_after: float | None = None) -> None:
         """A waiting payload never starts; a running one gets ``signum`` now and SIGKILL
-        after the pool's ``kill_after`` seconds; a finished one is left alone."""
+        ``kill_after`` seconds later (default: the pool's); a finished one is left alone."""
+        if kill_after is not None:
+            self.kill_after = kill_after
         first = self.signum is None
         self.signum = signum if first or signum == signal.SIGKILL else self.signum
         if self.waiter is not None and not self.waiter.done():
@@ -350,7 +353,7 @@ class PoolRun:
             self._signal(signum)
             if first and signum != signal.SIGKILL:
                 asyncio.get_running_loop().call_later(
-                    self.pool.kill_after, self._signal, signal.SIGKILL
+                    self.kill_after, self._signal, signal.SIGKILL
                 )
 
     def _signal(self, signum: int) -> None:
@@ -504,7 +507,8 @@ class ProcessPool:
                     continue  # nothing started: try a fresh zygote
                 run.pid = int(hello["pid"])
                 if run.signum is not None:  # cancelled while it was being forked
-                    run.cancel(run.signum)
+                    signum, run.signum = run.signum, None
+                    run.cancel(signum)
                 message = await _read_frame(reader)
                 break
             except (ConnectionError, OSError):
