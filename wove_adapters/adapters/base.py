@@ -73,6 +73,10 @@ class BackendAdapter(abc.ABC):
     config_struct: ClassVar[type[AdapterOptions] | None] = None
     # How long a run may stay silent before its job's status is checked.
     reconcile_seconds: ClassVar[float] = 2.0
+    # How often require_ack cancels waiting for the backend's confirmation are polled
+    # (one status_many for all of them): slower for backends where one round is a LIST,
+    # a paid API call or a subprocess.
+    confirm_poll_seconds: ClassVar[float] = 0.1
     # What the process that ran a job does with an outcome the caller did not take yet,
     # once the backend reports the job finished (see AdapterTransport.status):
     # "retries": it lives on (a worker pool) and its outbox keeps trying for
@@ -390,7 +394,7 @@ class AdapterTransport(Transport):
                 if state.finished:
                     self._confirming.pop(key, None)
             if self._confirming:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(self.adapter.confirm_poll_seconds)
 
     async def status(self, run: RunAttempt) -> JobState:
         assert self.adapter is not None

@@ -32,7 +32,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -167,13 +167,6 @@ class _Job:
     cancelled: set[int | None] = field(default_factory=set)
 
 
-@dataclass
-class _Snapshot:
-    taken_at: float
-    jobs: dict[str, dict[str, Any]]
-    stuck: dict[tuple[str, int | None], str]  # (job, index) -> waiting reason past timeout
-
-
 class KubernetesJobsOptions(AdapterOptions, kw_only=True):
     """``executor_config`` of ``kubernetes_jobs`` (docs/adapters/kubernetes_jobs.md)."""
 
@@ -216,7 +209,6 @@ class KubernetesJobsOptions(AdapterOptions, kw_only=True):
     cleanup: bool = True
     array_jobs: bool = True
     pending_timeout: float = 120.0
-    status_cache_seconds: float = 1.0
     api_threads: int = 8
     request_timeout: float = 30.0
 
@@ -240,6 +232,7 @@ class KubernetesJobsAdapter(BackendAdapter):
     )
     STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
     reconcile_seconds: ClassVar[float] = 2.0
+    confirm_poll_seconds: ClassVar[float] = 1.0  # one round is a LIST per namespace
     # The job's pod ends with its task, having delivered or recorded
     # its outcome first.
     after_job: ClassVar[str] = "flushed"
@@ -257,12 +250,11 @@ class KubernetesJobsAdapter(BackendAdapter):
         self._core: Any = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._jobs: dict[tuple[str, str], _Job] = {}
-        self._snapshots: dict[str, _Snapshot] = {}
-        self._snapshot_locks: dict[str, asyncio.Lock] = {}
+        # namespace -> (job, index) -> why its Pod cannot start (past pending_timeout)
+        self._stuck: dict[str, dict[tuple[str, int | None], str]] = {}
         self._stuck_since: dict[str, float] = {}
-        self._cache_seconds = float(config.get("status_cache_seconds", 1.0))
         self._pending_timeout = float(config.get("pending_timeout", 120.0))
-        self._pods_every = max(self._cache_seconds, min(self._pending_timeout / 4, 15.0))
+        self._pods_every = max(1.0, min(self._pending_timeout / 4, 15.0))
         self._pods_listed_at: dict[str, float] = {}
         self._timeout = float(config.get("request_timeout", 30.0))
 
@@ -550,23 +542,40 @@ class KubernetesJobsAdapter(BackendAdapter):
     # ------------------------------------------------------------ status
 
     async def status(self, handle: str) -> JobState:
-        namespace, name, index = _parse(handle)
-        tracked = self._jobs.get((namespace, name))
-        snapshot = await self._snapshot(namespace, tracked.submitted_at if tracked else 0.0)
-        job = snapshot.jobs.get(name)
-        if job is None:
-            job = await self._read_job(namespace, name)  # not in our LIST, or just created
-        state = self.map_state(native_state(job, index))
-        if state in (JobState.PENDING, JobState.RUNNING) and (
-            (name, index) in snapshot.stuck or (name, None) in snapshot.stuck
-        ):
-            state = self.map_state("START_FAILED")
-        if tracked is not None and index in tracked.cancelled and (job is None or state.finished):
-            # Confirmed only once no Pod of it is left: a terminating worker still runs.
-            if await self._pods_left(namespace, name, index):
-                return self.map_state("TERMINATING")
-            state = self.map_state("GONE" if job is None else "CANCELLED")
-        return state
+        return (await self.status_many([handle]))[handle]
+
+    async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
+        """One LIST of our Jobs per namespace (by label selector) for every handle asked
+        about, plus a GET for a Job that is not ours to list (attached to another
+        environment's Job)."""
+        parsed = {handle: _parse(handle) for handle in handles}
+        namespaces = sorted({namespace for namespace, _, _ in parsed.values()})
+        snapshots = dict(zip(
+            namespaces, await asyncio.gather(*(self._snapshot(n) for n in namespaces)),
+            strict=True,
+        ))
+        states: dict[str, JobState] = {}
+        for handle, (namespace, name, index) in parsed.items():
+            jobs, stuck = snapshots[namespace]
+            job = jobs.get(name)
+            if job is None:
+                job = jobs[name] = await self._read_job(namespace, name)
+            state = self.map_state(native_state(job, index))
+            if state in (JobState.PENDING, JobState.RUNNING) and (
+                (name, index) in stuck or (name, None) in stuck
+            ):
+                state = self.map_state("START_FAILED")
+            tracked = self._jobs.get((namespace, name))
+            if tracked is not None and index in tracked.cancelled and (
+                job is None or state.finished
+            ):
+                # Confirmed only once no Pod of it is left: a terminating worker still runs.
+                if await self._pods_left(namespace, name, index):
+                    state = self.map_state("TERMINATING")
+                else:
+                    state = self.map_state("GONE" if job is None else "CANCELLED")
+            states[handle] = state
+        return states
 
     async def _read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -589,35 +598,30 @@ class KubernetesJobsAdapter(BackendAdapter):
             for pod in listed.get("items") or []
         )
 
-    async def _snapshot(self, namespace: str, since: float) -> _Snapshot:
-        """One LIST of our Jobs per namespace (and of Pending Pods, when a Job has Pods
-        that are not ready) answers every run's status for ``status_cache_seconds``. A
-        snapshot older than the Job asked about is refreshed."""
-        lock = self._snapshot_locks.setdefault(namespace, asyncio.Lock())
-        async with lock:
-            snapshot = self._snapshots.get(namespace)
-            started = time.monotonic()
-            if snapshot and started - snapshot.taken_at < self._cache_seconds \
-                    and snapshot.taken_at > since:
-                return snapshot
-            selector = f"{MANAGED_BY}={MANAGER},{ENV_LABEL}={label_value(self.environment)}"
-            listed = await self._call(
-                self._batch.list_namespaced_job, namespace, label_selector=selector
+    async def _snapshot(
+        self, namespace: str
+    ) -> tuple[dict[str, dict[str, Any] | None], dict[tuple[str, int | None], str]]:
+        """Our Jobs in a namespace (one LIST), and the Pods that cannot start: Pending
+        Pods are listed when a Job has Pods that are not ready, at most every
+        ``_pods_every`` seconds (the verdict is kept in between)."""
+        selector = f"{MANAGED_BY}={MANAGER},{ENV_LABEL}={label_value(self.environment)}"
+        started = time.monotonic()
+        listed = await self._call(
+            self._batch.list_namespaced_job, namespace, label_selector=selector
+        )
+        jobs: dict[str, dict[str, Any] | None] = {
+            j["metadata"]["name"]: j for j in listed.get("items") or []
+        }
+        pods_due = started - self._pods_listed_at.get(namespace, -1e9) >= self._pods_every
+        if pods_due and any(j is not None and _has_unready_pods(j) for j in jobs.values()):
+            # Scheduled yet not running: pulling, or stuck (unscheduled Pods only wait).
+            self._pods_listed_at[namespace] = started
+            pods = await self._call(
+                self._core.list_namespaced_pod, namespace, label_selector=selector,
+                field_selector="status.phase=Pending,spec.nodeName!=",
             )
-            jobs = {j["metadata"]["name"]: j for j in listed.get("items") or []}
-            stuck = snapshot.stuck if snapshot else {}
-            pods_due = started - self._pods_listed_at.get(namespace, -1e9) >= self._pods_every
-            if pods_due and any(_has_unready_pods(j) for j in jobs.values()):
-                # Scheduled yet not running: pulling, or stuck (unscheduled Pods only wait).
-                self._pods_listed_at[namespace] = started
-                pods = await self._call(
-                    self._core.list_namespaced_pod, namespace, label_selector=selector,
-                    field_selector="status.phase=Pending,spec.nodeName!=",
-                )
-                stuck = self._stuck_pods(pods.get("items") or [], started)
-            snapshot = _Snapshot(taken_at=started, jobs=jobs, stuck=stuck)
-            self._snapshots[namespace] = snapshot
-            return snapshot
+            self._stuck[namespace] = self._stuck_pods(pods.get("items") or [], started)
+        return jobs, self._stuck.get(namespace, {})
 
     def _stuck_pods(
         self, pods: list[dict[str, Any]], now: float
@@ -676,7 +680,6 @@ class KubernetesJobsAdapter(BackendAdapter):
         except KubernetesApiError as exc:
             if exc.status != 404:
                 raise
-        self._snapshots.pop(namespace, None)
 
     async def release(self, handle: str) -> None:
         """The run ended: drop its payload; once every run of a Job we created has ended,
