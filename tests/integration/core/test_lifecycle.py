@@ -20,7 +20,7 @@ from lifecycle import Outcome, Program, problems_of, programs, run_program
 
 EXECUTORS = {
     "local": {"executor": "local"},
-    "stdio": {"executor": "stdio", "executor_config": {"max_workers": 2}},
+    "stdio": {"executor": "stdio", "executor_config": {"processes": 2}},
     "process": {"executor": "process"},
 }
 ALL = [
