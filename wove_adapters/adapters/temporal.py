@@ -22,13 +22,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
@@ -38,6 +34,7 @@ from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import frames
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker.pool import ProcessPool
 
 WORKFLOW_NAME = "wove_adapters.run"
 ACTIVITY_NAME = "wove_adapters.run_payload"
@@ -49,10 +46,6 @@ INLINE_LIMIT = 1024 * 1024
 # A signed outcome above this is not put into the workflow result (callback path: the
 # caller already has it; native path: the run fails with a clear message).
 RESULT_LIMIT = 1536 * 1024
-# What every task process needs, imported once in the zygote instead of once per task
-# (profiled: cloudpickle and the idna codec that getaddrinfo pulls in were ~half of a
-# trivial task's CPU when each task imported them).
-PRELOAD = ("wove_adapters.callbacks.worker", "cloudpickle", "encodings.idna")
 
 TASK_FAILED = "WoveTaskFailed"  # ApplicationError type of a workflow whose task raised
 Ident = tuple[str, str, int]  # run_id, task_id, attempt
@@ -527,162 +520,21 @@ async def run_worker(
 # ---------------------------------------------------------------- one process per payload
 
 
-class Zygote:
-    """One small process that imported wove-adapters (and ``preload``) once and forks a
-    fresh task process per payload, so a task starts in milliseconds, inherits none of the
-    worker's threads, and never re-imports the worker's main module (multiprocessing's
-    forkserver re-runs ``__main__`` in every child). It exits with the worker (stdin EOF,
-    and PR_SET_PDEATHSIG on Linux); its task processes exit with it."""
-
-    def __init__(self, preload: Sequence[str]) -> None:
-        self.directory = tempfile.mkdtemp(prefix="wove-temporal-")
-        self.path = os.path.join(self.directory, "zygote.sock")
-        environment = {**os.environ, ZYGOTE_PATH_ENV: json.dumps(sys.path)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from wove_adapters.adapters.temporal import zygote_main; "
-             "zygote_main()", self.path, *PRELOAD, *preload],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,
-        )
-        assert self.proc.stdout is not None
-        ready = self.proc.stdout.readline()  # the zygote says when it listens
-        if ready.strip() != b"ready":
-            raise RuntimeError(
-                f"the wove-adapters task zygote did not start (exit {self.proc.poll()})"
-            )
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    async def spawn(self, payload: str) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
-        """A new task process running ``payload``: (pid, reader, writer)."""
-        reader, writer = await asyncio.open_unix_connection(self.path)
-        writer.write(_frame(payload.encode()))
-        await writer.drain()
-        hello = await _read_frame(reader)
-        if hello is None:
-            writer.close()
-            raise RuntimeError("the task process died before it started")
-        return int(json.loads(hello)["pid"]), reader, writer
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.proc.kill()
-            self.proc.wait(5)
-        shutil.rmtree(self.directory, ignore_errors=True)
+_pool: ProcessPool | None = None
 
 
-_zygote: Zygote | None = None
-
-
-def prepare_processes(preload: Sequence[str] = ()) -> Zygote:
-    """The zygote task processes fork from, started now if it is not running (the first
-    payload would start it). ``preload``: modules task processes import up front."""
-    global _zygote
+def prepare_processes(preload: Sequence[str] = ()) -> ProcessPool:
+    """The warm pool task processes fork from (``wove_adapters.worker.pool``), its zygote
+    started now if it is not running (the first payload would start it). ``preload``:
+    modules task processes import up front. No slot bound of its own: the worker's
+    ``max_concurrent_activities`` bounds the tasks run at once."""
+    global _pool
     with _lock:
-        if _zygote is None or not _zygote.alive():
-            if _zygote is not None:
-                _zygote.close()
-            _zygote = Zygote(preload)
-        return _zygote
-
-
-ZYGOTE_PATH_ENV = "WOVE_ADAPTERS_ZYGOTE_SYS_PATH"
-
-
-def zygote_main() -> None:
-    """``python -c 'from wove_adapters.adapters.temporal import zygote_main; ...' SOCKET
-    [MODULE...]``: import the modules, listen, fork one task process per connection."""
-    import importlib
-    import select
-    import socket
-
-    path, *preload = sys.argv[1:]
-    sys.path[:] = json.loads(os.environ.pop(ZYGOTE_PATH_ENV, "[]")) or sys.path
-    _die_with_parent()
-    for module in preload:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # a missing optional module only costs its import later
-            print(f"wove-adapters zygote: could not preload {module}: {exc}", file=sys.stderr)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1024)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps task processes
-    # Ctrl-C in the worker's terminal is the worker's to handle (a graceful shutdown that
-    # cancels the activities); tasks inherit this and never see a KeyboardInterrupt.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    os.dup2(2, 1)  # task output goes to the worker's stderr, never into the ready pipe
-    while True:
-        readable, _, _ = select.select([listener.fileno(), 0], [], [])
-        if 0 in readable and not os.read(0, 1):
-            os._exit(0)  # the worker is gone
-        if listener.fileno() in readable:
-            conn, _ = listener.accept()
-            if os.fork() == 0:
-                code = 0
-                try:
-                    listener.close()
-                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    _task_process(conn)
-                except BaseException:
-                    import traceback
-
-                    traceback.print_exc()
-                    code = 1
-                finally:
-                    os._exit(code)
-            conn.close()
-
-
-def _task_process(conn: Any) -> None:
-    """In a fresh task process: say our pid, run the payload (SIGTERM cancels it) with the
-    events going to the caller, then hand the activity a summary of the outcome."""
-    _die_with_parent()
-    stream = conn.makefile("rwb")
-    payload = _read_frame_sync(stream)
-    stream.write(_frame(json.dumps({"pid": os.getpid()}).encode()))
-    stream.flush()
-    summary = _run_payload(payload.decode())
-    stream.write(_frame(json.dumps(summary).encode()))
-    stream.flush()
-    # This process ends with os._exit (no exit hooks): an outcome the caller did not take
-    # yet is delivered or recorded in the ledger first (the activity already has it).
-    from wove_adapters.callbacks import sender
-
-    sender.OUTBOX.flush(None)
-
-
-def _frame(data: bytes) -> bytes:
-    return len(data).to_bytes(4, "big") + data
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
-    try:
-        size = int.from_bytes(await reader.readexactly(4), "big")
-        return await reader.readexactly(size)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-
-
-def _read_frame_sync(stream: Any) -> bytes:
-    size = int.from_bytes(stream.read(4), "big")
-    return bytes(stream.read(size))
-
-
-def _die_with_parent() -> None:
-    """Linux: die when the parent dies (worker -> zygote -> task process), so a killed
-    worker takes its tasks with it instead of leaving them running unseen."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        parent = os.getppid()
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
+        if _pool is None:
+            _pool = ProcessPool(None, preload=preload)
+        pool = _pool
+    pool.prepare()
+    return pool
 
 
 async def _host_payload(request: dict[str, Any], *, kill_after: float) -> dict[str, Any]:
@@ -691,42 +543,30 @@ async def _host_payload(request: dict[str, Any], *, kill_after: float) -> dict[s
     from temporalio import activity
     from temporalio.exceptions import ApplicationError
 
-    zygote = _zygote if _zygote is not None and _zygote.alive() else (
-        await asyncio.to_thread(prepare_processes)
-    )
-    spawning = asyncio.ensure_future(zygote.spawn(request["payload"]))
-    try:
-        pid, reader, writer = await asyncio.shield(spawning)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):  # it may have started: stop it, too
-            pid, _, writer = await spawning
-            _signal(pid, _stop_signal(activity.cancellation_details()))
-            writer.close()
-        raise
-    outcome = asyncio.ensure_future(_read_frame(reader))
+    pool = _pool if _pool is not None else await asyncio.to_thread(prepare_processes)
+    run = pool.run(request["payload"], keep_outcome=True)
     interval = min(max(float(request.get("heartbeat_timeout") or 10.0) / 4, 0.05), 1.0)
     try:
         # The first heartbeat goes out after one interval, not at once: a short task then
         # costs the server no heartbeat write at all (cancellation of a queued activity
         # needs none; a running one hears of it on the next heartbeat's reply).
-        while not (await asyncio.wait({outcome}, timeout=interval))[0]:
-            activity.heartbeat({"pid": pid})
+        while not await run.wait(interval):
+            activity.heartbeat({"pid": run.pid})
     except asyncio.CancelledError:
-        _signal(pid, _stop_signal(activity.cancellation_details()))
-        try:
-            await asyncio.wait_for(asyncio.shield(outcome), kill_after)
-        except asyncio.TimeoutError:
-            _signal(pid, signal.SIGKILL)
+        run.cancel(_stop_signal(activity.cancellation_details()), kill_after=kill_after)
+        with contextlib.suppress(asyncio.CancelledError):
+            await run.wait(kill_after + 1.0)
         raise
-    finally:
-        writer.close()
-    data = outcome.result()
-    if data is None:
+    outcome = await run
+    if not outcome.report:
         raise ApplicationError(
-            f"the task process {pid} died without an outcome", type="WoveTaskProcessDied"
+            f"{outcome.notice or 'the task process died'}, without an outcome",
+            type="WoveTaskProcessDied",
         )
-    summary: dict[str, Any] = json.loads(data)
-    return summary
+    text = base64.b64encode(outcome.outcome).decode() if outcome.outcome else None
+    if text is not None and len(text) > RESULT_LIMIT:
+        return {"state": outcome.state, "outcome": None, "outcome_size": len(text)}
+    return {"state": outcome.state, "outcome": text}
 
 
 def _stop_signal(details: Any) -> int:
@@ -735,59 +575,6 @@ def _stop_signal(details: Any) -> int:
     the process dies without a word and the caller's orphan policy decides."""
     requested = details is None or details.cancel_requested
     return signal.SIGTERM if requested else signal.SIGKILL
-
-
-def _signal(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
-
-
-def _run_payload(payload: str) -> dict[str, Any]:
-    from wove_adapters.callbacks import worker
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core.errors import PayloadError
-
-    try:
-        envelope = payload_mod.decode_payload(payload)
-    except PayloadError:
-        outcome = worker.run(payload)  # refused: reported where it claims to come from
-        return {"state": outcome.state, "outcome": None}
-    return _summary(envelope, worker.run_envelope(envelope))
-
-
-def _summary(envelope: Any, outcome: Any) -> dict[str, Any]:
-    from wove_adapters.callbacks import sender
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core import signing
-    from wove_adapters.core.codec import pickled_exception
-
-    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
-    event: frames.WireEvent
-    try:
-        if outcome.state == "succeeded":
-            event = frames.TaskResult(**ident, result=payload_mod.dumps(outcome.value))
-        elif outcome.state == "cancelled":
-            event = frames.TaskCancelled(**ident, reason=str(outcome.error))
-        else:
-            error = outcome.error or RuntimeError("the task failed")
-            event = frames.TaskError(
-                **ident,
-                error=frames.normalize_exception(
-                    error, source="task" if outcome.state == "failed" else "payload"
-                ),
-                exception=pickled_exception(error),
-            )
-        text = base64.b64encode(
-            signing.encode_blob(sender.sign_events([event], envelope.key_id))
-        ).decode()
-    except Exception as exc:  # e.g. an unpicklable result: say so
-        event = frames.TaskError(**ident, error=frames.normalize_exception(exc, source="worker"))
-        text = base64.b64encode(
-            signing.encode_blob(sender.sign_events([event], envelope.key_id))
-        ).decode()
-    if len(text) > RESULT_LIMIT:
-        return {"state": outcome.state, "outcome": None, "outcome_size": len(text)}
-    return {"state": outcome.state, "outcome": text}
 
 
 # ---------------------------------------------------------------- names and the CLI

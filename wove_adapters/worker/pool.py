@@ -300,6 +300,9 @@ class Zygote:
             with contextlib.suppress(Exception):
                 self.proc.kill()
                 self.proc.wait(5)
+        with contextlib.suppress(Exception):
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
