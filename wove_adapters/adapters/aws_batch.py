@@ -4,8 +4,8 @@ boto3 runs off the event loop (``asyncio.to_thread``, one client per adapter). T
 payload goes to a payload store (S3: ``s3://bucket/prefix``) and the job's container
 command carries only its reference (``python -m wove_adapters.worker --payload-ref
 s3://...#key``), so nothing large travels in SubmitJob (limited to 30 KiB). Status comes
-from ``describe_jobs``, batched: one call per 100 tracked jobs answers every run for
-``status_cache_seconds``. Cancel is ``cancel_job`` for queued work and ``terminate_job``
+from ``describe_jobs``, batched: ``status_many`` is one call per 100 jobs asked about.
+Cancel is ``cancel_job`` for queued work and ``terminate_job``
 for started work; a job that failed after our own cancel (its ``statusReason`` is ours)
 reads as CANCELLED, which is how ``require_ack`` is confirmed when the container was
 killed before our worker could report ``task_cancelled``. Batch has no dedupe, so
@@ -21,6 +21,7 @@ import copy
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
@@ -80,7 +81,6 @@ class AwsBatchOptions(AdapterOptions, kw_only=True):
     scheduling_priority: int | None = None
     share_identifier: str | None = None
     submit_options: dict[str, Any] = {}
-    status_cache_seconds: float = 1.0
     verify_on_start: bool = True
     max_pool_connections: int = 32
     max_attempts: int = 5
@@ -107,6 +107,7 @@ class AwsBatchAdapter(BackendAdapter):
     )
     STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
     reconcile_seconds: ClassVar[float] = 3.0
+    confirm_poll_seconds: ClassVar[float] = 1.0  # one round is a paid API call per 100 jobs
     # The job's container ends with its task, having delivered or recorded
     # its outcome first.
     after_job: ClassVar[str] = "flushed"
@@ -115,12 +116,8 @@ class AwsBatchAdapter(BackendAdapter):
         super().__init__(config, environment=environment)
         self.store_url = str(config.get("payload_store") or "")
         self.python = str(config.get("python") or "python")
-        self.cache_seconds = float(config.get("status_cache_seconds", 1.0))
         self.submissions = 0  # SubmitJob calls (an array job counts once)
         self._client: Any = None
-        self._table: dict[str, tuple[str, str]] = {}  # handle -> (status, statusReason)
-        self._table_at = 0.0
-        self._table_lock = asyncio.Lock()
         self._tracked: dict[str, float] = {}  # handle -> when we submitted it
         self._keys: dict[str, str] = {}  # handle -> payload key in the store
 
@@ -333,26 +330,19 @@ class AwsBatchAdapter(BackendAdapter):
 
     # ------------------------------------------------------------ status, cancel
 
-    async def _refresh(self, force: bool = False) -> dict[str, tuple[str, str]]:
-        """One DescribeJobs call per 100 tracked jobs answers every run's status for
-        ``status_cache_seconds``."""
-        async with self._table_lock:
-            if not force and time.monotonic() - self._table_at < self.cache_seconds:
-                return self._table
-            handles = list(self._tracked)
-            chunks = [
-                handles[i : i + _DESCRIBE_BATCH] for i in range(0, len(handles), _DESCRIBE_BATCH)
-            ]
-            answers = await asyncio.gather(*(self._call("describe_jobs", jobs=c) for c in chunks))
-            table: dict[str, tuple[str, str]] = {}
-            for answer in answers:
-                for described in answer.get("jobs", []):
-                    table[str(described["jobId"])] = (
-                        str(described.get("status", "")),
-                        str(described.get("statusReason") or ""),
-                    )
-            self._table, self._table_at = table, time.monotonic()
-            return table
+    async def _describe(self, handles: list[str]) -> dict[str, tuple[str, str]]:
+        """``{job id: (status, statusReason)}``: one DescribeJobs call per 100 ids."""
+        chunks = [
+            handles[i : i + _DESCRIBE_BATCH] for i in range(0, len(handles), _DESCRIBE_BATCH)
+        ]
+        answers = await asyncio.gather(*(self._call("describe_jobs", jobs=c) for c in chunks))
+        return {
+            str(described["jobId"]): (
+                str(described.get("status", "")), str(described.get("statusReason") or "")
+            )
+            for answer in answers
+            for described in answer.get("jobs", [])
+        }
 
     def _state_of(self, status: str, reason: str) -> JobState:
         if status == "FAILED" and reason.startswith(CANCEL_REASON):
@@ -360,16 +350,23 @@ class AwsBatchAdapter(BackendAdapter):
         return self.map_state(status)
 
     async def status(self, handle: str) -> JobState:
-        if handle not in self._tracked:
-            self._tracked[handle] = time.monotonic()
-            self._table_at = 0.0
-        table = await self._refresh()
-        found = table.get(handle)
-        if found is None:
-            # DescribeJobs is eventually consistent right after SubmitJob.
-            recent = time.monotonic() - self._tracked.get(handle, 0.0) < 30.0
-            return JobState.UNKNOWN if recent else JobState.GONE
-        return self._state_of(*found)
+        return (await self.status_many([handle]))[handle]
+
+    async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
+        now = time.monotonic()
+        for handle in handles:
+            self._tracked.setdefault(handle, now)
+        table = await self._describe(list(handles))
+        states: dict[str, JobState] = {}
+        for handle in handles:
+            found = table.get(handle)
+            if found is not None:
+                states[handle] = self._state_of(*found)
+            else:
+                # DescribeJobs is eventually consistent right after SubmitJob.
+                recent = now - self._tracked.get(handle, 0.0) < 30.0
+                states[handle] = JobState.UNKNOWN if recent else JobState.GONE
+        return states
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
         described = (await self._call("describe_jobs", jobs=[handle])).get("jobs", [])
@@ -382,7 +379,6 @@ class AwsBatchAdapter(BackendAdapter):
             # Also for a job we saw queued: it may have started since, and cancel_job is a
             # no-op on a started job.
             await self._call("terminate_job", jobId=handle, reason=CANCEL_REASON)
-        self._table_at = 0.0
 
     async def _delete_key(self, key: str) -> None:
         store = self._store()
@@ -391,7 +387,6 @@ class AwsBatchAdapter(BackendAdapter):
 
     async def release(self, handle: str) -> None:
         self._tracked.pop(handle, None)
-        self._table.pop(handle, None)
         key = self._keys.pop(handle, None)
         if key is not None:
             await self._delete_key(key)

@@ -257,7 +257,7 @@ def test_options_pass_through(
 def test_status_is_one_describe_jobs_call_per_hundred_jobs(batch_config: dict[str, Any]) -> None:
     from wove_adapters.adapters.aws_batch import AwsBatchAdapter
 
-    adapter = AwsBatchAdapter({**batch_config, "status_cache_seconds": 60}, environment="t")
+    adapter = AwsBatchAdapter(batch_config, environment="t")
     handles = [f"no-such-job-{i}" for i in range(150)]
 
     async def statuses() -> list[JobState]:
@@ -265,10 +265,10 @@ def test_status_is_one_describe_jobs_call_per_hundred_jobs(batch_config: dict[st
         calls = record_calls(adapter, "DescribeJobs")
         for handle in handles:
             adapter._track(handle, f"k{handle}")
-        states = [await adapter.status(handle) for handle in handles]
+        states = await adapter.status_many(handles)
         assert len(calls) == 2, f"{len(calls)} DescribeJobs calls for 150 jobs"
         assert all(len(c["jobs"]) <= 100 for c in calls)
-        return states
+        return [states[handle] for handle in handles]
 
     states = shared_loop.run_sync(statuses())
     assert set(states) == {JobState.UNKNOWN}  # just submitted: not yet GONE
