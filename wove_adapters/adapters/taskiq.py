@@ -520,7 +520,7 @@ class _WorkerSide:
     @property
     def pool(self) -> ProcessPool:
         if self._pool is None:
-            self._pool = ProcessPool(self.size, kill_after=self.kill_after)
+            self._pool = ProcessPool(self.size, kill_after=self.kill_after, reuse=True)
         return self._pool
 
     async def start(self, broker: Any, announce_queue: str | None) -> None:

@@ -5,10 +5,11 @@ process of its own, so a sync task cannot stall the worker's loop and a running 
 really be stopped. They share this pool:
 
 - **A zygote.** One small process per pool imports ``wove_adapters`` (and ``preload``)
-  once, then forks a fresh payload process per payload: a start costs milliseconds, no
-  payload inherits another's state or the worker's threads, and nothing re-runs the
-  worker's ``__main__`` (multiprocessing's forkserver would). The zygote reaps its
-  children and tells the pool how each one ended (exit code or signal).
+  once, then forks payload processes: a start costs milliseconds, no payload process
+  inherits the worker's threads, and nothing re-runs the worker's ``__main__``
+  (multiprocessing's forkserver would). A fresh process per payload, or (``reuse``) one
+  that serves payload after payload, as Taskiq's warm children did. The zygote reaps
+  its children and tells the pool how each one ended (exit code or signal).
 - **A framed pipe.** Each payload has its own Unix socket to the zygote: 4-byte length +
   msgpack frames (request, ``{pid}``, ``{report}``, or the zygote's ``{exit}``). Task code's
   prints go to the worker's stderr, never into the protocol.
@@ -84,9 +85,12 @@ def _frame(message: dict[str, Any]) -> bytes:
     return len(data).to_bytes(4, "big") + data
 
 
-def _read_frame_sync(stream: Any) -> dict[str, Any]:
-    size = int.from_bytes(stream.read(4), "big")
-    value = msgspec.msgpack.decode(stream.read(size))
+def _read_frame_sync(stream: Any) -> dict[str, Any] | None:
+    """The next frame, or None at EOF (the pool is done with this process)."""
+    header = stream.read(4)
+    if len(header) < 4:
+        return None
+    value = msgspec.msgpack.decode(stream.read(int.from_bytes(header, "big")))
     return value if isinstance(value, dict) else {}
 
 
@@ -145,24 +149,38 @@ def signed_outcome(event: Any, key_id: str) -> bytes | None:
 
 
 def _payload_process(conn: Any, zygote: int) -> None:
-    """In a freshly forked payload process: say our pid, run the payload (SIGTERM cancels
-    it), report, then stay until the outcome is delivered or recorded."""
+    """In a freshly forked payload process: for each payload the pool sends (one, unless
+    the pool reuses its processes), say our pid, run it (SIGTERM cancels it), report.
+    Then stay until the outcomes are delivered or recorded."""
     die_with_parent(zygote)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # the zygote's stdin is the worker's lifeline, not the task's
     os.close(devnull)
     stream = conn.makefile("rwb")
-    request = _read_frame_sync(stream)
-    stream.write(_frame({"pid": os.getpid()}))
-    stream.flush()
-    report = run_payload(str(request.get("payload", "")), keep_outcome=request.get("keep"))
-    stream.write(_frame({"report": report}))
-    stream.flush()
+    while True:
+        # Idle: a cancel that comes too late for the last payload is moot.
+        signal.signal(signal.SIGTERM, _ignore)
+        request = _read_frame_sync(stream)
+        if request is None:
+            break
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # cancelled before the task: exit
+        stream.write(_frame({"pid": os.getpid()}))
+        stream.flush()
+        report = run_payload(str(request.get("payload", "")), keep_outcome=request.get("keep"))
+        signal.signal(signal.SIGTERM, _ignore)
+        stream.write(_frame({"report": report}))
+        stream.flush()
+        if not request.get("reuse"):
+            break
     # This process ends with os._exit (no exit hooks): an outcome the caller did not take
     # yet is delivered or recorded in the ledger first (the pool already has the report).
     from wove_adapters.callbacks import sender
 
     sender.OUTBOX.flush(None)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    pass
 
 
 def zygote_main(argv: list[str] | None = None) -> None:
@@ -383,7 +401,12 @@ class ProcessPool:
     returns a ``PoolRun`` at once (``cancel()`` it, ``await`` it). ``size``: payloads at
     once (None: no bound of our own). ``kill_after``: seconds between SIGTERM and SIGKILL.
     ``preload``: modules the payload processes import up front. ``linger``: on
-    ``aclose``, seconds running payloads get to finish and settle their outcomes."""
+    ``aclose``, seconds running payloads get to finish and settle their outcomes.
+    ``reuse``: a payload process takes the next payload after reporting (the task's
+    module, the signing key and the connection to the caller stay warm; module state
+    carries over from one payload to the next, as in a thread or process pool); a killed
+    or crashed one is replaced by a fork. Without it each payload gets a fresh process
+    that exits once its outcome is delivered or recorded."""
 
     def __init__(
         self,
@@ -392,6 +415,7 @@ class ProcessPool:
         kill_after: float = 10.0,
         preload: Sequence[str] = (),
         linger: float = 30.0,
+        reuse: bool = False,
     ) -> None:
         self.size = size
         self.kill_after = kill_after
@@ -399,8 +423,10 @@ class ProcessPool:
         self.linger = linger
         self._zygote: Zygote | None = None
         self._lock = threading.Lock()  # prepare() may run in any thread
+        self.reuse = reuse
         self._free = size
         self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._idle: list[_Child] = []  # reused payload processes waiting for a payload
         self._closed = False
 
     # ------------------------------------------------------------ life cycle
@@ -433,6 +459,9 @@ class ProcessPool:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(False)
+        for child in self._idle:
+            child.writer.close()  # EOF: it settles its outcomes and exits
+        self._idle.clear()
         zygote, self._zygote = self._zygote, None
         if zygote is not None:
             await asyncio.to_thread(zygote.close, self.linger + 2.0)
@@ -486,53 +515,62 @@ class ProcessPool:
                 return
         self._free += 1
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _fork(self) -> _Child:
+        """A new payload process: one connection to the zygote, which forks for it."""
         zygote = self._zygote
         if zygote is None or not zygote.alive():
             zygote = await asyncio.to_thread(self.prepare)
-        return await asyncio.open_unix_connection(zygote.path)
+        reader, writer = await asyncio.open_unix_connection(zygote.path)
+        return _Child(reader, writer)
 
     async def _execute(self, run: PoolRun) -> ChildOutcome:
-        request = {"payload": run.payload, "keep": run.keep_outcome}
+        request = {"payload": run.payload, "keep": run.keep_outcome, "reuse": self.reuse}
         message: dict[str, Any] | None = None
-        for tries in (1, 2):  # a zygote that died while idle is replaced once
+        child: _Child | None = None
+        for tries in (1, 2, 3):  # an idle process or zygote that died is replaced
+            child = self._idle.pop() if self._idle else None
             try:
-                reader, writer = await self._connect()
-            except OSError:
-                if tries == 2:
+                if child is None:
+                    child = await self._fork()
+                child.writer.write(_frame(request))
+                await child.writer.drain()
+                hello = await _read_frame(child.reader)
+            except (ConnectionError, OSError):
+                if child is not None:
+                    child.writer.close()
+                if tries == 3:
                     raise
                 continue
+            if hello is None or "pid" not in hello:
+                child.writer.close()  # it died before it took the payload: never started
+                continue
+            run.pid = int(hello["pid"])
+            if run.signum is not None:  # cancelled while it was being handed over
+                signum, run.signum = run.signum, None
+                run.cancel(signum)
             try:
-                writer.write(_frame(request))
-                await writer.drain()
-                hello = await _read_frame(reader)
-                if hello is None or "pid" not in hello:
-                    continue  # nothing started: try a fresh zygote
-                run.pid = int(hello["pid"])
-                if run.signum is not None:  # cancelled while it was being forked
-                    signum, run.signum = run.signum, None
-                    run.cancel(signum)
-                message = await _read_frame(reader)
-                break
-            except (ConnectionError, OSError):
-                if run.pid is None and tries == 1:
-                    continue
-                break
+                message = await _read_frame(child.reader)
             except BaseException:
                 run._signal(signal.SIGKILL)  # our task was cancelled: stop the payload
+                child.writer.close()
                 raise
             finally:
-                writer.close()
-        run.ended = True
-        if run.pid is None:
+                run.ended = True
+            break
+        if run.pid is None or child is None:
             raise RuntimeError("the payload process could not be started (the zygote died)")
         if message is not None and isinstance(message.get("report"), dict):
+            if self.reuse and not self._closed and len(self._idle) < (self.size or 1 << 30):
+                self._idle.append(child)
+            else:
+                child.writer.close()
             report: dict[str, Any] = message["report"]
             return ChildOutcome(
                 str(report.get("state", "failed")), pid=run.pid,
                 exit_code=report.get("exit_code"), delivered=bool(report.get("delivered", True)),
                 outcome=report.get("outcome"), report=report,
             )
+        child.writer.close()
         code = message.get("exit") if message is not None else None
         how = describe_exit(code) if code is not None else "ended with its zygote"
         if run.cancelled:
@@ -540,6 +578,14 @@ class ProcessPool:
                                 notice=f"killed after cancellation: pid {run.pid} {how}")
         return ChildOutcome("lost", pid=run.pid, exit_code=code,
                             notice=f"the payload process died: pid {run.pid} {how}")
+
+
+@dataclass
+class _Child:
+    """The pool's end of one payload process's connection."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
 
 
 def describe_exit(code: int) -> str:

@@ -137,3 +137,25 @@ def test_cancel_sigterm_then_sigkill_and_a_waiting_payload_never_starts(tmp_path
             assert 0.4 < time.monotonic() - started < 10
 
     asyncio.run(main())
+
+
+def test_reuse_keeps_a_process_warm_and_replaces_a_dead_one(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with ProcessPool(1, reuse=True) as pool:
+            first = await pool.run(_payload(tmp_path, answer, x=1))
+            second = await pool.run(_payload(tmp_path, answer, x=2))
+            assert first.state == second.state == "succeeded"
+            assert first.pid == second.pid  # the same warm process served both
+            crashed = await pool.run(_payload(tmp_path, crash, how="kill"))
+            assert crashed.pid == first.pid and crashed.state == "lost"
+            assert crashed.exit_code == -signal.SIGKILL
+            after = await pool.run(_payload(tmp_path, answer, x=3))
+            assert after.state == "succeeded" and after.pid != first.pid
+            assert after.pid is not None and _parent_of(after.pid) == pool.zygote_pid
+            # An idle process that died is replaced without losing the payload.
+            os.kill(after.pid, signal.SIGKILL)
+            await asyncio.sleep(0.2)
+            again = await pool.run(_payload(tmp_path, answer, x=4))
+            assert again.state == "succeeded" and again.pid not in (after.pid, None)
+
+    asyncio.run(main())
