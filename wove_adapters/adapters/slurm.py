@@ -16,8 +16,8 @@ import os
 import shlex
 import shutil
 import sys
-import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -124,6 +124,7 @@ class SlurmAdapter(BackendAdapter):
     )
     STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
     reconcile_seconds: ClassVar[float] = 3.0
+    confirm_poll_seconds: ClassVar[float] = 1.0  # one round is two subprocesses
     # The batch job ends with its task, having delivered or recorded
     # its outcome first.
     after_job: ClassVar[str] = "flushed"
@@ -136,9 +137,6 @@ class SlurmAdapter(BackendAdapter):
         if config.get("slurm_conf"):
             self.env["SLURM_CONF"] = str(config["slurm_conf"])
         self.bin = Path(config["slurm_bin"]) if config.get("slurm_bin") else None
-        self._table: dict[str, str] = {}
-        self._table_at = 0.0
-        self._table_lock = asyncio.Lock()
         self.submissions = 0
         self._payloads: dict[str, Path] = {}
 
@@ -248,37 +246,33 @@ class SlurmAdapter(BackendAdapter):
 
     # ------------------------------------------------------------ status, cancel
 
-    async def _refresh(self) -> dict[str, str]:
-        """One squeue + one scontrol call answer every run's status for a second."""
-        async with self._table_lock:
-            if time.monotonic() - self._table_at < 1.0:
-                return self._table
-            table: dict[str, str] = {}
-            shown = await self._run("scontrol", "-o", "show", "job", check=False)
-            for line in shown.splitlines():
-                fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-                job_id = fields.get("JobId", "")
-                if fields.get("ArrayJobId") and fields.get("ArrayTaskId", "").isdigit():
-                    job_id = f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
-                if job_id:
-                    table[job_id] = fields.get("JobState", "")
-            queued = await self._run("squeue", "-h", "-r", "-o", "%i|%T", check=False)
-            for line in queued.splitlines():
-                job_id, _, state = line.partition("|")
-                table[job_id.strip()] = state.strip()
-            self._table, self._table_at = table, time.monotonic()
-            return table
-
     async def status(self, handle: str) -> JobState:
-        table = await self._refresh()
-        native = table.get(handle)
-        if native is None:
-            return JobState.GONE
-        return self.map_state(native)
+        return (await self.status_many([handle]))[handle]
+
+    async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
+        """One ``scontrol`` (jobs slurmctld still remembers, finished ones for MinJobAge)
+        and one ``squeue`` (array tasks one by one) for every handle asked about."""
+        table: dict[str, str] = {}
+        shown = await self._run("scontrol", "-o", "show", "job", check=False)
+        for line in shown.splitlines():
+            fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+            job_id = fields.get("JobId", "")
+            if fields.get("ArrayJobId") and fields.get("ArrayTaskId", "").isdigit():
+                job_id = f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
+            if job_id:
+                table[job_id] = fields.get("JobState", "")
+        queued = await self._run("squeue", "-h", "-r", "-o", "%i|%T", check=False)
+        for line in queued.splitlines():
+            job_id, _, state = line.partition("|")
+            table[job_id.strip()] = state.strip()
+        return {
+            handle: JobState.GONE if (native := table.get(handle)) is None
+            else self.map_state(native)
+            for handle in handles
+        }
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
         await self._run("scancel", handle)
-        self._table_at = 0.0
 
     async def release(self, handle: str) -> None:
         path = self._payloads.pop(handle, None)
