@@ -27,6 +27,7 @@ from wove_adapters.core.errors import (
     DeliveryDetachedError,
     DeliveryOrphanedError,
     DeliveryTimeoutError,
+    redact_url,
 )
 from wove_adapters.core.ledger.base import (
     CANCELLED,
@@ -171,20 +172,6 @@ def _backend_address(
         return None, None
     value = getattr(getattr(transport, "adapter", None), default_key, None)
     return default_key, redact_url(value) if isinstance(value, str) and value else None
-
-
-def redact_url(url: str) -> str:
-    """A URL without its password (``redis://:***@host``), for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, path = rest.partition("/")
-    if "@" not in netloc:
-        return url
-    credentials, _, host = netloc.rpartition("@")
-    user, colon, _ = credentials.partition(":")
-    shown = f"{user}:***" if colon else credentials
-    return f"{scheme}://{shown}@{host}{slash}{path}"
 
 
 def _config_seconds(
@@ -1116,14 +1103,14 @@ class Dispatcher:
                 and run.attempt.attempt == attempt_number
                 and time.monotonic() >= self._quiet_until
             ):
-                # Only a job the backend no longer knows can have vanished before it
-                # started; one it reports failed or succeeded did run.
-                never = state is JobState.GONE and not run.started and not run.heard
+                # Whether it ever ran is the backend's to know (a worker that died at once
+                # sends nothing either): say only what was seen.
+                silent = not run.started and not run.heard
                 self._spawn(
                     self._orphan(
                         run,
-                        f"the backend reports the job {state.value} "
-                        + ("before it ever started" if never else "without a terminal event"),
+                        f"the backend reports the job {state.value} without a terminal event"
+                        + ("; no event was ever heard from it" if silent else ""),
                     )
                 )
 
