@@ -263,9 +263,11 @@ class DaskAdapter(BackendAdapter):
             # re-running it: the orphan policy decides what happens to a lost run.
             "scheduler_kwargs": {"allowed_failures": int(self.config.get("allowed_failures", 0))},
             # The cluster is ours and stops with us: its workers' expected goodbyes at
-            # close (a cancelled task interrupted, comms closed) are warnings, not news
-            # for the user's terminal. Errors still print.
-            "silence_logs": logging.ERROR,
+            # close (a cancelled task interrupted, comms closed, on a loaded machine a
+            # heartbeat that raced the scheduler's close, logged as ERROR) are not news
+            # for the user's terminal. What matters reaches the caller as run outcomes
+            # (task errors, KilledWorker); cluster_options={"silence_logs": ...} overrides.
+            "silence_logs": logging.CRITICAL,
             "asynchronous": True,
         }
         options.update(self.config.get("cluster_options") or {})
