@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.core import stores as payload_mod
+from wove_adapters.core.errors import redact_url
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
@@ -471,10 +472,6 @@ class AwsBatchAdapter(BackendAdapter):
             store.get(ref)
             store.delete(ref)
         except Exception as exc:
-            return (label, False, f"{_redact(self.store_url)}: {exc}; the caller writes and "
+            return (label, False, f"{redact_url(self.store_url)}: {exc}; the caller writes and "
                                   "the jobs read payloads here")
-        return (label, True, f"{_redact(self.store_url)} (write, read, delete)")
-
-
-def _redact(url: str) -> str:
-    return url.split("?", 1)[0]
+        return (label, True, f"{redact_url(self.store_url)} (write, read, delete)")

@@ -39,6 +39,8 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.registry import import_object
+from wove_adapters.core.errors import redact_url
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
@@ -175,7 +177,7 @@ class CeleryAdapter(BackendAdapter):
     def _make_app(self) -> tuple[Any, bool]:
         spec = self.config.get("app")
         if spec:
-            return _import_object(str(spec)), False
+            return import_object(str(spec), default="app"), False
         from celery import Celery
 
         broker = str(self.config.get("broker_url") or DEFAULT_BROKER)
@@ -202,7 +204,7 @@ class CeleryAdapter(BackendAdapter):
                                              interval_step=0.5, timeout=timeout)
         except Exception as exc:
             raise ConnectionError(
-                f"Celery broker {_redact(url)} is unreachable ({exc}). Start it (Redis: "
+                f"Celery broker {redact_url(url)} is unreachable ({exc}). Start it (Redis: "
                 f"`redis-server --bind 127.0.0.1`; RabbitMQ: `rabbitmq-server -detached`) or "
                 f"fix executor_config.broker_url."
             ) from exc
@@ -212,7 +214,7 @@ class CeleryAdapter(BackendAdapter):
                 client.ping()
             except Exception as exc:
                 raise ConnectionError(
-                    f"Celery result backend {_redact(self.app.conf.result_backend)} is "
+                    f"Celery result backend {redact_url(self.app.conf.result_backend)} is "
                     f"unreachable ({exc}); fix executor_config.result_backend."
                 ) from exc
 
@@ -300,7 +302,7 @@ class CeleryAdapter(BackendAdapter):
         except (OperationalError, OSError) as exc:
             raise ConnectionError(
                 f"environment '{self.environment}': the Celery broker "
-                f"{_redact(self.app.conf.broker_url)} did not take task {task_id} after "
+                f"{redact_url(self.app.conf.broker_url)} did not take task {task_id} after "
                 f"retrying ({type(exc).__name__}: {exc}). Start the broker or fix "
                 f"executor_config.broker_url; celery_config.task_publish_retry_policy "
                 f"sets how long a submission retries."
@@ -451,12 +453,12 @@ class CeleryAdapter(BackendAdapter):
         rows: list[tuple[str, bool, str]] = []
         try:
             await self._call(self._check_connections)
-            rows.append(("broker reachable", True, _redact(self.app.conf.broker_url)))
+            rows.append(("broker reachable", True, redact_url(self.app.conf.broker_url)))
         except Exception as exc:  # every failure is a row
             rows.append(("broker reachable", False, str(exc)))
             return rows
         if self._has_backend():
-            rows.append(("result backend", True, _redact(self.app.conf.result_backend)))
+            rows.append(("result backend", True, redact_url(self.app.conf.result_backend)))
         else:
             rows.append(("result backend", False, "none configured: status() cannot see "
                          "jobs; set executor_config.result_backend (e.g. redis://...)"))
@@ -465,9 +467,9 @@ class CeleryAdapter(BackendAdapter):
             url = str(self.config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
             try:
                 await self._call(_redis_ping, url)
-                rows.append(("redis return path", True, _redact(url)))
+                rows.append(("redis return path", True, redact_url(url)))
             except Exception as exc:
-                rows.append(("redis return path", False, f"{_redact(url)}: {exc}"))
+                rows.append(("redis return path", False, f"{redact_url(url)}: {exc}"))
         return rows
 
     async def _worker_row(self) -> tuple[str, bool, str]:
@@ -914,25 +916,6 @@ def _compare_and_set(client: Any, key: str, expected: bytes, value: str | None, 
             return True
         except redis.WatchError:
             return False
-
-
-def _import_object(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in (attr or "app").split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _redact(url: Any) -> str:
-    """A URL without its password, for messages."""
-    text = str(url or "")
-    scheme, sep, rest = text.partition("://")
-    if sep and "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else text
-    return text
 
 
 def _redis_ping(url: str) -> None:

@@ -136,10 +136,16 @@ def _unknown(name: str) -> ValueError:
     )
 
 
-def _import(dotted: str) -> Any:
-    module_name, _, attr = dotted.partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, attr) if attr else module
+def import_object(spec: str, *, default: str | None = None) -> Any:
+    """``"package.module:attr.path"`` -> that object: how executors, adapters and
+    ``executor_config`` values (a Celery ``app``, a Taskiq ``broker``) name Python objects.
+    Without ``:attr``, the ``default`` attribute path, else the module itself."""
+    module_name, _, attr = spec.partition(":")
+    found: Any = importlib.import_module(module_name)
+    for part in (attr or default or "").split("."):
+        if part:
+            found = getattr(found, part)
+    return found
 
 
 def _load(name: str, where: Where) -> Any:
@@ -148,7 +154,7 @@ def _load(name: str, where: Where) -> Any:
     if not isinstance(where.target, str):
         return where.target
     try:
-        return _import(where.target)
+        return import_object(where.target)
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
         module_of_target = where.target.partition(":")[0]

@@ -174,3 +174,20 @@ class WorkerImportError(WoveAdaptersError, ImportError):
         self.host = host
         self.pid = pid
         self.module = module
+
+
+def redact_url(url: object) -> str:
+    """A URL without its password (``redis://:***@host``), for messages and logs: every
+    error and doctor row that names a backend's address goes through here. None (a
+    setting left unset) reads as empty."""
+    url = "" if url is None else str(url)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    if "@" not in netloc:
+        return url
+    credentials, _, host = netloc.rpartition("@")
+    user, colon, _ = credentials.partition(":")
+    shown = f"{user}:***" if colon else credentials
+    return f"{scheme}://{shown}@{host}{slash}{path}"
