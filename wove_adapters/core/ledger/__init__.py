@@ -46,6 +46,7 @@ __all__ = [
     "FAILED",
     "HOLDING_STATES",
     "LOST",
+    "RANK_SQL",
     "RUNNING",
     "SEALED_STATES",
     "STATES",
@@ -58,6 +59,7 @@ __all__ = [
     "RunRecord",
     "close_all",
     "created_record",
+    "forward_assignments",
     "moves_forward",
     "open_ledger",
     "outcome_open",
@@ -96,6 +98,35 @@ def state_rank(state: str | None) -> int:
 def moves_forward(current: str | None, new: str) -> bool:
     """True when ``update(state=new)`` may replace ``current`` (see STATE_RANK)."""
     return state_rank(new) > state_rank(current)
+
+
+# The stored state's rank (STATE_RANK) as SQL, for the forward-only guard.
+RANK_SQL: Final = (
+    "CASE state "
+    + " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in STATE_RANK.items())
+    + f" ELSE {TERMINAL_RANK} END"
+)
+
+
+def forward_assignments(
+    fields: Mapping[str, object], placeholder: str
+) -> tuple[list[str], list[object]]:
+    """The SET clauses and parameters of an UPDATE in which the state moves only forward,
+    decided in the statement itself (atomic: a late queued write cannot replace a state
+    another process recorded meanwhile). Column names come from check_update's whitelist,
+    never from the caller verbatim; ``placeholder`` is the driver's (``?`` or ``%s``)."""
+    assignments: list[str] = []
+    params: list[object] = []
+    for name, value in fields.items():
+        if name == "state":
+            assignments.append(
+                f"state = CASE WHEN {RANK_SQL} < {placeholder} THEN {placeholder} ELSE state END"
+            )
+            params += [state_rank(str(value)), value]
+        else:
+            assignments.append(f"{name} = {placeholder}")
+            params.append(value)
+    return assignments, params
 
 
 def outcome_open(current: str, has_outcome: bool, new: str) -> bool:

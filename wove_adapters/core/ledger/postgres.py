@@ -34,13 +34,11 @@ from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.ledger import (
     HOLDING_STATES,
     SEALED_STATES,
-    STATE_RANK,
-    TERMINAL_RANK,
     PerLoop,
     check_outcome_state,
     check_update,
     created_record,
-    state_rank,
+    forward_assignments,
 )
 from wove_adapters.core.ledger.base import Ledger, RunRecord
 
@@ -53,14 +51,6 @@ _FIELDS: Final = tuple(RunRecord.__struct_fields__)
 _COLUMNS: Final = ", ".join(_FIELDS)
 _HOLDING: Final = sorted(HOLDING_STATES)
 _SEALED: Final = sorted(SEALED_STATES)
-# The stored state's rank (core.ledger.STATE_RANK), for the forward-only guard.
-_RANK_SQL: Final = (
-    "CASE state "
-    + " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in STATE_RANK.items())
-    + f" ELSE {TERMINAL_RANK} END"
-)
-
-
 def _import_psycopg() -> ModuleType:
     try:
         import psycopg
@@ -203,17 +193,7 @@ class PostgresLedger(Ledger):
 
     async def update(self, run_id: str, **fields: object) -> None:
         checked = check_update(run_id, fields)
-        # Column names come from check_update's whitelist, never from the caller verbatim.
-        # The state moves only forward, decided in the statement itself (atomic).
-        assignments: list[str] = []
-        params: list[object] = []
-        for name, value in checked.items():
-            if name == "state":
-                assignments.append(f"state = CASE WHEN {_RANK_SQL} < %s THEN %s ELSE state END")
-                params += [state_rank(str(value)), value]
-            else:
-                assignments.append(f"{name} = %s")
-                params.append(value)
+        assignments, params = forward_assignments(checked, "%s")
         statement = self._sql.update.format(assignments=", ".join(assignments))
         async with self._connection() as conn:
             cursor = await conn.execute(statement, (*params, run_id))

@@ -37,12 +37,10 @@ from urllib.parse import quote, unquote
 from wove_adapters.core.ledger import (
     HOLDING_STATES,
     SEALED_STATES,
-    STATE_RANK,
-    TERMINAL_RANK,
     check_outcome_state,
     check_update,
     created_record,
-    state_rank,
+    forward_assignments,
 )
 from wove_adapters.core.ledger.base import Ledger, RunRecord
 
@@ -50,12 +48,6 @@ _COLUMNS: Final = tuple(RunRecord.__struct_fields__)
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM runs"
 _HOLDING_SQL: Final = ", ".join(f"'{state}'" for state in sorted(HOLDING_STATES))
 _SEALED_SQL: Final = ", ".join(f"'{state}'" for state in sorted(SEALED_STATES))
-# The stored state's rank (core.ledger.STATE_RANK), for the forward-only guard.
-_RANK_SQL: Final = (
-    "CASE state "
-    + " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in STATE_RANK.items())
-    + f" ELSE {TERMINAL_RANK} END"
-)
 SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -187,18 +179,7 @@ def _claim_in(conn: sqlite3.Connection, record: RunRecord) -> RunRecord:
 
 
 def _update(conn: sqlite3.Connection, run_id: str, fields: dict[str, object]) -> None:
-    # Column names come from check_update's whitelist, never from the caller verbatim.
-    # The state moves only forward, decided in the statement itself (atomic): a late
-    # queued write cannot replace a state another process recorded meanwhile.
-    assignments: list[str] = []
-    params: list[object] = []
-    for name, value in fields.items():
-        if name == "state":
-            assignments.append(f"state = CASE WHEN {_RANK_SQL} < ? THEN ? ELSE state END")
-            params += [state_rank(str(value)), value]
-        else:
-            assignments.append(f"{name} = ?")
-            params.append(value)
+    assignments, params = forward_assignments(fields, "?")
     cursor = conn.execute(
         f"UPDATE runs SET {', '.join(assignments)} WHERE run_id = ?", (*params, run_id)
     )
