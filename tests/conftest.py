@@ -49,3 +49,13 @@ def caller_only_module(tmp_path: Path) -> Iterator[ModuleType]:
     finally:
         sys.path.remove(str(directory))
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def markers(tmp_path: Path) -> Path:
+    """Where a task writes its marker files (world-writable: any worker process may run
+    it, as any user)."""
+    path = tmp_path / "markers"
+    path.mkdir()
+    os.chmod(path, 0o777)
+    return path

@@ -43,15 +43,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 @pytest.fixture
-def markers(tmp_path: Path) -> Path:
-    """Where the task writes its start/end marks (world-writable: any worker may run it)."""
-    path = tmp_path / "markers"
-    path.mkdir()
-    os.chmod(path, 0o777)
-    return path
-
-
-@pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[Callable[..., faults.RedisServer]]:
     """``private_redis(aof=False)``: a started redis-server of this test's own."""
     servers: list[faults.RedisServer] = []

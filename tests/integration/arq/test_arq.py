@@ -41,13 +41,6 @@ def hubs() -> Any:
         hub.close()
 
 
-@pytest.fixture
-def markers(tmp_path: Path) -> Path:
-    path = tmp_path / "markers"
-    path.mkdir()
-    return path
-
-
 def adapter_of(hub: Hub) -> ArqAdapter:
     adapter = hub.dispatcher().transport.adapter  # type: ignore[attr-defined]
     assert isinstance(adapter, ArqAdapter)

@@ -48,13 +48,6 @@ def _wait_state(app: Any, task_id: str, state: str, timeout: float = 30.0) -> No
     raise AssertionError(f"task {task_id} stayed {seen}, expected {state}")
 
 
-@pytest.fixture
-def markers(tmp_path: Path) -> Path:
-    path = tmp_path / "markers"
-    path.mkdir()
-    return path
-
-
 # ---------------------------------------------------------------- the worker side
 
 

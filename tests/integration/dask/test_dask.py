@@ -47,14 +47,6 @@ def address(dask_cluster: DaskCluster) -> str:
     return dask_cluster.address
 
 
-@pytest.fixture
-def markers(tmp_path: Path) -> Path:
-    path = tmp_path / "markers"
-    path.mkdir()
-    os.chmod(path, 0o777)
-    return path
-
-
 def _hub(definition: dict[str, Any], name: str = "d") -> Hub:
     return Hub(environments={name: definition}, default_environment=name)
 

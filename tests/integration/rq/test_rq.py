@@ -287,14 +287,6 @@ def test_unreachable_redis_is_a_clear_start_error() -> None:
         hub.close()
 
 
-@pytest.fixture
-def markers(tmp_path: Path) -> Path:
-    path = tmp_path / "markers"
-    path.mkdir()
-    os.chmod(path, 0o777)
-    return path
-
-
 def test_a_run_cancelled_while_queued_leaves_no_hash_forever(redis_url: str) -> None:
     """RQ gives a cancelled job's hash no TTL; ours sets one (failure_ttl, else a day)."""
     from rq.registry import CanceledJobRegistry

@@ -23,13 +23,6 @@ from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
 
 
 @pytest.fixture
-def markers(tmp_path: Path) -> Path:
-    path = tmp_path / "markers"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def hubs() -> Iterator[Any]:
     made: list[Hub] = []
 

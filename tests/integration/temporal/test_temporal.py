@@ -27,13 +27,6 @@ TIMEOUT = 60.0
 
 
 @pytest.fixture
-def markers(tmp_path: Path) -> Path:
-    path = tmp_path / "markers"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def hub_for(temporal_config: dict[str, Any]) -> Iterator[Any]:
     hubs: list[Hub] = []
 
