@@ -190,7 +190,7 @@ class ArqAdapter(BackendAdapter):
             ) from exc
         self._submits = asyncio.Semaphore(self._max_submits)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for task in self._watchers.values():
             task.cancel()
         self._watchers.clear()

@@ -398,7 +398,7 @@ class AwsBatchAdapter(BackendAdapter):
         self._tracked.pop(handle, None)
         self._keys.pop(handle, None)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self._tracked.clear()
         self._keys.clear()
 

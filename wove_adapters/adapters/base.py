@@ -18,7 +18,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import envelope as payload_mod
@@ -45,6 +45,9 @@ class JobSpec:
     options: dict[str, Any] = field(default_factory=dict)  # per-task pass-through
 
 
+_Adapter = TypeVar("_Adapter", bound="BackendAdapter")
+
+
 class BackendAdapter(abc.ABC):
     """The per-backend piece. Promises:
 
@@ -59,7 +62,10 @@ class BackendAdapter(abc.ABC):
       reconciliation tick (and once per confirmation round) for every job it wonders
       about; an adapter whose backend answers many jobs in one request overrides it,
       and keeps no status cache of its own.
-    - ``close``: release clients.
+    - ``aclose``: release clients.
+
+    ``async with adapter:`` starts it and closes it (scripts and tests; the transport
+    calls ``start`` and ``aclose`` itself).
     """
 
     name: ClassVar[str] = ""
@@ -125,8 +131,15 @@ class BackendAdapter(abc.ABC):
         """Shutdown, after orphan policies and before the dispatcher's last ledger write:
         let work that must end with this process end (default: nothing to wait for)."""
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Release clients; default: nothing."""
+
+    async def __aenter__(self: _Adapter) -> _Adapter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def doctor(self) -> list[tuple[str, bool, str]]:
         """Checks for ``wove-adapters doctor``: (what, ok, detail) rows, e.g. broker
@@ -183,7 +196,7 @@ class AdapterTransport(Transport):
         self._confirmer: asyncio.Task[None] | None = None
         self.stats: dict[str, int] = {"array_submissions": 0, "single_submissions": 0}
 
-    async def open(
+    async def start(
         self,
         *,
         environment: str,
@@ -477,7 +490,7 @@ class AdapterTransport(Transport):
         if self.adapter is not None:
             await self.adapter.drain()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._confirmer is not None:
             self._confirmer.cancel()
             with contextlib.suppress(BaseException):
@@ -485,7 +498,7 @@ class AdapterTransport(Transport):
             self._confirmer = None
         self._confirming.clear()
         if self.adapter is not None:
-            await self.adapter.close()
+            await self.adapter.aclose()
 
 
 def worker_bounds(config: dict[str, Any]) -> dict[str, Any]:

@@ -218,13 +218,13 @@ class CeleryAdapter(BackendAdapter):
                     f"unreachable ({exc}); fix executor_config.result_backend."
                 ) from exc
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for follower in list(self._followers.values()):
             follower.stop()
         self._followers.clear()
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            await pending.close()
+            await pending.aclose()
         if self._dropbox_client is not None:
             client, self._dropbox_client = self._dropbox_client, None
             with contextlib.suppress(Exception):
@@ -759,7 +759,7 @@ class _PendingCheck:
         if snap is not None:
             self.snapshot = snap
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._refresh is not None:
             self._refresh.cancel()
             with contextlib.suppress(BaseException):

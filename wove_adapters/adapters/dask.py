@@ -273,7 +273,7 @@ class DaskAdapter(BackendAdapter):
         options.update(self.config.get("cluster_options") or {})
         return await LocalCluster(**options)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop in the order that keeps the cluster quiet: detached runs on our own
         cluster finish first (they cannot outlive it), then our watchers stop, then the
         client closes (releasing every key, so no worker holds data or runs our work
@@ -438,7 +438,7 @@ class DaskAdapter(BackendAdapter):
             tracked.watcher.cancel()
 
     def _let_go(self, key: str, future: Any) -> None:
-        """A detached run's future: on a cluster we own, kept so close() can wait for it
+        """A detached run's future: on a cluster we own, kept so aclose() can wait for it
         (it cannot outlive the cluster); elsewhere handed to the scheduler for good."""
         from distributed import fire_and_forget
 

@@ -273,7 +273,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         try:
             configuration, context_namespace = await self._in_pool(self._client_configuration)
         except Exception:
-            await self.close()
+            await self.aclose()
             raise
         configuration.connection_pool_maxsize = threads
         self.namespace = self.namespace or context_namespace or "default"
@@ -708,7 +708,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             if not tracked.open_runs:
                 self._jobs.pop((namespace, name), None)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._api is not None:
             with contextlib.suppress(Exception):
                 await self._in_pool(self._api.close)

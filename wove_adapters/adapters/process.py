@@ -166,7 +166,7 @@ class ProcessAdapter(BackendAdapter):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self._closing = True
         for proc in list(self._procs.values()):
             if proc.returncode is None:

@@ -257,7 +257,7 @@ class RayAdapter(BackendAdapter):
             except Exception as exc:
                 raise _connection_error(self.address, exc) from exc
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         # The Ray connection is per process and may serve other environments; Ray's own
         # exit hook disconnects it (and stops a local Ray).
         for tracked in self._tracked.values():

@@ -139,7 +139,7 @@ class RqAdapter(BackendAdapter):
         # Newer RQ (2.12, 3.0) enqueues a job id atomically only if it is new; else check first.
         self._unique = "unique" in inspect.signature(Queue.enqueue_call).parameters
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._dropbox_client is not None:
             client, self._dropbox_client = self._dropbox_client, None
             await asyncio.to_thread(client.close)

@@ -183,7 +183,7 @@ class TaskiqAdapter(BackendAdapter):
         )
         return broker.with_result_backend(backend)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for tasks in list(self._followers.values()):
             for task in list(tasks):
                 task.cancel()
@@ -448,7 +448,7 @@ def register(
         await side.start(broker, announce_queue)
 
     async def _shutdown(state: Any) -> None:
-        await side.stop()
+        await side.aclose()
 
     broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, _startup)
     broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, _shutdown)
@@ -530,7 +530,7 @@ class _WorkerSide:
         if queue and pool is not None:
             self._spawn_bg(self._announce(pool, str(queue)))
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         tasks = [*self._background, *self._listening.values(), *self._lease_tasks.values()]
         for task in tasks:
             task.cancel()

@@ -146,7 +146,7 @@ class TemporalAdapter(BackendAdapter):
                 f"{exc or type(exc).__name__}; {START_HINT}"
             ) from exc
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for task, _ in self._followers.values():
             task.cancel()
         self._followers.clear()

@@ -259,7 +259,7 @@ class Dispatcher:
     # ---------------------------------------------------------- life cycle
 
     async def start(self) -> None:
-        await self.transport.open(
+        await self.transport.start(
             environment=self.environment,
             executor_config=self.executor_config,
             settings=self.settings,
@@ -281,7 +281,7 @@ class Dispatcher:
         then the transport. Every background task is awaited or cancelled here."""
         await self.abandon(list(self.runs), reason="the executor stopped with runs in flight")
         for run in list(self.stopping.values()):
-            self._stopped(run)  # the transport's close ends what is still running
+            self._stopped(run)  # the transport's aclose ends what is still running
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
@@ -295,7 +295,7 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await drain()
         await self._stop_ledger_writer()
-        await self.transport.close()
+        await self.transport.aclose()
 
     # ---------------------------------------------------------- submit
 

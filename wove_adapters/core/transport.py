@@ -44,7 +44,7 @@ class Transport(abc.ABC):
     capabilities: Capabilities = Capabilities()
 
     @abc.abstractmethod
-    async def open(
+    async def start(
         self,
         *,
         environment: str,
@@ -82,8 +82,8 @@ class Transport(abc.ABC):
         """The run ended: drop per-run state (payload files, registrations)."""
 
     @abc.abstractmethod
-    async def close(self) -> None:
-        """Release what ``open`` acquired."""
+    async def aclose(self) -> None:
+        """Release what ``start`` acquired."""
 
 
 async def gather_statuses(

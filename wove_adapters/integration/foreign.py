@@ -26,7 +26,7 @@ class ExecutorTransport(Transport):
         self._reader: asyncio.Task[None] | None = None
         self._emit: Emit | None = None
 
-    async def open(
+    async def start(
         self,
         *,
         environment: str,
@@ -72,7 +72,7 @@ class ExecutorTransport(Transport):
             }
         )
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
         with contextlib.suppress(Exception):

@@ -226,7 +226,7 @@ def test_status_of_unknown_running_and_finished_tasks(
             assert time.monotonic() < deadline, state
             time.sleep(0.02)
     finally:
-        shared_loop.run_sync(adapter.close())
+        shared_loop.run_sync(adapter.aclose())
 
 
 def test_job_killed_without_an_event_is_found_by_reconciliation(
@@ -298,7 +298,7 @@ def test_doctor_rows(redis_celery: CeleryService) -> None:
     try:
         rows = {check: (ok, detail) for check, ok, detail in shared_loop.run_sync(adapter.doctor())}
     finally:
-        shared_loop.run_sync(adapter.close())
+        shared_loop.run_sync(adapter.aclose())
     assert rows["broker reachable"][0] and rows["result backend"][0]
     assert rows["worker on queue"] == (True, rows["worker on queue"][1])
     assert redis_celery.node in rows["worker on queue"][1]
@@ -308,7 +308,7 @@ def test_doctor_rows(redis_celery: CeleryService) -> None:
     try:
         rows = {check: (ok, detail) for check, ok, detail in shared_loop.run_sync(lonely.doctor())}
     finally:
-        shared_loop.run_sync(lonely.close())
+        shared_loop.run_sync(lonely.aclose())
     ok, detail = rows["worker on queue"]
     assert not ok and "no worker consumes queue 'nobody-listens'" in detail
     assert "register(app)" in detail

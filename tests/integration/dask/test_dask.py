@@ -261,7 +261,7 @@ def test_doctor_rows(address: str) -> None:
             try:
                 return await adapter.doctor()
             finally:
-                await adapter.close()
+                await adapter.aclose()
 
         return shared_loop.run_sync(go(), 60)
 

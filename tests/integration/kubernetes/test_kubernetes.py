@@ -151,8 +151,8 @@ def test_conflict_on_create_attaches_to_the_existing_job(kube_cluster: KubeClust
             await first.cancel(one)
             return one, two, first.submissions, second.submissions
         finally:
-            await first.close()
-            await second.close()
+            await first.aclose()
+            await second.aclose()
 
     one, two, created_first, created_second = shared_loop.run_sync(two_callers())
     assert one == two == f"{NAMESPACE}/{dns_label('wove-' + key)}"
@@ -391,7 +391,7 @@ def test_doctor_rows(kube_cluster: KubeCluster) -> None:
         try:
             return await adapter.doctor()
         finally:
-            await adapter.close()
+            await adapter.aclose()
 
     good = shared_loop.run_sync(rows(kube_cluster.config()))
     assert [ok for _, ok, _ in good] == [True] * len(good), good

@@ -139,7 +139,7 @@ def test_queue_and_at_front_reach_rq(redis_url: str) -> None:
         await adapter.cancel(first)
         after = await adapter.status(first)
         await adapter.cancel(second)
-        await adapter.close()
+        await adapter.aclose()
         return first, second, states, after
 
     try:
@@ -263,7 +263,7 @@ def test_doctor_rows(rq_environment: dict[str, Any], redis_url: str) -> None:
             try:
                 return await adapter.doctor()
             finally:
-                await adapter.close()
+                await adapter.aclose()
 
         return shared_loop.run_sync(go())
 

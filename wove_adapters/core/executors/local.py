@@ -50,7 +50,7 @@ class LocalTransport(Transport):
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._thread_futures: dict[str, concurrent.futures.Future[Any]] = {}
 
-    async def open(
+    async def start(
         self,
         *,
         environment: str,
@@ -132,7 +132,7 @@ class LocalTransport(Transport):
         if task is not None:
             task.cancel()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for task in list(self._tasks.values()):
             task.cancel()
         with contextlib.suppress(Exception):

@@ -98,7 +98,7 @@ class StdioTransport(Transport):
         self._env: dict[str, str] = {}
         self._size = 1
 
-    async def open(
+    async def start(
         self,
         *,
         environment: str,
@@ -236,7 +236,7 @@ class StdioTransport(Transport):
                     await worker.send(frames.CancelTaskWire(run_id=run.run_id))
                 return
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self._closing = True
         for worker in list(self._workers):
             with contextlib.suppress(Exception):
