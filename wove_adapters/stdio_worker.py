@@ -30,16 +30,16 @@ from typing import Any, BinaryIO
 
 import msgspec
 
-from wove_adapters.callbacks.worker import (
+from wove_adapters.core import frames
+from wove_adapters.core.codec import pickled_exception
+from wove_adapters.core.envelope import dumps, loads
+from wove_adapters.core.executors.stdio import EVENTS_FD_ENV
+from wove_adapters.worker.runner import (
     HeartbeatTimer,
     TaskCancelled,
     call_task,
     heartbeat_interval,
 )
-from wove_adapters.core import frames
-from wove_adapters.core.codec import pickled_exception
-from wove_adapters.core.envelope import dumps, loads
-from wove_adapters.core.executors.stdio import EVENTS_FD_ENV
 
 _decoder = msgspec.json.Decoder(frames.WireCommand)
 _encoder = msgspec.json.Encoder()

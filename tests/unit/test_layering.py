@@ -122,7 +122,7 @@ def test_the_checker_sees_every_form_of_import() -> None:
     """Not vacuous: each form the rules cover is reported, with its line."""
     source = (
         "import wove_adapters.cli\n"
-        "from wove_adapters.callbacks import sender\n"
+        "from wove_adapters.callbacks import receiver\n"
         "from ... import adapters\n"
         "def later():\n"
         "    from wove_adapters.integration.hub import Hub\n"
@@ -141,7 +141,7 @@ def test_the_checker_sees_every_form_of_import() -> None:
     assert sorted(found) == [
         (1, "wove_adapters.cli"),
         (2, "wove_adapters.callbacks"),
-        (2, "wove_adapters.callbacks.sender"),
+        (2, "wove_adapters.callbacks.receiver"),
         (3, "wove_adapters.adapters"),
         (5, "wove_adapters.integration.hub"),
         (5, "wove_adapters.integration.hub.Hub"),

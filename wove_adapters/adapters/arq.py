@@ -687,7 +687,7 @@ def _result(report: dict[str, Any], *, exit_code: bool = False) -> dict[str, Any
 
 
 def _report_lost(envelope: Any, reason: str) -> None:
-    from wove_adapters.callbacks import sender
+    from wove_adapters.worker import sender
 
     event = frames.TaskLost(
         run_id=envelope.run_id, task_id=envelope.task_id, attempt=envelope.attempt,

@@ -431,7 +431,7 @@ class AdapterTransport(Transport):
     async def _delivering(self, run: RunAttempt, state: JobState) -> JobState:
         """The backend's view, with one correction: a job that ended normally while its
         terminal event has not arrived is still RUNNING while its worker may deliver it
-        (the background outbox retries, see callbacks.sender). Then an outcome the worker
+        (the background outbox retries, see worker.sender). Then an outcome the worker
         recorded in the ledger resolves the run; only a job with no event and no record
         after the worker's whole retry window is reported finished (and so lost)."""
         if state is not JobState.SUCCEEDED or self.receiver is None:
@@ -502,7 +502,7 @@ class AdapterTransport(Transport):
 
 
 def worker_bounds(config: dict[str, Any]) -> dict[str, Any]:
-    """How long workers keep trying to hand an outcome back (see callbacks.sender), from
+    """How long workers keep trying to hand an outcome back (see worker.sender), from
     ``executor_config``; a bad value fails at start-up, naming the key."""
     bounds: dict[str, Any] = {}
     for key, field_name, kind in (
@@ -529,9 +529,9 @@ def delivery_grace(bounds: dict[str, Any], after_job: str = "retries") -> tuple[
     """How long a job that ended without its terminal event still counts as delivering:
     ``(look in the ledger after, give up after)`` seconds, from the workers' bounds
     (``worker_exit_flush_seconds``, ``worker_retry_seconds``; defaults: this process's,
-    see callbacks.sender) and what the adapter's workers do after a job (``after_job``),
+    see worker.sender) and what the adapter's workers do after a job (``after_job``),
     plus a little for the last try in flight."""
-    from wove_adapters.callbacks import sender
+    from wove_adapters.worker import sender
 
     if after_job == "flushed":
         return 0.0, 0.0

@@ -14,7 +14,7 @@ from the signed outcome the worker stores as the task's result; a key whose task
 finished answers at once from that stored outcome.
 
 Cancel is ``revoke(terminate=True, signal="SIGTERM")``: workers drop a queued task and
-SIGTERM the prefork child running it, where ``wove_adapters.callbacks.worker`` turns the
+SIGTERM the prefork child running it, where ``wove_adapters.worker.runner`` turns the
 signal into ``task_cancelled``. ``status()`` maps the result backend's task state (the
 task records STARTED itself, off its critical path). PENDING is also Celery's word for
 "unknown" and for "lost": on a Redis broker, ``_PendingCheck`` looks for such a message in
@@ -956,7 +956,7 @@ def register(
         return registered[name]  # registering twice (re-imported module) is a no-op
     # Import the payload runner (cloudpickle, msgspec, aiohttp) in the worker's main
     # process, before the prefork pool forks: every child then starts warm.
-    importlib.import_module("wove_adapters.callbacks.worker")
+    importlib.import_module("wove_adapters.worker.runner")
 
     def run_payload(task: Any, payload: str) -> dict[str, Any]:
         return execute(task, payload, track_started=track_started)
@@ -988,9 +988,9 @@ def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str,
     from celery import states
     from celery.exceptions import Ignore
 
-    from wove_adapters.callbacks import worker
     from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core.errors import PayloadError
+    from wove_adapters.worker import runner as worker
 
     try:
         envelope = payload_mod.decode_payload(payload)
@@ -1085,10 +1085,10 @@ class _StateWriter:
 
 
 def _signed_outcome(envelope: Any, outcome: Any) -> str | None:
-    from wove_adapters.callbacks import sender
     from wove_adapters.core import frames, signing
     from wove_adapters.core.codec import pickled_exception
     from wove_adapters.core.envelope import dumps
+    from wove_adapters.worker import sender
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     event: frames.WireEvent

@@ -9,7 +9,7 @@ What runs on a worker is ``run_payload(payload)`` from this module: Dask imports
 reference, so a plain ``dask worker`` with wove-adapters installed is the whole worker
 side. It verifies the signed payload before anything is unpickled, then either
 
-- ``return_path: "http"`` (default) / ``"redis"``: runs it with ``callbacks.worker.run``,
+- ``return_path: "http"`` (default) / ``"redis"``: runs it with ``worker.runner.run``,
   which reports ``task_started``, heartbeats and the terminal event to the caller, or
 - ``return_path: "native"``: runs it and returns the value (raises the task's exception),
   so the Dask future itself carries the outcome and the adapter emits the events.
@@ -61,8 +61,8 @@ def run_payload(payload: str) -> Any:
     Runs in a Dask worker thread, so SIGTERM cannot interrupt it (``handle_sigterm`` is
     off: signal handlers belong to the main thread).
     """
-    from wove_adapters.callbacks import worker
     from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.worker import runner as worker
 
     envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
     if envelope.return_path.kind == "native":
@@ -80,8 +80,8 @@ def run_payload(payload: str) -> Any:
 
 def _run_native(envelope: Any) -> Any:
     """The future carries the value; a detached run also records it in the ledger."""
-    from wove_adapters.callbacks import worker
     from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.worker import runner as worker
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     detach = envelope.delivery.get("delivery_orphan_policy") == "detach" and envelope.ledger
@@ -578,7 +578,7 @@ def _format_remote(exc: BaseException, tb: Any) -> str:
     payload runner's own frames."""
     import traceback
 
-    from wove_adapters.callbacks import worker
+    from wove_adapters.worker import runner as worker
 
     own = {__file__, worker.__file__}
     while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in own:

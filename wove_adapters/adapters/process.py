@@ -34,7 +34,7 @@ from wove_adapters.core.paths import data_dir
 from wove_adapters.core.policies import Capabilities, JobState
 
 # ``python -m wove_adapters.worker`` exit codes after which its outcome is settled
-# (delivered, or owned by the ledger): see wove_adapters.callbacks.worker.
+# (delivered, or owned by the ledger): see wove_adapters.worker.runner.
 _SETTLED_CODES = frozenset({0, 1, 2, 143})
 _DELIVERY_FAILED = 3
 

@@ -7,7 +7,7 @@ module, with the configured ``ray.remote`` options; per-task options go through
 wove-adapters installed runs payloads: a cluster started with ``ray start`` needs nothing
 registered. The worker verifies the signed payload before anything is unpickled, then
 
-- ``return_path: "http"`` (default) / ``"redis"``: runs it with ``callbacks.worker``,
+- ``return_path: "http"`` (default) / ``"redis"``: runs it with ``worker.runner``,
   which reports ``task_started``, heartbeats and the terminal event to the caller, or
 - ``return_path: "native"``: runs it and returns the value (raises the task's exception),
   so the ObjectRef itself carries the outcome and the adapter emits the events.
@@ -87,8 +87,8 @@ def run_payload(payload: str) -> Any:
     Ray runs tasks on the worker's main thread, so both SIGTERM and ``ray.cancel``'s
     interrupt (a simulated SIGINT, ignored by Ray workers otherwise) cancel the task.
     """
-    from wove_adapters.callbacks import worker
     from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.worker import runner as worker
 
     envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
     try:
@@ -107,7 +107,7 @@ def run_payload(payload: str) -> Any:
 
 
 def _run_native(envelope: Any) -> Any:
-    from wove_adapters.callbacks import worker
+    from wove_adapters.worker import runner as worker
 
     func, args = worker.load_task(envelope)  # WorkerImportError names host, pid, the fix
     with worker.sigterm_cancels():
@@ -117,7 +117,7 @@ def _run_native(envelope: Any) -> Any:
 @contextlib.contextmanager
 def interrupt_cancels() -> Iterator[None]:
     """Within the block, ``ray.cancel``'s interrupt raises TaskCancelled (main thread)."""
-    from wove_adapters.callbacks.worker import TaskCancelled
+    from wove_adapters.worker.runner import TaskCancelled
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -499,15 +499,15 @@ def _http_get(url: str) -> None:
 def run_payload(payload: str) -> bytes | str:
     """The RQ job function: ``queue.enqueue("wove_adapters.adapters.rq.run_payload", text)``.
 
-    Runs the payload with ``wove_adapters.callbacks.worker`` (verify, run, heartbeat,
+    Runs the payload with ``wove_adapters.worker.runner`` (verify, run, heartbeat,
     report). Returns the state, or, for a run with an idempotency key, the signed terminal
     event, which RQ keeps as the job's result for a later caller with the same key. Raises
     when the outcome could not be delivered anywhere, so RQ marks the job failed.
     """
-    from wove_adapters.callbacks import worker
     from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core import frames
     from wove_adapters.core.errors import PayloadError
+    from wove_adapters.worker import runner as worker
 
     try:
         envelope = payload_mod.decode_payload(payload)
@@ -559,9 +559,10 @@ def _cancelled_before_start() -> bool:
 
 
 def _signed_outcome(envelope: Any, outcome: Any) -> bytes | str:
-    from wove_adapters.callbacks import sender, worker
     from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core import frames, signing
+    from wove_adapters.worker import runner as worker
+    from wove_adapters.worker import sender
 
     ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     event: frames.WireEvent
@@ -588,7 +589,7 @@ def _preload() -> None:
     import importlib
 
     for name in ("cloudpickle", "msgspec", "aiohttp", "redis.asyncio",
-                 "wove_adapters.callbacks.worker", "wove_adapters.callbacks.sender",
+                 "wove_adapters.worker.runner", "wove_adapters.worker.sender",
                  "wove_adapters.core.envelope", "wove_adapters.core.runtime"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)

@@ -1,1 +1,2 @@
-"""The way back: signed payloads out, signed events in, and the worker that joins them."""
+"""The way back, the caller's side: the HTTP receiver and the Redis drop-box reader that
+take signed events in. The worker's side (runner, sender) is ``wove_adapters.worker``."""

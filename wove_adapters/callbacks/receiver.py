@@ -25,15 +25,15 @@ from typing import Any
 
 import msgspec
 
-from wove_adapters.callbacks.sender import UNKNOWN_RUN_STATUS
 from wove_adapters.core import frames, signing
 from wove_adapters.core.errors import PayloadError
+from wove_adapters.worker.sender import UNKNOWN_RUN_STATUS
 
 EventSink = Callable[[frames.WireEvent, bytes], None]
 DEFAULT_MAX_BODY = 512 * 1024 * 1024
 # A signed, valid batch with events for runs nobody here follows gets UNKNOWN_RUN_STATUS;
 # the body lists them (``{"unknown": [run ids]}``) so the worker records those outcomes
-# in the ledger (see callbacks.sender).
+# in the ledger (see worker.sender).
 log = logging.getLogger("wove_adapters.receiver")
 
 

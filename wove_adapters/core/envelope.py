@@ -49,7 +49,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_seconds: float | None = None
     # How long the worker keeps trying to hand the outcome back in the background
     # (executor_config worker_retry_seconds / worker_retry_attempts /
-    # worker_exit_flush_seconds); None: the worker's own defaults (see callbacks.sender).
+    # worker_exit_flush_seconds); None: the worker's own defaults (see worker.sender).
     retry_seconds: float | None = None
     retry_attempts: int | None = None
     exit_flush_seconds: float | None = None

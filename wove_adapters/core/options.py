@@ -71,7 +71,7 @@ class AdapterOptions(ExecutorOptions, kw_only=True):
     callback_port: int = 0
     callback_url: str | None = None
     callback_token: str | None = None
-    # How long workers keep trying to hand back an outcome (see callbacks.sender).
+    # How long workers keep trying to hand back an outcome (see worker.sender).
     worker_retry_seconds: float | None = None
     worker_retry_attempts: int | None = None
     worker_exit_flush_seconds: float | None = None

@@ -51,7 +51,7 @@ _LAUNCH_BOUND = 30.0
 # sleep of ``s`` seconds ends more than ``max(_STALL_MIN, s)`` late.
 _STALL_MIN = 1.0
 # After a stall no verdict for this long: a worker whose post timed out while we were
-# stopped retries after its backoff (callbacks.sender: at most 5 s between tries), and its
+# stopped retries after its backoff (worker.sender: at most 5 s between tries), and its
 # event must land before its silence counts. Override: executor_config.stall_grace_seconds.
 _STALL_GRACE = 7.0
 # Before calling a run lost, let the loop read what is already in sockets and pipes.

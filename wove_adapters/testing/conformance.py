@@ -342,8 +342,8 @@ class AdapterConformance:
 def _post_signed(receiver: Any, hub: Hub, event: Any) -> None:
     import urllib.request
 
-    from wove_adapters.callbacks import sender
     from wove_adapters.core import signing
+    from wove_adapters.worker import sender
 
     key_id = hub.dispatcher("conformance").key_id
     data = signing.encode_blob(sender.sign_events([event], key_id))

@@ -2,7 +2,8 @@
 
 ``python -m wove_adapters.worker`` runs one signed payload and exits (``__main__``).
 Exit codes: 0 succeeded, 1 the task raised, 2 payload refused, 3 outcome undeliverable,
-143 cancelled (SIGTERM). See ``wove_adapters.callbacks.worker`` for the details.
+143 cancelled (SIGTERM). See ``wove_adapters.worker.runner`` for the details, and
+``wove_adapters.worker.sender`` for the batched, signed way back to the caller.
 
 ``wove_adapters.worker.pool``: the one warm process pool every backend that isolates
 payloads from its worker's event loop uses (taskiq, arq ``isolation="process"``,
@@ -19,7 +20,7 @@ __all__ = ["Outcome", "arun", "main", "run"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from wove_adapters.callbacks import worker
+        from wove_adapters.worker import runner
 
-        return getattr(worker, name)
+        return getattr(runner, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

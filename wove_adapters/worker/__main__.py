@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from wove_adapters.callbacks.worker import main
+from wove_adapters.worker.runner import main
 
 if __name__ == "__main__":
     sys.exit(main())

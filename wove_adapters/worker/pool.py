@@ -49,7 +49,7 @@ import msgspec
 # What every payload process needs, imported once in the zygote instead of once per
 # payload (profiled on Temporal: cloudpickle and the idna codec getaddrinfo pulls in were
 # about half of a trivial task's CPU when each task imported them).
-PRELOAD = ("wove_adapters.callbacks.worker", "cloudpickle", "encodings.idna")
+PRELOAD = ("wove_adapters.worker.runner", "cloudpickle", "encodings.idna")
 SYS_PATH_ENV = "WOVE_ADAPTERS_ZYGOTE_SYS_PATH"
 _ZYGOTE_CODE = "from wove_adapters.worker.pool import zygote_main; zygote_main()"
 
@@ -113,9 +113,9 @@ def run_payload(
     task_id, attempt, outcome}``. ``outcome`` is the signed terminal event (bytes) when
     ``keep_outcome`` is true, or when it is None and the run has an idempotency key (a
     backend keeps it for another caller that holds the same key)."""
-    from wove_adapters.callbacks import worker
     from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core.errors import PayloadError
+    from wove_adapters.worker import runner as worker
 
     try:
         envelope = payload_mod.decode_payload(payload)
@@ -174,7 +174,7 @@ def _payload_process(conn: Any, zygote: int) -> None:
             break
     # This process ends with os._exit (no exit hooks): an outcome the caller did not take
     # yet is delivered or recorded in the ledger first (the pool already has the report).
-    from wove_adapters.callbacks import sender
+    from wove_adapters.worker import sender
 
     sender.OUTBOX.flush(None)
 
@@ -597,9 +597,9 @@ def describe_exit(code: int) -> str:
 async def report_to_caller(payload: str, state: str, reason: str) -> None:
     """Tell the caller what happened to a payload that did not report for itself
     (``task_cancelled`` for ``state == "cancelled"``, else ``task_lost``)."""
-    from wove_adapters.callbacks import sender
     from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core import frames
+    from wove_adapters.worker import sender
 
     try:
         envelope = await asyncio.to_thread(payload_mod.decode_payload, payload)

@@ -33,9 +33,9 @@ from typing import Any
 
 import pytest
 
-from wove_adapters.callbacks import sender
 from wove_adapters.callbacks.receiver import CallbackReceiver
 from wove_adapters.core import frames, signing
+from wove_adapters.worker import sender
 
 ROOT = Path(__file__).resolve().parents[3]
 SOURCE = os.environ.get("WOVE_TEST_SOURCE", str(ROOT))
@@ -258,9 +258,9 @@ async def test_receiver_answers_unknown_runs_and_routes_known_ones() -> None:
 async def test_sender_records_an_unknown_runs_outcome_in_the_ledger(tmp_path: Path) -> None:
     """The worker's side: "unknown run" is not delivered; the outcome goes to the ledger at
     once (no retries), and the run's record is created if it is missing."""
-    from wove_adapters.callbacks import worker
     from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core.ledger import open_ledger
+    from wove_adapters.worker import runner as worker
 
     receiver = CallbackReceiver()
     await receiver.start()

@@ -316,7 +316,7 @@ def test_best_effort_cancels_never_break_the_in_flight_cap(
 
 
 def _stubborn(directory: str, seconds: float) -> str:
-    from wove_adapters.callbacks.worker import TaskCancelled
+    from wove_adapters.worker.runner import TaskCancelled
 
     Path(directory, "stubborn.started").write_text("")
     deadline = time.monotonic() + seconds

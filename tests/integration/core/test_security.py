@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wove_adapters import Hub
-from wove_adapters.callbacks import sender
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames, signing
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.codec import frame_to_wire
 from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
+from wove_adapters.worker import sender
 
 
 def post(url: str, data: bytes, path_token: str | None = None) -> int:

@@ -35,7 +35,7 @@ def interval(directory: str, tag: str, seconds: float) -> int:
 
 
 def ignore_cancel(directory: str, seconds: float) -> str:
-    from wove_adapters.callbacks.worker import TaskCancelled
+    from wove_adapters.worker.runner import TaskCancelled
 
     Path(directory, "stubborn.started").write_text(str(os.getpid()))
     deadline = time.monotonic() + seconds

@@ -59,9 +59,9 @@ class TestRqDropboxConformance(TestRqConformance):
         assert reader.stats["accepted"] > 0 and reader.redis_url.startswith("redis://")
 
     def test_duplicate_terminal_event_is_dropped(self, hub_for: Any) -> None:
-        from wove_adapters.callbacks import sender
         from wove_adapters.core import signing
         from wove_adapters.core.codec import frame_to_wire
+        from wove_adapters.worker import sender
 
         hub = hub_for()
         future = hub.submit(tasks.add, 1, y=1)

@@ -1,0 +1,556 @@
+"""The worker side: verify a payload, run its task, report events, never lose the outcome.
+
+Any backend's worker runs a payload with one call: ``run(payload)`` from sync code (a
+Celery or RQ task body), ``await arun(payload)`` from async code (ARQ, Taskiq), or
+``python -m wove_adapters.worker`` from a batch script. The payload is verified before
+anything is unpickled. The task runs in the calling thread (so SIGTERM can interrupt it);
+heartbeats come from a timer thread. The terminal event gets one short inline try; when
+the caller cannot take it, the process's outbox (``worker.sender``) retries it in the
+background and records it in the ledger the envelope names, so the worker slot is free
+as soon as the task ends. A failing task's event carries its traceback (the caller chains
+it to the rebuilt exception, see ``core.codec``); a task whose module the worker cannot
+import fails with ``WorkerImportError`` naming the backend, host, pid and the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from wove_adapters.core import envelope as payload_mod
+from wove_adapters.core import frames, stores
+from wove_adapters.core.codec import pickled_exception, sign_events
+from wove_adapters.core.envelope import Envelope
+from wove_adapters.core.errors import PayloadError, WorkerImportError
+from wove_adapters.worker import sender
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+EXIT_PAYLOAD_REFUSED = 2
+EXIT_DELIVERY_FAILED = 3
+EXIT_CANCELLED = 143
+
+
+class TaskCancelled(BaseException):
+    """Raised inside a running task when its run is cancelled (SIGTERM, cancel frame).
+
+    A BaseException so ``except Exception`` in user code does not swallow it."""
+
+
+@dataclass
+class Outcome:
+    state: str  # succeeded | failed | cancelled | refused
+    value: Any = None
+    error: BaseException | None = None
+    # False only when the outcome is known lost (neither delivered nor recorded). While
+    # the outbox still owns it (``pending``), it is presumed on its way.
+    delivered: bool = True
+    pending: sender.Pending | None = None
+    # The terminal event the caller was sent (None for a refused payload): what a backend
+    # keeps, signed, for another caller that holds the same idempotency key.
+    event: frames.WireEvent | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if not self.delivered:
+            return EXIT_DELIVERY_FAILED
+        return {
+            "succeeded": EXIT_OK,
+            "failed": EXIT_TASK_FAILED,
+            "cancelled": EXIT_CANCELLED,
+        }.get(self.state, EXIT_PAYLOAD_REFUSED)
+
+    def settle(self, *, linger: bool = True, refused_too: bool = False) -> bool:
+        """For a process about to exit (it would take the outbox's thread with it): wait
+        until the terminal event is delivered or recorded in the ledger, within its retry
+        budget. ``linger`` also gives a recorded-but-undelivered event up to its
+        ``exit_flush_seconds`` to reach the caller, if the caller's port did not refuse
+        the connection (or ``refused_too``: nothing waits for this process's slot).
+        Sets and returns ``delivered``."""
+        item = self.pending
+        if item is None:
+            return self.delivered
+        if linger:
+            sender.OUTBOX.flush(
+                item.retry_seconds + item.exit_flush_seconds,
+                linger=True,
+                refused_too=refused_too,
+            )
+        else:
+            item.wait_safe(item.retry_seconds + 1.0)
+        self.delivered = item.safe.is_set()
+        return self.delivered
+
+
+# ---------------------------------------------------------------- running one callable
+
+
+def call_task(func: Callable[..., Any], args: dict[str, Any]) -> Any:
+    """Call sync or async task code from this (non-loop) thread."""
+    result = func(**args)
+    if inspect.isawaitable(result):
+        import asyncio  # only async task code pays for it
+
+        return asyncio.run(_await(result))
+    return result
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+@contextmanager
+def sigterm_cancels() -> Iterator[None]:
+    """Within the block, SIGTERM raises TaskCancelled in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _handler(signum: int, frame: FrameType | None) -> None:
+        raise TaskCancelled(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Heart:
+    """One daemon thread beats for every running task in this process (a worker running
+    thousands of short tasks must not start a thread per task)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._beats: dict[int, tuple[float, float, Callable[[], object]]] = {}
+        self._thread: threading.Thread | None = None
+        self._next_id = 0
+
+    def add(self, interval: float, beat: Callable[[], object]) -> int:
+        """Call ``beat`` every ``interval`` s; a number it returns sets the next delay."""
+        with self._cond:
+            self._next_id += 1
+            ident = self._next_id
+            self._beats[ident] = (interval, time.monotonic() + interval, beat)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, daemon=True, name="wove-heartbeat"
+                )
+                self._thread.start()
+            self._cond.notify()
+            return ident
+
+    def remove(self, ident: int) -> None:
+        with self._cond:
+            self._beats.pop(ident, None)
+
+    def _loop(self) -> None:
+        while True:
+            due: list[tuple[int, Callable[[], object]]] = []
+            with self._cond:
+                now = time.monotonic()
+                wake = now + 60.0
+                for ident, (interval, at, beat) in list(self._beats.items()):
+                    if at <= now:
+                        due.append((ident, beat))
+                        at = now + interval
+                        self._beats[ident] = (interval, at, beat)
+                    wake = min(wake, at)
+                if not due:
+                    self._cond.wait(max(wake - now, 0.005))
+            for ident, beat in due:
+                try:
+                    delay = beat()
+                except Exception:  # a lost heartbeat must not kill the task
+                    continue
+                if isinstance(delay, (int, float)):
+                    with self._cond:
+                        entry = self._beats.get(ident)
+                        if entry is not None:
+                            self._beats[ident] = (entry[0], time.monotonic() + delay, entry[2])
+
+
+_HEART = _Heart()
+
+
+class HeartbeatTimer:
+    """Calls ``beat`` every ``interval`` seconds while the block runs (shared thread)."""
+
+    def __init__(self, interval: float | None, beat: Callable[[], object]) -> None:
+        self._interval = interval
+        self._beat = beat
+        self._ident: int | None = None
+
+    def __enter__(self) -> HeartbeatTimer:
+        if self._interval:
+            self._ident = _HEART.add(self._interval, self._beat)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ident is not None:
+            _HEART.remove(self._ident)
+
+
+def heartbeat_interval(heartbeat_seconds: float | None) -> float:
+    """Beat three times per allowed silence, and at least every 5 s so reconciliation and
+    observers always see life."""
+    if heartbeat_seconds:
+        return max(min(heartbeat_seconds / 3.0, 5.0), 0.05)
+    return 5.0
+
+
+# ---------------------------------------------------------------- the payload runner
+
+
+def _emit(envelope: Envelope, event: frames.WireEvent) -> None:
+    """Send a non-terminal event (task_started, heartbeat) if the caller takes it within
+    a few seconds; a later event supersedes it, so it is never queued or retried long."""
+    try:
+        sender.try_post(
+            envelope.return_path, envelope.key_id, [event], budget=sender.HEARTBEAT_BUDGET
+        )
+    except sender.UnknownRunError:
+        pass  # nobody follows the run there: only its terminal event matters (the ledger)
+    except PayloadError as exc:
+        print(f"wove-adapters worker: an event was refused: {exc}", file=sys.stderr)
+
+
+def _refuse(raw: str | bytes, exc: PayloadError) -> Outcome:
+    """Report a refused payload where it claims to come from, if we can sign for it."""
+    print(f"wove-adapters worker: payload refused: {exc}", file=sys.stderr)
+    try:
+        import base64
+
+        import msgspec
+
+        from wove_adapters.core import signing
+
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        blob = signing.decode_blob(
+            base64.urlsafe_b64decode(text.strip()[len(payload_mod.PAYLOAD_PREFIX) :])
+        )
+        claimed = msgspec.msgpack.decode(blob.body, type=Envelope)
+        signing.KEYRING.get(claimed.key_id)
+        event = frames.TaskError(
+            run_id=claimed.run_id,
+            task_id=claimed.task_id,
+            attempt=claimed.attempt,
+            error=frames.ErrorPayload(
+                kind="PayloadError", message=f"worker refused the payload: {exc}", source="payload"
+            ),
+        )
+        if not sender.try_post(claimed.return_path, claimed.key_id, [event]):
+            sender.OUTBOX.put(
+                sender.Pending(
+                    claimed.return_path, claimed.key_id, [event],
+                    label=f"the refusal of run {claimed.run_id}", retry_seconds=10.0,
+                )
+            )
+    except Exception:
+        pass
+    return Outcome("refused", error=exc, delivered=True)
+
+
+def run(payload: str | bytes, *, handle_sigterm: bool = True) -> Outcome:
+    """Run one payload to completion from sync code; see the module docstring."""
+    try:
+        envelope = payload_mod.decode_payload(payload)
+    except PayloadError as exc:
+        return _refuse(payload, exc)
+    return run_envelope(envelope, handle_sigterm=handle_sigterm)
+
+
+# A task that ends within this many seconds sends only its terminal event: one request
+# per short task instead of two. Longer tasks report task_started at this point.
+STARTED_AFTER = 0.05
+
+
+class _Pulse:
+    """First tick: task_started; then heartbeats at the policy's interval."""
+
+    def __init__(self, envelope: Envelope, ident: dict[str, Any]) -> None:
+        self.envelope = envelope
+        self.ident = ident
+        self.started = False
+        self.every = heartbeat_interval(envelope.heartbeat_seconds)
+
+    def beat(self) -> float:
+        if not self.started:
+            self.started = True
+            _emit(
+                self.envelope,
+                frames.TaskStarted(**self.ident, pid=os.getpid(), host=socket.gethostname()),
+            )
+        else:
+            _emit(self.envelope, frames.Heartbeat(**self.ident))
+        return self.every
+
+
+def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
+    """Run a verified envelope's task and hand its terminal event back (see
+    ``deliver_terminal``): returns as soon as the caller has it or the outbox owns it."""
+    ident: dict[str, Any] = {
+        "run_id": envelope.run_id,
+        "task_id": envelope.task_id,
+        "attempt": envelope.attempt,
+    }
+    outcome: Outcome
+    event: frames.WireEvent
+    pulse = _Pulse(envelope, ident)
+    with HeartbeatTimer(STARTED_AFTER, pulse.beat):
+        try:
+            func, args = load_task(envelope)
+            if handle_sigterm:
+                with sigterm_cancels():
+                    value = call_task(func, args)
+            else:
+                value = call_task(func, args)
+            event = frames.TaskResult(**ident, result=payload_mod.dumps(value))
+            outcome = Outcome("succeeded", value=value)
+        except TaskCancelled as exc:
+            event = frames.TaskCancelled(**ident, reason=str(exc))
+            outcome = Outcome("cancelled", error=exc)
+        except PayloadError as exc:
+            event = frames.TaskError(
+                **ident, error=frames.normalize_exception(exc, source="payload")
+            )
+            outcome = Outcome("refused", error=exc)
+        except WorkerImportError as exc:
+            event = frames.TaskError(
+                **ident,
+                error=frames.normalize_exception(exc, source="worker"),
+                exception=pickled_exception(exc),
+            )
+            outcome = Outcome("failed", error=exc)
+        except BaseException as exc:
+            # Whatever the task raises is its outcome, SystemExit and KeyboardInterrupt
+            # included (also from unpickling it or pickling its result), as in
+            # ProcessPoolExecutor: the worker reports it and lives on, instead of ending
+            # with no outcome for the caller to wait on.
+            _drop_own_frames(exc)
+            event = frames.TaskError(
+                **ident,
+                error=frames.normalize_exception(exc, source="task"),
+                exception=pickled_exception(exc),
+            )
+            outcome = Outcome("failed", error=exc)
+    outcome.event = event
+    deliver_terminal(envelope, event, outcome)
+    return outcome
+
+
+def _drop_own_frames(exc: BaseException) -> None:
+    """The remote traceback starts at the task's code: the runner's own frames (this
+    module: run_envelope, call_task) say nothing to the reader."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    exc.__traceback__ = tb
+
+
+def load_task(envelope: Envelope) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """Unpickle the task; a module (or a name in it) this worker cannot import becomes a
+    WorkerImportError that says where it happened and what to do."""
+    try:
+        return payload_mod.load_body(envelope)
+    except ImportError as exc:
+        raise worker_import_error(envelope, exc) from exc
+    except AttributeError as exc:  # pickle: "Can't get attribute 'f' on <module ...>"
+        if "Can't get attribute" not in str(exc):
+            raise
+        raise worker_import_error(envelope, exc) from exc
+
+
+_IMPORT_HINTS = {
+    "dask": "; a `dask worker` imports what its PYTHONPATH (or installed packages) holds: "
+    "start it with PYTHONPATH set, `--preload MODULE`, or send a single file with "
+    "Client.upload_file(path)",
+    "ray": "; or ship the code with the job: ray.init(runtime_env={'py_modules': [...]}) "
+    "or {'working_dir': ...}",
+    "process": "; worker processes get the caller's environment variables, not its "
+    "sys.path: set PYTHONPATH, or executor_config env: {PYTHONPATH: ...}",
+    "celery": "; a Celery worker imports from its working directory and PYTHONPATH",
+    "rq": "; an RQ worker imports from its working directory and PYTHONPATH",
+    "slurm": "; batch jobs get the environment sbatch passes on: export PYTHONPATH there",
+    "kubernetes_jobs": "; build the module into the job's image",
+    "aws_batch": "; build the module into the job definition's image",
+}
+
+
+def worker_import_error(envelope: Envelope, exc: BaseException) -> WorkerImportError:
+    host, pid = socket.gethostname(), os.getpid()
+    module = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if module is None and isinstance(exc, AttributeError):
+        found = re.search(r"on <module '([^']+)'", str(exc))
+        module = found.group(1) if found else None
+    what = f"module '{module}'" if module else "a module"
+    backend = envelope.adapter or "wove-adapters"
+    top = module.split(".")[0] if module else "the module"
+    return WorkerImportError(
+        f"The {backend} worker on host {host} (pid {pid}) could not import {what} that task "
+        f"'{envelope.task_id}' needs (run {envelope.run_id}): {type(exc).__name__}: {exc}. "
+        f"The code exists where the task was submitted but not where it runs: install "
+        f"{top} on the workers (pip install ...), or add the directory that holds it to the "
+        f"worker's PYTHONPATH{_IMPORT_HINTS.get(backend, '')}.",
+        backend=backend,
+        host=host,
+        pid=pid,
+        module=module,
+    )
+
+
+def deliver_terminal(
+    envelope: Envelope, event: frames.WireEvent, outcome: Outcome | None = None
+) -> bool:
+    """Hand the terminal event back without holding the worker slot: one short inline
+    try; if the caller cannot take it now, the process's outbox owns it (retries in the
+    background, bounded, and records it in the run's ledger). A ``detach`` run is recorded
+    first, whatever happens to the caller. Returns False only when the outcome is known
+    lost (no caller, no ledger); ``outcome.pending`` is set while the outbox owns it."""
+    detach = envelope.delivery.get("delivery_orphan_policy") == "detach"
+    recorded = bool(detach and envelope.ledger and _record_in_ledger(envelope, event))
+    try:
+        if sender.try_post(envelope.return_path, envelope.key_id, [event]):
+            return True
+        why = "the caller did not answer"
+    except PayloadError as exc:  # refused for good: the ledger is the only way left
+        delivered = recorded or bool(envelope.ledger and _record_in_ledger(envelope, event))
+        if not isinstance(exc, sender.UnknownRunError) or not delivered:
+            print(
+                f"wove-adapters worker: the caller refused the outcome of run "
+                f"{envelope.run_id}: {exc}"
+                + ("; recorded in the ledger" if delivered else "; no ledger holds it"),
+                file=sys.stderr,
+            )
+        if outcome is not None:
+            outcome.delivered = delivered
+        return delivered
+    fallback = None
+    if envelope.ledger and not recorded:
+        fallback = functools.partial(_record_in_ledger, envelope, event)
+    item = sender.Pending(
+        envelope.return_path,
+        envelope.key_id,
+        [event],
+        label=f"run {envelope.run_id} ({why})",
+        retry_seconds=_bound(envelope.retry_seconds, sender.RETRY_SECONDS),
+        retry_attempts=int(_bound(envelope.retry_attempts, sender.RETRY_ATTEMPTS)),
+        exit_flush_seconds=_bound(envelope.exit_flush_seconds, sender.EXIT_FLUSH_SECONDS),
+        fallback=fallback,
+        recorded=recorded,
+    )
+    if recorded:
+        item.safe.set()
+    sender.OUTBOX.put(item)
+    if outcome is not None:
+        outcome.pending = item
+    return True
+
+
+def _bound(value: float | None, default: float) -> float:
+    return default if value is None else float(value)
+
+
+_STATE_OF = {
+    frames.TASK_RESULT: "succeeded",
+    frames.TASK_ERROR: "failed",
+    frames.TASK_CANCELLED: "cancelled",
+}
+
+
+def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
+    """Record the signed terminal event in the run's (shareable) ledger; first writer
+    wins, so a run that already has its outcome there counts as recorded."""
+    from wove_adapters.core.ledger import RunRecord, record_outcome_sync
+    from wove_adapters.core.signing import encode_blob
+
+    blob = sign_events([event], envelope.key_id)
+    kind = type(event).__struct_config__.tag
+    # A run id the caller handed out is a promise: if its record is missing (the claim
+    # never reached the ledger), the worker creates it rather than drop the outcome.
+    template = RunRecord(
+        run_id=envelope.run_id,
+        environment=envelope.environment or envelope.adapter,
+        task_id=envelope.task_id,
+        adapter=envelope.adapter,
+        attempt=envelope.attempt,
+    )
+    try:
+        record_outcome_sync(
+            envelope.ledger or "",
+            envelope.run_id,
+            _STATE_OF.get(str(kind), "failed"),
+            encode_blob(blob),
+            create=template,
+        )
+        return True
+    except Exception as exc:
+        print(
+            f"wove-adapters worker: could not record the outcome of run {envelope.run_id} "
+            f"in the ledger: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return False
+
+
+async def arun(payload: str | bytes) -> Outcome:
+    """Run a payload from async code: the task runs in a thread so it never blocks the
+    caller's loop (ARQ and Taskiq workers serve many jobs on one loop)."""
+    import asyncio
+
+    return await asyncio.to_thread(run, payload, handle_sigterm=False)
+
+
+# ---------------------------------------------------------------- python -m wove_adapters.worker
+
+
+def read_payload(argv: list[str]) -> str:
+    """From ``--payload-file PATH``, ``--payload-env VAR``, ``--payload-ref URL#KEY``,
+    ``-`` (stdin), or the default env var ``WOVE_PAYLOAD``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m wove_adapters.worker")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--payload-file")
+    source.add_argument("--payload-env")
+    source.add_argument("--payload-ref", help="STORE_URL#KEY: the payload text in a store")
+    source.add_argument("payload", nargs="?", help="'-' for stdin")
+    options = parser.parse_args(argv)
+    if options.payload_file:
+        with open(options.payload_file) as handle:
+            return handle.read()
+    if options.payload_ref:
+        url, _, key = options.payload_ref.rpartition("#")
+        store = stores.open_store(url)
+        return store._get(key).decode()
+    if options.payload == "-":
+        return sys.stdin.read()
+    if options.payload:
+        return str(options.payload)
+    var = options.payload_env or "WOVE_PAYLOAD"
+    value = os.environ.get(var)
+    if not value:
+        parser.error(f"no payload: ${var} is empty and no --payload-file/--payload-ref given")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    text = read_payload(list(sys.argv[1:] if argv is None else argv))
+    outcome = run(text)
+    # This process ends now: deliver or record first. A receiver that is down may come
+    # back (a caller restarting its receiver), so give it exit_flush_seconds even then.
+    outcome.settle(linger=True, refused_too=True)
+    sender.close_connections()
+    return outcome.exit_code
