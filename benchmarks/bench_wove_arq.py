@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ARQ_TESTS = HERE.parent / "tests" / "integration" / "arq"
@@ -33,47 +30,19 @@ from arq_services import (  # noqa: E402
     REDIS_URL,
     SESSION,
     ArqWorker,
-    arq_command,
     cleanup_session,
     environment,
-    redis_client,
 )
-from common import (  # noqa: E402
-    Side,
-    WoveRuntime,
-    bench_arguments,
-    emit,
-    hub_side,
-    interleave,
-    log,
-    record_of,
-    weave_round_trip,
-)
+from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
 
 
 def start_worker(max_jobs: int, log_dir: Path) -> ArqWorker:
-    """The tests' ArqWorker, launched with this benchmark's settings module."""
-    worker = ArqWorker(f"{SESSION}-wove-bench", log_dir,
-                       env={"WOVE_TEST_ARQ_MAX_JOBS": str(max_jobs),
-                            "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ARQ_TESTS)])})
-    client = redis_client()
-    client.delete(worker.health_key)
-    worker.starts = 1
-    with open(log_dir / f"{worker.queue}-1.log", "wb") as out:
-        worker.proc = subprocess.Popen(
-            [*arq_command(), "wove_arq_settings.WoveBenchSettings"], cwd=str(WORKERS),
-            env=worker.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not client.exists(worker.health_key):
-            if worker.proc.poll() is not None or time.monotonic() > deadline:
-                worker.kill()
-                raise RuntimeError(f"the arq worker did not start: {worker.log_tail()}")
-            time.sleep(0.05)
-    finally:
-        client.close()
-    return worker
+    """The tests' ArqWorker (a ServiceProcess) on this benchmark's settings module, which
+    serves wove's task beside ours and the native one."""
+    return ArqWorker(f"{SESSION}-wove-bench", log_dir, module="wove_arq_settings",
+                     settings="WoveBenchSettings", cwd=WORKERS,
+                     env={"WOVE_TEST_ARQ_MAX_JOBS": str(max_jobs),
+                          "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ARQ_TESTS)])}).start()
 
 
 def main() -> None:
@@ -95,9 +64,6 @@ def main() -> None:
     counter = iter(range(10**9))
     wove_config = {"redis_settings": RedisSettings.from_dsn(REDIS_URL),
                    "queue_name": worker.queue}
-    wove: WoveRuntime | None = None
-    wove_note: str | None = None
-    weave: dict[str, Any] | None = None
 
     async def native_one(x: int) -> int:
         job = await pool.enqueue_job("native_add", x, _job_id=f"{SESSION}-n{next(counter)}")
@@ -111,31 +77,14 @@ def main() -> None:
         sides = [Side("native", lambda x: loop.run_until_complete(native_one(x)),
                       lambda n: loop.run_until_complete(native_burst(n))),
                  hub_side(hub)]
-        try:
-            wove = WoveRuntime("arq", wove_config)
-            sides.append(wove.side())
-        except Exception as exc:
-            wove_note = f"wove's arq executor did not start: {type(exc).__name__}: {exc}"
-        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
-                              warmup=args.warmup, label="arq")
-        if wove is not None and args.weave_samples:
-            wove.close()
-            wove = None
-            log("timing one-task wove weaves")
-            try:
-                weave = weave_round_trip({"executor": "arq", "executor_config": wove_config},
-                                         args.weave_samples)
-            except Exception as exc:
-                weave = {"error": f"{type(exc).__name__}: {exc}"}
+        measured, notes = three_way(sides, args, "arq", "arq", wove_config, weave=True)
     finally:
         hub.close()
-        if wove is not None:
-            wove.close()
         loop.run_until_complete(pool.aclose())
         loop.close()
         worker.stop()
         cleanup_session()
-    emit(record_of("arq", measured, wove_note=wove_note, wove_weave_per_task=weave,
+    emit(record_of("arq", measured, **notes,
                    settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
                              "max_jobs": args.max_jobs, "poll_delay_s": 0.01}))
 

@@ -28,17 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "celery"))
 
-from common import (  # noqa: E402
-    Side,
-    WoveRuntime,
-    bench_arguments,
-    emit,
-    hub_side,
-    interleave,
-    log,
-    record_of,
-    weave_round_trip,
-)
+from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
 
 WORKERS = str(HERE / "wove_workers")
 
@@ -56,9 +46,6 @@ def bench(broker: str, args: Any) -> dict[str, Any]:
     hub = Hub(environments={"bench": {"executor": "celery",
                                       "executor_config": service.executor_config}},
               default_environment="bench")
-    wove: WoveRuntime | None = None
-    wove_note: str | None = None
-    weave: dict[str, Any] | None = None
     wove_config = {"app": wove_app, "queue": service.queue,
                    "task_name": "wove.run_backend_payload"}
     try:
@@ -72,33 +59,17 @@ def bench(broker: str, args: Any) -> dict[str, Any]:
             return [int(r.get(timeout=300)) for r in results]
 
         sides = [Side("native", native_one, native_burst), hub_side(hub)]
-        try:
-            wove = WoveRuntime("celery", wove_config)
-            sides.append(wove.side())
-        except Exception as exc:
-            wove_note = f"wove's celery executor did not start: {type(exc).__name__}: {exc}"
-        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
-                              warmup=args.warmup, label=f"celery+{broker}")
-        if wove is not None and args.weave_samples:
-            wove.close()
-            wove = None
-            log("timing one-task wove weaves")
-            try:
-                weave = weave_round_trip({"executor": "celery", "executor_config": wove_config},
-                                         args.weave_samples)
-            except Exception as exc:
-                weave = {"error": f"{type(exc).__name__}: {exc}"}
+        measured, notes = three_way(sides, args, f"celery+{broker}", "celery", wove_config,
+                                    weave=True)
     finally:
         hub.close()
-        if wove is not None:
-            wove.close()
         native_app.close()
         wove_app.close()
         service.stop()
         service.cleanup()
     return record_of(
         f"celery+{'redis' if broker == 'redis' else 'rabbitmq'}", measured,
-        wove_note=wove_note, wove_weave_per_task=weave,
+        **notes,
         settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
                   "worker_concurrency": args.concurrency, "pool": "prefork"},
     )

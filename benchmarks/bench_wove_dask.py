@@ -17,23 +17,12 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_dask import start_cluster, stop  # noqa: E402
-from common import (  # noqa: E402
-    Side,
-    WoveRuntime,
-    bench_arguments,
-    emit,
-    hub_side,
-    interleave,
-    log,
-    record_of,
-    weave_round_trip,
-)
+from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
 
 
 def main() -> None:
@@ -47,9 +36,6 @@ def main() -> None:
     from wove_adapters.testing.tasks import add
 
     address, cluster = start_cluster(Path(tempfile.mkdtemp(prefix="bench-wove-dask-")))
-    wove: WoveRuntime | None = None
-    wove_note: str | None = None
-    weave: dict[str, Any] | None = None
     try:
         client = Client(address, timeout=30)
         client.wait_for_workers(2, timeout=120)
@@ -61,32 +47,15 @@ def main() -> None:
                  lambda n: client.gather(client.map(add, range(n), pure=False))),
             hub_side(hub),
         ]
-        try:
-            wove = WoveRuntime("dask", {"client": wove_client})
-            sides.append(wove.side())
-        except Exception as exc:
-            wove_note = f"wove's dask executor did not start: {type(exc).__name__}: {exc}"
-        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
-                              warmup=args.warmup, label="dask")
-        if wove is not None and args.weave_samples:
-            wove.close()
-            wove = None
-            log("timing one-task wove weaves")
-            try:
-                weave = weave_round_trip({"executor": "dask",
-                                          "executor_config": {"address": address}},
-                                         args.weave_samples)
-            except Exception as exc:
-                weave = {"error": f"{type(exc).__name__}: {exc}"}
+        measured, notes = three_way(sides, args, "dask", "dask", {"client": wove_client},
+                                    weave=True, weave_config={"address": address})
         hub.close()
         wove_client.close()
         client.close()
     finally:
-        if wove is not None:
-            wove.close()
         shared_loop.run_sync(stop_all(), 60)
         stop(cluster)
-    emit(record_of("dask", measured, wove_note=wove_note, wove_weave_per_task=weave,
+    emit(record_of("dask", measured, **notes,
                    settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
                              "workers": "2 processes x 1 thread", "return_path": "http"}))
 

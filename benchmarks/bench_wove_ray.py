@@ -26,15 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "ray"))
 
-from common import (  # noqa: E402
-    Side,
-    WoveRuntime,
-    bench_arguments,
-    emit,
-    hub_side,
-    interleave,
-    record_of,
-)
+from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
 
 
 def main() -> None:
@@ -56,11 +48,9 @@ def main() -> None:
     from wove_adapters.integration.hub import Hub
     from wove_adapters.testing.tasks import add
 
-    wove: WoveRuntime | None = None
-    wove_note: str | None = None
     record: dict[str, Any]
     with ray_cluster(tmp) as cluster:
-        try:
+        try:  # the hub's environment stops whatever happens
             remote_add = ray.remote(max_retries=0)(add)
             hub = Hub(environments={"ray": {"executor": "ray", "executor_config": {
                 "address": cluster.address}}}, default_environment="ray")
@@ -69,20 +59,12 @@ def main() -> None:
                      lambda n: ray.get([remote_add.remote(i) for i in range(n)], timeout=300)),
                 hub_side(hub),
             ]
-            try:
-                wove = WoveRuntime("ray", {"init": False})
-                sides.append(wove.side())
-            except Exception as exc:
-                wove_note = f"wove's ray executor did not start: {type(exc).__name__}: {exc}"
-            measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
-                                  warmup=args.warmup, label="ray")
+            measured, notes = three_way(sides, args, "ray", "ray", {"init": False})
             hub.close()
-            record = record_of("ray", measured, wove_note=wove_note, settings={
+            record = record_of("ray", measured, **notes, settings={
                 "seq": args.seq, "burst": args.burst, "rounds": args.rounds,
                 "cluster": "1 head, 2 CPUs", "return_path": "http"})
         finally:
-            if wove is not None:
-                wove.close()
             shared_loop.run_sync(stop_all(), 60)
     shutil.rmtree(tmp, ignore_errors=True)
     emit(record)

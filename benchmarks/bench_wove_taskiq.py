@@ -26,15 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_taskiq  # noqa: E402
-from common import (  # noqa: E402
-    Side,
-    WoveRuntime,
-    bench_arguments,
-    emit,
-    hub_side,
-    interleave,
-    record_of,
-)
+from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
 
 BROKER_MODULE = (HERE / "wove_workers" / "wove_taskiq_broker.py").read_text()
 
@@ -66,8 +58,6 @@ def main() -> None:
     worker = bench_taskiq.start_worker(workdir, args.processes)
     native = None
     hub: Any = None
-    wove: WoveRuntime | None = None
-    wove_note: str | None = None
     broker = caller_broker()
     try:
         from wove_adapters.integration.hub import Hub
@@ -78,18 +68,11 @@ def main() -> None:
         sides = [Side("native", lambda x: native.loop.run_until_complete(native._one(x)),
                       lambda n: native.loop.run_until_complete(_native_burst(native, n))),
                  hub_side(hub)]
-        try:
-            wove = WoveRuntime("taskiq", {"broker": broker})
-            wove.call(broker.startup())
-            sides.append(wove.side())
-        except Exception as exc:
-            wove_note = f"wove's taskiq executor did not start: {type(exc).__name__}: {exc}"
-        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
-                              warmup=args.warmup, label="taskiq")
+        measured, notes = three_way(
+            sides, args, "taskiq", "taskiq", {"broker": broker},
+            on_start=lambda wove: wove.call(broker.startup()),
+            on_close=lambda wove: wove.call(broker.shutdown()))
     finally:
-        if wove is not None:
-            wove.call(broker.shutdown())
-            wove.close()
         if hub is not None:
             hub.close()
         if native is not None:
@@ -106,7 +89,7 @@ def main() -> None:
         for key in client.scan_iter(match=f"wove:taskiq:{bench_taskiq.QUEUE}:*", count=1000):
             client.delete(key)
         client.close()
-    emit(record_of("taskiq", measured, wove_note=wove_note,
+    emit(record_of("taskiq", measured, **notes,
                    settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
                              "worker_processes": 1, "payload_processes": args.processes,
                              "check_interval_s": 0.01}))

@@ -30,15 +30,7 @@ sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "temporal"))
 os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-temporal-"))
 
 from bench_temporal import Native  # noqa: E402
-from common import (  # noqa: E402
-    Side,
-    WoveRuntime,
-    bench_arguments,
-    emit,
-    hub_side,
-    interleave,
-    record_of,
-)
+from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
 from temporal_services import start_dev_server, start_worker  # noqa: E402
 
 
@@ -62,8 +54,6 @@ def main() -> None:
                           module="wove_temporal_worker",
                           args=["--max-concurrent", str(args.slots)])
     hub: Any = None
-    wove: WoveRuntime | None = None
-    wove_note: str | None = None
     try:
         native = Native(server.address, queue)
         concurrency = args.concurrency or args.burst
@@ -78,25 +68,17 @@ def main() -> None:
         ours.before_burst = native.drain
         sides = [Side("native", native.run, lambda n: native.burst(n, concurrency),
                       before_burst=native.drain), ours]
-        try:
-            wove = WoveRuntime("temporal", {"target_host": server.address,
-                                            "workflow": "wove.RunBackendPayload",
-                                            "task_queue": queue})
-            wove_side = wove.side(workers=concurrency)
-            wove_side.before_burst = native.drain
-            sides.append(wove_side)
-        except Exception as exc:
-            wove_note = f"wove's temporal executor did not start: {type(exc).__name__}: {exc}"
-        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
-                              warmup=args.warmup, label="temporal")
+        measured, notes = three_way(
+            sides, args, "temporal", "temporal",
+            {"target_host": server.address, "workflow": "wove.RunBackendPayload",
+             "task_queue": queue},
+            workers=concurrency, before_burst=native.drain)
     finally:
         if hub is not None:
             hub.close()
-        if wove is not None:
-            wove.close()
         worker.stop()
         server.stop()
-    emit(record_of("temporal", measured, wove_note=wove_note, settings={
+    emit(record_of("temporal", measured, **notes, settings={
         "seq": args.seq, "burst": args.burst, "rounds": args.rounds,
         "worker_slots": args.slots, "return_path": "http",
         "burst_concurrency": args.concurrency or args.burst,

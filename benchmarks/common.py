@@ -61,13 +61,39 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summarize(latencies_s: Sequence[float], rates: Sequence[float]) -> dict[str, float]:
-    """``{"p50_ms", "p99_ms", "throughput_per_s"}`` from round trips (seconds) and rates."""
+def summarize(latencies_s: Sequence[float], rates: Sequence[float],
+              digits: int = 3) -> dict[str, float]:
+    """``{"p50_ms", "p99_ms", "throughput_per_s"}`` from round trips (seconds) and rates;
+    ``digits``: the ms rounding a script has always printed (its output format)."""
     return {
-        "p50_ms": round(statistics.median(latencies_s) * 1000, 3),
-        "p99_ms": round(percentile(latencies_s, 0.99) * 1000, 3),
+        "p50_ms": round(statistics.median(latencies_s) * 1000, digits),
+        "p99_ms": round(percentile(latencies_s, 0.99) * 1000, digits),
         "throughput_per_s": round(statistics.median(rates), 1) if rates else 0.0,
     }
+
+
+def round_trips(call: Callable[[int], Any], count: int) -> list[float]:
+    """``call(i)`` for ``i`` in ``range(count)``, one after the other, each checked to
+    return ``i + 1``: the seconds each took (the older two-way scripts' sequential leg)."""
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        value = call(i)
+        times.append(time.perf_counter() - start)
+        if value != i + 1:
+            raise AssertionError(f"add({i}) returned {value!r}")
+    return times
+
+
+def burst_rate(call: Callable[[int], Sequence[Any]], count: int) -> float:
+    """Tasks per second of ``call(count)`` (all submitted at once, every result awaited),
+    checked to return ``1..count`` in order."""
+    start = time.perf_counter()
+    values = call(count)
+    elapsed = time.perf_counter() - start
+    if list(values) != [i + 1 for i in range(count)]:
+        raise AssertionError("a burst returned wrong values")
+    return count / elapsed
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -239,6 +265,72 @@ def record_of(backend: str, measured: dict[str, Side], *, wove_note: str | None 
         "ratio_ours_wove": ratios(ours, wove),
         **extra,
     }
+
+
+def three_way(
+    sides: list[Side],
+    args: Any,
+    label: str,
+    executor: str,
+    executor_config: dict[str, Any],
+    *,
+    weave: bool = False,
+    weave_config: dict[str, Any] | None = None,
+    workers: int | None = None,
+    before_burst: Callable[[], None] | None = None,
+    on_start: Callable[[WoveRuntime], None] | None = None,
+    on_close: Callable[[WoveRuntime], None] | None = None,
+) -> tuple[dict[str, Side], dict[str, Any]]:
+    """Add wove's warm side to ``sides`` (native and ours), measure all in turns, then (with
+    ``weave``) time one-task weaves once the warm runtime is gone, so the two never
+    share the backend. Returns the measured sides and the ``record_of`` keywords
+    (``wove_note``; ``wove_weave_per_task`` with ``weave``). A wove that does not start
+    is a note, not a failure: native and ours are still measured.
+
+    ``on_start``/``on_close`` run on the warm runtime after it starts / before it stops
+    (a broker wove's adapter needs started on its loop). ``weave_config``: the weave's
+    ``executor_config`` when the warm one holds a live client a weave cannot share."""
+    notes: dict[str, Any] = {"wove_note": None}
+    wove: WoveRuntime | None = None
+    try:
+        try:
+            wove = WoveRuntime(executor, executor_config)
+            if on_start is not None:
+                on_start(wove)
+            side = wove.side(workers=workers)
+            side.before_burst = before_burst
+            sides = [*sides, side]
+        except Exception as exc:
+            notes["wove_note"] = (f"wove's {executor} executor did not start: "
+                                  f"{type(exc).__name__}: {exc}")
+        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
+                              warmup=args.warmup, label=label)
+        if weave:
+            notes["wove_weave_per_task"] = None
+        if weave and wove is not None and args.weave_samples:
+            _close_wove(wove, on_close)
+            wove = None
+            log("timing one-task wove weaves")
+            try:
+                notes["wove_weave_per_task"] = weave_round_trip(
+                    {"executor": executor,
+                     "executor_config": executor_config if weave_config is None
+                     else weave_config},
+                    args.weave_samples)
+            except Exception as exc:
+                notes["wove_weave_per_task"] = {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if wove is not None:
+            _close_wove(wove, on_close)
+    return measured, notes
+
+
+def _close_wove(wove: WoveRuntime, on_close: Callable[[WoveRuntime], None] | None) -> None:
+    try:
+        if on_close is not None:
+            on_close(wove)
+    finally:
+        wove.close()
 
 
 def bench_arguments(description: str, *, seq: int = 200, burst: int = 1000,
