@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import operator
 import os
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
+
+from common import burst_rate, emit, ratio, round_trips, summarize  # noqa: E402
+from services import ServiceProcess  # noqa: E402
 
 REDIS_URL = os.environ.get(
     "WOVE_BENCH_RQ_REDIS_URL", f"redis://127.0.0.1:6379/{os.environ.get('WOVE_BENCH_RQ_DB', '9')}"
@@ -38,47 +40,37 @@ def add_one(x: int) -> int:
     return x + 1
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def start_workers(
     queue: str, count: int, log_dir: Path, worker_class: str = "wove_adapters.adapters.rq.Worker"
-) -> list[subprocess.Popen[bytes]]:
+) -> list[ServiceProcess]:
+    """``count`` ``rq worker`` processes (ServiceProcess: own group, log, stop by PID), each
+    ready once RQ lists it among the queue's workers."""
     from redis import Redis
     from rq import Queue, Worker
 
-    procs = []
-    for i in range(count):
-        log = open(log_dir / f"worker-{i}.log", "wb")  # lives with the worker
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "rq.cli", "worker", queue, "--url", REDIS_URL,
-             "--logging_level", "WARNING", "-w", worker_class],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=os.environ.copy(), start_new_session=True, cwd=str(log_dir),
-        ))
     connection = Redis.from_url(REDIS_URL)
-    deadline = time.monotonic() + 60
-    while len(Worker.all(queue=Queue(queue, connection=connection))) < count:
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            stop_workers(procs)
-            raise SystemExit(f"rq worker did not start; see {log_dir}")
-        time.sleep(0.05)
-    connection.close()
-    return procs
+    registered = Queue(queue, connection=connection)
+    workers: list[ServiceProcess] = []
+    try:
+        for i in range(count):
+            workers.append(ServiceProcess(
+                f"rq worker {i} on {queue}",
+                [sys.executable, "-m", "rq.cli", "worker", queue, "--url", REDIS_URL,
+                 "--logging_level", "WARNING", "-w", worker_class],
+                log=log_dir / f"worker-{i}.log", cwd=log_dir,
+                ready=lambda n=i + 1: len(Worker.all(queue=registered)) >= n,
+            ).start())
+    except BaseException:
+        stop_workers(workers)
+        raise
+    finally:
+        connection.close()
+    return workers
 
 
-def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
+def stop_workers(workers: list[ServiceProcess]) -> None:
+    for worker in workers:
+        worker.stop()
 
 
 def cleanup(queue: str) -> None:
@@ -140,45 +132,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     hub = Hub(environments={"rq": {"executor": "rq", "executor_config": {
         "redis_url": REDIS_URL, "queue": queue}}}, default_environment="rq")
     native = Native(queue)
+    sides = {"native": (native.one, native.burst),
+             "ours": (lambda x: hub.run(add_one, x), lambda n: hub.map(add_one, range(n)))}
+    seq: dict[str, list[float]] = {"native": [], "ours": []}
+    rates: dict[str, list[float]] = {"native": [], "ours": []}
     try:
-        # Warm both paths (connections, receiver, first fork).
-        for i in range(5):
-            assert native.one(i) == i + 1
-            assert hub.run(add_one, i) == i + 1
-        seq: dict[str, list[float]] = {"native": [], "ours": []}
-        for i in range(args.seq):
-            for name, call in (("native", native.one), ("ours", lambda x: hub.run(add_one, x))):
-                started = time.perf_counter()
-                assert call(i) == i + 1
-                seq[name].append(time.perf_counter() - started)
-        rates: dict[str, list[float]] = {"native": [], "ours": []}
-        expected = [i + 1 for i in range(args.burst)]
+        for one, _ in sides.values():  # warm both paths (connections, receiver, first fork)
+            round_trips(one, 5)
+        for i in range(args.seq):  # interleaved sample by sample
+            for name, (one, _) in sides.items():
+                seq[name] += round_trips(one, 1, first=i)
         for _ in range(args.rounds):
-            for name, call in (("native", native.burst),
-                               ("ours", lambda n: hub.map(add_one, range(n)))):
-                started = time.perf_counter()
-                assert call(args.burst) == expected
-                rates[name].append(args.burst / (time.perf_counter() - started))
+            for name, (_, burst) in sides.items():
+                rates[name].append(burst_rate(burst, args.burst))
     finally:
         hub.close()
         native.connection.close()
         stop_workers(procs)
         cleanup(queue)
 
-    def summary(name: str) -> dict[str, float]:
-        return {
-            "p50_ms": round(statistics.median(seq[name]) * 1000, 2),
-            "p99_ms": round(percentile(seq[name], 0.99) * 1000, 2),
-            "throughput_per_s": round(statistics.median(rates[name]), 1),
-        }
-
-    native_stats, ours_stats = summary("native"), summary("ours")
+    native_stats = summarize(seq["native"], rates["native"], digits=2)
+    ours_stats = summarize(seq["ours"], rates["ours"], digits=2)
     result: dict[str, Any] = {"backend": "rq", "native": native_stats, "ours": ours_stats}
     result["ratios"] = {
-        "p50_ours_over_native": round(ours_stats["p50_ms"] / native_stats["p50_ms"], 3),
-        "throughput_ours_over_native": round(
-            ours_stats["throughput_per_s"] / native_stats["throughput_per_s"], 3
-        ),
+        "p50_ours_over_native": ratio(ours_stats["p50_ms"], native_stats["p50_ms"]),
+        "throughput_ours_over_native": ratio(ours_stats["throughput_per_s"],
+                                             native_stats["throughput_per_s"]),
     }
     result["setup"] = {"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
                        "workers": args.workers, "worker_class": args.worker_class}
@@ -196,7 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     # The caller and the worker share one home, so the worker finds the signing key.
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="bench-rq-home-"))
-    print(json.dumps(measure(args)), flush=True)
+    emit(measure(args))
 
 
 if __name__ == "__main__":

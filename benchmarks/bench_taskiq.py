@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
+
+from common import burst_rate, emit, ratio, round_trips, summarize  # noqa: E402
+from services import ServiceProcess  # noqa: E402
 
 URL = os.environ.get("WOVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = f"wove-bench-taskiq-{uuid.uuid4().hex[:8]}"
@@ -55,12 +57,11 @@ def add(x: int) -> int:
     return x + 1
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+def start_worker(workdir: Path, processes: int) -> ServiceProcess:
+    """A ``taskiq worker`` on ``BROKER_MODULE`` (ServiceProcess: own group, log, stop by
+    PID), ready once our register() hook has announced it in Redis."""
+    import redis
 
-
-def start_worker(workdir: Path, processes: int) -> subprocess.Popen[bytes]:
     (workdir / "bench_broker.py").write_text(BROKER_MODULE)
     env = {
         **os.environ,
@@ -69,23 +70,29 @@ def start_worker(workdir: Path, processes: int) -> subprocess.Popen[bytes]:
         "BENCH_PROCESSES": str(processes),
         "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "taskiq", "worker", "bench_broker:broker", "--workers", "1",
-         "--log-level", "WARNING"],
-        env=env, cwd=str(workdir), start_new_session=True,
-        stdout=open(workdir / "worker.log", "wb"), stderr=subprocess.STDOUT,
-    )
+    client = redis.Redis.from_url(URL)
+    try:
+        return ServiceProcess(
+            f"taskiq worker on {QUEUE}",
+            [sys.executable, "-m", "taskiq", "worker", "bench_broker:broker", "--workers", "1",
+             "--log-level", "WARNING"],
+            log=workdir / "worker.log", env=env, cwd=workdir, grace=20, ready_timeout=90,
+            ready=lambda: client.zcard(f"wove:taskiq:workers:{QUEUE}"),
+        ).start()
+    finally:
+        client.close()
+
+
+def stop_worker(worker: ServiceProcess) -> None:
+    """Stop the worker by PID, then remove the queue and our keys for it."""
     import redis
 
+    worker.stop()
     client = redis.Redis.from_url(URL)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if client.zcard(f"wove:taskiq:workers:{QUEUE}"):
-            return proc
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise SystemExit(f"taskiq worker did not start: {(workdir / 'worker.log').read_text()[-2000:]}")
+    client.delete(QUEUE, f"wove:taskiq:workers:{QUEUE}")
+    for key in client.scan_iter(match=f"wove:taskiq:{QUEUE}:*", count=1000):
+        client.delete(key)
+    client.close()
 
 
 class Native:
@@ -107,15 +114,10 @@ class Native:
         result = await task.wait_result(check_interval=0.01, timeout=60)
         return int(result.return_value)
 
-    def sequential(self, n: int) -> list[float]:
-        times = []
-        for i in range(n):
-            start = time.perf_counter()
-            assert self.loop.run_until_complete(self._one(i)) == i + 1
-            times.append(time.perf_counter() - start)
-        return times
+    def one(self, x: int) -> int:
+        return self.loop.run_until_complete(self._one(x))
 
-    def burst(self, n: int) -> float:
+    def many(self, n: int) -> list[int]:
         async def go() -> list[int]:
             tasks = [await self.kicker().kiq(i) for i in range(n)]
             results = await asyncio.gather(
@@ -123,11 +125,7 @@ class Native:
             )
             return [int(r.return_value) for r in results]
 
-        start = time.perf_counter()
-        values = self.loop.run_until_complete(go())
-        elapsed = time.perf_counter() - start
-        assert values == [i + 1 for i in range(n)]
-        return n / elapsed
+        return self.loop.run_until_complete(go())
 
     def close(self) -> None:
         self.loop.run_until_complete(self.broker.shutdown())
@@ -145,20 +143,11 @@ class Ours:
         )
         assert self.hub.run(add, 1) == 2  # warm: receiver, broker, payload processes
 
-    def sequential(self, n: int) -> list[float]:
-        times = []
-        for i in range(n):
-            start = time.perf_counter()
-            assert self.hub.run(add, i) == i + 1
-            times.append(time.perf_counter() - start)
-        return times
+    def one(self, x: int) -> int:
+        return int(self.hub.run(add, x))
 
-    def burst(self, n: int) -> float:
-        start = time.perf_counter()
-        values = self.hub.map(add, range(n))
-        elapsed = time.perf_counter() - start
-        assert values == [i + 1 for i in range(n)]
-        return n / elapsed
+    def many(self, n: int) -> list[int]:
+        return list(self.hub.map(add, range(n)))
 
     def close(self) -> None:
         self.hub.close()
@@ -178,46 +167,32 @@ def main() -> None:
     native = ours = None
     try:
         native, ours = Native(), Ours()
-        native.sequential(20)
-        ours.sequential(20)
+        sides = {"native": native, "ours": ours}
         lat: dict[str, list[float]] = {"native": [], "ours": []}
         thr: dict[str, list[float]] = {"native": [], "ours": []}
+        for side in sides.values():
+            round_trips(side.one, 20)
         chunk = max(options.tasks // 4, 1)
         while len(lat["ours"]) < options.tasks:  # interleaved in chunks
-            lat["native"] += native.sequential(chunk)
-            lat["ours"] += ours.sequential(chunk)
+            for name, side in sides.items():
+                lat[name] += round_trips(side.one, chunk)
         for _ in range(options.rounds):
-            thr["native"].append(native.burst(options.burst))
-            thr["ours"].append(ours.burst(options.burst))
+            for name, side in sides.items():
+                thr[name].append(burst_rate(side.many, options.burst))
         report: dict[str, Any] = {"backend": "taskiq"}
-        for side in ("native", "ours"):
-            report[side] = {
-                "p50_ms": round(statistics.median(lat[side]) * 1000, 2),
-                "p99_ms": round(percentile(lat[side], 0.99) * 1000, 2),
-                "throughput_per_s": round(statistics.median(thr[side]), 1),
-            }
+        for name in sides:
+            report[name] = summarize(lat[name], thr[name], digits=2)
         report["ratios"] = {
-            "p50": round(report["ours"]["p50_ms"] / report["native"]["p50_ms"], 3),
-            "throughput": round(
-                report["ours"]["throughput_per_s"] / report["native"]["throughput_per_s"], 3
-            ),
+            "p50": ratio(report["ours"]["p50_ms"], report["native"]["p50_ms"]),
+            "throughput": ratio(report["ours"]["throughput_per_s"],
+                                report["native"]["throughput_per_s"]),
         }
-        print(json.dumps(report))
+        emit(report)
     finally:
-        for side in (native, ours):
-            if side is not None:
-                side.close()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-        import redis
-
-        client = redis.Redis.from_url(URL)
-        client.delete(QUEUE, f"wove:taskiq:workers:{QUEUE}")
-        for key in client.scan_iter(match=f"wove:taskiq:{QUEUE}:*", count=1000):
-            client.delete(key)
+        for closing in (native, ours):
+            if closing is not None:
+                closing.close()
+        stop_worker(worker)
 
 
 if __name__ == "__main__":

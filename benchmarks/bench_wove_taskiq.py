@@ -15,8 +15,6 @@ broker plus wove's worker task) serves all three sides:
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -65,9 +63,7 @@ def main() -> None:
         native = bench_taskiq.Native()
         hub = Hub(environments={"tq": {"executor": "taskiq", "executor_config": {
             "url": bench_taskiq.URL, "queue": bench_taskiq.QUEUE}}}, default_environment="tq")
-        sides = [Side("native", lambda x: native.loop.run_until_complete(native._one(x)),
-                      lambda n: native.loop.run_until_complete(_native_burst(native, n))),
-                 hub_side(hub)]
+        sides = [Side("native", native.one, native.many), hub_side(hub)]
         measured, notes = three_way(
             sides, args, "taskiq", "taskiq", {"broker": broker},
             on_start=lambda wove: wove.call(broker.startup()),
@@ -77,31 +73,11 @@ def main() -> None:
             hub.close()
         if native is not None:
             native.close()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-        import redis
-
-        client = redis.Redis.from_url(bench_taskiq.URL)
-        client.delete(bench_taskiq.QUEUE, f"wove:taskiq:workers:{bench_taskiq.QUEUE}")
-        for key in client.scan_iter(match=f"wove:taskiq:{bench_taskiq.QUEUE}:*", count=1000):
-            client.delete(key)
-        client.close()
+        bench_taskiq.stop_worker(worker)
     emit(record_of("taskiq", measured, **notes,
                    settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
                              "worker_processes": 1, "payload_processes": args.processes,
                              "check_interval_s": 0.01}))
-
-
-async def _native_burst(native: Any, n: int) -> list[int]:
-    import asyncio
-
-    tasks = [await native.kicker().kiq(i) for i in range(n)]
-    results = await asyncio.gather(
-        *(t.wait_result(check_interval=0.01, timeout=300) for t in tasks))
-    return [int(r.return_value) for r in results]
 
 
 if __name__ == "__main__":

@@ -72,11 +72,12 @@ def summarize(latencies_s: Sequence[float], rates: Sequence[float],
     }
 
 
-def round_trips(call: Callable[[int], Any], count: int) -> list[float]:
-    """``call(i)`` for ``i`` in ``range(count)``, one after the other, each checked to
-    return ``i + 1``: the seconds each took (the older two-way scripts' sequential leg)."""
+def round_trips(call: Callable[[int], Any], count: int, first: int = 0) -> list[float]:
+    """``call(i)`` for ``count`` values of ``i`` from ``first``, one after the other, each
+    checked to return ``i + 1``: the seconds each took (the two-way scripts' sequential
+    leg; ``first`` lets sides alternate one sample at a time)."""
     times = []
-    for i in range(count):
+    for i in range(first, first + count):
         start = time.perf_counter()
         value = call(i)
         times.append(time.perf_counter() - start)
