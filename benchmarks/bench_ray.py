@@ -13,57 +13,19 @@ rounds, stops the head by PID, and prints one JSON line per return path:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration" / "ray"))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "ray"))
 
-from wove_adapters.testing.tasks import add as add_one  # x + 1, importable by workers
+from common import emit_paths, hub_calls, take_turns  # noqa: E402
 
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def native_round(remote_add: Any, seq: int, burst: int) -> tuple[list[float], float]:
-    import ray
-
-    samples = []
-    for i in range(seq):
-        start = time.perf_counter()
-        assert ray.get(remote_add.remote(i)) == i + 1
-        samples.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    refs = [remote_add.remote(i) for i in range(burst)]
-    assert ray.get(refs) == [i + 1 for i in range(burst)]
-    return samples, burst / (time.perf_counter() - start)
-
-
-def ours_round(hub: Any, seq: int, burst: int) -> tuple[list[float], float]:
-    samples = []
-    for i in range(seq):
-        start = time.perf_counter()
-        assert hub.run(add_one, i) == i + 1
-        samples.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    assert hub.map(add_one, range(burst)) == [i + 1 for i in range(burst)]
-    return samples, burst / (time.perf_counter() - start)
-
-
-def summary(samples: list[float], rates: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(statistics.median(samples) * 1000, 2),
-        "p99_ms": round(percentile(samples, 0.99) * 1000, 2),
-        "throughput_per_s": round(statistics.median(rates), 1),
-    }
+from wove_adapters.testing.tasks import add as add_one  # noqa: E402  (x + 1, importable)
 
 
 def main() -> None:
@@ -98,30 +60,14 @@ def main() -> None:
                     default_environment="ray")
                 for path in paths
             }
-            # Warm up: worker processes, imports on the workers, receiver connections.
-            native_round(remote_add, 20, 100)
-            for hub in hubs.values():
-                ours_round(hub, 20, 100)
             # "baseline": Ray's own remote + get; the others: ours, per return path.
-            samples: dict[str, list[float]] = {"baseline": [], **{p: [] for p in paths}}
-            rates: dict[str, list[float]] = {"baseline": [], **{p: [] for p in paths}}
-            for _ in range(options.rounds):
-                s, r = native_round(remote_add, options.seq, options.burst)
-                samples["baseline"] += s
-                rates["baseline"].append(r)
-                for path, hub in hubs.items():
-                    s, r = ours_round(hub, options.seq, options.burst)
-                    samples[path] += s
-                    rates[path].append(r)
-            native = summary(samples["baseline"], rates["baseline"])
-            for path in paths:
-                ours = summary(samples[path], rates[path])
-                print(json.dumps({
-                    "backend": "ray", "return_path": path, "native": native, "ours": ours,
-                    "ratio_p50": round(ours["p50_ms"] / native["p50_ms"], 2),
-                    "ratio_throughput": round(
-                        ours["throughput_per_s"] / native["throughput_per_s"], 2),
-                }), flush=True)
+            sides = {"baseline": (lambda x: ray.get(remote_add.remote(x)),
+                                  lambda n: ray.get([remote_add.remote(i) for i in range(n)])),
+                     **{path: hub_calls(hub, add_one) for path, hub in hubs.items()}}
+            # Warm up: worker processes, imports on the workers, receiver connections.
+            take_turns(sides, seq=20, burst=100, rounds=1)
+            emit_paths("ray", take_turns(sides, seq=options.seq, burst=options.burst,
+                                         rounds=options.rounds))
             for hub in hubs.values():
                 hub.close()
         finally:

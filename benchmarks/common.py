@@ -113,6 +113,44 @@ def ratios(ours: dict[str, Any] | None, base: dict[str, Any] | None) -> dict[str
     }
 
 
+def take_turns(
+    sides: dict[str, tuple[Callable[[int], Any], Callable[[int], Sequence[Any]]]],
+    *,
+    seq: int,
+    burst: int,
+    rounds: int,
+) -> dict[str, tuple[list[float], list[float]]]:
+    """The two-way scripts' turns, block by block: each round, each side in order runs
+    ``seq`` round trips (``one``), then one burst (``many``). Per side: (latencies, rates)."""
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sides}
+    for _ in range(rounds):
+        for name, (one, many) in sides.items():
+            out[name][0].extend(round_trips(one, seq))
+            out[name][1].append(burst_rate(many, burst))
+    return out
+
+
+def hub_calls(hub: Any, fn: Callable[[int], int]) -> tuple[
+        Callable[[int], Any], Callable[[int], list[Any]]]:
+    """Ours as a ``take_turns`` side: ``Hub.run(fn, x)`` and ``Hub.map(fn, range(n))``."""
+    return (lambda x: hub.run(fn, x), lambda n: hub.map(fn, range(n)))
+
+
+def emit_paths(backend: str, measured: dict[str, tuple[list[float], list[float]]]) -> None:
+    """One result line per return path of ours against the ``baseline`` side (the native
+    path), the format bench_dask and bench_ray have always printed."""
+    native = summarize(*measured["baseline"], digits=2)
+    for path, (samples, rates) in measured.items():
+        if path == "baseline":
+            continue
+        ours = summarize(samples, rates, digits=2)
+        emit({
+            "backend": backend, "return_path": path, "native": native, "ours": ours,
+            "ratio_p50": round(ours["p50_ms"] / native["p50_ms"], 2),
+            "ratio_throughput": round(ours["throughput_per_s"] / native["throughput_per_s"], 2),
+        })
+
+
 # ---------------------------------------------------------------- interleaved runs
 
 
