@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "arq"))
 
 from arq_services import (  # noqa: E402
@@ -40,22 +38,10 @@ from arq_services import (  # noqa: E402
     environment,
     require_redis,
 )
+from common import alternate, emit, hub_calls, ratio_block, summarize  # noqa: E402
 
 from wove_adapters.integration.hub import Hub  # noqa: E402
 from wove_adapters.testing.tasks import add  # noqa: E402
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summary(latencies: list[float], throughputs: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
-        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
-        "throughput_per_s": round(statistics.median(throughputs), 1),
-    }
 
 
 def bench(n: int, burst: int, rounds: int, max_jobs: int) -> dict[str, Any]:
@@ -83,45 +69,24 @@ def bench(n: int, burst: int, rounds: int, max_jobs: int) -> dict[str, Any]:
         return list(await asyncio.gather(*(native_one(i) for i in range(count))))
 
     try:
-        for i in range(30):  # warm both paths (connections, receiver, imports, threads)
-            assert loop.run_until_complete(native_one(i)) == i + 1
-            assert hub.run(add, i) == i + 1
-        native_lat: list[float] = []
-        ours_lat: list[float] = []
-        for i in range(n):
-            start = time.perf_counter()
-            assert loop.run_until_complete(native_one(i)) == i + 1
-            native_lat.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            assert hub.run(add, i) == i + 1
-            ours_lat.append(time.perf_counter() - start)
-        native_tp: list[float] = []
-        ours_tp: list[float] = []
-        expected = [i + 1 for i in range(burst)]
-        for _ in range(rounds):
-            start = time.perf_counter()
-            assert loop.run_until_complete(native_burst(burst)) == expected
-            native_tp.append(burst / (time.perf_counter() - start))
-            start = time.perf_counter()
-            assert hub.map(add, range(burst)) == expected
-            ours_tp.append(burst / (time.perf_counter() - start))
+        # 30 untimed round trips each first: connections, receiver, imports, threads.
+        measured = alternate({
+            "native": (lambda x: loop.run_until_complete(native_one(x)),
+                       lambda count: loop.run_until_complete(native_burst(count))),
+            "ours": hub_calls(hub, add),
+        }, seq=n, burst=burst, rounds=rounds, warmup=30)
     finally:
         hub.close()
         loop.run_until_complete(pool.aclose())
         loop.close()
         worker.stop()
         cleanup_session()
-    native = summary(native_lat, native_tp)
-    ours = summary(ours_lat, ours_tp)
+    native, ours = summarize(*measured["native"]), summarize(*measured["ours"])
     return {
         "backend": "arq",
         "native": native,
         "ours": ours,
-        "ratio": {
-            "p50": round(ours["p50_ms"] / native["p50_ms"], 3),
-            "p99": round(ours["p99_ms"] / native["p99_ms"], 3),
-            "throughput": round(ours["throughput_per_s"] / native["throughput_per_s"], 3),
-        },
+        "ratio": ratio_block(ours, native),
         "settings": {"n": n, "burst": burst, "rounds": rounds, "max_jobs": max_jobs,
                      "poll_delay_s": 0.01},
     }
@@ -134,7 +99,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-jobs", type=int, default=100)
     options = parser.parse_args()
-    print(json.dumps(bench(options.n, options.burst, options.rounds, options.max_jobs)))
+    emit(bench(options.n, options.burst, options.rounds, options.max_jobs))
 
 
 if __name__ == "__main__":

@@ -20,34 +20,20 @@ with the ``redis`` drop box. Prints one JSON line per broker:
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "celery"))
 
 from celery_services import REDIS_URL, CeleryService  # noqa: E402
+from common import alternate, emit, hub_calls, ratio_block, summarize  # noqa: E402
 
 from wove_adapters.integration.hub import Hub  # noqa: E402
 from wove_adapters.testing.tasks import add  # noqa: E402
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summary(latencies: list[float], throughputs: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
-        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
-        "throughput_per_s": round(statistics.median(throughputs), 1),
-    }
 
 
 def bench(broker: str, n: int, burst: int, rounds: int, concurrency: int) -> dict[str, Any]:
@@ -70,62 +56,27 @@ def bench(broker: str, n: int, burst: int, rounds: int, concurrency: int) -> dic
                        for i in range(count)]
             return [int(r.get(timeout=120)) for r in results]
 
-        # Warm both paths (connections, receiver, worker children, imports).
-        for i in range(30):
-            assert native_one(i) == i + 1
-            assert hub.run(add, i) == i + 1
-            assert hub.run(add, i, environment="bench_redis") == i + 1
-        native_lat: list[float] = []
-        ours_lat: list[float] = []
-        dropbox_lat: list[float] = []
-        for i in range(n):
-            start = time.perf_counter()
-            assert native_one(i) == i + 1
-            native_lat.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            assert hub.run(add, i) == i + 1
-            ours_lat.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            assert hub.run(add, i, environment="bench_redis") == i + 1
-            dropbox_lat.append(time.perf_counter() - start)
-        native_tp: list[float] = []
-        ours_tp: list[float] = []
-        dropbox_tp: list[float] = []
-        expected = [i + 1 for i in range(burst)]
-        for _ in range(rounds):
-            start = time.perf_counter()
-            assert native_burst(burst) == expected
-            native_tp.append(burst / (time.perf_counter() - start))
-            start = time.perf_counter()
-            assert hub.map(add, range(burst)) == expected
-            ours_tp.append(burst / (time.perf_counter() - start))
-            start = time.perf_counter()
-            assert hub.map(add, range(burst), environment="bench_redis") == expected
-            dropbox_tp.append(burst / (time.perf_counter() - start))
+        # Warm both paths (connections, receiver, worker children, imports) first.
+        measured = alternate({
+            "native": (native_one, native_burst),
+            "ours": hub_calls(hub, add),
+            "dropbox": (lambda x: hub.run(add, x, environment="bench_redis"),
+                        lambda n: hub.map(add, range(n), environment="bench_redis")),
+        }, seq=n, burst=burst, rounds=rounds, warmup=30)
     finally:
         hub.close()
         app.close()
         service.stop()
         service.cleanup()
-    native = summary(native_lat, native_tp)
-    ours = summary(ours_lat, ours_tp)
-    dropbox = summary(dropbox_lat, dropbox_tp)
+    native, ours, dropbox = (summarize(*measured[name]) for name in ("native", "ours", "dropbox"))
     return {
         "backend": f"celery+{'redis' if broker == 'redis' else 'rabbitmq'}",
         "tasks": n, "burst": burst, "worker_concurrency": concurrency,
         "native": native,
         "ours": ours,
         "ours_redis_return_path": dropbox,
-        "ratio": ratio(ours, native),
-        "ratio_redis_return_path": ratio(dropbox, native),
-    }
-
-
-def ratio(ours: dict[str, float], native: dict[str, float]) -> dict[str, float]:
-    return {
-        "p50": round(ours["p50_ms"] / native["p50_ms"], 3),
-        "p99": round(ours["p99_ms"] / native["p99_ms"], 3),
-        "throughput": round(ours["throughput_per_s"] / native["throughput_per_s"], 3),
+        "ratio": ratio_block(ours, native),
+        "ratio_redis_return_path": ratio_block(dropbox, native),
     }
 
 
@@ -139,8 +90,7 @@ def main() -> None:
     options = parser.parse_args()
     brokers = ["redis", "amqp"] if options.broker == "both" else [options.broker]
     for broker in brokers:
-        result = bench(broker, options.n, options.burst, options.rounds, options.concurrency)
-        print(json.dumps(result), flush=True)
+        emit(bench(broker, options.n, options.burst, options.rounds, options.concurrency))
 
 
 if __name__ == "__main__":

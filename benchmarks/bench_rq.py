@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
-from common import burst_rate, emit, ratio, round_trips, summarize  # noqa: E402
+from common import alternate, emit, hub_calls, ratio, summarize  # noqa: E402
 from services import ServiceProcess  # noqa: E402
 
 REDIS_URL = os.environ.get(
@@ -132,27 +132,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     hub = Hub(environments={"rq": {"executor": "rq", "executor_config": {
         "redis_url": REDIS_URL, "queue": queue}}}, default_environment="rq")
     native = Native(queue)
-    sides = {"native": (native.one, native.burst),
-             "ours": (lambda x: hub.run(add_one, x), lambda n: hub.map(add_one, range(n)))}
-    seq: dict[str, list[float]] = {"native": [], "ours": []}
-    rates: dict[str, list[float]] = {"native": [], "ours": []}
-    try:
-        for one, _ in sides.values():  # warm both paths (connections, receiver, first fork)
-            round_trips(one, 5)
-        for i in range(args.seq):  # interleaved sample by sample
-            for name, (one, _) in sides.items():
-                seq[name] += round_trips(one, 1, first=i)
-        for _ in range(args.rounds):
-            for name, (_, burst) in sides.items():
-                rates[name].append(burst_rate(burst, args.burst))
+    try:  # 5 untimed round trips each first: connections, receiver, first fork
+        measured = alternate({"native": (native.one, native.burst),
+                              "ours": hub_calls(hub, add_one)},
+                             seq=args.seq, burst=args.burst, rounds=args.rounds, warmup=5)
     finally:
         hub.close()
         native.connection.close()
         stop_workers(procs)
         cleanup(queue)
 
-    native_stats = summarize(seq["native"], rates["native"], digits=2)
-    ours_stats = summarize(seq["ours"], rates["ours"], digits=2)
+    native_stats = summarize(*measured["native"], digits=2)
+    ours_stats = summarize(*measured["ours"], digits=2)
     result: dict[str, Any] = {"backend": "rq", "native": native_stats, "ours": ours_stats}
     result["ratios"] = {
         "p50_ours_over_native": ratio(ours_stats["p50_ms"], native_stats["p50_ms"]),

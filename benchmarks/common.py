@@ -130,6 +130,37 @@ def take_turns(
     return out
 
 
+def alternate(
+    sides: dict[str, tuple[Callable[[int], Any], Callable[[int], Sequence[Any]]]],
+    *,
+    seq: int,
+    burst: int,
+    rounds: int,
+    warmup: int,
+) -> dict[str, tuple[list[float], list[float]]]:
+    """The two-way scripts' other turns: ``warmup`` untimed round trips per side, then
+    the sides alternate sample by sample (``seq`` each), then burst by burst (``rounds``
+    each). Per side: (latencies, rates)."""
+    for one, _ in sides.values():
+        round_trips(one, warmup)
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sides}
+    for i in range(seq):
+        for name, (one, _) in sides.items():
+            out[name][0].extend(round_trips(one, 1, first=i))
+    for _ in range(rounds):
+        for name, (_, many) in sides.items():
+            out[name][1].append(burst_rate(many, burst))
+    return out
+
+
+def ratio_block(ours: dict[str, float], native: dict[str, float],
+                keys: Sequence[str] = ("p50", "p99", "throughput")) -> dict[str, float | None]:
+    """ours/native per figure (``p50`` -> ``p50_ms``, ``throughput`` ->
+    ``throughput_per_s``), as the two-way scripts print it."""
+    field_of = {"p50": "p50_ms", "p99": "p99_ms", "throughput": "throughput_per_s"}
+    return {key: ratio(ours[field_of[key]], native[field_of[key]]) for key in keys}
+
+
 def hub_calls(hub: Any, fn: Callable[[int], int]) -> tuple[
         Callable[[int], Any], Callable[[int], list[Any]]]:
     """Ours as a ``take_turns`` side: ``Hub.run(fn, x)`` and ``Hub.map(fn, range(n))``."""
