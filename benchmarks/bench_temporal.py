@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "integration" / "temporal"))
 os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-temporal-"))
 
+from common import alternate, emit, hub_calls, summarize  # noqa: E402
 from temporal_services import start_dev_server, start_worker  # noqa: E402
 
 from wove_adapters.core import loop as shared_loop  # noqa: E402
@@ -36,19 +36,6 @@ from wove_adapters.integration.hub import Hub  # noqa: E402
 
 def add_one(x: int) -> int:
     return x + 1
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summary(samples: list[float], throughput: float) -> dict[str, float]:
-    return {
-        "p50_ms": round(statistics.median(samples) * 1000, 2),
-        "p99_ms": round(percentile(samples, 0.99) * 1000, 2),
-        "throughput_per_s": round(throughput, 1),
-    }
 
 
 class Native:
@@ -130,37 +117,19 @@ def main() -> None:
                 },
                 "workers": options.concurrency or None,  # Hub.map's in-flight bound
             }}, default_environment=path)
-        runners = {
-            "native": native.run,
-            "http": lambda x: hubs["http"].run(add_one, x),
-            "native_path": lambda x: hubs["native"].run(add_one, x),
-        }
-        for i in range(options.warmup):
-            for run in runners.values():
-                assert run(i) == i + 1
-        samples: dict[str, list[float]] = {name: [] for name in runners}
-        for i in range(options.seq):  # interleaved: each path sees the same conditions
-            for name, run in runners.items():
-                start = time.perf_counter()
-                assert run(i) == i + 1
-                samples[name].append(time.perf_counter() - start)
-        rates: dict[str, float] = {}
         concurrency = options.concurrency or options.burst
-        bursts = {
-            "native": lambda: native.burst(options.burst, concurrency),
-            "http": lambda: hubs["http"].map(add_one, range(options.burst)),
-            "native_path": lambda: hubs["native"].map(add_one, range(options.burst)),
-        }
-        for name, burst in bursts.items():
-            native.drain()
-            start = time.perf_counter()
-            values = burst()
-            rates[name] = options.burst / (time.perf_counter() - start)
-            assert values == [i + 1 for i in range(options.burst)], name
-        base = summary(samples["native"], rates["native"])
+        # Interleaved, each path under the same conditions; before each burst (untimed)
+        # the previous side's workflows are closed.
+        measured = alternate({
+            "native": (native.run, lambda n: native.burst(n, concurrency)),
+            "http": hub_calls(hubs["http"], add_one),
+            "native_path": hub_calls(hubs["native"], add_one),
+        }, seq=options.seq, burst=options.burst, rounds=1, warmup=options.warmup,
+            before_burst=native.drain)
+        base = summarize(*measured["native"], digits=2)
         for path, name in (("http", "http"), ("native", "native_path")):
-            ours = summary(samples[name], rates[name])
-            print(json.dumps({
+            ours = summarize(*measured[name], digits=2)
+            emit({
                 "backend": "temporal",
                 "return_path": path,
                 "native": base,
@@ -171,7 +140,7 @@ def main() -> None:
                 "burst": options.burst,
                 "worker_slots": options.slots,
                 "burst_concurrency": concurrency,
-            }), flush=True)
+            })
     finally:
         for hub in hubs.values():
             hub.close()

@@ -137,10 +137,11 @@ def alternate(
     burst: int,
     rounds: int,
     warmup: int,
+    before_burst: Callable[[], None] | None = None,
 ) -> dict[str, tuple[list[float], list[float]]]:
     """The two-way scripts' other turns: ``warmup`` untimed round trips per side, then
     the sides alternate sample by sample (``seq`` each), then burst by burst (``rounds``
-    each). Per side: (latencies, rates)."""
+    each; ``before_burst`` runs untimed before each). Per side: (latencies, rates)."""
     for one, _ in sides.values():
         round_trips(one, warmup)
     out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sides}
@@ -149,6 +150,8 @@ def alternate(
             out[name][0].extend(round_trips(one, 1, first=i))
     for _ in range(rounds):
         for name, (_, many) in sides.items():
+            if before_burst is not None:
+                before_burst()
             out[name][1].append(burst_rate(many, burst))
     return out
 
