@@ -27,7 +27,6 @@ than about AWS; the comparison is what matters.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,9 +37,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "integration" / "aws_batch"))
 
 import aws_batch_services as services  # noqa: E402
+from common import emit, percentile, ratio  # noqa: E402
 
 CHILD_INDEX = (
     "import os; index = int(os.environ.get('AWS_BATCH_JOB_ARRAY_INDEX') or "
@@ -58,11 +59,6 @@ CHILD_S3_PLUS_ONE = CHILD_INDEX + (
 
 def add_one(x: int) -> int:
     return x + 1
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 class Native:
@@ -197,15 +193,14 @@ def main() -> None:
                               "poll_s": options.poll, "load_avg_1m": os.getloadavg()[0]}
         ours_rate = result["ours"]["throughput_per_s"]
         result["ratios"] = {
-            "p50_ours_over_native": round(result["ours"]["p50_ms"] / result["native"]["p50_ms"], 3),
-            "throughput_ours_over_native": round(
-                ours_rate / result["native"]["throughput_per_s"], 3),
-            "throughput_ours_over_native_s3_input": round(
-                ours_rate / result["native_s3_input"]["throughput_per_s"], 3),
+            "p50_ours_over_native": ratio(result["ours"]["p50_ms"], result["native"]["p50_ms"]),
+            "throughput_ours_over_native": ratio(ours_rate, result["native"]["throughput_per_s"]),
+            "throughput_ours_over_native_s3_input": ratio(
+                ours_rate, result["native_s3_input"]["throughput_per_s"]),
         }
     finally:
         services.stop_stack(stack)
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":
