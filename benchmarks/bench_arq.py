@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,24 @@ from wove_adapters.integration.hub import Hub  # noqa: E402
 from wove_adapters.testing.tasks import add  # noqa: E402
 
 
+def native_calls(pool: Any, loop: asyncio.AbstractEventLoop) -> tuple[
+        Callable[[int], int], Callable[[int], list[int]]]:
+    """ARQ's own path on ``loop``: enqueue ``native_add`` with a unique job id, poll the
+    result every 10 ms; a burst enqueues every job concurrently (bench_wove_arq too)."""
+    counter = iter(range(10**9))
+
+    async def one(x: int) -> int:
+        job = await pool.enqueue_job("native_add", x, _job_id=f"{SESSION}-n{next(counter)}")
+        assert job is not None
+        return int(await job.result(timeout=60, poll_delay=0.01))
+
+    async def burst(count: int) -> list[int]:
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+    return (lambda x: loop.run_until_complete(one(x)),
+            lambda count: loop.run_until_complete(burst(count)))
+
+
 def bench(n: int, burst: int, rounds: int, max_jobs: int) -> dict[str, Any]:
     from arq import create_pool
     from arq.connections import RedisSettings
@@ -58,21 +77,10 @@ def bench(n: int, burst: int, rounds: int, max_jobs: int) -> dict[str, Any]:
     )
     hub = Hub(environments={"bench": environment(queue_name=worker.queue)},
               default_environment="bench")
-    counter = iter(range(10**9))
-
-    async def native_one(x: int) -> int:
-        job = await pool.enqueue_job("native_add", x, _job_id=f"{SESSION}-n{next(counter)}")
-        assert job is not None
-        return int(await job.result(timeout=60, poll_delay=0.01))
-
-    async def native_burst(count: int) -> list[int]:
-        return list(await asyncio.gather(*(native_one(i) for i in range(count))))
-
     try:
         # 30 untimed round trips each first: connections, receiver, imports, threads.
         measured = alternate({
-            "native": (lambda x: loop.run_until_complete(native_one(x)),
-                       lambda count: loop.run_until_complete(native_burst(count))),
+            "native": native_calls(pool, loop),
             "ours": hub_calls(hub, add),
         }, seq=n, burst=burst, rounds=rounds, warmup=30)
     finally:

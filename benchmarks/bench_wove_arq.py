@@ -33,6 +33,7 @@ from arq_services import (  # noqa: E402
     cleanup_session,
     environment,
 )
+from bench_arq import native_calls  # noqa: E402
 from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
 
 
@@ -61,22 +62,11 @@ def main() -> None:
         create_pool(RedisSettings.from_dsn(REDIS_URL), default_queue_name=worker.queue))
     hub = Hub(environments={"bench": environment(queue_name=worker.queue)},
               default_environment="bench")
-    counter = iter(range(10**9))
     wove_config = {"redis_settings": RedisSettings.from_dsn(REDIS_URL),
                    "queue_name": worker.queue}
 
-    async def native_one(x: int) -> int:
-        job = await pool.enqueue_job("native_add", x, _job_id=f"{SESSION}-n{next(counter)}")
-        assert job is not None
-        return int(await job.result(timeout=60, poll_delay=0.01))
-
-    async def native_burst(n: int) -> list[int]:
-        return list(await asyncio.gather(*(native_one(i) for i in range(n))))
-
     try:
-        sides = [Side("native", lambda x: loop.run_until_complete(native_one(x)),
-                      lambda n: loop.run_until_complete(native_burst(n))),
-                 hub_side(hub)]
+        sides = [Side("native", *native_calls(pool, loop)), hub_side(hub)]
         measured, notes = three_way(sides, args, "arq", "arq", wove_config, weave=True)
     finally:
         hub.close()
