@@ -706,11 +706,12 @@ def inline_limits() -> dict[str, int]:
     from wove_adapters.core.policies import Capabilities
 
     limits = {"(core default)": Capabilities().inline_payload_limit}
-    for name, (dotted, _extra) in sorted(registry._BUILTINS.items()):
-        module_name, _, attr = dotted.partition(":")
+    for name, (target, _extra) in sorted(registry._BUILTINS.items()):
         with contextlib.suppress(Exception):
-            cls = getattr(importlib.import_module(module_name), attr)
-            limits[name] = int(cls.capabilities.inline_payload_limit)
+            if isinstance(target, str):  # "module:Class", imported here
+                module_name, _, attr = target.partition(":")
+                target = getattr(importlib.import_module(module_name), attr)
+            limits[name] = int(target.capabilities.inline_payload_limit)
     return limits
 
 
