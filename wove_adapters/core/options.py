@@ -77,6 +77,15 @@ class AdapterOptions(ExecutorOptions, kw_only=True):
     worker_exit_flush_seconds: float | None = None
 
 
+def shared_default(key: str) -> Any:
+    """The default of a key every executor shares: the dispatcher reads its defaults
+    here, so the documented struct is their one source."""
+    for field in msgspec.structs.fields(ExecutorOptions):
+        if field.encode_name == key:
+            return field.default
+    raise KeyError(key)
+
+
 def option_keys(struct: type[ExecutorOptions]) -> list[str]:
     """Every key ``struct`` declares, as written in a configuration, sorted."""
     return sorted(f.encode_name for f in msgspec.structs.fields(struct))

@@ -39,6 +39,7 @@ from wove_adapters.core.ledger.base import (
     Ledger,
     RunRecord,
 )
+from wove_adapters.core.options import shared_default
 from wove_adapters.core.policies import DeliveryPolicy, JobState, check_supported
 from wove_adapters.core.transport import RunAttempt, Transport
 
@@ -50,22 +51,19 @@ _LAUNCH_BOUND = 30.0
 # The caller's own loop counts as stalled (SIGSTOP, a GC pause, a blocking call) when a
 # sleep of ``s`` seconds ends more than ``max(_STALL_MIN, s)`` late.
 _STALL_MIN = 1.0
-# After a stall no verdict for this long: a worker whose post timed out while we were
-# stopped retries after its backoff (worker.sender: at most 5 s between tries), and its
-# event must land before its silence counts. Override: executor_config.stall_grace_seconds.
-_STALL_GRACE = 7.0
+# After a stall no verdict for stall_grace_seconds (core.options, default 7): a worker
+# whose post timed out while we were stopped retries after its backoff (worker.sender: at
+# most 5 s between tries), and its event must land before its silence counts.
 # Before calling a run lost, let the loop read what is already in sockets and pipes.
 _SETTLE = 0.2
-# A run that has not started is reported after this many seconds (then 2x, 4x, ...) when
-# no delivery_max_pending_seconds applies. Override: executor_config.pending_warning_seconds.
-_PENDING_WARNING = 60.0
+# A run that has not started is reported after pending_warning_seconds (then 2x, 4x, ...)
+# when no delivery_max_pending_seconds applies.
 # At most this many runs are named per warning round; the rest are counted.
 _WARN_LINES = 5
 # How long a status() call of the watcher may take.
 _STATUS_BOUND = 10.0
 # A cancelled run's in-flight slot is held until the backend says the job stopped, at
-# most this long. Override: executor_config.cancel_release_seconds.
-_CANCEL_RELEASE = 60.0
+# most cancel_release_seconds.
 _STATE_OF_EVENT = {
     frames.TASK_RESULT: SUCCEEDED,
     frames.TASK_ERROR: FAILED,
@@ -174,14 +172,12 @@ def _backend_address(
     return default_key, redact_url(value) if isinstance(value, str) and value else None
 
 
-def _config_seconds(
-    environment: str, executor_config: dict[str, Any], key: str, default: float
-) -> float:
-    """A positive number of seconds from ``executor_config``; a bad value fails at
-    start-up, naming the key."""
+def _config_seconds(environment: str, executor_config: dict[str, Any], key: str) -> float:
+    """A positive number of seconds from ``executor_config`` (else the key's default in
+    core.options); a bad value fails at start-up, naming the key."""
     value = executor_config.get(key)
     if value is None:
-        return default
+        return float(shared_default(key))
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -242,13 +238,13 @@ class Dispatcher:
         self._ledger_task: asyncio.Task[None] | None = None
         self._reconcile_every = float(executor_config.get("reconcile_seconds", 2.0))
         self._stall_grace = _config_seconds(
-            environment, executor_config, "stall_grace_seconds", _STALL_GRACE
+            environment, executor_config, "stall_grace_seconds"
         )
         self._pending_warning = _config_seconds(
-            environment, executor_config, "pending_warning_seconds", _PENDING_WARNING
+            environment, executor_config, "pending_warning_seconds"
         )
         self._cancel_release = _config_seconds(
-            environment, executor_config, "cancel_release_seconds", _CANCEL_RELEASE
+            environment, executor_config, "cancel_release_seconds"
         )
         self.stats["released_unconfirmed"] = 0
         # No verdict before this (monotonic) time: the caller itself stalled just before.
@@ -1095,7 +1091,9 @@ class Dispatcher:
             return
         # Give events already on the wire a moment to land before calling anything lost:
         # one pause per round, not one per run (90 runs lost with a broker took 45 s).
-        if not await self._pause(float(self.executor_config.get("reconcile_grace", 0.5))):
+        grace = self.executor_config.get("reconcile_grace")
+        if not await self._pause(float(shared_default("reconcile_grace") if grace is None
+                                       else grace)):
             return  # the caller stalled: what it did not read yet is not silence
         for run, attempt_number, state in suspects:
             if (

@@ -53,3 +53,19 @@ def die_once(directory: str, tag: str) -> str:
         marker.write_text(str(os.getpid()))
         time.sleep(120)
     return f"{tag}-done"
+
+
+def ignore_cancel(directory: str, seconds: float) -> str:
+    """A task that will not stop (as one blocked in C code): writes ``stubborn.started``
+    (with its pid), swallows the worker's TaskCancelled (writing ``stubborn.ignored``) and
+    runs to its end."""
+    from wove_adapters.worker.runner import TaskCancelled
+
+    Path(directory, "stubborn.started").write_text(str(os.getpid()))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except TaskCancelled:
+            Path(directory, "stubborn.ignored").write_text("yes")
+    return "finished anyway"

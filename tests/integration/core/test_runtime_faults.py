@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from wove_adapters.testing import tasks
+
 CALLER = textwrap.dedent(
     """
     import json, os, sys, time
@@ -315,19 +317,6 @@ def test_best_effort_cancels_never_break_the_in_flight_cap(
     assert elapsed < 30
 
 
-def _stubborn(directory: str, seconds: float) -> str:
-    from wove_adapters.worker.runner import TaskCancelled
-
-    Path(directory, "stubborn.started").write_text("")
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            time.sleep(0.05)
-        except TaskCancelled:
-            Path(directory, "stubborn.ignored").write_text("")
-    return "finished anyway"
-
-
 def _stamp(directory: str) -> float:
     now = time.time()
     Path(directory, "next.started").write_text(str(now))
@@ -342,7 +331,7 @@ def test_a_cancel_nobody_confirms_frees_the_slot_after_its_bound(
     caplog.set_level("WARNING", logger="wove_adapters.runtime")
     config = {"processes": 2, "cancel_release_seconds": 1.5}
     with _hub("stdio", config, delivery_max_in_flight=1) as hub:
-        stubborn = hub.submit(_stubborn, str(tmp_path), 8.0)
+        stubborn = hub.submit(tasks.ignore_cancel, str(tmp_path), 8.0)
         _wait(lambda: (tmp_path / "stubborn.started").exists(), 30, "the stubborn task")
         cancelled_at = time.time()
         hub.cancel(stubborn)

@@ -34,19 +34,6 @@ def interval(directory: str, tag: str, seconds: float) -> int:
     return os.getpid()
 
 
-def ignore_cancel(directory: str, seconds: float) -> str:
-    from wove_adapters.worker.runner import TaskCancelled
-
-    Path(directory, "stubborn.started").write_text(str(os.getpid()))
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            time.sleep(0.05)
-        except TaskCancelled:
-            Path(directory, "stubborn.ignored").write_text("yes")
-    return "finished anyway"
-
-
 def test_sigkill_under_requeue_yields_the_result_exactly_once(tmp_path: Path) -> None:
     with stdio_hub(delivery_orphan_policy="requeue") as hub:
         future = hub.submit(tasks.die_once, str(tmp_path), "rq")
@@ -103,7 +90,7 @@ def test_require_ack_against_a_worker_ignoring_cancel(tmp_path: Path) -> None:
         default_environment="w",
     )
     with hub:
-        future = hub.submit(ignore_cancel, str(tmp_path), 4.0)
+        future = hub.submit(tasks.ignore_cancel, str(tmp_path), 4.0)
         wait_for_file(tmp_path / "stubborn.started")
         with pytest.raises(CancelNotAcknowledgedError, match="not acknowledged"):
             hub.cancel(future)
