@@ -25,18 +25,18 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from services import ServiceProcess, free_port, poll_until
 
 CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS = 0x8913
@@ -105,70 +105,36 @@ def check_shared_loop(netns: str) -> None:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-@dataclass
-class RayNode:
-    process: subprocess.Popen[bytes]
-    log: Path
+def start_node(args: list[str], log: Path) -> ServiceProcess:
+    """``ray start --block`` as a ``ServiceProcess``, not yet ready (``wait_until`` asks).
 
-    def stop(self) -> None:
-        stop_node(self.process, grace=20.0)
-
-
-def stop_node(process: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM the ``ray start`` CLI by PID: it drains the node and stops what it started
-    (signalling the whole group instead kills the GCS first and the CLI then hangs).
-    After ``grace`` seconds, SIGKILL whatever is left in its process group (its own
-    session, so only what this node started)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(10)
-
-
-def start_node(args: list[str], log: Path) -> RayNode:
+    Stopped by SIGTERM to the CLI's PID only: it drains the node and stops what it started
+    (signalling the whole group instead kills the GCS first and the CLI then hangs). A CLI
+    head may ignore SIGTERM for >10 s, hence the 20 s grace; whatever is left in its
+    process group (its own session, so only what this node started) is SIGKILLed after."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [ray_cli(), "start", "--block", "--disable-usage-stats", *args],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
-        )
-    return RayNode(process, log)
+    node = ServiceProcess(
+        "ray head" if "--head" in args else "ray node",
+        [ray_cli(), "start", "--block", "--disable-usage-stats", *args],
+        log=log, env=env, grace=20.0,
+    )
+    return node.launch()
 
 
-def wait_until(what: str, check: Any, node: RayNode, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if node.process.poll() is not None:
-            raise RuntimeError(
-                f"the Ray node exited ({node.process.returncode}) before {what}: "
-                f"{node.log.read_text()[-3000:]}"
-            )
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}: {node.log.read_text()[-3000:]}")
+def wait_until(what: str, check: Callable[[], Any], node: ServiceProcess,
+               timeout: float = 120.0) -> None:
+    """Ask ``check`` until it holds; the node exiting first fails at once, with its log."""
+    poll_until(check, timeout, f"the Ray node before {what}", alive=node.exited, interval=0.2)
 
 
 @dataclass
 class RayCluster:
     address: str
-    head: RayNode
+    head: ServiceProcess
     temp_dir: str
     netns: str
 
