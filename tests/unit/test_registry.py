@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from wove_adapters.adapters import registry
-from wove_adapters.adapters.base import AdapterTransport
+from wove_adapters.adapters.transport import AdapterTransport
 from wove_adapters.core.executors.local import LocalTransport
 from wove_adapters.core.executors.stdio import StdioTransport
 

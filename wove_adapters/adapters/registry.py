@@ -22,7 +22,8 @@ from importlib import metadata
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
-from wove_adapters.adapters.base import AdapterTransport, BackendAdapter
+from wove_adapters.adapters.base import BackendAdapter
+from wove_adapters.adapters.transport import AdapterTransport
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.transport import Transport
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
@@ -111,11 +111,7 @@ class RqAdapter(BackendAdapter):
         self._connection: Any = None
         self._queues: dict[str, Any] = {}
         self._unique = False
-        self._dropbox_client: Any = None
         self._worker_gone: dict[str, float] = {}  # handle -> when its worker was first gone
-        # Runs that attached to a job another caller enqueued under the same key: the
-        # job's recorded outcome is relabelled for them (handle -> run identity).
-        self._followers: dict[str, tuple[str, str, int]] = {}
 
     # ------------------------------------------------------------ life cycle
 
@@ -140,9 +136,6 @@ class RqAdapter(BackendAdapter):
         self._unique = "unique" in inspect.signature(Queue.enqueue_call).parameters
 
     async def aclose(self) -> None:
-        if self._dropbox_client is not None:
-            client, self._dropbox_client = self._dropbox_client, None
-            await asyncio.to_thread(client.close)
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await asyncio.to_thread(connection.close)
@@ -170,10 +163,8 @@ class RqAdapter(BackendAdapter):
         options = {**self._defaults, **job.options}
         job_id = self.job_id(job)
         found = await asyncio.to_thread(self._enqueue, job, job_id, options)
-        if found is not None:  # another caller's job holds this key
-            self._followers[job_id] = (job.run_id, job.task_id, job.attempt)
-            if found == "finished":
-                await self._answer_follower(job_id)
+        if found is not None:  # another caller's job holds this key: the transport follows
+            return Following(job_id)
         return job_id
 
     def _enqueue(self, job: JobSpec, job_id: str, options: dict[str, Any]) -> str | None:
@@ -215,54 +206,27 @@ class RqAdapter(BackendAdapter):
                 # Lost a race with another caller for this key: look again.
         raise RuntimeError(f"rq adapter: could not enqueue or attach to job {job_id}")
 
-    async def _answer_follower(self, handle: str) -> bool:
-        """Deliver the outcome a finished job recorded to the run that attached to it."""
-        from wove_adapters.core import frames
-        from wove_adapters.core.codec import decode_outcome
+    async def outcomes(self, handles: Sequence[str]) -> dict[str, bytes | Exception]:
+        return await asyncio.to_thread(self._recorded_outcomes, list(handles))
 
-        ident = self._followers.get(handle)
-        if ident is None or self.emit is None:
-            return False
-        blob = await asyncio.to_thread(self._recorded_outcome, handle)
-        if blob is None:
-            return False
-        run_id, task_id, attempt = ident
-        try:
-            frame = await asyncio.to_thread(decode_outcome, blob)
-        except Exception as exc:  # a bad record is this run's error
-            frame = frames.error_event(run_id, task_id, exc, attempt=attempt, source="rq")
-        frame.update(run_id=run_id, task_id=task_id, attempt=attempt)
-        self._followers.pop(handle, None)
-        # After submit() returns, so the dispatcher has marked the run launched.
-        asyncio.get_running_loop().call_soon(self.emit, frame)
-        return True
-
-    def _recorded_outcome(self, handle: str) -> bytes | None:
-        from rq.exceptions import NoSuchJobError
+    def _recorded_outcomes(self, handles: list[str]) -> dict[str, bytes | Exception]:
+        """What each finished job returned: its signed outcome (run_payload)."""
         from rq.job import Job
 
-        try:
-            value = Job.fetch(handle, connection=self._connection).return_value()
-        except NoSuchJobError:
-            return None
-        return value if isinstance(value, bytes) else None
+        found: dict[str, bytes | Exception] = {}
+        for handle, job in zip(handles, Job.fetch_many(handles, self._connection), strict=True):
+            if job is None or _status_text(job) != "finished":
+                continue
+            value = job.return_value()
+            found[handle] = value if isinstance(value, bytes) else RuntimeError(
+                f"rq job {handle} holding this idempotency key finished without a "
+                f"recorded outcome (a worker older than this caller?)"
+            )
+        return found
 
     # ------------------------------------------------------------ cancel, status
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
-        follower = self._followers.pop(handle, None)
-        if follower is not None:
-            # The job belongs to another caller who still wants its result: stop
-            # following it, and confirm the cancellation of our run ourselves.
-            if self.emit is not None:
-                from wove_adapters.core import frames
-
-                run_id, task_id, attempt = follower
-                asyncio.get_running_loop().call_soon(self.emit, frames.event(
-                    frames.TASK_CANCELLED, run_id, task_id, attempt,
-                    reason=f"stopped following rq job {handle}, which another caller owns",
-                ))
-            return
         await asyncio.to_thread(self._cancel, handle, running)
 
     def _cancel(self, handle: str, running: bool) -> None:
@@ -311,21 +275,10 @@ class RqAdapter(BackendAdapter):
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
         """One pipelined ``HMGET`` (and one ``PUBSUB NUMSUB``) for every job asked about."""
         texts = await asyncio.to_thread(self._fetch_statuses, list(handles))
-        states: dict[str, JobState] = {}
-        backlog: bool | None = None
-        for handle, text in zip(handles, texts, strict=True):
-            state = JobState.GONE if text is None else self.map_state(text)
-            if state is JobState.SUCCEEDED and handle in self._followers:
-                await self._answer_follower(handle)
-            elif state.finished and text is not None:
-                if backlog is None:
-                    backlog = await self._dropbox_backlog()
-                if backlog:
-                    # With the redis return path a job finishes once its events are
-                    # pushed; while the caller has not read them all, it is not lost.
-                    state = JobState.RUNNING
-            states[handle] = state
-        return states
+        return {
+            handle: JobState.GONE if text is None else self.map_state(text)
+            for handle, text in zip(handles, texts, strict=True)
+        }
 
     def _fetch_statuses(self, handles: list[str]) -> list[str | None]:
         """Statuses, with one correction: RQ keeps a job ``started`` when its whole worker
@@ -363,24 +316,7 @@ class RqAdapter(BackendAdapter):
                 texts.append(status)
         return texts
 
-    async def _dropbox_backlog(self) -> bool:
-        if self.config.get("return_path") != "redis":
-            return False
-        from wove_adapters.callbacks.dropbox import get_dropbox
-
-        url = str(self.config.get("return_redis_url") or DEFAULT_REDIS_URL)
-        reader = await get_dropbox(url)
-        if self._dropbox_client is None:
-            import redis
-
-            self._dropbox_client = redis.Redis.from_url(url)
-        try:
-            return bool(await asyncio.to_thread(self._dropbox_client.llen, reader.key))
-        except Exception:  # a flaky check must not hide a lost run for good
-            return False
-
     async def detach(self, handle: str) -> None:
-        self._followers.pop(handle, None)
         self._worker_gone.pop(handle, None)
 
     async def release(self, handle: str) -> None:
@@ -538,7 +474,8 @@ def run_payload(payload: str) -> bytes | str:
         )
     if envelope.delivery.get("delivery_idempotency_key") is None:
         return outcome.state
-    return _signed_outcome(envelope, outcome)
+    # Kept as the job's result for another caller that holds the same key.
+    return outcome.signed() or outcome.state
 
 
 def _cancelled_before_start() -> bool:
@@ -556,31 +493,6 @@ def _cancelled_before_start() -> bool:
         return job.id in registry
     except Exception:  # a failed check must not lose the run: run it
         return False
-
-
-def _signed_outcome(envelope: Any, outcome: Any) -> bytes | str:
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core import frames, signing
-    from wove_adapters.worker import runner as worker
-    from wove_adapters.worker import sender
-
-    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
-    event: frames.WireEvent
-    try:
-        if outcome.state == "succeeded":
-            event = frames.TaskResult(**ident, result=payload_mod.dumps(outcome.value))
-        elif outcome.state == "cancelled":
-            event = frames.TaskCancelled(**ident, reason=str(outcome.error))
-        else:
-            error = outcome.error or RuntimeError(f"run {envelope.run_id} {outcome.state}")
-            event = frames.TaskError(
-                **ident,
-                error=frames.normalize_exception(error, source="task"),
-                exception=worker.pickled_exception(error),
-            )
-        return signing.encode_blob(sender.sign_events([event], envelope.key_id))
-    except Exception:  # the caller already has the outcome
-        return str(outcome.state)
 
 
 def _preload() -> None:

@@ -71,6 +71,16 @@ class DropboxReader(CallbackReceiver):
             self.stats["accepted"] += 1
             self.route(batch.events, data)
 
+    async def backlog(self) -> bool:
+        """True while events wait in the list. With this return path a job ends once
+        its events are pushed: until we have read them all, a finished job whose
+        terminal event has not come is not lost. A failed check says False (it must
+        not hide a lost run for good)."""
+        try:
+            return bool(await self._client.llen(self.key))
+        except Exception:
+            return False
+
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -132,20 +132,9 @@ def run_payload(
         "attempt": envelope.attempt,
     }
     keyed = envelope.delivery.get("delivery_idempotency_key") is not None
-    if outcome.event is not None and (keep_outcome or (keep_outcome is None and keyed)):
-        report["outcome"] = signed_outcome(outcome.event, envelope.key_id)
+    if keep_outcome or (keep_outcome is None and keyed):
+        report["outcome"] = outcome.signed()
     return report
-
-
-def signed_outcome(event: Any, key_id: str) -> bytes | None:
-    """The terminal event as a signed blob (``core.codec.decode_outcome`` reads it)."""
-    from wove_adapters.core import signing
-    from wove_adapters.core.codec import sign_events
-
-    try:
-        return signing.encode_blob(sign_events([event], key_id))
-    except Exception:  # the caller still has the event itself
-        return None
 
 
 def _payload_process(conn: Any, zygote: int) -> None:

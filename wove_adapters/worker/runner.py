@@ -61,6 +61,21 @@ class Outcome:
     # The terminal event the caller was sent (None for a refused payload): what a backend
     # keeps, signed, for another caller that holds the same idempotency key.
     event: frames.WireEvent | None = None
+    key_id: str = ""  # the key the payload was signed with: the event is signed with it
+
+    def signed(self) -> bytes | None:
+        """The terminal event as a signed blob, for a backend to keep for other callers
+        with the same idempotency key (``core.codec.decode_outcome`` reads it): the one
+        place a worker signs an outcome. None for a refused payload, or if signing
+        failed (the caller has the event itself; followers then get an error)."""
+        if self.event is None or not self.key_id or self.state == "refused":
+            return None
+        from wove_adapters.core.signing import encode_blob
+
+        try:
+            return encode_blob(sign_events([self.event], self.key_id))
+        except Exception:
+            return None
 
     @property
     def exit_code(self) -> int:
@@ -347,6 +362,7 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
             )
             outcome = Outcome("failed", error=exc)
     outcome.event = event
+    outcome.key_id = envelope.key_id
     deliver_terminal(envelope, event, outcome)
     return outcome
 

@@ -1,0 +1,559 @@
+"""The transport that drives any ``BackendAdapter``: the machinery every adapter shares.
+
+Signed payloads and the payload store, the callback receiver or drop box, array batching,
+require_ack confirmation, reconciliation through one ``status_many`` per tick, outcomes the
+worker recorded in the ledger, and following another caller's job that holds the same
+idempotency key (``KeyFollowers``). An adapter only talks to its backend (``base.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
+from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
+from wove_adapters.core import envelope as payload_mod
+from wove_adapters.core import frames
+from wove_adapters.core.options import check_executor_config
+from wove_adapters.core.policies import JobState
+from wove_adapters.core.transport import Emit, RunAttempt, Transport
+
+log = logging.getLogger("wove_adapters.adapters")
+
+
+class KeyFollowers:
+    """Runs whose ``submit`` found another caller's job holding their idempotency key.
+
+    One task polls the adapter's ``outcomes`` for every followed job (fast at first, then
+    every ``poll_max`` seconds) and hands each finished job's verified outcome to every run
+    that follows it, re-addressed to that run. A followed job that is cancelled cancels
+    its followers; one that dies without an outcome is found by reconciliation (the
+    transport reports it as the backend does) and the run's orphan policy applies.
+    """
+
+    poll_first = 0.02
+    poll_max = 0.5
+    # How often (seconds) the poller also asks whether a followed job was cancelled.
+    status_every = 1.0
+
+    def __init__(self, adapter: BackendAdapter, emit: Emit) -> None:
+        self.adapter = adapter
+        self.emit = emit
+        # Runs waiting for their followed job's outcome, and every run that follows
+        # another caller's job until it is released (whose job handle is not ours).
+        self.runs: dict[tuple[str, int], tuple[RunAttempt, str]] = {}
+        self.others: set[tuple[str, int]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self._delay = self.poll_first
+
+    def follows(self, run: RunAttempt) -> bool:
+        return (run.run_id, run.attempt) in self.others
+
+    def add(self, run: RunAttempt, handle: str) -> None:
+        self.runs[(run.run_id, run.attempt)] = (run, handle)
+        self.others.add((run.run_id, run.attempt))
+        self._delay = self.poll_first
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    def stop(self, run: RunAttempt) -> bool:
+        """Stop following for ``run``; False if it was not followed."""
+        return self.runs.pop((run.run_id, run.attempt), None) is not None
+
+    def forget(self, run: RunAttempt) -> bool:
+        """The run ended: True if its job was another caller's."""
+        self.stop(run)
+        key = (run.run_id, run.attempt)
+        found = key in self.others
+        self.others.discard(key)
+        return found
+
+    def cancelled(self, run: RunAttempt, reason: str) -> None:
+        """This run's cancel: the job is another caller's, so it goes on; only our run
+        ends, confirmed at once (after the caller's cancel call returns)."""
+        if self.stop(run):
+            asyncio.get_running_loop().call_soon(self.emit, frames.event(
+                frames.TASK_CANCELLED, run.run_id, run.task_id, run.attempt, reason=reason,
+            ))
+
+    async def aclose(self) -> None:
+        self.runs.clear()
+        self.others.clear()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(BaseException):
+                await self._poller
+            self._poller = None
+
+    async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
+        while self.runs:
+            await asyncio.sleep(self._delay)
+            self._delay = min(self._delay * 1.5, self.poll_max)
+            handles = sorted({handle for _, handle in self.runs.values()})
+            try:
+                found = await self.adapter.outcomes(handles) if handles else {}
+            except Exception as exc:  # the next round asks again; reconciliation watches
+                log.debug("%s: following: outcomes failed: %r", self.adapter.name, exc)
+                found = {}
+            for handle, outcome in found.items():
+                await self._deliver(handle, outcome)
+            if self.runs and loop.time() - checked >= self.status_every:
+                checked = loop.time()
+                await self._check_cancelled()
+
+    async def _deliver(self, handle: str, outcome: bytes | Exception) -> None:
+        from wove_adapters.core.codec import decode_outcome
+
+        frame: dict[str, Any] | None = None
+        if not isinstance(outcome, Exception):
+            try:
+                frame = await asyncio.to_thread(decode_outcome, outcome)
+            except Exception as exc:  # a record that does not verify is this run's error
+                outcome = exc
+        for key, (run, followed) in list(self.runs.items()):
+            if followed != handle:
+                continue
+            del self.runs[key]
+            if frame is not None:
+                self.emit({**frame, "run_id": run.run_id, "task_id": run.task_id,
+                           "attempt": run.attempt})
+            else:
+                assert isinstance(outcome, Exception)
+                self.emit(frames.error_event(run.run_id, run.task_id, outcome,
+                                             attempt=run.attempt, source="transport"))
+
+    async def _check_cancelled(self) -> None:
+        handles = sorted({handle for _, handle in self.runs.values()})
+        try:
+            states = await self.adapter.status_many(handles)
+        except Exception:  # reconciliation asks again
+            return
+        for handle, state in states.items():
+            if state is JobState.CANCELLED:
+                for run, followed in list(self.runs.values()):
+                    if followed == handle:
+                        self.stop(run)
+                        self.emit(frames.event(
+                            frames.TASK_CANCELLED, run.run_id, run.task_id, run.attempt,
+                            reason=f"the {self.adapter.name} job {handle} holding this "
+                                   f"idempotency key was cancelled",
+                        ))
+
+
+class AdapterTransport(Transport):
+    """Turns any BackendAdapter into a transport: payloads out, receiver events in."""
+
+    def __init__(self, adapter_cls: type[BackendAdapter]) -> None:
+        self.adapter_cls = adapter_cls
+        self.name = adapter_cls.name
+        self.capabilities = adapter_cls.capabilities
+        self.reconcile_seconds = adapter_cls.reconcile_seconds
+        self.adapter: BackendAdapter | None = None
+        self.receiver: CallbackReceiver | None = None
+        self._emit: Emit | None = None
+        self._config: dict[str, Any] = {}
+        self._key_id = ""
+        self._ledger_url: str | None = None
+        self._store_url: str | None = None
+        self._environment = ""
+        self._body_refs: dict[str, payload_mod.BodyRef] = {}
+        self._batch: list[tuple[JobSpec, asyncio.Future[str]]] = []
+        self._worker_bounds: dict[str, Any] = {}
+        # Runs whose job ended without their terminal event: when we first saw it.
+        self._ended_quiet: dict[str, float] = {}
+        self._delivery_grace = (0.0, 0.0)
+        # require_ack cancels waiting for the backend to confirm: (run id, attempt) ->
+        # (the attempt, deadline); one task polls them all (_confirm).
+        self._confirming: dict[tuple[str, int], tuple[RunAttempt, float]] = {}
+        self._confirmer: asyncio.Task[None] | None = None
+        self.followers: KeyFollowers | None = None
+        self.stats: dict[str, int] = {"array_submissions": 0, "single_submissions": 0}
+
+    async def start(
+        self,
+        *,
+        environment: str,
+        executor_config: dict[str, Any],
+        settings: dict[str, Any],
+        emit: Emit,
+    ) -> None:
+        # Before the receiver binds or the backend is contacted: a typo fails here.
+        check_executor_config(
+            self.adapter_cls.config_struct, executor_config,
+            environment=environment, executor=self.name,
+        )
+        self._emit = emit
+        self._config = executor_config
+        self._environment = environment
+        self._key_id = executor_config["_key_id"]
+        self._ledger_url = executor_config.get("_ledger_url")
+        self._store_url = executor_config.get("payload_store")
+        self._worker_bounds = worker_bounds(executor_config)
+        self._delivery_grace = delivery_grace(self._worker_bounds, self.adapter_cls.after_job)
+        if executor_config.get("return_path") == "redis":
+            from wove_adapters.callbacks.dropbox import get_dropbox
+
+            url = str(executor_config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
+            self.receiver = await get_dropbox(url)
+        elif not native_only(self.adapter_cls, executor_config):
+            self.receiver = await get_receiver(executor_config, environment=environment)
+        self.adapter = self.adapter_cls(executor_config, environment=environment)
+        self.adapter.emit = emit
+        await self.adapter.start()
+        self.followers = KeyFollowers(self.adapter, emit)
+        # An adapter may refine its capabilities from its configuration.
+        self.capabilities = self.adapter.capabilities
+
+    def return_path(self, run: RunAttempt) -> payload_mod.ReturnPath:
+        kind = str(self._config.get("return_path", "http"))
+        if kind == "native" and native_only(self.adapter_cls, self._config):
+            # The backend hands the outcome back itself (the adapter emits it).
+            return payload_mod.ReturnPath(kind="native")
+        assert self.receiver is not None
+        if kind == "redis":
+            from wove_adapters.callbacks.dropbox import DropboxReader
+
+            assert isinstance(self.receiver, DropboxReader)
+            return payload_mod.ReturnPath(
+                kind="redis", url=self.receiver.redis_url, key=self.receiver.key
+            )
+        return payload_mod.ReturnPath(kind="http", url=self.receiver.url)
+
+    async def submit(self, run: RunAttempt) -> None:
+        assert self.adapter is not None
+        delivery = run.policy.as_delivery(run.idempotency_key)
+        if self.receiver is not None:
+            self.receiver.register(run.run_id, self._sink)
+        limit = int(
+            self._config.get("inline_payload_limit") or self.capabilities.inline_payload_limit
+        )
+        body = run.extra.get("body")
+        if body is None:
+            body = payload_mod.dumps((run.func, run.args))  # small tasks: cheaper than a thread hop
+        large = len(body) > min(limit, 256 * 1024)
+        build = functools.partial(
+            payload_mod.build_envelope,
+            adapter=self.name,
+            run_id=run.run_id,
+            task_id=run.task_id,
+            attempt=run.attempt,
+            func=run.func,
+            args=run.args,
+            return_path=self.return_path(run),
+            delivery=delivery,
+            key_id=self._key_id,
+            inline_limit=limit,
+            store_url=self._store_url,
+            ledger=self._ledger_url,
+            heartbeat_seconds=run.policy.heartbeat_seconds,
+            body=body,
+            environment=self._environment,
+            **self._worker_bounds,
+        )
+        envelope = await asyncio.to_thread(build) if large else build()
+        if envelope.body_ref is not None:
+            self._body_refs[f"{run.run_id}#{run.attempt}"] = envelope.body_ref
+        text = (
+            await asyncio.to_thread(payload_mod.encode_payload, envelope)
+            if large
+            else payload_mod.encode_payload(envelope)
+        )
+        job = JobSpec(
+            run_id=run.run_id,
+            task_id=run.task_id,
+            attempt=run.attempt,
+            payload=text,
+            idempotency_key=run.idempotency_key,
+            job_name=self.adapter.safe_name(
+                f"wove-{run.task_id}-{run.run_id.rsplit(':', 1)[-1][:12]}-{run.attempt}"
+            ),
+            environment=self._environment,
+            delivery=delivery,
+            options=dict(run.extra.get("options") or {}),
+        )
+        if self.capabilities.array_jobs and job.idempotency_key is None:
+            run.submission = await self._submit_batched(job)
+        else:
+            handle = await self.adapter.submit(job)
+            run.submission = str(handle)
+            if isinstance(handle, Following):
+                assert self.followers is not None
+                self.followers.add(run, run.submission)
+
+    async def _submit_batched(self, job: JobSpec) -> str:
+        """Jobs submitted within ``array_window`` seconds of each other (a mapped task)
+        go to the backend as one array job: one submission instead of N."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[str] = loop.create_future()
+        self._batch.append((job, waiter))
+        if len(self._batch) == 1:
+            window = float(self._config.get("array_window", 0.05))
+            loop.call_later(window, lambda: loop.create_task(self._flush_batch()))
+        return await waiter
+
+    async def _flush_batch(self) -> None:
+        assert self.adapter is not None
+        batch, self._batch = self._batch, []
+        # A run cancelled while it waited for the window never reaches the backend.
+        batch = [(job, waiter) for job, waiter in batch if not waiter.done()]
+        if not batch:
+            return
+        jobs = [job for job, _ in batch]
+        try:
+            if len(jobs) == 1:
+                handles = [await self.adapter.submit(jobs[0])]
+            else:
+                handles = await self.adapter.submit_many(jobs)
+        except Exception as exc:
+            for _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        self.stats["array_submissions"] += len(jobs) > 1
+        self.stats["single_submissions"] += len(jobs) == 1
+        strays = []
+        for (_, waiter), handle in zip(batch, handles, strict=True):
+            if not waiter.done():
+                waiter.set_result(handle)
+            else:  # cancelled while the submission was in flight: stop its job
+                strays.append(handle)
+        for handle in strays:
+            with contextlib.suppress(Exception):
+                await self.adapter.cancel(handle, running=True)
+
+    def _sink(self, event: frames.WireEvent, raw: bytes) -> None:
+        """A verified event, as a frame for the dispatcher. Unpickling runs on the shared
+        loop and may run anything (a ``__reduce__`` that raises, or calls ``sys.exit``):
+        ``event_frame`` turns that into the run's own error at once (the loop survives,
+        the run is never dropped to wait out its delivery grace)."""
+        from wove_adapters.core.executors.stdio import event_frame
+
+        assert self._emit is not None
+        frame = event_frame(event, where=f"{self.name} receiver")
+        terminal = isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled))
+        if terminal and frame.get("type") == type(event).__struct_config__.tag:
+            # The worker's signed event is what the ledger keeps (not when it became an
+            # unpicklable-result error: that one the dispatcher signs itself).
+            frame["_blob"] = raw
+        self._emit(frame)
+
+    async def cancel(self, run: RunAttempt, *, mode: str) -> None:
+        assert self.adapter is not None
+        if run.submission is None:
+            return
+        if self.followers is not None and self.followers.follows(run):
+            self.followers.cancelled(
+                run, f"stopped following {self.name} job {run.submission}, which another "
+                     f"caller owns (it goes on for them)",
+            )
+            return
+        await self.adapter.cancel(run.submission, running=True)
+        if mode == "require_ack" and self.capabilities.confirm_cancel:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + run.policy.cancel_ack_timeout
+            self._confirming[(run.run_id, run.attempt)] = (run, deadline)
+            if self._confirmer is None or self._confirmer.done():
+                self._confirmer = loop.create_task(self._confirm())
+
+    async def _confirm(self) -> None:
+        """The worker usually confirms with task_cancelled; if the backend killed it
+        before it could, the backend's own CANCELLED state is the confirmation. One
+        ``status_many`` per round for every run waiting for its confirmation (a hundred
+        require_ack cancels are one request every 0.1 s, not a hundred)."""
+        assert self.adapter is not None and self._emit is not None
+        loop = asyncio.get_running_loop()
+        while self._confirming:
+            now = loop.time()
+            for key, (run, deadline) in list(self._confirming.items()):
+                if now >= deadline or not run.submission:
+                    del self._confirming[key]
+            waiting = dict(self._confirming)
+            handles = {run.submission for run, _ in waiting.values() if run.submission}
+            try:
+                states = await self.adapter.status_many(sorted(handles))
+            except Exception as exc:  # the next round asks again
+                log.debug("%s: confirming cancels: status failed: %r", self.name, exc)
+                states = {}
+            for key, (run, _) in waiting.items():
+                state = states.get(run.submission or "")
+                if state is None:
+                    continue
+                if state in (JobState.CANCELLED, JobState.GONE):
+                    self._emit(
+                        frames.event(
+                            frames.TASK_CANCELLED,
+                            run.run_id,
+                            run.task_id,
+                            run.attempt,
+                            reason=f"{self.name} reports the job {state.value}",
+                        )
+                    )
+                if state.finished:
+                    self._confirming.pop(key, None)
+            if self._confirming:
+                await asyncio.sleep(self.adapter.confirm_poll_seconds)
+
+    async def status(self, run: RunAttempt) -> JobState:
+        assert self.adapter is not None
+        if run.submission is None:
+            return JobState.UNKNOWN
+        return (await self.status_many([run]))[run.run_id]
+
+    async def status_many(self, runs: Sequence[RunAttempt]) -> dict[str, JobState]:
+        """One ``adapter.status_many`` for every run, then ``_delivering`` per run."""
+        assert self.adapter is not None
+        handles = sorted({run.submission for run in runs if run.submission is not None})
+        found = await self.adapter.status_many(handles) if handles else {}
+        states: dict[str, JobState] = {}
+        backlog: bool | None = None
+        for run in runs:
+            if run.submission is None:
+                states[run.run_id] = JobState.UNKNOWN
+            elif (state := found.get(run.submission)) is None:
+                continue
+            elif self.followers is not None and self.followers.follows(run):
+                # The owner's outcome is the follower's to hand over: a finished job is
+                # not a lost run (its outcome may be a poll away); anything else is as
+                # the backend says, and the run's orphan policy applies.
+                states[run.run_id] = JobState.RUNNING if state is JobState.SUCCEEDED else state
+            else:
+                if state.finished and self._config.get("return_path") == "redis":
+                    from wove_adapters.callbacks.dropbox import DropboxReader
+
+                    if backlog is None and isinstance(self.receiver, DropboxReader):
+                        backlog = await self.receiver.backlog()
+                    if backlog:  # its events may still be in the list: not lost
+                        states[run.run_id] = JobState.RUNNING
+                        continue
+                states[run.run_id] = await self._delivering(run, state)
+        return states
+
+    async def _delivering(self, run: RunAttempt, state: JobState) -> JobState:
+        """The backend's view, with one correction: a job that ended normally while its
+        terminal event has not arrived is still RUNNING while its worker may deliver it
+        (the background outbox retries, see worker.sender). Then an outcome the worker
+        recorded in the ledger resolves the run; only a job with no event and no record
+        after the worker's whole retry window is reported finished (and so lost)."""
+        if state is not JobState.SUCCEEDED or self.receiver is None:
+            return state
+        key = f"{run.run_id}#{run.attempt}"
+        now = asyncio.get_running_loop().time()
+        quiet = now - self._ended_quiet.setdefault(key, now)
+        ledger_after, give_up_after = self._delivery_grace
+        if quiet < ledger_after:  # the worker may still reach us itself
+            return JobState.RUNNING
+        if await self._resolve_from_ledger(run):
+            self._ended_quiet.pop(key, None)
+            return state
+        if quiet < give_up_after:  # not recorded: its outbox may still be retrying
+            return JobState.RUNNING
+        return state
+
+    async def _resolve_from_ledger(self, run: RunAttempt) -> bool:
+        """Emit the outcome the worker recorded when it could not reach us, if any."""
+        if not self._ledger_url or self._emit is None:
+            return False
+        from wove_adapters.core.codec import decode_outcome
+        from wove_adapters.core.ledger import open_ledger
+
+        try:
+            record = await open_ledger(self._ledger_url).get(run.run_id)
+            if record is None or record.outcome is None:
+                return False
+            frame = await asyncio.to_thread(decode_outcome, record.outcome, run.run_id)
+        except Exception:  # unreadable: reconciliation reports the run lost
+            return False
+        if frame.get("attempt", run.attempt) != run.attempt:
+            return False
+        self._emit(frame)
+        return True
+
+    async def detach(self, run: RunAttempt) -> None:
+        assert self.adapter is not None
+        if self.followers is not None and self.followers.stop(run):
+            return  # the job is another caller's: nothing of ours to let go of
+        if run.submission is not None:
+            await self.adapter.detach(run.submission)
+
+    async def release(self, run: RunAttempt) -> None:
+        others = self.followers is not None and self.followers.forget(run)
+        self._ended_quiet.pop(f"{run.run_id}#{run.attempt}", None)
+        if self.receiver is not None:
+            self.receiver.unregister(run.run_id)
+        if self.adapter is not None and run.submission is not None and not others:
+            with contextlib.suppress(Exception):
+                await self.adapter.release(run.submission)
+        ref = self._body_refs.pop(f"{run.run_id}#{run.attempt}", None)
+        if ref is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(payload_mod.open_store(ref.store).delete, ref)
+
+    async def drain(self) -> None:
+        """See BackendAdapter.drain (the dispatcher calls it while stopping)."""
+        if self.adapter is not None:
+            await self.adapter.drain()
+
+    async def aclose(self) -> None:
+        if self._confirmer is not None:
+            self._confirmer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._confirmer
+            self._confirmer = None
+        self._confirming.clear()
+        if self.followers is not None:
+            await self.followers.aclose()
+        if self.adapter is not None:
+            await self.adapter.aclose()
+
+
+def worker_bounds(config: dict[str, Any]) -> dict[str, Any]:
+    """How long workers keep trying to hand an outcome back (see worker.sender), from
+    ``executor_config``; a bad value fails at start-up, naming the key."""
+    bounds: dict[str, Any] = {}
+    for key, field_name, kind in (
+        ("worker_retry_seconds", "retry_seconds", float),
+        ("worker_retry_attempts", "retry_attempts", int),
+        ("worker_exit_flush_seconds", "exit_flush_seconds", float),
+    ):
+        value = config.get(key)
+        if value is None:
+            continue
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            number = -1
+        if number < 0 or isinstance(value, bool):
+            raise ValueError(
+                f"executor_config {key!r} must be a number >= 0, not {value!r}"
+            )
+        bounds[field_name] = number
+    return bounds
+
+
+def delivery_grace(bounds: dict[str, Any], after_job: str = "retries") -> tuple[float, float]:
+    """How long a job that ended without its terminal event still counts as delivering:
+    ``(look in the ledger after, give up after)`` seconds, from the workers' bounds
+    (``worker_exit_flush_seconds``, ``worker_retry_seconds``; defaults: this process's,
+    see worker.sender) and what the adapter's workers do after a job (``after_job``),
+    plus a little for the last try in flight."""
+    from wove_adapters.worker import sender
+
+    if after_job == "flushed":
+        return 0.0, 0.0
+    flush = float(bounds.get("exit_flush_seconds", sender.EXIT_FLUSH_SECONDS)) + 2.0
+    if after_job == "settled":
+        return flush, flush
+    retry = float(bounds.get("retry_seconds", sender.RETRY_SECONDS)) + 5.0
+    return flush, max(retry, flush)
+
+
+def native_only(cls: type[BackendAdapter], config: dict[str, Any]) -> bool:
+    """Adapters with a native result path may skip the receiver when configured so."""
+    return cls.capabilities.native_result and config.get("return_path") == "native"
