@@ -26,7 +26,6 @@ than about AWS; the comparison is what matters.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "integration" / "aws_batch"))
 
 import aws_batch_services as services  # noqa: E402
-from common import emit, percentile, ratio  # noqa: E402
+from common import alternate, emit, hub_calls, ratio, speed_arguments, summarize  # noqa: E402
 
 CHILD_INDEX = (
     "import os; index = int(os.environ.get('AWS_BATCH_JOB_ARRAY_INDEX') or "
@@ -62,7 +61,8 @@ def add_one(x: int) -> int:
 
 
 class Native:
-    """The backend's own path: SubmitJob, then DescribeJobs until the job is finished."""
+    """The backend's own path: SubmitJob, then DescribeJobs until the job is finished.
+    It learns that a job SUCCEEDED, not what it printed: its sides are ``unchecked``."""
 
     def __init__(self, stack: services.BatchStack, poll: float) -> None:
         self.stack = stack
@@ -93,17 +93,13 @@ class Native:
             time.sleep(self.poll)
         raise TimeoutError(f"native job {job_id} did not finish in {timeout}s")
 
-    def once(self, x: int) -> float:
-        start = time.perf_counter()
+    def once(self, x: int) -> None:
         self._wait(self._submit([sys.executable, "-c", f"print({x} + 1)"]))
-        return time.perf_counter() - start
 
-    def burst(self, n: int) -> float:
-        start = time.perf_counter()
+    def burst(self, n: int) -> None:
         self._wait(self._submit([sys.executable, "-c", CHILD_PLUS_ONE], size=n))
-        return time.perf_counter() - start
 
-    def burst_s3_input(self, n: int) -> float:
+    def burst_s3_input(self, n: int) -> None:
         """Inputs uploaded to S3 (16 at a time), one array job whose children read them."""
         from concurrent.futures import ThreadPoolExecutor
 
@@ -112,23 +108,18 @@ class Native:
         code = CHILD_S3_PLUS_ONE.format(
             region=services.REGION, endpoint=self.stack.endpoint_url, bucket=bucket
         )
-        start = time.perf_counter()
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(
                 lambda i: s3.put_object(Bucket=bucket, Key=f"native-in/{i}", Body=str(i)),
                 range(n),
             ))
         self._wait(self._submit([sys.executable, "-c", code], size=n))
-        return time.perf_counter() - start
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seq", type=int, default=200)
     # 1000 at once overwhelms moto here: each child is a thread polling its container
     # every 0.5 s over a fresh Docker client (timeouts, then EMFILE). 300 stays sound.
-    parser.add_argument("--burst", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser = speed_arguments(burst=300, rounds=1)
     parser.add_argument("--max-running", type=int, default=16)
     parser.add_argument("--poll", type=float, default=0.05)
     parser.add_argument("--skip-array-compare", action="store_true")
@@ -146,32 +137,18 @@ def main() -> None:
         native = Native(stack, options.poll)
         with Hub(environments={"b": {"executor": "aws_batch", "executor_config": config}},
                  default_environment="b") as hub:
-            for i in range(3):  # warm-up: clients, receiver, page cache
-                native.once(i)
-                assert hub.run(add_one, i) == i + 1
-            samples: dict[str, list[float]] = {"native": [], "ours": []}
-            for i in range(options.seq):
-                samples["native"].append(native.once(i))
-                start = time.perf_counter()
-                assert hub.run(add_one, i) == i + 1
-                samples["ours"].append(time.perf_counter() - start)
-            bursts: dict[str, list[float]] = {"native": [], "ours": [], "native_s3_input": []}
-            for _ in range(options.rounds):
-                bursts["native"].append(native.burst(options.burst))
-                bursts["native_s3_input"].append(native.burst_s3_input(options.burst))
-                start = time.perf_counter()
-                assert hub.map(add_one, range(options.burst)) == [
-                    i + 1 for i in range(options.burst)
-                ]
-                bursts["ours"].append(time.perf_counter() - start)
+            # 3 untimed round trips each (clients, receiver, page cache), then turns;
+            # the S3-input control only bursts.
+            measured = alternate({
+                "native": (native.once, native.burst),
+                "native_s3_input": (None, native.burst_s3_input),
+                "ours": hub_calls(hub, add_one),
+            }, seq=options.seq, burst=options.burst, rounds=options.rounds, warmup=3,
+                unchecked=("native", "native_s3_input"))
             for side in ("native", "ours"):
-                result[side] = {
-                    "p50_ms": round(statistics.median(samples[side]) * 1000, 1),
-                    "p99_ms": round(percentile(samples[side], 0.99) * 1000, 1),
-                    "throughput_per_s": round(options.burst / statistics.median(bursts[side]), 2),
-                }
-            result["native_s3_input"] = {"throughput_per_s": round(
-                options.burst / statistics.median(bursts["native_s3_input"]), 2)}
+                result[side] = summarize(*measured[side], digits=1, rate_digits=2)
+            result["native_s3_input"] = {
+                "throughput_per_s": round(statistics.median(measured["native_s3_input"][1]), 2)}
             if not options.skip_array_compare:
                 adapter = hub.dispatcher("b").transport.adapter  # type: ignore[attr-defined]
                 before = adapter.submissions

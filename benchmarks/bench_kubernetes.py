@@ -24,8 +24,6 @@ node, same Pod start path) is what matters.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -41,7 +39,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-k8s-"))
 
 import kube_services as services  # noqa: E402
-from common import Side, hub_side, interleave, log, machine, ratios, versions  # noqa: E402
+from common import (  # noqa: E402
+    Side,
+    emit,
+    hub_side,
+    interleave,
+    log,
+    machine,
+    speed_arguments,
+    two_way_record,
+    versions,
+)
 
 PLUS_ONE = "import sys; print(int(sys.argv[1]) + 1)"
 INDEX_PLUS_ONE = "import os; print(int(os.environ['JOB_COMPLETION_INDEX']) + 1)"
@@ -152,10 +160,7 @@ def mapped_comparison(hub: Any, items: int = 100) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, default=200)
-    parser.add_argument("--burst", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser = speed_arguments(__doc__.splitlines()[0], rounds=1)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--capacity", type=int, default=8, help="Pods the node runs at once")
     parser.add_argument("--poll", type=float, default=0.05, help="native status poll, seconds")
@@ -178,20 +183,14 @@ def main() -> None:
                               warmup=args.warmup, label="kubernetes")
         mapped = mapped_comparison(hub)
         hub.close()
-        native_summary = measured["native"].summary()
-        ours_summary = measured["ours"].summary()
-        print(json.dumps({
-            "backend": "kubernetes_jobs",
-            "native": native_summary,
-            "ours": ours_summary,
-            "ratio_ours_native": ratios(ours_summary, native_summary),
-            "errors": {n: s.error for n, s in measured.items() if s.error},
-            "mapped_100": mapped,
-            "settings": {"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                         "capacity": args.capacity, "poll_s": args.poll},
-            "machine": machine(),
-            "versions": versions(("wove-adapters", "kubernetes", "aiohttp", "cloudpickle")),
-        }), flush=True)
+        emit(two_way_record(
+            "kubernetes_jobs", measured,
+            mapped_100=mapped,
+            settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
+                      "capacity": args.capacity, "poll_s": args.poll},
+            machine=machine(),
+            versions=versions(("wove-adapters", "kubernetes", "aiohttp", "cloudpickle")),
+        ))
     finally:
         services.stop_cluster(cluster)
 

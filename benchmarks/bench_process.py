@@ -17,18 +17,16 @@ worker process; see ``bench_stdio.py``), so there is no wove side here.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Side, emit, hub_side, interleave, ratios
+from common import Side, emit, hub_side, interleave, speed_arguments, two_way_record
 
 NATIVE_CODE = "import sys; print(int(sys.argv[1]) + 1)"
 
@@ -46,10 +44,7 @@ def native_one(x: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq", type=int, default=200)
-    parser.add_argument("--burst", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = speed_arguments(__doc__.split("\n\n")[0], burst=200)
     parser.add_argument("--in-flight", type=int, default=8)
     args = parser.parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-process-"))
@@ -70,24 +65,17 @@ def main() -> None:
     finally:
         hub.close()
         pool.shutdown(wait=True)
-    native = measured["native"].summary()
-    ours = measured["ours"].summary()
-    record: dict[str, Any] = {
-        "backend": "process",
-        "native": native,
-        "ours": ours,
-        "wove": None,
-        "wove_note": "wove 2.0.3 has no executor that starts one process per task (its "
-                     "stdio executor keeps one long-lived worker: compared under stdio)",
-        "native_description": f"subprocess.run([python, '-c', ...]) per task; bursts on "
-                              f"a {args.in_flight}-thread pool",
-        "ours_description": f"Hub process adapter, delivery_max_in_flight={args.in_flight}",
-        "errors": {name: side.error for name, side in measured.items() if side.error},
-        "ratio_ours_native": ratios(ours, native),
-        "settings": {"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                     "in_flight": args.in_flight},
-    }
-    emit(record)
+    emit(two_way_record(
+        "process", measured,
+        wove=None,
+        wove_note="wove 2.0.3 has no executor that starts one process per task (its "
+                  "stdio executor keeps one long-lived worker: compared under stdio)",
+        native_description=f"subprocess.run([python, '-c', ...]) per task; bursts on "
+                           f"a {args.in_flight}-thread pool",
+        ours_description=f"Hub process adapter, delivery_max_in_flight={args.in_flight}",
+        settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
+                  "in_flight": args.in_flight},
+    ))
 
 
 if __name__ == "__main__":

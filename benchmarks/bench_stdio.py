@@ -35,16 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     Side,
-    WoveRuntime,
     emit,
     hub_side,
     inline_limits,
-    interleave,
     log,
-    ratios,
+    record_of,
     rss_kb,
+    speed_arguments,
+    three_way,
     wire_sizes,
 )
+
+# wove's side when it runs: what it is, next to a pool of ``--processes``.
+ONE_WORKER = ("wove 2.0.3's stdio executor runs one worker process (no pool); it runs "
+              "the tasks it is sent concurrently on that process's event loop")
 
 
 def wait_for_file(path: str, timeout: float = 600.0) -> str:
@@ -65,49 +69,29 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     hub = Hub(environments={"stdio": {"executor": "stdio",
                                       "executor_config": {"processes": args.processes}}},
               default_environment="stdio")
-    wove: WoveRuntime | None = None
-    wove_note = ("wove 2.0.3's stdio executor runs one worker process (no pool); it runs "
-                 "the tasks it is sent concurrently on that process's event loop")
     try:
         sides = [
             Side("native", lambda x: pool.submit(add, x).result(60),
                  lambda n: [f.result(300) for f in [pool.submit(add, i) for i in range(n)]]),
             hub_side(hub),
         ]
-        if not args.no_wove:
-            try:
-                wove = WoveRuntime("stdio", {})
-                sides.append(wove.side())
-            except Exception as exc:
-                wove_note = f"wove's stdio executor did not start: {type(exc).__name__}: {exc}"
-        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
-                              label="stdio")
+        measured, notes = three_way(sides, args, "stdio", "stdio", {},
+                                    with_wove=not args.no_wove)
     finally:
         hub.close()
         pool.shutdown(wait=True)
-        if wove is not None:
-            wove.close()
-    native = measured["native"].summary()
-    ours = measured["ours"].summary()
     wove_side = measured.get("wove")
-    wove_summary = wove_side.summary() if wove_side is not None else None
+    wove_note = notes["wove_note"] or ONE_WORKER
     if wove_side is not None and wove_side.error:
         wove_note = f"wove's stdio executor failed: {wove_side.error}"
-    return {
-        "backend": "stdio",
-        "native": native,
-        "ours": ours,
-        "wove": wove_summary,
-        "wove_note": wove_note,
-        "native_description": f"ProcessPoolExecutor(max_workers={args.processes})"
-                              ".submit(add, x).result()",
-        "ours_description": f"Hub stdio executor, processes={args.processes}",
-        "errors": {name: side.error for name, side in measured.items() if side.error},
-        "ratio_ours_native": ratios(ours, native),
-        "ratio_ours_wove": ratios(ours, wove_summary),
-        "settings": {"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                     "processes": args.processes},
-    }
+    return record_of(
+        "stdio", measured, wove_note=wove_note,
+        native_description=f"ProcessPoolExecutor(max_workers={args.processes})"
+                           ".submit(add, x).result()",
+        ours_description=f"Hub stdio executor, processes={args.processes}",
+        settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
+                  "processes": args.processes},
+    )
 
 
 def memory(parked: int) -> dict[str, Any]:
@@ -160,15 +144,13 @@ def memory(parked: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq", type=int, default=200)
-    parser.add_argument("--burst", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = speed_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--parked", type=int, default=10_000)
     parser.add_argument("--no-wove", action="store_true")
     parser.add_argument("--skip-footprint", action="store_true",
                         help="skip the memory and payload-size measurements")
+    parser.set_defaults(warmup=10)  # three_way's untimed round trips per side (no flag)
     args = parser.parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-stdio-"))
     emit(speed(args))

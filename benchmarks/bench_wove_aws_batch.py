@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "aws_batch"))
 
-from common import bench_arguments, emit, wove_attempt  # noqa: E402
+from common import bench_arguments, emit, wove_attempt, wove_attempt_record  # noqa: E402
 
 
 def main() -> None:
@@ -40,9 +40,7 @@ def main() -> None:
         }, timeout=60)
     finally:
         services.stop_stack(stack)
-    emit({"backend": "aws_batch", "native": None, "ours": None, "wove": None,
-          "wove_note": failure or "wove's aws_batch adapter ran one task; "
-                                  "no figures were measured"})
+    emit(wove_attempt_record("aws_batch", "aws_batch", failure))
 
 
 if __name__ == "__main__":

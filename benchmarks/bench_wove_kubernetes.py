@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "kubernetes"))
 
-from common import bench_arguments, emit, wove_attempt  # noqa: E402
+from common import bench_arguments, emit, wove_attempt, wove_attempt_record  # noqa: E402
 
 
 def main() -> None:
@@ -39,9 +39,7 @@ def main() -> None:
         }, timeout=60)
     finally:
         stop_cluster(cluster)
-    emit({"backend": "kubernetes_jobs", "native": None, "ours": None, "wove": None,
-          "wove_note": failure or "wove's kubernetes_jobs adapter ran one task; "
-                                  "no figures were measured"})
+    emit(wove_attempt_record("kubernetes_jobs", "kubernetes_jobs", failure))
 
 
 if __name__ == "__main__":

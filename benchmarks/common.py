@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -62,37 +62,41 @@ def percentile(samples: Sequence[float], q: float) -> float:
 
 
 def summarize(latencies_s: Sequence[float], rates: Sequence[float],
-              digits: int = 3) -> dict[str, float]:
+              digits: int = 3, rate_digits: int = 1) -> dict[str, float]:
     """``{"p50_ms", "p99_ms", "throughput_per_s"}`` from round trips (seconds) and rates;
-    ``digits``: the ms rounding a script has always printed (its output format)."""
+    ``digits`` / ``rate_digits``: the ms / tasks-per-second rounding a script has always
+    printed (its output format)."""
     return {
         "p50_ms": round(statistics.median(latencies_s) * 1000, digits),
         "p99_ms": round(percentile(latencies_s, 0.99) * 1000, digits),
-        "throughput_per_s": round(statistics.median(rates), 1) if rates else 0.0,
+        "throughput_per_s": round(statistics.median(rates), rate_digits) if rates else 0.0,
     }
 
 
-def round_trips(call: Callable[[int], Any], count: int, first: int = 0) -> list[float]:
+def round_trips(call: Callable[[int], Any], count: int, first: int = 0, *,
+                check: bool = True) -> list[float]:
     """``call(i)`` for ``count`` values of ``i`` from ``first``, one after the other, each
     checked to return ``i + 1``: the seconds each took (the two-way scripts' sequential
-    leg; ``first`` lets sides alternate one sample at a time)."""
+    leg; ``first`` lets sides alternate one sample at a time). ``check=False`` for a
+    native path that learns only that its job finished, not the job's value."""
     times = []
     for i in range(first, first + count):
         start = time.perf_counter()
         value = call(i)
         times.append(time.perf_counter() - start)
-        if value != i + 1:
+        if check and value != i + 1:
             raise AssertionError(f"add({i}) returned {value!r}")
     return times
 
 
-def burst_rate(call: Callable[[int], Sequence[Any]], count: int) -> float:
+def burst_rate(call: Callable[[int], Sequence[Any] | None], count: int, *,
+               check: bool = True) -> float:
     """Tasks per second of ``call(count)`` (all submitted at once, every result awaited),
-    checked to return ``1..count`` in order."""
+    checked to return ``1..count`` in order (unless ``check=False``, as above)."""
     start = time.perf_counter()
     values = call(count)
     elapsed = time.perf_counter() - start
-    if list(values) != [i + 1 for i in range(count)]:
+    if check and list(values or ()) != [i + 1 for i in range(count)]:
         raise AssertionError("a burst returned wrong values")
     return count / elapsed
 
@@ -131,28 +135,34 @@ def take_turns(
 
 
 def alternate(
-    sides: dict[str, tuple[Callable[[int], Any], Callable[[int], Sequence[Any]]]],
+    sides: dict[str, tuple[Callable[[int], Any] | None, Callable[[int], Sequence[Any] | None]]],
     *,
     seq: int,
     burst: int,
     rounds: int,
     warmup: int,
     before_burst: Callable[[], None] | None = None,
+    unchecked: Collection[str] = (),
 ) -> dict[str, tuple[list[float], list[float]]]:
     """The two-way scripts' other turns: ``warmup`` untimed round trips per side, then
     the sides alternate sample by sample (``seq`` each), then burst by burst (``rounds``
-    each; ``before_burst`` runs untimed before each). Per side: (latencies, rates)."""
-    for one, _ in sides.values():
-        round_trips(one, warmup)
+    each; ``before_burst`` runs untimed before each). Per side: (latencies, rates).
+
+    A side whose ``one`` is None only bursts (a control); the sides named in
+    ``unchecked`` return no values to check (``round_trips``' ``check=False``)."""
+    for name, (one, _) in sides.items():
+        if one is not None:
+            round_trips(one, warmup, check=name not in unchecked)
     out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sides}
     for i in range(seq):
         for name, (one, _) in sides.items():
-            out[name][0].extend(round_trips(one, 1, first=i))
+            if one is not None:
+                out[name][0].extend(round_trips(one, 1, first=i, check=name not in unchecked))
     for _ in range(rounds):
         for name, (_, many) in sides.items():
             if before_burst is not None:
                 before_burst()
-            out[name][1].append(burst_rate(many, burst))
+            out[name][1].append(burst_rate(many, burst, check=name not in unchecked))
     return out
 
 
@@ -318,6 +328,20 @@ def hub_side(hub: Any, environment: str | None = None, name: str = "ours",
     )
 
 
+def two_way_record(backend: str, measured: dict[str, Side], **extra: Any) -> dict[str, Any]:
+    """The JSON line of a native-vs-ours run without a wove side: figures, errors, ratio."""
+    native = measured["native"].summary()
+    ours = measured["ours"].summary()
+    return {
+        "backend": backend,
+        "native": native,
+        "ours": ours,
+        "errors": {name: side.error for name, side in measured.items() if side.error},
+        "ratio_ours_native": ratios(ours, native),
+        **extra,
+    }
+
+
 def record_of(backend: str, measured: dict[str, Side], *, wove_note: str | None = None,
               **extra: Any) -> dict[str, Any]:
     """The JSON line of a three-way run (native, ours, wove): figures, errors, ratios."""
@@ -353,6 +377,7 @@ def three_way(
     before_burst: Callable[[], None] | None = None,
     on_start: Callable[[WoveRuntime], None] | None = None,
     on_close: Callable[[WoveRuntime], None] | None = None,
+    with_wove: bool = True,
 ) -> tuple[dict[str, Side], dict[str, Any]]:
     """Add wove's warm side to ``sides`` (native and ours), measure all in turns, then (with
     ``weave``) time one-task weaves once the warm runtime is gone, so the two never
@@ -362,20 +387,22 @@ def three_way(
 
     ``on_start``/``on_close`` run on the warm runtime after it starts / before it stops
     (a broker wove's adapter needs started on its loop). ``weave_config``: the weave's
-    ``executor_config`` when the warm one holds a live client a weave cannot share."""
+    ``executor_config`` when the warm one holds a live client a weave cannot share.
+    ``with_wove=False`` (a script's ``--no-wove``): native and ours only."""
     notes: dict[str, Any] = {"wove_note": None}
     wove: WoveRuntime | None = None
     try:
-        try:
-            wove = WoveRuntime(executor, executor_config)
-            if on_start is not None:
-                on_start(wove)
-            side = wove.side(workers=workers)
-            side.before_burst = before_burst
-            sides = [*sides, side]
-        except Exception as exc:
-            notes["wove_note"] = (f"wove's {executor} executor did not start: "
-                                  f"{type(exc).__name__}: {exc}")
+        if with_wove:
+            try:
+                wove = WoveRuntime(executor, executor_config)
+                if on_start is not None:
+                    on_start(wove)
+                side = wove.side(workers=workers)
+                side.before_burst = before_burst
+                sides = [*sides, side]
+            except Exception as exc:
+                notes["wove_note"] = (f"wove's {executor} executor did not start: "
+                                      f"{type(exc).__name__}: {exc}")
         measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
                               warmup=args.warmup, label=label)
         if weave:
@@ -406,15 +433,23 @@ def _close_wove(wove: WoveRuntime, on_close: Callable[[WoveRuntime], None] | Non
         wove.close()
 
 
-def bench_arguments(description: str, *, seq: int = 200, burst: int = 1000,
-                    rounds: int = 3) -> Any:
-    """The arguments every ``bench_wove_*.py`` script takes."""
+def speed_arguments(description: str | None = None, *, seq: int = 200, burst: int = 1000,
+                    rounds: int = 3, seq_flag: str = "--seq") -> Any:
+    """The three knobs every benchmark script takes (``benchmarks/run.py`` reads them from
+    its ``--help``); ``seq_flag``: the name a script has always used (``--n``)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--seq", type=int, default=seq, help="sequential round trips per side")
+    parser.add_argument(seq_flag, type=int, default=seq, help="sequential round trips per side")
     parser.add_argument("--burst", type=int, default=burst, help="tasks submitted at once")
     parser.add_argument("--rounds", type=int, default=rounds, help="burst rounds per side")
+    return parser
+
+
+def bench_arguments(description: str, *, seq: int = 200, burst: int = 1000,
+                    rounds: int = 3) -> Any:
+    """The arguments every ``bench_wove_*.py`` script takes."""
+    parser = speed_arguments(description, seq=seq, burst=burst, rounds=rounds)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--weave-samples", type=int, default=3,
                         help="one-task `with wove.weave()` blocks to time (0: skip)")
@@ -577,6 +612,13 @@ def wove_attempt(executor: str, executor_config: dict[str, Any], *,
         return f"wove's {executor} adapter failed: {type(exc).__name__}: {_compact(exc)}"
     finally:
         runtime.close()
+
+
+def wove_attempt_record(backend: str, executor: str, failure: str | None) -> dict[str, Any]:
+    """The JSON line of a script that only tries wove's adapter once (``wove_attempt``)."""
+    return {"backend": backend, "native": None, "ours": None, "wove": None,
+            "wove_note": failure or f"wove's {executor} adapter ran one task; "
+                                    "no figures were measured"}
 
 
 def _compact(exc: BaseException) -> str:
