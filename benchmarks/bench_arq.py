@@ -19,7 +19,6 @@ Prints one JSON line:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from arq_services import (  # noqa: E402
     environment,
     require_redis,
 )
-from common import alternate, emit, hub_calls, ratio_block, summarize  # noqa: E402
+from common import alternate, emit, hub_calls, ratio_block, speed_arguments, summarize  # noqa: E402
 
 from wove_adapters.integration.hub import Hub  # noqa: E402
 from wove_adapters.testing.tasks import add  # noqa: E402
@@ -101,10 +100,7 @@ def bench(n: int, burst: int, rounds: int, max_jobs: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=300)
-    parser.add_argument("--burst", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = speed_arguments(__doc__.split("\n\n")[0], seq=300, seq_flag="--n")
     parser.add_argument("--max-jobs", type=int, default=100)
     options = parser.parse_args()
     emit(bench(options.n, options.burst, options.rounds, options.max_jobs))

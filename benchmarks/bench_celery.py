@@ -19,9 +19,9 @@ with the ``redis`` drop box. Prints one JSON line per broker:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,26 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "celery"))
 
 from celery_services import REDIS_URL, CeleryService  # noqa: E402
-from common import alternate, emit, hub_calls, ratio_block, summarize  # noqa: E402
+from common import alternate, emit, hub_calls, ratio_block, speed_arguments, summarize  # noqa: E402
 
 from wove_adapters.integration.hub import Hub  # noqa: E402
 from wove_adapters.testing.tasks import add  # noqa: E402
+
+
+def native_calls(app: Any, queue: str) -> tuple[
+        Callable[[int], int], Callable[[int], list[int]]]:
+    """Celery's own path as a side: ``send_task("wove_test.add", [x, 1]).get()`` one at a
+    time, and a burst sent all at once, then every ``.get()``."""
+
+    def one(x: int) -> int:
+        return int(app.send_task("wove_test.add", args=[x, 1], queue=queue).get(timeout=60))
+
+    def burst(count: int) -> list[int]:
+        results = [app.send_task("wove_test.add", args=[i, 1], queue=queue)
+                   for i in range(count)]
+        return [int(r.get(timeout=300)) for r in results]
+
+    return one, burst
 
 
 def bench(broker: str, n: int, burst: int, rounds: int, concurrency: int) -> dict[str, Any]:
@@ -47,18 +63,9 @@ def bench(broker: str, n: int, burst: int, rounds: int, concurrency: int) -> dic
         "bench_redis": {"executor": "celery", "executor_config": dropbox},
     }, default_environment="bench")
     try:
-        def native_one(x: int) -> int:
-            return int(app.send_task("wove_test.add", args=[x, 1], queue=service.queue)
-                       .get(timeout=60))
-
-        def native_burst(count: int) -> list[int]:
-            results = [app.send_task("wove_test.add", args=[i, 1], queue=service.queue)
-                       for i in range(count)]
-            return [int(r.get(timeout=120)) for r in results]
-
         # Warm both paths (connections, receiver, worker children, imports) first.
         measured = alternate({
-            "native": (native_one, native_burst),
+            "native": native_calls(app, service.queue),
             "ours": hub_calls(hub, add),
             "dropbox": (lambda x: hub.run(add, x, environment="bench_redis"),
                         lambda n: hub.map(add, range(n), environment="bench_redis")),
@@ -81,11 +88,8 @@ def bench(broker: str, n: int, burst: int, rounds: int, concurrency: int) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = speed_arguments(__doc__.split("\n")[0], seq=300, seq_flag="--n")
     parser.add_argument("--broker", choices=["redis", "amqp", "both"], default="both")
-    parser.add_argument("--n", type=int, default=300, help="sequential tasks per side")
-    parser.add_argument("--burst", type=int, default=1000, help="tasks submitted at once")
-    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per side")
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
     options = parser.parse_args()
     brokers = ["redis", "amqp"] if options.broker == "both" else [options.broker]

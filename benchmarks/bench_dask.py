@@ -10,7 +10,6 @@ by process group, and prints one JSON line per return path plus a summary line:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -20,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 import dask_cli  # noqa: E402
-from common import emit_paths, hub_calls, take_turns  # noqa: E402
+from common import emit_paths, hub_calls, speed_arguments, take_turns  # noqa: E402
 
 
 def add_one(x: int) -> int:
@@ -38,10 +37,7 @@ def stop(cluster: dask_cli.DaskCliCluster) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seq", type=int, default=200)
-    parser.add_argument("--burst", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = speed_arguments(__doc__.split("\n\n")[0])
     options = parser.parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-dask-"))
 

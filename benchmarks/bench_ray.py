@@ -12,7 +12,6 @@ rounds, stops the head by PID, and prints one JSON line per return path:
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -23,16 +22,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "ray"))
 
-from common import emit_paths, hub_calls, take_turns  # noqa: E402
+from common import emit_paths, hub_calls, speed_arguments, take_turns  # noqa: E402
 
 from wove_adapters.testing.tasks import add as add_one  # noqa: E402  (x + 1, importable)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seq", type=int, default=200)
-    parser.add_argument("--burst", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = speed_arguments(__doc__.split("\n\n")[0])
     options = parser.parse_args()
     own_home = "WOVE_ADAPTERS_HOME" not in os.environ
     if own_home:

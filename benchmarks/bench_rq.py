@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
-from common import alternate, emit, hub_calls, ratio, summarize  # noqa: E402
+from common import alternate, emit, hub_calls, ratio, speed_arguments, summarize  # noqa: E402
 from services import ServiceProcess  # noqa: E402
 
 REDIS_URL = os.environ.get(
@@ -156,10 +156,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq", type=int, default=200)
-    parser.add_argument("--burst", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser = speed_arguments(__doc__.split("\n\n")[0], rounds=1)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--worker-class", default="wove_adapters.adapters.rq.Worker",
                         help="the rq worker class both paths run on")

@@ -14,7 +14,6 @@ Usage: python benchmarks/bench_taskiq.py [--tasks 200] [--burst 1000] [--rounds 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -28,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
-from common import burst_rate, emit, ratio, round_trips, summarize  # noqa: E402
+from common import burst_rate, emit, ratio, round_trips, speed_arguments, summarize  # noqa: E402
 from services import ServiceProcess  # noqa: E402
 
 URL = os.environ.get("WOVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -154,10 +153,7 @@ class Ours:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", type=int, default=200)
-    parser.add_argument("--burst", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser = speed_arguments(__doc__.split("\n\n")[0], rounds=2, seq_flag="--tasks")
     parser.add_argument("--processes", type=int, default=2, help="payload processes")
     options = parser.parse_args()
 

@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "celery"))
 
+from bench_celery import native_calls  # noqa: E402
 from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
 
 WORKERS = str(HERE / "wove_workers")
@@ -49,16 +50,7 @@ def bench(broker: str, args: Any) -> dict[str, Any]:
     wove_config = {"app": wove_app, "queue": service.queue,
                    "task_name": "wove.run_backend_payload"}
     try:
-        def native_one(x: int) -> int:
-            return int(native_app.send_task("wove_test.add", args=[x, 1], queue=service.queue)
-                       .get(timeout=60))
-
-        def native_burst(n: int) -> list[int]:
-            results = [native_app.send_task("wove_test.add", args=[i, 1], queue=service.queue)
-                       for i in range(n)]
-            return [int(r.get(timeout=300)) for r in results]
-
-        sides = [Side("native", native_one, native_burst), hub_side(hub)]
+        sides = [Side("native", *native_calls(native_app, service.queue)), hub_side(hub)]
         measured, notes = three_way(sides, args, f"celery+{broker}", "celery", wove_config,
                                     weave=True)
     finally:
