@@ -44,6 +44,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (a readiness check)."""
+    try:
+        with socket.create_connection((host, port), timeout):
+            return True
+    except OSError:
+        return False
+
+
 def log_tail(path: Path | None, chars: int = 3000) -> str:
     if path is None or not path.exists():
         return "(no log)"

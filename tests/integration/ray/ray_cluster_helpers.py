@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
-from services import ServiceProcess, free_port, poll_until
+from services import ServiceProcess, free_port, poll_until, port_open
 
 CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS = 0x8913
@@ -173,9 +173,7 @@ def ray_cluster(log_dir: Path) -> Iterator[RayCluster]:
         )
         address = f"127.0.0.1:{port}"
         try:
-            wait_until("the GCS port opens",
-                       lambda: socket.create_connection(("127.0.0.1", port), 1).close() or True,
-                       head)
+            wait_until("the GCS port opens", lambda: port_open(port), head)
             ray.init(address=address, log_to_driver=False)
             wait_until("the head offers 2 CPUs",
                        lambda: ray.cluster_resources().get("CPU", 0) >= 2, head)
