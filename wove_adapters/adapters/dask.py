@@ -28,28 +28,29 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.util import (
+    BatchedFetch,
+    FinishedStates,
+    IterationBatch,
+    Watched,
+    failure_frame,
+    group_by,
+    wait_within,
+)
 from wove_adapters.core import frames
-from wove_adapters.core.codec import attach_remote_traceback
-from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker.hosted import OutcomeUndelivered, run_native, run_reported, worker_ready
 
 log = logging.getLogger("wove_adapters.adapters.dask")
 
 # Per-task options Dask's ``Client.submit`` understands, passed through as given.
 SUBMIT_OPTIONS = ("resources", "priority", "retries", "workers", "allow_other_workers")
-_FINISHED_MEMORY = 10_000  # final states kept for status() after a future is released
-
-
-class OutcomeUndelivered(RuntimeError):
-    """Raised on the worker when the terminal event reached neither the caller nor the
-    ledger: the Dask future then reports the run as lost instead of finished."""
 
 
 # ---------------------------------------------------------------- the worker side
@@ -62,43 +63,11 @@ def run_payload(payload: str) -> Any:
     off: signal handlers belong to the main thread).
     """
     from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.worker import runner as worker
 
     envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
     if envelope.return_path.kind == "native":
-        return _run_native(envelope)
-    # Returns as soon as the caller has the outcome or this process's outbox owns it
-    # (the caller is gone or slow): the Dask thread is free for the next task at once.
-    outcome = worker.run_envelope(envelope, handle_sigterm=False)
-    if not outcome.delivered:
-        raise OutcomeUndelivered(
-            f"run {envelope.run_id}: the worker could not deliver its outcome to "
-            f"{envelope.return_path.url or envelope.return_path.kind}"
-        )
-    return outcome.state
-
-
-def _run_native(envelope: Any) -> Any:
-    """The future carries the value; a detached run also records it in the ledger."""
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.worker import runner as worker
-
-    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
-    detach = envelope.delivery.get("delivery_orphan_policy") == "detach" and envelope.ledger
-    func, args = worker.load_task(envelope)  # WorkerImportError names host, pid, the fix
-    try:
-        value = worker.call_task(func, args)
-    except Exception as exc:
-        if detach:
-            worker._record_in_ledger(envelope, frames.TaskError(
-                **ident, error=frames.normalize_exception(exc, source="task"),
-                exception=worker.pickled_exception(exc),
-            ))
-        raise
-    if detach:
-        worker._record_in_ledger(
-            envelope, frames.TaskResult(**ident, result=payload_mod.dumps(value)))
-    return value
+        return run_native(envelope)
+    return run_reported(envelope, handle_sigterm=False)
 
 
 def check_workers(client: Any) -> Any:
@@ -107,24 +76,15 @@ def check_workers(client: Any) -> Any:
     Nothing needs registering on Dask (functions travel by reference, so a plain
     ``dask worker`` with wove-adapters installed runs payloads); this fails with the
     worker's ImportError when one lacks it. Sync client: the dict; async: awaitable."""
-    return client.run(_worker_ready)
-
-
-def _worker_ready() -> str:
-    import wove_adapters
-
-    return getattr(wove_adapters, "__version__", "installed")
+    return client.run(worker_ready)
 
 
 # ---------------------------------------------------------------- the caller side
 
 
 @dataclass
-class _Tracked:
-    run_id: str
-    task_id: str
-    attempt: int
-    future: Any
+class _Tracked(Watched):
+    future: Any = None  # None while its batch has not left
     watcher: asyncio.Task[None] | None = None
     detached: bool = False  # detached before its batch left: submitted, then let go
 
@@ -197,43 +157,27 @@ class DaskAdapter(BackendAdapter):
             self.capabilities = dataclasses.replace(  # type: ignore[misc]
                 type(self).capabilities, heartbeats=False)
         self._tracked: dict[str, _Tracked] = {}
-        self._finished: OrderedDict[str, JobState] = OrderedDict()
+        self._finished: FinishedStates[JobState] = FinishedStates()
         self._defaults = {k: config[k] for k in SUBMIT_OPTIONS if config.get(k) is not None}
         self._cancel_force = bool(config.get("cancel_force", False))
-        self._batch: list[tuple[str, str, dict[str, Any]]] = []
-        self._gathers: list[tuple[Any, asyncio.Future[Any]]] = []
-        self._background: set[asyncio.Task[None]] = set()
+        # One ``client.map`` for a loop iteration's submits (one graph update, not one per
+        # task), one ``gather`` for the results that finished together.
+        self._batch: IterationBatch[tuple[str, str, dict[str, Any]]] = IterationBatch(self._flush)
+        self._results: BatchedFetch[Any, Any] = BatchedFetch(
+            lambda futures: self.client.gather(futures), _awaited)
         self._detached: dict[str, Any] = {}
 
     # ---------------------------------------------------------- life cycle
 
     async def start(self) -> None:
-        from distributed import Client
+        from distributed import Client, LocalCluster
 
-        address = self.config.get("address") or self.config.get("scheduler_file")
-        cluster = self.config.get("cluster")
-        if cluster not in (None, "local"):
-            raise ValueError(f"dask executor_config 'cluster' must be 'local', not {cluster!r}")
-        if not address and cluster is None:
-            raise ValueError(
-                "dask executor_config needs 'address' (e.g. 'tcp://127.0.0.1:8786'), "
-                "'scheduler_file', or cluster: 'local' to start a LocalCluster"
-            )
-        defaults: dict[str, Any] = {}
-        if cluster == "local":
-            self.cluster = await self._local_cluster()
+        address = _configured_address(self.config)
+        if self.config.get("cluster") == "local":
+            self.cluster = await LocalCluster(**_local_cluster_options(self.config))
             address = self.cluster.scheduler_address
-            # Same host: fetch results from the workers, not through the scheduler.
-            defaults["direct_to_workers"] = True
-        timeout = float(self.config.get("connect_timeout", 30))
-        kwargs: dict[str, Any] = {"timeout": timeout, "name": f"wove-adapters-{self.environment}",
-                                  **defaults, **(self.config.get("client_options") or {}),
-                                  "asynchronous": True}
-        if self.config.get("scheduler_file") and not self.config.get("address"):
-            kwargs["scheduler_file"] = self.config["scheduler_file"]
-            target = None
-        else:
-            target = address
+        target, kwargs = _client_arguments(self.config, self.environment, address,
+                                           local=self.cluster is not None)
         try:
             self.client = await Client(target, **kwargs)
         except Exception as exc:
@@ -247,32 +191,6 @@ class DaskAdapter(BackendAdapter):
         if failures is not None and self.cluster is None:
             await self.client.run_on_scheduler(_set_allowed_failures, allowed=int(failures))
 
-    async def _local_cluster(self) -> Any:
-        from distributed import LocalCluster
-
-        options: dict[str, Any] = {
-            "host": "127.0.0.1",
-            "protocol": "tcp://",
-            "n_workers": int(self.config.get("n_workers", 2)),
-            "threads_per_worker": int(self.config.get("threads_per_worker", 1)),
-            "processes": True,
-            # The scheduler always serves HTTP (health, metrics); with None it takes 8787.
-            # Loopback and a free port instead ('--no-dashboard' would bind 0.0.0.0).
-            "dashboard_address": "127.0.0.1:0",
-            # A worker that dies mid-task fails the task (KilledWorker) instead of Dask
-            # re-running it: the orphan policy decides what happens to a lost run.
-            "scheduler_kwargs": {"allowed_failures": int(self.config.get("allowed_failures", 0))},
-            # The cluster is ours and stops with us: its workers' expected goodbyes at
-            # close (a cancelled task interrupted, comms closed, on a loaded machine a
-            # heartbeat that raced the scheduler's close, logged as ERROR) are not news
-            # for the user's terminal. What matters reaches the caller as run outcomes
-            # (task errors, KilledWorker); cluster_options={"silence_logs": ...} overrides.
-            "silence_logs": logging.CRITICAL,
-            "asynchronous": True,
-        }
-        options.update(self.config.get("cluster_options") or {})
-        return await LocalCluster(**options)
-
     async def aclose(self) -> None:
         """Stop in the order that keeps the cluster quiet: detached runs on our own
         cluster finish first (they cannot outlive it), then our watchers stop, then the
@@ -283,10 +201,7 @@ class DaskAdapter(BackendAdapter):
             if tracked.watcher is not None:
                 tracked.watcher.cancel()
         self._tracked.clear()
-        tasks = list(self._background)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._results.aclose()
         if self.client is not None:
             client, self.client = self.client, None
             with _quiet_dask_logs():
@@ -309,17 +224,13 @@ class DaskAdapter(BackendAdapter):
         if not pending or self.client is None:
             return
         timeout = float(self.config.get("close_timeout", 45))
-        waits = [asyncio.ensure_future(f.exception()) for f in pending]
-        _, left = await asyncio.wait(waits, timeout=timeout)
-        for waiter in left:
-            waiter.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)
+        left = await wait_within([f.exception() for f in pending], timeout)
         if left:
             log.warning(
                 "%d detached Dask runs were still running when the environment closed "
                 "after close_timeout=%ss; the LocalCluster stops them, so their ledger rows "
                 "stay 'detached'. Use a separate scheduler ('address') for runs that must "
-                "outlive the caller.", len(left), timeout,
+                "outlive the caller.", left, timeout,
             )
 
     async def _close_cluster(self) -> None:
@@ -342,26 +253,19 @@ class DaskAdapter(BackendAdapter):
         return self.safe_name(f"wove-{job.task_id}-{job.run_id.rsplit(':', 1)[-1]}-{job.attempt}")
 
     async def submit(self, job: JobSpec) -> str:
-        """Queue the job for this loop iteration's batch: many submits become one
-        ``client.map`` (one graph update on the scheduler instead of one per task)."""
+        """Queue the job for this loop iteration's batch (one ``client.map``)."""
         key = self.dask_key(job)
         options = {**self._defaults,
                    **{k: v for k, v in job.options.items() if k in SUBMIT_OPTIONS}}
-        self._tracked[key] = _Tracked(job.run_id, job.task_id, job.attempt, None)
-        self._finished.pop(key, None)
-        self._batch.append((key, job.payload, options))
-        if len(self._batch) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._tracked[key] = _Tracked(job.run_id, job.task_id, job.attempt)
+        self._finished.forget(key)
+        self._batch.add((key, job.payload, options))
         return key
 
-    def _flush(self) -> None:
-        batch, self._batch = self._batch, []
-        groups: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
-        for item in batch:
-            if item[0] in self._tracked:  # not cancelled before it left
-                groups.setdefault(repr(sorted(item[2].items())), []).append(item)
+    def _flush(self, batch: list[tuple[str, str, dict[str, Any]]]) -> None:
+        leaving = [item for item in batch if item[0] in self._tracked]  # not cancelled
         loop = asyncio.get_running_loop()
-        for items in groups.values():
+        for items in group_by(leaving, lambda item: repr(sorted(item[2].items()))):
             keys = [key for key, _, _ in items]
             try:
                 futures = self.client.map(run_payload, [p for _, p, _ in items], key=keys,
@@ -389,7 +293,7 @@ class DaskAdapter(BackendAdapter):
             return
         if tracked.future is None:  # still in this iteration's batch: it never leaves
             del self._tracked[handle]
-            self._remember(handle, JobState.CANCELLED)
+            self._finished.remember(handle, JobState.CANCELLED)
             return
         if tracked.future.done():
             return
@@ -460,7 +364,7 @@ class DaskAdapter(BackendAdapter):
                 remote_tb = _format_remote(exc, await future.traceback())
             if status == "finished" and self.native:
                 try:
-                    value = await self._gather(future)
+                    value = await self._results.fetch(future)
                 except Exception as gather_error:  # result lost in transit
                     exc, status = gather_error, "lost"
         except asyncio.CancelledError:
@@ -471,75 +375,10 @@ class DaskAdapter(BackendAdapter):
             exc, status = watch_error, "lost"
         if self._tracked.get(key) is tracked:
             del self._tracked[key]
-        self._remember(key, self.map_state(status))
-        frame = self._frame_for(tracked, status, value, exc, remote_tb)
+        self._finished.remember(key, self.map_state(status))
+        frame = _frame_for(tracked, status, value, exc, native=self.native, remote_tb=remote_tb)
         if frame is not None and self.emit is not None:
             self.emit(frame)
-
-    def _gather(self, future: Any) -> asyncio.Future[Any]:
-        """Results finished in the same loop iteration are fetched with one request (the
-        scheduler and workers pay per request, not per key)."""
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._gathers.append((future, waiter))
-        if len(self._gathers) == 1:
-            asyncio.get_running_loop().call_soon(self._spawn_gather)
-        return waiter
-
-    def _spawn_gather(self) -> None:
-        batch, self._gathers = self._gathers, []
-        task = asyncio.get_running_loop().create_task(self._gather_batch(batch))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _gather_batch(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
-        try:
-            values = await self.client.gather([future for future, _ in batch])
-        except Exception:  # one lost result: fetch one by one, each hears its own error
-            for future, waiter in batch:
-                try:
-                    value = await future
-                except Exception as exc:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
-                else:
-                    if not waiter.done():
-                        waiter.set_result(value)
-            return
-        for (_, waiter), value in zip(batch, values, strict=True):
-            if not waiter.done():
-                waiter.set_result(value)
-
-    def _frame_for(
-        self,
-        tracked: _Tracked,
-        status: str | None,
-        value: Any,
-        exc: BaseException | None,
-        remote_tb: str = "",
-    ) -> dict[str, Any] | None:
-        ident = (tracked.run_id, tracked.task_id, tracked.attempt)
-        if status == "finished":
-            if not self.native:
-                return None  # the worker already reported (and was acknowledged)
-            return frames.event(frames.TASK_RESULT, *ident, result=value)
-        if status == "cancelled":
-            return frames.event(frames.TASK_CANCELLED, *ident,
-                                reason="the Dask task was cancelled")
-        if status == "error" and exc is not None and not _lost(exc):
-            source = "payload" if isinstance(exc, PayloadError) else (
-                "task" if self.native else "worker")
-            frame = frames.error_event(*ident[:2], exc, attempt=tracked.attempt, source=source)
-            if remote_tb:  # the task's own frames, as the worker saw them
-                frame["error"]["traceback"] = remote_tb
-                attach_remote_traceback(exc, remote_tb)
-            return frame
-        reason = f"{type(exc).__name__}: {exc}" if exc is not None else f"Dask reports {status}"
-        return frames.event(frames.TASK_LOST, *ident, reason=f"the Dask task was lost ({reason})")
-
-    def _remember(self, key: str, state: JobState) -> None:
-        self._finished[key] = state
-        while len(self._finished) > _FINISHED_MEMORY:
-            self._finished.popitem(last=False)
 
     # ---------------------------------------------------------- doctor
 
@@ -556,7 +395,7 @@ class DaskAdapter(BackendAdapter):
                      f"no workers: start one with 'dask worker {self.client.scheduler.address}'"))
         if workers:
             try:
-                versions = await self.client.run(_worker_ready)
+                versions = await self.client.run(worker_ready)
                 rows.append(("workers import wove_adapters", True, f"{len(versions)} workers"))
             except Exception as exc:  # every failure is a row
                 rows.append(("workers import wove_adapters", False,
@@ -573,14 +412,98 @@ class DaskAdapter(BackendAdapter):
         return rows
 
 
+def _configured_address(config: dict[str, Any]) -> str | None:
+    """The scheduler ``executor_config`` names; a ValueError when it names none."""
+    address = config.get("address") or config.get("scheduler_file")
+    cluster = config.get("cluster")
+    if cluster not in (None, "local"):
+        raise ValueError(f"dask executor_config 'cluster' must be 'local', not {cluster!r}")
+    if not address and cluster is None:
+        raise ValueError(
+            "dask executor_config needs 'address' (e.g. 'tcp://127.0.0.1:8786'), "
+            "'scheduler_file', or cluster: 'local' to start a LocalCluster"
+        )
+    return str(address) if address else None
+
+
+def _client_arguments(
+    config: dict[str, Any], environment: str, address: str | None, *, local: bool
+) -> tuple[str | None, dict[str, Any]]:
+    """(address, keyword arguments) of the asynchronous ``Client`` to the scheduler."""
+    # Same host as an owned cluster: fetch results from the workers, not the scheduler.
+    defaults: dict[str, Any] = {"direct_to_workers": True} if local else {}
+    kwargs: dict[str, Any] = {"timeout": float(config.get("connect_timeout", 30)),
+                              "name": f"wove-adapters-{environment}",
+                              **defaults, **(config.get("client_options") or {}),
+                              "asynchronous": True}
+    if config.get("scheduler_file") and not config.get("address"):
+        kwargs["scheduler_file"] = config["scheduler_file"]
+        return None, kwargs
+    return address, kwargs
+
+
+def _local_cluster_options(config: dict[str, Any]) -> dict[str, Any]:
+    """``LocalCluster`` arguments for the cluster the environment owns."""
+    options: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "protocol": "tcp://",
+        "n_workers": int(config.get("n_workers", 2)),
+        "threads_per_worker": int(config.get("threads_per_worker", 1)),
+        "processes": True,
+        # The scheduler always serves HTTP (health, metrics); with None it takes 8787.
+        # Loopback and a free port instead ('--no-dashboard' would bind 0.0.0.0).
+        "dashboard_address": "127.0.0.1:0",
+        # A worker that dies mid-task fails the task (KilledWorker) instead of Dask
+        # re-running it: the orphan policy decides what happens to a lost run.
+        "scheduler_kwargs": {"allowed_failures": int(config.get("allowed_failures", 0))},
+        # The cluster is ours and stops with us: its workers' expected goodbyes at
+        # close (a cancelled task interrupted, comms closed, on a loaded machine a
+        # heartbeat that raced the scheduler's close, logged as ERROR) are not news
+        # for the user's terminal. What matters reaches the caller as run outcomes
+        # (task errors, KilledWorker); cluster_options={"silence_logs": ...} overrides.
+        "silence_logs": logging.CRITICAL,
+        "asynchronous": True,
+    }
+    options.update(config.get("cluster_options") or {})
+    return options
+
+
+def _frame_for(
+    tracked: _Tracked,
+    status: str | None,
+    value: Any,
+    exc: BaseException | None,
+    *,
+    native: bool,
+    remote_tb: str = "",
+) -> dict[str, Any] | None:
+    """The event a finished Dask future means for its run (None: the worker reported)."""
+    ident = (tracked.run_id, tracked.task_id, tracked.attempt)
+    if status == "finished":
+        if not native:
+            return None  # the worker already reported (and was acknowledged)
+        return frames.event(frames.TASK_RESULT, *ident, result=value)
+    if status == "cancelled":
+        return frames.event(frames.TASK_CANCELLED, *ident, reason="the Dask task was cancelled")
+    if status == "error" and exc is not None and not _lost(exc):
+        return failure_frame(tracked, exc, native=native, remote_tb=remote_tb)
+    reason = f"{type(exc).__name__}: {exc}" if exc is not None else f"Dask reports {status}"
+    return frames.event(frames.TASK_LOST, *ident, reason=f"the Dask task was lost ({reason})")
+
+
+async def _awaited(future: Any) -> Any:
+    return await future
+
+
 def _format_remote(exc: BaseException, tb: Any) -> str:
     """The worker's traceback (Dask ships it beside the exception) as text, without the
     payload runner's own frames."""
     import traceback
 
+    from wove_adapters.worker import hosted
     from wove_adapters.worker import runner as worker
 
-    own = {__file__, worker.__file__}
+    own = {__file__, hosted.__file__, worker.__file__}
     while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in own:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))

@@ -171,16 +171,19 @@ def test_dask_keys_are_sanitised() -> None:
 # ---------------------------------------------------------------- lost runs
 
 
-def test_dead_worker_found_by_status_alone(address: str, markers: Path) -> None:
+def test_dead_worker_found_by_status_alone(
+    address: str, markers: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The Dask future's own report is switched off: reconciliation through status() must
     see the job died without a terminal event, and the orphan policy (fail) applies."""
+    from wove_adapters.adapters import dask as dask_adapter
+
     hub = _hub({"executor": "dask", "delivery_orphan_policy": "fail",
                 "executor_config": {"address": address, "reconcile_seconds": 0.5}},
                name="reconcile")
     try:
         hub.run(tasks.add, 1)
-        adapter = _adapter(hub)
-        adapter._frame_for = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        monkeypatch.setattr(dask_adapter, "_frame_for", lambda *args, **kwargs: None)
         future = hub.submit(tasks.die_once, str(markers), "reconcile")
         pid = int(wait_for_file(markers / "reconcile.pid", 30))
         os.kill(pid, 9)

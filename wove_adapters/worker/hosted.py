@@ -1,0 +1,77 @@
+"""Payloads run by a function of ours that another system's worker calls (Dask, Ray).
+
+Such a backend ships the payload text as the argument of one module-level function,
+imported by reference on its worker, and carries what that function returns (or raises)
+back to the caller in its own future. Each adapter's ``run_payload`` is a few lines that
+choose its signal handling; what they share lives here: the run that reports to the
+caller (``run_reported``), the run whose value travels in the future (``run_native``),
+and the probe ``doctor`` sends to every worker. Nothing here talks to Dask or Ray, and
+importing this module imports neither.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from wove_adapters.core import frames
+
+if TYPE_CHECKING:
+    from wove_adapters.core.envelope import Envelope
+
+
+class OutcomeUndelivered(RuntimeError):
+    """Raised on the worker when the terminal event reached neither the caller nor the
+    ledger: the backend's future then reports the run as lost instead of finished."""
+
+
+def run_reported(envelope: Envelope, *, handle_sigterm: bool = True) -> str:
+    """Run with ``worker.runner`` (started, heartbeats and the terminal event go to the
+    caller) and return the outcome's state for the future to carry.
+
+    Returns as soon as the caller has the outcome or this process's outbox owns it (the
+    caller is gone or slow): the backend's worker slot is free for the next task at once.
+    """
+    from wove_adapters.worker import runner as worker
+
+    outcome = worker.run_envelope(envelope, handle_sigterm=handle_sigterm)
+    if not outcome.delivered:
+        raise OutcomeUndelivered(
+            f"run {envelope.run_id}: the worker could not deliver its outcome to "
+            f"{envelope.return_path.url or envelope.return_path.kind}"
+        )
+    return outcome.state
+
+
+def run_native(envelope: Envelope) -> Any:
+    """``return_path: "native"``: the future carries the value (or the task's exception);
+    a detached run also records it in the ledger, since no caller waits for the future.
+    SIGTERM cancels the task where that can work (the worker's main thread)."""
+    from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.worker import runner as worker
+
+    ident: dict[str, Any] = {
+        "run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
+    detach = envelope.delivery.get("delivery_orphan_policy") == "detach" and envelope.ledger
+    func, args = worker.load_task(envelope)  # WorkerImportError names host, pid, the fix
+    try:
+        with worker.sigterm_cancels():
+            value = worker.call_task(func, args)
+    except Exception as exc:
+        if detach:
+            worker._record_in_ledger(envelope, frames.TaskError(
+                **ident, error=frames.normalize_exception(exc, source="task"),
+                exception=worker.pickled_exception(exc),
+            ))
+        raise
+    if detach:
+        worker._record_in_ledger(
+            envelope, frames.TaskResult(**ident, result=payload_mod.dumps(value)))
+    return value
+
+
+def worker_ready() -> str:
+    """Probe ``doctor`` runs on every worker: it imports this package."""
+    import os
+    from importlib import metadata
+
+    return f"wove-adapters {metadata.version('wove-adapters')} (pid {os.getpid()})"
