@@ -32,18 +32,17 @@ import logging
 import signal
 import socket
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.util import FinishedStates, Watched, failure_frame
 from wove_adapters.core import frames
-from wove_adapters.core.codec import attach_remote_traceback
-from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker.hosted import OutcomeUndelivered, run_native, run_reported, worker_ready
 
 log = logging.getLogger("wove_adapters.adapters.ray")
 
@@ -61,14 +60,8 @@ LOST_ERRORS = frozenset({
     "WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OwnerDiedError",
     "ObjectLostError", "OutOfMemoryError", "RaySystemError", "ActorDiedError",
 })
-_FINISHED_MEMORY = 10_000  # final states kept for status() after a ref is released
 _SUBMIT_IN_THREAD = 64 * 1024  # payloads this large go to the object store: off the loop
 _CONNECT_LOCK = threading.Lock()
-
-
-class OutcomeUndelivered(RuntimeError):
-    """Raised on the worker when the terminal event reached neither the caller nor the
-    ledger: the ObjectRef then reports the run as lost instead of finished."""
 
 
 @dataclass(frozen=True)
@@ -88,30 +81,16 @@ def run_payload(payload: str) -> Any:
     interrupt (a simulated SIGINT, ignored by Ray workers otherwise) cancel the task.
     """
     from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.worker import runner as worker
+    from wove_adapters.worker.runner import TaskCancelled
 
     envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
     try:
         with interrupt_cancels():
             if envelope.return_path.kind == "native":
-                return _run_native(envelope)
-            outcome = worker.run_envelope(envelope)
-    except worker.TaskCancelled as exc:  # interrupted outside the task body
+                return run_native(envelope)
+            return run_reported(envelope)
+    except TaskCancelled as exc:  # interrupted outside the task body
         return NativeCancelled(str(exc))
-    if not outcome.delivered:
-        raise OutcomeUndelivered(
-            f"run {envelope.run_id}: the worker could not deliver its outcome to "
-            f"{envelope.return_path.url or envelope.return_path.kind}"
-        )
-    return outcome.state
-
-
-def _run_native(envelope: Any) -> Any:
-    from wove_adapters.worker import runner as worker
-
-    func, args = worker.load_task(envelope)  # WorkerImportError names host, pid, the fix
-    with worker.sigterm_cancels():
-        return worker.call_task(func, args)
 
 
 @contextlib.contextmanager
@@ -133,23 +112,12 @@ def interrupt_cancels() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def worker_ready() -> str:
-    """Probe run on a Ray worker by ``doctor``: it imports this package."""
-    import os
-    from importlib import metadata
-
-    return f"wove-adapters {metadata.version('wove-adapters')} (pid {os.getpid()})"
-
-
 # ---------------------------------------------------------------- the caller side
 
 
 @dataclass
-class _Tracked:
-    ref: Any
-    run_id: str
-    task_id: str
-    attempt: int
+class _Tracked(Watched):
+    ref: Any = None
     escalation: asyncio.Task[None] | None = None
 
 
@@ -222,7 +190,7 @@ class RayAdapter(BackendAdapter):
         self._exported = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tracked: dict[str, _Tracked] = {}
-        self._finished: OrderedDict[str, str] = OrderedDict()
+        self._finished: FinishedStates[str] = FinishedStates()
 
     # ---------------------------------------------------------- life cycle
 
@@ -277,7 +245,7 @@ class RayAdapter(BackendAdapter):
         else:
             ref = remote.remote(job.payload)
         handle = str(ref.hex())
-        tracked = _Tracked(ref, job.run_id, job.task_id, job.attempt)
+        tracked = _Tracked(job.run_id, job.task_id, job.attempt, ref)
         self._tracked[handle] = tracked
         ref.future().add_done_callback(lambda done: self._settle_soon(handle, tracked, done))
         return handle
@@ -321,9 +289,7 @@ class RayAdapter(BackendAdapter):
         if tracked.escalation is not None:
             tracked.escalation.cancel()
         state, frame = self._outcome(tracked, done)
-        self._finished[handle] = state
-        while len(self._finished) > _FINISHED_MEMORY:
-            self._finished.popitem(last=False)
+        self._finished.remember(handle, state)
         if frame is not None and self.emit is not None:
             self.emit(frame)
 
@@ -345,17 +311,10 @@ class RayAdapter(BackendAdapter):
                     reason=f"Ray lost the task ({type(exc).__name__}: {_first_line(exc)})",
                 )
             if isinstance(cause, BaseException):
-                source = "payload" if isinstance(cause, PayloadError) else (
-                    "task" if self.native else "worker")
-                frame = frames.error_event(*ident[:2], cause, attempt=tracked.attempt,
-                                           source=source)
-                # The worker's own traceback (Ray ships it as text beside the cause),
-                # chained to the caller's exception as concurrent.futures does it.
+                # The worker's own traceback: Ray ships it as text beside the cause.
                 remote = str(getattr(exc, "traceback_str", "") or "")
-                if remote:
-                    frame["error"]["traceback"] = remote
-                    attach_remote_traceback(cause, remote)
-                return "FAILED", frame
+                return "FAILED", failure_frame(tracked, cause, native=self.native,
+                                               remote_tb=remote)
             return "FAILED", frames.error_event(
                 *ident[:2], exc, attempt=tracked.attempt, source="backend"
             )
