@@ -1,54 +1,58 @@
 """``temporal``: each run is one Temporal workflow that runs the payload in one activity.
 
 Caller side (``TemporalAdapter``): ``start_workflow`` with the workflow id taken from the
-idempotency key (one key, one execution: a second start attaches to the first and answers
-with its recorded result), ``cancel`` through the workflow handle, ``status`` from
-``describe()``. The way back is the callback receiver (default) or, with
-``return_path: "native"``, the workflow's own result.
+idempotency key (one key, one execution: a start that finds the id taken returns
+``Following``, and the transport hands the run what that workflow recorded, read through
+``outcomes``), ``cancel`` through the workflow handle, ``status`` from ``describe()``.
+The way back is the callback receiver (default) or, with ``return_path: "native"``, the
+workflow's own result, awaited through its handle.
 
-Worker side (``run_worker`` / ``workflows()`` + ``activities()``): a generic workflow and
-activity any Temporal worker can host next to its own. The activity runs each payload in
-its own process (forked from a zygote with ``wove_adapters`` imported, so a start costs
-milliseconds) and sends Temporal heartbeats while it runs: a cancellation reaches the
-activity on a heartbeat, the task process gets SIGTERM and reports ``task_cancelled``.
+Worker side (``run_worker`` / ``workflows()`` + ``activities()``, the module's command
+line): ``wove_adapters.worker.temporal``, whose public names are importable from here too.
 
 This module must not import ``temporalio`` at import time (``core`` never does, and
-``wove-adapters`` works without the extra); the workflow and activity classes are built
-on first use.
+``wove-adapters`` works without the extra).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
-from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.core import frames
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
-from wove_adapters.worker.pool import ProcessPool
+from wove_adapters.core.transport import STATUS_CONCURRENCY
+from wove_adapters.worker.temporal import (
+    ACTIVITY_NAME,
+    DEFAULT_ADDRESS,
+    DEFAULT_TASK_QUEUE,
+    RESULT_LIMIT,
+    TASK_FAILED,
+    WORKFLOW_NAME,
+    activities,
+    exit_now,
+    main,
+    prepare_processes,
+    run_worker,
+    workflows,
+)
 
-WORKFLOW_NAME = "wove_adapters.run"
-ACTIVITY_NAME = "wove_adapters.run_payload"
-DEFAULT_ADDRESS = "127.0.0.1:7233"
-DEFAULT_TASK_QUEUE = "wove-adapters"
+__all__ = [
+    "ACTIVITY_NAME", "DEFAULT_ADDRESS", "DEFAULT_TASK_QUEUE", "INLINE_LIMIT", "RESULT_LIMIT",
+    "TASK_FAILED", "WORKFLOW_NAME", "TemporalAdapter", "TemporalOptions", "activities",
+    "exit_now", "main", "prepare_processes", "run_worker", "workflows",
+]
+
 # Temporal refuses payloads above 2 MiB (blob size limit). The payload text is base64 of
 # the signed envelope (4/3 of the body), so bodies above 1 MiB go to the payload store.
 INLINE_LIMIT = 1024 * 1024
-# A signed outcome above this is not put into the workflow result (callback path: the
-# caller already has it; native path: the run fails with a clear message).
-RESULT_LIMIT = 1536 * 1024
-
-TASK_FAILED = "WoveTaskFailed"  # ApplicationError type of a workflow whose task raised
-Ident = tuple[str, str, int]  # run_id, task_id, attempt
 
 START_HINT = (
     "start one with `temporal server start-dev --ip 127.0.0.1` (the `temporal` CLI comes "
@@ -116,10 +120,8 @@ class TemporalAdapter(BackendAdapter):
         self.task_queue = str(config.get("task_queue") or DEFAULT_TASK_QUEUE)
         self.native = config.get("return_path") == "native"
         self._client: Any = None
-        # Runs whose outcome we read from Temporal (native path, or a key another run
-        # holds): workflow id -> (follower task, run ident). ``_attached``: the latter.
-        self._followers: dict[str, tuple[asyncio.Task[None], Ident]] = {}
-        self._attached: set[str] = set()
+        # Our own workflows whose result is the way back (native path): id -> its reader.
+        self._readers: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------ life cycle
 
@@ -147,9 +149,9 @@ class TemporalAdapter(BackendAdapter):
             ) from exc
 
     async def aclose(self) -> None:
-        for task, _ in self._followers.values():
+        for task in self._readers.values():
             task.cancel()
-        self._followers.clear()
+        self._readers.clear()
         self._client = None  # the SDK's client holds no resources to release
 
     # ------------------------------------------------------------ submit
@@ -199,7 +201,6 @@ class TemporalAdapter(BackendAdapter):
             extra["memo"] = dict(options["memo"])
         if options.get("summary", True):
             extra["static_summary"] = f"{job.task_id} (run {job.run_id}, attempt {job.attempt})"
-        ident: Ident = (job.run_id, job.task_id, job.attempt)
         try:
             handle = await self._client.start_workflow(
                 WORKFLOW_NAME,
@@ -213,84 +214,76 @@ class TemporalAdapter(BackendAdapter):
                 **extra,
             )
         except WorkflowAlreadyStartedError:
-            # Someone (another process, another host) holds this key: follow their run.
-            self._attached.add(workflow_id)
-            self._follow(workflow_id, self._client.get_workflow_handle(workflow_id), ident)
-            return workflow_id
+            # Someone (another process, another host) holds this key: the transport
+            # follows their workflow (outcomes).
+            return Following(workflow_id)
         if self.native:
-            self._follow(workflow_id, handle, ident)
+            reader = asyncio.get_running_loop().create_task(self._read_result(handle, job))
+            self._readers[workflow_id] = reader
+            reader.add_done_callback(lambda _: self._forget_reader(workflow_id, reader))
         return workflow_id
 
-    # ------------------------------------------------------------ the native way back
+    # ------------------------------------------------------------ the way back from Temporal
 
-    def _follow(self, workflow_id: str, handle: Any, ident: Ident) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._await_result(workflow_id, handle, ident)
-        )
-        self._followers[workflow_id] = (task, ident)
-
-        def _forget(_: object) -> None:
-            if self._followers.get(workflow_id, (None,))[0] is task:
-                self._followers.pop(workflow_id, None)
-                self._attached.discard(workflow_id)
-
-        task.add_done_callback(_forget)
-
-    async def _await_result(self, workflow_id: str, handle: Any, ident: Ident) -> None:
-        from temporalio.client import WorkflowFailureError
-        from temporalio.exceptions import is_cancelled_exception
-
-        run_id, task_id, attempt = ident
+    async def _read_result(self, handle: Any, job: JobSpec) -> None:
+        """Our own workflow's result (``return_path: "native"``) as the run's terminal
+        event: the outcome it recorded, its cancellation, or its loss."""
         try:
-            result = await handle.result()
-        except asyncio.CancelledError:
-            raise
-        except WorkflowFailureError as exc:
-            outcome = _failed_task_outcome(exc)
-            if outcome is not None:
-                self._emit(await asyncio.to_thread(_outcome_frame, outcome, *ident))
-            elif is_cancelled_exception(exc.cause):
-                self._emit(frames.event(
-                    frames.TASK_CANCELLED, run_id, task_id, attempt,
-                    reason=f"Temporal cancelled workflow {workflow_id}",
-                ))
-            else:
-                self._emit(frames.event(
-                    frames.TASK_LOST, run_id, task_id, attempt,
-                    reason=f"Temporal workflow {workflow_id} ended without an outcome: "
-                           f"{_describe_failure(exc)}",
-                ))
-            return
+            found = await _settled(handle)
         except Exception as exc:  # a broken result stream loses the run
-            self._emit(frames.event(
-                frames.TASK_LOST, run_id, task_id, attempt,
-                reason=f"following Temporal workflow {workflow_id} failed: {exc}",
-            ))
-            return
-        self._emit(await asyncio.to_thread(_outcome_frame, result, run_id, task_id, attempt))
+            found = _Ended(f"following Temporal workflow {handle.id} failed: {exc}")
+        if isinstance(found, bytes):
+            from wove_adapters.core.codec import decode_outcome
 
-    def _emit(self, frame: dict[str, Any]) -> None:
+            try:  # verified before unpickling
+                frame = await asyncio.to_thread(decode_outcome, found, job.run_id)
+            except Exception as exc:  # a forged or broken outcome is an error
+                found = exc
+        if not isinstance(found, bytes):
+            frame = _end_frame(found, job, handle.id)
         if self.emit is not None:
             self.emit(frame)
+
+    def _forget_reader(self, workflow_id: str, reader: asyncio.Task[None]) -> None:
+        if self._readers.get(workflow_id) is reader:
+            del self._readers[workflow_id]
+
+    async def outcomes(self, handles: Sequence[str]) -> dict[str, bytes | Exception]:
+        """What another caller's workflows (``Following``) recorded, for those that
+        completed or failed: the signed outcome, or why there is none. A cancelled or
+        terminated one is status_many's CANCELLED (the transport cancels its followers).
+        One ``describe`` per workflow (Temporal has no batch of them), a bounded number
+        at a time, then the result of each closed one."""
+        from temporalio.service import RPCError
+
+        bound = asyncio.Semaphore(STATUS_CONCURRENCY)
+
+        async def closed(workflow_id: str) -> bytes | Exception | None:
+            handle = self._client.get_workflow_handle(workflow_id)
+            try:
+                async with bound:
+                    status = (await handle.describe()).status
+                    state = self.map_state(status.name if status is not None else None)
+                    if state not in (JobState.SUCCEEDED, JobState.FAILED):
+                        return None  # running; a cancelled one status_many reports
+                    return await _settled(handle)
+            except RPCError:  # asked again next round; a vanished one status_many reports
+                return None
+            except Exception as exc:  # a closed workflow whose result cannot be read
+                return exc
+
+        found = await asyncio.gather(*(closed(handle) for handle in handles))
+        return {
+            handle: outcome
+            for handle, outcome in zip(handles, found, strict=True)
+            if outcome is not None
+        }
 
     # ------------------------------------------------------------ cancel, status
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
         from temporalio.service import RPCError, RPCStatusCode
 
-        if handle in self._attached:
-            # Not ours to stop (another caller owns the key): stop following, confirmed.
-            follower = self._followers.pop(handle, None)
-            self._attached.discard(handle)
-            if follower is None:
-                return
-            follower[0].cancel()
-            run_id, task_id, attempt = follower[1]
-            self._emit(frames.event(
-                frames.TASK_CANCELLED, run_id, task_id, attempt,
-                reason=f"stopped following workflow {handle} (owned by another run)",
-            ))
-            return
         try:
             await self._client.get_workflow_handle(handle).cancel()
         except RPCError as exc:
@@ -300,8 +293,8 @@ class TemporalAdapter(BackendAdapter):
     async def status(self, handle: str) -> JobState:
         from temporalio.service import RPCError, RPCStatusCode
 
-        if handle in self._followers:
-            # The follower owns this run's outcome and reports its end (result, cancel or
+        if handle in self._readers:
+            # Its reader owns this run's outcome and reports its end (result, cancel or
             # loss) itself; reconciling here too would race it.
             return JobState.UNKNOWN
         try:
@@ -314,10 +307,9 @@ class TemporalAdapter(BackendAdapter):
         return self.map_state(status.name if status is not None else None)
 
     async def detach(self, handle: str) -> None:
-        follower = self._followers.pop(handle, None)
-        self._attached.discard(handle)
-        if follower is not None:
-            follower[0].cancel()
+        reader = self._readers.pop(handle, None)
+        if reader is not None:
+            reader.cancel()
 
     async def doctor(self) -> list[tuple[str, bool, str]]:
         from temporalio.api.enums.v1 import TaskQueueType
@@ -374,19 +366,37 @@ def _describe_failure(exc: BaseException) -> str:
     return " <- ".join(parts[1:] or parts)
 
 
-def _outcome_frame(result: Any, run_id: str, task_id: str, attempt: int) -> dict[str, Any]:
-    """The workflow's result as this run's terminal frame (verified before unpickling)."""
-    from wove_adapters.core.codec import decode_outcome
+class _Ended(RuntimeError):
+    """A workflow that ended without its task's word (failed, terminated, timed out)."""
 
-    blob = (result or {}).get("outcome") if isinstance(result, dict) else None
-    if blob:
+
+async def _settled(handle: Any) -> bytes | Exception | None:
+    """How a workflow ended, once it has: the signed outcome its activity recorded (in the
+    result, or in the failure of a task that raised), None when it was cancelled, else an
+    exception saying why there is no outcome."""
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import is_cancelled_exception
+
+    try:
+        return _recorded(await handle.result())
+    except WorkflowFailureError as exc:
+        summary = _failed_task_outcome(exc)
+        if summary is not None:
+            return _recorded(summary)
+        if is_cancelled_exception(exc.cause):
+            return None
+        return _Ended(f"Temporal workflow {handle.id} ended without an outcome: "
+                      f"{_describe_failure(exc)}")
+
+
+def _recorded(summary: Any) -> bytes | Exception:
+    """The signed outcome in the activity's summary, else why it holds none."""
+    summary = summary if isinstance(summary, dict) else {}
+    if summary.get("outcome"):
         try:
-            frame = decode_outcome(base64.b64decode(blob))
-        except Exception as exc:  # a forged or broken outcome is an error
-            return frames.error_event(run_id, task_id, exc, attempt=attempt, source="backend")
-        frame.update(run_id=run_id, task_id=task_id, attempt=attempt)
-        return frame
-    summary = result if isinstance(result, dict) else {}
+            return base64.b64decode(summary["outcome"])
+        except ValueError as exc:  # a broken record is the run's error
+            return exc
     if summary.get("outcome_size"):
         message = (
             f"the outcome ({summary['outcome_size']} bytes) is too large for Temporal's "
@@ -399,241 +409,20 @@ def _outcome_frame(result: Any, run_id: str, task_id: str, attempt: int) -> dict
         )
     else:
         message = "the Temporal workflow finished without an outcome"
-    return frames.error_event(
-        run_id, task_id, RuntimeError(message), attempt=attempt, source="backend"
-    )
+    return RuntimeError(message)
 
 
-# ---------------------------------------------------------------- the worker side
-
-
-def _retry_policy(spec: dict[str, Any] | None) -> Any:
-    from temporalio.common import RetryPolicy
-
-    spec = dict(spec or {})
-    for name in ("initial_interval", "maximum_interval"):
-        if spec.get(name) is not None:
-            spec[name] = timedelta(seconds=float(spec[name]))
-    return RetryPolicy(**spec)
-
-
-_built: dict[str, Any] = {}  # the workflow and activities, decorated on first use
-_lock = threading.Lock()
-
-
-class WoveRunWorkflow:
-    """Runs one wove-adapters payload in one activity; its result is the run's outcome.
-
-    Plain here so importing this module needs no ``temporalio``; ``workflows()`` applies
-    Temporal's decorators on first use (Temporal refuses classes defined in functions).
-    Unsandboxed: it only schedules one activity (no user code, nothing
-    non-deterministic), and the sandbox would re-import this module for every run."""
-
-    async def run(self, request: dict[str, Any]) -> dict[str, Any]:
-        from temporalio import workflow
-        from temporalio.exceptions import ApplicationError
-        from temporalio.workflow import ActivityCancellationType
-
-        result: dict[str, Any] = await workflow.execute_activity(
-            ACTIVITY_NAME,
-            request,
-            task_queue=request.get("activity_task_queue") or None,
-            start_to_close_timeout=timedelta(seconds=request["start_to_close_timeout"]),
-            heartbeat_timeout=timedelta(seconds=request["heartbeat_timeout"]),
-            retry_policy=_retry_policy(request.get("retry_policy")),
-            # CANCELED then means the task really stopped (its process exited).
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-        )
-        if result.get("state") != "succeeded":
-            # A task that raised fails its workflow: the key is released for a retry (as
-            # the ledger releases it), and the outcome travels in the failure's details.
-            raise ApplicationError(
-                f"the task {result.get('state')}", result, type=TASK_FAILED, non_retryable=True
-            )
-        return result
-
-
-def _workflow_class() -> type:
-    with _lock:
-        if "workflow" not in _built:
-            from temporalio import workflow
-
-            WoveRunWorkflow.run = workflow.run(WoveRunWorkflow.run)  # type: ignore[method-assign]
-            workflow.defn(name=WORKFLOW_NAME, sandboxed=False)(WoveRunWorkflow)
-            _built["workflow"] = WoveRunWorkflow
-    return WoveRunWorkflow
-
-
-def workflows() -> list[type]:
-    """The workflow classes to add to a Temporal ``Worker(workflows=[...])``."""
-    return [_workflow_class()]
-
-
-def activities(*, kill_after: float = 10.0) -> list[Any]:
-    """The activities to add to a Temporal ``Worker(activities=[...])``.
-
-    The activity is async (no ``activity_executor`` needed); each payload runs in its own
-    child process. ``kill_after``: seconds a cancelled task gets to stop after SIGTERM
-    before SIGKILL."""
-    key = f"activity:{kill_after}"
-    with _lock:
-        if key not in _built:
-            from temporalio import activity
-
-            @activity.defn(name=ACTIVITY_NAME)
-            async def run_payload(request: dict[str, Any]) -> dict[str, Any]:
-                return await _host_payload(request, kill_after=kill_after)
-
-            _built[key] = run_payload
-    return [_built[key]]
-
-
-async def run_worker(
-    client: Any,
-    task_queue: str = DEFAULT_TASK_QUEUE,
-    *,
-    kill_after: float = 10.0,
-    preload: Sequence[str] = (),
-    **worker_kwargs: Any,
-) -> None:
-    """Run a Temporal worker that serves wove-adapters payloads on ``task_queue`` until
-    cancelled. ``worker_kwargs`` go to ``temporalio.worker.Worker`` (``workflows`` and
-    ``activities`` are added to ours; ``max_concurrent_activities`` bounds the tasks run
-    at once). ``preload``: modules the task processes import once, up front."""
-    from temporalio.worker import Worker
-
-    worker_kwargs.setdefault("max_heartbeat_throttle_interval", timedelta(seconds=1))
-    worker_kwargs.setdefault("graceful_shutdown_timeout", timedelta(seconds=5))
-    own_workflows = list(worker_kwargs.pop("workflows", []))
-    own_activities = list(worker_kwargs.pop("activities", []))
-    await asyncio.to_thread(prepare_processes, preload)
-    worker = Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[*workflows(), *own_workflows],
-        activities=[*activities(kill_after=kill_after), *own_activities],
-        **worker_kwargs,
-    )
-    await worker.run()
-
-
-# ---------------------------------------------------------------- one process per payload
-
-
-_pool: ProcessPool | None = None
-
-
-def prepare_processes(preload: Sequence[str] = ()) -> ProcessPool:
-    """The warm pool task processes fork from (``wove_adapters.worker.pool``), its zygote
-    started now if it is not running (the first payload would start it). ``preload``:
-    modules task processes import up front. No slot bound of its own: the worker's
-    ``max_concurrent_activities`` bounds the tasks run at once."""
-    global _pool
-    with _lock:
-        if _pool is None:
-            _pool = ProcessPool(None, preload=preload)
-        pool = _pool
-    pool.prepare()
-    return pool
-
-
-async def _host_payload(request: dict[str, Any], *, kill_after: float) -> dict[str, Any]:
-    """The activity body: run the payload in a task process, heartbeat to Temporal while
-    it runs, pass a cancellation on as SIGTERM, return the process's outcome summary."""
-    from temporalio import activity
-    from temporalio.exceptions import ApplicationError
-
-    pool = _pool if _pool is not None else await asyncio.to_thread(prepare_processes)
-    run = pool.run(request["payload"], keep_outcome=True)
-    interval = min(max(float(request.get("heartbeat_timeout") or 10.0) / 4, 0.05), 1.0)
-    try:
-        # The first heartbeat goes out after one interval, not at once: a short task then
-        # costs the server no heartbeat write at all (cancellation of a queued activity
-        # needs none; a running one hears of it on the next heartbeat's reply).
-        while not await run.wait(interval):
-            activity.heartbeat({"pid": run.pid})
-    except asyncio.CancelledError:
-        run.cancel(_stop_signal(activity.cancellation_details()), kill_after=kill_after)
-        with contextlib.suppress(asyncio.CancelledError):
-            await run.wait(kill_after + 1.0)
-        raise
-    outcome = await run
-    if not outcome.report:
-        raise ApplicationError(
-            f"{outcome.notice or 'the task process died'}, without an outcome",
-            type="WoveTaskProcessDied",
-        )
-    text = base64.b64encode(outcome.outcome).decode() if outcome.outcome else None
-    if text is not None and len(text) > RESULT_LIMIT:
-        return {"state": outcome.state, "outcome": None, "outcome_size": len(text)}
-    return {"state": outcome.state, "outcome": text}
-
-
-def _stop_signal(details: Any) -> int:
-    """A cancel request: SIGTERM, and the task reports task_cancelled. Anything else (the
-    worker shutting down, Temporal timed the activity out or forgot it): the run is lost,
-    the process dies without a word and the caller's orphan policy decides."""
-    requested = details is None or details.cancel_requested
-    return signal.SIGTERM if requested else signal.SIGKILL
-
-
-# ---------------------------------------------------------------- names and the CLI
-
-
-def __getattr__(name: str) -> Any:
-    """``run_payload`` (the activity), built on first access (lazy import)."""
-    if name == "run_payload":
-        return activities()[0]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m wove_adapters.adapters.temporal``: a worker for wove-adapters payloads."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m wove_adapters.adapters.temporal")
-    parser.add_argument("--address", default=os.environ.get("TEMPORAL_ADDRESS", DEFAULT_ADDRESS))
-    parser.add_argument("--namespace", default=os.environ.get("TEMPORAL_NAMESPACE", "default"))
-    parser.add_argument("--task-queue", default=DEFAULT_TASK_QUEUE)
-    parser.add_argument("--max-concurrent-activities", type=int, default=None)
-    parser.add_argument("--preload", action="append", default=[],
-                        help="a module task processes import up front (repeatable)")
-    options = parser.parse_args(argv)
-
-    async def _serve() -> None:
-        from temporalio.client import Client
-
-        client = await Client.connect(options.address, namespace=options.namespace)
-        worker = asyncio.ensure_future(run_worker(
-            client, options.task_queue, preload=options.preload,
-            max_concurrent_activities=options.max_concurrent_activities,
-        ))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        print(f"wove-adapters temporal worker: serving '{options.task_queue}' on "
-              f"{options.address}", file=sys.stderr, flush=True)
-        await asyncio.wait({worker, asyncio.ensure_future(stop.wait())},
-                           return_when=asyncio.FIRST_COMPLETED)
-        worker.cancel()  # the SDK shuts the worker down gracefully on cancel
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker
-
-    asyncio.run(_serve())
-    return exit_now(0)
-
-
-def exit_now(code: int) -> NoReturn:
-    """Leave without interpreter finalization: temporalio's Rust threads can crash a
-    finalizing interpreter (temporalio/sdk-python#300) even after a clean shutdown."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+def _end_frame(found: Exception | None, job: JobSpec, workflow_id: str) -> dict[str, Any]:
+    """The terminal event of our own workflow when it left no outcome to verify."""
+    if found is None:
+        return frames.event(frames.TASK_CANCELLED, job.run_id, job.task_id, job.attempt,
+                            reason=f"Temporal cancelled workflow {workflow_id}")
+    if isinstance(found, _Ended):
+        return frames.event(frames.TASK_LOST, job.run_id, job.task_id, job.attempt,
+                            reason=str(found))
+    return frames.error_event(job.run_id, job.task_id, found, attempt=job.attempt,
+                              source="backend")
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy's (one set of globals).
-    from wove_adapters.adapters.temporal import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

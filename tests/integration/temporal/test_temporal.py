@@ -81,6 +81,16 @@ def _wait_status(address: str, workflow_id: str, expected: str, timeout: float =
     return False
 
 
+def _wait_following(hub: Hub, timeout: float = TIMEOUT) -> None:
+    """Until a run of ``hub`` follows another caller's workflow (its start found the
+    workflow id taken and the transport follows that workflow)."""
+    transport = hub.dispatcher().transport
+    deadline = time.monotonic() + timeout
+    while not (transport.followers is not None and transport.followers.runs):
+        assert time.monotonic() < deadline, "the second caller never attached"
+        time.sleep(0.02)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -274,6 +284,45 @@ def test_an_attached_caller_gets_the_original_error(hub_for: Any, markers: Path)
             future.result(timeout=TIMEOUT)
 
 
+def test_cancelling_an_attached_caller_leaves_the_owners_workflow_running(
+    hub_for: Any, markers: Path
+) -> None:
+    """The attached caller's cancel ends only its own run, at once; the workflow is the
+    first caller's and finishes for it."""
+    key = f"leave-{uuid.uuid4().hex}"
+    first = hub_for(delivery_idempotency_key=key, ledger=f"memory://a-{key}")
+    second = hub_for(delivery_idempotency_key=key, ledger=f"memory://b-{key}")
+    one = first.submit(tasks.sleepy, str(markers), "leave", 4.0)
+    wait_for_file(markers / "leave.started", TIMEOUT)
+    two = second.submit(tasks.sleepy, str(markers), "leave", 4.0)
+    _wait_following(second)
+    second.cancel(two)
+    with pytest.raises(CancelledErrors):
+        two.result(timeout=TIMEOUT)
+    assert not (markers / "leave.finished").exists()
+    assert one.result(timeout=TIMEOUT) == "leave"
+
+
+def test_attached_callers_are_cancelled_with_the_workflow_they_follow(
+    hub_for: Any, temporal_server: DevServer, markers: Path
+) -> None:
+    """The owner cancels: the workflow ends CANCELED, and a caller attached to it is
+    cancelled too (status_many reports it CANCELLED to the transport's follower)."""
+    key = f"with-{uuid.uuid4().hex}"
+    first = hub_for(delivery_idempotency_key=key, ledger=f"memory://a-{key}")
+    second = hub_for(delivery_idempotency_key=key, ledger=f"memory://b-{key}")
+    one = first.submit(tasks.sleepy, str(markers), "with", 60.0)
+    pid = int(wait_for_file(markers / "with.started", TIMEOUT))
+    two = second.submit(tasks.sleepy, str(markers), "with", 60.0)
+    _wait_following(second)
+    first.cancel(one)
+    for future in (one, two):
+        with pytest.raises(CancelledErrors):
+            future.result(timeout=TIMEOUT)
+    assert _wait_status(temporal_server.address, f"wove-key-{key}", "CANCELED")
+    assert _wait_gone(pid), "the cancelled task kept running"
+
+
 # ---------------------------------------------------------------- status and reconciliation
 
 
@@ -295,11 +344,16 @@ def test_terminated_workflow_is_a_lost_run(
     hub_for: Any, temporal_server: DevServer, markers: Path
 ) -> None:
     """An operator terminates the workflow: no event ever comes; status() says
-    TERMINATED, reconciliation calls the run lost and its orphan policy applies."""
+    TERMINATED, reconciliation calls the run lost and its orphan policy applies. A caller
+    attached to it (another ledger, the same key) is cancelled."""
     key = f"term-{uuid.uuid4().hex}"
-    hub = hub_for(delivery_idempotency_key=key, delivery_orphan_policy="fail")
+    hub = hub_for(delivery_idempotency_key=key, delivery_orphan_policy="fail",
+                  ledger=f"memory://a-{key}")
+    attached = hub_for(delivery_idempotency_key=key, ledger=f"memory://b-{key}")
     future = hub.submit(tasks.sleepy, str(markers), "term", 60.0)
     pid = int(wait_for_file(markers / "term.started", TIMEOUT))
+    follower = attached.submit(tasks.sleepy, str(markers), "term", 60.0)
+    _wait_following(attached)
 
     async def terminate() -> None:
         client = await _client(temporal_server.address)
@@ -308,6 +362,8 @@ def test_terminated_workflow_is_a_lost_run(
     run(terminate())
     with pytest.raises(DeliveryOrphanedError, match="cancelled without a terminal event"):
         future.result(timeout=TIMEOUT)
+    with pytest.raises(CancelledErrors):
+        follower.result(timeout=TIMEOUT)
     # Temporal tells the activity on its next heartbeat; the task process is killed.
     assert _wait_gone(pid), "the task of a terminated workflow kept running"
     assert not (markers / "term.finished").exists()
