@@ -3,9 +3,10 @@
 Caller side: one ``arq.create_pool`` client per adapter instance submits
 ``enqueue_job("wove_adapters_run", payload, _job_id=..., _queue_name=..., ...)``; the
 sanitised idempotency key is the job id, so ARQ's own uniqueness gives one job per key
-(a duplicate id makes ``enqueue_job`` return None: we attach to the existing job and
-read its recorded, signed outcome). Events come back through the receiver (or the Redis
-drop box); ``status()`` reads ARQ's job state for reconciliation.
+(a duplicate id makes ``enqueue_job`` return None: ``submit`` returns ``Following`` and
+the transport reads the existing job's recorded, signed outcome through ``outcomes``).
+Events come back through the receiver (or the Redis drop box); ``status_many`` reads
+ARQ's job states and the workers' leases (``worker.leases``) in one transaction.
 
 Worker side: put :func:`wove_adapters_run` in ``WorkerSettings.functions`` and run
 ``arq yourapp.WorkerSettings`` (``allow_abort_jobs = True`` for cancellation). A payload
@@ -27,14 +28,15 @@ import contextlib
 import dataclasses
 import datetime as dt
 import os
-import sys
 import time
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.core import frames
+from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker import leases
+from wove_adapters.worker.leases import LeaseReader
 from wove_adapters.worker.pool import PoolRun, ProcessPool, report_to_caller, run_payload
 
 FUNCTION_NAME = "wove_adapters_run"
@@ -47,7 +49,6 @@ DONE_KEY = "wove-adapters:arq:done:"  # a try that finished after ARQ cancelled 
 LEASE_KEY = "wove-adapters:arq:lease:"  # renewed while a worker really runs the job
 MARKER_TTL = 86_400
 LEASE_SECONDS = 15.0
-LEASE_TAIL = 60.0  # a lapsed lease stays readable this long, so its age can be told
 _JOB_ID_CHARS = r"A-Za-z0-9_\-.:"
 
 _OPTION_KEYS = {
@@ -81,7 +82,6 @@ class ArqOptions(AdapterOptions, kw_only=True):
     job_id_prefix: str = ""
     isolation: str = "thread"  # or "process"
     kill_after: float = 10.0
-    result_poll_delay: float = 0.05
     max_concurrent_submits: int = 64
     lease_seconds: float = LEASE_SECONDS
     # ARQ's enqueue options, with or without its leading underscore.
@@ -152,17 +152,15 @@ class ArqAdapter(BackendAdapter):
                 f"not {self._isolation!r}"
             )
         self._kill_after = float(config.get("kill_after", 10.0))
-        self._poll = float(config.get("result_poll_delay", 0.05))
         self._max_submits = int(config.get("max_concurrent_submits", 64))
         self._lease = float(config.get("lease_seconds", LEASE_SECONDS))
         if self._isolation == "process":
             self.capabilities = self.PROCESS_CAPABILITIES  # type: ignore[misc]
         self._pool: Any = None
         self._submits: asyncio.Semaphore | None = None
-        self._queues: dict[str, str] = {}  # job id -> queue name
-        self._watchers: dict[str, asyncio.Task[None]] = {}  # attached job id -> watcher
-        self._let_go: set[str] = set()  # attached jobs this caller stopped following
-        self._unleased: dict[str, float] = {}  # in-progress job id -> first seen unleased
+        self._queues: dict[str, str] = {}  # job id -> queue name, until released
+        # A job's first moments are unleased: the worker writes its lease a second in.
+        self._leases = LeaseReader(unleased_grace=self._lease)
 
     # ------------------------------------------------------------ life cycle
 
@@ -191,9 +189,6 @@ class ArqAdapter(BackendAdapter):
         self._submits = asyncio.Semaphore(self._max_submits)
 
     async def aclose(self) -> None:
-        for task in self._watchers.values():
-            task.cancel()
-        self._watchers.clear()
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 aclose = getattr(self._pool, "aclose", None)  # redis-py >= 5.0.1
@@ -215,18 +210,16 @@ class ArqAdapter(BackendAdapter):
             ident = job.job_name
         return self._prefix + ident
 
-    async def submit(self, job: JobSpec) -> str:
-        assert self._pool is not None and self._submits is not None, "start() first"
+    def _enqueue_options(self, job: JobSpec) -> dict[str, Any]:
+        """``enqueue_job`` keywords: ARQ's (per run first), then ours for the worker."""
         sources = [job.options, self.config]
         queue = str(_option(sources, "queue_name") or self._queue)
         enqueue: dict[str, Any] = {"_queue_name": queue}
         defer_until = _option(sources, "defer_until")
         if defer_until is not None:
             enqueue["_defer_until"] = _as_datetime(defer_until)
-        else:
-            defer_by = _option(sources, "defer_by")
-            if defer_by is not None:
-                enqueue["_defer_by"] = float(defer_by)
+        elif (defer_by := _option(sources, "defer_by")) is not None:
+            enqueue["_defer_by"] = float(defer_by)
         expires = _option(sources, "expires")
         if expires is not None:
             enqueue["_expires"] = float(expires)
@@ -235,8 +228,13 @@ class ArqAdapter(BackendAdapter):
             enqueue["kill_after"] = self._kill_after
         if self._lease != LEASE_SECONDS:
             enqueue["lease_seconds"] = self._lease
+        return enqueue
+
+    async def submit(self, job: JobSpec) -> str:
+        assert self._pool is not None and self._submits is not None, "start() first"
+        enqueue = self._enqueue_options(job)
         job_id = self.job_id(job)
-        self._queues[job_id] = queue
+        self._queues[job_id] = enqueue["_queue_name"]
         async with self._submits:
             for _ in range(3):
                 created = await self._pool.enqueue_job(
@@ -244,20 +242,19 @@ class ArqAdapter(BackendAdapter):
                 )
                 if created is not None:
                     return job_id
-                if await self._existing_holds_key(job_id, queue):
+                if await self._existing_holds_key(job_id):
                     break
         # ARQ already has a job with this id (another caller, another process, or an
-        # earlier run that succeeded): follow it instead of running the task again.
-        self._watchers[job_id] = asyncio.get_running_loop().create_task(
-            self._follow(job, job_id, queue)
-        )
-        return job_id
+        # earlier run that succeeded): the transport follows it (``outcomes``) instead
+        # of running the task again.
+        self._queues.pop(job_id, None)
+        return Following(job_id)
 
-    async def _existing_holds_key(self, job_id: str, queue: str) -> bool:
+    async def _existing_holds_key(self, job_id: str) -> bool:
         """A job with this id exists. Queued, running and succeeded jobs hold the key;
         a job that failed, was cancelled or was lost releases it (as the ledger does) so
         a retry runs again: its record is dropped and the caller enqueues afresh."""
-        native, _ = await self._native(job_id, queue)
+        native, _, _ = (await self._read([job_id]))[job_id]
         if native != "complete":
             return native != "not_found"
         from arq.constants import result_key_prefix, retry_key_prefix
@@ -280,70 +277,34 @@ class ArqAdapter(BackendAdapter):
                 await pipe.execute()
         return False
 
-    async def _follow(self, job: JobSpec, job_id: str, queue: str) -> None:
-        """Wait for an existing job (not ours) and hand its recorded outcome to our run."""
-        try:
-            while True:
-                native, info = await self._native(job_id, queue)
-                if native == "complete" and info is not None:
-                    frame = await self._frame_from_result(job, job_id, info)
-                    break
-                if native == "not_found":
-                    frame = frames.event(
-                        frames.TASK_LOST, job.run_id, job.task_id, job.attempt,
-                        reason=f"the arq job {job_id} this run follows is gone without a "
-                               f"recorded outcome (keep_result=0, or it expired)",
-                    )
-                    break
-                await asyncio.sleep(self._poll)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the follower's failure is the run's error
-            frame = frames.error_event(
-                job.run_id, job.task_id, exc, attempt=job.attempt, source="transport",
-                retryable=True,
-            )
-        finally:
-            self._watchers.pop(job_id, None)
-        if self.emit is not None:
-            self.emit(frame)
-
-    async def _frame_from_result(self, job: JobSpec, job_id: str, info: Any) -> dict[str, Any]:
-        ident = (job.run_id, job.task_id, job.attempt)
-        result = info.result
-        if not info.success:
-            if isinstance(result, asyncio.CancelledError):
-                return frames.event(frames.TASK_CANCELLED, *ident,
-                                    reason=f"the arq job {job_id} was aborted")
-            return frames.event(frames.TASK_LOST, *ident,
-                                reason=f"the arq job {job_id} failed in arq: {result!r}")
-        blob = result.get("outcome") if isinstance(result, dict) else None
-        if not blob:
-            return frames.event(
-                frames.TASK_LOST, *ident,
-                reason=f"the arq job {job_id} finished ({self._state_of(info).value}) "
-                       f"without a recorded outcome",
-            )
-        from wove_adapters.core.codec import decode_outcome
-
-        frame = await asyncio.to_thread(decode_outcome, bytes(blob))
-        frame.update(run_id=job.run_id, task_id=job.task_id, attempt=job.attempt)
-        return frame
+    async def outcomes(self, handles: Sequence[str]) -> dict[str, bytes | Exception]:
+        """The signed outcome each complete job keeps in its ARQ result (keyed runs, see
+        ``_result``). A job that failed in ARQ or was aborted is left out: reconciliation
+        reports it (the run's orphan policy), the transport cancels an aborted one's
+        followers."""
+        found: dict[str, bytes | Exception] = {}
+        for handle, (native, info, _) in (await self._read(handles)).items():
+            if native != "complete":
+                continue
+            if isinstance(info, Exception):
+                found[handle] = info
+            elif info.success and isinstance(info.result, dict) and info.result.get("outcome"):
+                found[handle] = bytes(info.result["outcome"])
+            elif self._state_of(info) is JobState.SUCCEEDED:
+                found[handle] = RuntimeError(
+                    f"the arq job {handle} holding this idempotency key finished without a "
+                    f"recorded outcome (a worker older than this caller?)"
+                )
+        return found
 
     # ------------------------------------------------------------ cancel, status
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
         assert self._pool is not None
-        watcher = self._watchers.pop(handle, None)
-        if watcher is not None:
-            # Not our job: stop following it; it goes on for the caller that owns it.
-            watcher.cancel()
-            self._let_go.add(handle)
-            return
         from arq.constants import abort_jobs_ss
 
         queue = self._queues.get(handle, self._queue)
-        native, _ = await self._native(handle, queue)
+        native, _, _ = (await self._read([handle]))[handle]
         if native in ("complete", "not_found"):
             return
         if native in ("queued", "deferred") and await self._remove_queued(handle, queue):
@@ -395,48 +356,62 @@ class ArqAdapter(BackendAdapter):
         return True
 
     async def status(self, handle: str) -> JobState:
-        if handle in self._let_go:
-            return JobState.CANCELLED
-        native, info = await self._native(handle, self._queues.get(handle, self._queue))
-        if native == "complete":
-            self._unleased.pop(handle, None)
-            return self._state_of(info) if info is not None else JobState.GONE
-        if native == "in_progress":
-            return await self._check_lease(handle)
-        self._unleased.pop(handle, None)
-        return self.map_state(native)
+        return (await self.status_many([handle])).get(handle, JobState.UNKNOWN)
 
-    async def _check_lease(self, handle: str) -> JobState:
-        """ARQ keeps a job "in progress" for job_timeout + 10 s after its worker died;
-        wove_adapters_run renews a lease while it really runs the job. A lease not
-        renewed for ``lease_seconds`` (measured on Redis's clock), or none at all for that
-        long (a job's first moments are unleased), means the worker is gone."""
-        ttl = await self._pool.pttl(LEASE_KEY + handle)
-        if ttl >= 0:
-            self._unleased.pop(handle, None)
-            since_renewal = (self._lease + LEASE_TAIL) * 1000 - ttl
-            return JobState.GONE if since_renewal > self._lease * 1000 else JobState.RUNNING
-        if ttl == -1:  # no expiry: not ours to judge
-            return JobState.RUNNING
-        first = self._unleased.setdefault(handle, time.monotonic())
-        if time.monotonic() - first > self._lease:
-            return JobState.GONE
-        return JobState.RUNNING
+    async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
+        """One Redis transaction for every job asked about (``_read``). ARQ keeps a job
+        "in progress" for job_timeout + 10 s after its worker died; wove_adapters_run
+        holds a lease (``worker.leases``) while it really runs the job: a lapsed one, or
+        none at all for ``lease_seconds`` (a job's first moments are unleased), means
+        the worker is gone."""
+        states: dict[str, JobState] = {}
+        for handle, (native, info, pttl) in (await self._read(handles)).items():
+            if native == "in_progress":
+                alive = self._leases.alive(handle, pttl)
+                states[handle] = JobState.RUNNING if alive else JobState.GONE
+                continue
+            self._leases.forget(handle)
+            if native != "complete":
+                states[handle] = self.map_state(native)
+            elif not isinstance(info, Exception):  # an unreadable record: no verdict
+                states[handle] = self._state_of(info)
+        return states
 
-    async def _native(self, job_id: str, queue: str) -> tuple[str, Any]:
-        """ARQ's ``Job.status()`` (and ``result_info()`` once complete)."""
-        from arq.constants import job_key_prefix
-        from arq.jobs import Job
+    async def _read(self, handles: Sequence[str]) -> dict[str, tuple[str, Any, int]]:
+        """``{job id: (ARQ's status, its result, the lease's PTTL)}``: what ``Job.status()``
+        and ``Job.result_info()`` read, for every job in one transaction. The result is
+        a ``JobResult`` once complete (an Exception if it does not deserialize)."""
+        from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+        from arq.jobs import deserialize_result
 
         assert self._pool is not None
-        job = Job(job_id, self._pool, _queue_name=queue,
-                  _deserializer=self._pool.job_deserializer)
-        native = (await job.status()).value
-        if native == "complete":
-            return native, await job.result_info()
-        if native == "not_found" and await self._pool.exists(job_key_prefix + job_id):
-            return "queued", None  # enqueued under another queue name
-        return native, None
+        async with self._pool.pipeline(transaction=True) as pipe:
+            for handle in handles:
+                pipe.get(result_key_prefix + handle)
+                pipe.exists(in_progress_key_prefix + handle)
+                pipe.zscore(self._queues.get(handle, self._queue), handle)
+                pipe.exists(job_key_prefix + handle)
+                pipe.pttl(LEASE_KEY + handle)
+            replies = await pipe.execute()
+        now = time.time() * 1000
+        found: dict[str, tuple[str, Any, int]] = {}
+        for i, handle in enumerate(handles):
+            raw, in_progress, score, enqueued, pttl = replies[5 * i : 5 * i + 5]
+            info: Any = None
+            if raw:
+                native = "complete"
+                try:
+                    info = deserialize_result(raw, deserializer=self._pool.job_deserializer)
+                except Exception as exc:
+                    info = exc
+            elif in_progress:
+                native = "in_progress"
+            elif score:
+                native = "deferred" if score > now else "queued"
+            else:  # the job key may sit in another queue than the one we know
+                native = "queued" if enqueued else "not_found"
+            found[handle] = (native, info, int(pttl))
+        return found
 
     def _state_of(self, info: Any) -> JobState:
         if not info.success:
@@ -447,10 +422,9 @@ class ArqAdapter(BackendAdapter):
             return self.map_state(info.result["state"])
         return JobState.SUCCEEDED
 
-    async def detach(self, handle: str) -> None:
-        watcher = self._watchers.pop(handle, None)
-        if watcher is not None:
-            watcher.cancel()
+    async def release(self, handle: str) -> None:
+        self._queues.pop(handle, None)
+        self._leases.forget(handle)
 
     # ------------------------------------------------------------ doctor
 
@@ -535,16 +509,18 @@ async def wove_adapters_run(
         recorded = await redis.get(DONE_KEY + job_id)
         if recorded:
             return _unpack(recorded)
-        if not await asyncio.to_thread(_rerun_allowed, payload, job_id, job_try):
+        if not await _rerun_allowed(payload, job_id, job_try):
             return {"state": "lost"}
-    lease: asyncio.Task[None] | None = None
-    if redis is not None and job_id:
-        lease = asyncio.ensure_future(_hold_lease(redis, job_id, lease_seconds))
+    if redis is None or not job_id:
+        return await _run_job(payload, isolation, kill_after, redis, job_id)
+    # The lease (see ArqAdapter.status_many): its first write waits a little, so a
+    # short job never costs a Redis command for it.
+    keeper = leases.keeper(redis)
+    keeper.hold(LEASE_KEY + job_id, lease_seconds, first_after=min(1.0, lease_seconds / 3))
     try:
         return await _run_job(payload, isolation, kill_after, redis, job_id)
     finally:
-        if lease is not None:
-            lease.cancel()
+        keeper.release(LEASE_KEY + job_id)
 
 
 async def _run_job(
@@ -573,19 +549,6 @@ async def _run_job(
         with contextlib.suppress(Exception):
             await redis.set(DONE_KEY + job_id, _pack(result), ex=MARKER_TTL)
         raise
-
-
-async def _hold_lease(redis: Any, job_id: str, seconds: float) -> None:
-    """Renew ``LEASE_KEY + job_id`` while the job runs here (see ArqAdapter.status). The
-    first write waits a little: a short job never costs a Redis command for it."""
-    import socket
-
-    owner = f"{socket.gethostname()}:{os.getpid()}"
-    await asyncio.sleep(min(1.0, seconds / 3))
-    while True:
-        with contextlib.suppress(Exception):
-            await redis.set(LEASE_KEY + job_id, owner, px=int((seconds + LEASE_TAIL) * 1000))
-        await asyncio.sleep(seconds / 3)
 
 
 async def _finish_anyway(
@@ -686,20 +649,7 @@ def _result(report: dict[str, Any], *, exit_code: bool = False) -> dict[str, Any
     return result
 
 
-def _report_lost(envelope: Any, reason: str) -> None:
-    from wove_adapters.worker import sender
-
-    event = frames.TaskLost(
-        run_id=envelope.run_id, task_id=envelope.task_id, attempt=envelope.attempt,
-        reason=reason,
-    )
-    try:
-        sender.send(envelope.return_path, envelope.key_id, event).result(timeout=60)
-    except Exception as exc:  # the caller's reconciliation still finds it
-        print(f"wove-adapters arq: could not report a lost run: {exc}", file=sys.stderr)
-
-
-def _rerun_allowed(payload: str, job_id: str, job_try: int) -> bool:
+async def _rerun_allowed(payload: str, job_id: str, job_try: int) -> bool:
     """ARQ starts a job again when the worker that ran it died (its in-progress mark
     expired) or was stopped before it finished. Only ``detach`` runs, whose caller may be
     gone, run again; every other run is reported lost so its orphan policy applies."""
@@ -707,13 +657,13 @@ def _rerun_allowed(payload: str, job_id: str, job_try: int) -> bool:
     from wove_adapters.core.errors import PayloadError
 
     try:
-        envelope = payload_mod.decode_payload(payload)
+        envelope = await asyncio.to_thread(payload_mod.decode_payload, payload)
     except PayloadError:
         return True  # run() refuses and reports it
     if envelope.delivery.get("delivery_orphan_policy") == "detach":
         return True
-    _report_lost(
-        envelope,
+    await report_to_caller(
+        payload, "lost",
         f"arq started job {job_id} again (try {job_try}): the worker running it stopped "
         f"without an outcome",
     )
