@@ -35,10 +35,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
+from wove_adapters.adapters.claims import KeyClaims
 from wove_adapters.adapters.registry import import_object
 from wove_adapters.core.errors import redact_url
 from wove_adapters.core.options import AdapterOptions
@@ -64,6 +65,10 @@ _ID_CHARS = r"A-Za-z0-9_\-.:@"
 # send_task keywords that executor_config may set directly (besides ``send_options``).
 _SEND_KEYS = ("queue", "routing_key", "exchange", "priority")
 _PAYLOAD_REPR = "('<signed wove-adapters payload>',)"
+# The claim of a key lives beside its task's result: celery-task-meta-<key>:wove-claim.
+_CLAIM_SUFFIX = ":wove-claim"
+# A claim whose task ended in one of these never yields an outcome: it may be taken over.
+_DEAD_STATES = ("FAILURE", "REVOKED", "REJECTED")
 # The caller's app retries a publish for about ten seconds (Celery's default gives up
 # after ~1 s): a broker restart then delays submissions instead of failing them.
 PUBLISH_RETRY_POLICY: dict[str, Any] = {
@@ -134,9 +139,8 @@ class CeleryAdapter(BackendAdapter):
         self.send_options: dict[str, Any] = {**send, **dict(config.get("send_options") or {})}
         self.revoke_signal = str(config.get("revoke_signal") or "SIGTERM")
         self.use_claims = bool(config.get("idempotency_claim", True))
-        self._followers: dict[str, _Follower] = {}
-        self._owned: dict[str, tuple[str, str]] = {}  # task id -> (claim key, run id)
-        self._dropbox_client: Any = None
+        self._claims: KeyClaims | None = None
+        self._owned: dict[str, str] = {}  # task id -> run id, for the keys we claimed
         self._pending: _PendingCheck | None = None
         self.capabilities = self._capabilities_for(config)  # type: ignore[misc]
 
@@ -167,6 +171,8 @@ class CeleryAdapter(BackendAdapter):
         )
         self.app, self._own_app = await self._call(self._make_app)  # may import a module
         await self._call(self._check_connections)
+        if self.use_claims:
+            await self._open_claims()
         if self._has_backend() and _truthy(self.config.get("pending_check", True)):
             self._pending = _PendingCheck(
                 self,
@@ -208,27 +214,36 @@ class CeleryAdapter(BackendAdapter):
                 f"`redis-server --bind 127.0.0.1`; RabbitMQ: `rabbitmq-server -detached`) or "
                 f"fix executor_config.broker_url."
             ) from exc
-        client = self._claim_client()
-        if client is not None:
-            try:
-                client.ping()
-            except Exception as exc:
-                raise ConnectionError(
-                    f"Celery result backend {redact_url(self.app.conf.result_backend)} is "
-                    f"unreachable ({exc}); fix executor_config.result_backend."
-                ) from exc
+
+    async def _open_claims(self) -> None:
+        """Claims live in the Redis result backend (any other backend: no claims, the
+        dispatcher and the ledger dedupe), through an asyncio client of its own."""
+        url = self._backend_redis_url()
+        if url is None:
+            return
+        import redis.asyncio
+
+        client = redis.asyncio.Redis.from_url(url)
+        try:
+            await client.ping()
+        except Exception as exc:
+            await client.aclose()
+            raise ConnectionError(
+                f"Celery result backend {redact_url(url)} is unreachable ({exc}); fix "
+                f"executor_config.result_backend."
+            ) from exc
+        prefix = self.app.backend.task_keyprefix
+        prefix = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
+        self._claims = KeyClaims(client, prefix=prefix, ttl=int(self.app.backend.expires or 86400))
 
     async def aclose(self) -> None:
-        for follower in list(self._followers.values()):
-            follower.stop()
-        self._followers.clear()
         if self._pending is not None:
             pending, self._pending = self._pending, None
             await pending.aclose()
-        if self._dropbox_client is not None:
-            client, self._dropbox_client = self._dropbox_client, None
+        if self._claims is not None:
+            claims, self._claims = self._claims, None
             with contextlib.suppress(Exception):
-                await self._call(client.close)
+                await claims.client.aclose()
         if self._pool is not None:
             if self._own_app and self.app is not None:
                 with contextlib.suppress(Exception):
@@ -256,22 +271,25 @@ class CeleryAdapter(BackendAdapter):
 
     async def submit(self, job: JobSpec) -> str:
         task_id = self.task_id_for(job)
-        claim = ""
-        if job.idempotency_key is not None and self.use_claims:
-            owner, current, claim = await self._call(self._claim, job, task_id)
-            if not owner:
-                return self._follow(job, current, claim)
+        claims = self._claims if job.idempotency_key is not None else None
+        if claims is not None:
+            # The owner's requeued attempt moves the claim to its new task id; a claim
+            # whose task ended without an outcome (worker lost, revoked) is taken over.
+            holder = await claims.claim(_claim_name(task_id), run_id=job.run_id,
+                                        handle=task_id, is_dead=self._is_dead)
+            if holder is not None:  # another caller's task holds the key: follow it
+                return Following(holder)
         options = {**self.send_options, **job.options}
         try:
             await self._call(self._send, job.payload, task_id, options)
         except BaseException:
-            if claim:
-                await self._call(self._release, claim, job.run_id)
+            if claims is not None:
+                await claims.release(_claim_name(task_id), run_id=job.run_id)
             raise
         if self._pending is not None:
             self._pending.sent(task_id, _queue_of(options))
-        if claim:
-            self._owned[task_id] = (claim, job.run_id)
+        if claims is not None:
+            self._owned[task_id] = job.run_id
             if len(self._owned) > 10_000:  # only cancel reads it; keep the recent ones
                 self._owned.pop(next(iter(self._owned)))
         return task_id
@@ -315,41 +333,55 @@ class CeleryAdapter(BackendAdapter):
             queue.bind(connection.default_channel).declare()
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
-        follower = self._followers.pop(handle, None)
-        if follower is not None:
-            follower.stop()  # the task belongs to another caller: stop following only
-            return
         await self._call(
             self.app.control.revoke, handle, terminate=running, signal=self.revoke_signal
         )
-        owned = self._owned.pop(handle, None)
-        if owned is not None:  # a cancelled key is free to run again
-            await self._call(self._release, *owned)
+        run_id = self._owned.pop(handle, None)
+        if run_id is not None and self._claims is not None:  # a cancelled key may run again
+            await self._claims.release(_claim_name(handle), run_id=run_id)
 
     async def release(self, handle: str) -> None:
         if self._pending is not None:
             self._pending.forget(handle)
 
     async def status(self, handle: str) -> JobState:
-        follower = self._followers.get(handle)
-        if follower is None:
-            meta = await self._call(self._meta, handle) if self._has_backend() else {}
-            native = str(meta.get("status") or "UNKNOWN")
-            state = self.map_state(native)
-            if self._pending is not None and native in ("PENDING", "STARTED"):
-                reason = self._pending.verdict(handle, native, meta)
-                if reason is not None:
-                    await self._pending.gone(handle, reason)
-                    return JobState.GONE
-            if state.finished and await self._dropbox_backlog():
-                # With the redis return path a task finishes once its events are pushed;
-                # while the caller has not read them all, the run is not lost.
-                return JobState.RUNNING
+        meta = await self._call(self._meta, handle) if self._has_backend() else {}
+        native = str(meta.get("status") or "UNKNOWN")
+        state = self.map_state(native)
+        if self._pending is not None and native in ("PENDING", "STARTED"):
+            reason = self._pending.verdict(handle, native, meta)
+            if reason is not None:
+                await self._pending.gone(handle, reason)
+                return JobState.GONE
+        if state in (JobState.RUNNING, JobState.SUCCEEDED) or self._claims is None:
             return state
-        task_id = await self._call(self._current_task, follower.claim_key) or follower.task_id
-        state = self.map_state(await self._call(self._state, task_id))
-        # A finished owner's outcome is the follower's to emit: not a lost run.
-        return JobState.RUNNING if state is JobState.SUCCEEDED else state
+        # A followed key's owner may have requeued (a new task id took the claim over):
+        # the key's run is where its claim is now.
+        holder = await self._claims.holder(_claim_name(handle))
+        if holder is None or holder == handle:
+            return state
+        return self.map_state(await self._call(self._state, holder))
+
+    async def outcomes(self, handles: Sequence[str]) -> dict[str, bytes | Exception]:
+        """The signed outcome each followed key's task stored as its result (``execute``),
+        read from the task that holds the key's claim now (the owner may have requeued)."""
+        holders = {handle: handle for handle in handles}
+        if self._claims is not None:
+            for handle in handles:
+                holders[handle] = await self._claims.holder(_claim_name(handle)) or handle
+        metas = await self._call(lambda: {h: self._meta(t) for h, t in holders.items()})
+        found: dict[str, bytes | Exception] = {}
+        for handle, meta in metas.items():
+            result = meta.get("result")
+            if meta.get("status") != "SUCCESS":
+                continue  # not finished; REVOKED shows as CANCELLED in status()
+            blob = result.get("outcome") if isinstance(result, dict) else None
+            found[handle] = base64.b64decode(blob) if blob else RuntimeError(
+                f"Celery task {holders[handle]} holding this idempotency key finished "
+                f"without a recorded outcome (a worker older than this caller?): upgrade "
+                f"wove-adapters on the workers, or share a ledger between callers"
+            )
+        return found
 
     def _meta(self, task_id: str) -> dict[str, Any]:
         return dict(self.app.backend.get_task_meta(task_id, cache=False))
@@ -359,26 +391,8 @@ class CeleryAdapter(BackendAdapter):
             return "UNKNOWN"
         return str(self._meta(task_id).get("status"))
 
-    async def _dropbox_backlog(self) -> bool:
-        if self.config.get("return_path") != "redis":
-            return False
-        from wove_adapters.callbacks.dropbox import get_dropbox
-
-        url = str(self.config.get("return_redis_url") or DEFAULT_BROKER)
-        reader = await get_dropbox(url)
-        if self._dropbox_client is None:
-            import redis
-
-            self._dropbox_client = redis.Redis.from_url(url)
-        try:
-            return bool(await self._call(self._dropbox_client.llen, reader.key))
-        except Exception:  # a flaky check must not hide a lost run for good
-            return False
-
-    async def detach(self, handle: str) -> None:
-        follower = self._followers.pop(handle, None)
-        if follower is not None:
-            follower.stop()
+    async def _is_dead(self, task_id: str) -> bool:
+        return await self._call(self._state, task_id) in _DEAD_STATES
 
     # ------------------------------------------------------------ the result backend
 
@@ -387,65 +401,19 @@ class CeleryAdapter(BackendAdapter):
 
         return not isinstance(self.app.backend, DisabledBackend)
 
-    def _claim_client(self) -> Any:
-        """The Redis client of the result backend, when it is Redis (else None)."""
+    def _backend_redis_url(self) -> str | None:
+        """The URL of the result backend when it is a Redis server (else None)."""
         if not self._has_backend():
             return None
         from celery.backends.redis import RedisBackend
 
         backend = self.app.backend
-        return backend.client if isinstance(backend, RedisBackend) else None
-
-    def _claim_key(self, job: JobSpec) -> str:
-        base = self.safe_name(job.idempotency_key or "", allowed=_ID_CHARS, max_len=200)
-        key = self.app.backend.get_key_for_task(base, key=":wove-claim")
-        return key.decode() if isinstance(key, bytes) else str(key)
-
-    def _claim(self, job: JobSpec, task_id: str) -> tuple[bool, str, str]:
-        """Claim the key for this run (``SET NX``). The owner's requeued attempt moves the
-        claim to its new task id; a claim whose task ended without an outcome (worker
-        lost, revoked) is taken over. Returns (we own it, the task id to follow, the
-        claim's Redis key)."""
-        client = self._claim_client()
-        if client is None:
-            return True, task_id, ""
-        key = self._claim_key(job)
-        ttl = int(self.app.backend.expires or 86400)
-        value = json.dumps({"run": job.run_id, "task": task_id})
-        for _ in range(5):
-            if client.set(key, value, nx=True, ex=ttl):
-                return True, task_id, key
-            raw = client.get(key)
-            if raw is None:
-                continue  # expired in between: try again
-            holder = json.loads(raw)
-            held = str(holder.get("task") or "")
-            if holder.get("run") == job.run_id or self._state(held) in _DEAD_STATES:
-                if _compare_and_set(client, key, raw, value, ttl):
-                    return True, task_id, key
-                continue
-            return False, held, key
-        raise RuntimeError(f"could not claim idempotency key {job.idempotency_key!r} in "
-                           f"the result backend (contended); try again")
-
-    def _release(self, claim_key: str, run_id: str) -> None:
-        client = self._claim_client()
-        raw = client.get(claim_key) if client is not None else None
-        if raw is not None and json.loads(raw).get("run") == run_id:
-            _compare_and_set(client, claim_key, raw, None, 0)
-
-    def _current_task(self, claim_key: str) -> str | None:
-        client = self._claim_client()
-        raw = client.get(claim_key) if client is not None else None
-        return str(json.loads(raw).get("task")) if raw else None
-
-    def _follow(self, job: JobSpec, task_id: str, claim_key: str) -> str:
-        """Another caller owns this key: watch its task and answer from its outcome."""
-        handle = f"{task_id}#follow-{job.run_id.rsplit(':', 1)[-1][:12]}-{job.attempt}"
-        follower = _Follower(self, job, claim_key, task_id)
-        self._followers[handle] = follower
-        follower.task = asyncio.get_running_loop().create_task(follower.watch(handle))
-        return handle
+        url = str(getattr(backend, "url", None) or "")
+        if not isinstance(backend, RedisBackend) or not url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            return None
+        return url
 
     # ------------------------------------------------------------ doctor
 
@@ -458,7 +426,14 @@ class CeleryAdapter(BackendAdapter):
             rows.append(("broker reachable", False, str(exc)))
             return rows
         if self._has_backend():
-            rows.append(("result backend", True, redact_url(self.app.conf.result_backend)))
+            backend = redact_url(self.app.conf.result_backend)
+            try:
+                if self._claims is not None:
+                    await self._claims.client.ping()
+                rows.append(("result backend", True, backend))
+            except Exception as exc:
+                rows.append(("result backend", False, f"{backend}: {exc}; fix "
+                             f"executor_config.result_backend"))
         else:
             rows.append(("result backend", False, "none configured: status() cannot see "
                          "jobs; set executor_config.result_backend (e.g. redis://...)"))
@@ -491,75 +466,6 @@ class CeleryAdapter(BackendAdapter):
                     f"{', '.join(missing)} consume '{self.queue}' but lack the task "
                     f"'{self.task_name}': call wove_adapters.adapters.celery.register(app)")
         return ("worker on queue", True, f"{', '.join(listening)} on '{self.queue}'")
-
-
-class _Follower:
-    """Watches the task that owns an idempotency key and emits its recorded outcome as
-    this run's terminal event. Polls the result backend (fast at first, then every 0.5 s);
-    reconciliation (``status``) applies the orphan policy if the owner's task dies."""
-
-    def __init__(self, adapter: CeleryAdapter, job: JobSpec, claim_key: str, task_id: str) -> None:
-        self.adapter = adapter
-        self.job = job
-        self.claim_key = claim_key
-        self.task_id = task_id
-        self.task: asyncio.Task[None] | None = None
-
-    def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-
-    async def watch(self, handle: str) -> None:
-        from wove_adapters.core import frames
-
-        delay = 0.02
-        try:
-            while True:
-                task_id = await self.adapter._call(self.adapter._current_task, self.claim_key)
-                meta = await self.adapter._call(self.adapter._meta, task_id or self.task_id)
-                frame = await asyncio.to_thread(self._frame_of, meta)
-                if frame is not None:
-                    if self.adapter.emit is not None:
-                        self.adapter.emit(frame)
-                    return
-                if meta.get("status") == "REVOKED":
-                    if self.adapter.emit is not None:
-                        self.adapter.emit(frames.event(
-                            frames.TASK_CANCELLED, self.job.run_id, self.job.task_id,
-                            self.job.attempt, reason="the task holding this key was revoked",
-                        ))
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 0.5)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the follower's failure is its run's error
-            if self.adapter.emit is not None:
-                self.adapter.emit(frames.error_event(
-                    self.job.run_id, self.job.task_id, exc, attempt=self.job.attempt,
-                    source="transport",
-                ))
-        finally:
-            self.adapter._followers.pop(handle, None)
-
-    def _frame_of(self, meta: dict[str, Any]) -> dict[str, Any] | None:
-        """The owner's verified terminal event, re-addressed to this run (None if the
-        task has not finished with a recorded outcome yet)."""
-        from wove_adapters.core.codec import decode_outcome
-
-        result = meta.get("result")
-        if meta.get("status") != "SUCCESS" or not isinstance(result, dict):
-            return None
-        blob = result.get("outcome")
-        if not blob:
-            raise RuntimeError(
-                f"Celery task {self.task_id} holding idempotency key "
-                f"{self.job.idempotency_key!r} finished without a recorded outcome (a "
-                f"worker older than this caller?); share a ledger between callers"
-            )
-        frame = decode_outcome(base64.b64decode(blob))
-        frame.update(run_id=self.job.run_id, task_id=self.job.task_id, attempt=self.job.attempt)
-        return frame
 
 
 # ---------------------------------------------------------------- runs that never start
@@ -865,6 +771,12 @@ def _unacked_id(raw: bytes) -> str | None:
     return None
 
 
+def _claim_name(task_id: str) -> str:
+    """The name of the claim of a keyed task id (``~<attempt>`` of a requeue dropped),
+    under the result backend's task key prefix."""
+    return task_id.split("~", 1)[0] + _CLAIM_SUFFIX
+
+
 def _queue_of(options: dict[str, Any]) -> str | None:
     """The queue a message goes to, when the send options name it and nothing reroutes
     it (an explicit exchange or routing key may bind it anywhere)."""
@@ -892,30 +804,6 @@ def _truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in ("", "0", "false", "no", "off")
     return bool(value)
-
-
-_DEAD_STATES = ("FAILURE", "REVOKED", "REJECTED")
-
-
-def _compare_and_set(client: Any, key: str, expected: bytes, value: str | None, ttl: int) -> bool:
-    """Replace (or delete, for ``None``) ``key`` only if it still holds ``expected``."""
-    import redis
-
-    with client.pipeline() as pipe:
-        try:
-            pipe.watch(key)
-            if pipe.get(key) != expected:
-                pipe.unwatch()
-                return False
-            pipe.multi()
-            if value is None:
-                pipe.delete(key)
-            else:
-                pipe.set(key, value, ex=ttl)
-            pipe.execute()
-            return True
-        except redis.WatchError:
-            return False
 
 
 def _redis_ping(url: str) -> None:
@@ -1022,7 +910,8 @@ def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str,
         )
     keyed = envelope.delivery.get("delivery_idempotency_key") is not None
     if keyed:
-        summary["outcome"] = _signed_outcome(envelope, outcome)
+        signed = outcome.signed()  # JSON results carry text: base64
+        summary["outcome"] = base64.b64encode(signed).decode("ascii") if signed else None
     done = writer.write_soon(states.SUCCESS, summary)
     if keyed:
         done.result(timeout=60)
@@ -1082,29 +971,6 @@ class _StateWriter:
         if self.last is not None:
             with contextlib.suppress(Exception):  # logged by _write_logged
                 self.last.result(timeout=30)
-
-
-def _signed_outcome(envelope: Any, outcome: Any) -> str | None:
-    from wove_adapters.core import frames, signing
-    from wove_adapters.core.codec import pickled_exception
-    from wove_adapters.core.envelope import dumps
-    from wove_adapters.worker import sender
-
-    ident = {"run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
-    event: frames.WireEvent
-    try:
-        if outcome.state == "succeeded":
-            event = frames.TaskResult(**ident, result=dumps(outcome.value))
-        else:
-            error = outcome.error or RuntimeError(outcome.state)
-            event = frames.TaskError(
-                **ident, error=frames.normalize_exception(error, source="task"),
-                exception=pickled_exception(error),
-            )
-        blob = signing.encode_blob(sender.sign_events([event], envelope.key_id))
-    except Exception:  # the caller has it already; followers get an error
-        return None
-    return base64.b64encode(blob).decode("ascii")
 
 
 def make_worker_app(

@@ -172,6 +172,12 @@ def test_same_key_one_execution_across_callers_without_a_shared_ledger(
         assert first.result(timeout=60) == 42
         assert second.result(timeout=60) == 42
         assert len((markers / "shared.runs").read_text().splitlines()) == 1
+        app = redis_celery.client_app()
+        try:  # the claim lives beside the task's result, under the name older callers use
+            claim = app.backend.client.get(app.backend.get_key_for_task(key, key=":wove-claim"))
+        finally:
+            app.close()
+        assert claim is not None and json.loads(claim)["handle"] == key
         assert hubs[2].run(tasks.record, str(markers), "shared", 21) == 42
         assert len((markers / "shared.runs").read_text().splitlines()) == 1
         # A recorded failure comes back with its type to a later caller too.
