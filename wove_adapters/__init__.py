@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "MissingDispatchFeatureError": "wove_adapters.core.errors",
     "PayloadError": "wove_adapters.core.errors",
     "RunFuture": "wove_adapters.integration.hub",
+    "RunState": "wove_adapters.core.policies",
     "TaskExecutionError": "wove_adapters.core.errors",
     "UnsupportedPolicyError": "wove_adapters.core.errors",
     "WoveAdaptersError": "wove_adapters.core.errors",
@@ -52,6 +53,7 @@ __all__ = [
     "MissingDispatchFeatureError",
     "PayloadError",
     "RunFuture",
+    "RunState",
     "TaskExecutionError",
     "UnsupportedPolicyError",
     "WoveAdaptersError",
@@ -82,6 +84,6 @@ if TYPE_CHECKING:
         UnsupportedPolicyError,
         WoveAdaptersError,
     )
-    from wove_adapters.core.policies import Capabilities, DeliveryPolicy, JobState
+    from wove_adapters.core.policies import Capabilities, DeliveryPolicy, JobState, RunState
     from wove_adapters.core.protocol import EnvironmentExecutor
     from wove_adapters.integration.hub import Hub, HubExecutor, RunFuture

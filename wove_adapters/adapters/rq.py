@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.core.options import AdapterOptions
-from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.core.policies import Capabilities, JobState, RunState
 
 RUN_PAYLOAD = "wove_adapters.adapters.rq.run_payload"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -448,9 +448,9 @@ def run_payload(payload: str) -> bytes | str:
     try:
         envelope = payload_mod.decode_payload(payload)
     except PayloadError:
-        return worker.run(payload).state  # reports the refusal where it can
+        return worker.run(payload).state.value  # reports the refusal where it can
     if _cancelled_before_start():
-        outcome = worker.Outcome("cancelled")
+        outcome = worker.Outcome(RunState.CANCELLED)
         worker.deliver_terminal(
             envelope,
             frames.TaskCancelled(
@@ -460,7 +460,7 @@ def run_payload(payload: str) -> bytes | str:
             outcome,
         )
         outcome.settle(linger=True)
-        return outcome.state
+        return outcome.state.value
     outcome = worker.run_envelope(envelope)
     # RQ's work-horse ends with os._exit right after this job (no exit hooks run): the
     # outcome must be delivered or recorded in the ledger before we return, and a caller
@@ -473,9 +473,9 @@ def run_payload(payload: str) -> bytes | str:
             f"to {envelope.return_path.kind} {envelope.return_path.url}"
         )
     if envelope.delivery.get("delivery_idempotency_key") is None:
-        return outcome.state
+        return outcome.state.value
     # Kept as the job's result for another caller that holds the same key.
-    return outcome.signed() or outcome.state
+    return outcome.signed() or outcome.state.value
 
 
 def _cancelled_before_start() -> bool:

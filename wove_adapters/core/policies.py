@@ -20,20 +20,63 @@ from wove_adapters.core.errors import UnsupportedPolicyError
 from wove_adapters.core.frames import CANCEL_MODES, ORPHAN_POLICIES
 
 
-class JobState(str, enum.Enum):
-    """The shared vocabulary every backend's native states are mapped into."""
+class RunState(str, enum.Enum):
+    """The one vocabulary for where a run stands, whoever is asked.
 
+    - a backend about its job: adapters map native states into PENDING, RUNNING,
+      SUCCEEDED, FAILED, CANCELLED, GONE (the backend no longer knows the job) or UNKNOWN;
+    - the ledger about its record: SUBMITTED, RUNNING, then one of SUCCEEDED, FAILED,
+      CANCELLED, LOST, or DETACHED (stored as the plain values, see ``core.ledger.base``);
+    - a worker about its outcome: SUCCEEDED, FAILED, CANCELLED, or REFUSED (the payload
+      did not verify);
+    - a terminal event frame: ``of_event``.
+
+    Members compare and hash as their values, so ``"succeeded"`` read back from a
+    database, JSON or another process is the same key as ``RunState.SUCCEEDED``.
+    """
+
+    SUBMITTED = "submitted"
     PENDING = "pending"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    GONE = "gone"  # the backend no longer knows the job
+    REFUSED = "refused"
+    LOST = "lost"
+    DETACHED = "detached"
+    GONE = "gone"
     UNKNOWN = "unknown"
+
+    def __hash__(self) -> int:
+        return str.__hash__(self)
+
+    def __str__(self) -> str:
+        return str(self.value)
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.GONE)
+        """The job or run will not change any more (a backend's GONE included)."""
+        return self in _FINISHED
+
+    @classmethod
+    def of_event(cls, frame_type: str) -> RunState:
+        """The state a terminal event (``task_result``, ``task_error``,
+        ``task_cancelled``) ends a run in; any other event leaves it RUNNING."""
+        return _OF_EVENT.get(frame_type, cls.RUNNING)
+
+
+_FINISHED = frozenset({
+    RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.REFUSED,
+    RunState.LOST, RunState.GONE,
+})
+_OF_EVENT = {
+    "task_result": RunState.SUCCEEDED,
+    "task_error": RunState.FAILED,
+    "task_cancelled": RunState.CANCELLED,
+}
+
+# The name adapters use: a backend's view of its job (a subset of RunState).
+JobState = RunState
 
 
 def map_state(table: Mapping[str, JobState], native: object) -> JobState:

@@ -121,10 +121,10 @@ def run_payload(
         envelope = payload_mod.decode_payload(payload)
     except PayloadError:
         refused = worker.run(payload, handle_sigterm=handle_sigterm)  # reports the refusal
-        return {"state": refused.state, "exit_code": refused.exit_code, "delivered": True}
+        return {"state": refused.state.value, "exit_code": refused.exit_code, "delivered": True}
     outcome = worker.run_envelope(envelope, handle_sigterm=handle_sigterm)
     report: dict[str, Any] = {
-        "state": outcome.state,
+        "state": outcome.state.value,
         "exit_code": outcome.exit_code,
         "delivered": outcome.delivered,
         "run_id": envelope.run_id,

@@ -34,6 +34,7 @@ from wove_adapters.core import frames, stores
 from wove_adapters.core.codec import pickled_exception, sign_events
 from wove_adapters.core.envelope import Envelope
 from wove_adapters.core.errors import PayloadError, WorkerImportError
+from wove_adapters.core.policies import RunState
 from wove_adapters.worker import sender
 
 EXIT_OK = 0
@@ -51,7 +52,7 @@ class TaskCancelled(BaseException):
 
 @dataclass
 class Outcome:
-    state: str  # succeeded | failed | cancelled | refused
+    state: RunState  # SUCCEEDED | FAILED | CANCELLED | REFUSED
     value: Any = None
     error: BaseException | None = None
     # False only when the outcome is known lost (neither delivered nor recorded). While
@@ -68,7 +69,7 @@ class Outcome:
         with the same idempotency key (``core.codec.decode_outcome`` reads it): the one
         place a worker signs an outcome. None for a refused payload, or if signing
         failed (the caller has the event itself; followers then get an error)."""
-        if self.event is None or not self.key_id or self.state == "refused":
+        if self.event is None or not self.key_id or self.state is RunState.REFUSED:
             return None
         from wove_adapters.core.signing import encode_blob
 
@@ -82,9 +83,9 @@ class Outcome:
         if not self.delivered:
             return EXIT_DELIVERY_FAILED
         return {
-            "succeeded": EXIT_OK,
-            "failed": EXIT_TASK_FAILED,
-            "cancelled": EXIT_CANCELLED,
+            RunState.SUCCEEDED: EXIT_OK,
+            RunState.FAILED: EXIT_TASK_FAILED,
+            RunState.CANCELLED: EXIT_CANCELLED,
         }.get(self.state, EXIT_PAYLOAD_REFUSED)
 
     def settle(self, *, linger: bool = True, refused_too: bool = False) -> bool:
@@ -275,7 +276,7 @@ def _refuse(raw: str | bytes, exc: PayloadError) -> Outcome:
             )
     except Exception:
         pass
-    return Outcome("refused", error=exc, delivered=True)
+    return Outcome(RunState.REFUSED, error=exc, delivered=True)
 
 
 def run(payload: str | bytes, *, handle_sigterm: bool = True) -> Outcome:
@@ -333,22 +334,22 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
             else:
                 value = call_task(func, args)
             event = frames.TaskResult(**ident, result=payload_mod.dumps(value))
-            outcome = Outcome("succeeded", value=value)
+            outcome = Outcome(RunState.SUCCEEDED, value=value)
         except TaskCancelled as exc:
             event = frames.TaskCancelled(**ident, reason=str(exc))
-            outcome = Outcome("cancelled", error=exc)
+            outcome = Outcome(RunState.CANCELLED, error=exc)
         except PayloadError as exc:
             event = frames.TaskError(
                 **ident, error=frames.normalize_exception(exc, source="payload")
             )
-            outcome = Outcome("refused", error=exc)
+            outcome = Outcome(RunState.REFUSED, error=exc)
         except WorkerImportError as exc:
             event = frames.TaskError(
                 **ident,
                 error=frames.normalize_exception(exc, source="worker"),
                 exception=pickled_exception(exc),
             )
-            outcome = Outcome("failed", error=exc)
+            outcome = Outcome(RunState.FAILED, error=exc)
         except BaseException as exc:
             # Whatever the task raises is its outcome, SystemExit and KeyboardInterrupt
             # included (also from unpickling it or pickling its result), as in
@@ -360,7 +361,7 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
                 error=frames.normalize_exception(exc, source="task"),
                 exception=pickled_exception(exc),
             )
-            outcome = Outcome("failed", error=exc)
+            outcome = Outcome(RunState.FAILED, error=exc)
     outcome.event = event
     outcome.key_id = envelope.key_id
     deliver_terminal(envelope, event, outcome)
@@ -479,11 +480,6 @@ def _bound(value: float | None, default: float) -> float:
     return default if value is None else float(value)
 
 
-_STATE_OF = {
-    frames.TASK_RESULT: "succeeded",
-    frames.TASK_ERROR: "failed",
-    frames.TASK_CANCELLED: "cancelled",
-}
 
 
 def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
@@ -507,7 +503,7 @@ def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
         record_outcome_sync(
             envelope.ledger or "",
             envelope.run_id,
-            _STATE_OF.get(str(kind), "failed"),
+            RunState.of_event(str(kind)).value,
             encode_blob(blob),
             create=template,
         )

@@ -17,14 +17,18 @@ from typing import Final
 
 import msgspec
 
-# Run states as the ledger records them.
-SUBMITTED: Final = "submitted"
-RUNNING: Final = "running"
-SUCCEEDED: Final = "succeeded"
-FAILED: Final = "failed"
-CANCELLED: Final = "cancelled"
-LOST: Final = "lost"
-DETACHED: Final = "detached"
+from wove_adapters.core.policies import RunState
+
+# Run states as the ledger records them: the plain values of core.policies.RunState (a
+# database, JSON or msgpack row stores the text; drivers that treat enums specially never
+# see one).
+SUBMITTED: Final = RunState.SUBMITTED.value
+RUNNING: Final = RunState.RUNNING.value
+SUCCEEDED: Final = RunState.SUCCEEDED.value
+FAILED: Final = RunState.FAILED.value
+CANCELLED: Final = RunState.CANCELLED.value
+LOST: Final = RunState.LOST.value
+DETACHED: Final = RunState.DETACHED.value
 TERMINAL_STATES: Final = frozenset({SUCCEEDED, FAILED, CANCELLED, LOST})
 STATES: Final = (SUBMITTED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST, DETACHED)
 
