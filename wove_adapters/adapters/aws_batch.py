@@ -16,7 +16,6 @@ workers of every backend open it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import time
@@ -25,6 +24,15 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.util import (
+    Row,
+    checked_row,
+    delete_payloads,
+    group_by,
+    probe_store,
+    undone_if_abandoned,
+    worker_command,
+)
 from wove_adapters.core import stores as payload_mod
 from wove_adapters.core.errors import redact_url
 from wove_adapters.core.options import AdapterOptions
@@ -128,17 +136,8 @@ class AwsBatchAdapter(BackendAdapter):
         return {**self.config, **(job.options if job is not None else {})}
 
     async def start(self) -> None:
-        if not self.config.get("job_queue") or not self.config.get("job_definition"):
-            raise AwsBatchError(
-                "aws_batch needs executor_config.job_queue and executor_config.job_definition "
-                "(the name or ARN of an existing Batch job queue and job definition)"
-            )
-        if not self.store_url:
-            raise AwsBatchError(
-                "aws_batch needs executor_config.payload_store, a store the jobs can read, "
-                "e.g. 's3://my-bucket/wove-payloads' (payloads never travel inside SubmitJob)"
-            )
-        self._client = await asyncio.to_thread(self._make_client)
+        _check_required(self.config)
+        self._client = await asyncio.to_thread(_batch_client, self.config)
         if self.config.get("verify_on_start", True):
             try:
                 queue = await self._describe_queue(str(self.config["job_queue"]))
@@ -152,30 +151,6 @@ class AwsBatchAdapter(BackendAdapter):
                     f"AWS Batch job queue {self.config['job_queue']!r} does not exist at "
                     f"{self._where()}; create it or set executor_config.job_queue"
                 )
-
-    def _make_client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        session = boto3.session.Session(
-            region_name=self.config.get("region") or self.config.get("region_name"),
-            profile_name=self.config.get("profile"),
-        )
-        if session.region_name is None:
-            raise AwsBatchError(
-                "no AWS region: set executor_config.region or AWS_DEFAULT_REGION"
-            )
-        return session.client(
-            "batch",
-            endpoint_url=self.config.get("endpoint_url"),
-            config=Config(
-                max_pool_connections=int(self.config.get("max_pool_connections", 32)),
-                retries={
-                    "mode": "standard",
-                    "max_attempts": int(self.config.get("max_attempts", 5)),
-                },
-            ),
-        )
 
     def _where(self) -> str:
         region = getattr(getattr(self._client, "meta", None), "region_name", "?")
@@ -200,79 +175,30 @@ class AwsBatchAdapter(BackendAdapter):
         name = self.safe_name(raw, max_len=128)
         return name if name[:1].isalnum() else f"w{name[:127]}"
 
-    def _request(self, job: JobSpec, name: str, command: list[str]) -> dict[str, Any]:
-        """SubmitJob arguments: queue, definition and pass-through options, our command."""
-        options = self._options(job)
-        overrides = copy.deepcopy(dict(options.get("container_overrides") or {}))
-        environment = list(overrides.get("environment") or [])
-        environment += [
-            {"name": str(k), "value": str(v)}
-            for k, v in (options.get("environment") or {}).items()
-        ]
-        if environment:
-            overrides["environment"] = environment
-        overrides["command"] = command
-        request: dict[str, Any] = {
-            "jobName": name,
-            "jobQueue": str(options["job_queue"]),
-            "jobDefinition": str(options["job_definition"]),
-            "containerOverrides": overrides,
-        }
-        timeout = options.get("timeout")
-        if timeout:
-            request["timeout"] = (
-                dict(timeout)
-                if isinstance(timeout, dict)
-                else {"attemptDurationSeconds": int(timeout)}
-            )
-        for key, field in (
-            ("retry_strategy", "retryStrategy"),
-            ("parameters", "parameters"),
-            ("tags", "tags"),
-            ("propagate_tags", "propagateTags"),
-            ("scheduling_priority", "schedulingPriorityOverride"),
-            ("share_identifier", "shareIdentifier"),
-        ):
-            if options.get(key) not in (None, ""):
-                request[field] = options[key]
-        request.update(options.get("submit_options") or {})
-        return request
-
     async def _submit_request(self, request: dict[str, Any], children: int = 0) -> str:
         """SubmitJob, shielded: if our caller gives up while the request is in flight, the
         job it may still create is stopped instead of running for nobody."""
-        call = asyncio.ensure_future(self._call("submit_job", **request))
-        try:
-            response = await asyncio.shield(call)
-        except asyncio.CancelledError:
-            call.add_done_callback(lambda done: self._stop_stray(done, children))
-            raise
+        response = await undone_if_abandoned(
+            self._call("submit_job", **request), lambda made: self._stop_stray(made, children))
         self.submissions += 1
         return str(response["jobId"])
 
-    def _stop_stray(self, call: asyncio.Future[Any], children: int) -> None:
-        if call.cancelled() or call.exception() is not None:
-            return
-        job_id = str(call.result()["jobId"])
+    async def _stop_stray(self, response: dict[str, Any], children: int) -> None:
+        job_id = str(response["jobId"])
         handles = [job_id, *(f"{job_id}:{index}" for index in range(children))]
-        for handle in handles:
-            asyncio.get_running_loop().create_task(self._quietly(self.cancel(handle)))
-
-    @staticmethod
-    async def _quietly(coro: Any) -> None:
-        with contextlib.suppress(Exception):
-            await coro
+        await asyncio.gather(*(self.cancel(handle) for handle in handles), return_exceptions=True)
 
     async def submit(self, job: JobSpec) -> str:
         name = self._job_name(job)
         key = self.safe_name(f"{job.run_id}-{job.attempt}", max_len=200) + ".payload"
         await asyncio.to_thread(self._store()._put, key, job.payload.encode("ascii"))
         ref = f"{self.store_url}#{key}"
-        command = [self.python, "-m", "wove_adapters.worker", "--payload-ref", ref]
+        command = worker_command(self.python, "--payload-ref", ref)
         try:
-            handle = await self._submit_request(self._request(job, name, command))
+            request = _submit_job_request(self._options(job), name, command)
+            handle = await self._submit_request(request)
         except BaseException:
-            await asyncio.shield(self._quietly(self._delete_key(key)))
+            await asyncio.shield(self._delete_keys([key]))
             raise
         self._track(handle, key)
         return handle
@@ -281,11 +207,9 @@ class AwsBatchAdapter(BackendAdapter):
         """Jobs with the same queue, definition and options become one array job (one
         SubmitJob); each child reads the payload of its index. Handles are child job ids
         (``<array job id>:<index>``)."""
-        groups: dict[str, list[int]] = {}
-        for position, job in enumerate(jobs):
-            groups.setdefault(self._group_key(job), []).append(position)
         handles: list[str] = [""] * len(jobs)
-        for positions in groups.values():
+        for positions in group_by(range(len(jobs)), lambda p: json.dumps(
+                jobs[p].options, sort_keys=True, default=repr)):
             for start in range(0, len(positions), _ARRAY_MAX):
                 chunk = positions[start : start + _ARRAY_MAX]
                 if len(chunk) == 1:  # an array job needs at least two children
@@ -295,9 +219,6 @@ class AwsBatchAdapter(BackendAdapter):
                 for position, handle in zip(chunk, chunk_handles, strict=True):
                     handles[position] = handle
         return handles
-
-    def _group_key(self, job: JobSpec) -> str:
-        return json.dumps(job.options, sort_keys=True, default=repr)
 
     async def _submit_array(self, jobs: list[JobSpec]) -> list[str]:
         tag = self.safe_name(f"wove-{jobs[0].task_id}-a{uuid.uuid4().hex[:12]}", max_len=100)
@@ -311,14 +232,13 @@ class AwsBatchAdapter(BackendAdapter):
 
         await asyncio.gather(*(put(key, job) for key, job in zip(keys, jobs, strict=True)))
         command = ["/bin/sh", "-c", _ARRAY_SCRIPT, self.python, f"{self.store_url}#{tag}"]
-        request = self._request(jobs[0], tag if tag[:1].isalnum() else f"w{tag}", command)
+        name = tag if tag[:1].isalnum() else f"w{tag}"
+        request = _submit_job_request(self._options(jobs[0]), name, command)
         request["arrayProperties"] = {"size": len(jobs)}
         try:
             job_id = await self._submit_request(request, children=len(jobs))
         except BaseException:
-            await asyncio.shield(
-                self._quietly(asyncio.gather(*(self._delete_key(key) for key in keys)))
-            )
+            await asyncio.shield(self._delete_keys(keys))
             raise
         handles = [f"{job_id}:{index}" for index in range(len(jobs))]
         for handle, key in zip(handles, keys, strict=True):
@@ -381,16 +301,15 @@ class AwsBatchAdapter(BackendAdapter):
             # no-op on a started job.
             await self._call("terminate_job", jobId=handle, reason=CANCEL_REASON)
 
-    async def _delete_key(self, key: str) -> None:
+    async def _delete_keys(self, keys: list[str]) -> None:
         store = self._store()
-        ref = payload_mod.BodyRef(store=self.store_url, key=key, sha256="", size=0)
-        await asyncio.to_thread(store.delete, ref)
+        await asyncio.gather(*(asyncio.to_thread(delete_payloads, store, [key]) for key in keys))
 
     async def release(self, handle: str) -> None:
         self._tracked.pop(handle, None)
         key = self._keys.pop(handle, None)
         if key is not None:
-            await self._delete_key(key)
+            await self._delete_keys([key])
 
     async def detach(self, handle: str) -> None:
         # The job may still need its payload object: leave it (an S3 lifecycle rule on
@@ -404,8 +323,8 @@ class AwsBatchAdapter(BackendAdapter):
 
     # ------------------------------------------------------------ doctor
 
-    async def doctor(self) -> list[tuple[str, bool, str]]:
-        rows: list[tuple[str, bool, str]] = []
+    async def doctor(self) -> list[Row]:
+        rows: list[Row] = []
         queue_name = str(self.config.get("job_queue"))
         try:
             started = time.perf_counter()
@@ -427,10 +346,15 @@ class AwsBatchAdapter(BackendAdapter):
                             "(aws batch update-job-queue --state ENABLED)")))
             rows.extend(await self._compute_rows(queue))
         rows.append(await self._definition_row())
-        rows.append(await asyncio.to_thread(self._store_row))
+        s3 = " (S3 bucket)" if self.store_url.startswith("s3:") else ""
+        where = redact_url(self.store_url)
+        probe = asyncio.to_thread(lambda: probe_store(self._store(), f"doctor-{uuid.uuid4().hex}"))
+        rows.append(await checked_row(
+            f"payload store reachable{s3}", probe, f"{where} (write, read, delete)",
+            lambda exc: f"{where}: {exc}; the caller writes and the jobs read payloads here"))
         return rows
 
-    async def _compute_rows(self, queue: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    async def _compute_rows(self, queue: dict[str, Any]) -> list[Row]:
         arns = [str(o["computeEnvironment"]) for o in queue.get("computeEnvironmentOrder", [])]
         if not arns:
             return [("compute environment", False, "the queue has none; attach one")]
@@ -441,7 +365,7 @@ class AwsBatchAdapter(BackendAdapter):
                           for e in envs)
         return [("compute environment VALID and ENABLED", bool(usable), names or "none found")]
 
-    async def _definition_row(self) -> tuple[str, bool, str]:
+    async def _definition_row(self) -> Row:
         definition = str(self.config.get("job_definition"))
         label = f"job definition '{definition}'"
         try:
@@ -462,16 +386,79 @@ class AwsBatchAdapter(BackendAdapter):
         return (label, True, f"revision {latest.get('revision')}, image {image} "
                              "(it must have wove-adapters installed)")
 
-    def _store_row(self) -> tuple[str, bool, str]:
-        label = "payload store reachable (S3 bucket)" if self.store_url.startswith("s3:") \
-            else "payload store reachable"
-        key = f"doctor-{uuid.uuid4().hex}"
-        try:
-            store = self._store()
-            ref = store.put(key, b"wove-adapters doctor")
-            store.get(ref)
-            store.delete(ref)
-        except Exception as exc:
-            return (label, False, f"{redact_url(self.store_url)}: {exc}; the caller writes and "
-                                  "the jobs read payloads here")
-        return (label, True, f"{redact_url(self.store_url)} (write, read, delete)")
+
+def _check_required(config: dict[str, Any]) -> None:
+    if not config.get("job_queue") or not config.get("job_definition"):
+        raise AwsBatchError(
+            "aws_batch needs executor_config.job_queue and executor_config.job_definition "
+            "(the name or ARN of an existing Batch job queue and job definition)"
+        )
+    if not config.get("payload_store"):
+        raise AwsBatchError(
+            "aws_batch needs executor_config.payload_store, a store the jobs can read, "
+            "e.g. 's3://my-bucket/wove-payloads' (payloads never travel inside SubmitJob)"
+        )
+
+
+def _batch_client(config: dict[str, Any]) -> Any:
+    """Blocking: the boto3 Batch client (one per adapter), retries in standard mode."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(
+        region_name=config.get("region") or config.get("region_name"),
+        profile_name=config.get("profile"),
+    )
+    if session.region_name is None:
+        raise AwsBatchError(
+            "no AWS region: set executor_config.region or AWS_DEFAULT_REGION"
+        )
+    return session.client(
+        "batch",
+        endpoint_url=config.get("endpoint_url"),
+        config=Config(
+            max_pool_connections=int(config.get("max_pool_connections", 32)),
+            retries={
+                "mode": "standard",
+                "max_attempts": int(config.get("max_attempts", 5)),
+            },
+        ),
+    )
+
+
+def _submit_job_request(options: dict[str, Any], name: str, command: list[str]) -> dict[str, Any]:
+    """SubmitJob arguments: queue, definition and pass-through options, our command."""
+    overrides = copy.deepcopy(dict(options.get("container_overrides") or {}))
+    environment = list(overrides.get("environment") or [])
+    environment += [
+        {"name": str(k), "value": str(v)}
+        for k, v in (options.get("environment") or {}).items()
+    ]
+    if environment:
+        overrides["environment"] = environment
+    overrides["command"] = command
+    request: dict[str, Any] = {
+        "jobName": name,
+        "jobQueue": str(options["job_queue"]),
+        "jobDefinition": str(options["job_definition"]),
+        "containerOverrides": overrides,
+    }
+    timeout = options.get("timeout")
+    if timeout:
+        request["timeout"] = (
+            dict(timeout)
+            if isinstance(timeout, dict)
+            else {"attemptDurationSeconds": int(timeout)}
+        )
+    for key, field in (
+        ("retry_strategy", "retryStrategy"),
+        ("parameters", "parameters"),
+        ("tags", "tags"),
+        ("propagate_tags", "propagateTags"),
+        ("scheduling_priority", "schedulingPriorityOverride"),
+        ("share_identifier", "shareIdentifier"),
+    ):
+        if options.get(key) not in (None, ""):
+            request[field] = options[key]
+    request.update(options.get("submit_options") or {})
+    return request
