@@ -36,6 +36,7 @@ from wove_adapters.worker.temporal import (
     RESULT_LIMIT,
     TASK_FAILED,
     WORKFLOW_NAME,
+    WoveRunWorkflow,
     activities,
     exit_now,
     main,
@@ -46,8 +47,8 @@ from wove_adapters.worker.temporal import (
 
 __all__ = [
     "ACTIVITY_NAME", "DEFAULT_ADDRESS", "DEFAULT_TASK_QUEUE", "INLINE_LIMIT", "RESULT_LIMIT",
-    "TASK_FAILED", "WORKFLOW_NAME", "TemporalAdapter", "TemporalOptions", "activities",
-    "exit_now", "main", "prepare_processes", "run_worker", "workflows",
+    "TASK_FAILED", "WORKFLOW_NAME", "TemporalAdapter", "TemporalOptions", "WoveRunWorkflow",
+    "activities", "exit_now", "main", "prepare_processes", "run_worker", "workflows",
 ]
 
 # Temporal refuses payloads above 2 MiB (blob size limit). The payload text is base64 of
@@ -422,6 +423,13 @@ def _end_frame(found: Exception | None, job: JobSpec, workflow_id: str) -> dict[
                             reason=str(found))
     return frames.error_event(job.run_id, job.task_id, found, attempt=job.attempt,
                               source="backend")
+
+
+def __getattr__(name: str) -> Any:
+    """``run_payload`` (the activity), built on first access by the worker side."""
+    if name == "run_payload":
+        return activities()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
