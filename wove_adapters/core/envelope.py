@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import importlib
+import math
+import os
 import time
 from typing import Any, Final
 
@@ -21,6 +23,14 @@ from wove_adapters.core.errors import MissingDispatchFeatureError, PayloadError
 from wove_adapters.core.stores import BodyRef, open_store
 
 PAYLOAD_VERSION: Final = 1
+OLDEST_PAYLOAD_VERSION: Final = 1
+# How old (seconds since it was signed) a payload may be when a worker takes it; "0": no
+# limit. A week by default: longer than any queue should hold a job, short enough that a
+# payload copied out of a broker stops working.
+MAX_AGE_ENV: Final = "WOVE_ADAPTERS_PAYLOAD_MAX_AGE"
+DEFAULT_MAX_AGE: Final = 7 * 86400.0
+# Clocks may disagree this much before a payload "from the future" is refused.
+CLOCK_SKEW: Final = 300.0
 PAYLOAD_PREFIX: Final = "wove1."
 
 
@@ -107,7 +117,35 @@ def decode_payload(text: str | bytes) -> Envelope:
             f"payload version {envelope.version} is newer than this worker understands "
             f"({PAYLOAD_VERSION}); upgrade wove-adapters on the worker"
         )
+    if envelope.version < OLDEST_PAYLOAD_VERSION:
+        raise PayloadError(
+            f"payload version {envelope.version} is older than this worker accepts "
+            f"({OLDEST_PAYLOAD_VERSION}..{PAYLOAD_VERSION})"
+        )
+    check_age(envelope.issued_at)
     return envelope
+
+
+def check_age(issued_at: float, *, now: float | None = None) -> None:
+    """A payload is taken only within ``WOVE_ADAPTERS_PAYLOAD_MAX_AGE`` of being signed."""
+    if not math.isfinite(issued_at) or issued_at <= 0:
+        raise PayloadError(f"payload issued_at {issued_at!r} is not a time")
+    raw = os.environ.get(MAX_AGE_ENV, "").strip()
+    try:
+        max_age = float(raw) if raw else DEFAULT_MAX_AGE
+    except ValueError:
+        raise PayloadError(f"{MAX_AGE_ENV}={raw!r} is not a number of seconds") from None
+    now = time.time() if now is None else now
+    if issued_at > now + CLOCK_SKEW:
+        raise PayloadError(
+            f"payload issued {issued_at - now:.0f}s in the future: the caller's and the "
+            f"worker's clocks disagree; synchronise them (NTP)"
+        )
+    if max_age > 0 and now - issued_at > max_age:
+        raise PayloadError(
+            f"payload is {now - issued_at:.0f}s old, over the {max_age:.0f}s this worker "
+            f"accepts ({MAX_AGE_ENV}); submit the run again"
+        )
 
 
 def load_body(envelope: Envelope) -> tuple[Any, dict[str, Any]]:
