@@ -26,7 +26,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import re
@@ -37,6 +36,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.util import (
+    Row,
+    checked_row,
+    delete_payloads,
+    digested,
+    group_by,
+    probe_store,
+    resolve_secret,
+    worker_command,
+)
 from wove_adapters.core import stores as payload_mod
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
@@ -47,6 +56,15 @@ ENV_LABEL = "wove-adapters/environment"
 TASK_LABEL = "wove-adapters/task"
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 CONTAINER = "wove-worker"
+# executor_config keys copied, when set, into the container and the Pod spec.
+CONTAINER_FIELDS = {"image_pull_policy": "imagePullPolicy", "env_from": "envFrom",
+                    "volume_mounts": "volumeMounts"}
+POD_FIELDS = {
+    "service_account": "serviceAccountName", "node_selector": "nodeSelector",
+    "tolerations": "tolerations", "affinity": "affinity", "volumes": "volumes",
+    "priority_class_name": "priorityClassName",
+    "termination_grace_period_seconds": "terminationGracePeriodSeconds",
+}
 
 # Native states (derived from a Job and its waiting Pods) in the shared vocabulary.
 _STATES: dict[str, JobState] = {
@@ -87,21 +105,14 @@ def dns_label(text: str, *, max_len: int = 63) -> str:
     most ``max_len``) from any text. A text that had to change keeps a digest of the
     original, so distinct keys give distinct names (``A`` and ``a`` included)."""
     cleaned = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
-    if cleaned == text and 0 < len(text) <= max_len:
-        return text
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    head = cleaned[: max(max_len - len(digest) - 1, 0)].rstrip("-")
-    return f"{head}-{digest}" if head else digest
+    # "-" for nothing left: an empty text is no label either, it gets the digest alone.
+    return digested(text, cleaned or "-", max_len=max_len, trim="-")
 
 
 def label_value(text: str) -> str:
     """A valid label value (``[A-Za-z0-9._-]``, alphanumeric at both ends, at most 63)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", text).strip("-_.")
-    if cleaned == text and len(text) <= 63:
-        return text
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    head = cleaned[:52].rstrip("-_.")
-    return f"{head}-{digest}" if head else digest
+    return digested(text, cleaned, max_len=63, trim="-_.")
 
 
 @functools.lru_cache(maxsize=512)
@@ -300,7 +311,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             cfg.host = str(self.config["host"]).rstrip("/")
             token = self.config.get("token")
             if token:
-                token = _resolve(str(token))
+                token = resolve_secret(str(token), option="token")
                 cfg.api_key["BearerToken"] = f"Bearer {token}"
             if self.config.get("ca_cert"):
                 cfg.ssl_ca_cert = str(self.config["ca_cert"])
@@ -392,14 +403,12 @@ class KubernetesJobsAdapter(BackendAdapter):
         container: dict[str, Any] = {
             "name": CONTAINER,
             "image": options.get("image"),
-            "command": [python, "-m", "wove_adapters.worker"],
+            "command": worker_command(python),
             "args": ["--payload-ref", ref_arg],
             "env": env,
         }
-        _put(container, "imagePullPolicy", options.get("image_pull_policy"))
         _put(container, "resources", _resources(options))
-        _put(container, "envFrom", options.get("env_from"))
-        _put(container, "volumeMounts", options.get("volume_mounts"))
+        _copy(container, options, CONTAINER_FIELDS)
         container.update(options.get("container") or {})
         labels = {
             MANAGED_BY: MANAGER,
@@ -409,19 +418,10 @@ class KubernetesJobsAdapter(BackendAdapter):
         }
         user_annotations = _strings(options.get("annotations"))
         pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
-        _put(pod_spec, "serviceAccountName", options.get("service_account"))
-        pull_secrets = options.get("image_pull_secrets")
-        if pull_secrets:
-            pod_spec["imagePullSecrets"] = [
-                s if isinstance(s, dict) else {"name": str(s)} for s in pull_secrets
-            ]
-        _put(pod_spec, "nodeSelector", options.get("node_selector"))
-        _put(pod_spec, "tolerations", options.get("tolerations"))
-        _put(pod_spec, "affinity", options.get("affinity"))
-        _put(pod_spec, "volumes", options.get("volumes"))
-        _put(pod_spec, "priorityClassName", options.get("priority_class_name"))
-        _put(pod_spec, "terminationGracePeriodSeconds",
-             options.get("termination_grace_period_seconds"))
+        _copy(pod_spec, options, POD_FIELDS)
+        pull_secrets = options.get("image_pull_secrets") or []
+        _put(pod_spec, "imagePullSecrets",
+             [s if isinstance(s, dict) else {"name": str(s)} for s in pull_secrets])
         pod_spec.update(options.get("pod_spec") or {})
         spec: dict[str, Any] = {
             "backoffLimit": int(options.get("backoff_limit", 0)),
@@ -489,12 +489,9 @@ class KubernetesJobsAdapter(BackendAdapter):
     async def submit_many(self, jobs: list[JobSpec]) -> list[str]:
         """N runs -> one Indexed Job per group of runs with the same options; handles are
         ``namespace/name#index``."""
-        groups: dict[str, list[int]] = {}
-        for position, job in enumerate(jobs):
-            signature = json.dumps([job.task_id, job.options], sort_keys=True, default=str)
-            groups.setdefault(signature, []).append(position)
         handles: list[str] = [""] * len(jobs)
-        for positions in groups.values():
+        for positions in group_by(range(len(jobs)), lambda p: json.dumps(
+                [jobs[p].task_id, jobs[p].options], sort_keys=True, default=str)):
             group = [jobs[p] for p in positions]
             for p, handle in zip(positions, await self._submit_indexed(group), strict=True):
                 handles[p] = handle
@@ -530,7 +527,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         try:
             await self._call(self._batch.create_namespaced_job, namespace, body)
         except KubernetesApiError as exc:
-            await self._in_pool(_delete_keys, store, keys)
+            await self._in_pool(delete_payloads, store, keys)
             if exc.status == 409:
                 return False
             raise KubernetesApiError(
@@ -658,7 +655,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         # One index of an Indexed Job: its payload goes first (a Pod that has not started
         # yet then finds nothing to run), then its Pod (a running worker gets SIGTERM).
         if tracked is not None and index in tracked.payload_keys:
-            await self._in_pool(_delete_keys, self._store(), [tracked.payload_keys[index]])
+            await self._in_pool(delete_payloads, self._store(), [tracked.payload_keys[index]])
         pods = await self._call(
             self._core.list_namespaced_pod, namespace, label_selector=f"job-name={name}"
         )
@@ -690,7 +687,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             return
         key = tracked.payload_keys.pop(index, None)
         if key is not None:
-            await self._in_pool(_delete_keys, self._store(), [key])
+            await self._in_pool(delete_payloads, self._store(), [key])
         tracked.open_runs.discard(index)
         if tracked.open_runs:
             return
@@ -719,8 +716,8 @@ class KubernetesJobsAdapter(BackendAdapter):
 
     # ------------------------------------------------------------ doctor
 
-    async def doctor(self) -> list[tuple[str, bool, str]]:
-        rows: list[tuple[str, bool, str]] = []
+    async def doctor(self) -> list[Row]:
+        rows: list[Row] = []
         if self._api is None:
             try:
                 await self.start()
@@ -747,28 +744,26 @@ class KubernetesJobsAdapter(BackendAdapter):
         probe = self.manifest(
             f"wove-doctor-{secrets.token_hex(3)}", "probe#probe", {**self.config}, task_id="doctor"
         )
-        try:
-            await self._call(
-                self._batch.create_namespaced_job, self.namespace, probe, dry_run="All"
-            )
-            rows.append(("RBAC: can create jobs (dry run)", True, f"in {self.namespace}"))
-        except KubernetesApiError as exc:
-            rows.append(("RBAC: can create jobs (dry run)", False,
-                         f"{exc}; grant create/get/list/delete on jobs.batch and get/list/delete "
-                         f"on pods in namespace {self.namespace}"))
-        try:
-            await self._call(self._core.list_namespaced_pod, self.namespace, limit=1)
-            rows.append(("RBAC: can list pods", True, "needed to see Pods that cannot start"))
-        except KubernetesApiError as exc:
-            rows.append(("RBAC: can list pods", False, f"{exc}; grant list on pods"))
+        rows.append(await checked_row(
+            "RBAC: can create jobs (dry run)",
+            self._call(self._batch.create_namespaced_job, self.namespace, probe, dry_run="All"),
+            f"in {self.namespace}",
+            lambda exc: f"{exc}; grant create/get/list/delete on jobs.batch and get/list/delete "
+                        f"on pods in namespace {self.namespace}",
+            errors=KubernetesApiError,
+        ))
+        rows.append(await checked_row(
+            "RBAC: can list pods",
+            self._call(self._core.list_namespaced_pod, self.namespace, limit=1),
+            "needed to see Pods that cannot start", lambda exc: f"{exc}; grant list on pods",
+            errors=KubernetesApiError,
+        ))
         store = self._store()
-        try:
-            await self._in_pool(store.put, "k8s-doctor-probe", b"probe")
-            await self._in_pool(_delete_keys, store, ["k8s-doctor-probe"])
-            rows.append(("payload store writable", True,
-                         f"{store.url} (the Pods must read it: mount it or use a Redis store)"))
-        except Exception as exc:
-            rows.append(("payload store writable", False, f"{store.url}: {exc}"))
+        rows.append(await checked_row(
+            "payload store writable", self._in_pool(probe_store, store, "k8s-doctor-probe"),
+            f"{store.url} (the Pods must read it: mount it or use a Redis store)",
+            lambda exc: f"{store.url}: {exc}",
+        ))
         return rows
 
 
@@ -792,6 +787,11 @@ def _has_unready_pods(job: dict[str, Any]) -> bool:
     return int(status.get("active") or 0) > int(status.get("ready") or 0) and native_state(
         job
     ) in ("PENDING", "RUNNING")
+
+
+def _copy(target: dict[str, Any], options: dict[str, Any], fields: dict[str, str]) -> None:
+    for option, key in fields.items():
+        _put(target, key, options.get(option))
 
 
 def _strings(mapping: dict[str, Any] | None) -> dict[str, str]:
@@ -818,25 +818,6 @@ def _resources(options: dict[str, Any]) -> dict[str, Any] | None:
         limits["nvidia.com/gpu"] = str(options["gpu"])
     out = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
     return out or None
-
-
-def _delete_keys(store: payload_mod.PayloadStore, keys: list[str]) -> None:
-    for key in keys:
-        with contextlib.suppress(Exception):
-            store.delete(payload_mod.BodyRef(store=store.url, key=key, sha256="", size=0))
-
-
-def _resolve(value: str) -> str:
-    """``env:VAR`` / ``file:/path`` / a literal."""
-    if value.startswith("env:"):
-        found = os.environ.get(value[4:])
-        if not found:
-            raise ValueError(f"executor_config.token is 'env:{value[4:]}': ${value[4:]} is unset")
-        return found
-    if value.startswith("file:"):
-        with open(value[5:]) as handle:
-            return handle.read().strip()
-    return value
 
 
 def _api_error(exc: Any) -> KubernetesApiError:
