@@ -8,26 +8,23 @@ the transport reads the existing job's recorded, signed outcome through ``outcom
 Events come back through the receiver (or the Redis drop box); ``status_many`` reads
 ARQ's job states and the workers' leases (``worker.leases``) in one transaction.
 
-Worker side: put :func:`wove_adapters_run` in ``WorkerSettings.functions`` and run
-``arq yourapp.WorkerSettings`` (``allow_abort_jobs = True`` for cancellation). A payload
-runs in a thread of the worker (``isolation="thread"``, the default: the worker's loop is
-never blocked) or in a process of its own (``isolation="process"``, forked from the
-shared warm pool, ``wove_adapters.worker.pool``): only the latter can really interrupt
-running sync code, so only it claims ``cancel_running`` and ``confirm_cancel``. See
-docs/adapters/arq.md.
+Worker side: put :func:`wove_adapters_run` (``wove_adapters.worker.arq``, importable from
+here too) in ``WorkerSettings.functions`` and run ``arq yourapp.WorkerSettings``
+(``allow_abort_jobs = True`` for cancellation). A payload runs in a thread of the worker
+(``isolation="thread"``, the default: the worker's loop is never blocked) or in a process
+of its own (``isolation="process"``, forked from the shared warm pool): only the latter
+can really interrupt running sync code, so only it claims ``cancel_running`` and
+``confirm_cancel``. See docs/adapters/arq.md.
 
-The library is imported inside methods only; the worker-side helpers need nothing from
-ARQ beyond the ``ctx`` dict it passes.
+The library is imported inside methods only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
-import os
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -35,20 +32,22 @@ from typing import Any, ClassVar
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
-from wove_adapters.worker import leases
+from wove_adapters.worker.arq import (
+    CANCEL_KEY,
+    DONE_KEY,
+    FUNCTION_NAME,
+    LEASE_KEY,
+    LEASE_SECONDS,
+    MARKER_TTL,
+    wove_adapters_run,
+)
 from wove_adapters.worker.leases import LeaseReader
-from wove_adapters.worker.pool import PoolRun, ProcessPool, report_to_caller, run_payload
 
-FUNCTION_NAME = "wove_adapters_run"
+__all__ = ["ArqAdapter", "ArqOptions", "wove_adapters_run"]
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "arq:queue"  # arq.constants.default_queue_name
 ISOLATIONS = ("thread", "process")
-# Our own small keys next to ARQ's (``arq:job:<id>`` ...), keyed by job id.
-CANCEL_KEY = "wove-adapters:arq:cancel:"  # the caller asked for this job to stop
-DONE_KEY = "wove-adapters:arq:done:"  # a try that finished after ARQ cancelled it
-LEASE_KEY = "wove-adapters:arq:lease:"  # renewed while a worker really runs the job
-MARKER_TTL = 86_400
-LEASE_SECONDS = 15.0
 _JOB_ID_CHARS = r"A-Za-z0-9_\-.:"
 
 _OPTION_KEYS = {
@@ -66,6 +65,40 @@ def _option(sources: list[dict[str, Any]], name: str) -> Any:
             if source.get(key) is not None:
                 return source[key]
     return None
+
+
+def _arq_options(sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """ARQ's own ``enqueue_job`` keywords set in ``sources`` (the first one wins)."""
+    enqueue: dict[str, Any] = {}
+    if (queue := _option(sources, "queue_name")) is not None:
+        enqueue["_queue_name"] = str(queue)
+    if (defer_until := _option(sources, "defer_until")) is not None:
+        enqueue["_defer_until"] = _as_datetime(defer_until)
+    elif (defer_by := _option(sources, "defer_by")) is not None:
+        enqueue["_defer_by"] = float(defer_by)
+    if (expires := _option(sources, "expires")) is not None:
+        enqueue["_expires"] = float(expires)
+    return enqueue
+
+
+def _as_datetime(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, (int, float)):
+        return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
+    return dt.datetime.fromisoformat(str(value))
+
+
+def _native(complete: bool, in_progress: bool, score: float | None, enqueued: bool) -> str:
+    """ARQ's job status as ``Job.status()`` tells it from the same keys, except that a job
+    whose key exists under a queue we do not know counts as queued, not not_found."""
+    if complete:
+        return "complete"
+    if in_progress:
+        return "in_progress"
+    if score:
+        return "deferred" if score > time.time() * 1000 else "queued"
+    return "queued" if enqueued else "not_found"
 
 
 class ArqOptions(AdapterOptions, kw_only=True):
@@ -154,8 +187,12 @@ class ArqAdapter(BackendAdapter):
         self._kill_after = float(config.get("kill_after", 10.0))
         self._max_submits = int(config.get("max_concurrent_submits", 64))
         self._lease = float(config.get("lease_seconds", LEASE_SECONDS))
+        self._worker_options: dict[str, Any] = {}  # wove_adapters_run's, when not its defaults
         if self._isolation == "process":
             self.capabilities = self.PROCESS_CAPABILITIES  # type: ignore[misc]
+            self._worker_options.update(isolation="process", kill_after=self._kill_after)
+        if self._lease != LEASE_SECONDS:
+            self._worker_options["lease_seconds"] = self._lease
         self._pool: Any = None
         self._submits: asyncio.Semaphore | None = None
         self._queues: dict[str, str] = {}  # job id -> queue name, until released
@@ -210,29 +247,11 @@ class ArqAdapter(BackendAdapter):
             ident = job.job_name
         return self._prefix + ident
 
-    def _enqueue_options(self, job: JobSpec) -> dict[str, Any]:
-        """``enqueue_job`` keywords: ARQ's (per run first), then ours for the worker."""
-        sources = [job.options, self.config]
-        queue = str(_option(sources, "queue_name") or self._queue)
-        enqueue: dict[str, Any] = {"_queue_name": queue}
-        defer_until = _option(sources, "defer_until")
-        if defer_until is not None:
-            enqueue["_defer_until"] = _as_datetime(defer_until)
-        elif (defer_by := _option(sources, "defer_by")) is not None:
-            enqueue["_defer_by"] = float(defer_by)
-        expires = _option(sources, "expires")
-        if expires is not None:
-            enqueue["_expires"] = float(expires)
-        if self._isolation == "process":
-            enqueue["isolation"] = "process"
-            enqueue["kill_after"] = self._kill_after
-        if self._lease != LEASE_SECONDS:
-            enqueue["lease_seconds"] = self._lease
-        return enqueue
-
     async def submit(self, job: JobSpec) -> str:
         assert self._pool is not None and self._submits is not None, "start() first"
-        enqueue = self._enqueue_options(job)
+        # ARQ's keywords (per run first), then ours for wove_adapters_run.
+        enqueue = {"_queue_name": self._queue, **_arq_options([job.options, self.config]),
+                   **self._worker_options}
         job_id = self.job_id(job)
         self._queues[job_id] = enqueue["_queue_name"]
         async with self._submits:
@@ -393,24 +412,16 @@ class ArqAdapter(BackendAdapter):
                 pipe.exists(job_key_prefix + handle)
                 pipe.pttl(LEASE_KEY + handle)
             replies = await pipe.execute()
-        now = time.time() * 1000
         found: dict[str, tuple[str, Any, int]] = {}
         for i, handle in enumerate(handles):
             raw, in_progress, score, enqueued, pttl = replies[5 * i : 5 * i + 5]
             info: Any = None
             if raw:
-                native = "complete"
                 try:
                     info = deserialize_result(raw, deserializer=self._pool.job_deserializer)
                 except Exception as exc:
                     info = exc
-            elif in_progress:
-                native = "in_progress"
-            elif score:
-                native = "deferred" if score > now else "queued"
-            else:  # the job key may sit in another queue than the one we know
-                native = "queued" if enqueued else "not_found"
-            found[handle] = (native, info, int(pttl))
+            found[handle] = (_native(bool(raw), in_progress, score, enqueued), info, int(pttl))
         return found
 
     def _state_of(self, info: Any) -> JobState:
@@ -429,16 +440,10 @@ class ArqAdapter(BackendAdapter):
     # ------------------------------------------------------------ doctor
 
     async def doctor(self) -> list[tuple[str, bool, str]]:
-        rows: list[tuple[str, bool, str]] = []
-        try:
-            import arq.version
+        import arq.version  # a started adapter has ARQ (a missing one fails at start-up)
 
-            rows.append(("arq installed", True, f"arq {arq.version.VERSION}"))
-        except ImportError:
-            return [("arq installed", False, "pip install 'wove-adapters[arq]'")]
+        rows = [("arq installed", True, f"arq {arq.version.VERSION}")]
         pool = self._pool
-        if pool is None:
-            return [*rows, ("broker reachable", False, "the adapter is not started")]
         try:
             server = await pool.info(section="server")
             rows.append(("broker reachable", True,
@@ -466,205 +471,3 @@ class ArqAdapter(BackendAdapter):
         rows.append(("queue backlog", True, f"{due} due job(s), oldest waiting {wait:.1f}s"))
         return rows
 
-
-def _as_datetime(value: Any) -> dt.datetime:
-    if isinstance(value, dt.datetime):
-        return value
-    if isinstance(value, (int, float)):
-        return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
-    return dt.datetime.fromisoformat(str(value))
-
-
-# ====================================================================== worker side
-
-
-async def wove_adapters_run(
-    ctx: dict[str, Any],
-    payload: str,
-    isolation: str = "thread",
-    kill_after: float = 10.0,
-    lease_seconds: float = LEASE_SECONDS,
-) -> dict[str, Any]:
-    """The ARQ job function: put it in ``WorkerSettings.functions``.
-
-    Runs one signed payload (what ``await wove_adapters.worker.arun(payload)`` does: verify,
-    run in a thread so the worker's loop is never blocked, heartbeat, report events) and
-    returns a small dict ``{"state": ..., "outcome": <signed terminal event, keyed runs
-    only>}`` that ARQ stores as the job result. With ``isolation="process"`` the payload
-    runs in a payload process of the worker's warm pool (``wove_adapters.worker.pool``)
-    instead, which an abort really stops.
-
-    An ARQ abort cancels this coroutine: in process isolation the child gets SIGTERM (it
-    reports ``task_cancelled``), then SIGKILL after ``kill_after`` seconds. Any other
-    cancellation (worker shutdown, ARQ's ``job_timeout``) lets the running task finish and
-    deliver its outcome, and records it, so ARQ's retry of the job does not run it twice.
-    A retry (``job_try > 1``) with no recorded outcome means the worker running it died:
-    the caller is told the run was lost, and its orphan policy decides (``detach`` runs
-    are run again, their outcome goes to the ledger).
-    """
-    redis = ctx.get("redis")
-    job_id = str(ctx.get("job_id") or "")
-    job_try = int(ctx.get("job_try") or 1)
-    if job_try > 1 and redis is not None and job_id:
-        recorded = await redis.get(DONE_KEY + job_id)
-        if recorded:
-            return _unpack(recorded)
-        if not await _rerun_allowed(payload, job_id, job_try):
-            return {"state": "lost"}
-    if redis is None or not job_id:
-        return await _run_job(payload, isolation, kill_after, redis, job_id)
-    # The lease (see ArqAdapter.status_many): its first write waits a little, so a
-    # short job never costs a Redis command for it.
-    keeper = leases.keeper(redis)
-    keeper.hold(LEASE_KEY + job_id, lease_seconds, first_after=min(1.0, lease_seconds / 3))
-    try:
-        return await _run_job(payload, isolation, kill_after, redis, job_id)
-    finally:
-        keeper.release(LEASE_KEY + job_id)
-
-
-async def _run_job(
-    payload: str, isolation: str, kill_after: float, redis: Any, job_id: str
-) -> dict[str, Any]:
-    child: PoolRun | None = None
-    if isolation == "process":
-        child = _processes().run(payload)
-        work: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(_in_process(child))
-    else:
-        work = asyncio.ensure_future(
-            asyncio.get_running_loop().run_in_executor(_threads(), _execute, payload)
-        )
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        if redis is None or not job_id or await redis.exists(CANCEL_KEY + job_id):
-            work.add_done_callback(_consume)
-            if child is not None:  # SIGTERM now, SIGKILL after kill_after
-                child.cancel(kill_after=kill_after)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await child.wait(kill_after)
-            # A thread cannot be interrupted; its late outcome is dropped by the caller.
-            raise
-        result = await _finish_anyway(work, redis, job_id)
-        with contextlib.suppress(Exception):
-            await redis.set(DONE_KEY + job_id, _pack(result), ex=MARKER_TTL)
-        raise
-
-
-async def _finish_anyway(
-    work: asyncio.Future[dict[str, Any]], redis: Any, job_id: str
-) -> dict[str, Any]:
-    """Wait for work ARQ gave up on, keeping ARQ's in-progress mark alive meanwhile so
-    no other worker starts the job again."""
-    from arq.constants import in_progress_key_prefix
-
-    while True:
-        try:
-            done, _ = await asyncio.wait({work}, timeout=20)
-        except asyncio.CancelledError:
-            continue
-        if done:
-            try:
-                return work.result()
-            except BaseException as exc:  # recorded, not raised
-                return {"state": "failed", "error": repr(exc)}
-        with contextlib.suppress(Exception):
-            await redis.pexpire(in_progress_key_prefix + job_id, 60_000)
-
-
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_process_pool: ProcessPool | None = None
-
-
-def _processes() -> ProcessPool:
-    """``isolation="process"``: this worker's payload processes (``max_jobs`` bounds how
-    many run at once; the zygote starts with the first such job)."""
-    global _process_pool
-    if _process_pool is None:
-        _process_pool = ProcessPool()
-    return _process_pool
-
-
-def _threads() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads payloads run in (what ``arun`` does with the loop's default executor,
-    which has only ``cpu_count + 4`` threads: a thread mostly waits for its terminal
-    event's acknowledgement, so that would cap a worker's throughput well below its
-    ``max_jobs``). Size: ``$WOVE_ADAPTERS_ARQ_THREADS`` (default 64); threads start on
-    demand."""
-    global _pool
-    if _pool is None:
-        size = int(os.environ.get("WOVE_ADAPTERS_ARQ_THREADS", "64"))
-        _pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="wove-arq")
-    return _pool
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _pack(result: dict[str, Any]) -> bytes:
-    import msgspec
-
-    return msgspec.msgpack.encode(result)
-
-
-def _unpack(data: bytes) -> dict[str, Any]:
-    import msgspec
-
-    value = msgspec.msgpack.decode(data)
-    return value if isinstance(value, dict) else {"state": "failed"}
-
-
-def _execute(payload: str) -> dict[str, Any]:
-    """Run one payload in this worker thread."""
-    return _result(run_payload(payload, handle_sigterm=False))
-
-
-async def _in_process(child: PoolRun) -> dict[str, Any]:
-    """Run one payload in a payload process of the shared pool."""
-    outcome = await child
-    if outcome.report:
-        return _result(outcome.report, exit_code=True)
-    # Died without reporting (killed): tell the caller at once, unless we stopped it.
-    if not child.cancelled:
-        await report_to_caller(child.payload, "lost", str(outcome.notice))
-    return {"state": "killed", "exit_code": outcome.exit_code}
-
-
-def _result(report: dict[str, Any], *, exit_code: bool = False) -> dict[str, Any]:
-    """ARQ's job result. Keyed runs keep a signed copy of their outcome in it, so another
-    caller with the same key (another process, no shared ledger) gets it too."""
-    if "run_id" not in report:  # refused before its envelope could be read
-        return {"state": report["state"], "exit_code": report.get("exit_code")}
-    result: dict[str, Any] = {
-        "state": report["state"], "run_id": report["run_id"], "attempt": report["attempt"],
-    }
-    if not report.get("delivered", True):
-        result["delivered"] = False
-    if exit_code:
-        result["exit_code"] = report.get("exit_code")
-    if "outcome" in report:
-        result["outcome"] = report["outcome"]
-    return result
-
-
-async def _rerun_allowed(payload: str, job_id: str, job_try: int) -> bool:
-    """ARQ starts a job again when the worker that ran it died (its in-progress mark
-    expired) or was stopped before it finished. Only ``detach`` runs, whose caller may be
-    gone, run again; every other run is reported lost so its orphan policy applies."""
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core.errors import PayloadError
-
-    try:
-        envelope = await asyncio.to_thread(payload_mod.decode_payload, payload)
-    except PayloadError:
-        return True  # run() refuses and reports it
-    if envelope.delivery.get("delivery_orphan_policy") == "detach":
-        return True
-    await report_to_caller(
-        payload, "lost",
-        f"arq started job {job_id} again (try {job_try}): the worker running it stopped "
-        f"without an outcome",
-    )
-    return False
