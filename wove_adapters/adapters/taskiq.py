@@ -5,12 +5,13 @@ by default, ``RedisStreamBroker``, or the user's own broker object), the async k
 (``kiq`` with ``with_task_id``), and a small set of Redis keys under ``key_prefix`` that
 give Taskiq what it lacks:
 
-- ``claim:<key>``: SET NX on the sanitised idempotency key; a second caller with the same
-  key follows the first job (and reads its signed outcome) instead of kicking again.
+- ``claim:<key>``: the shared key claim (``adapters.claims``) on the sanitised idempotency
+  key; a second caller with the same key gets ``Following`` (the transport reads the first
+  job's signed ``outcome:<id>`` through ``outcomes``) instead of kicking again.
 - ``cancel:<id>`` + a publish on ``cancel``: the worker skips a queued job carrying the
   marker (and reports ``task_cancelled``) and SIGTERMs a running one.
 - ``state:<id>`` / ``lease:<id>``: written by the worker; a ``running`` job whose lease
-  lapsed belongs to a worker that died (``status()`` says GONE).
+  (``worker.leases``) lapsed belongs to a worker that died (``status_many`` says GONE).
 
 Worker side (``register(broker)``): adds the ``wove_adapters.run`` task to the user's
 broker, so ``taskiq worker myapp:broker`` runs payloads. Each payload runs in a process
@@ -26,18 +27,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import os
 import signal
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
+from wove_adapters.adapters.claims import KeyClaims
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker import leases
 from wove_adapters.worker.pool import PoolRun, ProcessPool, report_to_caller
 
 TASK_NAME = "wove_adapters.run"
@@ -45,18 +48,19 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "wove_adapters"
 _FINAL_STATES = ("succeeded", "failed", "cancelled", "refused", "lost")
 # Worker side, atomically: a cancel marker wins (0); a job that already finished, or runs
-# elsewhere under a live lease, is a redelivery and is dropped (2); else it runs here (1).
+# elsewhere under a live lease (PTTL at least worker.leases.TAIL_MS), is a redelivery and
+# is dropped (2); else it runs here (1), under a lease.
 _BEGIN_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('SET', KEYS[2], 'cancelled', 'EX', ARGV[1])
   return 0
 end
 local state = redis.call('GET', KEYS[2])
-if state and (state ~= 'running' or redis.call('EXISTS', KEYS[3]) == 1) then
+if state and (state ~= 'running' or redis.call('PTTL', KEYS[3]) >= tonumber(ARGV[4])) then
   return 2
 end
 redis.call('SET', KEYS[2], 'running', 'EX', ARGV[1])
-redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[2])
 return 1
 """
 _FINISH_SCRIPT = """
@@ -92,8 +96,6 @@ class TaskiqOptions(AdapterOptions, kw_only=True):
     labels: dict[str, Any] = {}
     lease_seconds: float = 10.0
     claim_ttl: int = 86400
-    follow_poll: float = 0.05
-    status_cache: float = 0.25
 
 
 class TaskiqAdapter(BackendAdapter):
@@ -136,13 +138,10 @@ class TaskiqAdapter(BackendAdapter):
         self.prefix = str(config.get("key_prefix") or f"wove:taskiq:{self.queue}")
         self.lease_seconds = float(config.get("lease_seconds") or 10.0)
         self.claim_ttl = int(config.get("claim_ttl") or 86400)
-        self.follow_poll = float(config.get("follow_poll") or 0.05)
         self.labels: dict[str, Any] = dict(config.get("labels") or {})
         self._broker: Any = None
         self._redis: Any = None
-        self._followers: dict[str, set[asyncio.Task[None]]] = {}
-        self.status_cache = float(config.get("status_cache") or 0.25)
-        self._seen: dict[str, tuple[JobState, float]] = {}
+        self._claims: KeyClaims | None = None
 
     # ---------------------------------------------------------------- life cycle
 
@@ -155,6 +154,7 @@ class TaskiqAdapter(BackendAdapter):
         except Exception as exc:
             await self._redis.aclose()
             raise _unreachable(self.control_url, exc) from exc
+        self._claims = KeyClaims(self._redis, prefix=f"{self.prefix}:claim:", ttl=self.claim_ttl)
         self._broker = self._make_broker()
         await self._broker.startup()
 
@@ -184,9 +184,6 @@ class TaskiqAdapter(BackendAdapter):
         return broker.with_result_backend(backend)
 
     async def aclose(self) -> None:
-        for tasks in list(self._followers.values()):
-            for task in list(tasks):
-                task.cancel()
         if self._broker is not None:
             with contextlib.suppress(Exception):
                 await self._broker.shutdown()
@@ -209,10 +206,18 @@ class TaskiqAdapter(BackendAdapter):
         else:
             base = self.safe_name(job.idempotency_key)
             handle = base if job.attempt == 1 else f"{base}-a{job.attempt}"
-            owner = await self._claim(base, job, handle)
-            if owner is not None:  # another caller's job holds this key: follow it
-                self._spawn_follower(owner, job)
-                return owner
+            assert self._claims is not None, "start() first"
+            holder = await self._claims.claim(
+                base, run_id=job.run_id, handle=handle, is_dead=self._ended_without_outcome
+            )
+            if holder is not None:  # another caller's job holds this key: the transport follows
+                return Following(holder)
+            # Ours now: whatever an expired or dead claim's job left under this id is stale.
+            result_key = self._result_key(handle)
+            await self._redis.delete(
+                *(self._key(kind, handle) for kind in ("state", "lease", "cancel", "outcome")),
+                *([result_key] if result_key else []),
+            )
         control = {
             "url": self.control_url,
             "prefix": self.prefix,
@@ -225,127 +230,75 @@ class TaskiqAdapter(BackendAdapter):
         await kicker.kiq(payload=job.payload, control=control)
         return handle
 
-    async def _claim(self, base: str, job: JobSpec, handle: str) -> str | None:
-        """SET NX the key: None if this run owns it (now), else the owner's handle."""
-        key = self._key("claim", base)
-        mine = json.dumps({"run": job.run_id, "handle": handle})
-        for _ in range(3):
-            if await self._redis.set(key, mine, nx=True, ex=self.claim_ttl):
-                # A fresh claim: whatever an expired claim left under this id is stale.
-                await self._redis.delete(
-                    *(self._key(kind, handle) for kind in ("state", "lease", "cancel", "outcome"))
-                )
-                return None
-            raw = await self._redis.get(key)
-            if raw is None:
-                continue  # expired in between: try again
-            owner = json.loads(raw)
-            if owner.get("run") == job.run_id:  # our own requeue: point the claim here
-                await self._redis.set(key, mine, ex=self.claim_ttl)
-                return None
-            return str(owner["handle"])
-        return None
+    async def _ended_without_outcome(self, handle: str) -> bool:
+        """Whether the job holding a claim ended without a signed outcome to hand over (lost,
+        refused, cancelled before it started, or its worker died): its claim is free."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._key("state", handle))
+            pipe.exists(self._key("outcome", handle))
+            pipe.pttl(self._key("lease", handle))
+            state, kept, pttl = await pipe.execute()
+        native = state.decode() if state is not None else ""
+        if native == "running":
+            return not leases.alive(pttl)
+        return native in _FINAL_STATES and not kept
 
-    def _spawn_follower(self, handle: str, job: JobSpec) -> None:
-        task = asyncio.get_running_loop().create_task(self._follow(handle, job))
-        self._followers.setdefault(handle, set()).add(task)
-
-        def _forget(done: asyncio.Task[None]) -> None:
-            tasks = self._followers.get(handle, set())
-            tasks.discard(done)
-            if not tasks:
-                self._followers.pop(handle, None)
-
-        task.add_done_callback(_forget)
-
-    async def _follow(self, handle: str, job: JobSpec) -> None:
-        """Wait for the owner's signed outcome and hand it to our run as its own."""
-        from wove_adapters.core import frames
-        from wove_adapters.core.codec import decode_outcome
-
-        # Until the owner's job ends; bounded by our run's delivery timeout if it has one
-        # (the dispatcher cancels the run then, which also stops this follower).
-        limit = job.delivery.get("delivery_timeout") or self.claim_ttl
-        deadline = time.monotonic() + float(limit)
-        poll = self.follow_poll
-        while time.monotonic() < deadline:
-            blob, state, leased = await self._redis.mget(
-                self._key("outcome", handle), self._key("state", handle),
-                self._key("lease", handle),
-            )
+    async def outcomes(self, handles: Sequence[str]) -> dict[str, bytes | Exception]:
+        """The signed outcome the worker kept for each finished job (one ``MGET``). A job
+        that ended without one is left out: reconciliation reports it."""
+        keys = [self._key(kind, h) for kind in ("outcome", "state") for h in handles]
+        replies = await self._redis.mget(keys)
+        blobs, states = replies[: len(handles)], replies[len(handles) :]
+        found: dict[str, bytes | Exception] = {}
+        for handle, blob, state in zip(handles, blobs, states, strict=True):
             if blob is not None:
                 try:
-                    frame = await asyncio.to_thread(decode_outcome, base64.b64decode(blob))
-                except Exception as exc:
-                    frame = frames.error_event(job.run_id, job.task_id, exc, source="taskiq")
-                frame.update(run_id=job.run_id, task_id=job.task_id, attempt=job.attempt)
-                if self.emit is not None:
-                    self.emit(frame)
-                return
-            native = state.decode() if state is not None else ""
-            if native == "cancelled" and self.emit is not None:
-                self.emit(frames.event(
-                    frames.TASK_CANCELLED, job.run_id, job.task_id, job.attempt,
-                    reason=f"the job {handle} holding this idempotency key was cancelled",
-                ))
-                return
-            if native in _FINAL_STATES or (native == "running" and leased is None):
-                return  # no outcome will come; reconciliation applies the orphan policy
-            await asyncio.sleep(poll)
-            poll = min(poll * 1.5, 0.5)
+                    found[handle] = base64.b64decode(blob, validate=True)
+                except ValueError as exc:
+                    found[handle] = exc
+            elif state == b"succeeded":
+                found[handle] = RuntimeError(
+                    f"the taskiq job {handle} holding this idempotency key succeeded without "
+                    f"a recorded outcome"
+                )
+        return found
 
     # ---------------------------------------------------------------- cancel, status
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
-        self._seen.pop(handle, None)
-        for follower in list(self._followers.get(handle, ())):
-            follower.cancel()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self._key("cancel", handle), "1", ex=self.claim_ttl)
             pipe.publish(f"{self.prefix}:cancel", handle)
             await pipe.execute()
 
     async def status(self, handle: str) -> JobState:
-        """Our worker-written state, else taskiq's result backend. Reconciliation asks
-        about every quiet run in turn; unfinished answers are kept ``status_cache``
-        seconds, and each round trip also refreshes the other stale ones, so a thousand
-        queued runs cost a few pipelines, not a thousand round trips."""
-        now = time.monotonic()
-        seen = self._seen.get(handle)
-        if seen is not None and now - seen[1] < self.status_cache:
-            return seen[0]
-        stale = [h for h, (_, at) in self._seen.items() if now - at >= self.status_cache]
-        handles = [handle, *[h for h in stale if h != handle][:499]]
-        states = await self._fetch_states(handles)
-        for one, state in zip(handles, states, strict=True):
-            if state.finished:
-                self._seen.pop(one, None)
-            else:
-                self._seen[one] = (state, now)
-        return states[0]
+        return (await self.status_many([handle]))[handle]
 
-    async def _fetch_states(self, handles: list[str]) -> list[JobState]:
+    async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
+        """Our worker-written state, else taskiq's result backend: one pipeline for every
+        job asked about (when our own result backend shares our Redis, its readiness
+        check rides along)."""
         keyed = [(h, self._result_key(h)) for h in handles]
         async with self._redis.pipeline(transaction=False) as pipe:
             for handle, result_key in keyed:
                 pipe.get(self._key("state", handle))
-                pipe.exists(self._key("lease", handle))
+                pipe.pttl(self._key("lease", handle))
                 pipe.exists(self._key("cancel", handle))
                 pipe.exists(result_key or self._key("state", handle))
             replies = await pipe.execute()
-        states = []
+        states: dict[str, JobState] = {}
         for i, (handle, result_key) in enumerate(keyed):
-            state, leased, cancelled, result_ready = replies[4 * i : 4 * i + 4]
-            states.append(await self._state_of(handle, state, leased, cancelled,
-                                               result_ready or result_key is None))
+            state, pttl, cancelled, result_ready = replies[4 * i : 4 * i + 4]
+            states[handle] = await self._state_of(handle, state, pttl, cancelled,
+                                                  result_ready or result_key is None)
         return states
 
     async def _state_of(
-        self, handle: str, state: bytes | None, leased: int, cancelled: int, check_result: bool
+        self, handle: str, state: bytes | None, pttl: int, cancelled: int, check_result: bool
     ) -> JobState:
         if state is not None:
             native = state.decode()
-            if native == "running" and not leased:
+            if native == "running" and not leases.alive(pttl):
                 native = "lapsed"
             return self.map_state(native)
         if cancelled:
@@ -504,8 +457,6 @@ class _WorkerSide:
         self._redis: dict[str, Any] = {}
         self._listening: dict[tuple[str, str], asyncio.Task[None]] = {}  # subscribed
         self._jobs: dict[tuple[str, str], _Job] = {}
-        self._leases: dict[str, dict[str, tuple[str, float]]] = {}
-        self._lease_tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._scripts: dict[str, Any] = {}
 
@@ -531,14 +482,13 @@ class _WorkerSide:
             self._spawn_bg(self._announce(pool, str(queue)))
 
     async def aclose(self) -> None:
-        tasks = [*self._background, *self._listening.values(), *self._lease_tasks.values()]
-        for task in tasks:
+        for task in [*self._background, *self._listening.values()]:
             task.cancel()
-        self._lease_tasks.clear()
         if self._pool is not None:
             await self._pool.aclose()
             self._pool = None
         for client in self._redis.values():
+            await leases.keeper(client).aclose()
             with contextlib.suppress(Exception):
                 await client.aclose()
         self._redis.clear()
@@ -635,21 +585,6 @@ class _WorkerSide:
         if job.run is not None:  # waiting: never runs; running: SIGTERM, SIGKILL later
             job.run.cancel()
 
-    async def _keep_leases(self, url: str) -> None:
-        """One loop per Redis: renew the lease of every running job a third into it."""
-        client = await self._client(url)
-        leases = self._leases[url]
-        while True:
-            shortest = min((seconds for _, seconds in leases.values()), default=3.0)
-            await asyncio.sleep(max(shortest / 3, 0.2))
-            if not leases:
-                continue
-            with contextlib.suppress(Exception):
-                async with client.pipeline(transaction=False) as pipe:
-                    for key, seconds in list(leases.values()):
-                        pipe.set(key, "1", ex=max(int(seconds), 1))
-                    await pipe.execute()
-
     # ------------------------------------------------------------ one job
 
     async def run(self, payload: str, control: dict[str, Any] | None) -> dict[str, Any]:
@@ -660,32 +595,28 @@ class _WorkerSide:
         lease, ttl = float(control.get("lease", 10.0)), int(control.get("ttl", 86400))
         key = (prefix, handle)
         job = _Job(handle=handle, payload=payload)
-        await self._client(url)  # registers the scripts for this Redis
+        client = await self._client(url)  # registers the scripts for this Redis
         await self._listen(url, prefix)
         self._jobs[key] = job  # registered before the marker check: no cancel slips by
         try:
             # Atomically: a cancel marker wins, else the job is ours, under a lease, from
             # here on (also while it waits for a payload process: that wait is ours).
+            lease_key = f"{prefix}:lease:{handle}"
+            keeper = leases.keeper(client)
             began = await self._scripts[url][0](
-                keys=[f"{prefix}:cancel:{handle}", f"{prefix}:state:{handle}",
-                      f"{prefix}:lease:{handle}"],
-                args=[ttl, max(int(lease), 1), "1"],
+                keys=[f"{prefix}:cancel:{handle}", f"{prefix}:state:{handle}", lease_key],
+                args=[ttl, leases.lease_ms(lease), keeper.owner, leases.TAIL_MS],
             )
             if began == 2:
                 return {"state": "duplicate"}  # redelivered (stream brokers): already handled
             if not began:
                 await report_to_caller(job.payload, "cancelled", "cancelled before it started")
                 return {"state": "cancelled"}
-            leases = self._leases.setdefault(url, {})
-            leases[handle] = (f"{prefix}:lease:{handle}", lease)
-            if url not in self._lease_tasks or self._lease_tasks[url].done():
-                self._lease_tasks[url] = asyncio.get_running_loop().create_task(
-                    self._keep_leases(url)
-                )
+            keeper.hold(lease_key, lease)  # renewed a third into it, and so on
             try:
                 report = await self._execute(job)
             finally:
-                leases.pop(handle, None)
+                keeper.release(lease_key)
             await self._scripts[url][1](  # state, outcome and lease in one atomic step
                 keys=[f"{prefix}:state:{handle}", f"{prefix}:lease:{handle}",
                       f"{prefix}:outcome:{handle}"],
