@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.util import worker_command
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.paths import data_dir
 from wove_adapters.core.policies import Capabilities, JobState
@@ -188,8 +189,7 @@ class SlurmAdapter(BackendAdapter):
             [
                 "#!/bin/sh",
                 *directives,
-                f"exec {shlex.quote(self.python)} -m wove_adapters.worker"
-                f" --payload-file {payload_arg}",
+                f"exec {shlex.join(worker_command(self.python, '--payload-file'))} {payload_arg}",
                 "",
             ]
         )
