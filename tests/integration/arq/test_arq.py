@@ -311,6 +311,16 @@ def test_doctor_names_what_is_missing(arq_worker: ArqWorker, hubs: Any) -> None:
     assert not ok and "arq yourapp.WorkerSettings" in detail and "wove_adapters_run" in detail
 
 
+def test_result_poll_delay_is_refused_at_start_up(hubs: Any) -> None:
+    """The transport follows another caller's job now: the option is gone, and a config
+    that still sets it fails like any typo."""
+    from wove_adapters.core.errors import ExecutorConfigError
+
+    hub = hubs(environment(result_poll_delay=0.05))
+    with pytest.raises(ExecutorConfigError, match="result_poll_delay"):
+        hub.run(tasks.add, 1)
+
+
 def test_unreachable_redis_is_a_clear_start_up_error(hubs: Any) -> None:
     hub = hubs(environment(redis_url="redis://127.0.0.1:1/0"))
     with pytest.raises(ConnectionError, match="redis-server"):

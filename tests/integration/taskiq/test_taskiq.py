@@ -115,6 +115,19 @@ def test_register_lifts_the_brpop_read_timeout() -> None:
 # ---------------------------------------------------------------- options
 
 
+@pytest.mark.parametrize("removed", ["status_cache", "follow_poll"])
+def test_removed_options_are_refused_at_start_up(
+    redis_available: None, hubs: Any, removed: str
+) -> None:
+    """The transport follows keyed jobs and reconciliation asks about all runs at once:
+    these options are gone, and a config that still sets one fails like any typo."""
+    from wove_adapters.core.errors import ExecutorConfigError
+
+    hub = hubs({"url": REDIS_URL, "queue": "wove-test-taskiq-unused", removed: 0.25})
+    with pytest.raises(ExecutorConfigError, match=removed):
+        hub.run(tasks.add, 1)
+
+
 def test_labels_and_queue_routing_pass_through(taskiq_worker: TaskiqWorker, hubs: Any) -> None:
     side = f"wove-test-taskiq-side-{uuid.uuid4().hex[:6]}"
     config = {
