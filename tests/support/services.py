@@ -53,6 +53,26 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
         return False
 
 
+def require_redis(url: str, *, url_env: str, suite: str) -> None:
+    """Fail the calling test, saying how to start Redis, when ``url`` does not answer
+    (the shared Redis every queue backend's tests use under a prefix of their own)."""
+    import pytest
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(
+            f"Redis is not reachable at {url} ({exc}). Start it with "
+            f"`redis-server --daemonize yes --bind 127.0.0.1 --port 6379` (or point "
+            f"{url_env} at one) and run the {suite} tests again.",
+            pytrace=False,
+        )
+    finally:
+        client.close()
+
+
 def log_tail(path: Path | None, chars: int = 3000) -> str:
     if path is None or not path.exists():
         return "(no log)"

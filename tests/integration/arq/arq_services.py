@@ -16,10 +16,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "support"))
+import services  # noqa: E402
 from services import ServiceError, ServiceProcess, log_tail  # noqa: E402
 
 REDIS_DB = int(os.environ.get("WOVE_TEST_ARQ_DB", "10"))
@@ -35,18 +34,7 @@ def redis_client() -> Any:
 
 
 def require_redis() -> None:
-    import redis
-
-    try:
-        client = redis_client()
-        client.ping()
-        client.close()
-    except redis.RedisError as exc:
-        pytest.fail(
-            f"Redis is not reachable at {REDIS_URL} ({exc}). Start it with "
-            f"`redis-server --daemonize yes --bind 127.0.0.1 --port 6379` (or point "
-            f"WOVE_TEST_ARQ_REDIS_URL at one) and run the arq tests again."
-        )
+    services.require_redis(REDIS_URL, url_env="WOVE_TEST_ARQ_REDIS_URL", suite="arq")
 
 
 def arq_command() -> list[str]:

@@ -19,9 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+import services
 from services import ServiceError, ServiceProcess, children
 
 REDIS_DB = int(os.environ.get("WOVE_TEST_RQ_DB", "9"))
@@ -36,18 +35,7 @@ def redis_client() -> Any:
 
 
 def require_redis() -> None:
-    import redis
-
-    try:
-        client = redis_client()
-        client.ping()
-        client.close()
-    except redis.RedisError as exc:
-        pytest.fail(
-            f"Redis is not reachable at {REDIS_URL} ({exc}). Start it with "
-            f"`redis-server --daemonize yes --bind 127.0.0.1 --port 6379` (or point "
-            f"WOVE_TEST_RQ_REDIS_URL at one) and run the rq tests again."
-        )
+    services.require_redis(REDIS_URL, url_env="WOVE_TEST_RQ_REDIS_URL", suite="rq")
 
 
 class RqWorker:

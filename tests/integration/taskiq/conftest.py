@@ -12,20 +12,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from taskiq_fixtures import REDIS_URL, TaskiqWorker, redis_client, start_worker, stop_worker
+from taskiq_fixtures import TaskiqWorker, require_redis, start_worker, stop_worker
 
 
 @pytest.fixture(scope="session")
 def redis_available() -> None:
-    try:
-        redis_client().ping()
-    except Exception as exc:
-        pytest.fail(
-            f"Redis is not reachable at {REDIS_URL} ({exc}). The taskiq tests need it: start "
-            "it with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379` (or point "
-            "WOVE_TEST_TASKIQ_URL at one).",
-            pytrace=False,
-        )
+    require_redis()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "support"))
+import services  # noqa: E402
 from services import ServiceError, ServiceProcess  # noqa: E402
 
 REDIS_URL = os.environ.get("WOVE_TEST_TASKIQ_URL", "redis://127.0.0.1:6379/0")
@@ -26,6 +27,10 @@ def redis_client() -> Any:
     import redis
 
     return redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+
+
+def require_redis() -> None:
+    services.require_redis(REDIS_URL, url_env="WOVE_TEST_TASKIQ_URL", suite="taskiq")
 
 
 @dataclass
