@@ -407,6 +407,7 @@ def _answer(record: Any) -> tuple[int, str, str]:
     from wove_adapters.core import frames
     from wove_adapters.core.codec import decode_outcome
     from wove_adapters.core.ledger.base import CANCELLED, FAILED, LOST, SUCCEEDED
+    from wove_adapters.integration.environments import trusted_key_id
 
     run = f"run {record.run_id}"
     if record.state not in TERMINAL_STATES and record.outcome is None:
@@ -417,7 +418,8 @@ def _answer(record: Any) -> tuple[int, str, str]:
     frame: dict[str, Any] | None = None
     if record.outcome is not None:
         try:
-            frame = decode_outcome(record.outcome, record.run_id)
+            frame = decode_outcome(record.outcome, record.run_id,
+                                   key_id=trusted_key_id(_config_or_none(), record.environment))
         except Exception as exc:  # an unverifiable or unloadable outcome is its own answer
             return (EXIT_UNREADABLE, "",
                     f"{run} is {record.state}, but its recorded outcome cannot be read: "
@@ -669,6 +671,15 @@ def bench_cmd(
 
 def _probe(x: int) -> int:
     return x + 1
+
+
+def _config_or_none() -> Any:
+    from wove_adapters.core.config import load_config
+
+    try:
+        return load_config()
+    except Exception:
+        return None
 
 
 def _configured_ledger() -> str | None:

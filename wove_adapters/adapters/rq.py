@@ -453,10 +453,7 @@ def run_payload(payload: str) -> bytes | str:
         outcome = worker.Outcome(RunState.CANCELLED)
         worker.deliver_terminal(
             envelope,
-            frames.TaskCancelled(
-                run_id=envelope.run_id, task_id=envelope.task_id, attempt=envelope.attempt,
-                reason="cancelled before it started",
-            ),
+            frames.TaskCancelled(**envelope.outcome_ident, reason="cancelled before it started"),
             outcome,
         )
         outcome.settle(linger=True)

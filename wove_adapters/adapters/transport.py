@@ -41,9 +41,10 @@ class KeyFollowers:
     # How often (seconds) the poller also asks whether a followed job was cancelled.
     status_every = 1.0
 
-    def __init__(self, adapter: BackendAdapter, emit: Emit) -> None:
+    def __init__(self, adapter: BackendAdapter, emit: Emit, key_id: str) -> None:
         self.adapter = adapter
         self.emit = emit
+        self.key_id = key_id  # the key an outcome must be signed with (signing.accepts)
         # Runs waiting for their followed job's outcome, and every run that follows
         # another caller's job until it is released (whose job handle is not ours).
         self.runs: dict[tuple[str, int], tuple[RunAttempt, str]] = {}
@@ -109,25 +110,30 @@ class KeyFollowers:
                 await self._check_cancelled()
 
     async def _deliver(self, handle: str, outcome: bytes | Exception) -> None:
+        """Each following run checks the outcome against its own key and task before
+        anything in it is unpickled (a backend writer cannot hand it another's)."""
         from wove_adapters.core.codec import decode_outcome
 
-        frame: dict[str, Any] | None = None
-        if not isinstance(outcome, Exception):
-            try:
-                frame = await asyncio.to_thread(decode_outcome, outcome)
-            except Exception as exc:  # a record that does not verify is this run's error
-                outcome = exc
         for key, (run, followed) in list(self.runs.items()):
             if followed != handle:
                 continue
             del self.runs[key]
-            if frame is not None:
-                self.emit({**frame, "run_id": run.run_id, "task_id": run.task_id,
-                           "attempt": run.attempt})
-            else:
-                assert isinstance(outcome, Exception)
-                self.emit(frames.error_event(run.run_id, run.task_id, outcome,
-                                             attempt=run.attempt, source="transport"))
+            error = outcome if isinstance(outcome, Exception) else None
+            if error is None:
+                assert isinstance(outcome, bytes)
+                try:
+                    frame = await asyncio.to_thread(functools.partial(
+                        decode_outcome, outcome, key_id=self.key_id,
+                        idempotency_key=run.idempotency_key, task_id=run.task_id,
+                    ))
+                except Exception as exc:  # a record that does not verify is this run's error
+                    error = exc
+                else:
+                    self.emit({**frame, "run_id": run.run_id, "task_id": run.task_id,
+                               "attempt": run.attempt})
+                    continue
+            self.emit(frames.error_event(run.run_id, run.task_id, error,
+                                         attempt=run.attempt, source="transport"))
 
     async def _check_cancelled(self) -> None:
         handles = sorted({handle for _, handle in self.runs.values()})
@@ -207,7 +213,7 @@ class AdapterTransport(Transport):
         self.adapter = self.adapter_cls(executor_config, environment=environment)
         self.adapter.emit = emit
         await self.adapter.start()
-        self.followers = KeyFollowers(self.adapter, emit)
+        self.followers = KeyFollowers(self.adapter, emit, self._key_id)
         # An adapter may refine its capabilities from its configuration.
         self.capabilities = self.adapter.capabilities
 
@@ -467,7 +473,10 @@ class AdapterTransport(Transport):
             record = await open_ledger(self._ledger_url).get(run.run_id)
             if record is None or record.outcome is None:
                 return False
-            frame = await asyncio.to_thread(decode_outcome, record.outcome, run.run_id)
+            frame = await asyncio.to_thread(functools.partial(
+                decode_outcome, record.outcome, run.run_id, key_id=self._key_id,
+                idempotency_key=run.idempotency_key, task_id=run.task_id,
+            ))
         except Exception:  # unreadable: reconciliation reports the run lost
             return False
         if frame.get("attempt", run.attempt) != run.attempt:

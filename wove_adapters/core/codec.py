@@ -28,7 +28,7 @@ import msgspec
 
 from wove_adapters.core import frames, signing
 from wove_adapters.core.envelope import dumps, loads
-from wove_adapters.core.errors import TaskExecutionError
+from wove_adapters.core.errors import PayloadError, TaskExecutionError
 
 __all__ = [
     "RemoteTraceback",
@@ -132,12 +132,16 @@ def wire_to_frame(event: frames.WireEvent, raw: bytes | None = None) -> dict[str
     return frame
 
 
-def frame_to_wire(frame: dict[str, Any]) -> frames.WireEvent:
-    """The inverse, for recording a locally produced outcome in a shared ledger."""
+def frame_to_wire(
+    frame: dict[str, Any], *, idempotency_key: str | None = None
+) -> frames.WireEvent:
+    """The inverse, for recording a locally produced outcome in a shared ledger (bound to
+    the run's ``idempotency_key``, see ``frames.TaskResult``)."""
     ident = {
         "run_id": frame["run_id"],
         "task_id": frame.get("task_id", ""),
         "attempt": frame.get("attempt", 1),
+        "idempotency_key": idempotency_key,
     }
     kind = frame["type"]
     if kind == frames.TASK_RESULT:
@@ -171,12 +175,50 @@ def sign_events(events: list[frames.WireEvent], key_id: str) -> signing.SignedBl
     )
 
 
-def decode_outcome(blob_bytes: bytes, run_id: str | None = None) -> dict[str, Any]:
-    """Verify a stored outcome and return its terminal event as a frame."""
-    body = signing.verify(signing.decode_blob(blob_bytes), window=None)
+_ANY: Any = object()
+
+
+def decode_outcome(
+    blob_bytes: bytes,
+    run_id: str | None = None,
+    *,
+    key_id: str | None = None,
+    idempotency_key: str | None = _ANY,
+    task_id: str | None = None,
+) -> dict[str, Any]:
+    """Verify a stored outcome and return its terminal event as a frame. Blocking (it may
+    read a key file, and it unpickles): call it in a thread.
+
+    What it is checked against, before anything is unpickled: ``key_id``, the key the
+    outcome must be signed with (``signing.accepts``: the reader's own key, or, for a
+    reader with a generated key, another generated key of this user); ``run_id``, the
+    run it must belong to; ``idempotency_key`` and ``task_id``, the key and task it must
+    answer for (an outcome read by key from a ledger or a backend). A mismatch is a
+    ``PayloadError`` naming both sides."""
+    blob = signing.decode_blob(blob_bytes)
+    if key_id is not None and not signing.accepts(key_id, blob.key_id):
+        raise PayloadError(
+            f"the stored outcome is signed with key {blob.key_id!r}, which this environment "
+            f"(key {key_id}) does not trust; give every caller that shares an idempotency "
+            f"key the same secret"
+        )
+    body = signing.verify(blob, window=None)
     batch = msgspec.msgpack.decode(body, type=frames.EventBatch)
     for event in reversed(batch.events):
         if isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled)):
             if run_id is None or event.run_id == run_id:
-                return wire_to_frame(event)
-    raise ValueError("the stored outcome holds no terminal event")
+                break
+    else:
+        raise ValueError("the stored outcome holds no terminal event")
+    if idempotency_key is not _ANY and event.idempotency_key != idempotency_key:
+        raise PayloadError(
+            f"the stored outcome of run {event.run_id} answers for idempotency key "
+            f"{event.idempotency_key!r}, not {idempotency_key!r}: refused (a record points "
+            f"at another run's outcome)"
+        )
+    if task_id is not None and event.task_id != task_id:
+        raise PayloadError(
+            f"the stored outcome of run {event.run_id} is of task {event.task_id!r}, not "
+            f"{task_id!r}: refused"
+        )
+    return wire_to_frame(event)

@@ -68,6 +68,14 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     environment: str = ""
 
 
+    @property
+    def outcome_ident(self) -> dict[str, Any]:
+        """The fields every terminal event of this run carries (its key included)."""
+        key = self.delivery.get("delivery_idempotency_key")
+        return {"run_id": self.run_id, "task_id": self.task_id, "attempt": self.attempt,
+                "idempotency_key": None if key is None else str(key)}
+
+
 _env_encoder = msgspec.msgpack.Encoder()
 _env_decoder = msgspec.msgpack.Decoder(Envelope)
 

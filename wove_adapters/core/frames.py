@@ -88,17 +88,23 @@ class Log(_Event, frozen=True, kw_only=True, tag=LOG):
     level: str = "info"
 
 
+# Terminal events name the idempotency key of their run (None: none), inside the
+# signature: a stored outcome then answers only for its own key and task, so whoever can
+# write a ledger or a result backend cannot point key K at another run's genuine outcome.
 class TaskResult(_Event, frozen=True, kw_only=True, tag=TASK_RESULT):
     result: bytes  # cloudpickle
+    idempotency_key: str | None = None
 
 
 class TaskError(_Event, frozen=True, kw_only=True, tag=TASK_ERROR):
     error: ErrorPayload
     exception: bytes | None = None  # cloudpickle of the original exception, best effort
+    idempotency_key: str | None = None
 
 
 class TaskCancelled(_Event, frozen=True, kw_only=True, tag=TASK_CANCELLED):
     reason: str = ""
+    idempotency_key: str | None = None
 
 
 class TaskLost(_Event, frozen=True, kw_only=True, tag=TASK_LOST):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
@@ -379,7 +380,12 @@ class Dispatcher:
                              record_outcome=False)
                 return
             try:
-                frame = await asyncio.to_thread(decode_outcome, owner.outcome, owner.run_id)
+                # Bound to this environment's key and to the key and task asked for: a
+                # ledger writer cannot point the key at another run's outcome.
+                frame = await asyncio.to_thread(functools.partial(
+                    decode_outcome, owner.outcome, owner.run_id, key_id=self.key_id,
+                    idempotency_key=attempt.idempotency_key, task_id=attempt.task_id,
+                ))
             except Exception as exc:
                 frame = frames.error_event(attempt.run_id, attempt.task_id, exc, source="ledger")
             self._finish(run, frame, record_outcome=False)
@@ -602,7 +608,7 @@ class Dispatcher:
         # Every ending but a plain success keeps its signed event, so `wove-adapters
         # result` can say why a run failed, timed out, was cancelled or was lost.
         if blob is None and (durable or state != SUCCEEDED):
-            blob = self._sign_outcome(frame)
+            blob = self._sign_outcome(frame, run.attempt.idempotency_key)
         run_id = run.run_id
         if blob is not None:
             data = blob
@@ -610,9 +616,10 @@ class Dispatcher:
         else:
             self._ledger_later(lambda: self.ledger.update(run_id, state=state))
 
-    def _sign_outcome(self, frame: dict[str, Any]) -> bytes | None:
+    def _sign_outcome(self, frame: dict[str, Any], key: str | None) -> bytes | None:
         try:
-            return signing.encode_blob(sign_events([frame_to_wire(frame)], self.key_id))
+            event = frame_to_wire(frame, idempotency_key=key)
+            return signing.encode_blob(sign_events([event], self.key_id))
         except Exception:
             log.warning("could not record the outcome of %s in the ledger", frame.get("run_id"))
             return None

@@ -183,6 +183,7 @@ class Keyring:
 
     def __init__(self) -> None:
         self._keys: dict[str, bytes] = {}
+        self._generated: set[str] = set()  # ids of generated keys (key files), not secrets
         self._lock = threading.Lock()
 
     def add(self, key: bytes) -> str:
@@ -196,6 +197,7 @@ class Keyring:
         ``WOVE_ADAPTERS_KEY_TTL`` seconds (default 30 days)."""
         key = secrets.token_bytes(32)
         key_id = self.add(key)
+        self._generated.add(key_id)
         directory = _keys_dir()
         _prune_expired(directory)
         ttl = key_ttl()
@@ -228,11 +230,44 @@ class Keyring:
                 f"{SECRETS_ENV} lists older keys after a rotation); generated keys are only "
                 f"readable by workers on the caller's host and user."
             )
-        return self._remember(read_key_file(path, key_id))
+        key = read_key_file(path, key_id)
+        self._generated.add(key_id)
+        return self._remember(key)
+
+    def is_generated(self, key_id: str) -> bool:
+        """True for a generated key (this process's, or a readable key file of this
+        user); False for a configured secret or an unknown key. May read a key file."""
+        if key_id in self._generated:
+            return True
+        if key_id in self._keys:
+            return False
+        try:
+            self.get(key_id)
+        except PayloadError:
+            return False
+        return key_id in self._generated
 
     def _remember(self, key: bytes) -> bytes:
         self.add(key)
         return key
+
+
+# For ``accepts``: a reader with no key of its own (no secret configured): it trusts the
+# generated keys of this user, as a caller with a generated key does.
+ANY_GENERATED = "any-generated"
+
+
+def accepts(own: str, other: str, *, keyring: Keyring | None = None) -> bool:
+    """Whether a reader whose environment signs with key ``own`` trusts a blob signed
+    with ``other``: the same key; or, when ``own`` is a generated key (no secret was
+    configured), any generated key of this user (another caller process on this host,
+    which is what "no configuration" promises to cover). A configured secret trusts only
+    itself, so the holder of one environment's secret cannot resolve another's runs."""
+    if other == own:
+        return True
+    ring = keyring or KEYRING
+    generated_reader = own == ANY_GENERATED or ring.is_generated(own)
+    return generated_reader and ring.is_generated(other)
 
 
 def _listed(specs: str | None) -> list[str]:

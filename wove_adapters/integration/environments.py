@@ -9,8 +9,10 @@ interpreter exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 from typing import Any
 
 from wove_adapters.adapters.registry import transport_for
@@ -55,12 +57,30 @@ def key_id_for_config(executor_config: dict[str, Any]) -> str:
     global _process_key_id
     secret = signing.resolve_secret(executor_config.get("secret"))
     if secret is None:
-        secret = signing.resolve_secret(__import__("os").environ.get(signing.SECRET_ENV))
+        secret = signing.resolve_secret(os.environ.get(signing.SECRET_ENV))
     if secret is not None:
         return signing.KEYRING.add(secret)
     if _process_key_id is None:
         _process_key_id = signing.KEYRING.generate()
     return _process_key_id
+
+
+def trusted_key_id(config: Any, environment: str | None) -> str:
+    """The key a recorded run's outcome must be signed with, for a reader that did not
+    submit it (``Hub.result``, ``wove-adapters result``): its environment's configured
+    secret, else the process's ``WOVE_ADAPTERS_SECRET``, else any generated key of this
+    user (``signing.ANY_GENERATED``). Nothing is generated or written to answer."""
+    executor_config: dict[str, Any] = {}
+    if config is not None and environment:
+        with contextlib.suppress(Exception):
+            settings = config.environment_settings(environment)
+            executor_config = dict(settings.get("executor_config") or {})
+    secret = signing.resolve_secret(executor_config.get("secret"))
+    if secret is None:
+        secret = signing.resolve_secret(os.environ.get(signing.SECRET_ENV))
+    if secret is None:
+        return signing.ANY_GENERATED
+    return signing.KEYRING.add(secret)
 
 
 def _identity(environment: str, settings: dict[str, Any]) -> str:

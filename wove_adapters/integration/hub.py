@@ -44,7 +44,7 @@ from wove_adapters.core.ledger import (
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
 from wove_adapters.core.runtime import Dispatcher, Run
 from wove_adapters.core.transport import RunAttempt
-from wove_adapters.integration.environments import get_dispatcher
+from wove_adapters.integration.environments import get_dispatcher, trusted_key_id
 
 _MAP_KEYS = ("workers", "limit_per_minute", "max_pending", "error_mode")
 
@@ -631,7 +631,10 @@ class Hub:
             if record.state == FAILED:
                 error = TaskExecutionError({"kind": "Error", "message": reason})
             return _error_frame(run_id, error)
-        return await asyncio.to_thread(decode_outcome, record.outcome, run_id)
+        key_id = trusted_key_id(self.config, record.environment)
+        return await asyncio.to_thread(
+            functools.partial(decode_outcome, record.outcome, run_id, key_id=key_id)
+        )
 
     def _ledger_urls(self) -> list[str | None]:
         """The configured ledger, then every environment's own, in order, deduplicated."""

@@ -49,8 +49,6 @@ def run_native(envelope: Envelope) -> Any:
     from wove_adapters.core import envelope as payload_mod
     from wove_adapters.worker import runner as worker
 
-    ident: dict[str, Any] = {
-        "run_id": envelope.run_id, "task_id": envelope.task_id, "attempt": envelope.attempt}
     detach = envelope.delivery.get("delivery_orphan_policy") == "detach" and envelope.ledger
     func, args = worker.load_task(envelope)  # WorkerImportError names host, pid, the fix
     try:
@@ -59,13 +57,14 @@ def run_native(envelope: Envelope) -> Any:
     except Exception as exc:
         if detach:
             worker._record_in_ledger(envelope, frames.TaskError(
-                **ident, error=frames.normalize_exception(exc, source="task"),
+                **envelope.outcome_ident, error=frames.normalize_exception(exc, source="task"),
                 exception=worker.pickled_exception(exc),
             ))
         raise
     if detach:
         worker._record_in_ledger(
-            envelope, frames.TaskResult(**ident, result=payload_mod.dumps(value)))
+            envelope, frames.TaskResult(**envelope.outcome_ident,
+                                        result=payload_mod.dumps(value)))
     return value
 
 

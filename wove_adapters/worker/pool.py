@@ -595,7 +595,7 @@ async def report_to_caller(payload: str, state: str, reason: str) -> None:
         ident: dict[str, Any] = {"run_id": envelope.run_id, "task_id": envelope.task_id,
                  "attempt": envelope.attempt}
         event: frames.WireEvent = (
-            frames.TaskCancelled(**ident, reason=reason)
+            frames.TaskCancelled(**envelope.outcome_ident, reason=reason)
             if state == "cancelled"
             else frames.TaskLost(**ident, reason=reason)
         )

@@ -322,6 +322,7 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
         "task_id": envelope.task_id,
         "attempt": envelope.attempt,
     }
+    final = envelope.outcome_ident  # terminal events carry the run's key too
     outcome: Outcome
     event: frames.WireEvent
     pulse = _Pulse(envelope, ident)
@@ -333,19 +334,19 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
                     value = call_task(func, args)
             else:
                 value = call_task(func, args)
-            event = frames.TaskResult(**ident, result=payload_mod.dumps(value))
+            event = frames.TaskResult(**final, result=payload_mod.dumps(value))
             outcome = Outcome(RunState.SUCCEEDED, value=value)
         except TaskCancelled as exc:
-            event = frames.TaskCancelled(**ident, reason=str(exc))
+            event = frames.TaskCancelled(**final, reason=str(exc))
             outcome = Outcome(RunState.CANCELLED, error=exc)
         except PayloadError as exc:
             event = frames.TaskError(
-                **ident, error=frames.normalize_exception(exc, source="payload")
+                **final, error=frames.normalize_exception(exc, source="payload")
             )
             outcome = Outcome(RunState.REFUSED, error=exc)
         except WorkerImportError as exc:
             event = frames.TaskError(
-                **ident,
+                **final,
                 error=frames.normalize_exception(exc, source="worker"),
                 exception=pickled_exception(exc),
             )
@@ -357,7 +358,7 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
             # with no outcome for the caller to wait on.
             _drop_own_frames(exc)
             event = frames.TaskError(
-                **ident,
+                **final,
                 error=frames.normalize_exception(exc, source="task"),
                 exception=pickled_exception(exc),
             )
