@@ -3,7 +3,7 @@
 Caller side (this module): ``CeleryAdapter`` sends the signed payload with
 ``app.send_task`` (from a small thread pool, never on the event loop) to a Celery app
 created once per adapter from ``executor_config`` (or your own app, ``app:
-"pkg.module:app"``). Worker side (``celery_worker.py``, re-exported here): one line,
+"pkg.module:app"``). Worker side (``worker/celery.py``, re-exported here): one line,
 ``register(app)``, adds the task to your app so ``celery -A yourapp worker`` runs payloads;
 with no app at all, ``celery -A wove_adapters.adapters.celery:worker_app worker`` does.
 
@@ -40,7 +40,12 @@ from typing import Any, ClassVar, TypeVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.adapters.celery_pending import PendingCheck
-from wove_adapters.adapters.celery_worker import (
+from wove_adapters.adapters.claims import KeyClaims
+from wove_adapters.adapters.registry import import_object
+from wove_adapters.core.errors import redact_url
+from wove_adapters.core.options import AdapterOptions
+from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker.celery import (
     BASE_CONF,
     DEFAULT_BROKER,
     TASK_NAME,
@@ -48,11 +53,6 @@ from wove_adapters.adapters.celery_worker import (
     make_worker_app,
     register,
 )
-from wove_adapters.adapters.claims import KeyClaims
-from wove_adapters.adapters.registry import import_object
-from wove_adapters.core.errors import redact_url
-from wove_adapters.core.options import AdapterOptions
-from wove_adapters.core.policies import Capabilities, JobState
 
 __all__ = [  # the worker side's names too: docs and deployments import them from here
     "BASE_CONF", "DEFAULT_BROKER", "DEFAULT_QUEUE", "PUBLISH_RETRY_POLICY", "TASK_NAME",
@@ -532,7 +532,7 @@ def __getattr__(name: str) -> Any:
     """``worker_app`` (``celery -A wove_adapters.adapters.celery:worker_app worker``) is
     the worker side's, built on first access."""
     if name == "worker_app":
-        from wove_adapters.adapters import celery_worker
+        from wove_adapters.worker import celery as celery_worker
 
         return celery_worker.worker_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from wove_adapters.adapters.celery_worker import TASK_NAME
+from wove_adapters.worker.celery import TASK_NAME
 
 if TYPE_CHECKING:
     from wove_adapters.adapters.celery import CeleryAdapter

@@ -7,8 +7,9 @@ with ``wove_adapters.worker.runner`` and makes the Celery state tell the truth, 
 itself off the task's critical path (``_StateWriter``); for keyed runs its result carries
 the signed outcome (``Outcome.signed``) that other callers holding the key answer from.
 
-The settings both sides agree on live here too. Importing this module never imports
-celery: the caller's side imports it, and so does ``celery -A ...`` before Celery's own.
+The settings both sides agree on live here too (the caller's side,
+``adapters/celery.py``, imports them). Importing this module never imports celery, nor
+anything of the caller's side.
 """
 
 from __future__ import annotations
