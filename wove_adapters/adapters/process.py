@@ -12,8 +12,9 @@ once, with its exit code and signal, instead of waiting for reconciliation. A fa
 (SIGSEGV, SIGABRT, ...) or an exit code the worker never uses means the task ended its own
 process: the run fails with ``WorkerCrashed``. Any other signal (SIGKILL) means it was
 ended from outside: the run is lost and its orphan policy applies. The worker's own exit
-codes (0 succeeded, 1 failed, 2 refused, 143 cancelled) say its outcome was delivered or
-recorded, so nothing is reported for them; 3 says it is lost.
+codes (0 succeeded, 1 failed, 143 cancelled) say its outcome was delivered or recorded, so
+nothing is reported for them; 2 says it refused the payload (it signs and sends nothing for
+a payload that does not verify): the run fails with PayloadError; 3 says it is lost.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from wove_adapters.core.policies import Capabilities, JobState
 
 # ``python -m wove_adapters.worker`` exit codes after which its outcome is settled
 # (delivered, or owned by the ledger): see wove_adapters.worker.runner.
-_SETTLED_CODES = frozenset({0, 1, 2, 143})
+_SETTLED_CODES = frozenset({0, 1, 143})
+_REFUSED = 2  # the payload did not verify: the worker reports it only by this code
 _DELIVERY_FAILED = 3
 
 
@@ -115,6 +117,11 @@ class ProcessAdapter(BackendAdapter):
         if code in _SETTLED_CODES:
             return
         worker = f"process worker pid {proc.pid}"
+        if code == _REFUSED:
+            from wove_adapters.adapters.transport import refused_event
+
+            self.emit(refused_event(self.name, job, str(self.config.get("_key_id", "?"))))
+            return
         if code == _DELIVERY_FAILED:
             self.emit(
                 frames.event(
@@ -149,6 +156,8 @@ class ProcessAdapter(BackendAdapter):
             return JobState.SUCCEEDED
         if code in (143, -signal.SIGTERM):
             return JobState.CANCELLED
+        if code == _REFUSED:
+            return JobState.REFUSED
         return JobState.FAILED
 
     async def detach(self, handle: str) -> None:

@@ -26,6 +26,24 @@ from wove_adapters.core.transport import Emit, RunAttempt, Transport
 log = logging.getLogger("wove_adapters.adapters")
 
 
+def refused_event(executor: str, run: Any, key_id: str) -> dict[str, Any]:
+    """The run's error when its worker refused the payload (``RunState.REFUSED``): the
+    worker says so only through the backend's job status (it signs and sends nothing for
+    a payload it could not verify), so the caller names the likely cause and the fix. Not
+    retryable, and never requeued: the same payload would be refused again."""
+    from wove_adapters.core.errors import PayloadError
+
+    error = PayloadError(
+        f"the {executor} worker refused the payload of run {run.run_id} (task "
+        f"{run.task_id!r}): it did not verify there. Usually the worker does not hold the "
+        f"signing key {key_id}: give it the caller's secret (WOVE_ADAPTERS_SECRET, or "
+        f"WOVE_ADAPTERS_SECRETS with older keys after a rotation); else its clock or "
+        f"wove-adapters version differs. The worker's log says which."
+    )
+    return frames.error_event(run.run_id, run.task_id, error, attempt=run.attempt,
+                              source="payload")
+
+
 class KeyFollowers:
     """Runs whose ``submit`` found another caller's job holding their idempotency key.
 
@@ -424,6 +442,10 @@ class AdapterTransport(Transport):
                 states[run.run_id] = JobState.UNKNOWN
             elif (state := found.get(run.submission)) is None:
                 continue
+            elif state is JobState.REFUSED:
+                assert self._emit is not None
+                self._emit(refused_event(self.name, run, self._key_id))
+                states[run.run_id] = JobState.RUNNING  # the error frame ends it
             elif self.followers is not None and self.followers.follows(run):
                 # The owner's outcome is the follower's to hand over: a finished job is
                 # not a lost run (its outcome may be a poll away); anything else is as

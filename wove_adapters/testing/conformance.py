@@ -34,6 +34,7 @@ from wove_adapters.core.errors import (
     DeliveryDetachedError,
     DeliveryOrphanedError,
     MissingBackendError,
+    PayloadError,
     UnsupportedPolicyError,
 )
 from wove_adapters.integration.hub import Hub
@@ -194,6 +195,46 @@ class AdapterConformance:
         results = [hub.submit(tasks.record, str(markers), "tmpl", v) for v in (1, 1, 2)]
         assert [f.result(timeout=self.detection_timeout) for f in results] == [2, 2, 4]
         assert len((markers / "tmpl.runs").read_text().splitlines()) == 2
+
+    # ------------------------------------------------------------ trust
+
+    def refusing_environment(self, environment: dict[str, Any]) -> dict[str, Any]:
+        """The environment signing with a key its workers do not hold. Default: a fresh
+        literal ``executor_config.secret`` (workers never read executor_config); an
+        adapter that hands the secret to its workers overrides this to hand another."""
+        config = dict(environment.get("executor_config") or {})
+        config["secret"] = f"conformance-unheld-{uuid.uuid4().hex}"
+        return {**environment, "executor_config": config}
+
+    def test_refused_payload_fails_naming_the_key_and_is_not_requeued(
+        self, environment: dict[str, Any], markers: Path
+    ) -> None:
+        """A worker that cannot verify a payload signs and sends nothing for it; the
+        caller learns it from the backend's job status and raises PayloadError naming the
+        key, instead of an empty CancelledError or a requeue loop."""
+        definition = self.refusing_environment(environment)
+        probe = Hub(environments={"conformance": definition}, default_environment="conformance")
+        try:
+            requeue = self.capabilities(probe).requeue
+        finally:
+            probe.close()
+        if requeue:
+            definition = {**definition, "delivery_orphan_policy": "requeue"}
+        hub = Hub(environments={"conformance": definition}, default_environment="conformance")
+        try:
+            future = hub.submit(tasks.record, str(markers), "refused", 1)
+            with pytest.raises(PayloadError) as info:
+                future.result(timeout=self.detection_timeout)
+            key_id = hub.dispatcher("conformance").key_id
+            assert key_id in str(info.value), str(info.value)
+            assert not (markers / "refused.runs").exists(), "a refused payload ran"
+            shared_loop.run_sync(hub.dispatcher("conformance").flush())
+            record = shared_loop.run_sync(
+                hub.dispatcher("conformance").ledger.get(future.run_id)
+            )
+            assert record is not None and record.attempt == 1, "a refused payload was requeued"
+        finally:
+            hub.close()
 
     # ------------------------------------------------------------ liveness
 

@@ -120,7 +120,7 @@ def run_payload(
     try:
         envelope = payload_mod.decode_payload(payload)
     except PayloadError:
-        refused = worker.run(payload, handle_sigterm=handle_sigterm)  # reports the refusal
+        refused = worker.run(payload, handle_sigterm=handle_sigterm)  # refused: state only
         return {"state": refused.state.value, "exit_code": refused.exit_code, "delivered": True}
     outcome = worker.run_envelope(envelope, handle_sigterm=handle_sigterm)
     report: dict[str, Any] = {

@@ -243,39 +243,13 @@ def _emit(envelope: Envelope, event: frames.WireEvent) -> None:
         print(f"wove-adapters worker: an event was refused: {exc}", file=sys.stderr)
 
 
-def _refuse(raw: str | bytes, exc: PayloadError) -> Outcome:
-    """Report a refused payload where it claims to come from, if we can sign for it."""
+def _refuse(exc: PayloadError) -> Outcome:
+    """A payload that does not verify is refused here and reported only through the
+    backend's own job status (exit code 2, a job result or failure of "refused"): nothing
+    in it can be trusted, so nothing is signed for it and nothing is sent to the address
+    it names (a broker writer could otherwise fail live runs, harvest signed events, or
+    point workers at any URL). The caller turns the job's state into a PayloadError."""
     print(f"wove-adapters worker: payload refused: {exc}", file=sys.stderr)
-    try:
-        import base64
-
-        import msgspec
-
-        from wove_adapters.core import signing
-
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        blob = signing.decode_blob(
-            base64.urlsafe_b64decode(text.strip()[len(payload_mod.PAYLOAD_PREFIX) :])
-        )
-        claimed = msgspec.msgpack.decode(blob.body, type=Envelope)
-        signing.KEYRING.get(claimed.key_id)
-        event = frames.TaskError(
-            run_id=claimed.run_id,
-            task_id=claimed.task_id,
-            attempt=claimed.attempt,
-            error=frames.ErrorPayload(
-                kind="PayloadError", message=f"worker refused the payload: {exc}", source="payload"
-            ),
-        )
-        if not sender.try_post(claimed.return_path, claimed.key_id, [event]):
-            sender.OUTBOX.put(
-                sender.Pending(
-                    claimed.return_path, claimed.key_id, [event],
-                    label=f"the refusal of run {claimed.run_id}", retry_seconds=10.0,
-                )
-            )
-    except Exception:
-        pass
     return Outcome(RunState.REFUSED, error=exc, delivered=True)
 
 
@@ -284,7 +258,7 @@ def run(payload: str | bytes, *, handle_sigterm: bool = True) -> Outcome:
     try:
         envelope = payload_mod.decode_payload(payload)
     except PayloadError as exc:
-        return _refuse(payload, exc)
+        return _refuse(exc)
     return run_envelope(envelope, handle_sigterm=handle_sigterm)
 
 

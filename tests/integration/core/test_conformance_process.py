@@ -19,3 +19,9 @@ class TestProcessConformance(AdapterConformance):
     @pytest.fixture
     def worker_slots(self) -> int:
         return 0
+
+    def refusing_environment(self, environment: dict[str, Any]) -> dict[str, Any]:
+        # process hands executor_config.secret to its workers: hand them another key.
+        definition = super().refusing_environment(environment)
+        definition["executor_config"]["env"] = {"WOVE_ADAPTERS_SECRET": "not-the-caller-key"}
+        return definition
