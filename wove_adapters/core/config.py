@@ -28,6 +28,8 @@ from typing import Any
 
 import msgspec
 
+from wove_adapters.core.errors import redact_url
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -457,8 +459,8 @@ def _redact(path: Path_, value: Any) -> Any:
     inner = path[path.index("executor_config") + 1:] if "executor_config" in path else ()
     if any(word in part.lower() for part in inner for word in _SECRET_WORDS):
         return "***"
-    if isinstance(value, str):
-        return re.sub(r"(://[^:/@\s]*:)[^@/\s]+@", r"\1***@", value)
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
     return value
 
 

@@ -19,7 +19,11 @@ from typing import Any, Final
 import msgspec
 
 from wove_adapters.core import signing
-from wove_adapters.core.errors import MissingDispatchFeatureError, PayloadError
+from wove_adapters.core.errors import (
+    MissingDispatchFeatureError,
+    PayloadError,
+    strip_credentials,
+)
 from wove_adapters.core.stores import BodyRef, open_store
 
 PAYLOAD_VERSION: Final = 1
@@ -208,7 +212,8 @@ def build_envelope(
         body_ref=body_ref,
         key_id=key_id,
         issued_at=time.time(),
-        ledger=ledger,
+        # No secret rides in a payload: workers add the ledger credentials themselves.
+        ledger=strip_credentials(ledger),
         heartbeat_seconds=heartbeat_seconds,
         retry_seconds=retry_seconds,
         retry_attempts=retry_attempts,

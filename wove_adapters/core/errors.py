@@ -6,6 +6,8 @@ errors reads the same against ours.
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 
@@ -176,18 +178,66 @@ class WorkerImportError(WoveAdaptersError, ImportError):
         self.module = module
 
 
-def redact_url(url: object) -> str:
-    """A URL without its password (``redis://:***@host``), for messages and logs: every
-    error and doctor row that names a backend's address goes through here. None (a
-    setting left unset) reads as empty."""
-    url = "" if url is None else str(url)
+# Query parameters whose values are secrets (``?password=...``, ``&token=...``).
+_SECRET_PARAMS = re.compile(
+    r"([?&;](?:[^=&;#\s]*(?:pass|secret|token|credential)[^=&;#\s]*)=)"
+    r"([^&;#\s]*)",
+    re.IGNORECASE,
+)
+# The receiver's path token: whoever has it can reach the receiver's run table.
+_PATH_TOKEN = re.compile(r"(/wove/events/)[^/?#\s]+")
+
+
+def _split_credentials(url: str) -> tuple[str, str, str, str] | None:
+    """(scheme, user, password or "", rest) when ``url`` names credentials. The last
+    ``@`` before the path ends them, so a raw password holding ``/`` or ``@`` (a user
+    who did not percent-encode it) is found whole."""
     scheme, sep, rest = url.partition("://")
-    if not sep:
+    if not sep or "@" not in rest:
+        return None
+    credentials, _, host = rest.rpartition("@")
+    user, colon, password = credentials.partition(":")
+    if "/" in user:
+        return None  # an "@" in a path (sqlite:////tmp/a@b/runs.db): no credentials
+    return scheme, user, password if colon else "", host
+
+
+def redact_url(url: object) -> str:
+    """A URL without its secrets (``redis://:***@host``, ``?password=***``, the
+    receiver's path token), for messages, logs and ``wove-adapters config``: every error
+    and doctor row that names a backend's address goes through here. None (a setting
+    left unset) reads as empty."""
+    url = "" if url is None else str(url)
+    parts = _split_credentials(url)
+    if parts is not None:
+        scheme, user, password, host = parts
+        url = f"{scheme}://{user}:***@{host}" if password else f"{scheme}://{user}@{host}"
+    url = _SECRET_PARAMS.sub(r"\1***", url)
+    return _PATH_TOKEN.sub(r"\1***", url)
+
+
+def strip_credentials(url: str | None) -> str | None:
+    """The URL without its password and secret query parameters (the user name stays):
+    what may travel in a payload. The worker adds the credentials from its own
+    configuration (``WOVE_ADAPTERS_LEDGER``, see ``ledger_url_for_worker``)."""
+    if not url:
         return url
-    netloc, slash, path = rest.partition("/")
-    if "@" not in netloc:
+    parts = _split_credentials(url)
+    if parts is not None:
+        scheme, user, _, host = parts
+        url = f"{scheme}://{user}@{host}" if user else f"{scheme}://{host}"
+    base, question, query = url.partition("?")
+    if not question:
         return url
-    credentials, _, host = netloc.rpartition("@")
-    user, colon, _ = credentials.partition(":")
-    shown = f"{user}:***" if colon else credentials
-    return f"{scheme}://{shown}@{host}{slash}{path}"
+    kept = [part for part in query.split("&") if not _SECRET_PARAMS.match("?" + part)]
+    return f"{base}?{'&'.join(kept)}" if kept else base
+
+
+def ledger_url_for_worker(url: str | None) -> str | None:
+    """The ledger a worker writes to, given the credential-free URL its payload names:
+    the worker's own ``WOVE_ADAPTERS_LEDGER`` when it is the same ledger (its credentials
+    are the worker's configuration, never the payload's), else the URL as given."""
+    own = os.environ.get("WOVE_ADAPTERS_LEDGER")
+    if url and own and strip_credentials(own) == url:
+        return own
+    return url

@@ -33,7 +33,7 @@ from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames, stores
 from wove_adapters.core.codec import pickled_exception, sign_events
 from wove_adapters.core.envelope import Envelope
-from wove_adapters.core.errors import PayloadError, WorkerImportError
+from wove_adapters.core.errors import PayloadError, WorkerImportError, ledger_url_for_worker
 from wove_adapters.core.policies import RunState
 from wove_adapters.worker import sender
 
@@ -476,7 +476,7 @@ def _record_in_ledger(envelope: Envelope, event: frames.WireEvent) -> bool:
     )
     try:
         record_outcome_sync(
-            envelope.ledger or "",
+            ledger_url_for_worker(envelope.ledger) or "",
             envelope.run_id,
             RunState.of_event(str(kind)).value,
             encode_blob(blob),
