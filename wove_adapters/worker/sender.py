@@ -28,11 +28,13 @@ by the receiver.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import http.client
 import json
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -216,11 +218,37 @@ class _Destination:
         elif self.conn.sock is not None:
             self.conn.sock.settimeout(timeout)
         self.conn.timeout = timeout
-        self.conn.request(
-            "POST", self._path, body=data, headers={"Content-Type": "application/x-wove-events"}
-        )
-        response = self.conn.getresponse()
-        body = response.read(_MAX_ANSWER)
+        # The socket timeout bounds each read; this bounds the whole exchange, so a
+        # server that drips its answer a byte at a time cannot hold a worker.
+        conn, expired = self.conn, threading.Event()
+
+        def _cut() -> None:
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(timeout, _cut)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            conn.request(
+                "POST", self._path, body=data,
+                headers={"Content-Type": "application/x-wove-events"},
+            )
+            response = conn.getresponse()
+            body = response.read(_MAX_ANSWER)
+        except Exception:
+            if expired.is_set():
+                raise TimeoutError(
+                    f"{self.describe()} did not answer within {timeout:.1f}s in all"
+                ) from None
+            raise
+        finally:
+            watchdog.cancel()
+        if expired.is_set():
+            raise TimeoutError(f"{self.describe()} did not answer within {timeout:.1f}s in all")
         if response.status < 300:
             return
         if response.status == UNKNOWN_RUN_STATUS:
