@@ -254,7 +254,7 @@ class AdapterTransport(Transport):
         assert self.adapter is not None
         delivery = run.policy.as_delivery(run.idempotency_key)
         if self.receiver is not None:
-            self.receiver.register(run.run_id, self._sink)
+            self.receiver.register(run.run_id, self._sink, key_id=self._key_id)
         limit = int(
             self._config.get("inline_payload_limit") or self.capabilities.inline_payload_limit
         )

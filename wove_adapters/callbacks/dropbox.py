@@ -1,8 +1,14 @@
 """The ``redis`` return path: a drop box for workers that cannot reach the caller.
 
 The worker RPUSHes signed event batches to a Redis list; the caller BLPOPs them and puts
-them through the very checks the HTTP receiver applies (signature, window, nonce) before
-routing them to their runs. One list and one reader per (Redis URL, process, config).
+them through the very checks the HTTP receiver applies (signature with the keys held in
+memory, window, nonce, the run's key binding) before routing them to their runs. One list
+and one reader per (Redis URL, process, config).
+
+Anyone who can write to that Redis can push entries: one larger than ``max_body`` is
+dropped unread (counted, logged), and large ones are verified in a thread, so the reader
+never holds the caller's loop. A worker cannot learn that its entry was refused, so the
+limit (``DEFAULT_MAX_ENTRY``) is wider than the HTTP receiver's.
 """
 
 from __future__ import annotations
@@ -15,18 +21,21 @@ from typing import Any
 
 import msgspec
 
-from wove_adapters.callbacks.receiver import CallbackReceiver
-from wove_adapters.core import frames, signing
+from wove_adapters.callbacks.receiver import VERIFY_IN_THREAD, CallbackReceiver
 from wove_adapters.core.errors import MissingBackendError, PayloadError
 
 log = logging.getLogger("wove_adapters.dropbox")
+# Redis refuses bulk strings above 512 MB; an event batch has no business near that.
+DEFAULT_MAX_ENTRY = 64 * 1024 * 1024
 
 
 class DropboxReader(CallbackReceiver):
     """Routes events like the receiver, but reads them from a Redis list."""
 
-    def __init__(self, url: str, key: str | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self, url: str, key: str | None = None, *, max_entry: int = DEFAULT_MAX_ENTRY
+    ) -> None:
+        super().__init__(max_body=max_entry)
         self.redis_url = url
         self.key = key or f"wove-adapters:dropbox:{uuid.uuid4().hex}"
         self._task: asyncio.Task[None] | None = None
@@ -58,18 +67,36 @@ class DropboxReader(CallbackReceiver):
                 continue
             if item is None:
                 continue
-            data = bytes(item[1])
-            try:
-                body = signing.verify(
-                    signing.decode_blob(data), window=self.window, nonces=self.nonces
-                )
-                batch = msgspec.msgpack.decode(body, type=frames.EventBatch)
-            except (PayloadError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self.stats["rejected"] += 1
-                log.warning("drop box %s: rejected an entry: %s", self.key, exc)
-                continue
-            self.stats["accepted"] += 1
-            self.route(batch.events, data)
+            await self.take(bytes(item[1]))
+
+    async def take(self, data: bytes) -> bool:
+        """Check one entry as the receiver checks a request, and route it: True if it
+        was accepted."""
+        if len(data) > self.max_body:
+            self.stats["too_large"] += 1
+            self.stats["rejected"] += 1
+            log.warning("drop box %s: dropped an entry of %d bytes (limit %d), unread",
+                        self.key, len(data), self.max_body)
+            return False
+        try:
+            if len(data) > VERIFY_IN_THREAD:
+                key_id, batch = await asyncio.to_thread(self.open_batch, data)
+            else:
+                key_id, batch = self.open_batch(data)
+        except (PayloadError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.stats["rejected"] += 1
+            log.warning("drop box %s: rejected an entry: %s", self.key, exc)
+            return False
+        wrong = self.unbound(batch.events, key_id)
+        if wrong:
+            self.stats["wrong_key"] += 1
+            self.stats["rejected"] += 1
+            log.warning("drop box %s: rejected an entry signed with key %s for run %s, "
+                        "which was signed with another key", self.key, key_id, wrong[0])
+            return False
+        self.stats["accepted"] += 1
+        self.route(batch.events, data)
+        return True
 
     async def backlog(self) -> bool:
         """True while events wait in the list. With this return path a job ends once

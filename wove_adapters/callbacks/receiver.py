@@ -1,13 +1,24 @@
 """The caller's HTTP receiver for worker events: ``POST /wove/events/{token}``.
 
-Built on aiohttp.web. Every request is checked in order of cost before anything is
-decoded: path token, size, signature, timestamp window, nonce (no replay), then the event
-schema. Anything wrong gets a 4xx and changes nothing; one bad request never blocks or
+Built on aiohttp's low-level server. Every request is checked in order of cost before
+anything is decoded: path token, size, signature (only keys this process holds, never a
+key file read on the loop), timestamp window, nonce (no replay), the event schema, then
+the key binding: each event's run must have been signed with the key that signed the
+batch. Anything wrong gets a 4xx and changes nothing; one bad request never blocks or
 crashes the others. Verified events are routed by ``run_id`` to whoever registered the
-run; a second terminal event for a run is dropped and counted. A batch with events for a
-run nobody here registered is answered ``404 {"unknown": [run ids]}`` (the known ones
-are routed): a restarted caller on the same port and token must not swallow the old runs'
-outcomes, which their workers then record in the ledger instead.
+run; a second terminal event for a run is dropped and counted.
+
+It stays up under abuse: a connection must deliver a request's headers within
+``header_timeout`` seconds (of connecting, or of its previous answer) and its body within
+``body_timeout``; at most ``max_connections`` are open (a new one closes the longest-idle
+one, or is refused when every one is mid-request); bodies above ``max_body`` (events, not
+bulk data) are refused, at most ``large_reads`` bodies above ``LARGE_BODY`` are read at
+once, and large bodies are verified off the event loop. See docs/security.md, "Limits".
+
+A batch with events for a run nobody here registered is answered
+``404 {"unknown": [run ids]}`` (the known ones are routed): a restarted caller on the
+same port and token must not swallow the old runs' outcomes, which their workers then
+record in the ledger instead.
 
 One receiver per (host, port, token) per process, shared by every environment and Hub,
 so a short-lived caller pays for the listening socket once.
@@ -16,8 +27,11 @@ so a short-lived caller pays for the listening socket once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import functools
 import logging
+import resource
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,7 +44,19 @@ from wove_adapters.core.errors import PayloadError
 from wove_adapters.worker.sender import UNKNOWN_RUN_STATUS
 
 EventSink = Callable[[frames.WireEvent, bytes], None]
-DEFAULT_MAX_BODY = 512 * 1024 * 1024
+# Events are small; a large value rides inside a task_result (pickled), so the limit is
+# generous for events and still far from what a flood of bodies could make us hold
+# (executor_config.callback_max_body). A worker whose result is refused as too large
+# records it in the run's ledger, where the caller finds it (see docs/security.md).
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+# Bodies above this are read a few at a time (``large_reads``) and verified (HMAC,
+# msgpack) in a thread: the loop never spends milliseconds on one request.
+LARGE_BODY = 1024 * 1024
+VERIFY_IN_THREAD = 256 * 1024
+HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 30.0
+LARGE_READS = 4
+ACCEPT_BACKLOG = 128
 # A signed, valid batch with events for runs nobody here follows gets UNKNOWN_RUN_STATUS;
 # the body lists them (``{"unknown": [run ids]}``) so the worker records those outcomes
 # in the ledger (see worker.sender).
@@ -52,6 +78,7 @@ class CallbackReceiver:
         public_url: str | None = None,
         max_body: int = DEFAULT_MAX_BODY,
         window: float = signing.DEFAULT_WINDOW_SECONDS,
+        max_connections: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -60,8 +87,18 @@ class CallbackReceiver:
         self.max_body = max_body
         self.nonces = signing.NonceCache(window)
         self.window = window
-        self._sinks: dict[str, EventSink] = {}
+        # Read when used, so a test (or an operator in a REPL) may change them live.
+        self.header_timeout = HEADER_TIMEOUT
+        self.body_timeout = BODY_TIMEOUT
+        self.max_connections = max_connections or default_max_connections()
+        self.large_reads = LARGE_READS
+        self._sinks: dict[str, tuple[EventSink, str | None]] = {}
         self._terminal_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # Open connections, least recently active first, and those mid-request.
+        self._connections: OrderedDict[Any, float] = OrderedDict()
+        self._busy: set[Any] = set()
+        self._large: asyncio.Semaphore | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._runner: Any = None
         self._site: Any = None
         self.stats: dict[str, int] = {
@@ -70,6 +107,12 @@ class CallbackReceiver:
             "duplicates_dropped": 0,
             "unrouted": 0,
             "unknown_runs": 0,
+            "wrong_key": 0,
+            "too_large": 0,
+            "timed_out": 0,
+            "idle_closed": 0,
+            "connections_evicted": 0,
+            "connections_refused": 0,
         }
         self.ready = asyncio.Event()
 
@@ -88,23 +131,30 @@ class CallbackReceiver:
         """Listen. ``environment`` only names who asked, in the error when it cannot."""
         from aiohttp import web
 
-        app = web.Application(client_max_size=self.max_body)
-        app.router.add_post("/wove/events/{token}", self._handle)
-        app.router.add_get("/wove/health", self._health)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        server = _server_class()(
+            self._dispatch,
+            receiver=self,
+            keepalive_timeout=self.header_timeout,
+            access_log=None,
+        )
+        runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, reuse_address=True, backlog=1024)
+        # asyncio accepts up to ``backlog`` connections in one go, before any of them
+        # reaches the cap: kept small, a flood cannot run the process out of descriptors.
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True, backlog=ACCEPT_BACKLOG)
         try:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
             raise _address_error(exc, self.host, self.port, environment) from exc
         if self.port == 0:
-            server = site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+            listening = site._server
+            assert listening is not None
+            self.port = listening.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         self._runner = runner
         self._site = site
+        self._large = asyncio.Semaphore(self.large_reads)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self.ready.set()
 
     async def pause(self) -> None:
@@ -128,38 +178,112 @@ class CallbackReceiver:
             await self._site.start()
 
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sweeper
+            self._sweeper = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
-    def register(self, run_id: str, sink: EventSink) -> None:
-        self._sinks[run_id] = sink
+    def register(self, run_id: str, sink: EventSink, *, key_id: str | None = None) -> None:
+        """Route ``run_id``'s events to ``sink``. ``key_id``: the key that signed the run's
+        payload; its events are accepted only under that key (None: any key this process
+        holds, for callers that sign nothing themselves)."""
+        self._sinks[run_id] = (sink, key_id or None)
 
     def unregister(self, run_id: str) -> None:
         self._sinks.pop(run_id, None)
 
-    async def _health(self, request: Any) -> Any:
+    # ------------------------------------------------------------ connections
+
+    def connected(self, handler: Any) -> None:
+        """A new connection: within the cap, or it takes the place of the one idle the
+        longest (an idle flood must not lock workers out), or, when every connection is
+        mid-request, it is closed at once."""
+        self._connections[handler] = asyncio.get_running_loop().time()
+        if len(self._connections) <= self.max_connections:
+            return
+        for other in self._connections:
+            if other is not handler and other not in self._busy:
+                self.stats["connections_evicted"] += 1
+                self._close(other)
+                return
+        self.stats["connections_refused"] += 1
+        self._close(handler)
+
+    def disconnected(self, handler: Any) -> None:
+        self._connections.pop(handler, None)
+        self._busy.discard(handler)
+
+    def _close(self, handler: Any) -> None:
+        self._connections.pop(handler, None)
+        handler.force_close()
+
+    async def _sweep(self) -> None:
+        """Close connections that have not sent a whole request's headers in time
+        (idle keep-alives included: a worker simply reconnects)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.header_timeout / 4))
+            horizon = loop.time() - self.header_timeout
+            for handler, since in list(self._connections.items()):
+                if since > horizon:
+                    break  # least recently active first: the rest are newer
+                if handler not in self._busy:
+                    self.stats["idle_closed"] += 1
+                    self._close(handler)
+
+    async def _dispatch(self, request: Any) -> Any:
         from aiohttp import web
 
-        return web.json_response({"ok": True, **self.stats})
-
-    async def _handle(self, request: Any) -> Any:
-        from aiohttp import web
-
-        if not secrets.compare_digest(request.match_info["token"], self.token):
-            return self._reject(404, "unknown callback token")
-        if request.content_length is not None and request.content_length > self.max_body:
-            return self._reject(413, "body too large")
+        handler = request.protocol
+        self._busy.add(handler)
         try:
-            data = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._reject(413, "body too large")
+            path = request.path
+            if path.startswith(_EVENTS) and "/" not in path[len(_EVENTS):]:
+                if request.method != "POST":
+                    return self._reject(405, "POST events here")
+                return await self._handle(request, path[len(_EVENTS):])
+            if path == "/wove/health" and request.method in ("GET", "HEAD"):
+                return web.json_response({"ok": True, **self.stats})
+            return self._reject(404, "not found")
+        finally:
+            self._busy.discard(handler)
+            if handler in self._connections:
+                self._connections[handler] = asyncio.get_running_loop().time()
+                self._connections.move_to_end(handler)
+
+    # ------------------------------------------------------------ events
+
+    async def _handle(self, request: Any, token: str) -> Any:
+        from aiohttp import web
+
+        # Bytes, not str: compare_digest refuses non-ASCII text (a 500 with a traceback).
+        if not secrets.compare_digest(
+            token.encode("utf-8", "surrogatepass"), self.token.encode("utf-8", "surrogatepass")
+        ):
+            return self._reject(404, "unknown callback token")
+        declared = request.content_length
+        if declared is not None and declared > self.max_body:
+            self.stats["too_large"] += 1
+            return self._reject(413, f"body too large (limit {self.max_body} bytes)")
+        try:
+            data = await self._read_body(request, declared)
+        except _TooLarge:
+            self.stats["too_large"] += 1
+            return self._reject(413, f"body too large (limit {self.max_body} bytes)")
+        except asyncio.TimeoutError:
+            self.stats["timed_out"] += 1
+            return self._reject(408, f"body not received within {self.body_timeout:g}s")
         except Exception:
             return self._reject(400, "unreadable body")
         try:
-            blob = signing.decode_blob(data)
-            body = signing.verify(blob, window=self.window, nonces=self.nonces)
-            batch = msgspec.msgpack.decode(body, type=frames.EventBatch)
+            if len(data) > VERIFY_IN_THREAD:
+                key_id, batch = await asyncio.to_thread(self.open_batch, data)
+            else:
+                key_id, batch = self.open_batch(data)
         except PayloadError as exc:
             status = (
                 409
@@ -171,6 +295,12 @@ class CallbackReceiver:
             return self._reject(status, str(exc))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return self._reject(400, f"malformed events: {exc}")
+        wrong = self.unbound(batch.events, key_id)
+        if wrong:
+            self.stats["wrong_key"] += 1
+            return self._reject(
+                401, f"signed with key {key_id}, not with the key of run {wrong[0]}"
+            )
         routed, unknown = self.route(batch.events, data)
         self.stats["accepted"] += 1
         if unknown:
@@ -190,6 +320,50 @@ class CallbackReceiver:
             )
         return web.json_response({"ok": True, "events": len(batch.events), "routed": routed})
 
+    async def _read_body(self, request: Any, declared: int | None) -> bytes:
+        """The whole body within ``body_timeout`` (waiting for a large-body slot
+        included), never more than ``max_body`` bytes of it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
+        if not request.can_read_body:
+            return b""
+        if declared is not None and declared <= LARGE_BODY:
+            return await asyncio.wait_for(self._read_limited(request), self.body_timeout)
+        assert self._large is not None
+        await asyncio.wait_for(self._large.acquire(), self.body_timeout)
+        try:
+            left = max(deadline - loop.time(), 0.0)
+            return await asyncio.wait_for(self._read_limited(request), left)
+        finally:
+            self._large.release()
+
+    async def _read_limited(self, request: Any) -> bytes:
+        body = bytearray()
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > self.max_body:
+                raise _TooLarge
+
+    def open_batch(self, data: bytes) -> tuple[str, frames.EventBatch]:
+        """Verify a signed batch with the keys this process holds (no key file is read:
+        this runs on the loop) and decode it: ``(the signing key id, the batch)``."""
+        blob = signing.decode_blob(data)
+        body = signing.verify(blob, window=self.window, nonces=self.nonces, load=False)
+        return blob.key_id, msgspec.msgpack.decode(body, type=frames.EventBatch)
+
+    def unbound(self, events: list[frames.WireEvent], key_id: str) -> list[str]:
+        """The runs among ``events`` registered under another key than ``key_id``: a
+        batch with any of them is refused whole (nothing routed, nothing unpickled)."""
+        wrong: list[str] = []
+        for event in events:
+            found = self._sinks.get(event.run_id)
+            if found is not None and found[1] is not None and found[1] != key_id:
+                wrong.append(event.run_id)
+        return wrong
+
     def route(self, events: list[frames.WireEvent], raw: bytes) -> tuple[int, list[str]]:
         """Hand verified events to their runs' sinks; drop duplicate terminals. Returns
         how many were routed and the ids of runs that nobody here registered (a
@@ -204,8 +378,8 @@ class CallbackReceiver:
             if terminal and ident in self._terminal_seen:
                 self.stats["duplicates_dropped"] += 1
                 continue
-            sink = self._sinks.get(event.run_id)
-            if sink is None:
+            found = self._sinks.get(event.run_id)
+            if found is None:
                 self.stats["unrouted"] += 1
                 if event.run_id not in unknown:
                     unknown.append(event.run_id)
@@ -217,7 +391,7 @@ class CallbackReceiver:
                 if len(self._terminal_seen) > 100_000:
                     self._terminal_seen.popitem(last=False)
             try:
-                sink(event, raw)
+                found[0](event, raw)
                 routed += 1
             except Exception:
                 self.stats["unrouted"] += 1
@@ -230,6 +404,45 @@ class CallbackReceiver:
 
         self.stats["rejected"] += 1
         return web.json_response({"ok": False, "error": reason}, status=status)
+
+
+_EVENTS = "/wove/events/"
+
+
+class _TooLarge(Exception):
+    """A body without a declared length grew past ``max_body``."""
+
+
+def default_max_connections() -> int:
+    """Open connections the receiver keeps: half the process's file descriptors (the
+    rest are the caller's: its backends, ledger, workers' pipes), at most 1024. Beyond
+    them ``accept`` would fail over and over (one logged traceback each time)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 1024
+    return max(16, min(1024, soft // 2))
+
+
+@functools.cache
+def _server_class() -> type:
+    """aiohttp's low-level server, telling the receiver of every connection it opens
+    and loses (the cap and the idle sweep need them)."""
+    from aiohttp import web
+
+    class CappedServer(web.Server):
+        def __init__(self, handler: Any, *, receiver: CallbackReceiver, **kwargs: Any) -> None:
+            super().__init__(handler, **kwargs)
+            self.receiver = receiver
+
+        def connection_made(self, handler: Any, transport: Any) -> None:
+            super().connection_made(handler, transport)
+            self.receiver.connected(handler)
+
+        def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+            super().connection_lost(handler, exc)
+            self.receiver.disconnected(handler)
+
+    return CappedServer
 
 
 def _address_error(
@@ -261,6 +474,20 @@ def _address_error(
     )
 
 
+def max_body(config: dict[str, Any]) -> int:
+    """``executor_config.callback_max_body`` (bytes), checked: the first environment
+    to start the shared receiver sets it."""
+    value = config.get("callback_max_body")
+    if value is None:
+        return DEFAULT_MAX_BODY
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+        raise ValueError(
+            f"executor_config 'callback_max_body' must be a number of bytes >= 1024, "
+            f"not {value!r}"
+        )
+    return value
+
+
 _receivers: dict[tuple[str, int, str | None, str | None], CallbackReceiver] = {}
 _lock: asyncio.Lock | None = None
 
@@ -281,7 +508,10 @@ async def get_receiver(
     async with _lock:
         receiver = _receivers.get(ident)
         if receiver is None:
-            receiver = CallbackReceiver(host=host, port=port, token=token, public_url=public)
+            receiver = CallbackReceiver(
+                host=host, port=port, token=token, public_url=public,
+                max_body=max_body(config),
+            )
             await receiver.start(environment=environment)
             _receivers[ident] = receiver
             from wove_adapters.core.loop import add_shutdown_hook

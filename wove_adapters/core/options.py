@@ -71,6 +71,8 @@ class AdapterOptions(ExecutorOptions, kw_only=True):
     callback_port: int = 0
     callback_url: str | None = None
     callback_token: str | None = None
+    # Bytes the receiver takes in one request (events; see docs/security.md, "Limits").
+    callback_max_body: int | None = None
     # How long workers keep trying to hand back an outcome (see worker.sender).
     worker_retry_seconds: float | None = None
     worker_retry_attempts: int | None = None
