@@ -14,8 +14,11 @@ side. It verifies the signed payload before anything is unpickled, then either
 - ``return_path: "native"``: runs it and returns the value (raises the task's exception),
   so the Dask future itself carries the outcome and the adapter emits the events.
 
-Either way the Dask future is watched: an error of the wrapper itself, a cancellation and
-a dead worker (``KilledWorker``) become events, so no run waits on a reconciliation tick.
+Either way the Dask future is watched: an error of the wrapper itself, a cancellation, a
+dead worker (``KilledWorker``) and a refused payload (the worker signs and sends nothing
+for a payload that does not verify; its future fails with ``PayloadRefused``: the run's
+PayloadError names the key, never requeued) become events, so no run waits on a
+reconciliation tick.
 
 Dask keys are the run's identity: the sanitised idempotency key when there is one (Dask
 deduplicates by key: the same key twice is one execution), otherwise a key unique to the
@@ -40,12 +43,20 @@ from wove_adapters.adapters.util import (
     Watched,
     failure_frame,
     group_by,
+    refusal_frame,
     wait_within,
 )
 from wove_adapters.core import frames
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
-from wove_adapters.worker.hosted import OutcomeUndelivered, run_native, run_reported, worker_ready
+from wove_adapters.worker.hosted import (
+    OutcomeUndelivered,
+    PayloadRefused,
+    run_native,
+    run_reported,
+    verified,
+    worker_ready,
+)
 
 log = logging.getLogger("wove_adapters.adapters.dask")
 
@@ -62,9 +73,7 @@ def run_payload(payload: str) -> Any:
     Runs in a Dask worker thread, so SIGTERM cannot interrupt it (``handle_sigterm`` is
     off: signal handlers belong to the main thread).
     """
-    from wove_adapters.core import envelope as payload_mod
-
-    envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
+    envelope = verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
     if envelope.return_path.kind == "native":
         return run_native(envelope)
     return run_reported(envelope, handle_sigterm=False)
@@ -314,6 +323,10 @@ class DaskAdapter(BackendAdapter):
                 states[handle] = self._finished.get(handle, JobState.GONE)
             elif tracked.future is None:
                 states[handle] = JobState.PENDING
+            elif tracked.future.status == "error":
+                # Its watcher is reading the error (a task's, ours, or a refusal) and
+                # reports it in a moment: not a failure without an event to act on.
+                states[handle] = JobState.RUNNING
             elif (local := self.map_state(tracked.future.status)) is not JobState.PENDING:
                 states[handle] = local
             else:
@@ -375,8 +388,13 @@ class DaskAdapter(BackendAdapter):
             exc, status = watch_error, "lost"
         if self._tracked.get(key) is tracked:
             del self._tracked[key]
-        self._finished.remember(key, self.map_state(status))
-        frame = _frame_for(tracked, status, value, exc, native=self.native, remote_tb=remote_tb)
+        if isinstance(exc, PayloadRefused):  # the worker signed and sent nothing
+            self._finished.remember(key, JobState.REFUSED)
+            frame: dict[str, Any] | None = refusal_frame(self.name, tracked, self.config)
+        else:
+            self._finished.remember(key, self.map_state(status))
+            frame = _frame_for(tracked, status, value, exc, native=self.native,
+                               remote_tb=remote_tb)
         if frame is not None and self.emit is not None:
             self.emit(frame)
 

@@ -1,10 +1,11 @@
 """Caller-side helpers the backend adapters share; none of them talks to a backend.
 
 Watching a backend's future as the run's way back (Dask, Ray): the run it stands for,
-the ``task_error`` an exception in it becomes, and the bounded memory of how finished
-runs ended. Coalescing the calls made in one loop iteration into one request. The
-worker command line, grouping a batch of jobs into array jobs, payload-store chores and
-configuration values that name a secret. Nothing here imports a backend library.
+the ``task_error`` an exception in it becomes (a refused payload's is the transport's
+PayloadError naming the key), and the bounded memory of how finished runs ended.
+Coalescing the calls made in one loop iteration into one request. The worker command
+line, grouping a batch of jobs into array jobs, payload-store chores and configuration
+values that name a secret. Nothing here imports a backend library.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class Watched:
 def failure_frame(
     run: Watched, exc: BaseException, *, native: bool, remote_tb: str = ""
 ) -> dict[str, Any]:
-    """The ``task_error`` for an exception the future carries: the worker refused the
-    payload, the task raised (``native`` return path) or our worker function failed.
+    """The ``task_error`` for an exception the future carries: a payload body that could
+    not be read, the task raised (``native`` return path) or our worker function failed.
     ``remote_tb`` (the task's own frames, as the worker saw them) is chained to the
     caller's exception as ``concurrent.futures`` does it."""
     source = "payload" if isinstance(exc, PayloadError) else ("task" if native else "worker")
@@ -54,6 +55,16 @@ def failure_frame(
         frame["error"]["traceback"] = remote_tb
         attach_remote_traceback(exc, remote_tb)
     return frame
+
+
+def refusal_frame(executor: str, run: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The run's error when its worker refused the payload (``RunState.REFUSED``), for an
+    adapter that emits its runs' events itself (a future or a workflow result as the way
+    back): the transport's PayloadError naming the signing key (``executor_config``'s
+    ``_key_id``) and the fix. ``run`` has ``run_id``, ``task_id`` and ``attempt``."""
+    from wove_adapters.adapters.transport import refused_event
+
+    return refused_event(executor, run, str(config.get("_key_id", "?")))
 
 
 class FinishedStates(Generic[V]):

@@ -3,10 +3,10 @@
 Such a backend ships the payload text as the argument of one module-level function,
 imported by reference on its worker, and carries what that function returns (or raises)
 back to the caller in its own future. Each adapter's ``run_payload`` is a few lines that
-choose its signal handling; what they share lives here: the run that reports to the
-caller (``run_reported``), the run whose value travels in the future (``run_native``),
-and the probe ``doctor`` sends to every worker. Nothing here talks to Dask or Ray, and
-importing this module imports neither.
+choose its signal handling; what they share lives here: the payload verified or refused
+(``verified``), the run that reports to the caller (``run_reported``), the run whose value
+travels in the future (``run_native``), and the probe ``doctor`` sends to every worker.
+Nothing here talks to Dask or Ray, and importing this module imports neither.
 """
 
 from __future__ import annotations
@@ -17,6 +17,32 @@ from wove_adapters.core import frames
 
 if TYPE_CHECKING:
     from wove_adapters.core.envelope import Envelope
+
+
+class PayloadRefused(RuntimeError):
+    """Raised on the worker for a payload that does not verify: the backend's future fails
+    with it, which is the only report of the refusal. Nothing in such a payload can be
+    trusted, so nothing is signed for it and nothing is sent to the address it names; the
+    caller's adapter turns this failure into the run's PayloadError naming its key id.
+
+    An exception rather than a returned value: Dask fetches a finished future's value only
+    on the native path, while every future's failure reaches the caller at no extra cost,
+    and a value could be mistaken for a native task's own result."""
+
+
+def verified(payload: str) -> Envelope:
+    """The payload's envelope, verified before anything in it is unpickled; a payload
+    that does not verify is refused (logged on the worker, see ``worker.runner``) and
+    raises ``PayloadRefused``."""
+    from wove_adapters.core import envelope as payload_mod
+    from wove_adapters.core.errors import PayloadError
+    from wove_adapters.worker import runner as worker
+
+    try:
+        return payload_mod.decode_payload(payload)
+    except PayloadError as exc:
+        worker._refuse(exc)  # the worker's log says why; nothing is signed or sent
+        raise PayloadRefused(f"the worker refused the payload: {exc}") from None
 
 
 class OutcomeUndelivered(RuntimeError):
