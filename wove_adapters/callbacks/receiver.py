@@ -113,6 +113,7 @@ class CallbackReceiver:
             "idle_closed": 0,
             "connections_evicted": 0,
             "connections_refused": 0,
+            "malformed": 0,
         }
         self.ready = asyncio.Event()
 
@@ -136,6 +137,7 @@ class CallbackReceiver:
             receiver=self,
             keepalive_timeout=self.header_timeout,
             access_log=None,
+            logger=_ServerLog(self),
         )
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
@@ -270,7 +272,7 @@ class CallbackReceiver:
             self.stats["too_large"] += 1
             return self._reject(413, f"body too large (limit {self.max_body} bytes)")
         try:
-            data = await self._read_body(request, declared)
+            chunks = await self._read_body(request, declared)
         except _TooLarge:
             self.stats["too_large"] += 1
             return self._reject(413, f"body too large (limit {self.max_body} bytes)")
@@ -280,10 +282,10 @@ class CallbackReceiver:
         except Exception:
             return self._reject(400, "unreadable body")
         try:
-            if len(data) > VERIFY_IN_THREAD:
-                key_id, batch = await asyncio.to_thread(self.open_batch, data)
+            if sum(map(len, chunks)) > VERIFY_IN_THREAD:
+                data, key_id, batch = await asyncio.to_thread(self._open_chunks, chunks)
             else:
-                key_id, batch = self.open_batch(data)
+                data, key_id, batch = self._open_chunks(chunks)
         except PayloadError as exc:
             status = (
                 409
@@ -320,13 +322,13 @@ class CallbackReceiver:
             )
         return web.json_response({"ok": True, "events": len(batch.events), "routed": routed})
 
-    async def _read_body(self, request: Any, declared: int | None) -> bytes:
+    async def _read_body(self, request: Any, declared: int | None) -> list[bytes]:
         """The whole body within ``body_timeout`` (waiting for a large-body slot
         included), never more than ``max_body`` bytes of it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout
         if not request.can_read_body:
-            return b""
+            return []
         if declared is not None and declared <= LARGE_BODY:
             return await asyncio.wait_for(self._read_limited(request), self.body_timeout)
         assert self._large is not None
@@ -337,15 +339,22 @@ class CallbackReceiver:
         finally:
             self._large.release()
 
-    async def _read_limited(self, request: Any) -> bytes:
-        body = bytearray()
+    async def _read_limited(self, request: Any) -> list[bytes]:
+        """The body as it came, in chunks (joined later, off the loop when large)."""
+        chunks: list[bytes] = []
+        size = 0
         while True:
             chunk = await request.content.readany()
             if not chunk:
-                return bytes(body)
-            body += chunk
-            if len(body) > self.max_body:
+                return chunks
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.max_body:
                 raise _TooLarge
+
+    def _open_chunks(self, chunks: list[bytes]) -> tuple[bytes, str, frames.EventBatch]:
+        data = b"".join(chunks)
+        return (data, *self.open_batch(data))
 
     def open_batch(self, data: bytes) -> tuple[str, frames.EventBatch]:
         """Verify a signed batch with the keys this process holds (no key file is read:
@@ -407,6 +416,26 @@ class CallbackReceiver:
 
 
 _EVENTS = "/wove/events/"
+
+
+class _ServerLog(logging.LoggerAdapter):
+    """aiohttp logs every malformed request with a traceback, so any peer could fill the
+    caller's log: those are counted (``malformed``) and logged at debug. Anything else
+    (a bug of ours) is logged as it comes."""
+
+    def __init__(self, receiver: CallbackReceiver) -> None:
+        super().__init__(logging.getLogger("wove_adapters.receiver.http"), {})
+        self.receiver = receiver
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True,
+                  **kwargs: Any) -> None:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if isinstance(exc_info, HttpProcessingError):
+            self.receiver.stats["malformed"] += 1
+            self.logger.debug("malformed request refused: %s", str(exc_info).strip())
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
 class _TooLarge(Exception):
