@@ -14,8 +14,10 @@ registered. The worker verifies the signed payload before anything is unpickled,
 
 Either way every ObjectRef is watched without blocking the loop (a done-callback on
 ``ref.future()``): a cancellation, a dead worker or node (a lost run: Ray's own retries
-are off by default so the orphan policy owns requeue) and an error of the wrapper itself
-become events, so no run waits for a reconciliation tick.
+are off by default so the orphan policy owns requeue), a refused payload (the worker
+signs and sends nothing for a payload that does not verify; its task fails with
+``PayloadRefused``: the run's PayloadError names the key, never requeued) and an error of
+the wrapper itself become events, so no run waits for a reconciliation tick.
 
 Cancellation asks first (``ray.cancel``: Ray interrupts the task's main thread, which the
 worker turns into ``task_cancelled``) and, when the task has not stopped after
@@ -38,11 +40,18 @@ from types import FrameType
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.adapters.util import FinishedStates, Watched, failure_frame
+from wove_adapters.adapters.util import FinishedStates, Watched, failure_frame, refusal_frame
 from wove_adapters.core import frames
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
-from wove_adapters.worker.hosted import OutcomeUndelivered, run_native, run_reported, worker_ready
+from wove_adapters.worker.hosted import (
+    OutcomeUndelivered,
+    PayloadRefused,
+    run_native,
+    run_reported,
+    verified,
+    worker_ready,
+)
 
 log = logging.getLogger("wove_adapters.adapters.ray")
 
@@ -80,10 +89,9 @@ def run_payload(payload: str) -> Any:
     Ray runs tasks on the worker's main thread, so both SIGTERM and ``ray.cancel``'s
     interrupt (a simulated SIGINT, ignored by Ray workers otherwise) cancel the task.
     """
-    from wove_adapters.core import envelope as payload_mod
     from wove_adapters.worker.runner import TaskCancelled
 
-    envelope = payload_mod.decode_payload(payload)  # PayloadError: refused, nothing unpickled
+    envelope = verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
     try:
         with interrupt_cancels():
             if envelope.return_path.kind == "native":
@@ -171,6 +179,7 @@ class RayAdapter(BackendAdapter):
         "FAILED": JobState.FAILED,
         "CANCELLED": JobState.CANCELLED,
         "LOST": JobState.GONE,
+        "REFUSED": JobState.REFUSED,  # ours: the worker refused the payload
     }
     reconcile_seconds: ClassVar[float] = 2.0
 
@@ -310,6 +319,8 @@ class RayAdapter(BackendAdapter):
                     frames.TASK_LOST, *ident,
                     reason=f"Ray lost the task ({type(exc).__name__}: {_first_line(exc)})",
                 )
+            if isinstance(cause, PayloadRefused):  # the worker signed and sent nothing
+                return "REFUSED", refusal_frame(self.name, tracked, self.config)
             if isinstance(cause, BaseException):
                 # The worker's own traceback: Ray ships it as text beside the cause.
                 remote = str(getattr(exc, "traceback_str", "") or "")
