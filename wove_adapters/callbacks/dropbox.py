@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from wove_adapters.callbacks.receiver import VERIFY_IN_THREAD, CallbackReceiver
-from wove_adapters.core.errors import MissingBackendError, PayloadError
+from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError, PayloadError
 
 log = logging.getLogger("wove_adapters.dropbox")
 # Redis refuses bulk strings above 512 MB; an event batch has no business near that.
@@ -40,6 +40,9 @@ class DropboxReader(CallbackReceiver):
         self.key = key or f"wove-adapters:dropbox:{uuid.uuid4().hex}"
         self._task: asyncio.Task[None] | None = None
         self._client: Any = None
+        # Entries popped and not yet routed (a large one is verified in a thread): the
+        # backlog, for the transport, until they are.
+        self._taking = 0
 
     @property
     def url(self) -> str:
@@ -67,7 +70,11 @@ class DropboxReader(CallbackReceiver):
                 continue
             if item is None:
                 continue
-            await self.take(bytes(item[1]))
+            self._taking += 1
+            try:
+                await self.take(bytes(item[1]))
+            finally:
+                self._taking -= 1
 
     async def take(self, data: bytes) -> bool:
         """Check one entry as the receiver checks a request, and route it: True if it
@@ -103,10 +110,26 @@ class DropboxReader(CallbackReceiver):
         its events are pushed: until we have read them all, a finished job whose
         terminal event has not come is not lost. A failed check says False (it must
         not hide a lost run for good)."""
+        if self._taking:
+            return True
         try:
             return bool(await self._client.llen(self.key))
         except Exception:
             return False
+
+    def lost_outcome(self, run_id: str, job: str | None = None) -> DeliveryOrphanedError:
+        """The error for a run whose job succeeded while no terminal event of it ever
+        reached this reader and the list is empty: its worker pushed the outcome, and
+        another reader of the list took it (anyone who can write to that Redis can)."""
+        return DeliveryOrphanedError(
+            f"run {run_id}{f' (job {job})' if job else ''} succeeded, but its outcome was "
+            f"lost on the return path: its worker pushed it to the drop box {self.key} at "
+            f"{self.redis_url}, and this caller never read it (the list is empty; read "
+            f"here: {self.stats['accepted']} accepted, {self.stats['rejected']} refused). "
+            f"Another client popped it: anyone who can write to that Redis can. Protect it "
+            f"(AUTH, an ACL user per caller), or use return_path 'http'.",
+            run_id=run_id,
+        )
 
     async def aclose(self) -> None:
         if self._task is not None:
