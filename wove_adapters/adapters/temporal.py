@@ -5,7 +5,10 @@ idempotency key (one key, one execution: a start that finds the id taken returns
 ``Following``, and the transport hands the run what that workflow recorded, read through
 ``outcomes``), ``cancel`` through the workflow handle, ``status`` from ``describe()``.
 The way back is the callback receiver (default) or, with ``return_path: "native"``, the
-workflow's own result, awaited through its handle.
+workflow's own result, awaited through its handle. A worker that cannot verify a payload
+signs and sends nothing: its workflow fails with the activity's summary ``refused``, which
+``status`` reports as REFUSED (the native reader at once), and the run fails with a
+PayloadError naming the key, never requeued.
 
 Worker side (``run_worker`` / ``workflows()`` + ``activities()``, the module's command
 line): ``wove_adapters.worker.temporal``, whose public names are importable from here too.
@@ -25,7 +28,9 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
+from wove_adapters.adapters.util import refusal_frame
 from wove_adapters.core import frames
+from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.core.transport import STATUS_CONCURRENCY
@@ -233,6 +238,10 @@ class TemporalAdapter(BackendAdapter):
             found = await _settled(handle)
         except Exception as exc:  # a broken result stream loses the run
             found = _Ended(f"following Temporal workflow {handle.id} failed: {exc}")
+        if isinstance(found, _Refused):  # the worker signed and sent nothing
+            if self.emit is not None:
+                self.emit(refusal_frame(self.name, job, self.config))
+            return
         if isinstance(found, bytes):
             from wove_adapters.core.codec import decode_outcome
 
@@ -298,14 +307,18 @@ class TemporalAdapter(BackendAdapter):
             # Its reader owns this run's outcome and reports its end (result, cancel or
             # loss) itself; reconciling here too would race it.
             return JobState.UNKNOWN
+        handle_of = self._client.get_workflow_handle(handle)
         try:
-            description = await self._client.get_workflow_handle(handle).describe()
+            description = await handle_of.describe()
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 return JobState.GONE
             raise
         status = description.status
-        return self.map_state(status.name if status is not None else None)
+        state = self.map_state(status.name if status is not None else None)
+        if state is JobState.FAILED and await _was_refused(handle_of):
+            return JobState.REFUSED  # the transport fails the run with PayloadError
+        return state
 
     async def detach(self, handle: str) -> None:
         reader = self._readers.pop(handle, None)
@@ -371,6 +384,11 @@ class _Ended(RuntimeError):
     """A workflow that ended without its task's word (failed, terminated, timed out)."""
 
 
+class _Refused(PayloadError):
+    """A workflow whose worker refused the payload (it did not verify there): the
+    worker signed and sent nothing; the activity's summary says ``refused``."""
+
+
 async def _settled(handle: Any) -> bytes | Exception | None:
     """How a workflow ended, once it has: the signed outcome its activity recorded (in the
     result, or in the failure of a task that raised), None when it was cancelled, else an
@@ -390,6 +408,15 @@ async def _settled(handle: Any) -> bytes | Exception | None:
                       f"{_describe_failure(exc)}")
 
 
+async def _was_refused(handle: Any) -> bool:
+    """Whether a failed workflow failed because its worker refused the payload (one more
+    request, for failed workflows only: the failure is not in ``describe()``)."""
+    try:
+        return isinstance(await _settled(handle), _Refused)
+    except Exception:  # unreadable now: failed, as describe() said
+        return False
+
+
 def _recorded(summary: Any) -> bytes | Exception:
     """The signed outcome in the activity's summary, else why it holds none."""
     summary = summary if isinstance(summary, dict) else {}
@@ -404,9 +431,9 @@ def _recorded(summary: Any) -> bytes | Exception:
             f"native result path (limit {RESULT_LIMIT}); use return_path='http' for it"
         )
     elif summary.get("state") == "refused":
-        message = (
-            "the worker refused the payload (bad signature, unknown signing key or a "
-            "missing body); see the worker's log"
+        return _Refused(
+            "the Temporal worker refused the payload: it did not verify there (usually the "
+            "worker does not hold the signing key); see the worker's log"
         )
     else:
         message = "the Temporal workflow finished without an outcome"

@@ -8,7 +8,9 @@ shared warm pool (``worker.pool``: forked from a zygote with ``wove_adapters`` i
 a start costs milliseconds) and sends Temporal heartbeats while it runs: a cancellation
 reaches the activity on a heartbeat, the task process gets SIGTERM and reports
 ``task_cancelled``. The activity's result carries the signed outcome the pool's payload
-process kept (``worker.pool.run_payload``); nothing here builds or signs an event.
+process kept (``worker.pool.run_payload``); nothing here builds or signs an event. A
+payload that does not verify gets none: the summary says ``refused`` and the workflow
+fails with it, which is how the caller learns of it.
 
 This module must not import ``temporalio`` at import time (the caller's adapter module
 imports its names, and ``wove-adapters`` works without the extra); the workflow and
@@ -80,9 +82,10 @@ class WoveRunWorkflow:
         if result.get("state") != "succeeded":
             # A task that raised fails its workflow: the key is released for a retry (as
             # the ledger releases it), and the outcome travels in the failure's details.
-            raise ApplicationError(
-                f"the task {result.get('state')}", result, type=TASK_FAILED, non_retryable=True
-            )
+            # So does a refused payload ("refused", no outcome): the only report of it.
+            message = ("the worker refused the payload" if result.get("state") == "refused"
+                       else f"the task {result.get('state')}")
+            raise ApplicationError(message, result, type=TASK_FAILED, non_retryable=True)
         return result
 
 
