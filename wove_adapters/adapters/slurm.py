@@ -5,7 +5,9 @@ Everything goes through Slurm's own commands (``sbatch --parsable``, ``squeue``,
 loop never blocks. The payload is a file in a directory every node can read
 (``spool_dir``, a shared filesystem on a real cluster); the command line carries only its
 path. The batch script ``exec``s ``python -m wove_adapters.worker``, so ``scancel``'s
-SIGTERM reaches the worker, which reports ``task_cancelled``.
+SIGTERM reaches the worker, which reports ``task_cancelled``, and the job's exit code is
+the worker's: 2 (``ExitCode=2:0``) says it refused the payload, which it reports no other
+way; the run then fails with a PayloadError naming the key, never requeued.
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ _STATES: dict[str, JobState] = {
     "PREEMPTED": JobState.FAILED,
     "REVOKED": JobState.CANCELLED,
     "SPECIAL_EXIT": JobState.FAILED,
+    # Ours: FAILED with ExitCode=2:0, the worker's exit code for a payload it refused.
+    "REFUSED": JobState.REFUSED,
 }
+# ``python -m wove_adapters.worker``'s exit status for a payload that does not verify, as
+# scontrol shows it (status:signal): the worker signs and sends nothing else for it.
+_REFUSED_EXIT = "2:0"
 
 # executor_config keys passed straight through as `#SBATCH --key=value`.
 _PASSTHROUGH = (
@@ -250,8 +257,9 @@ class SlurmAdapter(BackendAdapter):
         return (await self.status_many([handle]))[handle]
 
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
-        """One ``scontrol`` (jobs slurmctld still remembers, finished ones for MinJobAge)
-        and one ``squeue`` (array tasks one by one) for every handle asked about."""
+        """One ``scontrol`` (jobs slurmctld still remembers, finished ones for MinJobAge,
+        with their exit codes: a refused payload is REFUSED) and one ``squeue`` (array
+        tasks one by one) for every handle asked about."""
         table: dict[str, str] = {}
         shown = await self._run("scontrol", "-o", "show", "job", check=False)
         for line in shown.splitlines():
@@ -260,7 +268,7 @@ class SlurmAdapter(BackendAdapter):
             if fields.get("ArrayJobId") and fields.get("ArrayTaskId", "").isdigit():
                 job_id = f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
             if job_id:
-                table[job_id] = fields.get("JobState", "")
+                table[job_id] = _native(fields)
         queued = await self._run("squeue", "-h", "-r", "-o", "%i|%T", check=False)
         for line in queued.splitlines():
             job_id, _, state = line.partition("|")
@@ -304,6 +312,16 @@ class SlurmAdapter(BackendAdapter):
             rows.append(("slurmctld reachable (sinfo)", False, str(exc)))
         rows.append(("spool dir writable", os.access(self.spool, os.W_OK), str(self.spool)))
         return rows
+
+
+def _native(fields: dict[str, str]) -> str:
+    """A job's state from its ``scontrol`` fields: JobState, except REFUSED for a job
+    that failed with the worker's refusal exit code (never a task's failure, exit 1, or
+    an undeliverable outcome, exit 3)."""
+    state = fields.get("JobState", "")
+    if state == "FAILED" and fields.get("ExitCode") == _REFUSED_EXIT:
+        return "REFUSED"
+    return state
 
 
 def _write_private(path: Path, text: str) -> None:
