@@ -482,6 +482,16 @@ class AdapterTransport(Transport):
             return state
         if quiet < give_up_after:  # not recorded: its outbox may still be retrying
             return JobState.RUNNING
+        from wove_adapters.callbacks.dropbox import DropboxReader
+
+        if isinstance(self.receiver, DropboxReader) and self._emit is not None:
+            # The worker pushed its outcome and the list is empty: another reader of the
+            # list took it. Say so, rather than calling the run lost for no reason.
+            self._emit(frames.error_event(
+                run.run_id, run.task_id, self.receiver.lost_outcome(run.run_id, run.submission),
+                attempt=run.attempt, source="transport",
+            ))
+            return JobState.RUNNING  # the error ends the run
         return state
 
     async def _resolve_from_ledger(self, run: RunAttempt) -> bool:
