@@ -5,10 +5,17 @@ that has ``wove-adapters`` installed runs it (its work-horse verifies, runs, hea
 reports back through the run's return path). Job ids are the sanitised idempotency key
 (RQ 2.x and 3.x ids allow only letters, digits, ``_`` and ``-``), so the same key is one RQ
 job across callers; a key whose job already finished answers with the signed outcome the
-job recorded as its return value. Cancel removes a queued job (``Job.cancel``) or kills a
-running one's work-horse (``send_stop_job_command``); RQ then marks the job STOPPED,
+job recorded in its hash. Cancel removes a queued job (``Job.cancel``) or kills a
+running one's work-horse (the ``stop-job`` command); RQ then marks the job STOPPED,
 which confirms ``require_ack``. ``status_many`` reads every asked job's RQ status in one
 pipelined ``HMGET``.
+
+Nothing the caller reads from Redis is unpickled (anyone who can write to RQ's Redis
+would run code in the caller): it reads the job hash fields it needs as plain text with
+``HMGET`` (status, worker, origin, and the ``wove_state`` and ``wove_outcome`` fields
+``run_payload`` writes), never builds a ``Job`` from Redis (``Job.fetch`` unpickles its
+meta, ``return_value()`` its result), and its ``Job`` objects carry a serializer that
+refuses to load anything. A signed outcome goes through ``core.codec.decode_outcome``.
 
 This module never imports ``rq`` or ``redis`` at import time: the worker-side pieces
 (``run_payload`` and the preloading ``Worker`` class, reached through ``__getattr__``)
@@ -29,6 +36,9 @@ from typing import Any, ClassVar
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState, RunState
+from wove_adapters.worker.rq import OUTCOME_FIELD, STATE_FIELD, run_payload
+
+__all__ = ["RqAdapter", "RqOptions", "run_payload"]
 
 RUN_PAYLOAD = "wove_adapters.adapters.rq.run_payload"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -50,6 +60,23 @@ _HOLDS_KEY = {"created", "queued", "started", "deferred", "scheduled", "finished
 # A started job's worker must be seen gone in two status rounds at least this far apart.
 _ROUND_SECONDS = 0.25
 _CANCELLABLE = {"created", "queued", "deferred", "scheduled", "rate_limited", "ready_to_enqueue"}
+_ENDED = {"finished", "failed", "stopped", "canceled"}
+
+
+class CallerSerializer:
+    """The caller's RQ serializer: writes what RQ's default (pickle) workers read, and
+    loads nothing. The caller never needs to read a job's data, meta or result; should
+    any RQ code path try, it fails instead of unpickling what a Redis writer planted."""
+
+    @staticmethod
+    def dumps(value: Any) -> bytes:
+        import pickle
+
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        raise ValueError("wove-adapters' rq caller never deserializes job data from Redis")
 
 
 class RqOptions(AdapterOptions, kw_only=True):
@@ -96,6 +123,7 @@ class RqAdapter(BackendAdapter):
         "FAILED": JobState.FAILED,
         "STOPPED": JobState.CANCELLED,
         "CANCELED": JobState.CANCELLED,
+        "REFUSED": JobState.REFUSED,  # ours: the worker refused the payload (run_payload)
         "ABANDONED": JobState.GONE,  # ours: started, but its worker is gone (status())
     }
     reconcile_seconds: ClassVar[float] = 1.0
@@ -145,8 +173,29 @@ class RqAdapter(BackendAdapter):
         if queue is None:
             from rq import Queue
 
-            queue = self._queues[name] = Queue(name, connection=self._connection)
+            queue = self._queues[name] = Queue(
+                name, connection=self._connection, serializer=CallerSerializer
+            )
         return queue
+
+    def _fields(self, handles: Sequence[str], *fields: str) -> list[list[str | None]]:
+        """The named fields of each job's hash as text (None: absent), one pipeline."""
+        from rq.job import Job
+
+        pipe = self._connection.pipeline(transaction=False)
+        for handle in handles:
+            pipe.hmget(Job.key_for(handle), *fields)
+        return [[_text(value) for value in row] for row in pipe.execute()]
+
+    def _job(self, handle: str, origin: str | None) -> Any:
+        """A ``Job`` to cancel or delete with, built without reading Redis (``Job.fetch``
+        would unpickle the job's meta): RQ's cancel and delete need only its id, origin
+        and status (read raw)."""
+        from rq.job import Job
+
+        job = Job(handle, connection=self._connection, serializer=CallerSerializer)
+        job.origin = origin or self.queue_name
+        return job
 
     # ------------------------------------------------------------ submit
 
@@ -170,9 +219,6 @@ class RqAdapter(BackendAdapter):
     def _enqueue(self, job: JobSpec, job_id: str, options: dict[str, Any]) -> str | None:
         """Enqueue unless a job with this id already holds the key; returns that job's
         status when it does, None when we enqueued."""
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job
-
         queue = self._queue(str(options.get("queue") or self.queue_name))
         kwargs = {ours: options[ours] for ours in _ENQUEUE_OPTIONS if ours in options}
         kwargs = {_ENQUEUE_OPTIONS[k]: v for k, v in kwargs.items()}
@@ -188,12 +234,11 @@ class RqAdapter(BackendAdapter):
         deduped = job.idempotency_key is not None
         for _ in range(5):
             if deduped:
-                status = _status_text(Job(job_id, connection=self._connection))
+                status, origin = self._fields([job_id], "status", "origin")[0]
                 if status in _HOLDS_KEY:
                     return status
                 if status is not None:  # failed / stopped / canceled: the key is free again
-                    with contextlib.suppress(NoSuchJobError):
-                        Job.fetch(job_id, connection=self._connection).delete()
+                    self._job(job_id, origin).delete()
             try:
                 queue.enqueue_call(
                     RUN_PAYLOAD, args=(job.payload,), job_id=job_id,
@@ -210,18 +255,26 @@ class RqAdapter(BackendAdapter):
         return await asyncio.to_thread(self._recorded_outcomes, list(handles))
 
     def _recorded_outcomes(self, handles: list[str]) -> dict[str, bytes | Exception]:
-        """What each finished job returned: its signed outcome (run_payload)."""
-        from rq.job import Job
+        """The signed outcome each finished job recorded in its hash (run_payload),
+        read raw: the transport verifies it before anything in it is unpickled."""
+        import base64
+        import binascii
 
         found: dict[str, bytes | Exception] = {}
-        for handle, job in zip(handles, Job.fetch_many(handles, self._connection), strict=True):
-            if job is None or _status_text(job) != "finished":
+        rows = self._fields(handles, "status", OUTCOME_FIELD)
+        for handle, (status, blob) in zip(handles, rows, strict=True):
+            if status != "finished":
                 continue
-            value = job.return_value()
-            found[handle] = value if isinstance(value, bytes) else RuntimeError(
-                f"rq job {handle} holding this idempotency key finished without a "
-                f"recorded outcome (a worker older than this caller?)"
-            )
+            try:
+                found[handle] = base64.b64decode(blob or "", validate=True) or RuntimeError(
+                    f"rq job {handle} holding this idempotency key finished without a "
+                    f"recorded outcome (a worker older than this caller?)"
+                )
+            except (binascii.Error, ValueError) as exc:
+                found[handle] = RuntimeError(
+                    f"rq job {handle} holding this idempotency key recorded an unreadable "
+                    f"outcome ({exc}): not written by a wove-adapters worker"
+                )
         return found
 
     # ------------------------------------------------------------ cancel, status
@@ -230,16 +283,13 @@ class RqAdapter(BackendAdapter):
         await asyncio.to_thread(self._cancel, handle, running)
 
     def _cancel(self, handle: str, running: bool) -> None:
-        from rq.command import send_stop_job_command
-        from rq.exceptions import InvalidJobOperation, NoSuchJobError
-        from rq.job import Job
+        from rq.exceptions import InvalidJobOperation
 
         for _ in range(10):
-            try:
-                job = Job.fetch(handle, connection=self._connection)
-            except NoSuchJobError:
+            status, origin = self._fields([handle], "status", "origin")[0]
+            if status is None:
                 return
-            status = _status_text(job)
+            job = self._job(handle, origin)
             if status in _CANCELLABLE:
                 with contextlib.suppress(InvalidJobOperation):
                     job.cancel()
@@ -251,29 +301,35 @@ class RqAdapter(BackendAdapter):
                 # (it marks it started right after, over our 'canceled'): if the job is
                 # bound to a worker now, stop its work-horse too. A worker that has not
                 # bound it yet finds it in the canceled registry (run_payload).
-                if self._connection.hget(job.key, "worker_name"):
-                    with contextlib.suppress(InvalidJobOperation):
-                        send_stop_job_command(self._connection, handle)
+                if self._stop(handle):
                     return
-                if _status_text(job) != "started":  # not picked up meanwhile: done
+                if self._fields([handle], "status")[0][0] != "started":  # not picked up
                     return
             elif status == "started":
-                if not running:
+                if not running or self._stop(handle):
                     return
-                try:
-                    send_stop_job_command(self._connection, handle)
-                    return
-                except InvalidJobOperation:
-                    pass  # started but not yet bound to a worker: look again
+                # started but not yet bound to a worker: look again
             else:
                 return  # finished, failed, stopped, canceled: nothing runs
             time.sleep(0.05)
+
+    def _stop(self, handle: str) -> bool:
+        """``send_stop_job_command`` with the worker's name read raw (RQ's own fetches
+        the job); False when no worker is bound to the job yet."""
+        from rq.command import send_command
+
+        worker = self._fields([handle], "worker_name")[0][0]
+        if worker:
+            send_command(self._connection, worker, "stop-job", job_id=handle)
+        return bool(worker)
 
     async def status(self, handle: str) -> JobState:
         return (await self.status_many([handle]))[handle]
 
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
-        """One pipelined ``HMGET`` (and one ``PUBSUB NUMSUB``) for every job asked about."""
+        """One pipelined ``HMGET`` (and one ``PUBSUB NUMSUB``) for every job asked about.
+        A job whose worker refused its payload (``run_payload`` records ``refused``) is
+        REFUSED once it ended: the transport fails the run naming the key."""
         texts = await asyncio.to_thread(self._fetch_statuses, list(handles))
         return {
             handle: JobState.GONE if text is None else self.map_state(text)
@@ -286,16 +342,8 @@ class RqAdapter(BackendAdapter):
         worker is no longer subscribed to its command channel, in two rounds in a row (at
         least ``_ROUND_SECONDS`` apart), reads ``abandoned`` (gone: the orphan policy
         applies)."""
-        from rq.job import Job
-
-        pipe = self._connection.pipeline(transaction=False)
-        for handle in handles:
-            pipe.hmget(Job.key_for(handle), "status", "worker_name")
-        rows = [
-            (status.decode() if status else None, worker.decode() if worker else None)
-            for status, worker in pipe.execute()
-        ]
-        workers = sorted({w for status, w in rows if status == "started" and w})
+        rows = self._fields(handles, "status", "worker_name", STATE_FIELD)
+        workers = sorted({w for status, w, _ in rows if status == "started" and w})
         alive: set[str] = set()
         if workers:
             channels = [f"rq:pubsub:{name}" for name in workers]
@@ -307,8 +355,10 @@ class RqAdapter(BackendAdapter):
             }
         now = time.monotonic()
         texts: list[str | None] = []
-        for handle, (status, worker) in zip(handles, rows, strict=True):
-            if status == "started" and worker and worker not in alive:
+        for handle, (status, worker, ours) in zip(handles, rows, strict=True):
+            if status in _ENDED and ours == RunState.REFUSED.value:
+                texts.append(ours)
+            elif status == "started" and worker and worker not in alive:
                 first = self._worker_gone.setdefault(handle, now)
                 texts.append("abandoned" if now - first >= _ROUND_SECONDS else status)
             else:
@@ -409,17 +459,8 @@ class RqAdapter(BackendAdapter):
 # ---------------------------------------------------------------- helpers
 
 
-def _status_text(job: Any) -> str | None:
-    """The job's RQ status as text, None when RQ no longer knows the job."""
-    from rq.exceptions import InvalidJobOperation, NoSuchJobError
-
-    try:
-        status = job.get_status(refresh=True)
-    except (InvalidJobOperation, NoSuchJobError):
-        return None
-    if status is None:
-        return None
-    return str(getattr(status, "value", status))
+def _text(value: bytes | None) -> str | None:
+    return value.decode("utf-8", "replace") if value is not None else None
 
 
 def _http_get(url: str) -> None:
@@ -429,104 +470,12 @@ def _http_get(url: str) -> None:
         response.read()
 
 
-# ---------------------------------------------------------------- the worker side
-
-
-def run_payload(payload: str) -> bytes | str:
-    """The RQ job function: ``queue.enqueue("wove_adapters.adapters.rq.run_payload", text)``.
-
-    Runs the payload with ``wove_adapters.worker.runner`` (verify, run, heartbeat,
-    report). Returns the state, or, for a run with an idempotency key, the signed terminal
-    event, which RQ keeps as the job's result for a later caller with the same key. Raises
-    when the outcome could not be delivered anywhere, so RQ marks the job failed.
-    """
-    from wove_adapters.core import envelope as payload_mod
-    from wove_adapters.core import frames
-    from wove_adapters.core.errors import PayloadError
-    from wove_adapters.worker import runner as worker
-
-    try:
-        envelope = payload_mod.decode_payload(payload)
-    except PayloadError:
-        return worker.run(payload).state.value  # reports the refusal where it can
-    if _cancelled_before_start():
-        outcome = worker.Outcome(RunState.CANCELLED)
-        worker.deliver_terminal(
-            envelope,
-            frames.TaskCancelled(**envelope.outcome_ident, reason="cancelled before it started"),
-            outcome,
-        )
-        outcome.settle(linger=True)
-        return outcome.state.value
-    outcome = worker.run_envelope(envelope)
-    # RQ's work-horse ends with os._exit right after this job (no exit hooks run): the
-    # outcome must be delivered or recorded in the ledger before we return, and a caller
-    # that is only briefly unreachable gets worker_exit_flush_seconds (default 10) to
-    # take it directly. A caller that is gone costs the worker that long, not 120 s.
-    outcome.settle(linger=True)
-    if not outcome.delivered:
-        raise RuntimeError(
-            f"wove-adapters: the outcome of run {envelope.run_id} could not be delivered "
-            f"to {envelope.return_path.kind} {envelope.return_path.url}"
-        )
-    if envelope.delivery.get("delivery_idempotency_key") is None:
-        return outcome.state.value
-    # Kept as the job's result for another caller that holds the same key.
-    return outcome.signed() or outcome.state.value
-
-
-def _cancelled_before_start() -> bool:
-    """True when the caller cancelled this job after a worker took it from the queue but
-    before the job function ran: RQ's Job.cancel marks it canceled and the worker then
-    marks it started over that, but the job stays in the queue's canceled registry."""
-    from rq import get_current_job
-    from rq.registry import CanceledJobRegistry
-
-    job = get_current_job()
-    if job is None:
-        return False
-    try:
-        registry = CanceledJobRegistry(job.origin, connection=job.connection)
-        return job.id in registry
-    except Exception:  # a failed check must not lose the run: run it
-        return False
-
-
-def _preload() -> None:
-    """Import what every payload needs once in the worker, so a forked work-horse starts
-    warm instead of importing ~0.2 s of modules per job."""
-    import importlib
-
-    for name in ("cloudpickle", "msgspec", "aiohttp", "redis.asyncio",
-                 "wove_adapters.worker.runner", "wove_adapters.worker.sender",
-                 "wove_adapters.core.envelope", "wove_adapters.core.runtime"):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name)
-
-
-_worker_class: type | None = None
-
-
-def _make_worker_class() -> type:
-    from rq import Worker as RqWorker
-
-    class Worker(RqWorker):
-        """``rq worker -w wove_adapters.adapters.rq.Worker``: RQ's forking worker with the
-        payload runner imported before the first fork."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            _preload()
-            super().__init__(*args, **kwargs)
-
-    Worker.__module__ = __name__
-    return Worker
-
-
 def __getattr__(name: str) -> Any:
-    """``Worker`` is built on first access, so importing this module never imports rq."""
-    global _worker_class
+    """``Worker`` (``rq worker -w wove_adapters.adapters.rq.Worker``) lives in
+    ``worker/rq.py`` and is built on first access, so importing this module never
+    imports rq."""
     if name == "Worker":
-        if _worker_class is None:
-            _worker_class = _make_worker_class()
-        return _worker_class
+        from wove_adapters.worker import rq as worker_side
+
+        return worker_side.Worker
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

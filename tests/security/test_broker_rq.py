@@ -1,0 +1,164 @@
+"""A Redis writer cannot run code in an ``rq`` caller (issue 13, item 1).
+
+Whoever can write to RQ's Redis plants pickles that create a marker file when unpickled
+(``broker_planting.Bomb``) in every field of a job hash the caller might read (data,
+meta, result, the result stream, our outcome and state fields), under the id an
+idempotency key names, or over the caller's own queued job. The caller then submits,
+follows, reads status, cancels and times out; the marker must never appear, and each
+run ends with a clear error or as lost, in bounded time. Run with the rq tox env.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "rq"))
+from broker_planting import assert_not_unpickled, bomb, bomb_b64, ends_within, marker
+from rq_services import REDIS_URL, cleanup_queue, redis_client, require_redis
+
+from wove_adapters.core import loop as shared_loop
+from wove_adapters.core.errors import DeliveryOrphanedError, DeliveryTimeoutError
+from wove_adapters.core.policies import JobState
+from wove_adapters.integration.hub import Hub
+from wove_adapters.testing import tasks
+
+__all__ = ["marker"]  # the fixture
+
+BOUND = 30.0
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    """A queue no worker reads: planted and tampered jobs are only ever read by the caller."""
+    require_redis()
+    name = f"wove-sec-rq-{uuid.uuid4().hex[:8]}"
+    yield name
+    client = redis_client()
+    try:  # planted hashes go raw: RQ's own cleanup would unpickle them in this process
+        for key in client.scan_iter("rq:job:*", count=1000):
+            if client.hget(key, "origin") == name.encode():
+                job_id = key.decode().split(":", 2)[2]
+                client.delete(key, f"rq:results:{job_id}")
+    finally:
+        client.close()
+    cleanup_queue(name)
+
+
+def _hub(queue: str, **policy: Any) -> Hub:
+    definition = {"executor": "rq", "executor_config": {"redis_url": REDIS_URL, "queue": queue},
+                  "delivery_orphan_policy": "fail", **policy}
+    return Hub(environments={"rq": definition}, default_environment="rq")
+
+
+def _plant(job_id: str, queue: str, marker: Path, **fields: Any) -> None:
+    """A job hash as a Redis writer writes it: a pickle in every field that holds one."""
+    client = redis_client()
+    try:
+        client.hset(f"rq:job:{job_id}", mapping={
+            "data": zlib.compress(bomb(marker)), "meta": bomb(marker),
+            "result": bomb(marker), "origin": queue, "created_at": "2026-01-01T00:00:00.000000Z",
+            "description": "planted", "wove_outcome": bomb(marker), "wove_state": bomb(marker),
+            **fields,
+        })
+        client.xadd(f"rq:results:{job_id}", {
+            "type": "1", "return_value": bomb_b64(marker), "created_at": "2026-01-01T00:00:00Z",
+        })
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("status", ["finished", "failed", "stopped", "canceled"])
+def test_following_a_planted_job_never_unpickles(queue: str, marker: Path, status: str) -> None:
+    """A key whose job id holds a planted job: followed (finished) or replaced (ended)."""
+    key = f"sec-{uuid.uuid4().hex[:8]}"
+    _plant(key, queue, marker, status=status)
+    hub = _hub(queue, delivery_timeout=BOUND)
+    try:
+        future = hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
+        if status == "finished":  # followed: its outcome is unreadable, the run fails
+            ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
+            assert isinstance(ended, Exception), ended
+            assert "recorded outcome" in str(ended) or "outcome" in str(ended), ended
+        else:  # the ended job frees the key: ours is enqueued fresh, and cancelled
+            hub.cancel(future)
+            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+    finally:
+        hub.close()
+    assert_not_unpickled(marker)
+
+
+def test_planted_running_job_with_a_gone_worker_is_lost(queue: str, marker: Path) -> None:
+    key = f"sec-{uuid.uuid4().hex[:8]}"
+    _plant(key, queue, marker, status="started", worker_name="nobody-listens")
+    hub = _hub(queue, delivery_timeout=BOUND)
+    try:
+        future = hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
+        ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
+        assert isinstance(ended, DeliveryOrphanedError), repr(ended)
+    finally:
+        hub.close()
+    assert_not_unpickled(marker)
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout", "status"])
+def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) -> None:
+    """The writer overwrites the caller's own queued job (meta, result, data, status
+    fields); the caller then cancels it, times it out, or asks its status."""
+    hub = _hub(queue, delivery_timeout=2.0 if how == "timeout" else BOUND)
+    try:
+        future = hub.submit(tasks.add, 1, 2)
+        dispatcher = hub.dispatcher("rq")
+        client = redis_client()
+        try:
+            for _ in range(200):
+                ids = [k.decode().split(":", 2)[2] for k in client.scan_iter("rq:job:*")
+                       if client.hget(k, "origin") == queue.encode()]
+                if ids:
+                    break
+                time.sleep(0.05)
+            assert ids, "the caller's job never reached Redis"
+            _plant(ids[0], queue, marker, status="queued")
+        finally:
+            client.close()
+        if how == "cancel":
+            hub.cancel(future)
+            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+        elif how == "timeout":
+            ended = ends_within(BOUND, lambda: future.result(timeout=BOUND))
+            assert isinstance(ended, DeliveryTimeoutError), repr(ended)
+        else:
+            adapter = dispatcher.transport.adapter
+            for _ in range(3):  # the states the caller reads, besides reconciliation's own
+                states = shared_loop.run_sync(adapter.status_many([ids[0]]))
+                assert states[ids[0]] is not JobState.SUCCEEDED
+                assert shared_loop.run_sync(adapter.outcomes([ids[0]])) == {}
+            hub.cancel(future)
+            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+    finally:
+        hub.close()
+    assert_not_unpickled(marker)
+
+
+def test_planted_outcome_field_is_verified_before_anything_is_unpickled(
+    queue: str, marker: Path
+) -> None:
+    """The outcome field the caller does read, holding a base64 pickle: refused by the
+    signature check (core.codec.decode_outcome), never unpickled."""
+    key = f"sec-{uuid.uuid4().hex[:8]}"
+    _plant(key, queue, marker, status="finished", wove_outcome=bomb_b64(marker))
+    hub = _hub(queue, delivery_timeout=BOUND)
+    try:
+        future = hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
+        ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
+        assert isinstance(ended, Exception) and "signed" in str(ended), repr(ended)
+    finally:
+        hub.close()
+    assert_not_unpickled(marker)
