@@ -8,9 +8,11 @@ from ``describe_jobs``, batched: ``status_many`` is one call per 100 jobs asked 
 Cancel is ``cancel_job`` for queued work and ``terminate_job``
 for started work; a job that failed after our own cancel (its ``statusReason`` is ours)
 reads as CANCELLED, which is how ``require_ack`` is confirmed when the container was
-killed before our worker could report ``task_cancelled``. Batch has no dedupe, so
-idempotency is the ledger's. The ``s3://`` payload store itself is ``core.stores.S3Store``:
-workers of every backend open it.
+killed before our worker could report ``task_cancelled``. A job that failed with the
+worker's exit code 2 reads as REFUSED: the worker could not verify the payload and says
+so no other way (the run fails with a PayloadError naming the key, never requeued).
+Batch has no dedupe, so idempotency is the ledger's. The ``s3://`` payload store itself
+is ``core.stores.S3Store``: workers of every backend open it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ _FINISHED = frozenset({"SUCCEEDED", "FAILED"})
 
 # The statusReason we give cancel_job/terminate_job: a FAILED job carrying it was cancelled.
 CANCEL_REASON = "wove-adapters: cancelled by the caller"
+
+# ``python -m wove_adapters.worker``'s exit code for a payload that does not verify: the
+# worker signs and sends nothing else for it (1 is a task's failure, 3 a lost outcome).
+_REFUSED_EXIT = 2
 
 # DescribeJobs takes at most 100 job ids; array jobs at most 10,000 children.
 _DESCRIBE_BATCH = 100
@@ -251,23 +257,27 @@ class AwsBatchAdapter(BackendAdapter):
 
     # ------------------------------------------------------------ status, cancel
 
-    async def _describe(self, handles: list[str]) -> dict[str, tuple[str, str]]:
-        """``{job id: (status, statusReason)}``: one DescribeJobs call per 100 ids."""
+    async def _describe(self, handles: list[str]) -> dict[str, tuple[str, str, int | None]]:
+        """``{job id: (status, statusReason, exit code)}``: one DescribeJobs call per 100
+        ids."""
         chunks = [
             handles[i : i + _DESCRIBE_BATCH] for i in range(0, len(handles), _DESCRIBE_BATCH)
         ]
         answers = await asyncio.gather(*(self._call("describe_jobs", jobs=c) for c in chunks))
         return {
             str(described["jobId"]): (
-                str(described.get("status", "")), str(described.get("statusReason") or "")
+                str(described.get("status", "")), str(described.get("statusReason") or ""),
+                _exit_code(described),
             )
             for answer in answers
             for described in answer.get("jobs", [])
         }
 
-    def _state_of(self, status: str, reason: str) -> JobState:
+    def _state_of(self, status: str, reason: str, exit_code: int | None) -> JobState:
         if status == "FAILED" and reason.startswith(CANCEL_REASON):
             return JobState.CANCELLED
+        if status == "FAILED" and exit_code == _REFUSED_EXIT:
+            return JobState.REFUSED  # the transport fails the run with PayloadError
         return self.map_state(status)
 
     async def status(self, handle: str) -> JobState:
@@ -385,6 +395,15 @@ class AwsBatchAdapter(BackendAdapter):
         image = (latest.get("containerProperties") or {}).get("image", "?")
         return (label, True, f"revision {latest.get('revision')}, image {image} "
                              "(it must have wove-adapters installed)")
+
+
+def _exit_code(described: dict[str, Any]) -> int | None:
+    """A stopped job's container exit code (DescribeJobs: the job's, else its last
+    attempt's), None while it has none."""
+    code = (described.get("container") or {}).get("exitCode")
+    if code is None and described.get("attempts"):
+        code = (described["attempts"][-1].get("container") or {}).get("exitCode")
+    return int(code) if isinstance(code, int) else None
 
 
 def _check_required(config: dict[str, Any]) -> None:

@@ -1,6 +1,8 @@
 """Start and stop the local AWS Batch stand-in: moto in server mode on 127.0.0.1 whose
 batch backend (docker mode) talks to ``docker_engine_shim.py`` on a unix socket, so every
-job's container command really runs, as a local process.
+job's container command really runs, as a local process. moto runs through
+``moto_batch_server.py``, which puts a stopped job's exit code into DescribeJobs as AWS
+Batch does.
 
 Used by the test fixtures and by ``benchmarks/bench_aws_batch.py``:
 
@@ -30,6 +32,7 @@ sys.path.insert(0, str(HERE.parents[1] / "support"))
 from services import ServiceError, ServiceProcess, free_port  # noqa: E402
 
 SHIM = HERE / "docker_engine_shim.py"
+MOTO = HERE / "moto_batch_server.py"  # moto_server, DescribeJobs with exit codes as AWS has
 REGION = "us-east-1"
 DUMMY_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -117,7 +120,7 @@ def start_stack(workdir: Path, *, max_running: int = 16, timeout: float = 60.0) 
     )
     port = free_port()
     moto = ServiceProcess(
-        "moto_server", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        "moto_server", [sys.executable, str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
         log=workdir / "moto-server.log", env={**env, "DOCKER_HOST": f"unix://{socket_path}"},
         cwd=workdir, ready=lambda: _ping_moto(port), ready_timeout=timeout,
         kill_group_after=False,

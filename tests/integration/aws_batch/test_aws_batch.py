@@ -275,15 +275,23 @@ def test_status_is_one_describe_jobs_call_per_hundred_jobs(batch_config: dict[st
 
 
 def test_state_map() -> None:
-    from wove_adapters.adapters.aws_batch import CANCEL_REASON, AwsBatchAdapter
+    from wove_adapters.adapters.aws_batch import CANCEL_REASON, AwsBatchAdapter, _exit_code
 
     adapter = AwsBatchAdapter({}, environment="t")
     for native in ("SUBMITTED", "PENDING", "RUNNABLE"):
         assert adapter.map_state(native) is JobState.PENDING
     assert adapter.map_state("STARTING") is JobState.RUNNING
     assert adapter.map_state("SUCCEEDED") is JobState.SUCCEEDED
-    assert adapter._state_of("FAILED", "Essential container in task exited") is JobState.FAILED
-    assert adapter._state_of("FAILED", CANCEL_REASON) is JobState.CANCELLED
+    exited = "Essential container in task exited"
+    assert adapter._state_of("FAILED", exited, 1) is JobState.FAILED  # the task raised
+    assert adapter._state_of("FAILED", exited, 3) is JobState.FAILED  # outcome undelivered
+    assert adapter._state_of("FAILED", exited, None) is JobState.FAILED
+    assert adapter._state_of("FAILED", exited, 2) is JobState.REFUSED  # the worker refused
+    assert adapter._state_of("FAILED", CANCEL_REASON, 137) is JobState.CANCELLED
+    assert _exit_code({"container": {"exitCode": 2}}) == 2
+    assert _exit_code({"attempts": [{"container": {"exitCode": 1}},
+                                    {"container": {"exitCode": 2}}]}) == 2
+    assert _exit_code({"status": "RUNNING", "container": {}}) is None
     assert adapter.map_state("SOMETHING_NEW") is JobState.UNKNOWN
 
 
