@@ -8,6 +8,12 @@ the transport reads the existing job's recorded, signed outcome through ``outcom
 Events come back through the receiver (or the Redis drop box); ``status_many`` reads
 ARQ's job states and the workers' leases (``worker.leases``) in one transaction.
 
+The caller never deserializes what ARQ keeps (job data and results are pickled by
+default: anyone who can write to Redis would run code in the caller). ARQ's job states
+come from which of its keys exist; what a complete job ended with, and a keyed run's
+signed outcome, from the msgpack record ``wove_adapters_run`` writes
+(``wove-adapters:arq:result:<id>``); the caller's pool refuses to deserialize anything.
+
 Worker side: put :func:`wove_adapters_run` (``wove_adapters.worker.arq``, importable from
 here too) in ``WorkerSettings.functions`` and run ``arq yourapp.WorkerSettings``
 (``allow_abort_jobs = True`` for cancellation). A payload runs in a thread of the worker
@@ -39,6 +45,9 @@ from wove_adapters.worker.arq import (
     LEASE_KEY,
     LEASE_SECONDS,
     MARKER_TTL,
+    RESULT_KEY,
+    pack_record,
+    read_record,
     wove_adapters_run,
 )
 from wove_adapters.worker.leases import LeaseReader
@@ -87,6 +96,19 @@ def _as_datetime(value: Any) -> dt.datetime:
     if isinstance(value, (int, float)):
         return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
     return dt.datetime.fromisoformat(str(value))
+
+
+def _never_deserialize(data: bytes) -> Any:
+    """The caller pool's ``job_deserializer``: ARQ's job data and results are pickled by
+    default, and the caller reads neither (see the module docstring)."""
+    raise ValueError("wove-adapters' arq caller never deserializes ARQ job data or results")
+
+
+def _succeeded(raw: bytes | None) -> bool:
+    try:
+        return raw is not None and read_record(raw).get("state") == "succeeded"
+    except Exception:
+        return False
 
 
 def _native(complete: bool, in_progress: bool, score: float | None, enqueued: bool) -> str:
@@ -163,7 +185,7 @@ class ArqAdapter(BackendAdapter):
         # a complete job, refined by its result (ours: the dict wove_adapters_run returns)
         "SUCCEEDED": JobState.SUCCEEDED,
         "FAILED": JobState.FAILED,
-        "REFUSED": JobState.FAILED,
+        "REFUSED": JobState.REFUSED,  # the worker could not verify the payload
         "LOST": JobState.FAILED,
         "KILLED": JobState.FAILED,
         "CANCELLED": JobState.CANCELLED,
@@ -216,7 +238,8 @@ class ArqAdapter(BackendAdapter):
         from arq import create_pool
 
         try:
-            self._pool = await create_pool(self._settings(), default_queue_name=self._queue)
+            self._pool = await create_pool(self._settings(), default_queue_name=self._queue,
+                                           job_deserializer=_never_deserialize)
         except Exception as exc:
             raise ConnectionError(
                 f"arq: cannot reach Redis at {self._redis_url} ({type(exc).__name__}: {exc}). "
@@ -273,42 +296,39 @@ class ArqAdapter(BackendAdapter):
         """A job with this id exists. Queued, running and succeeded jobs hold the key;
         a job that failed, was cancelled or was lost releases it (as the ledger does) so
         a retry runs again: its record is dropped and the caller enqueues afresh."""
-        native, _, _ = (await self._read([job_id]))[job_id]
+        native, info, _ = (await self._read([job_id]))[job_id]
         if native != "complete":
             return native != "not_found"
+        if not isinstance(info, Exception) and self._state_of(info) is JobState.SUCCEEDED:
+            return True
         from arq.constants import result_key_prefix, retry_key_prefix
-        from arq.jobs import deserialize_result
 
         key = result_key_prefix + job_id
         async with self._pool.pipeline(transaction=True) as pipe:
-            await pipe.watch(key)
-            raw = await pipe.get(key)
-            if raw is None:
-                await pipe.reset()
+            await pipe.watch(key, RESULT_KEY + job_id)
+            if await pipe.exists(key) == 0 or _succeeded(await pipe.get(RESULT_KEY + job_id)):
+                await pipe.reset()  # gone, or recorded a success meanwhile: look again
                 return False
-            info = deserialize_result(raw, deserializer=self._pool.job_deserializer)
-            if self._state_of(info) is JobState.SUCCEEDED:
-                await pipe.reset()
-                return True
             pipe.multi()
-            pipe.delete(key, retry_key_prefix + job_id, CANCEL_KEY + job_id, DONE_KEY + job_id)
+            pipe.delete(key, retry_key_prefix + job_id, CANCEL_KEY + job_id, DONE_KEY + job_id,
+                        RESULT_KEY + job_id)
             with contextlib.suppress(Exception):  # WatchError: someone else replaced it
                 await pipe.execute()
         return False
 
     async def outcomes(self, handles: Sequence[str]) -> dict[str, bytes | Exception]:
-        """The signed outcome each complete job keeps in its ARQ result (keyed runs, see
-        ``_result``). A job that failed in ARQ or was aborted is left out: reconciliation
-        reports it (the run's orphan policy), the transport cancels an aborted one's
-        followers."""
+        """The signed outcome each complete job's record keeps (keyed runs, see
+        ``worker.arq``), for the transport to verify. A job that failed or was aborted
+        is left out: reconciliation reports it (the run's orphan policy), the transport
+        cancels an aborted one's followers."""
         found: dict[str, bytes | Exception] = {}
         for handle, (native, info, _) in (await self._read(handles)).items():
             if native != "complete":
                 continue
             if isinstance(info, Exception):
                 found[handle] = info
-            elif info.success and isinstance(info.result, dict) and info.result.get("outcome"):
-                found[handle] = bytes(info.result["outcome"])
+            elif isinstance(info.get("outcome"), bytes) and info["outcome"]:
+                found[handle] = info["outcome"]
             elif self._state_of(info) is JobState.SUCCEEDED:
                 found[handle] = RuntimeError(
                     f"the arq job {handle} holding this idempotency key finished without a "
@@ -368,6 +388,7 @@ class ArqAdapter(BackendAdapter):
             pipe.delete(job_key_prefix + handle, retry_key_prefix + handle)
             if aborted is not None:
                 pipe.set(result_key_prefix + handle, aborted, px=3_600_000)
+            pipe.set(RESULT_KEY + handle, pack_record({"state": "cancelled"}), ex=MARKER_TTL)
             try:
                 await pipe.execute()
             except Exception:  # WatchError: a worker just started it
@@ -397,41 +418,39 @@ class ArqAdapter(BackendAdapter):
         return states
 
     async def _read(self, handles: Sequence[str]) -> dict[str, tuple[str, Any, int]]:
-        """``{job id: (ARQ's status, its result, the lease's PTTL)}``: what ``Job.status()``
-        and ``Job.result_info()`` read, for every job in one transaction. The result is
-        a ``JobResult`` once complete (an Exception if it does not deserialize)."""
+        """``{job id: (ARQ's status, what it ended with, the lease's PTTL)}`` for every
+        job in one transaction. ARQ's status is what ``Job.status()`` tells from which of
+        its keys exist (nothing of ARQ's is deserialized); a complete job ended with the
+        record ``wove_adapters_run`` wrote (a dict; an Exception if it is not msgpack),
+        or, with none, ``cancelled`` (our cancel marker is set) or ``failed``."""
         from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
-        from arq.jobs import deserialize_result
 
         assert self._pool is not None
         async with self._pool.pipeline(transaction=True) as pipe:
             for handle in handles:
-                pipe.get(result_key_prefix + handle)
+                pipe.exists(result_key_prefix + handle)
                 pipe.exists(in_progress_key_prefix + handle)
                 pipe.zscore(self._queues.get(handle, self._queue), handle)
                 pipe.exists(job_key_prefix + handle)
                 pipe.pttl(LEASE_KEY + handle)
+                pipe.get(RESULT_KEY + handle)
+                pipe.exists(CANCEL_KEY + handle)
             replies = await pipe.execute()
         found: dict[str, tuple[str, Any, int]] = {}
         for i, handle in enumerate(handles):
-            raw, in_progress, score, enqueued, pttl = replies[5 * i : 5 * i + 5]
+            done, in_progress, score, enqueued, pttl, raw, cancelled = replies[7 * i : 7 * i + 7]
             info: Any = None
-            if raw:
+            if done:
                 try:
-                    info = deserialize_result(raw, deserializer=self._pool.job_deserializer)
+                    info = read_record(raw) if raw else {
+                        "state": "cancelled" if cancelled else "failed"}
                 except Exception as exc:
-                    info = exc
-            found[handle] = (_native(bool(raw), in_progress, score, enqueued), info, int(pttl))
+                    info = ValueError(f"the arq job {handle}'s record is not ours ({exc})")
+            found[handle] = (_native(bool(done), in_progress, score, enqueued), info, int(pttl))
         return found
 
-    def _state_of(self, info: Any) -> JobState:
-        if not info.success:
-            if isinstance(info.result, asyncio.CancelledError):
-                return JobState.CANCELLED
-            return JobState.FAILED
-        if isinstance(info.result, dict) and "state" in info.result:
-            return self.map_state(info.result["state"])
-        return JobState.SUCCEEDED
+    def _state_of(self, info: dict[str, Any]) -> JobState:
+        return self.map_state(str(info.get("state") or "failed"))
 
     async def release(self, handle: str) -> None:
         self._queues.pop(handle, None)

@@ -5,8 +5,12 @@ deployment adds to its ``WorkerSettings.functions`` (importable from
 A payload runs in a thread of the ARQ worker (``isolation="thread"``: the worker's loop is
 never blocked) or in a payload process of the worker's warm pool (``isolation="process"``,
 ``worker.pool``), which an abort really stops. While it runs, the worker holds the job's
-liveness lease (``worker.leases``). The job's result carries the signed outcome the
-payload kept (``worker.pool.run_payload``); nothing here builds or signs an event.
+liveness lease (``worker.leases``). What the job ended with (its state, and the signed
+outcome a keyed payload kept, ``worker.pool.run_payload``) is written, as msgpack, to our
+own key ``wove-adapters:arq:result:<id>`` as well as returned to ARQ: ARQ serializes its
+job results with the worker's ``job_serializer`` (pickle by default), which the caller
+never loads. Nothing here builds or signs an event; a refused payload is recorded as
+``refused`` and nothing is sent for it.
 
 Nothing here imports ARQ at import time (it needs nothing from ARQ beyond the ``ctx``
 dict ARQ passes), and it never imports the caller's side.
@@ -28,6 +32,7 @@ FUNCTION_NAME = "wove_adapters_run"
 CANCEL_KEY = "wove-adapters:arq:cancel:"  # the caller asked for this job to stop
 DONE_KEY = "wove-adapters:arq:done:"  # a try that finished after ARQ cancelled it
 LEASE_KEY = "wove-adapters:arq:lease:"  # renewed while a worker really runs the job
+RESULT_KEY = "wove-adapters:arq:result:"  # what the job ended with (msgpack): the caller reads it
 MARKER_TTL = 86_400
 LEASE_SECONDS = 15.0
 
@@ -44,7 +49,8 @@ async def wove_adapters_run(
     Runs one signed payload (what ``await wove_adapters.worker.arun(payload)`` does: verify,
     run in a thread so the worker's loop is never blocked, heartbeat, report events) and
     returns a small dict ``{"state": ..., "outcome": <signed terminal event, keyed runs
-    only>}`` that ARQ stores as the job result. With ``isolation="process"`` the payload
+    only>}`` that ARQ stores as the job result and that we record, as msgpack, under
+    ``RESULT_KEY`` (what the caller reads). With ``isolation="process"`` the payload
     runs in a payload process of the worker's warm pool (``wove_adapters.worker.pool``)
     instead, which an abort really stops.
 
@@ -58,15 +64,26 @@ async def wove_adapters_run(
     """
     redis = ctx.get("redis")
     job_id = str(ctx.get("job_id") or "")
-    job_try = int(ctx.get("job_try") or 1)
-    if job_try > 1 and redis is not None and job_id:
-        recorded = await redis.get(DONE_KEY + job_id)
-        if recorded:
-            return _unpack(recorded)
-        if not await _rerun_allowed(payload, job_id, job_try):
-            return {"state": "lost"}
     if redis is None or not job_id:
         return await _run_job(payload, isolation, kill_after, redis, job_id)
+    result = await _run_try(ctx, payload, isolation, kill_after, lease_seconds)
+    await redis.set(RESULT_KEY + job_id, pack_record(result), ex=MARKER_TTL)
+    return result
+
+
+async def _run_try(
+    ctx: dict[str, Any], payload: str, isolation: str, kill_after: float, lease_seconds: float
+) -> dict[str, Any]:
+    redis, job_id = ctx["redis"], str(ctx["job_id"])
+    job_try = int(ctx.get("job_try") or 1)
+    if job_try == 1:  # a record left by an earlier job with this id is not this job's
+        await redis.delete(RESULT_KEY + job_id)
+    else:
+        recorded = await redis.get(DONE_KEY + job_id)
+        if recorded:
+            return read_record(recorded)
+        if not await _rerun_allowed(payload, job_id, job_try):
+            return {"state": "lost"}
     # The lease (see ArqAdapter.status_many): its first write waits a little, so a
     # short job never costs a Redis command for it.
     keeper = leases.keeper(redis)
@@ -101,7 +118,7 @@ async def _run_job(
             raise
         result = await _finish_anyway(work, redis, job_id)
         with contextlib.suppress(Exception):
-            await redis.set(DONE_KEY + job_id, _pack(result), ex=MARKER_TTL)
+            await redis.set(DONE_KEY + job_id, pack_record(result), ex=MARKER_TTL)
         raise
 
 
@@ -157,13 +174,15 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _pack(result: dict[str, Any]) -> bytes:
+def pack_record(result: dict[str, Any]) -> bytes:
     import msgspec
 
     return msgspec.msgpack.encode(result)
 
 
-def _unpack(data: bytes) -> dict[str, Any]:
+def read_record(data: bytes) -> dict[str, Any]:
+    """A record as msgpack (never pickle: the caller reads these too); raises
+    ``msgspec.DecodeError`` for bytes that are not msgpack."""
     import msgspec
 
     value = msgspec.msgpack.decode(data)

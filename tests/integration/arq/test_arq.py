@@ -23,6 +23,7 @@ from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
+from wove_adapters.worker.arq import CANCEL_KEY, RESULT_KEY, pack_record
 
 CancelledErrors = (concurrent.futures.CancelledError, asyncio.CancelledError)
 
@@ -212,16 +213,24 @@ def test_status_maps_every_arq_state(hubs: Any) -> None:
         assert run(adapter.status(deferred)) is JobState.GONE
 
         def complete(job_id: str, success: bool, result: Any) -> None:
+            """What the worker leaves: ARQ's (pickled) result, which the caller never
+            reads, and the msgpack record wove_adapters_run writes, which it does; an
+            abort the caller asked for also leaves its cancel marker."""
             data = serialize_result("wove_adapters_run", (), {}, 1, 0, success, result, 0, 0,
                                     job_id, idle, job_id)
             assert data is not None
             client.set(f"arq:result:{job_id}", data, px=60_000)
+            if success:
+                client.set(RESULT_KEY + job_id, pack_record(result), px=60_000)
+            elif isinstance(result, asyncio.CancelledError):
+                client.set(CANCEL_KEY + job_id, b"1", px=60_000)
 
         cases = {
             "succeeded": (True, {"state": "succeeded"}, JobState.SUCCEEDED),
             "failed": (True, {"state": "failed"}, JobState.FAILED),
             "cancelled": (True, {"state": "cancelled"}, JobState.CANCELLED),
             "killed": (True, {"state": "killed"}, JobState.FAILED),
+            "refused": (True, {"state": "refused", "exit_code": 2}, JobState.REFUSED),
             "aborted": (False, asyncio.CancelledError(), JobState.CANCELLED),
             "expired": (False, RuntimeError("job expired"), JobState.FAILED),
         }
