@@ -13,7 +13,10 @@ from the idempotency key, so one key is one Job: ``409 AlreadyExists`` on create
 Job exists and the run attaches to it. Without a key the name comes from the run id.
 Status comes from the Job's conditions, counts and completed/failed indexes (and, while a
 Pod waits, from its container state, so a Pod that can never start is a lost run); one
-LIST per namespace answers every run's status for a second. Cancel deletes the Job with
+LIST per namespace answers every run's status for a second. A failed Job whose Pod's
+worker exited 2 refused its payload (it reports that no other way): the run fails with a
+PayloadError naming the key, never requeued. The manifest and the reading of Job and Pod
+objects are pure functions in ``kubernetes_manifest``. Cancel deletes the Job with
 ``propagationPolicy=Background`` (its Pods go too; the worker gets SIGTERM and reports
 ``task_cancelled``); one index of an Indexed Job is cancelled by deleting its Pod and
 its payload. This module imports ``kubernetes`` only inside methods.
@@ -28,7 +31,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -36,35 +38,47 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.kubernetes_manifest import (
+    CONTAINER,
+    CONTAINER_FIELDS,
+    ENV_LABEL,
+    INDEX_KEY,
+    MANAGED_BY,
+    MANAGER,
+    POD_FIELDS,
+    START_FAILURES,
+    TASK_LABEL,
+    dns_label,
+    has_unready_pods,
+    index_of,
+    job_manifest,
+    job_of,
+    label_value,
+    native_state,
+    parse_indexes,
+    refused,
+    start_failure,
+)
 from wove_adapters.adapters.util import (
     Row,
     checked_row,
     delete_payloads,
-    digested,
     group_by,
     probe_store,
     resolve_secret,
-    worker_command,
 )
 from wove_adapters.core import stores as payload_mod
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 
-MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGER = "wove-adapters"
-ENV_LABEL = "wove-adapters/environment"
-TASK_LABEL = "wove-adapters/task"
-INDEX_KEY = "batch.kubernetes.io/job-completion-index"
-CONTAINER = "wove-worker"
-# executor_config keys copied, when set, into the container and the Pod spec.
-CONTAINER_FIELDS = {"image_pull_policy": "imagePullPolicy", "env_from": "envFrom",
-                    "volume_mounts": "volumeMounts"}
-POD_FIELDS = {
-    "service_account": "serviceAccountName", "node_selector": "nodeSelector",
-    "tolerations": "tolerations", "affinity": "affinity", "volumes": "volumes",
-    "priority_class_name": "priorityClassName",
-    "termination_grace_period_seconds": "terminationGracePeriodSeconds",
-}
+# The Job's and Pod's pure side lives in kubernetes_manifest; its public names are
+# importable from here as before.
+__all__ = [
+    "CONTAINER", "CONTAINER_FIELDS", "ENV_LABEL", "INDEX_KEY", "MANAGED_BY", "MANAGER",
+    "POD_FIELDS", "START_FAILURES", "TASK_LABEL", "KubernetesApiError",
+    "KubernetesJobsAdapter", "KubernetesJobsOptions", "dns_label", "job_manifest",
+    "label_value", "native_state", "parse_indexes", "start_failure",
+]
 
 # Native states (derived from a Job and its waiting Pods) in the shared vocabulary.
 _STATES: dict[str, JobState] = {
@@ -79,14 +93,9 @@ _STATES: dict[str, JobState] = {
     "FAILURETARGET": JobState.FAILED,  # Pods still terminating, the Job will fail
     "START_FAILED": JobState.FAILED,  # a Pod stuck in ImagePullBackOff & co past pending_timeout
     "CANCELLED": JobState.CANCELLED,  # an index we cancelled has settled
+    "REFUSED": JobState.REFUSED,  # failed, and its worker refused the payload (exit 2)
     "GONE": JobState.GONE,  # 404: deleted (by us, TTL, or someone else)
 }
-
-# Container waiting reasons that do not fix themselves: a Pod in one of these never starts.
-START_FAILURES = frozenset({
-    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
-    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
-})
 
 
 class KubernetesApiError(RuntimeError):
@@ -95,71 +104,6 @@ class KubernetesApiError(RuntimeError):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
-
-
-# ---------------------------------------------------------------- names
-
-
-def dns_label(text: str, *, max_len: int = 63) -> str:
-    """An RFC 1123 label (lowercase alphanumerics and ``-``, alphanumeric at both ends, at
-    most ``max_len``) from any text. A text that had to change keeps a digest of the
-    original, so distinct keys give distinct names (``A`` and ``a`` included)."""
-    cleaned = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
-    # "-" for nothing left: an empty text is no label either, it gets the digest alone.
-    return digested(text, cleaned or "-", max_len=max_len, trim="-")
-
-
-def label_value(text: str) -> str:
-    """A valid label value (``[A-Za-z0-9._-]``, alphanumeric at both ends, at most 63)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", text).strip("-_.")
-    return digested(text, cleaned, max_len=63, trim="-_.")
-
-
-@functools.lru_cache(maxsize=512)
-def parse_indexes(text: str | None) -> frozenset[int]:
-    """``"0-2,5"`` (the Job status format) -> ``{0, 1, 2, 5}`` (cached: every run of an
-    Indexed Job asks about the same string)."""
-    found: set[int] = set()
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        low, _, high = part.partition("-")
-        found.update(range(int(low), int(high or low) + 1))
-    return frozenset(found)
-
-
-def native_state(job: dict[str, Any] | None, index: int | None = None) -> str:
-    """What the Job says about one run (the whole Job, or one completion index)."""
-    if job is None:
-        return "GONE"
-    if job.get("metadata", {}).get("deletionTimestamp"):
-        return "TERMINATING"
-    status = job.get("status") or {}
-    if index is not None:
-        if index in parse_indexes(status.get("completedIndexes")):
-            return "COMPLETE"
-        if index in parse_indexes(status.get("failedIndexes")):
-            return "FAILED"
-    true = [c.get("type", "") for c in status.get("conditions") or [] if c.get("status") == "True"]
-    for kind in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget", "Suspended"):
-        if kind in true:
-            # An index neither completed nor failed in a finished Job did not succeed.
-            if index is not None and kind in ("Complete", "SuccessCriteriaMet"):
-                return "FAILED"
-            return kind.upper()
-    if index is not None:
-        return "ACTIVE"
-    return "RUNNING" if status.get("ready") or status.get("succeeded") else "PENDING"
-
-
-def start_failure(pod: dict[str, Any]) -> str | None:
-    """The waiting reason of a Pod that cannot start, else None."""
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        waiting = (status.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in START_FAILURES:
-            return f"{waiting['reason']}: {waiting.get('message', '')}".strip()
-    return None
 
 
 # ---------------------------------------------------------------- bookkeeping
@@ -387,71 +331,8 @@ class KubernetesJobsAdapter(BackendAdapter):
     ) -> dict[str, Any]:
         """The Job object for one run (``completions=None``) or one Indexed Job. Public, so
         a deployment can print it and ``kubectl create -f`` it (see the docs)."""
-        python = str(options.get("python") or "python")
-        ref_arg = "$(WOVE_PAYLOAD_REF)"
-        if completions is not None:
-            ref_arg += "-$(JOB_COMPLETION_INDEX)"
-        env: list[dict[str, Any]] = [{"name": "WOVE_PAYLOAD_REF", "value": payload_ref}]
-        env += [{"name": str(k), "value": str(v)} for k, v in (options.get("env") or {}).items()]
-        secret_ref = options.get("secret_ref")
-        if secret_ref:
-            env.append({
-                "name": "WOVE_ADAPTERS_SECRET",
-                "valueFrom": {"secretKeyRef": {
-                    "name": secret_ref["name"], "key": secret_ref.get("key", "secret")}},
-            })
-        container: dict[str, Any] = {
-            "name": CONTAINER,
-            "image": options.get("image"),
-            "command": worker_command(python),
-            "args": ["--payload-ref", ref_arg],
-            "env": env,
-        }
-        _put(container, "resources", _resources(options))
-        _copy(container, options, CONTAINER_FIELDS)
-        container.update(options.get("container") or {})
-        labels = {
-            MANAGED_BY: MANAGER,
-            ENV_LABEL: label_value(self.environment),
-            TASK_LABEL: label_value(task_id),
-            **_strings(options.get("labels")),
-        }
-        user_annotations = _strings(options.get("annotations"))
-        pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
-        _copy(pod_spec, options, POD_FIELDS)
-        pull_secrets = options.get("image_pull_secrets") or []
-        _put(pod_spec, "imagePullSecrets",
-             [s if isinstance(s, dict) else {"name": str(s)} for s in pull_secrets])
-        pod_spec.update(options.get("pod_spec") or {})
-        spec: dict[str, Any] = {
-            "backoffLimit": int(options.get("backoff_limit", 0)),
-            "template": {
-                "metadata": {"labels": labels, "annotations": user_annotations},
-                "spec": pod_spec,
-            },
-        }
-        ttl = options.get("ttl_seconds_after_finished", 3600)
-        _put(spec, "ttlSecondsAfterFinished", None if ttl is None else int(ttl))
-        _put(spec, "activeDeadlineSeconds", options.get("active_deadline_seconds"))
-        if completions is not None:
-            # Each index fails on its own (one raising task must not stop the others);
-            # backoffLimit then defaults to "unlimited" and must not be set to 0.
-            spec.pop("backoffLimit")
-            parallelism = int(options.get("parallelism") or completions)
-            spec.update(completionMode="Indexed", completions=completions,
-                        parallelism=min(parallelism, completions),
-                        backoffLimitPerIndex=int(options.get("backoff_limit", 0)))
-        spec.update(options.get("job_spec") or {})
-        return {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {
-                "name": name,
-                "labels": labels,
-                "annotations": {**user_annotations, **(annotations or {})},
-            },
-            "spec": spec,
-        }
+        return job_manifest(name, payload_ref, options, environment=self.environment,
+                            task_id=task_id, completions=completions, annotations=annotations)
 
     def job_name(self, job: JobSpec) -> str:
         """One key, one Job: the name is the key's RFC 1123 form. A requeued attempt (the
@@ -572,7 +453,31 @@ class KubernetesJobsAdapter(BackendAdapter):
                 else:
                     state = self.map_state("GONE" if job is None else "CANCELLED")
             states[handle] = state
+        failed = {h: parsed[h] for h, state in states.items() if state is JobState.FAILED}
+        if failed:
+            refusals = await self._refused_pods(sorted({n for n, _, _ in failed.values()}))
+            for handle, (namespace, name, index) in failed.items():
+                if (namespace, name, index) in refusals:
+                    states[handle] = self.map_state("REFUSED")
         return states
+
+    async def _refused_pods(self, namespaces: list[str]) -> set[tuple[str, str, int | None]]:
+        """``(namespace, job, index)`` of the failed Pods whose worker refused its payload
+        (exit code 2: it reports a refusal no other way). Asked only when a Job failed:
+        one LIST of failed Pods of ours per namespace (any environment's: a Job we
+        attached to carries its creator's environment label)."""
+        listed = await asyncio.gather(*(
+            self._call(self._core.list_namespaced_pod, namespace,
+                       label_selector=f"{MANAGED_BY}={MANAGER}",
+                       field_selector="status.phase=Failed")
+            for namespace in namespaces
+        ))
+        return {
+            (namespace, job_of(pod), index_of(pod))
+            for namespace, pods in zip(namespaces, listed, strict=True)
+            for pod in pods.get("items") or []
+            if refused(pod)
+        }
 
     async def _read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -591,7 +496,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         )
         return any(
             (pod.get("status") or {}).get("phase") in ("Pending", "Running", None)
-            and (index is None or _index_of(pod) == index)
+            and (index is None or index_of(pod) == index)
             for pod in listed.get("items") or []
         )
 
@@ -610,7 +515,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             j["metadata"]["name"]: j for j in listed.get("items") or []
         }
         pods_due = started - self._pods_listed_at.get(namespace, -1e9) >= self._pods_every
-        if pods_due and any(j is not None and _has_unready_pods(j) for j in jobs.values()):
+        if pods_due and any(j is not None and has_unready_pods(j) for j in jobs.values()):
             # Scheduled yet not running: pulling, or stuck (unscheduled Pods only wait).
             self._pods_listed_at[namespace] = started
             pods = await self._call(
@@ -635,9 +540,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             seen.add(uid)
             if now - self._stuck_since.setdefault(uid, now) < self._pending_timeout:
                 continue
-            labels = meta.get("labels") or {}
-            job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name", "")
-            stuck[(job, _index_of(pod))] = reason
+            stuck[(job_of(pod), index_of(pod))] = reason
         for uid in set(self._stuck_since) - seen:
             del self._stuck_since[uid]
         return stuck
@@ -660,7 +563,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             self._core.list_namespaced_pod, namespace, label_selector=f"job-name={name}"
         )
         for pod in pods.get("items") or []:
-            if _index_of(pod) == index:
+            if index_of(pod) == index:
                 with contextlib.suppress(KubernetesApiError):
                     await self._call(
                         self._core.delete_namespaced_pod, pod["metadata"]["name"], namespace
@@ -775,49 +678,6 @@ def _parse(handle: str) -> tuple[str, str, int | None]:
     namespace, _, rest = handle.partition("/")
     name, _, index = rest.partition("#")
     return namespace, name, int(index) if index else None
-
-
-def _index_of(pod: dict[str, Any]) -> int | None:
-    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(INDEX_KEY)
-    return int(raw) if raw is not None else None
-
-
-def _has_unready_pods(job: dict[str, Any]) -> bool:
-    status = job.get("status") or {}
-    return int(status.get("active") or 0) > int(status.get("ready") or 0) and native_state(
-        job
-    ) in ("PENDING", "RUNNING")
-
-
-def _copy(target: dict[str, Any], options: dict[str, Any], fields: dict[str, str]) -> None:
-    for option, key in fields.items():
-        _put(target, key, options.get(option))
-
-
-def _strings(mapping: dict[str, Any] | None) -> dict[str, str]:
-    return {str(k): str(v) for k, v in (mapping or {}).items()}
-
-
-def _put(target: dict[str, Any], key: str, value: Any) -> None:
-    if value not in (None, "", [], {}):
-        target[key] = value
-
-
-def _resources(options: dict[str, Any]) -> dict[str, Any] | None:
-    """``resources`` as Kubernetes writes it, or the ``cpu``/``memory``/``gpu`` shortcuts
-    (requests = limits for memory, so an OOM kill happens at the number you chose)."""
-    if options.get("resources"):
-        return dict(options["resources"])
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if options.get("cpu"):
-        requests["cpu"] = str(options["cpu"])
-    if options.get("memory"):
-        requests["memory"] = limits["memory"] = str(options["memory"])
-    if options.get("gpu"):
-        limits["nvidia.com/gpu"] = str(options["gpu"])
-    out = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
-    return out or None
 
 
 def _api_error(exc: Any) -> KubernetesApiError:

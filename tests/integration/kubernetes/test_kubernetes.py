@@ -24,7 +24,9 @@ from wove_adapters.adapters.kubernetes_jobs import (
     label_value,
     native_state,
 )
+from wove_adapters.adapters.kubernetes_manifest import refused
 from wove_adapters.core import loop as shared_loop
+from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.policies import JobState
 from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
@@ -277,6 +279,38 @@ def test_state_map() -> None:
     for state, expected in cases.items():
         assert KubernetesJobsAdapter.map_state(state) is expected, state
     assert KubernetesJobsAdapter.map_state("SOMETHING_NEW") is JobState.UNKNOWN
+
+
+def test_only_the_workers_exit_code_2_is_a_refusal() -> None:
+    def pod(code: int, container: str = "wove-worker") -> dict[str, Any]:
+        state = {"terminated": {"exitCode": code, "reason": "Error"}}
+        return {"status": {"phase": "Failed",
+                           "containerStatuses": [{"name": container, "state": state}]}}
+
+    assert refused(pod(2))
+    assert not refused(pod(1)), "a task that raised is not a refusal"
+    assert not refused(pod(3)), "an undeliverable outcome is not a refusal"
+    assert not refused(pod(2, container="sidecar"))
+    assert not refused({"status": {"phase": "Pending"}})
+
+
+def test_a_refused_indexed_job_fails_each_run_naming_the_key(kube_cluster: KubeCluster) -> None:
+    """Pods that do not hold the signing key refuse every index (exit 2, nothing signed or
+    sent): each mapped run fails with a PayloadError naming the key, and none is
+    requeued."""
+    config = {"secret": f"unheld-{uuid.uuid4().hex}", **BATCH}
+    with hub_for(kube_cluster, "refusing", config=config,
+                 delivery_orphan_policy="requeue") as hub:
+        futures = [hub.submit(tasks.add, i) for i in range(3)]
+        key_id = hub.dispatcher("refusing").key_id
+        for future in futures:
+            with pytest.raises(PayloadError, match=re.escape(key_id)):
+                future.result(timeout=120)
+        shared_loop.run_sync(hub.dispatcher("refusing").flush())
+        for future in futures:
+            record = shared_loop.run_sync(hub.dispatcher("refusing").ledger.get(future.run_id))
+            assert record is not None and record.attempt == 1, "a refused payload was requeued"
+        assert adapter_of(hub, "refusing").submissions == 1, "the three runs were one Indexed Job"
 
 
 # ---------------------------------------------------------------- mapped tasks
