@@ -2,6 +2,7 @@
 
 ``python -m wove_adapters.worker`` runs one signed payload and exits (``__main__``).
 Exit codes: 0 succeeded, 1 the task raised, 2 payload refused, 3 outcome undeliverable,
+64 started wrongly (no payload: not argparse's 2, which would read as a refusal),
 143 cancelled (SIGTERM). See ``wove_adapters.worker.runner`` for the details, and
 ``wove_adapters.worker.sender`` for the batched, signed way back to the caller.
 
