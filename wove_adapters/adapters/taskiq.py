@@ -17,6 +17,13 @@ Worker side (``register(broker)``, ``wove_adapters.worker.taskiq``, importable f
 too): adds the ``wove_adapters.run`` task to the user's broker, so ``taskiq worker
 myapp:broker`` runs payloads, each in a process of its own from the shared warm pool.
 
+Nothing from Redis is unpickled here (taskiq-redis result backends pickle by default:
+anyone who can write to Redis would run code in the caller). The caller reads only our
+plain keys (``state``, ``lease``, ``cancel``, the JSON claim and the base64 ``outcome``,
+which the transport verifies before anything in it is unpickled) and asks a result
+backend only whether a result exists, never for the result; its own result backend
+uses taskiq's JSON serializer.
+
 Nothing here imports taskiq at module level; ``core`` never imports this module.
 """
 
@@ -86,12 +93,13 @@ class TaskiqAdapter(BackendAdapter):
         "RUNNING": JobState.RUNNING,
         "SUCCEEDED": JobState.SUCCEEDED,
         "FAILED": JobState.FAILED,
-        "REFUSED": JobState.FAILED,
+        "REFUSED": JobState.REFUSED,  # the worker could not verify the payload
         "CANCELLED": JobState.CANCELLED,
         "LOST": JobState.GONE,  # the payload's process died without an outcome
         "LAPSED": JobState.GONE,  # running, but the worker's lease expired: worker died
-        "RESULT_OK": JobState.SUCCEEDED,  # only taskiq's result backend knows the job
-        "RESULT_ERR": JobState.FAILED,
+        # Only taskiq's result backend knows the job: it ended without the state our
+        # worker writes before it returns (the result itself is never read).
+        "RESULT_READY": JobState.FAILED,
     }
     reconcile_seconds: ClassVar[float] = 2.0
 
@@ -142,9 +150,12 @@ class TaskiqAdapter(BackendAdapter):
                 f"taskiq executor_config['broker']={kind!r}: use 'list', 'stream' or "
                 "'module:attribute' naming your own taskiq broker"
             )
+        from taskiq.serializers import JSONSerializer
+
         backend: Any = RedisAsyncResultBackend(
             str(self.config.get("result_url") or self.url),
             prefix_str=self.config.get("result_prefix"),
+            serializer=JSONSerializer(),  # never pickle (the caller reads no result anyway)
         )
         return broker.with_result_backend(backend)
 
@@ -175,7 +186,14 @@ class TaskiqAdapter(BackendAdapter):
             # No takeover of a claim whose job ended badly (no ``is_dead``): the next
             # caller would kick under the same task id while the dead job's message may
             # still wait in the queue. Its followers get the job's end from the transport.
-            holder = await self._claims.claim(base, run_id=job.run_id, handle=handle)
+            try:
+                holder = await self._claims.claim(base, run_id=job.run_id, handle=handle)
+            except (ValueError, AttributeError) as exc:  # not JSON, or not an object
+                raise RuntimeError(
+                    f"taskiq: the claim of idempotency key {job.idempotency_key!r} in Redis "
+                    f"({self.prefix}:claim:{base}) is not one wove-adapters wrote ({exc!r}); "
+                    f"delete it, and check who else writes to {self.control_url}"
+                ) from None
             if holder is not None:  # another caller's job holds this key: the transport follows
                 return Following(holder)
             # Ours now: whatever an expired claim's job left under this id is stale.
@@ -228,7 +246,8 @@ class TaskiqAdapter(BackendAdapter):
         return (await self.status_many([handle]))[handle]
 
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
-        """Our worker-written state, else taskiq's result backend: one pipeline for every
+        """Our worker-written state, else whether taskiq's result backend has a result
+        (never the result: it may be a pickle): one pipeline for every
         job asked about (when our own result backend shares our Redis, its readiness
         check rides along)."""
         keyed = [(h, self._result_key(h)) for h in handles]
@@ -260,8 +279,7 @@ class TaskiqAdapter(BackendAdapter):
             backend = self._broker.result_backend
             with contextlib.suppress(Exception):
                 if await backend.is_result_ready(handle):
-                    result = await backend.get_result(handle)
-                    return self.map_state("result_err" if result.is_err else "result_ok")
+                    return self.map_state("result_ready")
         return self.map_state("queued")
 
     def _result_key(self, handle: str) -> str | None:
