@@ -188,6 +188,10 @@ class AdapterTransport(Transport):
         self._store_url: str | None = None
         self._environment = ""
         self._body_refs: dict[str, payload_mod.BodyRef] = {}
+        # Results (and exceptions) workers left in the store for us, by run attempt: taken
+        # in a thread (``_taking`` while they are), deleted at release (see ``release``).
+        self._result_refs: dict[str, list[payload_mod.BodyRef]] = {}
+        self._taking: dict[str, asyncio.Task[None]] = {}
         self._batch: list[tuple[JobSpec, asyncio.Future[str]]] = []
         self._worker_bounds: dict[str, Any] = {}
         # Runs whose job ended without their terminal event: when we first saw it.
@@ -357,16 +361,43 @@ class AdapterTransport(Transport):
         loop and may run anything (a ``__reduce__`` that raises, or calls ``sys.exit``):
         ``event_frame`` turns that into the run's own error at once (the loop survives,
         the run is never dropped to wait out its delivery grace)."""
+        from wove_adapters.core.codec import stored_refs
         from wove_adapters.core.executors.stdio import event_frame
 
         assert self._emit is not None
-        frame = event_frame(event, where=f"{self.name} receiver")
+        refs = stored_refs(event)
+        if refs:
+            # Sent by reference (large): fetched, checked and unpickled in a thread, so the
+            # loop never reads megabytes; the run counts as delivering meanwhile.
+            key = f"{event.run_id}#{event.attempt}"
+            self._result_refs.setdefault(key, []).extend(refs)
+            task = asyncio.get_running_loop().create_task(self._take(key, event, raw))
+            self._taking[key] = task
+            task.add_done_callback(lambda _: self._taking.pop(key, None))
+            return
+        self._emit(self._terminal_blob(event_frame(event, where=f"{self.name} receiver"),
+                                       event, raw))
+
+    async def _take(self, key: str, event: frames.WireEvent, raw: bytes) -> None:
+        """Emit a by-reference event's frame once its bytes are taken from the store; a
+        missing or tampered reference becomes the run's error (``event_frame``)."""
+        from wove_adapters.core.executors.stdio import event_frame
+
+        assert self._emit is not None
+        frame = await asyncio.to_thread(event_frame, event, where=f"{self.name} receiver")
+        self._emit(self._terminal_blob(frame, event, raw))
+
+    @staticmethod
+    def _terminal_blob(
+        frame: dict[str, Any], event: frames.WireEvent, raw: bytes
+    ) -> dict[str, Any]:
         terminal = isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled))
         if terminal and frame.get("type") == type(event).__struct_config__.tag:
             # The worker's signed event is what the ledger keeps (not when it became an
-            # unpicklable-result error: that one the dispatcher signs itself).
+            # unpicklable-result error: that one the dispatcher signs itself). A result by
+            # reference stays in the store for it (see ``release``).
             frame["_blob"] = raw
-        self._emit(frame)
+        return frame
 
     async def cancel(self, run: RunAttempt, *, mode: str) -> None:
         assert self.adapter is not None
@@ -472,6 +503,8 @@ class AdapterTransport(Transport):
         if state is not JobState.SUCCEEDED or self.receiver is None:
             return state
         key = f"{run.run_id}#{run.attempt}"
+        if key in self._taking:  # its result is being taken from the store
+            return JobState.RUNNING
         now = asyncio.get_running_loop().time()
         quiet = now - self._ended_quiet.setdefault(key, now)
         ledger_after, give_up_after = self._delivery_grace
@@ -501,16 +534,20 @@ class AdapterTransport(Transport):
         from wove_adapters.core.codec import decode_outcome
         from wove_adapters.core.ledger import open_ledger
 
+        taken: list[payload_mod.BodyRef] = []
         try:
             record = await open_ledger(self._ledger_url).get(run.run_id)
             if record is None or record.outcome is None:
                 return False
             frame = await asyncio.to_thread(functools.partial(
                 decode_outcome, record.outcome, run.run_id, key_id=self._key_id,
-                idempotency_key=run.idempotency_key, task_id=run.task_id,
+                idempotency_key=run.idempotency_key, task_id=run.task_id, taken=taken,
             ))
         except Exception:  # unreadable: reconciliation reports the run lost
             return False
+        finally:  # a result it left in the store is ours to delete (see release)
+            if taken:
+                self._result_refs.setdefault(f"{run.run_id}#{run.attempt}", []).extend(taken)
         if frame.get("attempt", run.attempt) != run.attempt:
             return False
         self._emit(frame)
@@ -531,8 +568,16 @@ class AdapterTransport(Transport):
         if self.adapter is not None and run.submission is not None and not others:
             with contextlib.suppress(Exception):
                 await self.adapter.release(run.submission)
-        ref = self._body_refs.pop(f"{run.run_id}#{run.attempt}", None)
-        if ref is not None:
+        key = f"{run.run_id}#{run.attempt}"
+        refs = [ref for ref in [self._body_refs.pop(key, None)] if ref is not None]
+        results = self._result_refs.pop(key, [])
+        # A result its worker left in the store goes once the run has ended (taken, or
+        # ended otherwise: a timeout, a cancel, a reference that failed its check), unless
+        # the ledger keeps this run's outcome for later readers (a key, or detach): then
+        # it stays until the store expires it (docs/security.md, "Limits").
+        if run.idempotency_key is None and run.policy.orphan_policy != "detach":
+            refs.extend(results)
+        for ref in refs:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(payload_mod.open_store(ref.store).delete, ref)
 

@@ -14,6 +14,12 @@ traceback, so ``traceback.print_exc()`` in the caller prints the worker's frames
 that cannot be unpickled here (its class exists only on the worker) becomes a
 ``TaskExecutionError`` with the remote kind, message and traceback, chained the same way.
 
+A result or exception too large for the way back travels by reference (``result_ref``,
+``exception_ref``, see ``core.frames``): ``wire_to_frame`` takes its bytes from the store
+the reference names and checks their sha256 before unpickling, so it blocks (the caller
+runs it in a thread); a reference that is missing or does not match is a
+``StoredResultError`` and nothing is unpickled.
+
 No backend library is imported: ``core`` stays free of them.
 """
 
@@ -28,10 +34,13 @@ import msgspec
 
 from wove_adapters.core import frames, signing
 from wove_adapters.core.envelope import dumps, loads
-from wove_adapters.core.errors import PayloadError, TaskExecutionError
+from wove_adapters.core.errors import PayloadError, TaskExecutionError, redact_url
+from wove_adapters.core.stores import BodyRef, DigestMismatch, open_store
 
 __all__ = [
+    "BY_REFERENCE",
     "RemoteTraceback",
+    "StoredResultError",
     "attach_remote_traceback",
     "decode_outcome",
     "exception_from_frame",
@@ -39,6 +48,7 @@ __all__ = [
     "pickled_exception",
     "rebuild_exception",
     "sign_events",
+    "stored_refs",
     "wire_to_frame",
 ]
 
@@ -107,21 +117,84 @@ def pickled_exception(exc: BaseException) -> bytes | None:
         return None
 
 
+# ---------------------------------------------------------------- results by reference
+
+
+class StoredResultError(PayloadError):
+    """A result (or exception) sent by reference could not be taken: it is missing from
+    its store, or its bytes are not the ones the worker signed. Nothing was unpickled."""
+
+
+class _ByReference:
+    """Pickles to ``getattr("", <message>)``: what ``TaskResult.result`` holds when the
+    result travels by reference. A reader that predates ``result_ref`` unpickles it and
+    fails with the message (no wrong value, nothing of ours imported), instead of a bare
+    "Ran out of input"."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return getattr, ("", "wove-adapters: this result was sent by reference (result_ref); "
+                             "upgrade wove-adapters where it is read")
+
+
+BY_REFERENCE = pickle.dumps(_ByReference(), protocol=2)
+
+
+def stored_refs(event: frames.WireEvent) -> list[BodyRef]:
+    """What a verified event left in a store for its caller (empty for most events)."""
+    ref = (
+        event.result_ref if isinstance(event, frames.TaskResult)
+        else event.exception_ref if isinstance(event, frames.TaskError)
+        else None
+    )
+    return [] if ref is None else [ref]
+
+
+def fetch_stored(event: frames.TaskResult | frames.TaskError, ref: BodyRef) -> bytes:
+    """The bytes ``ref`` names, checked against its sha256 (blocking: a thread)."""
+    what = "result" if isinstance(event, frames.TaskResult) else "pickled exception"
+    failed = ""
+    if isinstance(event, frames.TaskError):
+        failed = f" (the task failed with {event.error.kind}: {event.error.message})"
+    where = f"{redact_url(ref.store)}, key {ref.key}, {ref.size} bytes"
+    try:
+        return open_store(ref.store).get(ref, what=what)
+    except DigestMismatch:
+        raise StoredResultError(
+            f"the {what} of run {event.run_id}{failed} was sent by reference ({where}) "
+            f"and the stored bytes do not match the sha256 its worker signed: refused, "
+            f"nothing was unpickled. Someone who can write to that store changed them."
+        ) from None
+    except Exception as exc:
+        raise StoredResultError(
+            f"the {what} of run {event.run_id}{failed} was sent by reference ({where}) and "
+            f"cannot be read: {type(exc).__name__}: {exc}. The caller takes a stored result "
+            f"once and deletes it; those of runs with an idempotency key or "
+            f"delivery_orphan_policy 'detach' are kept until the store expires them "
+            f"(docs/security.md, 'Limits'). The caller must be able to read the store its "
+            f"workers write to (executor_config.payload_store)."
+        ) from None
+
+
 # ---------------------------------------------------------------- wire <-> frame
 
 
 def wire_to_frame(event: frames.WireEvent, raw: bytes | None = None) -> dict[str, Any]:
-    """A verified wire event as a wove dict frame; results and exceptions unpickled."""
+    """A verified wire event as a wove dict frame; results and exceptions unpickled (those
+    sent by reference taken from their store and checked first: this may block)."""
     kind = type(event).__struct_config__.tag
     frame = frames.event(str(kind), event.run_id, event.task_id, event.attempt)
     if isinstance(event, frames.TaskResult):
-        frame["result"] = loads(event.result)
+        data = event.result if event.result_ref is None else fetch_stored(event, event.result_ref)
+        frame["result"] = loads(data)
     elif isinstance(event, frames.TaskError):
         payload = event.error.to_dict()
         frame["error"] = payload
+        pickled = event.exception
+        if event.exception_ref is not None:
+            pickled = fetch_stored(event, event.exception_ref)
         # The original type with the worker's traceback chained (TaskExecutionError when
         # it does not unpickle here).
-        frame["exception"] = rebuild_exception(payload, event.exception)
+        frame["exception"] = rebuild_exception(payload, pickled)
     elif isinstance(event, frames.Log):
         frame["message"] = event.message
         frame["level"] = event.level
@@ -185,9 +258,12 @@ def decode_outcome(
     key_id: str | None = None,
     idempotency_key: str | None = _ANY,
     task_id: str | None = None,
+    taken: list[BodyRef] | None = None,
 ) -> dict[str, Any]:
     """Verify a stored outcome and return its terminal event as a frame. Blocking (it may
-    read a key file, and it unpickles): call it in a thread.
+    read a key file or a result sent by reference, and it unpickles): call it in a thread.
+    A result by reference is read, never deleted (other readers may follow); ``taken``,
+    if given, receives its reference once it is verified, for the run's owner to delete.
 
     What it is checked against, before anything is unpickled: ``key_id``, the key the
     outcome must be signed with (``signing.accepts``: the reader's own key, or, for a
@@ -221,4 +297,6 @@ def decode_outcome(
             f"the stored outcome of run {event.run_id} is of task {event.task_id!r}, not "
             f"{task_id!r}: refused"
         )
+    if taken is not None:
+        taken.extend(stored_refs(event))
     return wire_to_frame(event)

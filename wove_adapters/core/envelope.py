@@ -4,15 +4,19 @@ The payload is a versioned envelope; its ``body`` is cloudpickle of ``(callable,
 Backends limit what they carry inline (environment variables, command lines, API fields),
 so a body above the adapter's inline limit goes to a payload store and the envelope
 carries a reference with the body's sha256, which the worker checks before unpickling
-(the stores are in ``core.stores``).
+(the stores are in ``core.stores``). The way back is limited too (the receiver takes 16
+MiB per request, the drop box 64 MiB per entry), so the envelope also names the store
+where the worker puts a large result (``result_store``; see worker.runner).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import importlib
 import math
 import os
+import socket
 import time
 from typing import Any, Final
 
@@ -24,6 +28,7 @@ from wove_adapters.core.errors import (
     PayloadError,
     strip_credentials,
 )
+from wove_adapters.core.paths import default_store_url
 from wove_adapters.core.stores import BodyRef, open_store
 
 PAYLOAD_VERSION: Final = 1
@@ -70,7 +75,13 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     # The caller's environment name: a worker that must create its run's ledger record
     # (the claim never reached the ledger) files it there.
     environment: str = ""
-
+    # Where the worker may put a result (or pickled exception) too large for the way back:
+    # the caller's payload store. None (a caller that predates it, or a native return
+    # path): results travel inline. ``result_store_host`` set: the store is the caller's
+    # default, a directory on that host, so a worker elsewhere (which would write to a
+    # directory of its own) sends its result inline instead.
+    result_store: str | None = None
+    result_store_host: str = ""
 
     @property
     def outcome_ident(self) -> dict[str, Any]:
@@ -199,8 +210,10 @@ def build_envelope(
         body = dumps((func, args))
     body_ref = None
     if len(body) > inline_limit:
-        body_ref = open_store(store_url).put(f"{run_id.replace(':', '_')}-{attempt}", body)
+        body_ref = open_store(store_url).put(store_key(run_id, attempt), body)
         body = None
+    # The backend hands a native result back itself (no receiver limits it).
+    by_reference = return_path.kind != "native"
     return Envelope(
         adapter=adapter,
         run_id=run_id,
@@ -219,4 +232,16 @@ def build_envelope(
         retry_attempts=retry_attempts,
         exit_flush_seconds=exit_flush_seconds,
         environment=environment,
+        result_store=(store_url or default_store_url()) if by_reference else None,
+        result_store_host="" if store_url or not by_reference else _hostname(),
     )
+
+
+def store_key(run_id: str, attempt: int) -> str:
+    """The store key of a run attempt's body; its result's key starts with it too."""
+    return f"{run_id.replace(':', '_')}-{attempt}"
+
+
+@functools.cache
+def _hostname() -> str:
+    return socket.gethostname()

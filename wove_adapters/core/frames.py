@@ -16,6 +16,8 @@ from typing import Any, Final, Literal, Union
 
 import msgspec
 
+from wove_adapters.core.stores import BodyRef
+
 RUN_TASK: Final = "run_task"
 CANCEL_TASK: Final = "cancel_task"
 SHUTDOWN: Final = "shutdown"
@@ -91,15 +93,23 @@ class Log(_Event, frozen=True, kw_only=True, tag=LOG):
 # Terminal events name the idempotency key of their run (None: none), inside the
 # signature: a stored outcome then answers only for its own key and task, so whoever can
 # write a ledger or a result backend cannot point key K at another run's genuine outcome.
+#
+# A result or pickled exception above the worker's limit (worker.runner.RESULT_INLINE_LIMIT)
+# waits in the store the payload named and travels as a reference with its sha256
+# (``result_ref`` / ``exception_ref``), checked before anything is unpickled; ``result``
+# then holds codec.BY_REFERENCE, which a reader too old to know the field fails on with
+# a message that says so (see core.codec).
 class TaskResult(_Event, frozen=True, kw_only=True, tag=TASK_RESULT):
     result: bytes  # cloudpickle
     idempotency_key: str | None = None
+    result_ref: BodyRef | None = None
 
 
 class TaskError(_Event, frozen=True, kw_only=True, tag=TASK_ERROR):
     error: ErrorPayload
     exception: bytes | None = None  # cloudpickle of the original exception, best effort
     idempotency_key: str | None = None
+    exception_ref: BodyRef | None = None
 
 
 class TaskCancelled(_Event, frozen=True, kw_only=True, tag=TASK_CANCELLED):

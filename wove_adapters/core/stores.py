@@ -1,6 +1,7 @@
-"""Payload stores: where a body too large to travel inline waits for its worker.
+"""Payload stores: where a body too large to travel inline waits for its worker, and a
+result (or pickled exception) too large for the way back waits for its caller.
 
-A reference (``BodyRef``) names the store by URL, the key, and the body's sha256, which
+A reference (``BodyRef``) names the store by URL, the key, and the bytes' sha256, which
 ``PayloadStore.get`` checks before anything is unpickled. Workers of every backend open
 whatever store the caller chose (a directory, Redis, S3), so all three kinds live here,
 in ``core``, and each imports its client library only when a store of that kind is
@@ -21,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from wove_adapters.core.errors import MissingBackendError, PayloadError
+from wove_adapters.core.errors import MissingBackendError, PayloadError, redact_url
 from wove_adapters.core.paths import default_store_url
 
 
@@ -30,6 +31,10 @@ class BodyRef(msgspec.Struct, frozen=True, kw_only=True):
     key: str
     sha256: str
     size: int
+
+
+class DigestMismatch(PayloadError):
+    """The stored bytes are not the ones the reference's sha256 names: refused."""
 
 
 class PayloadStore(abc.ABC):
@@ -53,15 +58,17 @@ class PayloadStore(abc.ABC):
             store=self.url, key=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
         )
 
-    def get(self, ref: BodyRef) -> bytes:
+    def get(self, ref: BodyRef, *, what: str = "payload body") -> bytes:
+        """The bytes ``ref`` names, only if they match its sha256 (``what`` names them in
+        the error: a payload body, a task's result)."""
         try:
             data = self._get(ref.key)
         except (OSError, KeyError) as exc:
             raise PayloadError(
-                f"payload body {ref.key} is missing from {self.url}: {exc}"
+                f"{what} {ref.key} is missing from {redact_url(self.url)}: {exc}"
             ) from None
         if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise PayloadError(f"payload body {ref.key} does not match its sha256; refused")
+            raise DigestMismatch(f"{what} {ref.key} does not match its sha256; refused")
         return data
 
 

@@ -9,7 +9,9 @@ the caller cannot take it, the process's outbox (``worker.sender``) retries it i
 background and records it in the ledger the envelope names, so the worker slot is free
 as soon as the task ends. A failing task's event carries its traceback (the caller chains
 it to the rebuilt exception, see ``core.codec``); a task whose module the worker cannot
-import fails with ``WorkerImportError`` naming the backend, host, pid and the fix.
+import fails with ``WorkerImportError`` naming the backend, host, pid and the fix. A
+result (or pickled exception) above ``RESULT_INLINE_LIMIT`` waits in the store the payload
+names, and its event carries a reference with its sha256, checked before unpickling.
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames, stores
-from wove_adapters.core.codec import pickled_exception, sign_events
+from wove_adapters.core.codec import BY_REFERENCE, pickled_exception, sign_events
 from wove_adapters.core.envelope import Envelope
-from wove_adapters.core.errors import PayloadError, WorkerImportError, ledger_url_for_worker
+from wove_adapters.core.errors import (
+    PayloadError,
+    WorkerImportError,
+    ledger_url_for_worker,
+    redact_url,
+)
 from wove_adapters.core.policies import RunState
 from wove_adapters.worker import sender
 
@@ -41,6 +48,7 @@ EXIT_OK = 0
 EXIT_TASK_FAILED = 1
 EXIT_PAYLOAD_REFUSED = 2
 EXIT_DELIVERY_FAILED = 3
+EXIT_USAGE = 64  # sysexits EX_USAGE: the worker was started wrongly
 EXIT_CANCELLED = 143
 
 
@@ -308,7 +316,7 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
                     value = call_task(func, args)
             else:
                 value = call_task(func, args)
-            event = frames.TaskResult(**final, result=payload_mod.dumps(value))
+            event = result_event(envelope, final, payload_mod.dumps(value))
             outcome = Outcome(RunState.SUCCEEDED, value=value)
         except TaskCancelled as exc:
             event = frames.TaskCancelled(**final, reason=str(exc))
@@ -319,11 +327,7 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
             )
             outcome = Outcome(RunState.REFUSED, error=exc)
         except WorkerImportError as exc:
-            event = frames.TaskError(
-                **final,
-                error=frames.normalize_exception(exc, source="worker"),
-                exception=pickled_exception(exc),
-            )
+            event = error_event(envelope, final, exc, source="worker")
             outcome = Outcome(RunState.FAILED, error=exc)
         except BaseException as exc:
             # Whatever the task raises is its outcome, SystemExit and KeyboardInterrupt
@@ -331,16 +335,69 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
             # ProcessPoolExecutor: the worker reports it and lives on, instead of ending
             # with no outcome for the caller to wait on.
             _drop_own_frames(exc)
-            event = frames.TaskError(
-                **final,
-                error=frames.normalize_exception(exc, source="task"),
-                exception=pickled_exception(exc),
-            )
+            event = error_event(envelope, final, exc, source="task")
             outcome = Outcome(RunState.FAILED, error=exc)
     outcome.event = event
     outcome.key_id = envelope.key_id
     deliver_terminal(envelope, event, outcome)
     return outcome
+
+
+# A result (or pickled exception) above this many bytes goes to the store the payload
+# names (``Envelope.result_store``: the caller's payload_store, else its default store)
+# and the terminal event carries a reference with its sha256 instead. The way back is
+# limited (the receiver takes 16 MiB per request, callback_max_body; the drop box 64 MiB
+# per entry, see docs/security.md, "Limits") and an event is held in memory while it is
+# retried; below this, inline saves a store round trip. Well under both limits, so a
+# batch of events with a result just below it still fits.
+RESULT_INLINE_LIMIT = 4 * 1024 * 1024
+
+
+def result_event(envelope: Envelope, final: dict[str, Any], data: bytes) -> frames.TaskResult:
+    """The task_result for pickled ``data``: inline, or by reference when large."""
+    ref = by_reference(envelope, data, "result")
+    if ref is None:
+        return frames.TaskResult(**final, result=data)
+    return frames.TaskResult(**final, result=BY_REFERENCE, result_ref=ref)
+
+
+def error_event(
+    envelope: Envelope, final: dict[str, Any], exc: BaseException, *, source: str
+) -> frames.TaskError:
+    """The task_error for ``exc``, its pickle inline or by reference when large."""
+    pickled = pickled_exception(exc)
+    ref = None if pickled is None else by_reference(envelope, pickled, "exception")
+    return frames.TaskError(
+        **final,
+        error=frames.normalize_exception(exc, source=source),
+        exception=None if ref is not None else pickled,
+        exception_ref=ref,
+    )
+
+
+def by_reference(envelope: Envelope, data: bytes, what: str) -> stores.BodyRef | None:
+    """Put ``data`` in the payload's result store if it is above RESULT_INLINE_LIMIT and
+    this worker may use that store; None: send it inline (as a caller that names no store
+    expects). A store that fails is said on stderr and the bytes go inline, as they did
+    before results went by reference (the receiver may then refuse them: the ledger)."""
+    if len(data) <= RESULT_INLINE_LIMIT or not envelope.result_store:
+        return None
+    if envelope.result_store_host and envelope.result_store_host != socket.gethostname():
+        return None  # the caller's default store is a directory on its own host
+    # A key of its own per write: a redelivered job never overwrites the bytes another
+    # worker's event names.
+    base = payload_mod.store_key(envelope.run_id, envelope.attempt)
+    key = f"{base}.{what}.{os.urandom(6).hex()}"
+    try:
+        return stores.open_store(envelope.result_store).put(key, data)
+    except Exception as exc:
+        print(
+            f"wove-adapters worker: could not put the {what} of run {envelope.run_id} "
+            f"({len(data)} bytes) in {redact_url(envelope.result_store)}: "
+            f"{type(exc).__name__}: {exc}; sending it inline",
+            file=sys.stderr,
+        )
+        return None
 
 
 def _drop_own_frames(exc: BaseException) -> None:
@@ -508,7 +565,13 @@ def read_payload(argv: list[str]) -> str:
     ``-`` (stdin), or the default env var ``WOVE_PAYLOAD``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m wove_adapters.worker")
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            # Not argparse's 2: that code says "payload refused" to the caller.
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    parser = _Parser(prog="python -m wove_adapters.worker")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--payload-file")
     source.add_argument("--payload-env")

@@ -319,13 +319,20 @@ def event_frame(event: frames.WireEvent, *, where: str) -> dict[str, Any]:
     cannot unpickle becomes that run's error, and an exception that cannot be rebuilt
     becomes ``TaskExecutionError``; a rebuilt exception gets the worker's traceback as
     its cause (``core.codec``). Unpickling runs arbitrary code (a ``__reduce__`` may
-    even call ``sys.exit``); here it runs on the shared loop, which must survive it."""
-    from wove_adapters.core.codec import wire_to_frame
+    even call ``sys.exit``); here it runs on the shared loop, which must survive it. A
+    result or exception sent by reference that is missing or tampered with is the run's
+    error (``StoredResultError``, nothing unpickled); such events block on their store, so
+    their reader calls this in a thread."""
+    from wove_adapters.core.codec import StoredResultError, wire_to_frame
 
     try:
         frame = wire_to_frame(event)
     except asyncio.CancelledError:
         raise
+    except StoredResultError as exc:
+        return frames.error_event(
+            event.run_id, event.task_id, exc, attempt=event.attempt, source="transport"
+        )
     except BaseException as exc:
         if isinstance(event, frames.TaskResult):
             return _unpicklable_result(event, exc)
