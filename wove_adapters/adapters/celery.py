@@ -40,6 +40,13 @@ from typing import Any, ClassVar, TypeVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.adapters.celery_pending import PendingCheck
+from wove_adapters.adapters.celery_reads import (
+    check_backend,
+    claim,
+    json_control,
+    read_meta,
+    refused,
+)
 from wove_adapters.adapters.claims import KeyClaims
 from wove_adapters.adapters.registry import import_object
 from wove_adapters.core.errors import redact_url
@@ -126,12 +133,14 @@ class CeleryAdapter(BackendAdapter):
         "FAILURE": JobState.FAILED,
         "REJECTED": JobState.FAILED,
         "REVOKED": JobState.CANCELLED,
+        "REFUSED": JobState.REFUSED,  # ours: FAILURE with the worker's PayloadError
     }
     reconcile_seconds: ClassVar[float] = 2.0
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
         self.app: Any = None
+        self.control: Any = None  # json_control(app): inspect replies are JSON only
         self._own_app = False
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.task_name = str(config.get("task_name") or TASK_NAME)
@@ -173,6 +182,9 @@ class CeleryAdapter(BackendAdapter):
         )
         # May import a module (the user's app).
         self.app, self._own_app = await self._call(client_app, self.config, self.environment)
+        if self._has_backend():  # nothing the caller reads back may be unpickled
+            check_backend(self.app.backend)
+        self.control = json_control(self.app)
         await self._call(check_broker, self.app, float(self.config.get("connect_timeout") or 10))
         if self.use_claims and self._has_backend():
             self._claims = await open_claims(self.app.backend)
@@ -226,8 +238,8 @@ class CeleryAdapter(BackendAdapter):
         if claims is not None:
             # The owner's requeued attempt moves the claim to its new task id; a claim
             # whose task ended without an outcome (worker lost, revoked) is taken over.
-            holder = await claims.claim(_claim_name(task_id), run_id=job.run_id,
-                                        handle=task_id, is_dead=self._is_dead)
+            holder = await claim(claims, _claim_name(task_id), run_id=job.run_id,
+                                 handle=task_id, is_dead=self._is_dead)
             if holder is not None:  # another caller's task holds the key: follow it
                 return Following(holder)
         options = {**self.send_options, **job.options}
@@ -260,7 +272,7 @@ class CeleryAdapter(BackendAdapter):
 
     async def status(self, handle: str) -> JobState:
         meta = await self._call(self._meta, handle) if self._has_backend() else {}
-        native = str(meta.get("status") or "UNKNOWN")
+        native = "REFUSED" if refused(meta) else str(meta.get("status") or "UNKNOWN")
         state = self.map_state(native)
         if self._pending is not None and native in ("PENDING", "STARTED"):
             reason = self._pending.verdict(handle, native, meta)
@@ -305,7 +317,7 @@ class CeleryAdapter(BackendAdapter):
         return not isinstance(self.app.backend, DisabledBackend)
 
     def _meta(self, task_id: str) -> dict[str, Any]:
-        return dict(self.app.backend.get_task_meta(task_id, cache=False))
+        return read_meta(self.app.backend, task_id)  # never unpickled (celery_reads)
 
     def _state(self, task_id: str) -> str:
         if not self._has_backend():
@@ -430,7 +442,7 @@ def send_payload(app: Any, task_name: str, payload: str, task_id: str,
 
 def worker_row(app: Any, queue: str, task_name: str, timeout: float) -> tuple[str, bool, str]:
     """The doctor's row: a worker consumes the queue and has the payload task."""
-    inspect = app.control.inspect(timeout=timeout)
+    inspect = json_control(app).inspect(timeout=timeout)
     queues = inspect.active_queues() or {}
     listening = sorted(
         worker for worker, items in queues.items()

@@ -295,7 +295,7 @@ class PendingCheck:
             if task_id:
                 unacked[task_id] = (tag.decode() if isinstance(tag, bytes) else tag, raw)
         wanted = sorted(asked - queued)
-        replies = self.adapter.app.control.inspect(timeout=self.timeout).query_task(*wanted)
+        replies = self.adapter.control.inspect(timeout=self.timeout).query_task(*wanted)
         held: dict[str, str] = {}
         for worker, found in (replies or {}).items():
             if not isinstance(found, dict) or "error" in found:

@@ -1,0 +1,138 @@
+"""A result-backend or broker writer cannot run code in a ``celery`` caller (issue 13,
+item 1).
+
+Celery decodes task metas with the result backend's serializer; a caller whose app
+accepts pickle (``result_serializer``/``result_accept_content``) would unpickle whatever a
+Redis writer planted. The writer plants pickles that create a marker file when unpickled
+(``broker_planting.Bomb``) as the task meta of the job a key's claim names, as the claim
+itself, and over the caller's own queued task. The caller (with Celery's JSON defaults,
+and with an app that accepts pickle) submits, follows, reads status, cancels and times
+out: the marker must never appear, and each run ends with a clear error or as lost, in
+bounded time. No worker consumes these queues. Run with the celery tox env.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "celery"))
+from broker_planting import assert_not_unpickled, bomb, bomb_b64, ends_within, marker
+from celery_services import REDIS_URL, require_service
+
+from wove_adapters.core import loop as shared_loop
+from wove_adapters.core.errors import DeliveryTimeoutError
+from wove_adapters.core.policies import JobState
+from wove_adapters.integration.hub import Hub
+from wove_adapters.testing import tasks
+
+__all__ = ["marker"]  # the fixture
+
+BOUND = 20.0
+PICKLE_CALLER = {"result_serializer": "pickle", "result_accept_content": ["pickle", "json"],
+                 "accept_content": ["pickle", "json"]}
+
+
+@pytest.fixture
+def planted() -> Iterator[list[str]]:
+    """Keys this test planted, deleted afterwards (Redis is shared)."""
+    require_service("redis", REDIS_URL)
+    keys: list[str] = []
+    yield keys
+    client = _client()
+    try:
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def _client() -> Any:
+    import redis
+
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def _plant(keys: list[str], key: str, value: bytes | str) -> None:
+    keys.append(key)
+    client = _client()
+    try:
+        client.set(key, value, ex=600)
+    finally:
+        client.close()
+
+
+def _hub(caller: str, **policy: Any) -> Hub:
+    config = {"broker_url": REDIS_URL, "result_backend": REDIS_URL,
+              "queue": f"wove-sec-celery-{uuid.uuid4().hex[:8]}",
+              "celery_config": PICKLE_CALLER if caller == "pickle" else {}}
+    definition = {"executor": "celery", "executor_config": config,
+                  "delivery_orphan_policy": "fail", "delivery_timeout": BOUND, **policy}
+    return Hub(environments={"celery": definition}, default_environment="celery")
+
+
+def _keyed(hub: Hub, key: str) -> Any:
+    return hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
+
+
+@pytest.mark.parametrize("caller", ["json", "pickle"])
+@pytest.mark.parametrize("what", ["pickled-meta", "forged-outcome", "garbage-claim"])
+def test_following_a_planted_claim_never_unpickles(
+    planted: list[str], marker: Path, caller: str, what: str
+) -> None:
+    key, held = f"sec{uuid.uuid4().hex[:8]}", f"held{uuid.uuid4().hex[:8]}"
+    claim: bytes | str = json.dumps({"run": "someone-else", "handle": held})
+    _plant(planted, f"celery-task-meta-{key}:wove-claim",
+           bomb(marker) if what == "garbage-claim" else claim)
+    meta: bytes | str = bomb(marker)
+    if what == "forged-outcome":
+        meta = json.dumps({"status": "SUCCESS", "task_id": held,
+                           "result": {"state": "succeeded", "outcome": bomb_b64(marker)}})
+    _plant(planted, f"celery-task-meta-{held}", meta)
+    hub = _hub(caller, **({"delivery_timeout": 5.0} if what == "pickled-meta" else {}))
+    try:
+        future = _keyed(hub, key)
+        ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
+        assert isinstance(ended, Exception), repr(ended)
+        if what == "pickled-meta":  # an unreadable meta is no verdict: the timeout ends it
+            assert isinstance(ended, DeliveryTimeoutError), repr(ended)
+        if what == "garbage-claim":
+            assert "not one wove-adapters wrote" in str(ended), repr(ended)
+    finally:
+        hub.close()
+    assert_not_unpickled(marker)
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout", "status"])
+def test_tampered_own_task_never_unpickles(planted: list[str], marker: Path, how: str) -> None:
+    """The writer plants a pickled meta over the caller's own queued task (an app that
+    accepts pickle); the caller then cancels it, times it out, or reads its status."""
+    key = f"sec{uuid.uuid4().hex[:8]}"
+    planted += [f"celery-task-meta-{key}:wove-claim"]
+    hub = _hub("pickle", **({"delivery_timeout": 3.0} if how == "timeout" else {}))
+    try:
+        future = _keyed(hub, key)
+        _plant(planted, f"celery-task-meta-{key}", bomb(marker))
+        if how == "cancel":
+            hub.cancel(future)
+            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+        elif how == "timeout":
+            ended = ends_within(BOUND, lambda: future.result(timeout=BOUND))
+            assert isinstance(ended, DeliveryTimeoutError), repr(ended)
+        else:
+            adapter = hub.dispatcher("celery").transport.adapter
+            for _ in range(3):
+                state = shared_loop.run_sync(adapter.status(key))
+                assert state is JobState.UNKNOWN, state
+            assert shared_loop.run_sync(adapter.outcomes([key])) == {}
+            hub.cancel(future)
+            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+    finally:
+        hub.close()
+    assert_not_unpickled(marker)
