@@ -20,6 +20,7 @@ from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
 from wove_adapters.core.options import check_executor_config
+from wove_adapters.core.paths import default_store_url
 from wove_adapters.core.policies import JobState
 from wove_adapters.core.transport import Emit, RunAttempt, Transport
 
@@ -576,7 +577,11 @@ class AdapterTransport(Transport):
         # the ledger keeps this run's outcome for later readers (a key, or detach): then
         # it stays until the store expires it (docs/security.md, "Limits").
         if run.idempotency_key is None and run.policy.orphan_policy != "detach":
-            refs.extend(results)
+            # Only this attempt's own keys in the store its payload named: a signed event
+            # cannot make the caller delete anything else.
+            ours = self._store_url or default_store_url()
+            mine = payload_mod.store_key(run.run_id, run.attempt) + "."
+            refs.extend(r for r in results if r.store == ours and r.key.startswith(mine))
         for ref in refs:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(payload_mod.open_store(ref.store).delete, ref)
