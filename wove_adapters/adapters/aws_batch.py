@@ -280,9 +280,6 @@ class AwsBatchAdapter(BackendAdapter):
             return JobState.REFUSED  # the transport fails the run with PayloadError
         return self.map_state(status)
 
-    async def status(self, handle: str) -> JobState:
-        return (await self.status_many([handle]))[handle]
-
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
         now = time.monotonic()
         for handle in handles:

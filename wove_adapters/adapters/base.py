@@ -63,6 +63,11 @@ class BackendAdapter(abc.ABC):
       reconciliation tick (and once per confirmation round) for every job it wonders
       about; an adapter whose backend answers many jobs in one request overrides it,
       and keeps no status cache of its own.
+
+      Each default is written in terms of the other, so an adapter fills one of the two
+      (``status_many`` where the backend answers many jobs in one request); a concrete
+      adapter that fills neither is a TypeError when its class is defined, not an
+      endless recursion at the first reconciliation tick.
     - ``outcomes``: for adapters whose ``submit`` may return ``Following``: the signed
       outcome each finished job recorded in the backend (the worker's terminal event,
       ``worker.runner.Outcome.signed``), read many at once; the transport verifies it and
@@ -113,13 +118,25 @@ class BackendAdapter(abc.ABC):
     @abc.abstractmethod
     async def cancel(self, handle: str, *, running: bool = True) -> None: ...
 
-    @abc.abstractmethod
-    async def status(self, handle: str) -> JobState: ...
+    async def status(self, handle: str) -> JobState:
+        """Default: ``status_many`` of this one handle (UNKNOWN when it was left out)."""
+        return (await self.status_many([handle])).get(handle, JobState.UNKNOWN)
 
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
         """``{handle: state}``; a handle left out could not be told this time (never a
         verdict). Default: ``status`` of each, a bounded number at a time."""
         return await gather_statuses(self.status, {handle: handle for handle in handles})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        abstract = any(getattr(getattr(cls, name, None), "__isabstractmethod__", False)
+                       for name in ("submit", "cancel"))
+        if (not abstract and cls.status is BackendAdapter.status
+                and cls.status_many is BackendAdapter.status_many):
+            raise TypeError(
+                f"{cls.__qualname__} must override status or status_many (each default "
+                f"calls the other)"
+            )
 
     async def outcomes(self, handles: Sequence[str]) -> dict[str, bytes | Exception]:
         """``{handle: signed outcome}`` for the followed jobs that finished with one;

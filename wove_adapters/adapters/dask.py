@@ -309,9 +309,6 @@ class DaskAdapter(BackendAdapter):
         await self.client.cancel([tracked.future], force=self._cancel_force,
                                  reason="cancelled by wove-adapters")
 
-    async def status(self, handle: str) -> JobState:
-        return (await self.status_many([handle]))[handle]
-
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
         """The client's own view first (the scheduler tells it of errors, losses and
         cancels); keys it still holds as pending: one scheduler request for all."""

@@ -419,9 +419,6 @@ class KubernetesJobsAdapter(BackendAdapter):
 
     # ------------------------------------------------------------ status
 
-    async def status(self, handle: str) -> JobState:
-        return (await self.status_many([handle]))[handle]
-
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
         """One LIST of our Jobs per namespace (by label selector) for every handle asked
         about, plus a GET for a Job that is not ours to list (attached to another

@@ -253,9 +253,6 @@ class SlurmAdapter(BackendAdapter):
 
     # ------------------------------------------------------------ status, cancel
 
-    async def status(self, handle: str) -> JobState:
-        return (await self.status_many([handle]))[handle]
-
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
         """One ``scontrol`` (jobs slurmctld still remembers, finished ones for MinJobAge,
         with their exit codes: a refused payload is REFUSED) and one ``squeue`` (array
