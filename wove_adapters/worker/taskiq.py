@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from wove_adapters.core.errors import redact_url
 from wove_adapters.worker import leases
 from wove_adapters.worker.pool import PoolRun, ProcessPool, report_to_caller
 
@@ -67,6 +69,7 @@ def register(
     kill_after: float = 5.0,
     task_name: str = TASK_NAME,
     announce_queue: str | None = None,
+    control_url: str | None = None,
 ) -> Any:
     """Add the ``wove_adapters.run`` task to a Taskiq broker (one line in your broker
     module); then ``taskiq worker yourmodule:broker`` runs payloads.
@@ -75,6 +78,11 @@ def register(
     with ``--max-async-tasks`` so queued jobs stay in the broker. ``kill_after``: seconds
     a cancelled task gets to stop after SIGTERM before SIGKILL. ``announce_queue``: the
     queue name the worker announces for ``wove-adapters doctor`` (default: the broker's).
+    ``control_url``: the Redis the callers' cancel markers, states and leases live in
+    (the adapter's ``control_url``; default: the broker's own Redis, or
+    ``$WOVE_TASKIQ_CONTROL_URL``). A message naming any other Redis is run without its
+    control keys: the address rides unsigned beside the payload, and a queue writer must
+    not point workers at a server of its choosing.
     """
     from taskiq import TaskiqEvents
 
@@ -82,6 +90,9 @@ def register(
     side = _WorkerSide.get()
     side.size = int(processes or os.cpu_count() or 2)
     side.kill_after = kill_after
+    control_url = control_url or os.environ.get("WOVE_TASKIQ_CONTROL_URL")
+    if control_url:
+        side.allowed = _redis_place(control_url)
 
     async def _startup(state: Any) -> None:
         await side.start(broker, announce_queue)
@@ -130,6 +141,28 @@ class _Job:
     run: PoolRun | None = None  # set once the job is handed to the payload pool
 
 
+log = logging.getLogger("wove_adapters.taskiq")
+
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def _place_of(kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    host = str(kwargs.get("host", "localhost"))
+    return ("loopback" if host in _LOOPBACK else host, int(kwargs.get("port", 6379) or 6379),
+            int(kwargs.get("db", 0) or 0), kwargs.get("path"))
+
+
+def _redis_place(url: str) -> tuple[Any, ...] | None:
+    """Where a Redis URL points (None: not a Redis URL), to compare two spellings."""
+    from redis.connection import parse_url
+
+    try:
+        return _place_of(parse_url(url))
+    except (ValueError, TypeError):
+        return None
+
+
 class _WorkerSide:
     """Per worker process: the payload process pool (``wove_adapters.worker.pool``),
     Redis clients, cancel listeners, leases, and the presence record for ``doctor``."""
@@ -139,6 +172,8 @@ class _WorkerSide:
     def __init__(self) -> None:
         self.size = os.cpu_count() or 2
         self.kill_after = 5.0
+        # The one Redis (host, port, db, unix path) control keys may live in: see register.
+        self.allowed: tuple[Any, ...] | None = None
         self._pool: ProcessPool | None = None
         self._redis: dict[str, Any] = {}
         self._listening: dict[tuple[str, str], asyncio.Task[None]] = {}  # subscribed
@@ -164,6 +199,9 @@ class _WorkerSide:
         self._spawn_bg(self.pool.start())  # warm: the zygote imports while we announce
         queue = announce_queue or getattr(broker, "queue_name", None)
         pool = getattr(broker, "connection_pool", None)
+        if self.allowed is None and pool is not None:
+            kwargs = getattr(pool, "connection_kwargs", {})
+            self.allowed = _place_of(kwargs)
         if queue and pool is not None:
             self._spawn_bg(self._announce(pool, str(queue)))
 
@@ -274,6 +312,16 @@ class _WorkerSide:
     # ------------------------------------------------------------ one job
 
     async def run(self, payload: str, control: dict[str, Any] | None) -> dict[str, Any]:
+        if control and self.allowed is not None and (
+            _redis_place(str(control.get("url", ""))) != self.allowed
+        ):
+            log.warning(
+                "wove-adapters taskiq worker: a message names control Redis %s, not this "
+                "worker's %s: its control keys are ignored (pass register(control_url=...) "
+                "if the callers' control_url differs from the broker)",
+                redact_url(control.get("url")), self.allowed,
+            )
+            control = None
         if not control:
             job = _Job(handle=uuid.uuid4().hex, payload=payload)
             return await self._notify(job, await self._execute(job))

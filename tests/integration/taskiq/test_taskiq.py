@@ -316,3 +316,48 @@ def test_users_own_broker_object(
     config = {**taskiq_worker.config, "broker": "taskiq_worker_app:broker"}
     hub = hubs(config)
     assert hub.run(tasks.add, 41) == 42
+
+
+def test_a_message_cannot_point_the_worker_at_another_redis(
+    taskiq_worker: TaskiqWorker, hubs: Any
+) -> None:
+    """The control address rides unsigned beside the payload: a queue writer who rewrites
+    it gets no connection from the worker (which runs the verified payload without the
+    foreign control keys), and the caller still gets its result."""
+    import socket
+    import threading
+
+    attacker = socket.create_server(("127.0.0.1", 0))
+    attacker.settimeout(0.2)
+    connections: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connections.append(attacker.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    side = f"wove-test-taskiq-hold-{uuid.uuid4().hex[:6]}"
+    hub = hubs({**taskiq_worker.config, "task_options": {"queue_name": side}})
+    client = redis_client()
+    try:
+        future = hub.submit(tasks.add, 41)
+        deadline = time.monotonic() + 30
+        while not client.llen(side) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        message = json.loads(client.lpop(side))
+        control = message["kwargs"]["control"]
+        control["url"] = f"redis://127.0.0.1:{attacker.getsockname()[1]}/0"
+        client.rpush(taskiq_worker.queue, json.dumps(message))
+        assert future.result(timeout=30) == 42
+        time.sleep(0.5)
+        assert connections == [], "the worker connected to a Redis a queue writer named"
+        assert "not this worker's" in taskiq_worker.log.read_text()
+    finally:
+        stop.set()
+        attacker.close()
+        client.delete(side)
+        client.close()
