@@ -28,8 +28,10 @@ def _thief(key: str, stop: threading.Event, stolen: list[bytes]) -> None:
     try:
         while not stop.is_set():
             item = client.blpop([key], timeout=20)
-            if item is not None:
+            if item is not None and not stop.is_set():
                 stolen.append(item[1])
+    except redis.RedisError:
+        pass  # the list went away with the caller: nothing left to steal
     finally:
         client.close()
 
@@ -51,9 +53,10 @@ def test_a_stolen_outcome_is_reported_as_lost_on_the_return_path() -> None:
         assert hub.run(tasks.add, 1) == 2  # the way back works while nobody steals
         receiver: Any = hub.dispatcher("p").transport.receiver  # type: ignore[attr-defined]
         stop, stolen = threading.Event(), []
-        for _ in range(8):
-            threading.Thread(target=_thief, args=(receiver.key, stop, stolen),
-                             daemon=True).start()
+        thieves = [threading.Thread(target=_thief, args=(receiver.key, stop, stolen),
+                                    daemon=True) for _ in range(8)]
+        for thief in thieves:
+            thief.start()
         time.sleep(2.5)  # the caller's reader re-arms behind the thief
         started = time.monotonic()
         try:
@@ -61,7 +64,14 @@ def test_a_stolen_outcome_is_reported_as_lost_on_the_return_path() -> None:
             with pytest.raises(DeliveryOrphanedError, match="lost on the return path") as info:
                 future.result(timeout=60)
         finally:
-            stop.set()
+            stop.set()  # wake every thief (they are first in line) and wait for them
+            waker = redis.Redis.from_url(REDIS_URL)
+            try:
+                waker.rpush(receiver.key, *([b"wake"] * len(thieves)))
+            finally:
+                waker.close()
+            for thief in thieves:
+                thief.join(5)
         assert stolen, "the thief took nothing: the test proved nothing"
         assert "Another client popped it" in str(info.value)
         assert time.monotonic() - started < 30
