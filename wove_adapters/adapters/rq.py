@@ -15,7 +15,8 @@ would run code in the caller): it reads the job hash fields it needs as plain te
 ``HMGET`` (status, worker, origin, and the ``wove_state`` and ``wove_outcome`` fields
 ``run_payload`` writes), never builds a ``Job`` from Redis (``Job.fetch`` unpickles its
 meta, ``return_value()`` its result), and its ``Job`` objects carry a serializer that
-refuses to load anything. A signed outcome goes through ``core.codec.decode_outcome``.
+refuses to load anything (those raw reads live in ``rq_reads``). A signed outcome goes
+through ``core.codec.decode_outcome``.
 
 This module never imports ``rq`` or ``redis`` at import time: the worker-side pieces
 (``run_payload`` and the preloading ``Worker`` class, reached through ``__getattr__``)
@@ -34,9 +35,16 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
+from wove_adapters.adapters.rq_reads import (
+    CallerSerializer,
+    caller_job,
+    read_fields,
+    recorded_outcomes,
+    subscribed,
+)
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState, RunState
-from wove_adapters.worker.rq import OUTCOME_FIELD, STATE_FIELD, run_payload
+from wove_adapters.worker.rq import STATE_FIELD, run_payload
 
 __all__ = ["RqAdapter", "RqOptions", "run_payload"]
 
@@ -61,22 +69,6 @@ _HOLDS_KEY = {"created", "queued", "started", "deferred", "scheduled", "finished
 _ROUND_SECONDS = 0.25
 _CANCELLABLE = {"created", "queued", "deferred", "scheduled", "rate_limited", "ready_to_enqueue"}
 _ENDED = {"finished", "failed", "stopped", "canceled"}
-
-
-class CallerSerializer:
-    """The caller's RQ serializer: writes what RQ's default (pickle) workers read, and
-    loads nothing. The caller never needs to read a job's data, meta or result; should
-    any RQ code path try, it fails instead of unpickling what a Redis writer planted."""
-
-    @staticmethod
-    def dumps(value: Any) -> bytes:
-        import pickle
-
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-
-    @staticmethod
-    def loads(data: bytes) -> Any:
-        raise ValueError("wove-adapters' rq caller never deserializes job data from Redis")
 
 
 class RqOptions(AdapterOptions, kw_only=True):
@@ -179,23 +171,7 @@ class RqAdapter(BackendAdapter):
         return queue
 
     def _fields(self, handles: Sequence[str], *fields: str) -> list[list[str | None]]:
-        """The named fields of each job's hash as text (None: absent), one pipeline."""
-        from rq.job import Job
-
-        pipe = self._connection.pipeline(transaction=False)
-        for handle in handles:
-            pipe.hmget(Job.key_for(handle), *fields)
-        return [[_text(value) for value in row] for row in pipe.execute()]
-
-    def _job(self, handle: str, origin: str | None) -> Any:
-        """A ``Job`` to cancel or delete with, built without reading Redis (``Job.fetch``
-        would unpickle the job's meta): RQ's cancel and delete need only its id, origin
-        and status (read raw)."""
-        from rq.job import Job
-
-        job = Job(handle, connection=self._connection, serializer=CallerSerializer)
-        job.origin = origin or self.queue_name
-        return job
+        return read_fields(self._connection, handles, *fields)
 
     # ------------------------------------------------------------ submit
 
@@ -220,17 +196,7 @@ class RqAdapter(BackendAdapter):
         """Enqueue unless a job with this id already holds the key; returns that job's
         status when it does, None when we enqueued."""
         queue = self._queue(str(options.get("queue") or self.queue_name))
-        kwargs = {ours: options[ours] for ours in _ENQUEUE_OPTIONS if ours in options}
-        kwargs = {_ENQUEUE_OPTIONS[k]: v for k, v in kwargs.items()}
-        kwargs.setdefault(
-            "description", f"wove {job.task_id} (run {job.run_id}, attempt {job.attempt})"
-        )
-        kwargs["meta"] = {
-            **dict(options.get("meta") or {}),
-            "wove_run_id": job.run_id,
-            "wove_task_id": job.task_id,
-            "wove_attempt": job.attempt,
-        }
+        kwargs = _enqueue_options(job, options)
         deduped = job.idempotency_key is not None
         for _ in range(5):
             if deduped:
@@ -238,7 +204,7 @@ class RqAdapter(BackendAdapter):
                 if status in _HOLDS_KEY:
                     return status
                 if status is not None:  # failed / stopped / canceled: the key is free again
-                    self._job(job_id, origin).delete()
+                    caller_job(self._connection, job_id, origin or self.queue_name).delete()
             try:
                 queue.enqueue_call(
                     RUN_PAYLOAD, args=(job.payload,), job_id=job_id,
@@ -252,30 +218,7 @@ class RqAdapter(BackendAdapter):
         raise RuntimeError(f"rq adapter: could not enqueue or attach to job {job_id}")
 
     async def outcomes(self, handles: Sequence[str]) -> dict[str, bytes | Exception]:
-        return await asyncio.to_thread(self._recorded_outcomes, list(handles))
-
-    def _recorded_outcomes(self, handles: list[str]) -> dict[str, bytes | Exception]:
-        """The signed outcome each finished job recorded in its hash (run_payload),
-        read raw: the transport verifies it before anything in it is unpickled."""
-        import base64
-        import binascii
-
-        found: dict[str, bytes | Exception] = {}
-        rows = self._fields(handles, "status", OUTCOME_FIELD)
-        for handle, (status, blob) in zip(handles, rows, strict=True):
-            if status != "finished":
-                continue
-            try:
-                found[handle] = base64.b64decode(blob or "", validate=True) or RuntimeError(
-                    f"rq job {handle} holding this idempotency key finished without a "
-                    f"recorded outcome (a worker older than this caller?)"
-                )
-            except (binascii.Error, ValueError) as exc:
-                found[handle] = RuntimeError(
-                    f"rq job {handle} holding this idempotency key recorded an unreadable "
-                    f"outcome ({exc}): not written by a wove-adapters worker"
-                )
-        return found
+        return await asyncio.to_thread(recorded_outcomes, self._connection, list(handles))
 
     # ------------------------------------------------------------ cancel, status
 
@@ -289,7 +232,7 @@ class RqAdapter(BackendAdapter):
             status, origin = self._fields([handle], "status", "origin")[0]
             if status is None:
                 return
-            job = self._job(handle, origin)
+            job = caller_job(self._connection, handle, origin or self.queue_name)
             if status in _CANCELLABLE:
                 with contextlib.suppress(InvalidJobOperation):
                     job.cancel()
@@ -323,9 +266,6 @@ class RqAdapter(BackendAdapter):
             send_command(self._connection, worker, "stop-job", job_id=handle)
         return bool(worker)
 
-    async def status(self, handle: str) -> JobState:
-        return (await self.status_many([handle]))[handle]
-
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
         """One pipelined ``HMGET`` (and one ``PUBSUB NUMSUB``) for every job asked about.
         A job whose worker refused its payload (``run_payload`` records ``refused``) is
@@ -343,16 +283,9 @@ class RqAdapter(BackendAdapter):
         least ``_ROUND_SECONDS`` apart), reads ``abandoned`` (gone: the orphan policy
         applies)."""
         rows = self._fields(handles, "status", "worker_name", STATE_FIELD)
-        workers = sorted({w for status, w, _ in rows if status == "started" and w})
-        alive: set[str] = set()
-        if workers:
-            channels = [f"rq:pubsub:{name}" for name in workers]
-            counts = dict(self._connection.pubsub_numsub(*channels))
-            alive = {
-                name
-                for name, channel in zip(workers, channels, strict=True)
-                if int(counts.get(channel.encode(), 0) or counts.get(channel, 0)) > 0
-            }
+        workers = {w for status, w, _ in rows if status == "started" and w}
+        listening = subscribed(self._connection, sorted(f"rq:pubsub:{w}" for w in workers))
+        alive = {w for w in workers if f"rq:pubsub:{w}" in listening}
         now = time.monotonic()
         texts: list[str | None] = []
         for handle, (status, worker, ours) in zip(handles, rows, strict=True):
@@ -377,13 +310,15 @@ class RqAdapter(BackendAdapter):
     async def doctor(self) -> list[tuple[str, bool, str]]:
         rows: list[tuple[str, bool, str]] = []
         try:
-            elapsed = await asyncio.to_thread(self._ping)
+            elapsed = await asyncio.to_thread(_ping_seconds, self._connection)
             rows.append(("redis reachable", True, f"{self.redis_url} ({elapsed * 1000:.1f} ms)"))
         except Exception as exc:  # every failure is a row
             rows.append(("redis reachable", False,
                          f"{self.redis_url}: {exc}; start Redis or set executor_config.redis_url"))
             return rows
-        hosts = await asyncio.to_thread(self._worker_hosts)
+        hosts = await asyncio.to_thread(
+            _worker_hosts, self._connection, self._queue(self.queue_name)
+        )
         if hosts:
             rows.append((f"rq worker on queue '{self.queue_name}'", True,
                          f"{len(hosts)} worker(s) on {', '.join(sorted(set(hosts)))}"))
@@ -391,76 +326,82 @@ class RqAdapter(BackendAdapter):
             rows.append((f"rq worker on queue '{self.queue_name}'", False,
                          f"no worker listens; start one: rq worker {self.queue_name} "
                          f"--url {self.redis_url} -w wove_adapters.adapters.rq.Worker"))
-        rows.append(await self._return_path_row(hosts))
+        rows.append(await _return_path_row(self.config, hosts))
         return rows
-
-    def _ping(self) -> float:
-        started = time.perf_counter()
-        self._connection.ping()
-        return time.perf_counter() - started
-
-    def _worker_hosts(self) -> list[str]:
-        from rq import Worker
-
-        workers = Worker.all(queue=self._queue(self.queue_name))
-        if not workers:
-            return []
-        # RQ keeps a worker killed with SIGKILL registered for its worker_ttl (minutes);
-        # a live worker is subscribed to its command channel, and Redis drops that
-        # subscription the moment the worker's connection dies.
-        listening = dict(
-            self._connection.pubsub_numsub(*[w.pubsub_channel_name for w in workers])
-        )
-        return [
-            str(w.hostname or "?")
-            for w in workers
-            if int(
-                listening.get(w.pubsub_channel_name.encode(), 0)
-                or listening.get(w.pubsub_channel_name, 0)
-            )
-            > 0
-        ]
-
-    async def _return_path_row(self, hosts: list[str]) -> tuple[str, bool, str]:
-        if self.config.get("return_path") == "redis":
-            import redis
-
-            url = str(self.config.get("return_redis_url") or DEFAULT_REDIS_URL)
-
-            def _ping_dropbox() -> None:
-                client = redis.Redis.from_url(url)
-                try:
-                    client.ping()
-                finally:
-                    client.close()
-
-            try:
-                await asyncio.to_thread(_ping_dropbox)
-                return ("return path (redis drop box) reachable", True, url)
-            except Exception as exc:
-                return ("return path (redis drop box) reachable", False, f"{url}: {exc}")
-        from wove_adapters.callbacks.receiver import get_receiver
-
-        receiver = await get_receiver(self.config)
-        base = receiver.url.split("/wove/events/")[0]
-        try:
-            await asyncio.to_thread(_http_get, f"{base}/wove/health")
-        except Exception as exc:
-            return ("receiver reachable", False, f"{base}: {exc}")
-        remote = sorted({h for h in hosts if h != socket.gethostname()})
-        loopback = any(part in base for part in ("//127.", "//localhost", "//[::1]"))
-        if remote and loopback:
-            return ("receiver reachable", False,
-                    f"{base} is loopback but workers run on {', '.join(remote)}: set "
-                    f"executor_config.callback_host / callback_url, or return_path 'redis'")
-        return ("receiver reachable", True, base)
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def _text(value: bytes | None) -> str | None:
-    return value.decode("utf-8", "replace") if value is not None else None
+def _enqueue_options(job: JobSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """``Queue.enqueue_call`` keywords from our option names (``_ENQUEUE_OPTIONS``), with
+    a description and the meta that name the run when the options do not."""
+    kwargs = {rq_name: options[ours] for ours, rq_name in _ENQUEUE_OPTIONS.items()
+              if ours in options}
+    kwargs.setdefault(
+        "description", f"wove {job.task_id} (run {job.run_id}, attempt {job.attempt})"
+    )
+    kwargs["meta"] = {
+        **dict(options.get("meta") or {}),
+        "wove_run_id": job.run_id,
+        "wove_task_id": job.task_id,
+        "wove_attempt": job.attempt,
+    }
+    return kwargs
+
+
+# ---------------------------------------------------------------- doctor rows
+
+
+def _ping_seconds(connection: Any) -> float:
+    started = time.perf_counter()
+    connection.ping()
+    return time.perf_counter() - started
+
+
+def _worker_hosts(connection: Any, queue: Any) -> list[str]:
+    """The hosts of the workers on ``queue`` that still listen (``rq_reads.subscribed``:
+    RQ keeps a worker killed with SIGKILL registered for its worker_ttl)."""
+    from rq import Worker
+
+    workers = Worker.all(queue=queue)
+    listening = subscribed(connection, [w.pubsub_channel_name for w in workers])
+    return [str(w.hostname or "?") for w in workers if w.pubsub_channel_name in listening]
+
+
+async def _return_path_row(config: dict[str, Any], hosts: list[str]) -> tuple[str, bool, str]:
+    if config.get("return_path") == "redis":
+        import redis
+
+        url = str(config.get("return_redis_url") or DEFAULT_REDIS_URL)
+
+        def _ping_dropbox() -> None:
+            client = redis.Redis.from_url(url)
+            try:
+                client.ping()
+            finally:
+                client.close()
+
+        try:
+            await asyncio.to_thread(_ping_dropbox)
+            return ("return path (redis drop box) reachable", True, url)
+        except Exception as exc:
+            return ("return path (redis drop box) reachable", False, f"{url}: {exc}")
+    from wove_adapters.callbacks.receiver import get_receiver
+
+    receiver = await get_receiver(config)
+    base = receiver.url.split("/wove/events/")[0]
+    try:
+        await asyncio.to_thread(_http_get, f"{base}/wove/health")
+    except Exception as exc:
+        return ("receiver reachable", False, f"{base}: {exc}")
+    remote = sorted({h for h in hosts if h != socket.gethostname()})
+    loopback = any(part in base for part in ("//127.", "//localhost", "//[::1]"))
+    if remote and loopback:
+        return ("receiver reachable", False,
+                f"{base} is loopback but workers run on {', '.join(remote)}: set "
+                f"executor_config.callback_host / callback_url, or return_path 'redis'")
+    return ("receiver reachable", True, base)
 
 
 def _http_get(url: str) -> None:
