@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from wove_adapters.adapters.arq_reads import JobReads, never_deserialize, read_jobs, succeeded
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
@@ -42,12 +43,10 @@ from wove_adapters.worker.arq import (
     CANCEL_KEY,
     DONE_KEY,
     FUNCTION_NAME,
-    LEASE_KEY,
     LEASE_SECONDS,
     MARKER_TTL,
     RESULT_KEY,
     pack_record,
-    read_record,
     wove_adapters_run,
 )
 from wove_adapters.worker.leases import LeaseReader
@@ -98,29 +97,36 @@ def _as_datetime(value: Any) -> dt.datetime:
     return dt.datetime.fromisoformat(str(value))
 
 
-def _never_deserialize(data: bytes) -> Any:
-    """The caller pool's ``job_deserializer``: ARQ's job data and results are pickled by
-    default, and the caller reads neither (see the module docstring)."""
-    raise ValueError("wove-adapters' arq caller never deserializes ARQ job data or results")
+def _worker_options(config: dict[str, Any], lease: float) -> dict[str, Any]:
+    """``wove_adapters_run``'s keywords where they differ from its defaults; an unknown
+    ``isolation`` is an error here, before anything connects."""
+    isolation = str(config.get("isolation") or "thread")
+    if isolation not in ISOLATIONS:
+        raise ValueError(
+            f"arq executor_config.isolation must be one of {', '.join(ISOLATIONS)}, "
+            f"not {isolation!r}"
+        )
+    kill_after = float(config.get("kill_after", 10.0))
+    options: dict[str, Any] = {}
+    if isolation == "process":
+        options.update(isolation="process", kill_after=kill_after)
+    if lease != LEASE_SECONDS:
+        options["lease_seconds"] = lease
+    return options
 
 
-def _succeeded(raw: bytes | None) -> bool:
-    try:
-        return raw is not None and read_record(raw).get("state") == "succeeded"
-    except Exception:
-        return False
+def _aborted_result(pool: Any, function: str, handle: str, queue: str) -> bytes | None:
+    """The result ARQ itself records for a job aborted before it started (its
+    ``CancelledError``), serialized as the pool would."""
+    from arq.jobs import serialize_result
 
-
-def _native(complete: bool, in_progress: bool, score: float | None, enqueued: bool) -> str:
-    """ARQ's job status as ``Job.status()`` tells it from the same keys, except that a job
-    whose key exists under a queue we do not know counts as queued, not not_found."""
-    if complete:
-        return "complete"
-    if in_progress:
-        return "in_progress"
-    if score:
-        return "deferred" if score > time.time() * 1000 else "queued"
-    return "queued" if enqueued else "not_found"
+    now = int(time.time() * 1000)
+    return serialize_result(
+        function, (), {}, 1, now, False,
+        asyncio.CancelledError("cancelled before it started"), now, now,
+        f"{handle}:{function}", queue, handle,
+        serializer=pool.job_serializer,
+    )
 
 
 class ArqOptions(AdapterOptions, kw_only=True):
@@ -200,21 +206,11 @@ class ArqAdapter(BackendAdapter):
         self._queue = str(_option([config], "queue_name") or DEFAULT_QUEUE)
         self._function = str(config.get("function") or FUNCTION_NAME)
         self._prefix = str(config.get("job_id_prefix") or "")
-        self._isolation = str(config.get("isolation") or "thread")
-        if self._isolation not in ISOLATIONS:
-            raise ValueError(
-                f"arq executor_config.isolation must be one of {', '.join(ISOLATIONS)}, "
-                f"not {self._isolation!r}"
-            )
-        self._kill_after = float(config.get("kill_after", 10.0))
         self._max_submits = int(config.get("max_concurrent_submits", 64))
         self._lease = float(config.get("lease_seconds", LEASE_SECONDS))
-        self._worker_options: dict[str, Any] = {}  # wove_adapters_run's, when not its defaults
-        if self._isolation == "process":
+        self._worker_options = _worker_options(config, self._lease)
+        if self._worker_options.get("isolation") == "process":
             self.capabilities = self.PROCESS_CAPABILITIES  # type: ignore[misc]
-            self._worker_options.update(isolation="process", kill_after=self._kill_after)
-        if self._lease != LEASE_SECONDS:
-            self._worker_options["lease_seconds"] = self._lease
         self._pool: Any = None
         self._submits: asyncio.Semaphore | None = None
         self._queues: dict[str, str] = {}  # job id -> queue name, until released
@@ -239,7 +235,7 @@ class ArqAdapter(BackendAdapter):
 
         try:
             self._pool = await create_pool(self._settings(), default_queue_name=self._queue,
-                                           job_deserializer=_never_deserialize)
+                                           job_deserializer=never_deserialize)
         except Exception as exc:
             raise ConnectionError(
                 f"arq: cannot reach Redis at {self._redis_url} ({type(exc).__name__}: {exc}). "
@@ -306,7 +302,7 @@ class ArqAdapter(BackendAdapter):
         key = result_key_prefix + job_id
         async with self._pool.pipeline(transaction=True) as pipe:
             await pipe.watch(key, RESULT_KEY + job_id)
-            if await pipe.exists(key) == 0 or _succeeded(await pipe.get(RESULT_KEY + job_id)):
+            if await pipe.exists(key) == 0 or succeeded(await pipe.get(RESULT_KEY + job_id)):
                 await pipe.reset()  # gone, or recorded a success meanwhile: look again
                 return False
             pipe.multi()
@@ -369,15 +365,7 @@ class ArqAdapter(BackendAdapter):
             result_key_prefix,
             retry_key_prefix,
         )
-        from arq.jobs import serialize_result
-
-        now = int(time.time() * 1000)
-        aborted = serialize_result(
-            self._function, (), {}, 1, now, False,
-            asyncio.CancelledError("cancelled before it started"), now, now,
-            f"{handle}:{self._function}", queue, handle,
-            serializer=self._pool.job_serializer,
-        )
+        aborted = _aborted_result(self._pool, self._function, handle, queue)
         async with self._pool.pipeline(transaction=True) as pipe:
             await pipe.watch(in_progress_key_prefix + handle)
             if await pipe.exists(in_progress_key_prefix + handle):
@@ -394,9 +382,6 @@ class ArqAdapter(BackendAdapter):
             except Exception:  # WatchError: a worker just started it
                 return False
         return True
-
-    async def status(self, handle: str) -> JobState:
-        return (await self.status_many([handle])).get(handle, JobState.UNKNOWN)
 
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
         """One Redis transaction for every job asked about (``_read``). ARQ keeps a job
@@ -417,37 +402,11 @@ class ArqAdapter(BackendAdapter):
                 states[handle] = self._state_of(info)
         return states
 
-    async def _read(self, handles: Sequence[str]) -> dict[str, tuple[str, Any, int]]:
-        """``{job id: (ARQ's status, what it ended with, the lease's PTTL)}`` for every
-        job in one transaction. ARQ's status is what ``Job.status()`` tells from which of
-        its keys exist (nothing of ARQ's is deserialized); a complete job ended with the
-        record ``wove_adapters_run`` wrote (a dict; an Exception if it is not msgpack),
-        or, with none, ``cancelled`` (our cancel marker is set) or ``failed``."""
-        from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
-
+    async def _read(self, handles: Sequence[str]) -> JobReads:
+        """``arq_reads.read_jobs``: ARQ's status from which of its keys exist (nothing of
+        ARQ's is deserialized), our record of how a complete job ended, the lease."""
         assert self._pool is not None
-        async with self._pool.pipeline(transaction=True) as pipe:
-            for handle in handles:
-                pipe.exists(result_key_prefix + handle)
-                pipe.exists(in_progress_key_prefix + handle)
-                pipe.zscore(self._queues.get(handle, self._queue), handle)
-                pipe.exists(job_key_prefix + handle)
-                pipe.pttl(LEASE_KEY + handle)
-                pipe.get(RESULT_KEY + handle)
-                pipe.exists(CANCEL_KEY + handle)
-            replies = await pipe.execute()
-        found: dict[str, tuple[str, Any, int]] = {}
-        for i, handle in enumerate(handles):
-            done, in_progress, score, enqueued, pttl, raw, cancelled = replies[7 * i : 7 * i + 7]
-            info: Any = None
-            if done:
-                try:
-                    info = read_record(raw) if raw else {
-                        "state": "cancelled" if cancelled else "failed"}
-                except Exception as exc:
-                    info = ValueError(f"the arq job {handle}'s record is not ours ({exc})")
-            found[handle] = (_native(bool(done), in_progress, score, enqueued), info, int(pttl))
-        return found
+        return await read_jobs(self._pool, handles, self._queues, self._queue)
 
     def _state_of(self, info: dict[str, Any]) -> JobState:
         return self.map_state(str(info.get("state") or "failed"))
@@ -462,31 +421,42 @@ class ArqAdapter(BackendAdapter):
         import arq.version  # a started adapter has ARQ (a missing one fails at start-up)
 
         rows = [("arq installed", True, f"arq {arq.version.VERSION}")]
-        pool = self._pool
         try:
-            server = await pool.info(section="server")
-            rows.append(("broker reachable", True,
-                         f"Redis {server.get('redis_version', '?')} at {self._redis_url}"))
+            rows.append(await _broker_row(self._pool, self._redis_url))
         except Exception as exc:  # every failure is a row
             return [*rows, ("broker reachable", False,
                             f"Redis at {self._redis_url}: {exc}; start it or fix redis_url")]
-        from arq.constants import health_check_key_suffix
-
-        health = await pool.get(self._queue + health_check_key_suffix)
-        if health:
-            text = health.decode() if isinstance(health, bytes) else str(health)
-            rows.append(("worker listening on queue", True, f"{self._queue}: {text}"))
-        else:
-            rows.append((
-                "worker listening on queue", False,
-                f"no arq worker reports on queue {self._queue!r}: start one with "
-                f"`arq yourapp.WorkerSettings` where WorkerSettings.functions includes "
-                f"wove_adapters.adapters.arq.wove_adapters_run and queue_name = "
-                f"{self._queue!r} (allow_abort_jobs = True for cancellation)",
-            ))
-        due = await pool.zcount(self._queue, "-inf", int(time.time() * 1000))
-        oldest = await pool.zrange(self._queue, 0, 0, withscores=True)
-        wait = (time.time() * 1000 - oldest[0][1]) / 1000 if oldest and due else 0.0
-        rows.append(("queue backlog", True, f"{due} due job(s), oldest waiting {wait:.1f}s"))
+        rows.append(await _worker_row(self._pool, self._queue))
+        rows.append(await _backlog_row(self._pool, self._queue))
         return rows
 
+
+# ---------------------------------------------------------------- doctor rows
+
+
+async def _broker_row(pool: Any, redis_url: str) -> tuple[str, bool, str]:
+    server = await pool.info(section="server")
+    return ("broker reachable", True, f"Redis {server.get('redis_version', '?')} at {redis_url}")
+
+
+async def _worker_row(pool: Any, queue: str) -> tuple[str, bool, str]:
+    from arq.constants import health_check_key_suffix
+
+    health = await pool.get(queue + health_check_key_suffix)
+    if health:
+        text = health.decode() if isinstance(health, bytes) else str(health)
+        return ("worker listening on queue", True, f"{queue}: {text}")
+    return (
+        "worker listening on queue", False,
+        f"no arq worker reports on queue {queue!r}: start one with "
+        f"`arq yourapp.WorkerSettings` where WorkerSettings.functions includes "
+        f"wove_adapters.adapters.arq.wove_adapters_run and queue_name = "
+        f"{queue!r} (allow_abort_jobs = True for cancellation)",
+    )
+
+
+async def _backlog_row(pool: Any, queue: str) -> tuple[str, bool, str]:
+    due = await pool.zcount(queue, "-inf", int(time.time() * 1000))
+    oldest = await pool.zrange(queue, 0, 0, withscores=True)
+    wait = (time.time() * 1000 - oldest[0][1]) / 1000 if oldest and due else 0.0
+    return ("queue backlog", True, f"{due} due job(s), oldest waiting {wait:.1f}s")
