@@ -28,17 +28,16 @@ from typing import Any, ClassVar
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.adapters.util import (
     Row,
-    checked_row,
     delete_payloads,
-    group_by,
-    probe_store,
+    store_row,
+    submit_grouped,
     undone_if_abandoned,
     worker_command,
 )
 from wove_adapters.core import stores as payload_mod
-from wove_adapters.core.errors import redact_url
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED
 
 # AWS Batch's job statuses in the shared vocabulary.
 _STATES: dict[str, JobState] = {
@@ -55,10 +54,6 @@ _FINISHED = frozenset({"SUCCEEDED", "FAILED"})
 
 # The statusReason we give cancel_job/terminate_job: a FAILED job carrying it was cancelled.
 CANCEL_REASON = "wove-adapters: cancelled by the caller"
-
-# ``python -m wove_adapters.worker``'s exit code for a payload that does not verify: the
-# worker signs and sends nothing else for it (1 is a task's failure, 3 a lost outcome).
-_REFUSED_EXIT = 2
 
 # DescribeJobs takes at most 100 job ids; array jobs at most 10,000 children.
 _DESCRIBE_BATCH = 100
@@ -138,9 +133,6 @@ class AwsBatchAdapter(BackendAdapter):
 
     # ------------------------------------------------------------ life cycle
 
-    def _options(self, job: JobSpec | None = None) -> dict[str, Any]:
-        return {**self.config, **(job.options if job is not None else {})}
-
     async def start(self) -> None:
         _check_required(self.config)
         self._client = await asyncio.to_thread(_batch_client, self.config)
@@ -201,7 +193,7 @@ class AwsBatchAdapter(BackendAdapter):
         ref = f"{self.store_url}#{key}"
         command = worker_command(self.python, "--payload-ref", ref)
         try:
-            request = _submit_job_request(self._options(job), name, command)
+            request = _submit_job_request(self.options_for(job), name, command)
             handle = await self._submit_request(request)
         except BaseException:
             await asyncio.shield(self._delete_keys([key]))
@@ -213,17 +205,18 @@ class AwsBatchAdapter(BackendAdapter):
         """Jobs with the same queue, definition and options become one array job (one
         SubmitJob); each child reads the payload of its index. Handles are child job ids
         (``<array job id>:<index>``)."""
-        handles: list[str] = [""] * len(jobs)
-        for positions in group_by(range(len(jobs)), lambda p: json.dumps(
-                jobs[p].options, sort_keys=True, default=repr)):
-            for start in range(0, len(positions), _ARRAY_MAX):
-                chunk = positions[start : start + _ARRAY_MAX]
-                if len(chunk) == 1:  # an array job needs at least two children
-                    handles[chunk[0]] = await self.submit(jobs[chunk[0]])
-                    continue
-                chunk_handles = await self._submit_array([jobs[p] for p in chunk])
-                for position, handle in zip(chunk, chunk_handles, strict=True):
-                    handles[position] = handle
+        return await submit_grouped(
+            jobs, lambda job: json.dumps(job.options, sort_keys=True, default=repr),
+            self._submit_arrays)
+
+    async def _submit_arrays(self, jobs: list[JobSpec]) -> list[str]:
+        handles: list[str] = []
+        for start in range(0, len(jobs), _ARRAY_MAX):
+            chunk = jobs[start : start + _ARRAY_MAX]
+            if len(chunk) == 1:  # an array job needs at least two children
+                handles.append(await self.submit(chunk[0]))
+            else:
+                handles += await self._submit_array(chunk)
         return handles
 
     async def _submit_array(self, jobs: list[JobSpec]) -> list[str]:
@@ -239,7 +232,7 @@ class AwsBatchAdapter(BackendAdapter):
         await asyncio.gather(*(put(key, job) for key, job in zip(keys, jobs, strict=True)))
         command = ["/bin/sh", "-c", _ARRAY_SCRIPT, self.python, f"{self.store_url}#{tag}"]
         name = tag if tag[:1].isalnum() else f"w{tag}"
-        request = _submit_job_request(self._options(jobs[0]), name, command)
+        request = _submit_job_request(self.options_for(jobs[0]), name, command)
         request["arrayProperties"] = {"size": len(jobs)}
         try:
             job_id = await self._submit_request(request, children=len(jobs))
@@ -276,7 +269,7 @@ class AwsBatchAdapter(BackendAdapter):
     def _state_of(self, status: str, reason: str, exit_code: int | None) -> JobState:
         if status == "FAILED" and reason.startswith(CANCEL_REASON):
             return JobState.CANCELLED
-        if status == "FAILED" and exit_code == _REFUSED_EXIT:
+        if status == "FAILED" and exit_code == EXIT_PAYLOAD_REFUSED:
             return JobState.REFUSED  # the transport fails the run with PayloadError
         return self.map_state(status)
 
@@ -353,12 +346,7 @@ class AwsBatchAdapter(BackendAdapter):
                             "(aws batch update-job-queue --state ENABLED)")))
             rows.extend(await self._compute_rows(queue))
         rows.append(await self._definition_row())
-        s3 = " (S3 bucket)" if self.store_url.startswith("s3:") else ""
-        where = redact_url(self.store_url)
-        probe = asyncio.to_thread(lambda: probe_store(self._store(), f"doctor-{uuid.uuid4().hex}"))
-        rows.append(await checked_row(
-            f"payload store reachable{s3}", probe, f"{where} (write, read, delete)",
-            lambda exc: f"{where}: {exc}; the caller writes and the jobs read payloads here"))
+        rows.append(await store_row(self.store_url, "the jobs read them"))
         return rows
 
     async def _compute_rows(self, queue: dict[str, Any]) -> list[Row]:

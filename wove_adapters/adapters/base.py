@@ -12,6 +12,7 @@ Which class a name means is the registry's job (``adapters/registry.py``).
 from __future__ import annotations
 
 import abc
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -109,6 +110,13 @@ class BackendAdapter(abc.ABC):
         self.environment = environment
         self.emit: Emit | None = None
 
+    def report(self, frame: dict[str, Any] | None) -> None:
+        """Hand a run's event to the transport, for an adapter that reports its runs' ends
+        itself (a future or a workflow result as the way back). Nothing for None, or when
+        no transport listens (a bare adapter in a script or a test)."""
+        if frame is not None and self.emit is not None:
+            self.emit(frame)
+
     async def start(self) -> None:
         """Connect; default: nothing to do."""
 
@@ -182,14 +190,26 @@ class BackendAdapter(abc.ABC):
 
         return map_state(cls.STATE_MAP, native)
 
+    def options_for(self, job: JobSpec) -> dict[str, Any]:
+        """``executor_config`` with the run's per-task options (``task_options``) on top."""
+        return {**self.config, **job.options}
+
     @staticmethod
     def safe_name(text: str, *, allowed: str = r"A-Za-z0-9_\-", max_len: int = 128) -> str:
         """A backend-safe name from any key: disallowed characters become ``-``; a long
         name keeps a digest of the whole so distinct keys stay distinct."""
-        import hashlib
-
         cleaned = re.sub(f"[^{allowed}]", "-", text)
-        if len(cleaned) > max_len or cleaned != text:
-            digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-            cleaned = f"{cleaned[: max_len - 13]}-{digest}"
-        return cleaned
+        return digested(text, cleaned, max_len=max_len, digits=12, trim="")
+
+
+def digested(text: str, cleaned: str, *, max_len: int, digits: int = 10, trim: str = "-") -> str:
+    """A name a backend accepts: ``text`` itself when cleaning (to the backend's
+    characters) left it alone and it fits ``max_len``; otherwise the cleaned text, cut to
+    fit beside a digest of the original (``digits`` hex digits), so distinct texts keep
+    distinct names. Names already handed out depend on ``digits`` and ``trim``: they stay
+    as each caller has them."""
+    if cleaned == text and len(text) <= max_len:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:digits]
+    head = cleaned[: max(max_len - digits - 1, 0)].rstrip(trim)
+    return f"{head}-{digest}" if head else digest

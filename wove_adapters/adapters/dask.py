@@ -40,10 +40,13 @@ from wove_adapters.adapters.util import (
     BatchedFetch,
     FinishedStates,
     IterationBatch,
+    Row,
     Watched,
+    checked_row,
     failure_frame,
     group_by,
     refusal_frame,
+    run_event,
     wait_within,
 )
 from wove_adapters.core import frames
@@ -155,7 +158,6 @@ class DaskAdapter(BackendAdapter):
         "ERRED": JobState.FAILED,
         "FORGOTTEN": JobState.GONE,
     }
-    reconcile_seconds: ClassVar[float] = 2.0
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
@@ -282,10 +284,10 @@ class DaskAdapter(BackendAdapter):
             except Exception as exc:  # every run in the batch hears of it
                 for key in keys:
                     tracked = self._tracked.pop(key, None)
-                    if tracked is not None and self.emit is not None:
-                        self.emit(frames.error_event(tracked.run_id, tracked.task_id, exc,
-                                                     attempt=tracked.attempt, source="transport",
-                                                     retryable=True))
+                    if tracked is not None:
+                        self.report(frames.error_event(tracked.run_id, tracked.task_id, exc,
+                                                       attempt=tracked.attempt, source="transport",
+                                                       retryable=True))
                 continue
             for key, future in zip(keys, futures, strict=True):
                 tracked = self._tracked[key]
@@ -392,29 +394,25 @@ class DaskAdapter(BackendAdapter):
             self._finished.remember(key, self.map_state(status))
             frame = _frame_for(tracked, status, value, exc, native=self.native,
                                remote_tb=remote_tb)
-        if frame is not None and self.emit is not None:
-            self.emit(frame)
+        self.report(frame)
 
     # ---------------------------------------------------------- doctor
 
-    async def doctor(self) -> list[tuple[str, bool, str]]:
-        rows: list[tuple[str, bool, str]] = []
+    async def doctor(self) -> list[Row]:
         if self.client is None:
             return [("dask scheduler reachable", False, "the adapter is not started")]
-        rows.append(("dask scheduler reachable", True, str(self.client.scheduler.address)))
-        info = await self.client.scheduler.identity()
-        workers = info.get("workers", {})
+        address = self.client.scheduler.address
+        rows: list[Row] = [("dask scheduler reachable", True, str(address))]
+        workers = (await self.client.scheduler.identity()).get("workers", {})
         threads = sum(int(w.get("nthreads", 0)) for w in workers.values())
         rows.append(("dask workers connected", bool(workers),
                      f"{len(workers)} workers, {threads} threads" if workers else
-                     f"no workers: start one with 'dask worker {self.client.scheduler.address}'"))
+                     f"no workers: start one with 'dask worker {address}'"))
         if workers:
-            try:
-                versions = await self.client.run(worker_ready)
-                rows.append(("workers import wove_adapters", True, f"{len(versions)} workers"))
-            except Exception as exc:  # every failure is a row
-                rows.append(("workers import wove_adapters", False,
-                             f"{exc}: pip install 'wove-adapters[dask]' on every worker"))
+            rows.append(await checked_row(
+                "workers import wove_adapters", self.client.run(worker_ready),
+                lambda versions: f"{len(versions)} workers",
+                lambda exc: f"{exc}: pip install 'wove-adapters[dask]' on every worker"))
         failures = await self.client.run_on_scheduler(_allowed_failures)
         rows.append((
             "scheduler allowed-failures is 0", failures == 0,
@@ -493,17 +491,16 @@ def _frame_for(
     remote_tb: str = "",
 ) -> dict[str, Any] | None:
     """The event a finished Dask future means for its run (None: the worker reported)."""
-    ident = (tracked.run_id, tracked.task_id, tracked.attempt)
     if status == "finished":
         if not native:
             return None  # the worker already reported (and was acknowledged)
-        return frames.event(frames.TASK_RESULT, *ident, result=value)
+        return run_event(tracked, frames.TASK_RESULT, result=value)
     if status == "cancelled":
-        return frames.event(frames.TASK_CANCELLED, *ident, reason="the Dask task was cancelled")
+        return run_event(tracked, frames.TASK_CANCELLED, reason="the Dask task was cancelled")
     if status == "error" and exc is not None and not _lost(exc):
         return failure_frame(tracked, exc, native=native, remote_tb=remote_tb)
     reason = f"{type(exc).__name__}: {exc}" if exc is not None else f"Dask reports {status}"
-    return frames.event(frames.TASK_LOST, *ident, reason=f"the Dask task was lost ({reason})")
+    return run_event(tracked, frames.TASK_LOST, reason=f"the Dask task was lost ({reason})")
 
 
 async def _awaited(future: Any) -> Any:

@@ -63,9 +63,9 @@ from wove_adapters.adapters.util import (
     Row,
     checked_row,
     delete_payloads,
-    group_by,
-    probe_store,
     resolve_secret,
+    store_row,
+    submit_grouped,
 )
 from wove_adapters.core import stores as payload_mod
 from wove_adapters.core.options import AdapterOptions
@@ -186,7 +186,6 @@ class KubernetesJobsAdapter(BackendAdapter):
         array_jobs=True,
     )
     STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
-    reconcile_seconds: ClassVar[float] = 2.0
     confirm_poll_seconds: ClassVar[float] = 1.0  # one round is a LIST per namespace
     # The job's pod ends with its task, having delivered or recorded
     # its outcome first.
@@ -316,9 +315,6 @@ class KubernetesJobsAdapter(BackendAdapter):
 
     # ------------------------------------------------------------ the Job we send
 
-    def _options(self, job: JobSpec) -> dict[str, Any]:
-        return {**self.config, **job.options}
-
     def manifest(
         self,
         name: str,
@@ -348,7 +344,7 @@ class KubernetesJobsAdapter(BackendAdapter):
     # ------------------------------------------------------------ submit
 
     async def submit(self, job: JobSpec) -> str:
-        options = self._options(job)
+        options = self.options_for(job)
         namespace = str(options.get("namespace") or self.namespace)
         name = self.job_name(job)
         store = self._store()
@@ -370,17 +366,13 @@ class KubernetesJobsAdapter(BackendAdapter):
     async def submit_many(self, jobs: list[JobSpec]) -> list[str]:
         """N runs -> one Indexed Job per group of runs with the same options; handles are
         ``namespace/name#index``."""
-        handles: list[str] = [""] * len(jobs)
-        for positions in group_by(range(len(jobs)), lambda p: json.dumps(
-                [jobs[p].task_id, jobs[p].options], sort_keys=True, default=str)):
-            group = [jobs[p] for p in positions]
-            for p, handle in zip(positions, await self._submit_indexed(group), strict=True):
-                handles[p] = handle
-        return handles
+        return await submit_grouped(
+            jobs, lambda job: json.dumps([job.task_id, job.options], sort_keys=True, default=str),
+            self._submit_indexed)
 
     async def _submit_indexed(self, jobs: list[JobSpec]) -> list[str]:
         first = jobs[0]
-        options = self._options(first)
+        options = self.options_for(first)
         namespace = str(options.get("namespace") or self.namespace)
         name = f"{dns_label('wove-' + first.task_id, max_len=40)}-{secrets.token_hex(4)}"
         store = self._store()
@@ -658,12 +650,8 @@ class KubernetesJobsAdapter(BackendAdapter):
             "needed to see Pods that cannot start", lambda exc: f"{exc}; grant list on pods",
             errors=KubernetesApiError,
         ))
-        store = self._store()
-        rows.append(await checked_row(
-            "payload store writable", self._in_pool(probe_store, store, "k8s-doctor-probe"),
-            f"{store.url} (the Pods must read it: mount it or use a Redis store)",
-            lambda exc: f"{store.url}: {exc}",
-        ))
+        rows.append(await store_row(self.config.get("payload_store"),
+                                    "the Pods read them (mount the directory, or use Redis)"))
         return rows
 
 

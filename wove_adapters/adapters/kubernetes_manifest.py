@@ -15,7 +15,9 @@ import functools
 import re
 from typing import Any
 
-from wove_adapters.adapters.util import digested, worker_command
+from wove_adapters.adapters.base import digested
+from wove_adapters.adapters.util import worker_command
+from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "wove-adapters"
@@ -38,9 +40,6 @@ START_FAILURES = frozenset({
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
     "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
 })
-# ``python -m wove_adapters.worker``'s exit code for a payload that does not verify: the
-# worker signs and sends nothing else for it (1 is a task's failure, 3 a lost outcome).
-REFUSED_EXIT = 2
 
 
 # ---------------------------------------------------------------- names
@@ -250,6 +249,6 @@ def refused(pod: dict[str, Any]) -> bool:
     worker's refusal exit code (the only report a refusal gets)."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         terminated = (status.get("state") or {}).get("terminated") or {}
-        if status.get("name") == CONTAINER and terminated.get("exitCode") == REFUSED_EXIT:
+        if status.get("name") == CONTAINER and terminated.get("exitCode") == EXIT_PAYLOAD_REFUSED:
             return True
     return False

@@ -28,17 +28,30 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
+from wove_adapters.adapters.util import (
+    refusal_frame,
+    run_event,
+    wait_within,
+    worker_command,
+    write_private,
+)
 from wove_adapters.core import frames
 from wove_adapters.core.executors.stdio import FAULT_SIGNALS, describe_exit, exit_frame
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.paths import data_dir
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker.runner import (
+    EXIT_CANCELLED,
+    EXIT_DELIVERY_FAILED,
+    EXIT_OK,
+    EXIT_PAYLOAD_REFUSED,
+    EXIT_TASK_FAILED,
+)
 
 # ``python -m wove_adapters.worker`` exit codes after which its outcome is settled
-# (delivered, or owned by the ledger): see wove_adapters.worker.runner.
-_SETTLED_CODES = frozenset({0, 1, 143})
-_REFUSED = 2  # the payload did not verify: the worker reports it only by this code
-_DELIVERY_FAILED = 3
+# (delivered, or owned by the ledger); a refused payload (EXIT_PAYLOAD_REFUSED) is
+# reported only by its code.
+_SETTLED_CODES = frozenset({EXIT_OK, EXIT_TASK_FAILED, EXIT_CANCELLED})
 
 
 class ProcessOptions(AdapterOptions, kw_only=True):
@@ -65,7 +78,6 @@ class ProcessAdapter(BackendAdapter):
         detach=True,
         inline_payload_limit=64 * 1024,
     )
-    STATE_MAP: ClassVar[dict[str, JobState]] = {}
     reconcile_seconds: ClassVar[float] = 0.5
     # The worker process ends with its task, having delivered or recorded
     # its outcome first.
@@ -90,13 +102,9 @@ class ProcessAdapter(BackendAdapter):
 
     async def submit(self, job: JobSpec) -> str:
         path = self._spool / f"{job.job_name}.payload"
-        await asyncio.to_thread(_write_private, path, job.payload)
+        await asyncio.to_thread(write_private, path, job.payload)
         proc = await asyncio.create_subprocess_exec(
-            self._python,
-            "-m",
-            "wove_adapters.worker",
-            "--payload-file",
-            str(path),
+            *worker_command(self._python, "--payload-file", str(path)),
             env={**os.environ, **self._env},
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,
@@ -117,22 +125,13 @@ class ProcessAdapter(BackendAdapter):
         if code in _SETTLED_CODES:
             return
         worker = f"process worker pid {proc.pid}"
-        if code == _REFUSED:
-            from wove_adapters.adapters.transport import refused_event
-
-            self.emit(refused_event(self.name, job, str(self.config.get("_key_id", "?"))))
+        if code == EXIT_PAYLOAD_REFUSED:
+            self.emit(refusal_frame(self.name, job, self.config))
             return
-        if code == _DELIVERY_FAILED:
-            self.emit(
-                frames.event(
-                    frames.TASK_LOST,
-                    job.run_id,
-                    job.task_id,
-                    job.attempt,
-                    reason=f"{worker} {describe_exit(code)}: it could neither deliver nor "
-                    f"record the outcome of task '{job.task_id}'",
-                )
-            )
+        if code == EXIT_DELIVERY_FAILED:
+            self.emit(run_event(job, frames.TASK_LOST, reason=(
+                f"{worker} {describe_exit(code)}: it could neither deliver nor record the "
+                f"outcome of task '{job.task_id}'")))
             return
         by_task = code >= 0 or -code in FAULT_SIGNALS
         self.emit(exit_frame(worker, code, job.run_id, job.task_id, job.attempt, by_task=by_task))
@@ -152,11 +151,11 @@ class ProcessAdapter(BackendAdapter):
         if code is None:
             return JobState.RUNNING
         self._cleanup(handle)
-        if code == 0:
+        if code == EXIT_OK:
             return JobState.SUCCEEDED
-        if code in (143, -signal.SIGTERM):
+        if code in (EXIT_CANCELLED, -signal.SIGTERM):
             return JobState.CANCELLED
-        if code == _REFUSED:
+        if code == EXIT_PAYLOAD_REFUSED:
             return JobState.REFUSED
         return JobState.FAILED
 
@@ -177,14 +176,14 @@ class ProcessAdapter(BackendAdapter):
 
     async def aclose(self) -> None:
         self._closing = True
-        for proc in list(self._procs.values()):
+        procs = list(self._procs.items())
+        for _, proc in procs:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
-        for handle, proc in list(self._procs.items()):
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except asyncio.TimeoutError:
+        await wait_within([proc.wait() for _, proc in procs], 5)  # 5 s for them all
+        for handle, proc in procs:
+            if proc.returncode is None:  # SIGTERM ignored
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
             self._cleanup(handle)
@@ -193,8 +192,3 @@ class ProcessAdapter(BackendAdapter):
             watcher.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
 
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)

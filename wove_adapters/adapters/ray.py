@@ -40,7 +40,15 @@ from types import FrameType
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.adapters.util import FinishedStates, Watched, failure_frame, refusal_frame
+from wove_adapters.adapters.util import (
+    FinishedStates,
+    Row,
+    Watched,
+    checked_row,
+    failure_frame,
+    refusal_frame,
+    run_event,
+)
 from wove_adapters.core import frames
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
@@ -181,7 +189,6 @@ class RayAdapter(BackendAdapter):
         "LOST": JobState.GONE,
         "REFUSED": JobState.REFUSED,  # ours: the worker refused the payload
     }
-    reconcile_seconds: ClassVar[float] = 2.0
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
@@ -299,26 +306,21 @@ class RayAdapter(BackendAdapter):
             tracked.escalation.cancel()
         state, frame = self._outcome(tracked, done)
         self._finished.remember(handle, state)
-        if frame is not None and self.emit is not None:
-            self.emit(frame)
+        self.report(frame)
 
     def _outcome(self, tracked: _Tracked, done: Any) -> tuple[str, dict[str, Any] | None]:
         """(native state, frame to emit) for a finished ObjectRef future."""
-        ident = (tracked.run_id, tracked.task_id, tracked.attempt)
         try:
             value = done.result()
         except BaseException as exc:  # every Ray error becomes an event
             kinds = {cls.__name__ for cls in type(exc).__mro__}
             if "TaskCancelledError" in kinds:
-                return "CANCELLED", frames.event(
-                    frames.TASK_CANCELLED, *ident, reason="Ray cancelled the task"
-                )
+                return "CANCELLED", run_event(tracked, frames.TASK_CANCELLED,
+                                              reason="Ray cancelled the task")
             cause = getattr(exc, "cause", None) if "RayTaskError" in kinds else None
             if kinds & LOST_ERRORS or isinstance(cause, OutcomeUndelivered):
-                return "LOST", frames.event(
-                    frames.TASK_LOST, *ident,
-                    reason=f"Ray lost the task ({type(exc).__name__}: {_first_line(exc)})",
-                )
+                return "LOST", run_event(tracked, frames.TASK_LOST, reason=(
+                    f"Ray lost the task ({type(exc).__name__}: {_first_line(exc)})"))
             if isinstance(cause, PayloadRefused):  # the worker signed and sent nothing
                 return "REFUSED", refusal_frame(self.name, tracked, self.config)
             if isinstance(cause, BaseException):
@@ -326,23 +328,22 @@ class RayAdapter(BackendAdapter):
                 remote = str(getattr(exc, "traceback_str", "") or "")
                 return "FAILED", failure_frame(tracked, cause, native=self.native,
                                                remote_tb=remote)
-            return "FAILED", frames.error_event(
-                *ident[:2], exc, attempt=tracked.attempt, source="backend"
-            )
+            return "FAILED", frames.error_event(tracked.run_id, tracked.task_id, exc,
+                                                attempt=tracked.attempt, source="backend")
         if isinstance(value, NativeCancelled):
-            return "CANCELLED", frames.event(frames.TASK_CANCELLED, *ident, reason=value.reason)
+            return "CANCELLED", run_event(tracked, frames.TASK_CANCELLED, reason=value.reason)
         if self.native:
-            return "FINISHED", frames.event(frames.TASK_RESULT, *ident, result=value)
+            return "FINISHED", run_event(tracked, frames.TASK_RESULT, result=value)
         # The worker already reported (and was acknowledged); the ref says how it ended.
         return _STATE_OF_OUTCOME.get(str(value), "FINISHED"), None
 
     # ---------------------------------------------------------- doctor
 
-    async def doctor(self) -> list[tuple[str, bool, str]]:
+    async def doctor(self) -> list[Row]:
         ray = self._ray
         if ray is None or not ray.is_initialized():
             return [("ray cluster reachable", False, "the adapter is not started")]
-        rows: list[tuple[str, bool, str]] = [(
+        rows: list[Row] = [(
             "ray cluster reachable", True,
             f"{ray.get_runtime_context().gcs_address} (Ray {ray.__version__})",
         )]
@@ -351,14 +352,13 @@ class RayAdapter(BackendAdapter):
         rows.append(("ray nodes alive", bool(nodes) and cpus > 0,
                      f"{len(nodes)} nodes, {cpus:g} CPUs" if nodes else
                      "no live node: start one with 'ray start --address=HEAD:PORT'"))
-        try:
-            probe = ray.remote(max_retries=0, num_cpus=0)(worker_ready).remote()
-            detail = await asyncio.wait_for(probe, 60)
-            rows.append(("ray workers import wove_adapters", True, str(detail)))
-        except Exception as exc:  # every failure is a row
-            rows.append(("ray workers import wove_adapters", False,
-                         f"{type(exc).__name__}: {_first_line(exc)}; pip install "
-                         f"'wove-adapters[ray]' in every node's Python (or runtime_env)"))
+        async def probe() -> Any:
+            return await ray.remote(max_retries=0, num_cpus=0)(worker_ready).remote()
+
+        rows.append(await checked_row(
+            "ray workers import wove_adapters", asyncio.wait_for(probe(), 60), str,
+            lambda exc: f"{type(exc).__name__}: {_first_line(exc)}; pip install "
+                        f"'wove-adapters[ray]' in every node's Python (or runtime_env)"))
         retries = self.remote_options.get("max_retries")
         rows.append(("ray max_retries is 0", retries == 0,
                      "a dead worker fails the task, so the orphan policy applies"

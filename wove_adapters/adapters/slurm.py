@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -26,10 +27,11 @@ from typing import Any, ClassVar
 import msgspec
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.adapters.util import worker_command
+from wove_adapters.adapters.util import Row, submit_grouped, worker_command, write_private
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.paths import data_dir
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED
 
 # Slurm's job states (squeue %T / scontrol JobState) in the shared vocabulary.
 _STATES: dict[str, JobState] = {
@@ -62,7 +64,7 @@ _STATES: dict[str, JobState] = {
 }
 # ``python -m wove_adapters.worker``'s exit status for a payload that does not verify, as
 # scontrol shows it (status:signal): the worker signs and sends nothing else for it.
-_REFUSED_EXIT = "2:0"
+_REFUSED_EXIT = f"{EXIT_PAYLOAD_REFUSED}:0"
 
 # executor_config keys passed straight through as `#SBATCH --key=value`.
 _PASSTHROUGH = (
@@ -182,7 +184,7 @@ class SlurmAdapter(BackendAdapter):
     # ------------------------------------------------------------ submit
 
     def _directives(self, job: JobSpec, name: str, output: str) -> list[str]:
-        options = {**self.config, **job.options}
+        options = self.options_for(job)
         lines = [f"#SBATCH --job-name={name}", f"#SBATCH --output={output}"]
         for key in _PASSTHROUGH:
             value = options.get(key) or options.get(key.replace("-", "_"))
@@ -213,7 +215,7 @@ class SlurmAdapter(BackendAdapter):
             if existing is not None:
                 return existing
         payload = self.spool / f"{name}.payload"
-        await asyncio.to_thread(_write_private, payload, job.payload)
+        await asyncio.to_thread(write_private, payload, job.payload)
         script = self._script(
             self._directives(job, name, str(self.spool / f"{name}.out")), shlex.quote(str(payload))
         )
@@ -224,11 +226,17 @@ class SlurmAdapter(BackendAdapter):
         return handle
 
     async def submit_many(self, jobs: list[JobSpec]) -> list[str]:
-        """N jobs -> one ``sbatch --array=0-(N-1)``; handles are ``JOBID_INDEX``."""
+        """Jobs with the same options -> one ``sbatch --array=0-(N-1)`` (its directives
+        are theirs); handles are ``JOBID_INDEX``."""
+        return await submit_grouped(
+            jobs, lambda job: json.dumps(job.options, sort_keys=True, default=repr),
+            self._submit_array)
+
+    async def _submit_array(self, jobs: list[JobSpec]) -> list[str]:
         tag = f"wove-array-{uuid.uuid4().hex[:12]}"
         for index, job in enumerate(jobs):
             await asyncio.to_thread(
-                _write_private, self.spool / f"{tag}_{index}.payload", job.payload
+                write_private, self.spool / f"{tag}_{index}.payload", job.payload
             )
         directives = self._directives(jobs[0], tag, str(self.spool / f"{tag}_%a.out"))
         directives.append(f"#SBATCH --array=0-{len(jobs) - 1}")
@@ -290,21 +298,14 @@ class SlurmAdapter(BackendAdapter):
     async def detach(self, handle: str) -> None:
         self._payloads.pop(handle, None)  # the job still needs its payload file
 
-    async def doctor(self) -> list[tuple[str, bool, str]]:
-        rows: list[tuple[str, bool, str]] = []
+    async def doctor(self) -> list[Row]:
+        rows: list[Row] = []
         try:
             out = await self._run("sinfo", "-h", "-o", "%P %a %D %T")
             rows.append(("slurmctld reachable (sinfo)", True, out.strip().replace("\n", "; ")))
             idle = any(word in out for word in ("idle", "mixed"))
-            rows.append(
-                (
-                    "a node can take work",
-                    idle,
-                    "idle or mixed"
-                    if idle
-                    else "no idle node: scontrol update nodename=... state=resume",
-                )
-            )
+            rows.append(("a node can take work", idle, "idle or mixed" if idle else
+                         "no idle node: scontrol update nodename=... state=resume"))
         except SlurmError as exc:
             rows.append(("slurmctld reachable (sinfo)", False, str(exc)))
         rows.append(("spool dir writable", os.access(self.spool, os.W_OK), str(self.spool)))
@@ -320,8 +321,3 @@ def _native(fields: dict[str, str]) -> str:
         return "REFUSED"
     return state
 
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
-from wove_adapters.adapters.util import refusal_frame
+from wove_adapters.adapters.util import Row, refusal_frame, resolve_secret, run_event
 from wove_adapters.core import frames
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.options import AdapterOptions
@@ -114,7 +113,6 @@ class TemporalAdapter(BackendAdapter):
         "TIMED_OUT": JobState.FAILED,
         "CONTINUED_AS_NEW": JobState.RUNNING,
     }
-    reconcile_seconds: ClassVar[float] = 2.0
     # Each payload runs in a task process that ends with it, having delivered or
     # recorded its outcome first.
     after_job: ClassVar[str] = "settled"
@@ -135,8 +133,8 @@ class TemporalAdapter(BackendAdapter):
         from temporalio.client import Client
 
         api_key = self.config.get("api_key")
-        if isinstance(api_key, str) and api_key.startswith("env:"):
-            api_key = os.environ.get(api_key[4:])
+        if api_key:  # a literal, env:VAR or file:/path
+            api_key = resolve_secret(str(api_key), option="api_key")
         try:
             self._client = await asyncio.wait_for(
                 Client.connect(
@@ -172,7 +170,7 @@ class TemporalAdapter(BackendAdapter):
 
     def request(self, job: JobSpec) -> dict[str, Any]:
         """The workflow's input: the payload plus the activity options it runs it with."""
-        options = {**self.config, **job.options}
+        options = self.options_for(job)
         timeout = job.delivery.get("delivery_timeout")
         start_to_close = options.get("start_to_close_timeout") or (
             float(timeout) + 60.0 if timeout else 7 * 24 * 3600.0
@@ -196,7 +194,7 @@ class TemporalAdapter(BackendAdapter):
         from temporalio.common import Priority, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
         from temporalio.exceptions import WorkflowAlreadyStartedError
 
-        options = {**self.config, **job.options}
+        options = self.options_for(job)
         workflow_id = self.workflow_id(job)
         extra: dict[str, Any] = {}
         if options.get("priority") is not None:
@@ -239,8 +237,7 @@ class TemporalAdapter(BackendAdapter):
         except Exception as exc:  # a broken result stream loses the run
             found = _Ended(f"following Temporal workflow {handle.id} failed: {exc}")
         if isinstance(found, _Refused):  # the worker signed and sent nothing
-            if self.emit is not None:
-                self.emit(refusal_frame(self.name, job, self.config))
+            self.report(refusal_frame(self.name, job, self.config))
             return
         if isinstance(found, bytes):
             from wove_adapters.core.codec import decode_outcome
@@ -251,8 +248,7 @@ class TemporalAdapter(BackendAdapter):
                 found = exc
         if not isinstance(found, bytes):
             frame = _end_frame(found, job, handle.id)
-        if self.emit is not None:
-            self.emit(frame)
+        self.report(frame)
 
     def _forget_reader(self, workflow_id: str, reader: asyncio.Task[None]) -> None:
         if self._readers.get(workflow_id) is reader:
@@ -325,12 +321,12 @@ class TemporalAdapter(BackendAdapter):
         if reader is not None:
             reader.cancel()
 
-    async def doctor(self) -> list[tuple[str, bool, str]]:
+    async def doctor(self) -> list[Row]:
         from temporalio.api.enums.v1 import TaskQueueType
         from temporalio.api.taskqueue.v1 import TaskQueue
         from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
-        rows: list[tuple[str, bool, str]] = [
+        rows: list[Row] = [
             ("Temporal server", self._client is not None, f"{self.address} ({self.namespace})")
         ]
         for kind, queue_type in (
@@ -443,11 +439,10 @@ def _recorded(summary: Any) -> bytes | Exception:
 def _end_frame(found: Exception | None, job: JobSpec, workflow_id: str) -> dict[str, Any]:
     """The terminal event of our own workflow when it left no outcome to verify."""
     if found is None:
-        return frames.event(frames.TASK_CANCELLED, job.run_id, job.task_id, job.attempt,
-                            reason=f"Temporal cancelled workflow {workflow_id}")
+        return run_event(job, frames.TASK_CANCELLED,
+                         reason=f"Temporal cancelled workflow {workflow_id}")
     if isinstance(found, _Ended):
-        return frames.event(frames.TASK_LOST, job.run_id, job.task_id, job.attempt,
-                            reason=str(found))
+        return run_event(job, frames.TASK_LOST, reason=str(found))
     return frames.error_event(job.run_id, job.task_id, found, attempt=job.attempt,
                               source="backend")
 

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from wove_adapters.core import frames
 from wove_adapters.core import stores as payload_mod
 from wove_adapters.core.codec import attach_remote_traceback
-from wove_adapters.core.errors import PayloadError
+from wove_adapters.core.errors import PayloadError, redact_url
 
 Row = tuple[str, bool, str]  # a doctor row: what, ok, detail (what to do when not ok)
 T = TypeVar("T")
@@ -65,6 +66,13 @@ def refusal_frame(executor: str, run: Any, config: dict[str, Any]) -> dict[str, 
     from wove_adapters.adapters.transport import refused_event
 
     return refused_event(executor, run, str(config.get("_key_id", "?")))
+
+
+def run_event(run: Any, kind: str, **fields: Any) -> dict[str, Any]:
+    """An event frame of ``kind`` for ``run`` (anything with ``run_id``, ``task_id`` and
+    ``attempt``: a watched run, a ``JobSpec``), for an adapter that reports its runs'
+    ends itself."""
+    return frames.event(kind, run.run_id, run.task_id, run.attempt, **fields)
 
 
 class FinishedStates(Generic[V]):
@@ -115,6 +123,21 @@ def group_by(items: Iterable[T], signature: Callable[[T], Hashable]) -> list[lis
     for item in items:
         groups.setdefault(signature(item), []).append(item)
     return list(groups.values())
+
+
+async def submit_grouped(
+    jobs: list[T], signature: Callable[[T], Hashable],
+    submit: Callable[[list[T]], Awaitable[list[str]]],
+) -> list[str]:
+    """``submit_many`` for an array-job backend: ``submit`` gets each group of jobs with
+    equal ``signature`` (one array job each: its children share one set of options) and
+    returns their handles; the handles come back in the jobs' order."""
+    handles = [""] * len(jobs)
+    for positions in group_by(range(len(jobs)), lambda position: signature(jobs[position])):
+        group_handles = await submit([jobs[position] for position in positions])
+        for position, handle in zip(positions, group_handles, strict=True):
+            handles[position] = handle
+    return handles
 
 
 class BatchedFetch(Generic[T, R]):
@@ -218,31 +241,12 @@ def worker_command(python: str, *args: str) -> list[str]:
     return [python, "-m", "wove_adapters.worker", *args]
 
 
-def digested(text: str, cleaned: str, *, max_len: int, trim: str = "-") -> str:
-    """A name a backend accepts: ``text`` itself when cleaning (to the backend's
-    characters) left it alone and it fits ``max_len``; otherwise the cleaned text, cut to
-    fit beside a digest of the original, so distinct texts keep distinct names."""
-    if cleaned == text and len(text) <= max_len:
-        return text
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    head = cleaned[: max(max_len - len(digest) - 1, 0)].rstrip(trim)
-    return f"{head}-{digest}" if head else digest
-
-
 def delete_payloads(store: payload_mod.PayloadStore, keys: Sequence[str]) -> None:
     """Blocking: delete stored payloads by key, quietly. One already gone, or a store that
     fails now, leaves an object for the store's own expiry, not an error for the run."""
     for key in keys:
         with contextlib.suppress(Exception):
             store.delete(payload_mod.BodyRef(store=store.url, key=key, sha256="", size=0))
-
-
-def probe_store(store: payload_mod.PayloadStore, key: str) -> None:
-    """Blocking, for ``doctor``: write, read back and delete one small body; raises
-    whatever failed."""
-    ref = store.put(key, b"wove-adapters doctor")
-    store.get(ref)
-    store.delete(ref)
 
 
 def resolve_secret(value: str, *, option: str) -> str:
@@ -274,3 +278,30 @@ async def checked_row(
     except errors as exc:
         return (label, False, failed(exc))
     return (label, True, ok if isinstance(ok, str) else ok(value))
+
+
+async def store_row(url: str | None, readers: str) -> Row:
+    """The ``doctor`` row of the payload store at ``url`` (None: the default store):
+    write, read back and delete one small body, off the loop. ``readers`` (who reads the
+    payloads there) goes in the detail; the URL is shown without its password."""
+    url = url or payload_mod.default_store_url()
+    where = redact_url(url)
+    s3 = " (S3 bucket)" if url.startswith("s3:") else ""
+
+    def probe() -> None:
+        store = payload_mod.open_store(url)
+        ref = store.put(f"doctor-{uuid.uuid4().hex}", b"wove-adapters doctor")
+        store.get(ref)
+        store.delete(ref)
+
+    return await checked_row(
+        f"payload store reachable{s3}", asyncio.to_thread(probe),
+        f"{where} (write, read, delete; {readers})",
+        lambda exc: f"{where}: {exc}; the caller writes payloads here and {readers}")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Blocking: write a payload file only its owner can read (it carries a signed task)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
