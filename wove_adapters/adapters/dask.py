@@ -52,14 +52,7 @@ from wove_adapters.adapters.util import (
 from wove_adapters.core import frames
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
-from wove_adapters.worker.hosted import (
-    OutcomeUndelivered,
-    PayloadRefused,
-    run_native,
-    run_reported,
-    verified,
-    worker_ready,
-)
+from wove_adapters.worker import hosted
 
 log = logging.getLogger("wove_adapters.adapters.dask")
 
@@ -76,10 +69,10 @@ def run_payload(payload: str) -> Any:
     Runs in a Dask worker thread, so SIGTERM cannot interrupt it (``handle_sigterm`` is
     off: signal handlers belong to the main thread).
     """
-    envelope = verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
+    envelope = hosted.verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
     if envelope.return_path.kind == "native":
-        return run_native(envelope)
-    return run_reported(envelope, handle_sigterm=False)
+        return hosted.run_native(envelope)
+    return hosted.run_reported(envelope, handle_sigterm=False)
 
 
 def check_workers(client: Any) -> Any:
@@ -88,7 +81,7 @@ def check_workers(client: Any) -> Any:
     Nothing needs registering on Dask (functions travel by reference, so a plain
     ``dask worker`` with wove-adapters installed runs payloads); this fails with the
     worker's ImportError when one lacks it. Sync client: the dict; async: awaitable."""
-    return client.run(worker_ready)
+    return client.run(hosted.worker_ready)
 
 
 # ---------------------------------------------------------------- the caller side
@@ -387,7 +380,7 @@ class DaskAdapter(BackendAdapter):
             exc, status = watch_error, "lost"
         if self._tracked.get(key) is tracked:
             del self._tracked[key]
-        if isinstance(exc, PayloadRefused):  # the worker signed and sent nothing
+        if isinstance(exc, hosted.PayloadRefused):  # the worker signed and sent nothing
             self._finished.remember(key, JobState.REFUSED)
             frame: dict[str, Any] | None = refusal_frame(self.name, tracked, self.config)
         else:
@@ -410,7 +403,7 @@ class DaskAdapter(BackendAdapter):
                      f"no workers: start one with 'dask worker {address}'"))
         if workers:
             rows.append(await checked_row(
-                "workers import wove_adapters", self.client.run(worker_ready),
+                "workers import wove_adapters", self.client.run(hosted.worker_ready),
                 lambda versions: f"{len(versions)} workers",
                 lambda exc: f"{exc}: pip install 'wove-adapters[dask]' on every worker"))
         failures = await self.client.run_on_scheduler(_allowed_failures)
@@ -512,7 +505,6 @@ def _format_remote(exc: BaseException, tb: Any) -> str:
     payload runner's own frames."""
     import traceback
 
-    from wove_adapters.worker import hosted
     from wove_adapters.worker import runner as worker
 
     own = {__file__, hosted.__file__, worker.__file__}
@@ -540,7 +532,7 @@ def _quiet_dask_logs() -> Iterator[None]:
 def _lost(exc: BaseException) -> bool:
     from distributed import KilledWorker
 
-    return isinstance(exc, (KilledWorker, OutcomeUndelivered))
+    return isinstance(exc, (KilledWorker, hosted.OutcomeUndelivered))
 
 
 def _allowed_failures(dask_scheduler: Any) -> int:

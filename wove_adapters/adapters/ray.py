@@ -52,14 +52,7 @@ from wove_adapters.adapters.util import (
 from wove_adapters.core import frames
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
-from wove_adapters.worker.hosted import (
-    OutcomeUndelivered,
-    PayloadRefused,
-    run_native,
-    run_reported,
-    verified,
-    worker_ready,
-)
+from wove_adapters.worker import hosted
 
 log = logging.getLogger("wove_adapters.adapters.ray")
 
@@ -99,12 +92,12 @@ def run_payload(payload: str) -> Any:
     """
     from wove_adapters.worker.runner import TaskCancelled
 
-    envelope = verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
+    envelope = hosted.verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
     try:
         with interrupt_cancels():
             if envelope.return_path.kind == "native":
-                return run_native(envelope)
-            return run_reported(envelope)
+                return hosted.run_native(envelope)
+            return hosted.run_reported(envelope)
     except TaskCancelled as exc:  # interrupted outside the task body
         return NativeCancelled(str(exc))
 
@@ -318,10 +311,10 @@ class RayAdapter(BackendAdapter):
                 return "CANCELLED", run_event(tracked, frames.TASK_CANCELLED,
                                               reason="Ray cancelled the task")
             cause = getattr(exc, "cause", None) if "RayTaskError" in kinds else None
-            if kinds & LOST_ERRORS or isinstance(cause, OutcomeUndelivered):
+            if kinds & LOST_ERRORS or isinstance(cause, hosted.OutcomeUndelivered):
                 return "LOST", run_event(tracked, frames.TASK_LOST, reason=(
                     f"Ray lost the task ({type(exc).__name__}: {_first_line(exc)})"))
-            if isinstance(cause, PayloadRefused):  # the worker signed and sent nothing
+            if isinstance(cause, hosted.PayloadRefused):  # the worker signed and sent nothing
                 return "REFUSED", refusal_frame(self.name, tracked, self.config)
             if isinstance(cause, BaseException):
                 # The worker's own traceback: Ray ships it as text beside the cause.
@@ -352,8 +345,9 @@ class RayAdapter(BackendAdapter):
         rows.append(("ray nodes alive", bool(nodes) and cpus > 0,
                      f"{len(nodes)} nodes, {cpus:g} CPUs" if nodes else
                      "no live node: start one with 'ray start --address=HEAD:PORT'"))
+
         async def probe() -> Any:
-            return await ray.remote(max_retries=0, num_cpus=0)(worker_ready).remote()
+            return await ray.remote(max_retries=0, num_cpus=0)(hosted.worker_ready).remote()
 
         rows.append(await checked_row(
             "ray workers import wove_adapters", asyncio.wait_for(probe(), 60), str,

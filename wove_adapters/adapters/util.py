@@ -4,8 +4,8 @@ Watching a backend's future as the run's way back (Dask, Ray): the run it stands
 the ``task_error`` an exception in it becomes (a refused payload's is the transport's
 PayloadError naming the key), and the bounded memory of how finished runs ended.
 Coalescing the calls made in one loop iteration into one request. The worker command
-line, grouping a batch of jobs into array jobs, payload-store chores and configuration
-values that name a secret. Nothing here imports a backend library.
+line, grouping a batch of jobs into array jobs, payload-store chores, ``doctor`` rows and
+configuration values that name a secret. Nothing here imports a backend library.
 """
 
 from __future__ import annotations
