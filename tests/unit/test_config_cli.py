@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,11 +21,7 @@ VAR = "WOVE__ENVIRONMENTS__REPORTS__DELIVERY_TIMEOUT"
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("WOVE__") or name == "WOVE_CONFIG_FILE":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+def _isolated(isolated_config: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(VAR, "30")
 
 

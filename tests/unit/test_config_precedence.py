@@ -19,15 +19,7 @@ from wove_adapters.core.config import BUILTIN_DEFAULTS, Config, Provenance, load
 SOURCES = ("argument", "environment", "file", "default")  # highest first
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No stray WOVE__* variable or wove_config file may leak into a test."""
-    import os
-
-    for name in list(os.environ):
-        if name.upper().startswith("WOVE__") or name == "WOVE_CONFIG_FILE":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_config")
 
 
 def nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:

@@ -8,9 +8,8 @@ cannot import fails with ``WorkerImportError``: backend, host, pid and the fix.
 
 from __future__ import annotations
 
-import inspect
 import os
-import socket
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +18,11 @@ from typing import Any
 
 import pytest
 
-from wove_adapters.core.codec import RemoteTraceback
 from wove_adapters.core.errors import WorkerImportError
 from wove_adapters.integration.hub import Hub
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from remote_errors import assert_remote_traceback, assert_worker_import_error
 
 
 def explode_remotely(value: int) -> int:
@@ -30,14 +31,6 @@ def explode_remotely(value: int) -> int:
     if value > 0:
         raise ValueError(f"bad value {value}")
     return value
-
-
-RAISE_LINE = next(
-    number
-    for number, line in enumerate(inspect.getsourcelines(explode_remotely)[0],
-                                  inspect.getsourcelines(explode_remotely)[1])
-    if "raise ValueError" in line
-)
 
 
 @pytest.fixture
@@ -53,15 +46,7 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
 def test_remote_traceback_reaches_the_caller(hub: Hub) -> None:
     with pytest.raises(ValueError, match="bad value 7") as caught:
         hub.run(explode_remotely, 7)
-    exc = caught.value
-    assert type(exc) is ValueError  # the original type, not a wrapper
-    assert isinstance(exc.__cause__, RemoteTraceback)
-    formatted = "".join(traceback.format_exception(exc))
-    assert f'line {RAISE_LINE}, in explode_remotely' in formatted, formatted
-    # The worker's frames come first, then the caller's, as concurrent.futures prints them.
-    assert formatted.index("explode_remotely") < formatted.index(
-        "The above exception was the direct cause"
-    )
+    assert_remote_traceback(caught.value, explode_remotely)
 
 
 def test_import_error_names_the_worker_and_the_fix(
@@ -74,14 +59,9 @@ def test_import_error_names_the_worker_and_the_fix(
     with pytest.raises(ImportError) as caught:
         hub.run(task, 1)
     exc = caught.value
-    assert isinstance(exc, WorkerImportError), repr(exc)
-    message = str(exc)
     name = caller_only_module.__name__
-    assert f"module '{name}'" in message
-    assert f"process worker on host {socket.gethostname()}" in message
-    assert exc.pid is not None and exc.pid != os.getpid()  # the worker's pid, not ours
-    assert f"(pid {exc.pid})" in message
-    assert "PYTHONPATH" in message and "install" in message
+    assert_worker_import_error(exc, "process", name)
+    assert isinstance(exc, WorkerImportError)
     assert exc.backend == "process" and exc.module == name
     # The remote traceback is chained too (where the worker failed to import it).
     assert "ModuleNotFoundError" in "".join(traceback.format_exception(exc))
