@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import pickle
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +41,3 @@ def bomb_b64(marker: Path) -> str:
 
 def assert_not_unpickled(marker: Path) -> None:
     assert not marker.exists(), "the caller unpickled what a broker writer planted"
-
-
-def ends_within(seconds: float, outcome: Callable[[], Any]) -> BaseException | Any:
-    """Run ``outcome`` (a future's ``result``), which must end within ``seconds``: the
-    run ends with an error or as lost, never hangs. Returns what it raised or returned."""
-    started = time.monotonic()
-    try:
-        value: Any = outcome()
-    except BaseException as exc:  # the run's end, under test
-        value = exc
-    assert time.monotonic() - started < seconds + 5, "the run did not end in time"
-    return value

@@ -22,10 +22,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "arq"))
 from arq_services import PREFIX, SESSION, cleanup_session, environment, redis_client, require_redis
-from broker_planting import assert_not_unpickled, bomb, ends_within, marker
+from broker_planting import assert_not_unpickled, bomb, marker
+from run_ends import cancel_ends, ends_lost, ends_within, times_out
 
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.errors import DeliveryOrphanedError, DeliveryTimeoutError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
@@ -85,8 +85,7 @@ def test_following_a_planted_complete_job_never_unpickles(
         future = _keyed(hub, key)
         if record == "failed":  # ours replaces it (no worker here): cancel it
             time.sleep(0.5)
-            hub.cancel(future)
-            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+            cancel_ends(hub, future, BOUND)
         else:
             ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
             assert isinstance(ended, Exception), repr(ended)
@@ -101,8 +100,7 @@ def test_planted_running_job_without_a_lease_is_lost(queue: str, marker: Path) -
     hub = _hub(queue)
     try:
         future = _keyed(hub, key)
-        ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
-        assert isinstance(ended, DeliveryOrphanedError), repr(ended)
+        ends_lost(future, BOUND)
     finally:
         hub.close()
     assert_not_unpickled(marker)
@@ -127,19 +125,16 @@ def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) ->
         assert ids, "the caller's job never reached the queue"
         _plant(ids[0], marker)
         if how == "cancel":
-            hub.cancel(future)
-            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+            cancel_ends(hub, future, BOUND)
         elif how == "timeout":
-            ended = ends_within(BOUND, lambda: future.result(timeout=BOUND))
-            assert isinstance(ended, DeliveryTimeoutError), repr(ended)
+            times_out(future, BOUND)
         else:
             adapter = hub.dispatcher("arq").transport.adapter
             states = shared_loop.run_sync(adapter.status_many([ids[0]]))
             assert states.get(ids[0]) is not JobState.SUCCEEDED
             outcome = shared_loop.run_sync(adapter.outcomes([ids[0]]))[ids[0]]
             assert isinstance(outcome, Exception), outcome
-            hub.cancel(future)
-            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+            cancel_ends(hub, future, BOUND)
     finally:
         hub.close()
     assert_not_unpickled(marker)

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "celery"))
-from broker_planting import assert_not_unpickled, bomb, bomb_b64, ends_within, marker
+from broker_planting import assert_not_unpickled, bomb, bomb_b64, marker
 from celery_services import REDIS_URL, require_service
+from run_ends import cancel_ends, ends_within, times_out
 
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import DeliveryTimeoutError
@@ -120,19 +121,16 @@ def test_tampered_own_task_never_unpickles(planted: list[str], marker: Path, how
         future = _keyed(hub, key)
         _plant(planted, f"celery-task-meta-{key}", bomb(marker))
         if how == "cancel":
-            hub.cancel(future)
-            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+            cancel_ends(hub, future, BOUND)
         elif how == "timeout":
-            ended = ends_within(BOUND, lambda: future.result(timeout=BOUND))
-            assert isinstance(ended, DeliveryTimeoutError), repr(ended)
+            times_out(future, BOUND)
         else:
             adapter = hub.dispatcher("celery").transport.adapter
             for _ in range(3):
                 state = shared_loop.run_sync(adapter.status(key))
                 assert state is JobState.UNKNOWN, state
             assert shared_loop.run_sync(adapter.outcomes([key])) == {}
-            hub.cancel(future)
-            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+            cancel_ends(hub, future, BOUND)
     finally:
         hub.close()
     assert_not_unpickled(marker)

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "rq"))
-from broker_planting import assert_not_unpickled, bomb, bomb_b64, ends_within, marker
+from broker_planting import assert_not_unpickled, bomb, bomb_b64, marker
 from rq_services import REDIS_URL, cleanup_queue, redis_client, require_redis
+from run_ends import cancel_ends, ends_lost, ends_within, times_out
 
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.errors import DeliveryOrphanedError, DeliveryTimeoutError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
@@ -88,8 +88,7 @@ def test_following_a_planted_job_never_unpickles(queue: str, marker: Path, statu
             assert isinstance(ended, Exception), ended
             assert "recorded outcome" in str(ended) or "outcome" in str(ended), ended
         else:  # the ended job frees the key: ours is enqueued fresh, and cancelled
-            hub.cancel(future)
-            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+            cancel_ends(hub, future, BOUND)
     finally:
         hub.close()
     assert_not_unpickled(marker)
@@ -101,8 +100,7 @@ def test_planted_running_job_with_a_gone_worker_is_lost(queue: str, marker: Path
     hub = _hub(queue, delivery_timeout=BOUND)
     try:
         future = hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
-        ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
-        assert isinstance(ended, DeliveryOrphanedError), repr(ended)
+        ends_lost(future, BOUND)
     finally:
         hub.close()
     assert_not_unpickled(marker)
@@ -129,19 +127,16 @@ def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) ->
         finally:
             client.close()
         if how == "cancel":
-            hub.cancel(future)
-            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+            cancel_ends(hub, future, BOUND)
         elif how == "timeout":
-            ended = ends_within(BOUND, lambda: future.result(timeout=BOUND))
-            assert isinstance(ended, DeliveryTimeoutError), repr(ended)
+            times_out(future, BOUND)
         else:
             adapter = dispatcher.transport.adapter
             for _ in range(3):  # the states the caller reads, besides reconciliation's own
                 states = shared_loop.run_sync(adapter.status_many([ids[0]]))
                 assert states[ids[0]] is not JobState.SUCCEEDED
                 assert shared_loop.run_sync(adapter.outcomes([ids[0]])) == {}
-            hub.cancel(future)
-            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+            cancel_ends(hub, future, BOUND)
     finally:
         hub.close()
     assert_not_unpickled(marker)

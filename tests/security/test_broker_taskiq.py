@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "taskiq"))
-from broker_planting import assert_not_unpickled, bomb, bomb_b64, ends_within, marker
+from broker_planting import assert_not_unpickled, bomb, bomb_b64, marker
+from run_ends import cancel_ends, ends_lost, ends_within
 from taskiq_fixtures import REDIS_URL, cleanup_keys, redis_client, require_redis
 
 from wove_adapters.core import loop as shared_loop
@@ -111,14 +112,12 @@ def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) ->
         time.sleep(0.3)
         _plant(queue, key, marker)
         if how == "cancel":
-            hub.cancel(future)
-            ends_within(BOUND, lambda: future.exception(timeout=BOUND))
+            cancel_ends(hub, future, BOUND)
         else:
             adapter = hub.dispatcher("taskiq").transport.adapter
             states = shared_loop.run_sync(adapter.status_many([key]))
             assert states[key] is JobState.FAILED, states
-            ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
-            assert isinstance(ended, DeliveryOrphanedError), repr(ended)
+            ends_lost(future, BOUND)
     finally:
         hub.close()
         assert_not_unpickled(marker)
