@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,3 +209,20 @@ class CeleryService:
                 channel = connection.channel()
                 Queue(self.queue, channel=channel).delete()
                 channel.close()
+
+
+def running(broker: str, log_dir: Path) -> Iterator[CeleryService]:
+    """A started worker on ``broker`` for a fixture to ``yield from``: one that does not
+    come up fails the test with its log's tail; stopped and cleaned up afterwards."""
+    import pytest  # benchmarks import this module without pytest
+
+    service = CeleryService(broker, log_dir=log_dir)
+    try:
+        service.start()
+    except RuntimeError as exc:
+        service.stop()
+        service.cleanup()
+        pytest.fail(str(exc), pytrace=False)
+    yield service
+    service.stop()
+    service.cleanup()

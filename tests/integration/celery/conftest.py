@@ -15,27 +15,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from celery_services import CeleryService
-
-
-def _service(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryService]:
-    service = CeleryService(broker, log_dir=tmp_path_factory.mktemp(f"celery-{broker}"))
-    try:
-        service.start()
-    except RuntimeError as exc:
-        service.stop()
-        service.cleanup()
-        pytest.fail(str(exc), pytrace=False)
-    yield service
-    service.stop()
-    service.cleanup()
+from celery_services import CeleryService, running
 
 
 @pytest.fixture(scope="session")
 def redis_celery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryService]:
-    yield from _service("redis", tmp_path_factory)
+    yield from running("redis", tmp_path_factory.mktemp("celery-redis"))
 
 
 @pytest.fixture(scope="session")
 def amqp_celery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryService]:
-    yield from _service("amqp", tmp_path_factory)
+    yield from running("amqp", tmp_path_factory.mktemp("celery-amqp"))

@@ -24,7 +24,7 @@ pytest.importorskip("celery", reason="the doctor's Celery checks need the celery
 CELERY_TESTS = Path(__file__).resolve().parents[1] / "celery"
 sys.path.insert(0, str(CELERY_TESTS))
 
-from celery_services import REDIS_URL, CeleryService  # noqa: E402
+from celery_services import REDIS_URL, CeleryService, running  # noqa: E402
 
 from wove_adapters.cli import PROBE_TASK  # noqa: E402
 
@@ -88,16 +88,7 @@ def idle_queue(tmp_path: Path) -> Iterator[CeleryService]:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryService]:
-    service = CeleryService("redis", log_dir=tmp_path_factory.mktemp("doctor-celery"))
-    try:
-        service.start()
-    except RuntimeError as exc:
-        service.stop()
-        service.cleanup()
-        pytest.fail(str(exc), pytrace=False)
-    yield service
-    service.stop()
-    service.cleanup()
+    yield from running("redis", tmp_path_factory.mktemp("doctor-celery"))
 
 
 def fix_hint_line(stdout: str) -> str:
