@@ -6,8 +6,10 @@ import asyncio
 import concurrent.futures
 import os
 import signal
+import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +27,17 @@ from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
 from wove_adapters.worker.arq import CANCEL_KEY, RESULT_KEY, pack_record
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from hubs import hub_factory
+
 CancelledErrors = (concurrent.futures.CancelledError, asyncio.CancelledError)
 
 
 @pytest.fixture
-def hubs() -> Any:
-    made: list[Hub] = []
-
-    def make(definition: dict[str, Any], name: str = "arqtest") -> Hub:
-        hub = Hub(environments={name: definition}, default_environment=name)
-        made.append(hub)
-        return hub
-
-    yield make
-    for hub in made:
-        hub.close()
+def hubs() -> Iterator[Callable[..., Hub]]:
+    """``hubs(definition, name="arqtest")``: a Hub, closed at teardown."""
+    with hub_factory("arqtest") as make:
+        yield make
 
 
 def adapter_of(hub: Hub) -> ArqAdapter:

@@ -259,11 +259,8 @@ def test_doctor_rows(rq_environment: dict[str, Any], redis_url: str) -> None:
         adapter = RqAdapter(config, environment="d")
 
         async def go() -> list[tuple[str, bool, str]]:
-            await adapter.start()
-            try:
+            async with adapter:
                 return await adapter.doctor()
-            finally:
-                await adapter.aclose()
 
         return shared_loop.run_sync(go())
 

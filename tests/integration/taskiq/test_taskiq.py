@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,23 @@ from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from hubs import hub_factory
+
 
 @pytest.fixture
-def hubs() -> Iterator[Any]:
-    made: list[Hub] = []
+def hubs() -> Iterator[Callable[..., Hub]]:
+    """``hubs(executor_config, **settings)``: a Hub on taskiq, closed at teardown."""
+    with hub_factory("t") as make:
+        yield lambda config, **settings: make(
+            {"executor": "taskiq", "executor_config": config, **settings})
 
-    def make(config: dict[str, Any], **settings: Any) -> Hub:
-        definition = {"executor": "taskiq", "executor_config": config, **settings}
-        hub = Hub(environments={"t": definition}, default_environment="t")
-        made.append(hub)
-        return hub
 
-    yield make
-    for hub in made:
-        hub.close()
+def _wait_for_message(client: Any, queue: str) -> None:
+    """Until the message the caller sent is on ``queue`` (no worker reads it), 30 s at most."""
+    deadline = time.monotonic() + 30
+    while not client.llen(queue) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _submission(hub: Hub, run_id: str) -> str:
@@ -139,9 +143,7 @@ def test_labels_and_queue_routing_pass_through(taskiq_worker: TaskiqWorker, hubs
     client = redis_client()
     try:
         future = hub.submit(tasks.add, 1)
-        deadline = time.monotonic() + 30
-        while not client.llen(side) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for_message(client, side)
         message = json.loads(client.lindex(side, 0))
         assert message["task_name"] == "wove_adapters.run"
         assert message["labels"]["team"] == "data"
@@ -345,9 +347,7 @@ def test_a_message_cannot_point_the_worker_at_another_redis(
     client = redis_client()
     try:
         future = hub.submit(tasks.add, 41)
-        deadline = time.monotonic() + 30
-        while not client.llen(side) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for_message(client, side)
         message = json.loads(client.lpop(side))
         control = message["kwargs"]["control"]
         control["url"] = f"redis://127.0.0.1:{attacker.getsockname()[1]}/0"
