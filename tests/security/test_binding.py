@@ -8,13 +8,12 @@
 
 from __future__ import annotations
 
-import os
 import pickle
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import msgspec
 import pytest
@@ -26,8 +25,8 @@ from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.ledger import RunRecord, open_ledger
 from wove_adapters.testing import tasks
 
-REDIS_URL = os.environ.get("WOVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get("WOVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+import shared_servers
 
 
 class Bomb:
@@ -44,35 +43,8 @@ class Bomb:
 def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh namespace on each shared ledger; cleaned up after."""
     name = f"wove_sec_{uuid.uuid4().hex[:10]}"
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-        return
-    if request.param == "redis":
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-        try:
-            client.ping()
-        except redis.RedisError as exc:
-            pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc}); start it with: "
-                        "redis-server --daemonize yes --bind 127.0.0.1")
-        prefix = f"{name}:"
-        yield f"{REDIS_URL}?prefix={quote(prefix, safe='')}"
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
-        return
-    import psycopg
-
-    try:
-        conn = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc}); start it with: "
-                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
-    yield f"{POSTGRES_URL}?table={name}"
-    conn.execute(f'DROP TABLE IF EXISTS "{name}"')
-    conn.close()
+    with shared_servers.ledger(request.param, name, tmp_path, suite="security") as url:
+        yield url
 
 
 def _hub(ledger: str, **environments: dict[str, Any]) -> Hub:

@@ -4,9 +4,10 @@ CancelledError for a task that succeeded)."""
 
 from __future__ import annotations
 
-import os
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,9 @@ import pytest
 from wove_adapters import DeliveryOrphanedError, Hub
 from wove_adapters.testing import tasks
 
-REDIS_URL = os.environ.get("WOVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+import shared_servers
+from shared_servers import REDIS_URL
 
 
 def _thief(key: str, stop: threading.Event, stolen: list[bytes]) -> None:
@@ -39,11 +42,7 @@ def _thief(key: str, stop: threading.Event, stolen: list[bytes]) -> None:
 def test_a_stolen_outcome_is_reported_as_lost_on_the_return_path() -> None:
     import redis
 
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc}); start it with: "
-                    "redis-server --daemonize yes --bind 127.0.0.1")
+    shared_servers.redis_client(suite="security").close()  # fails, saying how to start it
     env: dict[str, Any] = {
         "executor": "process",
         "executor_config": {"return_path": "redis", "return_redis_url": REDIS_URL},

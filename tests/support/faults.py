@@ -29,7 +29,7 @@ import textwrap
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -123,6 +123,24 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             kill(proc.pid)
             proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def each_stopped() -> Iterator[Callable[[T], T]]:
+    """``keep(thing)`` returns ``thing``; when the block ends (a fixture's teardown),
+    every kept thing's ``stop()`` runs, in the order they were kept. Keep a process
+    before starting it, so one that fails to start is stopped too."""
+    kept: list[Any] = []
+
+    def keep(thing: T) -> T:
+        kept.append(thing)
+        return thing
+
+    try:
+        yield keep
+    finally:
+        for thing in kept:
+            thing.stop()
 
 
 # ---------------------------------------------------------------- a private redis-server

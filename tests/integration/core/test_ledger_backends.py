@@ -9,50 +9,26 @@ Override the servers with WOVE_TEST_REDIS_URL / WOVE_TEST_POSTGRES_URL.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import sys
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import quote
+from pathlib import Path
 
 import pytest
 
 from wove_adapters.core.ledger import Ledger
 from wove_adapters.testing.ledger_contract import LedgerContract, new_record
 
-REDIS_URL = os.environ.get("WOVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get("WOVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from shared_servers import (
+    postgres_connection,
+    postgres_ledger,
+    redis_client,
+    redis_ledger,
+)
+
 RUN = uuid.uuid4().hex[:12]  # one test session's namespace
-
-START_REDIS = 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
-START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-
-
-def _redis_client():  # type: ignore[no-untyped-def]
-    try:
-        import redis
-    except ImportError:
-        pytest.fail("redis-py is missing: pip install 'wove-adapters[redis]'")
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError as exc:
-        client.close()
-        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc}). Start it with: {START_REDIS}")
-    return client
-
-
-def _postgres_connection():  # type: ignore[no-untyped-def]
-    try:
-        import psycopg
-    except ImportError:
-        pytest.fail("psycopg is missing: pip install 'wove-adapters[postgres]'")
-    try:
-        return psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.fail(
-            f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc}). Start it with: "
-            f"{START_POSTGRES}"
-        )
 
 
 class TestRedisLedger(LedgerContract):
@@ -60,17 +36,10 @@ class TestRedisLedger(LedgerContract):
     async def ledger(self) -> AsyncIterator[Ledger]:
         from wove_adapters.core.ledger.redis import RedisLedger
 
-        client = _redis_client()
         prefix = f"wove-adapters-test:{RUN}:{uuid.uuid4().hex[:8]}:"
-        ledger = RedisLedger(f"{REDIS_URL}?prefix={quote(prefix, safe='')}")
-        try:
-            yield ledger
-        finally:
-            await ledger.aclose()
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            if keys:
-                client.delete(*keys)
-            client.close()
+        with redis_ledger(prefix, suite="ledger") as url:
+            async with contextlib.aclosing(RedisLedger(url)) as ledger:
+                yield ledger
 
     async def test_keys_stay_under_the_prefix(self, ledger: Ledger) -> None:
         from wove_adapters.core.ledger.redis import RedisLedger
@@ -78,7 +47,7 @@ class TestRedisLedger(LedgerContract):
         assert isinstance(ledger, RedisLedger)
         record = new_record(idempotency_key="k-prefix")
         await ledger.claim(record)
-        client = _redis_client()
+        client = redis_client(suite="ledger")
         try:
             ours = {k.decode() for k in client.scan_iter(match=f"{ledger.prefix}*")}
         finally:
@@ -95,22 +64,16 @@ class TestPostgresLedger(LedgerContract):
     async def ledger(self) -> AsyncIterator[Ledger]:
         from wove_adapters.core.ledger.postgres import PostgresLedger
 
-        conn = _postgres_connection()
-        table = f"wove_test_{RUN}_{uuid.uuid4().hex[:8]}"
-        ledger = PostgresLedger(f"{POSTGRES_URL}?table={table}")
-        try:
-            yield ledger
-        finally:
-            await ledger.aclose()
-            conn.execute(f'DROP TABLE IF EXISTS "{table}"')
-            conn.close()
+        with postgres_ledger(f"wove_test_{RUN}_{uuid.uuid4().hex[:8]}") as url:
+            async with contextlib.aclosing(PostgresLedger(url)) as ledger:
+                yield ledger
 
     async def test_table_is_created_on_first_use(self, ledger: Ledger) -> None:
         from wove_adapters.core.ledger.postgres import PostgresLedger
 
         assert isinstance(ledger, PostgresLedger)
         await ledger.get("nothing")
-        conn = _postgres_connection()
+        conn = postgres_connection()
         try:
             columns = dict(
                 conn.execute(

@@ -18,6 +18,7 @@ tree (to measure a version before a fix).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -37,10 +38,11 @@ from wove_adapters.callbacks.receiver import CallbackReceiver
 from wove_adapters.core import frames, signing
 from wove_adapters.worker import sender
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+import shared_servers
+
 ROOT = Path(__file__).resolve().parents[3]
 SOURCE = os.environ.get("WOVE_TEST_SOURCE", str(ROOT))
-REDIS_URL = os.environ.get("WOVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get("WOVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 # A caller program. ``submit``: submit N sleepy runs, write their ids (as submit returns
 # them) and say so, then wait to be killed. ``fetch``: start the environment (its
@@ -335,43 +337,12 @@ def test_restarted_caller_on_the_same_port_fetches_every_old_run(
 
 
 def _ledger_url(kind: str, tmp_path: Path) -> tuple[str, Any]:
-    """A fresh ledger of this kind and a cleanup; a missing server fails, saying how to
-    start it."""
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path / 'runs.db'}", lambda: None
-    suffix = uuid.uuid4().hex[:10]
-    if kind == "redis":
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-        try:
-            client.ping()
-        except redis.exceptions.ConnectionError as exc:
-            pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc}): start it with "
-                        "redis-server --daemonize yes --bind 127.0.0.1 --port 6379")
-        prefix = f"wove-adapters-test:kill:{suffix}:"
-
-        def clean_redis() -> None:
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            if keys:
-                client.delete(*keys)
-            client.close()
-
-        return f"{REDIS_URL}?prefix={prefix}", clean_redis
-    import psycopg
-
-    try:
-        conn = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc}): start it with "
-                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
-    table = f"wove_kill_{suffix}"
-
-    def clean_postgres() -> None:
-        conn.execute(f'DROP TABLE IF EXISTS "{table}"')
-        conn.close()
-
-    return f"{POSTGRES_URL}?table={table}", clean_postgres
+    """A fresh ledger of this kind and its cleanup (``shared_servers.ledger``); a missing
+    server fails, saying how to start it."""
+    cleanup = contextlib.ExitStack()
+    name = f"wove_kill_{uuid.uuid4().hex[:10]}"
+    url = cleanup.enter_context(shared_servers.ledger(kind, name, tmp_path, suite="core"))
+    return url, cleanup.close
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres", "redis"])

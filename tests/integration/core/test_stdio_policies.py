@@ -22,8 +22,10 @@ from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
 
 
-def stdio_hub(processes: int = 2, **settings: Any) -> Hub:
-    definition = {"executor": "stdio", "executor_config": {"processes": processes}, **settings}
+def stdio_hub(processes: int = 2, config: dict[str, Any] | None = None, **settings: Any) -> Hub:
+    """A Hub on a stdio pool of ``processes`` workers (more executor_config in ``config``)."""
+    definition = {"executor": "stdio",
+                  "executor_config": {"processes": processes, **(config or {})}, **settings}
     return Hub(environments={"w": definition}, default_environment="w")
 
 
@@ -60,36 +62,14 @@ def test_requeue_is_bounded(tmp_path: Path) -> None:
             handle.write("x\n")
         os.kill(os.getpid(), signal.SIGKILL)
 
-    settings = {"delivery_orphan_policy": "requeue"}
-    hub = Hub(
-        environments={
-            "w": {
-                "executor": "stdio",
-                "executor_config": {"processes": 1, "max_requeues": 2},
-                **settings,
-            }
-        },
-        default_environment="w",
-    )
-    with hub:
+    with stdio_hub(1, {"max_requeues": 2}, delivery_orphan_policy="requeue") as hub:
         with pytest.raises(DeliveryOrphanedError, match="gave up after 2 requeues"):
             hub.run(always_dies, str(tmp_path))
     assert len((tmp_path / "tries").read_text().splitlines()) == 3
 
 
 def test_require_ack_against_a_worker_ignoring_cancel(tmp_path: Path) -> None:
-    settings = {"delivery_cancel_mode": "require_ack"}
-    hub = Hub(
-        environments={
-            "w": {
-                "executor": "stdio",
-                "executor_config": {"processes": 1, "cancel_ack_timeout": 1.0},
-                **settings,
-            }
-        },
-        default_environment="w",
-    )
-    with hub:
+    with stdio_hub(1, {"cancel_ack_timeout": 1.0}, delivery_cancel_mode="require_ack") as hub:
         future = hub.submit(tasks.ignore_cancel, str(tmp_path), 4.0)
         wait_for_file(tmp_path / "stubborn.started")
         with pytest.raises(CancelNotAcknowledgedError, match="not acknowledged"):
