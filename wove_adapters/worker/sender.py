@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import heapq
 import http.client
 import json
 import os
@@ -107,6 +108,57 @@ def _unknown_runs(body: bytes) -> list[str]:
         return []
     found = answer.get("unknown") if isinstance(answer, dict) else None
     return [str(run_id) for run_id in found] if isinstance(found, list) else []
+
+
+class _Watchdog:
+    """One thread that cuts requests past their total deadline (a thread per request,
+    as ``threading.Timer`` would start, costs more than a short task's whole POST)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._live: set[int] = set()
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, cut: Callable[[], None]) -> int:
+        with self._cond:
+            self._next += 1
+            token = self._next
+            heapq.heappush(self._heap, (deadline, token, cut))
+            self._live.add(token)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="wove-adapters-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0][1] == token:
+                self._cond.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._live.discard(token)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)  # disarmed: drop it
+                if not self._heap:
+                    self._cond.wait(5.0)
+                    continue
+                deadline, token, cut = self._heap[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                self._live.discard(token)
+            cut()
+
+
+_WATCHDOG = _Watchdog()
 
 
 def _refused(exc: BaseException) -> bool:
@@ -229,9 +281,7 @@ class _Destination:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-        watchdog = threading.Timer(timeout, _cut)
-        watchdog.daemon = True
-        watchdog.start()
+        token = _WATCHDOG.arm(time.monotonic() + timeout, _cut)
         try:
             conn.request(
                 "POST", self._path, body=data,
@@ -246,7 +296,7 @@ class _Destination:
                 ) from None
             raise
         finally:
-            watchdog.cancel()
+            _WATCHDOG.disarm(token)
         if expired.is_set():
             raise TimeoutError(f"{self.describe()} did not answer within {timeout:.1f}s in all")
         if response.status < 300:
