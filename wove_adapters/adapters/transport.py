@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
+from wove_adapters.callbacks.dropbox import DropboxReader, get_dropbox
 from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
@@ -94,8 +95,9 @@ class KeyFollowers:
         return found
 
     def cancelled(self, run: RunAttempt, reason: str) -> None:
-        """This run's cancel: the job is another caller's, so it goes on; only our run
-        ends, confirmed at once (after the caller's cancel call returns)."""
+        """End ``run`` as cancelled and stop following for it: on this run's own cancel
+        (the job is another caller's, so it goes on; confirmed once the caller's cancel
+        call has returned), or when the followed job was cancelled."""
         if self.stop(run):
             asyncio.get_running_loop().call_soon(self.emit, frames.event(
                 frames.TASK_CANCELLED, run.run_id, run.task_id, run.attempt, reason=reason,
@@ -164,12 +166,8 @@ class KeyFollowers:
             if state is JobState.CANCELLED:
                 for run, followed in list(self.runs.values()):
                     if followed == handle:
-                        self.stop(run)
-                        self.emit(frames.event(
-                            frames.TASK_CANCELLED, run.run_id, run.task_id, run.attempt,
-                            reason=f"the {self.adapter.name} job {handle} holding this "
-                                   f"idempotency key was cancelled",
-                        ))
+                        self.cancelled(run, f"the {self.adapter.name} job {handle} holding "
+                                            f"this idempotency key was cancelled")
 
 
 class AdapterTransport(Transport):
@@ -182,6 +180,8 @@ class AdapterTransport(Transport):
         self.reconcile_seconds = adapter_cls.reconcile_seconds
         self.adapter: BackendAdapter | None = None
         self.receiver: CallbackReceiver | None = None
+        # The receiver when it is the Redis drop box (return_path "redis"), else None.
+        self._dropbox: DropboxReader | None = None
         self._emit: Emit | None = None
         self._config: dict[str, Any] = {}
         self._key_id = ""
@@ -227,10 +227,8 @@ class AdapterTransport(Transport):
         self._worker_bounds = worker_bounds(executor_config)
         self._delivery_grace = delivery_grace(self._worker_bounds, self.adapter_cls.after_job)
         if executor_config.get("return_path") == "redis":
-            from wove_adapters.callbacks.dropbox import get_dropbox
-
             url = str(executor_config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
-            self.receiver = await get_dropbox(url)
+            self.receiver = self._dropbox = await get_dropbox(url)
         elif not native_only(self.adapter_cls, executor_config):
             self.receiver = await get_receiver(executor_config, environment=environment)
         self.adapter = self.adapter_cls(executor_config, environment=environment)
@@ -246,12 +244,9 @@ class AdapterTransport(Transport):
             # The backend hands the outcome back itself (the adapter emits it).
             return payload_mod.ReturnPath(kind="native")
         assert self.receiver is not None
-        if kind == "redis":
-            from wove_adapters.callbacks.dropbox import DropboxReader
-
-            assert isinstance(self.receiver, DropboxReader)
+        if self._dropbox is not None:
             return payload_mod.ReturnPath(
-                kind="redis", url=self.receiver.redis_url, key=self.receiver.key
+                kind="redis", url=self._dropbox.redis_url, key=self._dropbox.key
             )
         return payload_mod.ReturnPath(kind="http", url=self.receiver.url)
 
@@ -484,11 +479,9 @@ class AdapterTransport(Transport):
                 # the backend says, and the run's orphan policy applies.
                 states[run.run_id] = JobState.RUNNING if state is JobState.SUCCEEDED else state
             else:
-                if state.finished and self._config.get("return_path") == "redis":
-                    from wove_adapters.callbacks.dropbox import DropboxReader
-
-                    if backlog is None and isinstance(self.receiver, DropboxReader):
-                        backlog = await self.receiver.backlog()
+                if state.finished and self._dropbox is not None:
+                    if backlog is None:
+                        backlog = await self._dropbox.backlog()
                     if backlog:  # its events may still be in the list: not lost
                         states[run.run_id] = JobState.RUNNING
                         continue
@@ -516,13 +509,11 @@ class AdapterTransport(Transport):
             return state
         if quiet < give_up_after:  # not recorded: its outbox may still be retrying
             return JobState.RUNNING
-        from wove_adapters.callbacks.dropbox import DropboxReader
-
-        if isinstance(self.receiver, DropboxReader) and self._emit is not None:
+        if self._dropbox is not None and self._emit is not None:
             # The worker pushed its outcome and the list is empty: another reader of the
             # list took it. Say so, rather than calling the run lost for no reason.
             self._emit(frames.error_event(
-                run.run_id, run.task_id, self.receiver.lost_outcome(run.run_id, run.submission),
+                run.run_id, run.task_id, self._dropbox.lost_outcome(run.run_id, run.submission),
                 attempt=run.attempt, source="transport",
             ))
             return JobState.RUNNING  # the error ends the run
@@ -598,6 +589,9 @@ class AdapterTransport(Transport):
                 await self._confirmer
             self._confirmer = None
         self._confirming.clear()
+        for task in list(self._taking.values()):  # results still being taken: moot now
+            task.cancel()
+        await asyncio.gather(*self._taking.values(), return_exceptions=True)
         if self.followers is not None:
             await self.followers.aclose()
         if self.adapter is not None:

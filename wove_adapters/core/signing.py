@@ -73,16 +73,25 @@ def check_key_id(key_id: object) -> str:
     return key_id
 
 
+class KeyRefusedError(PayloadError):
+    """A key exists but must not be used (planted, writable by others, expired): ``verify``
+    says so instead of "unknown key", so the operator sees the fix."""
+
+
+class KeyExpiredError(KeyRefusedError):
+    """A generated key past its ``expires`` time (and so a file to prune)."""
+
+
 def _check_private(path: Path, info: os.stat_result, what: str) -> None:
     """Refuse a key file or keys directory someone else could have written."""
     if info.st_uid != os.getuid():
-        raise PayloadError(
+        raise KeyRefusedError(
             f"the {what} {path} is owned by uid {info.st_uid}, not this user "
             f"({os.getuid()}): a key there may be planted. Remove it, or use a data dir of "
             f"your own (WOVE_ADAPTERS_HOME)."
         )
     if info.st_mode & 0o022:
-        raise PayloadError(
+        raise KeyRefusedError(
             f"the {what} {path} is group- or world-writable (mode "
             f"{stat.S_IMODE(info.st_mode):o}): anyone who can write there can plant keys. "
             f"Fix it with: chmod go-w {path}"
@@ -120,7 +129,7 @@ def read_key_file(path: Path, key_id: str | None = None) -> bytes:
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise PayloadError(f"the key file {path} is not a regular file: refused")
+            raise KeyRefusedError(f"the key file {path} is not a regular file: refused")
         _check_private(path, info, "key file")
         text = handle.read(4096).decode("ascii", "replace")
     lines = text.split()
@@ -134,7 +143,7 @@ def read_key_file(path: Path, key_id: str | None = None) -> bytes:
         except ValueError:
             expires = 0.0
         if not expires > time.time():
-            raise PayloadError(
+            raise KeyExpiredError(
                 f"the key in {path} expired ({KEY_TTL_ENV}); payloads signed with it are "
                 f"refused. Submit the runs again from a caller that is alive."
             )
@@ -148,10 +157,11 @@ def _prune_expired(directory: Path) -> None:
     for path in directory.glob("*.key"):
         try:
             read_key_file(path)
-        except PayloadError as exc:
-            if "expired" in str(exc):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        except KeyExpiredError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        except PayloadError:
+            pass  # not ours to remove
 
 
 def resolve_secret(spec: str | bytes | None) -> bytes | None:
@@ -336,9 +346,9 @@ def verify(
         raise PayloadError("the signed timestamp is not a finite number")
     try:
         key = keyring.get(blob.key_id, load=load)
-    except PayloadError as exc:
-        if "owned by" in str(exc) or "writable" in str(exc) or "expired" in str(exc):
-            raise
+    except KeyRefusedError:
+        raise
+    except PayloadError:
         raise PayloadError("signed with an unknown key") from None
     expected = _mac(key, blob.timestamp, blob.nonce, blob.body)
     if not hmac.compare_digest(expected, blob.signature):
