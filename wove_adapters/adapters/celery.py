@@ -42,7 +42,6 @@ from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.adapters.celery_pending import PendingCheck
 from wove_adapters.adapters.celery_reads import (
     check_backend,
-    claim,
     json_control,
     read_meta,
     refused,
@@ -238,8 +237,8 @@ class CeleryAdapter(BackendAdapter):
         if claims is not None:
             # The owner's requeued attempt moves the claim to its new task id; a claim
             # whose task ended without an outcome (worker lost, revoked) is taken over.
-            holder = await claim(claims, _claim_name(task_id), run_id=job.run_id,
-                                 handle=task_id, is_dead=self._is_dead)
+            holder = await claims.claim(_claim_name(task_id), run_id=job.run_id,
+                                        handle=task_id, is_dead=self._is_dead)
             if holder is not None:  # another caller's task holds the key: follow it
                 return Following(holder)
         options = {**self.send_options, **job.options}

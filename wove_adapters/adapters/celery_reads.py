@@ -72,15 +72,3 @@ def refused(meta: dict[str, Any]) -> bool:
         and result.get("exc_type") == "PayloadError"
         and result.get("exc_module") == "wove_adapters.core.errors"
     )
-
-
-async def claim(claims: Any, name: str, **kwargs: Any) -> str | None:
-    """``KeyClaims.claim``, with a claim someone else wrote (not our JSON) named."""
-    try:
-        return await claims.claim(name, **kwargs)
-    except (ValueError, AttributeError) as exc:  # not JSON, or not an object
-        raise RuntimeError(
-            f"celery: the idempotency claim {claims.key(name)!r} in the result backend is "
-            f"not one wove-adapters wrote ({exc!r}); delete it, and check who else writes "
-            f"to that Redis"
-        ) from None

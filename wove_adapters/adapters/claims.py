@@ -30,6 +30,10 @@ class ClaimContendedError(RuntimeError):
     """The key changed hands on every try: rare, and safe to try again."""
 
 
+class ForeignClaimError(RuntimeError):
+    """The claim's value is not one we wrote (not our JSON): someone else writes there."""
+
+
 class KeyClaims:
     """Claims under ``prefix`` in one Redis, each living ``ttl`` seconds (a claim outlives
     its job's result by design: the result is what later callers with the key get)."""
@@ -60,7 +64,7 @@ class KeyClaims:
             raw = await self.client.get(key)
             if raw is None:
                 continue  # expired in between: try again
-            holder = json.loads(raw)
+            holder = self._decode(key, raw)
             held = str(holder.get("handle") or holder.get("task") or "")  # "task": older callers
             if holder.get("run") == run_id or (is_dead is not None and await is_dead(held)):
                 if await self._swap(key, raw, mine):
@@ -74,18 +78,32 @@ class KeyClaims:
 
     async def holder(self, idempotency_key: str) -> str | None:
         """The handle of the job that holds the key now (a requeue moves it)."""
-        raw = await self.client.get(self.key(idempotency_key))
+        key = self.key(idempotency_key)
+        raw = await self.client.get(key)
         if not raw:
             return None
-        holder = json.loads(raw)
+        holder = self._decode(key, raw)
         return str(holder.get("handle") or holder.get("task") or "") or None
 
     async def release(self, idempotency_key: str, *, run_id: str) -> None:
         """Free the key if ``run_id`` still holds it (a cancelled key may run again)."""
         key = self.key(idempotency_key)
         raw = await self.client.get(key)
-        if raw is not None and json.loads(raw).get("run") == run_id:
+        if raw is not None and self._decode(key, raw).get("run") == run_id:
             await self._swap(key, raw, "")
+
+    @staticmethod
+    def _decode(key: str, raw: bytes | str) -> dict[str, Any]:
+        try:
+            holder = json.loads(raw)
+            if not isinstance(holder, dict):
+                raise ValueError(f"a JSON {type(holder).__name__}, not an object")
+        except ValueError as exc:  # not JSON (a pickle, say), or not an object
+            raise ForeignClaimError(
+                f"the idempotency claim {key!r} is not one wove-adapters wrote ({exc!r}); "
+                f"delete it, and check who else writes to that Redis"
+            ) from None
+        return holder
 
     async def _swap(self, key: str, expected: bytes | str, value: str) -> bool:
         done = await self.client.eval(_COMPARE_AND_SET, 1, key, expected, value, self.ttl)

@@ -186,14 +186,7 @@ class TaskiqAdapter(BackendAdapter):
             # No takeover of a claim whose job ended badly (no ``is_dead``): the next
             # caller would kick under the same task id while the dead job's message may
             # still wait in the queue. Its followers get the job's end from the transport.
-            try:
-                holder = await self._claims.claim(base, run_id=job.run_id, handle=handle)
-            except (ValueError, AttributeError) as exc:  # not JSON, or not an object
-                raise RuntimeError(
-                    f"taskiq: the claim of idempotency key {job.idempotency_key!r} in Redis "
-                    f"({self.prefix}:claim:{base}) is not one wove-adapters wrote ({exc!r}); "
-                    f"delete it, and check who else writes to {self.control_url}"
-                ) from None
+            holder = await self._claims.claim(base, run_id=job.run_id, handle=handle)
             if holder is not None:  # another caller's job holds this key: the transport follows
                 return Following(holder)
             # Ours now: whatever an expired claim's job left under this id is stale.
