@@ -6,31 +6,27 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from pathlib import Path
 from typing import Any
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from arq_services import ArqWorker, environment
-
-from wove_adapters.testing import AdapterConformance
+from backend_conformance import BackendConformance
 
 _WORKER: dict[str, ArqWorker] = {}
 
 
-class TestArqConformance(AdapterConformance):
-    # The worker polls every 10 ms; reconciliation every 2 s. Generous for a shared box.
-    detection_timeout = 60.0
+class TestArqConformance(BackendConformance):
+    executor = "arq"
+    service = "arq_worker"
     isolation = "thread"
-    extra = "arq"
-    library = ("arq",)
+    slots = 4  # WorkerSettings.max_jobs
 
-    @pytest.fixture
-    def environment(self, arq_worker: ArqWorker) -> dict[str, Any]:
-        _WORKER["main"] = arq_worker
-        return environment(isolation=self.isolation)
-
-    @pytest.fixture
-    def worker_slots(self) -> int:
-        return 4  # WorkerSettings.max_jobs
+    def executor_config(self, service: ArqWorker) -> dict[str, Any]:
+        _WORKER["main"] = service
+        config: dict[str, Any] = environment(isolation=self.isolation)["executor_config"]
+        return config
 
     def kill_worker(self, pid: int) -> None:
         """Thread isolation: the task's pid is the arq worker itself, so SIGKILL takes the

@@ -3,24 +3,16 @@ jobs really run through the Docker Engine API shim."""
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from pathlib import Path
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from backend_conformance import BackendConformance
 
-from wove_adapters.testing import AdapterConformance
 
-
-class TestAwsBatchConformance(AdapterConformance):
-    detection_timeout = 60.0
-    extra = "aws"
-    library = ("boto3",)
-
-    @pytest.fixture
-    def environment(self, batch_config: dict[str, Any]) -> dict[str, Any]:
-        return {"executor": "aws_batch", "executor_config": batch_config}
-
-    @pytest.fixture
-    def worker_slots(self) -> int:
-        # moto starts every job at once (no capacity queue in RUNNABLE): cancel-queued is
-        # exercised right after submission, while the job is SUBMITTED/PENDING.
-        return 0
+class TestAwsBatchConformance(BackendConformance):
+    executor = "aws_batch"
+    service = "batch_config"
+    # moto starts every job at once (no capacity queue in RUNNABLE): cancel-queued is
+    # exercised right after submission, while the job is SUBMITTED/PENDING.
+    slots = 0

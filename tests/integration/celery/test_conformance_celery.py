@@ -3,29 +3,22 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from backend_conformance import BackendConformance
 from celery_services import CeleryService
 
-from wove_adapters.testing import AdapterConformance
+
+class TestCeleryRedisConformance(BackendConformance):
+    executor = "celery"
+    service = "redis_celery"
+
+    def executor_config(self, service: CeleryService) -> dict[str, Any]:
+        return service.executor_config
 
 
-class TestCeleryRedisConformance(AdapterConformance):
-    detection_timeout = 30.0
-    extra = "celery"
-    library = ("celery",)
-
-    @pytest.fixture
-    def environment(self, redis_celery: CeleryService) -> dict[str, Any]:
-        return {"executor": "celery", "executor_config": redis_celery.executor_config}
-
-
-class TestCeleryRabbitMQConformance(AdapterConformance):
-    detection_timeout = 30.0
-    extra = "celery"
-    library = ("celery",)
-
-    @pytest.fixture
-    def environment(self, amqp_celery: CeleryService) -> dict[str, Any]:
-        return {"executor": "celery", "executor_config": amqp_celery.executor_config}
+class TestCeleryRabbitMQConformance(TestCeleryRedisConformance):
+    service = "amqp_celery"

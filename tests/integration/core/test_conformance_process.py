@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from backend_conformance import BackendConformance
 
-from wove_adapters.testing import AdapterConformance
 
-
-class TestProcessConformance(AdapterConformance):
-    detection_timeout = 20.0
-
-    @pytest.fixture
-    def environment(self) -> dict[str, Any]:
-        return {"executor": "process", "executor_config": {}}
-
-    @pytest.fixture
-    def worker_slots(self) -> int:
-        return 0
+class TestProcessConformance(BackendConformance):
+    executor = "process"
+    slots = 0
 
     def refusing_environment(self, environment: dict[str, Any]) -> dict[str, Any]:
         # process hands executor_config.secret to its workers: hand them another key.

@@ -8,40 +8,37 @@ twice, and an outcome that could not be taken in at once is kept by Dask and arr
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from backend_conformance import BackendConformance
 from dask_cluster_helpers import WORKERS, DaskCluster, wait_for_workers
 
 from wove_adapters.core import frames
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.testing import AdapterConformance, tasks
+from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
 
 
-class TestDaskConformance(AdapterConformance):
-    detection_timeout = 45.0
-    extra = "dask"
-    library = ("distributed",)
-    return_path = "http"
+class TestDaskConformance(BackendConformance):
+    executor = "dask"
+    service = "dask_cluster"
+    slots = WORKERS
+    options = {"return_path": "http"}
 
-    @pytest.fixture
-    def environment(self, dask_cluster: DaskCluster) -> dict[str, Any]:
-        wait_for_workers(dask_cluster.address)  # a previous kill may still be restarting
-        return {
-            "executor": "dask",
-            "executor_config": {"address": dask_cluster.address, "return_path": self.return_path},
-        }
-
-    @pytest.fixture
-    def worker_slots(self) -> int:
-        return WORKERS
+    def executor_config(self, service: DaskCluster) -> dict[str, Any]:
+        wait_for_workers(service.address)  # a previous kill may still be restarting
+        return {"address": service.address}
 
 
 class TestDaskNativeConformance(TestDaskConformance):
-    return_path = "native"
+    options = {"return_path": "native"}
 
     def test_duplicate_terminal_event_is_dropped(self, hub_for: Any, markers: Any) -> None:
         hub = hub_for()

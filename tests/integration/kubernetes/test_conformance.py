@@ -3,26 +3,22 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from backend_conformance import BackendConformance
 from kube_services import CAPACITY, KubeCluster
 
-from wove_adapters.testing import AdapterConformance
 
+class TestKubernetesJobsConformance(BackendConformance):
+    executor = "kubernetes_jobs"
+    service = "kube_cluster"
+    slots = CAPACITY  # Pods beyond the node's capacity wait Pending: a real queue
 
-class TestKubernetesJobsConformance(AdapterConformance):
-    detection_timeout = 90.0
-    extra = "kubernetes"
-    library = ("kubernetes",)
-
-    @pytest.fixture
-    def environment(self, kube_cluster: KubeCluster) -> dict[str, Any]:
-        return {"executor": "kubernetes_jobs", "executor_config": kube_cluster.config()}
-
-    @pytest.fixture
-    def worker_slots(self) -> int:
-        return CAPACITY  # Pods beyond the node's capacity wait Pending: a real queue
+    def executor_config(self, service: KubeCluster) -> dict[str, Any]:
+        return service.config()
 
     def test_wove_weave_maps_100_items(self, environment: dict[str, Any]) -> None:
         """With an array window, the weave's 100 mapped items go as one Indexed Job."""

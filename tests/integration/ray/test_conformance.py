@@ -3,42 +3,34 @@ return paths: the callback receiver (``http``) and the ObjectRef itself (``nativ
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from backend_conformance import BackendConformance
 from ray_cluster_helpers import RayCluster
 
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.testing import AdapterConformance, tasks
+from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
 
 
-class TestRayConformance(AdapterConformance):
-    detection_timeout = 30.0
-    extra = "ray"
-    library = ("ray",)
+class TestRayConformance(BackendConformance):
+    executor = "ray"
+    service = "ray_head"
+    slots = 2  # the head offers 2 CPUs; each task asks for 1
 
-    @pytest.fixture
-    def environment(self, ray_head: RayCluster) -> dict[str, Any]:
-        return {"executor": "ray", "executor_config": {"address": ray_head.address}}
-
-    @pytest.fixture
-    def worker_slots(self) -> int:
-        return 2  # the head offers 2 CPUs; each task asks for 1
+    def executor_config(self, service: RayCluster) -> dict[str, Any]:
+        return {"address": service.address}
 
 
 class TestRayNativeConformance(TestRayConformance):
     """``return_path: "native"``: no receiver, the ObjectRef carries the outcome."""
 
-    @pytest.fixture
-    def environment(self, ray_head: RayCluster) -> dict[str, Any]:
-        return {
-            "executor": "ray",
-            "executor_config": {"address": ray_head.address, "return_path": "native"},
-        }
+    options = {"return_path": "native"}
 
     def test_duplicate_terminal_event_is_dropped(self, hub_for: Any) -> None:
         """No receiver here; a second terminal event for a finished run (as a late Ray

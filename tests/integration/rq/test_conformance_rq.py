@@ -4,33 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from backend_conformance import BackendConformance
 from rq_services import redis_client
 
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.integration.hub import Hub
-from wove_adapters.testing import AdapterConformance, tasks
+from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
 
 
-class TestRqConformance(AdapterConformance):
-    # A killed work-horse is marked failed by its worker at once; reconciliation polls
-    # every second. Generous, for a machine shared with other test runs.
-    detection_timeout = 45.0
-    extra = "rq"
-    library = ("rq",)
+class TestRqConformance(BackendConformance):
+    executor = "rq"
+    service = "rq_environment"
+    slots = 1  # one forking rq worker: one job at a time
 
-    @pytest.fixture
-    def environment(self, rq_environment: dict[str, Any]) -> dict[str, Any]:
-        return rq_environment
-
-    @pytest.fixture
-    def worker_slots(self) -> int:
-        return 1  # one forking rq worker: one job at a time
+    def executor_config(self, service: dict[str, Any]) -> dict[str, Any]:
+        return dict(service["executor_config"])
 
     # kill_worker: the default SIGKILLs the pid the task reported, which is the RQ
     # work-horse (the worker itself survives and marks the job failed).
@@ -40,11 +35,9 @@ class TestRqDropboxConformance(TestRqConformance):
     """The same suite over the ``redis`` return path: the work-horse RPUSHes signed
     events to a Redis list the caller reads; it never opens a connection to the caller."""
 
-    @pytest.fixture
-    def environment(self, rq_environment: dict[str, Any], redis_url: str) -> dict[str, Any]:
-        config = {**rq_environment["executor_config"], "return_path": "redis",
-                  "return_redis_url": redis_url}
-        return {"executor": "rq", "executor_config": config}
+    def executor_config(self, service: dict[str, Any]) -> dict[str, Any]:
+        config = super().executor_config(service)  # the events go to the job queue's Redis
+        return {**config, "return_path": "redis", "return_redis_url": config["redis_url"]}
 
     def _reader(self, hub: Hub) -> Any:
         from wove_adapters.callbacks.dropbox import DropboxReader

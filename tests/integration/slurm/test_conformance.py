@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from pathlib import Path
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from backend_conformance import BackendConformance
 
-from wove_adapters.testing import AdapterConformance
 
-
-class TestSlurmConformance(AdapterConformance):
-    detection_timeout = 60.0
-
-    @pytest.fixture
-    def environment(self, slurm_cluster: dict[str, Any]) -> dict[str, Any]:
-        return {"executor": "slurm", "executor_config": dict(slurm_cluster)}
-
-    @pytest.fixture
-    def worker_slots(self) -> int:
-        return 8  # CPUs=8 in the test cluster's node definition, one CPU per job
+class TestSlurmConformance(BackendConformance):
+    executor = "slurm"
+    service = "slurm_cluster"
+    slots = 8  # CPUs=8 in the test cluster's node definition, one CPU per job

@@ -5,27 +5,23 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from pathlib import Path
 from typing import Any
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from backend_conformance import BackendConformance
 from taskiq_fixtures import SLOTS, TaskiqWorker
 
-from wove_adapters.testing import AdapterConformance
 
+class TestTaskiqConformance(BackendConformance):
+    executor = "taskiq"
+    service = "taskiq_worker"
+    slots = SLOTS
 
-class TestTaskiqConformance(AdapterConformance):
-    detection_timeout = 60.0
-    extra = "taskiq"
-    library = ("taskiq",)
-
-    @pytest.fixture
-    def environment(self, taskiq_worker: TaskiqWorker) -> dict[str, Any]:
-        self._worker = taskiq_worker
-        return {"executor": "taskiq", "executor_config": taskiq_worker.config}
-
-    @pytest.fixture
-    def worker_slots(self) -> int:
-        return SLOTS
+    def executor_config(self, service: TaskiqWorker) -> dict[str, Any]:
+        self._worker = service  # kill_worker checks the task ran under it
+        return service.config
 
     def kill_worker(self, pid: int) -> None:
         """SIGKILL the taskiq worker process running the task (worker -> its pool's

@@ -3,42 +3,32 @@ worker process: callback return path (default) and the native one (workflow resu
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from backend_conformance import BackendConformance
 from temporal_services import WORKER_SLOTS
 
 from wove_adapters.core import frames
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.integration.hub import Hub
-from wove_adapters.testing import AdapterConformance, tasks
+from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
 
 
-class TestTemporalConformance(AdapterConformance):
-    detection_timeout = 60.0
-    extra = "temporal"
-    library = ("temporalio",)
-
-    @pytest.fixture
-    def environment(self, temporal_config: dict[str, Any]) -> dict[str, Any]:
-        return {"executor": "temporal", "executor_config": dict(temporal_config)}
-
-    @pytest.fixture
-    def worker_slots(self) -> int:
-        return WORKER_SLOTS
+class TestTemporalConformance(BackendConformance):
+    executor = "temporal"
+    service = "temporal_config"
+    slots = WORKER_SLOTS
 
 
 class TestTemporalNativeConformance(TestTemporalConformance):
     """``return_path: "native"``: no receiver; the workflow's result is the way back."""
 
-    @pytest.fixture
-    def environment(self, temporal_config: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "executor": "temporal",
-            "executor_config": {**temporal_config, "return_path": "native"},
-        }
+    options = {"return_path": "native"}
 
     def test_duplicate_terminal_event_is_dropped(  # type: ignore[override]
         self, hub_for: Any, markers: Any
