@@ -162,18 +162,11 @@ class ArqAdapter(BackendAdapter):
     # isolation="thread" (default): ARQ's abort cancels the job's asyncio task, but the
     # thread running the task's code cannot be interrupted, so running work is NOT
     # stopped: cancel_running and confirm_cancel are False. Queued work is removed.
-    capabilities = Capabilities(
-        cancel_queued=True,
+    capabilities = Capabilities.backend(
         cancel_running=False,
         confirm_cancel=False,
         native_idempotency=True,
-        native_result=False,
-        status=True,
-        requeue=True,
-        detach=True,
-        heartbeats=True,
         inline_payload_limit=1024 * 1024,
-        array_jobs=False,
     )
     # isolation="process": the payload runs in a child process the worker SIGTERMs on
     # abort (SIGKILL after ``kill_after``): running work really stops, and the child's

@@ -101,15 +101,10 @@ class AwsBatchAdapter(BackendAdapter):
     config_struct = AwsBatchOptions
     extra = "aws"
     required_modules = ("boto3",)
-    capabilities = Capabilities(
-        cancel_queued=True,
+    capabilities = Capabilities.backend(
         cancel_running=True,
         confirm_cancel=True,
         native_idempotency=False,
-        native_result=False,
-        status=True,
-        requeue=True,
-        detach=True,
         # The whole payload already lives in the store; a body above this gets its own
         # object (the 30 KiB SubmitJob limit never sees either).
         inline_payload_limit=256 * 1024,

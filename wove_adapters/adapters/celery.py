@@ -112,14 +112,10 @@ class CeleryAdapter(BackendAdapter):
     config_struct = CeleryOptions
     extra = "celery"
     required_modules = ("celery", "kombu")
-    capabilities = Capabilities(
-        cancel_queued=True,
+    capabilities = Capabilities.backend(
         cancel_running=True,  # prefork pool: the child is SIGTERMed, the task interrupted
         confirm_cancel=True,  # task_cancelled from the worker, or REVOKED in the backend
         native_idempotency=True,  # task id = key, claimed in the Redis result backend
-        native_result=False,
-        status=True,
-        requeue=True,
         detach=True,  # workers outlive the caller and record outcomes in the ledger
         inline_payload_limit=512 * 1024,
     )

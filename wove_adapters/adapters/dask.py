@@ -121,16 +121,13 @@ class DaskAdapter(BackendAdapter):
     config_struct = DaskOptions
     extra = "dask"
     required_modules = ("dask", "distributed")
-    capabilities = Capabilities(
-        cancel_queued=True,
+    capabilities = Capabilities.backend(
         # A running task is a Python thread inside the worker: Dask forgets it and drops its
         # result, but the thread runs to its end. Not a real stop, so not claimed.
         cancel_running=False,
         confirm_cancel=False,
         native_idempotency=True,
         native_result=True,
-        status=True,
-        requeue=True,
         detach=True,  # fire_and_forget keeps the task alive without this client
         inline_payload_limit=4 * 1024 * 1024,
     )

@@ -173,15 +173,10 @@ class KubernetesJobsAdapter(BackendAdapter):
     config_struct = KubernetesJobsOptions
     extra = "kubernetes"
     required_modules = ("kubernetes",)
-    capabilities = Capabilities(
-        cancel_queued=True,
+    capabilities = Capabilities.backend(
         cancel_running=True,
         confirm_cancel=True,
         native_idempotency=True,
-        native_result=False,
-        status=True,
-        requeue=True,
-        detach=True,
         inline_payload_limit=1024 * 1024,
         array_jobs=True,
     )

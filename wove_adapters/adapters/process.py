@@ -67,15 +67,10 @@ class ProcessAdapter(BackendAdapter):
     config_struct = ProcessOptions
     extra = ""
     required_modules = ()
-    capabilities = Capabilities(
-        cancel_queued=True,
+    capabilities = Capabilities.backend(
         cancel_running=True,
         confirm_cancel=True,
         native_idempotency=False,
-        native_result=False,
-        status=True,
-        requeue=True,
-        detach=True,
         inline_payload_limit=64 * 1024,
     )
     reconcile_seconds: ClassVar[float] = 0.5

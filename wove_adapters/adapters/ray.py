@@ -155,14 +155,11 @@ class RayAdapter(BackendAdapter):
     config_struct = RayOptions
     extra = "ray"
     required_modules = ("ray",)
-    capabilities = Capabilities(
-        cancel_queued=True,
+    capabilities = Capabilities.backend(
         cancel_running=True,
         confirm_cancel=True,
         native_idempotency=False,  # Ray has no dedupe: the ledger and dispatcher do it
         native_result=True,
-        status=True,
-        requeue=True,
         detach=False,  # Ray tasks share the fate of the driver that submitted them
         inline_payload_limit=256 * 1024 * 1024,  # args travel through Ray's object store
     )

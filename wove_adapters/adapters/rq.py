@@ -92,14 +92,10 @@ class RqAdapter(BackendAdapter):
     config_struct = RqOptions
     extra = "rq"
     required_modules = ("rq", "redis")
-    capabilities = Capabilities(
-        cancel_queued=True,
+    capabilities = Capabilities.backend(
         cancel_running=True,  # send_stop_job_command: the work-horse is SIGKILLed
         confirm_cancel=True,  # RQ marks the job STOPPED / CANCELED: status() confirms
         native_idempotency=True,  # job_id = sanitised idempotency key
-        native_result=False,
-        status=True,
-        requeue=True,
         detach=True,  # RQ workers run on without the caller; outcomes go to the ledger
         inline_payload_limit=1024 * 1024,
     )

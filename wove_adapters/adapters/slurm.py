@@ -121,14 +121,10 @@ class SlurmAdapter(BackendAdapter):
     config_struct = SlurmOptions
     extra = "slurm"
     required_modules = ()
-    capabilities = Capabilities(
-        cancel_queued=True,
+    capabilities = Capabilities.backend(
         cancel_running=True,
         confirm_cancel=True,
         native_idempotency=True,
-        status=True,
-        requeue=True,
-        detach=True,
         inline_payload_limit=1024 * 1024,
         array_jobs=True,
     )

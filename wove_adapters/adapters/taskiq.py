@@ -75,16 +75,13 @@ class TaskiqAdapter(BackendAdapter):
     config_struct = TaskiqOptions
     extra = "taskiq"
     required_modules = ("taskiq", "taskiq_redis")
-    capabilities = Capabilities(
+    capabilities = Capabilities.backend(
         cancel_queued=True,  # the worker drops a marked job when it dequeues it
         cancel_running=True,  # the payload's child process is SIGTERMed (SIGKILL later)
         confirm_cancel=True,  # the worker reports task_cancelled; status() says CANCELLED
         native_idempotency=True,  # task id = key, plus a Redis SET NX claim
         native_result=False,  # results come back on the return path, not by polling
-        status=True,
-        requeue=True,
         detach=True,  # the worker is independent of the caller; it reports to the ledger
-        heartbeats=True,
         inline_payload_limit=1024 * 1024,
     )
     # Our worker-written states (taskiq itself has none besides "result ready").

@@ -91,15 +91,11 @@ class TemporalAdapter(BackendAdapter):
     config_struct = TemporalOptions
     extra = "temporal"
     required_modules = ("temporalio",)
-    capabilities = Capabilities(
-        cancel_queued=True,
+    capabilities = Capabilities.backend(
         cancel_running=True,
         confirm_cancel=True,
         native_idempotency=True,
         native_result=True,
-        status=True,
-        requeue=True,
-        detach=True,
         inline_payload_limit=INLINE_LIMIT,
     )
     # WorkflowExecutionStatus names. TERMINATED is a forced stop (an operator, or a

@@ -20,10 +20,9 @@ from wove_adapters.callbacks.dropbox import DropboxReader, get_dropbox
 from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
-from wove_adapters.core.options import check_executor_config
 from wove_adapters.core.paths import default_store_url
 from wove_adapters.core.policies import JobState
-from wove_adapters.core.transport import Emit, RunAttempt, Transport
+from wove_adapters.core.transport import Emit, RunAttempt, StartContext, Transport
 
 log = logging.getLogger("wove_adapters.adapters")
 
@@ -205,18 +204,11 @@ class AdapterTransport(Transport):
         self.followers: KeyFollowers | None = None
         self.stats: dict[str, int] = {"array_submissions": 0, "single_submissions": 0}
 
-    async def start(
-        self,
-        *,
-        environment: str,
-        executor_config: dict[str, Any],
-        settings: dict[str, Any],
-        emit: Emit,
-    ) -> None:
+    async def start(self, context: StartContext) -> None:
         # Before the receiver binds or the backend is contacted: a typo fails here.
-        check_executor_config(
-            self.adapter_cls.config_struct, executor_config,
-            environment=environment, executor=self.name,
+        context.check_options(self.adapter_cls.config_struct, self.name)
+        environment, executor_config, emit = (
+            context.environment, context.executor_config, context.emit
         )
         self._emit = emit
         self._config = executor_config

@@ -103,6 +103,17 @@ class Capabilities:
     inline_payload_limit: int = 256 * 1024
     array_jobs: bool = False
 
+    @classmethod
+    def backend(cls, **differences: Any) -> Capabilities:
+        """What a job-system adapter usually has: queued work can be removed, the job's
+        state read (so reconciliation works), runs requeued and left running after the
+        caller detaches, results taken from our return path rather than the backend. An
+        adapter names only how it differs, so the differences are what a reader sees."""
+        usual: dict[str, Any] = dict(
+            cancel_queued=True, status=True, requeue=True, detach=True, native_result=False
+        )
+        return cls(**{**usual, **differences})
+
 
 @dataclass(frozen=True)
 class DeliveryPolicy:

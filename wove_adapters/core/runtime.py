@@ -42,7 +42,7 @@ from wove_adapters.core.ledger.base import (
 )
 from wove_adapters.core.options import shared_default
 from wove_adapters.core.policies import DeliveryPolicy, JobState, check_supported
-from wove_adapters.core.transport import RunAttempt, Transport
+from wove_adapters.core.transport import RunAttempt, StartContext, Transport
 
 log = logging.getLogger("wove_adapters.runtime")
 
@@ -257,10 +257,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         await self.transport.start(
-            environment=self.environment,
-            executor_config=self.executor_config,
-            settings=self.settings,
-            emit=self._on_event,
+            StartContext(self.environment, self.executor_config, self.settings, self._on_event)
         )
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
         self._ledger_task = asyncio.get_running_loop().create_task(self._ledger_writer())

@@ -17,12 +17,32 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from wove_adapters.core.options import ExecutorOptions, check_executor_config
 from wove_adapters.core.policies import Capabilities, DeliveryPolicy, JobState
 
 Emit = Callable[[dict[str, Any]], None]
 log = logging.getLogger("wove_adapters.transport")
 # How many status() calls the default status_many runs at once.
 STATUS_CONCURRENCY = 16
+
+
+@dataclass(frozen=True)
+class StartContext:
+    """What a transport is started with. One object rather than keyword arguments, so that
+    a new piece of context reaches every transport (ours and third parties') without each
+    one restating its signature."""
+
+    environment: str
+    executor_config: dict[str, Any]
+    settings: dict[str, Any]
+    emit: Emit
+
+    def check_options(self, struct: type[ExecutorOptions] | None, executor: str) -> None:
+        """Refuse an unknown or mistyped ``executor_config`` key before anything binds or
+        is contacted, naming this environment and ``executor``."""
+        check_executor_config(
+            struct, self.executor_config, environment=self.environment, executor=executor
+        )
 
 
 @dataclass
@@ -44,14 +64,7 @@ class Transport(abc.ABC):
     capabilities: Capabilities = Capabilities()
 
     @abc.abstractmethod
-    async def start(
-        self,
-        *,
-        environment: str,
-        executor_config: dict[str, Any],
-        settings: dict[str, Any],
-        emit: Emit,
-    ) -> None:
+    async def start(self, context: StartContext) -> None:
         """Acquire shared resources (pools, receivers, clients). Called once."""
 
     @abc.abstractmethod

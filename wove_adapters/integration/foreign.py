@@ -12,7 +12,7 @@ from typing import Any
 
 from wove_adapters.core import frames
 from wove_adapters.core.policies import Capabilities
-from wove_adapters.core.transport import Emit, RunAttempt, Transport
+from wove_adapters.core.transport import Emit, RunAttempt, StartContext, Transport
 
 
 class ExecutorTransport(Transport):
@@ -26,18 +26,13 @@ class ExecutorTransport(Transport):
         self._reader: asyncio.Task[None] | None = None
         self._emit: Emit | None = None
 
-    async def start(
-        self,
-        *,
-        environment: str,
-        executor_config: dict[str, Any],
-        settings: dict[str, Any],
-        emit: Emit,
-    ) -> None:
-        self._emit = emit
-        config = {k: v for k, v in executor_config.items() if not k.startswith("_")}
+    async def start(self, context: StartContext) -> None:
+        self._emit = context.emit
+        config = {k: v for k, v in context.executor_config.items() if not k.startswith("_")}
         await self.executor.start(
-            environment_name=environment, environment_config=config, run_config=settings
+            environment_name=context.environment,
+            environment_config=config,
+            run_config=context.settings,
         )
         self._reader = asyncio.get_running_loop().create_task(self._read())
 

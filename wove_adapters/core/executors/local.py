@@ -20,9 +20,9 @@ import inspect
 from typing import Any
 
 from wove_adapters.core import frames
-from wove_adapters.core.options import ExecutorOptions, check_executor_config
+from wove_adapters.core.options import ExecutorOptions
 from wove_adapters.core.policies import Capabilities
-from wove_adapters.core.transport import Emit, RunAttempt, Transport
+from wove_adapters.core.transport import Emit, RunAttempt, StartContext, Transport
 
 
 class LocalOptions(ExecutorOptions, kw_only=True):
@@ -50,21 +50,12 @@ class LocalTransport(Transport):
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._thread_futures: dict[str, concurrent.futures.Future[Any]] = {}
 
-    async def start(
-        self,
-        *,
-        environment: str,
-        executor_config: dict[str, Any],
-        settings: dict[str, Any],
-        emit: Emit,
-    ) -> None:
-        check_executor_config(
-            LocalOptions, executor_config, environment=environment, executor=self.name
-        )
-        self._emit = emit
-        workers = _pool_size(environment, executor_config, settings)
+    async def start(self, context: StartContext) -> None:
+        context.check_options(LocalOptions, self.name)
+        self._emit = context.emit
+        workers = _pool_size(context.environment, context.executor_config, context.settings)
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix=f"wove-local-{environment}"
+            max_workers=workers, thread_name_prefix=f"wove-local-{context.environment}"
         )
 
     async def submit(self, run: RunAttempt) -> None:

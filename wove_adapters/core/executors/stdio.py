@@ -31,9 +31,9 @@ import msgspec
 from wove_adapters.core import frames
 from wove_adapters.core.envelope import dumps
 from wove_adapters.core.errors import TaskExecutionError
-from wove_adapters.core.options import ExecutorOptions, check_executor_config
+from wove_adapters.core.options import ExecutorOptions
 from wove_adapters.core.policies import Capabilities
-from wove_adapters.core.transport import Emit, RunAttempt, Transport
+from wove_adapters.core.transport import Emit, RunAttempt, StartContext, Transport
 
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(frames.WireEvent)
@@ -98,18 +98,10 @@ class StdioTransport(Transport):
         self._env: dict[str, str] = {}
         self._size = 1
 
-    async def start(
-        self,
-        *,
-        environment: str,
-        executor_config: dict[str, Any],
-        settings: dict[str, Any],
-        emit: Emit,
-    ) -> None:
-        check_executor_config(
-            StdioOptions, executor_config, environment=environment, executor=self.name
-        )
-        self._emit = emit
+    async def start(self, context: StartContext) -> None:
+        context.check_options(StdioOptions, self.name)
+        environment, executor_config = context.environment, context.executor_config
+        self._emit = context.emit
         self._size = _pool_size(environment, executor_config.get("processes"))
         python = str(executor_config.get("python") or sys.executable)
         self._command = [python, "-m", "wove_adapters.stdio_worker"]
