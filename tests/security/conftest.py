@@ -10,15 +10,19 @@
 - ``traceback_log``: log records that carry a traceback, from any logger.
 - ``post_raw(receiver, body, ...)``: a raw POST's status (0: no answer, the connection
   closed), never raising.
+- ``marker``: the file a broker writer's planted pickle creates when unpickled
+  (``broker_planting.Bomb``); ``tests/support`` is on ``sys.path`` for the broker suites.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +33,8 @@ from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.codec import sign_events
 from wove_adapters.core.envelope import ReturnPath
 from wove_adapters.worker import sender
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 
 # A pickle of 7: what a genuine task_result carries.
 SEVEN = b"\x80\x04K\x07."
@@ -136,3 +142,9 @@ def sign() -> Callable[[list[frames.WireEvent], str], bytes]:
 def post_raw() -> Callable[..., int]:
     """``post_raw(receiver, body, path=, headers=, timeout=)``: see ``http_status``."""
     return http_status
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    """Where a planted pickle, once unpickled, leaves its trace."""
+    return tmp_path / "unpickled-in-the-caller"

@@ -42,3 +42,17 @@ def ends_lost(future: Any, seconds: float) -> None:
     """The caller's run must end as lost (its orphan policy "fail") within ``seconds``."""
     ended = ends_within(seconds, lambda: future.result(timeout=seconds + 5))
     assert isinstance(ended, DeliveryOrphanedError), repr(ended)
+
+
+def tampered_ends(how: str, hub: Any, future: Any, seconds: float,
+                  status: Callable[[], None]) -> None:
+    """The caller's own job was tampered with; it ends as the test says ``how``:
+    "cancel" (cancelled), "timeout" (its delivery timeout), or "status" (``status()``
+    checks what the caller reads of the job, then the run is cancelled)."""
+    if how == "cancel":
+        cancel_ends(hub, future, seconds)
+    elif how == "timeout":
+        times_out(future, seconds)
+    else:
+        status()
+        cancel_ends(hub, future, seconds)

@@ -11,9 +11,9 @@ are never on a queue a worker reads. Run with the arq tox env.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "arq"))
 from arq_services import PREFIX, SESSION, cleanup_session, environment, redis_client, require_redis
-from broker_planting import assert_not_unpickled, bomb, marker
-from run_ends import cancel_ends, ends_lost, ends_within, times_out
+from broker_planting import bomb, caller, keyed, new_key
+from run_ends import cancel_ends, ends_lost, ends_within, tampered_ends
+from services import scratch_queue
 
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.policies import JobState
@@ -31,23 +32,18 @@ from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
 from wove_adapters.worker.arq import RESULT_KEY, pack_record
 
-__all__ = ["marker"]  # the fixture
-
 BOUND = 30.0
 
 
 @pytest.fixture
 def queue() -> Iterator[str]:
     """A queue no worker reads."""
-    require_redis()
-    yield f"{SESSION}-sec-{uuid.uuid4().hex[:6]}"
-    cleanup_session()
+    yield from scratch_queue(f"{SESSION}-sec", require_redis, lambda _: cleanup_session())
 
 
-def _hub(queue: str, **policy: Any) -> Hub:
-    definition = {**environment(queue_name=queue, lease_seconds=1.0),
-                  "delivery_orphan_policy": "fail", "delivery_timeout": BOUND, **policy}
-    return Hub(environments={"arq": definition}, default_environment="arq")
+def _caller(queue: str, marker: Path, **policy: Any) -> contextlib.AbstractContextManager[Hub]:
+    config = environment(queue_name=queue, lease_seconds=1.0)["executor_config"]
+    return caller(marker, "arq", config, BOUND, **policy)
 
 
 def _plant(job_id: str, marker: Path, *, record: bytes | None = None,
@@ -65,53 +61,39 @@ def _plant(job_id: str, marker: Path, *, record: bytes | None = None,
         client.close()
 
 
-def _keyed(hub: Hub, key: str) -> Any:
-    return hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
-
-
 @pytest.mark.parametrize("record", ["pickle", "failed", "forged-outcome"])
 def test_following_a_planted_complete_job_never_unpickles(
     queue: str, marker: Path, record: str
 ) -> None:
-    key = f"sec{uuid.uuid4().hex[:8]}"
+    key = new_key()
     planted = {
         "pickle": None,  # our record is a pickle too: not msgpack, an unreadable record
         "failed": pack_record({"state": "failed"}),  # ended badly: the key is free again
         "forged-outcome": pack_record({"state": "succeeded", "outcome": bomb(marker)}),
     }[record]
     _plant(PREFIX + key, marker, record=planted)
-    hub = _hub(queue)
-    try:
-        future = _keyed(hub, key)
+    with _caller(queue, marker) as hub:
+        future = keyed(hub, key)
         if record == "failed":  # ours replaces it (no worker here): cancel it
             time.sleep(0.5)
             cancel_ends(hub, future, BOUND)
         else:
             ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
             assert isinstance(ended, Exception), repr(ended)
-    finally:
-        hub.close()
-    assert_not_unpickled(marker)
 
 
 def test_planted_running_job_without_a_lease_is_lost(queue: str, marker: Path) -> None:
-    key = f"sec{uuid.uuid4().hex[:8]}"
+    key = new_key()
     _plant(PREFIX + key, marker, in_progress=True)
-    hub = _hub(queue)
-    try:
-        future = _keyed(hub, key)
-        ends_lost(future, BOUND)
-    finally:
-        hub.close()
-    assert_not_unpickled(marker)
+    with _caller(queue, marker) as hub:
+        ends_lost(keyed(hub, key), BOUND)
 
 
 @pytest.mark.parametrize("how", ["cancel", "timeout", "status"])
 def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) -> None:
     """The writer plants a pickled result (and job, record) over the caller's own queued
     job; the caller then cancels it, times it out, or reads its status and outcome."""
-    hub = _hub(queue, **({"delivery_timeout": 3.0} if how == "timeout" else {}))
-    try:
+    with _caller(queue, marker, **({"delivery_timeout": 3.0} if how == "timeout" else {})) as hub:
         future = hub.submit(tasks.add, 1, 2)
         client = redis_client()
         try:
@@ -124,17 +106,12 @@ def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) ->
             client.close()
         assert ids, "the caller's job never reached the queue"
         _plant(ids[0], marker)
-        if how == "cancel":
-            cancel_ends(hub, future, BOUND)
-        elif how == "timeout":
-            times_out(future, BOUND)
-        else:
+
+        def status() -> None:
             adapter = hub.dispatcher("arq").transport.adapter
             states = shared_loop.run_sync(adapter.status_many([ids[0]]))
             assert states.get(ids[0]) is not JobState.SUCCEEDED
             outcome = shared_loop.run_sync(adapter.outcomes([ids[0]]))[ids[0]]
             assert isinstance(outcome, Exception), outcome
-            cancel_ends(hub, future, BOUND)
-    finally:
-        hub.close()
-    assert_not_unpickled(marker)
+
+        tampered_ends(how, hub, future, BOUND, status)

@@ -13,6 +13,7 @@ bounded time. No worker consumes these queues. Run with the celery tox env.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import uuid
@@ -23,17 +24,14 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "celery"))
-from broker_planting import assert_not_unpickled, bomb, bomb_b64, marker
+from broker_planting import bomb, bomb_b64, caller, keyed, new_key
 from celery_services import REDIS_URL, require_service
-from run_ends import cancel_ends, ends_within, times_out
+from run_ends import ends_within, tampered_ends
 
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import DeliveryTimeoutError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
-from wove_adapters.testing import tasks
-
-__all__ = ["marker"]  # the fixture
 
 BOUND = 20.0
 PICKLE_CALLER = {"result_serializer": "pickle", "result_accept_content": ["pickle", "json"],
@@ -69,25 +67,20 @@ def _plant(keys: list[str], key: str, value: bytes | str) -> None:
         client.close()
 
 
-def _hub(caller: str, **policy: Any) -> Hub:
+def _caller(accepts: str, marker: Path, **policy: Any) -> contextlib.AbstractContextManager[Hub]:
+    """A caller whose app accepts ``accepts`` ("json": Celery's defaults, or "pickle")."""
     config = {"broker_url": REDIS_URL, "result_backend": REDIS_URL,
               "queue": f"wove-sec-celery-{uuid.uuid4().hex[:8]}",
-              "celery_config": PICKLE_CALLER if caller == "pickle" else {}}
-    definition = {"executor": "celery", "executor_config": config,
-                  "delivery_orphan_policy": "fail", "delivery_timeout": BOUND, **policy}
-    return Hub(environments={"celery": definition}, default_environment="celery")
+              "celery_config": PICKLE_CALLER if accepts == "pickle" else {}}
+    return caller(marker, "celery", config, BOUND, **policy)
 
 
-def _keyed(hub: Hub, key: str) -> Any:
-    return hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
-
-
-@pytest.mark.parametrize("caller", ["json", "pickle"])
+@pytest.mark.parametrize("accepts", ["json", "pickle"])
 @pytest.mark.parametrize("what", ["pickled-meta", "forged-outcome", "garbage-claim"])
 def test_following_a_planted_claim_never_unpickles(
-    planted: list[str], marker: Path, caller: str, what: str
+    planted: list[str], marker: Path, accepts: str, what: str
 ) -> None:
-    key, held = f"sec{uuid.uuid4().hex[:8]}", f"held{uuid.uuid4().hex[:8]}"
+    key, held = new_key(), f"held{new_key()}"
     claim: bytes | str = json.dumps({"run": "someone-else", "handle": held})
     _plant(planted, f"celery-task-meta-{key}:wove-claim",
            bomb(marker) if what == "garbage-claim" else claim)
@@ -96,41 +89,33 @@ def test_following_a_planted_claim_never_unpickles(
         meta = json.dumps({"status": "SUCCESS", "task_id": held,
                            "result": {"state": "succeeded", "outcome": bomb_b64(marker)}})
     _plant(planted, f"celery-task-meta-{held}", meta)
-    hub = _hub(caller, **({"delivery_timeout": 5.0} if what == "pickled-meta" else {}))
-    try:
-        future = _keyed(hub, key)
+    policy = {"delivery_timeout": 5.0} if what == "pickled-meta" else {}
+    with _caller(accepts, marker, **policy) as hub:
+        future = keyed(hub, key)
         ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
         assert isinstance(ended, Exception), repr(ended)
         if what == "pickled-meta":  # an unreadable meta is no verdict: the timeout ends it
             assert isinstance(ended, DeliveryTimeoutError), repr(ended)
         if what == "garbage-claim":
             assert "not one wove-adapters wrote" in str(ended), repr(ended)
-    finally:
-        hub.close()
-    assert_not_unpickled(marker)
 
 
 @pytest.mark.parametrize("how", ["cancel", "timeout", "status"])
 def test_tampered_own_task_never_unpickles(planted: list[str], marker: Path, how: str) -> None:
     """The writer plants a pickled meta over the caller's own queued task (an app that
     accepts pickle); the caller then cancels it, times it out, or reads its status."""
-    key = f"sec{uuid.uuid4().hex[:8]}"
+    key = new_key()
     planted += [f"celery-task-meta-{key}:wove-claim"]
-    hub = _hub("pickle", **({"delivery_timeout": 3.0} if how == "timeout" else {}))
-    try:
-        future = _keyed(hub, key)
+    policy = {"delivery_timeout": 3.0} if how == "timeout" else {}
+    with _caller("pickle", marker, **policy) as hub:
+        future = keyed(hub, key)
         _plant(planted, f"celery-task-meta-{key}", bomb(marker))
-        if how == "cancel":
-            cancel_ends(hub, future, BOUND)
-        elif how == "timeout":
-            times_out(future, BOUND)
-        else:
+
+        def status() -> None:
             adapter = hub.dispatcher("celery").transport.adapter
             for _ in range(3):
                 state = shared_loop.run_sync(adapter.status(key))
                 assert state is JobState.UNKNOWN, state
             assert shared_loop.run_sync(adapter.outcomes([key])) == {}
-            cancel_ends(hub, future, BOUND)
-    finally:
-        hub.close()
-    assert_not_unpickled(marker)
+
+        tampered_ends(how, hub, future, BOUND, status)

@@ -10,9 +10,9 @@ run ends with a clear error or as lost, in bounded time. Run with the rq tox env
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,16 +21,15 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "rq"))
-from broker_planting import assert_not_unpickled, bomb, bomb_b64, marker
+from broker_planting import bomb, bomb_b64, caller, keyed, new_key
 from rq_services import REDIS_URL, cleanup_queue, redis_client, require_redis
-from run_ends import cancel_ends, ends_lost, ends_within, times_out
+from run_ends import cancel_ends, ends_lost, ends_within, tampered_ends
+from services import scratch_queue
 
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
-
-__all__ = ["marker"]  # the fixture
 
 BOUND = 30.0
 
@@ -38,9 +37,10 @@ BOUND = 30.0
 @pytest.fixture
 def queue() -> Iterator[str]:
     """A queue no worker reads: planted and tampered jobs are only ever read by the caller."""
-    require_redis()
-    name = f"wove-sec-rq-{uuid.uuid4().hex[:8]}"
-    yield name
+    yield from scratch_queue("wove-sec-rq", require_redis, _cleanup)
+
+
+def _cleanup(name: str) -> None:
     client = redis_client()
     try:  # planted hashes go raw: RQ's own cleanup would unpickle them in this process
         for key in client.scan_iter("rq:job:*", count=1000):
@@ -52,10 +52,8 @@ def queue() -> Iterator[str]:
     cleanup_queue(name)
 
 
-def _hub(queue: str, **policy: Any) -> Hub:
-    definition = {"executor": "rq", "executor_config": {"redis_url": REDIS_URL, "queue": queue},
-                  "delivery_orphan_policy": "fail", **policy}
-    return Hub(environments={"rq": definition}, default_environment="rq")
+def _caller(queue: str, marker: Path, **policy: Any) -> contextlib.AbstractContextManager[Hub]:
+    return caller(marker, "rq", {"redis_url": REDIS_URL, "queue": queue}, BOUND, **policy)
 
 
 def _plant(job_id: str, queue: str, marker: Path, **fields: Any) -> None:
@@ -78,42 +76,31 @@ def _plant(job_id: str, queue: str, marker: Path, **fields: Any) -> None:
 @pytest.mark.parametrize("status", ["finished", "failed", "stopped", "canceled"])
 def test_following_a_planted_job_never_unpickles(queue: str, marker: Path, status: str) -> None:
     """A key whose job id holds a planted job: followed (finished) or replaced (ended)."""
-    key = f"sec-{uuid.uuid4().hex[:8]}"
+    key = new_key()
     _plant(key, queue, marker, status=status)
-    hub = _hub(queue, delivery_timeout=BOUND)
-    try:
-        future = hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
+    with _caller(queue, marker) as hub:
+        future = keyed(hub, key)
         if status == "finished":  # followed: its outcome is unreadable, the run fails
             ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
             assert isinstance(ended, Exception), ended
             assert "recorded outcome" in str(ended) or "outcome" in str(ended), ended
         else:  # the ended job frees the key: ours is enqueued fresh, and cancelled
             cancel_ends(hub, future, BOUND)
-    finally:
-        hub.close()
-    assert_not_unpickled(marker)
 
 
 def test_planted_running_job_with_a_gone_worker_is_lost(queue: str, marker: Path) -> None:
-    key = f"sec-{uuid.uuid4().hex[:8]}"
+    key = new_key()
     _plant(key, queue, marker, status="started", worker_name="nobody-listens")
-    hub = _hub(queue, delivery_timeout=BOUND)
-    try:
-        future = hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
-        ends_lost(future, BOUND)
-    finally:
-        hub.close()
-    assert_not_unpickled(marker)
+    with _caller(queue, marker) as hub:
+        ends_lost(keyed(hub, key), BOUND)
 
 
 @pytest.mark.parametrize("how", ["cancel", "timeout", "status"])
 def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) -> None:
     """The writer overwrites the caller's own queued job (meta, result, data, status
     fields); the caller then cancels it, times it out, or asks its status."""
-    hub = _hub(queue, delivery_timeout=2.0 if how == "timeout" else BOUND)
-    try:
+    with _caller(queue, marker, **({"delivery_timeout": 2.0} if how == "timeout" else {})) as hub:
         future = hub.submit(tasks.add, 1, 2)
-        dispatcher = hub.dispatcher("rq")
         client = redis_client()
         try:
             for _ in range(200):
@@ -126,20 +113,15 @@ def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) ->
             _plant(ids[0], queue, marker, status="queued")
         finally:
             client.close()
-        if how == "cancel":
-            cancel_ends(hub, future, BOUND)
-        elif how == "timeout":
-            times_out(future, BOUND)
-        else:
-            adapter = dispatcher.transport.adapter
+
+        def status() -> None:
+            adapter = hub.dispatcher("rq").transport.adapter
             for _ in range(3):  # the states the caller reads, besides reconciliation's own
                 states = shared_loop.run_sync(adapter.status_many([ids[0]]))
                 assert states[ids[0]] is not JobState.SUCCEEDED
                 assert shared_loop.run_sync(adapter.outcomes([ids[0]])) == {}
-            cancel_ends(hub, future, BOUND)
-    finally:
-        hub.close()
-    assert_not_unpickled(marker)
+
+        tampered_ends(how, hub, future, BOUND, status)
 
 
 def test_planted_outcome_field_is_verified_before_anything_is_unpickled(
@@ -147,13 +129,9 @@ def test_planted_outcome_field_is_verified_before_anything_is_unpickled(
 ) -> None:
     """The outcome field the caller does read, holding a base64 pickle: refused by the
     signature check (core.codec.decode_outcome), never unpickled."""
-    key = f"sec-{uuid.uuid4().hex[:8]}"
+    key = new_key()
     _plant(key, queue, marker, status="finished", wove_outcome=bomb_b64(marker))
-    hub = _hub(queue, delivery_timeout=BOUND)
-    try:
-        future = hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
+    with _caller(queue, marker) as hub:
+        future = keyed(hub, key)
         ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
         assert isinstance(ended, Exception) and "signed" in str(ended), repr(ended)
-    finally:
-        hub.close()
-    assert_not_unpickled(marker)

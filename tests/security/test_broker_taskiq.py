@@ -11,10 +11,10 @@ reads these queues. Run with the taskiq tox env.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,17 +22,15 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "taskiq"))
-from broker_planting import assert_not_unpickled, bomb, bomb_b64, marker
+from broker_planting import bomb, bomb_b64, caller, keyed, new_key
 from run_ends import cancel_ends, ends_lost, ends_within
+from services import scratch_queue
 from taskiq_fixtures import REDIS_URL, cleanup_keys, redis_client, require_redis
 
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import DeliveryOrphanedError, DeliveryTimeoutError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
-from wove_adapters.testing import tasks
-
-__all__ = ["marker"]  # the fixture
 
 BOUND = 30.0
 
@@ -40,16 +38,11 @@ BOUND = 30.0
 @pytest.fixture
 def queue() -> Iterator[str]:
     """A queue no worker reads."""
-    require_redis()
-    name = f"wove-sec-taskiq-{uuid.uuid4().hex[:8]}"
-    yield name
-    cleanup_keys(name)
+    yield from scratch_queue("wove-sec-taskiq", require_redis, cleanup_keys)
 
 
-def _hub(queue: str, **policy: Any) -> Hub:
-    definition = {"executor": "taskiq", "executor_config": {"url": REDIS_URL, "queue": queue},
-                  "delivery_orphan_policy": "fail", "delivery_timeout": BOUND, **policy}
-    return Hub(environments={"taskiq": definition}, default_environment="taskiq")
+def _caller(queue: str, marker: Path, **policy: Any) -> contextlib.AbstractContextManager[Hub]:
+    return caller(marker, "taskiq", {"url": REDIS_URL, "queue": queue}, BOUND, **policy)
 
 
 def _plant(queue: str, handle: str, marker: Path, **ours: bytes | str | None) -> None:
@@ -64,15 +57,11 @@ def _plant(queue: str, handle: str, marker: Path, **ours: bytes | str | None) ->
         client.close()
 
 
-def _keyed(hub: Hub, key: str) -> Any:
-    return hub.submit(tasks.add, 1, 2, task_options={"delivery_idempotency_key": key})
-
-
 @pytest.mark.parametrize("planted", ["forged-outcome", "result-only", "garbage-claim"])
 def test_following_a_planted_claim_never_unpickles(
     queue: str, marker: Path, planted: str
 ) -> None:
-    key, held = f"sec{uuid.uuid4().hex[:8]}", f"held{uuid.uuid4().hex[:8]}"
+    key, held = new_key(), f"held{new_key()}"
     claim: bytes | str = json.dumps({"run": "someone-else", "handle": held})
     if planted == "garbage-claim":
         claim = bomb(marker)
@@ -81,34 +70,29 @@ def test_following_a_planted_claim_never_unpickles(
         _plant(queue, held, marker, state="succeeded", outcome=bomb_b64(marker))
     else:  # the task has a result (a pickle) and none of our state: ended, unknown how
         _plant(queue, held, marker)
-    hub = _hub(queue)
-    try:
-        future = _keyed(hub, key)
+    with _caller(queue, marker) as hub:
+        future = keyed(hub, key)
         ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
         assert isinstance(ended, Exception), repr(ended)
         if planted == "result-only":
             assert isinstance(ended, DeliveryOrphanedError), repr(ended)
         if planted == "garbage-claim":
             assert "not one wove-adapters wrote" in str(ended), repr(ended)
-    finally:
-        hub.close()
-    assert_not_unpickled(marker)
 
 
 @pytest.mark.parametrize("how", ["cancel", "timeout", "status"])
 def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) -> None:
     """The writer plants a pickled result for the caller's own queued job (and leaves
     our state key unset); the caller cancels it, times it out, or reads its status."""
-    key = f"sec{uuid.uuid4().hex[:8]}"
-    hub = _hub(queue, **({"delivery_timeout": 3.0} if how == "timeout" else {}))
-    try:
+    key = new_key()
+    with _caller(queue, marker, **({"delivery_timeout": 3.0} if how == "timeout" else {})) as hub:
         if how == "timeout":  # reconciliation would find it ended first: plant later
-            future = _keyed(hub, key)
+            future = keyed(hub, key)
             ended = ends_within(BOUND, lambda: future.result(timeout=BOUND))
             _plant(queue, key, marker)
             assert isinstance(ended, DeliveryTimeoutError), repr(ended)
             return
-        future = _keyed(hub, key)
+        future = keyed(hub, key)
         time.sleep(0.3)
         _plant(queue, key, marker)
         if how == "cancel":
@@ -118,6 +102,3 @@ def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) ->
             states = shared_loop.run_sync(adapter.status_many([key]))
             assert states[key] is JobState.FAILED, states
             ends_lost(future, BOUND)
-    finally:
-        hub.close()
-        assert_not_unpickled(marker)

@@ -25,7 +25,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -73,6 +74,18 @@ def require_redis(url: str, *, url_env: str, suite: str) -> None:
         client.close()
 
 
+def scratch_queue(
+    prefix: str, require: Callable[[], None], cleanup: Callable[[str], None]
+) -> Iterator[str]:
+    """A fixture's own queue name (``prefix-<hex>``) on a shared broker: ``require`` fails
+    the test when the broker is not there, ``cleanup(name)`` removes what the test left
+    under that name afterwards (never a flush: others use the broker too)."""
+    require()
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    yield name
+    cleanup(name)
+
+
 def log_tail(path: Path | None, chars: int = 3000) -> str:
     if path is None or not path.exists():
         return "(no log)"
@@ -90,6 +103,30 @@ def children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 60.0, what: str = "condition",
+               interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned); fail the test
+    naming ``what`` after ``timeout`` seconds. Every wait in the tests is bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has stopped: only its exit status is
+    left for its parent to read)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def poll_until(
@@ -166,6 +203,13 @@ class ServiceProcess:
         if self.proc is None:
             raise RuntimeError(f"{self.name} was never started")
         return self.proc.pid
+
+    @property
+    def popen(self) -> subprocess.Popen[bytes]:
+        """The process (running or exited): for the holders that expose it (``.proc``)."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return self.proc
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +21,10 @@ import pytest
 pytest.importorskip("rq", reason="the doctor's RQ checks need the rq extra")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rq"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 
 from rq_services import REDIS_URL, RqWorker, cleanup_queue, redis_client, require_redis
+from services import scratch_queue
 
 from wove_adapters.cli import PROBE_TASK
 
@@ -32,10 +33,7 @@ ANSWER_WITHIN = 5.0
 
 @pytest.fixture
 def queue() -> Iterator[str]:
-    require_redis()
-    name = f"wove-test-doctor-rq-{uuid.uuid4().hex[:8]}"
-    yield name
-    cleanup_queue(name)
+    yield from scratch_queue("wove-test-doctor-rq", require_redis, cleanup_queue)
 
 
 def write_config(directory: Path, queue: str) -> Path:
