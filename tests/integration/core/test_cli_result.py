@@ -144,20 +144,21 @@ def test_failed_says_type_message_and_the_remote_traceback(
     assert took < AT_ONCE
 
 
-def test_timed_out_is_its_own_answer(real_runs: tuple[str, dict[str, str]]) -> None:
+@pytest.mark.parametrize(("ended", "code", "says"), [
+    # A timeout is its own answer, with the bound that was exceeded.
+    ("timed_out", EXIT_TIMED_OUT, ["timed out: ", "0.5s"]),
+    # A cancellation gives the reason.
+    ("cancelled", EXIT_CANCELLED, ["cancelled: cancelled by the caller"]),
+])
+def test_timed_out_and_cancelled_say_how_they_ended(
+    real_runs: tuple[str, dict[str, str]], ended: str, code: int, says: list[str]
+) -> None:
     url, ids = real_runs
-    result, took = invoke(ids["timed_out"], "--ledger", url, "--wait", "30")
-    assert result.exit_code == EXIT_TIMED_OUT, result.output
-    assert f"run {ids['timed_out']} timed out: " in result.stderr
-    assert "0.5s" in result.stderr
-    assert took < AT_ONCE
-
-
-def test_cancelled_gives_the_reason(real_runs: tuple[str, dict[str, str]]) -> None:
-    url, ids = real_runs
-    result, took = invoke(ids["cancelled"], "--ledger", url, "--wait", "30")
-    assert result.exit_code == EXIT_CANCELLED, result.output
-    assert f"run {ids['cancelled']} cancelled: cancelled by the caller" in result.stderr
+    result, took = invoke(ids[ended], "--ledger", url, "--wait", "30")
+    assert result.exit_code == code, result.output
+    assert f"run {ids[ended]} {says[0]}" in result.stderr
+    for words in says[1:]:
+        assert words in result.stderr
     assert took < AT_ONCE
 
 
