@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -12,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from celery_services import REDIS_URL, CeleryService
+from lazy_imports import assert_imports_without
 
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import DeliveryOrphanedError
@@ -52,12 +54,8 @@ def _wait_state(app: Any, task_id: str, state: str, timeout: float = 30.0) -> No
 
 
 def test_module_import_does_not_import_celery() -> None:
-    code = (
-        "import sys, wove_adapters.adapters.celery as m; "
-        "assert 'celery' not in sys.modules and 'kombu' not in sys.modules; "
-        "assert callable(m.register) and m.TASK_NAME == 'wove_adapters.run'"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert_imports_without("wove_adapters.adapters.celery", ["celery", "kombu"],
+                           "assert callable(m.register) and m.TASK_NAME == 'wove_adapters.run'")
 
 
 def test_register_adds_the_task_to_a_users_app() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -12,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from lazy_imports import assert_imports_without
 from rq_services import RqWorker, cleanup_queue, redis_client
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
@@ -37,12 +39,8 @@ def _job(job_id: str) -> Any:
 
 
 def test_module_import_does_not_import_rq() -> None:
-    code = (
-        "import sys, wove_adapters.adapters.rq as m; "
-        "assert 'rq' not in sys.modules and 'redis' not in sys.modules, sorted(sys.modules); "
-        "assert callable(m.run_payload)"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert_imports_without("wove_adapters.adapters.rq", ["rq", "redis"],
+                           "assert callable(m.run_payload)")
 
 
 def test_worker_class_is_rqs_forking_worker() -> None:
