@@ -21,6 +21,7 @@ import math
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,13 +401,27 @@ def _read_file(path: Path) -> dict[str, Any]:
     if spec is None or spec.loader is None:
         raise RuntimeError(f"Could not load config file: {path}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    _loading.depth = getattr(_loading, "depth", 0) + 1
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        _loading.depth -= 1
     if hasattr(module, "WOVE_CONFIG"):
         data = module.WOVE_CONFIG
         if not isinstance(data, dict):
             raise TypeError(f"WOVE_CONFIG in {path} must be a dictionary.")
         return data
     return {key: getattr(module, key) for key in _TOP_KEYS if hasattr(module, key)}
+
+
+_loading = threading.local()
+
+
+def loading_config() -> bool:
+    """True while a ``wove_config.py`` runs on this thread: code in that file (such as
+    ``integration.wove.executor(...)``) must not load the configuration again, or the
+    file would run itself without end."""
+    return getattr(_loading, "depth", 0) > 0
 
 
 def load_config(

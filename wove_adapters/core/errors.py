@@ -1,25 +1,61 @@
 """Exceptions a caller can catch, shared by every executor and adapter.
 
 Names match wove 2.x where wove has the same concept, so code written against wove's
-errors reads the same against ours.
+errors reads the same against ours. When wove is installed, those classes also derive from
+wove's own (``except wove.errors.MissingDispatchFeatureError`` catches ours); without wove
+they are plain. wove is not a backend library, and it is only looked up, never required.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+
+def _wove_class(module: str, name: str) -> Any:
+    """wove's class of that name, to be an extra base; without wove (or if a later wove
+    moved it) an empty stand-in, so ours still work, just not also as wove's."""
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except Exception:
+        found = None
+    if isinstance(found, type) and issubclass(found, Exception):
+        return found
+    return type(f"_NoWove{name}", (Exception,), {"__module__": __name__})
+
+
+if TYPE_CHECKING:  # what wove declares them as
+
+    class _WoveTimeout(RuntimeError): ...
+
+    class _WoveOrphaned(RuntimeError): ...
+
+    class _WoveDispatch(RuntimeError): ...
+
+    class _WoveExecution(RuntimeError): ...
+
+else:
+    _WoveTimeout = _wove_class("wove.environment", "DeliveryTimeoutError")
+    _WoveOrphaned = _wove_class("wove.environment", "DeliveryOrphanedError")
+    _WoveDispatch = _wove_class("wove.errors", "MissingDispatchFeatureError")
+    _WoveExecution = _wove_class("wove.environment", "EnvironmentExecutionError")
 
 
 class WoveAdaptersError(Exception):
     """Base class: everything this package raises on purpose derives from it."""
 
 
-class DeliveryTimeoutError(WoveAdaptersError, TimeoutError):
-    """No terminal event arrived within ``delivery_timeout`` (or a heartbeat lapsed)."""
+class DeliveryTimeoutError(WoveAdaptersError, _WoveTimeout, RuntimeError):
+    """No terminal event arrived within ``delivery_timeout`` (or a heartbeat lapsed).
+
+    A ``RuntimeError`` as wove's, not a ``TimeoutError``: wove turns any ``TimeoutError``
+    escaping a task into a silent cancellation, so inside a weave the caller would never
+    see this error."""
 
 
-class DeliveryOrphanedError(WoveAdaptersError, RuntimeError):
+class DeliveryOrphanedError(WoveAdaptersError, _WoveOrphaned, RuntimeError):
     """A run was lost (worker died, heartbeat lapsed, shutdown) and its policy is ``fail``."""
 
     def __init__(self, message: str, *, run_id: str | None = None) -> None:
@@ -37,6 +73,13 @@ class DeliveryDetachedError(DeliveryOrphanedError):
     def __init__(self, message: str, *, run_id: str, ledger: str | None = None) -> None:
         super().__init__(message, run_id=run_id)
         self.ledger = ledger
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_detached, (str(self), self.run_id, self.ledger))
+
+
+def _rebuild_detached(message: str, run_id: str, ledger: str | None) -> DeliveryDetachedError:
+    return DeliveryDetachedError(message, run_id=run_id, ledger=ledger)
 
 
 class BackendUnavailableError(WoveAdaptersError, ConnectionError):
@@ -83,15 +126,21 @@ class CancelNotAcknowledgedError(WoveAdaptersError, RuntimeError):
     """``require_ack`` cancellation: nobody confirmed the cancel within the ack window."""
 
 
-class MissingDispatchFeatureError(WoveAdaptersError, ImportError):
+class MissingDispatchFeatureError(WoveAdaptersError, _WoveDispatch, ImportError):
     """cloudpickle is missing, so callables cannot be shipped to another process."""
 
     def __init__(self, reason: str = "") -> None:
+        self.reason = reason  # as wove's
         why = f" ({reason})" if reason else ""
-        super().__init__(
+        # ImportError's own __init__: wove's would wrap our message in its own advice.
+        ImportError.__init__(
+            self,
             "Dispatching tasks to another process needs cloudpickle, which is not installed"
-            f"{why}. Install it with: pip install 'wove-adapters' (or pip install cloudpickle)."
+            f"{why}. Install it with: pip install 'wove-adapters' (or pip install cloudpickle).",
         )
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.reason,))
 
 
 class MissingBackendError(WoveAdaptersError, ImportError):
@@ -137,7 +186,7 @@ class PayloadError(WoveAdaptersError, ValueError):
     """A payload or event failed verification (signature, digest, version, size)."""
 
 
-class TaskExecutionError(WoveAdaptersError, RuntimeError):
+class TaskExecutionError(WoveAdaptersError, _WoveExecution, RuntimeError):
     """A task failed remotely and its original exception could not be rebuilt here.
 
     ``payload`` is the normalized error: ``kind``, ``message``, ``traceback``,
@@ -147,9 +196,12 @@ class TaskExecutionError(WoveAdaptersError, RuntimeError):
     def __init__(self, payload: dict[str, Any]) -> None:
         self.payload = payload
         kind = payload.get("kind", "Error")
-        super().__init__(f"{kind}: {payload.get('message', 'task failed')}")
+        RuntimeError.__init__(self, f"{kind}: {payload.get('message', 'task failed')}")
         self.kind = kind
         self.remote_traceback = payload.get("traceback", "")
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.payload,))
 
 
 class WorkerImportError(WoveAdaptersError, ImportError):

@@ -630,8 +630,8 @@ class Dispatcher:
         if run.done.is_set():
             return
         policy = run.attempt.policy
-        with contextlib.suppress(Exception):
-            await self.transport.cancel(run.attempt, mode=policy.cancel_mode)
+        # The verdict first, then the cancel: the worker's task_cancelled (the cancel
+        # working) must not reach the caller as the run's outcome instead of the timeout.
         self._finish(
             run,
             frames.error_event(
@@ -647,6 +647,8 @@ class Dispatcher:
             ),
             until_stopped=True,
         )
+        with contextlib.suppress(Exception):
+            await self.transport.cancel(run.attempt, mode=policy.cancel_mode)
 
     async def _orphan(self, run: Run, reason: str, *, shutting_down: bool = False) -> None:
         """Apply the run's orphan policy to a lost run."""

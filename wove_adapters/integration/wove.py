@@ -10,6 +10,9 @@
         @w.do(environment="batch")
         def step(): ...
 
+Or, after ``install()``, plain names in ``wove.config(...)`` and ``wove_config.py``
+(``"executor": "celery"``) run on ours (docs/configuration.md, "Plain executor names").
+
 wove starts and stops executors once per weave; ours only borrow the shared, warm
 dispatcher (receiver, worker pools, backend clients), so a weave pays a few milliseconds
 for it. Frames are forwarded as wove sends them; events come back in wove's dict shape,
@@ -20,16 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from wove_adapters.core import frames
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.config import load_config
+from wove_adapters.core.config import load_config, loading_config
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
 from wove_adapters.core.runtime import Dispatcher
 from wove_adapters.core.transport import RunAttempt
-from wove_adapters.integration.environments import get_dispatcher
+from wove_adapters.integration.environments import build_transport, get_dispatcher
 
 _WOVE_DEFAULTS = {"delivery_cancel_mode": "best_effort", "delivery_orphan_policy": "cancel"}
 
@@ -43,15 +47,31 @@ def _wove_base() -> type:
 
 
 class _Bridge:
-    """Implementation; ``executor()`` mixes it with wove's abstract base class."""
+    """Implementation; ``executor()`` and ``install()`` mix it with wove's abstract base.
 
-    def __init__(self, name: str, settings: dict[str, Any]) -> None:
+    Settings are resolved once, either when built (``executor(...)`` in application code,
+    so an unknown name fails there) or at ``start`` (a plain name under ``install()``, or
+    ``executor(...)`` written inside ``wove_config.py``, where loading the configuration
+    again would run the file again)."""
+
+    def __init__(self, name: str, resolve: _Resolver, *, plain: bool = False) -> None:
         self._name = name
-        self._settings = settings
+        self._resolve = resolve
+        self._plain = plain
+        self._settings: dict[str, Any] = {}
+        self._tasks: dict[str, dict[str, Any]] = {}
+        self._resolved = False
         self._dispatcher: Dispatcher | None = None
         self._events: asyncio.Queue[dict[str, Any]] | None = None
         self._caller_loop: asyncio.AbstractEventLoop | None = None
         self._runs: set[str] = set()
+
+    def resolve(self, environment: str | None = None) -> None:
+        if not self._resolved:
+            self._settings, self._tasks = self._resolve(environment)
+            self._resolved = True
+            if self._plain and environment:
+                self._name = environment  # runs, ledger rows and errors name wove's environment
 
     async def start(
         self,
@@ -60,6 +80,7 @@ class _Bridge:
         environment_config: dict[str, Any],
         run_config: dict[str, Any],
     ) -> None:
+        self.resolve(environment_name)
         settings = dict(self._settings)
         if environment_config:
             merged = dict(settings.get("executor_config") or {})
@@ -82,16 +103,19 @@ class _Bridge:
             raise RuntimeError("executor is not started")
         kind = frame.get("type")
         if kind == frames.RUN_TASK:
+            task_id = str(frame.get("task_id", ""))
+            # The tasks.<name> table of our configuration (wove's task name), over the
+            # environment's settings.
+            configured = {**self._settings, **self._tasks.get(task_id, {})}
             delivery = {k: v for k, v in (frame.get("delivery") or {}).items() if v is not None}
             # wove always sends its resolved defaults; where it only has its default and
-            # our environment sets the policy, ours wins.
+            # our environment or task table sets the policy, ours wins.
             for name, wove_default in _WOVE_DEFAULTS.items():
-                if delivery.get(name) == wove_default and self._settings.get(name):
+                if delivery.get(name) == wove_default and configured.get(name):
                     delivery.pop(name)
-            settings = {**self._settings, **delivery}
+            settings = {**configured, **delivery}
             policy = DeliveryPolicy.from_settings(settings, where=f"Environment '{self._name}'")
             args = dict(frame.get("args") or {})
-            task_id = str(frame.get("task_id", ""))
             key = delivery.get("delivery_idempotency_key")
             if key is None:
                 key = resolve_idempotency_key(policy.idempotency_key, args, task_id)
@@ -140,6 +164,32 @@ async def _quiet(coro: Any) -> None:
         await coro
 
 
+_Resolver = Callable[[str | None], tuple[dict[str, Any], dict[str, dict[str, Any]]]]
+
+
+def _settings_for(
+    name: str,
+    environment: str | None,
+    *,
+    plain: bool,
+    config: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(settings, tasks table) for ``name``: one of our configured environments, or an
+    executor name. ``plain``: wove's environment ``environment`` names executor ``name``;
+    our definition of that environment (same file) gives its settings, if it has one."""
+    cfg = load_config(config)
+    definition = cfg.environments.get(environment or "")
+    if plain and definition is not None and definition.get("executor") == name:
+        return cfg.environment_settings(str(environment)), cfg.tasks
+    if not plain and name in cfg.environments:
+        return cfg.environment_settings(name), cfg.tasks
+    _require_executor_name(name, sorted(cfg.environments))
+    resolved = cfg.environment_settings(cfg.default_environment)
+    resolved["executor"] = name
+    resolved["executor_config"] = {}
+    return resolved, cfg.tasks
+
+
 def executor(
     name: str = "process",
     *,
@@ -150,24 +200,119 @@ def executor(
     """A wove ``EnvironmentExecutor`` running tasks through one of our executors.
 
     ``name`` is one of our configured environments (settings come from our layered
-    configuration) or an executor name (``process``, ``stdio``, ``celery``, ...)."""
-    base = _wove_base()
-    cfg = load_config(config)
-    if name in cfg.environments:
-        resolved = cfg.environment_settings(name)
-    else:
-        _require_executor_name(name, sorted(cfg.environments))
-        resolved = cfg.environment_settings(cfg.default_environment)
-        resolved["executor"] = name
-        resolved["executor_config"] = {}
-    if executor_config:
-        resolved["executor_config"] = {**(resolved.get("executor_config") or {}), **executor_config}
-    resolved.update(settings)
-    from wove_adapters.integration.environments import build_transport
+    configuration) or an executor name (``process``, ``stdio``, ``celery``, ...). Written
+    inside ``wove_config.py`` it resolves when the weave starts it."""
 
-    build_transport(resolved["executor"])  # unknown names fail here, at construction
-    bridge_cls = type("WoveAdaptersExecutor", (_Bridge, base), {})
-    return bridge_cls(name, resolved)
+    def resolve(_environment: str | None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        resolved, tasks = _settings_for(name, None, plain=False, config=config)
+        if executor_config:
+            resolved["executor_config"] = {
+                **(resolved.get("executor_config") or {}), **executor_config
+            }
+        resolved.update(settings)
+        build_transport(resolved["executor"])  # unknown names and missing extras fail here
+        return resolved, tasks
+
+    bridge = _bridge_class()(name, resolve)
+    if not loading_config():
+        bridge.resolve()
+    return bridge
+
+
+def _bridge_class() -> type[_Bridge]:
+    global _BRIDGE
+    if _BRIDGE is None:
+        _BRIDGE = type("WoveAdaptersExecutor", (_Bridge, _wove_base()), {})
+    return _BRIDGE
+
+
+_BRIDGE: type[_Bridge] | None = None
+
+
+# ------------------------------------------------------------------ install()
+
+# The wove releases this seam was written and tested against; another 2.x is checked for
+# the seam itself, a 3.x refused.
+WOVE_TESTED = "2.0.3"
+# Names wove keeps even after install(): its in-process default, which ours would only
+# make slower.
+WOVE_KEEPS = frozenset({"local"})
+_original_coerce: Callable[[Any], Any] | None = None
+
+
+def install() -> None:
+    """Let plain executor names in ``wove.config(...)`` and wove's ``wove_config.py``
+    (``"executor": "celery"``) run on our executors inside real wove weaves, with that
+    environment's settings from our configuration (``environments.<name>``,
+    ``executor_config``, ``tasks.<name>``). Idempotent; ``uninstall()`` undoes it.
+
+    wove has no plugin hook, so this replaces one function, ``wove.environment.
+    coerce_executor``, through which wove 2.x builds every environment's executor; names
+    that are not ours (and ``local``) still go to wove's own. It checks that wove still
+    builds executors that way and refuses, naming the fix, if a wove release changed it."""
+    global _original_coerce
+    environment_mod = _wove_environment()
+    if _original_coerce is not None:
+        return
+    original = environment_mod.coerce_executor
+
+    def coerce_executor(value: Any) -> Any:
+        if isinstance(value, str) and value not in WOVE_KEEPS and value in _our_names():
+            return _bridge_class()(value, _plain_resolver(value), plain=True)
+        return original(value)
+
+    coerce_executor.__wrapped__ = original  # type: ignore[attr-defined]
+    environment_mod.coerce_executor = coerce_executor
+    _original_coerce = original
+
+
+def uninstall() -> None:
+    """Give wove back its own executor lookup."""
+    global _original_coerce
+    if _original_coerce is not None:
+        _wove_environment().coerce_executor = _original_coerce
+        _original_coerce = None
+
+
+def installed() -> bool:
+    return _original_coerce is not None
+
+
+def _plain_resolver(name: str) -> _Resolver:
+    def resolve(environment: str | None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        return _settings_for(name, environment, plain=True)
+
+    return resolve
+
+
+def _our_names() -> set[str]:
+    from wove_adapters.adapters.registry import executor_names
+
+    return set(executor_names())
+
+
+def _wove_environment() -> Any:
+    _wove_base()  # a missing wove names the extra
+    import importlib.metadata
+
+    import wove.environment as environment_mod
+
+    version = importlib.metadata.version("wove")
+    major = version.split(".", 1)[0]
+    ensure = getattr(getattr(environment_mod, "ExecutorRuntime", None), "ensure_environment", None)
+    seam = callable(getattr(environment_mod, "coerce_executor", None)) and (
+        "coerce_executor" in getattr(getattr(ensure, "__code__", None), "co_names", ())
+    )
+    if major != "2" or not seam:
+        raise RuntimeError(
+            f"wove_adapters.integration.wove.install() does not support wove {version}: it "
+            f"plugs into wove.environment.coerce_executor, which wove 2.x (tested with "
+            f"{WOVE_TESTED}) uses to build executors, and this wove "
+            f"{'is not 2.x' if major != '2' else 'no longer does'}. Pin wove=={WOVE_TESTED}, "
+            f"or pass executor objects instead of names: "
+            f'{{"executor": wove_adapters.integration.wove.executor("celery")}}.'
+        )
+    return environment_mod
 
 
 def _require_executor_name(name: str, environments: list[str]) -> None:

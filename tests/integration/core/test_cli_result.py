@@ -29,6 +29,7 @@ from wove_adapters.cli import (
     EXIT_TIMED_OUT,
     main,
 )
+from wove_adapters.core.errors import DeliveryTimeoutError
 from wove_adapters.core.ledger import open_ledger
 from wove_adapters.core.ledger.base import (
     CANCELLED,
@@ -71,7 +72,7 @@ def real_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, d
             future.result(timeout=60)
         ids["failed"] = future.run_id
         future = hub.submit(slow, 30, task_options=keyed("slow", delivery_timeout=0.5))
-        with pytest.raises(TimeoutError):
+        with pytest.raises(DeliveryTimeoutError):
             future.result(timeout=60)
         ids["timed_out"] = future.run_id
         future = hub.submit(slow, 30, task_options=keyed("cancel"))
