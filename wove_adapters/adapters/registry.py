@@ -8,7 +8,10 @@ group ``wove_adapters.adapters``. Targets are strings, so nothing is imported un
 is used; entry points are read the first time a name is not found elsewhere (or the
 whole view is listed), so a process that only uses built-ins never scans them.
 
-Precedence: ``local`` and ``stdio`` always mean the core executors; then an explicit
+The core executors are ``local``, ``stdio`` and the network clients ``http``, ``https``,
+``grpc`` and ``websocket`` (they talk to ``wove-adapters serve``).
+
+Precedence: the core executors' names always mean them; then an explicit
 registration, then the built-ins, then entry points. A missing backend library becomes
 one ``MissingBackendError`` naming the ``wove-adapters[extra]`` to install.
 """
@@ -39,10 +42,16 @@ class Where(NamedTuple):
     extra: str
 
 
-# The executors built into core: transports of their own, not backend adapters.
+# The executors built into core: transports of their own, not backend adapters. The
+# network executors talk to a Wove-compatible worker service (`wove-adapters serve`);
+# grpc needs grpcio (imported when its environment starts).
 _CORE: Final[Mapping[str, Where]] = MappingProxyType({
+    "grpc": Where("wove_adapters.core.executors.network_grpc:GrpcTransport", "grpc"),
+    "http": Where("wove_adapters.core.executors.network:HttpTransport", ""),
+    "https": Where("wove_adapters.core.executors.network:HttpsTransport", ""),
     "local": Where("wove_adapters.core.executors.local:LocalTransport", ""),
     "stdio": Where("wove_adapters.core.executors.stdio:StdioTransport", ""),
+    "websocket": Where("wove_adapters.core.executors.network:WebSocketTransport", ""),
 })
 # The backend adapters shipped in this package. Alphabetized.
 _BUILTINS: Final[Mapping[str, Where]] = MappingProxyType({
@@ -65,8 +74,8 @@ _entry_points: dict[str, str] | None = None
 
 
 def register_adapter(name: str, target: type[BackendAdapter] | str) -> None:
-    """Explicit registration wins over built-ins and entry points (not over ``local``
-    and ``stdio``, which always mean the core executors)."""
+    """Explicit registration wins over built-ins and entry points (not over the core
+    executors' names: ``local``, ``stdio``, ``http``, ``https``, ``grpc``, ``websocket``)."""
     _registered[name] = target
 
 
@@ -198,6 +207,17 @@ def check_requirements(cls: type[BackendAdapter]) -> None:
             if exc.name and module.startswith(exc.name.split(".")[0]):
                 raise MissingBackendError(cls.name, module, cls.extra or cls.name) from exc
             raise
+
+
+def core_executor_class(name: str) -> type[Transport] | None:
+    """The transport class of a core executor (None: ``name`` is not one). Importing it
+    needs no backend library (grpc imports grpcio only when it starts), so its
+    ``config_struct`` can be read to check a configuration anywhere."""
+    where = _CORE.get(name)
+    if where is None:
+        return None
+    cls: type[Transport] = _load(name, where)
+    return cls
 
 
 def transport_for(name: str) -> Transport:

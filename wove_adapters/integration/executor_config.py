@@ -22,15 +22,12 @@ def config_struct_for(executor: Any) -> type[ExecutorOptions] | None:
     third-party adapter may declare nothing, or its module cannot be imported here).
     Unknown names raise ValueError, as building the executor would."""
     if isinstance(executor, str):
-        if executor == "local":
-            from wove_adapters.core.executors.local import LocalOptions
+        from wove_adapters.adapters.registry import core_executor_class, get_adapter_class
 
-            return LocalOptions
-        if executor == "stdio":
-            from wove_adapters.core.executors.stdio import StdioOptions
-
-            return StdioOptions
-        from wove_adapters.adapters.registry import get_adapter_class
+        core = core_executor_class(executor)  # local, stdio, http, https, grpc, websocket
+        if core is not None:
+            struct = getattr(core, "config_struct", None)
+            return struct if isinstance(struct, type) else None
 
         try:
             return get_adapter_class(executor, require_backend=False).config_struct
