@@ -20,9 +20,10 @@ Prints one JSON line:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,15 @@ def native_calls(pool: Any, loop: asyncio.AbstractEventLoop) -> tuple[
             lambda count: loop.run_until_complete(burst(count)))
 
 
-def bench(n: int, burst: int, rounds: int, max_jobs: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def native_and_ours(worker: ArqWorker) -> Iterator[
+        tuple[tuple[Callable[[int], int], Callable[[int], list[int]]], Hub]]:
+    """ARQ's own path (``native_calls`` on a pool and loop of its own) and our Hub, both on
+    ``worker``'s queue; afterwards both are closed, the worker is stopped by PID and the
+    session's keys are removed (bench_wove_arq too)."""
     from arq import create_pool
     from arq.connections import RedisSettings
 
-    require_redis()
-    worker = ArqWorker(f"{SESSION}-bench", Path(tempfile.mkdtemp()),
-                       settings="BenchWorkerSettings",
-                       env={"WOVE_TEST_ARQ_MAX_JOBS": str(max_jobs)}).start()
     loop = asyncio.new_event_loop()
     pool = loop.run_until_complete(
         create_pool(RedisSettings.from_dsn(REDIS_URL), default_queue_name=worker.queue)
@@ -77,17 +79,24 @@ def bench(n: int, burst: int, rounds: int, max_jobs: int) -> dict[str, Any]:
     hub = Hub(environments={"bench": environment(queue_name=worker.queue)},
               default_environment="bench")
     try:
-        # 30 untimed round trips each first: connections, receiver, imports, threads.
-        measured = alternate({
-            "native": native_calls(pool, loop),
-            "ours": hub_calls(hub, add),
-        }, seq=n, burst=burst, rounds=rounds, warmup=30)
+        yield native_calls(pool, loop), hub
     finally:
         hub.close()
         loop.run_until_complete(pool.aclose())
         loop.close()
         worker.stop()
         cleanup_session()
+
+
+def bench(n: int, burst: int, rounds: int, max_jobs: int) -> dict[str, Any]:
+    require_redis()
+    worker = ArqWorker(f"{SESSION}-bench", Path(tempfile.mkdtemp()),
+                       settings="BenchWorkerSettings",
+                       env={"WOVE_TEST_ARQ_MAX_JOBS": str(max_jobs)}).start()
+    with native_and_ours(worker) as (calls, hub):
+        # 30 untimed round trips each first: connections, receiver, imports, threads.
+        measured = alternate({"native": calls, "ours": hub_calls(hub, add)},
+                             seq=n, burst=burst, rounds=rounds, warmup=30)
     native, ours = summarize(*measured["native"]), summarize(*measured["ours"])
     return {
         "backend": "arq",

@@ -15,7 +15,6 @@ one JSON line:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import operator
 import os
 import sys
@@ -27,8 +26,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
+sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "rq"))
 
 from common import alternate, emit, hub_calls, ratio, speed_arguments, summarize  # noqa: E402
+from rq_services import cleanup_queue  # noqa: E402
 from services import ServiceProcess  # noqa: E402
 
 REDIS_URL = os.environ.get(
@@ -74,23 +75,8 @@ def stop_workers(workers: list[ServiceProcess]) -> None:
 
 
 def cleanup(queue: str) -> None:
-    from redis import Redis
-    from rq import Queue
-    from rq.job import Job
-
-    connection = Redis.from_url(REDIS_URL)
-    for key in connection.scan_iter("rq:job:*", count=1000):
-        job_id = key.decode().split(":", 2)[2]
-        origin: Any = connection.hget(key, "origin")
-        if ":" not in job_id and origin is not None and origin.decode() == queue:
-            with contextlib.suppress(Exception):
-                Job.fetch(job_id, connection=connection).delete()
-            connection.delete(f"rq:results:{job_id}")  # older RQ keeps it past delete()
-    with contextlib.suppress(Exception):
-        Queue(queue, connection=connection).delete(delete_jobs=True)
-    for key in connection.scan_iter(f"rq:*{queue}*", count=1000):
-        connection.delete(key)
-    connection.close()
+    """The tests' clean-up of a queue (its jobs, registries and keys), in our database."""
+    cleanup_queue(queue, url=REDIS_URL)
 
 
 class Native:

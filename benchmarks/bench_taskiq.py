@@ -18,7 +18,6 @@ import asyncio
 import os
 import sys
 import tempfile
-import textwrap
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,47 +32,30 @@ from services import ServiceProcess  # noqa: E402
 URL = os.environ.get("WOVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = f"wove-bench-taskiq-{uuid.uuid4().hex[:8]}"
 
-BROKER_MODULE = textwrap.dedent(
-    """
-    import os
-    from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
-    from wove_adapters.adapters.taskiq import register
-
-    broker = ListQueueBroker(
-        os.environ["BENCH_URL"], queue_name=os.environ["BENCH_QUEUE"], socket_timeout=None
-    ).with_result_backend(RedisAsyncResultBackend(os.environ["BENCH_URL"], result_ex_time=600))
-    register(broker, processes=int(os.environ.get("BENCH_PROCESSES", "2")))
-
-
-    @broker.task(task_name="bench.add")
-    async def add(x: int) -> int:
-        return x + 1
-    """
-)
-
-
 def add(x: int) -> int:
     return x + 1
 
 
-def start_worker(workdir: Path, processes: int) -> ServiceProcess:
-    """A ``taskiq worker`` on ``BROKER_MODULE`` (ServiceProcess: own group, log, stop by
-    PID), ready once our register() hook has announced it in Redis."""
+def start_worker(workdir: Path, processes: int,
+                 module: str = "taskiq_bench_broker") -> ServiceProcess:
+    """A ``taskiq worker`` on the broker of ``module`` (``taskiq_bench_broker.py``, or
+    bench_wove_taskiq's ``wove_workers/wove_taskiq_broker.py``) (ServiceProcess: own
+    group, log, stop by PID), ready once our register() hook has announced it in Redis."""
     import redis
 
-    (workdir / "bench_broker.py").write_text(BROKER_MODULE)
     env = {
         **os.environ,
         "BENCH_URL": URL,
         "BENCH_QUEUE": QUEUE,
         "BENCH_PROCESSES": str(processes),
-        "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(HERE), str(HERE / "wove_workers"), os.environ.get("PYTHONPATH", "")]),
     }
     client = redis.Redis.from_url(URL)
     try:
         return ServiceProcess(
             f"taskiq worker on {QUEUE}",
-            [sys.executable, "-m", "taskiq", "worker", "bench_broker:broker", "--workers", "1",
+            [sys.executable, "-m", "taskiq", "worker", f"{module}:broker", "--workers", "1",
              "--log-level", "WARNING"],
             log=workdir / "worker.log", env=env, cwd=workdir, grace=20, ready_timeout=90,
             ready=lambda: client.zcard(f"wove:taskiq:workers:{QUEUE}"),

@@ -14,7 +14,6 @@ Redis database 10, stopped by PID, serves all three sides:
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import tempfile
@@ -30,10 +29,8 @@ from arq_services import (  # noqa: E402
     REDIS_URL,
     SESSION,
     ArqWorker,
-    cleanup_session,
-    environment,
 )
-from bench_arq import native_calls  # noqa: E402
+from bench_arq import native_and_ours  # noqa: E402
 from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
 
 
@@ -51,29 +48,14 @@ def main() -> None:
     parser.add_argument("--max-jobs", type=int, default=100)
     args = parser.parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-arq-"))
-    from arq import create_pool
     from arq.connections import RedisSettings
 
-    from wove_adapters.integration.hub import Hub
-
     worker = start_worker(args.max_jobs, Path(tempfile.mkdtemp(prefix="bench-wove-arq-")))
-    loop = asyncio.new_event_loop()
-    pool = loop.run_until_complete(
-        create_pool(RedisSettings.from_dsn(REDIS_URL), default_queue_name=worker.queue))
-    hub = Hub(environments={"bench": environment(queue_name=worker.queue)},
-              default_environment="bench")
     wove_config = {"redis_settings": RedisSettings.from_dsn(REDIS_URL),
                    "queue_name": worker.queue}
-
-    try:
-        sides = [Side("native", *native_calls(pool, loop)), hub_side(hub)]
+    with native_and_ours(worker) as (native, hub):
+        sides = [Side("native", *native), hub_side(hub)]
         measured, notes = three_way(sides, args, "arq", "arq", wove_config, weave=True)
-    finally:
-        hub.close()
-        loop.run_until_complete(pool.aclose())
-        loop.close()
-        worker.stop()
-        cleanup_session()
     emit(record_of("arq", measured, **notes,
                    settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
                              "max_jobs": args.max_jobs, "poll_delay_s": 0.01}))

@@ -13,35 +13,36 @@ and job definition as ours) and prints one JSON line with the outcome.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "aws_batch"))
 
-from common import bench_arguments, emit, wove_attempt, wove_attempt_record  # noqa: E402
+from common import attempt_once  # noqa: E402
 
 
-def main() -> None:
-    bench_arguments(__doc__.split("\n\n")[0]).parse_args()
-    os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-aws-"))
+@contextlib.contextmanager
+def moto_stack() -> Iterator[dict[str, Any]]:
+    """The tests' moto + Docker Engine API shim stack; wove's config for its queue."""
     import aws_batch_services as services
 
     stack = services.start_stack(Path(tempfile.mkdtemp(prefix="bench-wove-aws-")))
     try:
-        failure = wove_attempt("aws_batch", {
+        yield {
             "client": stack.client("batch"),
             "job_queue": stack.names["queue"],
             "job_definition": stack.names["definition"],
             "command": [sys.executable, "-m", "wove.backend_worker"],
-        }, timeout=60)
+        }
     finally:
         services.stop_stack(stack)
-    emit(wove_attempt_record("aws_batch", "aws_batch", failure))
 
 
 if __name__ == "__main__":
-    main()
+    attempt_once("aws_batch", __doc__, moto_stack)

@@ -13,34 +13,36 @@ outcome. If wove's adapter ever runs, the figures belong next to ``bench_kuberne
 
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "kubernetes"))
 
-from common import bench_arguments, emit, wove_attempt, wove_attempt_record  # noqa: E402
+from common import attempt_once  # noqa: E402
 
 
-def main() -> None:
-    bench_arguments(__doc__.split("\n\n")[0]).parse_args()
-    os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-k8s-"))
+@contextlib.contextmanager
+def emulator() -> Iterator[dict[str, Any]]:
+    """The tests' Kubernetes API emulator; wove's config for it (its kubeconfig, the
+    image string the tests use)."""
     from kube_services import NAMESPACE, start_cluster, stop_cluster
 
     cluster = start_cluster(Path(tempfile.mkdtemp(prefix="bench-wove-k8s-")))
     try:
-        failure = wove_attempt("kubernetes_jobs", {
+        yield {
             "load_config_options": {"config_file": str(cluster.kubeconfig)},
             "namespace": NAMESPACE,
             "image": "ghcr.io/example/wove-worker:py3.11",
-        }, timeout=60)
+        }
     finally:
         stop_cluster(cluster)
-    emit(wove_attempt_record("kubernetes_jobs", "kubernetes_jobs", failure))
 
 
 if __name__ == "__main__":
-    main()
+    attempt_once("kubernetes_jobs", __doc__, emulator)

@@ -26,8 +26,6 @@ sys.path.insert(0, str(HERE))
 import bench_taskiq  # noqa: E402
 from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
 
-BROKER_MODULE = (HERE / "wove_workers" / "wove_taskiq_broker.py").read_text()
-
 
 def caller_broker() -> Any:
     """A client broker on the same queue, knowing wove's task by name (the adapter looks
@@ -52,8 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-taskiq-"))
     workdir = Path(tempfile.mkdtemp(prefix="bench-wove-taskiq-"))
-    bench_taskiq.BROKER_MODULE = BROKER_MODULE  # start_worker writes it as bench_broker.py
-    worker = bench_taskiq.start_worker(workdir, args.processes)
+    worker = bench_taskiq.start_worker(workdir, args.processes, module="wove_taskiq_broker")
     native = None
     hub: Any = None
     broker = caller_broker()

@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -234,6 +235,14 @@ def _fail(side: Side, phase: str, exc: BaseException) -> None:
     log("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-3000:])
 
 
+def _in_turn(sides: list[Side], turn: int) -> list[Side]:
+    """The sides still measuring (no error), starting with a different one each turn, so
+    that no side always goes first."""
+    live = [s for s in sides if s.error is None]
+    shift = turn % len(live) if live else 0
+    return live[shift:] + live[:shift]
+
+
 def interleave(
     sides: Sequence[Side],
     *,
@@ -263,10 +272,7 @@ def interleave(
     live = [s for s in live if s.error is None]
     log(f"{tag}sequential: {seq} round trips x {[s.name for s in live]}")
     for i in range(seq):
-        shift = i % len(live) if live else 0
-        for side in live[shift:] + live[:shift]:
-            if side.error is not None:
-                continue
+        for side in _in_turn(live, i):
             try:
                 start = time.perf_counter()
                 value = side.one(i)
@@ -276,16 +282,13 @@ def interleave(
                 side.latencies.append(elapsed)
             except Exception as exc:
                 _fail(side, f"round trip {i}", exc)
-        live = [s for s in live if s.error is None]
+    live = [s for s in live if s.error is None]
     for side in live:
         if side.settle is not None:
             side.settle()
     expected = [i + 1 for i in range(burst)]
     for r in range(rounds):
-        shift = r % len(live) if live else 0
-        for side in live[shift:] + live[:shift]:
-            if side.error is not None:
-                continue
+        for side in _in_turn(live, r):
             try:
                 if side.before_burst is not None:
                     side.before_burst()
@@ -304,7 +307,6 @@ def interleave(
                 log(f"{tag}burst {r + 1}/{rounds} {side.name}: {burst / elapsed:.1f}/s{note}")
             except Exception as exc:
                 _fail(side, f"burst round {r + 1}", exc)
-        live = [s for s in live if s.error is None]
     return {side.name: side for side in sides}
 
 
@@ -619,6 +621,20 @@ def wove_attempt_record(backend: str, executor: str, failure: str | None) -> dic
     return {"backend": backend, "native": None, "ours": None, "wove": None,
             "wove_note": failure or f"wove's {executor} adapter ran one task; "
                                     "no figures were measured"}
+
+
+def attempt_once(executor: str, doc: str,
+                 stand_in: Callable[[], contextlib.AbstractContextManager[dict[str, Any]]],
+                 backend: str | None = None) -> None:
+    """The whole run of a script that can only try wove's adapter once: its arguments (the
+    usual ones, for ``run.py``), a data dir of its own, then one ``wove_attempt`` on
+    wove's executor config from ``stand_in()`` (which starts the tests' stand-in for the
+    backend and stops it on leaving), and the record of how that went."""
+    bench_arguments(doc.split("\n\n")[0]).parse_args()
+    os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix=f"wove-bench-{executor}-"))
+    with stand_in() as executor_config:
+        failure = wove_attempt(executor, executor_config, timeout=60)
+    emit(wove_attempt_record(backend or executor, executor, failure))
 
 
 def _compact(exc: BaseException) -> str:

@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from arq.worker import func
-from arq_worker_settings import BenchWorkerSettings  # tests/integration/arq on PYTHONPATH
+from arq_worker_settings import (  # tests/integration/arq on PYTHONPATH
+    BenchWorkerSettings,
+    settings_running,
+)
 from wove.integrations.worker import arun
 
 
@@ -19,13 +22,7 @@ async def wove_run_backend_payload(ctx: dict[str, Any], payload: dict[str, Any])
     return await arun(payload)
 
 
-class WoveBenchSettings:
-    functions = [*BenchWorkerSettings.functions,
-                 func(wove_run_backend_payload, name="wove_run_backend_payload", keep_result=0)]
-    redis_settings = BenchWorkerSettings.redis_settings
-    queue_name = BenchWorkerSettings.queue_name
-    allow_abort_jobs = True
-    poll_delay = BenchWorkerSettings.poll_delay
-    max_jobs = BenchWorkerSettings.max_jobs
-    job_timeout = BenchWorkerSettings.job_timeout
-    health_check_interval = 1
+WoveBenchSettings = settings_running(
+    "WoveBenchSettings", *BenchWorkerSettings.functions,
+    func(wove_run_backend_payload, name="wove_run_backend_payload", keep_result=0),
+)

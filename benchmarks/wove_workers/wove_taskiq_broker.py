@@ -6,23 +6,12 @@ the native ``bench.add``) plus the task wove 2.0.3's taskiq adapter kicks
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+from taskiq_bench_broker import add, broker  # benchmarks/, on the worker's PYTHONPATH
 from wove.integrations.worker import arun
 
-from wove_adapters.adapters.taskiq import register
-
-broker = ListQueueBroker(
-    os.environ["BENCH_URL"], queue_name=os.environ["BENCH_QUEUE"], socket_timeout=None
-).with_result_backend(RedisAsyncResultBackend(os.environ["BENCH_URL"], result_ex_time=600))
-register(broker, processes=int(os.environ.get("BENCH_PROCESSES", "2")))
-
-
-@broker.task(task_name="bench.add")
-async def add(x: int) -> int:
-    return x + 1
+__all__ = ["add", "broker"]  # the worker's broker, and the native task it knows
 
 
 @broker.task(task_name="wove.run_backend_payload")

@@ -8,6 +8,7 @@ reads the per-session queue and Redis from the environment the fixture sets.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from arq.connections import RedisSettings
 
@@ -38,15 +39,14 @@ async def native_add(ctx: dict[str, object], x: int) -> int:
     return x + 1
 
 
-class BenchWorkerSettings:
-    """benchmarks/bench_arq.py: both paths on one worker, same polls, same slots (arq
-    reads only a settings class's own ``__dict__``, so nothing is inherited)."""
+def settings_running(name: str, *functions: Any) -> type:
+    """A settings class named ``name`` that runs ``functions`` with ``WorkerSettings``'
+    queue, Redis, polls, slots and timeouts. arq reads only a settings class's own
+    ``__dict__``, so nothing can be inherited: the class gets its own copy of them."""
+    own = {key: value for key, value in vars(WorkerSettings).items()
+           if not key.startswith("__")}
+    return type(name, (), {**own, "functions": list(functions)})
 
-    functions = [wove_adapters_run, native_add]
-    redis_settings = WorkerSettings.redis_settings
-    queue_name = WorkerSettings.queue_name
-    allow_abort_jobs = True
-    poll_delay = WorkerSettings.poll_delay
-    max_jobs = WorkerSettings.max_jobs
-    job_timeout = WorkerSettings.job_timeout
-    health_check_interval = 1
+
+# benchmarks/bench_arq.py: both paths on one worker, same polls, same slots.
+BenchWorkerSettings = settings_running("BenchWorkerSettings", wove_adapters_run, native_add)

@@ -28,10 +28,10 @@ REDIS_URL = os.environ.get("WOVE_TEST_RQ_REDIS_URL", f"redis://127.0.0.1:6379/{R
 WOVE_WORKER = "wove_adapters.adapters.rq.Worker"
 
 
-def redis_client() -> Any:
+def redis_client(url: str = REDIS_URL) -> Any:
     import redis
 
-    return redis.Redis.from_url(REDIS_URL)
+    return redis.Redis.from_url(url)
 
 
 def require_redis() -> None:
@@ -61,8 +61,7 @@ class RqWorker:
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
-        assert self.service.proc is not None
-        return self.service.proc
+        return self.service.popen
 
     def _registered(self) -> bool:
         from rq import Queue, Worker
@@ -99,12 +98,13 @@ class RqWorker:
                     os.kill(pid, signal.SIGKILL)
 
 
-def cleanup_queue(queue: str) -> None:
-    """Remove every job this session put on ``queue``, the queue and its registries."""
+def cleanup_queue(queue: str, url: str = REDIS_URL) -> None:
+    """Remove every job this session put on ``queue``, the queue and its registries (in
+    the Redis at ``url``: the benchmarks use their own database)."""
     from rq import Queue
     from rq.job import Job
 
-    connection = redis_client()
+    connection = redis_client(url)
     try:
         for key in connection.scan_iter("rq:job:*", count=1000):
             job_id = key.decode().split(":", 2)[2]
