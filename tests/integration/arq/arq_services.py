@@ -111,8 +111,8 @@ class ArqWorker:
     def kill(self) -> None:
         if self.service is not None and self.service.running():
             with contextlib.suppress(ProcessLookupError):
-                self.service.proc.kill()  # type: ignore[union-attr]
-            self.service.proc.wait(30)  # type: ignore[union-attr]
+                self.service.popen.kill()
+            self.service.popen.wait(30)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (arq stops, letting running payloads finish), SIGKILL after timeout."""

@@ -29,6 +29,7 @@ from wove_adapters.worker.arq import CANCEL_KEY, RESULT_KEY, pack_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from hubs import hub_factory
+from services import wait_until
 
 CancelledErrors = (concurrent.futures.CancelledError, asyncio.CancelledError)
 
@@ -55,15 +56,6 @@ def arq_result(job_id: str) -> Any:
     finally:
         client.close()
     return None if raw is None else deserialize_result(raw)
-
-
-def wait_until(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {timeout}s")
 
 
 # ---------------------------------------------------------------- worker side, CLI

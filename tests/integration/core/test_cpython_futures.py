@@ -44,6 +44,7 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from support import cpython_futures  # noqa: E402
+from support.services import pid_alive  # noqa: E402
 
 cf = cpython_futures.load()
 
@@ -380,7 +381,7 @@ def test_a_task_that_crashes_its_worker_fails_with_the_reason(executor: str) -> 
         assert [f.result(timeout=60) for f in others] == [0, 1, 2]
         if executor == "stdio":
             pids = hub.dispatcher("t").transport.pids  # type: ignore[attr-defined]
-            assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+            assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
 
 
 @pytest.mark.parametrize("executor", ["stdio", "process"])
@@ -411,11 +412,3 @@ def _error_of(future: concurrent.futures.Future[Any]) -> BaseException | None:
         return future.exception(timeout=30)
     except concurrent.futures.CancelledError as exc:
         return exc
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -41,18 +41,13 @@ class TaskiqWorker:
     log: Path
 
     @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        assert self.service.proc is not None
-        return self.service.proc
-
-    @property
     def config(self) -> dict[str, Any]:
         return {"url": self.url, "queue": self.queue}
 
     def worker_pids(self) -> list[int]:
         """PIDs of the taskiq worker processes (children of the CLI's manager)."""
         out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
+            ["ps", "-o", "pid=", "--ppid", str(self.service.pid)], capture_output=True, text=True
         ).stdout
         return [int(p) for p in out.split()]
 

@@ -24,6 +24,7 @@ from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from hubs import hub_factory
+from services import pid_alive
 
 
 @pytest.fixture
@@ -50,14 +51,6 @@ def _submission(hub: Hub, run_id: str) -> str:
             return run.attempt.submission
         time.sleep(0.01)
     raise AssertionError(f"run {run_id} was never submitted")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def _parent_of(pid: int) -> int:
@@ -220,9 +213,9 @@ def test_status_finds_a_dead_worker_without_heartbeats(
             future.result(timeout=60)
         assert shared_loop.run_sync(adapter.status(handle)) == JobState.GONE
         deadline = time.monotonic() + 15
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(pid), "the payload process outlived its worker"
+        assert not pid_alive(pid), "the payload process outlived its worker"
     finally:
         taskiq_worker.wait_ready()
 
