@@ -603,6 +603,57 @@ def _doctor_rows(hub: Any, name: str, timeout: float) -> list[tuple[str, bool | 
     return rows
 
 
+# ---------------------------------------------------------------- serve
+
+
+@main.command("serve")
+@click.option("--transport", type=click.Choice(["http", "https", "grpc", "websocket"]),
+              required=True, help="What wove's network executor speaks to this service.")
+@click.option("--listen", default="127.0.0.1:8765", show_default=True,
+              help="HOST:PORT. A non-loopback host needs TLS and authentication.")
+@click.option("--security", default=None,
+              help="env:VAR: signed requests, the shared secret in $VAR (wove's "
+              "security='env:VAR'); 'none': no authentication (loopback only).")
+@click.option("--security-key", default="default", show_default=True,
+              help="The signing key id clients send (wove's security.key).")
+@click.option("--clock-skew", default=300.0, show_default=True,
+              help="Seconds a signed request's timestamp may differ from this clock.")
+@click.option("--bearer-token-env", default=None, metavar="VAR",
+              help="Bearer mode instead: the token is in $VAR.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None)
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None)
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
+              help="Require client certificates signed by this CA (mutual TLS).")
+@click.option("--max-tasks", type=int, default=None,
+              help="Tasks running at once (default: CPU count).")
+@click.option("--max-queued", type=int, default=1000, show_default=True,
+              help="Runs waiting for a slot; beyond it: 503 / RESOURCE_EXHAUSTED.")
+@click.option("--heartbeat", type=float, default=5.0, show_default=True,
+              help="Seconds between heartbeats on streaming transports.")
+@click.option("--kill-after", type=float, default=10.0, show_default=True,
+              help="Seconds from a cancel's SIGTERM to SIGKILL.")
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+              help="On SIGTERM: seconds in-flight runs get before they are cancelled.")
+@click.option("--on-sigterm", type=click.Choice(["finish", "cancel"]), default="finish",
+              show_default=True, help="What SIGTERM does to the runs in flight.")
+@click.option("--remember", type=float, default=300.0, show_default=True,
+              help="Seconds an idempotency key's outcome is kept for repeats.")
+@click.option("--max-body", type=int, default=64 * 1024 * 1024, show_default=True,
+              help="Largest request (bytes).")
+@click.option("--health-listen", default=None, metavar="HOST:PORT",
+              help="Also serve GET /healthz there (the gRPC transport has no HTTP port).")
+def serve_cmd(**options: Any) -> None:
+    """Run the Wove-compatible network worker service (wove's http, https, grpc and
+    websocket executors, and ours) until SIGTERM, then drain. See docs/serve.md."""
+    from wove_adapters.worker import serve
+
+    try:
+        config = serve.config_from_options(**options)
+    except serve.ServeConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(serve.main(config))
+
+
 @main.command("bench")
 @click.option(
     "--backend",
