@@ -56,6 +56,9 @@ CONNECT_TIMEOUT = 10.0
 CANCEL_TIMEOUT = 30.0
 # The largest answer line / message taken (a result travels inline, base64 in JSON).
 MAX_MESSAGE = 1 << 31
+# A requeued attempt (its run was lost: the service died or restarted) waits this long
+# for the service to take requests again before the run fails as unreachable.
+REQUEUE_WAIT = 20.0
 # Websocket pings: a peer that stops answering them is a dropped connection.
 WS_PING_SECONDS = 10.0
 # Characters of a refusal's body quoted in an error.
@@ -105,7 +108,7 @@ class GrpcOptions(NetworkOptions, kw_only=True):
     # wove's unary method (cancel requests); runs use netwire.GRPC_STREAM_METHOD.
     method: str = netwire.GRPC_METHOD
     metadata: dict[str, Any] | list[Any] = {}
-    # Seconds to connect and for a cancel call (None: CONNECT_TIMEOUT / CANCEL_TIMEOUT).
+    # Seconds to connect, and for a cancel call (None: CONNECT_TIMEOUT / CANCEL_TIMEOUT).
     timeout: float | None = None
     secure: bool = False
     # wove's key: PEM text of the root certificates (ca_file reads them from a file).
@@ -418,6 +421,27 @@ class NetworkTransport(Transport, abc.ABC):
 
     # ------------------------------------------------------------ runs
 
+    async def submit(self, run: RunAttempt) -> None:
+        """Hand the attempt to the service. A requeued attempt follows a lost one (the
+        service was killed or restarted), so an unreachable service is retried for up to
+        REQUEUE_WAIT seconds: a restart is waited for, a dead service still fails."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (REQUEUE_WAIT if run.attempt > 1 else 0.0)
+        delay = 0.1
+        while True:
+            try:
+                await self._submit(run)
+                return
+            except BackendUnavailableError:
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    @abc.abstractmethod
+    async def _submit(self, run: RunAttempt) -> None:
+        """One try at handing the attempt over."""
+
     def _new_flight(self, run: RunAttempt) -> _Flight:
         flight = _Flight(run)
         self._flights[run.run_id] = flight
@@ -655,7 +679,7 @@ class HttpTransport(NetworkTransport):
         }
         return body, headers, nonce
 
-    async def submit(self, run: RunAttempt) -> None:
+    async def _submit(self, run: RunAttempt) -> None:
         body, headers, nonce = self._request(run_frame(run), "application/x-ndjson")
         flight = self._new_flight(run)
         flight.task = asyncio.get_running_loop().create_task(
@@ -862,7 +886,7 @@ class WebSocketTransport(NetworkTransport):
         async with sock.lock:
             await sock.ws.send_str(message)
 
-    async def submit(self, run: RunAttempt) -> None:
+    async def _submit(self, run: RunAttempt) -> None:
         frame = run_frame(run)
         netwire.encode_frame(frame)  # an unpicklable argument fails here, before sending
         sock = await self._connection()

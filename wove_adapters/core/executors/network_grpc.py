@@ -21,6 +21,7 @@ from wove_adapters.core import netwire
 from wove_adapters.core.errors import MissingBackendError, PayloadError
 from wove_adapters.core.executors.network import (
     CANCEL_TIMEOUT,
+    CONNECT_TIMEOUT,
     MAX_MESSAGE,
     AnswerError,
     GrpcOptions,
@@ -34,6 +35,11 @@ from wove_adapters.core.executors.network import (
     verified_events,
 )
 from wove_adapters.core.transport import RunAttempt
+
+# The service sends its first message when the run starts, which may be after a wait in
+# its queue: a call that has not failed this soon after a ready channel counts as taken
+# (a refusal comes at once; a later failure is then reported as the run's event).
+ACCEPT_GRACE = 0.3
 
 
 def _identity(value: bytes) -> bytes:
@@ -54,6 +60,7 @@ class GrpcTransport(NetworkTransport):
         self._method = netwire.GRPC_METHOD
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._timeout = CANCEL_TIMEOUT
+        self._connect_timeout = CONNECT_TIMEOUT
 
     async def _open(self, config: dict[str, Any]) -> None:
         try:
@@ -79,7 +86,7 @@ class GrpcTransport(NetworkTransport):
         )
         self._metadata = _metadata(config.get("metadata"))
         if config.get("timeout") is not None:
-            self._timeout = float(config["timeout"])
+            self._timeout = self._connect_timeout = float(config["timeout"])
         options = [
             ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", -1),
@@ -138,24 +145,35 @@ class GrpcTransport(NetworkTransport):
         )
         return pairs, nonce
 
-    async def submit(self, run: RunAttempt) -> None:
+    async def _submit(self, run: RunAttempt) -> None:
         body = netwire.dump_message(run_frame(run))
         if len(body) > MAX_MESSAGE:
             raise PayloadError(f"{self.where}: a run_task of {len(body)} bytes is too large")
         metadata, nonce = self._call_metadata(netwire.GRPC_STREAM_METHOD, body)
+        await self._ready()
         flight = self._new_flight(run)
         flight.task = asyncio.get_running_loop().create_task(
             self._follow(flight, body, metadata, nonce)
         )
         await self._until_accepted(flight)
 
+    async def _ready(self) -> None:
+        """A connected channel (at once when it already is), else the service is down."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), self._connect_timeout)
+        except asyncio.TimeoutError:
+            state = self._channel.get_state(try_to_connect=False)
+            raise self._unavailable(
+                f"no connection within {self._connect_timeout:g}s (channel {state.name})"
+            ) from None
+
     async def _follow(
         self, flight: _Flight, body: bytes, metadata: tuple[tuple[str, str], ...], nonce: str
     ) -> None:
         grpc = self._grpc
         call = self._stream(body, metadata=metadata)
+        taken = asyncio.get_running_loop().call_later(ACCEPT_GRACE, flight.accept)
         try:
-            await call.initial_metadata()
             while not flight.finished:
                 message = await call.read()
                 if message is grpc.aio.EOF:
@@ -172,6 +190,8 @@ class GrpcTransport(NetworkTransport):
         except grpc.aio.AioRpcError as exc:
             self._rpc_failed(flight, exc)
             return
+        finally:
+            taken.cancel()
         if flight.finished:
             call.cancel()
             return
