@@ -41,7 +41,15 @@ SETTING_KEYS: tuple[str, ...] = (
     "workers", "limit_per_minute", "max_pending", "error_mode", "delivery_timeout",
     "delivery_idempotency_key", "delivery_cancel_mode", "delivery_heartbeat_seconds",
     "delivery_max_in_flight", "delivery_orphan_policy", "delivery_max_pending_seconds",
+    # Task controls (docs/task-controls.md), kept by the dispatcher and the ledger.
+    "concurrency_control", "registration_concurrency", "key_arguments",
+    "reroute_on_concurrency_control", "concurrency_lease_seconds", "cache_results",
+    "disable_cache_args", "cache_ttl_seconds", "on_diff_non_key_args_raise", "retry_for",
+    "max_pending_seconds",
 )
+# Application settings: top level only.
+APP_KEYS: tuple[str, ...] = ("app_id", "force_local", "log_level", "log_format")
+CONCURRENCY_MODES = ("unlimited", "task", "arguments", "argument", "keys")
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "executor": "local", "executor_config": {}, "max_workers": 256, "background": False,
     "fork": False, "retries": 0, "timeout": None, "workers": None, "limit_per_minute": None,
@@ -50,7 +58,13 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "delivery_heartbeat_seconds": None, "delivery_max_in_flight": None,
     "delivery_orphan_policy": None,  # the runtime treats None as "cancel"
     "delivery_max_pending_seconds": None,
+    "concurrency_control": "unlimited", "registration_concurrency": "unlimited",
+    "key_arguments": None, "reroute_on_concurrency_control": False,
+    "concurrency_lease_seconds": 15.0, "cache_results": False, "disable_cache_args": None,
+    "cache_ttl_seconds": None, "on_diff_non_key_args_raise": False, "retry_for": None,
+    "max_pending_seconds": None,
     "ledger": None,  # the runtime falls back to a per-user SQLite file
+    "app_id": None, "force_local": False, "log_level": None, "log_format": "text",
 }
 # `Any` keys accept objects (an executor instance, an idempotency-key callable) untouched.
 _TYPES: dict[str, Any] = {
@@ -61,15 +75,27 @@ _TYPES: dict[str, Any] = {
     "delivery_heartbeat_seconds": float, "delivery_max_in_flight": int,
     "delivery_orphan_policy": str, "delivery_max_pending_seconds": float, "ledger": str,
     "default_environment": str, "environment": str,
+    "concurrency_control": str, "registration_concurrency": str, "key_arguments": list[str],
+    "reroute_on_concurrency_control": bool, "concurrency_lease_seconds": float,
+    "cache_results": bool, "disable_cache_args": list[str], "cache_ttl_seconds": float,
+    "on_diff_non_key_args_raise": bool, "retry_for": list[str], "max_pending_seconds": float,
+    "app_id": str, "force_local": bool, "log_level": str, "log_format": str,
 }
 _ALLOWED: dict[str, tuple[str, ...]] = {
     "error_mode": ("raise", "return"),
     "delivery_cancel_mode": ("best_effort", "require_ack"),
     "delivery_orphan_policy": ("cancel", "detach", "fail", "requeue"),
+    "concurrency_control": CONCURRENCY_MODES,
+    "registration_concurrency": CONCURRENCY_MODES,
+    "log_format": ("text", "json"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
 _ENV_KEYS = (*SETTING_KEYS, "ledger")
 _TASK_KEYS = (*SETTING_KEYS, "environment")
-_TOP_KEYS = ("default_environment", "environments", "tasks", "ledger", *SETTING_KEYS)
+_TABLES = ("environments", "tasks")
+_TOP_KEYS = (
+    "default_environment", *_TABLES, "task_defaults", "ledger", *APP_KEYS, *SETTING_KEYS
+)
 _ENV_PREFIX = "WOVE__"
 _FILE_NAMES = ("wove_config.py", "wove_config.toml")
 _SECRET_WORDS = ("secret", "password", "token")
@@ -133,6 +159,8 @@ class Config:
     ledger: str | None
     source_file: Path | None
     provenance: dict[Path_, Provenance] = field(default_factory=dict, repr=False)
+    # Settings for every task, between the global defaults and an environment's own.
+    task_defaults: dict[str, Any] = field(default_factory=dict)
 
     def source_of(self, *path: str) -> Provenance:
         """Where the value at ``path`` came from, e.g. ``("environments", "r", "executor")``."""
@@ -150,7 +178,7 @@ class Config:
 
     def environment_settings(self, name: str) -> dict[str, Any]:
         """Every setting for ``name``: its definition over global defaults over built-ins."""
-        return _overlay([self.defaults, self._definition(name)])
+        return _overlay([self.defaults, self.task_defaults, self._definition(name)])
 
     def task_settings(
         self,
@@ -178,7 +206,9 @@ class Config:
             overrides.get("environment") or environment or call.get("environment"),
             table.get("environment"),
         )
-        settings = _overlay([self.defaults, self._definition(name), table, call, overrides])
+        settings = _overlay(
+            [self.defaults, self.task_defaults, self._definition(name), table, call, overrides]
+        )
         return {"environment": name, **settings}
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,6 +218,7 @@ class Config:
             **_copy(self.defaults),
             "environments": _copy(self.environments),
             "tasks": _copy(self.tasks),
+            "task_defaults": _copy(self.task_defaults),
         }
 
     def _definition(self, name: str) -> dict[str, Any]:
@@ -217,6 +248,8 @@ def _check_value(key: str, value: Any, known: Iterable[str], where: str, detail:
         if not isinstance(value, Mapping):
             raise ValueError(f"{key} in {where} must be a dict, got {value!r} (from {detail})")
         return value
+    if key == "log_level" and isinstance(value, str):
+        value = value.upper()
     try:
         value = msgspec.convert(value, expected)
     except msgspec.ValidationError:
@@ -271,7 +304,17 @@ def _flatten(source: Mapping[str, Any], prov: Provenance) -> list[Assignment]:
         raise TypeError(f"Configuration from {prov.detail} must be a dict.")
     out: list[Assignment] = []
     for key, value in source.items():
-        if key in ("environments", "tasks"):
+        if key == "task_defaults":
+            if value is None:
+                out.append((("task_defaults",), _DELETE, prov))
+                continue
+            if not isinstance(value, Mapping):
+                raise TypeError(f"task_defaults must be a dict (from {prov.detail})")
+            out.append((("task_defaults",), {}, prov))
+            out.extend(
+                _flatten_settings(("task_defaults",), value, SETTING_KEYS, "task_defaults", prov)
+            )
+        elif key in ("environments", "tasks"):
             if value is None:
                 continue
             if not isinstance(value, Mapping):
@@ -329,6 +372,11 @@ def _parse_env_value(var: str, path: Path_, raw: str) -> Any:
     expected = _TYPES.get(path[-1], Any)
     if expected is Any:
         return raw
+    if expected == list[str]:  # JSON, or names separated by commas
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return [part.strip() for part in raw.split(",") if part.strip()]
     try:
         return msgspec.convert(raw, expected, strict=False)
     except msgspec.ValidationError:
@@ -342,6 +390,8 @@ def _env_assignments(environ: Mapping[str, str], names: dict[str, set[str]]) -> 
         if not var.upper().startswith(_ENV_PREFIX):
             continue
         parts = [p.lower() for p in var[len(_ENV_PREFIX):].split("__")]
+        if parts[0] == "task" and len(parts) > 1:  # the seed's WOVE__TASK__<NAME>__<FIELD>
+            parts[0] = "tasks"
         if parts[0] in ("environments", "tasks") and len(parts) > 1:
             by_lower = {n.lower(): n for n in sorted(names[parts[0]])}
             parts[1] = by_lower.get(parts[1], parts[1])
@@ -451,6 +501,7 @@ def load_config(
     prov: dict[Path_, Provenance] = {}
     builtins: list[Assignment] = [
         (("default_environment",), "default", _BUILTIN), (("tasks",), {}, _BUILTIN),
+        (("task_defaults",), {}, _BUILTIN),
         (("environments", "default", "executor"), "local", _BUILTIN)]
     for item in (*builtins, *file_items, *_env_assignments(environ, names), *arg_items):
         _apply(tree, prov, item)
@@ -458,11 +509,12 @@ def load_config(
     if "default_environment" not in tree:
         _apply(tree, prov, builtins[0])
     if "default" not in tree["environments"]:
-        _apply(tree, prov, builtins[2])
+        _apply(tree, prov, builtins[-1])
     defaults = _overlay([tree])  # top-level setting keys; tables are skipped by _overlay
     return Config(
         default_environment=tree["default_environment"], environments=tree["environments"],
         defaults=defaults, tasks=tree["tasks"], ledger=defaults["ledger"], source_file=path,
+        task_defaults=tree.get("task_defaults") or {},
         provenance=prov,
     )
 
