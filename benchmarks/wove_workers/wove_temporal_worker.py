@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from datetime import timedelta
 from typing import Any
 
-from temporal_test_worker import OWN_ACTIVITIES, OWN_WORKFLOWS  # tests/integration/temporal
+from temporal_test_worker import (  # tests/integration/temporal
+    OWN_ACTIVITIES,
+    OWN_WORKFLOWS,
+    until_sigterm,
+    worker_arguments,
+)
 from temporalio import activity, workflow
 from temporalio.client import Client
 
@@ -43,29 +47,16 @@ class WoveRunBackendPayload:
 
 async def serve(options: argparse.Namespace) -> None:
     client = await Client.connect(options.address)
-    running = asyncio.ensure_future(run_worker(
+    await until_sigterm(asyncio.ensure_future(run_worker(
         client, options.task_queue,
         max_concurrent_activities=options.max_concurrent,
         workflows=[*OWN_WORKFLOWS, WoveRunBackendPayload],
         activities=[*OWN_ACTIVITIES, wove_run_backend_payload],
-    ))
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    running.cancel()
-    try:
-        await running
-    except asyncio.CancelledError:
-        pass
+    )))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--address", required=True)
-    parser.add_argument("--task-queue", required=True)
-    parser.add_argument("--max-concurrent", type=int, default=100)
-    asyncio.run(serve(parser.parse_args()))
+    asyncio.run(serve(worker_arguments(max_concurrent=100).parse_args()))
     return exit_now(0)
 
 

@@ -42,11 +42,6 @@ class DevServer:
     service: ServiceProcess
     log: Path
 
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        assert self.service.proc is not None
-        return self.service.proc
-
     def stop(self) -> None:
         self.service.stop()
 
@@ -99,8 +94,7 @@ class WorkerProcess:
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
-        assert self.service.proc is not None
-        return self.service.proc
+        return self.service.popen
 
     def stop(self) -> None:
         """SIGTERM by PID; SIGKILL of its group (the forkserver and task processes it

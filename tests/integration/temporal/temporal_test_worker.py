@@ -85,6 +85,12 @@ async def serve(options: argparse.Namespace) -> None:
             max_heartbeat_throttle_interval=timedelta(seconds=1),
         )
         running = asyncio.ensure_future(worker.run())
+    await until_sigterm(running)
+
+
+async def until_sigterm(running: asyncio.Future[Any]) -> None:
+    """Let the worker run until SIGTERM, then cancel it: a graceful stop (the benchmark's
+    worker, ``benchmarks/wove_workers/wove_temporal_worker.py``, stops the same way)."""
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     stopping = asyncio.ensure_future(stop.wait())
@@ -96,11 +102,17 @@ async def serve(options: argparse.Namespace) -> None:
         pass
 
 
-def main() -> int:
+def worker_arguments(max_concurrent: int) -> argparse.ArgumentParser:
+    """``--address``, ``--task-queue`` and ``--max-concurrent`` (activities at once)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--address", required=True)
     parser.add_argument("--task-queue", required=True)
-    parser.add_argument("--max-concurrent", type=int, default=2)
+    parser.add_argument("--max-concurrent", type=int, default=max_concurrent)
+    return parser
+
+
+def main() -> int:
+    parser = worker_arguments(max_concurrent=2)
     parser.add_argument("--style", choices=["helper", "own"], default="helper")
     asyncio.run(serve(parser.parse_args()))
     return exit_now(0)  # a clean stop; skip finalization (temporalio/sdk-python#300)

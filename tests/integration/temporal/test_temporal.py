@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from hubs import hub_factory
+from services import pid_alive
 from temporal_services import DevServer, WorkerProcess, start_worker
 
 from wove_adapters.adapters.temporal import TemporalAdapter
@@ -27,22 +32,15 @@ TIMEOUT = 60.0
 
 
 @pytest.fixture
-def hub_for(temporal_config: dict[str, Any]) -> Iterator[Any]:
-    hubs: list[Hub] = []
-
-    def make(executor_config: dict[str, Any] | None = None, **settings: Any) -> Hub:
-        definition = {
+def hub_for(temporal_config: dict[str, Any]) -> Iterator[Callable[..., Hub]]:
+    """``hub_for(executor_config=None, **settings)``: a Hub on the session's server and
+    worker (``executor_config`` overrides), closed at teardown."""
+    with hub_factory("t") as make:
+        yield lambda executor_config=None, **settings: make({
             "executor": "temporal",
             "executor_config": {**temporal_config, **(executor_config or {})},
             **settings,
-        }
-        hub = Hub(environments={"t": definition}, default_environment="t")
-        hubs.append(hub)
-        return hub
-
-    yield make
-    for hub in hubs:
-        hub.close()
+        })
 
 
 def run(coro: Any) -> Any:
@@ -91,18 +89,10 @@ def _wait_following(hub: Hub, timeout: float = TIMEOUT) -> None:
         time.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             return True
         time.sleep(0.05)
     return False
@@ -112,7 +102,7 @@ def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
 
 
 def test_own_worker_hosts_our_workflow_next_to_its_own(
-    temporal_server: DevServer, tmp_path: Path
+    temporal_server: DevServer, hub_for: Callable[..., Hub], tmp_path: Path
 ) -> None:
     """``workflows()`` + ``activities()`` in a user's own ``Worker``: our payloads and the
     user's own workflow are both served from one worker process."""
@@ -120,13 +110,7 @@ def test_own_worker_hosts_our_workflow_next_to_its_own(
     worker = start_worker(temporal_server.address, queue, tmp_path / "own.log",
                           args=["--style", "own"])
     try:
-        hub = Hub(environments={"own": {"executor": "temporal", "executor_config": {
-            "address": temporal_server.address, "task_queue": queue}}},
-            default_environment="own")
-        try:
-            assert hub.run(tasks.add, 20, y=22) == 42
-        finally:
-            hub.close()
+        assert hub_for({"task_queue": queue}).run(tasks.add, 20, y=22) == 42
 
         async def greet() -> str:
             client = await _client(temporal_server.address)
@@ -140,20 +124,20 @@ def test_own_worker_hosts_our_workflow_next_to_its_own(
         worker.stop()
 
 
-def test_module_cli_worker_serves_payloads(temporal_server: DevServer, tmp_path: Path) -> None:
+def test_module_cli_worker_serves_payloads(
+    temporal_server: DevServer, hub_for: Callable[..., Hub], tmp_path: Path
+) -> None:
     """``python -m wove_adapters.adapters.temporal --task-queue Q`` is a complete worker."""
     queue = f"wove-test-temporal-cli-{uuid.uuid4().hex[:8]}"
     worker = start_worker(temporal_server.address, queue, tmp_path / "cli.log",
                           module="wove_adapters.adapters.temporal",
                           args=["--max-concurrent-activities", "2"])
     try:
-        hub = Hub(environments={"cli": {"executor": "temporal", "executor_config": {
-            "address": temporal_server.address, "task_queue": queue}}},
-            default_environment="cli")
+        hub = hub_for({"task_queue": queue})
         try:
             assert hub.map(tasks.add, range(5)) == [1, 2, 3, 4, 5]
         finally:
-            hub.close()
+            hub.close()  # before the worker stops: it must stop cleanly
     finally:
         worker.stop()
     assert worker.proc.returncode == 0, worker.log.read_text()[-2000:]
