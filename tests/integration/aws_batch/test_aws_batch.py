@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 import time
 import uuid
@@ -15,7 +14,10 @@ from typing import Any
 
 import pytest
 
-from wove_adapters import DeliveryOrphanedError, Hub
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from lost_runs import assert_killed_task_is_lost
+
+from wove_adapters import Hub
 from wove_adapters.adapters.base import JobSpec
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.policies import JobState
@@ -300,11 +302,7 @@ def test_a_job_that_dies_without_an_event_is_lost(
 ) -> None:
     # No heartbeat policy: only describe_jobs (FAILED, exit 137) can tell.
     with hub_for(batch_config, delivery_orphan_policy="fail") as hub:
-        future = hub.submit(tasks.sleepy, str(tmp_path), "doomed", 60.0)
-        pid = int(wait_for_file(tmp_path / "doomed.started", 90))
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(DeliveryOrphanedError, match="without a terminal event"):
-            future.result(timeout=90)
+        assert_killed_task_is_lost(hub, tmp_path, 90)
 
 
 def test_cancel_queued_uses_cancel_job(

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from lost_runs import assert_killed_task_is_lost
 
-from wove_adapters import DeliveryOrphanedError, Hub
+from wove_adapters import Hub
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.policies import JobState
 from wove_adapters.testing import tasks
-from wove_adapters.testing.conformance import wait_for_file
 
 
 def hub_for(cluster: dict[str, Any], **settings: Any) -> Hub:
@@ -98,13 +97,10 @@ def test_job_name_dedupes_a_pending_job_across_callers(
 def test_a_job_that_dies_without_an_event_is_lost(
     slurm_cluster: dict[str, Any], tmp_path: Path
 ) -> None:
-    # No heartbeat policy: only reconciliation (squeue/scontrol) can notice.
+    # No heartbeat policy: only reconciliation (squeue/scontrol) can notice: the batch
+    # step dies, Slurm records FAILED, no event.
     with hub_for(slurm_cluster, delivery_orphan_policy="fail") as hub:
-        future = hub.submit(tasks.sleepy, str(tmp_path), "doomed", 60.0)
-        pid = int(wait_for_file(tmp_path / "doomed.started", 60))
-        os.kill(pid, signal.SIGKILL)  # the batch step dies; Slurm records FAILED, no event
-        with pytest.raises(DeliveryOrphanedError, match="without a terminal event"):
-            future.result(timeout=60)
+        assert_killed_task_is_lost(hub, tmp_path, 60)
 
 
 def test_state_map_covers_slurm_states() -> None:
