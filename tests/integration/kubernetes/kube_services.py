@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -33,11 +32,6 @@ class KubeCluster:
     kubeconfig: Path
     state_dir: Path
     service: ServiceProcess
-
-    @property
-    def process(self) -> subprocess.Popen[bytes]:
-        assert self.service.proc is not None
-        return self.service.proc
 
     def config(self, **extra: Any) -> dict[str, Any]:
         """executor_config for the adapter: the kubeconfig, an image, and the env the

@@ -8,13 +8,17 @@ import concurrent.futures
 import os
 import re
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from kube_services import NAMESPACE, KubeCluster
+from services import pid_alive, wait_until
 
 from wove_adapters import DeliveryOrphanedError, Hub
 from wove_adapters.adapters.base import JobSpec
@@ -60,25 +64,6 @@ def job_of_run(cluster: KubeCluster, run_id: str, namespace: str = NAMESPACE) ->
                 return job
         time.sleep(0.1)
     raise AssertionError(f"no Job carries run {run_id}")
-
-
-def wait_until(check: Any, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout}s")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purpose.
-    with open(f"/proc/{pid}/stat") as handle:
-        return handle.read().split(")")[-1].split()[0] != "Z"
 
 
 def fail_on_three(item: int) -> int:
