@@ -57,6 +57,28 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., CeleryService]]:
         service.stop()
 
 
+Rig = tuple[faults.RedisServer, CeleryService, Any]
+
+
+@pytest.fixture
+def rig(
+    private_redis: Callable[..., faults.RedisServer],
+    start_worker: Callable[..., CeleryService],
+    hub_for: Callable[..., Any], sqlite_ledger: str,
+) -> Callable[..., Rig]:
+    """``rig(concurrency=2, **settings)``: what every scenario here starts from, as
+    ``(broker, service, hub)``: a private Redis (broker and result backend), a prefork
+    worker of ``concurrency`` processes on it, and a Hub (sqlite ledger) whose
+    environment is ``environment(service, **settings)``."""
+
+    def make(concurrency: int = 2, **settings: Any) -> Rig:
+        broker = private_redis()
+        service = start_worker(broker.url(), concurrency=concurrency)
+        return broker, service, hub_for(environment(service, **settings), ledger=sqlite_ledger)
+
+    return make
+
+
 def environment(service: CeleryService, **settings: Any) -> dict[str, Any]:
     return {
         "executor": "celery",
@@ -97,13 +119,9 @@ def settle(name: str, futures: dict[str, Any], markers: Path, bound: float,
 
 
 def test_a_child_killed_mid_task_is_requeued(
-    private_redis: Callable[..., faults.RedisServer],
-    start_worker: Callable[..., CeleryService],
-    hub_for: Callable[..., Any], markers: Path, sqlite_ledger: str,
+    rig: Callable[..., Rig], markers: Path,
 ) -> None:
-    broker = private_redis()
-    service = start_worker(broker.url(), concurrency=2)
-    hub = hub_for(environment(service, delivery_heartbeat_seconds=3), ledger=sqlite_ledger)
+    _, service, hub = rig(delivery_heartbeat_seconds=3)
     began = time.monotonic()
     tags = [f"a{i}" for i in range(24)]
     futures = {tag: hub.submit(fault_tasks.work, str(markers), tag, 0.4) for tag in tags}
@@ -128,16 +146,12 @@ def test_a_child_killed_mid_task_is_requeued(
 
 
 def test_b_whole_worker_killed_then_restarted(
-    private_redis: Callable[..., faults.RedisServer],
-    start_worker: Callable[..., CeleryService],
-    hub_for: Callable[..., Any], markers: Path, sqlite_ledger: str,
+    rig: Callable[..., Rig], markers: Path,
 ) -> None:
     """Killed with messages running, prefetched (unacked until the 1 h visibility
     timeout: no new worker takes them) and queued. Reconciliation must find the ones no
     live worker holds and requeue them; the new worker runs the rest."""
-    broker = private_redis()
-    service = start_worker(broker.url(), concurrency=2)
-    hub = hub_for(environment(service, delivery_heartbeat_seconds=3), ledger=sqlite_ledger)
+    broker, service, hub = rig(delivery_heartbeat_seconds=3)
     began = time.monotonic()
     tags = [f"b{i}" for i in range(120)]
     futures = {tag: hub.submit(fault_tasks.work, str(markers), tag, 0.1) for tag in tags}
@@ -156,16 +170,12 @@ def test_b_whole_worker_killed_then_restarted(
 
 
 def test_c_broker_killed_mid_burst_and_restarted(
-    private_redis: Callable[..., faults.RedisServer],
-    start_worker: Callable[..., CeleryService],
-    hub_for: Callable[..., Any], markers: Path, sqlite_ledger: str,
+    rig: Callable[..., Rig], markers: Path,
 ) -> None:
     """The broker (also the result backend) dies with messages queued, prefetched and
     running; 20 more runs are submitted while it is down; it comes back empty ~4 s
     later. With requeue every run resolves, each with its own value."""
-    broker = private_redis()
-    service = start_worker(broker.url(), concurrency=2)
-    hub = hub_for(environment(service, delivery_heartbeat_seconds=3), ledger=sqlite_ledger)
+    broker, _, hub = rig(delivery_heartbeat_seconds=3)
     began = time.monotonic()
     futures = {f"c{i}": hub.submit(fault_tasks.work, str(markers), f"c{i}", 0.1)
                for i in range(100)}
@@ -185,18 +195,14 @@ def test_c_broker_killed_mid_burst_and_restarted(
 
 
 def test_d_require_ack_cancels_of_running_tasks(
-    private_redis: Callable[..., faults.RedisServer],
-    start_worker: Callable[..., CeleryService],
-    hub_for: Callable[..., Any], markers: Path, sqlite_ledger: str,
+    rig: Callable[..., Rig], markers: Path,
 ) -> None:
     """100 running tasks cancelled with require_ack, ``width`` at a time (all of them
     running when cancelled): each cancel is acknowledged or raises; afterwards no
     execution is open and the worker reports nothing active."""
     width, rounds = 5, 20
-    broker = private_redis()
-    service = start_worker(broker.url(), concurrency=width)
-    hub = hub_for(environment(service, delivery_cancel_mode="require_ack",
-                              delivery_orphan_policy="fail"), ledger=sqlite_ledger)
+    _, service, hub = rig(width, delivery_cancel_mode="require_ack",
+                          delivery_orphan_policy="fail")
     counts = faults.Counts("celery (d) 100 require_ack cancels of running tasks")
     refused = 0
     began = time.monotonic()

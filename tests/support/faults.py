@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dask_cli import DaskCliCluster
-from services import ServiceProcess, children, free_port
+from services import ServiceProcess, children, free_port, wait_until
 
-__all__ = ["children", "free_port"]  # the fault tests reach them through this module
+# the fault tests reach them through this module
+__all__ = ["children", "free_port", "wait_until"]
 
 T = TypeVar("T")
 
@@ -50,20 +51,6 @@ RESULTS: list[Counts] = []
 
 
 # ---------------------------------------------------------------- waiting
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str,
-               interval: float = 0.05) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after
-    ``timeout`` seconds. Every wait in the suite is bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def fault_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -234,8 +221,7 @@ class RqWorkerProcess:
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
-        assert self.service.proc is not None
-        return self.service.proc
+        return self.service.popen
 
     @property
     def pid(self) -> int:
