@@ -32,29 +32,51 @@ def main() -> None:
     help="A wove_config.py or .toml file (default: discovered upwards from cwd).",
 )
 @click.option("--environment", default=None, help="Show only this environment.")
+@click.option(
+    "--task",
+    default=None,
+    help="Show this task's resolved settings (tasks.NAME over its environment over "
+    "task_defaults over the top level) and where each came from.",
+)
 @click.option("--format", "fmt", type=click.Choice(["toml", "json"]), default="toml")
-def config_cmd(config_file: str | None, environment: str | None, fmt: str) -> None:
+def config_cmd(
+    config_file: str | None, environment: str | None, task: str | None, fmt: str
+) -> None:
     """Print the merged configuration and where every value came from."""
     from wove_adapters.core.config import load_config, render_config
+    from wove_adapters.core.task_settings import render_task
 
     try:
         cfg = load_config(config_file=config_file)
-        click.echo(render_config(cfg, environment=environment, fmt=fmt))
+        if task is None:
+            click.echo(render_config(cfg, environment=environment, fmt=fmt))
+        else:
+            click.echo(render_task(cfg, task, environment=environment, fmt=fmt))
     except (NameError, ValueError, TypeError, FileNotFoundError) as exc:
         raise _fail(exc) from exc
-    problems = _executor_config_problems(cfg, environment)
+    if task is not None and task not in cfg.tasks:  # a typo would look like defaults
+        known = ", ".join(sorted(cfg.tasks)) or "none"
+        click.echo(f"note: no tasks.{task} table is configured (configured tasks: {known}); "
+                   "these are the settings any task of that name gets", err=True)
+    problems = _executor_config_problems(cfg, environment, task)
     if problems:  # printed after the values, so the key's source is on screen
         raise click.ClickException("\n".join(problems))
 
 
-def _executor_config_problems(cfg: Any, environment: str | None) -> list[str]:
+def _executor_config_problems(
+    cfg: Any, environment: str | None, task: str | None = None
+) -> list[str]:
     """Each environment's (and task table's) ``executor_config`` checked against its
     executor's declared keys, as an environment start checks it; no backend imported."""
     from wove_adapters.integration.executor_config import check_settings
 
-    settings = [(name, cfg.environment_settings(name))
-                for name in ([environment] if environment else sorted(cfg.environments))]
-    if environment is None:
+    if task is not None:
+        resolved = cfg.task_settings(task, environment=environment)
+        settings = [(resolved["environment"], resolved)]
+    else:
+        settings = [(name, cfg.environment_settings(name))
+                    for name in ([environment] if environment else sorted(cfg.environments))]
+    if environment is None and task is None:
         for task in sorted(cfg.tasks):
             resolved = cfg.task_settings(task)
             settings.append((resolved["environment"], resolved))
