@@ -48,6 +48,23 @@ class TestSqliteLedger(LedgerContract):
         yield ledger
         await ledger.aclose()
 
+    async def test_a_version_1_file_gains_the_leases_table(self, tmp_path: Path) -> None:
+        path = tmp_path / "old.db"
+        ledger = SqliteLedger(f"sqlite:///{path}")
+        kept = new_record()
+        await ledger.claim(kept)
+        await ledger.aclose()
+        conn = sqlite3.connect(path)
+        conn.execute("DROP TABLE leases")
+        conn.execute("PRAGMA user_version = 1")  # as written before leases existed
+        conn.commit()
+        conn.close()
+        reopened = SqliteLedger(f"sqlite:///{path}")
+        assert await reopened.get(kept.run_id) == kept
+        assert await reopened.lease("slot", "run-a", 5) is None
+        assert await reopened.lease_holder("slot") == "run-a"
+        await reopened.aclose()
+
     async def test_creates_parent_dirs_schema_and_pragmas(self, tmp_path: Path) -> None:
         path = tmp_path / "deep" / "er" / "runs.db"
         ledger = SqliteLedger(f"sqlite:///{path}")
@@ -56,7 +73,9 @@ class TestSqliteLedger(LedgerContract):
         conn = sqlite3.connect(path)
         try:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+            assert "leases" in tables
             indexes = {row[1] for row in conn.execute("PRAGMA index_list(runs)")}
             assert "runs_idempotency_key" in indexes
             columns = {row[1]: row[2] for row in conn.execute("PRAGMA table_info(runs)")}

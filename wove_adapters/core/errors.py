@@ -186,6 +186,24 @@ class PayloadError(WoveAdaptersError, ValueError):
     """A payload or event failed verification (signature, digest, version, size)."""
 
 
+class ArgumentsConflictError(WoveAdaptersError, ValueError):
+    """``on_diff_non_key_args_raise``: a call matched an existing run or cached result by
+    its key arguments but differs in the others, so the other run's result would not be
+    this call's. ``this`` and ``other`` show both argument sets; ``run_id`` is the other
+    run."""
+
+    def __init__(self, message: str, *, run_id: str = "", this: str = "", other: str = "") -> None:
+        super().__init__(message)
+        self.run_id, self.this, self.other = run_id, this, other
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_conflict, (str(self), self.run_id, self.this, self.other))
+
+
+def _rebuild_conflict(message: str, run_id: str, this: str, other: str) -> ArgumentsConflictError:
+    return ArgumentsConflictError(message, run_id=run_id, this=this, other=other)
+
+
 class TaskExecutionError(WoveAdaptersError, _WoveExecution, RuntimeError):
     """A task failed remotely and its original exception could not be rebuilt here.
 

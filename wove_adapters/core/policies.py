@@ -115,6 +115,75 @@ class Capabilities:
         return cls(**{**usual, **differences})
 
 
+CONCURRENCY_MODES = ("unlimited", "task", "arguments", "keys")
+
+
+def _mode(value: Any, key: str, where: str) -> str:
+    mode = str(value or "unlimited")
+    mode = "arguments" if mode == "argument" else mode  # the seed's singular, accepted
+    if mode not in CONCURRENCY_MODES:
+        raise ValueError(
+            f"{where} has invalid {key} {value!r}; allowed: {', '.join(CONCURRENCY_MODES)}"
+        )
+    return mode
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return tuple(str(part) for part in value)
+
+
+@dataclass(frozen=True)
+class TaskControls:
+    """Per-task controls the dispatcher keeps through the ledger (docs/task-controls.md):
+    how many runs of a task may execute or be registered at once, result reuse, which
+    errors are retried. Resolved like every other setting, once per task and call."""
+
+    concurrency: str = "unlimited"  # unlimited | task | arguments | keys
+    registration: str = "unlimited"
+    key_arguments: tuple[str, ...] = ()
+    reroute: bool = False
+    lease_seconds: float = 15.0
+    cache: bool = False
+    cache_ignore: tuple[str, ...] = ()
+    cache_ttl: float | None = None
+    raise_on_diff: bool = False
+    retry_for: tuple[str, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        """Whether the dispatcher has anything to do for this task beyond delivery."""
+        return self.cache or self.concurrency != "unlimited" or self.registration != "unlimited"
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], where: str = "task") -> TaskControls:
+        controls = cls(
+            concurrency=_mode(settings.get("concurrency_control"), "concurrency_control", where),
+            registration=_mode(
+                settings.get("registration_concurrency"), "registration_concurrency", where
+            ),
+            key_arguments=_names(settings.get("key_arguments")),
+            reroute=bool(settings.get("reroute_on_concurrency_control")),
+            lease_seconds=_seconds(
+                settings.get("concurrency_lease_seconds"), "concurrency_lease_seconds", where
+            ) or 15.0,
+            cache=bool(settings.get("cache_results")),
+            cache_ignore=_names(settings.get("disable_cache_args")),
+            cache_ttl=_seconds(settings.get("cache_ttl_seconds"), "cache_ttl_seconds", where),
+            raise_on_diff=bool(settings.get("on_diff_non_key_args_raise")),
+            retry_for=_names(settings.get("retry_for")),
+        )
+        if "keys" in (controls.concurrency, controls.registration) and not controls.key_arguments:
+            raise ValueError(
+                f"{where}: concurrency mode 'keys' needs key_arguments, the names of the "
+                f"arguments whose values identify a run (e.g. key_arguments=['user_id'])"
+            )
+        return controls
+
+
 @dataclass(frozen=True)
 class DeliveryPolicy:
     timeout: float | None = None
@@ -127,6 +196,7 @@ class DeliveryPolicy:
     cancel_ack_timeout: float = 10.0
     # A launched attempt with no event from its worker within this many seconds is lost.
     max_pending_seconds: float | None = None
+    controls: TaskControls = TaskControls()
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], where: str = "task") -> DeliveryPolicy:
@@ -153,8 +223,13 @@ class DeliveryPolicy:
             max_requeues=int(executor_config.get("max_requeues", 3)),
             cancel_ack_timeout=float(executor_config.get("cancel_ack_timeout", 10.0)),
             max_pending_seconds=_seconds(
-                settings.get("delivery_max_pending_seconds"), "delivery_max_pending_seconds", where
+                settings.get("delivery_max_pending_seconds")
+                if settings.get("delivery_max_pending_seconds") is not None
+                else settings.get("max_pending_seconds"),  # the seed's name
+                "delivery_max_pending_seconds",
+                where,
             ),
+            controls=TaskControls.from_settings(settings, where),
         )
 
     def as_delivery(self, key: str | None) -> dict[str, Any]:

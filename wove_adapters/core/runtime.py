@@ -22,6 +22,7 @@ from typing import Any
 
 from wove_adapters.core import frames, signing
 from wove_adapters.core.codec import decode_outcome, frame_to_wire, sign_events
+from wove_adapters.core.controls import Controls
 from wove_adapters.core.errors import (
     BackendUnavailableError,
     CancelNotAcknowledgedError,
@@ -107,6 +108,9 @@ class Run:
     # Resolved for the caller (cancelled) while its job may still run: the slot is kept
     # until the backend confirms the stop, or until this timer gives up.
     stop_timer: asyncio.TimerHandle | None = None
+    # Holds task-control leases (a concurrency slot, a registration): released with its
+    # in-flight slot, once the job is known to have stopped.
+    controlled: bool = False
 
     @property
     def run_id(self) -> str:
@@ -252,6 +256,7 @@ class Dispatcher:
         self._quiet_until = 0.0
         self.stats["caller_stalls"] = 0
         self._background: set[asyncio.Task[Any]] = set()
+        self.controls = Controls(ledger, app_id=settings.get("app_id"))
 
     # ---------------------------------------------------------- life cycle
 
@@ -288,6 +293,7 @@ class Dispatcher:
         if drain is not None:  # work that must end with this process ends, then its writes
             with contextlib.suppress(Exception):
                 await drain()
+        await self.controls.aclose()
         await self._stop_ledger_writer()
         await self.transport.aclose()
 
@@ -296,17 +302,38 @@ class Dispatcher:
     async def submit(self, attempt: RunAttempt, listener: Listener) -> Run:
         """Accept a run. Returns at once; events reach ``listener`` (with this run's id)."""
         self.check_policy(attempt.policy)
+        controls = attempt.policy.controls
+        if attempt.idempotency_key is not None:
+            attempt.idempotency_key = self.controls.app_key(attempt.idempotency_key)
+        elif controls.cache:
+            attempt.idempotency_key = self.controls.cache_key(
+                attempt.task_id, self._arguments(attempt), controls
+            )
+        if controls.active and (
+            controls.registration != "unlimited" or controls.reroute
+        ):
+            holder = await self.controls.admit(
+                attempt.run_id, attempt.task_id, self._arguments(attempt), controls
+            )
+            if holder is not None:
+                return await self._attach_to(holder.run_id, attempt, listener)
         key = attempt.idempotency_key
         if key is not None:
             existing = self.by_key.get(key)
             if existing is not None and not existing.done.is_set():
+                await self._check_cached_arguments(attempt, key, existing.run_id)
                 self.stats["dedup_attached"] += 1
                 self._attach(existing, attempt.run_id, listener)
                 return existing
             record = await self.ledger.claim(self._record(attempt))
             if record.run_id != attempt.run_id:
+                await self._check_cached_arguments(attempt, key, record.run_id)
                 self.stats["dedup_attached"] += 1
                 return await self._follow_ledger(record, attempt, listener)
+            if controls.cache and controls.raise_on_diff:
+                self._spawn(self.controls.remember_arguments(
+                    key, attempt.run_id, self._arguments(attempt), controls
+                ))
             claimed: asyncio.Future[Any] | None = None
         else:
             claimed = self._ledger_later(self._record(attempt))
@@ -324,6 +351,41 @@ class Dispatcher:
             )
         run.launch_task = self._spawn(self._launch(run))
         return run
+
+    @staticmethod
+    def _arguments(attempt: RunAttempt) -> dict[str, Any]:
+        """The call's arguments by name (positional ones too), which task controls key on."""
+        named = attempt.extra.get("named_args")
+        return dict(named) if isinstance(named, dict) else dict(attempt.args)
+
+    async def _check_cached_arguments(self, attempt: RunAttempt, key: str, owner: str) -> None:
+        controls = attempt.policy.controls
+        if controls.cache and controls.raise_on_diff:
+            other = await self.controls.cached_arguments(key)
+            if other is not None and other.run_id == owner:
+                mine = self._arguments(attempt)
+                from wove_adapters.core.controls import Holder, digest, shown
+
+                self.controls.check_same_arguments(
+                    controls, attempt.task_id,
+                    Holder(attempt.run_id, digest(mine), shown(mine)), other,
+                )
+
+    async def _attach_to(self, holder: str, attempt: RunAttempt, listener: Listener) -> Run:
+        """This call answers with another run's outcome (registration concurrency,
+        reroute): that run in this process, or through the ledger from any process."""
+        local = self.runs.get(holder)
+        if local is not None and not local.done.is_set():
+            self._attach(local, attempt.run_id, listener)
+            return local
+        deadline = time.monotonic() + max(attempt.policy.controls.lease_seconds, 1.0)
+        record = await self.ledger.get(holder)
+        while record is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # its claim is being written
+            record = await self.ledger.get(holder)
+        if record is None:
+            record = RunRecord(run_id=holder, environment=self.environment, state=LOST)
+        return await self._follow_ledger(record, attempt, listener, bind_key=False)
 
     def _record(self, attempt: RunAttempt) -> RunRecord:
         return RunRecord(
@@ -343,9 +405,12 @@ class Dispatcher:
             )
 
     async def _follow_ledger(
-        self, record: RunRecord, attempt: RunAttempt, listener: Listener
+        self, record: RunRecord, attempt: RunAttempt, listener: Listener, *,
+        bind_key: bool = True,
     ) -> Run:
-        """Another process (or an earlier run) owns this key: answer from the ledger."""
+        """Another process (or an earlier run) owns this key: answer from the ledger.
+        ``bind_key=False``: attached by a task control, not by key; the outcome is still
+        bound to that run and this task."""
         run = Run(attempt=attempt, listeners=[(attempt.run_id, listener)])
         run.launched = True
 
@@ -379,9 +444,12 @@ class Dispatcher:
             try:
                 # Bound to this environment's key and to the key and task asked for: a
                 # ledger writer cannot point the key at another run's outcome.
+                bound: dict[str, Any] = (
+                    {"idempotency_key": attempt.idempotency_key} if bind_key else {}
+                )
                 frame = await asyncio.to_thread(functools.partial(
                     decode_outcome, owner.outcome, owner.run_id, key_id=self.key_id,
-                    idempotency_key=attempt.idempotency_key, task_id=attempt.task_id,
+                    task_id=attempt.task_id, **bound,
                 ))
             except Exception as exc:
                 frame = frames.error_event(attempt.run_id, attempt.task_id, exc, source="ledger")
@@ -392,7 +460,19 @@ class Dispatcher:
 
     async def _launch(self, run: Run) -> None:
         cap = run.attempt.policy.max_in_flight
+        controls = run.attempt.policy.controls
         try:
+            if controls.registration != "unlimited":
+                run.controlled = True  # its registration, taken at submit
+            if controls.concurrency != "unlimited":
+                run.controlled = True
+                taken = await self.controls.take_slot(
+                    run.run_id, run.attempt.task_id, self._arguments(run.attempt), controls,
+                    run.done.is_set,
+                )
+                if not taken:  # ended (cancelled, timed out) while waiting for its slot
+                    self._release_slot(run)
+                    return
             if cap:
                 semaphore = self._semaphores.get(cap)
                 if semaphore is None:
@@ -559,6 +639,9 @@ class Dispatcher:
         if run.holds_slot and run.semaphore is not None:
             run.holds_slot = False
             run.semaphore.release()
+        if run.controlled:
+            run.controlled = False
+            self.controls.release(run.run_id)
 
     def _hold_until_stopped(self, run: Run) -> None:
         """Keep the slot of a job that may still run; its registration at the transport
@@ -599,8 +682,12 @@ class Dispatcher:
         if frame.get("error", {}).get("source") == "orphan":
             state = LOST
         blob = frame.get("_blob")
+        policy = run.attempt.policy
+        # Callers in other processes may answer with this outcome: keep it signed.
         durable = (
-            run.attempt.idempotency_key is not None or run.attempt.policy.orphan_policy == "detach"
+            run.attempt.idempotency_key is not None
+            or policy.orphan_policy == "detach"
+            or policy.controls.active
         )
         # Every ending but a plain success keeps its signed event, so `wove-adapters
         # result` can say why a run failed, timed out, was cancelled or was lost.

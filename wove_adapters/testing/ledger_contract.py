@@ -414,6 +414,40 @@ class LedgerContract:
         assert (await ledger.claim(other)).run_id == other.run_id
         await ledger.delete("no-such-run")  # forgetting nothing is fine
 
+    # --- leases (task controls' slots, registrations, cache entries) ------------------
+
+    async def test_lease_has_one_holder_until_it_expires(self, ledger: Ledger) -> None:
+        name = f"slot-{uuid.uuid4().hex}"
+        assert await ledger.lease(name, "run-a", 0.6) is None
+        assert await ledger.lease(name, "run-b", 0.6) == "run-a"
+        assert await ledger.lease(name, "run-a", 0.6) is None  # the holder renews
+        assert await ledger.lease_holder(name) == "run-a"
+        await asyncio.sleep(0.9)  # run-a died: its lease runs out
+        assert await ledger.lease_holder(name) is None
+        assert await ledger.lease(name, "run-b", 5) is None
+        assert await ledger.lease_holder(name) == "run-b"
+
+    async def test_lease_renew_and_drop_only_by_the_holder(self, ledger: Ledger) -> None:
+        name, other = f"slot-{uuid.uuid4().hex}", f"slot-{uuid.uuid4().hex}"
+        assert await ledger.lease(name, "run-a", 0.6) is None
+        assert await ledger.lease(other, "run-x", 0.6) is None
+        await ledger.renew_leases({name: "run-a", other: "not-the-holder"}, 5)
+        await asyncio.sleep(0.9)
+        assert await ledger.lease_holder(name) == "run-a"  # renewed
+        assert await ledger.lease_holder(other) is None  # a stranger cannot renew it
+        await ledger.drop_lease(name, "run-b")  # nor drop it
+        assert await ledger.lease_holder(name) == "run-a"
+        await ledger.drop_lease(name, "run-a")
+        assert await ledger.lease_holder(name) is None
+        await ledger.renew_leases({}, 5)  # nothing to renew is fine
+
+    async def test_concurrent_leases_have_one_winner(self, ledger: Ledger) -> None:
+        name = f"slot-{uuid.uuid4().hex}"
+        results = await asyncio.gather(*(ledger.lease(name, f"run-{i}", 5) for i in range(20)))
+        assert results.count(None) == 1
+        winner = f"run-{results.index(None)}"
+        assert {r for r in results if r is not None} == {winner}
+
     # --- across instances and processes ------------------------------------------------
 
     async def test_second_instance_sees_the_same_runs(self, ledger: Ledger) -> None:

@@ -126,5 +126,27 @@ class Ledger(abc.ABC):
     async def delete(self, run_id: str) -> None:
         """Forget a run (tests and `runs --prune`)."""
 
+    # Leases: named values that expire unless renewed. Task controls keep their
+    # concurrency slots, registrations and cache entries here, so they hold across every
+    # caller sharing the ledger, and a holder that died lets go within its lease.
+
+    @abc.abstractmethod
+    async def lease(self, name: str, holder: str, seconds: float) -> str | None:
+        """Give ``name`` to ``holder`` for ``seconds`` unless another holder has it and its
+        lease has not expired. None: ``holder`` has it now (taken, or renewed when it
+        already had it). Otherwise: the holder that has it. Atomic across processes."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, held: dict[str, str], seconds: float) -> None:
+        """Extend each ``name -> holder`` lease that ``holder`` still has."""
+
+    @abc.abstractmethod
+    async def drop_lease(self, name: str, holder: str) -> None:
+        """Let ``name`` go, if ``holder`` has it."""
+
+    @abc.abstractmethod
+    async def lease_holder(self, name: str) -> str | None:
+        """Who has ``name`` now (an unexpired lease), or None."""
+
     async def aclose(self) -> None:
         """Release connections. The shared instance is closed at interpreter exit."""

@@ -37,6 +37,7 @@ class MemoryLedger(Ledger):
         self.url = url
         self._runs: dict[str, RunRecord] = {}  # insertion order breaks created_at ties
         self._by_key: dict[str, str] = {}  # idempotency key -> newest run_id
+        self._leases: dict[str, tuple[str, float]] = {}  # name -> (holder, expires)
         self._lock = threading.Lock()
 
     @property
@@ -113,3 +114,31 @@ class MemoryLedger(Ledger):
             if record is not None and record.idempotency_key is not None:
                 if self._by_key.get(record.idempotency_key) == run_id:
                     del self._by_key[record.idempotency_key]
+
+    async def lease(self, name: str, holder: str, seconds: float) -> str | None:
+        now = time.time()
+        with self._lock:
+            current = self._leases.get(name)
+            if current is not None and current[1] > now and current[0] != holder:
+                return current[0]
+            self._leases[name] = (holder, now + seconds)
+            return None
+
+    async def renew_leases(self, held: dict[str, str], seconds: float) -> None:
+        expires = time.time() + seconds
+        with self._lock:
+            for name, holder in held.items():
+                current = self._leases.get(name)
+                if current is not None and current[0] == holder:
+                    self._leases[name] = (holder, expires)
+
+    async def drop_lease(self, name: str, holder: str) -> None:
+        with self._lock:
+            current = self._leases.get(name)
+            if current is not None and current[0] == holder:
+                del self._leases[name]
+
+    async def lease_holder(self, name: str) -> str | None:
+        with self._lock:
+            current = self._leases.get(name)
+            return current[0] if current is not None and current[1] > time.time() else None

@@ -86,6 +86,7 @@ class _Sql:
 
     def __init__(self, table: str) -> None:
         t = f'"{table}"'
+        leases = f'"{table}_leases"'
         self.schema = [
             f"""CREATE TABLE IF NOT EXISTS {t} (
                 seq             BIGSERIAL,
@@ -103,7 +104,22 @@ class _Sql:
             )""",
             f'CREATE INDEX IF NOT EXISTS "{table}_key_idx" ON {t} (idempotency_key, created_at)',
             f'CREATE INDEX IF NOT EXISTS "{table}_created_idx" ON {t} (created_at)',
+            f"""CREATE TABLE IF NOT EXISTS {leases} (
+                name    TEXT PRIMARY KEY,
+                holder  TEXT NOT NULL,
+                expires DOUBLE PRECISION NOT NULL
+            )""",
         ]
+        # Parameters: name, holder, expires, now. Returns a row when the holder has it.
+        self.lease = (
+            f"INSERT INTO {leases} (name, holder, expires) VALUES (%s, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, "
+            f"expires = EXCLUDED.expires WHERE {leases}.expires <= %s "
+            f"OR {leases}.holder = EXCLUDED.holder RETURNING holder"
+        )
+        self.lease_holder = f"SELECT holder FROM {leases} WHERE name = %s AND expires > %s"
+        self.renew = f"UPDATE {leases} SET expires = %s WHERE name = %s AND holder = %s"
+        self.drop = f"DELETE FROM {leases} WHERE name = %s AND holder = %s"
         self.lock = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
         self.select = f"SELECT {_COLUMNS} FROM {t}"
         self.get = f"{self.select} WHERE run_id = %s"
@@ -243,6 +259,37 @@ class PostgresLedger(Ledger):
     async def delete(self, run_id: str) -> None:
         async with self._connection() as conn:
             await conn.execute(self._sql.delete, (run_id,))
+
+    async def lease(self, name: str, holder: str, seconds: float) -> str | None:
+        async with self._connection() as conn:
+            while True:
+                now = time.time()
+                cursor = await conn.execute(self._sql.lease, (name, holder, now + seconds, now))
+                if await cursor.fetchone() is not None:
+                    return None
+                row = await (await conn.execute(self._sql.lease_holder, (name, now))).fetchone()
+                if row is not None:
+                    return str(row[0])
+                # It expired between the two statements: nobody has it; ask again.
+
+    async def renew_leases(self, held: dict[str, str], seconds: float) -> None:
+        if not held:
+            return
+        expires = time.time() + seconds
+        async with self._connection() as conn, conn.cursor() as cursor:
+            await cursor.executemany(
+                self._sql.renew, [(expires, name, holder) for name, holder in held.items()]
+            )
+
+    async def drop_lease(self, name: str, holder: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(self._sql.drop, (name, holder))
+
+    async def lease_holder(self, name: str) -> str | None:
+        async with self._connection() as conn:
+            cursor = await conn.execute(self._sql.lease_holder, (name, time.time()))
+            row = await cursor.fetchone()
+        return None if row is None else str(row[0])
 
     async def aclose(self) -> None:
         """Close this loop's connection. Each loop that used the ledger closes its own (a

@@ -5,6 +5,7 @@ Layout under the prefix (default ``wove-adapters:ledger:``):
 - ``{prefix}run:{run_id}``  a hash per run; a ``None`` field is simply absent
 - ``{prefix}key:{key}``     the run_id that last claimed an idempotency key
 - ``{prefix}runs``          a sorted set of run_ids scored by ``created_at`` (listing)
+- ``{prefix}lease:{name}``  a lease: the holder, expiring with the lease (PX)
 
 Every read-check-write (claim, set_outcome, update, delete) is one Lua script, so it is
 atomic on the server however many processes race. Scripts touch keys derived from the
@@ -112,6 +113,31 @@ return 1
 
 # KEYS: run hash, run index. ARGV: run_id, key-mapping prefix. Drops the key mapping only
 # when it still points at this run.
+# KEYS: the lease. ARGV: holder, milliseconds. Returns nil when the holder has it now.
+_LEASE_LUA: Final = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then
+  return current
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+# KEYS: leases. ARGV: milliseconds, then one holder per key.
+_RENEW_LUA: Final = """
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+  end
+end
+return 0
+"""
+# KEYS: the lease. ARGV: holder.
+_DROP_LUA: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 _DELETE_LUA: Final = """
 local key = redis.call('HGET', KEYS[1], 'idempotency_key')
 if key then
@@ -190,6 +216,9 @@ class _Client:
     set_outcome: Any
     update: Any
     delete: Any
+    lease: Any
+    renew: Any
+    drop: Any
 
 
 class RedisLedger(Ledger):
@@ -211,6 +240,9 @@ class RedisLedger(Ledger):
             set_outcome=client.register_script(SET_OUTCOME_LUA),
             update=client.register_script(_UPDATE_LUA),
             delete=client.register_script(_DELETE_LUA),
+            lease=client.register_script(_LEASE_LUA),
+            renew=client.register_script(_RENEW_LUA),
+            drop=client.register_script(_DROP_LUA),
         )
 
     def _client(self) -> _Client:
@@ -308,6 +340,29 @@ class RedisLedger(Ledger):
         await self._client().delete(
             keys=[self._run_key(run_id), self._index_key], args=[run_id, f"{self.prefix}key:"]
         )
+
+    def _lease_key(self, name: str) -> str:
+        return f"{self.prefix}lease:{name}"
+
+    async def lease(self, name: str, holder: str, seconds: float) -> str | None:
+        current = await self._client().lease(
+            keys=[self._lease_key(name)], args=[holder, max(1, int(seconds * 1000))]
+        )
+        return None if current is None else bytes(current).decode()
+
+    async def renew_leases(self, held: dict[str, str], seconds: float) -> None:
+        if held:
+            await self._client().renew(
+                keys=[self._lease_key(name) for name in held],
+                args=[max(1, int(seconds * 1000)), *held.values()],
+            )
+
+    async def drop_lease(self, name: str, holder: str) -> None:
+        await self._client().drop(keys=[self._lease_key(name)], args=[holder])
+
+    async def lease_holder(self, name: str) -> str | None:
+        current = await self._client().redis.get(self._lease_key(name))
+        return None if current is None else bytes(current).decode()
 
     async def aclose(self) -> None:
         """Close this loop's client. Each loop that used the ledger closes its own (a

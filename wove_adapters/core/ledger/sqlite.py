@@ -48,7 +48,7 @@ _COLUMNS: Final = tuple(RunRecord.__struct_fields__)
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM runs"
 _HOLDING_SQL: Final = ", ".join(f"'{state}'" for state in sorted(HOLDING_STATES))
 _SEALED_SQL: Final = ", ".join(f"'{state}'" for state in sorted(SEALED_STATES))
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: leases
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id          TEXT PRIMARY KEY,
@@ -65,6 +65,11 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_idempotency_key ON runs (idempotency_key, created_at);
 CREATE INDEX IF NOT EXISTS runs_created_at ON runs (created_at);
+CREATE TABLE IF NOT EXISTS leases (
+    name    TEXT PRIMARY KEY,
+    holder  TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 """
 
 T = TypeVar("T")
@@ -235,6 +240,39 @@ def _delete(conn: sqlite3.Connection, run_id: str) -> None:
     conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
 
+def _lease(conn: sqlite3.Connection, name: str, holder: str, seconds: float) -> str | None:
+    now = time.time()
+    with _immediate(conn):
+        row = conn.execute("SELECT holder, expires FROM leases WHERE name = ?", (name,)).fetchone()
+        if row is not None and row[1] > now and row[0] != holder:
+            return str(row[0])
+        conn.execute(
+            "INSERT OR REPLACE INTO leases (name, holder, expires) VALUES (?, ?, ?)",
+            (name, holder, now + seconds),
+        )
+        return None
+
+
+def _renew_leases(conn: sqlite3.Connection, held: dict[str, str], seconds: float) -> None:
+    expires = time.time() + seconds
+    with _immediate(conn):
+        conn.executemany(
+            "UPDATE leases SET expires = ? WHERE name = ? AND holder = ?",
+            [(expires, name, holder) for name, holder in held.items()],
+        )
+
+
+def _drop_lease(conn: sqlite3.Connection, name: str, holder: str) -> None:
+    conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+
+def _lease_holder(conn: sqlite3.Connection, name: str) -> str | None:
+    row = conn.execute(
+        "SELECT holder FROM leases WHERE name = ? AND expires > ?", (name, time.time())
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 class _Worker:
     """One thread and the connection only it touches. Replaced whole after close or fork,
     so work still queued on an old thread never shares a connection with a new one."""
@@ -311,6 +349,19 @@ class SqliteLedger(Ledger):
 
     async def delete(self, run_id: str) -> None:
         await self._run(_delete, run_id)
+
+    async def lease(self, name: str, holder: str, seconds: float) -> str | None:
+        return await self._run(_lease, name, holder, seconds)
+
+    async def renew_leases(self, held: dict[str, str], seconds: float) -> None:
+        if held:
+            await self._run(_renew_leases, dict(held), seconds)
+
+    async def drop_lease(self, name: str, holder: str) -> None:
+        await self._run(_drop_lease, name, holder)
+
+    async def lease_holder(self, name: str) -> str | None:
+        return await self._run(_lease_holder, name)
 
     async def aclose(self) -> None:
         """Close the connection on its own thread, after queued work; a later call reopens."""
