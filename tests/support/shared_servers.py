@@ -79,7 +79,7 @@ def postgres_ledger(table: str) -> Iterator[str]:
     try:
         yield f"{POSTGRES_URL}?table={table}"
     finally:
-        conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+        conn.execute(f'DROP TABLE IF EXISTS "{table}", "{table}_leases"')
         conn.close()
 
 
