@@ -17,10 +17,14 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from hubs import hub_factory
 from ray_cluster_helpers import RayCluster, shared_loop_netns, start_node, wait_until
 
 from wove_adapters.adapters.ray import RayAdapter
@@ -36,18 +40,11 @@ TIMEOUT = 60.0
 
 
 @pytest.fixture
-def hub() -> Any:
-    hubs: list[Hub] = []
-
-    def make(executor_config: dict[str, Any], **settings: Any) -> Hub:
-        definition = {"executor": "ray", "executor_config": executor_config, **settings}
-        made = Hub(environments={"ray": definition}, default_environment="ray")
-        hubs.append(made)
-        return made
-
-    yield make
-    for made in hubs:
-        made.close()
+def hub() -> Iterator[Callable[..., Hub]]:
+    """``hub(executor_config, **settings)``: a Hub on Ray, closed at teardown."""
+    with hub_factory("ray") as make:
+        yield lambda config, **settings: make(
+            {"executor": "ray", "executor_config": config, **settings})
 
 
 def adapter_of(hub: Hub) -> RayAdapter:
