@@ -53,7 +53,7 @@ ACCEPT_WAIT = 5.0
 # Seconds to open a TCP connection when ``timeout`` / ``open_timeout`` is unset.
 CONNECT_TIMEOUT = 10.0
 # Seconds a cancel request may take when ``timeout`` is unset.
-CANCEL_TIMEOUT = 30.0
+CANCEL_TIMEOUT = 10.0
 # The largest answer line / message taken (a result travels inline, base64 in JSON).
 MAX_MESSAGE = 1 << 31
 # A requeued attempt (its run was lost: the service died or restarted) waits this long
@@ -127,8 +127,8 @@ class _Flight:
     """One attempt of a run at the service: its stream and what was seen on it."""
 
     __slots__ = (
-        "accepted", "attempt", "cancel_requested", "finished", "recancelled", "returned",
-        "run", "task",
+        "accepted", "attempt", "cancel_requested", "finished", "lost", "recancelled",
+        "returned", "run", "task",
     )
 
     def __init__(self, run: RunAttempt) -> None:
@@ -136,7 +136,8 @@ class _Flight:
         self.attempt = run.attempt
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[None] | None = None
-        self.finished = False  # a terminal event was delivered
+        self.finished = False  # a terminal event (or task_lost) was delivered
+        self.lost = False  # we reported it lost: its connection or stream is gone
         self.returned = False  # submit returned: failures are events from now on
         self.cancel_requested = False
         self.recancelled = False
@@ -495,7 +496,7 @@ class NetworkTransport(Transport, abc.ABC):
             return
         if not self._current(flight):
             return
-        flight.finished = True
+        flight.finished = flight.lost = True
         self._send(frames.event(
             frames.TASK_LOST, flight.run.run_id, flight.run.task_id, flight.attempt,
             reason=reason,
@@ -555,6 +556,13 @@ class NetworkTransport(Transport, abc.ABC):
     async def cancel(self, run: RunAttempt, *, mode: str) -> None:
         flight: _Flight | None = self._flights.get(run.run_id)
         if flight is not None and flight.attempt == run.attempt:
+            if flight.lost and run.policy.orphan_policy == "requeue":
+                # The dispatcher clears a lost attempt before it sends the run again
+                # under the same run id. The service already let go of it (its
+                # connection closed: cancelled, or kept running under its idempotency
+                # key for the requeue to attach to); a cancel_task now would be
+                # remembered against that run id and cancel the requeued attempt.
+                return
             flight.cancel_requested = True
         else:
             flight = None
