@@ -1,0 +1,131 @@
+"""Caller processes for the task-control tests: each is a real program with its own Hub on
+a shared ledger, and the work it submits records, on the worker side, when it ran.
+
+``run_callers`` starts N callers at once and returns the runs the workers recorded;
+``peak`` is the most runs of one key that executed at the same moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CALLER = r"""
+import json, os, sys, time
+from wove_adapters import Hub
+
+def controlled(key, call, record_dir, seconds):
+    # Runs on the worker: one line per run, written at its end (O_APPEND: whole lines).
+    import os, time
+    started = time.time()
+    with open(os.path.join(record_dir, "starts"), "a") as out:
+        out.write(f"{key} {started:.6f}\n")
+    time.sleep(seconds)
+    line = f"{key} {started:.6f} {time.time():.6f} {os.getpid()}\n"
+    with open(os.path.join(record_dir, "runs"), "a") as out:
+        out.write(line)
+    return call
+
+ledger, environment, tasks, count, record_dir, seconds, tag = sys.argv[1:]
+environment, tasks = json.loads(environment), json.loads(tasks)
+with Hub(environments={"e": environment}, default_environment="e", ledger=ledger,
+         tasks=tasks) as hub:
+    print("ready", flush=True)
+    sys.stdin.readline()
+    started = time.time()
+    futures = [
+        hub.submit(controlled, f"k{i % 3}", f"{tag}-{i}", record_dir, float(seconds),
+                   task_options={"task_name": "controlled"})
+        for i in range(int(count))
+    ]
+    values = [future.result(timeout=600) for future in futures]
+    print(json.dumps({"values": values, "seconds": time.time() - started}), flush=True)
+"""
+
+
+def start_callers(
+    n: int, *, ledger: str, environment: dict[str, Any], tasks: dict[str, Any], count: int,
+    record_dir: Path, seconds: float,
+) -> list[subprocess.Popen[str]]:
+    """N callers, each ready (its Hub open) before any submits: they start together."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    callers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CALLER, ledger, json.dumps(environment), json.dumps(tasks),
+             str(count), str(record_dir), str(seconds), f"c{i}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env, start_new_session=True,
+        )
+        for i in range(n)
+    ]
+    for caller in callers:
+        assert caller.stdout is not None
+        line = caller.stdout.readline()
+        assert line.strip() == "ready", f"caller did not start: {line!r} {caller.stderr.read() if caller.stderr else ''}"
+    for caller in callers:
+        assert caller.stdin is not None
+        caller.stdin.write("go\n")
+        caller.stdin.flush()
+    return callers
+
+
+def finish(caller: subprocess.Popen[str], timeout: float = 600) -> dict[str, Any]:
+    out, err = caller.communicate(timeout=timeout)
+    assert caller.returncode == 0, f"caller exited {caller.returncode}\n{out}\n{err}"
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def kill(caller: subprocess.Popen[str]) -> None:
+    """SIGKILL the caller and what it started (its stdio workers): a crash, no cleanup."""
+    os.killpg(caller.pid, signal.SIGKILL)
+    caller.wait(timeout=30)
+
+
+def recorded(record_dir: Path) -> list[tuple[str, float, float]]:
+    path = record_dir / "runs"
+    if not path.exists():
+        return []
+    runs = []
+    for line in path.read_text().splitlines():
+        key, started, ended, _pid = line.split()
+        runs.append((key, float(started), float(ended)))
+    return runs
+
+
+def peak(runs: list[tuple[str, float, float]], *, per_key: bool) -> int:
+    """The most runs (of one key, or of any key) executing at the same moment."""
+    events: list[tuple[float, int, str]] = []
+    for key, started, ended in runs:
+        group = key if per_key else "*"
+        events += [(started, 1, group), (ended, -1, group)]
+    events.sort(key=lambda e: (e[0], e[1]))  # an end at the same instant comes first
+    active: dict[str, int] = {}
+    most = 0
+    for _, step, group in events:
+        active[group] = active.get(group, 0) + step
+        most = max(most, active[group])
+    return most
+
+
+def starts(record_dir: Path) -> list[float]:
+    path = record_dir / "starts"
+    if not path.exists():
+        return []
+    return [float(line.split()[1]) for line in path.read_text().splitlines()]
+
+
+def wait_for_runs(record_dir: Path, n: int, timeout: float) -> list[tuple[str, float, float]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = recorded(record_dir)
+        if len(runs) >= n:
+            return runs
+        time.sleep(0.05)
+    return recorded(record_dir)
