@@ -4,6 +4,11 @@ Dispatchers (and the transports, pools, receivers and clients under them) are sh
 process and per configuration: a second Hub, a second weave or a CLI call with the same
 environment definition reuses the warm one. They live on the shared loop and stop at
 interpreter exit.
+
+``force_local`` (``WOVE__FORCE_LOCAL=1``) is applied here, once for every front end: each
+environment then runs with the ``local`` executor in the calling process, whatever its
+``executor`` and ``executor_config`` say, so no backend library is imported and nothing
+connects to a broker (for tests). It says so once per process on stderr.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 from wove_adapters.adapters.registry import transport_for
-from wove_adapters.core import signing
+from wove_adapters.core import logs, signing
 from wove_adapters.core.ledger import open_ledger
 from wove_adapters.core.loop import PHASE_DISPATCHERS, add_shutdown_hook
 from wove_adapters.core.protocol import EnvironmentExecutor
@@ -28,6 +34,25 @@ log = logging.getLogger("wove_adapters.environments")
 _dispatchers: dict[str, Dispatcher] = {}
 _lock: asyncio.Lock | None = None
 _process_key_id: str | None = None
+_force_local_said = False
+FORCE_LOCAL_NOTICE = (
+    "wove-adapters: force_local is set (config key force_local / WOVE__FORCE_LOCAL): every "
+    "environment runs with the local executor in this process; executor and "
+    "executor_config are ignored"
+)
+
+
+def effective_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as the dispatcher will run them: under ``force_local`` the ``local``
+    executor with no ``executor_config`` (local refuses other executors' keys), the
+    ledger and every policy unchanged."""
+    global _force_local_said
+    if not settings.get("force_local"):
+        return settings
+    if not _force_local_said:
+        _force_local_said = True
+        print(FORCE_LOCAL_NOTICE, file=sys.stderr, flush=True)
+    return {**settings, "executor": "local", "executor_config": {}}
 
 
 def build_transport(executor: Any) -> Transport:
@@ -102,6 +127,8 @@ def _identity(environment: str, settings: dict[str, Any]) -> str:
 async def get_dispatcher(environment: str, settings: dict[str, Any]) -> Dispatcher:
     """The shared, started dispatcher for these settings (runs on the shared loop)."""
     global _lock
+    logs.apply_settings(settings)
+    settings = effective_settings(settings)
     ident = _identity(environment, settings)
     found = _dispatchers.get(ident)
     if found is not None:

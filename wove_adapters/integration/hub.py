@@ -4,9 +4,9 @@ Async is the source of truth; every sync method is one wrapper that runs the asy
 on the shared background loop (``core.loop``). ``Hub(config=..., **overrides)`` is the
 programmatic configuration source, above ``WOVE__*`` variables and the config file.
 
-Front-end settings (``retries``, ``timeout``, ``workers``, ``limit_per_minute``,
-``max_pending``, ``error_mode``) are applied here, as wove applies them; delivery
-policies are applied by the dispatcher under every front end alike.
+Front-end settings (``retries`` with ``retry_for``, ``timeout``, ``workers``,
+``limit_per_minute``, ``max_pending``, ``error_mode``) are applied here, as wove applies
+them; delivery policies are applied by the dispatcher under every front end alike.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from wove_adapters.core import frames
+from wove_adapters.core import frames, logs
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.codec import decode_outcome, exception_from_frame
 from wove_adapters.core.config import Config, load_config
 from wove_adapters.core.errors import (
-    CancelNotAcknowledgedError,
     DeliveryOrphanedError,
     MissingDispatchFeatureError,
     TaskExecutionError,
@@ -42,6 +41,7 @@ from wove_adapters.core.ledger import (
     open_ledger,
 )
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
+from wove_adapters.core.retry import check_retry_for, retry_allowed
 from wove_adapters.core.runtime import Dispatcher, Run
 from wove_adapters.core.transport import RunAttempt
 from wove_adapters.integration.environments import get_dispatcher, trusted_key_id
@@ -111,6 +111,7 @@ class Hub:
         **overrides: Any,
     ) -> None:
         self.config: Config = load_config(config, config_file=config_file, **overrides)
+        logs.apply_settings(self.config.defaults)  # log_level / log_format, once per process
         self._inflight: dict[str, Dispatcher] = {}
         # Calls accepted but not yet handed to a dispatcher: close waits for them.
         self._accepting: dict[str, asyncio.Event] = {}
@@ -428,6 +429,11 @@ class Hub:
     ) -> dict[str, Any]:
         """One call with its retries and ``timeout``; returns the terminal frame.
 
+        A failed attempt is retried while ``retries`` allow and its error is one
+        ``retry_for`` names (any ``Exception`` without it; see ``core.retry``). Each retry
+        is a new run (``<run_id>.retry<n>``) in the ledger: the dispatcher has no way to
+        run a finished run again, and a failed run's state never moves back.
+
         Failures come back as frames, not raised: the front end raises them in the
         caller's own thread or loop (see ``_value_of``).
         """
@@ -448,6 +454,10 @@ class Hub:
                 return _error_frame(run_id, exc)
             retries = int(settings.get("retries") or 0)
             timeout = settings.get("timeout")
+            try:
+                retry_for = check_retry_for(settings.get("retry_for"))
+            except ValueError as exc:
+                return _error_frame(run_id, exc)
             frame: dict[str, Any] = {}
             for number in range(retries + 1):
                 attempt_id = run_id if number == 0 else f"{run_id}.retry{number}"
@@ -464,7 +474,7 @@ class Hub:
                     frame = _error_frame(attempt_id, error)
                 except Exception as exc:  # setup failures: policy, dispatcher start-up
                     frame = _error_frame(attempt_id, exc)
-                if not _retryable(frame) or self._closed:
+                if not retry_allowed(frame, retry_for) or self._closed:
                     return frame
             return frame
         finally:
@@ -517,6 +527,8 @@ class Hub:
             environment=environment,
             extra={"options": settings.get("executor_config", {}).get("task_options", {})},
         )
+        if policy.controls.active:  # task controls key on every argument, by name
+            attempt.extra["named_args"] = named_arguments(fn, args, kwargs)
         del func
         self._inflight[run_id] = dispatcher
         try:
@@ -669,17 +681,6 @@ def _when_launched(run: Run, callback: Callable[[], None]) -> None:
 def _error_frame(run_id: str, error: BaseException) -> dict[str, Any]:
     return {"type": frames.TASK_ERROR, "run_id": run_id, "exception": error,
             "error": {"kind": type(error).__name__, "message": str(error), "source": "hub"}}
-
-
-def _retryable(frame: dict[str, Any]) -> bool:
-    """A failed attempt is retried (``retries``) unless it was cancelled, its cancel
-    was not confirmed, or the task raised something that is not an ``Exception``."""
-    if frame.get("type") != frames.TASK_ERROR:
-        return False
-    exc = frame.get("exception")
-    if isinstance(exc, CancelNotAcknowledgedError):
-        return False
-    return exc is None or isinstance(exc, Exception)
 
 
 def _value_of(frame: dict[str, Any]) -> Any:

@@ -17,12 +17,24 @@ wove starts and stops executors once per weave; ours only borrow the shared, war
 dispatcher (receiver, worker pools, backend clients), so a weave pays a few milliseconds
 for it. Frames are forwarded as wove sends them; events come back in wove's dict shape,
 ``task_error`` carrying the original exception so wove raises it unchanged.
+
+Retries: wove retries a task itself (its ``retries``, every ``Exception``), sending a new
+``run_task`` each time, and it reads ``retries`` from its own configuration: the top level
+and the environment definitions of ``wove.config(...)`` / ``wove_config.py``. The bridge
+adds the retries only our configuration can express, ``retries`` in ``tasks.<name>`` or
+``task_defaults`` (tables wove does not have), filtered by ``retry_for`` (a key wove does
+not have, read from every level of ours); a retry is a new run ``<run_id>.retry<n>``,
+and wove sees one run with one ending. ``retries`` at our top level or in an
+environment definition is left to wove, because a shared ``wove_config.py`` gives it to
+wove too and both applying it would multiply the attempts (docs/configuration.md,
+"retry_for").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +43,7 @@ from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.config import load_config, loading_config
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
+from wove_adapters.core.retry import check_retry_for, retry_allowed
 from wove_adapters.core.runtime import Dispatcher
 from wove_adapters.core.transport import RunAttempt
 from wove_adapters.integration.environments import build_transport, get_dispatcher
@@ -60,15 +73,18 @@ class _Bridge:
         self._plain = plain
         self._settings: dict[str, Any] = {}
         self._tasks: dict[str, dict[str, Any]] = {}
+        self._task_defaults: dict[str, Any] = {}
         self._resolved = False
         self._dispatcher: Dispatcher | None = None
         self._events: asyncio.Queue[dict[str, Any]] | None = None
         self._caller_loop: asyncio.AbstractEventLoop | None = None
-        self._runs: set[str] = set()
+        # wove's run id -> our run carrying it (its current attempt's run id may differ).
+        self._runs: dict[str, _BridgeRun] = {}
+        self._retrying: set[asyncio.Task[None]] = set()
 
     def resolve(self, environment: str | None = None) -> None:
         if not self._resolved:
-            self._settings, self._tasks = self._resolve(environment)
+            self._settings, self._tasks, self._task_defaults = self._resolve(environment)
             self._resolved = True
             if self._plain and environment:
                 self._name = environment  # runs, ledger rows and errors name wove's environment
@@ -93,9 +109,52 @@ class _Bridge:
     def _deliver(self, frame: dict[str, Any]) -> None:
         assert self._caller_loop is not None and self._events is not None
         if frame.get("type") in frames.TERMINAL_EVENTS:
-            self._runs.discard(frame.get("run_id", ""))
+            self._runs.pop(frame.get("run_id", ""), None)
         with contextlib.suppress(RuntimeError):  # the weave's loop already closed
             self._caller_loop.call_soon_threadsafe(self._events.put_nowait, frame)
+
+    def _listener(self, run: _BridgeRun) -> Callable[[dict[str, Any]], None]:
+        """Events of ``run``'s attempts, on the shared loop, passed to wove under wove's
+        run id; a failure ``retry_for`` allows starts the next attempt instead."""
+
+        def listen(frame: dict[str, Any]) -> None:
+            if frame.get("run_id") != run.attempt.run_id:
+                return  # an earlier attempt's late event
+            if (
+                frame.get("type") == frames.TASK_ERROR
+                and run.number < run.retries
+                and not run.cancelled
+                and run.wove_run_id in self._runs
+                and retry_allowed(frame, run.retry_for)
+            ):
+                task = asyncio.ensure_future(self._retry(run))
+                self._retrying.add(task)
+                task.add_done_callback(self._retrying.discard)
+                return
+            self._deliver({**frame, "run_id": run.wove_run_id})
+
+        return listen
+
+    async def _retry(self, run: _BridgeRun) -> None:
+        """Submit ``run``'s next attempt (shared loop); if that fails, wove gets the error."""
+        run.number += 1
+        previous = run.attempt
+        run.attempt = RunAttempt(
+            run_id=f"{run.wove_run_id}.retry{run.number}",
+            task_id=previous.task_id,
+            func=previous.func,
+            args=previous.args,
+            policy=previous.policy,
+            idempotency_key=previous.idempotency_key,
+            environment=previous.environment,
+        )
+        dispatcher = self._dispatcher
+        try:
+            if dispatcher is None:
+                raise RuntimeError("the weave stopped its executor before the retry")
+            await dispatcher.submit(run.attempt, self._listener(run))
+        except Exception as exc:
+            self._deliver(frames.error_event(run.wove_run_id, previous.task_id, exc))
 
     async def send(self, frame: dict[str, Any]) -> None:
         dispatcher = self._dispatcher
@@ -128,8 +187,14 @@ class _Bridge:
                 idempotency_key=None if key is None else str(key),
                 environment=self._name,
             )
-            self._runs.add(attempt.run_id)
-            await shared_loop.run_async(dispatcher.submit(attempt, self._deliver))
+            run = _BridgeRun(
+                wove_run_id=attempt.run_id,
+                attempt=attempt,
+                retries=self._our_retries(task_id),
+                retry_for=check_retry_for(configured.get("retry_for")),
+            )
+            self._runs[run.wove_run_id] = run
+            await shared_loop.run_async(dispatcher.submit(attempt, self._listener(run)))
         elif kind == frames.CANCEL_TASK:
             run_id = frame.get("run_id", "")
             mode = frame.get("delivery_cancel_mode")
@@ -137,6 +202,10 @@ class _Bridge:
             default = _WOVE_DEFAULTS["delivery_cancel_mode"]
             if mode == default and self._settings.get("delivery_cancel_mode"):
                 mode = None  # the run's own policy (this environment's) decides
+            found = self._runs.get(run_id)
+            if found is not None:
+                found.cancelled = True  # no further attempt
+                run_id = found.attempt.run_id
             shared_loop.submit(_quiet(dispatcher.cancel(run_id, mode)))
         elif kind == frames.SHUTDOWN:
             await self._abandon()
@@ -151,12 +220,37 @@ class _Bridge:
         await self._abandon()
         self._dispatcher = None
 
+    def _our_retries(self, task_id: str) -> int:
+        """``retries`` from the task-level tables only wove lacks: ``tasks.<name>``, then
+        ``task_defaults`` (see the module docstring for why not the other levels)."""
+        for table in (self._tasks.get(task_id, {}), self._task_defaults):
+            if table.get("retries") is not None:
+                return int(table["retries"])
+        return 0
+
     async def _abandon(self) -> None:
         if self._dispatcher is not None and self._runs:
-            runs, self._runs = list(self._runs), set()
+            runs, self._runs = list(self._runs.values()), {}
+            for run in runs:
+                run.cancelled = True
             await shared_loop.run_async(
-                self._dispatcher.abandon(runs, reason="the weave stopped with the run in flight")
+                self._dispatcher.abandon(
+                    [run.attempt.run_id for run in runs],
+                    reason="the weave stopped with the run in flight",
+                )
             )
+
+
+@dataclasses.dataclass
+class _BridgeRun:
+    """One ``run_task`` of wove's, across the attempts the bridge's own retries add."""
+
+    wove_run_id: str
+    attempt: RunAttempt
+    retries: int
+    retry_for: frozenset[str] | None
+    number: int = 0
+    cancelled: bool = False
 
 
 async def _quiet(coro: Any) -> None:
@@ -164,7 +258,9 @@ async def _quiet(coro: Any) -> None:
         await coro
 
 
-_Resolver = Callable[[str | None], tuple[dict[str, Any], dict[str, dict[str, Any]]]]
+# (environment settings, our tasks table, our task_defaults table)
+_Resolved = tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]
+_Resolver = Callable[[str | None], _Resolved]
 
 
 def _settings_for(
@@ -173,21 +269,22 @@ def _settings_for(
     *,
     plain: bool,
     config: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(settings, tasks table) for ``name``: one of our configured environments, or an
-    executor name. ``plain``: wove's environment ``environment`` names executor ``name``;
-    our definition of that environment (same file) gives its settings, if it has one."""
+) -> _Resolved:
+    """(settings, tasks table, task_defaults) for ``name``: one of our configured
+    environments, or an executor name. ``plain``: wove's environment ``environment`` names
+    executor ``name``; our definition of that environment (same file) gives its settings,
+    if it has one."""
     cfg = load_config(config)
     definition = cfg.environments.get(environment or "")
     if plain and definition is not None and definition.get("executor") == name:
-        return cfg.environment_settings(str(environment)), cfg.tasks
+        return cfg.environment_settings(str(environment)), cfg.tasks, cfg.task_defaults
     if not plain and name in cfg.environments:
-        return cfg.environment_settings(name), cfg.tasks
+        return cfg.environment_settings(name), cfg.tasks, cfg.task_defaults
     _require_executor_name(name, sorted(cfg.environments))
     resolved = cfg.environment_settings(cfg.default_environment)
     resolved["executor"] = name
     resolved["executor_config"] = {}
-    return resolved, cfg.tasks
+    return resolved, cfg.tasks, cfg.task_defaults
 
 
 def executor(
@@ -203,15 +300,16 @@ def executor(
     configuration) or an executor name (``process``, ``stdio``, ``celery``, ...). Written
     inside ``wove_config.py`` it resolves when the weave starts it."""
 
-    def resolve(_environment: str | None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        resolved, tasks = _settings_for(name, None, plain=False, config=config)
+    def resolve(_environment: str | None) -> _Resolved:
+        resolved, tasks, task_defaults = _settings_for(name, None, plain=False, config=config)
         if executor_config:
             resolved["executor_config"] = {
                 **(resolved.get("executor_config") or {}), **executor_config
             }
         resolved.update(settings)
-        build_transport(resolved["executor"])  # unknown names and missing extras fail here
-        return resolved, tasks
+        if not resolved.get("force_local"):  # else the environment runs locally (no library)
+            build_transport(resolved["executor"])  # unknown names and missing extras fail here
+        return resolved, tasks, task_defaults
 
     bridge = _bridge_class()(name, resolve)
     if not loading_config():
@@ -279,7 +377,7 @@ def installed() -> bool:
 
 
 def _plain_resolver(name: str) -> _Resolver:
-    def resolve(environment: str | None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    def resolve(environment: str | None) -> _Resolved:
         return _settings_for(name, environment, plain=True)
 
     return resolve
