@@ -1,7 +1,7 @@
 """Caller processes for the task-control tests: each is a real program with its own Hub on
 a shared ledger, and the work it submits records, on the worker side, when it ran.
 
-``run_callers`` starts N callers at once and returns the runs the workers recorded;
+``start_callers`` starts N callers at once, ``recorded`` reads the runs the workers wrote;
 ``peak`` is the most runs of one key that executed at the same moment.
 """
 
@@ -16,12 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-CALLER = r"""
-import json, os, sys, time
-from wove_adapters import Hub
-
+TASK = r"""
 def controlled(key, call, record_dir, seconds):
-    # Runs on the worker: one line per run, written at its end (O_APPEND: whole lines).
+    # Runs on the worker: its start, then one line per run at its end (O_APPEND lines).
     import os, time
     started = time.time()
     with open(os.path.join(record_dir, "starts"), "a") as out:
@@ -31,6 +28,11 @@ def controlled(key, call, record_dir, seconds):
     with open(os.path.join(record_dir, "runs"), "a") as out:
         out.write(line)
     return call
+"""
+
+CALLER = TASK + r"""
+import json, sys, time
+from wove_adapters import Hub
 
 ledger, environment, tasks, count, record_dir, seconds, tag = sys.argv[1:]
 environment, tasks = json.loads(environment), json.loads(tasks)
@@ -47,6 +49,14 @@ with Hub(environments={"e": environment}, default_environment="e", ledger=ledger
     values = [future.result(timeout=600) for future in futures]
     print(json.dumps({"values": values, "seconds": time.time() - started}), flush=True)
 """
+
+
+def task() -> Any:
+    """The recording task, defined outside any importable module so it travels by value
+    (a worker needs nothing of the test suite on its path)."""
+    namespace: dict[str, Any] = {}
+    exec(compile(TASK, "<controls task>", "exec"), namespace)
+    return namespace["controlled"]
 
 
 def start_callers(
@@ -67,7 +77,9 @@ def start_callers(
     for caller in callers:
         assert caller.stdout is not None
         line = caller.stdout.readline()
-        assert line.strip() == "ready", f"caller did not start: {line!r} {caller.stderr.read() if caller.stderr else ''}"
+        if line.strip() != "ready":
+            error = caller.stderr.read() if caller.stderr else ""
+            raise AssertionError(f"caller did not start: {line!r} {error}")
     for caller in callers:
         assert caller.stdin is not None
         caller.stdin.write("go\n")

@@ -97,15 +97,8 @@ def _hub(tmp_path: Path, **task: Any) -> Hub:
 
 
 def _call(hub: Hub, key: str, tag: str, tmp_path: Path, seconds: float = 0.0) -> Any:
-    return hub.submit(cc_task(), key, tag, str(tmp_path), seconds,
+    return hub.submit(cc.task(), key, tag, str(tmp_path), seconds,
                       task_options={"task_name": "controlled"})
-
-
-def cc_task() -> Any:
-    namespace: dict[str, Any] = {}
-    exec(cc.CALLER.split("ledger, environment")[0].split("from wove_adapters import Hub")[1],
-         namespace)
-    return namespace["controlled"]
 
 
 def test_cache_hits_do_not_run_and_disable_cache_args_leaves_the_key(tmp_path: Path) -> None:
