@@ -51,3 +51,25 @@ def test_the_limit_holds_across_three_callers_on_celery(
     assert cc.peak(runs, per_key=mode == "keys") == 1
     print(f"\ncelery, {mode}: 300 runs in {elapsed:.1f} s; at most "
           f"{cc.peak(runs, per_key=False)} at once overall")
+
+
+def test_max_pending_seconds_fires_on_a_queue_with_no_worker(
+    wide_celery: CeleryService, tmp_path: Path
+) -> None:
+    from wove_adapters import Hub
+    from wove_adapters.core.errors import DeliveryOrphanedError
+
+    config = {**wide_celery.executor_config, "queue": f"{wide_celery.queue}-nobody",
+              "pending_check": False}  # no start-up refusal: the run must wait unseen
+    with Hub(environments={"e": {"executor": "celery", "executor_config": config}},
+             default_environment="e", ledger=f"sqlite:///{tmp_path}/runs.db",
+             tasks={"controlled": {"max_pending_seconds": 2.0,  # the seed's name
+                                   "delivery_orphan_policy": "fail"}}) as hub:
+        started = time.monotonic()
+        future = hub.submit(cc.task(), "k", "never", str(tmp_path), 0.0,
+                            task_options={"task_name": "controlled"})
+        with pytest.raises(DeliveryOrphanedError, match="not started within 2s"):
+            future.result(timeout=60)
+        waited = time.monotonic() - started
+    assert 2.0 <= waited < 30, waited
+    assert cc.recorded(tmp_path) == []

@@ -162,3 +162,32 @@ def test_keys_mode_without_key_arguments_is_a_clear_error(tmp_path: Path) -> Non
         ValueError, match="key_arguments"
     ):
         _call(hub, "k", "x", tmp_path).result(timeout=60)
+
+
+def test_controls_hold_inside_a_wove_weave(tmp_path: Path) -> None:
+    wove = pytest.importorskip("wove", reason="the wove extra is part of `dev`; install it")
+    from wove_adapters.integration.wove import executor
+
+    record = cc.task()
+    remote = executor("w", config={
+        "environments": {"w": STDIO}, "ledger": f"sqlite:///{tmp_path}/runs.db",
+        "tasks": {"controlled": {"concurrency_control": "task"}},  # wove's task name
+    })
+    wove.config(environments={"remote": {"executor": remote}})
+    try:
+        with wove.weave() as w:
+
+            @w.do
+            def items() -> list[int]:
+                return list(range(12))
+
+            @w.do("items", environment="remote")
+            def controlled(item: int) -> Any:
+                return record(f"k{item % 3}", item, str(tmp_path), 0.05)
+
+        assert w.result.controlled == list(range(12))
+    finally:
+        wove.config(environments={"default": {"executor": "local"}}, default_environment="default")
+    runs = cc.recorded(tmp_path)
+    assert len(runs) == 12
+    assert cc.peak(runs, per_key=False) == 1  # wove sent all twelve at once
