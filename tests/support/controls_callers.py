@@ -87,6 +87,24 @@ def start_callers(
     return callers
 
 
+def three_callers(
+    ledger: str, environment: dict[str, Any], tasks: dict[str, Any], record_dir: Path,
+    *, count: int = 100, seconds: float = 0.005,
+) -> tuple[list[tuple[str, float, float]], float]:
+    """Three callers x ``count`` calls at once; each got its own values back, and every
+    run executed exactly once. Returns the recorded runs and the wall time."""
+    started = time.monotonic()
+    callers = start_callers(3, ledger=ledger, environment=environment, tasks=tasks,
+                            count=count, record_dir=record_dir, seconds=seconds)
+    results = [finish(caller) for caller in callers]
+    elapsed = time.monotonic() - started
+    for i, result in enumerate(results):
+        assert result["values"] == [f"c{i}-{n}" for n in range(count)]
+    runs = recorded(record_dir)
+    assert len(runs) == 3 * count  # lost 0, duplicated 0
+    return runs, elapsed
+
+
 def finish(caller: subprocess.Popen[str], timeout: float = 600) -> dict[str, Any]:
     out, err = caller.communicate(timeout=timeout)
     assert caller.returncode == 0, f"caller exited {caller.returncode}\n{out}\n{err}"

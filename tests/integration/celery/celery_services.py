@@ -211,12 +211,12 @@ class CeleryService:
                 channel.close()
 
 
-def running(broker: str, log_dir: Path) -> Iterator[CeleryService]:
+def running(broker: str, log_dir: Path, *, concurrency: int = 1) -> Iterator[CeleryService]:
     """A started worker on ``broker`` for a fixture to ``yield from``: one that does not
     come up fails the test with its log's tail; stopped and cleaned up afterwards."""
     import pytest  # benchmarks import this module without pytest
 
-    service = CeleryService(broker, log_dir=log_dir)
+    service = CeleryService(broker, concurrency=concurrency, log_dir=log_dir)
     try:
         service.start()
     except RuntimeError as exc:

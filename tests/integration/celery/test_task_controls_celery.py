@@ -14,21 +14,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 import controls_callers as cc
 import shared_servers
-from celery_services import CeleryService
+from celery_services import CeleryService, running
 
 
 @pytest.fixture(scope="module")
 def wide_celery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryService]:
-    service = CeleryService("redis", concurrency=4, log_dir=tmp_path_factory.mktemp("celery"))
-    try:
-        service.start()
-    except RuntimeError as exc:
-        service.stop()
-        service.cleanup()
-        pytest.fail(str(exc), pytrace=False)
-    yield service
-    service.stop()
-    service.cleanup()
+    yield from running("redis", tmp_path_factory.mktemp("celery"), concurrency=4)
 
 
 @pytest.mark.parametrize("mode", ["task", "keys"])
@@ -39,15 +30,7 @@ def test_the_limit_holds_across_three_callers_on_celery(
     tasks = {"controlled": {"concurrency_control": mode, "key_arguments": ["key"]}}
     name = f"wove_controls_celery_{os.getpid()}_{mode}"
     with shared_servers.ledger("redis", name, tmp_path, suite="task controls") as ledger:
-        started = time.monotonic()
-        callers = cc.start_callers(3, ledger=ledger, environment=environment, tasks=tasks,
-                                   count=100, record_dir=tmp_path, seconds=0.005)
-        results = [cc.finish(caller) for caller in callers]
-        elapsed = time.monotonic() - started
-    for i, result in enumerate(results):
-        assert result["values"] == [f"c{i}-{n}" for n in range(100)]
-    runs = cc.recorded(tmp_path)
-    assert len(runs) == 300  # lost 0, duplicated 0
+        runs, elapsed = cc.three_callers(ledger, environment, tasks, tmp_path)
     assert cc.peak(runs, per_key=mode == "keys") == 1
     print(f"\ncelery, {mode}: 300 runs in {elapsed:.1f} s; at most "
           f"{cc.peak(runs, per_key=False)} at once overall")

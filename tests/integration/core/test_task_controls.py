@@ -37,15 +37,7 @@ def test_one_run_of_a_task_at_a_time_across_three_callers(
     shared_ledger: str, tmp_path: Path
 ) -> None:
     tasks = {"controlled": {"concurrency_control": "task"}}
-    started = time.monotonic()
-    callers = cc.start_callers(3, ledger=shared_ledger, environment=STDIO, tasks=tasks,
-                               count=100, record_dir=tmp_path, seconds=0.005)
-    results = [cc.finish(caller) for caller in callers]
-    elapsed = time.monotonic() - started
-    for i, result in enumerate(results):
-        assert result["values"] == [f"c{i}-{n}" for n in range(100)]
-    runs = cc.recorded(tmp_path)
-    assert len(runs) == 300  # lost 0, duplicated 0
+    runs, elapsed = cc.three_callers(shared_ledger, STDIO, tasks, tmp_path)
     assert cc.peak(runs, per_key=False) == 1
     busy = sum(ended - begun for _, begun, ended in runs)
     print(f"\n{shared_ledger.split(':')[0]}: 300 runs one at a time in {elapsed:.1f} s "
@@ -54,12 +46,8 @@ def test_one_run_of_a_task_at_a_time_across_three_callers(
 
 def test_one_run_per_key_across_three_callers(tmp_path: Path) -> None:
     tasks = {"controlled": {"concurrency_control": "keys", "key_arguments": ["key"]}}
-    callers = cc.start_callers(3, ledger=f"sqlite:///{tmp_path}/runs.db", environment=STDIO,
-                               tasks=tasks, count=100, record_dir=tmp_path, seconds=0.01)
-    for caller in callers:
-        cc.finish(caller)
-    runs = cc.recorded(tmp_path)
-    assert len(runs) == 300
+    runs, _ = cc.three_callers(f"sqlite:///{tmp_path}/runs.db", STDIO, tasks, tmp_path,
+                               seconds=0.01)
     assert cc.peak(runs, per_key=True) == 1  # never two runs of one key at once
     print(f"\nthree keys: at most {cc.peak(runs, per_key=False)} runs at once overall")
 
