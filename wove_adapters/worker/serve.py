@@ -429,7 +429,8 @@ class Service:
         self._room = asyncio.Condition()
         self.refusals: dict[str, int] = {}
         self.counts = {"started": 0, "succeeded": 0, "failed": 0, "cancelled": 0,
-                       "crashed": 0, "attached": 0, "busy": 0}
+                       "crashed": 0, "attached": 0, "busy": 0, "cancel_requests": 0,
+                       "cancel_unknown": 0}
 
     async def start(self) -> None:
         await self.pool.start()
@@ -730,9 +731,11 @@ class Service:
         (or never started), [] when it is unknown or ended otherwise. A cancel that comes
         before its run is remembered, so that run never starts."""
         run_id, task_id = _ident(frame)
+        self.counts["cancel_requests"] += 1
         listener = self.runs.get(run_id)
         run = listener.run if listener is not None else None
         if listener is None or run is None:
+            self.counts["cancel_unknown"] += 1
             self._forget_expired()
             self.cancelled_early[run_id] = time.monotonic() + max(self.config.remember, 60.0)
             return []
