@@ -557,6 +557,17 @@ def doctor_cmd(environments: tuple[str, ...], config_file: str | None, timeout: 
         hub = Hub(config_file=config_file)
     except (NameError, ValueError, TypeError, FileNotFoundError) as exc:
         raise _fail(exc) from exc
+    import os
+
+    from wove_adapters.worker.serve import SERVE_URL_ENV, probe_health
+
+    serve_url = os.environ.get(SERVE_URL_ENV)
+    if serve_url:
+        probe, reached, said = probe_health(serve_url, timeout)
+        failed |= not reached
+        click.echo(f"service {serve_url} (${SERVE_URL_ENV})")
+        click.echo(f"  {click.style(_MARK[reached][0].ljust(4), fg=_MARK[reached][1])}  "
+                   f"{probe}: {said}")
     with hub:
         names = list(environments) or sorted(hub.config.environments)
         for name in names:

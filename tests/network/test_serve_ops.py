@@ -245,3 +245,15 @@ def test_a_websocket_that_goes_away_cancels_its_runs(serve: Callable[..., Any],
     wait_until(lambda: not pid_alive(pid), 10, "the abandoned task's process to end")
     wait_until(lambda: served.health()["runs"]["cancelled"] == 1, 10, "the run cancelled")
     assert os.path.exists(pid_file) and not (tmp_path / "done").exists()
+
+
+def test_doctor_probes_the_service(serve: Callable[..., Any], run_cli: Callable[..., Any],
+                                   tmp_path: Path) -> None:
+    served = serve("grpc", security="signed")
+    done = run_cli("doctor", env={"WOVE_ADAPTERS_SERVE_URL": served.health_url[:-len("healthz")]})
+    assert "ok    serve /healthz: grpc signed, running 0/" in done.stdout, done.stdout
+    done = run_cli("doctor", env={"WOVE_ADAPTERS_SERVE_URL": served.target})
+    assert "ok    serve reachable" in done.stdout, done.stdout
+    served.terminate(30)
+    done = run_cli("doctor", env={"WOVE_ADAPTERS_SERVE_URL": served.target})
+    assert done.returncode == 1 and "FAIL  serve reachable" in done.stdout, done.stdout

@@ -1135,5 +1135,36 @@ async def serve(config: ServeConfig) -> int:
     return 0
 
 
+SERVE_URL_ENV = "WOVE_ADAPTERS_SERVE_URL"
+
+
+def probe_health(url: str, timeout: float = 5.0) -> tuple[str, bool, str]:
+    """A ``doctor`` row for a running service: its ``/healthz`` (http, https, ws, wss
+    URLs), or a TCP connect (a gRPC ``HOST:PORT`` target)."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url if "://" in url else f"grpc://{url}")
+    if parts.scheme == "grpc":
+        try:
+            with socket.create_connection((parts.hostname or "", parts.port or 0), timeout):
+                return ("serve reachable", True, f"{url} accepts connections (gRPC)")
+        except OSError as exc:
+            return ("serve reachable", False, f"{url}: {exc}; is wove-adapters serve running?")
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    health = urllib.parse.urlunsplit((scheme, parts.netloc, "/healthz", "", ""))
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as answer:
+            found = json.loads(answer.read())
+    except Exception as exc:
+        return ("serve /healthz", False, f"{health}: {type(exc).__name__}: {exc}; is "
+                f"wove-adapters serve running there?")
+    return ("serve /healthz", bool(found.get("ok")),
+            f"{found.get('transport')} {found.get('security')}, running "
+            f"{found.get('running')}/{found.get('capacity')}, queued {found.get('queued')}, "
+            f"refusals {found.get('refusals')}, version {found.get('version')}")
+
+
 def main(config: ServeConfig) -> int:
     return asyncio.run(serve(config))
