@@ -39,7 +39,10 @@ from wove_adapters.core.ledger.base import (
     RUNNING,
     SUCCEEDED,
     Ledger,
+    LedgerWrite,
     RunRecord,
+    SetOutcome,
+    Update,
 )
 from wove_adapters.core.options import shared_default
 from wove_adapters.core.policies import DeliveryPolicy, JobState, check_supported
@@ -48,6 +51,8 @@ from wove_adapters.core.transport import RunAttempt, StartContext, Transport
 log = logging.getLogger("wove_adapters.runtime")
 
 Listener = Callable[[dict[str, Any]], None]
+# State changes and outcomes wait at most this long for company in one ledger commit.
+_WRITE_WINDOW = 0.01
 # How long shutdown waits for a run's launch (or a background step) to finish.
 _LAUNCH_BOUND = 30.0
 # The caller's own loop counts as stalled (SIGSTOP, a GC pause, a blocking call) when a
@@ -237,7 +242,7 @@ class Dispatcher:
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self._monitor: asyncio.Task[None] | None = None
         self._ledger_queue: asyncio.Queue[
-            tuple[Callable[[], Any] | RunRecord, asyncio.Future[Any]] | None
+            tuple[Callable[[], Any] | LedgerWrite, asyncio.Future[Any]] | None
         ] = asyncio.Queue()
         self._ledger_stopping = False
         self._ledger_task: asyncio.Task[None] | None = None
@@ -495,7 +500,7 @@ class Dispatcher:
                 # Closures name the run by id only: a queued write must not keep the
                 # task's callable (and what it references) alive.
                 sub, rid = run.attempt.submission, run.run_id
-                self._ledger_later(lambda: self.ledger.update(rid, submission=sub))
+                self._ledger_later(Update(rid, {"submission": sub}))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -576,7 +581,7 @@ class Dispatcher:
         if kind == frames.TASK_STARTED:
             if not run.started:
                 run.started = True
-                self._ledger_later(lambda: self.ledger.update(run_id, state=RUNNING))
+                self._ledger_later(Update(run_id, {"state": RUNNING}))
             self._broadcast(run, frame)
         elif kind in (frames.HEARTBEAT, frames.LOG):
             self._broadcast(run, frame)
@@ -696,9 +701,9 @@ class Dispatcher:
         run_id = run.run_id
         if blob is not None:
             data = blob
-            self._ledger_later(lambda: self.ledger.set_outcome(run_id, state, data))
+            self._ledger_later(SetOutcome(run_id, state, data))
         else:
-            self._ledger_later(lambda: self.ledger.update(run_id, state=state))
+            self._ledger_later(Update(run_id, {"state": state}))
 
     def _sign_outcome(self, frame: dict[str, Any], key: str | None) -> bytes | None:
         try:
@@ -777,7 +782,7 @@ class Dispatcher:
                     ),
                 )
                 number, rid = attempt.attempt, attempt.run_id
-                self._ledger_later(lambda: self.ledger.update(rid, attempt=number))
+                self._ledger_later(Update(rid, {"attempt": number}))
                 self._release_slot(run)
                 run.launch_task = self._spawn(self._launch(run))
                 return
@@ -807,7 +812,7 @@ class Dispatcher:
             await self.transport.detach(attempt)
             self.detached[attempt.run_id] = run
             rid = attempt.run_id
-            self._ledger_later(lambda: self.ledger.update(rid, state=DETACHED))
+            self._ledger_later(Update(rid, {"state": DETACHED}))
             url = self.ledger.url if self.ledger.shareable else None
             self._finish(
                 run,
@@ -1215,9 +1220,10 @@ class Dispatcher:
 
     # ---------------------------------------------------------- ledger, tasks
 
-    def _ledger_later(self, op: Callable[[], Any] | RunRecord) -> asyncio.Future[Any]:
-        """Queue a ledger write (a claim is given as its record); writes apply in order.
-        The future resolves when it has."""
+    def _ledger_later(self, op: Callable[[], Any] | LedgerWrite) -> asyncio.Future[Any]:
+        """Queue a ledger write (a claim as its record, an update or an outcome as its
+        struct, anything else as a coroutine function); writes apply in order. The future
+        resolves when it has."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._ledger_task is None or self._ledger_task.done() or self._ledger_stopping:
             # Stopped (or never started): nothing would apply it, so say so now.
@@ -1229,48 +1235,85 @@ class Dispatcher:
         return done
 
     async def _ledger_writer(self) -> None:
-        """Apply queued writes in order; the claims queued in one loop turn go to the
-        ledger as one ``claim_many`` (one transaction), so launching only after the claim
-        is committed costs a batch, not a commit per run."""
-        while True:
-            batch = [await self._ledger_queue.get()]
-            await asyncio.sleep(0)  # let this loop turn's submissions queue their claims
-            while not self._ledger_queue.empty():
-                batch.append(self._ledger_queue.get_nowait())
-            stop = None in batch
-            entries = [entry for entry in batch if entry is not None]
-            index = 0
-            while index < len(entries):
-                op, done = entries[index]
-                if isinstance(op, RunRecord):
-                    claims = [entries[index]]
-                    while index + len(claims) < len(entries) and isinstance(
-                        entries[index + len(claims)][0], RunRecord
-                    ):
-                        claims.append(entries[index + len(claims)])
-                    index += len(claims)
-                    await self._apply_claims(claims)
-                    continue
-                index += 1
-                try:
-                    result = await op()
-                except Exception as exc:
-                    _fail(done, exc, self.ledger.url)
-                else:
-                    if not done.done():
-                        done.set_result(result)
-            if stop:
-                return
+        """Apply queued writes in order, a loop turn's worth at a time, as one
+        ``write_many`` (one hand-off, one transaction on SQLite and PostgreSQL).
 
-    async def _apply_claims(self, claims: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        Claims go at once: a run is launched only once its claim is committed. State
+        changes and outcomes may wait up to ``_WRITE_WINDOW`` for company, so a short
+        run's later writes share one commit; the next claim, ``flush`` or stop takes them
+        along at once. The queue's ``get`` is never cancelled, so no write can be lost
+        between a timeout and its delivery."""
+        loop = asyncio.get_running_loop()
+        pending: list[tuple[Callable[[], Any] | LedgerWrite, asyncio.Future[Any]]] = []
+        deadline: float | None = None
+        getter: asyncio.Task[Any] | None = None
         try:
-            results = await self.ledger.claim_many([record for record, _ in claims])
+            while True:
+                if getter is None:
+                    getter = loop.create_task(self._ledger_queue.get())
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                await asyncio.wait([getter], timeout=timeout)
+                items = []
+                if getter.done():
+                    items.append(getter.result())
+                    getter = None
+                    await asyncio.sleep(0)  # this loop turn's writes queue theirs
+                    while not self._ledger_queue.empty():
+                        items.append(self._ledger_queue.get_nowait())
+                stop = None in items
+                entries = [entry for entry in items if entry is not None]
+                pending.extend(entries)
+                urgent = stop or any(
+                    not isinstance(op, (Update, SetOutcome)) for op, _ in entries
+                )
+                if pending and (urgent or not items or (deadline or 0) <= loop.time()):
+                    batch, pending, deadline = pending, [], None
+                    await self._apply_writes(batch)
+                elif pending and deadline is None:
+                    deadline = loop.time() + _WRITE_WINDOW
+                if stop:
+                    return
+        finally:
+            if getter is not None:
+                getter.cancel()
+
+    async def _apply_writes(
+        self, batch: list[tuple[Callable[[], Any] | LedgerWrite, asyncio.Future[Any]]]
+    ) -> None:
+        index = 0
+        while index < len(batch):
+            op, done = batch[index]
+            if isinstance(op, (RunRecord, Update, SetOutcome)):
+                group = [batch[index]]
+                while index + len(group) < len(batch) and isinstance(
+                    batch[index + len(group)][0], (RunRecord, Update, SetOutcome)
+                ):
+                    group.append(batch[index + len(group)])
+                index += len(group)
+                await self._write_group(group)
+                continue
+            index += 1
+            try:
+                result = await op()
+            except Exception as exc:
+                _fail(done, exc, self.ledger.url)
+            else:
+                if not done.done():
+                    done.set_result(result)
+
+    async def _write_group(
+        self, group: list[tuple[Callable[[], Any] | LedgerWrite, asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            results = await self.ledger.write_many([op for op, _ in group])  # type: ignore[misc]
         except Exception as exc:
-            for _, done in claims:
+            for _, done in group:
                 _fail(done, exc, self.ledger.url)
             return
-        for (_, done), result in zip(claims, results, strict=True):
-            if not done.done():
+        for (_, done), result in zip(group, results, strict=True):
+            if isinstance(result, Exception):
+                _fail(done, result, self.ledger.url)
+            elif not done.done():
                 done.set_result(result)
 
     async def _stop_ledger_writer(self) -> None:

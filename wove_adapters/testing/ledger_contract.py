@@ -414,6 +414,30 @@ class LedgerContract:
         assert (await ledger.claim(other)).run_id == other.run_id
         await ledger.delete("no-such-run")  # forgetting nothing is fine
 
+    # --- batched writes ----------------------------------------------------------------
+
+    async def test_write_many_applies_in_order_and_isolates_failures(
+        self, ledger: Ledger
+    ) -> None:
+        from wove_adapters.core.ledger.base import SetOutcome, Update
+
+        first, second = new_record(idempotency_key="k-batch"), new_record(idempotency_key="k-batch")
+        results = await ledger.write_many([
+            first,
+            Update(first.run_id, {"state": "running"}),
+            Update("no-such-run", {"state": "running"}),  # fails alone
+            SetOutcome(first.run_id, "succeeded", b"event"),
+            second,  # the key is held by a succeeded run: the claim returns it
+        ])
+        assert isinstance(results[0], RunRecord) and results[0].run_id == first.run_id
+        assert results[1] is None
+        assert isinstance(results[2], KeyError)
+        assert results[3] is True
+        assert isinstance(results[4], RunRecord) and results[4].run_id == first.run_id
+        stored = await ledger.get(first.run_id)
+        assert stored is not None and stored.state == "succeeded" and stored.outcome == b"event"
+        assert await ledger.get(second.run_id) is None
+
     # --- leases (task controls' slots, registrations, cache entries) ------------------
 
     async def test_lease_has_one_holder_until_it_expires(self, ledger: Ledger) -> None:

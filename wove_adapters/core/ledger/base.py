@@ -50,6 +50,24 @@ class RunRecord(msgspec.Struct, kw_only=True):
     updated_at: float = msgspec.field(default_factory=time.time)
 
 
+class Update(msgspec.Struct, frozen=True):
+    """A queued ``update``: written with others in one batch (``Ledger.write_many``)."""
+
+    run_id: str
+    fields: dict[str, object]
+
+
+class SetOutcome(msgspec.Struct, frozen=True):
+    """A queued ``set_outcome``."""
+
+    run_id: str
+    state: str
+    outcome: bytes | None
+
+
+LedgerWrite = RunRecord | Update | SetOutcome  # a RunRecord is a claim
+
+
 class Ledger(abc.ABC):
     """Where runs are recorded. One instance per URL per process (see ``open_ledger``)."""
 
@@ -79,6 +97,28 @@ class Ledger(abc.ABC):
         durable before its job launches without a commit per run on the critical path.
         """
         return [await self.claim(record) for record in records]
+
+    async def write_many(self, writes: list[LedgerWrite]) -> list[object]:
+        """Apply writes in order; one result per write: what ``claim``/``update``/
+        ``set_outcome`` returns, or the exception it raised (one failed write does not
+        stop the others). The dispatcher hands over everything queued in a loop turn at
+        once, so a ledger that can (SQLite, PostgreSQL) applies a turn's claims, state
+        changes and outcomes in one hand-off and one transaction."""
+        results: list[object] = []
+        for write in writes:
+            try:
+                results.append(await self._write_one(write))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    async def _write_one(self, write: LedgerWrite) -> object:
+        if isinstance(write, RunRecord):
+            return await self.claim(write)
+        if isinstance(write, Update):
+            await self.update(write.run_id, **write.fields)
+            return None
+        return await self.set_outcome(write.run_id, write.state, write.outcome)
 
     @abc.abstractmethod
     async def update(self, run_id: str, **fields: object) -> None:

@@ -40,7 +40,7 @@ from wove_adapters.core.ledger import (
     created_record,
     forward_assignments,
 )
-from wove_adapters.core.ledger.base import Ledger, RunRecord
+from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunRecord, Update
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -188,45 +188,78 @@ class PostgresLedger(Ledger):
             yield slot.conn
 
     async def claim(self, record: RunRecord) -> RunRecord:
+        async with self._connection() as conn, conn.transaction():
+            return await self._claim_on(conn, record)
+
+    async def _claim_on(self, conn: Any, record: RunRecord) -> RunRecord:
+        """In the caller's transaction: the key's advisory lock is held until it commits."""
         sql = self._sql
         key = record.idempotency_key
-        async with self._connection() as conn, conn.transaction():
-            if key is not None:
-                await conn.execute(sql.lock, (f"{sql.table}:{key}",))
+        if key is not None:
+            await conn.execute(sql.lock, (f"{sql.table}:{key}",))
+        row = await (await conn.execute(sql.get, (record.run_id,))).fetchone()
+        if row is not None:  # a retried claim of the same run: it already owns it
+            return _record(row)
+        if key is not None:
+            row = await (await conn.execute(sql.holder, (key, _HOLDING))).fetchone()
+            if row is not None:
+                return _record(row)
+        values = tuple(getattr(record, name) for name in _FIELDS)
+        inserted = await (await conn.execute(sql.insert, values)).fetchone()
+        if inserted is None:  # the same run_id (no key, so no lock) won a moment ago
             row = await (await conn.execute(sql.get, (record.run_id,))).fetchone()
-            if row is not None:  # a retried claim of the same run: it already owns it
-                return _record(row)
-            if key is not None:
-                row = await (await conn.execute(sql.holder, (key, _HOLDING))).fetchone()
-                if row is not None:
-                    return _record(row)
-            values = tuple(getattr(record, name) for name in _FIELDS)
-            inserted = await (await conn.execute(sql.insert, values)).fetchone()
-            if inserted is None:  # the same run_id (no key, so no lock) won a moment ago
-                row = await (await conn.execute(sql.get, (record.run_id,))).fetchone()
-                return _record(row)
+            return _record(row)
         return record
 
     async def update(self, run_id: str, **fields: object) -> None:
         checked = check_update(run_id, fields)
+        async with self._connection() as conn:
+            await self._update_on(conn, run_id, checked)
+
+    async def _update_on(self, conn: Any, run_id: str, checked: dict[str, object]) -> None:
         assignments, params = forward_assignments(checked, "%s")
         statement = self._sql.update.format(assignments=", ".join(assignments))
-        async with self._connection() as conn:
-            cursor = await conn.execute(statement, (*params, run_id))
-            if cursor.rowcount == 0:
-                raise KeyError(f"No run {run_id!r} in ledger {self.url}")
+        cursor = await conn.execute(statement, (*params, run_id))
+        if cursor.rowcount == 0:
+            raise KeyError(f"No run {run_id!r} in ledger {self.url}")
 
     async def set_outcome(self, run_id: str, state: str, outcome: bytes | None) -> bool:
         check_outcome_state(state)
         async with self._connection() as conn:
-            cursor = await conn.execute(
-                self._sql.set_outcome, (state, outcome, time.time(), run_id, _SEALED, state)
-            )
-            if cursor.rowcount:
-                return True
-            if await (await conn.execute(self._sql.exists, (run_id,))).fetchone() is None:
-                raise KeyError(f"No run {run_id!r} in ledger {self.url}")
-            return False
+            return await self._set_outcome_on(conn, run_id, state, outcome)
+
+    async def _set_outcome_on(
+        self, conn: Any, run_id: str, state: str, outcome: bytes | None
+    ) -> bool:
+        cursor = await conn.execute(
+            self._sql.set_outcome, (state, outcome, time.time(), run_id, _SEALED, state)
+        )
+        if cursor.rowcount:
+            return True
+        if await (await conn.execute(self._sql.exists, (run_id,))).fetchone() is None:
+            raise KeyError(f"No run {run_id!r} in ledger {self.url}")
+        return False
+
+    async def write_many(self, writes: list[LedgerWrite]) -> list[object]:
+        """One transaction for a loop turn's writes (see ``Ledger.write_many``)."""
+        results: list[object] = []
+        async with self._connection() as conn, conn.transaction():
+            for write in writes:
+                try:
+                    if isinstance(write, RunRecord):
+                        results.append(await self._claim_on(conn, write))
+                    elif isinstance(write, Update):
+                        checked = check_update(write.run_id, write.fields)
+                        await self._update_on(conn, write.run_id, checked)
+                        results.append(None)
+                    else:
+                        check_outcome_state(write.state)
+                        results.append(await self._set_outcome_on(
+                            conn, write.run_id, write.state, write.outcome
+                        ))
+                except (KeyError, ValueError) as exc:
+                    results.append(exc)
+        return results
 
     async def get(self, run_id: str) -> RunRecord | None:
         async with self._connection() as conn:

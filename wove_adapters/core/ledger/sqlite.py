@@ -42,7 +42,7 @@ from wove_adapters.core.ledger import (
     created_record,
     forward_assignments,
 )
-from wove_adapters.core.ledger.base import Ledger, RunRecord
+from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunRecord, Update
 
 _COLUMNS: Final = tuple(RunRecord.__struct_fields__)
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM runs"
@@ -181,6 +181,28 @@ def _claim_in(conn: sqlite3.Connection, record: RunRecord) -> RunRecord:
         tuple(getattr(record, name) for name in _COLUMNS),
     )
     return record
+
+
+def _write_many(conn: sqlite3.Connection, writes: list[LedgerWrite]) -> list[object]:
+    """Every write of a loop turn in one transaction (one commit, one hand-off). A write
+    that fails (an unknown run) is that write's result; the others still apply."""
+    results: list[object] = []
+    with _immediate(conn):
+        for write in writes:
+            try:
+                if isinstance(write, RunRecord):
+                    results.append(_claim_in(conn, write))
+                elif isinstance(write, Update):
+                    _update(conn, write.run_id, write.fields)
+                    results.append(None)
+                else:
+                    check_outcome_state(write.state)
+                    results.append(
+                        set_outcome_on(conn, write.run_id, write.state, write.outcome)
+                    )
+            except (KeyError, ValueError) as exc:
+                results.append(exc)
+    return results
 
 
 def _update(conn: sqlite3.Connection, run_id: str, fields: dict[str, object]) -> None:
@@ -331,6 +353,14 @@ class SqliteLedger(Ledger):
 
     async def update(self, run_id: str, **fields: object) -> None:
         await self._run(_update, run_id, check_update(run_id, fields))
+
+    async def write_many(self, writes: list[LedgerWrite]) -> list[object]:
+        checked: list[LedgerWrite] = []
+        for write in writes:
+            if isinstance(write, Update):
+                write = Update(write.run_id, check_update(write.run_id, write.fields))
+            checked.append(write)
+        return await self._run(_write_many, checked)
 
     async def set_outcome(self, run_id: str, state: str, outcome: bytes | None) -> bool:
         check_outcome_state(state)
