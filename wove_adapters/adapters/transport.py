@@ -98,8 +98,8 @@ class KeyFollowers:
         (the job is another caller's, so it goes on; confirmed once the caller's cancel
         call has returned), or when the followed job was cancelled."""
         if self.stop(run):
-            asyncio.get_running_loop().call_soon(self.emit, frames.event(
-                frames.TASK_CANCELLED, run.run_id, run.task_id, run.attempt, reason=reason,
+            asyncio.get_running_loop().call_soon(self.emit, frames.event_of(
+                run, frames.TASK_CANCELLED, reason=reason,
             ))
 
     async def aclose(self) -> None:
@@ -430,11 +430,8 @@ class AdapterTransport(Transport):
                     continue
                 if state in (JobState.CANCELLED, JobState.GONE):
                     self._emit(
-                        frames.event(
-                            frames.TASK_CANCELLED,
-                            run.run_id,
-                            run.task_id,
-                            run.attempt,
+                        frames.event_of(
+                            run, frames.TASK_CANCELLED,
                             reason=f"{self.name} reports the job {state.value}",
                         )
                     )

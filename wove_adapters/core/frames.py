@@ -12,7 +12,7 @@ cloudpickle bytes inside those structs and are unpickled only after verification
 from __future__ import annotations
 
 import traceback
-from typing import Any, Final, Literal, Union
+from typing import Any, Final, Literal, Protocol, Union
 
 import msgspec
 
@@ -162,6 +162,20 @@ def event(kind: str, run_id: str, task_id: str = "", attempt: int = 1, **fields:
     frame = {"type": kind, "run_id": run_id, "task_id": task_id, "attempt": attempt}
     frame.update(fields)
     return frame
+
+
+class _Names(Protocol):
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+
+
+def event_of(source: _Names, kind: str, **fields: Any) -> dict:
+    """``event`` for the run ``source`` names: an attempt, or an event it answered."""
+    return event(kind, source.run_id, source.task_id, source.attempt, **fields)
 
 
 def error_event(

@@ -772,11 +772,8 @@ class Dispatcher:
                 self.stats["requeued"] += 1
                 self._broadcast(
                     run,
-                    frames.event(
-                        frames.LOG,
-                        attempt.run_id,
-                        attempt.task_id,
-                        attempt.attempt,
+                    frames.event_of(
+                        attempt, frames.LOG,
                         message=f"{where} was lost ({reason}); requeued",
                         level="warning",
                     ),
@@ -792,11 +789,8 @@ class Dispatcher:
                 await self.transport.cancel(attempt, mode="best_effort")
             self._finish(
                 run,
-                frames.event(
-                    frames.TASK_CANCELLED,
-                    attempt.run_id,
-                    attempt.task_id,
-                    attempt.attempt,
+                frames.event_of(
+                    attempt, frames.TASK_CANCELLED,
                     reason=f"orphaned: {reason}",
                 ),
             )  # recorded as cancelled, with that reason (states only move forward)

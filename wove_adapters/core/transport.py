@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from wove_adapters.core import frames
 from wove_adapters.core.options import ExecutorOptions, check_executor_config
 from wove_adapters.core.policies import Capabilities, DeliveryPolicy, JobState
 
@@ -57,6 +58,19 @@ class RunAttempt:
     environment: str = "default"
     submission: str | None = None  # the backend's handle, set by the transport
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def task_frame(self) -> dict[str, Any]:
+        """wove's ``run_task`` frame for this attempt, for executors that speak wove's
+        frames (a wove executor object, a network service). ``delivery`` carries the
+        idempotency key, so a service can attach a second request with it to the first."""
+        return {
+            "type": frames.RUN_TASK,
+            "run_id": self.run_id,
+            "task_id": self.task_id,
+            "callable": self.func,
+            "args": self.args,
+            "delivery": self.policy.as_delivery(self.idempotency_key),
+        }
 
 
 class Transport(abc.ABC):

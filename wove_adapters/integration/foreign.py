@@ -45,16 +45,7 @@ class ExecutorTransport(Transport):
                 self._emit(frame)
 
     async def submit(self, run: RunAttempt) -> None:
-        await self.executor.send(
-            {
-                "type": frames.RUN_TASK,
-                "run_id": run.run_id,
-                "task_id": run.task_id,
-                "callable": run.func,
-                "args": run.args,
-                "delivery": run.policy.as_delivery(run.idempotency_key),
-            }
-        )
+        await self.executor.send(run.task_frame())
 
     async def cancel(self, run: RunAttempt, *, mode: str) -> None:
         await self.executor.send(

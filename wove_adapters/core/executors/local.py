@@ -109,7 +109,7 @@ class LocalTransport(Transport):
             await started.wait()
         while True:
             await asyncio.sleep(max(every / 3, 0.01))
-            self._emit(frames.event(frames.HEARTBEAT, run.run_id, run.task_id, run.attempt))
+            self._emit(frames.event_of(run, frames.HEARTBEAT))
 
     async def cancel(self, run: RunAttempt, *, mode: str) -> None:
         thread_future = self._thread_futures.get(run.run_id)

@@ -147,19 +147,6 @@ class _Flight:
             self.accepted.set_result(None)
 
 
-def run_frame(run: RunAttempt) -> dict[str, Any]:
-    """wove's ``run_task`` frame for one attempt (``delivery`` carries the idempotency key,
-    so the service attaches a second request with that key to the first)."""
-    return {
-        "type": frames.RUN_TASK,
-        "run_id": run.run_id,
-        "task_id": run.task_id,
-        "callable": run.func,
-        "args": run.args,
-        "delivery": run.policy.as_delivery(run.idempotency_key),
-    }
-
-
 def cancel_frame(run: RunAttempt, mode: str) -> dict[str, Any]:
     return {
         "type": frames.CANCEL_TASK,
@@ -355,6 +342,20 @@ class NetworkTransport(Transport, abc.ABC):
             f"{self.where}: {message}", key=key, executor=self.name,
             environment=self._environment,
         )
+
+    def _checked_url(self, config: dict[str, Any], schemes: tuple[str, ...], example: str) -> str:
+        """``executor_config.url``, refused (naming the fix) unless it is one of
+        ``schemes`` with a host."""
+        url = config.get("url")
+        wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+        if not isinstance(url, str) or not url:
+            raise self._refuse("url", f"executor_config.url must be the service's {wanted} "
+                               f"URL, e.g. {example!r}")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise self._refuse("url", f"executor_config.url must be a {wanted} URL, "
+                               f"not {url!r}")
+        return url
 
     def _read_security(self, value: Any) -> netwire.Security:
         try:
@@ -642,14 +643,8 @@ class HttpTransport(NetworkTransport):
     async def _open(self, config: dict[str, Any]) -> None:
         import aiohttp
 
-        url = config.get("url")
-        if not isinstance(url, str) or not url:
-            raise self._refuse("url", "executor_config.url must be the service's URL, "
-                               "e.g. 'https://workers.example:8443/'")
+        url = self._checked_url(config, ("http", "https"), "https://workers.example:8443/")
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise self._refuse("url", f"executor_config.url must be an http(s):// URL, "
-                               f"not {url!r}")
         if self.require_https and parts.scheme != "https":
             raise self._refuse("url", f"the https executor needs an https:// URL, not "
                                f"{url!r} (or use executor 'http')")
@@ -688,7 +683,7 @@ class HttpTransport(NetworkTransport):
         return body, headers, nonce
 
     async def _submit(self, run: RunAttempt) -> None:
-        body, headers, nonce = self._request(run_frame(run), "application/x-ndjson")
+        body, headers, nonce = self._request(run.task_frame(), "application/x-ndjson")
         flight = self._new_flight(run)
         flight.task = asyncio.get_running_loop().create_task(
             self._follow(flight, body, headers, nonce)
@@ -833,14 +828,8 @@ class WebSocketTransport(NetworkTransport):
     async def _open(self, config: dict[str, Any]) -> None:
         import aiohttp
 
-        url = config.get("url")
-        if not isinstance(url, str) or not url:
-            raise self._refuse("url", "executor_config.url must be the service's ws:// or "
-                               "wss:// URL")
+        url = self._checked_url(config, ("ws", "wss"), "wss://workers.example:8443/")
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.netloc:
-            raise self._refuse("url", f"executor_config.url must be a ws:// or wss:// URL, "
-                               f"not {url!r}")
         encrypted = parts.scheme == "wss"
         self._url, self._address = url, url
         self._check_reach(key="url", shown=url, loopback=netwire.is_loopback(parts.hostname),
@@ -895,7 +884,7 @@ class WebSocketTransport(NetworkTransport):
             await sock.ws.send_str(message)
 
     async def _submit(self, run: RunAttempt) -> None:
-        frame = run_frame(run)
+        frame = run.task_frame()
         netwire.encode_frame(frame)  # an unpicklable argument fails here, before sending
         sock = await self._connection()
         flight = self._new_flight(run)

@@ -30,7 +30,6 @@ from wove_adapters.core.executors.network import (
     _Flight,
     cancel_frame,
     is_loopback_target,
-    run_frame,
     signed_events,
     verified_events,
 )
@@ -146,7 +145,7 @@ class GrpcTransport(NetworkTransport):
         return pairs, nonce
 
     async def _submit(self, run: RunAttempt) -> None:
-        body = netwire.dump_message(run_frame(run))
+        body = netwire.dump_message(run.task_frame())
         if len(body) > MAX_MESSAGE:
             raise PayloadError(f"{self.where}: a run_task of {len(body)} bytes is too large")
         metadata, nonce = self._call_metadata(netwire.GRPC_STREAM_METHOD, body)
@@ -171,15 +170,31 @@ class GrpcTransport(NetworkTransport):
         self, flight: _Flight, body: bytes, metadata: tuple[tuple[str, str], ...], nonce: str
     ) -> None:
         grpc = self._grpc
-        call = self._stream(body, metadata=metadata)
         taken = asyncio.get_running_loop().call_later(ACCEPT_GRACE, flight.accept)
+        resent = False
         try:
-            while not flight.finished:
-                message = await call.read()
-                if message is grpc.aio.EOF:
+            while True:
+                call = self._stream(body, metadata=metadata)
+                try:
+                    while not flight.finished:
+                        message = await call.read()
+                        if message is grpc.aio.EOF:
+                            break
+                        flight.accept()
+                        self._deliver_all(
+                            flight, signed_events(self._security, "grpc", nonce, message)
+                        )
                     break
-                flight.accept()
-                self._deliver_all(flight, signed_events(self._security, "grpc", nonce, message))
+                except grpc.aio.AioRpcError as exc:
+                    # A connection that died under us (a requeue right after a cut) fails
+                    # the next call before it is taken. Sent again once on a fresh
+                    # connection, only with an idempotency key: if the first did reach the
+                    # service, the service attaches the second to it.
+                    if (resent or flight.accepted.done() or flight.run.idempotency_key is None
+                            or exc.code() != grpc.StatusCode.UNAVAILABLE):
+                        raise
+                    resent = True
+                    await self._ready()
         except asyncio.CancelledError:
             call.cancel()
             raise
@@ -189,6 +204,9 @@ class GrpcTransport(NetworkTransport):
             return
         except grpc.aio.AioRpcError as exc:
             self._rpc_failed(flight, exc)
+            return
+        except Exception as exc:  # _ready: no connection within the bound
+            self._fail(flight, exc)
             return
         finally:
             taken.cancel()

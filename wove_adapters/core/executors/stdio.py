@@ -213,11 +213,8 @@ class StdioTransport(Transport):
                 self._pending.remove(queued)
                 assert self._emit is not None
                 self._emit(
-                    frames.event(
-                        frames.TASK_CANCELLED,
-                        run.run_id,
-                        run.task_id,
-                        run.attempt,
+                    frames.event_of(
+                        run, frames.TASK_CANCELLED,
                         reason="removed from the queue",
                     )
                 )
@@ -332,20 +329,14 @@ def event_frame(event: frames.WireEvent, *, where: str) -> dict[str, Any]:
             from wove_adapters.core.codec import rebuild_exception
 
             payload = event.error.to_dict()
-            return frames.event(
-                frames.TASK_ERROR,
-                event.run_id,
-                event.task_id,
-                event.attempt,
+            return frames.event_of(
+                event, frames.TASK_ERROR,
                 error=payload,
                 exception=rebuild_exception(payload, None),
             )
         print(f"{where}: an event could not be read and was dropped: {exc!r}", file=sys.stderr)
-        return frames.event(
-            frames.LOG,
-            event.run_id,
-            event.task_id,
-            event.attempt,
+        return frames.event_of(
+            event, frames.LOG,
             message=f"unreadable event dropped: {exc!r}",
             level="warning",
         )
@@ -375,11 +366,8 @@ def _unpicklable_result(event: frames.TaskResult, exc: BaseException) -> dict[st
     ).to_dict()
     error = TaskExecutionError(payload)
     error.__cause__ = exc
-    return frames.event(
-        frames.TASK_ERROR,
-        event.run_id,
-        event.task_id,
-        event.attempt,
+    return frames.event_of(
+        event, frames.TASK_ERROR,
         error=payload,
         exception=error,
     )
