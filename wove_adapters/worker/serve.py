@@ -365,6 +365,17 @@ class Listener:
                 self.ended = True
             yield event
 
+    async def unary_answer(self) -> list[dict[str, Any]]:
+        """What one unary call answers with (wove's HTTP and gRPC clients): the run's
+        ``task_started``, if any, then its terminal event."""
+        answer: list[dict[str, Any]] = []
+        async for event in self.events():
+            if event["type"] == "task_started" and not answer:
+                answer.append(event)
+            elif event["type"] in TERMINAL:
+                answer.append(event)
+        return answer
+
 
 class Run:
     """One task in the service: queued, running in a payload process, or ended."""
@@ -912,13 +923,7 @@ class HttpFront:
         try:
             if NDJSON in request.headers.get("Accept", ""):
                 return await self._stream(request, listener, nonce)
-            answer: list[dict[str, Any]] = []
-            async for event in listener.events():
-                if event["type"] == "task_started" and not answer:
-                    answer.append(event)
-                elif event["type"] in TERMINAL:
-                    answer.append(event)
-            return self._answer(answer, nonce)
+            return self._answer(await listener.unary_answer(), nonce)
         finally:
             service.detach(listener)  # the client went away (handler cancelled): let go
 

@@ -29,7 +29,6 @@ from wove_adapters.core import netwire
 from wove_adapters.core.netwire import AuthError
 from wove_adapters.worker.serve import (
     GRPC_MISSING,
-    TERMINAL,
     BadFrame,
     Listener,
     ServeConfig,
@@ -169,12 +168,7 @@ class GrpcFront:
             return await self._answer(await self._other(frame, context), nonce, context)
         listener = await self._listen(frame, context)
         try:
-            answer: list[dict[str, Any]] = []
-            async for event in listener.events():
-                if event["type"] == "task_started" and not answer:
-                    answer.append(event)
-                elif event["type"] in TERMINAL:
-                    answer.append(event)
+            answer = await listener.unary_answer()
         finally:
             self.service.detach(listener)  # the caller cancelled the call: let go
         return await self._answer(answer, nonce, context)

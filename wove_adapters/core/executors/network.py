@@ -322,6 +322,12 @@ class NetworkTransport(Transport, abc.ABC):
         self._address = ""
         self._flights: dict[str, _Flight] = {}
         self._config: dict[str, Any] = {}
+        # The URL-based transports' (http, https, websocket): an aiohttp session, the
+        # service's URL, the path a signature binds, extra headers.
+        self._session: Any = None
+        self._url = ""
+        self._target = "/"
+        self._headers: dict[str, str] = {}
 
     @property
     def where(self) -> str:
@@ -634,10 +640,6 @@ class HttpTransport(NetworkTransport):
 
     def __init__(self) -> None:
         super().__init__()
-        self._session: Any = None
-        self._url = ""
-        self._target = "/"
-        self._headers: dict[str, str] = {}
         self._cancel_timeout = CANCEL_TIMEOUT
 
     async def _open(self, config: dict[str, Any]) -> None:
@@ -816,10 +818,6 @@ class WebSocketTransport(NetworkTransport):
 
     def __init__(self) -> None:
         super().__init__()
-        self._session: Any = None
-        self._url = ""
-        self._target = "/"
-        self._headers: dict[str, str] = {}
         self._ssl: ssl.SSLContext | None = None
         self._open_timeout = CONNECT_TIMEOUT
         self._socket: _Socket | None = None
