@@ -60,6 +60,7 @@ __all__ = [
     "close_all",
     "created_record",
     "forward_assignments",
+    "list_filters",
     "moves_forward",
     "open_ledger",
     "outcome_open",
@@ -287,6 +288,20 @@ _UPDATABLE: Final[Mapping[str, tuple[type, ...]]] = {
     "outcome": (bytes, type(None)),
     "updated_at": (float, int),
 }
+
+
+def list_filters(
+    state: str | None, environment: str | None, placeholder: str
+) -> tuple[str, list[object]]:
+    """The ``WHERE`` clause (empty without filters) and parameters of ``list_runs`` for a
+    SQL ledger, with the driver's parameter placeholder (``?`` or ``%s``)."""
+    where: list[str] = []
+    params: list[object] = []
+    for column, value in (("state", state), ("environment", environment)):
+        if value is not None:
+            where.append(f"{column} = {placeholder}")
+            params.append(value)
+    return (f" WHERE {' AND '.join(where)}" if where else ""), params
 
 
 def check_update(run_id: str, fields: Mapping[str, object]) -> dict[str, object]:

@@ -39,6 +39,7 @@ from wove_adapters.core.ledger import (
     check_update,
     created_record,
     forward_assignments,
+    list_filters,
 )
 from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunRecord, Update
 
@@ -274,15 +275,7 @@ class PostgresLedger(Ledger):
     async def list_runs(
         self, *, limit: int = 100, state: str | None = None, environment: str | None = None
     ) -> list[RunRecord]:
-        where: list[str] = []
-        params: list[object] = []
-        if state is not None:
-            where.append("state = %s")
-            params.append(state)
-        if environment is not None:
-            where.append("environment = %s")
-            params.append(environment)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        clause, params = list_filters(state, environment, "%s")
         statement = f"{self._sql.select}{clause} ORDER BY created_at DESC, seq DESC LIMIT %s"
         async with self._connection() as conn:
             cursor = await conn.execute(statement, (*params, max(limit, 0)))

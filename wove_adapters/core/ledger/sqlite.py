@@ -41,6 +41,7 @@ from wove_adapters.core.ledger import (
     check_update,
     created_record,
     forward_assignments,
+    list_filters,
 )
 from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunRecord, Update
 
@@ -242,15 +243,7 @@ def _by_key(conn: sqlite3.Connection, key: str) -> RunRecord | None:
 def _list_runs(
     conn: sqlite3.Connection, limit: int, state: str | None, environment: str | None
 ) -> list[RunRecord]:
-    where: list[str] = []
-    params: list[object] = []
-    if state is not None:
-        where.append("state = ?")
-        params.append(state)
-    if environment is not None:
-        where.append("environment = ?")
-        params.append(environment)
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    clause, params = list_filters(state, environment, "?")
     rows = conn.execute(
         f"{_SELECT}{clause} ORDER BY created_at DESC, rowid DESC LIMIT ?",
         (*params, max(limit, 0)),
