@@ -139,14 +139,10 @@ class _Bridge:
         """Submit ``run``'s next attempt (shared loop); if that fails, wove gets the error."""
         run.number += 1
         previous = run.attempt
-        run.attempt = RunAttempt(
-            run_id=f"{run.wove_run_id}.retry{run.number}",
-            task_id=previous.task_id,
-            func=previous.func,
-            args=previous.args,
-            policy=previous.policy,
-            idempotency_key=previous.idempotency_key,
-            environment=previous.environment,
+        # A new run for the dispatcher (its own id, first attempt, nothing submitted yet).
+        run.attempt = dataclasses.replace(
+            previous, run_id=f"{run.wove_run_id}.retry{run.number}", attempt=1,
+            submission=None, extra={},
         )
         dispatcher = self._dispatcher
         try:
