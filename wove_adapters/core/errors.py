@@ -48,7 +48,8 @@ class WoveAdaptersError(Exception):
 
 
 class DeliveryTimeoutError(WoveAdaptersError, _WoveTimeout, RuntimeError):
-    """No terminal event arrived within ``delivery_timeout`` (or a heartbeat lapsed).
+    """No terminal event arrived within ``delivery_timeout`` (a lapsed heartbeat is a lost
+    run instead: its orphan policy applies).
 
     A ``RuntimeError`` as wove's, not a ``TimeoutError``: wove turns any ``TimeoutError``
     escaping a task into a silent cancellation, so inside a weave the caller would never
