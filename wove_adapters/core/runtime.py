@@ -322,28 +322,18 @@ class Dispatcher:
             )
             if holder is not None:
                 return await self._attach_to(holder.run_id, attempt, listener)
-        key = attempt.idempotency_key
-        if key is not None:
-            existing = self.by_key.get(key)
-            if existing is not None and not existing.done.is_set():
-                await self._check_cached_arguments(attempt, key, existing.run_id)
-                self.stats["dedup_attached"] += 1
-                self._attach(existing, attempt.run_id, listener)
-                return existing
-            record = await self.ledger.claim(self._record(attempt))
-            if record.run_id != attempt.run_id:
-                await self._check_cached_arguments(attempt, key, record.run_id)
-                self.stats["dedup_attached"] += 1
-                return await self._follow_ledger(record, attempt, listener)
-            if controls.cache and controls.raise_on_diff:
-                self._spawn(self.controls.remember_arguments(
-                    key, attempt.run_id, self._arguments(attempt), controls
-                ))
-            claimed: asyncio.Future[Any] | None = None
-        else:
-            claimed = self._ledger_later(self._record(attempt))
+        try:
+            found, claimed = await self._claim(attempt, listener)
+        except BaseException:
+            self.controls.release(attempt.run_id)  # the registration taken above
+            raise
+        if found is not None:
+            self.controls.release(attempt.run_id)
+            return found
         run = Run(attempt=attempt, listeners=[(attempt.run_id, listener)])
+        run.controlled = controls.registration != "unlimited"  # its registration lease
         run.claimed = claimed
+        key = attempt.idempotency_key
         self.runs[attempt.run_id] = run
         if key is not None:
             self.by_key[key] = run
@@ -356,6 +346,32 @@ class Dispatcher:
             )
         run.launch_task = self._spawn(self._launch(run))
         return run
+
+    async def _claim(
+        self, attempt: RunAttempt, listener: Listener
+    ) -> tuple[Run | None, asyncio.Future[Any] | None]:
+        """A keyed run is claimed now: (the run it attaches to, None) when another holds
+        the key, else (None, None). Without a key the claim is queued: (None, its write)."""
+        key = attempt.idempotency_key
+        if key is None:
+            return None, self._ledger_later(self._record(attempt))
+        existing = self.by_key.get(key)
+        if existing is not None and not existing.done.is_set():
+            await self._check_cached_arguments(attempt, key, existing.run_id)
+            self.stats["dedup_attached"] += 1
+            self._attach(existing, attempt.run_id, listener)
+            return existing, None
+        record = await self.ledger.claim(self._record(attempt))
+        if record.run_id != attempt.run_id:
+            await self._check_cached_arguments(attempt, key, record.run_id)
+            self.stats["dedup_attached"] += 1
+            return await self._follow_ledger(record, attempt, listener), None
+        controls = attempt.policy.controls
+        if controls.cache and controls.raise_on_diff:
+            self._spawn(self.controls.remember_arguments(
+                key, attempt.run_id, self._arguments(attempt), controls
+            ))
+        return None, None
 
     @staticmethod
     def _arguments(attempt: RunAttempt) -> dict[str, Any]:
@@ -467,15 +483,13 @@ class Dispatcher:
         cap = run.attempt.policy.max_in_flight
         controls = run.attempt.policy.controls
         try:
-            if controls.registration != "unlimited":
-                run.controlled = True  # its registration, taken at submit
             if controls.concurrency != "unlimited":
-                run.controlled = True
                 taken = await self.controls.take_slot(
                     run.run_id, run.attempt.task_id, self._arguments(run.attempt), controls,
                     run.done.is_set,
                 )
-                if not taken:  # ended (cancelled, timed out) while waiting for its slot
+                run.controlled = True  # what it holds now goes back with its slot
+                if not taken or run.done.is_set():  # ended (cancelled, timed out) meanwhile
                     self._release_slot(run)
                     return
             if cap:

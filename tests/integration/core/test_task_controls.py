@@ -179,3 +179,20 @@ def test_controls_hold_inside_a_wove_weave(tmp_path: Path) -> None:
     runs = cc.recorded(tmp_path)
     assert len(runs) == 12
     assert cc.peak(runs, per_key=False) == 1  # wove sent all twelve at once
+
+
+def test_a_run_cancelled_while_waiting_for_its_slot_leaves_no_slot_behind(
+    tmp_path: Path,
+) -> None:
+    with _hub(tmp_path, concurrency_control="task", concurrency_lease_seconds=60) as hub:
+        holder = _call(hub, "k", "holder", tmp_path, 1.0)
+        waiting = [_call(hub, "k", f"w{i}", tmp_path) for i in range(3)]
+        time.sleep(0.3)
+        for future in waiting:
+            hub.cancel(future)
+        assert holder.result(timeout=60) == "holder"
+        started = time.monotonic()
+        # With a 60 s lease renewed by this process, a leaked slot would hold this forever.
+        assert _call(hub, "k", "after", tmp_path).result(timeout=30) == "after"
+        assert time.monotonic() - started < 10
+    assert len(cc.recorded(tmp_path)) == 2  # the holder and the one after; none cancelled ran
