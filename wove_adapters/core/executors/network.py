@@ -27,6 +27,7 @@ import abc
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -655,7 +656,9 @@ class HttpTransport(NetworkTransport):
         self._check_reach(key="url", shown=url, loopback=netwire.is_loopback(parts.hostname),
                           encrypted=encrypted,
                           tls_hint="use an https:// URL (wove-adapters serve --transport https)")
-        context = self._ssl_context(encrypted=encrypted, shown=url)
+        context = await asyncio.to_thread(  # reads certificate files
+            functools.partial(self._ssl_context, encrypted=encrypted, shown=url)
+        )
         self._target = netwire.canonical_target(url)
         self._headers = {str(k): str(v) for k, v in (config.get("headers") or {}).items()}
         timeout = config.get("timeout")
@@ -832,7 +835,9 @@ class WebSocketTransport(NetworkTransport):
         self._url, self._address = url, url
         self._check_reach(key="url", shown=url, loopback=netwire.is_loopback(parts.hostname),
                           encrypted=encrypted, tls_hint="use a wss:// URL")
-        self._ssl = self._ssl_context(encrypted=encrypted, shown=url)
+        self._ssl = await asyncio.to_thread(  # reads certificate files
+            functools.partial(self._ssl_context, encrypted=encrypted, shown=url)
+        )
         self._target = netwire.canonical_target(url)
         self._headers = {str(k): str(v) for k, v in (config.get("headers") or {}).items()}
         if config.get("open_timeout") is not None:

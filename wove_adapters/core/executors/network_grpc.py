@@ -92,7 +92,8 @@ class GrpcTransport(NetworkTransport):
             ("grpc.initial_reconnect_backoff_ms", 200),
         ]
         if secure:
-            credentials = grpc.ssl_channel_credentials(**self._tls(config))
+            tls = await asyncio.to_thread(self._tls, config)  # reads certificate files
+            credentials = grpc.ssl_channel_credentials(**tls)
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         else:
             files = sorted(k for k in ("ca_file", "cert_file", "key_file", "root_certificates")
