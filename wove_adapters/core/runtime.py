@@ -46,6 +46,7 @@ from wove_adapters.core.ledger.base import (
 )
 from wove_adapters.core.options import shared_default
 from wove_adapters.core.policies import DeliveryPolicy, JobState, check_supported
+from wove_adapters.core.retry import retry_allowed
 from wove_adapters.core.transport import RunAttempt, StartContext, Transport
 
 log = logging.getLogger("wove_adapters.runtime")
@@ -606,9 +607,48 @@ class Dispatcher:
             # own ending (requeue, DeliveryOrphanedError, ...) is what the caller gets.
             self.stats["stale_attempt_dropped"] += 1
         elif kind in frames.TERMINAL_EVENTS:
-            self._finish(run, frame)
+            if not self._retry_in_place(run, frame):
+                self._finish(run, frame)
         else:
             log.warning("dropping unknown event type %r for run %s", kind, run_id)
+
+    def _retry_in_place(self, run: Run, frame: dict[str, Any]) -> bool:
+        """A keyed run whose task raised an error its ``retries``/``retry_for`` allow runs
+        again as the same run, attempt + 1 (as a requeue does), so the ledger keeps one
+        run and its final outcome. Not under ``detach``: its worker records its own ending
+        in the ledger, first writer wins, so a later attempt's outcome could not land."""
+        spec = run.attempt.extra.get("in_place_retries")
+        if (spec is None or run.attempt.idempotency_key is None or run.cancel_requested
+                or run.attempt.policy.orphan_policy == "detach"):
+            return False
+        retries, retry_for = spec
+        spent = int(run.attempt.extra.get("retried", 0))
+        if spent >= retries or not retry_allowed(frame, retry_for):
+            return False
+        run.attempt.extra["retried"] = spent + 1
+        error = frame.get("error") or {}
+        reason = f"{error.get('kind', 'error')}: {error.get('message', '')}".strip()
+        self._spawn(self._run_again(run, f"failed ({reason}); retried in place"))
+        return True
+
+    async def _run_again(self, run: Run, why: str) -> None:
+        """The run's next attempt: same run id, attempt + 1, launched anew (events of the
+        previous attempt are dropped as stale from here on)."""
+        attempt = run.attempt
+        where = f"task '{attempt.task_id}' (run {attempt.run_id}, attempt {attempt.attempt})"
+        await self.transport.release(attempt)
+        attempt.attempt += 1
+        attempt.submission = None
+        run.started = run.heard = False
+        run.launched = False
+        run.pending_warn_at = run.pending_check_at = 0.0
+        self._broadcast(
+            run, frames.event_of(attempt, frames.LOG, message=f"{where} {why}", level="warning")
+        )
+        number, rid = attempt.attempt, attempt.run_id
+        self._ledger_later(Update(rid, {"attempt": number}))
+        self._release_slot(run)
+        run.launch_task = self._spawn(self._launch(run))
 
     def _broadcast(self, run: Run, frame: dict[str, Any]) -> None:
         for run_id, listener in list(run.listeners):
@@ -648,7 +688,10 @@ class Dispatcher:
         if key is not None and self.by_key.get(key) is run:
             self.by_key.pop(key, None)
         frame.pop("_lost_reason", None)
-        self._broadcast(run, {k: v for k, v in frame.items() if k != "_blob"})
+        shown = {k: v for k, v in frame.items() if k != "_blob"}
+        if run.attempt.extra.get("retried"):
+            shown["retried_in_place"] = run.attempt.extra["retried"]
+        self._broadcast(run, shown)
         if record_outcome:
             self._store_outcome(run, frame)
         if run.launched and run.run_id not in self.detached and not hold:
@@ -777,25 +820,8 @@ class Dispatcher:
                     await self.transport.cancel(attempt, mode="best_effort")
                 if run.done.is_set():  # its outcome arrived meanwhile: not lost after all
                     return
-                await self.transport.release(attempt)
-                attempt.attempt += 1
-                attempt.submission = None
-                run.started = run.heard = False
-                run.launched = False
-                run.pending_warn_at = run.pending_check_at = 0.0
                 self.stats["requeued"] += 1
-                self._broadcast(
-                    run,
-                    frames.event_of(
-                        attempt, frames.LOG,
-                        message=f"{where} was lost ({reason}); requeued",
-                        level="warning",
-                    ),
-                )
-                number, rid = attempt.attempt, attempt.run_id
-                self._ledger_later(Update(rid, {"attempt": number}))
-                self._release_slot(run)
-                run.launch_task = self._spawn(self._launch(run))
+                await self._run_again(run, f"was lost ({reason}); requeued")
                 return
             reason = f"{reason}; gave up after {attempt.policy.max_requeues} requeues"
         if policy == "cancel":

@@ -459,10 +459,12 @@ class Hub:
             except ValueError as exc:
                 return _error_frame(run_id, exc)
             frame: dict[str, Any] = {}
-            for number in range(retries + 1):
+            number = 0  # retries spent: by a new run here, or in place by the dispatcher
+            while True:
                 attempt_id = run_id if number == 0 else f"{run_id}.retry{number}"
                 coro = self._deliver(
-                    fn, args, kwargs, task_name, settings, attempt_id, accepted, on_launched
+                    fn, args, kwargs, task_name, settings, attempt_id, accepted, on_launched,
+                    spent=number,
                 )
                 try:
                     frame = await (asyncio.wait_for(coro, float(timeout)) if timeout else coro)
@@ -474,9 +476,9 @@ class Hub:
                     frame = _error_frame(attempt_id, error)
                 except Exception as exc:  # setup failures: policy, dispatcher start-up
                     frame = _error_frame(attempt_id, exc)
-                if not retry_allowed(frame, retry_for) or self._closed:
+                number += 1 + int(frame.pop("retried_in_place", 0) or 0)
+                if number > retries or not retry_allowed(frame, retry_for) or self._closed:
                     return frame
-            return frame
         finally:
             accepted.set()
             self._accepting.pop(run_id, None)
@@ -491,6 +493,8 @@ class Hub:
         run_id: str,
         accepted: asyncio.Event,
         on_launched: Callable[[], None] | None,
+        *,
+        spent: int = 0,
     ) -> dict[str, Any]:
         environment = settings["environment"]
         cached = self._resolved.get(id(settings))
@@ -529,6 +533,13 @@ class Hub:
         )
         if policy.controls.active:  # task controls key on every argument, by name
             attempt.extra["named_args"] = named_arguments(fn, args, kwargs)
+        retries = int(settings.get("retries") or 0) - spent
+        if key is not None and retries > 0:
+            # A keyed run's task errors are retried in place by the dispatcher: one run in
+            # the ledger, attempt + 1 (its frame says how many it spent).
+            attempt.extra["in_place_retries"] = (
+                retries, check_retry_for(settings.get("retry_for"))
+            )
         del func
         self._inflight[run_id] = dispatcher
         try:

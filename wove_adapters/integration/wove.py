@@ -23,8 +23,9 @@ Retries: wove retries a task itself (its ``retries``, every ``Exception``), send
 and the environment definitions of ``wove.config(...)`` / ``wove_config.py``. The bridge
 adds the retries only our configuration can express, ``retries`` in ``tasks.<name>`` or
 ``task_defaults`` (tables wove does not have), filtered by ``retry_for`` (a key wove does
-not have, read from every level of ours); a retry is a new run ``<run_id>.retry<n>``,
-and wove sees one run with one ending. ``retries`` at our top level or in an
+not have, read from every level of ours); a retry is a new run ``<run_id>.retry<n>``
+(a keyed run's: the same run, attempt + 1, by the dispatcher), and wove sees one run with
+one ending. ``retries`` at our top level or in an
 environment definition is left to wove, because a shared ``wove_config.py`` gives it to
 wove too and both applying it would multiply the attempts (docs/configuration.md,
 "retry_for").
@@ -183,11 +184,16 @@ class _Bridge:
                 idempotency_key=None if key is None else str(key),
                 environment=self._name,
             )
+            retries = self._our_retries(task_id)
+            retry_for = check_retry_for(configured.get("retry_for"))
+            if attempt.idempotency_key is not None and retries > 0:
+                # A keyed run is retried in place by the dispatcher: one run in the
+                # ledger, attempt + 1; the bridge adds none of its own.
+                attempt.extra["in_place_retries"] = (retries, retry_for)
+                retries = 0
             run = _BridgeRun(
-                wove_run_id=attempt.run_id,
-                attempt=attempt,
-                retries=self._our_retries(task_id),
-                retry_for=check_retry_for(configured.get("retry_for")),
+                wove_run_id=attempt.run_id, attempt=attempt, retries=retries,
+                retry_for=retry_for,
             )
             self._runs[run.wove_run_id] = run
             await shared_loop.run_async(dispatcher.submit(attempt, self._listener(run)))

@@ -179,13 +179,50 @@ def wove() -> Any:
     module.config(environments={"default": {"executor": "local"}}, default_environment="default")
 
 
-@pytest.mark.parametrize(("kind", "expected"), [("ValueError", 3), ("KeyError", 1)])
-def test_the_wove_bridge_applies_our_task_retries_with_retry_for(
-    kind: str, expected: int, tmp_path: Path, clean_env: dict[str, str], wove: Any
+def test_a_keyed_run_is_retried_in_place_as_one_run(
+    tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
+    """With a key, the retries are attempts of one run: one ledger record, attempt 3,
+    its final outcome what ``hub.result`` and the CLI read."""
+    from wove_adapters.core import loop as shared_loop
+    from wove_adapters.core.ledger import open_ledger
+
+    url = f"sqlite:///{tmp_path}/runs.db"
+    with Hub(environments={"w": {"executor": "stdio"}}, default_environment="w", ledger=url,
+             tasks={"flaky": {"retries": 2, "retry_for": ["ValueError"],
+                              "delivery_idempotency_key": "flaky-{failures}"}}) as hub:
+        future = hub.submit(flaky, str(tmp_path), 2, "ValueError")
+        assert future.result(timeout=60) == 3
+        assert hub.result(future.run_id, timeout=30) == 3
+        (tmp_path / "over").mkdir()
+        over = hub.submit(flaky, str(tmp_path / "over"), 5, "ValueError")
+        with pytest.raises(ValueError, match="attempt 3"):  # the budget: 1 + 2 attempts
+            over.result(timeout=60)
+    records = shared_loop.run_sync(open_ledger(url).list_runs(limit=10))
+    by_key = {record.idempotency_key: record for record in records}
+    assert len(records) == 2, [(r.run_id, r.attempt, r.state) for r in records]
+    assert by_key["flaky-2"].run_id == future.run_id
+    assert (by_key["flaky-2"].attempt, by_key["flaky-2"].state) == (3, "succeeded")
+    assert (by_key["flaky-5"].attempt, by_key["flaky-5"].state) == (3, "failed")
+    assert attempts(tmp_path) == 3 and attempts(tmp_path / "over") == 3
+
+
+@pytest.mark.parametrize(("kind", "expected", "keyed"), [
+    ("ValueError", 3, False), ("KeyError", 1, False), ("ValueError", 3, True),
+])
+def test_the_wove_bridge_applies_our_task_retries_with_retry_for(
+    kind: str, expected: int, keyed: bool, tmp_path: Path, clean_env: dict[str, str],
+    wove: Any,
+) -> None:
+    from wove_adapters.core import loop as shared_loop
+    from wove_adapters.core.ledger import open_ledger
     from wove_adapters.integration.wove import executor
 
-    ours = {"tasks": {"flaky_step": {"retries": 2, "retry_for": ["ValueError"]}}}
+    table: dict[str, Any] = {"retries": 2, "retry_for": ["ValueError"]}
+    if keyed:  # then the dispatcher retries in place: one run, attempt 3
+        table["delivery_idempotency_key"] = f"step-{tmp_path.name}"
+    url = f"sqlite:///{tmp_path}/runs.db"
+    ours = {"tasks": {"flaky_step": table}, "ledger": url}
     wove.config(environments={"remote": {"executor": executor("stdio", config=ours)}})
     directory = str(tmp_path)
     with wove.weave(error_mode="return") as w:
@@ -200,6 +237,13 @@ def test_the_wove_bridge_applies_our_task_retries_with_retry_for(
     else:
         assert isinstance(outcome, KeyError)
     assert attempts(tmp_path) == expected
+    if keyed:
+        ledger = open_ledger(url)
+        records = shared_loop.run_sync(ledger.list_runs(limit=10))
+        assert len(records) == 1 and records[0].attempt == 3, records
+        # The outcome's write may still sit in the dispatcher's 10 ms commit window.
+        ended = shared_loop.run_sync(ledger.wait_outcome(records[0].run_id, timeout=10))
+        assert ended is not None and ended.state == "succeeded"
 
 
 # ---------------------------------------------------------------- config --task
