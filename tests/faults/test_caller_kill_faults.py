@@ -71,8 +71,8 @@ def test_caller_sigkill(moment: str, ledger_url: str, caller: Callable[..., faul
         "seconds": 0.5 if moment == "early" else 1.5, "bound": 120, "hold": True,
     }).start()
     program.wait_records("submitted", RUNS, 60)
-    if moment == "early":
-        time.sleep(0.3)
+    if moment == "early":  # as soon as one run executes: the others just starting
+        faults.wait_until(lambda: faults.running(markers), 60, "a run executing")
     else:
         faults.wait_until(lambda: len(faults.running(markers)) >= RUNS // 2, 60,
                           "half of the runs executing")

@@ -491,15 +491,17 @@ def wait_quiet(markers: Path, quiet: float = 3.0, timeout: float = 90.0) -> Coun
     of a killed caller may still be starting): the executions per tag then."""
     state: dict[str, Any] = {"seen": None, "since": time.monotonic()}
 
-    def settled() -> Counter[str] | None:
+    def settled() -> tuple[Counter[str]] | None:
         seen = executions(markers)
         if seen != state["seen"] or running(markers):
             state["seen"], state["since"] = seen, time.monotonic()
             return None
-        return seen if time.monotonic() - state["since"] >= quiet else None
+        # A tuple: no execution at all (a caller killed before any started) is an
+        # answer too, though an empty Counter is falsy.
+        return (seen,) if time.monotonic() - state["since"] >= quiet else None
 
     return wait_until(settled, timeout, f"the workers to be quiet for {quiet:.0f}s",
-                      interval=0.1)
+                      interval=0.1)[0]
 
 
 def max_concurrent(markers: Path) -> int:
