@@ -67,10 +67,15 @@ def _plant(keys: list[str], key: str, value: bytes | str) -> None:
         client.close()
 
 
-def _caller(accepts: str, marker: Path, **policy: Any) -> contextlib.AbstractContextManager[Hub]:
-    """A caller whose app accepts ``accepts`` ("json": Celery's defaults, or "pickle")."""
+def _caller(
+    accepts: str, marker: Path, planted: list[str], **policy: Any
+) -> contextlib.AbstractContextManager[Hub]:
+    """A caller whose app accepts ``accepts`` ("json": Celery's defaults, or "pickle"). Its
+    queue has no worker: the message left in it is deleted with the planted keys."""
+    queue = f"wove-sec-celery-{uuid.uuid4().hex[:8]}"
+    planted.append(queue)
     config = {"broker_url": REDIS_URL, "result_backend": REDIS_URL,
-              "queue": f"wove-sec-celery-{uuid.uuid4().hex[:8]}",
+              "queue": queue,
               "celery_config": PICKLE_CALLER if accepts == "pickle" else {}}
     return caller(marker, "celery", config, BOUND, **policy)
 
@@ -90,7 +95,7 @@ def test_following_a_planted_claim_never_unpickles(
                            "result": {"state": "succeeded", "outcome": bomb_b64(marker)}})
     _plant(planted, f"celery-task-meta-{held}", meta)
     policy = {"delivery_timeout": 5.0} if what == "pickled-meta" else {}
-    with _caller(accepts, marker, **policy) as hub:
+    with _caller(accepts, marker, planted, **policy) as hub:
         future = keyed(hub, key)
         ended = ends_within(BOUND, lambda: future.result(timeout=BOUND + 5))
         assert isinstance(ended, Exception), repr(ended)
@@ -107,7 +112,7 @@ def test_tampered_own_task_never_unpickles(planted: list[str], marker: Path, how
     key = new_key()
     planted += [f"celery-task-meta-{key}:wove-claim"]
     policy = {"delivery_timeout": 3.0} if how == "timeout" else {}
-    with _caller("pickle", marker, **policy) as hub:
+    with _caller("pickle", marker, planted, **policy) as hub:
         future = keyed(hub, key)
         _plant(planted, f"celery-task-meta-{key}", bomb(marker))
 
