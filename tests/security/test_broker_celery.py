@@ -73,7 +73,8 @@ def _caller(
     """A caller whose app accepts ``accepts`` ("json": Celery's defaults, or "pickle"). Its
     queue has no worker: the message left in it is deleted with the planted keys."""
     queue = f"wove-sec-celery-{uuid.uuid4().hex[:8]}"
-    planted.append(queue)
+    # kombu's queue and its binding sets (the exchange of the same name).
+    planted.extend([queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"])
     config = {"broker_url": REDIS_URL, "result_backend": REDIS_URL,
               "queue": queue,
               "celery_config": PICKLE_CALLER if accepts == "pickle" else {}}
