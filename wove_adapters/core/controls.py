@@ -67,6 +67,10 @@ class Holder:
     digest: str
     shown: str
 
+    @classmethod
+    def of(cls, run_id: str, args: Mapping[str, Any]) -> Holder:
+        return cls(run_id, digest(args), shown(args))
+
     def encode(self) -> str:
         return json.dumps([self.run_id, self.digest, self.shown], separators=(",", ":"))
 
@@ -131,7 +135,7 @@ class Controls:
         """The run this call should attach to, or None to run it. Raises
         ``ArgumentsConflictError`` (``on_diff_non_key_args_raise``) when the run found
         matches by key arguments but not by the others."""
-        me = Holder(run_id, digest(args), shown(args))
+        me = Holder.of(run_id, args)
         if controls.registration != "unlimited":
             name = self._scope("reg", controls.registration, task_id, args, controls)
             other = await self.ledger.lease(name, me.encode(), controls.lease_seconds)
@@ -167,14 +171,20 @@ class Controls:
     async def remember_arguments(self, key: str, run_id: str, args: Mapping[str, Any],
                                  controls: TaskControls) -> None:
         """The argument set behind a cache entry, for ``on_diff_non_key_args_raise``."""
-        value = Holder(run_id, digest(args), shown(args)).encode()
+        value = Holder.of(run_id, args).encode()
         with contextlib.suppress(Exception):
             await self.ledger.lease(f"{key}|args", value, controls.cache_ttl or CACHE_ARGS_SECONDS)
 
-    async def cached_arguments(self, key: str) -> Holder | None:
+    async def check_cached(self, key: str, owner: str, run_id: str, task_id: str,
+                           args: Mapping[str, Any], controls: TaskControls) -> None:
+        """``on_diff_non_key_args_raise`` for a call that found ``owner`` holding its
+        cache key: the argument set behind that entry must be this call's."""
+        other = None
         with contextlib.suppress(Exception):
-            return Holder.decode(await self.ledger.lease_holder(f"{key}|args"))
-        return None
+            other = Holder.decode(await self.ledger.lease_holder(f"{key}|args"))
+        if other is not None and other.run_id == owner:
+            me = Holder.of(run_id, args)
+            self.check_same_arguments(controls, task_id, me, other)
 
     # ------------------------------------------------------------------- slots
 
@@ -182,7 +192,7 @@ class Controls:
                         controls: TaskControls, done: Callable[[], bool]) -> bool:
         """Wait for the run's slot; False if the run ended (cancelled, timed out) first."""
         name = self._scope("slot", controls.concurrency, task_id, args, controls)
-        value = Holder(run_id, digest(args), shown(args)).encode()
+        value = Holder.of(run_id, args).encode()
         queue = self._waiting.setdefault(name, collections.deque())
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.append(turn)

@@ -243,7 +243,7 @@ class Dispatcher:
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self._monitor: asyncio.Task[None] | None = None
         self._ledger_queue: asyncio.Queue[
-            tuple[Callable[[], Any] | LedgerWrite, asyncio.Future[Any]] | None
+            tuple[LedgerWrite | None, asyncio.Future[Any]] | None
         ] = asyncio.Queue()
         self._ledger_stopping = False
         self._ledger_task: asyncio.Task[None] | None = None
@@ -315,9 +315,7 @@ class Dispatcher:
             attempt.idempotency_key = self.controls.cache_key(
                 attempt.task_id, self._arguments(attempt), controls
             )
-        if controls.active and (
-            controls.registration != "unlimited" or controls.reroute
-        ):
+        if controls.registration != "unlimited" or controls.reroute:
             holder = await self.controls.admit(
                 attempt.run_id, attempt.task_id, self._arguments(attempt), controls
             )
@@ -383,15 +381,9 @@ class Dispatcher:
     async def _check_cached_arguments(self, attempt: RunAttempt, key: str, owner: str) -> None:
         controls = attempt.policy.controls
         if controls.cache and controls.raise_on_diff:
-            other = await self.controls.cached_arguments(key)
-            if other is not None and other.run_id == owner:
-                mine = self._arguments(attempt)
-                from wove_adapters.core.controls import Holder, digest, shown
-
-                self.controls.check_same_arguments(
-                    controls, attempt.task_id,
-                    Holder(attempt.run_id, digest(mine), shown(mine)), other,
-                )
+            await self.controls.check_cached(
+                key, owner, attempt.run_id, attempt.task_id, self._arguments(attempt), controls
+            )
 
     async def _attach_to(self, holder: str, attempt: RunAttempt, listener: Listener) -> Run:
         """This call answers with another run's outcome (registration concurrency,
@@ -1254,9 +1246,9 @@ class Dispatcher:
 
     # ---------------------------------------------------------- ledger, tasks
 
-    def _ledger_later(self, op: Callable[[], Any] | LedgerWrite) -> asyncio.Future[Any]:
+    def _ledger_later(self, op: LedgerWrite | None) -> asyncio.Future[Any]:
         """Queue a ledger write (a claim as its record, an update or an outcome as its
-        struct, anything else as a coroutine function); writes apply in order. The future
+        struct; None marks a point ``flush`` waits for); writes apply in order. The future
         resolves when it has."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._ledger_task is None or self._ledger_task.done() or self._ledger_stopping:
@@ -1278,7 +1270,7 @@ class Dispatcher:
         along at once. The queue's ``get`` is never cancelled, so no write can be lost
         between a timeout and its delivery."""
         loop = asyncio.get_running_loop()
-        pending: list[tuple[Callable[[], Any] | LedgerWrite, asyncio.Future[Any]]] = []
+        pending: list[tuple[LedgerWrite | None, asyncio.Future[Any]]] = []
         deadline: float | None = None
         getter: asyncio.Task[Any] | None = None
         try:
@@ -1302,7 +1294,7 @@ class Dispatcher:
                 )
                 if pending and (urgent or not items or (deadline or 0) <= loop.time()):
                     batch, pending, deadline = pending, [], None
-                    await self._apply_writes(batch)
+                    await self._write_batch(batch)
                 elif pending and deadline is None:
                     deadline = loop.time() + _WRITE_WINDOW
                 if stop:
@@ -1311,44 +1303,26 @@ class Dispatcher:
             if getter is not None:
                 getter.cancel()
 
-    async def _apply_writes(
-        self, batch: list[tuple[Callable[[], Any] | LedgerWrite, asyncio.Future[Any]]]
+    async def _write_batch(
+        self, batch: list[tuple[LedgerWrite | None, asyncio.Future[Any]]]
     ) -> None:
-        index = 0
-        while index < len(batch):
-            op, done = batch[index]
-            if isinstance(op, (RunRecord, Update, SetOutcome)):
-                group = [batch[index]]
-                while index + len(group) < len(batch) and isinstance(
-                    batch[index + len(group)][0], (RunRecord, Update, SetOutcome)
-                ):
-                    group.append(batch[index + len(group)])
-                index += len(group)
-                await self._write_group(group)
-                continue
-            index += 1
+        """One ``write_many`` for the batch's writes; each future gets its write's result
+        (a flush marker's once everything before it is applied)."""
+        writes = [(op, done) for op, done in batch if op is not None]
+        results: list[object] = []
+        if writes:
             try:
-                result = await op()
+                results = await self.ledger.write_many([op for op, _ in writes])
             except Exception as exc:
-                _fail(done, exc, self.ledger.url)
-            else:
-                if not done.done():
-                    done.set_result(result)
-
-    async def _write_group(
-        self, group: list[tuple[Callable[[], Any] | LedgerWrite, asyncio.Future[Any]]]
-    ) -> None:
-        try:
-            results = await self.ledger.write_many([op for op, _ in group])  # type: ignore[misc]
-        except Exception as exc:
-            for _, done in group:
-                _fail(done, exc, self.ledger.url)
-            return
-        for (_, done), result in zip(group, results, strict=True):
+                results = [exc] * len(writes)
+        for (_, done), result in zip(writes, results, strict=True):
             if isinstance(result, Exception):
                 _fail(done, result, self.ledger.url)
             elif not done.done():
                 done.set_result(result)
+        for op, done in batch:
+            if op is None and not done.done():
+                done.set_result(None)
 
     async def _stop_ledger_writer(self) -> None:
         """Apply every write queued so far, then end the writer."""
@@ -1361,12 +1335,8 @@ class Dispatcher:
 
     async def flush(self) -> None:
         """Wait until every ledger write queued so far has been applied."""
-
-        async def _mark() -> None:
-            return None
-
         with contextlib.suppress(Exception):
-            await self._ledger_later(_mark)
+            await self._ledger_later(None)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Start a background step this dispatcher owns: ``stop`` awaits or cancels it."""

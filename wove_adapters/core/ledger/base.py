@@ -89,15 +89,6 @@ class Ledger(abc.ABC):
         processes sharing the ledger. Records without a key are simply inserted.
         """
 
-    async def claim_many(self, records: list[RunRecord]) -> list[RunRecord]:
-        """``claim`` for several runs, in order; each result as ``claim`` returns it.
-
-        The dispatcher claims every run submitted in one loop turn with one call, so a
-        backend that can (SQLite, PostgreSQL) commits them in one transaction: a run is
-        durable before its job launches without a commit per run on the critical path.
-        """
-        return [await self.claim(record) for record in records]
-
     async def write_many(self, writes: list[LedgerWrite]) -> list[object]:
         """Apply writes in order; one result per write: what ``claim``/``update``/
         ``set_outcome`` returns, or the exception it raised (one failed write does not

@@ -159,12 +159,6 @@ def _claim(conn: sqlite3.Connection, record: RunRecord) -> RunRecord:
         return _claim_in(conn, record)
 
 
-def _claim_many(conn: sqlite3.Connection, records: list[RunRecord]) -> list[RunRecord]:
-    """Every claim in one write transaction: one commit for a loop turn's runs."""
-    with _immediate(conn):
-        return [_claim_in(conn, record) for record in records]
-
-
 def _claim_in(conn: sqlite3.Connection, record: RunRecord) -> RunRecord:
     existing = _get(conn, record.run_id)
     if existing is not None:  # a retried claim of the same run: it already owns it
@@ -340,9 +334,6 @@ class SqliteLedger(Ledger):
 
     async def claim(self, record: RunRecord) -> RunRecord:
         return await self._run(_claim, record)
-
-    async def claim_many(self, records: list[RunRecord]) -> list[RunRecord]:
-        return await self._run(_claim_many, records)
 
     async def update(self, run_id: str, **fields: object) -> None:
         await self._run(_update, run_id, check_update(run_id, fields))
