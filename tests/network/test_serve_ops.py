@@ -15,8 +15,12 @@ from typing import Any
 
 import pytest
 from services import pid_alive, port_open, wait_until
+from shared_servers import require_module
 
 from wove_adapters.core import netwire
+
+GRPC_INSTALL = "pip install 'wove-adapters[grpc]' (tox -e network installs it)"
+WS_INSTALL = "pip install websockets (tox -e network installs it)"
 
 
 def frame(func: Callable[..., Any], run_id: str | None = None, *,
@@ -209,7 +213,7 @@ def test_signed_ndjson_stream(serve: Callable[..., Any], tmp_path: Path, securit
 
 
 def test_signed_grpc_stream(serve: Callable[..., Any], tmp_path: Path) -> None:
-    grpc = pytest.importorskip("grpc")
+    grpc = require_module("grpc", "grpcio", GRPC_INSTALL)
     served = serve("grpc", security="signed", heartbeat=0.2)
     body = frame(sleeper, directory=str(tmp_path), seconds=0.8)
     headers = served.auth_headers(body, transport="grpc", target=netwire.GRPC_STREAM_METHOD)
@@ -232,7 +236,7 @@ def test_signed_grpc_stream(serve: Callable[..., Any], tmp_path: Path) -> None:
 def test_a_websocket_that_goes_away_cancels_its_runs(serve: Callable[..., Any],
                                                      tmp_path: Path) -> None:
     """Nobody waits for the run any more (no idempotency key): its process is stopped."""
-    pytest.importorskip("websockets")
+    require_module("websockets", "wove's websocket client library", WS_INSTALL)
     from websockets.sync.client import connect
 
     served = serve("websocket", security="bearer", kill_after=2)

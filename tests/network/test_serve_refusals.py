@@ -24,8 +24,12 @@ from typing import Any
 
 import pytest
 from services import free_port, port_open
+from shared_servers import require_module
 
 from wove_adapters.core import netwire
+
+GRPC_INSTALL = "pip install 'wove-adapters[grpc]' (tox -e network installs it)"
+WS_INSTALL = "pip install websockets (tox -e network installs it)"
 
 
 class Bomb:
@@ -173,7 +177,7 @@ def test_bearer_refusals(bearer_http: Any, marker: Path, headers: dict[str, str]
 
 
 def test_grpc_refusals(serve_module: Callable[..., Any], marker: Path) -> None:
-    grpc = pytest.importorskip("grpc")
+    grpc = require_module("grpc", "grpcio", GRPC_INSTALL)
     served = serve_module("grpc", security="signed")
     method = netwire.GRPC_METHOD
     body = bomb_body(marker)
@@ -203,7 +207,7 @@ def test_grpc_refusals(serve_module: Callable[..., Any], marker: Path) -> None:
 
 
 def test_websocket_refusals(serve_module: Callable[..., Any], marker: Path) -> None:
-    pytest.importorskip("websockets")
+    require_module("websockets", "wove's websocket client library", WS_INSTALL)
     from websockets.exceptions import ConnectionClosed, InvalidStatus
     from websockets.sync.client import connect
 

@@ -28,13 +28,19 @@ POSTGRES_URL = os.environ.get("WOVE_TEST_POSTGRES_URL",
 START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
 
-def _require(module: str, what: str, extra: str) -> ModuleType:
+def require_module(module: str, what: str, install: str) -> ModuleType:
+    """``module``, or the test fails saying how to install it: a library the suite's tox
+    env installs must never turn into a silent skip there."""
     import pytest
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        pytest.fail(f"{what} is missing: pip install 'wove-adapters[{extra}]'", pytrace=False)
+        pytest.fail(f"{what} is missing: {install}", pytrace=False)
+
+
+def _require(module: str, what: str, extra: str) -> ModuleType:
+    return require_module(module, what, f"pip install 'wove-adapters[{extra}]'")
 
 
 def redis_client(*, suite: str) -> Any:
