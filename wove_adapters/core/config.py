@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -572,27 +572,38 @@ def render_config(cfg: Config, *, environment: str | None = None, fmt: str = "to
         values = {"environments": {environment: cfg.environment_settings(environment)}}
         prov = cfg.provenance
         sources = {p: prov.get(p) or prov.get(p[2:]) or _BUILTIN for p, _ in _leaves(values)}
-    leaves = [(p, _redact(p, v), sources[p]) for p, v in _leaves(values)]
+    leaves = [(p, _redact(p, v), sources[p], None) for p, v in _leaves(values)]
+    title = f"# Merged wove-adapters configuration (file: {cfg.source_file or 'none found'})"
+    return render_leaves(title, leaves, fmt)
+
+
+# (path, value already redacted, its source, the level that set it or None)
+Leaf = tuple[Path_, Any, Provenance, str | None]
+
+
+def render_leaves(title: str, leaves: Sequence[Leaf], fmt: str) -> str:
+    """Values with the source of each, as TOML with ``# from`` comments under ``title`` or
+    as JSON (``values`` and ``sources``): the one renderer of ``config`` and
+    ``config --task``."""
     if fmt == "json":
         nested: dict[str, Any] = {}
-        for p, v, _ in leaves:
+        for p, v, _, _ in leaves:
             _apply(nested, {}, (p, v, _BUILTIN))
         return json.dumps({
             "values": nested,
-            "sources": {".".join(p): {"kind": s.kind, "detail": s.detail} for p, _, s in leaves},
+            "sources": {
+                ".".join(p): {"kind": s.kind, "detail": s.detail,
+                              **({"level": level} if level is not None else {})}
+                for p, _, s, level in leaves
+            },
         }, indent=2, default=repr)
     if fmt != "toml":
         raise ValueError(f"Unknown format {fmt!r}; expected 'toml' or 'json'")
-    return _render_toml(cfg, leaves)
-
-
-def _render_toml(cfg: Config, leaves: list[tuple[Path_, Any, Provenance]]) -> str:
-    lines = [f"# Merged wove-adapters configuration (file: {cfg.source_file or 'none found'})"]
+    lines = [title]
     by_table: dict[Path_, list[str]] = {}
-    for path, value, source in leaves:
+    for path, value, source, level in leaves:
         table, key = path[:-1], path[-1]
-        label = {"environment": source.detail, "file": f"file {source.detail}"}
-        comment = f"# from {label.get(source.kind, source.kind)}"
+        comment = f"# from {_source_label(source, level)}"
         line = (f"# {_toml_key(key)} is unset (None)  {comment}" if value is None
                 else f"{_toml_key(key)} = {_toml_value(value)}  {comment}")
         by_table.setdefault(table, []).append(line)
@@ -601,3 +612,12 @@ def _render_toml(cfg: Config, leaves: list[tuple[Path_, Any, Provenance]]) -> st
             lines += ["", "[" + ".".join(_toml_key(p) for p in table) + "]"]
         lines += by_table[table]
     return "\n".join(lines) + "\n"
+
+
+def _source_label(source: Provenance, level: str | None) -> str:
+    where = {"environment": source.detail, "file": f"file {source.detail}"}
+    if level is None:
+        return where.get(source.kind, source.kind)
+    if source.kind == "default":
+        return "default"
+    return f"{where.get(source.kind, source.kind)} ({level})"

@@ -10,7 +10,6 @@ highest level that set it, and renders it in ``render_config``'s formats.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from wove_adapters.core.config import (
@@ -18,11 +17,9 @@ from wove_adapters.core.config import (
     Config,
     Path_,
     Provenance,
-    _apply,
     _leaves,
     _redact,
-    _toml_key,
-    _toml_value,
+    render_leaves,
 )
 
 __all__ = ["render_task", "task_sources"]
@@ -71,13 +68,6 @@ def task_sources(
     return settings, sources
 
 
-def _label(source: Provenance, level: str) -> str:
-    if source.kind == "default":
-        return "default"
-    where = {"environment": source.detail, "file": f"file {source.detail}"}
-    return f"{where.get(source.kind, source.kind)} ({level})"
-
-
 def render_task(
     cfg: Config, task: str, *, environment: str | None = None, fmt: str = "toml"
 ) -> str:
@@ -88,25 +78,5 @@ def render_task(
     prefix: Path_ = ("tasks", task)
     leaves = [(prefix + p, _redact(prefix + p, v), sources[p][0], sources[p][1])
               for p, v in _leaves(settings)]
-    if fmt == "json":
-        nested: dict[str, Any] = {}
-        for p, v, _, _ in leaves:
-            _apply(nested, {}, (p, v, _BUILTIN))
-        return json.dumps({
-            "values": nested,
-            "sources": {".".join(p): {"kind": s.kind, "detail": s.detail, "level": level}
-                        for p, _, s, level in leaves},
-        }, indent=2, default=repr)
-    if fmt != "toml":
-        raise ValueError(f"Unknown format {fmt!r}; expected 'toml' or 'json'")
-    lines = [f"# Task {task!r}, resolved (file: {cfg.source_file or 'none found'})"]
-    by_table: dict[Path_, list[str]] = {}
-    for path, value, source, level in leaves:
-        comment = f"# from {_label(source, level)}"
-        key = _toml_key(path[-1])
-        line = (f"# {key} is unset (None)  {comment}" if value is None
-                else f"{key} = {_toml_value(value)}  {comment}")
-        by_table.setdefault(path[:-1], []).append(line)
-    for table in sorted(by_table, key=len):
-        lines += ["", "[" + ".".join(_toml_key(p) for p in table) + "]", *by_table[table]]
-    return "\n".join(lines) + "\n"
+    title = f"# Task {task!r}, resolved (file: {cfg.source_file or 'none found'})"
+    return render_leaves(title, leaves, fmt)
