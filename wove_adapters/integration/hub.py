@@ -431,8 +431,9 @@ class Hub:
 
         A failed attempt is retried while ``retries`` allow and its error is one
         ``retry_for`` names (any ``Exception`` without it; see ``core.retry``). Each retry
-        is a new run (``<run_id>.retry<n>``) in the ledger: the dispatcher has no way to
-        run a finished run again, and a failed run's state never moves back.
+        is a new run (``<run_id>.retry<n>``) in the ledger, except a keyed run's task
+        errors: the dispatcher retries those in place (same run, attempt + 1) and its
+        final frame says how many retries that spent.
 
         Failures come back as frames, not raised: the front end raises them in the
         caller's own thread or loop (see ``_value_of``).
@@ -464,7 +465,7 @@ class Hub:
                 attempt_id = run_id if number == 0 else f"{run_id}.retry{number}"
                 coro = self._deliver(
                     fn, args, kwargs, task_name, settings, attempt_id, accepted, on_launched,
-                    spent=number,
+                    in_place=(retries - number, retry_for) if retries > number else None,
                 )
                 try:
                     frame = await (asyncio.wait_for(coro, float(timeout)) if timeout else coro)
@@ -494,7 +495,7 @@ class Hub:
         accepted: asyncio.Event,
         on_launched: Callable[[], None] | None,
         *,
-        spent: int = 0,
+        in_place: tuple[int, frozenset[str] | None] | None = None,
     ) -> dict[str, Any]:
         environment = settings["environment"]
         cached = self._resolved.get(id(settings))
@@ -533,13 +534,10 @@ class Hub:
         )
         if policy.controls.active:  # task controls key on every argument, by name
             attempt.extra["named_args"] = named_arguments(fn, args, kwargs)
-        retries = int(settings.get("retries") or 0) - spent
-        if key is not None and retries > 0:
+        if key is not None and in_place is not None:
             # A keyed run's task errors are retried in place by the dispatcher: one run in
             # the ledger, attempt + 1 (its frame says how many it spent).
-            attempt.extra["in_place_retries"] = (
-                retries, check_retry_for(settings.get("retry_for"))
-            )
+            attempt.extra["in_place_retries"] = in_place
         del func
         self._inflight[run_id] = dispatcher
         try:
