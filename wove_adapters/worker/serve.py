@@ -128,14 +128,19 @@ class ServeConfig:
         return self.tls_cert is not None
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
+        """``HOST:PORT``, an IPv6 host in brackets (the gRPC target)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
         if self.transport == "grpc":
-            return f"{host}:{self.port}"
+            return self.address
         scheme = {"http": "http", "https": "https", "websocket": "ws"}[self.transport]
         if self.transport == "websocket" and self.tls:
             scheme = "wss"
-        return f"{scheme}://{host}:{self.port}/"
+        return f"{scheme}://{self.address}/"
 
     def server_ssl(self) -> ssl.SSLContext | None:
         if not self.tls:
@@ -486,9 +491,6 @@ class Service:
         self.refusals[kind] = self.refusals.get(kind, 0) + 1
         print(f"wove-adapters serve: refused a request ({kind}): {exc}", file=sys.stderr)
 
-    def answer_signature(self, transport: str, nonce: str, body: bytes) -> dict[str, str]:
-        return self.security.sign_answer(transport, nonce, body)
-
     # ------------------------------------------------------------ health
 
     def health(self) -> dict[str, Any]:
@@ -578,6 +580,20 @@ class Service:
             self.by_key[key] = run
         run.task = asyncio.get_running_loop().create_task(self._drive(run))
         return listener
+
+    async def take(self, body: bytes) -> Listener | list[dict[str, Any]]:
+        """An authenticated unary request (HTTP POST, a gRPC call): the listener of its
+        ``run_task``, or the events that answer a ``cancel_task`` or ``shutdown`` (each
+        request stands alone: a shutdown has nothing to stop)."""
+        frame = parse_frame(body)
+        kind = frame["type"]
+        if kind == "run_task":
+            return await self.submit(frame, wait_for_room=False)
+        if kind == "cancel_task":
+            return await self.cancel(frame)
+        if kind == "shutdown":
+            return []
+        raise BadFrame(f"unknown frame type {kind!r} (run_task, cancel_task, shutdown)")
 
     def _beat_every(self, delivery: Mapping[str, Any]) -> float:
         """Heartbeats every ``--heartbeat`` seconds, or three per allowed silence when the
@@ -820,7 +836,7 @@ def signed_message(service: Service, transport: str, nonce: str | None,
                    events: list[dict[str, Any]]) -> bytes:
     """One message of our streaming extension: ``{"body": "<events JSON>", "sig": {...}}``."""
     body = events_body(events)
-    sig = service.answer_signature(transport, nonce, body) if nonce is not None else {}
+    sig = service.security.sign_answer(transport, nonce, body) if nonce is not None else {}
     return _json_bytes({"body": body.decode("utf-8"), "sig": sig})
 
 
@@ -871,7 +887,8 @@ class HttpFront:
 
     async def start(self) -> None:
         await self.runner.setup()
-        ssl_context = None if self.health_only else self.config.server_ssl()
+        ssl_context = None if self.health_only else \
+            await asyncio.to_thread(self.config.server_ssl)  # reads certificate files
         self.site = web.TCPSite(self.runner, self.host, self.port, ssl_context=ssl_context)
         await self.site.start()
 
@@ -906,32 +923,26 @@ class HttpFront:
             return _refusal(exc, request.headers)
         try:
             nonce = _extension_nonce(service, request.headers)
-            frame = parse_frame(body)
-            kind = frame["type"]
-            if kind == "cancel_task":
-                return self._answer(await service.cancel(frame), nonce)
-            if kind == "shutdown":  # each HTTP request stands alone: nothing to stop
-                return self._answer([], nonce)
-            if kind != "run_task":
-                raise BadFrame(f"unknown frame type {kind!r} (run_task, cancel_task, shutdown)")
-            listener = await service.submit(frame, wait_for_room=False)
+            taken = await service.take(body)
         except BadFrame as exc:
             return web.json_response({"error": str(exc)}, status=400)
         except Unavailable as exc:
             return web.json_response({"error": str(exc)}, status=503,
                                      headers={"Retry-After": "1"})
+        if not isinstance(taken, Listener):
+            return self._answer(taken, nonce)
         try:
             if NDJSON in request.headers.get("Accept", ""):
-                return await self._stream(request, listener, nonce)
-            return self._answer(await listener.unary_answer(), nonce)
+                return await self._stream(request, taken, nonce)
+            return self._answer(await taken.unary_answer(), nonce)
         finally:
-            service.detach(listener)  # the client went away (handler cancelled): let go
+            service.detach(taken)  # the client went away (handler cancelled): let go
 
     def _answer(self, events: list[dict[str, Any]], nonce: str | None) -> web.Response:
         body = events_body(events)
         headers = {"Content-Type": "application/json"}
         if nonce is not None:
-            headers.update(self.service.answer_signature("http", nonce, body))
+            headers.update(self.service.security.sign_answer("http", nonce, body))
         return web.Response(body=body, headers=headers)
 
     async def _stream(self, request: web.Request, listener: Listener,

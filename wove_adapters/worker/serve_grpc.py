@@ -37,7 +37,6 @@ from wove_adapters.worker.serve import (
     Unavailable,
     _extension_nonce,
     events_body,
-    parse_frame,
     signed_message,
 )
 
@@ -53,7 +52,7 @@ def _split(method: str) -> tuple[str, str]:
 
 
 def _credentials(config: ServeConfig) -> Any:
-    """TLS for the secure port (small files, read once at start)."""
+    """TLS for the secure port (read once at start, off the event loop)."""
     with open(str(config.tls_key), "rb") as key_file, open(str(config.tls_cert), "rb") as cert:
         pair = (key_file.read(), cert.read())
     roots = None
@@ -94,10 +93,10 @@ class GrpcFront:
                 stream_service,
                 {stream_name: grpc.unary_stream_rpc_method_handler(self.stream)}),
         ))
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        address = f"{host}:{self.config.port}"
-        if self.config.tls:
-            bound = server.add_secure_port(address, _credentials(self.config))
+        address = self.config.address
+        if self.config.tls:  # reads certificate files
+            credentials = await asyncio.to_thread(_credentials, self.config)
+            bound = server.add_secure_port(address, credentials)
         else:
             bound = server.add_insecure_port(address)
         if not bound:
@@ -120,78 +119,52 @@ class GrpcFront:
 
     # ------------------------------------------------------------ calls
 
-    async def _open(self, request: bytes, context: Any, method: str) -> tuple[
-            dict[str, Any], str | None]:
-        """Authenticate, then parse: the frame and the answer nonce (or an abort)."""
+    async def _take(self, request: bytes, context: Any, method: str) -> tuple[
+            str | None, Listener | list[dict[str, Any]]]:
+        """Authenticate, then ``Service.take``: the answer nonce, and the run's listener
+        or the answer's events (or an abort with the refusal's status code)."""
         metadata = _metadata(context)
         try:
             self.service.authenticate(metadata, "grpc", method, bytes(request))
         except AuthError as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"refused: {exc}")
         try:
-            return parse_frame(bytes(request)), _extension_nonce(self.service, metadata)
+            nonce = _extension_nonce(self.service, metadata)
+            return nonce, await self.service.take(bytes(request))
         except BadFrame as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise  # abort raised already; this keeps type checkers honest
-
-    async def _listen(self, frame: dict[str, Any], context: Any) -> Listener:
-        try:
-            return await self.service.submit(frame, wait_for_room=False)
         except Unavailable as exc:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.busy else \
                 grpc.StatusCode.UNAVAILABLE
             await context.abort(code, str(exc))
-            raise
-        except BadFrame as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise
-
-    async def _other(self, frame: dict[str, Any], context: Any) -> list[dict[str, Any]]:
-        """The answer to a frame that is not a run_task."""
-        kind = frame["type"]
-        if kind == "cancel_task":
-            try:
-                return await self.service.cancel(frame)
-            except BadFrame as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                raise
-        if kind == "shutdown":
-            return []
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"unknown frame type {kind!r} (run_task, cancel_task, shutdown)")
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable: abort raises")
 
     async def send(self, request: bytes, context: Any) -> bytes:
-        """wove's unary method: the run's started and terminal events in one answer."""
-        frame, nonce = await self._open(request, context, netwire.GRPC_METHOD)
-        if frame["type"] != "run_task":
-            return await self._answer(await self._other(frame, context), nonce, context)
-        listener = await self._listen(frame, context)
-        try:
-            answer = await listener.unary_answer()
-        finally:
-            self.service.detach(listener)  # the caller cancelled the call: let go
-        return await self._answer(answer, nonce, context)
-
-    async def _answer(self, events: list[dict[str, Any]], nonce: str | None,
-                      context: Any) -> bytes:
-        """The answer body; signed answers carry their signature in initial metadata."""
+        """wove's unary method: the run's started and terminal events in one answer;
+        a signed answer carries its signature in the initial metadata."""
+        nonce, taken = await self._take(request, context, netwire.GRPC_METHOD)
+        if isinstance(taken, Listener):
+            try:
+                events = await taken.unary_answer()
+            finally:
+                self.service.detach(taken)  # the caller cancelled the call: let go
+        else:
+            events = taken
         body = events_body(events)
         if nonce is not None:
-            signature = self.service.answer_signature("grpc", nonce, body)
+            signature = self.service.security.sign_answer("grpc", nonce, body)
             await context.send_initial_metadata(
                 tuple((key.lower(), value) for key, value in signature.items()))
         return body
 
     async def stream(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
         """Our streaming method: each event as it happens, signed when asked."""
-        frame, nonce = await self._open(request, context, netwire.GRPC_STREAM_METHOD)
-        if frame["type"] != "run_task":
-            yield signed_message(self.service, "grpc", nonce, await self._other(frame, context))
+        nonce, taken = await self._take(request, context, netwire.GRPC_STREAM_METHOD)
+        if not isinstance(taken, Listener):
+            yield signed_message(self.service, "grpc", nonce, taken)
             return
-        listener = await self._listen(frame, context)
         try:
-            async for event in listener.events():
+            async for event in taken.events():
                 yield signed_message(self.service, "grpc", nonce, [event])
         finally:
-            self.service.detach(listener)
+            self.service.detach(taken)
