@@ -267,6 +267,27 @@ def verified_events(
         raise AnswerError(f"a signed answer that holds no events ({exc})") from None
 
 
+def answer_events(
+    security: netwire.Security, transport: str, nonce: str, headers: Mapping[str, Any],
+    data: bytes,
+) -> list[dict[str, Any]]:
+    """A whole (not streamed) answer: ``{body, sig}`` objects, one a line, or a body
+    signed in the response headers (HTTP) or metadata (gRPC)."""
+    lines = [line for line in data.splitlines() if line.strip()]
+    if not lines:
+        return []
+    signed_inline = False
+    with contextlib.suppress(ValueError):
+        first = json.loads(lines[0])
+        signed_inline = isinstance(first, dict) and "sig" in first and "body" in first
+    if not signed_inline:
+        return verified_events(security, transport, nonce, headers, data)
+    events: list[dict[str, Any]] = []
+    for line in lines:
+        events.extend(signed_events(security, transport, nonce, line))
+    return events
+
+
 def is_loopback_target(target: str) -> bool:
     """A gRPC target (``host:port``, ``dns:``/``ipv4:``/``ipv6:`` forms, ``unix:``) on
     this machine, by wove's rule."""
@@ -422,6 +443,25 @@ class NetworkTransport(Transport, abc.ABC):
                 "ca_file" if not files["cert_file"] else "cert_file",
                 f"the TLS files could not be loaded: {exc}",
             ) from None
+        return context
+
+    async def _open_url(
+        self, config: dict[str, Any], schemes: tuple[str, str], example: str, tls_hint: str
+    ) -> ssl.SSLContext | None:
+        """The URL transports' (http, https, websocket) start: ``executor_config.url``
+        checked (``schemes``: plain, then encrypted), the session's URL, signed target
+        and extra headers set; their TLS context (None: plain)."""
+        url = self._checked_url(config, schemes, example)
+        parts = urllib.parse.urlsplit(url)
+        encrypted = parts.scheme == schemes[1]
+        self._url = self._address = url
+        self._check_reach(key="url", shown=url, loopback=netwire.is_loopback(parts.hostname),
+                          encrypted=encrypted, tls_hint=tls_hint)
+        context = await asyncio.to_thread(  # reads certificate files
+            functools.partial(self._ssl_context, encrypted=encrypted, shown=url)
+        )
+        self._target = netwire.canonical_target(url)
+        self._headers = {str(k): str(v) for k, v in (config.get("headers") or {}).items()}
         return context
 
     @abc.abstractmethod
@@ -622,10 +662,9 @@ def _quote(data: bytes) -> str:
 
 
 def _unreachable_error(exc: BaseException) -> bool:
-    import aiohttp
-
-    return isinstance(exc, (aiohttp.ClientConnectorError, ConnectionError, TimeoutError,
-                            asyncio.TimeoutError, OSError))
+    """aiohttp's connector errors, ConnectionError and TimeoutError are all OSErrors
+    (asyncio.TimeoutError only from Python 3.11)."""
+    return isinstance(exc, (OSError, asyncio.TimeoutError))
 
 
 # ---------------------------------------------------------------- http / https
@@ -637,7 +676,6 @@ class HttpTransport(NetworkTransport):
 
     name = "http"
     config_struct = HttpOptions
-    require_https = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -646,21 +684,10 @@ class HttpTransport(NetworkTransport):
     async def _open(self, config: dict[str, Any]) -> None:
         import aiohttp
 
-        url = self._checked_url(config, ("http", "https"), "https://workers.example:8443/")
-        parts = urllib.parse.urlsplit(url)
-        if self.require_https and parts.scheme != "https":
-            raise self._refuse("url", f"the https executor needs an https:// URL, not "
-                               f"{url!r} (or use executor 'http')")
-        encrypted = parts.scheme == "https"
-        self._url, self._address = url, url
-        self._check_reach(key="url", shown=url, loopback=netwire.is_loopback(parts.hostname),
-                          encrypted=encrypted,
-                          tls_hint="use an https:// URL (wove-adapters serve --transport https)")
-        context = await asyncio.to_thread(  # reads certificate files
-            functools.partial(self._ssl_context, encrypted=encrypted, shown=url)
+        context = await self._open_url(
+            config, ("http", "https"), "https://workers.example:8443/",
+            tls_hint="use an https:// URL (wove-adapters serve --transport https)",
         )
-        self._target = netwire.canonical_target(url)
-        self._headers = {str(k): str(v) for k, v in (config.get("headers") or {}).items()}
         timeout = config.get("timeout")
         read = float(timeout) if timeout is not None else None
         self._cancel_timeout = read or CANCEL_TIMEOUT
@@ -702,8 +729,6 @@ class HttpTransport(NetworkTransport):
 
         try:
             response = await self._session.post(self._url, data=body, headers=headers)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             self._fail(flight, self._unavailable(f"{type(exc).__name__}: {exc}", exc))
             return
@@ -725,12 +750,12 @@ class HttpTransport(NetworkTransport):
                             )
                 else:  # a plain (unary) answer, signed in its headers
                     data = await response.read()
-                    self._deliver_all(flight, self._answer(response.headers, data, nonce))
+                    self._deliver_all(
+                        flight, answer_events(self._security, "http", nonce, response.headers, data)
+                    )
             except AnswerError as exc:
                 self._fail(flight, AnswerError(f"{self.where}: {self._url}: {exc}"))
                 return
-            except asyncio.CancelledError:
-                raise
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
                 self._lost(flight, f"the connection to the worker service at {self._url} "
                                    f"broke before the run's outcome ({type(exc).__name__}: "
@@ -749,23 +774,6 @@ class HttpTransport(NetworkTransport):
             f"{': ' + detail if detail else ''}"
         )
 
-    def _answer(self, headers: Mapping[str, Any], data: bytes, nonce: str) -> list[dict[str, Any]]:
-        """A whole (not streamed) answer: one ``{body, sig}`` object, NDJSON lines, or a
-        body signed in the response headers."""
-        lines = [line for line in data.splitlines() if line.strip()]
-        if not lines:
-            return []
-        signed_inline = False
-        with contextlib.suppress(ValueError):
-            first = json.loads(lines[0])
-            signed_inline = isinstance(first, dict) and "sig" in first and "body" in first
-        if signed_inline:
-            events: list[dict[str, Any]] = []
-            for line in lines:
-                events.extend(signed_events(self._security, "http", nonce, line))
-            return events
-        return verified_events(self._security, "http", nonce, headers, data)
-
     async def _cancel(self, run: RunAttempt, mode: str) -> list[dict[str, Any]]:
         import aiohttp
 
@@ -778,7 +786,7 @@ class HttpTransport(NetworkTransport):
                 data = await response.read()
                 if response.status != 200:
                     raise self._status_error(response.status, _quote(data))
-                return self._answer(response.headers, data, nonce)
+                return answer_events(self._security, "http", nonce, response.headers, data)
         except aiohttp.ClientError as exc:
             raise self._unavailable(f"{type(exc).__name__}: {exc}", exc) from exc
 
@@ -793,7 +801,13 @@ class HttpsTransport(HttpTransport):
     """``https``: ``http`` that refuses anything but an https:// URL."""
 
     name = "https"
-    require_https = True
+
+    def _checked_url(self, config: dict[str, Any], schemes: tuple[str, ...], example: str) -> str:
+        url = super()._checked_url(config, schemes, example)
+        if urllib.parse.urlsplit(url).scheme != "https":
+            raise self._refuse("url", f"the https executor needs an https:// URL, not "
+                               f"{url!r} (or use executor 'http')")
+        return url
 
 
 # ---------------------------------------------------------------- websocket
@@ -822,32 +836,22 @@ class WebSocketTransport(NetworkTransport):
     def __init__(self) -> None:
         super().__init__()
         self._ssl: ssl.SSLContext | None = None
-        self._open_timeout = CONNECT_TIMEOUT
         self._socket: _Socket | None = None
         self._connecting = asyncio.Lock()
 
     async def _open(self, config: dict[str, Any]) -> None:
         import aiohttp
 
-        url = self._checked_url(config, ("ws", "wss"), "wss://workers.example:8443/")
-        parts = urllib.parse.urlsplit(url)
-        encrypted = parts.scheme == "wss"
-        self._url, self._address = url, url
-        self._check_reach(key="url", shown=url, loopback=netwire.is_loopback(parts.hostname),
-                          encrypted=encrypted, tls_hint="use a wss:// URL")
-        self._ssl = await asyncio.to_thread(  # reads certificate files
-            functools.partial(self._ssl_context, encrypted=encrypted, shown=url)
-        )
-        self._target = netwire.canonical_target(url)
-        self._headers = {str(k): str(v) for k, v in (config.get("headers") or {}).items()}
-        if config.get("open_timeout") is not None:
-            self._open_timeout = float(config["open_timeout"])
+        self._ssl = await self._open_url(config, ("ws", "wss"), "wss://workers.example:8443/",
+                                         tls_hint="use a wss:// URL")
+        given = config.get("open_timeout")
+        open_timeout = CONNECT_TIMEOUT if given is None else float(given)
         # The handshake is bounded by open_timeout (connect, then its answer); after the
         # upgrade aiohttp lifts the read bound and pings watch the peer.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=self._open_timeout, sock_read=self._open_timeout
+                total=None, sock_connect=open_timeout, sock_read=open_timeout
             ),
         )
 
@@ -929,8 +933,6 @@ class WebSocketTransport(NetworkTransport):
             else:
                 code = sock.ws.close_code
                 why = f"it closed (code {code})" if code is not None else "it closed"
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc}"
         finally:

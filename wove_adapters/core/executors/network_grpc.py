@@ -12,8 +12,6 @@ environment starts; without it the start fails naming ``pip install
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +26,10 @@ from wove_adapters.core.executors.network import (
     NetworkTransport,
     _auth_nonce,
     _Flight,
+    answer_events,
     cancel_frame,
     is_loopback_target,
     signed_events,
-    verified_events,
 )
 from wove_adapters.core.transport import RunAttempt
 
@@ -249,15 +247,7 @@ class GrpcTransport(NetworkTransport):
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 raise self._refused(code.name, str(exc.details() or "")) from None
             raise self._unavailable(f"{code.name}: {exc.details()}", exc) from exc
-        if not answer:
-            return []
-        signed_inline = False
-        with contextlib.suppress(ValueError):
-            first = json.loads(answer)
-            signed_inline = isinstance(first, dict) and "sig" in first and "body" in first
-        if signed_inline:
-            return signed_events(self._security, "grpc", nonce, answer)
-        return verified_events(self._security, "grpc", nonce, headers, bytes(answer))
+        return answer_events(self._security, "grpc", nonce, headers, bytes(answer or b""))
 
     async def aclose(self) -> None:
         await self._stop_flights()
