@@ -124,7 +124,7 @@ def pid_alive(pid: int) -> bool:
     left for its parent to read)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except OSError:  # gone (FileNotFoundError), or exiting during the read (ESRCH)
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
