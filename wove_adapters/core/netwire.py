@@ -23,6 +23,7 @@ Two rules come from our trust boundaries, not from wove:
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -72,13 +73,28 @@ def encode_frame(frame: Mapping[str, Any]) -> dict[str, Any]:
     return payload
 
 
+def pickled_bytes(payload: Mapping[str, Any], name: str) -> bytes | None:
+    """The still-pickled bytes of field ``name`` (its ``{name}_pickle``), or None when
+    absent; ``ValueError`` naming the field when it is not base64 text. Unpickles nothing."""
+    value = payload.get(f"{name}_pickle")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name}_pickle must be base64 text")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError(f"{name}_pickle is not valid base64: {exc}") from None
+
+
 def decode_frame(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Unpickles: call only on authenticated bytes."""
     frame = dict(payload)
     for name in PICKLED_FIELDS:
-        key = f"{name}_pickle"
-        if key in frame:
-            frame[name] = cloudpickle.loads(base64.b64decode(str(frame.pop(key))))
+        raw = pickled_bytes(frame, name)
+        if raw is not None:
+            del frame[f"{name}_pickle"]
+            frame[name] = cloudpickle.loads(raw)
     return frame
 
 

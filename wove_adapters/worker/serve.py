@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import json
 import os
@@ -315,15 +314,10 @@ class _Pickled:
 
 
 def _field_bytes(frame: Mapping[str, Any], name: str) -> bytes | None:
-    value = frame.get(f"{name}_pickle")
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadFrame(f"{name}_pickle must be base64 text")
     try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError) as exc:
-        raise BadFrame(f"{name}_pickle is not valid base64: {exc}") from None
+        return netwire.pickled_bytes(frame, name)
+    except ValueError as exc:
+        raise BadFrame(str(exc)) from None
 
 
 def parse_frame(body: bytes | str) -> dict[str, Any]:

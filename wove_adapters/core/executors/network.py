@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import base64
 import contextlib
 import functools
 import json
@@ -158,13 +157,6 @@ def cancel_frame(run: RunAttempt, mode: str) -> dict[str, Any]:
     }
 
 
-def _pickled(raw: Mapping[str, Any], name: str) -> bytes | None:
-    value = raw.get(f"{name}_pickle")
-    if value is None:
-        return None
-    return base64.b64decode(str(value), validate=True)
-
-
 def event_from_wire(
     raw: Mapping[str, Any], run_id: str, task_id: str, attempt: int, *, where: str
 ) -> dict[str, Any] | None:
@@ -178,7 +170,7 @@ def event_from_wire(
     task_id = str(raw.get("task_id") or task_id)
     try:
         if kind == frames.TASK_RESULT:
-            result = _pickled(raw, "result")
+            result = netwire.pickled_bytes(raw, "result")
             if result is None:
                 raise ValueError("a task_result without result_pickle")
             return event_frame(frames.TaskResult(
@@ -188,7 +180,7 @@ def event_from_wire(
             return event_frame(
                 frames.TaskError(
                     run_id=run_id, task_id=task_id, attempt=attempt,
-                    error=_error_payload(raw), exception=_pickled(raw, "exception"),
+                    error=_error_payload(raw), exception=netwire.pickled_bytes(raw, "exception"),
                 ),
                 where=where,
             )
@@ -216,7 +208,7 @@ def _error_payload(raw: Mapping[str, Any]) -> frames.ErrorPayload:
     """The normalized error of a ``task_error``: pickled (wove's ``error_pickle``; the
     answer was verified) or plain JSON."""
     error: Any = raw.get("error")
-    data = _pickled(raw, "error")
+    data = netwire.pickled_bytes(raw, "error")
     if data is not None:
         import cloudpickle
 
