@@ -51,6 +51,11 @@ BACKENDS: Mapping[str, Backend] = {
 }
 
 
+# Backends whose workers run chunks of a mapped call (``worker.chunks``), with the http
+# return path (a chunk learns of cancelled runs from the receiver's answers).
+CHUNKED = frozenset({"arq", "celery", "dask", "ray", "rq", "taskiq"})
+
+
 class BackendConformance(AdapterConformance):
     """``environment`` is ``{"executor": executor, "executor_config": ...}``, the config
     made by ``executor_config`` from the value of the fixture named ``service`` (none:
@@ -69,6 +74,9 @@ class BackendConformance(AdapterConformance):
         super().__init_subclass__(**kwargs)
         if cls.executor:
             cls.detection_timeout, cls.extra, cls.library = BACKENDS[cls.executor]
+            if "chunks" not in cls.__dict__:  # a class may say otherwise (its return path)
+                cls.chunks = (cls.executor in CHUNKED
+                              and cls.options.get("return_path", "http") == "http")
 
     def executor_config(self, service: Any) -> dict[str, Any]:
         """The executor_config for the running ``service``; by default the service

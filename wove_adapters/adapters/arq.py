@@ -174,6 +174,7 @@ class ArqAdapter(BackendAdapter):
     PROCESS_CAPABILITIES: ClassVar[Capabilities] = dataclasses.replace(
         capabilities, cancel_running=True, confirm_cancel=True
     )
+    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         # arq.jobs.JobStatus
         "DEFERRED": JobState.PENDING,

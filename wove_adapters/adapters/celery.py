@@ -119,6 +119,7 @@ class CeleryAdapter(BackendAdapter):
         detach=True,  # workers outlive the caller and record outcomes in the ledger
         inline_payload_limit=512 * 1024,
     )
+    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         "PENDING": JobState.PENDING,  # also "never heard of it"
         "RECEIVED": JobState.PENDING,

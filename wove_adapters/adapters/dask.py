@@ -50,6 +50,7 @@ from wove_adapters.adapters.util import (
     wait_within,
 )
 from wove_adapters.core import frames
+from wove_adapters.core.envelope import is_chunk
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.worker import hosted
@@ -69,6 +70,8 @@ def run_payload(payload: str) -> Any:
     Runs in a Dask worker thread, so SIGTERM cannot interrupt it (``handle_sigterm`` is
     off: signal handlers belong to the main thread).
     """
+    if is_chunk(payload):
+        return hosted.run_chunk(payload, handle_sigterm=False)
     envelope = hosted.verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
     if envelope.return_path.kind == "native":
         return hosted.run_native(envelope)
@@ -131,6 +134,7 @@ class DaskAdapter(BackendAdapter):
         detach=True,  # fire_and_forget keeps the task alive without this client
         inline_payload_limit=4 * 1024 * 1024,
     )
+    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         # client-side Future.status
         "PENDING": JobState.PENDING,

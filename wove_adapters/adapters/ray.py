@@ -50,6 +50,7 @@ from wove_adapters.adapters.util import (
     run_event,
 )
 from wove_adapters.core import frames
+from wove_adapters.core.envelope import is_chunk
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.worker import hosted
@@ -92,6 +93,12 @@ def run_payload(payload: str) -> Any:
     """
     from wove_adapters.worker.runner import TaskCancelled
 
+    if is_chunk(payload):
+        try:
+            with interrupt_cancels():
+                return hosted.run_chunk(payload)
+        except TaskCancelled as exc:
+            return NativeCancelled(str(exc))
     envelope = hosted.verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
     try:
         with interrupt_cancels():
@@ -164,6 +171,7 @@ class RayAdapter(BackendAdapter):
         inline_payload_limit=256 * 1024 * 1024,  # args travel through Ray's object store
     )
     # Native states: Ray's task states (state API) plus what an ObjectRef says.
+    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         "PENDING_ARGS_AVAIL": JobState.PENDING,
         "PENDING_NODE_ASSIGNMENT": JobState.PENDING,

@@ -99,6 +99,7 @@ class RqAdapter(BackendAdapter):
         detach=True,  # RQ workers run on without the caller; outcomes go to the ledger
         inline_payload_limit=1024 * 1024,
     )
+    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         "CREATED": JobState.PENDING,
         "QUEUED": JobState.PENDING,

@@ -85,6 +85,7 @@ class TaskiqAdapter(BackendAdapter):
         inline_payload_limit=1024 * 1024,
     )
     # Our worker-written states (taskiq itself has none besides "result ready").
+    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         "QUEUED": JobState.PENDING,
         "RUNNING": JobState.RUNNING,

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
@@ -169,6 +170,21 @@ class KeyFollowers:
                                             f"this idempotency key was cancelled")
 
 
+@dataclass
+class _Chunk:
+    """One backend job carrying several runs (``submit_chunk``): ``live`` are the runs not
+    yet cancelled, ``held`` those not yet released, ``started`` those the worker said
+    started (a cancel can no longer keep them from running)."""
+
+    name: str
+    live: set[str]
+    held: set[str] = field(default_factory=set)
+    started: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.held = set(self.live)
+
+
 class AdapterTransport(Transport):
     """Turns any BackendAdapter into a transport: payloads out, receiver events in."""
 
@@ -202,7 +218,11 @@ class AdapterTransport(Transport):
         self._confirming: dict[tuple[str, int], tuple[RunAttempt, float]] = {}
         self._confirmer: asyncio.Task[None] | None = None
         self.followers: KeyFollowers | None = None
-        self.stats: dict[str, int] = {"array_submissions": 0, "single_submissions": 0}
+        self.stats: dict[str, int] = {
+            "array_submissions": 0, "single_submissions": 0, "chunk_submissions": 0,
+            "chunked_runs": 0,
+        }
+        self._chunks: dict[str, _Chunk] = {}  # by the job's handle
 
     async def start(self, context: StartContext) -> None:
         # Before the receiver binds or the backend is contacted: a typo fails here.
@@ -227,6 +247,11 @@ class AdapterTransport(Transport):
         self.adapter.emit = emit
         await self.adapter.start()
         self.followers = KeyFollowers(self.adapter, emit, self._key_id)
+        # Chunks need the http receiver: its answers tell a chunk which of its runs were
+        # cancelled (a drop box answers nothing; a native path has one result per job).
+        self.supports_chunks = (
+            self.adapter_cls.chunks and self.receiver is not None and self._dropbox is None
+        )
         # An adapter may refine its capabilities from its configuration.
         self.capabilities = self.adapter.capabilities
 
@@ -244,9 +269,60 @@ class AdapterTransport(Transport):
 
     async def submit(self, run: RunAttempt) -> None:
         assert self.adapter is not None
+        job = await self._job_for(run)
+        if self.capabilities.array_jobs and job.idempotency_key is None:
+            run.submission = await self._submit_batched(job)
+        else:
+            handle = await self.adapter.submit(job)
+            run.submission = str(handle)
+            if isinstance(handle, Following):
+                assert self.followers is not None
+                self.followers.add(run, run.submission)
+
+    async def submit_chunk(self, runs: Sequence[RunAttempt]) -> None:
+        """One backend job for several runs (see ``worker.chunks``): each run's payload is
+        signed on its own; the job's handle is every run's submission, and the job is
+        cancelled or released only with its last live run."""
+        assert self.adapter is not None
+        if len(runs) == 1 or not self.supports_chunks:
+            await super().submit_chunk(runs)
+            return
+        chunk = f"{runs[0].run_id}~{len(runs)}"
+        jobs = [await self._job_for(run, chunk=chunk) for run in runs]
+        first = jobs[0]
+        job = JobSpec(
+            run_id=chunk,
+            task_id=first.task_id,
+            attempt=1,
+            payload=payload_mod.encode_chunk([j.payload for j in jobs]),
+            idempotency_key=None,
+            job_name=self.adapter.safe_name(
+                f"wove-{first.task_id}-{runs[0].run_id.rsplit(':', 1)[-1][:12]}-x{len(runs)}"
+            ),
+            environment=self._environment,
+            delivery=first.delivery,
+            options=first.options,
+        )
+        try:
+            handle = str(await self.adapter.submit(job))
+        except BaseException:
+            if self.receiver is not None:
+                for run in runs:
+                    self.receiver.unregister(run.run_id)
+                self.receiver.forget_chunk(chunk)
+            raise
+        self._chunks[handle] = _Chunk(chunk, {run.run_id for run in runs})
+        for run in runs:
+            run.submission = handle
+        self.stats["chunk_submissions"] += 1
+        self.stats["chunked_runs"] += len(runs)
+
+    async def _job_for(self, run: RunAttempt, *, chunk: str | None = None) -> JobSpec:
+        """The run's signed payload as a job, its receiver registration made."""
+        assert self.adapter is not None
         delivery = run.policy.as_delivery(run.idempotency_key)
         if self.receiver is not None:
-            self.receiver.register(run.run_id, self._sink, key_id=self._key_id)
+            self.receiver.register(run.run_id, self._sink, key_id=self._key_id, chunk=chunk)
         limit = int(
             self._config.get("inline_payload_limit") or self.capabilities.inline_payload_limit
         )
@@ -281,7 +357,7 @@ class AdapterTransport(Transport):
             if large
             else payload_mod.encode_payload(envelope)
         )
-        job = JobSpec(
+        return JobSpec(
             run_id=run.run_id,
             task_id=run.task_id,
             attempt=run.attempt,
@@ -294,14 +370,6 @@ class AdapterTransport(Transport):
             delivery=delivery,
             options=dict(run.extra.get("options") or {}),
         )
-        if self.capabilities.array_jobs and job.idempotency_key is None:
-            run.submission = await self._submit_batched(job)
-        else:
-            handle = await self.adapter.submit(job)
-            run.submission = str(handle)
-            if isinstance(handle, Following):
-                assert self.followers is not None
-                self.followers.add(run, run.submission)
 
     async def _submit_batched(self, job: JobSpec) -> str:
         """Jobs submitted within ``array_window`` seconds of each other (a mapped task)
@@ -353,6 +421,11 @@ class AdapterTransport(Transport):
         from wove_adapters.core.executors.stdio import event_frame
 
         assert self._emit is not None
+        if self._chunks and isinstance(event, frames.TaskStarted):
+            for chunk in self._chunks.values():
+                if event.run_id in chunk.held:
+                    chunk.started.add(event.run_id)
+                    break
         refs = stored_refs(event)
         if refs:
             # Sent by reference (large): fetched, checked and unpickled in a thread, so the
@@ -397,6 +470,9 @@ class AdapterTransport(Transport):
                      f"caller owns (it goes on for them)",
             )
             return
+        chunk = self._chunks.get(run.submission)
+        if chunk is not None and self._cancel_in_chunk(run, chunk, mode):
+            return
         await self.adapter.cancel(run.submission, running=True)
         if mode == "require_ack" and self.capabilities.confirm_cancel:
             loop = asyncio.get_running_loop()
@@ -404,6 +480,25 @@ class AdapterTransport(Transport):
             self._confirming[(run.run_id, run.attempt)] = (run, deadline)
             if self._confirmer is None or self._confirmer.done():
                 self._confirmer = loop.create_task(self._confirm())
+
+    def _cancel_in_chunk(self, run: RunAttempt, chunk: _Chunk, mode: str) -> bool:
+        """Cancel one run of a chunk whose other runs go on: the worker is told (in the
+        receiver's answers) not to start it, and a run it has not said it started is
+        confirmed cancelled at once. One that started runs to its end, which is what
+        confirms a ``require_ack`` cancel. False: it was the chunk's last live run, so
+        the whole job is cancelled as a single run's would be."""
+        chunk.live.discard(run.run_id)
+        if not chunk.live:
+            return False
+        assert self._emit is not None
+        if self.receiver is not None:
+            self.receiver.skip_in_chunk(chunk.name, run.run_id)
+        if run.run_id not in chunk.started:
+            self._emit(frames.event_of(
+                run, frames.TASK_CANCELLED,
+                reason=f"cancelled inside {self.name} job {run.submission} before it started",
+            ))
+        return True
 
     async def _confirm(self) -> None:
         """The worker usually confirms with task_cancelled; if the backend killed it
@@ -546,6 +641,16 @@ class AdapterTransport(Transport):
         self._ended_quiet.pop(f"{run.run_id}#{run.attempt}", None)
         if self.receiver is not None:
             self.receiver.unregister(run.run_id)
+        chunk = self._chunks.get(run.submission or "")
+        if chunk is not None:
+            chunk.live.discard(run.run_id)
+            chunk.held.discard(run.run_id)
+            if chunk.held:
+                others = True  # its job still carries other runs
+            else:
+                del self._chunks[run.submission or ""]
+                if self.receiver is not None:
+                    self.receiver.forget_chunk(chunk.name)
         if self.adapter is not None and run.submission is not None and not others:
             with contextlib.suppress(Exception):
                 await self.adapter.release(run.submission)

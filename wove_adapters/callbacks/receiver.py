@@ -93,6 +93,11 @@ class CallbackReceiver:
         self.max_connections = max_connections or default_max_connections()
         self.large_reads = LARGE_READS
         self._sinks: dict[str, tuple[EventSink, str | None]] = {}
+        # Runs carried by a chunk (one backend job for several runs), and the runs of
+        # each chunk the caller cancelled: the answer to any batch from that chunk names
+        # them, so its worker never starts them (see ``worker.chunks``).
+        self._chunk_of: dict[str, str] = {}
+        self._skips: dict[str, set[str]] = {}
         self._terminal_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         # Open connections, least recently active first, and those mid-request.
         self._connections: OrderedDict[Any, float] = OrderedDict()
@@ -189,14 +194,36 @@ class CallbackReceiver:
             await self._runner.cleanup()
             self._runner = None
 
-    def register(self, run_id: str, sink: EventSink, *, key_id: str | None = None) -> None:
+    def register(
+        self, run_id: str, sink: EventSink, *, key_id: str | None = None,
+        chunk: str | None = None,
+    ) -> None:
         """Route ``run_id``'s events to ``sink``. ``key_id``: the key that signed the run's
         payload; its events are accepted only under that key (None: any key this process
-        holds, for callers that sign nothing themselves)."""
+        holds, for callers that sign nothing themselves). ``chunk``: the chunk carrying
+        the run, if any (see ``skip_in_chunk``)."""
         self._sinks[run_id] = (sink, key_id or None)
+        if chunk is not None:
+            self._chunk_of[run_id] = chunk
 
     def unregister(self, run_id: str) -> None:
         self._sinks.pop(run_id, None)
+
+    def skip_in_chunk(self, chunk: str, run_id: str) -> None:
+        """The caller cancelled ``run_id``, which waits inside ``chunk``: say so in the
+        answer to the chunk's next batch of events, so its worker never starts it."""
+        self._skips.setdefault(chunk, set()).add(run_id)
+
+    def forget_chunk(self, chunk: str) -> None:
+        """Every run of ``chunk`` ended here: nothing more to tell its worker."""
+        self._skips.pop(chunk, None)
+        for run_id in [r for r, c in self._chunk_of.items() if c == chunk]:
+            del self._chunk_of[run_id]
+
+    def _skips_for(self, events: list[frames.WireEvent]) -> list[str]:
+        chunks = {self._chunk_of.get(event.run_id) for event in events}
+        return sorted({run_id for chunk in chunks if chunk for run_id in
+                       self._skips.get(chunk, ())})
 
     # ------------------------------------------------------------ connections
 
@@ -303,6 +330,7 @@ class CallbackReceiver:
             return self._reject(
                 401, f"signed with key {key_id}, not with the key of run {wrong[0]}"
             )
+        skip = self._skips_for(batch.events) if self._skips else []
         routed, unknown = self.route(batch.events, data)
         self.stats["accepted"] += 1
         if unknown:
@@ -317,10 +345,14 @@ class CallbackReceiver:
                     "error": "no run with these ids is followed here",
                     "unknown": unknown,
                     "routed": routed,
+                    **({"skip": skip} if skip else {}),
                 },
                 status=UNKNOWN_RUN_STATUS,
             )
-        return web.json_response({"ok": True, "events": len(batch.events), "routed": routed})
+        answer: dict[str, Any] = {"ok": True, "events": len(batch.events), "routed": routed}
+        if skip:
+            answer["skip"] = skip
+        return web.json_response(answer)
 
     async def _read_body(self, request: Any, declared: int | None) -> list[bytes]:
         """The whole body within ``body_timeout`` (waiting for a large-body slot

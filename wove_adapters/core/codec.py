@@ -186,6 +186,8 @@ def wire_to_frame(event: frames.WireEvent, raw: bytes | None = None) -> dict[str
     if isinstance(event, frames.TaskResult):
         data = event.result if event.result_ref is None else fetch_stored(event, event.result_ref)
         frame["result"] = loads(data)
+        if event.elapsed is not None:
+            frame["elapsed"] = event.elapsed
     elif isinstance(event, frames.TaskError):
         payload = event.error.to_dict()
         frame["error"] = payload

@@ -46,6 +46,8 @@ SETTING_KEYS: tuple[str, ...] = (
     "reroute_on_concurrency_control", "concurrency_lease_seconds", "cache_results",
     "disable_cache_args", "cache_ttl_seconds", "on_diff_non_key_args_raise", "retry_for",
     "max_pending_seconds",
+    # How many runs of a mapped call travel in one backend message (docs/executors.md).
+    "map_chunk_size",
 )
 # Application settings: top level only.
 APP_KEYS: tuple[str, ...] = ("app_id", "force_local", "log_level", "log_format")
@@ -62,7 +64,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "key_arguments": None, "reroute_on_concurrency_control": False,
     "concurrency_lease_seconds": 15.0, "cache_results": False, "disable_cache_args": None,
     "cache_ttl_seconds": None, "on_diff_non_key_args_raise": False, "retry_for": None,
-    "max_pending_seconds": None,
+    "max_pending_seconds": None, "map_chunk_size": "auto",
     "ledger": None,  # the runtime falls back to a per-user SQLite file
     "app_id": None, "force_local": False, "log_level": None, "log_format": "text",
 }
@@ -79,6 +81,7 @@ _TYPES: dict[str, Any] = {
     "reroute_on_concurrency_control": bool, "concurrency_lease_seconds": float,
     "cache_results": bool, "disable_cache_args": list[str], "cache_ttl_seconds": float,
     "on_diff_non_key_args_raise": bool, "retry_for": list[str], "max_pending_seconds": float,
+    "map_chunk_size": Any,
     "app_id": str, "force_local": bool, "log_level": str, "log_format": str,
 }
 _ALLOWED: dict[str, tuple[str, ...]] = {

@@ -41,6 +41,12 @@ DEFAULT_MAX_AGE: Final = 7 * 86400.0
 # Clocks may disagree this much before a payload "from the future" is refused.
 CLOCK_SKEW: Final = 300.0
 PAYLOAD_PREFIX: Final = "wove1."
+# A chunk: several payloads that travel as one backend message (a mapped call packed K
+# runs to a job). Each piece is a whole signed payload, verified on its own; the chunk
+# itself is not signed, since it adds nothing a piece does not carry (a piece moved
+# into another chunk is the same run, as a copied job is).
+CHUNK_PREFIX: Final = "wove1chunk:"
+CHUNK_SEPARATOR: Final = "~"  # outside the urlsafe base64 alphabet of a payload
 
 
 class ReturnPath(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,6 +120,26 @@ def encode_payload(envelope: Envelope) -> str:
     """Sign the envelope and return it as a compact ASCII string (safe in env vars)."""
     blob = signing.sign(_env_encoder.encode(envelope), envelope.key_id)
     return PAYLOAD_PREFIX + base64.urlsafe_b64encode(signing.encode_blob(blob)).decode("ascii")
+
+
+def encode_chunk(payloads: list[str]) -> str:
+    """One backend message for several signed payloads (see ``CHUNK_PREFIX``)."""
+    return CHUNK_PREFIX + CHUNK_SEPARATOR.join(payloads)
+
+
+def is_chunk(text: str | bytes) -> bool:
+    prefix = CHUNK_PREFIX.encode() if isinstance(text, bytes) else CHUNK_PREFIX
+    return text.startswith(prefix)  # type: ignore[arg-type]
+
+
+def split_chunk(text: str | bytes) -> list[str]:
+    """The payloads of a chunk, each still to be verified (``decode_payload``)."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    text = text.strip()
+    if not text.startswith(CHUNK_PREFIX):
+        raise PayloadError("not a wove-adapters chunk (it must start with 'wove1chunk:')")
+    return [piece for piece in text[len(CHUNK_PREFIX):].split(CHUNK_SEPARATOR) if piece]
 
 
 def decode_payload(text: str | bytes) -> Envelope:

@@ -103,6 +103,8 @@ class TaskResult(_Event, frozen=True, kw_only=True, tag=TASK_RESULT):
     result: bytes  # cloudpickle
     idempotency_key: str | None = None
     result_ref: BodyRef | None = None
+    # Seconds the task body ran on the worker: what sizes a mapped call's chunks.
+    elapsed: float | None = None
 
 
 class TaskError(_Event, frozen=True, kw_only=True, tag=TASK_ERROR):

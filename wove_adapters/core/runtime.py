@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wove_adapters.core import frames, signing
+from wove_adapters.core.chunking import ChunkGatherer
 from wove_adapters.core.codec import decode_outcome, frame_to_wire, sign_events
 from wove_adapters.core.controls import Controls
 from wove_adapters.core.errors import (
@@ -201,6 +202,10 @@ def _config_seconds(environment: str, executor_config: dict[str, Any], key: str)
     return number
 
 
+def _alive(run: Run) -> bool:
+    return not run.done.is_set()
+
+
 def _fail(done: asyncio.Future[Any], exc: BaseException, url: str) -> None:
     log.warning("ledger write failed (%s): %r", url, exc)
     if not done.done():
@@ -263,6 +268,7 @@ class Dispatcher:
         self.stats["caller_stalls"] = 0
         self._background: set[asyncio.Task[Any]] = set()
         self.controls = Controls(ledger, app_id=settings.get("app_id"))
+        self._chunks = ChunkGatherer(transport, self._spawn)
 
     # ---------------------------------------------------------- life cycle
 
@@ -501,7 +507,15 @@ class Dispatcher:
                 return
             run.submitted_at = run.last_seen = run.pending_since = time.monotonic()
             run.submitting = True
-            await self.transport.submit(run.attempt)
+            # Only a first attempt travels in its chunk: a retry or requeue goes alone.
+            chunk = run.attempt.extra.pop("chunk", None)
+            if chunk is not None and self.transport.supports_chunks:
+                alive = functools.partial(_alive, run)
+                if not await self._chunks.submit(run.attempt, chunk, alive):
+                    self._release_slot(run)  # ended while its chunk gathered
+                    return
+            else:
+                await self.transport.submit(run.attempt)
             run.launched = True
             if run.attempt.submission:
                 # Closures name the run by id only: a queued write must not keep the

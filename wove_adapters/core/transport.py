@@ -76,6 +76,9 @@ class RunAttempt:
 class Transport(abc.ABC):
     name: str = "transport"
     capabilities: Capabilities = Capabilities()
+    # Whether ``submit_chunk`` packs runs into one backend message (set by ``start``):
+    # ``Hub.map`` chunks a mapped call only then.
+    supports_chunks: bool = False
 
     @abc.abstractmethod
     async def start(self, context: StartContext) -> None:
@@ -84,6 +87,13 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def submit(self, run: RunAttempt) -> None:
         """Hand one attempt to the backend; return once it is accepted."""
+
+    async def submit_chunk(self, runs: Sequence[RunAttempt]) -> None:
+        """Hand several first attempts of one mapped call to the backend as one message
+        (``supports_chunks``); each run keeps its own events, cancel and orphan policy.
+        Default: ``submit`` each."""
+        for run in runs:
+            await self.submit(run)
 
     @abc.abstractmethod
     async def cancel(self, run: RunAttempt, *, mode: str) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from wove_adapters.core import frames, logs
 from wove_adapters.core import loop as shared_loop
+from wove_adapters.core.chunking import chunk_size
 from wove_adapters.core.codec import decode_outcome, exception_from_frame
 from wove_adapters.core.config import Config, load_config
 from wove_adapters.core.errors import (
@@ -119,6 +120,8 @@ class Hub:
         self._closed = False
         self._closing: asyncio.Event | None = None
         self._settings_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+        # Seconds each task took on its worker (moving average): sizes mapped chunks.
+        self._task_seconds: dict[str, float] = {}
         self._resolved: dict[int, tuple[dict[str, Any], Dispatcher, DeliveryPolicy]] = {}
         _open_hubs.add(self)
 
@@ -426,8 +429,11 @@ class Hub:
         call_settings: dict[str, Any] | None,
         run_id: str,
         on_launched: Callable[[], None] | None = None,
+        *,
+        chunk: tuple[str, int, int] | None = None,
     ) -> dict[str, Any]:
         """One call with its retries and ``timeout``; returns the terminal frame.
+        ``chunk``: the chunk of a mapped call its first attempt travels in.
 
         A failed attempt is retried while ``retries`` allow and its error is one
         ``retry_for`` names (any ``Exception`` without it; see ``core.retry``). Each retry
@@ -466,6 +472,7 @@ class Hub:
                 coro = self._deliver(
                     fn, args, kwargs, task_name, settings, attempt_id, accepted, on_launched,
                     in_place=(retries - number, retry_for) if retries > number else None,
+                    chunk=chunk if number == 0 else None,
                 )
                 try:
                     frame = await (asyncio.wait_for(coro, float(timeout)) if timeout else coro)
@@ -496,6 +503,7 @@ class Hub:
         on_launched: Callable[[], None] | None,
         *,
         in_place: tuple[int, frozenset[str] | None] | None = None,
+        chunk: tuple[str, int, int] | None = None,
     ) -> dict[str, Any]:
         environment = settings["environment"]
         cached = self._resolved.get(id(settings))
@@ -521,6 +529,9 @@ class Hub:
         def listener(frame: dict[str, Any]) -> None:
             if frame.get("type") in frames.TERMINAL_EVENTS and not outcome.done():
                 outcome.set_result(frame)
+                elapsed = frame.get("elapsed")
+                if elapsed is not None:
+                    self._note_elapsed(task_name, float(elapsed))
 
         attempt = RunAttempt(
             run_id=run_id,
@@ -534,6 +545,8 @@ class Hub:
         )
         if policy.controls.active:  # task controls key on every argument, by name
             attempt.extra["named_args"] = named_arguments(fn, args, kwargs)
+        if chunk is not None and key is None and not policy.controls.active:
+            attempt.extra["chunk"] = chunk
         if key is not None and in_place is not None:
             # A keyed run's task errors are retried in place by the dispatcher: one run in
             # the ledger, attempt + 1 (its frame says how many it spent).
@@ -592,12 +605,26 @@ class Hub:
         spacing = 60.0 / float(per_minute) if per_minute else 0.0
         start = time.monotonic()
         passthrough = {k: v for k, v in call_settings.items() if k not in _MAP_KEYS}
+        try:
+            size = 1 if limiter or spacing else await self._chunk_size(
+                fn, len(items), environment, task_options, passthrough
+            )
+        except ValueError as exc:
+            return "raise", [_error_frame("", exc)]
+        call_id = uuid.uuid4().hex
+
+        def chunk_of(index: int) -> tuple[str, int, int] | None:
+            if size <= 1:
+                return None
+            number = index // size
+            return call_id, number, min(size, len(items) - number * size)
 
         async def one(index: int, item: Any) -> dict[str, Any]:
             if spacing:
                 await asyncio.sleep(max(0.0, start + index * spacing - time.monotonic()))
             run_id = self._new_run_id(fn, task_options)
-            call = self._call(fn, (item,), {}, environment, task_options, passthrough, run_id)
+            call = self._call(fn, (item,), {}, environment, task_options, passthrough, run_id,
+                              chunk=chunk_of(index))
             if limiter is None:
                 return await call
             async with limiter:
@@ -616,6 +643,56 @@ class Hub:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _chunk_size(
+        self,
+        fn: Callable[..., Any],
+        runs: int,
+        environment: str | None,
+        task_options: dict[str, Any] | None,
+        call_settings: dict[str, Any],
+    ) -> int:
+        """How many runs of this mapped call travel in one backend message
+        (``core.chunking.chunk_size``); 1 where chunks cannot keep a promise: runs with
+        an idempotency key or task controls (each is claimed alone), ``detach`` (each
+        outlives the call alone), local threads, and transports that cannot carry them."""
+        options = dict(task_options or {})
+        task_name = options.pop("task_name", None) or task_name_of(fn)
+        task_env = options.pop("environment", None)
+        try:
+            settings = self._settings_for(task_name, task_env or environment, call_settings,
+                                          options)
+            policy = DeliveryPolicy.from_settings(
+                settings, where=f"Environment '{settings['environment']}'"
+            )
+        except Exception:
+            return 1  # each run reports its own configuration error
+        wanted = settings.get("map_chunk_size", "auto")
+        size = chunk_size(wanted, runs, self._task_seconds.get(task_name),
+                          policy.max_in_flight)
+        if (
+            size <= 1
+            or settings.get("executor", "local") == "local"
+            or policy.idempotency_key is not None
+            or policy.controls.active
+            or policy.orphan_policy == "detach"
+        ):
+            return 1
+        try:
+            dispatcher = await get_dispatcher(settings["environment"], settings)
+        except Exception:
+            return 1  # the first run reports why the environment did not start
+        return size if dispatcher.transport.supports_chunks else 1
+
+    def _note_elapsed(self, task_name: str, seconds: float) -> None:
+        """A moving average of the task's time on the worker (``map_chunk_size:
+        "auto"`` sizes chunks from it)."""
+        before = self._task_seconds.get(task_name)
+        self._task_seconds[task_name] = (
+            seconds if before is None else before + (seconds - before) * 0.1
+        )
+        if len(self._task_seconds) > 4096:
+            self._task_seconds.pop(next(iter(self._task_seconds)))
 
     async def _result(
         self, run_id: str, timeout: float | None, ledger_url: str | None

@@ -64,6 +64,8 @@ class AdapterConformance:
     # modules of that library (hidden in the missing-library test). Empty: no library.
     extra: str = ""
     library: tuple[str, ...] = ()
+    # Whether this backend's worker runs chunks of a mapped call (``worker.chunks``).
+    chunks: bool = False
 
     @pytest.fixture
     def environment(self) -> dict[str, Any]:
@@ -324,6 +326,60 @@ class AdapterConformance:
             shared_loop.run_sync(receiver.resume())
         assert future.result(timeout=self.detection_timeout) == "offline"
 
+
+    # ------------------------------------------------------------ chunked mapped calls
+
+    def test_mapped_call_travels_in_chunks(self, hub_for: Any) -> None:
+        """200 runs of one mapped call reach the backend as a few messages (where its
+        worker runs chunks), each run with its own result, in order."""
+        hub = hub_for(map_chunk_size=25)
+        transport = hub.dispatcher("conformance").transport
+        stats = getattr(transport, "stats", {})
+        before = dict(stats)
+        assert hub.map(tasks.add, range(200)) == [i + 1 for i in range(200)]
+        assert transport.supports_chunks is self.chunks
+        sent = stats.get("chunked_runs", 0) - before.get("chunked_runs", 0)
+        if not self.chunks:
+            assert sent == 0
+            return
+        messages = stats["chunk_submissions"] - before["chunk_submissions"]
+        assert sent >= 150, f"only {sent} of 200 runs travelled in chunks"
+        assert messages <= 20, f"{messages} chunks for 200 runs of chunk size 25"
+
+    def test_cancel_inside_a_chunk_keeps_the_run_from_starting(
+        self, hub_for: Any, markers: Path
+    ) -> None:
+        """Runs cancelled while they wait in a chunk behind a long one never start, and
+        end cancelled at once; the long one finishes with its own result."""
+        hub = hub_for(map_chunk_size=4)
+        dispatcher = hub.dispatcher("conformance")
+        assert dispatcher.transport.supports_chunks is self.chunks
+        if not self.chunks:
+            return  # test_mapped_call_travels_in_chunks shows this backend sends runs alone
+        items = [(str(markers), f"chunk{i}", 3.0 if i == 0 else 0.0) for i in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            mapped = pool.submit(hub.map, tasks.sleepy_item, items, error_mode="return")
+            wait_for_file(markers / "chunk0.started", self.detection_timeout)
+            waiting = {
+                run_id: run.attempt.func.args[0][1]
+                for run_id, run in list(dispatcher.runs.items())
+                if run.attempt.task_id.endswith("sleepy_item")
+            }
+            ran = {tag for tag in waiting.values() if (markers / f"{tag}.started").exists()}
+            cancelled = {run_id: tag for run_id, tag in waiting.items() if tag not in ran}
+            assert cancelled, "every run of the chunk started before the long one"
+            started = time.monotonic()
+            for run_id in cancelled:
+                hub.cancel(run_id)
+            assert time.monotonic() - started < 5.0, "a cancel inside a chunk waited"
+            values = mapped.result(timeout=self.detection_timeout)
+        assert values[0] == "chunk0"
+        for index, value in enumerate(values):
+            if f"chunk{index}" in cancelled.values():
+                assert isinstance(value, CancelledErrors), value
+        time.sleep(1.0)
+        for tag in cancelled.values():
+            assert not (markers / f"{tag}.started").exists(), f"cancelled {tag} started"
 
     # ------------------------------------------------------------ wove and installs
 

@@ -69,3 +69,8 @@ def ignore_cancel(directory: str, seconds: float) -> str:
         except TaskCancelled:
             Path(directory, "stubborn.ignored").write_text("yes")
     return "finished anyway"
+
+
+def sleepy_item(spec: tuple[str, str, float]) -> str:
+    """``sleepy`` for a mapped call (one argument): ``(directory, tag, seconds)``."""
+    return sleepy(*spec)

@@ -98,6 +98,8 @@ def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str,
     from wove_adapters.core.errors import PayloadError
     from wove_adapters.worker import runner as worker
 
+    if payload_mod.is_chunk(payload):
+        return _execute_chunk(task, payload, track_started=track_started)
     try:
         envelope = payload_mod.decode_payload(payload)
     except PayloadError:
@@ -133,6 +135,34 @@ def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str,
     done = writer.write_soon(states.SUCCESS, summary)
     if keyed:
         done.result(timeout=60)
+    return summary
+
+
+def _execute_chunk(task: Any, payload: str, *, track_started: bool) -> dict[str, Any]:
+    """A chunk's body (``worker.chunks``): its runs report for themselves; the Celery
+    state says how the job went (one STARTED, one final state, as for a single run)."""
+    from celery import states
+    from celery.exceptions import Ignore, TaskRevokedError
+
+    from wove_adapters.core.errors import PayloadError
+    from wove_adapters.worker import chunks
+
+    writer = _StateWriter(task)
+    if track_started:
+        writer.write_soon(states.STARTED, {"pid": os.getpid(),
+                                           "hostname": task.request.hostname})
+    done = chunks.run_chunk(payload)
+    summary = done.summary()
+    if done.refused and not done.outcomes:
+        writer.flush()
+        raise PayloadError(f"every payload of the chunk was refused: {summary}")
+    if done.cancelled:
+        writer.write_soon(states.REVOKED, TaskRevokedError(f"cancelled: {summary}"))
+        raise Ignore()
+    if not done.delivered:
+        writer.flush()
+        raise RuntimeError(f"outcomes of a chunk could not be delivered nor recorded: {summary}")
+    writer.write_soon(states.SUCCESS, summary)
     return summary
 
 

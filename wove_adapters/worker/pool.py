@@ -117,6 +117,8 @@ def run_payload(
     from wove_adapters.core.errors import PayloadError
     from wove_adapters.worker import runner as worker
 
+    if payload_mod.is_chunk(payload):
+        return _run_chunk(payload, handle_sigterm=handle_sigterm)
     try:
         envelope = payload_mod.decode_payload(payload)
     except PayloadError:
@@ -135,6 +137,23 @@ def run_payload(
     if keep_outcome or (keep_outcome is None and keyed):
         report["outcome"] = outcome.signed()
     return report
+
+
+def _run_chunk(payload: str, *, handle_sigterm: bool) -> dict[str, Any]:
+    """A chunk (``worker.chunks``): its runs report for themselves; the report says how
+    the job went (``refused`` when no piece verified)."""
+    from wove_adapters.core.policies import RunState
+    from wove_adapters.worker import chunks, runner
+
+    done = chunks.run_chunk(payload, handle_sigterm=handle_sigterm)
+    if done.refused and not done.outcomes:
+        state, code = RunState.REFUSED.value, runner.EXIT_PAYLOAD_REFUSED
+    elif done.cancelled:
+        state, code = RunState.CANCELLED.value, runner.EXIT_CANCELLED
+    else:
+        state = RunState.SUCCEEDED.value
+        code = runner.EXIT_OK if done.delivered else runner.EXIT_DELIVERY_FAILED
+    return {"state": state, "exit_code": code, "delivered": done.delivered}
 
 
 def _payload_process(conn: Any, zygote: int) -> None:
@@ -590,15 +609,20 @@ async def report_to_caller(payload: str, state: str, reason: str) -> None:
     from wove_adapters.core import frames
     from wove_adapters.worker import sender
 
+    # A chunk's every run is told: the caller drops what it hears of runs that ended.
+    pieces = payload_mod.split_chunk(payload) if payload_mod.is_chunk(payload) else [payload]
     try:
-        envelope = await asyncio.to_thread(payload_mod.decode_payload, payload)
-        ident: dict[str, Any] = {"run_id": envelope.run_id, "task_id": envelope.task_id,
-                 "attempt": envelope.attempt}
-        event: frames.WireEvent = (
-            frames.TaskCancelled(**envelope.outcome_ident, reason=reason)
-            if state == "cancelled"
-            else frames.TaskLost(**ident, reason=reason)
-        )
-        await asyncio.wait_for(sender.asend(envelope.return_path, envelope.key_id, event), 30)
+        for piece in pieces:
+            envelope = await asyncio.to_thread(payload_mod.decode_payload, piece)
+            ident: dict[str, Any] = {"run_id": envelope.run_id, "task_id": envelope.task_id,
+                                     "attempt": envelope.attempt}
+            event: frames.WireEvent = (
+                frames.TaskCancelled(**envelope.outcome_ident, reason=reason)
+                if state == "cancelled"
+                else frames.TaskLost(**ident, reason=reason)
+            )
+            await asyncio.wait_for(
+                sender.asend(envelope.return_path, envelope.key_id, event), 30
+            )
     except Exception as exc:  # the caller's reconciliation still finds it
         print(f"wove-adapters worker: could not report a {state} run: {exc}", file=sys.stderr)

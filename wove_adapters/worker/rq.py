@@ -36,6 +36,8 @@ def run_payload(payload: str) -> bytes | str:
     from wove_adapters.core.errors import PayloadError
     from wove_adapters.worker import runner as worker
 
+    if payload_mod.is_chunk(payload):
+        return _run_chunk(payload)
     try:
         envelope = payload_mod.decode_payload(payload)
     except PayloadError:
@@ -68,6 +70,22 @@ def run_payload(payload: str) -> bytes | str:
     signed = outcome.signed()
     _record(outcome.state.value, signed)
     return signed or outcome.state.value
+
+
+def _run_chunk(payload: str) -> str:
+    """A chunk (``worker.chunks``): its runs report for themselves. The work-horse exits
+    after it, so every outcome is delivered or recorded first, as for a single run."""
+    from wove_adapters.worker import chunks
+
+    if _cancelled_before_start():
+        return _record(RunState.CANCELLED.value)  # every run of it was cancelled
+    done = chunks.run_chunk(payload)
+    if done.refused and not done.outcomes:
+        return _record(RunState.REFUSED.value)
+    if not done.settle(linger=True):
+        raise RuntimeError(f"wove-adapters: outcomes of a chunk were not delivered: "
+                           f"{done.summary()}")
+    return _record(RunState.CANCELLED.value if done.cancelled else RunState.SUCCEEDED.value)
 
 
 def _record(state: str, signed: bytes | None = None) -> str:

@@ -299,6 +299,15 @@ class _Pulse:
 def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
     """Run a verified envelope's task and hand its terminal event back (see
     ``deliver_terminal``): returns as soon as the caller has it or the outbox owns it."""
+    outcome = execute(envelope, handle_sigterm=handle_sigterm)
+    assert outcome.event is not None
+    deliver_terminal(envelope, outcome.event, outcome)
+    return outcome
+
+
+def execute(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
+    """Run a verified envelope's task; its terminal event is ``Outcome.event``, not yet
+    sent (``run_envelope`` sends it; a chunk sends its runs' events together)."""
     ident: dict[str, Any] = {
         "run_id": envelope.run_id,
         "task_id": envelope.task_id,
@@ -311,12 +320,14 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
     with HeartbeatTimer(STARTED_AFTER, pulse.beat):
         try:
             func, args = load_task(envelope)
+            began = time.perf_counter()
             if handle_sigterm:
                 with sigterm_cancels():
                     value = call_task(func, args)
             else:
                 value = call_task(func, args)
-            event = result_event(envelope, final, payload_mod.dumps(value))
+            elapsed = time.perf_counter() - began
+            event = result_event(envelope, final, payload_mod.dumps(value), elapsed)
             outcome = Outcome(RunState.SUCCEEDED, value=value)
         except TaskCancelled as exc:
             event = frames.TaskCancelled(**final, reason=str(exc))
@@ -339,7 +350,6 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
             outcome = Outcome(RunState.FAILED, error=exc)
     outcome.event = event
     outcome.key_id = envelope.key_id
-    deliver_terminal(envelope, event, outcome)
     return outcome
 
 
@@ -353,11 +363,13 @@ def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
 RESULT_INLINE_LIMIT = 4 * 1024 * 1024
 
 
-def result_event(envelope: Envelope, final: dict[str, Any], data: bytes) -> frames.TaskResult:
+def result_event(
+    envelope: Envelope, final: dict[str, Any], data: bytes, elapsed: float | None = None
+) -> frames.TaskResult:
     """The task_result for pickled ``data``: inline, or by reference when large."""
     ref = by_reference(envelope, data, "result")
     if ref is None:
-        return frames.TaskResult(**final, result=data)
+        return frames.TaskResult(**final, result=data, elapsed=elapsed)
     return frames.TaskResult(**final, result=BY_REFERENCE, result_ref=ref)
 
 

@@ -110,6 +110,30 @@ def _unknown_runs(body: bytes) -> list[str]:
     return [str(run_id) for run_id in found] if isinstance(found, list) else []
 
 
+# Runs the caller cancelled while they waited inside a chunk (see ``worker.chunks``): a
+# receiver names them in its answer to any batch of the same chunk (``{"skip": [...]}``),
+# and the chunk runner never starts them. Bounded: oldest names go first.
+_CANCELLED: dict[str, None] = {}
+_CANCELLED_MAX = 10_000
+
+
+def cancelled(run_id: str) -> bool:
+    """Whether a receiver said the caller cancelled this run (it must not start)."""
+    return run_id in _CANCELLED
+
+
+def _note_cancelled(body: bytes) -> None:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return
+    found = answer.get("skip") if isinstance(answer, dict) else None
+    for run_id in found if isinstance(found, list) else []:
+        _CANCELLED[str(run_id)] = None
+    while len(_CANCELLED) > _CANCELLED_MAX:
+        _CANCELLED.pop(next(iter(_CANCELLED)))
+
+
 class _Watchdog:
     """One thread that cuts requests past their total deadline (a thread per request,
     as ``threading.Timer`` would start, costs more than a short task's whole POST)."""
@@ -299,6 +323,8 @@ class _Destination:
             _WATCHDOG.disarm(token)
         if expired.is_set():
             raise TimeoutError(f"{self.describe()} did not answer within {timeout:.1f}s in all")
+        if b'"skip"' in body:
+            _note_cancelled(body)
         if response.status < 300:
             return
         if response.status == UNKNOWN_RUN_STATUS:

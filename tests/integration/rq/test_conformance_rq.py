@@ -33,7 +33,10 @@ class TestRqConformance(BackendConformance):
 
 class TestRqDropboxConformance(TestRqConformance):
     """The same suite over the ``redis`` return path: the work-horse RPUSHes signed
-    events to a Redis list the caller reads; it never opens a connection to the caller."""
+    events to a Redis list the caller reads; it never opens a connection to the caller.
+    Runs travel alone: a chunk hears of its cancelled runs only in a receiver's answers."""
+
+    chunks = False
 
     def executor_config(self, service: dict[str, Any]) -> dict[str, Any]:
         config = super().executor_config(service)  # the events go to the job queue's Redis
