@@ -67,6 +67,7 @@ def bench(broker: str, n: int, burst: int, rounds: int, concurrency: int) -> dic
         measured = alternate({
             "native": native_calls(app, service.queue),
             "ours": hub_calls(hub, add),
+            "chunked": hub_calls(hub, add, chunked=True),
             "dropbox": (lambda x: hub.run(add, x, environment="bench_redis"),
                         lambda n: hub.map(add, range(n), environment="bench_redis")),
         }, seq=n, burst=burst, rounds=rounds, warmup=30)
@@ -75,7 +76,9 @@ def bench(broker: str, n: int, burst: int, rounds: int, concurrency: int) -> dic
         app.close()
         service.stop()
         service.cleanup()
-    native, ours, dropbox = (summarize(*measured[name]) for name in ("native", "ours", "dropbox"))
+    native, ours, dropbox, chunked = (
+        summarize(*measured[name]) for name in ("native", "ours", "dropbox", "chunked")
+    )
     return {
         "backend": f"celery+{'redis' if broker == 'redis' else 'rabbitmq'}",
         "tasks": n, "burst": burst, "worker_concurrency": concurrency,
@@ -84,6 +87,8 @@ def bench(broker: str, n: int, burst: int, rounds: int, concurrency: int) -> dic
         "ours_redis_return_path": dropbox,
         "ratio": ratio_block(ours, native),
         "ratio_redis_return_path": ratio_block(dropbox, native),
+        "ours_chunked": chunked,
+        "ratio_chunked": ratio_block(chunked, native),
     }
 
 

@@ -175,10 +175,14 @@ def ratio_block(ours: dict[str, float], native: dict[str, float],
     return {key: ratio(ours[field_of[key]], native[field_of[key]]) for key in keys}
 
 
-def hub_calls(hub: Any, fn: Callable[[int], int]) -> tuple[
-        Callable[[int], Any], Callable[[int], list[Any]]]:
-    """Ours as a ``take_turns`` side: ``Hub.run(fn, x)`` and ``Hub.map(fn, range(n))``."""
-    return (lambda x: hub.run(fn, x), lambda n: hub.map(fn, range(n)))
+def hub_calls(hub: Any, fn: Callable[[int], int], *, chunked: bool = False, **settings: Any
+              ) -> tuple[Callable[[int], Any], Callable[[int], list[Any]]]:
+    """Ours as a ``take_turns`` side: ``Hub.run(fn, x)`` and ``Hub.map(fn, range(n))``.
+    The burst sends each run alone (what the single-run targets compare) unless
+    ``chunked``: then ``map_chunk_size="auto"`` packs runs into chunks."""
+    size: Any = "auto" if chunked else 0
+    return (lambda x: hub.run(fn, x, **settings),
+            lambda n: hub.map(fn, range(n), map_chunk_size=size, **settings))
 
 
 def emit_paths(backend: str, measured: dict[str, tuple[list[float], list[float]]]) -> None:
