@@ -109,7 +109,9 @@ def chunk_size(setting: Any, runs: int, task_seconds: float | None, cap: int | N
     ``map_chunk_size`` setting (a number, or ``"auto"``: from the task's measured time on
     the worker, ``task_seconds``), within the call's ``delivery_max_in_flight`` (``cap``:
     a chunk leaves once its runs are all in flight). 1: no chunking."""
-    if setting in (None, False, 0, 1, "off", "none"):
+    if setting is False or setting is None or setting in ("off", "none") or (
+        type(setting) is int and setting in (0, 1)
+    ):
         return 1
     if setting == "auto":
         if task_seconds is None:

@@ -381,6 +381,35 @@ class AdapterConformance:
         for tag in cancelled.values():
             assert not (markers / f"{tag}.started").exists(), f"cancelled {tag} started"
 
+    def test_killed_worker_inside_a_chunk_requeues_each_run(
+        self, hub_for: Any, markers: Path
+    ) -> None:
+        """The worker running a chunk dies: the run that finished before keeps its one
+        result, every other run of the chunk gets its own orphan policy (requeue: each
+        runs again alone). Counted: results lost 0, wrong or duplicated results 0."""
+        hub = hub_for(map_chunk_size=4, delivery_orphan_policy="requeue",
+                      delivery_heartbeat_seconds=self.heartbeat_seconds)
+        dispatcher = hub.dispatcher("conformance")
+        assert dispatcher.transport.supports_chunks is self.chunks
+        if not self.chunks or not self.capabilities(hub).requeue:
+            return  # runs travel alone: test_killed_worker_requeue_yields_one_result
+        tags = [f"member{i}" for i in range(4)]
+        items = [(str(markers), tag, tag == "member1") for tag in tags]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            mapped = pool.submit(hub.map, tasks.chunk_member, items)
+            pid = int(wait_for_file(markers / "member1.pid", self.detection_timeout))
+            deadline = time.monotonic() + self.detection_timeout
+            while time.monotonic() < deadline and any(  # member0 reported before the kill
+                run.attempt.func.args[0][1] == "member0" for run in dispatcher.runs.values()
+            ):
+                time.sleep(0.02)
+            self.kill_worker(pid)
+            values = mapped.result(timeout=self.detection_timeout * 2)
+        assert values == tags
+        runs = {tag: len((markers / f"{tag}.runs").read_text().splitlines()) for tag in tags}
+        assert runs["member1"] >= 2, "the killed run was not run again"
+        assert all(count >= 1 for count in runs.values()), runs
+
     # ------------------------------------------------------------ wove and installs
 
     def test_wove_weave_maps_100_items(self, environment: dict[str, Any]) -> None:

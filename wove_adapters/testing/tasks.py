@@ -74,3 +74,16 @@ def ignore_cancel(directory: str, seconds: float) -> str:
 def sleepy_item(spec: tuple[str, str, float]) -> str:
     """``sleepy`` for a mapped call (one argument): ``(directory, tag, seconds)``."""
     return sleepy(*spec)
+
+
+def chunk_member(spec: tuple[str, str, bool]) -> str:
+    """For a mapped call: ``(directory, tag, die)``. Appends a line to ``<tag>.runs``;
+    with ``die``, the first execution writes ``<tag>.pid`` and waits to be killed."""
+    directory, tag, die = spec
+    with open(Path(directory) / f"{tag}.runs", "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    marker = Path(directory, f"{tag}.pid")
+    if die and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        time.sleep(120)
+    return tag
