@@ -88,9 +88,15 @@ class ChunkGatherer:
                 sent.set_result(True)
 
     def close(self) -> None:
-        """The dispatcher stops: runs still gathering leave now (they are in flight)."""
-        for key in list(self._open):
-            self._leave(key)
+        """The dispatcher stops: runs still gathering never reach the backend (their
+        orphan policy then sees runs that were not launched)."""
+        for gathering in self._open.values():
+            if gathering.timer is not None:
+                gathering.timer.cancel()
+            for _, sent, _ in gathering.members:
+                if not sent.done():
+                    sent.set_result(False)
+        self._open.clear()
 
 
 # ``map_chunk_size: "auto"``: a chunk holds about this many seconds of task time, so a

@@ -18,8 +18,13 @@ def data_dir() -> Path:
         import platformdirs
 
         path = Path(platformdirs.user_data_dir("wove-adapters", appauthor=False))
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path not in _MADE:  # once per process: every run's payload names the store here
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _MADE.add(path)
     return path
+
+
+_MADE: set[Path] = set()
 
 
 def default_ledger_url() -> str:

@@ -290,6 +290,7 @@ class Dispatcher:
     async def stop(self) -> None:
         """Orphan policies for what is still in flight, then every queued ledger write,
         then the transport. Every background task is awaited or cancelled here."""
+        self._chunks.close()
         await self.abandon(list(self.runs), reason="the executor stopped with runs in flight")
         for run in list(self.stopping.values()):
             self._stopped(run)  # the transport's aclose ends what is still running
