@@ -501,9 +501,7 @@ class Dispatcher:
                 if run.done.is_set():
                     self._release_slot(run)
                     return
-            if run.claimed is not None:
-                await asyncio.shield(run.claimed)
-            if run.done.is_set():  # cancelled while its claim was being written
+            if run.done.is_set():  # ended (cancelled, timed out) while it waited for a slot
                 self._release_slot(run)
                 return
             run.submitted_at = run.last_seen = run.pending_since = time.monotonic()
@@ -518,6 +516,18 @@ class Dispatcher:
             else:
                 await self.transport.submit(run.attempt)
             run.launched = True
+            if run.claimed is not None:
+                # Its record is written while the job is handed over, not before: the
+                # round trip to the ledger is off the run's critical path. The promise
+                # holds: the returned run id is fetchable once the record lands, and a
+                # worker whose caller is gone creates the record with the outcome. A
+                # record that cannot be written stops the job (the run fails with why).
+                try:
+                    await asyncio.shield(run.claimed)
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        await self.transport.cancel(run.attempt, mode="best_effort")
+                    raise
             if run.attempt.submission:
                 # Closures name the run by id only: a queued write must not keep the
                 # task's callable (and what it references) alive.
