@@ -846,6 +846,7 @@ def tree_cpu_seconds(roots: Sequence[int]) -> float:
     not as the CLI's children)."""
     stats = _proc_stats()
     sessions = {stats[pid][1] for pid in roots if pid in stats}
+    sessions.discard(os.getsid(0))  # a root in our own session: never count ourselves
     chosen = {pid for pid, (_, sid, _) in stats.items() if sid in sessions}
     chosen.update(pid for pid in roots if pid in stats)
     grew = True
