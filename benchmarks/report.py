@@ -425,9 +425,8 @@ def chart(result: dict[str, Any], metric: str) -> str:
         wove_p50, wove_tput = wove_vs_native(record)
         if metric == "p50":
             rows.append((name, record["ratios"]["ours_native_p50"], wove_p50))
-        elif metric == "chunked":  # wove has no chunking: its bar is its plain throughput
-            rows.append((name, record["ratios"].get("ours_chunked_native_throughput"),
-                         wove_tput))
+        elif metric == "chunked":  # ours only: wove has no chunked mapped calls
+            rows.append((name, record["ratios"].get("ours_chunked_native_throughput"), None))
         else:
             rows.append((name, record["ratios"]["ours_native_throughput"], wove_tput))
     cap = {"p50": 4.0, "throughput": 2.0, "chunked": 12.0}[metric]
@@ -450,14 +449,18 @@ def chart(result: dict[str, Any], metric: str) -> str:
         f'<text x="10" y="20" font-size="14" font-weight="bold">{escape(title)}</text>',
         f'<rect x="{left}" y="30" width="10" height="10" fill="#2b6cb0"/>'
         f'<text x="{left + 14}" y="39">{ours_label}</text>',
-        f'<rect x="{left + 110}" y="30" width="10" height="10" fill="#c05621"/>'
-        f'<text x="{left + 124}" y="39">wove 2.0.3</text>',
     ]
+    if metric != "chunked":
+        parts.append(f'<rect x="{left + 110}" y="30" width="10" height="10" fill="#c05621"/>'
+                     f'<text x="{left + 124}" y="39">wove 2.0.3</text>')
     y = 55
     for name, ours, wove in rows:
         parts.append(f'<text x="{left - 8}" y="{y + bar + 3}" text-anchor="end">'
                      f'{escape(name)}</text>')
-        for value, color, dy in ((ours, "#2b6cb0", 0), (wove, "#c05621", bar)):
+        bars = [(ours, "#2b6cb0", 0)]
+        if metric != "chunked":
+            bars.append((wove, "#c05621", bar))
+        for value, color, dy in bars:
             if value is None:
                 parts.append(f'<text x="{left + 4}" y="{y + dy + bar - 2}" fill="#888">'
                              f'n/a</text>')
