@@ -11,7 +11,9 @@ then measures, interleaved in one run:
 - throughput for ``--burst`` tasks submitted at once: native enqueues them all
   concurrently and then awaits every result; ours is ``Hub.map``.
 
-Prints one JSON line:
+A third side, ``Hub.map`` with chunking (``map_chunk_size="auto"``: K runs per ARQ job),
+bursts in the same rounds (``ours_chunked``); each side's bursts also report caller and
+worker CPU per task. Prints one JSON line:
 ``{"backend": "arq", "native": {...}, "ours": {...}, "ratio": {...}}``.
 
     python benchmarks/bench_arq.py [--n 300] [--burst 1000] [--rounds 3] [--max-jobs 100]
@@ -39,7 +41,18 @@ from arq_services import (  # noqa: E402
     environment,
     require_redis,
 )
-from common import alternate, emit, hub_calls, ratio_block, speed_arguments, summarize  # noqa: E402
+from common import (  # noqa: E402
+    CpuMeter,
+    alternate,
+    burst_only,
+    burst_summary,
+    chunked_record,
+    emit,
+    hub_calls,
+    ratio_block,
+    speed_arguments,
+    summarize,
+)
 
 from wove_adapters.integration.hub import Hub  # noqa: E402
 from wove_adapters.testing.tasks import add  # noqa: E402
@@ -93,16 +106,23 @@ def bench(n: int, burst: int, rounds: int, max_jobs: int) -> dict[str, Any]:
     worker = ArqWorker(f"{SESSION}-bench", Path(tempfile.mkdtemp()),
                        settings="BenchWorkerSettings",
                        env={"WOVE_TEST_ARQ_MAX_JOBS": str(max_jobs)}).start()
+    cpu = CpuMeter(burst, lambda: [worker.pid])
     with native_and_ours(worker) as (calls, hub):
         # 30 untimed round trips each first: connections, receiver, imports, threads.
-        measured = alternate({"native": calls, "ours": hub_calls(hub, add)},
-                             seq=n, burst=burst, rounds=rounds, warmup=30)
-    native, ours = summarize(*measured["native"]), summarize(*measured["ours"])
+        measured = alternate({
+            "native": cpu.side("native", calls),
+            "ours": cpu.side("ours", hub_calls(hub, add)),
+            "chunked": cpu.side("chunked", burst_only(hub_calls(hub, add, chunked=True)[1])),
+        }, seq=n, burst=burst, rounds=rounds, warmup=30)
+    native = {**summarize(*measured["native"]), **cpu.figures("native")}
+    ours = {**summarize(*measured["ours"]), **cpu.figures("ours")}
     return {
         "backend": "arq",
         "native": native,
         "ours": ours,
         "ratio": ratio_block(ours, native),
+        **chunked_record({**burst_summary(measured["chunked"][1]), **cpu.figures("chunked")},
+                         native),
         "settings": {"n": n, "burst": burst, "rounds": rounds, "max_jobs": max_jobs,
                      "poll_delay_s": 0.01},
     }

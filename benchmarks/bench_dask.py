@@ -3,7 +3,9 @@ of our return paths (callback receiver ``http`` and Dask future ``native``).
 
 Starts its own ``dask scheduler`` + ``dask worker --nworkers 2 --nthreads 1`` on 127.0.0.1
 (allowed-failures=0, dashboards on 127.0.0.1:0), measures interleaved rounds, stops them
-by process group, and prints one JSON line per return path plus a summary line:
+by process group, and prints one JSON line per return path. ``Hub.map`` with chunking
+(``map_chunk_size="auto"``, on the http path) bursts in the same rounds and is reported
+in the http line (``ours_chunked``); each side's bursts report CPU per task too:
 
     python benchmarks/bench_dask.py [--seq 200] [--burst 1000] [--rounds 3]
 """
@@ -19,7 +21,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 import dask_cli  # noqa: E402
-from common import emit_paths, hub_calls, speed_arguments, take_turns  # noqa: E402
+from common import (  # noqa: E402
+    CpuMeter,
+    burst_only,
+    emit_paths,
+    hub_calls,
+    speed_arguments,
+    take_turns,
+)
 
 
 def add_one(x: int) -> int:
@@ -64,13 +73,18 @@ def main() -> None:
             for path, config in configs.items()
         }
         # "baseline": Dask's own submit + result; the others: ours, per return path.
+        # "chunked": ours on the http path with map_chunk_size="auto" (bursts only).
+        cpu = CpuMeter(options.burst, lambda: [
+            s.pid for s in [cluster.scheduler, *cluster.workers] if s is not None])
         sides = {"baseline": (lambda x: client.submit(add_one, x, pure=False).result(),
                               lambda n: client.gather(client.map(add_one, range(n), pure=False))),
-                 **{path: hub_calls(hub, add_one) for path, hub in hubs.items()}}
+                 **{path: hub_calls(hub, add_one) for path, hub in hubs.items()},
+                 "chunked": burst_only(hub_calls(hubs["http"], add_one, chunked=True)[1])}
+        sides = {name: cpu.side(name, calls) for name, calls in sides.items()}
         # Warm up: connections, imports on the workers, receiver.
         take_turns(sides, seq=20, burst=50, rounds=1)
         measured = take_turns(sides, seq=options.seq, burst=options.burst, rounds=options.rounds)
-        emit_paths("dask", measured)
+        emit_paths("dask", measured, chunked="chunked", cpu=cpu)
         for hub in hubs.values():
             hub.close()
         client.close()

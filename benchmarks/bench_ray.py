@@ -5,7 +5,10 @@ Starts what the tests start (``tests/integration/ray/ray_cluster_helpers.py``): 
 with 2 CPUs from Ray's own CLI, token authentication with a throwaway token, everything
 inside a loopback-only network namespace (needs root; Ray would otherwise advertise the
 machine's eth0 address), with this process's driver connected. Measures interleaved
-rounds, stops the head by PID, and prints one JSON line per return path:
+rounds, stops the head by PID, and prints one JSON line per return path. ``Hub.map`` with
+chunking (``map_chunk_size="auto"``, on the http path) bursts in the same rounds and is
+reported in the http line (``ours_chunked``); each side's bursts report CPU per task
+(the worker side: everything the head started, GCS and raylet included):
 
     python benchmarks/bench_ray.py [--seq 200] [--burst 1000] [--rounds 3]
 """
@@ -22,7 +25,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "ray"))
 
-from common import emit_paths, hub_calls, speed_arguments, take_turns  # noqa: E402
+from common import (  # noqa: E402
+    CpuMeter,
+    burst_only,
+    emit_paths,
+    hub_calls,
+    speed_arguments,
+    take_turns,
+)
 
 from wove_adapters.testing.tasks import add as add_one  # noqa: E402  (x + 1, importable)
 
@@ -57,13 +67,17 @@ def main() -> None:
                 for path in paths
             }
             # "baseline": Ray's own remote + get; the others: ours, per return path.
+            # "chunked": ours on the http path with map_chunk_size="auto" (bursts only).
+            cpu = CpuMeter(options.burst, lambda: [cluster.head.pid])
             sides = {"baseline": (lambda x: ray.get(remote_add.remote(x)),
                                   lambda n: ray.get([remote_add.remote(i) for i in range(n)])),
-                     **{path: hub_calls(hub, add_one) for path, hub in hubs.items()}}
+                     **{path: hub_calls(hub, add_one) for path, hub in hubs.items()},
+                     "chunked": burst_only(hub_calls(hubs["http"], add_one, chunked=True)[1])}
+            sides = {name: cpu.side(name, calls) for name, calls in sides.items()}
             # Warm up: worker processes, imports on the workers, receiver connections.
             take_turns(sides, seq=20, burst=100, rounds=1)
             emit_paths("ray", take_turns(sides, seq=options.seq, burst=options.burst,
-                                         rounds=options.rounds))
+                                         rounds=options.rounds), chunked="chunked", cpu=cpu)
             for hub in hubs.values():
                 hub.close()
         finally:

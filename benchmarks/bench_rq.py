@@ -6,7 +6,9 @@ preload of the payload runner before the first fork).
 Starts its own worker on a fresh queue in Redis db ``$WOVE_BENCH_RQ_DB`` (default 9),
 interleaves native and ours sample by sample (sequential round trips) and round by round
 (bursts of tasks submitted at once), stops the worker by PID, removes its jobs, and prints
-one JSON line:
+one JSON line. A third side, ``Hub.map`` with chunking (``map_chunk_size="auto"``: K runs
+per RQ job), bursts in the same rounds (``ours_chunked``); each side's bursts also report
+caller and worker CPU per task:
 
     python benchmarks/bench_rq.py [--seq 200] [--burst 1000] [--rounds 1] [--workers 1]
                                   [--worker-class wove_adapters.adapters.rq.Worker]
@@ -28,7 +30,18 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "rq"))
 
-from common import alternate, emit, hub_calls, ratio, speed_arguments, summarize  # noqa: E402
+from common import (  # noqa: E402
+    CpuMeter,
+    alternate,
+    burst_only,
+    burst_summary,
+    chunked_record,
+    emit,
+    hub_calls,
+    ratio,
+    speed_arguments,
+    summarize,
+)
 from rq_services import cleanup_queue  # noqa: E402
 from services import ServiceProcess  # noqa: E402
 
@@ -118,19 +131,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     hub = Hub(environments={"rq": {"executor": "rq", "executor_config": {
         "redis_url": REDIS_URL, "queue": queue}}}, default_environment="rq")
     native = Native(queue)
+    cpu = CpuMeter(args.burst, lambda: [proc.pid for proc in procs])
     try:  # 5 untimed round trips each first: connections, receiver, first fork
-        measured = alternate({"native": (native.one, native.burst),
-                              "ours": hub_calls(hub, add_one)},
-                             seq=args.seq, burst=args.burst, rounds=args.rounds, warmup=5)
+        measured = alternate({
+            "native": cpu.side("native", (native.one, native.burst)),
+            "ours": cpu.side("ours", hub_calls(hub, add_one)),
+            "chunked": cpu.side("chunked", burst_only(hub_calls(hub, add_one, chunked=True)[1])),
+        }, seq=args.seq, burst=args.burst, rounds=args.rounds, warmup=5)
     finally:
         hub.close()
         native.connection.close()
         stop_workers(procs)
         cleanup(queue)
 
-    native_stats = summarize(*measured["native"], digits=2)
-    ours_stats = summarize(*measured["ours"], digits=2)
+    native_stats = {**summarize(*measured["native"], digits=2), **cpu.figures("native")}
+    ours_stats = {**summarize(*measured["ours"], digits=2), **cpu.figures("ours")}
     result: dict[str, Any] = {"backend": "rq", "native": native_stats, "ours": ours_stats}
+    result.update(chunked_record(
+        {**burst_summary(measured["chunked"][1]), **cpu.figures("chunked")}, native_stats))
     result["ratios"] = {
         "p50_ours_over_native": ratio(ours_stats["p50_ms"], native_stats["p50_ms"]),
         "throughput_ours_over_native": ratio(ours_stats["throughput_per_s"],

@@ -6,7 +6,10 @@ a native ``x + 1`` task), then measures, interleaved in one run:
 
 - native: ``await task.kiq(x)`` + ``wait_result(check_interval=0.01)`` (the 10 ms poll
   the 11.6 ms reference used), and 1000 kicks at once gathered the same way;
-- ours: ``Hub.run(add, x)`` sequentially, and ``Hub.map(add, range(1000))``.
+- ours: ``Hub.run(add, x)`` sequentially, and ``Hub.map(add, range(1000))`` (each run its
+  own message);
+- ours chunked (bursts only): ``Hub.map`` with ``map_chunk_size="auto"`` (K runs per
+  message), reported as ``ours_chunked``; each side's bursts report CPU per task too.
 
 Prints one JSON line. Needs Redis on 127.0.0.1:6379 (or WOVE_BENCH_REDIS_URL).
 Usage: python benchmarks/bench_taskiq.py [--tasks 200] [--burst 1000] [--rounds 2]
@@ -26,7 +29,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
-from common import burst_rate, emit, ratio, round_trips, speed_arguments, summarize  # noqa: E402
+from common import (  # noqa: E402
+    CpuMeter,
+    burst_rate,
+    burst_summary,
+    chunked_record,
+    emit,
+    ratio,
+    round_trips,
+    speed_arguments,
+    summarize,
+)
 from services import ServiceProcess  # noqa: E402
 
 URL = os.environ.get("WOVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -128,7 +141,12 @@ class Ours:
         return int(self.hub.run(add, x))
 
     def many(self, n: int) -> list[int]:
-        return list(self.hub.map(add, range(n)))
+        """Each run its own taskiq message (``map_chunk_size=0``), as native sends them."""
+        return list(self.hub.map(add, range(n), map_chunk_size=0))
+
+    def many_chunked(self, n: int) -> list[int]:
+        """K runs per taskiq message (``map_chunk_size="auto"``)."""
+        return list(self.hub.map(add, range(n), map_chunk_size="auto"))
 
     def close(self) -> None:
         self.hub.close()
@@ -154,12 +172,19 @@ def main() -> None:
         while len(lat["ours"]) < options.tasks:  # interleaved in chunks
             for name, side in sides.items():
                 lat[name] += round_trips(side.one, chunk)
+        # Bursts: native, ours (each run alone) and ours chunked take turns round by round.
+        cpu = CpuMeter(options.burst, lambda: [worker.pid])
+        bursts = {"native": native.many, "ours": ours.many, "chunked": ours.many_chunked}
+        thr["chunked"] = []
+        burst_rate(ours.many_chunked, 50)  # warm: the chunk size learns the task's time
         for _ in range(options.rounds):
-            for name, side in sides.items():
-                thr[name].append(burst_rate(side.many, options.burst))
+            for name, many in bursts.items():
+                thr[name].append(burst_rate(cpu.wrap(name, many), options.burst))
         report: dict[str, Any] = {"backend": "taskiq"}
         for name in sides:
-            report[name] = summarize(lat[name], thr[name], digits=2)
+            report[name] = {**summarize(lat[name], thr[name], digits=2), **cpu.figures(name)}
+        report.update(chunked_record(
+            {**burst_summary(thr["chunked"]), **cpu.figures("chunked")}, report["native"]))
         report["ratios"] = {
             "p50": ratio(report["ours"]["p50_ms"], report["native"]["p50_ms"]),
             "throughput": ratio(report["ours"]["throughput_per_s"],

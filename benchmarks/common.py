@@ -119,18 +119,20 @@ def ratios(ours: dict[str, Any] | None, base: dict[str, Any] | None) -> dict[str
 
 
 def take_turns(
-    sides: dict[str, tuple[Callable[[int], Any], Callable[[int], Sequence[Any]]]],
+    sides: dict[str, tuple[Callable[[int], Any] | None, Callable[[int], Sequence[Any]]]],
     *,
     seq: int,
     burst: int,
     rounds: int,
 ) -> dict[str, tuple[list[float], list[float]]]:
     """The two-way scripts' turns, block by block: each round, each side in order runs
-    ``seq`` round trips (``one``), then one burst (``many``). Per side: (latencies, rates)."""
+    ``seq`` round trips (``one``), then one burst (``many``). Per side: (latencies, rates).
+    A side whose ``one`` is None only bursts (``burst_only``)."""
     out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sides}
     for _ in range(rounds):
         for name, (one, many) in sides.items():
-            out[name][0].extend(round_trips(one, seq))
+            if one is not None:
+                out[name][0].extend(round_trips(one, seq))
             out[name][1].append(burst_rate(many, burst))
     return out
 
@@ -185,19 +187,31 @@ def hub_calls(hub: Any, fn: Callable[[int], int], *, chunked: bool = False, **se
             lambda n: hub.map(fn, range(n), map_chunk_size=size, **settings))
 
 
-def emit_paths(backend: str, measured: dict[str, tuple[list[float], list[float]]]) -> None:
+def emit_paths(backend: str, measured: dict[str, tuple[list[float], list[float]]], *,
+               chunked: str | None = None, cpu: CpuMeter | None = None) -> None:
     """One result line per return path of ours against the ``baseline`` side (the native
-    path), the format bench_dask and bench_ray have always printed."""
-    native = summarize(*measured["baseline"], digits=2)
+    path), the format bench_dask and bench_ray have always printed. ``chunked``: the name
+    of a burst-only side (``Hub.map`` with chunking on the ``http`` path), reported in the
+    ``http`` line as ``ours_chunked`` rather than as a path of its own; ``cpu``: the
+    meter whose per-task CPU figures join each side's."""
+
+    def extra(name: str) -> dict[str, float]:
+        return cpu.figures(name) if cpu is not None else {}
+
+    native = {**summarize(*measured["baseline"], digits=2), **extra("baseline")}
     for path, (samples, rates) in measured.items():
-        if path == "baseline":
+        if path in ("baseline", chunked):
             continue
-        ours = summarize(samples, rates, digits=2)
-        emit({
+        ours = {**summarize(samples, rates, digits=2), **extra(path)}
+        line: dict[str, Any] = {
             "backend": backend, "return_path": path, "native": native, "ours": ours,
             "ratio_p50": round(ours["p50_ms"] / native["p50_ms"], 2),
             "ratio_throughput": round(ours["throughput_per_s"] / native["throughput_per_s"], 2),
-        })
+        }
+        if chunked is not None and path == "http":
+            line.update(chunked_record(
+                {**burst_summary(measured[chunked][1]), **extra(chunked)}, native))
+        emit(line)
 
 
 # ---------------------------------------------------------------- interleaved runs
@@ -781,3 +795,117 @@ def _size_label(size: int) -> str:
     if size >= 1024 * 1024:
         return f"{size // (1024 * 1024)}MB"
     return f"{size // 1024}KB"
+
+
+# ---------------------------------------------------------------- chunked side, CPU per task
+#
+# Issue 16's targets compare two more things than p50 and throughput: ``Hub.map`` with
+# chunking (``map_chunk_size="auto"``, K runs per backend message) against native's one
+# task per message, and the CPU a task costs the caller and the workers. Both are
+# measured in the same interleaved run as native and ours, so their ratios are same-run
+# ratios like the others (the machine is shared; absolute figures drift with its load).
+
+
+def burst_only(many: Callable[[int], Sequence[Any]]) -> tuple[None, Callable[[int], Sequence[Any]]]:
+    """A side that only bursts (``alternate``/``take_turns`` skip its round trips): the
+    chunked side, whose single runs are ours' single runs (a lone ``Hub.run`` is never
+    chunked), so timing them again would only lengthen the run."""
+    return None, many
+
+
+def burst_summary(rates: Sequence[float], rate_digits: int = 1) -> dict[str, float]:
+    """``{"throughput_per_s"}`` of a burst-only side (no round trips, so no p50/p99)."""
+    return {"throughput_per_s": round(statistics.median(rates), rate_digits) if rates else 0.0}
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stats() -> dict[int, tuple[int, int, float]]:
+    """pid -> (parent pid, session id, CPU seconds: utime + stime + cutime + cstime) for
+    every process readable in /proc. cutime/cstime hold the reaped children (RQ's
+    work-horses, one fork per job), which no scan could catch alive."""
+    out: dict[int, tuple[int, int, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{entry.name}/stat") as handle:
+                stat = handle.read()
+            fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)"
+            # fields[0] is state (field 3): ppid 4, session 6, utime..cstime 14..17.
+            ticks = sum(int(v) for v in fields[11:15])
+            out[int(entry.name)] = (int(fields[1]), int(fields[3]), ticks / _CLK_TCK)
+    return out
+
+
+def tree_cpu_seconds(roots: Sequence[int]) -> float:
+    """CPU seconds used so far by the processes ``roots`` started: every descendant of a
+    root and every process in a root's session (the benchmark workers run in sessions of
+    their own: ``ServiceProcess``; Ray's raylet starts its workers in the head's session,
+    not as the CLI's children)."""
+    stats = _proc_stats()
+    sessions = {stats[pid][1] for pid in roots if pid in stats}
+    sessions.discard(os.getsid(0))  # a root in our own session: never count ourselves
+    chosen = {pid for pid, (_, sid, _) in stats.items() if sid in sessions}
+    chosen.update(pid for pid in roots if pid in stats)
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _, _) in stats.items() if ppid in chosen} - chosen
+        chosen |= more
+        grew = bool(more)
+    return sum(stats[pid][2] for pid in chosen)
+
+
+@dataclass
+class CpuMeter:
+    """Caller and worker CPU per task of each side's bursts of ``burst`` tasks (warm-up
+    bursts of other sizes are not counted): ``time.process_time()`` of this process (all
+    its threads: Hub loop, ledger, receiver, backend client) and ``tree_cpu_seconds`` of
+    the worker processes, before and after the burst, over the tasks. The worker side is
+    the whole deployment the script started (a Dask scheduler, Ray's GCS and raylet
+    included): the same processes for every side, so the sides compare fairly."""
+
+    burst: int
+    worker_pids: Callable[[], Sequence[int]]
+    caller: dict[str, list[float]] = field(default_factory=dict)
+    worker: dict[str, list[float]] = field(default_factory=dict)
+
+    def wrap(self, name: str, many: Callable[[int], T]) -> Callable[[int], T]:
+        """``many`` with its CPU counted under ``name`` when it runs ``burst`` tasks."""
+
+        def measured(count: int) -> T:
+            if count != self.burst:
+                return many(count)
+            pids = list(self.worker_pids())
+            caller0, worker0 = time.process_time(), tree_cpu_seconds(pids)
+            out = many(count)
+            caller1, worker1 = time.process_time(), tree_cpu_seconds(pids)
+            self.caller.setdefault(name, []).append((caller1 - caller0) / count * 1e6)
+            self.worker.setdefault(name, []).append((worker1 - worker0) / count * 1e6)
+            return out
+
+        return measured
+
+    def side(self, name: str, calls: tuple[Any, Callable[[int], Any]]) -> tuple[Any, Any]:
+        """A ``(one, many)`` side with its ``many`` wrapped (``wrap``)."""
+        return calls[0], self.wrap(name, calls[1])
+
+    def figures(self, name: str) -> dict[str, float]:
+        """``{"caller_cpu_us_per_task", "worker_cpu_us_per_task"}``: medians over the
+        side's bursts (empty if it had none)."""
+        out: dict[str, float] = {}
+        if self.caller.get(name):
+            out["caller_cpu_us_per_task"] = round(statistics.median(self.caller[name]), 1)
+        if self.worker.get(name):
+            out["worker_cpu_us_per_task"] = round(statistics.median(self.worker[name]), 1)
+        return out
+
+
+def chunked_record(chunked: dict[str, Any], native: dict[str, Any]) -> dict[str, Any]:
+    """The ``ours_chunked`` / ``ratio_chunked`` keys of a result line (bench_celery's
+    names, which ``run.py`` reads): the chunked side's figures and its throughput over
+    native's, measured in the same run."""
+    return {"ours_chunked": chunked,
+            "ratio_chunked": {"throughput": ratio(chunked.get("throughput_per_s"),
+                                                  native.get("throughput_per_s"))}}

@@ -14,8 +14,9 @@ For every selected backend, one after the other (never two at once: they share t
    cannot run).
 
 Each script prints JSON lines; this runner merges them per backend and computes
-``ours_native_p50`` / ``ours_native_throughput`` (from the adapter script's interleaved
-run) and ``ours_wove_p50`` / ``ours_wove_throughput`` (from the three-way run): every
+``ours_native_p50`` / ``ours_native_throughput`` and ``ours_chunked_native_throughput``
+(``Hub.map`` with chunking, where the script measures it; all from the adapter script's
+interleaved run) and ``ours_wove_p50`` / ``ours_wove_throughput`` (from the three-way run): every
 ratio comes from one run in which its two sides took turns, so machine noise cancels.
 ``--quick`` runs fewer tasks (50 sequential, bursts of 200, one round) for a fast check.
 """
@@ -52,6 +53,9 @@ SEQ_FLAGS = ("--seq", "--n", "--tasks")
 QUICK = {"seq": 50, "burst": 200, "rounds": 1}
 TARGET_P50 = 1.10
 TARGET_THROUGHPUT = 0.90
+# Issue 16: Hub.map with chunking (K runs per backend message) against native's one task
+# per message, measured in the same run.
+TARGET_CHUNKED_THROUGHPUT = 3.0
 
 
 def log(message: str) -> None:
@@ -185,7 +189,8 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
 def figures(side: dict[str, Any] | None) -> dict[str, Any] | None:
     if not side:
         return None
-    keep = ("p50_ms", "p99_ms", "throughput_per_s", "throughput_incl_settle_per_s")
+    keep = ("p50_ms", "p99_ms", "throughput_per_s", "throughput_incl_settle_per_s",
+            "caller_cpu_us_per_task", "worker_cpu_us_per_task")
     return {k: side[k] for k in keep if k in side}
 
 
@@ -202,12 +207,15 @@ def merge_adapter_lines(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]
         if path == "http":
             entry["native"] = figures(line.get("native"))
             entry["ours"] = figures(line.get("ours"))
+        if line.get("ours_chunked"):  # Hub.map with chunking, same run as native
+            entry["chunked"] = figures(line["ours_chunked"])
         else:
             entry["ours_other"][f"return_path={path}"] = figures(line.get("ours"))
             if entry["native"] is None:
                 entry["native"] = figures(line.get("native"))
         for key, value in line.items():  # e.g. celery's ours_redis_return_path
-            if key.startswith("ours_") and isinstance(value, dict) and "p50_ms" in value:
+            if key.startswith("ours_") and key != "ours_chunked" and isinstance(value, dict) \
+                    and "p50_ms" in value:
                 entry["ours_other"][key.removeprefix("ours_")] = figures(value)
         for key, value in line.items():  # other measured sides, e.g. a native control
             if key not in ("native", "ours", "wove") and not key.startswith("ours_") \
@@ -234,6 +242,8 @@ def backend_record(adapter: dict[str, Any] | None, wove_line: dict[str, Any] | N
         record["ours"] = adapter.get("ours")
         if adapter.get("ours_other"):
             record["ours_other_paths"] = adapter["ours_other"]
+        if adapter.get("chunked"):
+            record["ours_chunked"] = adapter["chunked"]
         record["adapter_script_output"] = adapter.get("lines", [])
     elif wove_line is not None and wove_line.get("native") and wove_line.get("ours"):
         record["native"] = figures(wove_line.get("native"))
@@ -267,6 +277,9 @@ def backend_record(adapter: dict[str, Any] | None, wove_line: dict[str, Any] | N
         "ours_wove_throughput": ratio(_get(wove_run_ours, "throughput_per_s"),
                                       _get(wove, "throughput_per_s")),
         "ours_native_p99": ratio(_get(ours, "p99_ms"), _get(native, "p99_ms")),
+        "ours_chunked_native_throughput": ratio(
+            _get(record.get("ours_chunked"), "throughput_per_s"),
+            _get(native, "throughput_per_s")),
     }
     r = record["ratios"]
     record["targets"] = {
@@ -274,6 +287,9 @@ def backend_record(adapter: dict[str, Any] | None, wove_line: dict[str, Any] | N
         else r["ours_native_p50"] <= TARGET_P50,
         "throughput_at_least_0.9x_native": None if r["ours_native_throughput"] is None
         else r["ours_native_throughput"] >= TARGET_THROUGHPUT,
+        f"chunked_throughput_at_least_{TARGET_CHUNKED_THROUGHPUT:g}x_native":
+        None if r["ours_chunked_native_throughput"] is None
+        else r["ours_chunked_native_throughput"] >= TARGET_CHUNKED_THROUGHPUT,
         "faster_than_wove": None if r["ours_wove_p50"] is None
         else (r["ours_wove_p50"] < 1.0 and (r["ours_wove_throughput"] or 0) > 1.0),
     }
@@ -305,7 +321,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "command": "wove-adapters bench" + (" --quick" if args.quick else "")
                 + "".join(f" --backend {b}" for b in args.backend or []),
                 "targets": {"ours_native_p50_max": TARGET_P50,
-                            "ours_native_throughput_min": TARGET_THROUGHPUT}},
+                            "ours_native_throughput_min": TARGET_THROUGHPUT,
+                            "ours_chunked_native_throughput_min":
+                                TARGET_CHUNKED_THROUGHPUT}},
         "backends": {},
         "not_measured": {},
     }
@@ -377,7 +395,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["backends"][key] = record
             r = record["ratios"]
             log(f"    {key}: ours/native p50 {r['ours_native_p50']}, throughput "
-                f"{r['ours_native_throughput']}; ours/wove p50 {r['ours_wove_p50']}, "
+                f"{r['ours_native_throughput']}, chunked throughput "
+                f"{r['ours_chunked_native_throughput']}; ours/wove p50 {r['ours_wove_p50']}, "
                 f"throughput {r['ours_wove_throughput']}")
         if not any(k in result["backends"] for k in keys):
             why = "; ".join(problems) or "no figures were produced"
@@ -460,6 +479,7 @@ def merge_partial(previous: Path, result: dict[str, Any], backends: list[str]) -
         if key in result:
             merged[key] = result[key]
     run_info = dict(old.get("run", {}))
+    run_info["targets"] = result["run"]["targets"]  # the targets this code checks
     run_info["updates"] = [*run_info.get("updates", []), {
         "command": result["run"]["command"],
         "started_at": result["run"]["started_at"],
