@@ -48,6 +48,7 @@ from wove_adapters.adapters.celery_reads import (
 )
 from wove_adapters.adapters.claims import KeyClaims
 from wove_adapters.adapters.registry import import_object
+from wove_adapters.adapters.util import ThreadHops
 from wove_adapters.core.errors import redact_url
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
@@ -139,6 +140,7 @@ class CeleryAdapter(BackendAdapter):
         self.control: Any = None  # json_control(app): inspect replies are JSON only
         self._own_app = False
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._hops: ThreadHops | None = None  # submits of one loop iteration, together
         self.task_name = str(config.get("task_name") or TASK_NAME)
         self.queue = str(config.get("queue") or DEFAULT_QUEUE)
         send = {key: config[key] for key in _SEND_KEYS if config.get(key) is not None}
@@ -172,10 +174,11 @@ class CeleryAdapter(BackendAdapter):
     # ------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
+        threads = int(self.config.get("client_threads") or 4)
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=int(self.config.get("client_threads") or 4),
-            thread_name_prefix=f"wove-celery-{self.environment}",
+            max_workers=threads, thread_name_prefix=f"wove-celery-{self.environment}",
         )
+        self._hops = ThreadHops(self._pool, threads)
         # May import a module (the user's app).
         self.app, self._own_app = await self._call(client_app, self.config, self.environment)
         if self._has_backend():  # nothing the caller reads back may be unpickled
@@ -240,8 +243,10 @@ class CeleryAdapter(BackendAdapter):
                 return Following(holder)
         options = {**self.send_options, **job.options}
         try:
-            await self._call(send_payload, self.app, self.task_name, job.payload, task_id,
-                             options, default_queue=self.queue, environment=self.environment)
+            assert self._hops is not None, "the celery adapter is not started"
+            await self._hops.call(send_payload, self.app, self.task_name, job.payload, task_id,
+                                  options, default_queue=self.queue,
+                                  environment=self.environment)
         except BaseException:
             if claims is not None:
                 await claims.release(_claim_name(task_id), run_id=job.run_id)

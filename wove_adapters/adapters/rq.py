@@ -42,6 +42,7 @@ from wove_adapters.adapters.rq_reads import (
     recorded_outcomes,
     subscribed,
 )
+from wove_adapters.adapters.util import ThreadHops
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState, RunState
 from wove_adapters.worker.rq import STATE_FIELD, run_payload
@@ -129,6 +130,8 @@ class RqAdapter(BackendAdapter):
         self._queues: dict[str, Any] = {}
         self._unique = False
         self._worker_gone: dict[str, float] = {}  # handle -> when its worker was first gone
+        # Enqueues of one loop iteration share thread hops (asyncio's default threads).
+        self._hops = ThreadHops(None, 4)
 
     # ------------------------------------------------------------ life cycle
 
@@ -184,7 +187,7 @@ class RqAdapter(BackendAdapter):
     async def submit(self, job: JobSpec) -> str:
         options = {**self._defaults, **job.options}
         job_id = self.job_id(job)
-        found = await asyncio.to_thread(self._enqueue, job, job_id, options)
+        found = await self._hops.call(self._enqueue, job, job_id, options)
         if found is not None:  # another caller's job holds this key: the transport follows
             return Following(job_id)
         return job_id

@@ -11,7 +11,9 @@ configuration values that name a secret. Nothing here imports a backend library.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import os
 import uuid
 from collections import OrderedDict
@@ -114,6 +116,63 @@ class IterationBatch(Generic[T]):
     def _run(self) -> None:
         items, self._items = self._items, []
         self._flush(items)
+
+
+class ThreadHops:
+    """Blocking client calls (a broker's sync library) made during one loop iteration go
+    to the client threads together: a mapped call's thousand submits cost a hop per
+    thread, not a thousand hops, each with its wake-ups on both sides. Each call still
+    gets its own result or error; calls run in the order they were made, split evenly
+    over ``threads`` threads of ``pool`` (the broker round trips overlap)."""
+
+    def __init__(self, pool: concurrent.futures.Executor | None, threads: int) -> None:
+        self._pool = pool  # None: asyncio's default executor
+        self._threads = max(1, threads)
+        self._batch: IterationBatch[tuple[Callable[[], Any], asyncio.Future[Any]]] = (
+            IterationBatch(self._send)
+        )
+
+    def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> asyncio.Future[R]:
+        waiter: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._batch.add((functools.partial(fn, *args, **kwargs), waiter))
+        return waiter
+
+    def _send(self, batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]]) -> None:
+        loop = asyncio.get_running_loop()
+        size = -(-len(batch) // self._threads)
+        for start in range(0, len(batch), size):
+            part = batch[start:start + size]
+            done = loop.run_in_executor(self._pool, _run_calls, [call for call, _ in part])
+            done.add_done_callback(functools.partial(_settle_calls, part))
+
+
+def _run_calls(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+    answers: list[tuple[bool, Any]] = []
+    for call in calls:
+        try:
+            answers.append((True, call()))
+        except BaseException as exc:  # each call's own error, to its own waiter
+            answers.append((False, exc))
+    return answers
+
+
+def _settle_calls(
+    part: list[tuple[Callable[[], Any], asyncio.Future[Any]]],
+    done: asyncio.Future[list[tuple[bool, Any]]],
+) -> None:
+    if done.cancelled() or done.exception() is not None:
+        error = asyncio.CancelledError() if done.cancelled() else done.exception()
+        for _, waiter in part:
+            if not waiter.done():
+                waiter.set_exception(error)  # type: ignore[arg-type]
+        return
+    for (_, waiter), (ok, value) in zip(part, done.result(), strict=True):
+        if waiter.done():
+            continue
+        if ok:
+            waiter.set_result(value)
+        else:
+            waiter.set_exception(value)
 
 
 def group_by(items: Iterable[T], signature: Callable[[T], Hashable]) -> list[list[T]]:

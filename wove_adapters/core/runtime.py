@@ -269,6 +269,7 @@ class Dispatcher:
         self._background: set[asyncio.Task[Any]] = set()
         self.controls = Controls(ledger, app_id=settings.get("app_id"))
         self._chunks = ChunkGatherer(transport, self._spawn)
+        self._releasing: list[RunAttempt] = []  # ended this loop iteration
 
     # ---------------------------------------------------------- life cycle
 
@@ -297,6 +298,7 @@ class Dispatcher:
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
+        self._release_batch()  # ended just now: released before the transport closes
         if self._background:
             _, pending = await asyncio.wait(set(self._background), timeout=_LAUNCH_BOUND)
             for task in pending:
@@ -712,7 +714,7 @@ class Dispatcher:
         if record_outcome:
             self._store_outcome(run, frame)
         if run.launched and run.run_id not in self.detached and not hold:
-            self._spawn(self.transport.release(run.attempt))
+            self._release_soon(run.attempt)
 
     def _release_slot(self, run: Run) -> None:
         if run.holds_slot and run.semaphore is not None:
@@ -1362,6 +1364,25 @@ class Dispatcher:
         """Wait until every ledger write queued so far has been applied."""
         with contextlib.suppress(Exception):
             await self._ledger_later(None)
+
+    def _release_soon(self, attempt: RunAttempt) -> None:
+        """``transport.release`` of the runs that ended in one loop iteration, in one
+        background step (a task per ended run cost more than most releases do)."""
+        self._releasing.append(attempt)
+        if len(self._releasing) == 1:
+            asyncio.get_running_loop().call_soon(self._release_batch)
+
+    def _release_batch(self) -> None:
+        batch, self._releasing = self._releasing, []
+        if batch:
+            self._spawn(self._release_all(batch))
+
+    async def _release_all(self, batch: list[RunAttempt]) -> None:
+        for attempt in batch:
+            try:
+                await self.transport.release(attempt)
+            except Exception:
+                log.exception("releasing run %s failed", attempt.run_id)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Start a background step this dispatcher owns: ``stop`` awaits or cancels it."""

@@ -491,7 +491,7 @@ class Hub:
             accepted.set()
             self._accepting.pop(run_id, None)
 
-    async def _deliver(
+    async def _attempt_for(
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
@@ -499,12 +499,11 @@ class Hub:
         task_name: str,
         settings: dict[str, Any],
         run_id: str,
-        accepted: asyncio.Event,
-        on_launched: Callable[[], None] | None,
         *,
         in_place: tuple[int, frozenset[str] | None] | None = None,
         chunk: tuple[str, int, int] | None = None,
-    ) -> dict[str, Any]:
+    ) -> tuple[Dispatcher, RunAttempt]:
+        """The run's dispatcher (started on first use) and its first attempt."""
         environment = settings["environment"]
         cached = self._resolved.get(id(settings))
         if cached is None or cached[0] is not settings:
@@ -523,16 +522,6 @@ class Hub:
         func = functools.partial(fn, *args) if args else fn
         if settings.get("executor", "local") != "local":
             _require_cloudpickle()
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[dict[str, Any]] = loop.create_future()
-
-        def listener(frame: dict[str, Any]) -> None:
-            if frame.get("type") in frames.TERMINAL_EVENTS and not outcome.done():
-                outcome.set_result(frame)
-                elapsed = frame.get("elapsed")
-                if elapsed is not None:
-                    self._note_elapsed(task_name, float(elapsed))
-
         attempt = RunAttempt(
             run_id=run_id,
             task_id=task_name,
@@ -543,20 +532,55 @@ class Hub:
             environment=environment,
             extra={"options": settings.get("executor_config", {}).get("task_options", {})},
         )
-        if policy.controls.active:  # task controls key on every argument, by name
-            attempt.extra["named_args"] = named_arguments(fn, args, kwargs)
         if chunk is not None and key is None and not policy.controls.active:
             attempt.extra["chunk"] = chunk
+        if policy.controls.active:  # task controls key on every argument, by name
+            attempt.extra["named_args"] = named_arguments(fn, args, kwargs)
         if key is not None and in_place is not None:
             # A keyed run's task errors are retried in place by the dispatcher: one run in
             # the ledger, attempt + 1 (its frame says how many it spent).
             attempt.extra["in_place_retries"] = in_place
-        del func
+        return dispatcher, attempt
+
+    def _outcome_listener(
+        self, task_name: str
+    ) -> tuple[asyncio.Future[dict[str, Any]], Callable[[dict[str, Any]], None]]:
+        """A future for the run's terminal frame, and the listener that sets it."""
+        outcome: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+        def listener(frame: dict[str, Any]) -> None:
+            if frame.get("type") in frames.TERMINAL_EVENTS and not outcome.done():
+                outcome.set_result(frame)
+                elapsed = frame.get("elapsed")
+                if elapsed is not None:
+                    self._note_elapsed(task_name, float(elapsed))
+
+        return outcome, listener
+
+    async def _deliver(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        task_name: str,
+        settings: dict[str, Any],
+        run_id: str,
+        accepted: asyncio.Event,
+        on_launched: Callable[[], None] | None,
+        *,
+        in_place: tuple[int, frozenset[str] | None] | None = None,
+        chunk: tuple[str, int, int] | None = None,
+    ) -> dict[str, Any]:
+        dispatcher, attempt = await self._attempt_for(
+            fn, args, kwargs, task_name, settings, run_id, in_place=in_place, chunk=chunk
+        )
+        outcome, listener = self._outcome_listener(task_name)
         self._inflight[run_id] = dispatcher
         try:
             # Once accepted, a submission is not torn in half by a cancelled caller: the
             # run is created (and recorded), then cancelled below.
             submitting = asyncio.ensure_future(dispatcher.submit(attempt, listener))
+            del attempt  # the run holds it; nothing here keeps the callable alive
             try:
                 run = await asyncio.shield(submitting)
             except asyncio.CancelledError:
@@ -577,6 +601,52 @@ class Hub:
                 raise
         finally:
             self._inflight.pop(run_id, None)
+
+    async def _map_direct(
+        self,
+        fn: Callable[..., Any],
+        items: list[Any],
+        task_name: str,
+        settings: dict[str, Any],
+        error_mode: str,
+        task_options: dict[str, Any] | None,
+        chunk_of: Callable[[int], tuple[str, int, int] | None],
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """A mapped call whose runs nothing paces, retries or times out one by one: each
+        run goes straight to its dispatcher from here, with no task of its own per item
+        (``_call``'s per-run machinery costs more than a short task's whole round trip).
+        Cancelling the call cancels every run it still has in flight."""
+        outcomes: list[asyncio.Future[dict[str, Any]]] = []
+        live: list[tuple[str, Dispatcher, asyncio.Future[dict[str, Any]]]] = []
+        try:
+            for index, item in enumerate(items):
+                run_id = self._new_run_id(fn, task_options)
+                outcome, listener = self._outcome_listener(task_name)
+                outcomes.append(outcome)
+                try:
+                    dispatcher, attempt = await self._attempt_for(
+                        fn, (item,), {}, task_name, settings, run_id, chunk=chunk_of(index)
+                    )
+                    self._inflight[run_id] = dispatcher
+                    live.append((run_id, dispatcher, outcome))
+                    await dispatcher.submit(attempt, listener)
+                except Exception as exc:  # this run's setup failed: its error is its frame
+                    if not outcome.done():
+                        outcome.set_result(_error_frame(run_id, exc))
+            if error_mode == "return":
+                return "return", list(await asyncio.gather(*outcomes))
+            for finished in asyncio.as_completed(outcomes):
+                frame = await finished
+                if frame.get("type") != frames.TASK_RESULT:
+                    return "raise", [frame]
+            return "raise", [outcome.result() for outcome in outcomes]
+        finally:
+            for run_id, _, _ in live:
+                self._inflight.pop(run_id, None)
+            for run_id, dispatcher, outcome in live:  # the call ended without them
+                if not outcome.done():
+                    with contextlib.suppress(Exception):
+                        await dispatcher.cancel(run_id)
 
     async def _map(
         self,
@@ -618,6 +688,12 @@ class Hub:
                 return None
             number = index // size
             return call_id, number, min(size, len(items) - number * size)
+
+        direct = self._direct_settings(fn, environment, task_options, passthrough)
+        if direct is not None and limiter is None and not spacing:
+            return await self._map_direct(
+                fn, items, direct[0], direct[1], error_mode, task_options, chunk_of
+            )
 
         async def one(index: int, item: Any) -> dict[str, Any]:
             if spacing:
@@ -683,6 +759,30 @@ class Hub:
         except Exception:
             return 1  # the first run reports why the environment did not start
         return size if dispatcher.transport.supports_chunks else 1
+
+    def _direct_settings(
+        self,
+        fn: Callable[..., Any],
+        environment: str | None,
+        task_options: dict[str, Any] | None,
+        call_settings: dict[str, Any],
+    ) -> tuple[str, dict[str, Any]] | None:
+        """(task name, settings) when a mapped call's runs may go straight to their
+        dispatcher (``_map_direct``): no ``retries`` or ``timeout`` to apply run by run,
+        an open Hub, settings that resolve. None: each run takes ``_call``."""
+        if self._closed:
+            return None
+        options = dict(task_options or {})
+        task_name = options.pop("task_name", None) or task_name_of(fn)
+        task_env = options.pop("environment", None)
+        try:
+            settings = self._settings_for(task_name, task_env or environment, call_settings,
+                                          options)
+        except Exception:
+            return None  # each run reports it
+        if int(settings.get("retries") or 0) or settings.get("timeout"):
+            return None
+        return task_name, settings
 
     def _note_elapsed(self, task_name: str, seconds: float) -> None:
         """A moving average of the task's time on the worker (``map_chunk_size:
