@@ -110,6 +110,11 @@ MAX_CHUNK = 128
 SPREAD = 8
 
 
+def chunks_wanted(setting: Any) -> bool:
+    """Whether ``map_chunk_size`` allows chunks at all (raises on a bad value)."""
+    return chunk_size(setting, MAX_CHUNK * SPREAD, None, None) > 1
+
+
 def chunk_size(setting: Any, runs: int, task_seconds: float | None, cap: int | None) -> int:
     """How many runs of a mapped call of ``runs`` go in one backend message: the
     ``map_chunk_size`` setting (a number, or ``"auto"``: from the task's measured time on

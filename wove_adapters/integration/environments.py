@@ -42,6 +42,11 @@ FORCE_LOCAL_NOTICE = (
 )
 
 
+def running_dispatchers() -> list[Dispatcher]:
+    """Every dispatcher this process has started and not stopped (doctor, tests)."""
+    return list(_dispatchers.values())
+
+
 def effective_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` as the dispatcher will run them: under ``force_local`` the ``local``
     executor with no ``executor_config`` (local refuses other executors' keys), the

@@ -34,13 +34,17 @@ wove too and both applying it would multiply the attempts (docs/configuration.md
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from wove_adapters.core import frames
 from wove_adapters.core import loop as shared_loop
+from wove_adapters.core.chunking import chunk_size, chunks_wanted
 from wove_adapters.core.config import load_config, loading_config
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
@@ -82,6 +86,10 @@ class _Bridge:
         # wove's run id -> our run carrying it (its current attempt's run id may differ).
         self._runs: dict[str, _BridgeRun] = {}
         self._retrying: set[asyncio.Task[None]] = set()
+        # Runs sent in this loop iteration, by task (see ``_gather``), and each task's
+        # moving-average time on the worker (sizes its chunks).
+        self._gathered: dict[str, list[tuple[_BridgeRun, Any, asyncio.Future[None]]]] = {}
+        self._seconds: dict[str, float] = {}
 
     def resolve(self, environment: str | None = None) -> None:
         if not self._resolved:
@@ -132,6 +140,12 @@ class _Bridge:
                 self._retrying.add(task)
                 task.add_done_callback(self._retrying.discard)
                 return
+            elapsed = frame.get("elapsed")
+            if elapsed is not None:
+                before = self._seconds.get(run.attempt.task_id)
+                self._seconds[run.attempt.task_id] = (
+                    float(elapsed) if before is None else before + (elapsed - before) * 0.1
+                )
             self._deliver({**frame, "run_id": run.wove_run_id})
 
         return listen
@@ -152,6 +166,73 @@ class _Bridge:
             await dispatcher.submit(run.attempt, self._listener(run))
         except Exception as exc:
             self._deliver(frames.error_event(run.wove_run_id, previous.task_id, exc))
+
+    async def _gather(self, run: _BridgeRun, setting: Any) -> None:
+        """wove hands its executor one item of a mapped task at a time and does not say
+        they belong together; the items of one mapped task reach ``send`` in the same
+        loop iteration, though. Runs of one task sent in one iteration are treated as one
+        mapped call and cut into chunks (``core.chunking``); a run sent alone stays alone.
+        Returns once the run is with the dispatcher (or raises why not)."""
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[None] = loop.create_future()
+        if not self._gathered:
+            loop.call_soon(self._send_gathered)
+        self._gathered.setdefault(run.attempt.task_id, []).append((run, setting, accepted))
+        await accepted
+
+    def _send_gathered(self) -> None:
+        groups, self._gathered = self._gathered, {}
+        for task_id, group in groups.items():
+            runs = [run for run, _, _ in group]
+            size = chunk_size(group[0][1], len(runs), self._seconds.get(task_id),
+                              runs[0].attempt.policy.max_in_flight)
+            call = uuid.uuid4().hex
+            for index, run in enumerate(runs):
+                if size > 1:
+                    number = index // size
+                    run.attempt.extra["chunk"] = (
+                        call, number, min(size, len(runs) - number * size)
+                    )
+            submitting = shared_loop.submit(self._submit_all(runs))
+            submitting.add_done_callback(functools.partial(
+                self._accepted, [accepted for _, _, accepted in group]
+            ))
+
+    async def _submit_all(self, runs: list[_BridgeRun]) -> list[BaseException | None]:
+        """Each run to the dispatcher (shared loop): one hop for the whole group."""
+        errors: list[BaseException | None] = []
+        for run in runs:
+            try:
+                assert self._dispatcher is not None, "executor is not started"
+                await self._dispatcher.submit(run.attempt, self._listener(run))
+                errors.append(None)
+            except Exception as exc:
+                errors.append(exc)
+        return errors
+
+    def _accepted(
+        self, waiters: list[asyncio.Future[None]],
+        done: concurrent.futures.Future[list[BaseException | None]],
+    ) -> None:
+        """Settle each ``send`` (on the weave's loop) with its run's submission."""
+        assert self._caller_loop is not None
+
+        def settle() -> None:
+            errors: list[BaseException | None]
+            try:
+                errors = done.result()
+            except BaseException as exc:
+                errors = [exc] * len(waiters)
+            for waiter, error in zip(waiters, errors, strict=True):
+                if waiter.done():
+                    continue
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+
+        with contextlib.suppress(RuntimeError):  # the weave's loop already closed
+            self._caller_loop.call_soon_threadsafe(settle)
 
     async def send(self, frame: dict[str, Any]) -> None:
         dispatcher = self._dispatcher
@@ -196,7 +277,17 @@ class _Bridge:
                 retry_for=retry_for,
             )
             self._runs[run.wove_run_id] = run
-            await shared_loop.run_async(dispatcher.submit(attempt, self._listener(run)))
+            setting = settings.get("map_chunk_size", "auto")
+            if (
+                dispatcher.transport.supports_chunks
+                and attempt.idempotency_key is None
+                and not policy.controls.active
+                and policy.orphan_policy != "detach"
+                and chunks_wanted(setting)
+            ):
+                await self._gather(run, setting)
+            else:
+                await shared_loop.run_async(dispatcher.submit(attempt, self._listener(run)))
         elif kind == frames.CANCEL_TASK:
             run_id = frame.get("run_id", "")
             mode = frame.get("delivery_cancel_mode")

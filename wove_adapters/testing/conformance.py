@@ -426,6 +426,7 @@ class AdapterConformance:
                           executor_config=dict(environment.get("executor_config") or {}),
                           **settings)
         wove.config(environments={"conformance": {"executor": remote}})
+        chunked_before = _chunked_runs()
         try:
             with wove.weave() as w:
 
@@ -439,6 +440,10 @@ class AdapterConformance:
 
             assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
             self.check_weave_pids({pid for _, pid in w.result.double})
+            # wove's mapped items reach the executor one by one; those sent together
+            # travel in chunks where the backend runs them.
+            sent = _chunked_runs() - chunked_before
+            assert (sent > 0) is self.chunks, f"{sent} of the weave's runs went in chunks"
         finally:
             wove.config(environments={"default": {"executor": "local"}},
                         default_environment="default")
@@ -463,6 +468,14 @@ class AdapterConformance:
             with pytest.raises(MissingBackendError, match=hint):
                 hub.run(tasks.add, 1)
             monkeypatch.undo()  # the library is back before the hub closes
+
+
+def _chunked_runs() -> int:
+    """Runs this process's dispatchers have sent in chunks so far."""
+    from wove_adapters.integration.environments import running_dispatchers
+
+    return sum(getattr(d.transport, "stats", {}).get("chunked_runs", 0)
+               for d in running_dispatchers())
 
 
 def _post_signed(receiver: Any, hub: Hub, event: Any) -> None:
