@@ -202,6 +202,43 @@ def _config_seconds(environment: str, executor_config: dict[str, Any], key: str)
     return number
 
 
+def _urgent(op: LedgerWrite | None) -> bool:
+    """A write that must not wait for company: a keyed claim (its run waits for it) or
+    a flush marker."""
+    return op is None or (isinstance(op, RunRecord) and op.idempotency_key is not None)
+
+
+_RECORD_FIELDS = frozenset(RunRecord.__struct_fields__)
+Queued = tuple[LedgerWrite, "asyncio.Future[Any]"]
+
+
+def _fold(writes: list[Queued]) -> tuple[list[Queued], dict[int, list[tuple[object, Any]]]]:
+    """A batch's writes with each later state change and outcome of a run whose unkeyed
+    record is still queued in it folded into that record's insert: one statement where
+    there were three. Returns the writes left and, by the id of each record's future,
+    the (result, future) of the writes folded into it."""
+    records: dict[str, RunRecord] = {}
+    owners: dict[str, asyncio.Future[Any]] = {}
+    left: list[Queued] = []
+    folded: dict[int, list[tuple[object, Any]]] = {}
+    for op, done in writes:
+        record = records.get(op.run_id) if not isinstance(op, RunRecord) else None
+        if (isinstance(op, Update) and record is not None
+                and _RECORD_FIELDS.issuperset(op.fields)):
+            for name, value in op.fields.items():
+                setattr(record, name, value)
+            folded.setdefault(id(owners[op.run_id]), []).append((None, done))
+            continue
+        if isinstance(op, SetOutcome) and record is not None and record.outcome is None:
+            record.state, record.outcome = op.state, op.outcome
+            folded.setdefault(id(owners[op.run_id]), []).append((True, done))
+            continue
+        if isinstance(op, RunRecord) and op.idempotency_key is None:
+            records[op.run_id], owners[op.run_id] = op, done
+        left.append((op, done))
+    return left, folded
+
+
 def _alive(run: Run) -> bool:
     return not run.done.is_set()
 
@@ -1291,11 +1328,13 @@ class Dispatcher:
         """Apply queued writes in order, a loop turn's worth at a time, as one
         ``write_many`` (one hand-off, one transaction on SQLite and PostgreSQL).
 
-        Claims go at once: a run is launched only once its claim is committed. State
-        changes and outcomes may wait up to ``_WRITE_WINDOW`` for company, so a short
-        run's later writes share one commit; the next claim, ``flush`` or stop takes them
-        along at once. The queue's ``get`` is never cancelled, so no write can be lost
-        between a timeout and its delivery."""
+        Claims of keyed runs go at once: such a run is launched only once its claim is
+        committed. A run's other writes (an unkeyed run's record, written while its job
+        is handed over, its state changes, its outcome) may wait up to ``_WRITE_WINDOW``
+        for company, so they share one commit, and a record still queued takes its
+        run's later writes into its own insert (``_fold``); the next keyed claim,
+        ``flush`` or stop takes them along at once. The queue's ``get`` is never
+        cancelled, so no write can be lost between a timeout and its delivery."""
         loop = asyncio.get_running_loop()
         pending: list[tuple[LedgerWrite | None, asyncio.Future[Any]]] = []
         deadline: float | None = None
@@ -1316,9 +1355,7 @@ class Dispatcher:
                 stop = None in items
                 entries = [entry for entry in items if entry is not None]
                 pending.extend(entries)
-                urgent = stop or any(
-                    not isinstance(op, (Update, SetOutcome)) for op, _ in entries
-                )
+                urgent = stop or any(_urgent(op) for op, _ in entries)
                 if pending and (urgent or not items or (deadline or 0) <= loop.time()):
                     batch, pending, deadline = pending, [], None
                     await self._write_batch(batch)
@@ -1335,7 +1372,7 @@ class Dispatcher:
     ) -> None:
         """One ``write_many`` for the batch's writes; each future gets its write's result
         (a flush marker's once everything before it is applied)."""
-        writes = [(op, done) for op, done in batch if op is not None]
+        writes, folded = _fold([(op, done) for op, done in batch if op is not None])
         results: list[object] = []
         if writes:
             try:
@@ -1347,6 +1384,11 @@ class Dispatcher:
                 _fail(done, result, self.ledger.url)
             elif not done.done():
                 done.set_result(result)
+            for answer, later in folded.get(id(done), ()):
+                if isinstance(result, Exception):
+                    _fail(later, result, self.ledger.url)
+                elif not later.done():
+                    later.set_result(answer)
         for op, done in batch:
             if op is None and not done.done():
                 done.set_result(None)
