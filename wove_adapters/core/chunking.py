@@ -110,6 +110,15 @@ MAX_CHUNK = 128
 SPREAD = 8
 
 
+def note_task_seconds(table: dict[str, float], task: str, seconds: float) -> None:
+    """Fold one run's time on its worker into ``table``'s moving average for ``task``
+    (what ``"auto"`` sizes the task's chunks from); the table keeps 4096 tasks."""
+    before = table.get(task)
+    table[task] = seconds if before is None else before + (seconds - before) * 0.1
+    if len(table) > 4096:
+        table.pop(next(iter(table)))
+
+
 def chunks_wanted(setting: Any) -> bool:
     """Whether ``map_chunk_size`` allows chunks at all (raises on a bad value)."""
     return chunk_size(setting, MAX_CHUNK * SPREAD, None, None) > 1

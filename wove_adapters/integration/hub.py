@@ -26,7 +26,7 @@ from typing import Any
 
 from wove_adapters.core import frames, logs
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.chunking import chunk_size
+from wove_adapters.core.chunking import chunk_size, note_task_seconds
 from wove_adapters.core.codec import decode_outcome, exception_from_frame
 from wove_adapters.core.config import Config, load_config
 from wove_adapters.core.errors import (
@@ -553,7 +553,7 @@ class Hub:
                 outcome.set_result(frame)
                 elapsed = frame.get("elapsed")
                 if elapsed is not None:
-                    self._note_elapsed(task_name, float(elapsed))
+                    note_task_seconds(self._task_seconds, task_name, float(elapsed))
 
         return outcome, listener
 
@@ -783,16 +783,6 @@ class Hub:
         if int(settings.get("retries") or 0) or settings.get("timeout"):
             return None
         return task_name, settings
-
-    def _note_elapsed(self, task_name: str, seconds: float) -> None:
-        """A moving average of the task's time on the worker (``map_chunk_size:
-        "auto"`` sizes chunks from it)."""
-        before = self._task_seconds.get(task_name)
-        self._task_seconds[task_name] = (
-            seconds if before is None else before + (seconds - before) * 0.1
-        )
-        if len(self._task_seconds) > 4096:
-            self._task_seconds.pop(next(iter(self._task_seconds)))
 
     async def _result(
         self, run_id: str, timeout: float | None, ledger_url: str | None

@@ -44,7 +44,7 @@ from typing import Any
 
 from wove_adapters.core import frames
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.chunking import chunk_size, chunks_wanted
+from wove_adapters.core.chunking import chunk_size, chunks_wanted, note_task_seconds
 from wove_adapters.core.config import load_config, loading_config
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
@@ -142,10 +142,7 @@ class _Bridge:
                 return
             elapsed = frame.get("elapsed")
             if elapsed is not None:
-                before = self._seconds.get(run.attempt.task_id)
-                self._seconds[run.attempt.task_id] = (
-                    float(elapsed) if before is None else before + (elapsed - before) * 0.1
-                )
+                note_task_seconds(self._seconds, run.attempt.task_id, float(elapsed))
             self._deliver({**frame, "run_id": run.wove_run_id})
 
         return listen
