@@ -105,3 +105,27 @@ def test_killed_worker_under_fail_reports_both_runs(tmp_path: Path) -> None:
             waiting.result(timeout=60)
         assert hub.run(tasks.add, 1) == 2  # the pool replaced the worker
     assert not (tmp_path / "bystander.runs").exists()
+
+
+def test_a_frozen_worker_gets_no_run_ahead_after_its_run_is_given_up(tmp_path: Path) -> None:
+    """A worker alive but silent (SIGSTOP) loses its run by the heartbeat rule; under
+    requeue the next attempt must go to the other worker, not wait in the frozen one."""
+    definition = {"executor": "stdio", "executor_config": {"processes": 2},
+                  "delivery_heartbeat_seconds": 1.0, "delivery_orphan_policy": "requeue"}
+    with Hub(environments={"w": definition}, default_environment="w") as hub:
+        # The first worker (the first one offered a run ahead) takes the run to freeze.
+        frozen = hub.submit(tasks.die_once, str(tmp_path), "frozen")
+        pid = int(wait_for_file(tmp_path / "frozen.pid"))
+        other = hub.submit(hold, str(tmp_path), "other")  # keeps the second worker busy
+        wait_for_file(tmp_path / "other.started")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 30  # past the heartbeat window: 1 lost, 2 queued
+            while hub.dispatcher("w").stats["requeued"] < 1:
+                assert time.monotonic() < deadline, "the silent run was never given up"
+                time.sleep(0.02)
+            (tmp_path / "other.go").touch()
+            assert other.result(timeout=30) == "other"
+            assert frozen.result(timeout=30) == "frozen-done"
+        finally:
+            os.kill(pid, signal.SIGKILL)

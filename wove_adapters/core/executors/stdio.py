@@ -72,11 +72,17 @@ class _Worker:
         # to), the one behind it waits in the worker (AHEAD).
         self.runs: collections.deque[RunAttempt] = collections.deque()
         self.reader: asyncio.Task[None] | None = None
+        # Its running run was cancelled (or given up: a frozen worker's cancel is never
+        # answered): send nothing ahead until that run ends, or a requeued attempt could
+        # wait behind it forever.
+        self.stopping = False
 
     def finished(self, event: frames.WireEvent) -> None:
-        for run in self.runs:
+        for index, run in enumerate(self.runs):
             if run.run_id == event.run_id and run.attempt == event.attempt:
-                self.runs.remove(run)
+                del self.runs[index]
+                if index == 0:
+                    self.stopping = False
                 return
 
     async def send(self, command: frames.WireCommand) -> None:
@@ -222,7 +228,11 @@ class StdioTransport(Transport):
             for worker in self._workers:
                 if not self._pending:
                     return
-                if len(worker.runs) == depth and worker.proc.returncode is None:
+                if (
+                    len(worker.runs) == depth
+                    and worker.proc.returncode is None
+                    and not (depth and worker.stopping)
+                ):
                     run = self._pending.popleft()
                     worker.runs.append(run)
                     try:
@@ -258,6 +268,8 @@ class StdioTransport(Transport):
                 )
                 return
         for worker in self._workers:
+            if worker.runs and worker.runs[0].run_id == run.run_id:
+                worker.stopping = True
             if any(sent.run_id == run.run_id for sent in worker.runs):
                 # Running: the worker interrupts it; waiting there: the worker drops it,
                 # and it never starts. Either way its task_cancelled says so.
