@@ -5,8 +5,13 @@ and writes event frames one per line on the pipe the pool passes in
 ``WOVE_ADAPTERS_STDIO_EVENTS_FD``, so task code's own prints go to stdout as usual and can
 never corrupt the protocol (started without it, events go to stdout and prints to
 stderr). It runs one task at a time in the main thread, so a
-``cancel_task`` (or SIGTERM) really interrupts it, sleeps included; heartbeats come from a
-timer thread while the task runs. When stdin closes (the parent died) it exits.
+``cancel_task`` (or SIGTERM) really interrupts it, sleeps included; the pool may send the
+next ``run_task`` while one runs (it waits in this process, so the worker never idles
+between tasks), and a ``cancel_task`` for that queued run drops it before it starts. A
+task that outlives the short-task window (``runner.STARTED_AFTER``) sends task_started
+and then heartbeats, from a timer thread; a shorter one sends only its outcome. When
+stdin closes (the parent died) or ``shutdown`` comes, queued runs are dropped, the
+running one is cancelled, and it exits.
 
 Whatever the task raises is its outcome, ``BaseException`` included, as in
 ``ProcessPoolExecutor``: ``SystemExit`` or ``KeyboardInterrupt`` raised by task code (or
@@ -18,10 +23,10 @@ is the caller's to handle (it cancels or abandons its runs), not every idle work
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import os
-import queue
 import signal
 import sys
 import threading
@@ -35,8 +40,10 @@ from wove_adapters.core.codec import pickled_exception
 from wove_adapters.core.envelope import dumps, loads
 from wove_adapters.core.executors.stdio import EVENTS_FD_ENV
 from wove_adapters.worker.runner import (
+    STARTED_AFTER,
     HeartbeatTimer,
     TaskCancelled,
+    _Pulse,
     call_task,
     heartbeat_interval,
 )
@@ -50,9 +57,15 @@ class StdioWorker:
         self._commands = commands
         self._events = events
         self._write_lock = threading.Lock()
-        self._queue: queue.Queue[frames.RunTaskWire | None] = queue.Queue()
-        self._current: str | None = None
-        self._current_lock = threading.RLock()
+        # The task ahead (the pool sends the next run_task while one runs) and the one
+        # running. ``_cond`` guards both: a cancel finds its run either still queued
+        # (removed: it never starts) or taken by the main thread, never in between.
+        self._cond = threading.Condition(threading.RLock())
+        self._queue: collections.deque[frames.RunTaskWire] = collections.deque()
+        self._closed = False
+        self._current: str | None = None  # taken by the main thread
+        self._running = False  # inside _run's try: a signal may interrupt it
+        self._cancelled = False  # the current run was cancelled before it started
 
     def emit(self, event: frames.WireEvent) -> None:
         line = _encoder.encode(event) + b"\n"
@@ -68,22 +81,69 @@ class StdioWorker:
                 print(f"stdio worker: bad frame ignored: {exc}", file=sys.stderr)
                 continue
             if isinstance(command, frames.RunTaskWire):
-                self._queue.put(command)
+                with self._cond:
+                    self._queue.append(command)
+                    self._cond.notify()
             elif isinstance(command, frames.CancelTaskWire):
-                with self._current_lock:
-                    if self._current == command.run_id:
-                        os.kill(os.getpid(), signal.SIGUSR1)
+                self._cancel(command.run_id, "removed from the worker's queue")
             else:
                 break
-        self._queue.put(None)
-        with self._current_lock:
+        # shutdown, or stdin closed (the parent died): nothing queued starts any more,
+        # and the running task is interrupted.
+        with self._cond:
+            self._closed = True
             if self._current is not None:
-                os.kill(os.getpid(), signal.SIGUSR1)
+                self._interrupt()
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cond.notify()
+        with contextlib.suppress(OSError):  # after a shutdown frame the caller still reads
+            for command in queued:
+                self.emit(frames.TaskCancelled(
+                    run_id=command.run_id, task_id=command.task_id, attempt=command.attempt,
+                    reason="the worker is shutting down",
+                ))
+
+    def _cancel(self, run_id: str, reason: str) -> None:
+        """A queued run is dropped (its task_cancelled says so), the running one is
+        interrupted; a run this worker no longer has has sent its terminal event."""
+        dropped: frames.RunTaskWire | None = None
+        with self._cond:
+            for queued in self._queue:
+                if queued.run_id == run_id:
+                    dropped = queued
+                    self._queue.remove(queued)
+                    break
+            else:
+                if self._current == run_id:
+                    self._interrupt()
+        if dropped is not None:
+            self.emit(frames.TaskCancelled(
+                run_id=dropped.run_id, task_id=dropped.task_id, attempt=dropped.attempt,
+                reason=reason,
+            ))
+
+    def _interrupt(self) -> None:
+        """Cancel the current run (``_cond`` held): by signal once its task runs, by a flag
+        the main thread reads before it starts the task."""
+        self._cancelled = True
+        if self._running:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def _take(self) -> frames.RunTaskWire | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed or not self._queue:
+                return None
+            command = self._queue.popleft()
+            self._current, self._cancelled = command.run_id, False
+            return command
 
     def serve(self) -> None:
         def _cancel(signum: int, frame: FrameType | None) -> None:
-            with self._current_lock:
-                running = self._current is not None
+            with self._cond:
+                running = self._running
             if running:
                 raise TaskCancelled(f"cancelled (signal {signum})")
 
@@ -92,29 +152,46 @@ class StdioWorker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         threading.Thread(target=self._read, daemon=True, name="stdio-reader").start()
         while True:
-            command = self._queue.get()
+            command = self._take()
             if command is None:
                 return
             self._run(command)
 
     def _run(self, command: frames.RunTaskWire) -> None:
+        """Run one task. task_started and heartbeats go out only once it outlives the
+        short-task window (``runner.STARTED_AFTER``): a short task sends one event. A run
+        with ``delivery_heartbeat_seconds`` says task_started at once: the caller's
+        heartbeat window opens there, and a worker frozen in its first milliseconds
+        (alive, so its pipe stays open) must still be found silent."""
         ident: dict[str, Any] = {
             "run_id": command.run_id,
             "task_id": command.task_id,
             "attempt": command.attempt,
         }
         event: frames.WireEvent
+        pulse = _Pulse(
+            heartbeat_interval(command.heartbeat_seconds),
+            lambda: self.emit(frames.TaskStarted(**ident, pid=os.getpid())),
+            lambda: self.emit(frames.Heartbeat(**ident)),
+        )
         try:
-            with self._current_lock:
-                self._current = command.run_id
-            self.emit(frames.TaskStarted(**ident, pid=os.getpid()))
-            with HeartbeatTimer(
-                heartbeat_interval(command.heartbeat_seconds),
-                lambda: self.emit(frames.Heartbeat(**ident)),
-            ):
-                func, args = loads(command.body)
-                value = call_task(func, args)
-                with self._current_lock:
+            try:
+                with self._cond:
+                    if self._cancelled:
+                        raise TaskCancelled("cancelled before it started")
+                    self._running = True
+                first = STARTED_AFTER
+                if command.heartbeat_seconds:
+                    pulse.beat()  # task_started now; heartbeats from the timer
+                    first = pulse.every
+                with HeartbeatTimer(pulse.every, pulse.beat, first=first):
+                    func, args = loads(command.body)
+                    value = call_task(func, args)
+            finally:
+                # A cancel's signal raises only while _running: once this is done,
+                # nothing below can be interrupted.
+                with self._cond:
+                    self._running = False
                     self._current = None
             event = frames.TaskResult(**ident, result=dumps(value))
         except TaskCancelled as exc:
@@ -126,9 +203,7 @@ class StdioWorker:
                 error=frames.normalize_exception(exc),
                 exception=pickled_exception(exc),
             )
-        finally:
-            with self._current_lock:
-                self._current = None
+        pulse.close()
         self.emit(event)
 
 

@@ -4,8 +4,10 @@
 worker`` then runs payloads); with no app at all, ``make_worker_app`` builds one
 (``celery -A wove_adapters.adapters.celery:worker_app worker``). The task runs the payload
 with ``wove_adapters.worker.runner`` and makes the Celery state tell the truth, writing it
-itself off the task's critical path (``_StateWriter``); for keyed runs its result carries
-the signed outcome (``Outcome.signed``) that other callers holding the key answer from.
+itself off the task's critical path (``_StateWriter``), and only what a reader needs: a
+short unkeyed run whose caller took its result writes nothing (see ``execute``); for
+keyed runs its result carries the signed outcome (``Outcome.signed``) that other callers
+holding the key answer from.
 
 The settings both sides agree on live here too (the caller's side,
 ``adapters/celery.py``, imports them). Importing this module never imports celery, nor
@@ -54,8 +56,9 @@ def register(
     With ``acks_late=True, reject_on_worker_lost=True`` Celery redelivers a task whose
     worker died by itself, whatever the caller's policy says (at least once).
     ``track_started`` records STARTED in the result backend (off the task's critical
-    path); the task writes its own SUCCESS/REVOKED states, and Celery stores failures
-    (worker lost, outcome undeliverable).
+    path) for a task still running after the short-task window; the task writes its own
+    SUCCESS/REVOKED states where a reader needs them (see ``execute``), and Celery
+    stores failures (worker lost, outcome undeliverable).
     """
     registered: dict[str, Any] = app.__dict__.setdefault("_wove_adapters_tasks", {})
     if name in registered:
@@ -88,9 +91,25 @@ def register(
 
 def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str, Any]:
     """The body of the payload task: run it with the shared worker entrypoint, and make
-    the Celery state tell the truth: STARTED while it runs, SUCCESS with a summary (plus,
-    for keyed runs, the signed outcome other callers holding the key answer from),
-    REVOKED when cancelled, FAILURE when the outcome could not be delivered."""
+    the Celery state tell the truth, with as few result-backend writes as that needs.
+
+    The caller reads the state only to tell a lost run from a slow one (reconciliation,
+    ``PendingCheck``), to confirm a cancel, and, for keyed runs, to answer other callers
+    holding the key. So a run writes:
+
+    - STARTED (with ``track_started``) only once it outlives the short-task window
+      (``runner.STARTED_AFTER``): a task still running is what a lost worker must be
+      told apart from; a shorter one is over before anyone could ask;
+    - SUCCESS with a summary only when someone may read it: for keyed runs (with the
+      signed outcome other callers answer from), after a STARTED (which must not stay
+      the last word), and when the outcome is not acknowledged yet (the outbox owns it:
+      reconciliation then sees the job finished instead of calling it lost). A short
+      unkeyed run whose caller took its result writes nothing, where native Celery
+      writes once;
+    - REVOKED when cancelled (the confirmation of a ``require_ack`` cancel);
+    - FAILURE (stored by Celery, as the task raises) when the outcome could not be
+      delivered nor recorded.
+    """
     from celery import states
     from celery.exceptions import Ignore
 
@@ -109,10 +128,14 @@ def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str,
     # final one), off the task's critical path. Keyed runs wait for their final state:
     # other callers holding the key answer from it.
     writer = _StateWriter(task)
+    on_started = None
     if track_started:
-        writer.write_soon(states.STARTED, {"pid": os.getpid(),
-                                           "hostname": task.request.hostname})
-    outcome = worker.run_envelope(envelope)
+        started = {"pid": os.getpid(), "hostname": task.request.hostname}
+
+        def on_started() -> None:  # the heartbeat thread, before the run's final state
+            writer.write_soon(states.STARTED, started)
+
+    outcome = worker.run_envelope(envelope, on_started=on_started)
     summary: dict[str, Any] = {
         "state": outcome.state, "run_id": envelope.run_id, "attempt": envelope.attempt,
     }
@@ -132,6 +155,8 @@ def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str,
     if keyed:
         signed = outcome.signed()  # JSON results carry text: base64
         summary["outcome"] = base64.b64encode(signed).decode("ascii") if signed else None
+    if not (keyed or outcome.started or outcome.pending is not None):
+        return summary  # the caller has it, nothing says otherwise: no write at all
     done = writer.write_soon(states.SUCCESS, summary)
     if keyed:
         done.result(timeout=60)

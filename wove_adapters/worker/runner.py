@@ -16,8 +16,11 @@ names, and its event carries a reference with its sha256, checked before unpickl
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
+import itertools
+import math
 import os
 import re
 import signal
@@ -26,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
@@ -71,6 +74,8 @@ class Outcome:
     # keeps, signed, for another caller that holds the same idempotency key.
     event: frames.WireEvent | None = None
     key_id: str = ""  # the key the payload was signed with: the event is signed with it
+    # The task outlived the short-task window: task_started went out (``run_envelope``).
+    started: bool = False
 
     def signed(self) -> bytes | None:
         """The terminal event as a signed blob, for a backend to keep for other callers
@@ -135,57 +140,115 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-@contextmanager
-def sigterm_cancels() -> Iterator[None]:
-    """Within the block, SIGTERM raises TaskCancelled in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _SigtermCancels:
+    """SIGTERM raises TaskCancelled in the main thread while a task runs there.
 
-    def _handler(signum: int, frame: FrameType | None) -> None:
-        raise TaskCancelled(f"signal {signum}")
+    One handler per process, installed by the first task and kept (installed again only
+    if something replaced it): swapping handlers around every task cost two
+    ``signal.signal`` calls per task. Between tasks the handler does what the handler it
+    replaced would have done (a Celery prefork child's is the default: the process
+    ends), so a worker that runs no task stops on SIGTERM as it did without us. Signal
+    handlers can only be set from the main thread; tasks in other threads are not
+    interrupted (as before)."""
 
-    previous = signal.signal(signal.SIGTERM, _handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self) -> None:
+        self.running = 0  # tasks inside ``cancels()`` in the main thread
+        self.previous: Any = signal.SIG_DFL
+        self.handler = self._handle  # one bound method: getsignal() compares identity
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.running:
+            raise TaskCancelled(f"signal {signum}")
+        previous = self.previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # SIG_DFL, or a handler set outside Python
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    @contextmanager
+    def cancels(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        current = signal.getsignal(signal.SIGTERM)
+        if current is not self.handler:
+            signal.signal(signal.SIGTERM, self.handler)
+            self.previous = current
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+
+
+_SIGTERM = _SigtermCancels()
+
+
+def sigterm_cancels() -> AbstractContextManager[None]:
+    """Within the block, SIGTERM raises TaskCancelled in the main thread (see
+    ``_SigtermCancels``: one handler per process, no swap per task)."""
+    return _SIGTERM.cancels()
 
 
 class _Heart:
     """One daemon thread beats for every running task in this process (a worker running
-    thousands of short tasks must not start a thread per task)."""
+    thousands of short tasks must not start a thread per task).
+
+    Most tasks end before their first beat is due (the short-task window,
+    ``STARTED_AFTER``), so registering one must cost almost nothing: ``add`` puts the
+    task in a dict of young entries, without a lock, and ``remove`` takes it out again.
+    The thread sleeps until the earliest due time it knows of and publishes it
+    (``_wake_at``); ``add`` wakes it only for an entry due before that (the first task
+    after an idle spell, or a task beside a long one), never in a run of short tasks,
+    where the thread wakes about once per window instead of once per task. Entries
+    whose first beat is due move into the schedule the thread keeps under its lock."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh state (also in a forked child: the parent's thread and lock stay behind)."""
         self._cond = threading.Condition()
+        self._young: dict[int, tuple[float, float, Callable[[], object]]] = {}
         self._beats: dict[int, tuple[float, float, Callable[[], object]]] = {}
         self._thread: threading.Thread | None = None
-        self._next_id = 0
+        self._ids = itertools.count(1)
+        self._wake_at = math.inf  # when the sleeping thread looks next; 0: it is awake
 
-    def add(self, interval: float, beat: Callable[[], object]) -> int:
-        """Call ``beat`` every ``interval`` s; a number it returns sets the next delay."""
-        with self._cond:
-            self._next_id += 1
-            ident = self._next_id
-            self._beats[ident] = (interval, time.monotonic() + interval, beat)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._loop, daemon=True, name="wove-heartbeat"
-                )
-                self._thread.start()
-            self._cond.notify()
-            return ident
+    def add(self, first: float, interval: float, beat: Callable[[], object]) -> int:
+        """Call ``beat`` after ``first`` s, then every ``interval`` s; a number it returns
+        sets the next delay."""
+        ident = next(self._ids)
+        at = time.monotonic() + first
+        self._young[ident] = (at, interval, beat)
+        if self._wake_at > at:  # read after the insert: see _loop
+            with self._cond:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=self._loop, daemon=True, name="wove-heartbeat"
+                    )
+                    self._thread.start()
+                self._cond.notify()
+        return ident
 
     def remove(self, ident: int) -> None:
-        with self._cond:
-            self._beats.pop(ident, None)
+        if self._young.pop(ident, None) is None:  # promoted (or being promoted, locked)
+            with self._cond:
+                self._beats.pop(ident, None)
 
     def _loop(self) -> None:
         while True:
             due: list[tuple[int, Callable[[], object]]] = []
             with self._cond:
+                self._wake_at = 0.0  # awake: it looks at every young entry below
                 now = time.monotonic()
-                wake = now + 60.0
+                wake = math.inf
+                for ident, (at, interval, beat) in list(self._young.items()):
+                    if at > now:
+                        wake = min(wake, at)
+                    elif self._young.pop(ident, None) is not None:  # else: just ended
+                        self._beats[ident] = (interval, at, beat)
                 for ident, (interval, at, beat) in list(self._beats.items()):
                     if at <= now:
                         due.append((ident, beat))
@@ -193,7 +256,15 @@ class _Heart:
                         self._beats[ident] = (interval, at, beat)
                     wake = min(wake, at)
                 if not due:
-                    self._cond.wait(max(wake - now, 0.005))
+                    # Publish the wake time, then look once more: ``add`` inserts, then
+                    # reads ``_wake_at``. Either it read this value (and notifies if its
+                    # entry is due earlier, once this thread waits), or it read an older
+                    # one, and its entry is already in the dict read here.
+                    self._wake_at = wake
+                    for at, _, _ in list(self._young.values()):
+                        wake = min(wake, at)
+                    self._cond.wait(None if wake == math.inf else max(wake - now, 0.001))
+                    continue
             for ident, beat in due:
                 try:
                     delay = beat()
@@ -207,19 +278,25 @@ class _Heart:
 
 
 _HEART = _Heart()
+os.register_at_fork(after_in_child=_HEART._reset)
 
 
 class HeartbeatTimer:
-    """Calls ``beat`` every ``interval`` seconds while the block runs (shared thread)."""
+    """Calls ``beat`` every ``interval`` seconds while the block runs (shared thread);
+    the first call after ``first`` seconds (default: ``interval``). A block that ends
+    before then costs two dict operations (see ``_Heart``)."""
 
-    def __init__(self, interval: float | None, beat: Callable[[], object]) -> None:
+    def __init__(
+        self, interval: float | None, beat: Callable[[], object], *, first: float | None = None
+    ) -> None:
         self._interval = interval
+        self._first = interval if first is None else first
         self._beat = beat
         self._ident: int | None = None
 
     def __enter__(self) -> HeartbeatTimer:
         if self._interval:
-            self._ident = _HEART.add(self._interval, self._beat)
+            self._ident = _HEART.add(self._first or self._interval, self._interval, self._beat)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -276,37 +353,118 @@ STARTED_AFTER = 0.05
 
 
 class _Pulse:
-    """First tick: task_started; then heartbeats at the policy's interval."""
+    """What a task that outlives its short-task window sends: at its first tick
+    ``on_started`` (the caller's task_started; a backend may also record its own
+    STARTED state with ``on_first``), then ``on_beat`` at the policy's interval.
 
-    def __init__(self, envelope: Envelope, ident: dict[str, Any]) -> None:
-        self.envelope = envelope
-        self.ident = ident
+    ``close`` (the task has ended) stops it for good, so nothing it sends can be
+    ordered after the terminal event by the worker itself: ``on_first`` runs under the
+    same lock ``close`` takes, so it either ran before ``close`` returned, or never
+    will (a backend's final state written after ``close`` is the last one)."""
+
+    def __init__(
+        self,
+        every: float,
+        on_started: Callable[[], object],
+        on_beat: Callable[[], object],
+        on_first: Callable[[], object] | None = None,
+    ) -> None:
+        self.every = every
+        self.on_started = on_started
+        self.on_beat = on_beat
+        self.on_first = on_first
         self.started = False
-        self.every = heartbeat_interval(envelope.heartbeat_seconds)
+        self.closed = False
+        self._lock = threading.Lock()
 
-    def beat(self) -> float:
-        if not self.started:
-            self.started = True
-            _emit(
-                self.envelope,
-                frames.TaskStarted(**self.ident, pid=os.getpid(), host=socket.gethostname()),
-            )
-        else:
-            _emit(self.envelope, frames.Heartbeat(**self.ident))
+    def beat(self) -> float | None:
+        with self._lock:
+            if self.closed:
+                return None
+            first = not self.started
+            if first:
+                self.started = True
+                if self.on_first is not None:
+                    self.on_first()
+        (self.on_started if first else self.on_beat)()
         return self.every
 
+    def close(self) -> bool:
+        """Stop; True if the task was reported started (``on_first`` ran)."""
+        with self._lock:
+            self.closed = True
+            return self.started
 
-def run_envelope(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
+
+class _Events:
+    """task_started and heartbeats of payload runs leave from a thread of their own: a
+    caller slow to answer one (up to ``HEARTBEAT_BUDGET``) must not hold up the heartbeat
+    thread, which also calls the next task's ``on_started`` (a Celery STARTED write) on
+    time. One event per run at a time: while one waits, that run's next beat is skipped
+    (a later beat says the same), so nothing piles up behind a silent caller."""
+
+    def __init__(self) -> None:
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    def sender(self, envelope: Envelope) -> Callable[[frames.WireEvent], None]:
+        last: list[concurrent.futures.Future[None]] = []
+
+        def send(event: frames.WireEvent) -> None:
+            if last and not last[0].done():
+                return
+            if self._pool is None or self._pid != os.getpid():  # first use in this process
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="wove-events"
+                )
+                self._pid = os.getpid()
+            last[:] = [self._pool.submit(_emit, envelope, event)]
+
+        return send
+
+
+_EVENTS = _Events()
+
+
+def _envelope_pulse(
+    envelope: Envelope, ident: dict[str, Any], on_started: Callable[[], object] | None
+) -> _Pulse:
+    send = _EVENTS.sender(envelope)
+    return _Pulse(
+        heartbeat_interval(envelope.heartbeat_seconds),
+        lambda: send(frames.TaskStarted(**ident, pid=os.getpid(), host=socket.gethostname())),
+        lambda: send(frames.Heartbeat(**ident)),
+        on_first=on_started,
+    )
+
+
+def run_envelope(
+    envelope: Envelope,
+    *,
+    handle_sigterm: bool = True,
+    on_started: Callable[[], object] | None = None,
+) -> Outcome:
     """Run a verified envelope's task and hand its terminal event back (see
-    ``deliver_terminal``): returns as soon as the caller has it or the outbox owns it."""
-    outcome = execute(envelope, handle_sigterm=handle_sigterm)
+    ``deliver_terminal``): returns as soon as the caller has it or the outbox owns it.
+
+    A task that ends within ``STARTED_AFTER`` costs no timer thread wake-up, no signal
+    handler swap and no event but its terminal one. One that runs longer sends
+    task_started and heartbeats, and calls ``on_started`` (from the heartbeat thread,
+    never after this returns: a backend records its STARTED state there). ``started``
+    on the outcome says whether it did."""
+    outcome = execute(envelope, handle_sigterm=handle_sigterm, on_started=on_started)
     assert outcome.event is not None
     deliver_terminal(envelope, outcome.event, outcome)
     return outcome
 
 
-def execute(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
-    """Run a verified envelope's task; its terminal event is ``Outcome.event``, not yet
+def execute(
+    envelope: Envelope,
+    *,
+    handle_sigterm: bool = True,
+    on_started: Callable[[], object] | None = None,
+) -> Outcome:
+    """``run_envelope`` up to its terminal event, which is ``Outcome.event``, not yet
     sent (``run_envelope`` sends it; a chunk sends its runs' events together)."""
     ident: dict[str, Any] = {
         "run_id": envelope.run_id,
@@ -316,8 +474,8 @@ def execute(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
     final = envelope.outcome_ident  # terminal events carry the run's key too
     outcome: Outcome
     event: frames.WireEvent
-    pulse = _Pulse(envelope, ident)
-    with HeartbeatTimer(STARTED_AFTER, pulse.beat):
+    pulse = _envelope_pulse(envelope, ident, on_started)
+    with HeartbeatTimer(pulse.every, pulse.beat, first=STARTED_AFTER):
         try:
             func, args = load_task(envelope)
             began = time.perf_counter()
@@ -348,6 +506,7 @@ def execute(envelope: Envelope, *, handle_sigterm: bool = True) -> Outcome:
             _drop_own_frames(exc)
             event = error_event(envelope, final, exc, source="task")
             outcome = Outcome(RunState.FAILED, error=exc)
+    outcome.started = pulse.close()
     outcome.event = event
     outcome.key_id = envelope.key_id
     return outcome

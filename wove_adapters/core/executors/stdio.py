@@ -2,7 +2,10 @@
 
 Each process runs one task at a time, so cancellation interrupts real work and a worker
 that dies mid-task is noticed at once (its event pipe closes), with its exit status; the
-pool replaces the process. How the run ends depends on who ended the worker:
+pool replaces the process. A busy worker is also sent the next run (``AHEAD``), which
+waits in it and starts as soon as the running task ends: the worker never idles for a
+round trip through the caller. Cancelling such a run removes it from the worker before
+it starts. How the running run ends depends on who ended the worker:
 
 - the task itself (a fault signal such as SIGSEGV or SIGABRT, or ``os._exit``): the run
   fails with ``TaskExecutionError`` of kind ``WorkerCrashed`` naming the pid, exit code
@@ -10,6 +13,9 @@ pool replaces the process. How the run ends depends on who ended the worker:
   again, so no orphan policy applies;
 - something outside (SIGKILL from an operator, the OOM killer): the run is reported lost
   with that reason and the dispatcher applies the orphan policy (requeue, fail, ...).
+
+A run waiting behind it in the dead worker never started: it is reported lost either way,
+and its orphan policy applies.
 
 A result the caller cannot unpickle (its class exists only on the worker, or its
 unpickling raises) fails its run with an error naming the type and saying so, and the
@@ -41,6 +47,11 @@ _event_decoder = msgspec.json.Decoder(frames.WireEvent)
 # The worker writes its events to this inherited pipe descriptor (stdout stays the task's).
 EVENTS_FD_ENV = "WOVE_ADAPTERS_STDIO_EVENTS_FD"
 
+# Runs sent to a busy worker beyond the one it runs: the next one waits in the worker, so
+# it starts as soon as the running task ends (ProcessPoolExecutor queues one call ahead
+# too). More would only keep runs from an idle worker.
+AHEAD = 1
+
 # Signals a process raises against itself when its own code faults: the task did it.
 FAULT_SIGNALS = frozenset(
     {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS}
@@ -57,8 +68,22 @@ class _Worker:
         self.proc = proc
         self.events = events  # the worker's event pipe (see EVENTS_FD_ENV)
         self.pipe = pipe
-        self.run: RunAttempt | None = None
+        # The runs sent to it, in the order it runs them: the first is running (or about
+        # to), the one behind it waits in the worker (AHEAD).
+        self.runs: collections.deque[RunAttempt] = collections.deque()
         self.reader: asyncio.Task[None] | None = None
+        # Its running run was cancelled (or given up: a frozen worker's cancel is never
+        # answered): send nothing ahead until that run ends, or a requeued attempt could
+        # wait behind it forever.
+        self.stopping = False
+
+    def finished(self, event: frames.WireEvent) -> None:
+        for index, run in enumerate(self.runs):
+            if run.run_id == event.run_id and run.attempt == event.attempt:
+                del self.runs[index]
+                if index == 0:
+                    self.stopping = False
+                return
 
     async def send(self, command: frames.WireCommand) -> None:
         assert self.proc.stdin is not None
@@ -154,52 +179,75 @@ class StdioTransport(Transport):
                 print(f"stdio executor: bad event line ignored: {exc}", file=sys.stderr)
                 continue
             if isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled)):
-                if worker.run is not None and worker.run.run_id == event.run_id:
-                    worker.run = None  # free before anything that may fail below
+                worker.finished(event)  # free before anything that may fail below
             self._emit(event_frame(event, where="stdio executor"))
-            if worker.run is None:
+            if len(worker.runs) < AHEAD + 1 and self._pending:
                 await self._dispatch()
         worker.pipe.close()
         code = await worker.proc.wait()
-        lost = worker.run
-        worker.run = None
+        lost = list(worker.runs)
+        worker.runs.clear()
         with contextlib.suppress(ValueError):
             self._workers.remove(worker)
-        if lost is not None and not self._closing:
+        if lost and not self._closing:
+            name = f"stdio worker pid {worker.proc.pid}"
+            running = lost[0]
             self._emit(
                 exit_frame(
-                    f"stdio worker pid {worker.proc.pid}",
+                    name,
                     code,
-                    lost.run_id,
-                    lost.task_id,
-                    lost.attempt,
+                    running.run_id,
+                    running.task_id,
+                    running.attempt,
                     by_task=code >= 0 or -code in FAULT_SIGNALS,
                 )
             )
+            for queued in lost[1:]:
+                # It waited in the worker behind the run that was running: its task never
+                # started, whoever ended the worker. Lost, for its orphan policy.
+                self._emit(
+                    frames.event(
+                        frames.TASK_LOST,
+                        queued.run_id,
+                        queued.task_id,
+                        queued.attempt,
+                        reason=f"{name} {describe_exit(code)} while task '{queued.task_id}' "
+                        f"(run {queued.run_id}) waited in it behind run {running.run_id}; "
+                        f"it never started",
+                    )
+                )
         if not self._closing:
             await self._spawn()
             await self._dispatch()
 
     async def _dispatch(self) -> None:
-        for worker in self._workers:
-            if not self._pending:
-                return
-            if worker.run is None and worker.proc.returncode is None:
-                run = self._pending.popleft()
-                worker.run = run
-                try:
-                    await worker.send(
-                        frames.RunTaskWire(
-                            run_id=run.run_id,
-                            task_id=run.task_id,
-                            attempt=run.attempt,
-                            body=run.extra["body"],
-                            heartbeat_seconds=run.policy.heartbeat_seconds,
+        """Hand queued runs to workers: idle ones first, then one run ahead to each busy
+        one (it starts the moment the running task ends, without waiting for a round
+        trip through this process)."""
+        for depth in range(AHEAD + 1):
+            for worker in self._workers:
+                if not self._pending:
+                    return
+                if (
+                    len(worker.runs) == depth
+                    and worker.proc.returncode is None
+                    and not (depth and worker.stopping)
+                ):
+                    run = self._pending.popleft()
+                    worker.runs.append(run)
+                    try:
+                        await worker.send(
+                            frames.RunTaskWire(
+                                run_id=run.run_id,
+                                task_id=run.task_id,
+                                attempt=run.attempt,
+                                body=run.extra["body"],
+                                heartbeat_seconds=run.policy.heartbeat_seconds,
+                            )
                         )
-                    )
-                except (ConnectionError, RuntimeError):
-                    # The worker is dying; its reader reports the run lost.
-                    pass
+                    except (ConnectionError, RuntimeError):
+                        # The worker is dying; its reader reports the run lost.
+                        pass
 
     async def submit(self, run: RunAttempt) -> None:
         if "body" not in run.extra:
@@ -220,7 +268,11 @@ class StdioTransport(Transport):
                 )
                 return
         for worker in self._workers:
-            if worker.run is not None and worker.run.run_id == run.run_id:
+            if worker.runs and worker.runs[0].run_id == run.run_id:
+                worker.stopping = True
+            if any(sent.run_id == run.run_id for sent in worker.runs):
+                # Running: the worker interrupts it; waiting there: the worker drops it,
+                # and it never starts. Either way its task_cancelled says so.
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await worker.send(frames.CancelTaskWire(run_id=run.run_id))
                 return
