@@ -328,7 +328,7 @@ class AdapterTransport(Transport):
         )
         body = run.extra.get("body")
         if body is None:
-            body = payload_mod.dumps((run.func, run.args))  # small tasks: cheaper than a thread hop
+            body = payload_mod.task_body(run.func, run.args)  # small: cheaper than a thread hop
         large = len(body) > min(limit, 256 * 1024)
         build = functools.partial(
             payload_mod.build_envelope,

@@ -11,6 +11,7 @@ where the worker puts a large result (``result_store``; see worker.runner).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import importlib
@@ -114,6 +115,57 @@ def dumps(value: Any) -> bytes:
 
 def loads(data: bytes) -> Any:
     return cloudpickle_module().loads(data)
+
+
+class _Pickled:
+    """A callable whose pickle is already made: pickling it writes those bytes (and the
+    loader's name) instead of pickling the callable again, and unpickling gives the
+    callable back, so workers see no difference."""
+
+    __slots__ = ("data", "func")
+
+    def __init__(self, func: Any, data: bytes) -> None:
+        self.func, self.data = func, data
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return loads, (self.data,)
+
+
+# Each task callable's pickle, made once per loop iteration: a mapped call's runs, all
+# submitted in one iteration, carry the same function (a closure or lambda is pickled by
+# value, at a cost that can exceed the rest of a short run's work). Not longer: a closure
+# pickled by value carries its cells' and globals' values as they are now, and a later
+# call must see later values. Keyed by id, the function kept alive until cleared.
+_PICKLED: dict[int, tuple[Any, bytes]] = {}
+
+
+def _pickled_once(inner: Any) -> bytes:
+    found = _PICKLED.get(id(inner))
+    if found is not None and found[0] is inner:
+        return found[1]
+    data = dumps(inner)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return data  # not on a loop (a thread building a large body): nothing to share
+    if not _PICKLED:
+        loop.call_soon(_PICKLED.clear)
+    _PICKLED[id(inner)] = (inner, data)
+    return data
+
+
+def task_body(func: Any, args: dict[str, Any]) -> bytes:
+    """The pickle of ``(func, args)`` a payload carries; ``func`` itself (or the function
+    a ``functools.partial`` wraps, as ``Hub.map`` makes per item) is pickled once per loop
+    iteration (``_PICKLED``) and its bytes reused."""
+    inner = func.func if isinstance(func, functools.partial) else func
+    ref = _Pickled(inner, _pickled_once(inner))
+    if isinstance(func, functools.partial):
+        return dumps((functools.partial(ref, *func.args, **func.keywords), args))
+    return dumps((ref, args))
 
 
 def encode_payload(envelope: Envelope) -> str:
@@ -233,7 +285,7 @@ def build_envelope(
     """Pickle the task and place its body inline or in the store (blocking: call in a thread
     when the body may be large)."""
     if body is None:
-        body = dumps((func, args))
+        body = task_body(func, args)
     body_ref = None
     if len(body) > inline_limit:
         body_ref = open_store(store_url).put(store_key(run_id, attempt), body)

@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 
 from wove_adapters.core import frames
-from wove_adapters.core.envelope import dumps
+from wove_adapters.core.envelope import task_body
 from wove_adapters.core.errors import TaskExecutionError
 from wove_adapters.core.options import ExecutorOptions
 from wove_adapters.core.policies import Capabilities
@@ -251,7 +251,7 @@ class StdioTransport(Transport):
 
     async def submit(self, run: RunAttempt) -> None:
         if "body" not in run.extra:
-            run.extra["body"] = dumps((run.func, run.args))
+            run.extra["body"] = task_body(run.func, run.args)
         self._pending.append(run)
         await self._dispatch()
 
