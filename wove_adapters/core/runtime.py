@@ -561,12 +561,9 @@ class Dispatcher:
                 # holds: the returned run id is fetchable once the record lands, and a
                 # worker whose caller is gone creates the record with the outcome. A
                 # record that cannot be written stops the job (the run fails with why).
-                try:
-                    await asyncio.shield(run.claimed)
-                except Exception:
-                    with contextlib.suppress(Exception):
-                        await self.transport.cancel(run.attempt, mode="best_effort")
-                    raise
+                # Watched by a callback naming the run by id: nothing here keeps the
+                # run (and its result, once it has one) alive until the write lands.
+                run.claimed.add_done_callback(functools.partial(self._written, run.run_id))
             if run.attempt.submission:
                 # Closures name the run by id only: a queued write must not keep the
                 # task's callable (and what it references) alive.
@@ -586,6 +583,26 @@ class Dispatcher:
                     retryable=True,
                 ),
             )
+
+    def _written(self, run_id: str, done: asyncio.Future[Any]) -> None:
+        """A run's record reached the ledger, or could not: then its job is cancelled
+        and the run fails naming why (if it has not ended already)."""
+        if done.cancelled() or done.exception() is None:
+            return
+        error = done.exception()
+        run = self.runs.get(run_id)
+        if run is None or run.done.is_set():
+            log.warning("the ledger record of run %s was not written: %s", run_id, error)
+            return
+        self._spawn(self._unrecorded(run, error))  # type: ignore[arg-type]
+
+    async def _unrecorded(self, run: Run, error: Exception) -> None:
+        with contextlib.suppress(Exception):
+            await self.transport.cancel(run.attempt, mode="best_effort")
+        self._finish(run, frames.error_event(
+            run.run_id, run.attempt.task_id, self._submit_error(run, error),
+            attempt=run.attempt.attempt, source="transport", retryable=True,
+        ))
 
     def _submit_error(self, run: Run, exc: Exception) -> BaseException:
         """An error at the boundary names the environment, the executor, the address and
