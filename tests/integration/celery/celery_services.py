@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -226,3 +227,15 @@ def running(broker: str, log_dir: Path, *, concurrency: int = 1) -> Iterator[Cel
     yield service
     service.stop()
     service.cleanup()
+
+
+def wait_state(app: Any, task_id: str, state: str, timeout: float = 30.0) -> None:
+    """Wait until Celery reports ``state`` for ``task_id`` (what the worker wrote)."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        seen = app.AsyncResult(task_id).state
+        if seen == state:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"task {task_id} stayed {seen}, expected {state}")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
-from celery_services import REDIS_URL, CeleryService
+from celery_services import REDIS_URL, CeleryService, wait_state
 from lazy_imports import assert_imports_without
 
 from wove_adapters.core import loop as shared_loop
@@ -37,17 +37,6 @@ def _adapter(config: dict[str, Any]) -> Any:
     adapter = CeleryAdapter({**config, "_key_id": "unused"}, environment="t")
     shared_loop.run_sync(adapter.start())
     return adapter
-
-
-def _wait_state(app: Any, task_id: str, state: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        seen = app.AsyncResult(task_id).state
-        if seen == state:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"task {task_id} stayed {seen}, expected {state}")
 
 
 # ---------------------------------------------------------------- the worker side
@@ -146,7 +135,7 @@ def test_idempotency_key_is_the_celery_task_id(redis_celery: CeleryService, mark
     assert task_id.startswith("order-")
     app = redis_celery.client_app()
     try:
-        _wait_state(app, task_id, "SUCCESS")  # stored just after the event went out
+        wait_state(app, task_id, "SUCCESS")  # stored just after the event went out
         result = app.AsyncResult(task_id)
         assert result.result["state"] == "succeeded" and result.result["outcome"]
     finally:
@@ -258,7 +247,7 @@ def test_cancel_interrupts_the_task_inside_the_prefork_child(
         assert future.cancelled() or future.done()
         app = amqp_celery.client_app()
         try:
-            _wait_state(app, key, "REVOKED")
+            wait_state(app, key, "REVOKED")
         finally:
             app.close()
         assert hub.run(os.getpid) == pid, "the prefork child died instead of cancelling"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
-from celery_services import CeleryService
+from celery_services import CeleryService, wait_state
 
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.integration.hub import Hub
@@ -27,17 +27,6 @@ def _meta(app: Any, task_id: str) -> bytes | None:
     """The raw meta the worker wrote, None if it wrote nothing."""
     value: bytes | None = app.backend.get(app.backend.get_key_for_task(task_id))
     return value
-
-
-def _wait_status(app: Any, task_id: str, status: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        seen = app.AsyncResult(task_id).state
-        if seen == status:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"task {task_id} stayed {seen}, expected {status}")
 
 
 def test_a_short_delivered_run_writes_no_state(redis_celery: CeleryService) -> None:
@@ -64,10 +53,10 @@ def test_a_long_run_writes_started_then_success(
             future = hub.submit(tasks.sleepy, str(markers), "long", 1.5)
             wait_for_file(markers / "long.started", 60)
             task_id = f"{future.run_id}.1"
-            _wait_status(app, task_id, "STARTED")  # what tells a lost worker from a slow one
+            wait_state(app, task_id, "STARTED")  # what tells a lost worker from a slow one
             assert app.AsyncResult(task_id).result["hostname"] == redis_celery.node
             assert future.result(timeout=60) == "long"
-            _wait_status(app, task_id, "SUCCESS")  # STARTED is never the last word
+            wait_state(app, task_id, "SUCCESS")  # STARTED is never the last word
             assert app.AsyncResult(task_id).result["state"] == "succeeded"
     finally:
         app.close()
@@ -92,7 +81,7 @@ def test_a_short_run_whose_caller_answers_late_writes_success(
             task_id = f"{future.run_id}.1"
             assert _meta(app, task_id) is None
             shared_loop.get_loop().call_soon_threadsafe(time.sleep, 5.0)
-            _wait_status(app, task_id, "SUCCESS", timeout=4.5)  # while the loop is blocked
+            wait_state(app, task_id, "SUCCESS", timeout=4.5)  # while the loop is blocked
             assert future.result(timeout=60) == 42  # the outbox delivers it afterwards
     finally:
         app.close()
