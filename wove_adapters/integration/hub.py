@@ -43,7 +43,7 @@ from wove_adapters.core.ledger import (
 )
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
 from wove_adapters.core.retry import check_retry_for, retry_allowed
-from wove_adapters.core.runtime import Dispatcher, Run
+from wove_adapters.core.runtime import Dispatcher, Flag, Run
 from wove_adapters.core.transport import RunAttempt
 from wove_adapters.integration.environments import get_dispatcher, trusted_key_id
 
@@ -115,7 +115,7 @@ class Hub:
         logs.apply_settings(self.config.defaults)  # log_level / log_format, once per process
         self._inflight: dict[str, Dispatcher] = {}
         # Calls accepted but not yet handed to a dispatcher: close waits for them.
-        self._accepting: dict[str, asyncio.Event] = {}
+        self._accepting: dict[str, Flag] = {}
         self._executors: weakref.WeakSet[HubExecutor] = weakref.WeakSet()
         self._closed = False
         self._closing: asyncio.Event | None = None
@@ -448,7 +448,7 @@ class Hub:
             return _error_frame(run_id, RuntimeError(
                 f"this Hub is closed; run {run_id} was not submitted (submit before "
                 "close(), or open a new Hub)"))
-        accepted = self._accepting[run_id] = asyncio.Event()
+        accepted = self._accepting[run_id] = Flag()
         try:
             options = dict(task_options or {})
             task_name = options.pop("task_name", None) or task_name_of(fn)
@@ -565,7 +565,7 @@ class Hub:
         task_name: str,
         settings: dict[str, Any],
         run_id: str,
-        accepted: asyncio.Event,
+        accepted: Flag,
         on_launched: Callable[[], None] | None,
         *,
         in_place: tuple[int, frozenset[str] | None] | None = None,
