@@ -222,7 +222,7 @@ class AdapterTransport(Transport):
             "array_submissions": 0, "single_submissions": 0, "chunk_submissions": 0,
             "chunked_runs": 0,
         }
-        self._chunks: dict[str, _Chunk] = {}  # by the job's handle
+        self._chunks: dict[str, _Chunk] = {}  # by run id, for each run a chunk carries
 
     async def start(self, context: StartContext) -> None:
         # Before the receiver binds or the backend is contacted: a typo fails here.
@@ -311,9 +311,10 @@ class AdapterTransport(Transport):
                     self.receiver.unregister(run.run_id)
                 self.receiver.forget_chunk(chunk)
             raise
-        self._chunks[handle] = _Chunk(chunk, {run.run_id for run in runs})
+        carried = _Chunk(chunk, {run.run_id for run in runs})
         for run in runs:
             run.submission = handle
+            self._chunks[run.run_id] = carried
         self.stats["chunk_submissions"] += 1
         self.stats["chunked_runs"] += len(runs)
 
@@ -421,11 +422,8 @@ class AdapterTransport(Transport):
         from wove_adapters.core.executors.stdio import event_frame
 
         assert self._emit is not None
-        if self._chunks and isinstance(event, frames.TaskStarted):
-            for chunk in self._chunks.values():
-                if event.run_id in chunk.held:
-                    chunk.started.add(event.run_id)
-                    break
+        if isinstance(event, frames.TaskStarted) and event.run_id in self._chunks:
+            self._chunks[event.run_id].started.add(event.run_id)
         refs = stored_refs(event)
         if refs:
             # Sent by reference (large): fetched, checked and unpickled in a thread, so the
@@ -470,7 +468,7 @@ class AdapterTransport(Transport):
                      f"caller owns (it goes on for them)",
             )
             return
-        chunk = self._chunks.get(run.submission)
+        chunk = self._chunks.get(run.run_id)
         if chunk is not None and self._cancel_in_chunk(run, chunk, mode):
             return
         await self.adapter.cancel(run.submission, running=True)
@@ -641,16 +639,14 @@ class AdapterTransport(Transport):
         self._ended_quiet.pop(f"{run.run_id}#{run.attempt}", None)
         if self.receiver is not None:
             self.receiver.unregister(run.run_id)
-        chunk = self._chunks.get(run.submission or "")
+        chunk = self._chunks.pop(run.run_id, None)
         if chunk is not None:
             chunk.live.discard(run.run_id)
             chunk.held.discard(run.run_id)
             if chunk.held:
                 others = True  # its job still carries other runs
-            else:
-                del self._chunks[run.submission or ""]
-                if self.receiver is not None:
-                    self.receiver.forget_chunk(chunk.name)
+            elif self.receiver is not None:
+                self.receiver.forget_chunk(chunk.name)
         if self.adapter is not None and run.submission is not None and not others:
             with contextlib.suppress(Exception):
                 await self.adapter.release(run.submission)

@@ -208,6 +208,7 @@ class CallbackReceiver:
 
     def unregister(self, run_id: str) -> None:
         self._sinks.pop(run_id, None)
+        self._chunk_of.pop(run_id, None)
 
     def skip_in_chunk(self, chunk: str, run_id: str) -> None:
         """The caller cancelled ``run_id``, which waits inside ``chunk``: say so in the
@@ -217,8 +218,6 @@ class CallbackReceiver:
     def forget_chunk(self, chunk: str) -> None:
         """Every run of ``chunk`` ended here: nothing more to tell its worker."""
         self._skips.pop(chunk, None)
-        for run_id in [r for r, c in self._chunk_of.items() if c == chunk]:
-            del self._chunk_of[run_id]
 
     def _skips_for(self, events: list[frames.WireEvent]) -> list[str]:
         chunks = {self._chunk_of.get(event.run_id) for event in events}

@@ -119,6 +119,18 @@ def note_task_seconds(table: dict[str, float], task: str, seconds: float) -> Non
         table.pop(next(iter(table)))
 
 
+def chunkable(policy: Any, transport: Transport, *, keyed: bool) -> bool:
+    """Whether a run under ``policy`` may travel in a chunk on ``transport``: not a keyed
+    run or one under task controls (each is claimed alone), not ``detach`` (each outlives
+    its call alone), and only where the transport carries chunks."""
+    return (
+        transport.supports_chunks
+        and not keyed
+        and not policy.controls.active
+        and policy.orphan_policy != "detach"
+    )
+
+
 def chunks_wanted(setting: Any) -> bool:
     """Whether ``map_chunk_size`` allows chunks at all (raises on a bad value)."""
     return chunk_size(setting, MAX_CHUNK * SPREAD, None, None) > 1

@@ -13,22 +13,19 @@ from pathlib import Path
 def data_dir() -> Path:
     override = os.environ.get("WOVE_ADAPTERS_HOME")
     path = _FOUND.get(override)
-    if path is None:
+    if path is None:  # once per process: every run's payload names the store here
         if override:
             path = Path(override)
         else:
             import platformdirs
 
             path = Path(platformdirs.user_data_dir("wove-adapters", appauthor=False))
-        _FOUND[override] = path
-    if path not in _MADE:  # once per process: every run's payload names the store here
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _MADE.add(path)
+        _FOUND[override] = path
     return path
 
 
-_MADE: set[Path] = set()
-_FOUND: dict[str | None, Path] = {}  # by WOVE_ADAPTERS_HOME (tests change it)
+_FOUND: dict[str | None, Path] = {}  # made, by WOVE_ADAPTERS_HOME (tests change it)
 
 
 def default_ledger_url() -> str:

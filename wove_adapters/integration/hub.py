@@ -21,12 +21,12 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from wove_adapters.core import frames, logs
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.chunking import chunk_size, note_task_seconds
+from wove_adapters.core.chunking import chunk_size, chunkable, note_task_seconds
 from wove_adapters.core.codec import decode_outcome, exception_from_frame
 from wove_adapters.core.config import Config, load_config
 from wove_adapters.core.errors import (
@@ -450,12 +450,9 @@ class Hub:
                 "close(), or open a new Hub)"))
         accepted = self._accepting[run_id] = Flag()
         try:
-            options = dict(task_options or {})
-            task_name = options.pop("task_name", None) or task_name_of(fn)
-            task_env = options.pop("environment", None)
             try:
-                settings = self._settings_for(
-                    task_name, task_env or environment, call_settings, options
+                task_name, settings = self._run_settings(
+                    fn, environment, task_options, call_settings
                 )
             except Exception as exc:  # bad configuration: the caller sees it as raised
                 return _error_frame(run_id, exc)
@@ -532,7 +529,7 @@ class Hub:
             environment=environment,
             extra={"options": settings.get("executor_config", {}).get("task_options", {})},
         )
-        if chunk is not None and key is None and not policy.controls.active:
+        if chunk is not None:  # given only where chunkable (``_chunk_size``)
             attempt.extra["chunk"] = chunk
         if policy.controls.active:  # task controls key on every argument, by name
             attempt.extra["named_args"] = named_arguments(fn, args, kwargs)
@@ -633,13 +630,7 @@ class Hub:
                 except Exception as exc:  # this run's setup failed: its error is its frame
                     if not outcome.done():
                         outcome.set_result(_error_frame(run_id, exc))
-            if error_mode == "return":
-                return "return", list(await asyncio.gather(*outcomes))
-            for finished in asyncio.as_completed(outcomes):
-                frame = await finished
-                if frame.get("type") != frames.TASK_RESULT:
-                    return "raise", [frame]
-            return "raise", [outcome.result() for outcome in outcomes]
+            return await _collect(outcomes, error_mode)
         finally:
             for run_id, _, _ in live:
                 self._inflight.pop(run_id, None)
@@ -676,8 +667,14 @@ class Hub:
         start = time.monotonic()
         passthrough = {k: v for k, v in call_settings.items() if k not in _MAP_KEYS}
         try:
-            size = 1 if limiter or spacing else await self._chunk_size(
-                fn, len(items), environment, task_options, passthrough
+            resolved: tuple[str, dict[str, Any]] | None = self._run_settings(
+                fn, environment, task_options, passthrough
+            )
+        except Exception:
+            resolved = None  # each run reports its own configuration error
+        try:
+            size = 1 if limiter or spacing or resolved is None else await self._chunk_size(
+                *resolved, len(items)
             )
         except ValueError as exc:
             return "raise", [_error_frame("", exc)]
@@ -689,10 +686,13 @@ class Hub:
             number = index // size
             return call_id, number, min(size, len(items) - number * size)
 
-        direct = self._direct_settings(fn, environment, task_options, passthrough)
-        if direct is not None and limiter is None and not spacing:
+        one_by_one = resolved is None or bool(
+            int(resolved[1].get("retries") or 0) or resolved[1].get("timeout")
+        )
+        if resolved is not None and not (one_by_one or limiter or spacing or self._closed):
+            # Nothing paces, retries or times the runs out one by one: no task per run.
             return await self._map_direct(
-                fn, items, direct[0], direct[1], error_mode, task_options, chunk_of
+                fn, items, *resolved, error_mode, task_options, chunk_of
             )
 
         async def one(index: int, item: Any) -> dict[str, Any]:
@@ -707,82 +707,49 @@ class Hub:
                 return await call
 
         tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(items)]
-        if error_mode == "return":
-            return "return", list(await asyncio.gather(*tasks))
         try:
-            for finished in asyncio.as_completed(tasks):
-                frame = await finished
-                if frame.get("type") != frames.TASK_RESULT:
-                    return "raise", [frame]
-            return "raise", [task.result() for task in tasks]
+            return await _collect(tasks, error_mode)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _chunk_size(
+    def _run_settings(
         self,
         fn: Callable[..., Any],
-        runs: int,
         environment: str | None,
         task_options: dict[str, Any] | None,
-        call_settings: dict[str, Any],
-    ) -> int:
-        """How many runs of this mapped call travel in one backend message
-        (``core.chunking.chunk_size``); 1 where chunks cannot keep a promise: runs with
-        an idempotency key or task controls (each is claimed alone), ``detach`` (each
-        outlives the call alone), local threads, and transports that cannot carry them."""
+        call_settings: dict[str, Any] | None,
+    ) -> tuple[str, dict[str, Any]]:
+        """(task name, settings) of a call of ``fn``: its task options (``task_name``,
+        ``environment``) over the call's environment. Raises what the settings refuse."""
         options = dict(task_options or {})
         task_name = options.pop("task_name", None) or task_name_of(fn)
         task_env = options.pop("environment", None)
+        return task_name, self._settings_for(
+            task_name, task_env or environment, call_settings, options
+        )
+
+    async def _chunk_size(self, task_name: str, settings: dict[str, Any], runs: int) -> int:
+        """How many runs of this mapped call travel in one backend message
+        (``core.chunking.chunk_size``; 1 where ``chunkable`` says chunks cannot keep a
+        promise). Raises ValueError for a bad ``map_chunk_size``."""
         try:
-            settings = self._settings_for(task_name, task_env or environment, call_settings,
-                                          options)
             policy = DeliveryPolicy.from_settings(
                 settings, where=f"Environment '{settings['environment']}'"
             )
         except Exception:
             return 1  # each run reports its own configuration error
-        wanted = settings.get("map_chunk_size", "auto")
-        size = chunk_size(wanted, runs, self._task_seconds.get(task_name),
-                          policy.max_in_flight)
-        if (
-            size <= 1
-            or settings.get("executor", "local") == "local"
-            or policy.idempotency_key is not None
-            or policy.controls.active
-            or policy.orphan_policy == "detach"
-        ):
+        size = chunk_size(settings.get("map_chunk_size", "auto"), runs,
+                          self._task_seconds.get(task_name), policy.max_in_flight)
+        if size <= 1 or settings.get("executor", "local") == "local":
             return 1
         try:
             dispatcher = await get_dispatcher(settings["environment"], settings)
         except Exception:
             return 1  # the first run reports why the environment did not start
-        return size if dispatcher.transport.supports_chunks else 1
-
-    def _direct_settings(
-        self,
-        fn: Callable[..., Any],
-        environment: str | None,
-        task_options: dict[str, Any] | None,
-        call_settings: dict[str, Any],
-    ) -> tuple[str, dict[str, Any]] | None:
-        """(task name, settings) when a mapped call's runs may go straight to their
-        dispatcher (``_map_direct``): no ``retries`` or ``timeout`` to apply run by run,
-        an open Hub, settings that resolve. None: each run takes ``_call``."""
-        if self._closed:
-            return None
-        options = dict(task_options or {})
-        task_name = options.pop("task_name", None) or task_name_of(fn)
-        task_env = options.pop("environment", None)
-        try:
-            settings = self._settings_for(task_name, task_env or environment, call_settings,
-                                          options)
-        except Exception:
-            return None  # each run reports it
-        if int(settings.get("retries") or 0) or settings.get("timeout"):
-            return None
-        return task_name, settings
+        keyed = policy.idempotency_key is not None
+        return size if chunkable(policy, dispatcher.transport, keyed=keyed) else 1
 
     async def _result(
         self, run_id: str, timeout: float | None, ledger_url: str | None
@@ -844,6 +811,24 @@ class Hub:
         if dispatcher is None:
             return
         await dispatcher.cancel(run_id, mode)
+
+
+async def _collect(
+    outcomes: Sequence[Awaitable[dict[str, Any]]], error_mode: str
+) -> tuple[str, list[dict[str, Any]]]:
+    """A mapped call's terminal frames: all of them (``error_mode="return"``), or, in
+    "raise" mode, the first that is not a result as soon as it comes. The caller cancels
+    what is left."""
+    if error_mode == "return":
+        return "return", list(await asyncio.gather(*outcomes))
+    frames_in_order: list[asyncio.Future[dict[str, Any]]] = [
+        asyncio.ensure_future(outcome) for outcome in outcomes
+    ]
+    for finished in asyncio.as_completed(frames_in_order):
+        frame = await finished
+        if frame.get("type") != frames.TASK_RESULT:
+            return "raise", [frame]
+    return "raise", [done.result() for done in frames_in_order]
 
 
 def _when_launched(run: Run, callback: Callable[[], None]) -> None:

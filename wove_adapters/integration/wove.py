@@ -44,7 +44,12 @@ from typing import Any
 
 from wove_adapters.core import frames
 from wove_adapters.core import loop as shared_loop
-from wove_adapters.core.chunking import chunk_size, chunks_wanted, note_task_seconds
+from wove_adapters.core.chunking import (
+    chunk_size,
+    chunkable,
+    chunks_wanted,
+    note_task_seconds,
+)
 from wove_adapters.core.config import load_config, loading_config
 from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import DeliveryPolicy, resolve_idempotency_key
@@ -275,13 +280,8 @@ class _Bridge:
             )
             self._runs[run.wove_run_id] = run
             setting = settings.get("map_chunk_size", "auto")
-            if (
-                dispatcher.transport.supports_chunks
-                and attempt.idempotency_key is None
-                and not policy.controls.active
-                and policy.orphan_policy != "detach"
-                and chunks_wanted(setting)
-            ):
+            keyed = attempt.idempotency_key is not None
+            if chunkable(policy, dispatcher.transport, keyed=keyed) and chunks_wanted(setting):
                 await self._gather(run, setting)
             else:
                 await shared_loop.run_async(dispatcher.submit(attempt, self._listener(run)))

@@ -170,6 +170,7 @@ def _execute_chunk(task: Any, payload: str, *, track_started: bool) -> dict[str,
     from celery.exceptions import Ignore, TaskRevokedError
 
     from wove_adapters.core.errors import PayloadError
+    from wove_adapters.core.policies import RunState
     from wove_adapters.worker import chunks
 
     writer = _StateWriter(task)
@@ -178,10 +179,10 @@ def _execute_chunk(task: Any, payload: str, *, track_started: bool) -> dict[str,
                                            "hostname": task.request.hostname})
     done = chunks.run_chunk(payload)
     summary = done.summary()
-    if done.refused and not done.outcomes:
+    if done.state is RunState.REFUSED:
         writer.flush()
         raise PayloadError(f"every payload of the chunk was refused: {summary}")
-    if done.cancelled:
+    if done.state is RunState.CANCELLED:
         writer.write_soon(states.REVOKED, TaskRevokedError(f"cancelled: {summary}"))
         raise Ignore()
     if not done.delivered:

@@ -13,15 +13,11 @@ in the receiver's answer to an earlier batch (``sender.cancelled``) and never st
 
 from __future__ import annotations
 
-import functools
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
 from wove_adapters.core import envelope as payload_mod
-from wove_adapters.core import frames
-from wove_adapters.core.envelope import Envelope, ReturnPath
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.policies import RunState
 from wove_adapters.worker import runner, sender
@@ -50,6 +46,15 @@ class ChunkOutcome:
         """Every outcome reached its caller or the ledger, or the outbox owns it."""
         return all(outcome.delivered for outcome in self.outcomes)
 
+    @property
+    def state(self) -> RunState:
+        """How the job went, for the backend's own record of it: REFUSED when no piece
+        verified, CANCELLED when it was stopped, else SUCCEEDED (each run reported its
+        own outcome)."""
+        if self.refused and not self.outcomes:
+            return RunState.REFUSED
+        return RunState.CANCELLED if self.cancelled else RunState.SUCCEEDED
+
     def settle(self, *, linger: bool = True) -> bool:
         """``Outcome.settle`` for each (they share their batches' outbox items)."""
         return all([outcome.settle(linger=linger) for outcome in self.outcomes])
@@ -63,9 +68,6 @@ class ChunkOutcome:
         return states
 
 
-Finished = tuple[Envelope, frames.WireEvent, runner.Outcome]
-
-
 class _Batch:
     """Terminal events waiting to go back together; flushed by the runs' thread and by
     the shared timer thread (``runner.HeartbeatTimer``), one flush at a time."""
@@ -73,10 +75,10 @@ class _Batch:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sending = threading.Lock()
-        self._items: list[Finished] = []
+        self._items: list[runner.Terminal] = []
         self._since = 0.0
 
-    def add(self, item: Finished) -> None:
+    def add(self, item: runner.Terminal) -> None:
         with self._lock:
             if not self._items:
                 self._since = time.monotonic()
@@ -97,7 +99,7 @@ class _Batch:
             with self._lock:
                 items, self._items = self._items, []
             if items:
-                deliver_many(items)
+                runner.deliver_terminals(items)
 
 
 def run_chunk(payload: str | bytes, *, handle_sigterm: bool = True) -> ChunkOutcome:
@@ -138,58 +140,3 @@ def run_chunk(payload: str | bytes, *, handle_sigterm: bool = True) -> ChunkOutc
                 break
     batch.flush()
     return done
-
-
-def deliver_many(items: list[Finished]) -> None:
-    """``runner.deliver_terminal`` for several events: one inline try per destination
-    (one signed batch), then the outbox, which retries and records each in its ledger.
-    A run the receiver no longer follows is recorded in its ledger, as a single run's is."""
-    groups: dict[tuple[ReturnPath, str], list[Finished]] = {}
-    for item in items:
-        groups.setdefault((item[0].return_path, item[0].key_id), []).append(item)
-    for (return_path, key_id), group in groups.items():
-        events = [event for _, event, _ in group]
-        try:
-            if sender.try_post(return_path, key_id, events):
-                continue
-            why = "the caller did not answer"
-        except sender.UnknownRunError as exc:  # the others were routed
-            unknown = set(exc.run_ids)
-            _record_each([item for item in group if item[0].run_id in unknown])
-            continue
-        except PayloadError as exc:  # refused for good: the ledger is the only way left
-            print(f"wove-adapters worker: the caller refused {len(group)} outcomes: {exc}",
-                  file=sys.stderr)
-            _record_each(group)
-            continue
-        first = group[0][0]
-        with_ledger = [item for item in group if item[0].ledger]
-        pending = sender.Pending(
-            return_path,
-            key_id,
-            events,
-            label=f"{len(group)} runs of a chunk ({why})",
-            retry_seconds=_bound(first.retry_seconds, sender.RETRY_SECONDS),
-            retry_attempts=int(_bound(first.retry_attempts, sender.RETRY_ATTEMPTS)),
-            exit_flush_seconds=_bound(first.exit_flush_seconds, sender.EXIT_FLUSH_SECONDS),
-            fallback=(
-                functools.partial(_record_all, with_ledger)
-                if len(with_ledger) == len(group) else None
-            ),
-        )
-        sender.OUTBOX.put(pending)
-        for _, _, outcome in group:
-            outcome.pending = pending
-
-
-def _record_each(group: list[Finished]) -> None:
-    for envelope, event, outcome in group:
-        outcome.delivered = bool(envelope.ledger and runner._record_in_ledger(envelope, event))
-
-
-def _record_all(group: list[Finished]) -> bool:
-    return all([runner._record_in_ledger(envelope, event) for envelope, event, _ in group])
-
-
-def _bound(value: float | None, default: float) -> float:
-    return default if value is None else float(value)

@@ -49,10 +49,11 @@ def run_chunk(payload: str, *, handle_sigterm: bool = True) -> str:
     """A chunk (``worker.chunks``): its runs report for themselves; returns ``"chunk"``
     for the future to carry. Raises like ``verified`` when no piece verified, and like
     ``run_reported`` when an outcome reached neither the caller nor the ledger."""
+    from wove_adapters.core.policies import RunState
     from wove_adapters.worker import chunks
 
     done = chunks.run_chunk(payload, handle_sigterm=handle_sigterm)
-    if done.refused and not done.outcomes:
+    if done.state is RunState.REFUSED:
         raise PayloadRefused("the worker refused every payload of the chunk")
     if not done.delivered:
         raise OutcomeUndelivered(f"outcomes of a chunk were not delivered: {done.summary()}")

@@ -146,14 +146,10 @@ def _run_chunk(payload: str, *, handle_sigterm: bool) -> dict[str, Any]:
     from wove_adapters.worker import chunks, runner
 
     done = chunks.run_chunk(payload, handle_sigterm=handle_sigterm)
-    if done.refused and not done.outcomes:
-        state, code = RunState.REFUSED.value, runner.EXIT_PAYLOAD_REFUSED
-    elif done.cancelled:
-        state, code = RunState.CANCELLED.value, runner.EXIT_CANCELLED
-    else:
-        state = RunState.SUCCEEDED.value
-        code = runner.EXIT_OK if done.delivered else runner.EXIT_DELIVERY_FAILED
-    return {"state": state, "exit_code": code, "delivered": done.delivered}
+    code = {
+        RunState.REFUSED: runner.EXIT_PAYLOAD_REFUSED, RunState.CANCELLED: runner.EXIT_CANCELLED,
+    }.get(done.state, runner.EXIT_OK if done.delivered else runner.EXIT_DELIVERY_FAILED)
+    return {"state": done.state.value, "exit_code": code, "delivered": done.delivered}
 
 
 def _payload_process(conn: Any, zygote: int) -> None:

@@ -80,12 +80,10 @@ def _run_chunk(payload: str) -> str:
     if _cancelled_before_start():
         return _record(RunState.CANCELLED.value)  # every run of it was cancelled
     done = chunks.run_chunk(payload)
-    if done.refused and not done.outcomes:
-        return _record(RunState.REFUSED.value)
-    if not done.settle(linger=True):
+    if done.state is not RunState.REFUSED and not done.settle(linger=True):
         raise RuntimeError(f"wove-adapters: outcomes of a chunk were not delivered: "
                            f"{done.summary()}")
-    return _record(RunState.CANCELLED.value if done.cancelled else RunState.SUCCEEDED.value)
+    return _record(done.state.value)
 
 
 def _record(state: str, signed: bytes | None = None) -> str:

@@ -639,44 +639,84 @@ def deliver_terminal(
     background, bounded, and records it in the run's ledger). A ``detach`` run is recorded
     first, whatever happens to the caller. Returns False only when the outcome is known
     lost (no caller, no ledger); ``outcome.pending`` is set while the outbox owns it."""
-    detach = envelope.delivery.get("delivery_orphan_policy") == "detach"
-    recorded = bool(detach and envelope.ledger and _record_in_ledger(envelope, event))
+    return deliver_terminals([(envelope, event, outcome)])
+
+
+# A run's envelope, its terminal event, and the outcome that event belongs to (if any).
+Terminal = tuple[Envelope, frames.WireEvent, "Outcome | None"]
+
+
+def deliver_terminals(items: list[Terminal]) -> bool:
+    """``deliver_terminal`` for several runs at once (a chunk's): the events for one
+    destination go as one signed batch in one inline try, and one outbox item owns what
+    the caller did not take. False only when some outcome is known lost."""
+    groups: dict[tuple[payload_mod.ReturnPath, str], list[Terminal]] = {}
+    for item in items:
+        groups.setdefault((item[0].return_path, item[0].key_id), []).append(item)
+    return all([_deliver_group(path, key_id, group) for (path, key_id), group in groups.items()])
+
+
+def _deliver_group(
+    return_path: payload_mod.ReturnPath, key_id: str, group: list[Terminal]
+) -> bool:
+    recorded = [
+        bool(envelope.delivery.get("delivery_orphan_policy") == "detach" and envelope.ledger
+             and _record_in_ledger(envelope, event))
+        for envelope, event, _ in group
+    ]
+    events = [event for _, event, _ in group]
     try:
-        if sender.try_post(envelope.return_path, envelope.key_id, [event]):
+        if sender.try_post(return_path, key_id, events):
             return True
         why = "the caller did not answer"
     except PayloadError as exc:  # refused for good: the ledger is the only way left
-        delivered = recorded or bool(envelope.ledger and _record_in_ledger(envelope, event))
-        if not isinstance(exc, sender.UnknownRunError) or not delivered:
-            print(
-                f"wove-adapters worker: the caller refused the outcome of run "
-                f"{envelope.run_id}: {exc}"
-                + ("; recorded in the ledger" if delivered else "; no ledger holds it"),
-                file=sys.stderr,
-            )
-        if outcome is not None:
-            outcome.delivered = delivered
-        return delivered
+        # An unknown-run answer names the runs nobody follows; the others were routed.
+        unknown = set(exc.run_ids) if isinstance(exc, sender.UnknownRunError) else None
+        safe = True
+        for (envelope, event, outcome), done in zip(group, recorded, strict=True):
+            if unknown is not None and envelope.run_id not in unknown:
+                continue
+            delivered = done or bool(envelope.ledger and _record_in_ledger(envelope, event))
+            if unknown is None or not delivered:
+                print(
+                    f"wove-adapters worker: the caller refused the outcome of run "
+                    f"{envelope.run_id}: {exc}"
+                    + ("; recorded in the ledger" if delivered else "; no ledger holds it"),
+                    file=sys.stderr,
+                )
+            if outcome is not None:
+                outcome.delivered = delivered
+            safe = safe and delivered
+        return safe
+    first = group[0][0]
+    unrecorded = [(envelope, event) for (envelope, event, _), done
+                  in zip(group, recorded, strict=True) if not done]
     fallback = None
-    if envelope.ledger and not recorded:
-        fallback = functools.partial(_record_in_ledger, envelope, event)
+    if unrecorded and all(envelope.ledger for envelope, _ in unrecorded):
+        fallback = functools.partial(_record_all, unrecorded)
+    label = f"run {first.run_id}" if len(group) == 1 else f"{len(group)} runs of a chunk"
     item = sender.Pending(
-        envelope.return_path,
-        envelope.key_id,
-        [event],
-        label=f"run {envelope.run_id} ({why})",
-        retry_seconds=_bound(envelope.retry_seconds, sender.RETRY_SECONDS),
-        retry_attempts=int(_bound(envelope.retry_attempts, sender.RETRY_ATTEMPTS)),
-        exit_flush_seconds=_bound(envelope.exit_flush_seconds, sender.EXIT_FLUSH_SECONDS),
+        return_path,
+        key_id,
+        events,
+        label=f"{label} ({why})",
+        retry_seconds=_bound(first.retry_seconds, sender.RETRY_SECONDS),
+        retry_attempts=int(_bound(first.retry_attempts, sender.RETRY_ATTEMPTS)),
+        exit_flush_seconds=_bound(first.exit_flush_seconds, sender.EXIT_FLUSH_SECONDS),
         fallback=fallback,
-        recorded=recorded,
+        recorded=not unrecorded,
     )
-    if recorded:
+    if not unrecorded:
         item.safe.set()
     sender.OUTBOX.put(item)
-    if outcome is not None:
-        outcome.pending = item
+    for _, _, outcome in group:
+        if outcome is not None:
+            outcome.pending = item
     return True
+
+
+def _record_all(items: list[tuple[Envelope, frames.WireEvent]]) -> bool:
+    return all([_record_in_ledger(envelope, event) for envelope, event in items])
 
 
 def _bound(value: float | None, default: float) -> float:
