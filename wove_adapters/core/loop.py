@@ -71,6 +71,11 @@ def submit(coro: Coroutine[Any, Any, T]) -> ConcurrentFuture[T]:
     return asyncio.run_coroutine_threadsafe(coro, get_loop())
 
 
+def call_soon(callback: Callable[..., object], *args: Any) -> None:
+    """Call ``callback(*args)`` on the shared loop from any thread, in the order of calls."""
+    get_loop().call_soon_threadsafe(callback, *args)
+
+
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run ``coro`` on the shared loop and block this (non-loop) thread for its result."""
     if on_loop():

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from wove_adapters.core import frames, logs
@@ -84,6 +84,79 @@ class RunFuture(concurrent.futures.Future):
     """
 
     run_id: str = ""
+    _bridge: _Bridge | None = None
+
+    def __init__(self) -> None:
+        # ``concurrent.futures.Future.__init__`` less its ``threading.Condition`` (about
+        # 400 bytes): a run can sit in flight for a long time, and the condition is needed
+        # only once someone waits on the future or it is settled (``__getattr__``).
+        self._state = "PENDING"
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Any], object]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "_condition":
+            raise AttributeError(name)
+        with _CONDITIONS:  # two threads touching it first must share one condition
+            condition = self.__dict__.get("_condition")
+            if condition is None:
+                condition = self.__dict__["_condition"] = threading.Condition()
+        return condition
+
+    def cancel(self) -> bool:
+        # Not a done callback: ``add_done_callback`` would make the condition at submit.
+        cancelled = super().cancel()
+        if cancelled and self._bridge is not None:
+            self._bridge.cancelled()
+        return cancelled
+
+
+_CONDITIONS = threading.Lock()
+
+
+class _Bridge:
+    """One ``Hub.submit``'s way between the caller's ``RunFuture`` and its call on the
+    shared loop. The call runs as a plain task that settles the future itself, with no
+    second ``concurrent.futures.Future`` (``run_coroutine_threadsafe``'s) per run, and
+    this one slotted object holds what three closures held: runs can be many and parked."""
+
+    __slots__ = ("future", "task")
+
+    def __init__(self, future: RunFuture) -> None:
+        self.future = future
+        self.task: asyncio.Task[Any] | None = None
+
+    def begin(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """On the loop: start the call, unless the future was cancelled on its way here."""
+        if self.future.cancelled():
+            coro.close()
+            return
+        self.task = asyncio.get_running_loop().create_task(coro)
+        self.task.add_done_callback(self.settle)
+
+    def launched(self) -> None:
+        # Runs on the loop thread, like ``settle``: a future settled first (a very short
+        # run) is not moved back; one cancelled by another thread just says False.
+        future = self.future
+        if not future.done() and not future.running():
+            with contextlib.suppress(RuntimeError):
+                future.set_running_or_notify_cancel()
+
+    def settle(self, done: asyncio.Task[Any]) -> None:
+        self.task = None
+        self.future._bridge = None  # no cycle left for the garbage collector
+        _settle_future(self.future, done)
+
+    def cancelled(self) -> None:
+        """Any thread: a future cancelled before launch cancels its call on the loop (the
+        run never launches). Scheduled after ``begin``, so the task exists by then."""
+        shared_loop.call_soon(self._cancel_call)
+
+    def _cancel_call(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 # Every Hub not yet closed; interpreter exit closes them (PHASE_CALLERS), before the
@@ -368,27 +441,11 @@ class Hub:
         raised on the shared loop, where it would stop every other run.
         """
 
-        def launched() -> None:
-            # Runs on the loop thread, like ``settle``: a future settled first (a very short
-            # run) is not moved back; one cancelled by another thread just says False.
-            if not future.done() and not future.running():
-                with contextlib.suppress(RuntimeError):
-                    future.set_running_or_notify_cancel()
-
-        inner = shared_loop.submit(
-            self._call(fn, args, kwargs, environment, task_options, None, future.run_id,
-                       on_launched=launched)
-        )
-
-        def settle(done: concurrent.futures.Future[Any]) -> None:
-            _settle_future(future, done)
-
-        def propagate(done: concurrent.futures.Future[Any]) -> None:
-            if done.cancelled() and not inner.done():
-                inner.cancel()  # cancels the call on the loop: the run never launches
-
-        inner.add_done_callback(settle)
-        future.add_done_callback(propagate)
+        bridge = _Bridge(future)
+        coro = self._call(fn, args, kwargs, environment, task_options, None, future.run_id,
+                          on_launched=bridge.launched)
+        future._bridge = bridge
+        shared_loop.call_soon(bridge.begin, coro)
 
     # ------------------------------------------------------------ internals (shared loop)
 
@@ -587,10 +644,13 @@ class Hub:
                 raise
             finally:
                 accepted.set()
+            del submitting  # done; a parked run keeps no Task of its submission
             if on_launched is not None:
                 _when_launched(run, on_launched)
             try:
-                return await asyncio.shield(outcome)
+                # Not shielded: the outcome future is this call's alone, and a cancelled
+                # wait may cancel it (the listener sets only a pending one).
+                return await outcome
             except asyncio.CancelledError:
                 # The caller gave up (future cancelled, timeout): cancel the run for real.
                 with contextlib.suppress(Exception):
@@ -867,7 +927,9 @@ def _values_of(outcome: tuple[str, list[dict[str, Any]]]) -> list[Any]:
     return [_value_of(frame) for frame in results]
 
 
-def _settle_future(future: RunFuture, done: concurrent.futures.Future[Any]) -> None:
+def _settle_future(
+    future: RunFuture, done: concurrent.futures.Future[Any] | asyncio.Future[Any]
+) -> None:
     """Resolve a caller's future from its call's outcome (on the loop thread)."""
     if future.done():
         return
