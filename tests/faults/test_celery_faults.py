@@ -66,15 +66,16 @@ def rig(
     start_worker: Callable[..., CeleryService],
     hub_for: Callable[..., Any], sqlite_ledger: str,
 ) -> Callable[..., Rig]:
-    """``rig(concurrency=2, **settings)``: what every scenario here starts from, as
-    ``(broker, service, hub)``: a private Redis (broker and result backend), a prefork
-    worker of ``concurrency`` processes on it, and a Hub (sqlite ledger) whose
-    environment is ``environment(service, **settings)``."""
+    """``rig(concurrency=2, ledger=None, **settings)``: what every scenario here starts
+    from, as ``(broker, service, hub)``: a private Redis (broker and result backend), a
+    prefork worker of ``concurrency`` processes on it, and a Hub (``ledger``, default a
+    sqlite file) whose environment is ``environment(service, **settings)``."""
 
-    def make(concurrency: int = 2, **settings: Any) -> Rig:
+    def make(concurrency: int = 2, ledger: str | None = None, **settings: Any) -> Rig:
         broker = private_redis()
         service = start_worker(broker.url(), concurrency=concurrency)
-        return broker, service, hub_for(environment(service, **settings), ledger=sqlite_ledger)
+        return broker, service, hub_for(environment(service, **settings),
+                                        ledger=ledger or sqlite_ledger)
 
     return make
 
@@ -297,20 +298,25 @@ class _Blackhole:
         self.listener.close()
 
 
+@pytest.mark.parametrize("ledger", ["sqlite", "memory"])
 def test_e_worker_killed_after_finishing_before_the_ack(
-    rig: Callable[..., Rig], markers: Path,
+    rig: Callable[..., Rig], markers: Path, ledger: str,
 ) -> None:
     """Every task finishes while its caller's receiver takes nothing (a relay swallows
     the workers' requests), so no outcome is acknowledged; the whole worker is killed
     -9 as soon as the backend shows every job finished (its slot freed), with every
     outcome still undelivered in its outbox. ``fail``: a run the worker left nowhere
     would raise DeliveryOrphanedError. Each run must resolve once, with its own value,
-    from what the worker recorded before it freed the slot, and run once."""
+    from what the worker recorded before it freed the slot (the sqlite ledger; with a
+    memory ledger, which workers cannot reach, the job's ``SUCCESS`` record), and run
+    once."""
     port = faults.free_port()
     relay = _Blackhole(port)
     try:
-        _, service, hub = rig(delivery_orphan_policy="fail", executor_config={
-            "callback_port": port, "callback_url": f"http://127.0.0.1:{relay.port}"})
+        _, service, hub = rig(
+            ledger="memory://" if ledger == "memory" else None,
+            delivery_orphan_policy="fail", executor_config={
+                "callback_port": port, "callback_url": f"http://127.0.0.1:{relay.port}"})
         assert hub.run(fault_tasks.work, str(markers), "e-warm") == "done:e-warm"
         relay.swallow.set()
         began = time.monotonic()
@@ -333,8 +339,8 @@ def test_e_worker_killed_after_finishing_before_the_ack(
         relay.swallow.clear()
         assert not any(future.done() for future in futures.values()), (
             "a result reached the caller before the kill: nothing was tested")
-        counts = settle("celery (e) worker kill -9 after finishing, before the ack", futures,
-                        markers, 90, began)
+        counts = settle(f"celery (e) worker kill -9 after finishing, before the ack, "
+                        f"{ledger} ledger", futures, markers, 90, began)
         print(f"\n  bytes swallowed: {swallowed}; dispatcher: "
               f"{ {k: v for k, v in hub.dispatcher().stats.items() if v} }")
         assert swallowed, "the relay swallowed nothing: the outcomes were not held back"
