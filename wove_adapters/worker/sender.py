@@ -252,26 +252,35 @@ class _Destination:
         if deadline is not None:
             left = deadline - self.request_started
             if left < 0.05:
-                self.request_started = 0.0
-                self.lock.release()
+                self.release()
                 raise _Busy(f"the connection to {self.describe()} was busy")
             timeout = min(timeout, left)
         inflight = None
         try:
-            try:
-                inflight = self._once(data, timeout, grace)
-            except PayloadError:
-                raise
-            except Exception as exc:
-                self._reset()
-                self.refused = _refused(exc)
-                raise
-            self.refused = False
+            inflight = self.noting(lambda: self._once(data, timeout, grace))
             return inflight
         finally:
             if inflight is None:
-                self.request_started = 0.0
-                self.lock.release()
+                self.release()
+
+    def noting(self, step: Callable[[], _T]) -> _T:
+        """Run one step of a request: a failure (other than a refusal for good) drops
+        the connection and notes whether it was refused; success clears that note."""
+        try:
+            result = step()
+        except PayloadError:
+            raise
+        except Exception as exc:
+            self._reset()
+            self.refused = _refused(exc)
+            raise
+        self.refused = False
+        return result
+
+    def release(self) -> None:
+        """The request is over: the connection is free for the next one."""
+        self.request_started = 0.0
+        self.lock.release()
 
     def slow(self, now: float) -> bool:
         """A request has been waiting on this destination for longer than an inline try
@@ -427,27 +436,18 @@ class _InFlight:
     def finish(self, timeout: float) -> None:
         """Read the answer (``timeout`` seconds at most); raises as ``attempt`` does."""
         destination = self.destination
+        if self.conn.sock is not None:
+            self.conn.sock.settimeout(timeout)
         try:
-            try:
-                if self.conn.sock is not None:
-                    self.conn.sock.settimeout(timeout)
-                destination.answer(self.conn, time.monotonic() + timeout)
-            except PayloadError:
-                raise
-            except Exception as exc:
-                destination._reset()
-                destination.refused = _refused(exc)
-                raise
-            destination.refused = False
+            destination.noting(
+                lambda: destination.answer(self.conn, time.monotonic() + timeout))
         finally:
-            destination.request_started = 0.0
-            destination.lock.release()
+            destination.release()
 
     def abandon(self) -> None:
         """Drop the request without its answer (the connection goes with it)."""
         self.destination._reset()
-        self.destination.request_started = 0.0
-        self.destination.lock.release()
+        self.destination.release()
 
 
 _destinations: dict[tuple[str, str, str], _Destination] = {}
@@ -498,6 +498,19 @@ def post(
     )
 
 
+def _inline_destination(return_path: ReturnPath) -> _Destination | None:
+    """The destination an inline try may use now; None when its last request failed or
+    one has been waiting on it past an inline budget (the outbox is on it)."""
+    destination = _destination(return_path)
+    now = time.monotonic()
+    if destination.down_until > now:
+        return None
+    if destination.slow(now):
+        destination.down_until = now + 1.0
+        return None
+    return destination
+
+
 def try_post(
     return_path: ReturnPath,
     key_id: str,
@@ -510,12 +523,8 @@ def try_post(
     Raises PayloadError when the destination refuses the events for good."""
     if return_path.kind == "native":
         return True
-    destination = _destination(return_path)
-    now = time.monotonic()
-    if destination.down_until > now:
-        return False
-    if destination.slow(now):
-        destination.down_until = now + 1.0
+    destination = _inline_destination(return_path)
+    if destination is None:
         return False
     deadline = time.monotonic() + budget
     delay = 0.05
@@ -551,12 +560,8 @@ def try_first(
     the try failed. Raises PayloadError when refused for good."""
     if return_path.kind == "native":
         return True
-    destination = _destination(return_path)
-    now = time.monotonic()
-    if destination.down_until > now:
-        return False
-    if destination.slow(now):
-        destination.down_until = now + 1.0
+    destination = _inline_destination(return_path)
+    if destination is None:
         return False
     try:
         inflight = destination.attempt(
