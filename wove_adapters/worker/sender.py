@@ -225,6 +225,9 @@ class _Destination:
         # When the request in progress started (0: none): one that has run longer than an
         # inline budget means a slow caller, and inline tries do not queue behind it.
         self.request_started = 0.0
+        # The lock is held for a request in flight (``_InFlight``), not by a thread: only
+        # the outbox's reading of its answer frees it, so the outbox never waits for it.
+        self.parked = False
         parsed = urllib.parse.urlsplit(return_path.url)
         self._https = parsed.scheme == "https"
         self._host = parsed.hostname or "127.0.0.1"
@@ -233,19 +236,18 @@ class _Destination:
 
     def attempt(
         self, data: bytes, timeout: float, *, deadline: float | None = None,
-        grace: float | None = None,
+        wait: float | None = None, grace: float | None = None,
     ) -> _InFlight | None:
         """One request under the lock. Raises PayloadError when refused for good (bad
         signature, unknown token: retrying cannot help), any other error otherwise.
         ``deadline`` (monotonic): the whole attempt, waiting for the connection included,
         ends by then; ``_Busy`` if another request holds the connection until then (the
-        outbox may be waiting out a slow caller). ``grace``: wait at most this long for
-        the connection, and once the request is sent, this long for the answer to
-        start; if it has not, return the request in flight (the lock stays held until
-        its ``finish``), else None (answered)."""
-        wait = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
-        if grace is not None:
-            wait = grace
+        outbox may be waiting out a slow caller). ``wait``: at most this long for the
+        connection instead. ``grace``: once the request is sent, wait this long for the
+        answer to start; if it has not, return the request in flight (the lock stays
+        held until its ``finish``), else None (answered)."""
+        if wait is None:
+            wait = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
         if not self.lock.acquire(timeout=wait):
             raise _Busy(f"the connection to {self.describe()} is busy")
         self.request_started = time.monotonic()
@@ -258,6 +260,7 @@ class _Destination:
         inflight = None
         try:
             inflight = self.noting(lambda: self._once(data, timeout, grace))
+            self.parked = inflight is not None
             return inflight
         finally:
             if inflight is None:
@@ -280,6 +283,7 @@ class _Destination:
     def release(self) -> None:
         """The request is over: the connection is free for the next one."""
         self.request_started = 0.0
+        self.parked = False
         self.lock.release()
 
     def slow(self, now: float) -> bool:
@@ -566,7 +570,7 @@ def try_first(
     try:
         inflight = destination.attempt(
             signing.encode_blob(sign_events(events, key_id)), timeout=INLINE_TIMEOUT,
-            grace=grace,
+            wait=grace, grace=grace,
         )
     except PayloadError:
         raise
@@ -758,7 +762,9 @@ class Outbox:
                 while not self._items:
                     self._cond.wait()
                 now = time.monotonic()
-                due = [item for item in self._items if item.next_at <= now]
+                # Requests in flight first: each holds its destination's connection.
+                due = sorted((item for item in self._items if item.next_at <= now),
+                             key=lambda item: item.inflight is None)
                 if not due:
                     wake = min(item.next_at for item in self._items)
                     self._cond.wait(max(wake - now, 0.005))
@@ -776,16 +782,25 @@ class Outbox:
         """One step for one event; False when its destination failed this round."""
         if item.attempts == 0:
             self.record(item, wait=False)  # the recorder thread may be on it already
-        item.attempts += 1
         inflight, item.inflight = item.inflight, None
+        if inflight is None and destination.parked:  # its request in flight goes first
+            item.next_at = time.monotonic() + 0.005
+            return True
+        item.attempts += 1
         try:
             if inflight is not None:  # the first try's answer is still on its way
                 inflight.finish(BACKGROUND_TIMEOUT)
             else:
+                # Never wait for a connection without bound: a request parked there
+                # after this check is only freed by this thread.
                 destination.attempt(
                     signing.encode_blob(sign_events(item.events, item.key_id)),
-                    timeout=BACKGROUND_TIMEOUT,
+                    timeout=BACKGROUND_TIMEOUT, wait=INLINE_BUDGET + 0.5,
                 )
+        except _Busy:  # not an attempt: try again shortly
+            item.attempts -= 1
+            item.next_at = time.monotonic() + 0.05
+            return True
         except PayloadError as exc:  # refused for good: retrying cannot help
             item.last_error = str(exc)
             self._give_up(item)
