@@ -503,11 +503,12 @@ def post(
 
 
 def _inline_destination(return_path: ReturnPath) -> _Destination | None:
-    """The destination an inline try may use now; None when its last request failed or
-    one has been waiting on it past an inline budget (the outbox is on it)."""
+    """The destination an inline try may use now; None when its last request failed,
+    a request is in flight there (the caller was slow to answer it), or one has been
+    waiting on it past an inline budget: the outbox is on it."""
     destination = _destination(return_path)
     now = time.monotonic()
-    if destination.down_until > now:
+    if destination.down_until > now or destination.parked:
         return None
     if destination.slow(now):
         destination.down_until = now + 1.0
