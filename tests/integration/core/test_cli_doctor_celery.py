@@ -2,8 +2,8 @@
 
 With no worker on the queue it answers within 5 s with the whole fix hint and sends no
 probe (nothing is left on the broker): 5 s of the doctor's own, from its start to its
-answer; starting the interpreter and importing celery come before and are timed apart
-(on 2 cores shared with a parallel test run they alone took seconds); a worker killed
+answer (``timed_cli``: starting the interpreter and importing celery are the machine's,
+and on 2 cores shared with a parallel test run they took seconds); a worker killed
 with SIGKILL no longer counts; with a live worker the probe runs, and its run is hidden
 from ``runs`` unless asked.
 Runs in the ``celery`` tox env (``pytest tests/integration/core/test_cli_doctor_celery.py``);
@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,29 +25,15 @@ pytest.importorskip("celery", reason="the doctor's Celery checks need the celery
 
 CELERY_TESTS = Path(__file__).resolve().parents[1] / "celery"
 sys.path.insert(0, str(CELERY_TESTS))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 
 from celery_services import REDIS_URL, CeleryService, running  # noqa: E402
+from timed_cli import run_cli  # noqa: E402
 
 from wove_adapters.cli import PROBE_TASK  # noqa: E402
 
 # The promise: an answer within 5 s when nobody consumes the queue.
 ANSWER_WITHIN = 5.0
-
-# The CLI's own entry point, with the clock started once the interpreter is up and the
-# modules every doctor run imports are in (their cost is the machine's, not the
-# doctor's); the clock stops when the command has answered (before exit hooks).
-_TIMED_CLI = """
-import sys, time
-import celery, kombu.transport.redis
-import wove_adapters.adapters.celery, wove_adapters.integration.hub
-from wove_adapters.cli import main
-began = time.monotonic()
-try:
-    main(sys.argv[2:], prog_name="wove-adapters")
-finally:
-    with open(sys.argv[1], "w") as handle:
-        handle.write(repr(time.monotonic() - began))
-"""
 
 
 def write_config(path: Path, service: CeleryService) -> Path:
@@ -68,20 +53,11 @@ def ledger_url(directory: Path) -> str:
 
 
 def doctor(config: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    """Run ``wove-adapters doctor``; the seconds from the command's start to its answer
-    (see ``_TIMED_CLI``; the whole process's wall time is printed beside it)."""
-    env = {**os.environ, "COLUMNS": "40"}
-    clock = config.parent / f"doctor-{time.monotonic_ns()}.took"
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", _TIMED_CLI, str(clock), "doctor", "--config", str(config),
-         "--environment", "jobs", "--timeout", "20", *args],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    took = float(clock.read_text())
-    print(f"doctor answered in {took:.2f} s ({time.monotonic() - started:.2f} s with the "
-          f"interpreter's start and imports)")
-    return done, took
+    """Run ``wove-adapters doctor``; the seconds of the command itself (``timed_cli``)."""
+    return run_cli(["doctor", "--config", str(config), "--environment", "jobs",
+                    "--timeout", "20", *args],
+                   preload=["celery", "kombu.transport.redis", "wove_adapters.adapters.celery"],
+                   env={**os.environ, "COLUMNS": "40"})
 
 
 def runs(directory: Path, *args: str) -> str:
