@@ -66,26 +66,29 @@ def rig(
     start_worker: Callable[..., CeleryService],
     hub_for: Callable[..., Any], sqlite_ledger: str,
 ) -> Callable[..., Rig]:
-    """``rig(concurrency=2, **settings)``: what every scenario here starts from, as
-    ``(broker, service, hub)``: a private Redis (broker and result backend), a prefork
-    worker of ``concurrency`` processes on it, and a Hub (sqlite ledger) whose
-    environment is ``environment(service, **settings)``."""
+    """``rig(concurrency=2, ledger=None, **settings)``: what every scenario here starts
+    from, as ``(broker, service, hub)``: a private Redis (broker and result backend), a
+    prefork worker of ``concurrency`` processes on it, and a Hub (``ledger``, default a
+    sqlite file) whose environment is ``environment(service, **settings)``."""
 
-    def make(concurrency: int = 2, **settings: Any) -> Rig:
+    def make(concurrency: int = 2, ledger: str | None = None, **settings: Any) -> Rig:
         broker = private_redis()
         service = start_worker(broker.url(), concurrency=concurrency)
-        return broker, service, hub_for(environment(service, **settings), ledger=sqlite_ledger)
+        return broker, service, hub_for(environment(service, **settings),
+                                        ledger=ledger or sqlite_ledger)
 
     return make
 
 
 def environment(service: CeleryService, **settings: Any) -> dict[str, Any]:
+    """``settings`` are the environment's; an ``executor_config`` among them is merged."""
     return {
         "executor": "celery",
-        # Reconcile every second: the scenarios' bounds stay short.
-        "executor_config": {**service.executor_config, "reconcile_seconds": 1.0},
-        "delivery_orphan_policy": "requeue",
         **settings,
+        # Reconcile every second: the scenarios' bounds stay short.
+        "executor_config": {**service.executor_config, "reconcile_seconds": 1.0,
+                            **settings.get("executor_config", {})},
+        "delivery_orphan_policy": settings.get("delivery_orphan_policy", "requeue"),
     }
 
 
@@ -238,3 +241,109 @@ def test_d_require_ack_cancels_of_running_tasks(
             counts.problem("over_executed", f"task {item.get('id')} still active at the worker")
     print(f"\n  acknowledged {counts.ok - refused}, CancelNotAcknowledgedError {refused}")
     faults.check(counts, began)
+
+
+# ---------------------------------------------------------------- (e) after the slot is free
+
+
+class _Blackhole:
+    """A TCP relay in front of the caller's receiver (``callback_url`` names it) that
+    can swallow what workers send: while ``swallow`` is set, requests are read and
+    dropped, never answered, and never reach the caller, so a worker's outcome can
+    only come back through what the worker recorded before its slot was freed."""
+
+    def __init__(self, upstream: int) -> None:
+        import socket
+        import threading
+
+        self.upstream = upstream
+        self.swallow = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.swallowed = 0  # bytes dropped
+        threading.Thread(target=self._accept, daemon=True, name="blackhole").start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False),
+                             daemon=True).start()
+
+    def _pump(self, source: Any, target: Any, to_caller: bool) -> None:
+        with source, target:
+            while True:
+                try:
+                    data = source.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                if to_caller and self.swallow.is_set():
+                    self.swallowed += len(data)
+                    continue
+                try:
+                    target.sendall(data)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("ledger", ["sqlite", "memory"])
+def test_e_worker_killed_after_finishing_before_the_ack(
+    rig: Callable[..., Rig], markers: Path, ledger: str,
+) -> None:
+    """Every task finishes while its caller's receiver takes nothing (a relay swallows
+    the workers' requests), so no outcome is acknowledged; the whole worker is killed
+    -9 as soon as the backend shows every job finished (its slot freed), with every
+    outcome still undelivered in its outbox. ``fail``: a run the worker left nowhere
+    would raise DeliveryOrphanedError. Each run must resolve once, with its own value,
+    from what the worker recorded before it freed the slot (the sqlite ledger; with a
+    memory ledger, which workers cannot reach, the job's ``SUCCESS`` record), and run
+    once."""
+    port = faults.free_port()
+    relay = _Blackhole(port)
+    try:
+        _, service, hub = rig(
+            ledger="memory://" if ledger == "memory" else None,
+            delivery_orphan_policy="fail", executor_config={
+                "callback_port": port, "callback_url": f"http://127.0.0.1:{relay.port}"})
+        assert hub.run(fault_tasks.work, str(markers), "e-warm") == "done:e-warm"
+        relay.swallow.set()
+        began = time.monotonic()
+        tags = [f"e{i}" for i in range(8)]
+        futures = {tag: hub.submit(fault_tasks.work, str(markers), tag, 0.1) for tag in tags}
+        dispatcher = hub.dispatcher("faults")
+        app = service.client_app()
+        try:
+            def finished() -> bool:
+                runs = [dispatcher.runs.get(future.run_id) for future in futures.values()]
+                handles = [run.attempt.submission for run in runs if run is not None]
+                return len(handles) == len(tags) and all(
+                    handle and app.AsyncResult(handle).state == "SUCCESS" for handle in handles)
+
+            faults.wait_until(finished, 60, "every job finished at the backend", interval=0.005)
+        finally:
+            app.close()
+        service.kill()
+        swallowed = relay.swallowed
+        relay.swallow.clear()
+        assert not any(future.done() for future in futures.values()), (
+            "a result reached the caller before the kill: nothing was tested")
+        counts = settle(f"celery (e) worker kill -9 after finishing, before the ack, "
+                        f"{ledger} ledger", futures, markers, 90, began)
+        print(f"\n  bytes swallowed: {swallowed}; dispatcher: "
+              f"{ {k: v for k, v in hub.dispatcher().stats.items() if v} }")
+        assert swallowed, "the relay swallowed nothing: the outcomes were not held back"
+        faults.check(counts)
+    finally:
+        relay.close()

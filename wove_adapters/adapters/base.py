@@ -153,8 +153,10 @@ class BackendAdapter(abc.ABC):
         """``{handle: signed outcome}`` for the followed jobs that finished with one;
         an ``Exception`` instead when a job finished in a way that will never yield one
         (it becomes the following run's error). Jobs not finished yet are left out; a
-        job that died is found by reconciliation (``status_many``). Default: nothing
-        (an adapter that never returns ``Following``)."""
+        job that died is found by reconciliation (``status_many``). Reconciliation also
+        asks it for a run's own job that finished without its terminal event (the
+        worker records the outcome there when its caller did not answer in time).
+        Default: nothing (an adapter that never returns ``Following``)."""
         return {}
 
     async def detach(self, handle: str) -> None:

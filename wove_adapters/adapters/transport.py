@@ -602,19 +602,23 @@ class AdapterTransport(Transport):
         return state
 
     async def _resolve_from_ledger(self, run: RunAttempt) -> bool:
-        """Emit the outcome the worker recorded when it could not reach us, if any."""
-        if not self._ledger_url or self._emit is None:
+        """Emit the outcome the worker recorded when it could not reach us, if any: in
+        the ledger, else in the backend's own record of the job (``adapter.outcomes``:
+        where the worker also puts it when the caller did not answer in time, see
+        ``worker.runner.deliver_terminals``; the only record when the caller's ledger is
+        not shareable). Either is checked against this run before anything in it is
+        unpickled."""
+        if self._emit is None:
             return False
         from wove_adapters.core.codec import decode_outcome
-        from wove_adapters.core.ledger import open_ledger
 
         taken: list[payload_mod.BodyRef] = []
         try:
-            record = await open_ledger(self._ledger_url).get(run.run_id)
-            if record is None or record.outcome is None:
+            blob = await self._ledger_outcome(run) or await self._backend_outcome(run)
+            if blob is None:
                 return False
             frame = await asyncio.to_thread(functools.partial(
-                decode_outcome, record.outcome, run.run_id, key_id=self._key_id,
+                decode_outcome, blob, run.run_id, key_id=self._key_id,
                 idempotency_key=run.idempotency_key, task_id=run.task_id, taken=taken,
             ))
         except Exception:  # unreadable: reconciliation reports the run lost
@@ -626,6 +630,20 @@ class AdapterTransport(Transport):
             return False
         self._emit(frame)
         return True
+
+    async def _ledger_outcome(self, run: RunAttempt) -> bytes | None:
+        if not self._ledger_url:
+            return None
+        from wove_adapters.core.ledger import open_ledger
+
+        record = await open_ledger(self._ledger_url).get(run.run_id)
+        return None if record is None else record.outcome
+
+    async def _backend_outcome(self, run: RunAttempt) -> bytes | None:
+        if self.adapter is None or run.submission is None:
+            return None
+        found = (await self.adapter.outcomes([run.submission])).get(run.submission)
+        return found if isinstance(found, bytes) else None
 
     async def detach(self, run: RunAttempt) -> None:
         assert self.adapter is not None

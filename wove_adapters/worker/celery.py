@@ -102,10 +102,13 @@ def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str,
       told apart from; a shorter one is over before anyone could ask;
     - SUCCESS with a summary only when someone may read it: for keyed runs (with the
       signed outcome other callers answer from), after a STARTED (which must not stay
-      the last word), and when the outcome is not acknowledged yet (the outbox owns it:
-      reconciliation then sees the job finished instead of calling it lost). A short
-      unkeyed run whose caller took its result writes nothing, where native Celery
-      writes once;
+      the last word), and when the caller did not acknowledge the outcome within
+      ``sender.ACK_GRACE`` (the outbox goes on delivering it). Then the summary carries
+      the signed outcome too, and is written before the task returns: the slot is free
+      before the acknowledgement, so a worker killed from then on must leave the outcome
+      where the caller finds it (reconciliation sees the job finished, not lost; the
+      runner recorded it in the run's ledger too). A short unkeyed run whose caller took
+      its result writes nothing, where native Celery writes once;
     - REVOKED when cancelled (the confirmation of a ``require_ack`` cancel);
     - FAILURE (stored by Celery, as the task raises) when the outcome could not be
       delivered nor recorded.
@@ -152,14 +155,17 @@ def execute(task: Any, payload: str, *, track_started: bool = True) -> dict[str,
             f"({envelope.return_path.kind} {envelope.return_path.url}) nor recorded"
         )
     keyed = envelope.delivery.get("delivery_idempotency_key") is not None
-    if keyed:
+    late = outcome.pending is not None  # not acknowledged within the grace
+    if keyed or late:
         signed = outcome.signed()  # JSON results carry text: base64
         summary["outcome"] = base64.b64encode(signed).decode("ascii") if signed else None
-    if not (keyed or outcome.started or outcome.pending is not None):
+    if not (keyed or outcome.started or late):
         return summary  # the caller has it, nothing says otherwise: no write at all
     done = writer.write_soon(states.SUCCESS, summary)
     if keyed:
         done.result(timeout=60)
+    elif late:
+        writer.flush()  # landed (or logged) before the slot is free; the outbox delivers
     return summary
 
 

@@ -134,7 +134,9 @@ def run_payload(
         "attempt": envelope.attempt,
     }
     keyed = envelope.delivery.get("delivery_idempotency_key") is not None
-    if keep_outcome or (keep_outcome is None and keyed):
+    # Also when the caller did not acknowledge it within the grace: the backend then
+    # keeps it in its own record of the job (the runner put it in the ledger too).
+    if keep_outcome or (keep_outcome is None and (keyed or outcome.pending is not None)):
         report["outcome"] = outcome.signed()
     return report
 

@@ -63,13 +63,18 @@ def run_payload(payload: str) -> bytes | str:
             f"wove-adapters: the outcome of run {envelope.run_id} could not be delivered "
             f"to {envelope.return_path.kind} {envelope.return_path.url}"
         )
-    if envelope.delivery.get("delivery_idempotency_key") is None:
+    keyed = envelope.delivery.get("delivery_idempotency_key") is not None
+    if not keyed and outcome.pending is None:
         return _record(outcome.state.value)
     # Kept in the job's hash for another caller that holds the same key (and as the
-    # job's result, for callers older than the hash field).
+    # job's result, for callers older than the hash field), and when the caller did not
+    # acknowledge it within the grace (the ledger has it too; the job's own record is
+    # where a caller without a shareable ledger can find it).
     signed = outcome.signed()
     _record(outcome.state.value, signed)
-    return signed or outcome.state.value
+    if keyed and signed:
+        return signed
+    return outcome.state.value
 
 
 def _run_chunk(payload: str) -> str:

@@ -4,10 +4,11 @@ Any backend's worker runs a payload with one call: ``run(payload)`` from sync co
 Celery or RQ task body), ``await arun(payload)`` from async code (ARQ, Taskiq), or
 ``python -m wove_adapters.worker`` from a batch script. The payload is verified before
 anything is unpickled. The task runs in the calling thread (so SIGTERM can interrupt it);
-heartbeats come from a timer thread. The terminal event gets one short inline try; when
-the caller cannot take it, the process's outbox (``worker.sender``) retries it in the
-background and records it in the ledger the envelope names, so the worker slot is free
-as soon as the task ends. A failing task's event carries its traceback (the caller chains
+heartbeats come from a timer thread. The terminal event gets one inline try that waits
+at most ``sender.ACK_GRACE`` for the caller's answer; when the caller does not answer
+in time, the outcome is recorded in the ledger the envelope names before the worker
+slot is freed, and the process's outbox (``worker.sender``) delivers it in the
+background. A failing task's event carries its traceback (the caller chains
 it to the rebuilt exception, see ``core.codec``); a task whose module the worker cannot
 import fails with ``WorkerImportError`` naming the backend, host, pid and the fix. A
 result (or pickled exception) above ``RESULT_INLINE_LIMIT`` waits in the store the payload
@@ -634,11 +635,8 @@ def worker_import_error(envelope: Envelope, exc: BaseException) -> WorkerImportE
 def deliver_terminal(
     envelope: Envelope, event: frames.WireEvent, outcome: Outcome | None = None
 ) -> bool:
-    """Hand the terminal event back without holding the worker slot: one short inline
-    try; if the caller cannot take it now, the process's outbox owns it (retries in the
-    background, bounded, and records it in the run's ledger). A ``detach`` run is recorded
-    first, whatever happens to the caller. Returns False only when the outcome is known
-    lost (no caller, no ledger); ``outcome.pending`` is set while the outbox owns it."""
+    """Hand the terminal event back without holding the worker slot for a caller that
+    does not answer: see ``deliver_terminals``, of which this is the one-run case."""
     return deliver_terminals([(envelope, event, outcome)])
 
 
@@ -647,9 +645,21 @@ Terminal = tuple[Envelope, frames.WireEvent, "Outcome | None"]
 
 
 def deliver_terminals(items: list[Terminal]) -> bool:
-    """``deliver_terminal`` for several runs at once (a chunk's): the events for one
-    destination go as one signed batch in one inline try, and one outbox item owns what
-    the caller did not take. False only when some outcome is known lost."""
+    """Send terminal events (one inline try) and wait at most ``sender.ACK_GRACE`` for
+    the caller's acknowledgement.
+
+    - Acknowledged in time: the caller has them; nothing is recorded anywhere.
+    - Not acknowledged in time (the caller is slow, paused, down or gone): each outcome
+      is recorded in its run's ledger before this returns (and ``outcome.pending`` tells
+      the backend's entry point to record it in the backend's own state as well), so the
+      worker slot is free before the acknowledgement and a worker killed from here on
+      loses nothing. The process's outbox (``worker.sender``) goes on delivering in
+      the background: it reads the answer still on its way, or retries.
+    - Refused for good: recorded in the ledger, if any.
+
+    A ``detach`` run is recorded first, whatever happens to the caller. The events for
+    one destination go as one signed batch (a chunk's). Returns False only when some
+    outcome is known lost (no caller, no ledger)."""
     groups: dict[tuple[payload_mod.ReturnPath, str], list[Terminal]] = {}
     for item in items:
         groups.setdefault((item[0].return_path, item[0].key_id), []).append(item)
@@ -666,9 +676,10 @@ def _deliver_group(
     ]
     events = [event for _, event, _ in group]
     try:
-        if sender.try_post(return_path, key_id, events):
+        sent = sender.try_first(return_path, key_id, events, sender.ACK_GRACE)
+        if sent is True:
             return True
-        why = "the caller did not answer"
+        why = "the caller did not answer in time"
     except PayloadError as exc:  # refused for good: the ledger is the only way left
         # An unknown-run answer names the runs nobody follows; the others were routed.
         unknown = set(exc.run_ids) if isinstance(exc, sender.UnknownRunError) else None
@@ -705,10 +716,14 @@ def _deliver_group(
         exit_flush_seconds=_bound(first.exit_flush_seconds, sender.EXIT_FLUSH_SECONDS),
         fallback=fallback,
         recorded=not unrecorded,
+        inflight=sent or None,  # sent, its answer still on the way: the outbox reads it
     )
     if not unrecorded:
         item.safe.set()
     sender.OUTBOX.put(item)
+    # Recorded before the slot is freed: the outbox would record it only later, from
+    # another thread, and a worker killed meanwhile would lose it.
+    sender.OUTBOX.record(item)
     for _, _, outcome in group:
         if outcome is not None:
             outcome.pending = item

@@ -6,12 +6,16 @@ async HTTP session in each one cost more than the task (measured: ~6 ms CPU per 
 job). One keep-alive ``http.client`` connection per destination per process, guarded by a
 lock held for one request at a time, costs one request per event batch.
 
-A terminal event gets one short inline try (``try_post``). If the caller cannot take it
-(its receiver is gone, down or slow), the event goes to the process's ``OUTBOX``: one
-daemon thread that retries in the background, bounded by attempts and total time, and
-calls the event's fallback (the worker records the outcome in the run's ledger) when it
-gives up. The task's worker slot is free as soon as the event is handed over, so a caller
-that went away costs the next task nothing (it used to cost up to 120 s of blocked slot).
+A terminal event gets one inline try (``try_first``) that waits at most ``ACK_GRACE``
+for the caller's answer to start. A caller that answers within it costs the task nothing
+more (the slot was held for one request, as a backend's own result write holds it). If
+it does not (gone, down, slow, paused), the outcome is recorded first (the run's ledger,
+and the backend's own state: see ``worker.runner.deliver_terminals``) and the task's slot
+is free before the acknowledgement; the event goes to the process's ``OUTBOX``: one
+daemon thread that reads the answer still on its way, or retries in the background,
+bounded by attempts and total time, and calls the event's fallback (the ledger) when it
+gives up. So a caller that went away costs the next task nothing, and a worker killed
+once its slot is free loses no outcome.
 
 Bounds, from the payload (``executor_config``: ``worker_retry_seconds``,
 ``worker_retry_attempts``, ``worker_exit_flush_seconds``) or the worker's environment
@@ -35,20 +39,24 @@ import http.client
 import json
 import os
 import queue
+import select
 import socket
+import ssl
 import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from wove_adapters.core import signing
 from wove_adapters.core.codec import sign_events
 from wove_adapters.core.envelope import ReturnPath
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.frames import WireEvent
+
+_T = TypeVar("_T")
 
 
 def _env_float(name: str, default: float) -> float:
@@ -62,11 +70,19 @@ RETRY_SECONDS = _env_float("WOVE_ADAPTERS_RETRY_SECONDS", 120.0)
 RETRY_ATTEMPTS = int(_env_float("WOVE_ADAPTERS_RETRY_ATTEMPTS", 40))
 EXIT_FLUSH_SECONDS = _env_float("WOVE_ADAPTERS_EXIT_FLUSH_SECONDS", 10.0)
 HEARTBEAT_BUDGET = 5.0
-# The inline try of a terminal event: a live caller answers in milliseconds; a refused
-# connection (the caller is gone) is handed to the outbox at once, and a caller that does
-# not answer (paused, overloaded, a black-holed network) costs the task's slot at most
-# INLINE_BUDGET: each socket operation of the inline try is bounded by it, and the try
-# never waits behind the outbox's own (longer) request to the same destination.
+# How long a finished task waits for the caller to start answering the first try of its
+# terminal event before it records the outcome (``worker.runner``) and frees its slot. A
+# live caller answers a keep-alive POST in well under a millisecond when idle; under a
+# burst of 1,000 on 2 cores, 5 ms left a few percent of a burst's answers late and 20
+# ms almost none (measured on Celery+Redis, see benchmarks/FINDINGS.md). Recording then
+# costs a ledger write and a backend state write, so rare is what we want.
+ACK_GRACE = _env_float("WOVE_ADAPTERS_ACK_GRACE", 0.02)
+# An inline try (a heartbeat's, or the sending of a terminal event's first try): a live
+# caller answers in milliseconds; a refused connection (the caller is gone) is handed to
+# the outbox at once, and a caller that does not take the request (paused, overloaded, a
+# black-holed network) costs the task's slot at most INLINE_BUDGET: each socket operation
+# of the inline try is bounded by it, and the try never waits behind the outbox's own
+# (longer) request to the same destination.
 INLINE_BUDGET = 1.0
 INLINE_TIMEOUT = INLINE_BUDGET
 BACKGROUND_TIMEOUT = 30.0
@@ -209,42 +225,66 @@ class _Destination:
         # When the request in progress started (0: none): one that has run longer than an
         # inline budget means a slow caller, and inline tries do not queue behind it.
         self.request_started = 0.0
+        # The lock is held for a request in flight (``_InFlight``), not by a thread: only
+        # the outbox's reading of its answer frees it, so the outbox never waits for it.
+        self.parked = False
         parsed = urllib.parse.urlsplit(return_path.url)
         self._https = parsed.scheme == "https"
         self._host = parsed.hostname or "127.0.0.1"
         self._port = parsed.port or (443 if self._https else 80)
         self._path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
 
-    def attempt(self, data: bytes, timeout: float, *, deadline: float | None = None) -> None:
+    def attempt(
+        self, data: bytes, timeout: float, *, deadline: float | None = None,
+        wait: float | None = None, grace: float | None = None,
+    ) -> _InFlight | None:
         """One request under the lock. Raises PayloadError when refused for good (bad
         signature, unknown token: retrying cannot help), any other error otherwise.
         ``deadline`` (monotonic): the whole attempt, waiting for the connection included,
         ends by then; ``_Busy`` if another request holds the connection until then (the
-        outbox may be waiting out a slow caller)."""
-        wait = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
+        outbox may be waiting out a slow caller). ``wait``: at most this long for the
+        connection instead. ``grace``: once the request is sent, wait this long for the
+        answer to start; if it has not, return the request in flight (the lock stays
+        held until its ``finish``), else None (answered)."""
+        if wait is None:
+            wait = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
         if not self.lock.acquire(timeout=wait):
             raise _Busy(f"the connection to {self.describe()} is busy")
         self.request_started = time.monotonic()
         if deadline is not None:
             left = deadline - self.request_started
             if left < 0.05:
-                self.request_started = 0.0
-                self.lock.release()
+                self.release()
                 raise _Busy(f"the connection to {self.describe()} was busy")
             timeout = min(timeout, left)
+        inflight = None
         try:
-            try:
-                self._once(data, timeout)
-            except PayloadError:
-                raise
-            except Exception as exc:
-                self._reset()
-                self.refused = _refused(exc)
-                raise
-            self.refused = False
+            inflight = self.noting(lambda: self._once(data, timeout, grace))
+            self.parked = inflight is not None
+            return inflight
         finally:
-            self.request_started = 0.0
-            self.lock.release()
+            if inflight is None:
+                self.release()
+
+    def noting(self, step: Callable[[], _T]) -> _T:
+        """Run one step of a request: a failure (other than a refusal for good) drops
+        the connection and notes whether it was refused; success clears that note."""
+        try:
+            result = step()
+        except PayloadError:
+            raise
+        except Exception as exc:
+            self._reset()
+            self.refused = _refused(exc)
+            raise
+        self.refused = False
+        return result
+
+    def release(self) -> None:
+        """The request is over: the connection is free for the next one."""
+        self.request_started = 0.0
+        self.parked = False
+        self.lock.release()
 
     def slow(self, now: float) -> bool:
         """A request has been waiting on this destination for longer than an inline try
@@ -278,7 +318,7 @@ class _Destination:
             return f"redis {self.return_path.url} {self.return_path.key}"
         return self.return_path.url
 
-    def _once(self, data: bytes, timeout: float) -> None:
+    def _once(self, data: bytes, timeout: float, grace: float | None = None) -> _InFlight | None:
         if self.return_path.kind == "redis":
             if self.redis is None:
                 import redis
@@ -287,16 +327,28 @@ class _Destination:
                     self.return_path.url, socket_timeout=timeout, socket_connect_timeout=timeout
                 )
             self.redis.rpush(self.return_path.key, data)
-            return
+            return None
         if self.conn is None:
             cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
             self.conn = cls(self._host, self._port, timeout=timeout)
         elif self.conn.sock is not None:
             self.conn.sock.settimeout(timeout)
         self.conn.timeout = timeout
-        # The socket timeout bounds each read; this bounds the whole exchange, so a
-        # server that drips its answer a byte at a time cannot hold a worker.
-        conn, expired = self.conn, threading.Event()
+        conn, deadline = self.conn, time.monotonic() + timeout
+        self._bounded(conn, deadline, lambda: conn.request(
+            "POST", self._path, body=data, headers={"Content-Type": "application/x-wove-events"},
+        ))
+        if grace is not None and not _answering(conn, grace):
+            return _InFlight(self, conn)
+        self.answer(conn, deadline)
+        return None
+
+    def _bounded(self, conn: http.client.HTTPConnection, deadline: float,
+                 step: Callable[[], _T]) -> _T:
+        """Run one step of an exchange; the socket timeout bounds each read, this bounds
+        the whole exchange, so a server that drips its answer a byte at a time cannot
+        hold a worker."""
+        expired = threading.Event()
 
         def _cut() -> None:
             expired.set()
@@ -305,36 +357,39 @@ class _Destination:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-        token = _WATCHDOG.arm(time.monotonic() + timeout, _cut)
+        token = _WATCHDOG.arm(deadline, _cut)
         try:
-            conn.request(
-                "POST", self._path, body=data,
-                headers={"Content-Type": "application/x-wove-events"},
-            )
-            response = conn.getresponse()
-            body = response.read(_MAX_ANSWER)
+            result = step()
         except Exception:
             if expired.is_set():
-                raise TimeoutError(
-                    f"{self.describe()} did not answer within {timeout:.1f}s in all"
-                ) from None
+                raise TimeoutError(f"{self.describe()} did not answer in time") from None
             raise
         finally:
             _WATCHDOG.disarm(token)
         if expired.is_set():
-            raise TimeoutError(f"{self.describe()} did not answer within {timeout:.1f}s in all")
+            raise TimeoutError(f"{self.describe()} did not answer in time")
+        return result
+
+    def answer(self, conn: http.client.HTTPConnection, deadline: float) -> None:
+        """Read the answer to the request sent on ``conn``; raise as ``attempt`` says."""
+
+        def read() -> tuple[int, bytes]:
+            response = conn.getresponse()
+            return response.status, response.read(_MAX_ANSWER)
+
+        status, body = self._bounded(conn, deadline, read)
         if b'"skip"' in body:
             _note_cancelled(body)
-        if response.status < 300:
+        if status < 300:
             return
-        if response.status == UNKNOWN_RUN_STATUS:
+        if status == UNKNOWN_RUN_STATUS:
             unknown = _unknown_runs(body)
             if unknown:
                 raise UnknownRunError(self.return_path.url, unknown)
         text = body[:200].decode("utf-8", "replace")
-        if response.status in _PERMANENT:
-            raise PayloadError(f"receiver refused events: HTTP {response.status} {text}")
-        raise ConnectionError(f"receiver answered HTTP {response.status} {text}")
+        if status in _PERMANENT:
+            raise PayloadError(f"receiver refused events: HTTP {status} {text}")
+        raise ConnectionError(f"receiver answered HTTP {status} {text}")
 
     def _reset(self) -> None:
         if self.conn is not None:
@@ -358,6 +413,45 @@ class _Destination:
                     pass
         finally:
             self.lock.release()
+
+
+def _answering(conn: http.client.HTTPConnection, grace: float) -> bool:
+    """Whether the answer to the request just sent on ``conn`` starts within ``grace``
+    seconds (or the connection broke: reading it then raises at once)."""
+    sock = conn.sock
+    if sock is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        return True
+    if sock.fileno() < 1024:  # select's limit; one call, cheaper than a poll object
+        return bool(select.select([sock], [], [], grace)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(grace * 1000.0))
+
+
+class _InFlight:
+    """A request sent whose answer did not start within the sender's grace: the outbox
+    reads it (``finish``). Its destination's lock stays held until then, so nothing else
+    is written on the connection meanwhile; inline tries see the destination slow."""
+
+    def __init__(self, destination: _Destination, conn: http.client.HTTPConnection) -> None:
+        self.destination = destination
+        self.conn = conn
+
+    def finish(self, timeout: float) -> None:
+        """Read the answer (``timeout`` seconds at most); raises as ``attempt`` does."""
+        destination = self.destination
+        if self.conn.sock is not None:
+            self.conn.sock.settimeout(timeout)
+        try:
+            destination.noting(
+                lambda: destination.answer(self.conn, time.monotonic() + timeout))
+        finally:
+            destination.release()
+
+    def abandon(self) -> None:
+        """Drop the request without its answer (the connection goes with it)."""
+        self.destination._reset()
+        self.destination.release()
 
 
 _destinations: dict[tuple[str, str, str], _Destination] = {}
@@ -408,6 +502,20 @@ def post(
     )
 
 
+def _inline_destination(return_path: ReturnPath) -> _Destination | None:
+    """The destination an inline try may use now; None when its last request failed,
+    a request is in flight there (the caller was slow to answer it), or one has been
+    waiting on it past an inline budget: the outbox is on it."""
+    destination = _destination(return_path)
+    now = time.monotonic()
+    if destination.down_until > now or destination.parked:
+        return None
+    if destination.slow(now):
+        destination.down_until = now + 1.0
+        return None
+    return destination
+
+
 def try_post(
     return_path: ReturnPath,
     key_id: str,
@@ -420,12 +528,8 @@ def try_post(
     Raises PayloadError when the destination refuses the events for good."""
     if return_path.kind == "native":
         return True
-    destination = _destination(return_path)
-    now = time.monotonic()
-    if destination.down_until > now:
-        return False
-    if destination.slow(now):
-        destination.down_until = now + 1.0
+    destination = _inline_destination(return_path)
+    if destination is None:
         return False
     deadline = time.monotonic() + budget
     delay = 0.05
@@ -449,6 +553,35 @@ def try_post(
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 0.4)
+
+
+def try_first(
+    return_path: ReturnPath, key_id: str, events: list[WireEvent], grace: float
+) -> bool | _InFlight:
+    """The first try of terminal events, from the task's thread: True once acknowledged
+    within ``grace`` seconds; the request in flight when it was sent but its answer had
+    not started by then (the outbox reads it: ``Pending.inflight``); False at once when
+    the destination is known down or slow, or busy (the outbox is mid-request there), or
+    the try failed. Raises PayloadError when refused for good."""
+    if return_path.kind == "native":
+        return True
+    destination = _inline_destination(return_path)
+    if destination is None:
+        return False
+    try:
+        inflight = destination.attempt(
+            signing.encode_blob(sign_events(events, key_id)), timeout=INLINE_TIMEOUT,
+            wait=grace, grace=grace,
+        )
+    except PayloadError:
+        raise
+    except Exception:  # _Busy, refused, reset, timed out: the outbox retries it
+        destination.down_until = time.monotonic() + 1.0
+        return False
+    if inflight is None:
+        destination.down_until = 0.0
+        return True
+    return inflight
 
 
 # ---------------------------------------------------------------- the outbox
@@ -478,10 +611,14 @@ class Pending:
     attempts: int = 0
     next_at: float = 0.0
     recorded: bool = False
-    record_claimed: bool = False  # a thread is recording (or recorded) it: see Outbox
+    # Held while a thread records it: one writer at a time, no double write.
+    record_lock: threading.Lock = field(default_factory=threading.Lock)
     result: str | None = None
     settled: threading.Event = field(default_factory=threading.Event)
     safe: threading.Event = field(default_factory=threading.Event)  # delivered or recorded
+    # The first try (``try_first``), sent, its answer not started within the grace: the
+    # outbox reads it. Its destination's connection is held for it until then.
+    inflight: _InFlight | None = None
     last_error: str = ""
 
     @property
@@ -516,7 +653,6 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self._records: queue.SimpleQueue[Pending] = queue.SimpleQueue()
         self._recorder: threading.Thread | None = None
-        self._claims = threading.Lock()
         self._pid = os.getpid()
         self._exit_hook = False
         self.stats: dict[str, int] = {DELIVERED: 0, RECORDED: 0, LOST: 0, "queued": 0}
@@ -528,25 +664,29 @@ class Outbox:
         self._thread = None
         self._records = queue.SimpleQueue()
         self._recorder = None
-        self._claims = threading.Lock()
         self._pid = os.getpid()
         self._exit_hook = False
 
-    def _claim_record(self, item: Pending) -> bool:
-        """True for the one thread that records this item first (no double writes)."""
-        with self._claims:
-            if item.record_claimed:
-                return False
-            item.record_claimed = True
-            return True
-
-    def _record_loop(self) -> None:
-        while True:
-            item = self._records.get()
-            if not item.recorded and self._claim_record(item):
+    def record(self, item: Pending, *, wait: bool = True) -> bool:
+        """Record ``item`` with its fallback now, in this thread, unless it is recorded
+        already (if another thread is recording it, wait for that one, or with ``wait``
+        false, leave it to it). True when it is recorded."""
+        if item.recorded or item.fallback is None:
+            return item.recorded
+        if not item.record_lock.acquire(blocking=wait):
+            return item.recorded
+        try:
+            if not item.recorded:
                 item.recorded = self._record(item)
                 if item.recorded:
                     item.safe.set()
+        finally:
+            item.record_lock.release()
+        return item.recorded
+
+    def _record_loop(self) -> None:
+        while True:
+            self.record(self._records.get())
 
     def put(self, item: Pending) -> Pending:
         """Take over an event; returns at once."""
@@ -569,7 +709,10 @@ class Outbox:
                         self._recorder.start()
                 self._cond.notify()
         if full:  # no unbounded memory: record it now, no retries
-            self._settle(item, RECORDED if self._record(item) else LOST, "outbox full")
+            inflight, item.inflight = item.inflight, None
+            if inflight is not None:
+                inflight.abandon()
+            self._settle(item, RECORDED if self.record(item) else LOST, "outbox full")
         return item
 
     def pending(self) -> int:
@@ -620,7 +763,9 @@ class Outbox:
                 while not self._items:
                     self._cond.wait()
                 now = time.monotonic()
-                due = [item for item in self._items if item.next_at <= now]
+                # Requests in flight first: each holds its destination's connection.
+                due = sorted((item for item in self._items if item.next_at <= now),
+                             key=lambda item: item.inflight is None)
                 if not due:
                     wake = min(item.next_at for item in self._items)
                     self._cond.wait(max(wake - now, 0.005))
@@ -636,21 +781,27 @@ class Outbox:
 
     def _work(self, item: Pending, destination: _Destination) -> bool:
         """One step for one event; False when its destination failed this round."""
-        if (
-            item.fallback is not None
-            and not item.recorded
-            and item.attempts == 0
-            and self._claim_record(item)
-        ):
-            item.recorded = self._record(item)
-            if item.recorded:
-                item.safe.set()
+        if item.attempts == 0:
+            self.record(item, wait=False)  # the recorder thread may be on it already
+        inflight, item.inflight = item.inflight, None
+        if inflight is None and destination.parked:  # its request in flight goes first
+            item.next_at = time.monotonic() + 0.005
+            return True
         item.attempts += 1
         try:
-            destination.attempt(
-                signing.encode_blob(sign_events(item.events, item.key_id)),
-                timeout=BACKGROUND_TIMEOUT,
-            )
+            if inflight is not None:  # the first try's answer is still on its way
+                inflight.finish(BACKGROUND_TIMEOUT)
+            else:
+                # Never wait for a connection without bound: a request parked there
+                # after this check is only freed by this thread.
+                destination.attempt(
+                    signing.encode_blob(sign_events(item.events, item.key_id)),
+                    timeout=BACKGROUND_TIMEOUT, wait=INLINE_BUDGET + 0.5,
+                )
+        except _Busy:  # not an attempt: try again shortly
+            item.attempts -= 1
+            item.next_at = time.monotonic() + 0.05
+            return True
         except PayloadError as exc:  # refused for good: retrying cannot help
             item.last_error = str(exc)
             self._give_up(item)
@@ -682,8 +833,7 @@ class Outbox:
             return False
 
     def _give_up(self, item: Pending) -> None:
-        if not item.recorded:
-            item.recorded = self._record(item)
+        self.record(item)
         result = RECORDED if item.recorded else LOST
         if result == LOST:
             print(

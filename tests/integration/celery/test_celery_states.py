@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from celery_services import CeleryService, wait_state
 
@@ -29,10 +31,19 @@ def _meta(app: Any, task_id: str) -> bytes | None:
     return value
 
 
-def test_a_short_delivered_run_writes_no_state(redis_celery: CeleryService) -> None:
-    app = redis_celery.client_app()
+def test_a_short_delivered_run_writes_no_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker of its own, whose tasks wait up to 10 s for the caller's answer (instead
+    of ``WOVE_ADAPTERS_ACK_GRACE``'s 20 ms): every answer then comes in time however
+    loaded the machine, and none may leave a state behind."""
+    monkeypatch.setenv("WOVE_ADAPTERS_ACK_GRACE", "10")
+    service = CeleryService("redis", log_dir=tmp_path)
+    service.start()
+    monkeypatch.delenv("WOVE_ADAPTERS_ACK_GRACE")
+    app = service.client_app()
     try:
-        with _hub(redis_celery) as hub:
+        with _hub(service) as hub:
             futures = [hub.submit(tasks.add, i) for i in range(20)]
             assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(20)]
         # A state is written within milliseconds of a task's end (the next tests wait
@@ -42,6 +53,8 @@ def test_a_short_delivered_run_writes_no_state(redis_celery: CeleryService) -> N
         assert written == [], f"state written for delivered short runs: {written}"
     finally:
         app.close()
+        service.stop()
+        service.cleanup()
 
 
 def test_a_long_run_writes_started_then_success(
@@ -66,8 +79,9 @@ def test_a_short_run_whose_caller_answers_late_writes_success(
     redis_celery: CeleryService,
 ) -> None:
     """The caller's loop (its receiver) is blocked when the task ends: the worker's
-    inline try gets no answer, its outbox keeps the event, and SUCCESS records that the
-    job finished (reconciliation must not call it lost meanwhile)."""
+    first try gets no answer within the grace, so SUCCESS records that the job finished
+    (reconciliation must not call it lost meanwhile), with the signed outcome, before the
+    slot is freed; the outbox reads the answer once the loop turns again."""
     app = redis_celery.client_app()
     try:
         # countdown: the worker holds the message and runs the task 1.5 s after sending.
@@ -82,6 +96,8 @@ def test_a_short_run_whose_caller_answers_late_writes_success(
             assert _meta(app, task_id) is None
             shared_loop.get_loop().call_soon_threadsafe(time.sleep, 5.0)
             wait_state(app, task_id, "SUCCESS", timeout=4.5)  # while the loop is blocked
+            stored = app.AsyncResult(task_id).result
+            assert stored["run_id"] == future.run_id and stored["outcome"], stored
             assert future.result(timeout=60) == 42  # the outbox delivers it afterwards
     finally:
         app.close()

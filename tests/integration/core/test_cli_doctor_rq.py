@@ -1,7 +1,8 @@
 """``wove-adapters doctor`` against real ``rq worker`` processes.
 
 With no worker on the queue it answers within 5 s with the whole fix hint and sends no
-probe; a probe nobody takes is removed from the queue; a live worker answers the probe,
+probe (5 s of the command's own, ``timed_cli``: starting the interpreter and importing rq
+are the machine's); a probe nobody takes is removed from the queue; a live worker answers the probe,
 whose run ``runs`` hides unless asked. Runs in the ``rq`` tox env
 (``pytest tests/integration/core/test_cli_doctor_rq.py``); elsewhere it is skipped.
 """
@@ -12,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 
 from rq_services import REDIS_URL, RqWorker, cleanup_queue, redis_client, require_redis
 from services import scratch_queue
+from timed_cli import run_cli
 
 from wove_adapters.cli import PROBE_TASK
 
@@ -52,13 +53,10 @@ def ledger_url(directory: Path) -> str:
 
 
 def doctor(config: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "wove_adapters.cli", "doctor", "--config", str(config),
-         "--environment", "jobs", *args],
-        capture_output=True, text=True, env={**os.environ, "COLUMNS": "40"}, timeout=120,
-    )
-    return done, time.monotonic() - started
+    """Run ``wove-adapters doctor``; the seconds of the command itself (``timed_cli``)."""
+    return run_cli(["doctor", "--config", str(config), "--environment", "jobs", *args],
+                   preload=["rq", "redis", "wove_adapters.adapters.rq"],
+                   env={**os.environ, "COLUMNS": "40"})
 
 
 def runs(directory: Path, *args: str) -> str:

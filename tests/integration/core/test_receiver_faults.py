@@ -257,6 +257,13 @@ async def test_receiver_answers_unknown_runs_and_routes_known_ones() -> None:
         await receiver.aclose()
 
 
+def _outbox_empty_within(seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while sender.OUTBOX.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return sender.OUTBOX.pending() == 0
+
+
 async def test_sender_records_an_unknown_runs_outcome_in_the_ledger(tmp_path: Path) -> None:
     """The worker's side: "unknown run" is not delivered; the outcome goes to the ledger at
     once (no retries), and the run's record is created if it is missing."""
@@ -285,7 +292,9 @@ async def test_sender_records_an_unknown_runs_outcome_in_the_ledger(tmp_path: Pa
 
         assert decode_outcome(record.outcome or b"", run_id)["result"] == 42
         assert elapsed < 5, elapsed
-        assert sender.OUTBOX.pending() == 0  # not handed to the outbox for retries
+        # Not retried: refused within the grace, the outbox never sees it; answered
+        # later (a loaded machine), the outbox gives it up at that answer.
+        assert await asyncio.to_thread(_outbox_empty_within, 5.0)
     finally:
         await receiver.aclose()
 
