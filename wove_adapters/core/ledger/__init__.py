@@ -61,6 +61,7 @@ __all__ = [
     "created_record",
     "forward_assignments",
     "list_filters",
+    "matches",
     "moves_forward",
     "open_ledger",
     "outcome_open",
@@ -291,17 +292,48 @@ _UPDATABLE: Final[Mapping[str, tuple[type, ...]]] = {
 
 
 def list_filters(
-    state: str | None, environment: str | None, placeholder: str
+    placeholder: str,
+    *,
+    state: str | None = None,
+    environment: str | None = None,
+    task_id: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
 ) -> tuple[str, list[object]]:
     """The ``WHERE`` clause (empty without filters) and parameters of ``list_runs`` for a
     SQL ledger, with the driver's parameter placeholder (``?`` or ``%s``)."""
     where: list[str] = []
     params: list[object] = []
-    for column, value in (("state", state), ("environment", environment)):
+    for condition, value in (
+        ("state = {}", state),
+        ("environment = {}", environment),
+        ("task_id = {}", task_id),
+        ("created_at >= {}", since),
+        ("created_at <= {}", until),
+    ):
         if value is not None:
-            where.append(f"{column} = {placeholder}")
+            where.append(condition.format(placeholder))
             params.append(value)
     return (f" WHERE {' AND '.join(where)}" if where else ""), params
+
+
+def matches(
+    record: RunRecord,
+    *,
+    state: str | None = None,
+    environment: str | None = None,
+    task_id: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> bool:
+    """``list_runs``'s filters for a ledger that filters rows itself (memory, Redis)."""
+    return (
+        (state is None or record.state == state)
+        and (environment is None or record.environment == environment)
+        and (task_id is None or record.task_id == task_id)
+        and (since is None or record.created_at >= since)
+        and (until is None or record.created_at <= until)
+    )
 
 
 def check_update(run_id: str, fields: Mapping[str, object]) -> dict[str, object]:

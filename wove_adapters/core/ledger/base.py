@@ -130,9 +130,24 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     async def list_runs(
-        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
+        self,
+        *,
+        limit: int = 100,
+        state: str | None = None,
+        environment: str | None = None,
+        task_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[RunRecord]:
-        """Newest first."""
+        """Newest first. Each filter given narrows the list: ``state``, ``environment``
+        and ``task_id`` match exactly; ``since`` and ``until`` bound ``created_at``, both
+        inclusive (so a reader paging by ``until`` also sees runs that share the
+        boundary's timestamp, and drops the ones it already showed)."""
+
+    @abc.abstractmethod
+    async def count_runs(self) -> dict[tuple[str, str, str], int]:
+        """How many runs the ledger holds per ``(environment, adapter, state)``: what a
+        metrics scrape reports, counted by the store rather than by listing every row."""
 
     async def wait_outcome(
         self, run_id: str, *, timeout: float | None = None, poll: float = 0.05

@@ -10,6 +10,7 @@ dict, so it is safe from many tasks on one loop and from several loops in severa
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -19,6 +20,7 @@ from wove_adapters.core.ledger import (
     HOLDING_STATES,
     check_outcome_state,
     check_update,
+    matches,
     moves_forward,
     outcome_open,
 )
@@ -93,7 +95,14 @@ class MemoryLedger(Ledger):
             return None if record is None else _copy(record)
 
     async def list_runs(
-        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
+        self,
+        *,
+        limit: int = 100,
+        state: str | None = None,
+        environment: str | None = None,
+        task_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[RunRecord]:
         with self._lock:
             ordered = list(self._runs.values())
@@ -103,10 +112,16 @@ class MemoryLedger(Ledger):
         selected = [
             _copy(r)
             for r in ordered
-            if (state is None or r.state == state)
-            and (environment is None or r.environment == environment)
+            if matches(r, state=state, environment=environment, task_id=task_id,
+                       since=since, until=until)
         ]
         return selected[: max(limit, 0)]
+
+    async def count_runs(self) -> dict[tuple[str, str, str], int]:
+        with self._lock:
+            return dict(collections.Counter(
+                (r.environment, r.adapter, r.state) for r in self._runs.values()
+            ))
 
     async def delete(self, run_id: str) -> None:
         with self._lock:

@@ -143,6 +143,7 @@ class _Sql:
         self.exists = f"SELECT 1 FROM {t} WHERE run_id = %s"
         self.update = f"UPDATE {t} SET {{assignments}} WHERE run_id = %s"
         self.delete = f"DELETE FROM {t} WHERE run_id = %s"
+        self.count = f"SELECT environment, adapter, state, COUNT(*) FROM {t} GROUP BY 1, 2, 3"
         self.ddl_lock_key = f"wove-adapters-ledger-ddl:{table}"
         self.table = table
 
@@ -273,14 +274,30 @@ class PostgresLedger(Ledger):
         return None if row is None else _record(row)
 
     async def list_runs(
-        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
+        self,
+        *,
+        limit: int = 100,
+        state: str | None = None,
+        environment: str | None = None,
+        task_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[RunRecord]:
-        clause, params = list_filters(state, environment, "%s")
+        clause, params = list_filters(
+            "%s", state=state, environment=environment, task_id=task_id, since=since,
+            until=until,
+        )
         statement = f"{self._sql.select}{clause} ORDER BY created_at DESC, seq DESC LIMIT %s"
         async with self._connection() as conn:
             cursor = await conn.execute(statement, (*params, max(limit, 0)))
             rows = await cursor.fetchall()
         return [_record(row) for row in rows]
+
+    async def count_runs(self) -> dict[tuple[str, str, str], int]:
+        async with self._connection() as conn:
+            cursor = await conn.execute(self._sql.count)
+            rows = await cursor.fetchall()
+        return {(env, adapter, state): int(n) for env, adapter, state, n in rows}
 
     async def delete(self, run_id: str) -> None:
         async with self._connection() as conn:
