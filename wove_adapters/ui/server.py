@@ -162,10 +162,10 @@ class RunsPage:
             if offered is not None and request.method == "GET" and request.path == "/":
                 if not _same(offered, token):
                     return _refuse(401, "wrong token")
-                response = web.HTTPSeeOther("/", headers=_HEADERS)
-                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict",
+                redirect = web.HTTPSeeOther("/", headers=_HEADERS)
+                redirect.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict",
                                     path="/")
-                return response
+                raise redirect
             bearer = request.headers.get("Authorization", "")
             presented = (bearer[7:] if bearer.startswith("Bearer ") else None) or \
                 request.cookies.get(TOKEN_COOKIE)
