@@ -29,7 +29,7 @@ from wove_adapters.integration.environments import key_id_for_config
 from wove_adapters.ui.server import check_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from remote_errors import raise_line  # noqa: E402
+from remote_errors import raise_line
 
 TOKEN = "t0ken-for-the-runs-page-tests"
 

@@ -228,7 +228,7 @@ def metrics_text(counts: Mapping[tuple[str, str, str], int]) -> tuple[bytes, str
             yield family
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_LedgerCounts())  # type: ignore[arg-type]
+    registry.register(_LedgerCounts())
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

@@ -323,8 +323,7 @@ class RedisLedger(Ledger):
         if limit <= 0:
             return []
         client = self._client().redis
-        filters = {"state": state, "environment": environment, "task_id": task_id}
-        filtered = any(value is not None for value in filters.values())
+        filtered = state is not None or environment is not None or task_id is not None
         page = max(limit, 200) if filtered else limit
         high: float | str = "+inf" if until is None else until
         low: float | str = "-inf" if since is None else since
@@ -337,7 +336,8 @@ class RedisLedger(Ledger):
             )
             if not run_ids:
                 break
-            found += [r for r in await self._records(run_ids) if matches(r, **filters)]
+            found += [r for r in await self._records(run_ids)
+                      if matches(r, state=state, environment=environment, task_id=task_id)]
             start += page
         return found[:limit]
 

@@ -16,6 +16,15 @@ function when(seconds) {
   return seconds ? new Date(seconds * 1000).toLocaleString() : "-";
 }
 
+function short(seconds) {
+  // The list's compact time: the clock today, the date before that (full in the detail).
+  const date = new Date(seconds * 1000);
+  const today = new Date().toDateString() === date.toDateString();
+  const pad = (n) => String(n).padStart(2, "0");
+  const clock = `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`;
+  return today ? clock : `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} ${clock}`;
+}
+
 function took(seconds) {
   if (seconds === null || seconds === undefined) return "-";
   return seconds < 1 ? `${Math.round(seconds * 1000)} ms` : `${seconds.toFixed(2)} s`;
@@ -61,11 +70,12 @@ function rowFor(run) {
   tr.dataset.state = run.state;
   tr.dataset.createdAt = String(run.created_at);
   const cells = [
-    el("td", when(run.created_at)), el("td", run.task_id, "task"),
+    el("td", short(run.created_at)), el("td", run.task_id, "task"),
     el("td", run.environment, "environment"), el("td", run.executor || "-"),
     el("td"), el("td", run.attempt), el("td", took(run.duration)),
     el("td", run.run_id, "run-id"), el("td"),
   ];
+  cells[7].title = run.run_id;
   cells[4].className = "state-cell";
   cells[4].appendChild(badge(run.state));
   cells[8].appendChild(cancelButton(run));
