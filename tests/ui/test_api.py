@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from wove_adapters.ui.server import check_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 from remote_errors import raise_line
+from ui_runs import hold, state_of, until
 
 TOKEN = "t0ken-for-the-runs-page-tests"
 
@@ -40,14 +40,6 @@ def double(x: int) -> int:
 
 def boom(x: int) -> int:
     raise ValueError(f"bad input {x}")
-
-
-def hold(marker: str, most: float = 120.0) -> str:
-    """Runs until ``marker`` exists (the test decides when it ends)."""
-    deadline = time.monotonic() + most
-    while not os.path.exists(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return marker
 
 
 class Client:
@@ -76,21 +68,6 @@ class Client:
         return json.loads(body)
 
 
-def wait_for(check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
-
-
-def state_of(url: str, run_id: str) -> str | None:
-    record = asyncio.run(open_ledger(url).get(run_id))
-    return None if record is None else record.state
-
-
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Runs in two environments (stdio, process): three succeeded, one failed, one held
@@ -113,7 +90,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 assert future.result(timeout=60) == arg * 2
         held = hub.submit(hold, marker, environment="east")
         ids["held"] = held.run_id
-        wait_for(lambda: state_of(url, held.run_id) == RUNNING)
+        until(lambda: state_of(url, held.run_id) == RUNNING, "the held run running")
         server = ui.serve(hub=hub, listen="127.0.0.1:0", poll_seconds=0.2)
         try:
             yield {"hub": hub, "url": url, "ids": ids, "server": server,
@@ -346,13 +323,13 @@ def test_cancel_reaches_runs_in_flight_here_only(made: dict[str, Any], tmp_path:
     future = hub.submit(hold, marker, environment="west")
     ledger = open_ledger(made["url"])
     try:
-        wait_for(lambda: state_of(made["url"], future.run_id) is not None)
+        until(lambda: state_of(made["url"], future.run_id) is not None, "its record")
         origin = {"Origin": client.origin}
         status, _, body = client.request("POST", f"/api/runs/{future.run_id}/cancel", origin)
         assert status == 202, body
         with pytest.raises(Exception, match="cancel"):
             future.result(timeout=60)
-        wait_for(lambda: state_of(made["url"], future.run_id) == "cancelled")
+        until(lambda: state_of(made["url"], future.run_id) == "cancelled", "cancelled")
         status, _, body = client.request("POST", f"/api/runs/{future.run_id}/cancel", origin)
         assert status == 409 and b"has ended" in body
         # A run in flight elsewhere (another process's Hub): the page says where to go.

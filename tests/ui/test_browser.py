@@ -12,6 +12,7 @@ WOVE_UI_SCREENSHOT_DOCS=1, to refresh the docs' picture).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sys
@@ -27,13 +28,13 @@ from wove_adapters.core.ledger import RUNNING, RunRecord, open_ledger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 from remote_errors import raise_line
+from ui_runs import WAIT, hold, state_of, until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 TOKEN = "browser-test-token-0123456789"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 DOCS_PICTURE = Path(__file__).resolve().parents[2] / "docs" / "ui.png"
-WAIT = 60.0
 
 
 def double(x: int) -> int:
@@ -42,33 +43,6 @@ def double(x: int) -> int:
 
 def parse_report(name: str) -> dict[str, int]:
     raise ValueError(f"report {name!r} has no header row")
-
-
-def hold(marker: str, most: float = 120.0) -> str:
-    """Runs until ``marker`` exists (the test decides when it ends)."""
-    deadline = time.monotonic() + most
-    while not os.path.exists(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return marker
-
-
-def state_of(url: str, run_id: str) -> str | None:
-    record = asyncio.run(open_ledger(url).get(run_id))
-    return None if record is None else record.state
-
-
-def until(check: Any, what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            found = check()
-        except Exception:  # an element replaced while read: ask again
-            found = None
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -113,7 +87,7 @@ def scene(tmp_path: Path) -> Iterator[dict[str, Any]]:
             futures[name] = hub.submit(fn, arg, environment=env)
             ids[name] = futures[name].run_id
             if fn is not hold:
-                with pytest.raises(ValueError) if fn is parse_report else _nothing():
+                with pytest.raises(ValueError) if fn is parse_report else contextlib.nullcontext():
                     futures[name].result(timeout=WAIT)
         for name in ("long", "to-cancel"):
             until(lambda n=name: state_of(url, ids[n]) == RUNNING, f"{name} running")
@@ -131,14 +105,6 @@ def scene(tmp_path: Path) -> Iterator[dict[str, Any]]:
         for marker in markers.values():
             Path(marker).touch()
         hub.close()
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def rows(driver: Any) -> list[Any]:
