@@ -709,15 +709,16 @@ def ui_cmd(listen: str, ledger: str | None, token: str | None, config_file: str 
     from wove_adapters import ui
 
     os.environ.pop(ui.TOKEN_ENV, None)  # task code run by this process never sees it
-    config = None
-    if config_file is not None or ledger is None:
-        from wove_adapters.core.config import load_config
+    from wove_adapters.core.config import load_config
 
-        try:
-            config = load_config(config_file=config_file)
-        except (NameError, ValueError, TypeError, FileNotFoundError) as exc:
-            if config_file is not None:
-                raise _fail(exc) from exc
+    config = None
+    try:  # the ledger, and each environment's secret for verifying outcomes
+        config = load_config(config_file=config_file)
+    except (NameError, ValueError, TypeError, FileNotFoundError) as exc:
+        if config_file is not None or ledger is None:
+            raise _fail(exc) from exc
+        click.echo(f"note: the configuration was not loaded ({exc}); outcomes are verified "
+                   f"with WOVE_ADAPTERS_SECRET or this user's generated keys", err=True)
     try:
         asyncio.run(_serve_ui(ledger=ledger, listen=listen, token=token, config=config,
                               poll_seconds=poll_seconds))

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -348,11 +351,14 @@ def test_a_post_from_another_origin_is_refused(made: dict[str, Any]) -> None:
     path = f"/api/runs/{run_id}/cancel"
     for headers in ({}, {"Origin": "http://evil.example"},
                     {"Referer": "http://evil.example/page"},
-                    {"Origin": f"{client.origin}.evil.example"}):
+                    {"Origin": f"{client.origin}.evil.example"}, {"Origin": "null"},
+                    {"Origin": f"ftp://{client.host}:{client.port}"}):
         status, _, body = client.request("POST", path, headers)
         assert status == 403 and b"must come from this page" in body, (headers, body)
     # The same origin passes the check (and meets the next answer: the run has ended).
-    for headers in ({"Origin": client.origin}, {"Referer": f"{client.origin}/"}):
+    behind_tls = f"https://{client.host}:{client.port}"  # a TLS proxy's page
+    for headers in ({"Origin": client.origin}, {"Referer": f"{client.origin}/"},
+                    {"Origin": behind_tls}):
         status, _, _ = client.request("POST", path, headers)
         assert status == 409
 
@@ -415,3 +421,27 @@ def test_the_page_and_its_files_are_served_with_a_strict_policy(made: dict[str, 
     assert status == 200 and b"innerHTML" not in body.replace(b"never innerHTML", b"")
     for path in ("/static/../server.py", "/static/server.py", "/static/index.html"):
         assert client.request("GET", path)[0] == 404
+
+
+def test_the_command_serves_the_ledger_until_sigterm(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    asyncio.run(open_ledger(url).claim(RunRecord(run_id="from-cli", environment="e")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WOVE__")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wove_adapters.cli", "ui", "--listen", "127.0.0.1:0",
+         "--ledger", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("wove-adapters ui: http://127.0.0.1:"), line
+        client = Client(line.split()[2])
+        page = client.json("/api/runs")
+        assert [r["run_id"] for r in page["runs"]] == ["from-cli"]
+        assert page["ledger"] == open_ledger(url).url
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
