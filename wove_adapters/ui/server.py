@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib.resources
 import json
@@ -114,6 +115,13 @@ def check_settings(
     return UISettings(host=host, port=port, token=token, poll_seconds=poll_seconds)
 
 
+@functools.cache
+def static_files() -> dict[str, bytes]:
+    """The page's files, read once (``serve`` reads them before it enters the loop)."""
+    package = importlib.resources.files("wove_adapters.ui") / "static"
+    return {name: (package / name).read_bytes() for name in _STATIC}
+
+
 def _same(presented: str | None, token: str) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
 
@@ -130,8 +138,7 @@ class RunsPage:
         self.settings = settings
         self.config = config
         self.closing = asyncio.Event()
-        package = importlib.resources.files("wove_adapters.ui") / "static"
-        self._static = {name: (package / name).read_bytes() for name in _STATIC}
+        self._static = static_files()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
@@ -243,9 +250,12 @@ class RunsPage:
         })
 
     async def detail(self, record: RunRecord) -> dict[str, Any]:
-        key_id = trusted_key_id(self.config, record.environment)
-        outcome = await asyncio.to_thread(views.outcome_json, record, key_id)
+        outcome = await asyncio.to_thread(self._outcome, record)
         return views.detail_json(record, self.cancel_note(record), outcome)
+
+    def _outcome(self, record: RunRecord) -> dict[str, Any]:
+        # In a worker thread: resolving the environment's secret may read a key file.
+        return views.outcome_json(record, trusted_key_id(self.config, record.environment))
 
     async def _run(self, request: web.Request) -> web.Response:
         record = await self.ledger.get(request.match_info["run_id"])
@@ -401,6 +411,11 @@ def serve(hub: Any = None, **options: Any) -> UIServer:
     """Start the runs page on the shared loop, beside ``hub``'s dispatchers, from
     synchronous code; ``close()`` the result to stop it (it also stops at exit).
     Options: those of ``start``."""
+    # What blocks (the first import of parse_listen's module, reading the page's files)
+    # happens here, in the caller's thread, never on the shared loop.
+    check_settings(options.get("listen", DEFAULT_LISTEN), options.get("token"),
+                   options.get("poll_seconds", 1.0))
+    static_files()
     server = shared_loop.run_sync(start(hub=hub, **options))
     shared_loop.add_shutdown_hook(server.aclose, shared_loop.PHASE_CALLERS)
     return server
