@@ -283,18 +283,20 @@ def test_metrics_without_prometheus_client_names_the_extra(
     assert status == 501 and b"pip install 'wove-adapters[metrics]'" in body
 
 
-def test_live_events_send_the_window_then_what_changed(made: dict[str, Any]) -> None:
-    client = made["client"]
-    conn = http.client.HTTPConnection(client.host, client.port, timeout=30)
-    conn.request("GET", f"/api/events?environment=east&watch={made['ids']['held']}")
-    response = conn.getresponse()
-    assert response.status == 200
-    assert response.getheader("Content-Type") == "text/event-stream"
+class EventStream:
+    """One ``/api/events`` stream, read an event at a time."""
 
-    def next_event() -> tuple[str, Any]:
+    def __init__(self, client: Client, query: str) -> None:
+        self.conn = http.client.HTTPConnection(client.host, client.port, timeout=30)
+        self.conn.request("GET", f"/api/events?{query}")
+        self.response = self.conn.getresponse()
+        assert self.response.status == 200
+        assert self.response.getheader("Content-Type") == "text/event-stream"
+
+    def next(self) -> tuple[str, Any]:
         name, data = "", ""
         while True:
-            line = response.readline().decode().rstrip("\n")
+            line = self.response.readline().decode().rstrip("\n")
             if line.startswith("event: "):
                 name = line[7:]
             elif line.startswith("data: "):
@@ -302,19 +304,29 @@ def test_live_events_send_the_window_then_what_changed(made: dict[str, Any]) -> 
             elif line == "" and name:
                 return name, json.loads(data)
 
+
+def test_live_events_send_the_window_then_what_changed(made: dict[str, Any]) -> None:
+    held = made["ids"]["held"]
+    east = EventStream(made["client"], f"environment=east&watch={held}")
+    running = EventStream(made["client"], "state=running")
     try:
-        first = dict([next_event(), next_event()])
+        first = dict([east.next(), east.next()])
         assert {r["run_id"] for r in first["runs"]} == {
             made["ids"][n] for n in ("held", "b", "a")}
         assert first["run"]["state"] == RUNNING
+        name, rows = running.next()
+        assert name == "runs" and [r["run_id"] for r in rows] == [held]
         Path(made["marker"]).touch()
         assert made["held"].result(timeout=60) == made["marker"]
-        changed = dict([next_event(), next_event()])
-        assert [r["run_id"] for r in changed["runs"]] == [made["ids"]["held"]]
+        changed = dict([east.next(), east.next()])
+        assert [r["run_id"] for r in changed["runs"]] == [held]
         assert changed["runs"][0]["state"] == SUCCEEDED
         assert changed["run"]["state"] == SUCCEEDED and not changed["run"]["cancellable"]
+        # It no longer matches state=running: that page is told to drop it.
+        assert running.next() == ("gone", [held])
     finally:
-        conn.close()
+        east.conn.close()
+        running.conn.close()
 
 
 # ---------------------------------------------------------------- refusals
@@ -445,3 +457,22 @@ def test_the_command_serves_the_ledger_until_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_quick_runs_end_is_stamped_even_when_folded_into_its_insert() -> None:
+    """A run that ends within the batch of its claim is written as one insert carrying its
+    end (the dispatcher folds the writes, core.runtime._fold): its updated_at must still
+    say when it last changed, or the page shows the run as taking no time."""
+    from wove_adapters.core.ledger.base import SetOutcome, Update
+    from wove_adapters.core.runtime import _fold
+
+    then = time.time() - 60
+    records = [RunRecord(run_id=f"quick-{i}", environment="e", created_at=then,
+                         updated_at=then) for i in range(2)]
+    left, folded = _fold([
+        (records[0], "claim-0"), (Update("quick-0", {"state": RUNNING}), "update-0"),
+        (records[1], "claim-1"), (SetOutcome("quick-1", SUCCEEDED, b"event"), "outcome-1"),
+    ])
+    assert [op for op, _ in left] == records and len(folded) == 2  # folded, both
+    assert records[0].state == RUNNING and records[1].state == SUCCEEDED
+    assert all(r.updated_at > then + 59 and r.created_at == then for r in records)

@@ -293,7 +293,8 @@ class RunsPage:
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: ``runs`` (rows of the page's window that changed, all of
-        them at first) and ``run`` (the watched run's detail when it changed)."""
+        them at first), ``gone`` (ids of runs that left the window) and ``run`` (the
+        watched run's detail when it changed)."""
         params = dict(request.query)
         watch = params.pop("watch", None) or None
         params.pop("cursor", None)  # live updates follow the newest page only
@@ -316,6 +317,14 @@ class RunsPage:
                 if changed:
                     shown.update((row["run_id"], _mark(row)) for row in changed)
                     await _send(response, "runs", changed)
+                    sent = True
+                # Runs that left the window (no longer match a state filter, or pushed
+                # out by newer ones): the page drops them, as a reload would.
+                gone = sorted(set(shown) - {row["run_id"] for row in rows})
+                if gone:
+                    for run_id in gone:
+                        del shown[run_id]
+                    await _send(response, "gone", gone)
                     sent = True
                 if watch is not None:
                     record = await self.ledger.get(watch)

@@ -159,6 +159,14 @@ function listen() {
     showEmpty();
     summary();
   });
+  events.addEventListener("gone", (event) => {
+    // Runs that no longer match the filters (a state moved on): as a reload would show.
+    for (const runId of JSON.parse(event.data)) {
+      const tr = state.rows.get(runId);
+      if (tr) { tr.remove(); state.rows.delete(runId); }
+    }
+    showEmpty();
+  });
   events.addEventListener("run", (event) => {
     const run = JSON.parse(event.data);
     if (run.run_id === state.open) renderDetail(run);
