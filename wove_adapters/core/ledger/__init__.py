@@ -37,6 +37,7 @@ from wove_adapters.core.ledger.base import (
     SUCCEEDED,
     TERMINAL_STATES,
     Ledger,
+    RunFilter,
     RunRecord,
 )
 
@@ -56,12 +57,12 @@ __all__ = [
     "SUPPORTED_SCHEMES",
     "TERMINAL_STATES",
     "Ledger",
+    "RunFilter",
     "RunRecord",
     "close_all",
     "created_record",
     "forward_assignments",
     "list_filters",
-    "matches",
     "moves_forward",
     "open_ledger",
     "outcome_open",
@@ -291,49 +292,22 @@ _UPDATABLE: Final[Mapping[str, tuple[type, ...]]] = {
 }
 
 
-def list_filters(
-    placeholder: str,
-    *,
-    state: str | None = None,
-    environment: str | None = None,
-    task_id: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
-) -> tuple[str, list[object]]:
+def list_filters(filters: RunFilter, placeholder: str) -> tuple[str, list[object]]:
     """The ``WHERE`` clause (empty without filters) and parameters of ``list_runs`` for a
     SQL ledger, with the driver's parameter placeholder (``?`` or ``%s``)."""
     where: list[str] = []
     params: list[object] = []
     for condition, value in (
-        ("state = {}", state),
-        ("environment = {}", environment),
-        ("task_id = {}", task_id),
-        ("created_at >= {}", since),
-        ("created_at <= {}", until),
+        ("state = {}", filters.state),
+        ("environment = {}", filters.environment),
+        ("task_id = {}", filters.task_id),
+        ("created_at >= {}", filters.since),
+        ("created_at <= {}", filters.until),
     ):
         if value is not None:
             where.append(condition.format(placeholder))
             params.append(value)
     return (f" WHERE {' AND '.join(where)}" if where else ""), params
-
-
-def matches(
-    record: RunRecord,
-    *,
-    state: str | None = None,
-    environment: str | None = None,
-    task_id: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
-) -> bool:
-    """``list_runs``'s filters for a ledger that filters rows itself (memory, Redis)."""
-    return (
-        (state is None or record.state == state)
-        and (environment is None or record.environment == environment)
-        and (task_id is None or record.task_id == task_id)
-        and (since is None or record.created_at >= since)
-        and (until is None or record.created_at <= until)
-    )
 
 
 def check_update(run_id: str, fields: Mapping[str, object]) -> dict[str, object]:

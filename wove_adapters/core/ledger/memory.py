@@ -20,11 +20,10 @@ from wove_adapters.core.ledger import (
     HOLDING_STATES,
     check_outcome_state,
     check_update,
-    matches,
     moves_forward,
     outcome_open,
 )
-from wove_adapters.core.ledger.base import Ledger, RunRecord
+from wove_adapters.core.ledger.base import Ledger, RunFilter, RunRecord
 
 
 def _copy(record: RunRecord) -> RunRecord:
@@ -94,28 +93,13 @@ class MemoryLedger(Ledger):
             record = self._runs.get(self._by_key.get(idempotency_key, ""))
             return None if record is None else _copy(record)
 
-    async def list_runs(
-        self,
-        *,
-        limit: int = 100,
-        state: str | None = None,
-        environment: str | None = None,
-        task_id: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-    ) -> list[RunRecord]:
+    async def select_runs(self, filters: RunFilter, limit: int) -> list[RunRecord]:
         with self._lock:
             ordered = list(self._runs.values())
         # Newest first; among equal created_at the later insert first (stable reverse).
         ordered.reverse()
         ordered.sort(key=lambda r: r.created_at, reverse=True)
-        selected = [
-            _copy(r)
-            for r in ordered
-            if matches(r, state=state, environment=environment, task_id=task_id,
-                       since=since, until=until)
-        ]
-        return selected[: max(limit, 0)]
+        return [_copy(r) for r in ordered if filters.matches(r)][:limit]
 
     async def count_runs(self) -> dict[tuple[str, str, str], int]:
         with self._lock:

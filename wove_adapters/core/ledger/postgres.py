@@ -41,7 +41,7 @@ from wove_adapters.core.ledger import (
     forward_assignments,
     list_filters,
 )
-from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunRecord, Update
+from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunFilter, RunRecord, Update
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -273,23 +273,11 @@ class PostgresLedger(Ledger):
             row = await (await conn.execute(self._sql.by_key, (idempotency_key,))).fetchone()
         return None if row is None else _record(row)
 
-    async def list_runs(
-        self,
-        *,
-        limit: int = 100,
-        state: str | None = None,
-        environment: str | None = None,
-        task_id: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-    ) -> list[RunRecord]:
-        clause, params = list_filters(
-            "%s", state=state, environment=environment, task_id=task_id, since=since,
-            until=until,
-        )
+    async def select_runs(self, filters: RunFilter, limit: int) -> list[RunRecord]:
+        clause, params = list_filters(filters, "%s")
         statement = f"{self._sql.select}{clause} ORDER BY created_at DESC, seq DESC LIMIT %s"
         async with self._connection() as conn:
-            cursor = await conn.execute(statement, (*params, max(limit, 0)))
+            cursor = await conn.execute(statement, (*params, limit))
             rows = await cursor.fetchall()
         return [_record(row) for row in rows]
 

@@ -34,10 +34,9 @@ from wove_adapters.core.ledger import (
     check_outcome_state,
     check_update,
     created_record,
-    matches,
     state_rank,
 )
-from wove_adapters.core.ledger.base import Ledger, RunRecord
+from wove_adapters.core.ledger.base import Ledger, RunFilter, RunRecord
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -310,23 +309,15 @@ class RedisLedger(Ledger):
         run_id = await self._client().redis.get(self._map_key(idempotency_key))
         return None if run_id is None else await self.get(run_id.decode())
 
-    async def list_runs(
-        self,
-        *,
-        limit: int = 100,
-        state: str | None = None,
-        environment: str | None = None,
-        task_id: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-    ) -> list[RunRecord]:
+    async def select_runs(self, filters: RunFilter, limit: int) -> list[RunRecord]:
         if limit <= 0:
             return []
         client = self._client().redis
-        filtered = state is not None or environment is not None or task_id is not None
+        filtered = any(value is not None for value in
+                       (filters.state, filters.environment, filters.task_id))
         page = max(limit, 200) if filtered else limit
-        high: float | str = "+inf" if until is None else until
-        low: float | str = "-inf" if since is None else since
+        high: float | str = "+inf" if filters.until is None else filters.until
+        low: float | str = "-inf" if filters.since is None else filters.since
         found: list[RunRecord] = []
         start = 0
         while len(found) < limit:
@@ -336,8 +327,7 @@ class RedisLedger(Ledger):
             )
             if not run_ids:
                 break
-            found += [r for r in await self._records(run_ids)
-                      if matches(r, state=state, environment=environment, task_id=task_id)]
+            found += [r for r in await self._records(run_ids) if filters.matches(r)]
             start += page
         return found[:limit]
 

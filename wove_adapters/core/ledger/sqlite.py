@@ -43,7 +43,7 @@ from wove_adapters.core.ledger import (
     forward_assignments,
     list_filters,
 )
-from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunRecord, Update
+from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunFilter, RunRecord, Update
 
 _COLUMNS: Final = tuple(RunRecord.__struct_fields__)
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM runs"
@@ -239,7 +239,7 @@ def _list_runs(
 ) -> list[RunRecord]:
     rows = conn.execute(
         f"{_SELECT}{clause} ORDER BY created_at DESC, rowid DESC LIMIT ?",
-        (*params, max(limit, 0)),
+        (*params, limit),
     ).fetchall()
     return [_record(row) for row in rows]
 
@@ -362,20 +362,8 @@ class SqliteLedger(Ledger):
     async def by_key(self, idempotency_key: str) -> RunRecord | None:
         return await self._run(_by_key, idempotency_key)
 
-    async def list_runs(
-        self,
-        *,
-        limit: int = 100,
-        state: str | None = None,
-        environment: str | None = None,
-        task_id: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-    ) -> list[RunRecord]:
-        clause, params = list_filters(
-            "?", state=state, environment=environment, task_id=task_id, since=since,
-            until=until,
-        )
+    async def select_runs(self, filters: RunFilter, limit: int) -> list[RunRecord]:
+        clause, params = list_filters(filters, "?")
         return await self._run(_list_runs, clause, params, limit)
 
     async def count_runs(self) -> dict[tuple[str, str, str], int]:
