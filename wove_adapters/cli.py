@@ -256,7 +256,7 @@ async def _list_visible(ledger: Any, limit: int, state: str | None, everything: 
 ]:
     """The newest ``limit`` runs, doctor probes left out unless ``everything``; returns
     them and how many probes were hidden. Asks for more rows while probes fill the page,
-    because the ledger cannot filter on task id."""
+    because the ledger cannot leave one task id out."""
     if everything or limit <= 0:
         return await ledger.list_runs(limit=limit, state=state), 0
     want = limit

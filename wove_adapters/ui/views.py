@@ -74,11 +74,11 @@ def parse_time(name: str, text: str) -> float:
 
 def parse_query(params: Mapping[str, str]) -> RunQuery:
     """``/api/runs``'s query string -> RunQuery; QueryError names a bad parameter."""
-    known = {"environment", "task", "state", "since", "until", "limit", "cursor", "token"}
+    known = {"environment", "task", "state", "since", "until", "limit", "cursor"}
     unknown = sorted(set(params) - known)
     if unknown:
         raise QueryError(f"unknown parameter(s) {', '.join(unknown)} (known: "
-                         f"{', '.join(sorted(known - {'token'}))})")
+                         f"{', '.join(sorted(known))})")
     state = params.get("state") or None
     if state is not None and state not in STATES:
         raise QueryError(f"state={state!r} is not a run state (one of {', '.join(STATES)})")
