@@ -1,4 +1,4 @@
-"""The ``wove-adapters`` command: demo, config, runs, result, doctor."""
+"""The ``wove-adapters`` command: demo, config, runs, result, doctor, serve, ui, bench."""
 
 from __future__ import annotations
 
@@ -256,7 +256,7 @@ async def _list_visible(ledger: Any, limit: int, state: str | None, everything: 
 ]:
     """The newest ``limit`` runs, doctor probes left out unless ``everything``; returns
     them and how many probes were hidden. Asks for more rows while probes fill the page,
-    because the ledger cannot filter on task id."""
+    because the ledger cannot leave one task id out."""
     if everything or limit <= 0:
         return await ledger.list_runs(limit=limit, state=state), 0
     want = limit
@@ -685,6 +685,66 @@ def serve_cmd(**options: Any) -> None:
     except serve.ServeConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(serve.main(config))
+
+
+@main.command("ui")
+@click.option("--listen", default="127.0.0.1:8766", show_default=True,
+              help="HOST:PORT. A non-loopback host needs a token.")
+@click.option("--ledger", default=None, help="Ledger URL (default: the configured one).")
+@click.option("--token", default=None, envvar="WOVE_ADAPTERS_UI_TOKEN",
+              help="Required on every request (default: $WOVE_ADAPTERS_UI_TOKEN); needed "
+              "to listen beyond loopback. Open /?token=TOKEN once, or send "
+              "Authorization: Bearer TOKEN.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="wove_config.py or .toml: the ledger and the secrets outcomes are "
+              "verified with (default: discovered upwards from cwd).")
+@click.option("--poll", "poll_seconds", type=click.FloatRange(min=0.05), default=1.0,
+              show_default=True, help="Seconds between the ledger reads behind live updates.")
+def ui_cmd(listen: str, ledger: str | None, token: str | None, config_file: str | None,
+           poll_seconds: float) -> None:
+    """Serve the live runs page over the ledger, with /api/runs and /metrics, until
+    Ctrl-C. See docs/observability.md, "UI"."""
+    import os
+
+    from wove_adapters import ui
+
+    os.environ.pop(ui.TOKEN_ENV, None)  # task code run by this process never sees it
+    from wove_adapters.core.config import load_config
+
+    config = None
+    try:  # the ledger, and each environment's secret for verifying outcomes
+        config = load_config(config_file=config_file)
+    except (NameError, ValueError, TypeError, FileNotFoundError) as exc:
+        if config_file is not None or ledger is None:
+            raise _fail(exc) from exc
+        click.echo(f"note: the configuration was not loaded ({exc}); outcomes are verified "
+                   f"with WOVE_ADAPTERS_SECRET or this user's generated keys", err=True)
+    try:
+        asyncio.run(_serve_ui(ledger=ledger, listen=listen, token=token, config=config,
+                              poll_seconds=poll_seconds))
+    except ui.UIConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve_ui(**options: Any) -> None:
+    import signal
+
+    from wove_adapters import ui
+
+    server = await ui.start(**options)
+    click.echo(f"wove-adapters ui: {server.url} (ledger {server.ledger_url})")
+    if options.get("token"):
+        click.echo("  token required: open the page once as URL?token=TOKEN")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.aclose()
 
 
 @main.command("bench")

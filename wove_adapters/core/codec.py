@@ -273,6 +273,25 @@ def decode_outcome(
     run it must belong to; ``idempotency_key`` and ``task_id``, the key and task it must
     answer for (an outcome read by key from a ledger or a backend). A mismatch is a
     ``PayloadError`` naming both sides."""
+    event = verified_outcome(blob_bytes, run_id, key_id=key_id,
+                             idempotency_key=idempotency_key, task_id=task_id)
+    if taken is not None:
+        taken.extend(stored_refs(event))
+    return wire_to_frame(event)
+
+
+def verified_outcome(
+    blob_bytes: bytes,
+    run_id: str | None = None,
+    *,
+    key_id: str | None = None,
+    idempotency_key: str | None = _ANY,
+    task_id: str | None = None,
+) -> frames.TaskResult | frames.TaskError | frames.TaskCancelled:
+    """The terminal event of a stored outcome, its signature and binding checked as
+    ``decode_outcome`` checks them, with nothing unpickled: for a reader that shows the
+    error payload and never needs the value (the runs page). Blocking: a key file may
+    be read."""
     blob = signing.decode_blob(blob_bytes)
     if key_id is not None and not signing.accepts(key_id, blob.key_id):
         raise PayloadError(
@@ -299,6 +318,4 @@ def decode_outcome(
             f"the stored outcome of run {event.run_id} is of task {event.task_id!r}, not "
             f"{task_id!r}: refused"
         )
-    if taken is not None:
-        taken.extend(stored_refs(event))
-    return wire_to_frame(event)
+    return event

@@ -255,10 +255,15 @@ def _fold(writes: list[Queued]) -> tuple[list[Queued], dict[int, list[tuple[obje
                 and _RECORD_FIELDS.issuperset(op.fields)):
             for name, value in op.fields.items():
                 setattr(record, name, value)
+            # Stamped as the write itself would be (check_update): a run's updated_at
+            # says when it last changed, even when its insert carries the change.
+            if "updated_at" not in op.fields:
+                record.updated_at = time.time()
             folded.setdefault(id(owners[op.run_id]), []).append((None, done))
             continue
         if isinstance(op, SetOutcome) and record is not None and record.outcome is None:
             record.state, record.outcome = op.state, op.outcome
+            record.updated_at = time.time()
             folded.setdefault(id(owners[op.run_id]), []).append((True, done))
             continue
         if isinstance(op, RunRecord) and op.idempotency_key is None:

@@ -377,6 +377,40 @@ class LedgerContract:
         found = await ledger.list_runs(environment="rare", limit=5)
         assert [r.run_id for r in found] == [target.run_id]
 
+    async def test_list_runs_by_task_and_time(self, ledger: Ledger) -> None:
+        a = new_record(task_id="report", created_at=1000.0)
+        b = new_record(task_id="resize", created_at=2000.0)
+        c = new_record(task_id="report", created_at=3000.0)
+        d = new_record(task_id="report", created_at=3000.0)  # shares c's timestamp
+        for record in (a, b, c, d):
+            await ledger.claim(record)
+        reports = [r.run_id for r in await ledger.list_runs(task_id="report")]
+        assert reports[2:] == [a.run_id] and set(reports[:2]) == {c.run_id, d.run_id}
+        window = await ledger.list_runs(since=1000.0, until=2000.0)
+        assert [r.run_id for r in window] == [b.run_id, a.run_id]  # both bounds inclusive
+        boundary = {r.run_id for r in await ledger.list_runs(until=3000.0, limit=2)}
+        assert boundary == {c.run_id, d.run_id}
+        assert [r.run_id for r in await ledger.list_runs(since=2000.5, task_id="resize")] == []
+        later = await ledger.list_runs(task_id="report", since=2500.0, limit=1)
+        assert len(later) == 1 and later[0].run_id in {c.run_id, d.run_id}
+
+    async def test_count_runs_by_environment_adapter_and_state(self, ledger: Ledger) -> None:
+        assert await ledger.count_runs() == {}
+        runs = [new_record(environment="east", adapter="celery") for _ in range(3)]
+        runs.append(new_record(environment="west", adapter="stdio"))
+        for record in runs:
+            await ledger.claim(record)
+        await ledger.set_outcome(runs[0].run_id, SUCCEEDED, b"ok")
+        await ledger.update(runs[1].run_id, state=RUNNING)
+        assert await ledger.count_runs() == {
+            ("east", "celery", SUCCEEDED): 1,
+            ("east", "celery", RUNNING): 1,
+            ("east", "celery", SUBMITTED): 1,
+            ("west", "stdio", SUBMITTED): 1,
+        }
+        await ledger.delete(runs[3].run_id)
+        assert ("west", "stdio", SUBMITTED) not in await ledger.count_runs()
+
     # --- wait_outcome ----------------------------------------------------------------
 
     async def test_wait_outcome_returns_when_set(self, ledger: Ledger) -> None:

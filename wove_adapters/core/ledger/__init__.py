@@ -37,6 +37,7 @@ from wove_adapters.core.ledger.base import (
     SUCCEEDED,
     TERMINAL_STATES,
     Ledger,
+    RunFilter,
     RunRecord,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "SUPPORTED_SCHEMES",
     "TERMINAL_STATES",
     "Ledger",
+    "RunFilter",
     "RunRecord",
     "close_all",
     "created_record",
@@ -290,16 +292,20 @@ _UPDATABLE: Final[Mapping[str, tuple[type, ...]]] = {
 }
 
 
-def list_filters(
-    state: str | None, environment: str | None, placeholder: str
-) -> tuple[str, list[object]]:
+def list_filters(filters: RunFilter, placeholder: str) -> tuple[str, list[object]]:
     """The ``WHERE`` clause (empty without filters) and parameters of ``list_runs`` for a
     SQL ledger, with the driver's parameter placeholder (``?`` or ``%s``)."""
     where: list[str] = []
     params: list[object] = []
-    for column, value in (("state", state), ("environment", environment)):
+    for condition, value in (
+        ("state = {}", filters.state),
+        ("environment = {}", filters.environment),
+        ("task_id = {}", filters.task_id),
+        ("created_at >= {}", filters.since),
+        ("created_at <= {}", filters.until),
+    ):
         if value is not None:
-            where.append(f"{column} = {placeholder}")
+            where.append(condition.format(placeholder))
             params.append(value)
     return (f" WHERE {' AND '.join(where)}" if where else ""), params
 

@@ -50,6 +50,26 @@ class RunRecord(msgspec.Struct, kw_only=True):
     updated_at: float = msgspec.field(default_factory=time.time)
 
 
+class RunFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``list_runs`` narrows by; None matches anything (see ``Ledger.list_runs``)."""
+
+    state: str | None = None
+    environment: str | None = None
+    task_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, record: RunRecord) -> bool:
+        """The filter applied to one record, for a ledger that filters rows itself."""
+        return (
+            (self.state is None or record.state == self.state)
+            and (self.environment is None or record.environment == self.environment)
+            and (self.task_id is None or record.task_id == self.task_id)
+            and (self.since is None or record.created_at >= self.since)
+            and (self.until is None or record.created_at <= self.until)
+        )
+
+
 class Update(msgspec.Struct, frozen=True):
     """A queued ``update``: written with others in one batch (``Ledger.write_many``)."""
 
@@ -128,11 +148,32 @@ class Ledger(abc.ABC):
     async def by_key(self, idempotency_key: str) -> RunRecord | None:
         """The newest run holding this idempotency key, or None."""
 
-    @abc.abstractmethod
     async def list_runs(
-        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
+        self,
+        *,
+        limit: int = 100,
+        state: str | None = None,
+        environment: str | None = None,
+        task_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[RunRecord]:
-        """Newest first."""
+        """Newest first. Each filter given narrows the list: ``state``, ``environment``
+        and ``task_id`` match exactly; ``since`` and ``until`` bound ``created_at``, both
+        inclusive (so a reader paging by ``until`` also sees runs that share the
+        boundary's timestamp, and drops the ones it already showed)."""
+        filters = RunFilter(state=state, environment=environment, task_id=task_id,
+                            since=since, until=until)
+        return await self.select_runs(filters, max(limit, 0))
+
+    @abc.abstractmethod
+    async def select_runs(self, filters: RunFilter, limit: int) -> list[RunRecord]:
+        """``list_runs`` for a backend: at most ``limit`` (>= 0) runs, newest first."""
+
+    @abc.abstractmethod
+    async def count_runs(self) -> dict[tuple[str, str, str], int]:
+        """How many runs the ledger holds per ``(environment, adapter, state)``: what a
+        metrics scrape reports, counted by the store rather than by listing every row."""
 
     async def wait_outcome(
         self, run_id: str, *, timeout: float | None = None, poll: float = 0.05

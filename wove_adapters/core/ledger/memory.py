@@ -10,6 +10,7 @@ dict, so it is safe from many tasks on one loop and from several loops in severa
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -22,7 +23,7 @@ from wove_adapters.core.ledger import (
     moves_forward,
     outcome_open,
 )
-from wove_adapters.core.ledger.base import Ledger, RunRecord
+from wove_adapters.core.ledger.base import Ledger, RunFilter, RunRecord
 
 
 def _copy(record: RunRecord) -> RunRecord:
@@ -92,21 +93,19 @@ class MemoryLedger(Ledger):
             record = self._runs.get(self._by_key.get(idempotency_key, ""))
             return None if record is None else _copy(record)
 
-    async def list_runs(
-        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
-    ) -> list[RunRecord]:
+    async def select_runs(self, filters: RunFilter, limit: int) -> list[RunRecord]:
         with self._lock:
             ordered = list(self._runs.values())
         # Newest first; among equal created_at the later insert first (stable reverse).
         ordered.reverse()
         ordered.sort(key=lambda r: r.created_at, reverse=True)
-        selected = [
-            _copy(r)
-            for r in ordered
-            if (state is None or r.state == state)
-            and (environment is None or r.environment == environment)
-        ]
-        return selected[: max(limit, 0)]
+        return [_copy(r) for r in ordered if filters.matches(r)][:limit]
+
+    async def count_runs(self) -> dict[tuple[str, str, str], int]:
+        with self._lock:
+            return dict(collections.Counter(
+                (r.environment, r.adapter, r.state) for r in self._runs.values()
+            ))
 
     async def delete(self, run_id: str) -> None:
         with self._lock:

@@ -41,7 +41,7 @@ from wove_adapters.core.ledger import (
     forward_assignments,
     list_filters,
 )
-from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunRecord, Update
+from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunFilter, RunRecord, Update
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -143,6 +143,7 @@ class _Sql:
         self.exists = f"SELECT 1 FROM {t} WHERE run_id = %s"
         self.update = f"UPDATE {t} SET {{assignments}} WHERE run_id = %s"
         self.delete = f"DELETE FROM {t} WHERE run_id = %s"
+        self.count = f"SELECT environment, adapter, state, COUNT(*) FROM {t} GROUP BY 1, 2, 3"
         self.ddl_lock_key = f"wove-adapters-ledger-ddl:{table}"
         self.table = table
 
@@ -272,15 +273,19 @@ class PostgresLedger(Ledger):
             row = await (await conn.execute(self._sql.by_key, (idempotency_key,))).fetchone()
         return None if row is None else _record(row)
 
-    async def list_runs(
-        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
-    ) -> list[RunRecord]:
-        clause, params = list_filters(state, environment, "%s")
+    async def select_runs(self, filters: RunFilter, limit: int) -> list[RunRecord]:
+        clause, params = list_filters(filters, "%s")
         statement = f"{self._sql.select}{clause} ORDER BY created_at DESC, seq DESC LIMIT %s"
         async with self._connection() as conn:
-            cursor = await conn.execute(statement, (*params, max(limit, 0)))
+            cursor = await conn.execute(statement, (*params, limit))
             rows = await cursor.fetchall()
         return [_record(row) for row in rows]
+
+    async def count_runs(self) -> dict[tuple[str, str, str], int]:
+        async with self._connection() as conn:
+            cursor = await conn.execute(self._sql.count)
+            rows = await cursor.fetchall()
+        return {(env, adapter, state): int(n) for env, adapter, state, n in rows}
 
     async def delete(self, run_id: str) -> None:
         async with self._connection() as conn:

@@ -18,6 +18,7 @@ to the loop that made them, so one client is kept per running loop.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -35,12 +36,13 @@ from wove_adapters.core.ledger import (
     created_record,
     state_rank,
 )
-from wove_adapters.core.ledger.base import Ledger, RunRecord
+from wove_adapters.core.ledger.base import Ledger, RunFilter, RunRecord
 
 if TYPE_CHECKING:
     from types import ModuleType
 
 DEFAULT_PREFIX: Final = "wove-adapters:ledger:"
+_COUNT_PAGE: Final = 1000  # runs read per pipeline by count_runs
 _FIELDS: Final = tuple(RunRecord.__struct_fields__)
 _HOLDING_LUA: Final = " or ".join(f"state == '{s}'" for s in sorted(HOLDING_STATES))
 _SEALED_LUA: Final = " or ".join(f"current == '{s}'" for s in sorted(SEALED_STATES))
@@ -307,34 +309,54 @@ class RedisLedger(Ledger):
         run_id = await self._client().redis.get(self._map_key(idempotency_key))
         return None if run_id is None else await self.get(run_id.decode())
 
-    async def list_runs(
-        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
-    ) -> list[RunRecord]:
+    async def select_runs(self, filters: RunFilter, limit: int) -> list[RunRecord]:
         if limit <= 0:
             return []
         client = self._client().redis
-        filtered = state is not None or environment is not None
+        filtered = any(value is not None for value in
+                       (filters.state, filters.environment, filters.task_id))
         page = max(limit, 200) if filtered else limit
+        high: float | str = "+inf" if filters.until is None else filters.until
+        low: float | str = "-inf" if filters.since is None else filters.since
         found: list[RunRecord] = []
         start = 0
         while len(found) < limit:
-            run_ids = await client.zrevrange(self._index_key, start, start + page - 1)
+            # The index's score is created_at, so the time bounds are the server's work.
+            run_ids = await client.zrevrangebyscore(
+                self._index_key, high, low, start=start, num=page
+            )
             if not run_ids:
                 break
-            async with client.pipeline(transaction=False) as pipe:
-                for run_id in run_ids:
-                    pipe.hgetall(self._run_key(run_id.decode()))
-                rows = await pipe.execute()
-            for raw in rows:
-                if not raw:  # deleted between the two reads
-                    continue
-                record = _decode(raw)
-                if (state is None or record.state == state) and (
-                    environment is None or record.environment == environment
-                ):
-                    found.append(record)
+            found += [r for r in await self._records(run_ids) if filters.matches(r)]
             start += page
         return found[:limit]
+
+    async def _records(self, run_ids: list[bytes]) -> list[RunRecord]:
+        """The runs behind index entries, in order; one deleted meanwhile is left out."""
+        async with self._client().redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hgetall(self._run_key(run_id.decode()))
+            rows = await pipe.execute()
+        return [_decode(raw) for raw in rows if raw]
+
+    async def count_runs(self) -> dict[tuple[str, str, str], int]:
+        """Redis keeps no count per state, so this reads three fields of every run, a
+        page of the index at a time (one pipeline per page): a scrape costs O(runs)."""
+        client = self._client().redis
+        counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        start = 0
+        while True:
+            run_ids = await client.zrange(self._index_key, start, start + _COUNT_PAGE - 1)
+            if not run_ids:
+                return dict(counts)
+            async with client.pipeline(transaction=False) as pipe:
+                for run_id in run_ids:
+                    pipe.hmget(self._run_key(run_id.decode()), "environment", "adapter", "state")
+                rows = await pipe.execute()
+            for env, adapter, state in rows:
+                if state is not None:  # deleted between the two reads
+                    counts[(env.decode(), (adapter or b"").decode(), state.decode())] += 1
+            start += _COUNT_PAGE
 
     async def delete(self, run_id: str) -> None:
         await self._client().delete(

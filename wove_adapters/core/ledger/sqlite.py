@@ -43,7 +43,7 @@ from wove_adapters.core.ledger import (
     forward_assignments,
     list_filters,
 )
-from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunRecord, Update
+from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunFilter, RunRecord, Update
 
 _COLUMNS: Final = tuple(RunRecord.__struct_fields__)
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM runs"
@@ -235,14 +235,20 @@ def _by_key(conn: sqlite3.Connection, key: str) -> RunRecord | None:
 
 
 def _list_runs(
-    conn: sqlite3.Connection, limit: int, state: str | None, environment: str | None
+    conn: sqlite3.Connection, clause: str, params: list[object], limit: int
 ) -> list[RunRecord]:
-    clause, params = list_filters(state, environment, "?")
     rows = conn.execute(
         f"{_SELECT}{clause} ORDER BY created_at DESC, rowid DESC LIMIT ?",
-        (*params, max(limit, 0)),
+        (*params, limit),
     ).fetchall()
     return [_record(row) for row in rows]
+
+
+def _count_runs(conn: sqlite3.Connection) -> dict[tuple[str, str, str], int]:
+    rows = conn.execute(
+        "SELECT environment, adapter, state, COUNT(*) FROM runs GROUP BY 1, 2, 3"
+    ).fetchall()
+    return {(env, adapter, state): int(n) for env, adapter, state, n in rows}
 
 
 def _delete(conn: sqlite3.Connection, run_id: str) -> None:
@@ -356,10 +362,12 @@ class SqliteLedger(Ledger):
     async def by_key(self, idempotency_key: str) -> RunRecord | None:
         return await self._run(_by_key, idempotency_key)
 
-    async def list_runs(
-        self, *, limit: int = 100, state: str | None = None, environment: str | None = None
-    ) -> list[RunRecord]:
-        return await self._run(_list_runs, limit, state, environment)
+    async def select_runs(self, filters: RunFilter, limit: int) -> list[RunRecord]:
+        clause, params = list_filters(filters, "?")
+        return await self._run(_list_runs, clause, params, limit)
+
+    async def count_runs(self) -> dict[tuple[str, str, str], int]:
+        return await self._run(_count_runs)
 
     async def delete(self, run_id: str) -> None:
         await self._run(_delete, run_id)
