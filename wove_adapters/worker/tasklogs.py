@@ -10,9 +10,11 @@ is a shared no-op), so a run that does not ask pays one dict lookup.
 What is captured, and why that way:
 
 - Records made **in the run's own thread** (and so in the asyncio code the task awaits
-  there), at or above the level. Threads the task starts are not followed: they may
-  outlive the run, and in a worker that runs several tasks at once (Celery threads,
-  ARQ/Taskiq, Dask) nothing says which run a record of another thread belongs to.
+  there), at or above the level, that reach the root logger or a logger that stops
+  propagation (Celery's task loggers stop at ``celery.task``). Threads the task starts
+  are not followed: they may outlive the run, and in a worker that runs several tasks at
+  once (Celery threads, ARQ/Taskiq, Dask) nothing says which run a record of another
+  thread belongs to.
 - While a capture runs below the root logger's level, the root logger is lowered to it
   (else ``log.info`` is a no-op before any handler sees it) and the root's existing
   handlers get a filter that lets through exactly what they saw before; both are undone
@@ -234,6 +236,7 @@ class _Router(logging.Handler):
         self.lowered_to: int | None = None
         self.floor: _Floor | None = None
         self.tees: list[_Tee] = []
+        self.loggers: list[logging.Logger] = []  # where the router is attached
 
     # Logging calls handlers in the thread that logs, so that thread's capture is the
     # record's. Routed without the handler lock logging would take: nothing here is
@@ -257,7 +260,7 @@ class _Router(logging.Handler):
         with self.guard:
             if capture.levelno is not None:
                 if not self.runs:
-                    logging.getLogger().addHandler(self)
+                    self._attach()
                 self.runs[capture.thread] = capture
                 self._lower(capture.levelno)
             if capture.output:
@@ -270,12 +273,29 @@ class _Router(logging.Handler):
             if self.runs.get(capture.thread) is capture:
                 del self.runs[capture.thread]
                 if not self.runs:
-                    logging.getLogger().removeHandler(self)
+                    self._detach()
                     self._restore()
             if self.outputs.get(capture.thread) is capture:
                 del self.outputs[capture.thread]
                 if not self.outputs:
                     self._untee()
+
+    def _attach(self) -> None:
+        """On the root logger, and on every logger that does not propagate (Celery's
+        ``celery.task``, parent of its task loggers, is one): a record reaches exactly
+        one of them, the first of its chain that stops it, or the root."""
+        root = logging.getLogger()
+        self.loggers = [root, *(
+            logger for logger in list(root.manager.loggerDict.values())
+            if isinstance(logger, logging.Logger) and not logger.propagate
+        )]
+        for logger in self.loggers:
+            logger.addHandler(self)
+
+    def _detach(self) -> None:
+        for logger in self.loggers:
+            logger.removeHandler(self)
+        self.loggers = []
 
     def _lower(self, levelno: int) -> None:
         root = logging.getLogger()
@@ -319,7 +339,7 @@ class _Router(logging.Handler):
         """A child forked while a capture ran holds none of them: undo what they did."""
         self.guard = threading.Lock()
         if self.runs:
-            logging.getLogger().removeHandler(self)
+            self._detach()
             self._restore()
         if self.outputs:
             self._untee()
