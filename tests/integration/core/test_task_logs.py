@@ -201,3 +201,30 @@ def test_a_bad_setting_names_itself_and_the_fix() -> None:
     with pytest.raises(ValueError, match="task_output"):
         Hub(environments={"e": {"executor": "stdio", "task_output": "maybe"}},
             default_environment="e")
+
+
+def test_json_log_format_carries_the_attributes(hub_with: Callable[..., Hub]) -> None:
+    """``log_format = "json"`` (the project's own handler): one line per record, with
+    the task record's attributes."""
+    import io
+    import json
+
+    from wove_adapters.core import logs
+
+    stream = io.StringIO()
+    logs.configure_logging("INFO", "json", stream=stream)
+    try:
+        hub = hub_with(task_logs="INFO")
+        future = hub.submit(tl.chatty, 6)
+        pid = future.result(timeout=60)
+        assert tl.tasklogs.flush(10.0)
+    finally:
+        logs.reset_logging()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failed = [line for line in lines if line["message"] == "failed 6"]
+    assert len(failed) == 1, lines
+    assert failed[0]["logger"] == "wove_adapters.task"
+    assert failed[0]["run_id"] == future.run_id
+    assert failed[0]["worker_pid"] == pid
+    assert failed[0]["environment"] == hub.config.default_environment
+    assert "ValueError: bad 6" in failed[0]["exc_info"]
