@@ -18,7 +18,6 @@ imports a backend library.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import MutableMapping
@@ -107,43 +106,58 @@ class TaskLogs:
 
 
 class _Emitter:
-    """The one thread that hands task records to ``logging`` (see the module docstring)."""
+    """The one thread that hands task records to ``logging`` (see the module docstring).
+
+    Records are handed over in batches: the loop appends under a lock and wakes the
+    thread only when it sleeps, so a run's records cost the loop a list append each,
+    not a thread wake-up each."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._cond = threading.Condition()
-        self._queued = 0
+        lock = threading.Lock()
+        self._work = threading.Condition(lock)  # the thread waits here for records
+        self._idle = threading.Condition(lock)  # ``flush`` waits here for none left
+        self._records: list[logging.LogRecord] = []
+        self._queued = 0  # appended and not yet handled
+        self._sleeping = False
         self._thread: threading.Thread | None = None
 
     def put(self, record: logging.LogRecord) -> bool:
-        with self._cond:
+        with self._work:
             if self._queued >= MAX_QUEUED:
                 return False
             self._queued += 1
-            if self._thread is None or not self._thread.is_alive():
+            self._records.append(record)
+            if self._sleeping:
+                self._work.notify()
+            elif self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="wove-task-logs", daemon=True
                 )
                 self._thread.start()
                 _register_exit_flush()
-        self._queue.put(record)
         return True
 
     def _run(self) -> None:
         while True:
-            record = self._queue.get()
-            try:
-                _logger.handle(record)
-            except Exception:  # a handler's own error: logging reports it, we go on
-                pass
-            with self._cond:
-                self._queued -= 1
+            with self._work:
+                while not self._records:
+                    self._sleeping = True
+                    self._work.wait()
+                self._sleeping = False
+                batch, self._records = self._records, []
+            for record in batch:
+                try:
+                    _logger.handle(record)
+                except Exception:  # a handler's own error: logging reports it, we go on
+                    pass
+            with self._work:
+                self._queued -= len(batch)
                 if not self._queued:
-                    self._cond.notify_all()
+                    self._idle.notify_all()
 
     def flush(self, timeout: float | None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._queued, timeout)
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._queued, timeout)
 
 
 _EMITTER = _Emitter()
