@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 
@@ -87,6 +89,45 @@ def item(n: int) -> int:
     log.warning("item %d first", n)
     log.warning("item %d second", n)
     return n
+
+
+def chatty_arrives(hub: Any, collected: Collected, n: int) -> None:
+    """Run ``chatty(n)`` on ``hub``'s default environment (``task_logs = "INFO"``) and
+    check its records as the caller must emit them: in order, at the worker's levels,
+    with every attribute, the exception's text and the worker's time."""
+    environment = hub.config.default_environment
+    before = time.time()
+    future = hub.submit(chatty, n)
+    worker_pid = future.result(timeout=60)
+    after = time.time()
+    got = collected.of("tests.chatty")
+    assert [r.getMessage() for r in got] == [f"info {n}", f"warning {n}", f"failed {n}"]
+    assert [r.levelname for r in got] == ["INFO", "WARNING", "ERROR"]
+    assert [r.levelno for r in got] == [logging.INFO, logging.WARNING, logging.ERROR]
+    for record in got:
+        attributes = record.__dict__
+        assert record.name == tasklogs.LOGGER_NAME
+        assert attributes["run_id"] == future.run_id
+        assert attributes["task_id"] == "chatty"
+        assert attributes["environment"] == environment
+        assert attributes["attempt"] == 1
+        assert attributes["worker_host"] == socket.gethostname()
+        assert attributes["worker_pid"] == worker_pid != os.getpid()
+        assert attributes["dropped_records"] == 0
+        assert before <= record.created <= after
+    assert f"ValueError: bad {n}" in (got[2].exc_text or "")
+    assert "Traceback" in logging.Formatter().format(got[2])
+
+
+def nothing_arrives(hub: Any, collected: Collected) -> None:
+    """With task_logs and task_output unset, a task that logs and prints sends nothing:
+    no record in the caller, and not one worker record reached the dispatcher (its sink
+    is made by the first)."""
+    hub.run(chatty, 1)
+    hub.run(printer, 1)
+    assert tasklogs.flush(10.0)
+    assert collected.records == []
+    assert "task_logs_emitted" not in hub.dispatcher(hub.config.default_environment).stats
 
 
 class Collected(logging.Handler):

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,23 +59,7 @@ def test_records_arrive_with_their_attributes(
     hub_with: Callable[..., Hub], records: tl.Collected
 ) -> None:
     hub = hub_with(task_logs="INFO")
-    environment = hub.config.default_environment
-    before = time.time()
-    future = hub.submit(tl.chatty, 4)
-    pid = future.result(timeout=60)
-    after = time.time()
-    got = records.of("tests.chatty")
-    assert [r.getMessage() for r in got] == ["info 4", "warning 4", "failed 4"]
-    assert [r.levelname for r in got] == ["INFO", "WARNING", "ERROR"]
-    for record in got:
-        assert record.run_id == future.run_id  # type: ignore[attr-defined]
-        assert record.task_id == "chatty"  # type: ignore[attr-defined]
-        assert record.environment == environment  # type: ignore[attr-defined]
-        assert record.attempt == 1  # type: ignore[attr-defined]
-        assert record.worker_host == socket.gethostname()  # type: ignore[attr-defined]
-        assert record.worker_pid == pid != os.getpid()  # type: ignore[attr-defined]
-        assert before <= record.created <= after
-    assert "ValueError: bad 4" in (got[2].exc_text or "")
+    tl.chatty_arrives(hub, records, 4)
     # Celery's task loggers do not propagate to the root: their records come too.
     future = hub.submit(celery_task_logger, 4)
     future.result(timeout=60)
@@ -91,12 +73,7 @@ def test_level_filtering_and_off(hub_with: Callable[..., Hub], records: tl.Colle
     hub.run(tl.chatty, 1)
     assert [r.getMessage() for r in records.of("tests.chatty")] == ["failed 1"]
     records.records.clear()
-    off = hub_with()
-    off.run(tl.chatty, 2)
-    off.run(tl.printer, 2)
-    assert tl.tasklogs.flush(10.0)
-    assert records.records == []
-    assert "task_logs_emitted" not in off.dispatcher(off.config.default_environment).stats
+    tl.nothing_arrives(hub_with(), records)
 
 
 def test_printed_lines_come_once(hub_with: Callable[..., Hub], records: tl.Collected) -> None:

@@ -5,11 +5,7 @@ to the receiver) and of ``stdio`` (a pool over pipes): records arrive in the cal
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,28 +50,8 @@ def test_records_arrive_with_their_attributes(
     hub_with: Callable[..., Hub], records: tl.Collected
 ) -> None:
     hub = hub_with(task_logs="INFO")
-    environment = hub.config.default_environment
-    before = time.time()
-    future = hub.submit(tl.chatty, 3)
-    pid = future.result(timeout=60)
-    after = time.time()
-    got = records.of("tests.chatty")
-    assert [r.getMessage() for r in got] == ["info 3", "warning 3", "failed 3"]
-    assert [r.levelname for r in got] == ["INFO", "WARNING", "ERROR"]
-    assert [r.levelno for r in got] == [logging.INFO, logging.WARNING, logging.ERROR]
-    for record in got:
-        assert record.name == "wove_adapters.task"
-        assert record.run_id == future.run_id  # type: ignore[attr-defined]
-        assert record.task_id == "chatty"  # type: ignore[attr-defined]
-        assert record.environment == environment  # type: ignore[attr-defined]
-        assert record.attempt == 1  # type: ignore[attr-defined]
-        assert record.worker_host == socket.gethostname()  # type: ignore[attr-defined]
-        assert record.worker_pid == pid != os.getpid()  # type: ignore[attr-defined]
-        assert record.dropped_records == 0  # type: ignore[attr-defined]
-        assert before <= record.created <= after
-    assert "ValueError: bad 3" in (got[2].exc_text or "")
-    assert "Traceback" in logging.Formatter().format(got[2])
-    assert hub.dispatcher(environment).stats["task_logs_emitted"] == 3
+    tl.chatty_arrives(hub, records, 3)
+    assert hub.dispatcher(hub.config.default_environment).stats["task_logs_emitted"] == 3
 
 
 def test_level_filtering(hub_with: Callable[..., Hub], records: tl.Collected) -> None:
@@ -101,13 +77,7 @@ def test_a_task_setting_beats_its_environment(
 
 
 def test_off_means_none(hub_with: Callable[..., Hub], records: tl.Collected) -> None:
-    hub = hub_with()
-    hub.run(tl.chatty, 1)
-    hub.run(tl.printer, 1)
-    assert tl.tasklogs.flush(10.0)
-    assert records.records == []
-    # Not one worker record reached the dispatcher (its sink is made by the first).
-    assert "task_logs_emitted" not in hub.dispatcher(hub.config.default_environment).stats
+    tl.nothing_arrives(hub_with(), records)
 
 
 def test_output_lines_only_when_asked(
