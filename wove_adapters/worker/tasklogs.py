@@ -250,7 +250,10 @@ class _Router(logging.Handler):
             and not _passing.writing
             and not (record.name == _OWN or record.name.startswith("wove_adapters."))
         ):
-            capture.record(record)
+            try:
+                capture.record(record)
+            except Exception:  # capturing must never break the task's logging call
+                capture.dropped += 1
         return True
 
     def emit(self, record: logging.LogRecord) -> None:  # pragma: no cover - handle routes
@@ -379,7 +382,10 @@ class _Tee:
     def write(self, text: str) -> int:
         capture = self._outputs.get(threading.get_ident())
         if capture is not None and isinstance(text, str) and text:
-            capture.write(self.name, text)
+            try:
+                capture.write(self.name, text)
+            except Exception:  # capturing must never break the task's print
+                capture.dropped += 1
         # A stream that logs what it is given (Celery's redirected stdout) must not have
         # the line captured a second time as a record.
         _passing.writing = True
