@@ -119,6 +119,20 @@ def chatty_arrives(hub: Any, collected: Collected, n: int) -> None:
     assert "Traceback" in logging.Formatter().format(got[2])
 
 
+def one_run_per_item(collected: Collected, count: int) -> set[str]:
+    """After ``item(n)`` ran for ``n`` in ``range(count)``: both records of an item name
+    one run, and no two items share one. Returns the run ids."""
+    run_of: dict[int, set[str]] = {}
+    for record in collected.of("tests.item"):
+        number = int(record.getMessage().split()[1])
+        run_of.setdefault(number, set()).add(record.__dict__["run_id"])
+    assert sorted(run_of) == list(range(count))
+    assert all(len(ids) == 1 for ids in run_of.values()), run_of
+    ids = {next(iter(found)) for found in run_of.values()}
+    assert len(ids) == count
+    return ids
+
+
 def nothing_arrives(hub: Any, collected: Collected) -> None:
     """With task_logs and task_output unset, a task that logs and prints sends nothing:
     no record in the caller, and not one worker record reached the dispatcher (its sink

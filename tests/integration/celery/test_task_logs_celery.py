@@ -110,20 +110,9 @@ def test_a_chunked_map_keeps_each_runs_records_on_its_run(
     chunks_before = transport.stats.get("chunk_submissions", 0)
     assert hub.map(tl.item, range(40)) == list(range(40))
     assert transport.stats["chunk_submissions"] - chunks_before >= 5, "the runs went alone"
-    got = records.of("tests.item")
-    assert len(got) == 80
-    run_of: dict[int, set[str]] = {}
-    for record in got:
-        number = int(record.getMessage().split()[1])
-        run_of.setdefault(number, set()).add(record.run_id)  # type: ignore[attr-defined]
-    assert sorted(run_of) == list(range(40))
-    # Both records of an item name one run, and no two items share one.
-    assert all(len(ids) == 1 for ids in run_of.values()), run_of
-    ids = {next(iter(found)) for found in run_of.values()}
-    assert len(ids) == 40
+    ids = tl.one_run_per_item(records, 40)
     # And those are the mapped call's own runs, as the ledger knows them.
     ledger_runs = shared_loop.run_sync(
         dispatcher.ledger.list_runs(limit=100, environment=environment))
     assert ids == {run.run_id for run in ledger_runs if run.task_id == "item"}
-    levels = {r.levelno for r in got}
-    assert levels == {logging.WARNING}
+    assert {r.levelno for r in records.of("tests.item")} == {logging.WARNING}
