@@ -173,7 +173,7 @@ class Capture:
                 **self.ident, level="warning", levelno=logging.WARNING, logger=_OWN,
                 message=f"{self.dropped} records dropped (the worker's limit per run: "
                         f"{RATE:g} records/s, bursts of {BURST}, {MAX_PENDING_BYTES} bytes "
-                        f"waiting; {self.kept} were sent)",
+                        f"waiting; {self.kept} kept)",
                 time=time.time(), host=_hostname(), pid=self.pid, dropped=self.dropped,
             ))
         return taken
@@ -362,8 +362,8 @@ class _Floor(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= self.level:
             return True
-        logger: Any = logging.getLogger(record.name)
-        while logger is not None and logger.parent is not None:
+        logger: Any = logging.root.manager.loggerDict.get(record.name)  # never makes one
+        while isinstance(logger, logging.Logger) and logger.parent is not None:
             if logger.level:
                 return bool(record.levelno >= logger.level)
             logger = logger.parent
