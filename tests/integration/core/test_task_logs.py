@@ -198,3 +198,26 @@ def test_json_log_format_carries_the_attributes(hub_with: Callable[..., Hub]) ->
     assert failed[0]["worker_pid"] == pid
     assert failed[0]["environment"] == hub.config.default_environment
     assert "ValueError: bad 6" in failed[0]["exc_info"]
+
+
+def test_inside_a_wove_weave(records: tl.Collected) -> None:
+    """Through the wove bridge: wove's listener gets the ``log`` frames as before (and
+    ignores them: the weave's results are unchanged), and the records are emitted."""
+    wove = pytest.importorskip("wove", reason="the wove extra is part of `dev`")
+    from wove_adapters.integration.wove import executor
+
+    wove.config(environments={"remote": {"executor": executor("stdio", task_logs="INFO")}})
+    try:
+        with wove.weave() as w:
+
+            @w.do(environment="remote")
+            def logged() -> int:
+                return tl.chatty(8)
+
+        pid = w.result.logged
+    finally:
+        wove.config(environments={"default": {"executor": "local"}},
+                    default_environment="default")
+    got = records.of("tests.chatty")
+    assert [r.getMessage() for r in got] == ["info 8", "warning 8", "failed 8"]
+    assert {r.__dict__["worker_pid"] for r in got} == {pid}
