@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import pytest
 
 from wove_adapters.core import tasklogs
 
@@ -166,6 +167,13 @@ class Collected(logging.Handler):
                 return True
             time.sleep(0.02)
         return False
+
+
+@pytest.fixture
+def records() -> Iterator[Collected]:
+    """The records the caller emits during the test (a test module imports this)."""
+    with collected() as handler:
+        yield handler
 
 
 @contextmanager

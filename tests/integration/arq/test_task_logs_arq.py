@@ -19,11 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 import task_logs as tl
 from hubs import hub_factory
 
-
-@pytest.fixture
-def records() -> Iterator[tl.Collected]:
-    with tl.collected() as handler:
-        yield handler
+records = tl.records  # the fixture: what the caller emitted during the test
 
 
 @pytest.fixture

@@ -20,13 +20,9 @@ from hubs import hub_factory
 from wove_adapters import Hub
 from wove_adapters.worker import tasklogs as worker_logs
 
+records = tl.records  # the fixture: what the caller emitted during the test
+
 EXECUTORS = ["process", "stdio"]
-
-
-@pytest.fixture
-def records() -> Iterator[tl.Collected]:
-    with tl.collected() as handler:
-        yield handler
 
 
 @pytest.fixture(params=EXECUTORS)
