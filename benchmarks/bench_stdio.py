@@ -15,8 +15,19 @@ them are in flight minus before, per run; the runs are then released and finish.
 Prints JSON lines: ``{"backend": "stdio", "native", "ours", "wove", ...}``, then
 ``{"kind": "memory", ...}`` and ``{"kind": "wire", ...}``.
 
+``--task-logs`` measures instead what task logs cost a run (docs/observability.md,
+"Logs"), four sides interleaved in one run, each its own environment on its own pool:
+``add`` with ``task_logs`` unset (``off``) and ``"INFO"`` (``on``: the capture runs, the
+task logs nothing), and a task that logs ``--records`` INFO records per run with the
+setting unset (``off_logging``: the records stay on the worker, below its WARNING root)
+and ``"INFO"`` (``on_logging``: every record travels and is handed to a handler in the
+caller that formats it to /dev/null). Figures: round trip, burst throughput, and caller
+and worker CPU per task; ratios ``on/off`` and ``on_logging/off_logging``. Prints one
+``{"kind": "task_logs", ...}`` line.
+
     python benchmarks/bench_stdio.py [--seq 200] [--burst 1000] [--rounds 3]
                                      [--processes 2] [--parked 10000] [--skip-footprint]
+                                     [--task-logs [--records 10]]
 """
 
 from __future__ import annotations
@@ -34,11 +45,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    CpuMeter,
     Side,
     emit,
     hub_side,
     inline_limits,
+    interleave,
     log,
+    ratio,
     record_of,
     rss_kb,
     speed_arguments,
@@ -143,6 +157,84 @@ def memory(parked: int) -> dict[str, Any]:
     }
 
 
+def add_logging(x: int) -> int:
+    """``add`` that logs ``RECORDS`` INFO records first (pickled by value)."""
+    import logging
+
+    log = logging.getLogger("bench.task")
+    for index in range(RECORDS):
+        log.info("record %d of run %d", index, x)
+    return x + 1
+
+
+def add_quiet(x: int) -> int:
+    return x + 1
+
+
+RECORDS = 10
+
+
+def task_logs_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """What task logs cost per run, off and on (see the module docstring)."""
+    import logging
+
+    from wove_adapters.core import tasklogs
+    from wove_adapters.integration.hub import Hub
+
+    global RECORDS
+    RECORDS = args.records
+    # The caller shows the records as an application would: a handler that formats each.
+    sink = open(os.devnull, "w")  # closed below
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(run_id)s "
+                                           "%(worker_host)s:%(worker_pid)s %(message)s"))
+    task_logger = logging.getLogger(tasklogs.LOGGER_NAME)
+    task_logger.addHandler(handler)
+    task_logger.setLevel(logging.INFO)
+    task_logger.propagate = False
+    plan = {"off": (add_quiet, {}), "on": (add_quiet, {"task_logs": "INFO"}),
+            "off_logging": (add_logging, {}), "on_logging": (add_logging, {"task_logs": "INFO"})}
+    hub = Hub(environments={
+        name: {"executor": "stdio", "executor_config": {"processes": args.processes}, **extra}
+        for name, (_, extra) in plan.items()}, default_environment="off")
+    meter = CpuMeter(args.burst, lambda: [pid for name in plan
+                                          for pid in hub.dispatcher(name).transport.pids])
+    try:
+        sides = []
+        for name, (fn, _) in plan.items():
+            side = hub_side(hub, environment=name, name=name, fn=fn)
+            side.burst = meter.wrap(name, side.burst)
+            sides.append(side)
+        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
+                              warmup=10, label="stdio task logs")
+        tasklogs.flush(60)
+        emitted = hub.dispatcher("on_logging").stats.get("task_logs_emitted", 0)
+    finally:
+        hub.close()
+        task_logger.removeHandler(handler)
+        sink.close()
+    figures = {name: {**(side.summary() or {"error": side.error}), **meter.figures(name)}
+               for name, side in measured.items()}
+
+    def ratios(on: str, off: str) -> dict[str, float | None]:
+        a, b = figures[on], figures[off]
+        return {key: ratio(a.get(key), b.get(key))
+                for key in ("p50_ms", "throughput_per_s", "caller_cpu_us_per_task",
+                            "worker_cpu_us_per_task")}
+
+    return {
+        "kind": "task_logs",
+        "backend": "stdio",
+        "records_per_run": args.records,
+        "records_emitted_on_logging": emitted,
+        "sides": figures,
+        "ratio_on_off": ratios("on", "off"),
+        "ratio_on_logging_off_logging": ratios("on_logging", "off_logging"),
+        "settings": {"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
+                     "processes": args.processes},
+    }
+
+
 def main() -> None:
     parser = speed_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
@@ -150,9 +242,16 @@ def main() -> None:
     parser.add_argument("--no-wove", action="store_true")
     parser.add_argument("--skip-footprint", action="store_true",
                         help="skip the memory and payload-size measurements")
+    parser.add_argument("--task-logs", action="store_true",
+                        help="measure what task logs cost per run, off and on, instead")
+    parser.add_argument("--records", type=int, default=10,
+                        help="with --task-logs: records each logging run makes")
     parser.set_defaults(warmup=10)  # three_way's untimed round trips per side (no flag)
     args = parser.parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-stdio-"))
+    if args.task_logs:
+        emit(task_logs_cost(args))
+        return
     emit(speed(args))
     if not args.skip_footprint:
         log(f"memory: {args.parked} parked runs")

@@ -39,6 +39,7 @@ from wove_adapters.core import frames
 from wove_adapters.core.codec import pickled_exception
 from wove_adapters.core.envelope import dumps, loads
 from wove_adapters.core.executors.stdio import EVENTS_FD_ENV
+from wove_adapters.worker import tasklogs
 from wove_adapters.worker.runner import (
     STARTED_AFTER,
     HeartbeatTimer,
@@ -71,6 +72,17 @@ class StdioWorker:
         line = _encoder.encode(event) + b"\n"
         with self._write_lock:
             self._events.write(line)
+            self._events.flush()
+
+    def emit_after(self, logs: list[frames.Log], event: frames.WireEvent) -> None:
+        """``event`` after a run's captured log frames, in one write."""
+        if not logs:
+            self.emit(event)
+            return
+        data = b"".join([*(_encoder.encode(log) + b"\n" for log in logs),
+                         _encoder.encode(event) + b"\n"])
+        with self._write_lock:
+            self._events.write(data)
             self._events.flush()
 
     def _read(self) -> None:
@@ -169,10 +181,15 @@ class StdioWorker:
             "attempt": command.attempt,
         }
         event: frames.WireEvent
+        capture = tasklogs.for_run(ident, command.task_logs, command.task_output)
+
+        def taken() -> list[frames.Log]:  # the run's records so far go with each beat
+            return [] if capture is None else capture.take()
+
         pulse = _Pulse(
             heartbeat_interval(command.heartbeat_seconds),
-            lambda: self.emit(frames.TaskStarted(**ident, pid=os.getpid())),
-            lambda: self.emit(frames.Heartbeat(**ident)),
+            lambda: self.emit_after(taken(), frames.TaskStarted(**ident, pid=os.getpid())),
+            lambda: self.emit_after(taken(), frames.Heartbeat(**ident)),
         )
         try:
             try:
@@ -184,7 +201,8 @@ class StdioWorker:
                 if command.heartbeat_seconds:
                     pulse.beat()  # task_started now; heartbeats from the timer
                     first = pulse.every
-                with HeartbeatTimer(pulse.every, pulse.beat, first=first):
+                with HeartbeatTimer(pulse.every, pulse.beat, first=first), \
+                        tasklogs.capturing(capture):
                     func, args = loads(command.body)
                     value = call_task(func, args)
             finally:
@@ -204,7 +222,7 @@ class StdioWorker:
                 exception=pickled_exception(exc),
             )
         pulse.close()
-        self.emit(event)
+        self.emit_after([] if capture is None else capture.finish(), event)
 
 
 _OWN_FILES = frozenset({__file__, call_task.__code__.co_filename})

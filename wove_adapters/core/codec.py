@@ -200,6 +200,10 @@ def wire_to_frame(event: frames.WireEvent, raw: bytes | None = None) -> dict[str
     elif isinstance(event, frames.Log):
         frame["message"] = event.message
         frame["level"] = event.level
+        if event.pid:  # a worker's record (core.tasklogs emits it in the caller)
+            frame.update(levelno=event.levelno, logger=event.logger, time=event.time,
+                         host=event.host, pid=event.pid, exc_text=event.exc_text,
+                         dropped=event.dropped)
     elif isinstance(event, (frames.TaskCancelled, frames.TaskLost)):
         frame["reason"] = event.reason
     if raw is not None:

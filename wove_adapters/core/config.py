@@ -48,6 +48,8 @@ SETTING_KEYS: tuple[str, ...] = (
     "max_pending_seconds",
     # How many runs of a mapped call travel in one backend message (docs/executors.md).
     "map_chunk_size",
+    # What the worker sends home besides the outcome (docs/observability.md, "Logs").
+    "task_logs", "task_output",
 )
 # Application settings: top level only.
 APP_KEYS: tuple[str, ...] = ("app_id", "force_local", "log_level", "log_format")
@@ -65,6 +67,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "concurrency_lease_seconds": 15.0, "cache_results": False, "disable_cache_args": None,
     "cache_ttl_seconds": None, "on_diff_non_key_args_raise": False, "retry_for": None,
     "max_pending_seconds": None, "map_chunk_size": "auto",
+    "task_logs": None, "task_output": False,  # None: no capture (off)
     "ledger": None,  # the runtime falls back to a per-user SQLite file
     "app_id": None, "force_local": False, "log_level": None, "log_format": "text",
 }
@@ -81,7 +84,7 @@ _TYPES: dict[str, Any] = {
     "reroute_on_concurrency_control": bool, "concurrency_lease_seconds": float,
     "cache_results": bool, "disable_cache_args": list[str], "cache_ttl_seconds": float,
     "on_diff_non_key_args_raise": bool, "retry_for": list[str], "max_pending_seconds": float,
-    "map_chunk_size": Any,
+    "map_chunk_size": Any, "task_logs": Any, "task_output": bool,
     "app_id": str, "force_local": bool, "log_level": str, "log_format": str,
 }
 _ALLOWED: dict[str, tuple[str, ...]] = {
@@ -245,6 +248,10 @@ def _check_value(key: str, value: Any, known: Iterable[str], where: str, detail:
     if key not in known:
         raise _unknown_key(key, known, where, detail)
     expected = _TYPES[key]
+    if key == "task_logs":  # a level name, true or "off": one spelling from here on
+        from wove_adapters.core.policies import task_logs_setting
+
+        return task_logs_setting(value, f"{where} (from {detail})")
     if value is None or expected is Any:
         return value
     if expected is dict:  # executor_config: kept raw until the executor's own config checks it

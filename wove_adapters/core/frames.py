@@ -86,8 +86,22 @@ class Heartbeat(_Event, frozen=True, kw_only=True, tag=HEARTBEAT):
 
 
 class Log(_Event, frozen=True, kw_only=True, tag=LOG):
+    """A record of the task's ``logging`` (or a line of its stdout/stderr) sent home by
+    its worker (``worker.tasklogs``); the caller emits it under ``wove_adapters.task``
+    (``core.tasklogs``). The fields after ``level`` are the worker's, added with defaults
+    so older frames still decode."""
+
     message: str
     level: str = "info"
+    levelno: int = 20
+    logger: str = ""  # the worker's logger name; "stdout" / "stderr" for output lines
+    time: float = 0.0  # the record's ``created`` on the worker (epoch seconds)
+    host: str = ""
+    pid: int = 0
+    exc_text: str = ""
+    # The worker's rate limit dropped this many of the run's records (the one summary
+    # frame the worker sends at the end; 0 for ordinary records).
+    dropped: int = 0
 
 
 # Terminal events name the idempotency key of their run (None: none), inside the
@@ -142,6 +156,10 @@ class RunTaskWire(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     body: bytes  # cloudpickle of (callable, args)
     attempt: int = 1
     heartbeat_seconds: float | None = None
+    # What the worker sends home besides events (docs/observability.md, "Logs"): the
+    # level of ``logging`` records to capture (None: none) and the task's stdout/stderr.
+    task_logs: str | None = None
+    task_output: bool = False
 
 
 class CancelTaskWire(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=CANCEL_TASK):

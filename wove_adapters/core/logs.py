@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+from wove_adapters.core.tasklogs import ATTRIBUTES as TASK_ATTRIBUTES
+
 __all__ = ["JsonFormatter", "apply_settings", "configure_logging", "reset_logging"]
 
 LOGGER = "wove_adapters"
@@ -37,7 +39,8 @@ _saved: tuple[int, bool] | None = None  # the logger's level and propagate befor
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (ISO 8601, UTC), ``level``, ``logger``,
-    ``message``, and ``exc_info`` / ``stack_info`` text when the record has them. The
+    ``message``, ``exc_info`` / ``stack_info`` text when the record has them, and a task
+    record's attributes (``run_id``, ``task_id``, ... see ``core.tasklogs``). The
     message is formatted (``%`` arguments applied) and a line never spans lines: JSON
     escapes the newlines of a traceback."""
 
@@ -56,6 +59,9 @@ class JsonFormatter(logging.Formatter):
             entry["exc_info"] = record.exc_text
         if record.stack_info:
             entry["stack_info"] = self.formatStack(record.stack_info)
+        for name in TASK_ATTRIBUTES:  # a task's record from its worker (core.tasklogs)
+            if name in record.__dict__:
+                entry[name] = record.__dict__[name]
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 

@@ -52,6 +52,10 @@ class ExecutorOptions(msgspec.Struct, kw_only=True):
     cancel_ack_timeout: float = 10.0
     # Per-run options handed to the adapter as JobSpec.options (Hub calls only).
     task_options: dict[str, Any] = {}
+    # The caller's cap on one run's task log records (docs/observability.md, "Logs"):
+    # beyond either, its records are dropped and counted.
+    task_logs_max_records: int = 10_000
+    task_logs_max_bytes: int = 16 * 1024 * 1024
 
 
 class AdapterOptions(ExecutorOptions, kw_only=True):

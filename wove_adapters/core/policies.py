@@ -197,6 +197,10 @@ class DeliveryPolicy:
     # A launched attempt with no event from its worker within this many seconds is lost.
     max_pending_seconds: float | None = None
     controls: TaskControls = TaskControls()
+    # Task logs (docs/observability.md, "Logs"): the level of the task's logging records
+    # its worker sends home (None: off), and whether its stdout/stderr lines go too.
+    task_logs: str | None = None
+    task_output: bool = False
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], where: str = "task") -> DeliveryPolicy:
@@ -230,6 +234,8 @@ class DeliveryPolicy:
                 where,
             ),
             controls=TaskControls.from_settings(settings, where),
+            task_logs=task_logs_level(settings.get("task_logs"), where),
+            task_output=_flag(settings.get("task_output"), "task_output", where),
         )
 
     def as_delivery(self, key: str | None) -> dict[str, Any]:
@@ -242,7 +248,50 @@ class DeliveryPolicy:
             "delivery_orphan_policy": self.orphan_policy,
             "delivery_max_in_flight": self.max_in_flight,
         }
-        return {k: v for k, v in delivery.items() if v is not None}
+        delivery = {k: v for k, v in delivery.items() if v is not None}
+        # Only when on: the worker reads them from the signed envelope (worker.tasklogs).
+        if self.task_logs is not None:
+            delivery["task_logs"] = self.task_logs
+        if self.task_output:
+            delivery["task_output"] = True
+        return delivery
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def task_logs_level(value: Any, where: str = "task") -> str | None:
+    """``task_logs`` as the level name the worker captures from, or None (off)."""
+    name = task_logs_setting(value, where)
+    return None if name in (None, "OFF") else name
+
+
+def task_logs_setting(value: Any, where: str = "task") -> str | None:
+    """``task_logs`` checked and spelt one way: a level name in any case (``"info"``),
+    ``true`` (INFO), or ``false`` / ``"off"`` ("OFF": off, also to switch off what an
+    environment turned on); None stays unset. Anything else is an error naming the
+    setting and the fix: a typo must not silently capture nothing."""
+    if value is None:
+        return None
+    if value is True:
+        return "INFO"
+    if value is False:
+        return "OFF"
+    if isinstance(value, str):
+        name = value.strip().upper()
+        name = "WARNING" if name == "WARN" else name
+        if name == "OFF" or name in LOG_LEVELS:
+            return name
+    raise ValueError(
+        f"{where} has invalid task_logs {value!r}; expected a logging level name "
+        f"({', '.join(LOG_LEVELS)}), true (INFO) or 'off', e.g. task_logs = \"INFO\""
+    )
+
+
+def _flag(value: Any, key: str, where: str) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ValueError(f"{where} has invalid {key} {value!r}; expected true or false")
 
 
 def _positive(value: Any) -> float | None:

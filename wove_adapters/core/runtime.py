@@ -48,6 +48,7 @@ from wove_adapters.core.ledger.base import (
 from wove_adapters.core.options import shared_default
 from wove_adapters.core.policies import DeliveryPolicy, JobState, check_supported
 from wove_adapters.core.retry import retry_allowed
+from wove_adapters.core.tasklogs import TaskLogs
 from wove_adapters.core.transport import RunAttempt, StartContext, Transport
 
 log = logging.getLogger("wove_adapters.runtime")
@@ -316,6 +317,7 @@ class Dispatcher:
             "dedup_attached": 0,
         }
         self._semaphores: dict[int, asyncio.Semaphore] = {}
+        self._task_logs: TaskLogs | None = None  # made by the first worker record
         self._monitor: asyncio.Task[None] | None = None
         self._ledger_queue: asyncio.Queue[
             tuple[LedgerWrite | None, asyncio.Future[Any]] | None
@@ -704,7 +706,11 @@ class Dispatcher:
                 run.started = True
                 self._ledger_later(Update(run_id, {"state": RUNNING}))
             self._broadcast(run, frame)
-        elif kind in (frames.HEARTBEAT, frames.LOG):
+        elif kind == frames.LOG:
+            if "pid" in frame:  # a record of the task's own, from its worker
+                self._task_log(run, frame)
+            self._broadcast(run, frame)
+        elif kind == frames.HEARTBEAT:
             self._broadcast(run, frame)
         elif kind == frames.TASK_LOST:
             self._spawn(self._orphan(run, str(frame.get("reason") or "the backend lost the run")))
@@ -717,6 +723,22 @@ class Dispatcher:
                 self._finish(run, frame)
         else:
             log.warning("dropping unknown event type %r for run %s", kind, run_id)
+
+    def _task_log(self, run: Run, frame: dict[str, Any]) -> None:
+        """Emit a worker's record in this process under ``wove_adapters.task``, within
+        the run's cap (``core.tasklogs``; made on the first record, so a dispatcher whose
+        runs send none pays nothing)."""
+        sink = self._task_logs
+        if sink is None:
+            config = self.executor_config
+            sink = self._task_logs = TaskLogs(
+                self.environment,
+                int(config.get("task_logs_max_records")
+                    or shared_default("task_logs_max_records")),
+                int(config.get("task_logs_max_bytes") or shared_default("task_logs_max_bytes")),
+                self.stats,
+            )
+        sink.take(frame, run.attempt.extra)
 
     def _retry_in_place(self, run: Run, frame: dict[str, Any]) -> bool:
         """A keyed run whose task raised an error its ``retries``/``retry_for`` allow runs

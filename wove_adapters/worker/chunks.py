@@ -9,6 +9,8 @@ Terminal events are not posted one request per run: they gather for at most
 ``FLUSH_SECONDS`` and go back together (one signed batch, one request), so results still
 stream back while the chunk runs. A run the caller cancelled inside this chunk is named
 in the receiver's answer to an earlier batch (``sender.cancelled``) and never starts.
+A run's captured log frames (``worker.tasklogs``) ride in the batch just ahead of its
+terminal event, so each keeps its own run id however many runs share the request.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from wove_adapters.worker import runner, sender
 FLUSH_SECONDS = 0.02
 # A batch this large goes back at once, whatever its age (bounded request bodies).
 FLUSH_COUNT = 64
+# Nor may the runs' log frames (``worker.tasklogs``) grow a batch past about this.
+FLUSH_LOG_BYTES = 512 * 1024
 
 
 @dataclass
@@ -77,13 +81,19 @@ class _Batch:
         self._sending = threading.Lock()
         self._items: list[runner.Terminal] = []
         self._since = 0.0
+        self._log_bytes = 0
 
     def add(self, item: runner.Terminal) -> None:
+        outcome = item[2]
+        logged = 0
+        if outcome is not None and outcome.logs:
+            logged = sum(len(log.message) + len(log.exc_text) for log in outcome.logs)
         with self._lock:
             if not self._items:
                 self._since = time.monotonic()
             self._items.append(item)
-            full = len(self._items) >= FLUSH_COUNT
+            self._log_bytes += logged
+            full = len(self._items) >= FLUSH_COUNT or self._log_bytes >= FLUSH_LOG_BYTES
         if full:
             self.flush()
 
@@ -98,6 +108,7 @@ class _Batch:
         with self._sending:
             with self._lock:
                 items, self._items = self._items, []
+                self._log_bytes = 0
             if items:
                 runner.deliver_terminals(items)
 

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -46,7 +46,7 @@ from wove_adapters.core.errors import (
     redact_url,
 )
 from wove_adapters.core.policies import RunState
-from wove_adapters.worker import sender
+from wove_adapters.worker import sender, tasklogs
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
@@ -77,6 +77,9 @@ class Outcome:
     key_id: str = ""  # the key the payload was signed with: the event is signed with it
     # The task outlived the short-task window: task_started went out (``run_envelope``).
     started: bool = False
+    # The run's captured log frames not sent yet: they go ahead of its terminal event,
+    # in the same batch (``worker.tasklogs``; empty unless the run asked for them).
+    logs: list[frames.Log] = field(default_factory=list)
 
     def signed(self) -> bytes | None:
         """The terminal event as a signed blob, for a backend to keep for other callers
@@ -316,12 +319,13 @@ def heartbeat_interval(heartbeat_seconds: float | None) -> float:
 # ---------------------------------------------------------------- the payload runner
 
 
-def _emit(envelope: Envelope, event: frames.WireEvent) -> None:
-    """Send a non-terminal event (task_started, heartbeat) if the caller takes it within
-    a few seconds; a later event supersedes it, so it is never queued or retried long."""
+def _emit(envelope: Envelope, events: list[frames.WireEvent]) -> None:
+    """Send non-terminal events (task_started, a heartbeat and the log frames before it)
+    if the caller takes them within a few seconds; a later event supersedes them, so they
+    are never queued or retried long."""
     try:
         sender.try_post(
-            envelope.return_path, envelope.key_id, [event], budget=sender.HEARTBEAT_BUDGET
+            envelope.return_path, envelope.key_id, events, budget=sender.HEARTBEAT_BUDGET
         )
     except sender.UnknownRunError:
         pass  # nobody follows the run there: only its terminal event matters (the ledger)
@@ -408,7 +412,9 @@ class _Events:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pid = 0
 
-    def sender(self, envelope: Envelope) -> Callable[[frames.WireEvent], None]:
+    def sender(
+        self, envelope: Envelope, capture: tasklogs.Capture | None = None
+    ) -> Callable[[frames.WireEvent], None]:
         last: list[concurrent.futures.Future[None]] = []
 
         def send(event: frames.WireEvent) -> None:
@@ -419,7 +425,10 @@ class _Events:
                     max_workers=1, thread_name_prefix="wove-events"
                 )
                 self._pid = os.getpid()
-            last[:] = [self._pool.submit(_emit, envelope, event)]
+            events: list[frames.WireEvent] = [event]
+            if capture is not None:  # the run's records so far go with it
+                events[:0] = capture.take()
+            last[:] = [self._pool.submit(_emit, envelope, events)]
 
         return send
 
@@ -428,9 +437,12 @@ _EVENTS = _Events()
 
 
 def _envelope_pulse(
-    envelope: Envelope, ident: dict[str, Any], on_started: Callable[[], object] | None
+    envelope: Envelope,
+    ident: dict[str, Any],
+    on_started: Callable[[], object] | None,
+    capture: tasklogs.Capture | None = None,
 ) -> _Pulse:
-    send = _EVENTS.sender(envelope)
+    send = _EVENTS.sender(envelope, capture)
     return _Pulse(
         heartbeat_interval(envelope.heartbeat_seconds),
         lambda: send(frames.TaskStarted(**ident, pid=os.getpid(), host=socket.gethostname())),
@@ -475,8 +487,13 @@ def execute(
     final = envelope.outcome_ident  # terminal events carry the run's key too
     outcome: Outcome
     event: frames.WireEvent
-    pulse = _envelope_pulse(envelope, ident, on_started)
-    with HeartbeatTimer(pulse.every, pulse.beat, first=STARTED_AFTER):
+    capture = tasklogs.for_run(
+        ident, envelope.delivery.get("task_logs"), envelope.delivery.get("task_output")
+    )
+    pulse = _envelope_pulse(envelope, ident, on_started, capture)
+    with HeartbeatTimer(pulse.every, pulse.beat, first=STARTED_AFTER), tasklogs.capturing(
+        capture
+    ):
         try:
             func, args = load_task(envelope)
             began = time.perf_counter()
@@ -510,6 +527,8 @@ def execute(
     outcome.started = pulse.close()
     outcome.event = event
     outcome.key_id = envelope.key_id
+    if capture is not None:
+        outcome.logs = capture.finish()
     return outcome
 
 
@@ -674,7 +693,7 @@ def _deliver_group(
              and _record_in_ledger(envelope, event))
         for envelope, event, _ in group
     ]
-    events = [event for _, event, _ in group]
+    events = _batch_events(group)
     try:
         sent = sender.try_first(return_path, key_id, events, sender.ACK_GRACE)
         if sent is True:
@@ -728,6 +747,16 @@ def _deliver_group(
         if outcome is not None:
             outcome.pending = item
     return True
+
+
+def _batch_events(group: list[Terminal]) -> list[frames.WireEvent]:
+    """The group's terminal events, each run's log frames (if any) just ahead of its own."""
+    events: list[frames.WireEvent] = []
+    for _, event, outcome in group:
+        if outcome is not None and outcome.logs:
+            events.extend(outcome.logs)
+        events.append(event)
+    return events
 
 
 def _record_all(items: list[tuple[Envelope, frames.WireEvent]]) -> bool:

@@ -243,6 +243,8 @@ class StdioTransport(Transport):
                                 attempt=run.attempt,
                                 body=run.extra["body"],
                                 heartbeat_seconds=run.policy.heartbeat_seconds,
+                                task_logs=run.policy.task_logs,
+                                task_output=run.policy.task_output,
                             )
                         )
                     except (ConnectionError, RuntimeError):
