@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
 
 import cloudpickle
 import pytest
@@ -32,7 +31,7 @@ from wove_adapters.ui.server import check_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 from remote_errors import raise_line
-from ui_runs import hold, state_of, until
+from ui_runs import Client, hold, metric_values, state_of, until
 
 TOKEN = "t0ken-for-the-runs-page-tests"
 
@@ -43,32 +42,6 @@ def double(x: int) -> int:
 
 def boom(x: int) -> int:
     raise ValueError(f"bad input {x}")
-
-
-class Client:
-    """Plain HTTP against the server (http.client: no redirects followed, no cookies
-    kept, every header exactly as given)."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname or "", parts.port or 80
-        self.origin = f"http://{self.host}:{self.port}"
-
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None
-                ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        try:
-            conn.request(method, path, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
-
-    def json(self, path: str, **params: Any) -> Any:
-        query = f"?{urlencode(params)}" if params else ""
-        status, _, body = self.request("GET", path + query)
-        assert status == 200, body
-        return json.loads(body)
 
 
 @pytest.fixture(scope="module")
@@ -245,23 +218,10 @@ async def test_an_outcome_is_verified_and_never_unpickled(
             await ledger.delete(run_id)
 
 
-def _metric_values(text: str) -> dict[tuple[str, str, str], float]:
-    values: dict[tuple[str, str, str], float] = {}
-    for line in text.splitlines():
-        if line.startswith("wove_ledger_runs{"):
-            labels, _, value = line.partition("} ")
-            pairs = dict(part.split("=", 1) for part in labels[len("wove_ledger_runs{"):]
-                         .split(","))
-            key = (pairs["environment"].strip('"'), pairs["executor"].strip('"'),
-                   pairs["state"].strip('"'))
-            values[key] = float(value)
-    return values
-
-
 def test_metrics_match_the_runs_made(made: dict[str, Any]) -> None:
     status, headers, body = made["client"].request("GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
-    values = _metric_values(body.decode())
+    values = metric_values(body.decode())
     assert values[("east", "stdio", SUCCEEDED)] == 2
     assert values[("east", "stdio", RUNNING)] == 1
     assert values[("west", "process", SUCCEEDED)] == 1
