@@ -39,7 +39,7 @@ from typing import Any
 
 import msgspec
 
-from wove_adapters.core import frames, signing
+from wove_adapters.core import frames, observe, signing
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.worker.sender import UNKNOWN_RUN_STATUS
 
@@ -272,11 +272,11 @@ class CallbackReceiver:
             path = request.path
             if path.startswith(_EVENTS) and "/" not in path[len(_EVENTS):]:
                 if request.method != "POST":
-                    return self._reject(405, "POST events here")
+                    return self._reject(405, "POST events here", "method")
                 return await self._handle(request, path[len(_EVENTS):])
             if path == "/wove/health" and request.method in ("GET", "HEAD"):
                 return web.json_response({"ok": True, **self.stats})
-            return self._reject(404, "not found")
+            return self._reject(404, "not found", "not_found")
         finally:
             self._busy.discard(handler)
             if handler in self._connections:
@@ -292,21 +292,21 @@ class CallbackReceiver:
         if not secrets.compare_digest(
             token.encode("utf-8", "surrogatepass"), self.token.encode("utf-8", "surrogatepass")
         ):
-            return self._reject(404, "unknown callback token")
+            return self._reject(404, "unknown callback token", "token")
         declared = request.content_length
         if declared is not None and declared > self.max_body:
             self.stats["too_large"] += 1
-            return self._reject(413, f"body too large (limit {self.max_body} bytes)")
+            return self._reject(413, f"body too large (limit {self.max_body} bytes)", "too_large")
         try:
             chunks = await self._read_body(request, declared)
         except _TooLarge:
             self.stats["too_large"] += 1
-            return self._reject(413, f"body too large (limit {self.max_body} bytes)")
+            return self._reject(413, f"body too large (limit {self.max_body} bytes)", "too_large")
         except asyncio.TimeoutError:
             self.stats["timed_out"] += 1
-            return self._reject(408, f"body not received within {self.body_timeout:g}s")
+            return self._reject(408, f"body not received within {self.body_timeout:g}s", "timeout")
         except Exception:
-            return self._reject(400, "unreadable body")
+            return self._reject(400, "unreadable body", "unreadable")
         try:
             if sum(map(len, chunks)) > VERIFY_IN_THREAD:
                 data, key_id, batch = await asyncio.to_thread(self._open_chunks, chunks)
@@ -320,14 +320,16 @@ class CallbackReceiver:
                 if "signature" in str(exc) or "key" in str(exc) or "timestamp" in str(exc)
                 else 400
             )
-            return self._reject(status, str(exc))
+            label = {409: "replayed", 401: "signature"}.get(status, "malformed")
+            return self._reject(status, str(exc), label)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return self._reject(400, f"malformed events: {exc}")
+            return self._reject(400, f"malformed events: {exc}", "malformed")
         wrong = self.unbound(batch.events, key_id)
         if wrong:
             self.stats["wrong_key"] += 1
             return self._reject(
-                401, f"signed with key {key_id}, not with the key of run {wrong[0]}"
+                401, f"signed with key {key_id}, not with the key of run {wrong[0]}",
+                "wrong_key",
             )
         skip = self._skips_for(batch.events) if self._skips else []
         routed, unknown = self.route(batch.events, data)
@@ -338,6 +340,8 @@ class CallbackReceiver:
             # ended here long ago), so the worker records them in the run's ledger,
             # where whoever holds the run id fetches them.
             self.stats["unknown_runs"] += len(unknown)
+            if observe.observers:
+                observe.receiver_rejected("unknown_run")
             return web.json_response(
                 {
                     "ok": False,
@@ -439,10 +443,14 @@ class CallbackReceiver:
                               type(event).__struct_config__.tag)
         return routed, unknown
 
-    def _reject(self, status: int, reason: str) -> Any:
+    def _reject(self, status: int, reason: str, label: str) -> Any:
+        """A 4xx answer; ``label`` names the reason among a fixed few, for metrics
+        (``core.observe.receiver_rejected``)."""
         from aiohttp import web
 
         self.stats["rejected"] += 1
+        if observe.observers:
+            observe.receiver_rejected(label)
         return web.json_response({"ok": False, "error": reason}, status=status)
 
 
@@ -464,6 +472,8 @@ class _ServerLog(logging.LoggerAdapter):
 
         if isinstance(exc_info, HttpProcessingError):
             self.receiver.stats["malformed"] += 1
+            if observe.observers:
+                observe.receiver_rejected("malformed")
             self.logger.debug("malformed request refused: %s", str(exc_info).strip())
             return
         self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)

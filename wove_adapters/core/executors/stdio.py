@@ -243,6 +243,7 @@ class StdioTransport(Transport):
                                 attempt=run.attempt,
                                 body=run.extra["body"],
                                 heartbeat_seconds=run.policy.heartbeat_seconds,
+                                trace=run.extra.get("trace"),
                             )
                         )
                     except (ConnectionError, RuntimeError):
