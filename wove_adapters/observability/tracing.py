@@ -91,13 +91,8 @@ class TracingObserver:
             f"attempt {attempt.task_id}",
             context=trace.set_span_in_context(spans.run),
             kind=SpanKind.PRODUCER,
-            attributes={
-                "wove.environment": environment,
-                "wove.executor": executor,
-                "wove.task_id": attempt.task_id,
-                "wove.run_id": attempt.run_id,
-                "wove.attempt": attempt.attempt,
-            },
+            # The rest (environment, executor, task, key) is on the run span.
+            attributes={"wove.run_id": attempt.run_id, "wove.attempt": attempt.attempt},
         )
         spans.attempt = span
         carrier: dict[str, str] = {}
