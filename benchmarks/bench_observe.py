@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,13 @@ from common import CpuMeter, alternate, emit, hub_calls, log, ratio, speed_argum
 MODES = ("off", "metrics", "tracing", "both")
 
 
-def _drop_provider() -> Any:
+def _drop_provider(*, simple: bool = False) -> Any:
+    """An SDK provider whose exporter drops spans; ``simple``: export each span as it
+    ends (the hook timings below: a batch processor's queue would overflow and drop)."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
+        SimpleSpanProcessor,
         SpanExporter,
         SpanExportResult,
     )
@@ -45,8 +49,66 @@ def _drop_provider() -> Any:
             return SpanExportResult.SUCCESS
 
     provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    provider.add_span_processor(SimpleSpanProcessor(Drop()) if simple
+                                else BatchSpanProcessor(Drop()))
     return provider
+
+
+def hook_costs(count: int = 20_000, repeats: int = 5) -> dict[str, Any]:
+    """CPU per run of each observer's hooks alone (a run's five calls, best of
+    ``repeats``), and of the worker's span per task, traced and not: the figures the
+    machine's load cannot blur."""
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    from prometheus_client import CollectorRegistry
+
+    from wove_adapters.core.policies import DeliveryPolicy
+    from wove_adapters.core.runtime import Run
+    from wove_adapters.core.transport import RunAttempt
+    from wove_adapters.observability import metrics, tracing
+    from wove_adapters.worker.runner import task_span
+
+    policy = DeliveryPolicy()
+    frame = {"type": "task_result", "elapsed": 0.001}
+
+    def per_run(observer: Any) -> float:
+        runs = [Run(attempt=RunAttempt(run_id=f"r{i}", task_id="add", func=None, args={},
+                                       policy=policy)) for i in range(count)]
+        start = time.process_time()
+        for run in runs:
+            observer.run_submitted("e", "stdio", run)
+            observer.attempt_launched("e", "stdio", run)
+            observer.attempt_started("e", "stdio", run)
+            observer.attempt_ended("e", "stdio", run, "succeeded", "")
+            observer.run_ended("e", "stdio", run, frame, "succeeded")
+        return (time.process_time() - start) / count * 1e6
+
+    def per_task(carrier: dict[str, str] | None) -> float:
+        start = time.process_time()
+        for _ in range(count):
+            with task_span(carrier, "r", "add", 1, "stdio") as ended:
+                ended("succeeded", None)
+        return (time.process_time() - start) / count * 1e6
+
+    provider = _drop_provider(simple=True)
+    trace.set_tracer_provider(provider)  # the worker span's tracer is the global one
+    carrier: dict[str, str] = {}
+    parent = provider.get_tracer("bench").start_span("parent")
+    TraceContextTextMapPropagator().inject(carrier, context=trace.set_span_in_context(parent))
+    observers = {"metrics": metrics.MetricsObserver(CollectorRegistry()),
+                 "tracing": tracing.TracingObserver(provider)}
+    return {
+        "kind": "observe_hooks",
+        "caller_cpu_us_per_run": {name: round(min(per_run(o) for _ in range(repeats)), 1)
+                                  for name, o in observers.items()},
+        "worker_cpu_us_per_task": {
+            "traced": round(min(per_task(carrier) for _ in range(repeats)), 1),
+            "untraced_payload": round(min(per_task(None) for _ in range(repeats)), 2),
+        },
+        "how": f"each observer's five hooks of a run, {count} runs, best of {repeats}; "
+               "the worker's task_span per task (SDK provider, simple processor, dropping "
+               "exporter); with no observer installed a hook site is one truth test",
+    }
 
 
 def worker_init() -> None:
@@ -98,6 +160,7 @@ def main() -> None:
     finally:
         observe.observers[:] = []
         hub.close()
+    emit(hook_costs())
     figures = {mode: {**summarize(*measured[mode]), **meter.figures(mode)} for mode in MODES}
     base = figures["off"]
     emit({

@@ -23,7 +23,7 @@ it applies) the outcome, all bounded sets (never a run id, a task argument or a 
   terminal event, one per run;
 - ``wove_adapters_receiver_rejections_total{reason}``: requests the callback receiver
   refused (token, method, not_found, too_large, timeout, unreadable, signature, replayed,
-  malformed, wrong_key, unknown_run).
+  malformed, wrong_key, unknown_run; the Redis drop box counts its refusals the same way).
 """
 
 from __future__ import annotations
