@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -20,6 +21,21 @@ from wove_adapters import Hub
 from wove_adapters.testing import tasks
 
 OK, FAILED = 20, 3
+
+
+def own_registry() -> Iterator[Any]:
+    """A registry of the test's own, with the metrics observer counting into it (a test
+    module makes it its fixture: ``registry = pytest.fixture(own_registry, name=...)``)."""
+    from prometheus_client import CollectorRegistry
+
+    from wove_adapters.observability import metrics
+
+    own = CollectorRegistry()
+    metrics.install(registry=own)
+    try:
+        yield own
+    finally:
+        metrics.uninstall(own)
 
 
 def value(registry: Any, name: str, **labels: str) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,19 @@ def caller_exporter() -> Any:
     return _exporter
 
 
+def tracing_on() -> Iterator[None]:
+    """Runs traced (the caller's spans kept in memory, cleared first) for one test; a
+    test module makes it its fixture: ``traced = pytest.fixture(tracing_on, name=...)``."""
+    from wove_adapters.observability import tracing
+
+    caller_exporter().clear()
+    tracing.install()
+    try:
+        yield
+    finally:
+        tracing.uninstall()
+
+
 def caller_spans() -> list[dict[str, Any]]:
     return [span_record(span) for span in caller_exporter().get_finished_spans()]
 
@@ -153,3 +166,20 @@ def check_linked(
         assert worker["pid"] != os.getpid(), "the worker span was made in the caller"
         assert (worker["attributes"]["wove.attempt"]
                 == by_id[worker["parent_id"]]["attributes"]["wove.attempt"])
+
+
+def check_requeued(run_id: str, spans: Path) -> None:
+    """A run whose first attempt's worker was killed under ``requeue``: two attempt
+    spans under one run span, the first ended ``requeued``; only the second attempt's
+    worker span exported (the killed worker never ended its own)."""
+    workers = wait_for_spans(spans, run_id, 1)
+    run, attempts = run_trace(run_id)
+    check_linked(None, run, attempts, workers)
+    assert [a["attributes"]["wove.attempt"] for a in attempts] == [1, 2]
+    assert attempts[0]["attributes"]["wove.outcome"] == "requeued"
+    assert attempts[0]["status"] == "ERROR"
+    assert attempts[1]["attributes"]["wove.outcome"] == "succeeded"
+    assert run["attributes"]["wove.attempts"] == 2
+    assert run["attributes"]["wove.outcome"] == "succeeded"
+    assert len(workers) == 1 and workers[0]["attributes"]["wove.attempt"] == 2
+    assert workers[0]["parent_id"] == attempts[1]["span_id"]

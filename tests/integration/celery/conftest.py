@@ -32,31 +32,12 @@ def amqp_celery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryServ
 def traced_celery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CeleryService, Path]]:
     """A Redis-broker worker whose prefork children export their spans to a file
     (``WOVE_ADAPTERS_TRACING_INIT``, tests/support/otel_spans.py): (service, spans file)."""
-    import os
-
     support = Path(__file__).resolve().parents[2] / "support"
     sys.path.insert(0, str(support))
     from otel_spans import worker_env
 
     directory = tmp_path_factory.mktemp("celery-traced")
     spans = directory / "spans.jsonl"
-    env = worker_env(spans)
-    saved = {name: os.environ.get(name) for name in env if name != "PYTHONPATH"}
-    os.environ.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
-    try:
-        service = CeleryService("redis", log_dir=directory, pythonpath=(str(support),))
-        try:
-            service.start()
-        except RuntimeError as exc:
-            service.stop()
-            service.cleanup()
-            pytest.fail(str(exc), pytrace=False)
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-    yield service, spans
-    service.stop()
-    service.cleanup()
+    env = {k: v for k, v in worker_env(spans).items() if k != "PYTHONPATH"}
+    for service in running("redis", directory, pythonpath=(str(support),), extra_env=env):
+        yield service, spans

@@ -5,7 +5,6 @@ receiver is counted as a rejection."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +14,10 @@ from wove_adapters import Hub
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from celery_services import CeleryService
-from metric_runs import run_mix_and_check
+from metric_runs import own_registry, run_mix_and_check
 
 pytest.importorskip("prometheus_client", reason="the metrics extra")
-
-
-@pytest.fixture
-def registry() -> Iterator[Any]:
-    from prometheus_client import CollectorRegistry
-
-    from wove_adapters.observability import metrics
-
-    own = CollectorRegistry()
-    metrics.install(registry=own)
-    try:
-        yield own
-    finally:
-        metrics.uninstall(own)
+registry = pytest.fixture(own_registry, name="registry")
 
 
 def test_metric_values_match_the_runs_made(

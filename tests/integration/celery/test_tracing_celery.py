@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,19 @@ from wove_adapters.testing.conformance import wait_for_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from celery_services import CeleryService
-from otel_spans import caller_exporter, caller_spans, check_linked, run_trace, wait_for_spans
+from otel_spans import (
+    caller_spans,
+    check_linked,
+    check_requeued,
+    run_trace,
+    tracing_on,
+    wait_for_spans,
+)
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra and opentelemetry-sdk (dev)")
 
 
-@pytest.fixture
-def traced() -> Iterator[None]:
-    from wove_adapters.observability import tracing
-
-    caller_exporter().clear()
-    tracing.install()
-    try:
-        yield
-    finally:
-        tracing.uninstall()
+traced = pytest.fixture(tracing_on, name="traced")
 
 
 def hub_for(service: CeleryService, **settings: Any) -> Hub:
@@ -75,11 +72,4 @@ def test_a_requeue_is_a_second_attempt_span_under_the_same_run(
         future = hub.submit(tasks.die_once, str(tmp_path), "celery-rq")
         os.kill(int(wait_for_file(tmp_path / "celery-rq.pid", 60)), signal.SIGKILL)
         assert future.result(timeout=120) == "celery-rq-done"
-    workers = wait_for_spans(spans, future.run_id, 1)
-    run, attempts = run_trace(future.run_id)
-    check_linked(None, run, attempts, workers)
-    assert [a["attributes"]["wove.attempt"] for a in attempts] == [1, 2]
-    assert attempts[0]["attributes"]["wove.outcome"] == "requeued"
-    assert attempts[1]["attributes"]["wove.outcome"] == "succeeded"
-    assert run["attributes"]["wove.attempts"] == 2
-    assert workers[0]["parent_id"] == attempts[1]["span_id"]
+    check_requeued(future.run_id, spans)

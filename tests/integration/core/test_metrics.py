@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +19,11 @@ from wove_adapters import Hub
 from wove_adapters.testing import tasks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
-from metric_runs import run_mix_and_check, value
+from lazy_imports import blocked
+from metric_runs import own_registry, run_mix_and_check, value
 
 pytest.importorskip("prometheus_client", reason="the metrics extra")
-
-
-@pytest.fixture
-def registry() -> Iterator[Any]:
-    from prometheus_client import CollectorRegistry
-
-    from wove_adapters.observability import metrics
-
-    own = CollectorRegistry()
-    metrics.install(registry=own)
-    try:
-        yield own
-    finally:
-        metrics.uninstall(own)
+registry = pytest.fixture(own_registry, name="registry")
 
 
 @pytest.mark.parametrize("executor", ["process", "stdio"])
@@ -107,13 +94,7 @@ def test_bad_settings_and_a_missing_extra_say_what_to_do() -> None:
     for bad in ("port:x", 70000, [1]):
         with pytest.raises(ValueError, match="metrics must be true"):
             metrics_target(bad)
-    code = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "prometheus_client" or name.startswith("prometheus_client."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Block())
+    code = blocked("prometheus_client") + """
 from wove_adapters.observability import ObservabilityExtraMissing
 try:
     import wove_adapters.observability.metrics

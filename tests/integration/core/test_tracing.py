@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,13 @@ from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from lazy_imports import blocked
 from otel_spans import (
-    caller_exporter,
     caller_spans,
     check_linked,
+    check_requeued,
     run_trace,
+    tracing_on,
     wait_for_spans,
     worker_env,
 )
@@ -38,17 +39,7 @@ pytest.importorskip("opentelemetry.sdk", reason="the otel extra and opentelemetr
 EXECUTORS = ("process", "stdio")
 
 
-@pytest.fixture
-def traced() -> Iterator[Any]:
-    from wove_adapters.observability import tracing
-
-    exporter = caller_exporter()
-    exporter.clear()
-    observer = tracing.install()
-    try:
-        yield observer
-    finally:
-        tracing.uninstall()
+traced = pytest.fixture(tracing_on, name="traced")
 
 
 def hub_for(executor: str, spans: Path, **settings: Any) -> Hub:
@@ -119,18 +110,7 @@ def test_a_requeue_is_a_second_attempt_span_under_the_same_run(
         future = hub.submit(tasks.die_once, str(tmp_path), "rq")
         os.kill(int(wait_for_file(tmp_path / "rq.pid")), signal.SIGKILL)
         assert future.result(timeout=60) == "rq-done"
-    # The killed worker never ended its span: only the second attempt's is exported.
-    workers = wait_for_spans(spans, future.run_id, 1)
-    run, attempts = run_trace(future.run_id)
-    check_linked(None, run, attempts, workers)
-    assert [a["attributes"]["wove.attempt"] for a in attempts] == [1, 2]
-    assert attempts[0]["attributes"]["wove.outcome"] == "requeued"
-    assert attempts[0]["status"] == "ERROR"
-    assert attempts[1]["attributes"]["wove.outcome"] == "succeeded"
-    assert run["attributes"]["wove.attempts"] == 2
-    assert run["attributes"]["wove.outcome"] == "succeeded"
-    assert len(workers) == 1 and workers[0]["attributes"]["wove.attempt"] == 2
-    assert workers[0]["parent_id"] == attempts[1]["span_id"]
+    check_requeued(future.run_id, spans)
 
 
 def test_untraced_runs_carry_no_trace_context(tmp_path: Path) -> None:
@@ -142,21 +122,11 @@ def test_untraced_runs_carry_no_trace_context(tmp_path: Path) -> None:
     assert not spans.exists()
 
 
-_WITHOUT_OTEL = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "opentelemetry" or name.startswith("opentelemetry."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Block())
-"""
-
-
 def test_without_the_extra_nothing_is_imported_and_asking_names_it(tmp_path: Path) -> None:
     """A process without opentelemetry runs as before, imports nothing of it, and
     ``tracing = true`` fails naming the extra; a worker without it runs a traced payload
     untraced (the stdio pool's workers here block it too)."""
-    code = _WITHOUT_OTEL + """
+    code = blocked("opentelemetry") + """
 from wove_adapters import Hub
 from wove_adapters.observability import ObservabilityExtraMissing
 definition = {"executor": "stdio", "executor_config": {"processes": 1}}
