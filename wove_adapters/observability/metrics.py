@@ -169,9 +169,16 @@ def install(
             found = _installed[id(registry)] = MetricsObserver(registry)
             observe.install(found)
         if port is not None and (addr, port) not in _servers:
-            _servers[(addr, port)] = prometheus_client.start_http_server(
-                port, addr=addr, registry=registry
-            )
+            try:
+                _servers[(addr, port)] = prometheus_client.start_http_server(
+                    port, addr=addr, registry=registry
+                )
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"metrics cannot be served on {addr}:{port}: "
+                    f"{exc.strerror or exc}; set metrics = \"HOST:PORT\" to a free port "
+                    f"(or metrics = true and expose the registry yourself)"
+                ) from exc
         return found
 
 

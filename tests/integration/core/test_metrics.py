@@ -85,7 +85,20 @@ print(text)
 
 
 def test_bad_settings_and_a_missing_extra_say_what_to_do() -> None:
-    from wove_adapters.observability import metrics_target
+    from prometheus_client import CollectorRegistry
+
+    from wove_adapters.observability import metrics, metrics_target
+
+    own = CollectorRegistry()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            with pytest.raises(OSError, match=f"127.0.0.1:{port}.*HOST:PORT"):
+                metrics.install(own, port=port)
+        finally:
+            metrics.uninstall(own)
 
     assert metrics_target(True) is None
     assert metrics_target("port:9464") == ("127.0.0.1", 9464)
