@@ -18,7 +18,7 @@ from wove_adapters import Hub
 from wove_adapters.testing import tasks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from otel_spans import caller_spans, check_linked, run_trace, tracing_on, wait_for_spans, worker_env
+from otel_spans import one_trace, tracing_on, worker_env
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra and opentelemetry-sdk (dev)")
 traced = pytest.fixture(tracing_on, name="traced")
@@ -41,10 +41,7 @@ def test_caller_and_service_spans_share_one_trace(
             trace.get_tracer("test").start_as_current_span("request"):
         future = hub.submit(tasks.add, 20, y=22)
         assert future.result(timeout=60) == 42
-    workers = wait_for_spans(spans, future.run_id, 1)
-    run, attempts = run_trace(future.run_id)
-    request = next(s for s in caller_spans() if s["name"] == "request")
-    check_linked(request, run, attempts, workers)
+    run, _, workers = one_trace(future.run_id, spans)
     assert run["attributes"]["wove.executor"] == transport
     assert workers[0]["attributes"]["wove.executor"] == "serve"
     assert workers[0]["pid"] != served.pid, "the task ran in the service's own process"

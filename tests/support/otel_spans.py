@@ -183,3 +183,18 @@ def check_requeued(run_id: str, spans: Path) -> None:
     assert run["attributes"]["wove.outcome"] == "succeeded"
     assert len(workers) == 1 and workers[0]["attributes"]["wove.attempt"] == 2
     assert workers[0]["parent_id"] == attempts[1]["span_id"]
+
+
+def one_trace(
+    run_id: str, spans: Path, request: str | None = "request"
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The run span, attempt spans and worker spans of a run with one attempt, checked
+    linked into one trace (under the caller's span named ``request``, if given)."""
+    workers = wait_for_spans(spans, run_id, 1)
+    run, attempts = run_trace(run_id)
+    parent = None if request is None else next(
+        s for s in caller_spans() if s["name"] == request
+    )
+    check_linked(parent, run, attempts, workers)
+    assert len(attempts) == 1 and len(workers) == 1, (attempts, workers)
+    return run, attempts, workers

@@ -25,12 +25,9 @@ from wove_adapters.testing.conformance import wait_for_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from lazy_imports import blocked
 from otel_spans import (
-    caller_spans,
-    check_linked,
     check_requeued,
-    run_trace,
+    one_trace,
     tracing_on,
-    wait_for_spans,
     worker_env,
 )
 
@@ -64,11 +61,7 @@ def test_caller_and_worker_spans_share_one_trace(
         with tracer.start_as_current_span("request"):
             future = hub.submit(tasks.add, 41, y=1)
         assert future.result(timeout=60) == 42
-    workers = wait_for_spans(spans, future.run_id, 1)
-    run, attempts = run_trace(future.run_id)
-    request = next(s for s in caller_spans() if s["name"] == "request")
-    check_linked(request, run, attempts, workers)
-    assert len(attempts) == 1 and len(workers) == 1
+    run, attempts, workers = one_trace(future.run_id, spans)
     assert run["attributes"]["wove.environment"] == "traced"
     assert run["attributes"]["wove.executor"] == executor
     assert run["attributes"]["wove.outcome"] == "succeeded"
@@ -92,9 +85,7 @@ def test_a_failed_run_is_an_error_on_every_span(
         future = hub.submit(tasks.fail, "no luck")
         with pytest.raises(Exception, match="no luck"):
             future.result(timeout=60)
-    workers = wait_for_spans(spans, future.run_id, 1)
-    run, attempts = run_trace(future.run_id)
-    check_linked(None, run, attempts, workers)
+    run, attempts, workers = one_trace(future.run_id, spans, request=None)
     for span in (run, *attempts, *workers):
         assert span["status"] == "ERROR", span
         assert span["attributes"]["wove.outcome"] == "failed"
