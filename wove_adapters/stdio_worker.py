@@ -30,6 +30,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, BinaryIO
 
@@ -47,6 +49,7 @@ from wove_adapters.worker.runner import (
     _Pulse,
     call_task,
     heartbeat_interval,
+    task_span,
 )
 
 _decoder = msgspec.json.Decoder(frames.WireCommand)
@@ -191,6 +194,20 @@ class StdioWorker:
             lambda: self.emit_after(taken(), frames.TaskStarted(**ident, pid=os.getpid())),
             lambda: self.emit_after(taken(), frames.Heartbeat(**ident)),
         )
+        traced = task_span(command.trace, command.run_id, command.task_id, command.attempt,
+                           "stdio")
+        with traced as span_ended:
+            event = self._outcome(command, ident, pulse, capture, span_ended)
+        pulse.close()
+        self.emit_after([] if capture is None else capture.finish(), event)
+
+    def _outcome(
+        self, command: frames.RunTaskWire, ident: dict[str, Any], pulse: _Pulse,
+        capture: tasklogs.Capture | None,
+        span_ended: Callable[[str, BaseException | None], None],
+    ) -> frames.WireEvent:
+        event: frames.WireEvent
+        began: float | None = None
         try:
             try:
                 with self._cond:
@@ -204,25 +221,30 @@ class StdioWorker:
                 with HeartbeatTimer(pulse.every, pulse.beat, first=first), \
                         tasklogs.capturing(capture):
                     func, args = loads(command.body)
+                    began = time.perf_counter()
                     value = call_task(func, args)
+                    elapsed = time.perf_counter() - began
             finally:
                 # A cancel's signal raises only while _running: once this is done,
                 # nothing below can be interrupted.
                 with self._cond:
                     self._running = False
                     self._current = None
-            event = frames.TaskResult(**ident, result=dumps(value))
+            event = frames.TaskResult(**ident, result=dumps(value), elapsed=elapsed)
+            span_ended("succeeded", None)
         except TaskCancelled as exc:
             event = frames.TaskCancelled(**ident, reason=str(exc))
+            span_ended("cancelled", exc)
         except BaseException as exc:  # SystemExit too: the task's outcome, see above
             _drop_own_frames(exc)
             event = frames.TaskError(
                 **ident,
                 error=frames.normalize_exception(exc),
                 exception=pickled_exception(exc),
+                elapsed=None if began is None else time.perf_counter() - began,
             )
-        pulse.close()
-        self.emit_after([] if capture is None else capture.finish(), event)
+            span_ended("failed", exc)
+        return event
 
 
 _OWN_FILES = frozenset({__file__, call_task.__code__.co_filename})

@@ -23,3 +23,16 @@ def assert_imports_without(module: str, libraries: Sequence[str], check: str = "
         f"{check}"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def blocked(*modules: str) -> str:
+    """Python source that, run first in a fresh interpreter, makes importing any of
+    ``modules`` (or their submodules) fail as if they were not installed."""
+    return (
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {list(modules)!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )

@@ -348,6 +348,7 @@ class AdapterTransport(Transport):
             heartbeat_seconds=run.policy.heartbeat_seconds,
             body=body,
             environment=self._environment,
+            trace=run.extra.get("trace"),
             **self._worker_bounds,
         )
         envelope = await asyncio.to_thread(build) if large else build()

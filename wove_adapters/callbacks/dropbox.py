@@ -21,7 +21,8 @@ from typing import Any
 
 import msgspec
 
-from wove_adapters.callbacks.receiver import VERIFY_IN_THREAD, CallbackReceiver
+from wove_adapters.callbacks.receiver import VERIFY_IN_THREAD, CallbackReceiver, refusal
+from wove_adapters.core import observe
 from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError, PayloadError
 
 log = logging.getLogger("wove_adapters.dropbox")
@@ -82,6 +83,8 @@ class DropboxReader(CallbackReceiver):
         if len(data) > self.max_body:
             self.stats["too_large"] += 1
             self.stats["rejected"] += 1
+            if observe.observers:
+                observe.receiver_rejected("too_large")
             log.warning("drop box %s: dropped an entry of %d bytes (limit %d), unread",
                         self.key, len(data), self.max_body)
             return False
@@ -92,12 +95,18 @@ class DropboxReader(CallbackReceiver):
                 key_id, batch = self.open_batch(data)
         except (PayloadError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.stats["rejected"] += 1
+            if observe.observers:
+                observe.receiver_rejected(
+                    refusal(exc)[1] if isinstance(exc, PayloadError) else "malformed"
+                )
             log.warning("drop box %s: rejected an entry: %s", self.key, exc)
             return False
         wrong = self.unbound(batch.events, key_id)
         if wrong:
             self.stats["wrong_key"] += 1
             self.stats["rejected"] += 1
+            if observe.observers:
+                observe.receiver_rejected("wrong_key")
             log.warning("drop box %s: rejected an entry signed with key %s for run %s, "
                         "which was signed with another key", self.key, key_id, wrong[0])
             return False

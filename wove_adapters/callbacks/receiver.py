@@ -39,7 +39,7 @@ from typing import Any
 
 import msgspec
 
-from wove_adapters.core import frames, signing
+from wove_adapters.core import frames, observe, signing
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.worker.sender import UNKNOWN_RUN_STATUS
 
@@ -272,11 +272,11 @@ class CallbackReceiver:
             path = request.path
             if path.startswith(_EVENTS) and "/" not in path[len(_EVENTS):]:
                 if request.method != "POST":
-                    return self._reject(405, "POST events here")
+                    return self._reject(405, "method", "POST events here")
                 return await self._handle(request, path[len(_EVENTS):])
             if path == "/wove/health" and request.method in ("GET", "HEAD"):
                 return web.json_response({"ok": True, **self.stats})
-            return self._reject(404, "not found")
+            return self._reject(404, "not_found", "not found")
         finally:
             self._busy.discard(handler)
             if handler in self._connections:
@@ -292,42 +292,35 @@ class CallbackReceiver:
         if not secrets.compare_digest(
             token.encode("utf-8", "surrogatepass"), self.token.encode("utf-8", "surrogatepass")
         ):
-            return self._reject(404, "unknown callback token")
+            return self._reject(404, "token", "unknown callback token")
         declared = request.content_length
         if declared is not None and declared > self.max_body:
             self.stats["too_large"] += 1
-            return self._reject(413, f"body too large (limit {self.max_body} bytes)")
+            return self._reject(413, "too_large", f"body too large (limit {self.max_body} bytes)")
         try:
             chunks = await self._read_body(request, declared)
         except _TooLarge:
             self.stats["too_large"] += 1
-            return self._reject(413, f"body too large (limit {self.max_body} bytes)")
+            return self._reject(413, "too_large", f"body too large (limit {self.max_body} bytes)")
         except asyncio.TimeoutError:
             self.stats["timed_out"] += 1
-            return self._reject(408, f"body not received within {self.body_timeout:g}s")
+            return self._reject(408, "timeout", f"body not received within {self.body_timeout:g}s")
         except Exception:
-            return self._reject(400, "unreadable body")
+            return self._reject(400, "unreadable", "unreadable body")
         try:
             if sum(map(len, chunks)) > VERIFY_IN_THREAD:
                 data, key_id, batch = await asyncio.to_thread(self._open_chunks, chunks)
             else:
                 data, key_id, batch = self._open_chunks(chunks)
         except PayloadError as exc:
-            status = (
-                409
-                if "replayed" in str(exc)
-                else 401
-                if "signature" in str(exc) or "key" in str(exc) or "timestamp" in str(exc)
-                else 400
-            )
-            return self._reject(status, str(exc))
+            return self._reject(*refusal(exc), str(exc))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return self._reject(400, f"malformed events: {exc}")
+            return self._reject(400, "malformed", f"malformed events: {exc}")
         wrong = self.unbound(batch.events, key_id)
         if wrong:
             self.stats["wrong_key"] += 1
             return self._reject(
-                401, f"signed with key {key_id}, not with the key of run {wrong[0]}"
+                401, "wrong_key", f"signed with key {key_id}, not with the key of run {wrong[0]}"
             )
         skip = self._skips_for(batch.events) if self._skips else []
         routed, unknown = self.route(batch.events, data)
@@ -338,6 +331,8 @@ class CallbackReceiver:
             # ended here long ago), so the worker records them in the run's ledger,
             # where whoever holds the run id fetches them.
             self.stats["unknown_runs"] += len(unknown)
+            if observe.observers:
+                observe.receiver_rejected("unknown_run")
             return web.json_response(
                 {
                     "ok": False,
@@ -439,14 +434,29 @@ class CallbackReceiver:
                               type(event).__struct_config__.tag)
         return routed, unknown
 
-    def _reject(self, status: int, reason: str) -> Any:
+    def _reject(self, status: int, label: str, reason: str) -> Any:
+        """A 4xx answer; ``label`` names the reason among a fixed few, for metrics
+        (``core.observe.receiver_rejected``)."""
         from aiohttp import web
 
         self.stats["rejected"] += 1
+        if observe.observers:
+            observe.receiver_rejected(label)
         return web.json_response({"ok": False, "error": reason}, status=status)
 
 
 _EVENTS = "/wove/events/"
+
+
+def refusal(exc: PayloadError) -> tuple[int, str]:
+    """The HTTP status and the metrics reason of a batch that did not verify (the drop
+    box counts its refusals by the same reasons)."""
+    text = str(exc)
+    if "replayed" in text:
+        return 409, "replayed"
+    if "signature" in text or "key" in text or "timestamp" in text:
+        return 401, "signature"
+    return 400, "malformed"
 
 
 class _ServerLog(logging.LoggerAdapter):
@@ -464,6 +474,8 @@ class _ServerLog(logging.LoggerAdapter):
 
         if isinstance(exc_info, HttpProcessingError):
             self.receiver.stats["malformed"] += 1
+            if observe.observers:
+                observe.receiver_rejected("malformed")
             self.logger.debug("malformed request refused: %s", str(exc_info).strip())
             return
         self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)

@@ -197,6 +197,8 @@ def wire_to_frame(event: frames.WireEvent, raw: bytes | None = None) -> dict[str
         # The original type with the worker's traceback chained (TaskExecutionError when
         # it does not unpickle here).
         frame["exception"] = rebuild_exception(payload, pickled)
+        if event.elapsed is not None:
+            frame["elapsed"] = event.elapsed
     elif isinstance(event, frames.Log):
         frame["message"] = event.message
         frame["level"] = event.level

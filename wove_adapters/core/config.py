@@ -52,7 +52,11 @@ SETTING_KEYS: tuple[str, ...] = (
     "task_logs", "task_output",
 )
 # Application settings: top level only.
-APP_KEYS: tuple[str, ...] = ("app_id", "force_local", "log_level", "log_format")
+APP_KEYS: tuple[str, ...] = (
+    "app_id", "force_local", "log_level", "log_format",
+    # Traces and metrics of runs (docs/observability.md), each behind its extra.
+    "tracing", "metrics",
+)
 CONCURRENCY_MODES = ("unlimited", "task", "arguments", "argument", "keys")
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "executor": "local", "executor_config": {}, "max_workers": 256, "background": False,
@@ -70,6 +74,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "task_logs": None, "task_output": False,  # None: no capture (off)
     "ledger": None,  # the runtime falls back to a per-user SQLite file
     "app_id": None, "force_local": False, "log_level": None, "log_format": "text",
+    "tracing": False, "metrics": None,
 }
 # `Any` keys accept objects (an executor instance, an idempotency-key callable) untouched.
 _TYPES: dict[str, Any] = {
@@ -86,6 +91,7 @@ _TYPES: dict[str, Any] = {
     "on_diff_non_key_args_raise": bool, "retry_for": list[str], "max_pending_seconds": float,
     "map_chunk_size": Any, "task_logs": Any, "task_output": bool,
     "app_id": str, "force_local": bool, "log_level": str, "log_format": str,
+    "tracing": bool, "metrics": Any,
 }
 _ALLOWED: dict[str, tuple[str, ...]] = {
     "error_mode": ("raise", "return"),

@@ -89,6 +89,11 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     # directory of its own) sends its result inline instead.
     result_store: str | None = None
     result_store_host: str = ""
+    # The W3C trace context (``traceparent``, ``tracestate``) of the caller's attempt
+    # span, when tracing is on (wove_adapters.observability.tracing): the worker's span
+    # is its child. None: not traced. Signed with the rest; a worker that predates it
+    # ignores it (msgspec skips unknown fields), so PAYLOAD_VERSION stays 1.
+    trace: dict[str, str] | None = None
 
     @property
     def outcome_ident(self) -> dict[str, Any]:
@@ -281,6 +286,7 @@ def build_envelope(
     retry_attempts: int | None = None,
     exit_flush_seconds: float | None = None,
     environment: str = "",
+    trace: dict[str, str] | None = None,
 ) -> Envelope:
     """Pickle the task and place its body inline or in the store (blocking: call in a thread
     when the body may be large)."""
@@ -312,6 +318,7 @@ def build_envelope(
         environment=environment,
         result_store=(store_url or default_store_url()) if by_reference else None,
         result_store_host="" if store_url or not by_reference else _hostname(),
+        trace=trace,
     )
 
 

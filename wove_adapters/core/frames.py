@@ -126,6 +126,9 @@ class TaskError(_Event, frozen=True, kw_only=True, tag=TASK_ERROR):
     exception: bytes | None = None  # cloudpickle of the original exception, best effort
     idempotency_key: str | None = None
     exception_ref: BodyRef | None = None
+    # Seconds the task body ran before it raised (as TaskResult.elapsed): what the run
+    # time metric of a failed run is (wove_adapters.observability.metrics).
+    elapsed: float | None = None
 
 
 class TaskCancelled(_Event, frozen=True, kw_only=True, tag=TASK_CANCELLED):
@@ -160,6 +163,8 @@ class RunTaskWire(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     # level of ``logging`` records to capture (None: none) and the task's stdout/stderr.
     task_logs: str | None = None
     task_output: bool = False
+    # The caller's W3C trace context for this attempt (see core.envelope.Envelope.trace).
+    trace: dict[str, str] | None = None
 
 
 class CancelTaskWire(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=CANCEL_TASK):

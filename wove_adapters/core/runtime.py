@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from wove_adapters.core import frames, signing
+from wove_adapters.core import frames, observe, signing
 from wove_adapters.core.chunking import ChunkGatherer
 from wove_adapters.core.codec import decode_outcome, frame_to_wire, sign_events
 from wove_adapters.core.controls import Controls
@@ -418,6 +418,8 @@ class Dispatcher:
         if key is not None:
             self.by_key[key] = run
         self.stats["submitted"] += 1
+        if observe.observers:
+            self._observed(observe.run_submitted, run)
         if attempt.policy.timeout:
             # The coroutine is built only when the timer fires: a run that finishes in time
             # must not leave a never-awaited coroutine behind.
@@ -580,6 +582,8 @@ class Dispatcher:
                 return
             run.submitted_at = run.last_seen = run.pending_since = time.monotonic()
             run.submitting = True
+            if observe.observers:  # before the payload is built: it carries the trace
+                self._observed(observe.attempt_launched, run)
             # Only a first attempt travels in its chunk: a retry or requeue goes alone.
             chunk = run.attempt.extra.pop("chunk", None)
             if chunk is not None and self.transport.supports_chunks:
@@ -705,6 +709,8 @@ class Dispatcher:
             if not run.started:
                 run.started = True
                 self._ledger_later(Update(run_id, {"state": RUNNING}))
+                if observe.observers:
+                    self._observed(observe.attempt_started, run)
             self._broadcast(run, frame)
         elif kind == frames.LOG:
             if "pid" in frame:  # a record of the task's own, from its worker
@@ -756,6 +762,8 @@ class Dispatcher:
         run.attempt.extra["retried"] = spent + 1
         error = frame.get("error") or {}
         reason = f"{error.get('kind', 'error')}: {error.get('message', '')}".strip()
+        if observe.observers:
+            self._observed(observe.attempt_ended, run, "retried", reason)
         self._spawn(self._run_again(run, f"failed ({reason}); retried in place"))
         return True
 
@@ -804,6 +812,8 @@ class Dispatcher:
             return
         run.terminal = frame
         run.done.set()
+        if observe.observers:
+            self._observed(observe.run_ended, run, frame)
         if run.timer is not None:
             run.timer.cancel()
         hold = until_stopped and run.launched and run.holds_slot
@@ -824,6 +834,11 @@ class Dispatcher:
             self._store_outcome(run, frame)
         if run.launched and run.run_id not in self.detached and not hold:
             self._release_soon(run.attempt)
+
+    def _observed(self, hook: Callable[..., None], run: Run, *args: Any) -> None:
+        """Tell the installed observers (``core.observe``) about ``run``; call sites
+        test ``observe.observers`` first, so nothing is built when none is installed."""
+        hook(self.environment, self.transport.name, run, *args)
 
     def _release_slot(self, run: Run) -> None:
         if run.holds_slot and run.semaphore is not None:
@@ -949,6 +964,8 @@ class Dispatcher:
                 if run.done.is_set():  # its outcome arrived meanwhile: not lost after all
                     return
                 self.stats["requeued"] += 1
+                if observe.observers:
+                    self._observed(observe.attempt_ended, run, "requeued", reason)
                 await self._run_again(run, f"was lost ({reason}); requeued")
                 return
             reason = f"{reason}; gave up after {attempt.policy.max_requeues} requeues"

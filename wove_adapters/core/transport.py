@@ -62,14 +62,20 @@ class RunAttempt:
     def task_frame(self) -> dict[str, Any]:
         """wove's ``run_task`` frame for this attempt, for executors that speak wove's
         frames (a wove executor object, a network service). ``delivery`` carries the
-        idempotency key, so a service can attach a second request with it to the first."""
+        idempotency key, so a service can attach a second request with it to the first,
+        and, when the run is traced, the attempt's W3C ``traceparent``/``tracestate``
+        (``wove-adapters serve`` starts the task's span from them; others ignore them)."""
+        delivery = self.policy.as_delivery(self.idempotency_key)
+        trace = self.extra.get("trace")
+        if trace:
+            delivery = {**delivery, **trace}
         return {
             "type": frames.RUN_TASK,
             "run_id": self.run_id,
             "task_id": self.task_id,
             "callable": self.func,
             "args": self.args,
-            "delivery": self.policy.as_delivery(self.idempotency_key),
+            "delivery": delivery,
         }
 
 

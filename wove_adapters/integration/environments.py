@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Any
 
+from wove_adapters import observability
 from wove_adapters.adapters.registry import transport_for
 from wove_adapters.core import logs, signing
 from wove_adapters.core.ledger import open_ledger
@@ -133,6 +134,7 @@ async def get_dispatcher(environment: str, settings: dict[str, Any]) -> Dispatch
     """The shared, started dispatcher for these settings (runs on the shared loop)."""
     global _lock
     logs.apply_settings(settings)
+    observability.apply_settings(settings)  # tracing / metrics, once per value
     settings = effective_settings(settings)
     ident = _identity(environment, settings)
     found = _dispatchers.get(ident)

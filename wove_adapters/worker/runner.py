@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, NoReturn
@@ -491,9 +491,11 @@ def execute(
         ident, envelope.delivery.get("task_logs"), envelope.delivery.get("task_output")
     )
     pulse = _envelope_pulse(envelope, ident, on_started, capture)
-    with HeartbeatTimer(pulse.every, pulse.beat, first=STARTED_AFTER), tasklogs.capturing(
-        capture
-    ):
+    traced = task_span(envelope.trace, envelope.run_id, envelope.task_id, envelope.attempt,
+                       envelope.adapter)
+    began: float | None = None
+    with HeartbeatTimer(pulse.every, pulse.beat, first=STARTED_AFTER), traced as span_ended, \
+            tasklogs.capturing(capture):
         try:
             func, args = load_task(envelope)
             began = time.perf_counter()
@@ -522,14 +524,54 @@ def execute(
             # ProcessPoolExecutor: the worker reports it and lives on, instead of ending
             # with no outcome for the caller to wait on.
             _drop_own_frames(exc)
-            event = error_event(envelope, final, exc, source="task")
+            event = error_event(envelope, final, exc, source="task",
+                                elapsed=None if began is None else time.perf_counter() - began)
             outcome = Outcome(RunState.FAILED, error=exc)
+        span_ended(outcome.state.value, outcome.error)
     outcome.started = pulse.close()
     outcome.event = event
     outcome.key_id = envelope.key_id
     if capture is not None:
         outcome.logs = capture.finish()
     return outcome
+
+
+# ---------------------------------------------------------------- the worker's span
+
+
+def _no_span(outcome: str, error: BaseException | None) -> None:
+    pass
+
+
+_UNTRACED: AbstractContextManager[Callable[[str, BaseException | None], None]] = (
+    nullcontext(_no_span)
+)
+_SPANS: list[Any] = []  # the tracing module once looked for; None: not importable
+
+
+def task_span(
+    trace: dict[str, str] | None, run_id: str, task_id: str, attempt: int, executor: str
+) -> AbstractContextManager[Callable[[str, BaseException | None], None]]:
+    """The worker's child span of the caller's attempt span (see
+    ``wove_adapters.observability.tracing``), current while the task runs; it yields
+    the function that records the outcome. A payload without trace context, or a worker
+    without opentelemetry-api, costs one test and imports nothing."""
+    if not trace:
+        return _UNTRACED
+    if not _SPANS:
+        try:
+            from wove_adapters.observability import tracing
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("opentelemetry"):
+                raise
+            tracing = None  # type: ignore[assignment]
+        _SPANS.append(tracing)
+    if _SPANS[0] is None:
+        return _UNTRACED
+    spans: Any = _SPANS[0]
+    return spans.task_span(
+        trace, run_id=run_id, task_id=task_id, attempt=attempt, executor=executor
+    )
 
 
 # A result (or pickled exception) above this many bytes goes to the store the payload
@@ -553,7 +595,8 @@ def result_event(
 
 
 def error_event(
-    envelope: Envelope, final: dict[str, Any], exc: BaseException, *, source: str
+    envelope: Envelope, final: dict[str, Any], exc: BaseException, *, source: str,
+    elapsed: float | None = None,
 ) -> frames.TaskError:
     """The task_error for ``exc``, its pickle inline or by reference when large."""
     pickled = pickled_exception(exc)
@@ -563,6 +606,7 @@ def error_event(
         error=frames.normalize_exception(exc, source=source),
         exception=None if ref is not None else pickled,
         exception_ref=ref,
+        elapsed=elapsed,
     )
 
 

@@ -565,6 +565,7 @@ class Service:
             return_path=payload_mod.ReturnPath(kind="native"),
             delivery={k: v for k, v in delivery.items() if isinstance(v, (str, int, float, bool))},
             body=body, key_id=self.key_id, issued_at=time.time(), environment="serve",
+            trace=_trace_of(delivery),
         )
         payload = payload_mod.encode_payload(envelope)
         run = Run(run_id, task_id, key, payload, self._beat_every(delivery))
@@ -1178,3 +1179,11 @@ def probe_health(url: str, timeout: float = 5.0) -> tuple[str, bool, str]:
 
 def main(config: ServeConfig) -> int:
     return asyncio.run(serve(config))
+
+
+def _trace_of(delivery: Mapping[str, Any]) -> dict[str, str] | None:
+    """The caller's W3C trace context of the attempt, if its ``delivery`` carries one
+    (``RunAttempt.task_frame``): the task's span on this service is its child."""
+    trace = {key: delivery[key] for key in ("traceparent", "tracestate")
+             if isinstance(delivery.get(key), str)}
+    return trace if "traceparent" in trace else None

@@ -67,6 +67,8 @@ class CeleryService:
     redis_url: str = REDIS_URL
     # More directories for the worker's PYTHONPATH (modules of the tasks it runs).
     pythonpath: tuple[str, ...] = ()
+    # More environment variables for the worker (e.g. WOVE_ADAPTERS_TRACING_INIT).
+    extra_env: dict[str, str] = field(default_factory=dict)
     service: ServiceProcess | None = None
     log_path: Path | None = None
 
@@ -141,6 +143,7 @@ class CeleryService:
             "PYTHONPATH": os.pathsep.join(
                 [str(HERE), *self.pythonpath, *filter(None, [os.environ.get("PYTHONPATH")])]
             ),
+            **self.extra_env,
         }
         command = [
             sys.executable, "-m", "celery", "-A", app_module, "worker",
@@ -212,12 +215,14 @@ class CeleryService:
                 channel.close()
 
 
-def running(broker: str, log_dir: Path, *, concurrency: int = 1) -> Iterator[CeleryService]:
+def running(broker: str, log_dir: Path, *, concurrency: int = 1,
+            **options: Any) -> Iterator[CeleryService]:
     """A started worker on ``broker`` for a fixture to ``yield from``: one that does not
-    come up fails the test with its log's tail; stopped and cleaned up afterwards."""
+    come up fails the test with its log's tail; stopped and cleaned up afterwards.
+    ``options``: more ``CeleryService`` fields (``pythonpath``, ``extra_env``)."""
     import pytest  # benchmarks import this module without pytest
 
-    service = CeleryService(broker, concurrency=concurrency, log_dir=log_dir)
+    service = CeleryService(broker, concurrency=concurrency, log_dir=log_dir, **options)
     try:
         service.start()
     except RuntimeError as exc:

@@ -245,6 +245,7 @@ class StdioTransport(Transport):
                                 heartbeat_seconds=run.policy.heartbeat_seconds,
                                 task_logs=run.policy.task_logs,
                                 task_output=run.policy.task_output,
+                                trace=run.extra.get("trace"),
                             )
                         )
                     except (ConnectionError, RuntimeError):
