@@ -72,21 +72,28 @@ class StdioWorker:
         self._cancelled = False  # the current run was cancelled before it started
 
     def emit(self, event: frames.WireEvent) -> None:
-        line = _encoder.encode(event) + b"\n"
-        with self._write_lock:
-            self._events.write(line)
-            self._events.flush()
+        self._write(_encoder.encode(event) + b"\n")
 
     def emit_after(self, logs: list[frames.Log], event: frames.WireEvent) -> None:
         """``event`` after a run's captured log frames, in one write."""
         if not logs:
             self.emit(event)
             return
-        data = b"".join([*(_encoder.encode(log) + b"\n" for log in logs),
-                         _encoder.encode(event) + b"\n"])
+        self._write(b"".join([*(_encoder.encode(log) + b"\n" for log in logs),
+                              _encoder.encode(event) + b"\n"]))
+
+    def _write(self, data: bytes) -> None:
+        """A caller that is gone (it exited, or was killed) closed its end of the pipe:
+        there is no one left to tell, and the command pipe's end of file stops this
+        worker. Its stderr stays for what matters (a broken pipe there is noise)."""
         with self._write_lock:
-            self._events.write(data)
-            self._events.flush()
+            try:
+                self._events.write(data)
+                self._events.flush()
+            except BrokenPipeError:
+                # Not under ``_cond``: a thread may emit while holding it. The end of
+                # file on the command pipe wakes the main thread.
+                self._closed = True
 
     def _read(self) -> None:
         for raw in self._commands:
