@@ -33,18 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (
-    Side,
-    emit,
-    hub_side,
-    inline_limits,
-    log,
-    record_of,
-    rss_kb,
-    speed_arguments,
-    three_way,
-    wire_sizes,
-)
+import common
 
 # wove's side when it runs: what it is, next to a pool of ``--processes``.
 ONE_WORKER = ("wove 2.0.3's stdio executor runs one worker process (no pool); it runs "
@@ -71,11 +60,11 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
               default_environment="stdio")
     try:
         sides = [
-            Side("native", lambda x: pool.submit(add, x).result(60),
+            common.Side("native", lambda x: pool.submit(add, x).result(60),
                  lambda n: [f.result(300) for f in [pool.submit(add, i) for i in range(n)]]),
-            hub_side(hub),
+            common.hub_side(hub),
         ]
-        measured, notes = three_way(sides, args, "stdio", "stdio", {},
+        measured, notes = common.three_way(sides, args, "stdio", "stdio", {},
                                     with_wove=not args.no_wove)
     finally:
         hub.close()
@@ -84,7 +73,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     wove_note = notes["wove_note"] or ONE_WORKER
     if wove_side is not None and wove_side.error:
         wove_note = f"wove's stdio executor failed: {wove_side.error}"
-    return record_of(
+    return common.record_of(
         "stdio", measured, wove_note=wove_note,
         native_description=f"ProcessPoolExecutor(max_workers={args.processes})"
                            ".submit(add, x).result()",
@@ -108,21 +97,21 @@ def memory(parked: int) -> dict[str, Any]:
         blocker = hub.submit(wait_for_file, str(gate))
         time.sleep(0.5)  # the blocker reaches the only worker
         gc.collect()
-        before = rss_kb()
+        before = common.rss_kb()
         started = time.perf_counter()
         futures = [hub.submit(add, i) for i in range(parked)]
         while len(hub._inflight) < parked + 1:  # every run has reached the dispatcher
             time.sleep(0.01)
         submit_s = time.perf_counter() - started
         gc.collect()
-        after = rss_kb()
+        after = common.rss_kb()
         gate.touch()
         blocker.result(120)
         started = time.perf_counter()
         assert [f.result(600) for f in futures] == [i + 1 for i in range(parked)]
         drain_s = time.perf_counter() - started
         gc.collect()
-        settled = rss_kb()
+        settled = common.rss_kb()
     finally:
         gate.touch()
         hub.close()
@@ -144,7 +133,7 @@ def memory(parked: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = speed_arguments(__doc__.split("\n\n")[0])
+    parser = common.speed_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--parked", type=int, default=10_000)
     parser.add_argument("--no-wove", action="store_true")
@@ -153,11 +142,12 @@ def main() -> None:
     parser.set_defaults(warmup=10)  # three_way's untimed round trips per side (no flag)
     args = parser.parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-stdio-"))
-    emit(speed(args))
+    common.emit(speed(args))
     if not args.skip_footprint:
-        log(f"memory: {args.parked} parked runs")
-        emit(memory(args.parked))
-        emit({"kind": "wire", "sizes": wire_sizes(), "inline_limits": inline_limits()})
+        common.log(f"memory: {args.parked} parked runs")
+        common.emit(memory(args.parked))
+        common.emit({"kind": "wire", "sizes": common.wire_sizes(),
+                     "inline_limits": common.inline_limits()})
 
 
 if __name__ == "__main__":

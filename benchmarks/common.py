@@ -902,6 +902,29 @@ class CpuMeter:
         return out
 
 
+def metered_sides(cpu: CpuMeter, hubs: dict[str, Any], fn: Callable[[int], int],
+                  **native: tuple[Any, Callable[[int], Any]]) -> dict[str, tuple[Any, Any]]:
+    """The sides of a same-run comparison, each burst metered by ``cpu``: the native
+    side(s), ours through each of ``hubs`` (by side name: one Hub, or one per return
+    path), and ``chunked``: the first hub's ``Hub.map`` with chunking, bursts only."""
+    first = next(iter(hubs.values()))
+    sides = {**native, **{name: hub_calls(hub, fn) for name, hub in hubs.items()},
+             "chunked": burst_only(hub_calls(first, fn, chunked=True)[1])}
+    return {name: cpu.side(name, calls) for name, calls in sides.items()}
+
+
+def side_figures(measured: dict[str, tuple[list[float], list[float]]], cpu: CpuMeter,
+                 name: str, digits: int = 3) -> dict[str, float]:
+    """One side's p50, p99 and throughput (``summarize``) with its CPU per task."""
+    return {**summarize(*measured[name], digits=digits), **cpu.figures(name)}
+
+
+def chunked_figures(rates: Sequence[float], cpu: CpuMeter,
+                    native: dict[str, Any]) -> dict[str, Any]:
+    """``chunked_record`` of the chunked side's burst ``rates``, with its CPU per task."""
+    return chunked_record({**burst_summary(rates), **cpu.figures("chunked")}, native)
+
+
 def chunked_record(chunked: dict[str, Any], native: dict[str, Any]) -> dict[str, Any]:
     """The ``ours_chunked`` / ``ratio_chunked`` keys of a result line (bench_celery's
     names, which ``run.py`` reads): the chunked side's figures and its throughput over
