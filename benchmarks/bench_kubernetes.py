@@ -177,8 +177,7 @@ def main() -> None:
         common.emit(common.two_way_record(
             "kubernetes_jobs", measured,
             mapped_100=mapped,
-            settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                      "capacity": args.capacity, "poll_s": args.poll},
+            settings=common.settings_of(args, capacity=args.capacity, poll_s=args.poll),
             machine=common.machine(),
             versions=common.versions(("wove-adapters", "kubernetes", "aiohttp", "cloudpickle")),
         ))

@@ -140,8 +140,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "throughput_ours_over_native": common.ratio(ours_stats["throughput_per_s"],
                                              native_stats["throughput_per_s"]),
     }
-    result["setup"] = {"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                       "workers": args.workers, "worker_class": args.worker_class}
+    result["setup"] = common.settings_of(args, workers=args.workers, worker_class=args.worker_class)
     return result
 
 

@@ -78,8 +78,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         native_description=f"ProcessPoolExecutor(max_workers={args.processes})"
                            ".submit(add, x).result()",
         ours_description=f"Hub stdio executor, processes={args.processes}",
-        settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                  "processes": args.processes},
+        settings=common.settings_of(args, processes=args.processes),
     )
 
 

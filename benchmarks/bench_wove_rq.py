@@ -62,8 +62,7 @@ def main() -> None:
                 hub.close()
                 wove.close()
                 native.connection.close()
-            record = common.record_of("rq", measured, settings={
-                "seq": args.seq, "burst": args.burst, "rounds": args.rounds, "workers": 1})
+            record = common.record_of("rq", measured, settings=common.settings_of(args, workers=1))
     finally:
         stop_workers(procs)
         cleanup(queue)
