@@ -408,8 +408,6 @@ class ArqAdapter(BackendAdapter):
         self._queues.pop(handle, None)
         self._leases.forget(handle)
 
-    # ------------------------------------------------------------ doctor
-
     async def doctor(self) -> list[tuple[str, bool, str]]:
         import arq.version  # a started adapter has ARQ (a missing one fails at start-up)
 

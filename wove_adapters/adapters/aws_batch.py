@@ -309,8 +309,6 @@ class AwsBatchAdapter(BackendAdapter):
         self._tracked.clear()
         self._keys.clear()
 
-    # ------------------------------------------------------------ doctor
-
     async def doctor(self) -> list[Row]:
         rows: list[Row] = []
         queue_name = str(self.config.get("job_queue"))

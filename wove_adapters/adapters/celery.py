@@ -326,8 +326,6 @@ class CeleryAdapter(BackendAdapter):
     async def _is_dead(self, task_id: str) -> bool:
         return await self._call(self._state, task_id) in _DEAD_STATES
 
-    # ------------------------------------------------------------ doctor
-
     async def doctor(self) -> list[tuple[str, bool, str]]:
         rows: list[tuple[str, bool, str]] = []
         try:

@@ -364,8 +364,6 @@ class DaskAdapter(BackendAdapter):
                                remote_tb=remote_tb)
         self.report(frame)
 
-    # ---------------------------------------------------------- doctor
-
     async def doctor(self) -> list[Row]:
         if self.client is None:
             return [("dask scheduler reachable", False, "the adapter is not started")]

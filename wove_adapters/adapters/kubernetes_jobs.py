@@ -579,8 +579,6 @@ class KubernetesJobsAdapter(BackendAdapter):
             self._pool.shutdown(wait=False)
             self._pool = None
 
-    # ------------------------------------------------------------ doctor
-
     async def doctor(self) -> list[Row]:
         rows: list[Row] = []
         if self._api is None:

@@ -276,8 +276,6 @@ class RayAdapter(BackendAdapter):
         # The worker already reported (and was acknowledged); the ref says how it ended.
         return _STATE_OF_OUTCOME.get(str(value), "FINISHED"), None
 
-    # ---------------------------------------------------------- doctor
-
     async def doctor(self) -> list[Row]:
         ray = self._ray
         if ray is None or not ray.is_initialized():

@@ -303,8 +303,6 @@ class RqAdapter(BackendAdapter):
     async def release(self, handle: str) -> None:
         self._worker_gone.pop(handle, None)
 
-    # ------------------------------------------------------------ doctor
-
     async def doctor(self) -> list[tuple[str, bool, str]]:
         rows: list[tuple[str, bool, str]] = []
         try:

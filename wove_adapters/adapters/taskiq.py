@@ -280,8 +280,6 @@ class TaskiqAdapter(BackendAdapter):
         prefix = self.config.get("result_prefix")
         return f"{prefix}:{handle}" if prefix else handle
 
-    # ---------------------------------------------------------------- doctor
-
     async def doctor(self) -> list[tuple[str, bool, str]]:
         rows: list[tuple[str, bool, str]] = []
         try:
