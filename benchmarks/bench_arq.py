@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "arq"))
 
+import common  # noqa: E402
 from arq_services import (  # noqa: E402
     REDIS_URL,
     SESSION,
@@ -40,18 +41,6 @@ from arq_services import (  # noqa: E402
     cleanup_session,
     environment,
     require_redis,
-)
-from common import (  # noqa: E402
-    CpuMeter,
-    alternate,
-    burst_only,
-    burst_summary,
-    chunked_record,
-    emit,
-    hub_calls,
-    ratio_block,
-    speed_arguments,
-    summarize,
 )
 
 from wove_adapters.integration.hub import Hub  # noqa: E402
@@ -106,33 +95,28 @@ def bench(n: int, burst: int, rounds: int, max_jobs: int) -> dict[str, Any]:
     worker = ArqWorker(f"{SESSION}-bench", Path(tempfile.mkdtemp()),
                        settings="BenchWorkerSettings",
                        env={"WOVE_TEST_ARQ_MAX_JOBS": str(max_jobs)}).start()
-    cpu = CpuMeter(burst, lambda: [worker.pid])
+    cpu = common.CpuMeter(burst, lambda: [worker.pid])
     with native_and_ours(worker) as (calls, hub):
         # 30 untimed round trips each first: connections, receiver, imports, threads.
-        measured = alternate({
-            "native": cpu.side("native", calls),
-            "ours": cpu.side("ours", hub_calls(hub, add)),
-            "chunked": cpu.side("chunked", burst_only(hub_calls(hub, add, chunked=True)[1])),
-        }, seq=n, burst=burst, rounds=rounds, warmup=30)
-    native = {**summarize(*measured["native"]), **cpu.figures("native")}
-    ours = {**summarize(*measured["ours"]), **cpu.figures("ours")}
+        measured = common.alternate(common.metered_sides(cpu, {"ours": hub}, add, native=calls),
+                             seq=n, burst=burst, rounds=rounds, warmup=30)
+    native, ours = (common.side_figures(measured, cpu, name) for name in ("native", "ours"))
     return {
         "backend": "arq",
         "native": native,
         "ours": ours,
-        "ratio": ratio_block(ours, native),
-        **chunked_record({**burst_summary(measured["chunked"][1]), **cpu.figures("chunked")},
-                         native),
+        "ratio": common.ratio_block(ours, native),
+        **common.chunked_figures(measured["chunked"][1], cpu, native),
         "settings": {"n": n, "burst": burst, "rounds": rounds, "max_jobs": max_jobs,
                      "poll_delay_s": 0.01},
     }
 
 
 def main() -> None:
-    parser = speed_arguments(__doc__.split("\n\n")[0], seq=300, seq_flag="--n")
+    parser = common.speed_arguments(__doc__.split("\n\n")[0], seq=300, seq_flag="--n")
     parser.add_argument("--max-jobs", type=int, default=100)
     options = parser.parse_args()
-    emit(bench(options.n, options.burst, options.rounds, options.max_jobs))
+    common.emit(bench(options.n, options.burst, options.rounds, options.max_jobs))
 
 
 if __name__ == "__main__":

@@ -33,19 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "celery"))
 
+import common  # noqa: E402
 from celery_services import REDIS_URL, CeleryService  # noqa: E402
-from common import (  # noqa: E402
-    CpuMeter,
-    alternate,
-    burst_only,
-    burst_summary,
-    chunked_record,
-    emit,
-    hub_calls,
-    ratio_block,
-    speed_arguments,
-    summarize,
-)
 
 from wove_adapters.integration.hub import Hub  # noqa: E402
 from wove_adapters.testing.tasks import add  # noqa: E402
@@ -80,44 +69,40 @@ def bench(broker: str, n: int, burst: int, rounds: int, concurrency: int) -> dic
     try:
         assert service.process is not None
         pid = service.process.pid
-        cpu = CpuMeter(burst, lambda: [pid])  # the celery worker and its prefork children
+        cpu = common.CpuMeter(burst, lambda: [pid])  # the celery worker and its prefork children
         # Warm every path (connections, receiver, worker children, imports) first.
-        measured = alternate({
-            "native": cpu.side("native", native_calls(app, service.queue)),
-            "ours": cpu.side("ours", hub_calls(hub, add)),
-            "chunked": cpu.side("chunked", burst_only(hub_calls(hub, add, chunked=True)[1])),
-            "dropbox": cpu.side("dropbox", hub_calls(hub, add, environment="bench_redis")),
-        }, seq=n, burst=burst, rounds=rounds, warmup=30)
+        sides = common.metered_sides(cpu, {"ours": hub}, add,
+                              native=native_calls(app, service.queue))
+        sides["dropbox"] = cpu.side("dropbox",
+                                    common.hub_calls(hub, add, environment="bench_redis"))
+        measured = common.alternate(sides, seq=n, burst=burst, rounds=rounds, warmup=30)
     finally:
         hub.close()
         app.close()
         service.stop()
         service.cleanup()
-    native, ours, dropbox = (
-        {**summarize(*measured[name]), **cpu.figures(name)}
-        for name in ("native", "ours", "dropbox")
-    )
-    chunked = {**burst_summary(measured["chunked"][1]), **cpu.figures("chunked")}
+    native, ours, dropbox = (common.side_figures(measured, cpu, name)
+                             for name in ("native", "ours", "dropbox"))
     return {
         "backend": f"celery+{'redis' if broker == 'redis' else 'rabbitmq'}",
         "tasks": n, "burst": burst, "worker_concurrency": concurrency,
         "native": native,
         "ours": ours,
         "ours_redis_return_path": dropbox,
-        "ratio": ratio_block(ours, native),
-        "ratio_redis_return_path": ratio_block(dropbox, native),
-        **chunked_record(chunked, native),
+        "ratio": common.ratio_block(ours, native),
+        "ratio_redis_return_path": common.ratio_block(dropbox, native),
+        **common.chunked_figures(measured["chunked"][1], cpu, native),
     }
 
 
 def main() -> None:
-    parser = speed_arguments(__doc__.split("\n")[0], seq=300, seq_flag="--n")
+    parser = common.speed_arguments(__doc__.split("\n")[0], seq=300, seq_flag="--n")
     parser.add_argument("--broker", choices=["redis", "amqp", "both"], default="both")
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
     options = parser.parse_args()
     brokers = ["redis", "amqp"] if options.broker == "both" else [options.broker]
     for broker in brokers:
-        emit(bench(broker, options.n, options.burst, options.rounds, options.concurrency))
+        common.emit(bench(broker, options.n, options.burst, options.rounds, options.concurrency))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
+import common  # noqa: E402
 import dask_cli  # noqa: E402
-from common import (  # noqa: E402
-    CpuMeter,
-    burst_only,
-    emit_paths,
-    hub_calls,
-    speed_arguments,
-    take_turns,
-)
 
 
 def add_one(x: int) -> int:
@@ -46,7 +39,7 @@ def stop(cluster: dask_cli.DaskCliCluster) -> None:
 
 
 def main() -> None:
-    parser = speed_arguments(__doc__.split("\n\n")[0])
+    parser = common.speed_arguments(__doc__.split("\n\n")[0])
     options = parser.parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-dask-"))
 
@@ -74,17 +67,16 @@ def main() -> None:
         }
         # "baseline": Dask's own submit + result; the others: ours, per return path.
         # "chunked": ours on the http path with map_chunk_size="auto" (bursts only).
-        cpu = CpuMeter(options.burst, lambda: [
+        cpu = common.CpuMeter(options.burst, lambda: [
             s.pid for s in [cluster.scheduler, *cluster.workers] if s is not None])
-        sides = {"baseline": (lambda x: client.submit(add_one, x, pure=False).result(),
-                              lambda n: client.gather(client.map(add_one, range(n), pure=False))),
-                 **{path: hub_calls(hub, add_one) for path, hub in hubs.items()},
-                 "chunked": burst_only(hub_calls(hubs["http"], add_one, chunked=True)[1])}
-        sides = {name: cpu.side(name, calls) for name, calls in sides.items()}
+        sides = common.metered_sides(cpu, hubs, add_one, baseline=(
+            lambda x: client.submit(add_one, x, pure=False).result(),
+            lambda n: client.gather(client.map(add_one, range(n), pure=False))))
         # Warm up: connections, imports on the workers, receiver.
-        take_turns(sides, seq=20, burst=50, rounds=1)
-        measured = take_turns(sides, seq=options.seq, burst=options.burst, rounds=options.rounds)
-        emit_paths("dask", measured, chunked="chunked", cpu=cpu)
+        common.take_turns(sides, seq=20, burst=50, rounds=1)
+        measured = common.take_turns(sides, seq=options.seq, burst=options.burst,
+                                     rounds=options.rounds)
+        common.emit_paths("dask", measured, chunked="chunked", cpu=cpu)
         for hub in hubs.values():
             hub.close()
         client.close()

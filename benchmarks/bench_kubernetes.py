@@ -38,18 +38,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-k8s-"))
 
+import common  # noqa: E402
 import kube_services as services  # noqa: E402
-from common import (  # noqa: E402
-    Side,
-    emit,
-    hub_side,
-    interleave,
-    log,
-    machine,
-    speed_arguments,
-    two_way_record,
-    versions,
-)
 
 PLUS_ONE = "import sys; print(int(sys.argv[1]) + 1)"
 INDEX_PLUS_ONE = "import os; print(int(os.environ['JOB_COMPLETION_INDEX']) + 1)"
@@ -160,7 +150,7 @@ def mapped_comparison(hub: Any, items: int = 100) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = speed_arguments(__doc__.splitlines()[0], rounds=1)
+    parser = common.speed_arguments(__doc__.splitlines()[0], rounds=1)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--capacity", type=int, default=8, help="Pods the node runs at once")
     parser.add_argument("--poll", type=float, default=0.05, help="native status poll, seconds")
@@ -170,7 +160,7 @@ def main() -> None:
 
     state = Path(tempfile.mkdtemp(prefix="wove-bench-kube-"))
     cluster = services.start_cluster(state)
-    log(f"emulator at {cluster.url} (capacity {args.capacity})")
+    common.log(f"emulator at {cluster.url} (capacity {args.capacity})")
     try:
         config = cluster.config()
         keyed = {"executor": "kubernetes_jobs", "executor_config": config,
@@ -178,18 +168,18 @@ def main() -> None:
         hub = Hub(environments={"k8s": {"executor": "kubernetes_jobs", "executor_config": config},
                                 "k8s-keyed": keyed}, default_environment="k8s")
         native = Native(cluster, args.poll)
-        sides = [Side("native", native.one, native.burst), hub_side(hub, "k8s", fn=add_one)]
-        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
+        sides = [common.Side("native", native.one, native.burst),
+                 common.hub_side(hub, "k8s", fn=add_one)]
+        measured = common.interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
                               warmup=args.warmup, label="kubernetes")
         mapped = mapped_comparison(hub)
         hub.close()
-        emit(two_way_record(
+        common.emit(common.two_way_record(
             "kubernetes_jobs", measured,
             mapped_100=mapped,
-            settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                      "capacity": args.capacity, "poll_s": args.poll},
-            machine=machine(),
-            versions=versions(("wove-adapters", "kubernetes", "aiohttp", "cloudpickle")),
+            settings=common.settings_of(args, capacity=args.capacity, poll_s=args.poll),
+            machine=common.machine(),
+            versions=common.versions(("wove-adapters", "kubernetes", "aiohttp", "cloudpickle")),
         ))
     finally:
         services.stop_cluster(cluster)

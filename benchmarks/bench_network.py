@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Side, emit, hub_side, log, record_of, three_way
+from common import Side, emit, hub_side, log, record_of, settings_of, three_way
 
 SECRET_ENV = "WOVE_BENCH_NETWORK_SECRET"
 TRANSPORTS = ("http", "grpc", "websocket")
@@ -173,8 +173,7 @@ def measure(transport: str, floor_url: str, args: Any) -> dict[str, Any]:
         ours_description=f"Hub, executor {transport!r}, against wove-adapters serve "
                          f"(signed, --max-tasks {args.max_tasks})",
         wove_description=f"wove 2.0.3's {transport} executor against the same service",
-        settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                  "max_tasks": args.max_tasks},
+        settings=settings_of(args, max_tasks=args.max_tasks),
     )
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Side, emit, hub_side, interleave, speed_arguments, two_way_record
+from common import Side, emit, hub_side, interleave, settings_of, speed_arguments, two_way_record
 
 NATIVE_CODE = "import sys; print(int(sys.argv[1]) + 1)"
 
@@ -73,8 +73,7 @@ def main() -> None:
         native_description=f"subprocess.run([python, '-c', ...]) per task; bursts on "
                            f"a {args.in_flight}-thread pool",
         ours_description=f"Hub process adapter, delivery_max_in_flight={args.in_flight}",
-        settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                  "in_flight": args.in_flight},
+        settings=settings_of(args, in_flight=args.in_flight),
     ))
 
 

@@ -25,20 +25,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "ray"))
 
-from common import (  # noqa: E402
-    CpuMeter,
-    burst_only,
-    emit_paths,
-    hub_calls,
-    speed_arguments,
-    take_turns,
-)
+import common  # noqa: E402
 
 from wove_adapters.testing.tasks import add as add_one  # noqa: E402  (x + 1, importable)
 
 
 def main() -> None:
-    parser = speed_arguments(__doc__.split("\n\n")[0])
+    parser = common.speed_arguments(__doc__.split("\n\n")[0])
     options = parser.parse_args()
     own_home = "WOVE_ADAPTERS_HOME" not in os.environ
     if own_home:
@@ -68,15 +61,13 @@ def main() -> None:
             }
             # "baseline": Ray's own remote + get; the others: ours, per return path.
             # "chunked": ours on the http path with map_chunk_size="auto" (bursts only).
-            cpu = CpuMeter(options.burst, lambda: [cluster.head.pid])
-            sides = {"baseline": (lambda x: ray.get(remote_add.remote(x)),
-                                  lambda n: ray.get([remote_add.remote(i) for i in range(n)])),
-                     **{path: hub_calls(hub, add_one) for path, hub in hubs.items()},
-                     "chunked": burst_only(hub_calls(hubs["http"], add_one, chunked=True)[1])}
-            sides = {name: cpu.side(name, calls) for name, calls in sides.items()}
+            cpu = common.CpuMeter(options.burst, lambda: [cluster.head.pid])
+            sides = common.metered_sides(cpu, hubs, add_one, baseline=(
+                lambda x: ray.get(remote_add.remote(x)),
+                lambda n: ray.get([remote_add.remote(i) for i in range(n)])))
             # Warm up: worker processes, imports on the workers, receiver connections.
-            take_turns(sides, seq=20, burst=100, rounds=1)
-            emit_paths("ray", take_turns(sides, seq=options.seq, burst=options.burst,
+            common.take_turns(sides, seq=20, burst=100, rounds=1)
+            common.emit_paths("ray", common.take_turns(sides, seq=options.seq, burst=options.burst,
                                          rounds=options.rounds), chunked="chunked", cpu=cpu)
             for hub in hubs.values():
                 hub.close()

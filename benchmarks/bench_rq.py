@@ -30,18 +30,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "rq"))
 
-from common import (  # noqa: E402
-    CpuMeter,
-    alternate,
-    burst_only,
-    burst_summary,
-    chunked_record,
-    emit,
-    hub_calls,
-    ratio,
-    speed_arguments,
-    summarize,
-)
+import common  # noqa: E402
 from rq_services import cleanup_queue  # noqa: E402
 from services import ServiceProcess  # noqa: E402
 
@@ -131,43 +120,39 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     hub = Hub(environments={"rq": {"executor": "rq", "executor_config": {
         "redis_url": REDIS_URL, "queue": queue}}}, default_environment="rq")
     native = Native(queue)
-    cpu = CpuMeter(args.burst, lambda: [proc.pid for proc in procs])
+    cpu = common.CpuMeter(args.burst, lambda: [proc.pid for proc in procs])
     try:  # 5 untimed round trips each first: connections, receiver, first fork
-        measured = alternate({
-            "native": cpu.side("native", (native.one, native.burst)),
-            "ours": cpu.side("ours", hub_calls(hub, add_one)),
-            "chunked": cpu.side("chunked", burst_only(hub_calls(hub, add_one, chunked=True)[1])),
-        }, seq=args.seq, burst=args.burst, rounds=args.rounds, warmup=5)
+        measured = common.alternate(
+            common.metered_sides(cpu, {"ours": hub}, add_one, native=(native.one, native.burst)),
+            seq=args.seq, burst=args.burst, rounds=args.rounds, warmup=5)
     finally:
         hub.close()
         native.connection.close()
         stop_workers(procs)
         cleanup(queue)
 
-    native_stats = {**summarize(*measured["native"], digits=2), **cpu.figures("native")}
-    ours_stats = {**summarize(*measured["ours"], digits=2), **cpu.figures("ours")}
+    native_stats, ours_stats = (common.side_figures(measured, cpu, name, digits=2)
+                                for name in ("native", "ours"))
     result: dict[str, Any] = {"backend": "rq", "native": native_stats, "ours": ours_stats}
-    result.update(chunked_record(
-        {**burst_summary(measured["chunked"][1]), **cpu.figures("chunked")}, native_stats))
+    result.update(common.chunked_figures(measured["chunked"][1], cpu, native_stats))
     result["ratios"] = {
-        "p50_ours_over_native": ratio(ours_stats["p50_ms"], native_stats["p50_ms"]),
-        "throughput_ours_over_native": ratio(ours_stats["throughput_per_s"],
+        "p50_ours_over_native": common.ratio(ours_stats["p50_ms"], native_stats["p50_ms"]),
+        "throughput_ours_over_native": common.ratio(ours_stats["throughput_per_s"],
                                              native_stats["throughput_per_s"]),
     }
-    result["setup"] = {"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                       "workers": args.workers, "worker_class": args.worker_class}
+    result["setup"] = common.settings_of(args, workers=args.workers, worker_class=args.worker_class)
     return result
 
 
 def main() -> None:
-    parser = speed_arguments(__doc__.split("\n\n")[0], rounds=1)
+    parser = common.speed_arguments(__doc__.split("\n\n")[0], rounds=1)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--worker-class", default="wove_adapters.adapters.rq.Worker",
                         help="the rq worker class both paths run on")
     args = parser.parse_args()
     # The caller and the worker share one home, so the worker finds the signing key.
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="bench-rq-home-"))
-    emit(measure(args))
+    common.emit(measure(args))
 
 
 if __name__ == "__main__":

@@ -44,21 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (
-    CpuMeter,
-    Side,
-    emit,
-    hub_side,
-    inline_limits,
-    interleave,
-    log,
-    ratio,
-    record_of,
-    rss_kb,
-    speed_arguments,
-    three_way,
-    wire_sizes,
-)
+import common
 
 # wove's side when it runs: what it is, next to a pool of ``--processes``.
 ONE_WORKER = ("wove 2.0.3's stdio executor runs one worker process (no pool); it runs "
@@ -85,11 +71,11 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
               default_environment="stdio")
     try:
         sides = [
-            Side("native", lambda x: pool.submit(add, x).result(60),
+            common.Side("native", lambda x: pool.submit(add, x).result(60),
                  lambda n: [f.result(300) for f in [pool.submit(add, i) for i in range(n)]]),
-            hub_side(hub),
+            common.hub_side(hub),
         ]
-        measured, notes = three_way(sides, args, "stdio", "stdio", {},
+        measured, notes = common.three_way(sides, args, "stdio", "stdio", {},
                                     with_wove=not args.no_wove)
     finally:
         hub.close()
@@ -98,13 +84,12 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     wove_note = notes["wove_note"] or ONE_WORKER
     if wove_side is not None and wove_side.error:
         wove_note = f"wove's stdio executor failed: {wove_side.error}"
-    return record_of(
+    return common.record_of(
         "stdio", measured, wove_note=wove_note,
         native_description=f"ProcessPoolExecutor(max_workers={args.processes})"
                            ".submit(add, x).result()",
         ours_description=f"Hub stdio executor, processes={args.processes}",
-        settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                  "processes": args.processes},
+        settings=common.settings_of(args, processes=args.processes),
     )
 
 
@@ -122,21 +107,21 @@ def memory(parked: int) -> dict[str, Any]:
         blocker = hub.submit(wait_for_file, str(gate))
         time.sleep(0.5)  # the blocker reaches the only worker
         gc.collect()
-        before = rss_kb()
+        before = common.rss_kb()
         started = time.perf_counter()
         futures = [hub.submit(add, i) for i in range(parked)]
         while len(hub._inflight) < parked + 1:  # every run has reached the dispatcher
             time.sleep(0.01)
         submit_s = time.perf_counter() - started
         gc.collect()
-        after = rss_kb()
+        after = common.rss_kb()
         gate.touch()
         blocker.result(120)
         started = time.perf_counter()
         assert [f.result(600) for f in futures] == [i + 1 for i in range(parked)]
         drain_s = time.perf_counter() - started
         gc.collect()
-        settled = rss_kb()
+        settled = common.rss_kb()
     finally:
         gate.touch()
         hub.close()
@@ -197,15 +182,15 @@ def task_logs_cost(args: argparse.Namespace) -> dict[str, Any]:
     hub = Hub(environments={
         name: {"executor": "stdio", "executor_config": {"processes": args.processes}, **extra}
         for name, (_, extra) in plan.items()}, default_environment="off")
-    meter = CpuMeter(args.burst, lambda: [pid for name in plan
+    meter = common.CpuMeter(args.burst, lambda: [pid for name in plan
                                           for pid in hub.dispatcher(name).transport.pids])
     try:
         sides = []
         for name, (fn, _) in plan.items():
-            side = hub_side(hub, environment=name, name=name, fn=fn)
+            side = common.hub_side(hub, environment=name, name=name, fn=fn)
             side.burst = meter.wrap(name, side.burst)
             sides.append(side)
-        measured = interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
+        measured = common.interleave(sides, seq=args.seq, burst=args.burst, rounds=args.rounds,
                               warmup=10, label="stdio task logs")
         tasklogs.flush(60)
         emitted = hub.dispatcher("on_logging").stats.get("task_logs_emitted", 0)
@@ -218,7 +203,7 @@ def task_logs_cost(args: argparse.Namespace) -> dict[str, Any]:
 
     def ratios(on: str, off: str) -> dict[str, float | None]:
         a, b = figures[on], figures[off]
-        return {key: ratio(a.get(key), b.get(key))
+        return {key: common.ratio(a.get(key), b.get(key))
                 for key in ("p50_ms", "throughput_per_s", "caller_cpu_us_per_task",
                             "worker_cpu_us_per_task")}
 
@@ -236,7 +221,7 @@ def task_logs_cost(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = speed_arguments(__doc__.split("\n\n")[0])
+    parser = common.speed_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--parked", type=int, default=10_000)
     parser.add_argument("--no-wove", action="store_true")
@@ -250,13 +235,14 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-stdio-"))
     if args.task_logs:
-        emit(task_logs_cost(args))
+        common.emit(task_logs_cost(args))
         return
-    emit(speed(args))
+    common.emit(speed(args))
     if not args.skip_footprint:
-        log(f"memory: {args.parked} parked runs")
-        emit(memory(args.parked))
-        emit({"kind": "wire", "sizes": wire_sizes(), "inline_limits": inline_limits()})
+        common.log(f"memory: {args.parked} parked runs")
+        common.emit(memory(args.parked))
+        common.emit({"kind": "wire", "sizes": common.wire_sizes(),
+                     "inline_limits": common.inline_limits()})
 
 
 if __name__ == "__main__":

@@ -29,17 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
-from common import (  # noqa: E402
-    CpuMeter,
-    burst_rate,
-    burst_summary,
-    chunked_record,
-    emit,
-    ratio,
-    round_trips,
-    speed_arguments,
-    summarize,
-)
+import common  # noqa: E402
 from services import ServiceProcess  # noqa: E402
 
 URL = os.environ.get("WOVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -153,7 +143,7 @@ class Ours:
 
 
 def main() -> None:
-    parser = speed_arguments(__doc__.split("\n\n")[0], rounds=2, seq_flag="--tasks")
+    parser = common.speed_arguments(__doc__.split("\n\n")[0], rounds=2, seq_flag="--tasks")
     parser.add_argument("--processes", type=int, default=2, help="payload processes")
     options = parser.parse_args()
 
@@ -167,30 +157,29 @@ def main() -> None:
         lat: dict[str, list[float]] = {"native": [], "ours": []}
         thr: dict[str, list[float]] = {"native": [], "ours": []}
         for side in sides.values():
-            round_trips(side.one, 20)
+            common.round_trips(side.one, 20)
         chunk = max(options.tasks // 4, 1)
         while len(lat["ours"]) < options.tasks:  # interleaved in chunks
             for name, side in sides.items():
-                lat[name] += round_trips(side.one, chunk)
+                lat[name] += common.round_trips(side.one, chunk)
         # Bursts: native, ours (each run alone) and ours chunked take turns round by round.
-        cpu = CpuMeter(options.burst, lambda: [worker.pid])
+        cpu = common.CpuMeter(options.burst, lambda: [worker.pid])
         bursts = {"native": native.many, "ours": ours.many, "chunked": ours.many_chunked}
         thr["chunked"] = []
-        burst_rate(ours.many_chunked, 50)  # warm: the chunk size learns the task's time
+        common.burst_rate(ours.many_chunked, 50)  # warm: the chunk size learns the task's time
         for _ in range(options.rounds):
             for name, many in bursts.items():
-                thr[name].append(burst_rate(cpu.wrap(name, many), options.burst))
+                thr[name].append(common.burst_rate(cpu.wrap(name, many), options.burst))
         report: dict[str, Any] = {"backend": "taskiq"}
         for name in sides:
-            report[name] = {**summarize(lat[name], thr[name], digits=2), **cpu.figures(name)}
-        report.update(chunked_record(
-            {**burst_summary(thr["chunked"]), **cpu.figures("chunked")}, report["native"]))
+            report[name] = {**common.summarize(lat[name], thr[name], digits=2), **cpu.figures(name)}
+        report.update(common.chunked_figures(thr["chunked"], cpu, report["native"]))
         report["ratios"] = {
-            "p50": ratio(report["ours"]["p50_ms"], report["native"]["p50_ms"]),
-            "throughput": ratio(report["ours"]["throughput_per_s"],
+            "p50": common.ratio(report["ours"]["p50_ms"], report["native"]["p50_ms"]),
+            "throughput": common.ratio(report["ours"]["throughput_per_s"],
                                 report["native"]["throughput_per_s"]),
         }
-        emit(report)
+        common.emit(report)
     finally:
         for closing in (native, ours):
             if closing is not None:

@@ -31,7 +31,7 @@ from arq_services import (  # noqa: E402
     ArqWorker,
 )
 from bench_arq import native_and_ours  # noqa: E402
-from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
+from common import Side, bench_arguments, emit, hub_side, record_of, settings_of, three_way  # noqa: E402
 
 
 def start_worker(max_jobs: int, log_dir: Path) -> ArqWorker:
@@ -57,8 +57,7 @@ def main() -> None:
         sides = [Side("native", *native), hub_side(hub)]
         measured, notes = three_way(sides, args, "arq", "arq", wove_config, weave=True)
     emit(record_of("arq", measured, **notes,
-                   settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                             "max_jobs": args.max_jobs, "poll_delay_s": 0.01}))
+                   settings=settings_of(args, max_jobs=args.max_jobs, poll_delay_s=0.01)))
 
 
 if __name__ == "__main__":

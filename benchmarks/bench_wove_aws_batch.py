@@ -15,24 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "aws_batch"))
+from common import attempt_once  # the harness, beside this script
 
-from common import attempt_once  # noqa: E402
+TESTS = Path(__file__).resolve().parents[1] / "tests" / "integration"
+sys.path.insert(0, str(TESTS / "aws_batch"))
 
 
 @contextlib.contextmanager
-def moto_stack() -> Iterator[dict[str, Any]]:
+def moto_stack(workdir: Path) -> Iterator[dict[str, Any]]:
     """The tests' moto + Docker Engine API shim stack; wove's config for its queue."""
     import aws_batch_services as services
 
-    stack = services.start_stack(Path(tempfile.mkdtemp(prefix="bench-wove-aws-")))
+    stack = services.start_stack(workdir)
     try:
         yield {
             "client": stack.client("batch"),

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "celery"))
 
 from bench_celery import native_calls  # noqa: E402
-from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
+from common import Side, bench_arguments, emit, hub_side, record_of, settings_of, three_way  # noqa: E402
 
 WORKERS = str(HERE / "wove_workers")
 
@@ -62,8 +62,7 @@ def bench(broker: str, args: Any) -> dict[str, Any]:
     return record_of(
         f"celery+{'redis' if broker == 'redis' else 'rabbitmq'}", measured,
         **notes,
-        settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                  "worker_concurrency": args.concurrency, "pool": "prefork"},
+        settings=settings_of(args, worker_concurrency=args.concurrency, pool="prefork"),
     )
 
 

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_dask import start_cluster, stop  # noqa: E402
-from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
+from common import Side, bench_arguments, emit, hub_side, record_of, settings_of, three_way  # noqa: E402
 
 
 def main() -> None:
@@ -56,8 +56,8 @@ def main() -> None:
         shared_loop.run_sync(stop_all(), 60)
         stop(cluster)
     emit(record_of("dask", measured, **notes,
-                   settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                             "workers": "2 processes x 1 thread", "return_path": "http"}))
+                   settings=settings_of(args, workers="2 processes x 1 thread",
+                                        return_path="http")))
 
 
 if __name__ == "__main__":

@@ -15,25 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "kubernetes"))
+from common import attempt_once  # the harness, beside this script
 
-from common import attempt_once  # noqa: E402
+TESTS = Path(__file__).resolve().parents[1] / "tests" / "integration"
+sys.path.insert(0, str(TESTS / "kubernetes"))
 
 
 @contextlib.contextmanager
-def emulator() -> Iterator[dict[str, Any]]:
+def emulator(workdir: Path) -> Iterator[dict[str, Any]]:
     """The tests' Kubernetes API emulator; wove's config for it (its kubeconfig, the
     image string the tests use)."""
     from kube_services import NAMESPACE, start_cluster, stop_cluster
 
-    cluster = start_cluster(Path(tempfile.mkdtemp(prefix="bench-wove-k8s-")))
+    cluster = start_cluster(workdir)
     try:
         yield {
             "load_config_options": {"config_file": str(cluster.kubeconfig)},

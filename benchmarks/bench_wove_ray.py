@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "ray"))
 
-from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
+from common import Side, bench_arguments, emit, hub_side, record_of, settings_of, three_way  # noqa: E402
 
 
 def main() -> None:
@@ -61,9 +61,8 @@ def main() -> None:
             ]
             measured, notes = three_way(sides, args, "ray", "ray", {"init": False})
             hub.close()
-            record = record_of("ray", measured, **notes, settings={
-                "seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                "cluster": "1 head, 2 CPUs", "return_path": "http"})
+            record = record_of("ray", measured, **notes, settings=settings_of(
+                args, cluster="1 head, 2 CPUs", return_path="http"))
         finally:
             shared_loop.run_sync(stop_all(), 60)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -22,21 +22,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import common  # noqa: E402
 from bench_rq import REDIS_URL, Native, cleanup, start_workers, stop_workers  # noqa: E402
-from common import (  # noqa: E402
-    Side,
-    WoveRuntime,
-    bench_arguments,
-    emit,
-    hub_side,
-    interleave,
-    record_of,
-    wove_attempt,
-)
 
 
 def main() -> None:
-    args = bench_arguments(__doc__.split("\n\n")[0]).parse_args()
+    args = common.bench_arguments(__doc__.split("\n\n")[0]).parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-rq-"))
     from rq import __version__ as rq_version
 
@@ -48,7 +39,7 @@ def main() -> None:
     wove_config = {"redis_url": REDIS_URL, "queue_name": queue}
     record: dict[str, Any]
     try:
-        failure = wove_attempt("rq", wove_config, timeout=30)
+        failure = common.wove_attempt("rq", wove_config, timeout=30)
         if failure is not None:
             record = {
                 "backend": "rq", "native": None, "ours": None, "wove": None,
@@ -60,22 +51,22 @@ def main() -> None:
             native = Native(queue)
             hub = Hub(environments={"rq": {"executor": "rq", "executor_config": {
                 "redis_url": REDIS_URL, "queue": queue}}}, default_environment="rq")
-            wove = WoveRuntime("rq", wove_config)
+            wove = common.WoveRuntime("rq", wove_config)
             try:
-                measured = interleave(
-                    [Side("native", native.one, native.burst), hub_side(hub), wove.side()],
+                measured = common.interleave(
+                    [common.Side("native", native.one, native.burst), common.hub_side(hub),
+                     wove.side()],
                     seq=args.seq, burst=args.burst, rounds=args.rounds,
                     warmup=args.warmup, label="rq")
             finally:
                 hub.close()
                 wove.close()
                 native.connection.close()
-            record = record_of("rq", measured, settings={
-                "seq": args.seq, "burst": args.burst, "rounds": args.rounds, "workers": 1})
+            record = common.record_of("rq", measured, settings=common.settings_of(args, workers=1))
     finally:
         stop_workers(procs)
         cleanup(queue)
-    emit(record)
+    common.emit(record)
 
 
 if __name__ == "__main__":

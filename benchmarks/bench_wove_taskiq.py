@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_taskiq  # noqa: E402
-from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
+from common import Side, bench_arguments, emit, hub_side, record_of, settings_of, three_way  # noqa: E402
 
 
 def caller_broker() -> Any:
@@ -72,9 +72,9 @@ def main() -> None:
             native.close()
         bench_taskiq.stop_worker(worker)
     emit(record_of("taskiq", measured, **notes,
-                   settings={"seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-                             "worker_processes": 1, "payload_processes": args.processes,
-                             "check_interval_s": 0.01}))
+                   settings=settings_of(args, worker_processes=1,
+                                        payload_processes=args.processes,
+                                        check_interval_s=0.01)))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,15 @@ sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "temporal"))
 os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix="wove-bench-temporal-"))
 
 from bench_temporal import Native  # noqa: E402
-from common import Side, bench_arguments, emit, hub_side, record_of, three_way  # noqa: E402
+from common import (  # noqa: E402
+    Side,
+    bench_arguments,
+    emit,
+    hub_side,
+    record_of,
+    settings_of,
+    three_way,
+)
 from temporal_services import start_dev_server, start_worker  # noqa: E402
 
 
@@ -78,12 +86,11 @@ def main() -> None:
             hub.close()
         worker.stop()
         server.stop()
-    emit(record_of("temporal", measured, **notes, settings={
-        "seq": args.seq, "burst": args.burst, "rounds": args.rounds,
-        "worker_slots": args.slots, "return_path": "http",
-        "burst_concurrency": args.concurrency or args.burst,
-        "native": "workflow + one activity (user.Increment)",
-        "wove_workflow": "workflow + one activity running wove's payload"}))
+    emit(record_of("temporal", measured, **notes, settings=settings_of(
+        args, worker_slots=args.slots, return_path="http",
+        burst_concurrency=args.concurrency or args.burst,
+        native="workflow + one activity (user.Increment)",
+        wove_workflow="workflow + one activity running wove's payload")))
 
 
 if __name__ == "__main__":

@@ -348,6 +348,12 @@ def hub_side(hub: Any, environment: str | None = None, name: str = "ours",
     )
 
 
+def settings_of(args: Any, **more: Any) -> dict[str, Any]:
+    """The run's shape as a result line records it: ``seq``, ``burst`` and ``rounds`` from
+    the script's arguments, plus what else the script varies."""
+    return {"seq": args.seq, "burst": args.burst, "rounds": args.rounds, **more}
+
+
 def two_way_record(backend: str, measured: dict[str, Side], **extra: Any) -> dict[str, Any]:
     """The JSON line of a native-vs-ours run without a wove side: figures, errors, ratio."""
     native = measured["native"].summary()
@@ -642,15 +648,16 @@ def wove_attempt_record(backend: str, executor: str, failure: str | None) -> dic
 
 
 def attempt_once(executor: str, doc: str,
-                 stand_in: Callable[[], contextlib.AbstractContextManager[dict[str, Any]]],
+                 stand_in: Callable[[Path], contextlib.AbstractContextManager[dict[str, Any]]],
                  backend: str | None = None) -> None:
     """The whole run of a script that can only try wove's adapter once: its arguments (the
     usual ones, for ``run.py``), a data dir of its own, then one ``wove_attempt`` on
-    wove's executor config from ``stand_in()`` (which starts the tests' stand-in for the
-    backend and stops it on leaving), and the record of how that went."""
+    wove's executor config from ``stand_in(workdir)`` (which starts the tests' stand-in
+    for the backend in a fresh directory and stops it on leaving), and the record of how
+    that went."""
     bench_arguments(doc.split("\n\n")[0]).parse_args()
     os.environ.setdefault("WOVE_ADAPTERS_HOME", tempfile.mkdtemp(prefix=f"wove-bench-{executor}-"))
-    with stand_in() as executor_config:
+    with stand_in(Path(tempfile.mkdtemp(prefix=f"bench-wove-{executor}-"))) as executor_config:
         failure = wove_attempt(executor, executor_config, timeout=60)
     emit(wove_attempt_record(backend or executor, executor, failure))
 
@@ -900,6 +907,29 @@ class CpuMeter:
         if self.worker.get(name):
             out["worker_cpu_us_per_task"] = round(statistics.median(self.worker[name]), 1)
         return out
+
+
+def metered_sides(cpu: CpuMeter, hubs: dict[str, Any], fn: Callable[[int], int],
+                  **native: tuple[Any, Callable[[int], Any]]) -> dict[str, tuple[Any, Any]]:
+    """The sides of a same-run comparison, each burst metered by ``cpu``: the native
+    side(s), ours through each of ``hubs`` (by side name: one Hub, or one per return
+    path), and ``chunked``: the first hub's ``Hub.map`` with chunking, bursts only."""
+    first = next(iter(hubs.values()))
+    sides = {**native, **{name: hub_calls(hub, fn) for name, hub in hubs.items()},
+             "chunked": burst_only(hub_calls(first, fn, chunked=True)[1])}
+    return {name: cpu.side(name, calls) for name, calls in sides.items()}
+
+
+def side_figures(measured: dict[str, tuple[list[float], list[float]]], cpu: CpuMeter,
+                 name: str, digits: int = 3) -> dict[str, float]:
+    """One side's p50, p99 and throughput (``summarize``) with its CPU per task."""
+    return {**summarize(*measured[name], digits=digits), **cpu.figures(name)}
+
+
+def chunked_figures(rates: Sequence[float], cpu: CpuMeter,
+                    native: dict[str, Any]) -> dict[str, Any]:
+    """``chunked_record`` of the chunked side's burst ``rates``, with its CPU per task."""
+    return chunked_record({**burst_summary(rates), **cpu.figures("chunked")}, native)
 
 
 def chunked_record(chunked: dict[str, Any], native: dict[str, Any]) -> dict[str, Any]:

@@ -48,8 +48,7 @@ def _caller(queue: str, marker: Path, **policy: Any) -> contextlib.AbstractConte
 
 def _plant(job_id: str, marker: Path, *, record: bytes | None = None,
            in_progress: bool = False) -> None:
-    client = redis_client()
-    try:
+    with redis_client() as client:
         client.set(f"arq:job:{job_id}", bomb(marker))
         client.set(f"arq:retry:{job_id}", bomb(marker))
         if in_progress:
@@ -57,8 +56,6 @@ def _plant(job_id: str, marker: Path, *, record: bytes | None = None,
         else:
             client.set(f"arq:result:{job_id}", bomb(marker))
         client.set(RESULT_KEY + job_id, bomb(marker) if record is None else record)
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize("record", ["pickle", "failed", "forged-outcome"])
@@ -95,15 +92,12 @@ def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) ->
     job; the caller then cancels it, times it out, or reads its status and outcome."""
     with _caller(queue, marker, **({"delivery_timeout": 3.0} if how == "timeout" else {})) as hub:
         future = hub.submit(tasks.add, 1, 2)
-        client = redis_client()
-        try:
+        with redis_client() as client:
             for _ in range(200):
                 ids = [m.decode() for m in client.zrange(queue, 0, -1)]
                 if ids:
                     break
                 time.sleep(0.05)
-        finally:
-            client.close()
         assert ids, "the caller's job never reached the queue"
         _plant(ids[0], marker)
 

@@ -58,8 +58,7 @@ def _caller(queue: str, marker: Path, **policy: Any) -> contextlib.AbstractConte
 
 def _plant(job_id: str, queue: str, marker: Path, **fields: Any) -> None:
     """A job hash as a Redis writer writes it: a pickle in every field that holds one."""
-    client = redis_client()
-    try:
+    with redis_client() as client:
         client.hset(f"rq:job:{job_id}", mapping={
             "data": zlib.compress(bomb(marker)), "meta": bomb(marker),
             "result": bomb(marker), "origin": queue, "created_at": "2026-01-01T00:00:00.000000Z",
@@ -69,8 +68,6 @@ def _plant(job_id: str, queue: str, marker: Path, **fields: Any) -> None:
         client.xadd(f"rq:results:{job_id}", {
             "type": "1", "return_value": bomb_b64(marker), "created_at": "2026-01-01T00:00:00Z",
         })
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize("status", ["finished", "failed", "stopped", "canceled"])
@@ -101,8 +98,7 @@ def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) ->
     fields); the caller then cancels it, times it out, or asks its status."""
     with _caller(queue, marker, **({"delivery_timeout": 2.0} if how == "timeout" else {})) as hub:
         future = hub.submit(tasks.add, 1, 2)
-        client = redis_client()
-        try:
+        with redis_client() as client:
             for _ in range(200):
                 ids = [k.decode().split(":", 2)[2] for k in client.scan_iter("rq:job:*")
                        if client.hget(k, "origin") == queue.encode()]
@@ -111,8 +107,6 @@ def test_tampered_own_job_never_unpickles(queue: str, marker: Path, how: str) ->
                 time.sleep(0.05)
             assert ids, "the caller's job never reached Redis"
             _plant(ids[0], queue, marker, status="queued")
-        finally:
-            client.close()
 
         def status() -> None:
             adapter = hub.dispatcher("rq").transport.adapter

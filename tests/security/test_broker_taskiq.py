@@ -47,14 +47,11 @@ def _caller(queue: str, marker: Path, **policy: Any) -> contextlib.AbstractConte
 
 def _plant(queue: str, handle: str, marker: Path, **ours: bytes | str | None) -> None:
     """The task's result (a pickle, as taskiq-redis writes by default) and our keys."""
-    client = redis_client()
-    try:
+    with redis_client() as client:
         client.set(handle, bomb(marker), ex=600)
         for kind, value in ours.items():
             if value is not None:
                 client.set(f"wove:taskiq:{queue}:{kind}:{handle}", value, ex=600)
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize("planted", ["forged-outcome", "result-only", "garbage-claim"])

@@ -157,7 +157,6 @@ class ArqOptions(AdapterOptions, kw_only=True):
 class ArqAdapter(BackendAdapter):
     name = "arq"
     config_struct = ArqOptions
-    extra = "arq"
     required_modules = ("arq",)
     # isolation="thread" (default): ARQ's abort cancels the job's asyncio task, but the
     # thread running the task's code cannot be interrupted, so running work is NOT
@@ -167,6 +166,7 @@ class ArqAdapter(BackendAdapter):
         confirm_cancel=False,
         native_idempotency=True,
         inline_payload_limit=1024 * 1024,
+        chunks=True,
     )
     # isolation="process": the payload runs in a child process the worker SIGTERMs on
     # abort (SIGKILL after ``kill_after``): running work really stops, and the child's
@@ -174,7 +174,6 @@ class ArqAdapter(BackendAdapter):
     PROCESS_CAPABILITIES: ClassVar[Capabilities] = dataclasses.replace(
         capabilities, cancel_running=True, confirm_cancel=True
     )
-    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         # arq.jobs.JobStatus
         "DEFERRED": JobState.PENDING,
@@ -408,8 +407,6 @@ class ArqAdapter(BackendAdapter):
     async def release(self, handle: str) -> None:
         self._queues.pop(handle, None)
         self._leases.forget(handle)
-
-    # ------------------------------------------------------------ doctor
 
     async def doctor(self) -> list[tuple[str, bool, str]]:
         import arq.version  # a started adapter has ARQ (a missing one fails at start-up)

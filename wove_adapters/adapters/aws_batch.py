@@ -26,15 +26,9 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.adapters.util import (
-    Row,
-    delete_payloads,
-    store_row,
-    submit_grouped,
-    undone_if_abandoned,
-    worker_command,
-)
+from wove_adapters.adapters.util import Row, store_row, worker_command
 from wove_adapters.core import stores as payload_mod
+from wove_adapters.core.aio import submit_grouped, undone_if_abandoned
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED
@@ -99,7 +93,6 @@ class AwsBatchOptions(AdapterOptions, kw_only=True):
 class AwsBatchAdapter(BackendAdapter):
     name = "aws_batch"
     config_struct = AwsBatchOptions
-    extra = "aws"
     required_modules = ("boto3",)
     capabilities = Capabilities.backend(
         cancel_running=True,
@@ -298,7 +291,7 @@ class AwsBatchAdapter(BackendAdapter):
 
     async def _delete_keys(self, keys: list[str]) -> None:
         store = self._store()
-        await asyncio.gather(*(asyncio.to_thread(delete_payloads, store, [key]) for key in keys))
+        await asyncio.gather(*(asyncio.to_thread(store.discard, [key]) for key in keys))
 
     async def release(self, handle: str) -> None:
         self._tracked.pop(handle, None)
@@ -315,8 +308,6 @@ class AwsBatchAdapter(BackendAdapter):
     async def aclose(self) -> None:
         self._tracked.clear()
         self._keys.clear()
-
-    # ------------------------------------------------------------ doctor
 
     async def doctor(self) -> list[Row]:
         rows: list[Row] = []

@@ -104,9 +104,6 @@ class BackendAdapter(abc.ABC):
     # "flushed": it exits (``python -m wove_adapters.worker``) only after those retries,
     #   so the ledger is the only place left to look.
     after_job: ClassVar[str] = "retries"
-    # Whether this backend's worker runs chunks (``worker.chunks``: several runs of a
-    # mapped call in one job), so ``Hub.map`` may pack them.
-    chunks: ClassVar[bool] = False
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         self.config = config

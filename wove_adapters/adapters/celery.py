@@ -48,7 +48,7 @@ from wove_adapters.adapters.celery_reads import (
 )
 from wove_adapters.adapters.claims import KeyClaims
 from wove_adapters.adapters.registry import import_object
-from wove_adapters.adapters.util import ThreadHops
+from wove_adapters.core.aio import ThreadHops
 from wove_adapters.core.errors import redact_url
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
@@ -111,16 +111,14 @@ class CeleryOptions(AdapterOptions, kw_only=True):
 class CeleryAdapter(BackendAdapter):
     name = "celery"
     config_struct = CeleryOptions
-    extra = "celery"
     required_modules = ("celery", "kombu")
     capabilities = Capabilities.backend(
         cancel_running=True,  # prefork pool: the child is SIGTERMed, the task interrupted
         confirm_cancel=True,  # task_cancelled from the worker, or REVOKED in the backend
         native_idempotency=True,  # task id = key, claimed in the Redis result backend
-        detach=True,  # workers outlive the caller and record outcomes in the ledger
         inline_payload_limit=512 * 1024,
+        chunks=True,
     )
-    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         "PENDING": JobState.PENDING,  # also "never heard of it"
         "RECEIVED": JobState.PENDING,
@@ -327,8 +325,6 @@ class CeleryAdapter(BackendAdapter):
 
     async def _is_dead(self, task_id: str) -> bool:
         return await self._call(self._state, task_id) in _DEAD_STATES
-
-    # ------------------------------------------------------------ doctor
 
     async def doctor(self) -> list[tuple[str, bool, str]]:
         rows: list[tuple[str, bool, str]] = []

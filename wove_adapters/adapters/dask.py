@@ -5,8 +5,8 @@ created once per environment; it never blocks the loop. ``executor_config["addre
 names a running scheduler, or ``cluster: "local"`` starts a ``LocalCluster`` (worker
 processes, loopback only, no dashboard) that the environment owns and stops.
 
-What runs on a worker is ``run_payload(payload)`` from this module: Dask imports it by
-reference, so a plain ``dask worker`` with wove-adapters installed is the whole worker
+What runs on a worker is ``run_dask(payload)`` from ``worker.hosted``: Dask imports it
+by reference, so a plain ``dask worker`` with wove-adapters installed is the whole worker
 side. It verifies the signed payload before anything is unpickled, then either
 
 - ``return_path: "http"`` (default) / ``"redis"``: runs it with ``worker.runner.run``,
@@ -37,20 +37,15 @@ from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.adapters.util import (
-    BatchedFetch,
     FinishedStates,
-    IterationBatch,
     Row,
     Watched,
     checked_row,
     failure_frame,
-    group_by,
     refusal_frame,
-    run_event,
-    wait_within,
 )
 from wove_adapters.core import frames
-from wove_adapters.core.envelope import is_chunk
+from wove_adapters.core.aio import BatchedFetch, IterationBatch, group_by, wait_within
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.worker import hosted
@@ -61,23 +56,6 @@ log = logging.getLogger("wove_adapters.adapters.dask")
 SUBMIT_OPTIONS = ("resources", "priority", "retries", "workers", "allow_other_workers")
 
 
-# ---------------------------------------------------------------- the worker side
-
-
-def run_payload(payload: str) -> Any:
-    """What a Dask worker runs: verify, run, report (or return, on the native path).
-
-    Runs in a Dask worker thread, so SIGTERM cannot interrupt it (``handle_sigterm`` is
-    off: signal handlers belong to the main thread).
-    """
-    if is_chunk(payload):
-        return hosted.run_chunk(payload, handle_sigterm=False)
-    envelope = hosted.verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
-    if envelope.return_path.kind == "native":
-        return hosted.run_native(envelope)
-    return hosted.run_reported(envelope, handle_sigterm=False)
-
-
 def check_workers(client: Any) -> Any:
     """Check that a cluster's workers can run payloads: ``{worker: version}``.
 
@@ -85,9 +63,6 @@ def check_workers(client: Any) -> Any:
     ``dask worker`` with wove-adapters installed runs payloads); this fails with the
     worker's ImportError when one lacks it. Sync client: the dict; async: awaitable."""
     return client.run(hosted.worker_ready)
-
-
-# ---------------------------------------------------------------- the caller side
 
 
 @dataclass
@@ -122,7 +97,6 @@ class DaskOptions(AdapterOptions, kw_only=True):
 class DaskAdapter(BackendAdapter):
     name = "dask"
     config_struct = DaskOptions
-    extra = "dask"
     required_modules = ("dask", "distributed")
     capabilities = Capabilities.backend(
         # A running task is a Python thread inside the worker: Dask forgets it and drops its
@@ -133,8 +107,8 @@ class DaskAdapter(BackendAdapter):
         native_result=True,
         detach=True,  # fire_and_forget keeps the task alive without this client
         inline_payload_limit=4 * 1024 * 1024,
+        chunks=True,
     )
-    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         # client-side Future.status
         "PENDING": JobState.PENDING,
@@ -273,7 +247,7 @@ class DaskAdapter(BackendAdapter):
         for items in group_by(leaving, lambda item: repr(sorted(item[2].items()))):
             keys = [key for key, _, _ in items]
             try:
-                futures = self.client.map(run_payload, [p for _, p, _ in items], key=keys,
+                futures = self.client.map(hosted.run_dask, [p for _, p, _ in items], key=keys,
                                           pure=False, **items[0][2])
             except Exception as exc:  # every run in the batch hears of it
                 for key in keys:
@@ -390,8 +364,6 @@ class DaskAdapter(BackendAdapter):
                                remote_tb=remote_tb)
         self.report(frame)
 
-    # ---------------------------------------------------------- doctor
-
     async def doctor(self) -> list[Row]:
         if self.client is None:
             return [("dask scheduler reachable", False, "the adapter is not started")]
@@ -488,13 +460,13 @@ def _frame_for(
     if status == "finished":
         if not native:
             return None  # the worker already reported (and was acknowledged)
-        return run_event(tracked, frames.TASK_RESULT, result=value)
+        return frames.event_of(tracked, frames.TASK_RESULT, result=value)
     if status == "cancelled":
-        return run_event(tracked, frames.TASK_CANCELLED, reason="the Dask task was cancelled")
+        return frames.event_of(tracked, frames.TASK_CANCELLED, reason="the Dask task was cancelled")
     if status == "error" and exc is not None and not _lost(exc):
         return failure_frame(tracked, exc, native=native, remote_tb=remote_tb)
     reason = f"{type(exc).__name__}: {exc}" if exc is not None else f"Dask reports {status}"
-    return run_event(tracked, frames.TASK_LOST, reason=f"the Dask task was lost ({reason})")
+    return frames.event_of(tracked, frames.TASK_LOST, reason=f"the Dask task was lost ({reason})")
 
 
 async def _awaited(future: Any) -> Any:

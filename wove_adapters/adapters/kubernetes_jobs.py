@@ -39,15 +39,9 @@ from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.adapters.kubernetes_manifest import (
-    CONTAINER,
-    CONTAINER_FIELDS,
     ENV_LABEL,
-    INDEX_KEY,
     MANAGED_BY,
     MANAGER,
-    POD_FIELDS,
-    START_FAILURES,
-    TASK_LABEL,
     dns_label,
     has_unready_pods,
     index_of,
@@ -55,30 +49,15 @@ from wove_adapters.adapters.kubernetes_manifest import (
     job_of,
     label_value,
     native_state,
-    parse_indexes,
     refused,
     start_failure,
 )
-from wove_adapters.adapters.util import (
-    Row,
-    checked_row,
-    delete_payloads,
-    resolve_secret,
-    store_row,
-    submit_grouped,
-)
+from wove_adapters.adapters.util import Row, checked_row, store_row
 from wove_adapters.core import stores as payload_mod
+from wove_adapters.core.aio import submit_grouped
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
-
-# The Job's and Pod's pure side lives in kubernetes_manifest; its public names are
-# importable from here as before.
-__all__ = [
-    "CONTAINER", "CONTAINER_FIELDS", "ENV_LABEL", "INDEX_KEY", "MANAGED_BY", "MANAGER",
-    "POD_FIELDS", "START_FAILURES", "TASK_LABEL", "KubernetesApiError",
-    "KubernetesJobsAdapter", "KubernetesJobsOptions", "dns_label", "job_manifest",
-    "label_value", "native_state", "parse_indexes", "start_failure",
-]
+from wove_adapters.core.signing import secret_text
 
 # Native states (derived from a Job and its waiting Pods) in the shared vocabulary.
 _STATES: dict[str, JobState] = {
@@ -171,7 +150,6 @@ class KubernetesJobsOptions(AdapterOptions, kw_only=True):
 class KubernetesJobsAdapter(BackendAdapter):
     name = "kubernetes_jobs"
     config_struct = KubernetesJobsOptions
-    extra = "kubernetes"
     required_modules = ("kubernetes",)
     capabilities = Capabilities.backend(
         cancel_running=True,
@@ -249,7 +227,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             cfg.host = str(self.config["host"]).rstrip("/")
             token = self.config.get("token")
             if token:
-                token = resolve_secret(str(token), option="token")
+                token = secret_text(str(token), option="token")
                 cfg.api_key["BearerToken"] = f"Bearer {token}"
             if self.config.get("ca_cert"):
                 cfg.ssl_ca_cert = str(self.config["ca_cert"])
@@ -395,7 +373,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         try:
             await self._call(self._batch.create_namespaced_job, namespace, body)
         except KubernetesApiError as exc:
-            await self._in_pool(delete_payloads, store, keys)
+            await self._in_pool(store.discard, keys)
             if exc.status == 409:
                 return False
             raise KubernetesApiError(
@@ -542,7 +520,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         # One index of an Indexed Job: its payload goes first (a Pod that has not started
         # yet then finds nothing to run), then its Pod (a running worker gets SIGTERM).
         if tracked is not None and index in tracked.payload_keys:
-            await self._in_pool(delete_payloads, self._store(), [tracked.payload_keys[index]])
+            await self._in_pool(self._store().discard, [tracked.payload_keys[index]])
         pods = await self._call(
             self._core.list_namespaced_pod, namespace, label_selector=f"job-name={name}"
         )
@@ -574,7 +552,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             return
         key = tracked.payload_keys.pop(index, None)
         if key is not None:
-            await self._in_pool(delete_payloads, self._store(), [key])
+            await self._in_pool(self._store().discard, [key])
         tracked.open_runs.discard(index)
         if tracked.open_runs:
             return
@@ -600,8 +578,6 @@ class KubernetesJobsAdapter(BackendAdapter):
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-
-    # ------------------------------------------------------------ doctor
 
     async def doctor(self) -> list[Row]:
         rows: list[Row] = []

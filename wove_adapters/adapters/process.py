@@ -28,18 +28,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.adapters.util import (
-    refusal_frame,
-    run_event,
-    wait_within,
-    worker_command,
-    write_private,
-)
+from wove_adapters.adapters.util import refusal_frame, worker_command
 from wove_adapters.core import frames
+from wove_adapters.core.aio import wait_within
 from wove_adapters.core.executors.stdio import FAULT_SIGNALS, describe_exit, exit_frame
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.paths import data_dir
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.core.stores import write_private
 from wove_adapters.worker.runner import (
     EXIT_CANCELLED,
     EXIT_DELIVERY_FAILED,
@@ -65,8 +61,6 @@ class ProcessOptions(AdapterOptions, kw_only=True):
 class ProcessAdapter(BackendAdapter):
     name = "process"
     config_struct = ProcessOptions
-    extra = ""
-    required_modules = ()
     capabilities = Capabilities.backend(
         cancel_running=True,
         confirm_cancel=True,
@@ -124,7 +118,7 @@ class ProcessAdapter(BackendAdapter):
             self.emit(refusal_frame(self.name, job, self.config))
             return
         if code == EXIT_DELIVERY_FAILED:
-            self.emit(run_event(job, frames.TASK_LOST, reason=(
+            self.emit(frames.event_of(job, frames.TASK_LOST, reason=(
                 f"{worker} {describe_exit(code)}: it could neither deliver nor record the "
                 f"outcome of task '{job.task_id}'")))
             return

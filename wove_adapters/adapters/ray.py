@@ -1,8 +1,8 @@
 """``ray``: tasks run as Ray tasks, one Ray task per attempt.
 
 The adapter connects the calling process to Ray once (``address`` of a running cluster, or
-a local Ray it starts itself) and creates one remote function, ``run_payload`` from this
-module, with the configured ``ray.remote`` options; per-task options go through
+a local Ray it starts itself) and creates one remote function, ``run_ray`` from
+``worker.hosted``, with the configured ``ray.remote`` options; per-task options go through
 ``.options()``. Ray ships the function by reference, so any Ray worker whose Python has
 wove-adapters installed runs payloads: a cluster started with ``ray start`` needs nothing
 registered. The worker verifies the signed payload before anything is unpickled, then
@@ -31,12 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
@@ -47,10 +44,8 @@ from wove_adapters.adapters.util import (
     checked_row,
     failure_frame,
     refusal_frame,
-    run_event,
 )
 from wove_adapters.core import frames
-from wove_adapters.core.envelope import is_chunk
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.worker import hosted
@@ -73,59 +68,6 @@ LOST_ERRORS = frozenset({
 })
 _SUBMIT_IN_THREAD = 64 * 1024  # payloads this large go to the object store: off the loop
 _CONNECT_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class NativeCancelled:
-    """What a cancelled payload returns to the caller through the ObjectRef."""
-
-    reason: str
-
-
-# ---------------------------------------------------------------- the worker side
-
-
-def run_payload(payload: str) -> Any:
-    """What a Ray worker runs: verify, run, report (or return, on the native path).
-
-    Ray runs tasks on the worker's main thread, so both SIGTERM and ``ray.cancel``'s
-    interrupt (a simulated SIGINT, ignored by Ray workers otherwise) cancel the task.
-    """
-    from wove_adapters.worker.runner import TaskCancelled
-
-    if is_chunk(payload):
-        try:
-            with interrupt_cancels():
-                return hosted.run_chunk(payload)
-        except TaskCancelled as exc:
-            return NativeCancelled(str(exc))
-    envelope = hosted.verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
-    try:
-        with interrupt_cancels():
-            if envelope.return_path.kind == "native":
-                return hosted.run_native(envelope)
-            return hosted.run_reported(envelope)
-    except TaskCancelled as exc:  # interrupted outside the task body
-        return NativeCancelled(str(exc))
-
-
-@contextlib.contextmanager
-def interrupt_cancels() -> Iterator[None]:
-    """Within the block, ``ray.cancel``'s interrupt raises TaskCancelled (main thread)."""
-    from wove_adapters.worker.runner import TaskCancelled
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _handler(signum: int, frame: FrameType | None) -> None:
-        raise TaskCancelled("cancelled through ray.cancel")
-
-    previous = signal.signal(signal.SIGINT, _handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------- the caller side
@@ -160,7 +102,6 @@ class RayOptions(AdapterOptions, kw_only=True):
 class RayAdapter(BackendAdapter):
     name = "ray"
     config_struct = RayOptions
-    extra = "ray"
     required_modules = ("ray",)
     capabilities = Capabilities.backend(
         cancel_running=True,
@@ -169,9 +110,9 @@ class RayAdapter(BackendAdapter):
         native_result=True,
         detach=False,  # Ray tasks share the fate of the driver that submitted them
         inline_payload_limit=256 * 1024 * 1024,  # args travel through Ray's object store
+        chunks=True,
     )
     # Native states: Ray's task states (state API) plus what an ObjectRef says.
-    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         "PENDING_ARGS_AVAIL": JobState.PENDING,
         "PENDING_NODE_ASSIGNMENT": JobState.PENDING,
@@ -215,7 +156,7 @@ class RayAdapter(BackendAdapter):
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._connect)
         # One remote function per environment, created here and never per submit.
-        self._remote = ray.remote(**self.remote_options)(run_payload)
+        self._remote = ray.remote(**self.remote_options)(hosted.run_ray)
 
     def _connect(self) -> None:
         """Connect this process to Ray (one connection per process, shared)."""
@@ -313,11 +254,11 @@ class RayAdapter(BackendAdapter):
         except BaseException as exc:  # every Ray error becomes an event
             kinds = {cls.__name__ for cls in type(exc).__mro__}
             if "TaskCancelledError" in kinds:
-                return "CANCELLED", run_event(tracked, frames.TASK_CANCELLED,
+                return "CANCELLED", frames.event_of(tracked, frames.TASK_CANCELLED,
                                               reason="Ray cancelled the task")
             cause = getattr(exc, "cause", None) if "RayTaskError" in kinds else None
             if kinds & LOST_ERRORS or isinstance(cause, hosted.OutcomeUndelivered):
-                return "LOST", run_event(tracked, frames.TASK_LOST, reason=(
+                return "LOST", frames.event_of(tracked, frames.TASK_LOST, reason=(
                     f"Ray lost the task ({type(exc).__name__}: {_first_line(exc)})"))
             if isinstance(cause, hosted.PayloadRefused):  # the worker signed and sent nothing
                 return "REFUSED", refusal_frame(self.name, tracked, self.config)
@@ -328,14 +269,12 @@ class RayAdapter(BackendAdapter):
                                                remote_tb=remote)
             return "FAILED", frames.error_event(tracked.run_id, tracked.task_id, exc,
                                                 attempt=tracked.attempt, source="backend")
-        if isinstance(value, NativeCancelled):
-            return "CANCELLED", run_event(tracked, frames.TASK_CANCELLED, reason=value.reason)
+        if isinstance(value, hosted.NativeCancelled):
+            return "CANCELLED", frames.event_of(tracked, frames.TASK_CANCELLED, reason=value.reason)
         if self.native:
-            return "FINISHED", run_event(tracked, frames.TASK_RESULT, result=value)
+            return "FINISHED", frames.event_of(tracked, frames.TASK_RESULT, result=value)
         # The worker already reported (and was acknowledged); the ref says how it ended.
         return _STATE_OF_OUTCOME.get(str(value), "FINISHED"), None
-
-    # ---------------------------------------------------------- doctor
 
     async def doctor(self) -> list[Row]:
         ray = self._ray

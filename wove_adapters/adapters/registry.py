@@ -195,17 +195,20 @@ def get_adapter_class(name: str, *, require_backend: bool = True) -> type[Backen
         raise _unknown(name) from None
     cls: type[BackendAdapter] = _load(name, where)
     if require_backend:
-        check_requirements(cls)
+        check_requirements(cls, where.extra)
     return cls
 
 
-def check_requirements(cls: type[BackendAdapter]) -> None:
+def check_requirements(cls: type[BackendAdapter], extra: str = "") -> None:
+    """Import ``cls.required_modules``; a missing one is a MissingBackendError naming the
+    extra to install: ``extra`` (the registry's, one place for the built-ins), else the
+    class's own, else its name."""
     for module in cls.required_modules:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name and module.startswith(exc.name.split(".")[0]):
-                raise MissingBackendError(cls.name, module, cls.extra or cls.name) from exc
+                raise MissingBackendError(cls.name, module, extra or cls.extra or cls.name) from exc
             raise
 
 

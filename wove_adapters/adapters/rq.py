@@ -42,7 +42,7 @@ from wove_adapters.adapters.rq_reads import (
     recorded_outcomes,
     subscribed,
 )
-from wove_adapters.adapters.util import ThreadHops
+from wove_adapters.core.aio import ThreadHops
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState, RunState
 from wove_adapters.worker.rq import STATE_FIELD, run_payload
@@ -91,16 +91,14 @@ class RqOptions(AdapterOptions, kw_only=True):
 class RqAdapter(BackendAdapter):
     name = "rq"
     config_struct = RqOptions
-    extra = "rq"
     required_modules = ("rq", "redis")
     capabilities = Capabilities.backend(
         cancel_running=True,  # send_stop_job_command: the work-horse is SIGKILLed
         confirm_cancel=True,  # RQ marks the job STOPPED / CANCELED: status() confirms
         native_idempotency=True,  # job_id = sanitised idempotency key
-        detach=True,  # RQ workers run on without the caller; outcomes go to the ledger
         inline_payload_limit=1024 * 1024,
+        chunks=True,
     )
-    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         "CREATED": JobState.PENDING,
         "QUEUED": JobState.PENDING,
@@ -304,8 +302,6 @@ class RqAdapter(BackendAdapter):
 
     async def release(self, handle: str) -> None:
         self._worker_gone.pop(handle, None)
-
-    # ------------------------------------------------------------ doctor
 
     async def doctor(self) -> list[tuple[str, bool, str]]:
         rows: list[tuple[str, bool, str]] = []

@@ -27,10 +27,12 @@ from typing import Any, ClassVar
 import msgspec
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.adapters.util import Row, submit_grouped, worker_command, write_private
+from wove_adapters.adapters.util import Row, worker_command
+from wove_adapters.core.aio import submit_grouped
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.paths import data_dir
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.core.stores import write_private
 from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED
 
 # Slurm's job states (squeue %T / scontrol JobState) in the shared vocabulary.
@@ -119,8 +121,6 @@ class SlurmOptions(AdapterOptions, kw_only=True):
 class SlurmAdapter(BackendAdapter):
     name = "slurm"
     config_struct = SlurmOptions
-    extra = "slurm"
-    required_modules = ()
     capabilities = Capabilities.backend(
         cancel_running=True,
         confirm_cancel=True,

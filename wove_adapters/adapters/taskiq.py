@@ -73,19 +73,16 @@ class TaskiqOptions(AdapterOptions, kw_only=True):
 class TaskiqAdapter(BackendAdapter):
     name = "taskiq"
     config_struct = TaskiqOptions
-    extra = "taskiq"
     required_modules = ("taskiq", "taskiq_redis")
     capabilities = Capabilities.backend(
         cancel_queued=True,  # the worker drops a marked job when it dequeues it
         cancel_running=True,  # the payload's child process is SIGTERMed (SIGKILL later)
         confirm_cancel=True,  # the worker reports task_cancelled; status() says CANCELLED
         native_idempotency=True,  # task id = key, plus a Redis SET NX claim
-        native_result=False,  # results come back on the return path, not by polling
-        detach=True,  # the worker is independent of the caller; it reports to the ledger
         inline_payload_limit=1024 * 1024,
+        chunks=True,
     )
     # Our worker-written states (taskiq itself has none besides "result ready").
-    chunks: ClassVar[bool] = True  # its worker runs chunks (worker.chunks)
     STATE_MAP: ClassVar[dict[str, JobState]] = {
         "QUEUED": JobState.PENDING,
         "RUNNING": JobState.RUNNING,
@@ -282,8 +279,6 @@ class TaskiqAdapter(BackendAdapter):
             return None
         prefix = self.config.get("result_prefix")
         return f"{prefix}:{handle}" if prefix else handle
-
-    # ---------------------------------------------------------------- doctor
 
     async def doctor(self) -> list[tuple[str, bool, str]]:
         rows: list[tuple[str, bool, str]] = []

@@ -27,11 +27,12 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
-from wove_adapters.adapters.util import Row, refusal_frame, resolve_secret, run_event
+from wove_adapters.adapters.util import Row, refusal_frame
 from wove_adapters.core import frames
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.core.signing import secret_text
 from wove_adapters.core.transport import STATUS_CONCURRENCY
 from wove_adapters.worker.temporal import (
     ACTIVITY_NAME,
@@ -89,7 +90,6 @@ class TemporalOptions(AdapterOptions, kw_only=True):
 class TemporalAdapter(BackendAdapter):
     name = "temporal"
     config_struct = TemporalOptions
-    extra = "temporal"
     required_modules = ("temporalio",)
     capabilities = Capabilities.backend(
         cancel_running=True,
@@ -130,7 +130,7 @@ class TemporalAdapter(BackendAdapter):
 
         api_key = self.config.get("api_key")
         if api_key:  # a literal, env:VAR or file:/path
-            api_key = resolve_secret(str(api_key), option="api_key")
+            api_key = secret_text(str(api_key), option="api_key")
         try:
             self._client = await asyncio.wait_for(
                 Client.connect(
@@ -435,10 +435,10 @@ def _recorded(summary: Any) -> bytes | Exception:
 def _end_frame(found: Exception | None, job: JobSpec, workflow_id: str) -> dict[str, Any]:
     """The terminal event of our own workflow when it left no outcome to verify."""
     if found is None:
-        return run_event(job, frames.TASK_CANCELLED,
+        return frames.event_of(job, frames.TASK_CANCELLED,
                          reason=f"Temporal cancelled workflow {workflow_id}")
     if isinstance(found, _Ended):
-        return run_event(job, frames.TASK_LOST, reason=str(found))
+        return frames.event_of(job, frames.TASK_LOST, reason=str(found))
     return frames.error_event(job.run_id, job.task_id, found, attempt=job.attempt,
                               source="backend")
 

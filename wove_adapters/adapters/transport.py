@@ -250,7 +250,8 @@ class AdapterTransport(Transport):
         # Chunks need the http receiver: its answers tell a chunk which of its runs were
         # cancelled (a drop box answers nothing; a native path has one result per job).
         self.supports_chunks = (
-            self.adapter_cls.chunks and self.receiver is not None and self._dropbox is None
+            self.adapter.capabilities.chunks and self.receiver is not None
+            and self._dropbox is None
         )
         # An adapter may refine its capabilities from its configuration.
         self.capabilities = self.adapter.capabilities

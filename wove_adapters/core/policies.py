@@ -102,6 +102,7 @@ class Capabilities:
     heartbeats: bool = True
     inline_payload_limit: int = 256 * 1024
     array_jobs: bool = False
+    chunks: bool = False  # the worker runs several runs of a mapped call in one job
 
     @classmethod
     def backend(cls, **differences: Any) -> Capabilities:

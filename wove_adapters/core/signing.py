@@ -164,8 +164,10 @@ def _prune_expired(directory: Path) -> None:
             pass  # not ours to remove
 
 
-def resolve_secret(spec: str | bytes | None) -> bytes | None:
-    """Turn a configured secret (literal, ``env:VAR``, ``file:/path``) into key bytes."""
+def resolve_secret(spec: str | bytes | None, *, option: str | None = None) -> bytes | None:
+    """Turn a configured secret (literal, ``env:VAR``, ``file:/path``) into key bytes.
+    ``option``: the ``executor_config`` key of another secret read the same way (an API
+    token) rather than the signing key, named in the error."""
     if spec is None or spec == "":
         return None
     if isinstance(spec, bytes):
@@ -174,11 +176,13 @@ def resolve_secret(spec: str | bytes | None) -> bytes | None:
         var = spec[4:]
         value = os.environ.get(var)
         if not value:
+            what = f"executor_config.{option}" if option else "The secret"
+            where = "the caller's" if option else "the caller's and every worker's"
             raise PayloadError(
-                f"The secret is configured as 'env:{var}' but ${var} is not set. "
-                f"Export it in the caller and in every worker's environment."
+                f"{what} is configured as 'env:{var}' but ${var} is not set. "
+                f"Export it in {where} environment."
             )
-        return resolve_secret(value)
+        return resolve_secret(value, option=option)
     if spec.startswith("file:"):
         path = Path(spec[5:])
         try:
@@ -374,3 +378,9 @@ def decode_blob(data: bytes) -> SignedBlob:
         return _blob_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise PayloadError(f"not a signed blob: {exc}") from None
+
+
+def secret_text(spec: str, *, option: str) -> str:
+    """``resolve_secret`` for a secret another system takes as text (a Temporal API key,
+    a Kubernetes token)."""
+    return (resolve_secret(spec, option=option) or b"").decode()

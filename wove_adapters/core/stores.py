@@ -11,12 +11,13 @@ opened: a worker that reads a local file never imports redis or botocore.
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import importlib
 import os
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,13 @@ class PayloadStore(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, ref: BodyRef) -> None: ...
+
+    def discard(self, keys: Sequence[str]) -> None:
+        """Delete stored bodies by key, quietly: one already gone, or a store that fails
+        now, leaves an object for the store's own expiry, not an error for the run."""
+        for key in keys:
+            with contextlib.suppress(Exception):
+                self.delete(BodyRef(store=self.url, key=key, sha256="", size=0))
 
     def put(self, key: str, data: bytes) -> BodyRef:
         self._put(key, data)
@@ -88,9 +96,7 @@ class FileStore(PayloadStore):
     def _put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        write_private(tmp, data)
         os.replace(tmp, path)
 
     def _get(self, key: str) -> bytes:
@@ -223,3 +229,18 @@ def open_store(url: str | None) -> PayloadStore:
         store = kind(url)
         _stores[url] = store
     return store
+
+
+def write_private(path: Path, data: bytes | str) -> None:
+    """Write a file only its owner can read: it carries a signed task or its result."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+
+
+def probe(url: str) -> None:
+    """Write, read back and delete one small body at the store ``url`` (``doctor``)."""
+    store = open_store(url)
+    ref = store.put(f"doctor-{os.urandom(8).hex()}", b"wove-adapters doctor")
+    store.get(ref)
+    store.delete(ref)

@@ -428,18 +428,8 @@ class AdapterConformance:
         wove.config(environments={"conformance": {"executor": remote}})
         chunked_before = _chunked_runs()
         try:
-            with wove.weave() as w:
-
-                @w.do
-                def items() -> list[int]:
-                    return list(range(100))
-
-                @w.do("items", environment="conformance")
-                def double(item: int) -> tuple[int, int]:
-                    return item * 2, os.getpid()
-
-            assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
-            self.check_weave_pids({pid for _, pid in w.result.double})
+            result = weave_map_100("conformance")
+            self.check_weave_pids({pid for _, pid in result.double})
             # wove's mapped items reach the executor one by one; those sent together
             # travel in chunks where the backend runs them.
             sent = _chunked_runs() - chunked_before
@@ -468,6 +458,31 @@ class AdapterConformance:
             with pytest.raises(MissingBackendError, match=hint):
                 hub.run(tasks.add, 1)
             monkeypatch.undo()  # the library is back before the hub closes
+
+
+def weave_map_100(environment: str) -> Any:
+    """A real wove weave: a local task's 100 items, each doubled in ``environment`` (with
+    the pid that ran it), summed by a local task that consumes the mapped result. Checks
+    the values and returns the weave's result (``.double``: (value, pid) pairs)."""
+    import wove
+
+    with wove.weave() as w:
+
+        @w.do
+        def items() -> list[int]:
+            return list(range(100))
+
+        @w.do("items", environment=environment)
+        def double(item: int) -> tuple[int, int]:
+            return item * 2, os.getpid()
+
+        @w.do
+        def total(double: list[tuple[int, int]]) -> int:
+            return sum(value for value, _ in double)
+
+    assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
+    assert w.result.total == 9900
+    return w.result
 
 
 def _chunked_runs() -> int:

@@ -2,18 +2,25 @@
 
 Such a backend ships the payload text as the argument of one module-level function,
 imported by reference on its worker, and carries what that function returns (or raises)
-back to the caller in its own future. Each adapter's ``run_payload`` is a few lines that
-choose its signal handling; what they share lives here: the payload verified or refused
-(``verified``), the run that reports to the caller (``run_reported``), the run whose value
-travels in the future (``run_native``), and the probe ``doctor`` sends to every worker.
-Nothing here talks to Dask or Ray, and importing this module imports neither.
+back to the caller in its own future: ``run_dask`` and ``run_ray``, which differ only in
+their signal handling. What they share: the payload verified or refused (``verified``),
+the run that reports to the caller (``run_reported``), the run whose value travels in the
+future (``run_native``), and the probe ``doctor`` sends to every worker. Nothing here
+talks to Dask or Ray, and importing this module imports neither.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from wove_adapters.core import frames
+from wove_adapters.core.envelope import is_chunk
 
 if TYPE_CHECKING:
     from wove_adapters.core.envelope import Envelope
@@ -115,3 +122,64 @@ def worker_ready() -> str:
     from importlib import metadata
 
     return f"wove-adapters {metadata.version('wove-adapters')} (pid {os.getpid()})"
+
+
+def run_dask(payload: str) -> Any:
+    """What a Dask worker runs: verify, run, report (or return, on the native path).
+
+    Runs in a Dask worker thread, so SIGTERM cannot interrupt it (``handle_sigterm`` is
+    off: signal handlers belong to the main thread).
+    """
+    if is_chunk(payload):
+        return run_chunk(payload, handle_sigterm=False)
+    envelope = verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
+    if envelope.return_path.kind == "native":
+        return run_native(envelope)
+    return run_reported(envelope, handle_sigterm=False)
+
+
+@dataclass(frozen=True)
+class NativeCancelled:
+    """What a cancelled payload returns to the caller through Ray's ObjectRef."""
+
+    reason: str
+
+
+def run_ray(payload: str) -> Any:
+    """What a Ray worker runs: verify, run, report (or return, on the native path).
+
+    Ray runs tasks on the worker's main thread, so both SIGTERM and ``ray.cancel``'s
+    interrupt (a simulated SIGINT, ignored by Ray workers otherwise) cancel the task.
+    """
+    from wove_adapters.worker.runner import TaskCancelled
+
+    # PayloadRefused: nothing unpickled, signed or sent.
+    envelope = None if is_chunk(payload) else verified(payload)
+    try:
+        with interrupt_cancels():
+            if envelope is None:
+                return run_chunk(payload)
+            if envelope.return_path.kind == "native":
+                return run_native(envelope)
+            return run_reported(envelope)
+    except TaskCancelled as exc:  # interrupted outside the task body
+        return NativeCancelled(str(exc))
+
+
+@contextlib.contextmanager
+def interrupt_cancels() -> Iterator[None]:
+    """Within the block, ``ray.cancel``'s interrupt raises TaskCancelled (main thread)."""
+    from wove_adapters.worker.runner import TaskCancelled
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _handler(signum: int, frame: FrameType | None) -> None:
+        raise TaskCancelled("cancelled through ray.cancel")
+
+    previous = signal.signal(signal.SIGINT, _handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -126,8 +126,7 @@ class ArqWorker:
 
 def cleanup_session() -> None:
     """Delete what this session left in Redis (only keys carrying its prefix)."""
-    client = redis_client()
-    try:
+    with redis_client() as client:
         for pattern in (f"arq:*{SESSION}*", f"wove-adapters:arq:*{SESSION}*", f"{SESSION}*"):
             keys = list(client.scan_iter(pattern, count=1000))
             for start in range(0, len(keys), 500):
@@ -135,8 +134,6 @@ def cleanup_session() -> None:
         stale = [m for m in client.zrange("arq:abort", 0, -1) if SESSION.encode() in m]
         if stale:
             client.zrem("arq:abort", *stale)
-    finally:
-        client.close()
 
 
 def environment(**config: Any) -> dict[str, Any]:

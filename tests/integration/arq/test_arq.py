@@ -50,11 +50,8 @@ def adapter_of(hub: Hub) -> ArqAdapter:
 def arq_result(job_id: str) -> Any:
     from arq.jobs import deserialize_result
 
-    client = redis_client()
-    try:
+    with redis_client() as client:
         raw = client.get(f"arq:result:{job_id}")
-    finally:
-        client.close()
     return None if raw is None else deserialize_result(raw)
 
 
@@ -97,8 +94,7 @@ def test_defer_by_and_expires_pass_through_and_a_deferred_job_cancels(
     adapter = adapter_of(hub)
     job_id = PREFIX + key
     future = hub.submit(tasks.sleepy, str(markers), "deferred", 0.1)
-    client = redis_client()
-    try:
+    with redis_client() as client:
         wait_until(lambda: client.exists(f"arq:job:{job_id}"), what="the enqueue")
         score = client.zscore(arq_worker.queue, job_id)
         assert score is not None and score / 1000 - time.time() > 50  # deferred ~60 s
@@ -113,8 +109,6 @@ def test_defer_by_and_expires_pass_through_and_a_deferred_job_cancels(
         assert client.zscore(arq_worker.queue, job_id) is None
         assert not client.exists(f"arq:job:{job_id}")
         assert isinstance(arq_result(job_id).result, asyncio.CancelledError)
-    finally:
-        client.close()
     assert shared_loop.run_sync(adapter.status(job_id)) is JobState.CANCELLED
     assert not (markers / "deferred.started").exists()
 
@@ -189,8 +183,7 @@ def test_status_maps_every_arq_state(hubs: Any) -> None:
     run(adapter.cancel(removed))  # queued, no worker: taken off the queue at once
     assert run(adapter.status(removed)) is JobState.CANCELLED
 
-    client = redis_client()
-    try:
+    with redis_client() as client:
         # in progress with a fresh lease: running; never leased for a lease period: gone
         client.set(f"arq:in-progress:{queued}", b"1", px=60_000)
         client.set(f"wove-adapters:arq:lease:{queued}", b"w", px=61_000)
@@ -228,8 +221,6 @@ def test_status_maps_every_arq_state(hubs: Any) -> None:
             job_id = PREFIX + f"st-{name}"
             complete(job_id, success, result)
             assert run(adapter.status(job_id)) is expected, name
-    finally:
-        client.close()
 
 
 def test_a_job_arq_failed_without_an_event_gets_its_orphan_policy(

@@ -70,11 +70,8 @@ def runs(directory: Path, *args: str) -> str:
 
 
 def queued(queue: str) -> int:
-    client = redis_client()
-    try:
+    with redis_client() as client:
         return int(client.llen(f"rq:queue:{queue}"))
-    finally:
-        client.close()
 
 
 def assert_answers_no_worker(done: subprocess.CompletedProcess[str], took: float,

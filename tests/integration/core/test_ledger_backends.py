@@ -47,11 +47,8 @@ class TestRedisLedger(LedgerContract):
         assert isinstance(ledger, RedisLedger)
         record = new_record(idempotency_key="k-prefix")
         await ledger.claim(record)
-        client = redis_client(suite="ledger")
-        try:
+        with redis_client(suite="ledger") as client:
             ours = {k.decode() for k in client.scan_iter(match=f"{ledger.prefix}*")}
-        finally:
-            client.close()
         assert ours == {
             f"{ledger.prefix}run:{record.run_id}",
             f"{ledger.prefix}key:k-prefix",

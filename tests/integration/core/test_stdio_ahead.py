@@ -76,13 +76,20 @@ def test_cancelling_the_running_run_starts_the_waiting_one(tmp_path: Path) -> No
     assert len((tmp_path / "next.runs").read_text().splitlines()) == 1
 
 
+def kill_with_one_waiting(hub: Hub, tmp_path: Path) -> tuple[Any, Any, int]:
+    """A running task and one waiting behind it on the same worker, whose process is then
+    SIGKILLed: (the running run, the waiting one, the killed pid)."""
+    running = hub.submit(tasks.die_once, str(tmp_path), "victim")
+    pid = int(wait_for_file(tmp_path / "victim.pid"))
+    waiting = hub.submit(tasks.record, str(tmp_path), "bystander", 5)
+    sent_to_worker(hub, 2)
+    os.kill(pid, signal.SIGKILL)
+    return running, waiting, pid
+
+
 def test_killed_worker_under_requeue_loses_neither_run(tmp_path: Path) -> None:
     with one_worker_hub(delivery_orphan_policy="requeue") as hub:
-        running = hub.submit(tasks.die_once, str(tmp_path), "victim")
-        pid = int(wait_for_file(tmp_path / "victim.pid"))
-        waiting = hub.submit(tasks.record, str(tmp_path), "bystander", 5)
-        sent_to_worker(hub, 2)
-        os.kill(pid, signal.SIGKILL)
+        running, waiting, pid = kill_with_one_waiting(hub, tmp_path)
         assert running.result(timeout=60) == "victim-done"
         assert waiting.result(timeout=60) == 10
         assert hub.dispatcher("w").stats["requeued"] >= 2
@@ -94,11 +101,7 @@ def test_killed_worker_under_requeue_loses_neither_run(tmp_path: Path) -> None:
 
 def test_killed_worker_under_fail_reports_both_runs(tmp_path: Path) -> None:
     with one_worker_hub(delivery_orphan_policy="fail") as hub:
-        running = hub.submit(tasks.die_once, str(tmp_path), "victim")
-        pid = int(wait_for_file(tmp_path / "victim.pid"))
-        waiting = hub.submit(tasks.record, str(tmp_path), "bystander", 5)
-        sent_to_worker(hub, 2)
-        os.kill(pid, signal.SIGKILL)
+        running, waiting, _ = kill_with_one_waiting(hub, tmp_path)
         with pytest.raises(DeliveryOrphanedError, match="killed by signal 9"):
             running.result(timeout=60)
         with pytest.raises(DeliveryOrphanedError, match="never started"):

@@ -11,6 +11,7 @@ import pytest
 wove = pytest.importorskip("wove", reason="the wove extra is part of `dev`; install it")
 
 from wove_adapters.integration.wove import executor  # noqa: E402
+from wove_adapters.testing.conformance import weave_map_100  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -22,23 +23,8 @@ def reset_wove() -> Any:
 @pytest.mark.parametrize("name", ["stdio", "process"])
 def test_weave_with_a_mapped_task_of_100_items(name: str) -> None:
     wove.config(environments={"remote": {"executor": executor(name)}})
-    with wove.weave() as w:
-
-        @w.do
-        def items() -> list[int]:
-            return list(range(100))
-
-        @w.do("items", environment="remote")
-        def double(item: int) -> tuple[int, int]:
-            return item * 2, os.getpid()
-
-        @w.do
-        def total(double: list[tuple[int, int]]) -> int:
-            return sum(value for value, _ in double)
-
-    assert [value for value, _ in w.result.double] == [i * 2 for i in range(100)]
-    assert all(pid != os.getpid() for _, pid in w.result.double)
-    assert w.result.total == 9900
+    result = weave_map_100("remote")
+    assert all(pid != os.getpid() for _, pid in result.double)
 
 
 def test_errors_keep_their_type_through_wove() -> None:

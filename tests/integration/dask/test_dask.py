@@ -13,13 +13,14 @@ import cloudpickle
 import pytest
 from dask_cluster_helpers import WORKERS, DaskCluster, wait_for_workers
 
-from wove_adapters.adapters.dask import DaskAdapter, check_workers, run_payload
+from wove_adapters.adapters.dask import DaskAdapter, check_workers
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import DeliveryOrphanedError
 from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
+from wove_adapters.worker import hosted
 
 # Task functions below travel by value: the workers cannot import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -70,10 +71,10 @@ def _scheduler_keys(address: str) -> list[str]:
 
 def test_plain_cli_workers_run_payloads(address: str) -> None:
     """`dask worker ADDRESS` with wove-adapters installed is the whole worker side: the
-    function travels by reference to this module."""
+    function travels by reference to ``worker.hosted``."""
     from distributed import Client
 
-    assert run_payload.__module__ == "wove_adapters.adapters.dask"
+    assert hosted.run_dask.__module__ == "wove_adapters.worker.hosted"
     with Client(address, timeout=30) as client:
         versions = check_workers(client)
     assert len(versions) == WORKERS
@@ -193,16 +194,15 @@ def test_dead_worker_found_by_status_alone(
         hub.close()
 
 
-def test_status_mapping() -> None:
-    assert DaskAdapter.map_state("processing") is JobState.RUNNING
-    assert DaskAdapter.map_state("queued") is JobState.PENDING
-    assert DaskAdapter.map_state("no-worker") is JobState.PENDING
-    assert DaskAdapter.map_state("memory") is JobState.SUCCEEDED
-    assert DaskAdapter.map_state("erred") is JobState.FAILED
-    assert DaskAdapter.map_state("finished") is JobState.SUCCEEDED
-    assert DaskAdapter.map_state("cancelled") is JobState.CANCELLED
-    assert DaskAdapter.map_state("lost") is JobState.GONE
-    assert DaskAdapter.map_state("something-new") is JobState.UNKNOWN
+@pytest.mark.parametrize(("native", "state"), [
+    ("processing", JobState.RUNNING), ("queued", JobState.PENDING),
+    ("no-worker", JobState.PENDING), ("memory", JobState.SUCCEEDED),
+    ("erred", JobState.FAILED), ("finished", JobState.SUCCEEDED),
+    ("cancelled", JobState.CANCELLED), ("lost", JobState.GONE),
+    ("something-new", JobState.UNKNOWN),
+])
+def test_status_mapping(native: str, state: JobState) -> None:
+    assert DaskAdapter.map_state(native) is state
     assert DaskAdapter.map_state(None) is JobState.UNKNOWN
 
 

@@ -1151,6 +1151,27 @@ def list_of(kind: str, items: list[dict[str, Any]], version: int) -> dict[str, A
     }
 
 
+def named(request: web.Request) -> tuple[str, str]:
+    """(namespace, name) of the object a request's path names."""
+    return request.match_info["ns"], request.match_info["name"]
+
+
+def listed(request: web.Request, cluster: Cluster, kind: str, list_kind: str) -> web.Response:
+    """A LIST of ``kind`` in the request's namespace, filtered by its label and field
+    selectors, as the API server answers it."""
+    ns = request.match_info["ns"]
+    selector = request.query.get("labelSelector", "")
+    fields = request.query.get("fieldSelector", "")
+    items = [
+        obj
+        for (n, _), obj in sorted(getattr(cluster, kind).items())
+        if n == ns
+        and labels_match(obj["metadata"].get("labels") or {}, selector)
+        and fields_match(kind, obj, fields)
+    ]
+    return web.json_response(list_of(list_kind, items, cluster.version))
+
+
 def make_app(cluster: Cluster, token: str | None) -> web.Application:
     routes = web.RouteTableDef()
 
@@ -1258,14 +1279,14 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
 
     @routes.get("/api/v1/namespaces/{ns}/secrets/{name}")
     async def read_secret(request: web.Request) -> web.Response:
-        key = (request.match_info["ns"], request.match_info["name"])
+        key = named(request)
         if key not in cluster.secrets:
             raise ApiError(404, "NotFound", f'secrets "{key[1]}" not found')
         return web.json_response(cluster.secrets[key])
 
     @routes.delete("/api/v1/namespaces/{ns}/secrets/{name}")
     async def delete_secret(request: web.Request) -> web.Response:
-        key = (request.match_info["ns"], request.match_info["name"])
+        key = named(request)
         if cluster.secrets.pop(key, None) is None:
             raise ApiError(404, "NotFound", f'secrets "{key[1]}" not found')
         return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success"})
@@ -1284,40 +1305,20 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
 
     @routes.get("/apis/batch/v1/namespaces/{ns}/jobs")
     async def list_jobs(request: web.Request) -> web.StreamResponse:
-        ns = request.match_info["ns"]
         if request.query.get("watch") in ("true", "1"):
             raise ApiError(400, "BadRequest", "watch is not served by this test cluster")
-        selector, fields = (
-            request.query.get("labelSelector", ""),
-            request.query.get("fieldSelector", ""),
-        )
-        items = [
-            j
-            for (n, _), j in sorted(cluster.jobs.items())
-            if n == ns
-            and labels_match(j["metadata"].get("labels") or {}, selector)
-            and fields_match("jobs", j, fields)
-        ]
-        return web.json_response(list_of("JobList", items, cluster.version))
+        return listed(request, cluster, "jobs", "JobList")
 
     @routes.get("/apis/batch/v1/namespaces/{ns}/jobs/{name}")
-    async def read_job(request: web.Request) -> web.Response:
-        return web.json_response(
-            cluster.get_job(request.match_info["ns"], request.match_info["name"])
-        )
-
     @routes.get("/apis/batch/v1/namespaces/{ns}/jobs/{name}/status")
-    async def read_job_status(request: web.Request) -> web.Response:
-        return web.json_response(
-            cluster.get_job(request.match_info["ns"], request.match_info["name"])
-        )
+    async def read_job(request: web.Request) -> web.Response:
+        return web.json_response(cluster.get_job(*named(request)))
 
     @routes.patch("/apis/batch/v1/namespaces/{ns}/jobs/{name}")
     async def patch_job(request: web.Request) -> web.Response:
         patch = await body_of(request)
         job = cluster.patch_job(
-            request.match_info["ns"],
-            request.match_info["name"],
+            *named(request),
             request.headers.get("Content-Type", "application/merge-patch+json"),
             patch,
         )
@@ -1330,8 +1331,7 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
         if policy is None and options.get("orphanDependents") is False:
             policy = "Background"
         code, body = cluster.delete_job(
-            request.match_info["ns"],
-            request.match_info["name"],
+            *named(request),
             policy,
             request.query.get("dryRun") == "All",
         )
@@ -1340,37 +1340,23 @@ def make_app(cluster: Cluster, token: str | None) -> web.Application:
     # ---- pods
     @routes.get("/api/v1/namespaces/{ns}/pods")
     async def list_pods(request: web.Request) -> web.Response:
-        ns = request.match_info["ns"]
-        selector, fields = (
-            request.query.get("labelSelector", ""),
-            request.query.get("fieldSelector", ""),
-        )
-        items = [
-            p
-            for (n, _), p in sorted(cluster.pods.items())
-            if n == ns
-            and labels_match(p["metadata"].get("labels") or {}, selector)
-            and fields_match("pods", p, fields)
-        ]
-        return web.json_response(list_of("PodList", items, cluster.version))
+        return listed(request, cluster, "pods", "PodList")
 
     @routes.get("/api/v1/namespaces/{ns}/pods/{name}")
     async def read_pod(request: web.Request) -> web.Response:
-        return web.json_response(
-            cluster.get_pod(request.match_info["ns"], request.match_info["name"])
-        )
+        return web.json_response(cluster.get_pod(*named(request)))
 
     @routes.delete("/api/v1/namespaces/{ns}/pods/{name}")
     async def delete_pod(request: web.Request) -> web.Response:
         options = await body_of(request)
-        pod = cluster.get_pod(request.match_info["ns"], request.match_info["name"])
+        pod = cluster.get_pod(*named(request))
         grace = request.query.get("gracePeriodSeconds", options.get("gracePeriodSeconds"))
         cluster.delete_pod(pod, grace=None if grace is None else int(grace))
         return web.json_response(pod)
 
     @routes.get("/api/v1/namespaces/{ns}/pods/{name}/log")
     async def pod_log(request: web.Request) -> web.Response:
-        ns, name = request.match_info["ns"], request.match_info["name"]
+        ns, name = named(request)
         cluster.get_pod(ns, name)
         path = cluster.state_dir / "logs" / f"{ns}_{name}.log"
         text = path.read_text(errors="replace") if path.exists() else ""

@@ -22,13 +22,13 @@ from services import pid_alive, wait_until
 
 from wove_adapters import DeliveryOrphanedError, Hub
 from wove_adapters.adapters.base import JobSpec
-from wove_adapters.adapters.kubernetes_jobs import (
-    KubernetesJobsAdapter,
+from wove_adapters.adapters.kubernetes_jobs import KubernetesJobsAdapter
+from wove_adapters.adapters.kubernetes_manifest import (
     dns_label,
     label_value,
     native_state,
+    refused,
 )
-from wove_adapters.adapters.kubernetes_manifest import refused
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.policies import JobState

@@ -189,12 +189,13 @@ def test_no_native_dedupe_the_ledger_does_it(
     assert len((tmp_path / "once.runs").read_text().splitlines()) == 1
 
 
-def test_state_map() -> None:
-    assert RayAdapter.map_state("PENDING_NODE_ASSIGNMENT") is JobState.PENDING
-    assert RayAdapter.map_state("RUNNING_IN_RAY_GET") is JobState.RUNNING
-    assert RayAdapter.map_state("FINISHED") is JobState.SUCCEEDED
-    assert RayAdapter.map_state("LOST") is JobState.GONE
-    assert RayAdapter.map_state("SOMETHING_NEW") is JobState.UNKNOWN
+@pytest.mark.parametrize(("native", "state"), [
+    ("PENDING_NODE_ASSIGNMENT", JobState.PENDING), ("RUNNING_IN_RAY_GET", JobState.RUNNING),
+    ("FINISHED", JobState.SUCCEEDED), ("LOST", JobState.GONE),
+    ("SOMETHING_NEW", JobState.UNKNOWN),
+])
+def test_state_map(native: str, state: JobState) -> None:
+    assert RayAdapter.map_state(native) is state
 
 
 @pytest.mark.parametrize("return_path", ["http", "native"])

@@ -66,12 +66,9 @@ class RqWorker:
     def _registered(self) -> bool:
         from rq import Queue, Worker
 
-        connection = redis_client()
-        try:
+        with redis_client() as connection:
             workers = Worker.all(queue=Queue(self.queue, connection=connection))
             return self.name in {w.name for w in workers}
-        finally:
-            connection.close()
 
     def wait_ready(self, timeout: float = 60.0) -> RqWorker:
         try:
@@ -104,8 +101,7 @@ def cleanup_queue(queue: str, url: str = REDIS_URL) -> None:
     from rq import Queue
     from rq.job import Job
 
-    connection = redis_client(url)
-    try:
+    with redis_client(url) as connection:
         for key in connection.scan_iter("rq:job:*", count=1000):
             job_id = key.decode().split(":", 2)[2]
             if ":" in job_id:
@@ -119,7 +115,5 @@ def cleanup_queue(queue: str, url: str = REDIS_URL) -> None:
             Queue(queue, connection=connection).delete(delete_jobs=True)
         for key in connection.scan_iter(f"rq:*{queue}*", count=1000):
             connection.delete(key)
-    finally:
-        connection.close()
 
 

@@ -53,12 +53,9 @@ class TaskiqWorker:
 
     def announced(self) -> bool:
         """A worker process announced itself and its payload processes are warm."""
-        client = redis_client()
-        try:
+        with redis_client() as client:
             seen = client.zrangebyscore(f"wove:taskiq:workers:{self.queue}", time.time() - 15,
                                         "+inf")
-        finally:
-            client.close()
         pids = set(map(str, self.worker_pids()))
         return any(m.decode().rsplit(":", 1)[-1] in pids for m in seen)
 

@@ -12,11 +12,15 @@ thread so the event loop never blocks.
 from __future__ import annotations
 
 import abc
+import importlib
 import time
+from types import ModuleType
 from typing import Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
+from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.policies import RunState
 
 # Run states as the ledger records them: the plain values of core.policies.RunState (a
@@ -222,3 +226,33 @@ class Ledger(abc.ABC):
 
     async def aclose(self) -> None:
         """Release connections. The shared instance is closed at interpreter exit."""
+
+
+def import_client(*modules: str, extra: str) -> ModuleType:
+    """A ledger's client library (the first of ``modules``, imported with the rest), or
+    a ``MissingBackendError`` naming ``pip install 'wove-adapters[extra]'``. Only a
+    missing library is translated: an import error inside it surfaces as itself."""
+    try:
+        found = [importlib.import_module(module) for module in modules]
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == modules[0]:
+            raise MissingBackendError("ledger", modules[0], extra) from exc
+        raise
+    return found[0]
+
+
+def split_parameter(url: str, name: str, default: str,
+                    **added: str) -> tuple[str, str]:
+    """(``url`` without our own query parameter ``name``, for the client library; its
+    value, ``default`` when absent). ``added``: parameters the URL gets when it does not
+    set them itself."""
+    parts = urlsplit(url)
+    value = default
+    rest: list[tuple[str, str]] = []
+    for key, given in parse_qsl(parts.query, keep_blank_values=True):
+        if key == name:
+            value = given
+        else:
+            rest.append((key, given))
+    rest += [(key, given) for key, given in added.items() if all(k != key for k, _ in rest)]
+    return urlunsplit(parts._replace(query=urlencode(rest))), value

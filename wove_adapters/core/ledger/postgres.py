@@ -28,9 +28,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.ledger import (
     HOLDING_STATES,
     SEALED_STATES,
@@ -41,7 +39,15 @@ from wove_adapters.core.ledger import (
     forward_assignments,
     list_filters,
 )
-from wove_adapters.core.ledger.base import Ledger, LedgerWrite, RunFilter, RunRecord, Update
+from wove_adapters.core.ledger.base import (
+    Ledger,
+    LedgerWrite,
+    RunFilter,
+    RunRecord,
+    Update,
+    import_client,
+    split_parameter,
+)
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -53,33 +59,19 @@ _COLUMNS: Final = ", ".join(_FIELDS)
 _HOLDING: Final = sorted(HOLDING_STATES)
 _SEALED: Final = sorted(SEALED_STATES)
 def _import_psycopg() -> ModuleType:
-    try:
-        import psycopg
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and exc.name.split(".")[0] == "psycopg":
-            raise MissingBackendError("ledger", "psycopg", "postgres") from exc
-        raise
-    return psycopg
+    return import_client("psycopg", extra="postgres")
 
 
 def parse_postgres_url(url: str) -> tuple[str, str]:
     """Split off our ``table`` parameter: (conninfo URL for psycopg, table name)."""
-    parts = urlsplit(url)
-    table = DEFAULT_TABLE
-    rest: list[tuple[str, str]] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "table":
-            table = value
-        else:
-            rest.append((name, value))
+    # connect_timeout: fail fast when the server is down.
+    conninfo, table = split_parameter(url, "table", DEFAULT_TABLE, connect_timeout="5")
     if not _TABLE_NAME.fullmatch(table):
         raise ValueError(
             f"PostgreSQL ledger URL {url!r}: table {table!r} must be a plain identifier "
             "(letters, digits, underscore; at most 50 characters)."
         )
-    if not any(name == "connect_timeout" for name, _ in rest):
-        rest.append(("connect_timeout", "5"))  # fail fast when the server is down
-    return urlunsplit(parts._replace(query=urlencode(rest))), table
+    return conninfo, table
 
 
 class _Sql:
@@ -334,9 +326,8 @@ class PostgresLedger(Ledger):
 def record_outcome_sync(
     url: str, run_id: str, state: str, outcome: bytes, *, create: RunRecord | None = None
 ) -> bool:
-    """Blocking ``set_outcome`` for a worker process, with psycopg's sync connection. With
-    ``create``, a run the ledger does not hold is inserted, ended (see core.ledger)."""
-    check_outcome_state(state)
+    """``core.ledger.record_outcome_sync`` for ``postgresql://`` (which checked its
+    arguments): psycopg's sync connection, one short-lived connection."""
     psycopg = _import_psycopg()
     conninfo, table = parse_postgres_url(url)
     sql = _Sql(table)

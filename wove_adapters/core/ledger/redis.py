@@ -22,9 +22,7 @@ import collections
 import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from wove_adapters.core.errors import MissingBackendError
 from wove_adapters.core.ledger import (
     HOLDING_STATES,
     SEALED_STATES,
@@ -36,7 +34,13 @@ from wove_adapters.core.ledger import (
     created_record,
     state_rank,
 )
-from wove_adapters.core.ledger.base import Ledger, RunFilter, RunRecord
+from wove_adapters.core.ledger.base import (
+    Ledger,
+    RunFilter,
+    RunRecord,
+    import_client,
+    split_parameter,
+)
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -153,28 +157,12 @@ return 1
 
 
 def _import_redis() -> ModuleType:
-    try:
-        import redis
-        import redis.asyncio
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and exc.name.split(".")[0] == "redis":
-            raise MissingBackendError("ledger", "redis", "redis") from exc
-        raise
-    return redis
+    return import_client("redis", "redis.asyncio", extra="redis")
 
 
 def parse_redis_url(url: str) -> tuple[str, str]:
     """Split off our ``prefix`` parameter: (URL for redis-py, key prefix)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = DEFAULT_PREFIX
-    rest: list[tuple[str, str]] = []
-    for name, value in query:
-        if name == "prefix":
-            prefix = value
-        else:
-            rest.append((name, value))
-    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+    return split_parameter(url, "prefix", DEFAULT_PREFIX)
 
 
 def _encode(value: object) -> bytes | str:
@@ -401,9 +389,8 @@ def _outcome_args(state: str, outcome: bytes | None) -> list[bytes | str]:
 def record_outcome_sync(
     url: str, run_id: str, state: str, outcome: bytes, *, create: RunRecord | None = None
 ) -> bool:
-    """Blocking ``set_outcome`` for a worker process, with redis-py's sync client. With
-    ``create``, a run the ledger does not hold is inserted, ended (see core.ledger)."""
-    check_outcome_state(state)
+    """``core.ledger.record_outcome_sync`` for ``redis://`` (which checked its
+    arguments): redis-py's sync client."""
     redis = _import_redis()
     client_url, prefix = parse_redis_url(url)
     keys = [f"{prefix}run:{run_id}", f"{prefix}runs"]

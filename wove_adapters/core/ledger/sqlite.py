@@ -410,9 +410,8 @@ class SqliteLedger(Ledger):
 def record_outcome_sync(
     url: str, run_id: str, state: str, outcome: bytes, *, create: RunRecord | None = None
 ) -> bool:
-    """Blocking ``set_outcome`` for a worker process: one short-lived connection. With
-    ``create``, a run the ledger does not hold is inserted, ended (see core.ledger)."""
-    check_outcome_state(state)
+    """``core.ledger.record_outcome_sync`` for ``sqlite://`` (which checked its
+    arguments): one short-lived connection."""
     conn = connect(parse_sqlite_url(url))
     try:
         if create is None:
