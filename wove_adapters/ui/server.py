@@ -79,6 +79,9 @@ _HEADERS: Final = {
     "Cache-Control": "no-store",
 }
 _KEEPALIVE_SECONDS: Final = 15.0
+# How long the list and the live rows reuse an answer to "who shares this job": finding
+# sharers reads the environment's runs. A detail view and a cancel always ask afresh.
+_SHARING_SECONDS: Final = 5.0
 NOT_HERE: Final = (
     "not in flight in this process: the page can cancel runs of a Hub in the process that "
     "serves it (wove_adapters.ui.serve(hub=...)), and runs of a backend environment of its "
@@ -159,6 +162,8 @@ class RunsPage:
         # One started adapter per environment the page has cancelled in, closed with it.
         self._adapters: dict[str, BackendAdapter] = {}
         self._opening = asyncio.Lock()
+        # (environment, handle) -> (when asked, unfinished runs with that handle).
+        self._sharers: dict[tuple[str, str], tuple[float, list[str]]] = {}
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
@@ -251,21 +256,32 @@ class RunsPage:
             return "its backend has not given it a job yet; try again in a moment", False
         return None, True
 
-    async def cancel_notes(self, records: list[RunRecord]) -> list[str | None]:
+    async def cancel_notes(
+        self, records: list[RunRecord], *, fresh: bool = False
+    ) -> list[str | None]:
         """For each record: None when the page may cancel it, else why not (the button's
         tooltip). A backend job is cancelled from here only when no other unfinished run
-        shares it (a chunk's runs, callers following one idempotency key's job)."""
+        shares it (a chunk's runs, callers following one idempotency key's job); without
+        ``fresh`` an answer up to ``_SHARING_SECONDS`` old is reused."""
         plain = [self._plain_note(record) for record in records]
         remote = [r for r, (_, far) in zip(records, plain, strict=True) if far]
-        shared = await asyncio.gather(*(self._sharing(r) for r in remote))
+        shared = await asyncio.gather(*(self._sharing(r, fresh) for r in remote))
         notes = dict(zip((r.run_id for r in remote), shared, strict=True))
         return [notes[r.run_id] if far else note
                 for r, (note, far) in zip(records, plain, strict=True)]
 
-    async def _sharing(self, record: RunRecord) -> str | None:
+    async def _sharing(self, record: RunRecord, fresh: bool) -> str | None:
         assert record.submission is not None
-        others = [r.run_id for r in await self.ledger.unfinished_with_submission(
-            record.environment, record.submission) if r.run_id != record.run_id]
+        key = (record.environment, record.submission)
+        now = time.monotonic()
+        known = self._sharers.get(key)
+        if fresh or known is None or now - known[0] > _SHARING_SECONDS:
+            found = await self.ledger.unfinished_with_submission(*key)
+            known = (now, [r.run_id for r in found])
+            self._sharers = {k: v for k, v in self._sharers.items()
+                             if now - v[0] <= _SHARING_SECONDS}
+            self._sharers[key] = known
+        others = [run_id for run_id in known[1] if run_id != record.run_id]
         if not others:
             return None
         return (f"its {record.adapter or 'backend'} job {record.submission} is shared with "
@@ -325,7 +341,7 @@ class RunsPage:
 
     async def detail(self, record: RunRecord) -> dict[str, Any]:
         outcome = await asyncio.to_thread(self._outcome, record)
-        (note,) = await self.cancel_notes([record])
+        (note,) = await self.cancel_notes([record], fresh=True)
         return views.detail_json(record, note, outcome)
 
     def _outcome(self, record: RunRecord) -> dict[str, Any]:
@@ -343,7 +359,7 @@ class RunsPage:
         record = await self.ledger.get(run_id)
         if record is None:
             return _refuse(404, f"no run {run_id!r} in {self.ledger.url}")
-        (note,) = await self.cancel_notes([record])
+        (note,) = await self.cancel_notes([record], fresh=True)
         if note is not None:
             return _refuse(409, f"run {run_id} cannot be cancelled here: {note}")
         dispatcher = self._owner(run_id)
