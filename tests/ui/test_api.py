@@ -25,7 +25,15 @@ from wove_adapters import Hub, ui
 from wove_adapters.cli import main
 from wove_adapters.core import frames, signing
 from wove_adapters.core.codec import sign_events
-from wove_adapters.core.ledger import FAILED, RUNNING, SUCCEEDED, RunRecord, open_ledger
+from wove_adapters.core.config import load_config
+from wove_adapters.core.ledger import (
+    CANCELLED,
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    RunRecord,
+    open_ledger,
+)
 from wove_adapters.integration.environments import key_id_for_config
 from wove_adapters.ui.server import check_settings
 
@@ -436,3 +444,57 @@ def test_a_quick_runs_end_is_stamped_even_when_folded_into_its_insert() -> None:
     assert [op for op, _ in left] == records and len(folded) == 2  # folded, both
     assert records[0].state == RUNNING and records[1].state == SUCCEEDED
     assert all(r.updated_at > then + 59 and r.created_at == then for r in records)
+
+
+def test_the_page_refuses_a_shared_job_and_a_stdio_run_of_another_process(
+    tmp_path: Path,
+) -> None:
+    """A page knowing only the configuration: a backend run that owns its job is
+    cancellable; runs sharing one job (a chunk, followers of one key) are not, and say
+    with whom; a stdio run of another process says why no other process can stop it."""
+    url = f"sqlite:///{tmp_path / 'planted.db'}"
+    config = load_config({"environments": {"queue": {"executor": "celery"},
+                                           "pipes": {"executor": "stdio"}}}, cwd=tmp_path)
+    ledger = open_ledger(url)
+    planted = [
+        RunRecord(run_id="chunk-a", environment="queue", adapter="celery", state=RUNNING,
+                  submission="job-1"),
+        RunRecord(run_id="chunk-b", environment="queue", adapter="celery", state=RUNNING,
+                  submission="job-1"),
+        RunRecord(run_id="own", environment="queue", adapter="celery", state=RUNNING,
+                  submission="job-2"),
+        RunRecord(run_id="piped", environment="pipes", adapter="stdio", state=RUNNING,
+                  submission="4242"),
+        RunRecord(run_id="unknown-env", environment="gone", adapter="celery",
+                  state=RUNNING, submission="job-3"),
+    ]
+    for record in planted:
+        asyncio.run(ledger.claim(record))
+    server = ui.serve(config=config, ledger=url, listen="127.0.0.1:0", poll_seconds=0.2)
+    try:
+        client = Client(server.url)
+        origin = {"Origin": client.origin}
+
+        def rows() -> dict[str, Any]:
+            return {r["run_id"]: r for r in client.json("/api/runs")["runs"]}
+
+        shown = rows()
+        assert shown["own"]["cancellable"] is True, shown["own"]["cancel_note"]
+        assert shown["chunk-a"]["cancellable"] is False
+        assert "shared with unfinished run chunk-b" in shown["chunk-a"]["cancel_note"]
+        assert "chunk-a" in shown["chunk-b"]["cancel_note"]
+        assert shown["piped"]["cancellable"] is False
+        assert "'stdio' keeps its workers in the submitting process" in \
+            shown["piped"]["cancel_note"]
+        assert "not in this page's configuration" in shown["unknown-env"]["cancel_note"]
+        status, _, body = client.request("POST", "/api/runs/chunk-a/cancel", origin)
+        assert status == 409 and b"chunk-b" in body, body
+        status, _, body = client.request("POST", "/api/runs/piped/cancel", origin)
+        assert status == 409 and b"'stdio'" in body, body
+        # Once its partner has ended, the run owns its job alone: the detail (and a
+        # cancel) ask the ledger afresh; the list reuses an answer for a few seconds.
+        asyncio.run(ledger.set_outcome("chunk-b", CANCELLED, None))
+        assert client.json("/api/runs/chunk-a")["cancellable"] is True
+        until(lambda: rows()["chunk-a"]["cancellable"], "the list to see chunk-a alone")
+    finally:
+        server.close()

@@ -19,10 +19,11 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Final
 
 from wove_adapters import observability
-from wove_adapters.adapters.registry import transport_for
+from wove_adapters.adapters.base import BackendAdapter
+from wove_adapters.adapters.registry import core_executor_class, get_adapter_class, transport_for
 from wove_adapters.core import logs, signing
 from wove_adapters.core.ledger import open_ledger
 from wove_adapters.core.loop import PHASE_DISPATCHERS, add_shutdown_hook
@@ -112,6 +113,53 @@ def trusted_key_id(config: Any, environment: str | None) -> str:
     if secret is None:
         return signing.ANY_GENERATED
     return signing.KEYRING.add(secret)
+
+
+# Adapters whose workers live in the submitting process (the ``process`` pool): only that
+# process can stop them, like the core executors (local, stdio, the network clients).
+_IN_PROCESS_ADAPTERS: Final = frozenset({"process"})
+
+
+def remote_cancel_reason(settings: dict[str, Any]) -> tuple[str, str | None]:
+    """The environment's executor name, and None when a process other than the submitting
+    one can stop its jobs through the adapter (a Celery revoke, ``scancel``, a Kubernetes
+    delete, ...), else why not. May import the adapter's module: call it in a thread."""
+    settings = effective_settings(settings)
+    executor = settings.get("executor", "local")
+    if not isinstance(executor, str):
+        return repr(executor), (
+            "its executor is an object of the submitting process; only that process can "
+            "stop its work")
+    if executor in _IN_PROCESS_ADAPTERS or core_executor_class(executor) is not None:
+        return executor, (
+            f"its executor {executor!r} keeps its workers in the submitting process (or, "
+            f"for a network executor, behind it): only that process can stop them")
+    try:
+        get_adapter_class(executor, require_backend=False)
+    except ValueError as exc:
+        return executor, str(exc)
+    return executor, None
+
+
+async def open_backend_adapter(environment: str, settings: dict[str, Any]) -> BackendAdapter:
+    """The environment's backend adapter, started from its checked ``executor_config`` and
+    signing key as ``AdapterTransport.start`` starts it, but with no receiver, ledger or
+    dispatcher: for a process that acts on jobs others submitted (the runs page cancels
+    them). The caller closes it (``aclose``)."""
+
+    def prepare() -> tuple[type[BackendAdapter], dict[str, Any]]:
+        # In a thread: imports the backend library, may read a key file.
+        checked = effective_settings(settings)
+        check_settings(environment, checked)
+        cls = get_adapter_class(str(checked.get("executor")))
+        executor_config = dict(checked.get("executor_config") or {})
+        executor_config["_key_id"] = key_id_for_config(executor_config)
+        return cls, executor_config
+
+    cls, executor_config = await asyncio.to_thread(prepare)
+    adapter = cls(executor_config, environment=environment)
+    await adapter.start()
+    return adapter
 
 
 def _identity(environment: str, settings: dict[str, Any]) -> str:

@@ -394,6 +394,30 @@ class LedgerContract:
         later = await ledger.list_runs(task_id="report", since=2500.0, limit=1)
         assert len(later) == 1 and later[0].run_id in {c.run_id, d.run_id}
 
+    async def test_unfinished_runs_sharing_a_submission(self, ledger: Ledger) -> None:
+        # A chunk's runs (and followers of one key's job) share a handle: the query finds
+        # the ones not ended, in this environment only, newest first.
+        env = f"share-{uuid.uuid4().hex[:8]}"
+        a = new_record(environment=env, created_at=1000.0)
+        b = new_record(environment=env, created_at=2000.0)
+        ended = new_record(environment=env, created_at=3000.0)
+        alone = new_record(environment=env, created_at=4000.0)
+        other_env = new_record(environment=f"{env}-x", created_at=5000.0)
+        for record in (a, b, ended, alone, other_env):
+            await ledger.claim(record)
+        for record in (a, b, ended, other_env):
+            await ledger.update(record.run_id, submission="job-7", state=RUNNING)
+        await ledger.update(alone.run_id, submission="job-8")
+        await ledger.set_outcome(ended.run_id, SUCCEEDED, b"ok")
+        sharing = await ledger.unfinished_with_submission(env, "job-7")
+        assert [r.run_id for r in sharing] == [b.run_id, a.run_id]
+        assert [r.run_id for r in await ledger.unfinished_with_submission(env, "job-8")] == [
+            alone.run_id]
+        assert await ledger.unfinished_with_submission(env, "job-9") == []
+        assert [r.run_id for r in await ledger.list_runs(submission="job-7", limit=10)
+                if r.environment.startswith(env)] == [
+            other_env.run_id, ended.run_id, b.run_id, a.run_id]
+
     async def test_count_runs_by_environment_adapter_and_state(self, ledger: Ledger) -> None:
         assert await ledger.count_runs() == {}
         runs = [new_record(environment="east", adapter="celery") for _ in range(3)]

@@ -14,6 +14,12 @@ Security, in the order a request meets it (docs/observability.md "UI"):
 - The page's script writes run data with ``textContent`` only, under a Content Security
   Policy that allows this server's own script and nothing inline.
 
+Cancel reaches a run in flight in this process (through its dispatcher), or the backend
+job of a run submitted elsewhere when its environment is a backend adapter of the loaded
+configuration and no other unfinished run shares the job (the ledger says which do); the
+page opens one adapter per such environment and writes no outcome itself (the submitter
+records what happened; docs/observability.md, "What cancel can reach").
+
 Live updates are Server-Sent Events made by polling the ledger (``list_runs`` with the
 page's filters, and ``get`` for the run whose detail is open) every ``poll_seconds``, so
 they work the same on all four ledgers; only what changed is sent.
@@ -36,12 +42,18 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from wove_adapters.adapters.base import BackendAdapter
 from wove_adapters.core import loop as shared_loop
 from wove_adapters.core.errors import CancelNotAcknowledgedError
 from wove_adapters.core.ledger import TERMINAL_STATES, Ledger, RunRecord, open_ledger
 from wove_adapters.core.netwire import is_loopback
 from wove_adapters.core.runtime import Dispatcher
-from wove_adapters.integration.environments import running_dispatchers, trusted_key_id
+from wove_adapters.integration.environments import (
+    open_backend_adapter,
+    remote_cancel_reason,
+    running_dispatchers,
+    trusted_key_id,
+)
 from wove_adapters.ui import views
 
 log = logging.getLogger("wove_adapters.ui")
@@ -67,9 +79,13 @@ _HEADERS: Final = {
     "Cache-Control": "no-store",
 }
 _KEEPALIVE_SECONDS: Final = 15.0
+# How long the list and the live rows reuse an answer to "who shares this job": finding
+# sharers reads the environment's runs. A detail view and a cancel always ask afresh.
+_SHARING_SECONDS: Final = 5.0
 NOT_HERE: Final = (
     "not in flight in this process: the page can cancel runs of a Hub in the process that "
-    "serves it (wove_adapters.ui.serve(hub=...)); cancel it where it was submitted "
+    "serves it (wove_adapters.ui.serve(hub=...)), and runs of a backend environment of its "
+    "configuration that own their job alone; cancel it where it was submitted "
     "(Hub.cancel(run_id))"
 )
 
@@ -133,12 +149,21 @@ def _refuse(status: int, message: str) -> web.Response:
 class RunsPage:
     """The application: handlers over one ledger, and what may be cancelled from here."""
 
-    def __init__(self, ledger: Ledger, settings: UISettings, config: Any) -> None:
+    def __init__(self, ledger: Ledger, settings: UISettings, config: Any,
+                 reach: dict[str, tuple[str, str | None]] | None = None) -> None:
         self.ledger = ledger
         self.settings = settings
         self.config = config
         self.closing = asyncio.Event()
         self._static = static_files()
+        # Per configured environment: its executor, and None when the page can cancel its
+        # jobs through the adapter, else why not (``reach_of``).
+        self.reach = reach or {}
+        # One started adapter per environment the page has cancelled in, closed with it.
+        self._adapters: dict[str, BackendAdapter] = {}
+        self._opening = asyncio.Lock()
+        # (environment, handle) -> (when asked, unfinished runs with that handle).
+        self._sharers: dict[tuple[str, str], tuple[float, list[str]]] = {}
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
@@ -209,13 +234,77 @@ class RunsPage:
                 return dispatcher
         return None
 
-    def cancel_note(self, record: RunRecord) -> str | None:
-        """None when the page may cancel the run, else why not (the button's tooltip)."""
+    def _plain_note(self, record: RunRecord) -> tuple[str | None, bool]:
+        """What the record and the configuration say alone: (None, False) when a
+        dispatcher here has the run; (None, True) when its backend job may be cancelled
+        from here if no other unfinished run shares it; else (why not, False)."""
         if record.state in TERMINAL_STATES:
-            return f"the run has ended ({record.state})"
-        if self._owner(record.run_id) is None:
-            return NOT_HERE
-        return None
+            return f"the run has ended ({record.state})", False
+        if self._owner(record.run_id) is not None:
+            return None, False
+        reach = self.reach.get(record.environment)
+        if reach is None:
+            return (f"{NOT_HERE}; its environment {record.environment!r} is not in this "
+                    f"page's configuration (--config)"), False
+        executor, reason = reach
+        if reason is not None:
+            return f"{NOT_HERE}; {reason}", False
+        if record.adapter and record.adapter != executor:
+            return (f"{NOT_HERE}; it was submitted with executor {record.adapter!r}, but "
+                    f"this page's configuration says {executor!r}"), False
+        if not record.submission:
+            return "its backend has not given it a job yet; try again in a moment", False
+        return None, True
+
+    async def cancel_notes(
+        self, records: list[RunRecord], *, fresh: bool = False
+    ) -> list[str | None]:
+        """For each record: None when the page may cancel it, else why not (the button's
+        tooltip). A backend job is cancelled from here only when no other unfinished run
+        shares it (a chunk's runs, callers following one idempotency key's job); without
+        ``fresh`` an answer up to ``_SHARING_SECONDS`` old is reused."""
+        plain = [self._plain_note(record) for record in records]
+        remote = [r for r, (_, far) in zip(records, plain, strict=True) if far]
+        shared = await asyncio.gather(*(self._sharing(r, fresh) for r in remote))
+        notes = dict(zip((r.run_id for r in remote), shared, strict=True))
+        return [notes[r.run_id] if far else note
+                for r, (note, far) in zip(records, plain, strict=True)]
+
+    async def _sharing(self, record: RunRecord, fresh: bool) -> str | None:
+        assert record.submission is not None
+        key = (record.environment, record.submission)
+        now = time.monotonic()
+        known = self._sharers.get(key)
+        if fresh or known is None or now - known[0] > _SHARING_SECONDS:
+            found = await self.ledger.unfinished_with_submission(*key)
+            known = (now, [r.run_id for r in found])
+            self._sharers = {k: v for k, v in self._sharers.items()
+                             if now - v[0] <= _SHARING_SECONDS}
+            self._sharers[key] = known
+        others = [run_id for run_id in known[1] if run_id != record.run_id]
+        if not others:
+            return None
+        return (f"its {record.adapter or 'backend'} job {record.submission} is shared with "
+                f"unfinished run{'s' if len(others) > 1 else ''} {', '.join(others)} (a "
+                f"chunk, or callers following one idempotency key): cancelling the job would "
+                f"stop them too; cancel it where it was submitted (Hub.cancel(run_id))")
+
+    async def _adapter(self, environment: str) -> BackendAdapter:
+        async with self._opening:
+            adapter = self._adapters.get(environment)
+            if adapter is None:
+                settings = self.config.environment_settings(environment)
+                adapter = await open_backend_adapter(environment, settings)
+                self._adapters[environment] = adapter
+            return adapter
+
+    async def aclose_adapters(self) -> None:
+        adapters, self._adapters = list(self._adapters.values()), {}
+        for adapter in adapters:
+            try:
+                await adapter.aclose()
+            except Exception as exc:  # the others must still close
+                log.warning("runs page: closing the %s adapter failed: %r", adapter.name, exc)
 
     # ------------------------------------------------------------ handlers
 
@@ -245,13 +334,15 @@ class RunsPage:
         page, more = await self.page_of(query)
         return web.json_response({
             "ledger": self.ledger.url,
-            "runs": [views.run_json(r, self.cancel_note(r)) for r in page],
+            "runs": [views.run_json(r, note)
+                     for r, note in zip(page, await self.cancel_notes(page), strict=True)],
             "next_cursor": views.encode_cursor(page, query) if page and more else None,
         })
 
     async def detail(self, record: RunRecord) -> dict[str, Any]:
         outcome = await asyncio.to_thread(self._outcome, record)
-        return views.detail_json(record, self.cancel_note(record), outcome)
+        (note,) = await self.cancel_notes([record], fresh=True)
+        return views.detail_json(record, note, outcome)
 
     def _outcome(self, record: RunRecord) -> dict[str, Any]:
         # In a worker thread: resolving the environment's secret may read a key file.
@@ -268,16 +359,38 @@ class RunsPage:
         record = await self.ledger.get(run_id)
         if record is None:
             return _refuse(404, f"no run {run_id!r} in {self.ledger.url}")
-        note = self.cancel_note(record)
+        (note,) = await self.cancel_notes([record], fresh=True)
+        if note is not None:
+            return _refuse(409, f"run {run_id} cannot be cancelled here: {note}")
         dispatcher = self._owner(run_id)
-        if note is not None or dispatcher is None:
-            return _refuse(409, f"run {run_id} cannot be cancelled here: {note or NOT_HERE}")
+        if dispatcher is not None:
+            try:
+                await shared_loop.run_async(dispatcher.cancel(run_id))
+            except CancelNotAcknowledgedError as exc:
+                return _refuse(502, str(exc))
+            log.info("runs page: cancelled run %s (%s)", run_id, request.remote)
+            return web.json_response({"run_id": run_id, "cancel": "requested"}, status=202)
+        return await self._cancel_job(record, request)
+
+    async def _cancel_job(self, record: RunRecord, request: web.Request) -> web.Response:
+        """Stop the job of a run submitted elsewhere through its environment's adapter.
+        The submitting caller, if alive, learns of it on its own path (the worker's
+        ``task_cancelled``, or reconciliation); the page writes no outcome (see
+        docs/observability.md, "What cancel can reach")."""
+        assert record.submission is not None
+        executor = self.reach[record.environment][0]
         try:
-            await shared_loop.run_async(dispatcher.cancel(run_id))
-        except CancelNotAcknowledgedError as exc:
-            return _refuse(502, str(exc))
-        log.info("runs page: cancelled run %s (%s)", run_id, request.remote)
-        return web.json_response({"run_id": run_id, "cancel": "requested"}, status=202)
+            adapter = await self._adapter(record.environment)
+            await adapter.cancel(record.submission, running=True)
+        except Exception as exc:
+            log.warning("runs page: cancel of %s job %s failed: %r", executor,
+                        record.submission, exc)
+            return _refuse(502, f"the {executor} backend did not take the cancel of job "
+                                f"{record.submission} (run {record.run_id}): {exc}")
+        log.info("runs page: cancelled %s job %s of run %s (%s)", executor, record.submission,
+                 record.run_id, request.remote)
+        return web.json_response({"run_id": record.run_id, "cancel": "requested",
+                                  "job": record.submission}, status=202)
 
     async def _summary(self, request: web.Request) -> web.Response:
         counts = await self.ledger.count_runs()
@@ -312,7 +425,8 @@ class RunsPage:
             while not self.closing.is_set():
                 sent = False
                 page, _ = await self.page_of(query)
-                rows = [views.run_json(r, self.cancel_note(r)) for r in page]
+                notes = await self.cancel_notes(page)
+                rows = [views.run_json(r, note) for r, note in zip(page, notes, strict=True)]
                 changed = [row for row in rows if shown.get(row["run_id"]) != _mark(row)]
                 if changed:
                     shown.update((row["run_id"], _mark(row)) for row in changed)
@@ -329,7 +443,8 @@ class RunsPage:
                 if watch is not None:
                     record = await self.ledger.get(watch)
                     if record is not None:
-                        row = views.run_json(record, self.cancel_note(record))
+                        (note,) = await self.cancel_notes([record])
+                        row = views.run_json(record, note)
                         if _mark(row) != watched:
                             watched = _mark(row)
                             await _send(response, "run", await self.detail(record))
@@ -374,7 +489,10 @@ class UIServer:
             return
         self._closed = True
         self.page.closing.set()
-        await self._runner.cleanup()
+        try:
+            await self._runner.cleanup()
+        finally:
+            await self.page.aclose_adapters()
 
     def close(self) -> None:
         """Stop a server started by ``serve`` (on the shared loop) from a plain thread."""
@@ -397,12 +515,15 @@ async def start(
 
     ``hub``: its configuration gives the ledger (unless ``ledger`` is given) and the keys
     outcomes are verified with; runs in flight in this process can be cancelled.
-    ``config``: a loaded ``Config`` for the same purpose without a Hub."""
+    ``config``: a loaded ``Config`` for the same purpose without a Hub. Either way, the
+    jobs of runs submitted elsewhere in its backend environments can be cancelled when
+    no other unfinished run shares them."""
     settings = check_settings(listen, token, poll_seconds)
     if hub is not None and config is None:
         config = hub.config
     url = ledger or (config.ledger if config is not None else None)
-    page = RunsPage(open_ledger(url), settings, config)
+    reach = await asyncio.to_thread(reach_of, config)
+    page = RunsPage(open_ledger(url), settings, config, reach)
     runner = web.AppRunner(page.app(), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -414,6 +535,20 @@ async def start(
     host, port = runner.addresses[0][:2]
     shown = f"[{host}]" if ":" in host else host
     return UIServer(page, runner, f"http://{shown}:{port}/", asyncio.get_running_loop())
+
+
+def reach_of(config: Any) -> dict[str, tuple[str, str | None]]:
+    """Each configured environment's executor, and None when the page can cancel its jobs
+    itself (a backend adapter), else why not. Imports adapter modules: run in a thread."""
+    if config is None:
+        return {}
+    reach: dict[str, tuple[str, str | None]] = {}
+    for name in config.environments:
+        try:
+            reach[name] = remote_cancel_reason(config.environment_settings(name))
+        except Exception as exc:  # one broken environment leaves the others reachable
+            reach[name] = ("?", f"its settings cannot be read here: {exc}")
+    return reach
 
 
 def serve(hub: Any = None, **options: Any) -> UIServer:

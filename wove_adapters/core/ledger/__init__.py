@@ -303,6 +303,7 @@ def list_filters(filters: RunFilter, placeholder: str) -> tuple[str, list[object
         ("task_id = {}", filters.task_id),
         ("created_at >= {}", filters.since),
         ("created_at <= {}", filters.until),
+        ("submission = {}", filters.submission),
     ):
         if value is not None:
             where.append(condition.format(placeholder))

@@ -62,6 +62,7 @@ class RunFilter(msgspec.Struct, frozen=True, kw_only=True):
     task_id: str | None = None
     since: float | None = None
     until: float | None = None
+    submission: str | None = None
 
     def matches(self, record: RunRecord) -> bool:
         """The filter applied to one record, for a ledger that filters rows itself."""
@@ -71,6 +72,7 @@ class RunFilter(msgspec.Struct, frozen=True, kw_only=True):
             and (self.task_id is None or record.task_id == self.task_id)
             and (self.since is None or record.created_at >= self.since)
             and (self.until is None or record.created_at <= self.until)
+            and (self.submission is None or record.submission == self.submission)
         )
 
 
@@ -161,14 +163,28 @@ class Ledger(abc.ABC):
         task_id: str | None = None,
         since: float | None = None,
         until: float | None = None,
+        submission: str | None = None,
     ) -> list[RunRecord]:
-        """Newest first. Each filter given narrows the list: ``state``, ``environment``
-        and ``task_id`` match exactly; ``since`` and ``until`` bound ``created_at``, both
-        inclusive (so a reader paging by ``until`` also sees runs that share the
-        boundary's timestamp, and drops the ones it already showed)."""
+        """Newest first. Each filter given narrows the list: ``state``, ``environment``,
+        ``task_id`` and ``submission`` (the backend's handle) match exactly; ``since``
+        and ``until`` bound ``created_at``, both inclusive (so a reader paging by
+        ``until`` also sees runs that share the boundary's timestamp, and drops the ones
+        it already showed)."""
         filters = RunFilter(state=state, environment=environment, task_id=task_id,
-                            since=since, until=until)
+                            since=since, until=until, submission=submission)
         return await self.select_runs(filters, max(limit, 0))
+
+    async def unfinished_with_submission(
+        self, environment: str, submission: str, *, limit: int = 100
+    ) -> list[RunRecord]:
+        """The runs of ``environment`` not ended (``TERMINAL_STATES``) whose backend handle
+        is ``submission``, newest first: more than one means the job is shared (a chunk,
+        or runs following one idempotency key's job), so no one of them owns it alone.
+        Handles are the backend's, unique only within an environment. No ledger indexes
+        ``submission``: this reads the environment's runs (a cancel, not a hot path)."""
+        filters = RunFilter(environment=environment, submission=submission)
+        found = await self.select_runs(filters, max(limit, 0))
+        return [r for r in found if r.state not in TERMINAL_STATES]
 
     @abc.abstractmethod
     async def select_runs(self, filters: RunFilter, limit: int) -> list[RunRecord]:

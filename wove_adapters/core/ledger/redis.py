@@ -302,7 +302,8 @@ class RedisLedger(Ledger):
             return []
         client = self._client().redis
         filtered = any(value is not None for value in
-                       (filters.state, filters.environment, filters.task_id))
+                       (filters.state, filters.environment, filters.task_id,
+                        filters.submission))
         page = max(limit, 200) if filtered else limit
         high: float | str = "+inf" if filters.until is None else filters.until
         low: float | str = "-inf" if filters.since is None else filters.since
