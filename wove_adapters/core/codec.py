@@ -263,10 +263,8 @@ def decode_outcome(
     blob_bytes: bytes,
     run_id: str | None = None,
     *,
-    key_id: str | None = None,
-    idempotency_key: str | None = _ANY,
-    task_id: str | None = None,
     taken: list[BodyRef] | None = None,
+    **binding: Any,
 ) -> dict[str, Any]:
     """Verify a stored outcome and return its terminal event as a frame. Blocking (it may
     read a key file or a result sent by reference, and it unpickles): call it in a thread.
@@ -278,9 +276,8 @@ def decode_outcome(
     reader with a generated key, another generated key of this user); ``run_id``, the
     run it must belong to; ``idempotency_key`` and ``task_id``, the key and task it must
     answer for (an outcome read by key from a ledger or a backend). A mismatch is a
-    ``PayloadError`` naming both sides."""
-    event = verified_outcome(blob_bytes, run_id, key_id=key_id,
-                             idempotency_key=idempotency_key, task_id=task_id)
+    ``PayloadError`` naming both sides. (``binding``: ``verified_outcome``'s keywords.)"""
+    event = verified_outcome(blob_bytes, run_id, **binding)
     if taken is not None:
         taken.extend(stored_refs(event))
     return wire_to_frame(event)

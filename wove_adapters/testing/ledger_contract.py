@@ -84,6 +84,13 @@ print(record_outcome_sync(url, run_id, "succeeded", b"signed\\x00outcome"))
 """
 
 
+async def _kept(ledger: Ledger, run_id: str) -> tuple[str, bytes | None]:
+    """The state and outcome the ledger kept for ``run_id`` (which it must hold)."""
+    stored = await ledger.get(run_id)
+    assert stored is not None, f"the ledger lost run {run_id}"
+    return stored.state, stored.outcome
+
+
 async def _python(*args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -176,9 +183,7 @@ class LedgerContract:
         await ledger.claim(record)
         assert await ledger.set_outcome(record.run_id, SUCCEEDED, b"first") is True
         assert await ledger.set_outcome(record.run_id, FAILED, b"second") is False
-        stored = await ledger.get(record.run_id)
-        assert stored is not None
-        assert (stored.state, stored.outcome) == (SUCCEEDED, b"first")
+        assert await _kept(ledger, record.run_id) == (SUCCEEDED, b"first")
 
     async def test_concurrent_outcomes_have_one_winner(self, ledger: Ledger) -> None:
         record = new_record()
@@ -273,9 +278,7 @@ class LedgerContract:
         await ledger.claim(record)
         assert await ledger.set_outcome(record.run_id, SUCCEEDED, b"value")
         await ledger.update(record.run_id, state=late)
-        stored = await ledger.get(record.run_id)
-        assert stored is not None
-        assert (stored.state, stored.outcome) == (SUCCEEDED, b"value")
+        assert await _kept(ledger, record.run_id) == (SUCCEEDED, b"value")
 
     async def test_terminal_state_by_update_is_final(self, ledger: Ledger) -> None:
         record = new_record()
