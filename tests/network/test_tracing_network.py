@@ -18,9 +18,10 @@ from wove_adapters import Hub
 from wove_adapters.testing import tasks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+from extras import need
 from otel_spans import one_trace, tracing_on, worker_env
 
-pytest.importorskip("opentelemetry.sdk", reason="the otel extra and opentelemetry-sdk (dev)")
+need("opentelemetry.sdk", "pip install -e '.[otel,dev]' (tox installs it in this file's env)")
 traced = pytest.fixture(tracing_on, name="traced")
 
 

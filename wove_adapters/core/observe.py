@@ -6,7 +6,7 @@ below at the points of a run's life an observer cares about; an observer install
 above core: the implementations live in ``wove_adapters.observability`` and are imported
 only when a user turns them on. With no observer installed each hook site costs one
 truth test of ``observers`` (an empty list), so a process that observes nothing pays
-nothing measurable (benchmarks/bench_stdio.py ``--observe``).
+nothing measurable (benchmarks/bench_observe.py).
 
 Hooks run on the shared loop (receiver rejections on the receiver's loop, which is the
 same one) and must not block; an observer that raises is logged and kept, the run is

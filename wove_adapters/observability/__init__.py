@@ -55,7 +55,7 @@ def metrics_target(value: Any) -> tuple[str, int] | None:
         host, port_text = "127.0.0.1", str(value)
     elif isinstance(value, str):
         text = value.strip()
-        if text.lower() in ("true", "yes", "on", "1"):
+        if _on(text):
             return None
         host, _, port_text = text.rpartition(":")
         if host in ("", "port"):
@@ -73,6 +73,11 @@ def metrics_target(value: Any) -> tuple[str, int] | None:
 
 _lock = threading.Lock()
 _applied: set[tuple[str, Any]] = set()
+
+
+def _on(text: str) -> bool:
+    """A word that says "on" (settings from TOML, variables or code alike)."""
+    return text.strip().lower() in ("true", "yes", "on", "1")
 
 
 def _off(value: Any) -> bool:
@@ -93,8 +98,7 @@ def apply_settings(settings: Mapping[str, Any]) -> None:
                 if not _off(value) and (name, repr(value)) not in _applied]
         for name, value in todo:
             if name == "tracing":
-                if value is not True and str(value).strip().lower() not in ("true", "yes",
-                                                                           "on", "1"):
+                if value is not True and not _on(str(value)):
                     raise ValueError(f"tracing must be true or false; got {value!r}")
                 from wove_adapters.observability import tracing as tracing_mod
 

@@ -546,7 +546,17 @@ def _no_span(outcome: str, error: BaseException | None) -> None:
 _UNTRACED: AbstractContextManager[Callable[[str, BaseException | None], None]] = (
     nullcontext(_no_span)
 )
-_SPANS: list[Any] = []  # the tracing module once looked for; None: not importable
+@functools.cache
+def _tracing() -> Any:
+    """``wove_adapters.observability.tracing``, imported the first time a traced payload
+    runs; None on a worker without opentelemetry-api (looked for once)."""
+    try:
+        from wove_adapters.observability import tracing
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("opentelemetry"):
+            raise
+        return None
+    return tracing
 
 
 def task_span(
@@ -556,19 +566,9 @@ def task_span(
     ``wove_adapters.observability.tracing``), current while the task runs; it yields
     the function that records the outcome. A payload without trace context, or a worker
     without opentelemetry-api, costs one test and imports nothing."""
-    if not trace:
+    spans = _tracing() if trace else None
+    if spans is None:
         return _UNTRACED
-    if not _SPANS:
-        try:
-            from wove_adapters.observability import tracing
-        except ModuleNotFoundError as exc:
-            if not (exc.name or "").startswith("opentelemetry"):
-                raise
-            tracing = None  # type: ignore[assignment]
-        _SPANS.append(tracing)
-    if _SPANS[0] is None:
-        return _UNTRACED
-    spans: Any = _SPANS[0]
     return spans.task_span(
         trace, run_id=run_id, task_id=task_id, attempt=attempt, executor=executor
     )

@@ -14,9 +14,10 @@ from wove_adapters import Hub
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from celery_services import CeleryService
+from extras import need
 from metric_runs import own_registry, run_mix_and_check
 
-pytest.importorskip("prometheus_client", reason="the metrics extra")
+need("prometheus_client", "pip install -e '.[metrics]' (tox installs it in this file's env)")
 registry = pytest.fixture(own_registry, name="registry")
 
 

@@ -22,13 +22,14 @@ from wove_adapters.testing.conformance import wait_for_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from celery_services import CeleryService
+from extras import need
 from otel_spans import (
     check_requeued,
     one_trace,
     tracing_on,
 )
 
-pytest.importorskip("opentelemetry.sdk", reason="the otel extra and opentelemetry-sdk (dev)")
+need("opentelemetry.sdk", "pip install -e '.[otel,dev]' (tox installs it in this file's env)")
 
 
 traced = pytest.fixture(tracing_on, name="traced")

@@ -19,10 +19,11 @@ from wove_adapters import Hub
 from wove_adapters.testing import tasks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from extras import need
 from lazy_imports import blocked
 from metric_runs import own_registry, run_mix_and_check, value
 
-pytest.importorskip("prometheus_client", reason="the metrics extra")
+need("prometheus_client", "pip install -e '.[metrics]' (tox installs it in this file's env)")
 registry = pytest.fixture(own_registry, name="registry")
 
 

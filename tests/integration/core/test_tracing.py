@@ -23,6 +23,7 @@ from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from extras import need
 from lazy_imports import blocked
 from otel_spans import (
     check_requeued,
@@ -31,7 +32,7 @@ from otel_spans import (
     worker_env,
 )
 
-pytest.importorskip("opentelemetry.sdk", reason="the otel extra and opentelemetry-sdk (dev)")
+need("opentelemetry.sdk", "pip install -e '.[otel,dev]' (tox installs it in this file's env)")
 
 EXECUTORS = ("process", "stdio")
 
