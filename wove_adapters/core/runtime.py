@@ -1445,7 +1445,8 @@ class Dispatcher:
                 entries = [entry for entry in items if entry is not None]
                 pending.extend(entries)
                 urgent = stop or any(_urgent(op) for op, _ in entries)
-                if pending and (urgent or not items or (deadline or 0) <= loop.time()):
+                expired = deadline is not None and deadline <= loop.time()
+                if pending and (urgent or not items or expired):
                     batch, pending, deadline = pending, [], None
                     await self._write_batch(batch)
                 elif pending and deadline is None:
