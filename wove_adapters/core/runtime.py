@@ -386,8 +386,27 @@ class Dispatcher:
 
     # ---------------------------------------------------------- submit
 
+    def submit_now(self, attempt: RunAttempt, listener: Listener) -> Run | None:
+        """``submit`` without suspending, for a run that waits for nothing before it is
+        accepted (no idempotency key, no cache, no registration or reroute control): its
+        record is queued, not awaited. None when the run needs ``submit``. Front ends
+        call this first so a plain run costs no task of its own to be accepted."""
+        controls = attempt.policy.controls
+        if (
+            attempt.idempotency_key is not None
+            or controls.cache
+            or controls.registration != "unlimited"
+            or controls.reroute
+        ):
+            return None
+        self.check_policy(attempt.policy)
+        return self._accept(attempt, listener, self._ledger_later(self._record(attempt)))
+
     async def submit(self, attempt: RunAttempt, listener: Listener) -> Run:
         """Accept a run. Returns at once; events reach ``listener`` (with this run's id)."""
+        run = self.submit_now(attempt, listener)
+        if run is not None:
+            return run
         self.check_policy(attempt.policy)
         controls = attempt.policy.controls
         if attempt.idempotency_key is not None:
@@ -410,6 +429,13 @@ class Dispatcher:
         if found is not None:
             self.controls.release(attempt.run_id)
             return found
+        return self._accept(attempt, listener, claimed)
+
+    def _accept(
+        self, attempt: RunAttempt, listener: Listener, claimed: asyncio.Future[Any] | None
+    ) -> Run:
+        """The run is this dispatcher's from here: recorded in memory, timed, launched."""
+        controls = attempt.policy.controls
         run = Run(attempt=attempt, listeners=[(attempt.run_id, listener)])
         run.controlled = controls.registration != "unlimited"  # its registration lease
         run.claimed = claimed

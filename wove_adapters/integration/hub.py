@@ -631,20 +631,24 @@ class Hub:
         outcome, listener = self._outcome_listener(task_name)
         self._inflight[run_id] = dispatcher
         try:
-            # Once accepted, a submission is not torn in half by a cancelled caller: the
-            # run is created (and recorded), then cancelled below.
-            submitting = asyncio.ensure_future(dispatcher.submit(attempt, listener))
+            # A plain run is accepted without suspending (no task, nothing to tear).
+            run = dispatcher.submit_now(attempt, listener)
+            if run is None:
+                # Once accepted, a submission is not torn in half by a cancelled caller:
+                # the run is created (and recorded), then cancelled below.
+                submitting = asyncio.ensure_future(dispatcher.submit(attempt, listener))
+                try:
+                    run = await asyncio.shield(submitting)
+                except asyncio.CancelledError:
+                    with contextlib.suppress(Exception):
+                        await submitting
+                        await dispatcher.cancel(run_id)
+                    raise
+                finally:
+                    accepted.set()
+                del submitting  # done; a parked run keeps no Task of its submission
+            accepted.set()
             del attempt  # the run holds it; nothing here keeps the callable alive
-            try:
-                run = await asyncio.shield(submitting)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await submitting
-                    await dispatcher.cancel(run_id)
-                raise
-            finally:
-                accepted.set()
-            del submitting  # done; a parked run keeps no Task of its submission
             if on_launched is not None:
                 _when_launched(run, on_launched)
             try:
@@ -686,7 +690,8 @@ class Hub:
                     )
                     self._inflight[run_id] = dispatcher
                     live.append((run_id, dispatcher, outcome))
-                    await dispatcher.submit(attempt, listener)
+                    if dispatcher.submit_now(attempt, listener) is None:
+                        await dispatcher.submit(attempt, listener)
                 except Exception as exc:  # this run's setup failed: its error is its frame
                     if not outcome.done():
                         outcome.set_result(_error_frame(run_id, exc))
