@@ -60,3 +60,34 @@ def test_a_closure_pickled_later_carries_its_values_then() -> None:
 def test_plain_callables_and_keywords_round_trip() -> None:
     func, args = loads(task_body(lambda x, y=2: x * y, {"x": 4, "y": 5}))
     assert func(**args) == 20
+
+
+def test_plain_arguments_take_the_standard_pickler_and_round_trip() -> None:
+    import pickle
+
+    value = {"a": [1, 2.5, None, True], "b": (b"x", "y", frozenset({3})), 7: {1, 2}}
+    body = task_body(functools.partial(_twice, value), {"k": [1, (2, 3)]})
+    func, args = pickle.loads(body)  # the worker's loads is pickle's
+    assert func(**args) == (value, [1, (2, 3)])
+
+
+def test_arguments_that_are_not_plain_data_are_pickled_by_value() -> None:
+    """A class made at run time (as in ``__main__`` or a notebook) is not importable on a
+    worker: it must travel by value (cloudpickle), never by reference."""
+    made = type("MadeHere", (), {"n": 5})
+    instance = made()
+    offset = 3
+    body = task_body(functools.partial(_twice, instance), {"k": lambda x: x + offset})
+    func, args = loads(body)
+    got, k = func(**args)
+    assert type(got).__name__ == "MadeHere" and got.n == 5 and k(1) == 4
+
+
+def test_many_plain_values_stop_looking_and_still_round_trip() -> None:
+    big = list(range(10_000))
+    func, args = loads(task_body(functools.partial(_twice, big), {"k": None}))
+    assert func(**args) == (big, None)
+
+
+def _twice(value: Any, k: Any) -> tuple[Any, Any]:
+    return value, k

@@ -17,6 +17,7 @@ import functools
 import importlib
 import math
 import os
+import pickle
 import socket
 import time
 from typing import Any, Final
@@ -162,15 +163,49 @@ def _pickled_once(inner: Any) -> bytes:
     return data
 
 
+# Argument types the standard pickler writes exactly as cloudpickle would: by value, with
+# no reference to a module the worker might lack. Exact types only: a subclass (an enum of
+# ``__main__``, say) is pickled by reference by one and by value by the other.
+_PLAIN: Final = frozenset({int, float, str, bytes, bool, type(None), complex})
+_CONTAINERS: Final = frozenset({tuple, list, set, frozenset})
+_PLAIN_BUDGET = 256  # values looked at before cloudpickle is simply used
+
+
+def _plain(values: list[Any]) -> bool:
+    """True when every value (containers walked) is plain data, within the budget."""
+    budget = _PLAIN_BUDGET
+    while values:
+        budget -= 1
+        if budget < 0:
+            return False
+        value = values.pop()
+        kind = type(value)
+        if kind in _PLAIN:
+            continue
+        if kind in _CONTAINERS:
+            values.extend(value)
+        elif kind is dict:
+            values.extend(value.keys())
+            values.extend(value.values())
+        else:
+            return False
+    return True
+
+
 def task_body(func: Any, args: dict[str, Any]) -> bytes:
     """The pickle of ``(func, args)`` a payload carries; ``func`` itself (or the function
     a ``functools.partial`` wraps, as ``Hub.map`` makes per item) is pickled once per loop
-    iteration (``_PICKLED``) and its bytes reused."""
-    inner = func.func if isinstance(func, functools.partial) else func
+    iteration (``_PICKLED``) and its bytes reused. Arguments that are plain data go
+    through the standard pickler (the same bytes' meaning, several times faster than
+    cloudpickle's pure-Python reducer hooks on a short run's ``(x,)``)."""
+    partial = isinstance(func, functools.partial)
+    inner = func.func if partial else func
     ref = _Pickled(inner, _pickled_once(inner))
-    if isinstance(func, functools.partial):
-        return dumps((functools.partial(ref, *func.args, **func.keywords), args))
-    return dumps((ref, args))
+    body = (functools.partial(ref, *func.args, **func.keywords), args) if partial else (ref, args)
+    if _plain([*func.args, *func.keywords.values(), *args.values()] if partial
+              else [*args.values()]):
+        return pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
+    return dumps(body)
 
 
 def encode_payload(envelope: Envelope) -> str:
