@@ -930,6 +930,10 @@ class Dispatcher:
             self._ledger_later(SetOutcome(run_id, state, data))
         else:
             self._ledger_later(Update(run_id, {"state": state}))
+        if durable:
+            # Other callers answer from this outcome (the key's followers, `result` after
+            # a detach): it goes now, not after the write window.
+            self._ledger_later(None)
 
     def _sign_outcome(self, frame: dict[str, Any], key: str | None) -> bytes | None:
         try:
