@@ -33,4 +33,12 @@ def default_ledger_url() -> str:
 
 
 def default_store_url() -> str:
-    return f"file://{data_dir() / 'payloads'}"
+    # Every run's envelope names it: made once per WOVE_ADAPTERS_HOME, like data_dir.
+    override = os.environ.get("WOVE_ADAPTERS_HOME")
+    url = _STORE_URLS.get(override)
+    if url is None:
+        url = _STORE_URLS[override] = f"file://{data_dir() / 'payloads'}"
+    return url
+
+
+_STORE_URLS: dict[str | None, str] = {}

@@ -160,6 +160,17 @@ def _claim(conn: sqlite3.Connection, record: RunRecord) -> RunRecord:
 
 
 def _claim_in(conn: sqlite3.Connection, record: RunRecord) -> RunRecord:
+    if record.idempotency_key is None:
+        # One statement for the common case; a retried claim of the same run finds its
+        # row there and gets the stored one.
+        cursor = conn.execute(
+            f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES "
+            f"({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (run_id) DO NOTHING",
+            tuple(getattr(record, name) for name in _COLUMNS),
+        )
+        if cursor.rowcount == 0:
+            return _get(conn, record.run_id) or record
+        return record
     existing = _get(conn, record.run_id)
     if existing is not None:  # a retried claim of the same run: it already owns it
         return existing
