@@ -44,6 +44,13 @@ class ChunkGatherer:
     ) -> bool:
         """Wait until this run's chunk leaves; True when the run went with it (False:
         it ended while it waited). Raises what the submission raised."""
+        return await self.enqueue(attempt, chunk, alive)
+
+    def enqueue(
+        self, attempt: RunAttempt, chunk: tuple[str, int, int], alive: Callable[[], bool]
+    ) -> asyncio.Future[bool]:
+        """``submit`` without a coroutine: the future it would wait for (a run that
+        waits for nothing else needs no task of its own to be launched)."""
         call, number, expected = chunk
         key = (call, number)
         loop = asyncio.get_running_loop()
@@ -55,7 +62,7 @@ class ChunkGatherer:
         gathering.members.append((attempt, sent, alive))
         if len(gathering.members) >= gathering.expected:
             self._leave(key)
-        return await sent
+        return sent
 
     def _leave(self, key: tuple[str, int]) -> None:
         gathering = self._open.pop(key, None)

@@ -132,7 +132,9 @@ class Run:
     terminal: dict[str, Any] | None = None
     cancel_requested: bool = False
     timer: asyncio.TimerHandle | None = None
-    launch_task: asyncio.Task[None] | None = None
+    # Done once the launch is over (handed over, failed, or the run ended first): the
+    # launch's task, or for a run that joins a chunk straight away, its chunk's future.
+    launch_task: asyncio.Future[Any] | None = None
     semaphore: asyncio.Semaphore | None = None
     holds_slot: bool = False
     finishing: bool = False
@@ -452,8 +454,41 @@ class Dispatcher:
             run.timer = asyncio.get_running_loop().call_later(
                 attempt.policy.timeout, lambda: self._spawn(self._on_timeout(run))
             )
-        run.launch_task = self._spawn(self._launch(run))
+        chunk = attempt.extra.get("chunk")
+        if (
+            chunk is not None
+            and self.transport.supports_chunks
+            and controls.concurrency == "unlimited"
+            and not attempt.policy.max_in_flight
+        ):
+            # No gate to wait at: it joins its chunk now, with no launch task of its own.
+            del attempt.extra["chunk"]
+            self._begin_launch(run)
+            sent = self._chunks.enqueue(attempt, chunk, functools.partial(_alive, run))
+            sent.add_done_callback(functools.partial(self._chunk_sent, run))
+            run.launch_task = sent
+        else:
+            run.launch_task = self._spawn(self._launch(run))
         return run
+
+    def _begin_launch(self, run: Run) -> None:
+        """The run passed its gates and is being handed over from now."""
+        run.submitted_at = run.last_seen = run.pending_since = time.monotonic()
+        run.submitting = True
+        if observe.observers:  # before the payload is built: it carries the trace
+            self._observed(observe.attempt_launched, run)
+
+    def _chunk_sent(self, run: Run, sent: asyncio.Future[bool]) -> None:
+        """The end of a launch that went by its chunk's future (see ``_accept``)."""
+        if sent.cancelled():
+            return
+        error = sent.exception()
+        if error is None and sent.result():
+            self._launched(run)
+        elif error is None:
+            self._release_slot(run)  # ended while its chunk gathered
+        elif isinstance(error, Exception):
+            self._launch_failed(run, error)
 
     async def _claim(
         self, attempt: RunAttempt, listener: Listener
@@ -606,10 +641,7 @@ class Dispatcher:
             if run.done.is_set():  # ended (cancelled, timed out) while it waited for a slot
                 self._release_slot(run)
                 return
-            run.submitted_at = run.last_seen = run.pending_since = time.monotonic()
-            run.submitting = True
-            if observe.observers:  # before the payload is built: it carries the trace
-                self._observed(observe.attempt_launched, run)
+            self._begin_launch(run)
             # Only a first attempt travels in its chunk: a retry or requeue goes alone.
             chunk = run.attempt.extra.pop("chunk", None)
             if chunk is not None and self.transport.supports_chunks:
@@ -619,35 +651,42 @@ class Dispatcher:
                     return
             else:
                 await self.transport.submit(run.attempt)
-            run.launched = True
-            if run.claimed is not None:
-                # Its record is written while the job is handed over, not before: the
-                # round trip to the ledger is off the run's critical path. The promise
-                # holds: the returned run id is fetchable once the record lands, and a
-                # worker whose caller is gone creates the record with the outcome. A
-                # record that cannot be written stops the job (the run fails with why).
-                # Watched by a callback naming the run by id: nothing here keeps the
-                # run (and its result, once it has one) alive until the write lands.
-                run.claimed.add_done_callback(functools.partial(self._written, run.run_id))
-            if run.attempt.submission:
-                # Closures name the run by id only: a queued write must not keep the
-                # task's callable (and what it references) alive.
-                sub, rid = run.attempt.submission, run.run_id
-                self._ledger_later(Update(rid, {"submission": sub}))
+            self._launched(run)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._finish(
-                run,
-                frames.error_event(
-                    run.run_id,
-                    run.attempt.task_id,
-                    self._submit_error(run, exc),
-                    attempt=run.attempt.attempt,
-                    source="transport",
-                    retryable=True,
-                ),
-            )
+            self._launch_failed(run, exc)
+
+    def _launched(self, run: Run) -> None:
+        """The backend holds the job: its record and handle are written."""
+        run.launched = True
+        if run.claimed is not None:
+            # Its record is written while the job is handed over, not before: the
+            # round trip to the ledger is off the run's critical path. The promise
+            # holds: the returned run id is fetchable once the record lands, and a
+            # worker whose caller is gone creates the record with the outcome. A
+            # record that cannot be written stops the job (the run fails with why).
+            # Watched by a callback naming the run by id: nothing here keeps the
+            # run (and its result, once it has one) alive until the write lands.
+            run.claimed.add_done_callback(functools.partial(self._written, run.run_id))
+        if run.attempt.submission:
+            # Closures name the run by id only: a queued write must not keep the
+            # task's callable (and what it references) alive.
+            sub, rid = run.attempt.submission, run.run_id
+            self._ledger_later(Update(rid, {"submission": sub}))
+
+    def _launch_failed(self, run: Run, exc: Exception) -> None:
+        self._finish(
+            run,
+            frames.error_event(
+                run.run_id,
+                run.attempt.task_id,
+                self._submit_error(run, exc),
+                attempt=run.attempt.attempt,
+                source="transport",
+                retryable=True,
+            ),
+        )
 
     def _written(self, run_id: str, done: asyncio.Future[Any]) -> None:
         """A run's record reached the ledger, or could not: then its job is cancelled
