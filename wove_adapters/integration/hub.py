@@ -889,10 +889,36 @@ async def _collect(
     frames_in_order: list[asyncio.Future[dict[str, Any]]] = [
         asyncio.ensure_future(outcome) for outcome in outcomes
     ]
-    for finished in asyncio.as_completed(frames_in_order):
-        frame = await finished
-        if frame.get("type") != frames.TASK_RESULT:
-            return "raise", [frame]
+    # One waiter for the whole call, not ``as_completed``'s coroutine and queue hop per
+    # run: it wakes once, on the first frame that is not a result or when all are in.
+    waiter: asyncio.Future[asyncio.Future[dict[str, Any]] | None] = (
+        asyncio.get_running_loop().create_future()
+    )
+    left = len(frames_in_order)
+
+    def arrived(done: asyncio.Future[dict[str, Any]]) -> None:
+        nonlocal left
+        left -= 1
+        if waiter.done():
+            return
+        if done.cancelled() or done.exception() is not None:
+            waiter.set_result(done)
+        elif done.result().get("type") != frames.TASK_RESULT:
+            waiter.set_result(done)
+        elif left == 0:
+            waiter.set_result(None)
+
+    if not frames_in_order:
+        waiter.set_result(None)
+    for future in frames_in_order:
+        future.add_done_callback(arrived)
+    try:
+        first_failed = await waiter
+    finally:
+        for future in frames_in_order:
+            future.remove_done_callback(arrived)
+    if first_failed is not None:
+        return "raise", [first_failed.result()]
     return "raise", [done.result() for done in frames_in_order]
 
 
