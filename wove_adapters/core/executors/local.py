@@ -24,6 +24,10 @@ from wove_adapters.core.options import ExecutorOptions
 from wove_adapters.core.policies import Capabilities
 from wove_adapters.core.transport import Emit, RunAttempt, StartContext, Transport
 
+# A run that ends within this many seconds gets no heartbeat machinery (the workers'
+# short-task window, ``worker.runner.STARTED_AFTER``: heartbeat timeouts are seconds).
+STARTED_AFTER = 0.05
+
 
 class LocalOptions(ExecutorOptions, kw_only=True):
     """``executor_config`` of ``local`` (see docs/executors.md)."""
@@ -77,17 +81,32 @@ class LocalTransport(Transport):
                 loop = asyncio.get_running_loop()
                 started = asyncio.Event()
 
+                def _started() -> None:
+                    started.set()
+                    emit(frames.event(frames.TASK_STARTED, *ident))
+
                 def _call() -> Any:
-                    loop.call_soon_threadsafe(started.set)
-                    loop.call_soon_threadsafe(emit, frames.event(frames.TASK_STARTED, *ident))
+                    loop.call_soon_threadsafe(_started)  # one wake-up of the loop, not two
                     return run.func(**run.args)
 
                 submitted = self._pool.submit(_call)
                 self._thread_futures[run.run_id] = submitted
                 future = asyncio.wrap_future(submitted)
+                pulse: asyncio.TimerHandle | None = None
                 if beat:
-                    heart = loop.create_task(self._beat(run, beat, started))
-                value = await future
+                    # Beats only for a run that outlives the short-task window (most end
+                    # first): no task, event wait and timer per short run.
+                    def _pulse() -> None:
+                        nonlocal heart
+                        if not future.done():
+                            heart = loop.create_task(self._beat(run, beat, started))
+
+                    pulse = loop.call_later(STARTED_AFTER, _pulse)
+                try:
+                    value = await future
+                finally:
+                    if pulse is not None:
+                        pulse.cancel()
                 if inspect.isawaitable(value):
                     value = await value
             emit(frames.event(frames.TASK_RESULT, *ident, result=value))
