@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import functools
 import inspect
+import os
 import threading
 import time
 import uuid
@@ -474,7 +475,8 @@ class Hub:
 
     def _new_run_id(self, fn: Callable[..., Any], task_options: dict[str, Any] | None) -> str:
         name = (task_options or {}).get("task_name") or task_name_of(fn)
-        return f"{name}:{uuid.uuid4().hex}"
+        # 128 random bits as 32 hex digits, like a uuid4's hex without the object
+        return f"{name}:{os.urandom(16).hex()}"
 
     async def _call(
         self,
