@@ -474,9 +474,7 @@ class Hub:
         return settings
 
     def _new_run_id(self, fn: Callable[..., Any], task_options: dict[str, Any] | None) -> str:
-        name = (task_options or {}).get("task_name") or task_name_of(fn)
-        # 128 random bits as 32 hex digits, like a uuid4's hex without the object
-        return f"{name}:{os.urandom(16).hex()}"
+        return _run_id((task_options or {}).get("task_name") or task_name_of(fn))
 
     async def _call(
         self,
@@ -560,15 +558,38 @@ class Hub:
         chunk: tuple[str, int, int] | None = None,
     ) -> tuple[Dispatcher, RunAttempt]:
         """The run's dispatcher (started on first use) and its first attempt."""
-        environment = settings["environment"]
+        dispatcher, policy = await self._resolve(settings)
+        return dispatcher, self._attempt(
+            fn, args, kwargs, task_name, settings, run_id, policy, in_place=in_place, chunk=chunk
+        )
+
+    async def _resolve(self, settings: dict[str, Any]) -> tuple[Dispatcher, DeliveryPolicy]:
+        """The dispatcher (started on first use) and delivery policy of these settings."""
         cached = self._resolved.get(id(settings))
-        if cached is None or cached[0] is not settings:
-            dispatcher = await get_dispatcher(environment, settings)
-            policy = DeliveryPolicy.from_settings(settings, where=f"Environment '{environment}'")
-            if len(self._resolved) < 4096:
-                self._resolved[id(settings)] = (settings, dispatcher, policy)
-        else:
-            _, dispatcher, policy = cached
+        if cached is not None and cached[0] is settings:
+            return cached[1], cached[2]
+        environment = settings["environment"]
+        dispatcher = await get_dispatcher(environment, settings)
+        policy = DeliveryPolicy.from_settings(settings, where=f"Environment '{environment}'")
+        if len(self._resolved) < 4096:
+            self._resolved[id(settings)] = (settings, dispatcher, policy)
+        return dispatcher, policy
+
+    def _attempt(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        task_name: str,
+        settings: dict[str, Any],
+        run_id: str,
+        policy: DeliveryPolicy,
+        *,
+        in_place: tuple[int, frozenset[str] | None] | None = None,
+        chunk: tuple[str, int, int] | None = None,
+    ) -> RunAttempt:
+        """A run's first attempt (no awaiting: a mapped call makes thousands)."""
+        environment = settings["environment"]
         raw_key = policy.idempotency_key
         key = (
             resolve_idempotency_key(raw_key, named_arguments(fn, args, kwargs), task_name)
@@ -596,7 +617,7 @@ class Hub:
             # A keyed run's task errors are retried in place by the dispatcher: one run in
             # the ledger, attempt + 1 (its frame says how many it spent).
             attempt.extra["in_place_retries"] = in_place
-        return dispatcher, attempt
+        return attempt
 
     def _outcome_listener(
         self, task_name: str
@@ -682,13 +703,18 @@ class Hub:
         outcomes: list[asyncio.Future[dict[str, Any]]] = []
         live: list[tuple[str, Dispatcher, asyncio.Future[dict[str, Any]]]] = []
         try:
+            resolved: tuple[Dispatcher, DeliveryPolicy] | None = None
             for index, item in enumerate(items):
-                run_id = self._new_run_id(fn, task_options)
+                run_id = _run_id(task_name)  # the name _map resolved, as _new_run_id would
                 outcome, listener = self._outcome_listener(task_name)
                 outcomes.append(outcome)
                 try:
-                    dispatcher, attempt = await self._attempt_for(
-                        fn, (item,), {}, task_name, settings, run_id, chunk=chunk_of(index)
+                    if resolved is None:
+                        resolved = await self._resolve(settings)
+                    dispatcher = resolved[0]
+                    attempt = self._attempt(
+                        fn, (item,), {}, task_name, settings, run_id, resolved[1],
+                        chunk=chunk_of(index),
                     )
                     self._inflight[run_id] = dispatcher
                     live.append((run_id, dispatcher, outcome))
@@ -930,6 +956,11 @@ def _when_launched(run: Run, callback: Callable[[], None]) -> None:
         callback()
         return
     run.launch_task.add_done_callback(lambda _: callback() if run.launched else None)
+
+
+def _run_id(task_name: str) -> str:
+    # 128 random bits as 32 hex digits, like a uuid4's hex without the object
+    return f"{task_name}:{os.urandom(16).hex()}"
 
 
 def _error_frame(run_id: str, error: BaseException) -> dict[str, Any]:
