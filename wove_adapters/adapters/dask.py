@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +52,9 @@ from wove_adapters.worker import hosted
 
 log = logging.getLogger("wove_adapters.adapters.dask")
 
+# Runs in flight (these included) from which a batch's short runs return their signed
+# outcomes in their futures instead of POSTing them (``_flush``).
+RETURNED_IN_FLIGHT = 4
 # Per-task options Dask's ``Client.submit`` understands, passed through as given.
 SUBMIT_OPTIONS = ("resources", "priority", "retries", "workers", "allow_other_workers")
 
@@ -70,6 +73,7 @@ class _Tracked(Watched):
     future: Any = None  # None while its batch has not left
     watcher: asyncio.Task[None] | None = None
     detached: bool = False  # detached before its batch left: submitted, then let go
+    returned: bool = False  # a short run's signed outcome comes back as the future's value
 
 
 class DaskOptions(AdapterOptions, kw_only=True):
@@ -145,6 +149,16 @@ class DaskAdapter(BackendAdapter):
         self._results: BatchedFetch[Any, Any] = BatchedFetch(
             lambda futures: self.client.gather(futures), _awaited)
         self._detached: dict[str, Any] = {}
+        # The transport's check of events a worker returned signed (``attach_signed``);
+        # None: every outcome comes by the return path the envelope names.
+        self._accept: Callable[[bytes], list[frames.WireEvent]] | None = None
+
+    def attach_signed(self, accept: Callable[[bytes], list[frames.WireEvent]]) -> None:
+        """On the http return path: a run that ends within the short-task window
+        returns its signed terminal event as the future's value
+        (``hosted.run_returned``) and ``accept`` checks and routes it, so a short run
+        costs no HTTP request from the worker."""
+        self._accept = accept
 
     # ---------------------------------------------------------- life cycle
 
@@ -244,11 +258,20 @@ class DaskAdapter(BackendAdapter):
     def _flush(self, batch: list[tuple[str, str, dict[str, Any]]]) -> None:
         leaving = [item for item in batch if item[0] in self._tracked]  # not cancelled
         loop = asyncio.get_running_loop()
+        # Outcomes in the futures only while several runs are in flight: their results
+        # are fetched with one gather per loop iteration, cheaper than a POST each. A
+        # run alone (a caller waiting on each result in turn) is faster by POST: the
+        # worker reaches the caller straight away, where a gather goes through the
+        # scheduler after it heard of the end (see docs/adapters/dask.md, "Numbers").
+        # Asked only when true: a worker whose run_dask predates the argument still runs
+        # payloads of a caller that does not take outcomes from the future.
+        returned = ({"returned": True} if self._accept is not None
+                    and len(self._tracked) >= RETURNED_IN_FLIGHT else {})
         for items in group_by(leaving, lambda item: repr(sorted(item[2].items()))):
             keys = [key for key, _, _ in items]
             try:
                 futures = self.client.map(hosted.run_dask, [p for _, p, _ in items], key=keys,
-                                          pure=False, **items[0][2])
+                                          pure=False, **items[0][2], **returned)
             except Exception as exc:  # every run in the batch hears of it
                 for key in keys:
                     tracked = self._tracked.pop(key, None)
@@ -260,6 +283,7 @@ class DaskAdapter(BackendAdapter):
             for key, future in zip(keys, futures, strict=True):
                 tracked = self._tracked[key]
                 tracked.future = future
+                tracked.returned = bool(returned)
                 if tracked.detached:
                     del self._tracked[key]
                     self._let_go(key, future)
@@ -342,7 +366,7 @@ class DaskAdapter(BackendAdapter):
             status = future.status
             if status == "error" and self.native and exc is not None:
                 remote_tb = _format_remote(exc, await future.traceback())
-            if status == "finished" and self.native:
+            if status == "finished" and (self.native or tracked.returned):
                 try:
                     value = await self._results.fetch(future)
                 except Exception as gather_error:  # result lost in transit
@@ -358,11 +382,30 @@ class DaskAdapter(BackendAdapter):
         if isinstance(exc, hosted.PayloadRefused):  # the worker signed and sent nothing
             self._finished.remember(key, JobState.REFUSED)
             frame: dict[str, Any] | None = refusal_frame(self.name, tracked, self.config)
+        elif isinstance(value, bytes) and tracked.returned:
+            frame = self._returned(key, tracked, value)
         else:
             self._finished.remember(key, self.map_state(status))
             frame = _frame_for(tracked, status, value, exc, native=self.native,
                                remote_tb=remote_tb)
         self.report(frame)
+
+    def _returned(self, key: str, tracked: _Tracked, value: bytes) -> dict[str, Any] | None:
+        """A short run's signed events, returned in the future: checked, then routed as
+        the receiver would route them; events that do not verify leave the run lost (its
+        orphan policy applies), nothing in them unpickled."""
+        assert self._accept is not None
+        try:
+            events = self._accept(value)
+        except Exception as exc:
+            self._finished.remember(key, JobState.GONE)
+            return frames.event_of(tracked, frames.TASK_LOST, reason=(
+                f"the outcome the Dask task returned did not verify ({type(exc).__name__}: "
+                f"{exc})"))
+        ended = next((_STATE_OF_EVENT[type(e)] for e in events if type(e) in _STATE_OF_EVENT),
+                     JobState.SUCCEEDED)
+        self._finished.remember(key, ended)
+        return None
 
     async def doctor(self) -> list[Row]:
         if self.client is None:
@@ -389,6 +432,13 @@ class DaskAdapter(BackendAdapter):
             f"executor_config allowed_failures: 0",
         ))
         return rows
+
+
+_STATE_OF_EVENT: dict[type, JobState] = {
+    frames.TaskResult: JobState.SUCCEEDED,
+    frames.TaskError: JobState.FAILED,
+    frames.TaskCancelled: JobState.CANCELLED,
+}
 
 
 def _configured_address(config: dict[str, Any]) -> str | None:
