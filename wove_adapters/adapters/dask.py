@@ -55,6 +55,10 @@ log = logging.getLogger("wove_adapters.adapters.dask")
 # Runs in flight (these included) from which a batch's short runs return their signed
 # outcomes in their futures instead of POSTing them (``_flush``).
 RETURNED_IN_FLIGHT = 4
+# Returned outcomes that finish within this many seconds of each other share one gather:
+# a gather costs the scheduler and a worker a round trip each, whatever it carries, and
+# a burst's results finish one by one (one loop iteration each).
+GATHER_WINDOW = 0.02
 # Per-task options Dask's ``Client.submit`` understands, passed through as given.
 SUBMIT_OPTIONS = ("resources", "priority", "retries", "workers", "allow_other_workers")
 
@@ -152,6 +156,8 @@ class DaskAdapter(BackendAdapter):
         # The transport's check of events a worker returned signed (``attach_signed``);
         # None: every outcome comes by the return path the envelope names.
         self._accept: Callable[[bytes], list[frames.WireEvent]] | None = None
+        self._gate: asyncio.Future[None] | None = None
+        self._returning = 0  # runs sent with returned=True whose futures have not ended
 
     def attach_signed(self, accept: Callable[[bytes], list[frames.WireEvent]]) -> None:
         """On the http return path: a run that ends within the short-task window
@@ -284,6 +290,7 @@ class DaskAdapter(BackendAdapter):
                 tracked = self._tracked[key]
                 tracked.future = future
                 tracked.returned = bool(returned)
+                self._returning += tracked.returned
                 if tracked.detached:
                     del self._tracked[key]
                     self._let_go(key, future)
@@ -362,11 +369,17 @@ class DaskAdapter(BackendAdapter):
         value: Any = None
         remote_tb = ""
         try:
-            exc = await future.exception()
+            try:
+                exc = await future.exception()
+            finally:
+                if tracked.returned:  # its outcome is no longer to come (_gather_window)
+                    self._returning -= 1
             status = future.status
             if status == "error" and self.native and exc is not None:
                 remote_tb = _format_remote(exc, await future.traceback())
             if status == "finished" and (self.native or tracked.returned):
+                if tracked.returned:
+                    await asyncio.shield(self._gather_window())
                 try:
                     value = await self._results.fetch(future)
                 except Exception as gather_error:  # result lost in transit
@@ -389,6 +402,20 @@ class DaskAdapter(BackendAdapter):
             frame = _frame_for(tracked, status, value, exc, native=self.native,
                                remote_tb=remote_tb)
         self.report(frame)
+
+    def _gather_window(self) -> asyncio.Future[None]:
+        """Opens when ``GATHER_WINDOW`` has passed since the first returned outcome that
+        waits for it, or at once when no other returned outcome is still to come (the
+        last runs of a mapped call wait for nothing): the watchers it lets through fetch
+        in one loop iteration, so ``_results`` fetches all their values with one gather."""
+        if self._gate is None or self._gate.done():
+            loop = asyncio.get_running_loop()
+            gate: asyncio.Future[None] = loop.create_future()
+            loop.call_later(GATHER_WINDOW, _open, gate)
+            self._gate = gate
+        if self._returning <= 0:
+            _open(self._gate)
+        return self._gate
 
     def _returned(self, key: str, tracked: _Tracked, value: bytes) -> dict[str, Any] | None:
         """A short run's signed events, returned in the future: checked, then routed as
@@ -517,6 +544,11 @@ def _frame_for(
         return failure_frame(tracked, exc, native=native, remote_tb=remote_tb)
     reason = f"{type(exc).__name__}: {exc}" if exc is not None else f"Dask reports {status}"
     return frames.event_of(tracked, frames.TASK_LOST, reason=f"the Dask task was lost ({reason})")
+
+
+def _open(gate: asyncio.Future[None]) -> None:
+    if not gate.done():
+        gate.set_result(None)
 
 
 async def _awaited(future: Any) -> Any:

@@ -215,7 +215,21 @@ def test_a_burst_returns_outcomes_in_futures_a_single_run_posts(address: str) ->
         before = _accepted(hub)
         assert hub.run(tasks.add, 2) == 3
         assert _accepted(hub) == before + 1
-        assert hub.map(tasks.add, range(40), map_chunk_size=0) == list(range(1, 41))
+        adapter = _adapter(hub)
+        gathers: list[int] = []
+        gather = adapter.client.gather
+
+        def counted(futures: Any, *args: Any, **kwargs: Any) -> Any:
+            gathers.append(len(futures))
+            return gather(futures, *args, **kwargs)
+
+        adapter.client.gather = counted
+        try:
+            assert hub.map(tasks.add, range(40), map_chunk_size=0) == list(range(1, 41))
+        finally:
+            adapter.client.gather = gather
+        # Outcomes that finish close together share a gather (GATHER_WINDOW).
+        assert sum(gathers) == 40 and len(gathers) <= 10, gathers
         with pytest.raises(tasks.ConformanceError, match="boom"):
             hub.map(tasks.fail, ["boom"] * 8, map_chunk_size=0)
         assert _accepted(hub) <= before + 1 + 3  # a batch that left before the rest
