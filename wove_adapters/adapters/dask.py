@@ -55,7 +55,8 @@ log = logging.getLogger("wove_adapters.adapters.dask")
 # Runs in flight (these included) from which a batch's short runs return their signed
 # outcomes in their futures instead of POSTing them (``_flush``).
 RETURNED_IN_FLIGHT = 4
-# Returned outcomes that finish within this many seconds of each other share one gather:
+# Values to fetch (returned outcomes, native results) that finish within this many
+# seconds of each other share one gather:
 # a gather costs the scheduler and a worker a round trip each, whatever it carries, and
 # a burst's results finish one by one (one loop iteration each).
 GATHER_WINDOW = 0.02
@@ -157,7 +158,9 @@ class DaskAdapter(BackendAdapter):
         # None: every outcome comes by the return path the envelope names.
         self._accept: Callable[[bytes], list[frames.WireEvent]] | None = None
         self._gate: asyncio.Future[None] | None = None
-        self._returning = 0  # runs sent with returned=True whose futures have not ended
+        # Runs whose value will be fetched (native, or sent with returned=True) and whose
+        # futures have not ended yet.
+        self._returning = 0
 
     def attach_signed(self, accept: Callable[[bytes], list[frames.WireEvent]]) -> None:
         """On the http return path: a run that ends within the short-task window
@@ -290,11 +293,11 @@ class DaskAdapter(BackendAdapter):
                 tracked = self._tracked[key]
                 tracked.future = future
                 tracked.returned = bool(returned)
-                self._returning += tracked.returned
                 if tracked.detached:
                     del self._tracked[key]
                     self._let_go(key, future)
                     continue
+                self._returning += self.native or tracked.returned  # its watcher counts down
                 tracked.watcher = loop.create_task(self._watch(key, tracked))
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
@@ -372,14 +375,13 @@ class DaskAdapter(BackendAdapter):
             try:
                 exc = await future.exception()
             finally:
-                if tracked.returned:  # its outcome is no longer to come (_gather_window)
+                if self.native or tracked.returned:  # no longer to come (_gather_window)
                     self._returning -= 1
             status = future.status
             if status == "error" and self.native and exc is not None:
                 remote_tb = _format_remote(exc, await future.traceback())
             if status == "finished" and (self.native or tracked.returned):
-                if tracked.returned:
-                    await asyncio.shield(self._gather_window())
+                await asyncio.shield(self._gather_window())
                 try:
                     value = await self._results.fetch(future)
                 except Exception as gather_error:  # result lost in transit
@@ -404,10 +406,11 @@ class DaskAdapter(BackendAdapter):
         self.report(frame)
 
     def _gather_window(self) -> asyncio.Future[None]:
-        """Opens when ``GATHER_WINDOW`` has passed since the first returned outcome that
-        waits for it, or at once when no other returned outcome is still to come (the
-        last runs of a mapped call wait for nothing): the watchers it lets through fetch
-        in one loop iteration, so ``_results`` fetches all their values with one gather."""
+        """Opens when ``GATHER_WINDOW`` has passed since the first value to fetch that
+        waits for it, or at once when no other value is still to come (a run alone and
+        the last runs of a mapped call wait for nothing): the watchers it lets through
+        fetch in one loop iteration, so ``_results`` fetches all their values with one
+        gather."""
         if self._gate is None or self._gate.done():
             loop = asyncio.get_running_loop()
             gate: asyncio.Future[None] = loop.create_future()
