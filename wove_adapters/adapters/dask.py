@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +52,14 @@ from wove_adapters.worker import hosted
 
 log = logging.getLogger("wove_adapters.adapters.dask")
 
+# Runs in flight (these included) from which a batch's short runs return their signed
+# outcomes in their futures instead of POSTing them (``_flush``).
+RETURNED_IN_FLIGHT = 4
+# Values to fetch (returned outcomes, native results) that finish within this many
+# seconds of each other share one gather:
+# a gather costs the scheduler and a worker a round trip each, whatever it carries, and
+# a burst's results finish one by one (one loop iteration each).
+GATHER_WINDOW = 0.02
 # Per-task options Dask's ``Client.submit`` understands, passed through as given.
 SUBMIT_OPTIONS = ("resources", "priority", "retries", "workers", "allow_other_workers")
 
@@ -70,6 +78,7 @@ class _Tracked(Watched):
     future: Any = None  # None while its batch has not left
     watcher: asyncio.Task[None] | None = None
     detached: bool = False  # detached before its batch left: submitted, then let go
+    returned: bool = False  # a short run's signed outcome comes back as the future's value
 
 
 class DaskOptions(AdapterOptions, kw_only=True):
@@ -145,6 +154,20 @@ class DaskAdapter(BackendAdapter):
         self._results: BatchedFetch[Any, Any] = BatchedFetch(
             lambda futures: self.client.gather(futures), _awaited)
         self._detached: dict[str, Any] = {}
+        # The transport's check of events a worker returned signed (``attach_signed``);
+        # None: every outcome comes by the return path the envelope names.
+        self._accept: Callable[[bytes], list[frames.WireEvent]] | None = None
+        self._gate: asyncio.Future[None] | None = None
+        # Runs whose value will be fetched (native, or sent with returned=True) and whose
+        # futures have not ended yet.
+        self._returning = 0
+
+    def attach_signed(self, accept: Callable[[bytes], list[frames.WireEvent]]) -> None:
+        """On the http return path: a run that ends within the short-task window
+        returns its signed terminal event as the future's value
+        (``hosted.run_returned``) and ``accept`` checks and routes it, so a short run
+        costs no HTTP request from the worker."""
+        self._accept = accept
 
     # ---------------------------------------------------------- life cycle
 
@@ -244,11 +267,20 @@ class DaskAdapter(BackendAdapter):
     def _flush(self, batch: list[tuple[str, str, dict[str, Any]]]) -> None:
         leaving = [item for item in batch if item[0] in self._tracked]  # not cancelled
         loop = asyncio.get_running_loop()
+        # Outcomes in the futures only while several runs are in flight: their results
+        # are fetched with one gather per loop iteration, cheaper than a POST each. A
+        # run alone (a caller waiting on each result in turn) is faster by POST: the
+        # worker reaches the caller straight away, where a gather goes through the
+        # scheduler after it heard of the end (see docs/adapters/dask.md, "Numbers").
+        # Asked only when true: a worker whose run_dask predates the argument still runs
+        # payloads of a caller that does not take outcomes from the future.
+        returned = ({"returned": True} if self._accept is not None
+                    and len(self._tracked) >= RETURNED_IN_FLIGHT else {})
         for items in group_by(leaving, lambda item: repr(sorted(item[2].items()))):
             keys = [key for key, _, _ in items]
             try:
                 futures = self.client.map(hosted.run_dask, [p for _, p, _ in items], key=keys,
-                                          pure=False, **items[0][2])
+                                          pure=False, **items[0][2], **returned)
             except Exception as exc:  # every run in the batch hears of it
                 for key in keys:
                     tracked = self._tracked.pop(key, None)
@@ -260,10 +292,12 @@ class DaskAdapter(BackendAdapter):
             for key, future in zip(keys, futures, strict=True):
                 tracked = self._tracked[key]
                 tracked.future = future
+                tracked.returned = bool(returned)
                 if tracked.detached:
                     del self._tracked[key]
                     self._let_go(key, future)
                     continue
+                self._returning += self.native or tracked.returned  # its watcher counts down
                 tracked.watcher = loop.create_task(self._watch(key, tracked))
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
@@ -338,11 +372,16 @@ class DaskAdapter(BackendAdapter):
         value: Any = None
         remote_tb = ""
         try:
-            exc = await future.exception()
+            try:
+                exc = await future.exception()
+            finally:
+                if self.native or tracked.returned:  # no longer to come (_gather_window)
+                    self._returning -= 1
             status = future.status
             if status == "error" and self.native and exc is not None:
                 remote_tb = _format_remote(exc, await future.traceback())
-            if status == "finished" and self.native:
+            if status == "finished" and (self.native or tracked.returned):
+                await asyncio.shield(self._gather_window())
                 try:
                     value = await self._results.fetch(future)
                 except Exception as gather_error:  # result lost in transit
@@ -358,11 +397,45 @@ class DaskAdapter(BackendAdapter):
         if isinstance(exc, hosted.PayloadRefused):  # the worker signed and sent nothing
             self._finished.remember(key, JobState.REFUSED)
             frame: dict[str, Any] | None = refusal_frame(self.name, tracked, self.config)
+        elif isinstance(value, bytes) and tracked.returned:
+            frame = self._returned(key, tracked, value)
         else:
             self._finished.remember(key, self.map_state(status))
             frame = _frame_for(tracked, status, value, exc, native=self.native,
                                remote_tb=remote_tb)
         self.report(frame)
+
+    def _gather_window(self) -> asyncio.Future[None]:
+        """Opens when ``GATHER_WINDOW`` has passed since the first value to fetch that
+        waits for it, or at once when no other value is still to come (a run alone and
+        the last runs of a mapped call wait for nothing): the watchers it lets through
+        fetch in one loop iteration, so ``_results`` fetches all their values with one
+        gather."""
+        if self._gate is None or self._gate.done():
+            loop = asyncio.get_running_loop()
+            gate: asyncio.Future[None] = loop.create_future()
+            loop.call_later(GATHER_WINDOW, _open, gate)
+            self._gate = gate
+        if self._returning <= 0:
+            _open(self._gate)
+        return self._gate
+
+    def _returned(self, key: str, tracked: _Tracked, value: bytes) -> dict[str, Any] | None:
+        """A short run's signed events, returned in the future: checked, then routed as
+        the receiver would route them; events that do not verify leave the run lost (its
+        orphan policy applies), nothing in them unpickled."""
+        assert self._accept is not None
+        try:
+            events = self._accept(value)
+        except Exception as exc:
+            self._finished.remember(key, JobState.GONE)
+            return frames.event_of(tracked, frames.TASK_LOST, reason=(
+                f"the outcome the Dask task returned did not verify ({type(exc).__name__}: "
+                f"{exc})"))
+        ended = next((_STATE_OF_EVENT[type(e)] for e in events if type(e) in _STATE_OF_EVENT),
+                     JobState.SUCCEEDED)
+        self._finished.remember(key, ended)
+        return None
 
     async def doctor(self) -> list[Row]:
         if self.client is None:
@@ -389,6 +462,13 @@ class DaskAdapter(BackendAdapter):
             f"executor_config allowed_failures: 0",
         ))
         return rows
+
+
+_STATE_OF_EVENT: dict[type, JobState] = {
+    frames.TaskResult: JobState.SUCCEEDED,
+    frames.TaskError: JobState.FAILED,
+    frames.TaskCancelled: JobState.CANCELLED,
+}
 
 
 def _configured_address(config: dict[str, Any]) -> str | None:
@@ -467,6 +547,11 @@ def _frame_for(
         return failure_frame(tracked, exc, native=native, remote_tb=remote_tb)
     reason = f"{type(exc).__name__}: {exc}" if exc is not None else f"Dask reports {status}"
     return frames.event_of(tracked, frames.TASK_LOST, reason=f"the Dask task was lost ({reason})")
+
+
+def _open(gate: asyncio.Future[None]) -> None:
+    if not gate.done():
+        gate.set_result(None)
 
 
 async def _awaited(future: Any) -> Any:

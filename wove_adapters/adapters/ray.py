@@ -33,6 +33,7 @@ import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -146,6 +147,19 @@ class RayAdapter(BackendAdapter):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tracked: dict[str, _Tracked] = {}
         self._finished: FinishedStates[str] = FinishedStates()
+        # The transport's check of events a worker returned signed (``attach_signed``);
+        # None: every outcome comes by the return path the envelope names.
+        self._accept: Callable[[bytes], list[frames.WireEvent]] | None = None
+        # Refs Ray finished, waiting for the loop: one wake-up for all that finish
+        # before the loop gets to them, not one per ref (``_settle_soon``).
+        self._done: list[tuple[str, _Tracked, Any]] = []
+        self._done_lock = threading.Lock()
+
+    def attach_signed(self, accept: Callable[[bytes], list[frames.WireEvent]]) -> None:
+        """On the http return path: a run that ends within the short-task window
+        returns its signed terminal event in the ObjectRef (``hosted.run_returned``)
+        and ``accept`` checks and routes it, so a short run costs no HTTP request."""
+        self._accept = accept
 
     # ---------------------------------------------------------- life cycle
 
@@ -192,13 +206,16 @@ class RayAdapter(BackendAdapter):
 
     async def submit(self, job: JobSpec) -> str:
         remote = self._remote.options(**job.options) if job.options else self._remote
+        # ``returned`` only when true: a worker whose run_ray predates the argument still
+        # runs payloads of a caller that does not take outcomes from the ObjectRef.
+        args = (job.payload, True) if self._accept is not None else (job.payload,)
         if not self._exported or len(job.payload) > _SUBMIT_IN_THREAD:
             # The first call exports the function to the cluster; a large argument is
             # copied into the object store: both block, so neither runs on the loop.
-            ref = await asyncio.to_thread(remote.remote, job.payload)
+            ref = await asyncio.to_thread(remote.remote, *args)
             self._exported = True
         else:
-            ref = remote.remote(job.payload)
+            ref = remote.remote(*args)
         handle = str(ref.hex())
         tracked = _Tracked(job.run_id, job.task_id, job.attempt, ref)
         self._tracked[handle] = tracked
@@ -232,10 +249,22 @@ class RayAdapter(BackendAdapter):
     # ---------------------------------------------------------- the ObjectRef as a return path
 
     def _settle_soon(self, handle: str, tracked: _Tracked, done: Any) -> None:
-        """Ray's callback thread: hand the finished ref to the loop."""
+        """Ray's callback thread: hand the finished ref to the loop. Refs that finish
+        while the loop has not yet taken the earlier ones join them: one wake-up of the
+        loop (a write to its self-pipe, a turn of it) for a burst, not one per run."""
         assert self._loop is not None
+        with self._done_lock:
+            self._done.append((handle, tracked, done))
+            if len(self._done) > 1:
+                return  # the loop is already called for the list
         with contextlib.suppress(RuntimeError):  # the loop closed: the process is exiting
-            self._loop.call_soon_threadsafe(self._settle, handle, tracked, done)
+            self._loop.call_soon_threadsafe(self._settle_done)
+
+    def _settle_done(self) -> None:
+        with self._done_lock:
+            done, self._done = self._done, []
+        for handle, tracked, future in done:
+            self._settle(handle, tracked, future)
 
     def _settle(self, handle: str, tracked: _Tracked, done: Any) -> None:
         if self._tracked.get(handle) is tracked:
@@ -271,6 +300,13 @@ class RayAdapter(BackendAdapter):
                                                 attempt=tracked.attempt, source="backend")
         if isinstance(value, hosted.NativeCancelled):
             return "CANCELLED", frames.event_of(tracked, frames.TASK_CANCELLED, reason=value.reason)
+        if isinstance(value, bytes) and self._accept is not None:
+            try:  # the worker's signed events: checked, then routed as the receiver would
+                return _ended_as(self._accept(value)), None
+            except Exception as exc:  # nothing routed, nothing unpickled
+                return "LOST", frames.event_of(tracked, frames.TASK_LOST, reason=(
+                    f"the outcome the Ray task returned did not verify "
+                    f"({type(exc).__name__}: {_first_line(exc)})"))
         if self.native:
             return "FINISHED", frames.event_of(tracked, frames.TASK_RESULT, result=value)
         # The worker already reported (and was acknowledged); the ref says how it ended.
@@ -312,6 +348,19 @@ _STATE_OF_OUTCOME = {
     "cancelled": "CANCELLED",
     "refused": "FAILED",
 }
+
+
+_STATE_OF_EVENT = {
+    frames.TaskResult: "FINISHED",
+    frames.TaskError: "FAILED",
+    frames.TaskCancelled: "CANCELLED",
+}
+
+
+def _ended_as(events: list[frames.WireEvent]) -> str:
+    """The native state of a run from the terminal event its worker returned."""
+    return next((_STATE_OF_EVENT[type(e)] for e in events if type(e) in _STATE_OF_EVENT),
+                "FINISHED")
 
 
 def _first_line(exc: BaseException) -> str:

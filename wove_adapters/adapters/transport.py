@@ -245,6 +245,12 @@ class AdapterTransport(Transport):
             self.receiver = await get_receiver(executor_config, environment=environment)
         self.adapter = self.adapter_cls(executor_config, environment=environment)
         self.adapter.emit = emit
+        # An adapter whose backend can carry a worker's signed events back in its own
+        # result (Ray's ObjectRef, Dask's future) takes them to ``accept_signed``, on the
+        # http return path (where the receiver that checks them lives).
+        attach = getattr(self.adapter, "attach_signed", None)
+        if callable(attach) and self.receiver is not None and self._dropbox is None:
+            attach(self.accept_signed)
         await self.adapter.start()
         self.followers = KeyFollowers(self.adapter, emit, self._key_id)
         # Chunks need the http receiver: its answers tell a chunk which of its runs were
@@ -438,6 +444,26 @@ class AdapterTransport(Transport):
             return
         self._emit(self._terminal_blob(event_frame(event, where=f"{self.name} receiver"),
                                        event, raw))
+
+    def accept_signed(self, data: bytes) -> list[frames.WireEvent]:
+        """Events a worker signed and handed back through the backend's own result
+        (``worker.hosted.run_returned``) instead of POSTing them: checked exactly as the
+        receiver checks a request (signature with this process's keys, timestamp window,
+        nonce, schema, each run's key binding) before anything in them is unpickled,
+        then routed as the receiver routes them (a duplicate terminal event dropped).
+        Returns the verified events (those of runs nobody here follows are not routed);
+        raises PayloadError (or msgspec's DecodeError/ValidationError) for events that do
+        not verify: nothing is routed."""
+        from wove_adapters.core.errors import PayloadError
+
+        receiver = self.receiver
+        assert receiver is not None
+        key_id, batch = receiver.open_batch(data)
+        wrong = receiver.unbound(batch.events, key_id)
+        if wrong:
+            raise PayloadError(f"signed with key {key_id}, not with the key of run {wrong[0]}")
+        receiver.route(batch.events, data)
+        return batch.events
 
     async def _take(self, key: str, event: frames.WireEvent, raw: bytes) -> None:
         """Emit a by-reference event's frame once its bytes are taken from the store; a
@@ -677,7 +703,7 @@ class AdapterTransport(Transport):
         # ended otherwise: a timeout, a cancel, a reference that failed its check), unless
         # the ledger keeps this run's outcome for later readers (a key, or detach): then
         # it stays until the store expires it (docs/security.md, "Limits").
-        if run.idempotency_key is None and run.policy.orphan_policy != "detach":
+        if results and run.idempotency_key is None and run.policy.orphan_policy != "detach":
             # Only this attempt's own keys in the store its payload named: a signed event
             # cannot make the caller delete anything else.
             ours = self._store_url or default_store_url()

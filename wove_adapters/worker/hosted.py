@@ -12,6 +12,7 @@ talks to Dask or Ray, and importing this module imports neither.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -90,6 +91,49 @@ def run_reported(envelope: Envelope, *, handle_sigterm: bool = True) -> str:
     return outcome.state
 
 
+# The signed batch of a short run travels in the future up to this size; larger (a result
+# near the inline limit) it goes by the http path, whose receiver verifies large bodies
+# off the caller's event loop.
+RETURNED_LIMIT = 256 * 1024
+
+
+def run_returned(envelope: Envelope, *, handle_sigterm: bool = True) -> Any:
+    """Run a payload whose caller takes a short run's outcome from the backend's future
+    (the caller asked for it: Ray's and Dask's adapters on the ``http`` return path).
+
+    A task that ends within the short-task window (``runner.STARTED_AFTER``) sent no
+    event yet; its terminal event (its log frames ahead of it), signed exactly as a POST
+    to the caller's receiver would be, becomes the future's value as ``bytes``: no HTTP
+    request, no wait for an acknowledgement, nothing left in the outbox. The caller
+    checks those bytes as its receiver checks a request before anything in them is
+    unpickled (``AdapterTransport.accept_signed``). Plain bytes, not an object: the
+    backend carries them without pickling, and no value of this path is anything else
+    (``run_reported`` returns the state as a ``str``).
+
+    A run that outlived the window (the caller has its ``task_started``), a ``detach``
+    run (its outcome belongs in the ledger, whoever waits) or a large outcome is
+    delivered as ``run_reported`` delivers it, and the future carries only its state."""
+    from wove_adapters.core.codec import sign_events
+    from wove_adapters.core.signing import encode_blob
+    from wove_adapters.worker import runner as worker
+
+    outcome = worker.execute(envelope, handle_sigterm=handle_sigterm)
+    event = outcome.event
+    assert event is not None
+    detach = envelope.delivery.get("delivery_orphan_policy") == "detach"
+    if not outcome.started and not detach:
+        blob = encode_blob(sign_events([*outcome.logs, event], envelope.key_id))
+        if len(blob) <= RETURNED_LIMIT:
+            return blob
+    worker.deliver_terminal(envelope, event, outcome)
+    if not outcome.delivered:
+        raise OutcomeUndelivered(
+            f"run {envelope.run_id}: the worker could not deliver its outcome to "
+            f"{envelope.return_path.url or envelope.return_path.kind}"
+        )
+    return outcome.state
+
+
 def run_native(envelope: Envelope) -> Any:
     """``return_path: "native"``: the future carries the value (or the task's exception);
     a detached run also records it in the ledger, since no caller waits for the future.
@@ -124,8 +168,11 @@ def worker_ready() -> str:
     return f"wove-adapters {metadata.version('wove-adapters')} (pid {os.getpid()})"
 
 
-def run_dask(payload: str) -> Any:
+def run_dask(payload: str, returned: bool = False) -> Any:
     """What a Dask worker runs: verify, run, report (or return, on the native path).
+    ``returned``: the caller takes a short run's signed outcome from the future
+    (``run_returned``); not part of the signed payload, it only picks the way back of
+    events that are signed and checked either way.
 
     Runs in a Dask worker thread, so SIGTERM cannot interrupt it (``handle_sigterm`` is
     off: signal handlers belong to the main thread).
@@ -135,6 +182,8 @@ def run_dask(payload: str) -> Any:
     envelope = verified(payload)  # PayloadRefused: nothing unpickled, signed or sent
     if envelope.return_path.kind == "native":
         return run_native(envelope)
+    if returned:
+        return run_returned(envelope, handle_sigterm=False)
     return run_reported(envelope, handle_sigterm=False)
 
 
@@ -145,8 +194,9 @@ class NativeCancelled:
     reason: str
 
 
-def run_ray(payload: str) -> Any:
-    """What a Ray worker runs: verify, run, report (or return, on the native path).
+def run_ray(payload: str, returned: bool = False) -> Any:
+    """What a Ray worker runs: verify, run, report (or return, on the native path);
+    ``returned`` as for ``run_dask``.
 
     Ray runs tasks on the worker's main thread, so both SIGTERM and ``ray.cancel``'s
     interrupt (a simulated SIGINT, ignored by Ray workers otherwise) cancel the task.
@@ -161,25 +211,55 @@ def run_ray(payload: str) -> Any:
                 return run_chunk(payload)
             if envelope.return_path.kind == "native":
                 return run_native(envelope)
+            if returned:
+                return run_returned(envelope)
             return run_reported(envelope)
     except TaskCancelled as exc:  # interrupted outside the task body
         return NativeCancelled(str(exc))
 
 
+class _Interrupts:
+    """``ray.cancel``'s interrupt (SIGINT) raises TaskCancelled in the main thread while
+    a payload runs there. One handler per process, installed by the first task and kept
+    (installed again only if something replaced it): swapping handlers around every task
+    cost two ``signal.signal`` calls per task. Between tasks the handler does what the
+    handler it replaced would have done, so a worker running no payload treats SIGINT as
+    it did without us (the same scheme as ``runner.sigterm_cancels``)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.previous: Any = signal.SIG_DFL
+        self.handler = self._handle  # one bound method: getsignal() compares identity
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        from wove_adapters.worker.runner import TaskCancelled
+
+        if self.running:
+            raise TaskCancelled("cancelled through ray.cancel")
+        previous = self.previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # SIG_DFL, or a handler set outside Python
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+_INTERRUPTS = _Interrupts()
+
+
 @contextlib.contextmanager
 def interrupt_cancels() -> Iterator[None]:
-    """Within the block, ``ray.cancel``'s interrupt raises TaskCancelled (main thread)."""
-    from wove_adapters.worker.runner import TaskCancelled
-
+    """Within the block, ``ray.cancel``'s interrupt raises TaskCancelled (main thread);
+    see ``_Interrupts``."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def _handler(signum: int, frame: FrameType | None) -> None:
-        raise TaskCancelled("cancelled through ray.cancel")
-
-    previous = signal.signal(signal.SIGINT, _handler)
+    current = signal.getsignal(signal.SIGINT)
+    if current is not _INTERRUPTS.handler:
+        signal.signal(signal.SIGINT, _INTERRUPTS.handler)
+        _INTERRUPTS.previous = current
+    _INTERRUPTS.running += 1
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTS.running -= 1

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,94 @@ def test_dask_keys_are_sanitised() -> None:
     assert key.startswith("wove-key-a-b-c-") and " " not in key and "/" not in key
     job.attempt = 2
     assert adapter.dask_key(job) == f"{key}-a2"  # a requeued attempt is a new Dask task
+
+
+# ---------------------------------------------------------------- outcomes in the futures
+
+
+class OpensOnUnpickle:
+    """A result whose unpickling creates a file: proof of whether the caller unpickled it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def opens_on_unpickle(path: str) -> OpensOnUnpickle:
+    return OpensOnUnpickle(path)
+
+
+def tampering() -> Callable[..., Any]:
+    """``run_dask``, with one bit of the signed outcome it returns flipped (a writer of a
+    Dask worker's memory, or of the comms). A local function: Dask ships it by value."""
+
+    def tampered(payload: str, returned: bool = False) -> Any:
+        value = hosted.run_dask(payload, returned)
+        if isinstance(value, bytes):
+            return value[:-8] + bytes([value[-8] ^ 1]) + value[-7:]
+        return value
+
+    return tampered
+
+
+def _accepted(hub: Hub) -> int:
+    """Event batches the caller's receiver accepted so far (shared: compare deltas)."""
+    return int(hub.dispatcher().transport.receiver.stats["accepted"])  # type: ignore[attr-defined]
+
+
+def test_a_burst_returns_outcomes_in_futures_a_single_run_posts(address: str) -> None:
+    """With several runs in flight, a short run's signed terminal event is its future's
+    value (one gather per loop iteration, no POST); a run alone POSTs it (the faster way
+    for one result: no round trip through the scheduler)."""
+    hub = _hub({"executor": "dask", "executor_config": {"address": address}})
+    try:
+        assert hub.run(tasks.add, 1) == 2
+        before = _accepted(hub)
+        assert hub.run(tasks.add, 2) == 3
+        assert _accepted(hub) == before + 1
+        adapter = _adapter(hub)
+        gathers: list[int] = []
+        gather = adapter.client.gather
+
+        def counted(futures: Any, *args: Any, **kwargs: Any) -> Any:
+            gathers.append(len(futures))
+            return gather(futures, *args, **kwargs)
+
+        adapter.client.gather = counted
+        try:
+            assert hub.map(tasks.add, range(40), map_chunk_size=0) == list(range(1, 41))
+        finally:
+            adapter.client.gather = gather
+        # Outcomes that finish close together share a gather (GATHER_WINDOW).
+        assert sum(gathers) == 40 and len(gathers) <= 10, gathers
+        with pytest.raises(tasks.ConformanceError, match="boom"):
+            hub.map(tasks.fail, ["boom"] * 8, map_chunk_size=0)
+        assert _accepted(hub) <= before + 1 + 3  # a batch that left before the rest
+    finally:
+        hub.close()
+
+
+def test_a_tampered_outcome_in_a_future_is_never_unpickled(
+    address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A returned outcome that fails its signature check is not routed and nothing in it
+    is unpickled: the run is lost (its orphan policy applies), not resolved."""
+    hub = _hub({"executor": "dask", "executor_config": {"address": address},
+                "delivery_orphan_policy": "fail"})
+    markers = [str(tmp_path / f"unpickled-{i}") for i in range(8)]
+    try:
+        hub.run(tasks.add, 1)
+        monkeypatch.setattr(hosted, "run_dask", tampering())
+        with pytest.raises(DeliveryOrphanedError, match="did not verify"):
+            hub.map(opens_on_unpickle, markers, map_chunk_size=0)
+        monkeypatch.undo()
+        assert not any(Path(marker).exists() for marker in markers)
+        hub.map(opens_on_unpickle, markers, map_chunk_size=0)  # honest: checked, unpickled
+        assert all(Path(marker).exists() for marker in markers)
+    finally:
+        hub.close()
 
 
 # ---------------------------------------------------------------- lost runs

@@ -78,6 +78,31 @@ def spin(directory: str, tag: str, seconds: float) -> str:
     return tag
 
 
+class OpensOnUnpickle:
+    """A result whose unpickling creates a file: proof of whether the caller unpickled it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def opens_on_unpickle(path: str) -> OpensOnUnpickle:
+    return OpensOnUnpickle(path)
+
+
+def tampered(payload: str, returned: bool = False) -> Any:
+    """``run_ray``, with one bit of the signed outcome it returns flipped (a writer of
+    Ray's object store)."""
+    from wove_adapters.worker import hosted
+
+    value = hosted.run_ray(payload, returned)
+    if isinstance(value, bytes):
+        return value[:-8] + bytes([value[-8] ^ 1]) + value[-7:]
+    return value
+
+
 # ---------------------------------------------------------------- the cluster and its CLI
 
 
@@ -243,6 +268,60 @@ def test_cancel_interrupts_python_code_without_killing_the_worker(
         future.result(timeout=TIMEOUT)
     os.kill(pid, 0)  # the worker process is still there
     assert not (tmp_path / "spin.finished").exists()
+
+
+# ---------------------------------------------------------------- outcomes in the ObjectRef
+
+
+def receiver_requests(made: Hub) -> int:
+    """Event batches the caller's receiver accepted so far (shared: compare deltas)."""
+    receiver = made.dispatcher("ray").transport.receiver  # type: ignore[attr-defined]
+    return int(receiver.stats["accepted"])
+
+
+def test_short_runs_return_their_outcome_in_the_object_ref(
+    ray_head: RayCluster, hub: Any, tmp_path: Path
+) -> None:
+    """On the http path a run that ends within the short-task window posts nothing: its
+    signed terminal event is the ObjectRef's value, checked like a POST. Results, task
+    errors with their traceback, and a mapped burst all come that way; a run that
+    outlives the window reports task_started and its end over HTTP as before."""
+    made = hub({"address": ray_head.address})
+    made.run(tasks.add, 0)  # the receiver's shared: count from here
+    before = receiver_requests(made)
+    assert [made.run(tasks.add, i) for i in range(5)] == [1, 2, 3, 4, 5]
+    assert made.map(tasks.add, range(50), map_chunk_size=0) == list(range(1, 51))
+    with pytest.raises(tasks.ConformanceError, match="boom") as raised:
+        made.run(tasks.fail, "boom")
+    assert "in fail" in str(raised.value.__cause__)  # the worker's traceback
+    assert receiver_requests(made) == before
+    assert made.run(tasks.sleepy, str(tmp_path), "long", 0.3) == "long"
+    assert receiver_requests(made) >= before + 1  # task_started, then the result
+
+
+def test_a_tampered_outcome_in_the_object_ref_is_never_unpickled(
+    ray_head: RayCluster, hub: Any, tmp_path: Path
+) -> None:
+    """A returned outcome that fails its signature check is not routed and nothing in it
+    is unpickled: the run is lost (its orphan policy applies), not resolved."""
+    import ray
+
+    made = hub({"address": ray_head.address}, delivery_orphan_policy="fail")
+    adapter = adapter_of(made)
+    marker = tmp_path / "unpickled"
+    made.run(tasks.add, 0)
+    honest = adapter._remote
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's own pickler
+    try:
+        adapter._remote = ray.remote(max_retries=0)(tampered)
+        with pytest.raises(DeliveryOrphanedError, match="did not verify"):
+            made.run(opens_on_unpickle, str(marker), delivery_timeout=TIMEOUT)
+    finally:
+        adapter._remote = honest
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert not marker.exists()
+    made.run(opens_on_unpickle, str(marker))  # the honest way: checked, then unpickled
+    assert marker.exists()
 
 
 # ---------------------------------------------------------------- local Ray
