@@ -219,11 +219,14 @@ class _Heart:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._wake_at = math.inf  # when the sleeping thread looks next; 0: it is awake
+        self._adds = 0  # entries added so far (read by the thread: were there any lately?)
+        self._adds_seen = 0
 
     def add(self, first: float, interval: float, beat: Callable[[], object]) -> int:
         """Call ``beat`` after ``first`` s, then every ``interval`` s; a number it returns
         sets the next delay."""
         ident = next(self._ids)
+        self._adds += 1
         at = time.monotonic() + first
         self._young[ident] = (at, interval, beat)
         if self._wake_at > at:  # read after the insert: see _loop
@@ -259,6 +262,12 @@ class _Heart:
                         at = now + interval
                         self._beats[ident] = (interval, at, beat)
                     wake = min(wake, at)
+                if wake == math.inf and self._adds != self._adds_seen:
+                    # Entries came and went since the last look (a run of short tasks):
+                    # stay up one more window, so the next ones' ``add`` need not wake
+                    # this thread (their entries are due after it looks again).
+                    self._adds_seen = self._adds
+                    wake = now + STARTED_AFTER
                 if not due:
                     # Publish the wake time, then look once more: ``add`` inserts, then
                     # reads ``_wake_at``. Either it read this value (and notifies if its
