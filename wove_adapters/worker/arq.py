@@ -190,8 +190,9 @@ def read_record(data: bytes) -> dict[str, Any]:
 
 
 def _execute(payload: str) -> dict[str, Any]:
-    """Run one payload in this worker thread."""
-    return _result(run_payload(payload, handle_sigterm=False))
+    """Run one payload in this worker thread; its terminal event goes back with those of
+    the other threads' runs that end meanwhile (``pool.Terminals``)."""
+    return _result(run_payload(payload, handle_sigterm=False, together=True))
 
 
 async def _in_process(child: PoolRun) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -153,8 +154,10 @@ def _place_of(kwargs: dict[str, Any]) -> tuple[Any, ...]:
             int(kwargs.get("db", 0) or 0), kwargs.get("path"))
 
 
+@functools.lru_cache(maxsize=64)
 def _redis_place(url: str) -> tuple[Any, ...] | None:
-    """Where a Redis URL points (None: not a Redis URL), to compare two spellings."""
+    """Where a Redis URL points (None: not a Redis URL), to compare two spellings. Every
+    job's message names its control Redis: parsed once per spelling, not once per job."""
     from redis.connection import parse_url
 
     try:
@@ -329,7 +332,8 @@ class _WorkerSide:
         lease, ttl = float(control.get("lease", 10.0)), int(control.get("ttl", 86400))
         key = (prefix, handle)
         job = _Job(handle=handle, payload=payload)
-        client = await self._client(url)  # registers the scripts for this Redis
+        client = await self._client(url)
+        begin, finish = self._scripts[url]
         await self._listen(url, prefix)
         self._jobs[key] = job  # registered before the marker check: no cancel slips by
         try:
@@ -337,7 +341,7 @@ class _WorkerSide:
             # here on (also while it waits for a payload process: that wait is ours).
             lease_key = f"{prefix}:lease:{handle}"
             keeper = leases.keeper(client)
-            began = await self._scripts[url][0](
+            began = await begin(
                 keys=[f"{prefix}:cancel:{handle}", f"{prefix}:state:{handle}", lease_key],
                 args=[ttl, leases.lease_ms(lease), keeper.owner, leases.TAIL_MS],
             )
@@ -351,7 +355,7 @@ class _WorkerSide:
                 report = await self._execute(job)
             finally:
                 keeper.release(lease_key)
-            await self._scripts[url][1](  # state, outcome and lease in one atomic step
+            await finish(  # state, outcome and lease in one atomic step
                 keys=[f"{prefix}:state:{handle}", f"{prefix}:lease:{handle}",
                       f"{prefix}:outcome:{handle}"],
                 args=[ttl, report["state"], report.get("outcome") or ""],

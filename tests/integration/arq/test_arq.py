@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import signal
 import sys
@@ -65,6 +66,26 @@ def test_the_arq_cli_runs_payloads_with_one_settings_line(make_worker: Any, hubs
     hub = hubs(environment(queue_name=worker.queue))
     assert hub.run(tasks.add, 41) == 42
     assert hub.map(tasks.add, range(5)) == [1, 2, 3, 4, 5]
+
+
+def test_runs_ending_together_share_their_way_back(make_worker: Any, hubs: Any) -> None:
+    """Payload threads that end at the same moment send their terminal events in one
+    request between them (``pool.Terminals``), not one each; every run still gets its
+    own result. Each run also sends ``task_started`` (it outlives the short-task
+    window), one request each: so fewer than two requests per run means some terminal
+    events travelled together."""
+    runs = 8
+    worker: ArqWorker = make_worker(
+        "together", env={"WOVE_TEST_ARQ_MAX_JOBS": str(runs)}).start()
+    hub = hubs(environment(queue_name=worker.queue))
+    assert hub.run(tasks.add, 1) == 2  # warm: the worker's threads and connection
+    receiver = hub.dispatcher().transport.receiver  # type: ignore[attr-defined]
+    before = receiver.stats["accepted"]
+    at = time.time() + 1.5
+    ended_together = functools.partial(arq_test_tasks.add_at, at)
+    assert hub.map(ended_together, range(runs), map_chunk_size=0) == [
+        x + 1 for x in range(runs)]
+    assert receiver.stats["accepted"] - before < 2 * runs
 
 
 # ---------------------------------------------------------------- options
