@@ -261,17 +261,19 @@ def _payload_process(conn: Any, zygote: int) -> None:
     os.dup2(devnull, 0)  # the zygote's stdin is the worker's lifeline, not the task's
     os.close(devnull)
     stream = conn.makefile("rwb")
+    # One SIGTERM handler for the process's life (see _on_sigterm); the runner puts its
+    # own in front of it for the task itself, once. Three handler swaps per payload cost
+    # a reused payload process more than the rest of its bookkeeping.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     while True:
-        # Idle: a cancel that comes too late for the last payload is moot.
-        signal.signal(signal.SIGTERM, _ignore)
         request = _read_frame_sync(stream)
         if request is None:
             break
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # cancelled before the task: exit
+        _TAKEN[0] = True  # cancelled from here until its report: the process exits
         stream.write(_frame({"pid": os.getpid()}))
         stream.flush()
         report = run_payload(str(request.get("payload", "")), keep_outcome=request.get("keep"))
-        signal.signal(signal.SIGTERM, _ignore)
+        _TAKEN[0] = False  # idle again: a cancel that comes too late for it is moot
         stream.write(_frame({"report": report}))
         stream.flush()
         if not request.get("reuse"):
@@ -283,8 +285,18 @@ def _payload_process(conn: Any, zygote: int) -> None:
     sender.OUTBOX.flush(None)
 
 
-def _ignore(signum: int, frame: Any) -> None:
-    pass
+# Whether this payload process holds a payload (from its request to its report).
+_TAKEN = [False]
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM in a payload process outside the task's own code (the runner turns one
+    during the task into ``task_cancelled``): idle, ignored; holding a payload (before
+    its task starts, or while its outcome goes back), the process ends by the signal,
+    and the pool reports the payload cancelled."""
+    if _TAKEN[0]:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def zygote_main(argv: list[str] | None = None) -> None:
