@@ -710,6 +710,87 @@ def describe_exit(code: int) -> str:
     return describe(int(code))
 
 
+class LateWrites:
+    """Redis writes no reader waits for, sent together: one pipeline per ``WINDOW``
+    seconds (or per ``MAX`` writes) instead of a round trip each.
+
+    What a finished job's last write records (Taskiq's final state, ARQ's job record) is
+    read by a caller that has not heard the run's outcome: reconciliation, or another
+    caller holding the run's idempotency key. For a run without a key whose caller has
+    acknowledged its outcome, nobody does, so the job need not wait for that write, and
+    the writes of a burst go as one pipeline (profiled on Taskiq and ARQ workers: a
+    command on its own cost the worker's loop about as much as the rest of the job's
+    bookkeeping together). Runs with a key, late acknowledgements and everything else
+    still write before the job returns. A worker killed within ``WINDOW`` of such a
+    run's end leaves that write undone (the run itself was delivered)."""
+
+    WINDOW = 0.05
+    MAX = 256
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._queued: list[tuple[Any, ...]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def add(self, *command: Any) -> None:
+        """Queue one command (``"SET", key, value, "EX", ttl``, ``"EVAL", ...``)."""
+        self._queued.append(command)
+        loop = asyncio.get_running_loop()
+        if len(self._queued) >= self.MAX:
+            self._send_now()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.WINDOW, self._send_now)
+
+    def _send_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        queued, self._queued = self._queued, []
+        if queued:
+            task = asyncio.get_running_loop().create_task(self._send(queued))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, queued: list[tuple[Any, ...]]) -> None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in queued:
+                    pipe.execute_command(*command)
+                await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # Redis away: these states stay behind (see above)
+            print(f"wove-adapters worker: {len(queued)} final job states not written: {exc}",
+                  file=sys.stderr)
+
+    async def aclose(self) -> None:
+        """Send what is queued and wait for every pipeline in flight (worker shutdown)."""
+        self._send_now()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        _late.pop(id(self.client), None)
+
+
+_late: dict[int, LateWrites] = {}
+
+
+def late_writes(client: Any) -> LateWrites:
+    """The one ``LateWrites`` of ``client`` in this process."""
+    found = _late.get(id(client))
+    if found is None or found.client is not client:
+        found = _late[id(client)] = LateWrites(client)
+    return found
+
+
+def acknowledged(report: dict[str, Any]) -> bool:
+    """The run's caller acknowledged its outcome and nobody else will ask for it: no
+    idempotency key, no late acknowledgement (either puts the signed ``outcome`` in the
+    report), delivered, and succeeded or failed (the states the caller heard from the
+    run itself)."""
+    return ("outcome" not in report and "run_id" in report
+            and bool(report.get("delivered", True))
+            and report.get("state") in ("succeeded", "failed"))
+
+
 async def report_to_caller(payload: str, state: str, reason: str) -> None:
     """Tell the caller what happened to a payload that did not report for itself
     (``task_cancelled`` for ``state == "cancelled"``, else ``task_lost``)."""

@@ -220,6 +220,39 @@ def test_status_finds_a_dead_worker_without_heartbeats(
         taskiq_worker.wait_ready()
 
 
+def test_acknowledged_runs_end_with_their_final_state_and_no_lease(
+    taskiq_worker: TaskiqWorker, hubs: Any
+) -> None:
+    """A run without a key whose caller took its outcome does not wait for its final
+    state (``pool.LateWrites``, list brokers only): the states of a burst are written
+    together shortly after, each ``succeeded``, each lease gone."""
+    from wove_adapters.adapters.base import JobSpec
+
+    hub = hubs(taskiq_worker.config)
+    adapter: Any = hub.dispatcher("t").transport.adapter  # type: ignore[attr-defined]
+    handles: list[str] = []
+    original = adapter.submit
+
+    async def submit(job: JobSpec) -> str:
+        handle = await original(job)
+        handles.append(handle)
+        return handle
+
+    adapter.submit = submit
+    assert hub.map(tasks.add, range(12), map_chunk_size=0) == list(range(1, 13))
+    assert len(handles) == 12
+    prefix = adapter.prefix
+    deadline = time.monotonic() + 10
+    with redis_client() as client:
+        while True:
+            states = client.mget([f"{prefix}:state:{h}" for h in handles])
+            leases = client.exists(*(f"{prefix}:lease:{h}" for h in handles))
+            if set(states) == {b"succeeded"} and not leases:
+                break
+            assert time.monotonic() < deadline, (states, leases)
+            time.sleep(0.05)
+
+
 def test_killed_payload_process_is_reported_lost_at_once(
     taskiq_worker: TaskiqWorker, hubs: Any, markers: Path
 ) -> None:
