@@ -674,13 +674,17 @@ def post(
     )
 
 
-def _inline_destination(return_path: ReturnPath) -> _Destination | None:
+def _inline_destination(
+    return_path: ReturnPath, *, behind_late: bool = False
+) -> _Destination | None:
     """The destination an inline try may use now; None when its last request failed,
     a request is in flight there (the caller was slow to answer it), or one has been
-    waiting on it past an inline budget: the outbox is on it."""
+    waiting on it past an inline budget: the outbox is on it. ``behind_late``: a request
+    in flight whose answer is only late (under an inline budget: the outbox is reading
+    it) does not turn the try away; it may wait for the connection (``try_first``)."""
     destination = _destination(return_path)
     now = time.monotonic()
-    if destination.down_until > now or destination.parked:
+    if destination.down_until > now or (destination.parked and not behind_late):
         return None
     if destination.slow(now):
         destination.down_until = now + 1.0
@@ -733,11 +737,19 @@ def try_first(
     """The first try of terminal events, from the task's thread: True once acknowledged
     within ``grace`` seconds; the request in flight when it was sent but its answer had
     not started by then (the outbox reads it: ``Pending.inflight``); False at once when
-    the destination is known down or slow, or busy (the outbox is mid-request there), or
-    the try failed. Raises PayloadError when refused for good."""
+    the destination is known down or slow, False after ``grace`` when its connection
+    stayed busy that long (a request in flight there whose answer is late, or the
+    outbox mid-request), or when the try failed. Raises PayloadError when refused for
+    good.
+
+    Busy is not down: in a burst the caller may answer one request a little late
+    (profiled on ARQ workers running chunks: turning every try away while one answer
+    was late sent a third of the worker's CPU into recording outcomes in the ledger,
+    each one later delivered again by the outbox). A try waits up to its grace for the
+    connection instead; only a failure skips the destination for a second."""
     if return_path.kind == "native":
         return True
-    destination = _inline_destination(return_path)
+    destination = _inline_destination(return_path, behind_late=True)
     if destination is None:
         return False
     try:
@@ -747,7 +759,9 @@ def try_first(
         )
     except PayloadError:
         raise
-    except Exception:  # _Busy, refused, reset, timed out: the outbox retries it
+    except _Busy:  # still in use after the grace: the outbox takes this one too
+        return False
+    except Exception:  # refused, reset, timed out: the outbox retries it
         destination.down_until = time.monotonic() + 1.0
         return False
     if inflight is None:
