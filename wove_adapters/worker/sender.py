@@ -261,7 +261,7 @@ class _Plain:
 
     def request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> None:
         sock = self.sock
-        if sock is not None and select.select([sock], [], [], 0)[0]:
+        if sock is not None and _readable(sock, 0.0):
             # Idle, yet readable: the receiver closed it (or sent what nobody asked for).
             self.close()
             sock = None
@@ -593,11 +593,16 @@ def _answering(conn: _Connection, grace: float) -> bool:
     pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted
     if sock is None or (pending is not None and pending()):
         return True
+    return _readable(sock, grace)
+
+
+def _readable(sock: Any, wait: float) -> bool:
+    """Whether ``sock`` has something to read (or was closed) within ``wait`` seconds."""
     if sock.fileno() < 1024:  # select's limit; one call, cheaper than a poll object
-        return bool(select.select([sock], [], [], grace)[0])
+        return bool(select.select([sock], [], [], wait)[0])
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    return bool(poller.poll(grace * 1000.0))
+    return bool(poller.poll(wait * 1000.0))
 
 
 class _InFlight:
