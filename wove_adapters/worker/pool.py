@@ -191,8 +191,7 @@ class Terminals:
     def deliver(self, item: Any) -> None:
         """Hand one ``runner.Terminal`` back; returns when it is delivered or recorded
         (see ``runner.deliver_terminals``; its outcome says which)."""
-        event = item[1]
-        slot = _Slot(item, len(getattr(event, "result", None) or b""))
+        slot = _Slot(item, _size_of(item))
         with self._lock:
             self._queued.append(slot)
             if not self._sending:
@@ -237,6 +236,16 @@ class Terminals:
 
 
 TERMINALS = Terminals()
+
+
+def _size_of(item: Any) -> int:
+    """About how many bytes a terminal event adds to a batch: its result or pickled
+    exception, and its run's captured log frames (which ride ahead of it)."""
+    _, event, outcome = item
+    size = len(getattr(event, "result", None) or getattr(event, "exception", None) or b"")
+    for log in getattr(outcome, "logs", None) or ():
+        size += len(log.message) + len(log.exc_text)
+    return size
 
 
 def _run_chunk(payload: str, *, handle_sigterm: bool) -> dict[str, Any]:
