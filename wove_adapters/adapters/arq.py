@@ -57,6 +57,14 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "arq:queue"  # arq.constants.default_queue_name
 ISOLATIONS = ("thread", "process")
 _JOB_ID_CHARS = r"A-Za-z0-9_\-.:"
+# ARQ's keys of a job id (job, in progress, result, retry) all gone: our records of an
+# earlier job with that id (RESULT_KEY, DONE_KEY) go too (ArqAdapter._drop_stale_record).
+_DROP_STALE_RECORD = """
+if redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3], KEYS[4]) == 0 then
+  redis.call('DEL', KEYS[5], KEYS[6])
+end
+return 1
+"""
 
 _OPTION_KEYS = {
     "queue_name": ("_queue_name", "queue_name", "queue"),
@@ -267,6 +275,8 @@ class ArqAdapter(BackendAdapter):
         job_id = self.job_id(job)
         self._queues[job_id] = enqueue["_queue_name"]
         async with self._submits:
+            if job.idempotency_key is not None:  # the only ids that come again
+                await self._drop_stale_record(job_id)
             for _ in range(3):
                 created = await self._pool.enqueue_job(
                     self._function, job.payload, _job_id=job_id, **enqueue
@@ -280,6 +290,27 @@ class ArqAdapter(BackendAdapter):
         # of running the task again.
         self._queues.pop(job_id, None)
         return Following(job_id)
+
+    async def _drop_stale_record(self, job_id: str) -> None:
+        """Our record of an earlier job with this id whose ARQ keys are all gone (ARQ
+        keeps a result for ``keep_result``, our record lives ``MARKER_TTL``) is not the
+        next job's: removed, atomically with the check, before that job is enqueued. A
+        job that still exists in any form keeps its record. (The worker no longer
+        deletes it when the job starts: unkeyed job ids are never reused, and that was a
+        Redis round trip per job.)"""
+        from arq.constants import (
+            in_progress_key_prefix,
+            job_key_prefix,
+            result_key_prefix,
+            retry_key_prefix,
+        )
+
+        await self._pool.eval(
+            _DROP_STALE_RECORD, 6,
+            job_key_prefix + job_id, in_progress_key_prefix + job_id,
+            result_key_prefix + job_id, retry_key_prefix + job_id,
+            RESULT_KEY + job_id, DONE_KEY + job_id,
+        )
 
     async def _existing_holds_key(self, job_id: str) -> bool:
         """A job with this id exists. Queued, running and succeeded jobs hold the key;

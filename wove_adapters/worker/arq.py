@@ -25,7 +25,14 @@ import os
 from typing import Any
 
 from wove_adapters.worker import leases
-from wove_adapters.worker.pool import PoolRun, ProcessPool, report_to_caller, run_payload
+from wove_adapters.worker.pool import (
+    PoolRun,
+    ProcessPool,
+    acknowledged,
+    late_writes,
+    report_to_caller,
+    run_payload,
+)
 
 FUNCTION_NAME = "wove_adapters_run"
 # Our own small keys next to ARQ's (``arq:job:<id>`` ...), keyed by job id.
@@ -67,7 +74,10 @@ async def wove_adapters_run(
     if redis is None or not job_id:
         return await _run_job(payload, isolation, kill_after, redis, job_id)
     result = await _run_try(ctx, payload, isolation, kill_after, lease_seconds)
-    await redis.set(RESULT_KEY + job_id, pack_record(result), ex=MARKER_TTL)
+    if acknowledged(result):  # nobody reads it but a caller that has the outcome: batched
+        late_writes(redis).add("SET", RESULT_KEY + job_id, pack_record(result), "EX", MARKER_TTL)
+    else:
+        await redis.set(RESULT_KEY + job_id, pack_record(result), ex=MARKER_TTL)
     return result
 
 
@@ -76,9 +86,9 @@ async def _run_try(
 ) -> dict[str, Any]:
     redis, job_id = ctx["redis"], str(ctx["job_id"])
     job_try = int(ctx.get("job_try") or 1)
-    if job_try == 1:  # a record left by an earlier job with this id is not this job's
-        await redis.delete(RESULT_KEY + job_id)
-    else:
+    # A record left by an earlier job with this id is not this job's: only a keyed run's
+    # id comes again, and its caller removes such a record before it enqueues (ArqAdapter).
+    if job_try > 1:
         recorded = await redis.get(DONE_KEY + job_id)
         if recorded:
             return read_record(recorded)
@@ -190,8 +200,9 @@ def read_record(data: bytes) -> dict[str, Any]:
 
 
 def _execute(payload: str) -> dict[str, Any]:
-    """Run one payload in this worker thread."""
-    return _result(run_payload(payload, handle_sigterm=False))
+    """Run one payload in this worker thread; its terminal event goes back with those of
+    the other threads' runs that end meanwhile (``pool.Terminals``)."""
+    return _result(run_payload(payload, handle_sigterm=False, together=True))
 
 
 async def _in_process(child: PoolRun) -> dict[str, Any]:

@@ -107,12 +107,18 @@ async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
 
 
 def run_payload(
-    payload: str, *, keep_outcome: bool | None = None, handle_sigterm: bool = True
+    payload: str, *, keep_outcome: bool | None = None, handle_sigterm: bool = True,
+    together: bool = False,
 ) -> dict[str, Any]:
     """Run one payload here and say how it went: ``{state, exit_code, delivered, run_id,
     task_id, attempt, outcome}``. ``outcome`` is the signed terminal event (bytes) when
     ``keep_outcome`` is true, or when it is None and the run has an idempotency key (a
-    backend keeps it for another caller that holds the same key)."""
+    backend keeps it for another caller that holds the same key).
+
+    ``together``: this process runs several payloads at once in threads (ARQ's
+    ``isolation="thread"``): the terminal event goes back with those of the runs that
+    end meanwhile, in one request (``TERMINALS``). It returns, as alone, once the caller
+    has it or its outcome is recorded."""
     from wove_adapters.core import envelope as payload_mod
     from wove_adapters.core.errors import PayloadError
     from wove_adapters.worker import runner as worker
@@ -124,7 +130,12 @@ def run_payload(
     except PayloadError:
         refused = worker.run(payload, handle_sigterm=handle_sigterm)  # refused: state only
         return {"state": refused.state.value, "exit_code": refused.exit_code, "delivered": True}
-    outcome = worker.run_envelope(envelope, handle_sigterm=handle_sigterm)
+    if together:
+        outcome = worker.execute(envelope, handle_sigterm=handle_sigterm)
+        assert outcome.event is not None
+        TERMINALS.deliver((envelope, outcome.event, outcome))
+    else:
+        outcome = worker.run_envelope(envelope, handle_sigterm=handle_sigterm)
     report: dict[str, Any] = {
         "state": outcome.state.value,
         "exit_code": outcome.exit_code,
@@ -139,6 +150,102 @@ def run_payload(
     if keep_outcome or (keep_outcome is None and (keyed or outcome.pending is not None)):
         report["outcome"] = outcome.signed()
     return report
+
+
+class _Slot:
+    """One run's terminal event waiting in ``Terminals``."""
+
+    __slots__ = ("error", "item", "lead", "size", "wake")
+
+    def __init__(self, item: Any, size: int) -> None:
+        self.item = item
+        self.size = size
+        self.wake = threading.Event()
+        self.lead = False  # this run's thread sends the next batch
+        self.error: BaseException | None = None
+
+
+class Terminals:
+    """Terminal events of payloads that run in threads of one process, sent back as one
+    signed batch per caller (group commit), each run's thread returning once its own
+    event is acknowledged or its outcome recorded (``runner.deliver_terminals``: the
+    slot-before-ack rules are the single run's).
+
+    Sent one request per run, the events of a burst queued on the process's one
+    connection to the caller: each waited its turn (a thread hop, a GIL hand-off and a
+    request each), and those that waited past ``sender.ACK_GRACE`` were recorded in the
+    ledger and sent again by the outbox (profiled on an ARQ worker serving 100 jobs at
+    once: the way back was the larger part of its CPU). Here the thread whose event
+    finds no batch on its way sends every event queued by then; the threads that queue
+    while it sends wait, and the first of them sends theirs next. A run alone costs
+    nothing more than before: its batch is itself."""
+
+    MAX_EVENTS = 64  # as a chunk's batches (worker.chunks)
+    MAX_BYTES = 4 * 1024 * 1024  # well under the receiver's request limit
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued: deque[_Slot] = deque()
+        self._sending = False
+
+    def deliver(self, item: Any) -> None:
+        """Hand one ``runner.Terminal`` back; returns when it is delivered or recorded
+        (see ``runner.deliver_terminals``; its outcome says which)."""
+        slot = _Slot(item, _size_of(item))
+        with self._lock:
+            self._queued.append(slot)
+            if not self._sending:
+                self._sending = slot.lead = True
+        if not slot.lead:
+            slot.wake.wait()
+            if not slot.lead:  # another thread sent it
+                if slot.error is not None:
+                    raise slot.error
+                return
+        self._send(slot)
+
+    def _send(self, own: _Slot) -> None:
+        from wove_adapters.worker import runner
+
+        with self._lock:
+            batch = [self._queued.popleft()]
+            size = batch[0].size
+            while (self._queued and len(batch) < self.MAX_EVENTS
+                   and size + self._queued[0].size <= self.MAX_BYTES):
+                size += self._queued[0].size
+                batch.append(self._queued.popleft())
+        error: BaseException | None = None
+        try:
+            runner.deliver_terminals([slot.item for slot in batch])
+        except BaseException as exc:  # every run of the batch hears it
+            error = exc
+        with self._lock:
+            following = self._queued[0] if self._queued else None
+            if following is None:
+                self._sending = False
+            else:
+                following.lead = True
+        for slot in batch:
+            if slot is not own:
+                slot.error = error
+                slot.wake.set()
+        if following is not None:
+            following.wake.set()
+        if error is not None:
+            raise error
+
+
+TERMINALS = Terminals()
+
+
+def _size_of(item: Any) -> int:
+    """About how many bytes a terminal event adds to a batch: its result or pickled
+    exception, and its run's captured log frames (which ride ahead of it)."""
+    _, event, outcome = item
+    size = len(getattr(event, "result", None) or getattr(event, "exception", None) or b"")
+    for log in getattr(outcome, "logs", None) or ():
+        size += len(log.message) + len(log.exc_text)
+    return size
 
 
 def _run_chunk(payload: str, *, handle_sigterm: bool) -> dict[str, Any]:
@@ -163,17 +270,19 @@ def _payload_process(conn: Any, zygote: int) -> None:
     os.dup2(devnull, 0)  # the zygote's stdin is the worker's lifeline, not the task's
     os.close(devnull)
     stream = conn.makefile("rwb")
+    # One SIGTERM handler for the process's life (see _on_sigterm); the runner puts its
+    # own in front of it for the task itself, once. Three handler swaps per payload cost
+    # a reused payload process more than the rest of its bookkeeping.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     while True:
-        # Idle: a cancel that comes too late for the last payload is moot.
-        signal.signal(signal.SIGTERM, _ignore)
         request = _read_frame_sync(stream)
         if request is None:
             break
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # cancelled before the task: exit
+        _TAKEN[0] = True  # cancelled from here until its report: the process exits
         stream.write(_frame({"pid": os.getpid()}))
         stream.flush()
         report = run_payload(str(request.get("payload", "")), keep_outcome=request.get("keep"))
-        signal.signal(signal.SIGTERM, _ignore)
+        _TAKEN[0] = False  # idle again: a cancel that comes too late for it is moot
         stream.write(_frame({"report": report}))
         stream.flush()
         if not request.get("reuse"):
@@ -185,8 +294,18 @@ def _payload_process(conn: Any, zygote: int) -> None:
     sender.OUTBOX.flush(None)
 
 
-def _ignore(signum: int, frame: Any) -> None:
-    pass
+# Whether this payload process holds a payload (from its request to its report).
+_TAKEN = [False]
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM in a payload process outside the task's own code (the runner turns one
+    during the task into ``task_cancelled``): idle, ignored; holding a payload (before
+    its task starts, or while its outcome goes back), the process ends by the signal,
+    and the pool reports the payload cancelled."""
+    if _TAKEN[0]:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def zygote_main(argv: list[str] | None = None) -> None:
@@ -598,6 +717,87 @@ def describe_exit(code: int) -> str:
     from wove_adapters.core.executors.stdio import describe_exit as describe
 
     return describe(int(code))
+
+
+class LateWrites:
+    """Redis writes no reader waits for, sent together: one pipeline per ``WINDOW``
+    seconds (or per ``MAX`` writes) instead of a round trip each.
+
+    What a finished job's last write records (Taskiq's final state, ARQ's job record) is
+    read by a caller that has not heard the run's outcome: reconciliation, or another
+    caller holding the run's idempotency key. For a run without a key whose caller has
+    acknowledged its outcome, nobody does, so the job need not wait for that write, and
+    the writes of a burst go as one pipeline (profiled on Taskiq and ARQ workers: a
+    command on its own cost the worker's loop about as much as the rest of the job's
+    bookkeeping together). Runs with a key, late acknowledgements and everything else
+    still write before the job returns. A worker killed within ``WINDOW`` of such a
+    run's end leaves that write undone (the run itself was delivered)."""
+
+    WINDOW = 0.05
+    MAX = 256
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._queued: list[tuple[Any, ...]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def add(self, *command: Any) -> None:
+        """Queue one command (``"SET", key, value, "EX", ttl``, ``"EVAL", ...``)."""
+        self._queued.append(command)
+        loop = asyncio.get_running_loop()
+        if len(self._queued) >= self.MAX:
+            self._send_now()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.WINDOW, self._send_now)
+
+    def _send_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        queued, self._queued = self._queued, []
+        if queued:
+            task = asyncio.get_running_loop().create_task(self._send(queued))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, queued: list[tuple[Any, ...]]) -> None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in queued:
+                    pipe.execute_command(*command)
+                await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # Redis away: these states stay behind (see above)
+            print(f"wove-adapters worker: {len(queued)} final job states not written: {exc}",
+                  file=sys.stderr)
+
+    async def aclose(self) -> None:
+        """Send what is queued and wait for every pipeline in flight (worker shutdown)."""
+        self._send_now()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        _late.pop(id(self.client), None)
+
+
+_late: dict[int, LateWrites] = {}
+
+
+def late_writes(client: Any) -> LateWrites:
+    """The one ``LateWrites`` of ``client`` in this process."""
+    found = _late.get(id(client))
+    if found is None or found.client is not client:
+        found = _late[id(client)] = LateWrites(client)
+    return found
+
+
+def acknowledged(report: dict[str, Any]) -> bool:
+    """The run's caller acknowledged its outcome and nobody else will ask for it: no
+    idempotency key, no late acknowledgement (either puts the signed ``outcome`` in the
+    report), delivered, and succeeded or failed (the states the caller heard from the
+    run itself)."""
+    return ("outcome" not in report and "run_id" in report
+            and bool(report.get("delivered", True))
+            and report.get("state") in ("succeeded", "failed"))
 
 
 async def report_to_caller(payload: str, state: str, reason: str) -> None:

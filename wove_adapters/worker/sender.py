@@ -3,8 +3,10 @@
 Synchronous on purpose. A worker process is usually a plain process (a forked RQ
 work-horse, a Celery prefork child, a batch job): starting an event loop thread and an
 async HTTP session in each one cost more than the task (measured: ~6 ms CPU per forked RQ
-job). One keep-alive ``http.client`` connection per destination per process, guarded by a
-lock held for one request at a time, costs one request per event batch.
+job). One keep-alive connection per destination per process, guarded by a lock held for
+one request at a time, costs one request per event batch: ``_Plain`` for ``http://``
+receivers (a request written in one piece, the answer read with one or two ``recv``),
+``http.client`` for ``https://``.
 
 A terminal event gets one inline try (``try_first``) that waits at most ``ACK_GRACE``
 for the caller's answer to start. A caller that answers within it costs the task nothing
@@ -35,13 +37,11 @@ import concurrent.futures
 import contextlib
 import errno
 import heapq
-import http.client
 import json
 import os
 import queue
 import select
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -201,6 +201,173 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
+class _Flag:
+    """A flag one thread sets and another reads after the fact (no waiting: a
+    ``threading.Event`` per request, with its lock and condition, cost more)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
+
+
+class _Answer:
+    """A receiver's answer: its status and (at most ``_MAX_ANSWER`` of) its body."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body
+
+    def read(self, limit: int) -> bytes:
+        return self.body[:limit]
+
+
+class _Plain:
+    """A keep-alive HTTP/1.1 connection to a plain ``http://`` receiver, with the part of
+    ``http.client.HTTPConnection`` the sender uses (``sock``, ``timeout``, ``request``,
+    ``getresponse``, ``close``).
+
+    Profiled in Taskiq and ARQ workers, ``http.client`` spent most of a terminal event's
+    request building the request line by line and parsing the answer's headers through
+    ``email.parser``: 60% of the way back's CPU. The receiver's answers are small JSON
+    with a ``Content-Length``; this writes the request in one ``sendall`` and reads the
+    answer with as few ``recv`` calls as it arrives in. A connection the receiver closed
+    while it was idle (its keep-alive timeout) is noticed before the request is written,
+    and a fresh one is opened instead of failing the request. Importing it costs nothing
+    (``http.client`` pulls in ``email`` and ``ssl``: a quarter of a one-task worker's
+    start, see docs/benchmarks.md)."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self._head = (f"Host: {host}:{port}\r\nUser-Agent: wove-adapters\r\n").encode("ascii")
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        return sock
+
+    def request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> None:
+        sock = self.sock
+        if sock is not None and _readable(sock, 0.0):
+            # Idle, yet readable: the receiver closed it (or sent what nobody asked for).
+            self.close()
+            sock = None
+        if sock is None:
+            sock = self._connect()
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        sock.sendall(
+            f"{method} {path} HTTP/1.1\r\n".encode("latin-1") + self._head
+            + f"{lines}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body
+        )
+
+    def getresponse(self) -> _Answer:
+        """Read the answer; the connection stays open unless the receiver ends it (or the
+        answer is larger than ``_MAX_ANSWER``: it is cut there, and the connection with
+        it)."""
+        sock = self.sock
+        if sock is None:
+            raise ConnectionError("not connected")
+        data = b""
+        while True:
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                status, length, chunked, close = _head_of(data[:end])
+                if 100 <= status < 200:  # an interim answer: the real one follows
+                    data = data[end + 4 :]
+                    continue
+                break
+            if len(data) > _MAX_ANSWER:
+                raise ConnectionError("the receiver's answer has no end of headers")
+            data += self._recv(sock)
+        body = data[end + 4 :]
+        if chunked:
+            body, complete = self._chunked(sock, body)
+            close = close or not complete
+        else:
+            want = min(length, _MAX_ANSWER) if length is not None else _MAX_ANSWER
+            while len(body) < want:
+                more = sock.recv(65536)
+                if not more:
+                    if length is not None:
+                        raise ConnectionError("the receiver closed the connection mid-answer")
+                    break
+                body += more
+            close = close or length is None or length > _MAX_ANSWER or len(body) > want
+        if close:
+            self.close()
+        return _Answer(status, body[:_MAX_ANSWER])
+
+    def _chunked(self, sock: socket.socket, data: bytes) -> tuple[bytes, bool]:
+        """A chunked body (not what the receiver sends; bounded all the same)."""
+        body = b""
+        while len(body) <= _MAX_ANSWER:
+            line_end = data.find(b"\r\n")
+            if line_end < 0:
+                data += self._recv(sock)
+                continue
+            size = int(data[:line_end].split(b";")[0] or b"0", 16)
+            if size == 0:
+                return body, True
+            while len(data) < line_end + 2 + size + 2:
+                data += self._recv(sock)
+            body += data[line_end + 2 : line_end + 2 + size]
+            data = data[line_end + 2 + size + 2 :]
+        return body, False
+
+    @staticmethod
+    def _recv(sock: socket.socket) -> bytes:
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("the receiver closed the connection")
+        return more
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def _head_of(head: bytes) -> tuple[int, int | None, bool, bool]:
+    """Status, Content-Length, chunked, and whether the connection ends after this
+    answer, from an answer's status line and headers."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+        raise ConnectionError(f"not an HTTP answer: {lines[0][:80]!r}")
+    status = int(parts[1])
+    close = parts[0] == b"HTTP/1.0"
+    length: int | None = None
+    chunked = False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value.strip())
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif name == b"connection":
+            token = value.strip().lower()
+            close = token == b"close" or (close and token != b"keep-alive")
+    return status, length, chunked, close
+
+
+_Connection = Any  # _Plain, or http.client.HTTPSConnection for https receivers
+
+
 def _refused(exc: BaseException) -> bool:
     """A refused connection: nobody listens there any more (the caller went away)."""
     return isinstance(exc, ConnectionRefusedError) or (
@@ -214,7 +381,7 @@ class _Destination:
     def __init__(self, return_path: ReturnPath) -> None:
         self.return_path = return_path
         self.lock = threading.Lock()
-        self.conn: http.client.HTTPConnection | None = None
+        self.conn: _Connection | None = None
         self.redis: Any = None
         # Until then, inline tries skip this destination: its last request failed and the
         # outbox is retrying it (a caller that went away must not cost every task a try).
@@ -329,8 +496,12 @@ class _Destination:
             self.redis.rpush(self.return_path.key, data)
             return None
         if self.conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self.conn = cls(self._host, self._port, timeout=timeout)
+            if self._https:
+                import http.client
+
+                self.conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout)
+            else:
+                self.conn = _Plain(self._host, self._port, timeout)
         elif self.conn.sock is not None:
             self.conn.sock.settimeout(timeout)
         self.conn.timeout = timeout
@@ -343,12 +514,12 @@ class _Destination:
         self.answer(conn, deadline)
         return None
 
-    def _bounded(self, conn: http.client.HTTPConnection, deadline: float,
+    def _bounded(self, conn: _Connection, deadline: float,
                  step: Callable[[], _T]) -> _T:
         """Run one step of an exchange; the socket timeout bounds each read, this bounds
         the whole exchange, so a server that drips its answer a byte at a time cannot
         hold a worker."""
-        expired = threading.Event()
+        expired = _Flag()  # set by the watchdog's thread; a plain flag is enough
 
         def _cut() -> None:
             expired.set()
@@ -370,7 +541,7 @@ class _Destination:
             raise TimeoutError(f"{self.describe()} did not answer in time")
         return result
 
-    def answer(self, conn: http.client.HTTPConnection, deadline: float) -> None:
+    def answer(self, conn: _Connection, deadline: float) -> None:
         """Read the answer to the request sent on ``conn``; raise as ``attempt`` says."""
 
         def read() -> tuple[int, bytes]:
@@ -415,17 +586,23 @@ class _Destination:
             self.lock.release()
 
 
-def _answering(conn: http.client.HTTPConnection, grace: float) -> bool:
+def _answering(conn: _Connection, grace: float) -> bool:
     """Whether the answer to the request just sent on ``conn`` starts within ``grace``
     seconds (or the connection broke: reading it then raises at once)."""
     sock = conn.sock
-    if sock is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+    pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted
+    if sock is None or (pending is not None and pending()):
         return True
+    return _readable(sock, grace)
+
+
+def _readable(sock: Any, wait: float) -> bool:
+    """Whether ``sock`` has something to read (or was closed) within ``wait`` seconds."""
     if sock.fileno() < 1024:  # select's limit; one call, cheaper than a poll object
-        return bool(select.select([sock], [], [], grace)[0])
+        return bool(select.select([sock], [], [], wait)[0])
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    return bool(poller.poll(grace * 1000.0))
+    return bool(poller.poll(wait * 1000.0))
 
 
 class _InFlight:
@@ -433,7 +610,7 @@ class _InFlight:
     reads it (``finish``). Its destination's lock stays held until then, so nothing else
     is written on the connection meanwhile; inline tries see the destination slow."""
 
-    def __init__(self, destination: _Destination, conn: http.client.HTTPConnection) -> None:
+    def __init__(self, destination: _Destination, conn: _Connection) -> None:
         self.destination = destination
         self.conn = conn
 
@@ -502,13 +679,17 @@ def post(
     )
 
 
-def _inline_destination(return_path: ReturnPath) -> _Destination | None:
+def _inline_destination(
+    return_path: ReturnPath, *, behind_late: bool = False
+) -> _Destination | None:
     """The destination an inline try may use now; None when its last request failed,
     a request is in flight there (the caller was slow to answer it), or one has been
-    waiting on it past an inline budget: the outbox is on it."""
+    waiting on it past an inline budget: the outbox is on it. ``behind_late``: a request
+    in flight whose answer is only late (under an inline budget: the outbox is reading
+    it) does not turn the try away; it may wait for the connection (``try_first``)."""
     destination = _destination(return_path)
     now = time.monotonic()
-    if destination.down_until > now or destination.parked:
+    if destination.down_until > now or (destination.parked and not behind_late):
         return None
     if destination.slow(now):
         destination.down_until = now + 1.0
@@ -561,11 +742,19 @@ def try_first(
     """The first try of terminal events, from the task's thread: True once acknowledged
     within ``grace`` seconds; the request in flight when it was sent but its answer had
     not started by then (the outbox reads it: ``Pending.inflight``); False at once when
-    the destination is known down or slow, or busy (the outbox is mid-request there), or
-    the try failed. Raises PayloadError when refused for good."""
+    the destination is known down or slow, False after ``grace`` when its connection
+    stayed busy that long (a request in flight there whose answer is late, or the
+    outbox mid-request), or when the try failed. Raises PayloadError when refused for
+    good.
+
+    Busy is not down: in a burst the caller may answer one request a little late
+    (profiled on ARQ workers running chunks: turning every try away while one answer
+    was late sent a third of the worker's CPU into recording outcomes in the ledger,
+    each one later delivered again by the outbox). A try waits up to its grace for the
+    connection instead; only a failure skips the destination for a second."""
     if return_path.kind == "native":
         return True
-    destination = _inline_destination(return_path)
+    destination = _inline_destination(return_path, behind_late=True)
     if destination is None:
         return False
     try:
@@ -575,7 +764,9 @@ def try_first(
         )
     except PayloadError:
         raise
-    except Exception:  # _Busy, refused, reset, timed out: the outbox retries it
+    except _Busy:  # still in use after the grace: the outbox takes this one too
+        return False
+    except Exception:  # refused, reset, timed out: the outbox retries it
         destination.down_until = time.monotonic() + 1.0
         return False
     if inflight is None:

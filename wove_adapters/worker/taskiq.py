@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -30,7 +31,13 @@ from typing import Any, ClassVar
 
 from wove_adapters.core.errors import redact_url
 from wove_adapters.worker import leases
-from wove_adapters.worker.pool import PoolRun, ProcessPool, report_to_caller
+from wove_adapters.worker.pool import (
+    PoolRun,
+    ProcessPool,
+    acknowledged,
+    late_writes,
+    report_to_caller,
+)
 
 TASK_NAME = "wove_adapters.run"
 # Worker side, atomically: a cancel marker wins (0); a job that already finished, or runs
@@ -85,9 +92,13 @@ def register(
     not point workers at a server of its choosing.
     """
     from taskiq import TaskiqEvents
+    from taskiq_redis import ListQueueBroker
 
     _no_read_timeout_for_brpop(broker)
     side = _WorkerSide.get()
+    # A list broker never delivers a job twice: nobody reads an acknowledged run's final
+    # state but reconciliation, which asks only about runs it has not heard from.
+    side.late_finish = isinstance(broker, ListQueueBroker)
     side.size = int(processes or os.cpu_count() or 2)
     side.kill_after = kill_after
     control_url = control_url or os.environ.get("WOVE_TASKIQ_CONTROL_URL")
@@ -139,6 +150,7 @@ class _Job:
     payload: str
     cancelled: bool = False
     run: PoolRun | None = None  # set once the job is handed to the payload pool
+    acknowledged: bool = False  # its caller took its outcome; nobody else asks (pool)
 
 
 log = logging.getLogger("wove_adapters.taskiq")
@@ -153,8 +165,10 @@ def _place_of(kwargs: dict[str, Any]) -> tuple[Any, ...]:
             int(kwargs.get("db", 0) or 0), kwargs.get("path"))
 
 
+@functools.lru_cache(maxsize=64)
 def _redis_place(url: str) -> tuple[Any, ...] | None:
-    """Where a Redis URL points (None: not a Redis URL), to compare two spellings."""
+    """Where a Redis URL points (None: not a Redis URL), to compare two spellings. Every
+    job's message names its control Redis: parsed once per spelling, not once per job."""
     from redis.connection import parse_url
 
     try:
@@ -172,6 +186,9 @@ class _WorkerSide:
     def __init__(self) -> None:
         self.size = os.cpu_count() or 2
         self.kill_after = 5.0
+        # Final states of acknowledged runs go in batches (pool.LateWrites): only where
+        # no job is delivered twice (a redelivered job is dropped by its final state).
+        self.late_finish = False
         # The one Redis (host, port, db, unix path) control keys may live in: see register.
         self.allowed: tuple[Any, ...] | None = None
         self._pool: ProcessPool | None = None
@@ -212,6 +229,7 @@ class _WorkerSide:
             await self._pool.aclose()
             self._pool = None
         for client in self._redis.values():
+            await late_writes(client).aclose()
             await leases.keeper(client).aclose()
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -329,7 +347,8 @@ class _WorkerSide:
         lease, ttl = float(control.get("lease", 10.0)), int(control.get("ttl", 86400))
         key = (prefix, handle)
         job = _Job(handle=handle, payload=payload)
-        client = await self._client(url)  # registers the scripts for this Redis
+        client = await self._client(url)
+        begin, finish = self._scripts[url]
         await self._listen(url, prefix)
         self._jobs[key] = job  # registered before the marker check: no cancel slips by
         try:
@@ -337,7 +356,7 @@ class _WorkerSide:
             # here on (also while it waits for a payload process: that wait is ours).
             lease_key = f"{prefix}:lease:{handle}"
             keeper = leases.keeper(client)
-            began = await self._scripts[url][0](
+            began = await begin(
                 keys=[f"{prefix}:cancel:{handle}", f"{prefix}:state:{handle}", lease_key],
                 args=[ttl, leases.lease_ms(lease), keeper.owner, leases.TAIL_MS],
             )
@@ -351,11 +370,14 @@ class _WorkerSide:
                 report = await self._execute(job)
             finally:
                 keeper.release(lease_key)
-            await self._scripts[url][1](  # state, outcome and lease in one atomic step
-                keys=[f"{prefix}:state:{handle}", f"{prefix}:lease:{handle}",
-                      f"{prefix}:outcome:{handle}"],
-                args=[ttl, report["state"], report.get("outcome") or ""],
-            )
+            # State, outcome and lease in one atomic step; for a run whose caller took its
+            # outcome, with the other such runs' (nobody waits for it).
+            keys = [f"{prefix}:state:{handle}", lease_key, f"{prefix}:outcome:{handle}"]
+            args = [ttl, report["state"], report.get("outcome") or ""]
+            if self.late_finish and job.acknowledged:
+                late_writes(client).add("EVAL", _FINISH_SCRIPT, 3, *keys, *args)
+            else:
+                await finish(keys=keys, args=args)
             return await self._notify(job, report)
         finally:
             self._jobs.pop(key, None)
@@ -369,6 +391,7 @@ class _WorkerSide:
         except BaseException:
             run.cancel(signal.SIGKILL)  # our coroutine was cancelled: stop the payload
             raise
+        job.acknowledged = acknowledged(outcome.report)
         report: dict[str, Any] = {"state": outcome.state, "delivered": outcome.delivered}
         if outcome.outcome is not None:
             report["outcome"] = base64.b64encode(outcome.outcome).decode("ascii")

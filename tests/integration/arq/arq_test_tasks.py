@@ -25,3 +25,9 @@ def fail_once(directory: str, tag: str) -> str:
     if len(path.read_text().splitlines()) == 1:
         raise RuntimeError(f"{tag}: first try fails")
     return f"{tag}-ok"
+
+
+def add_at(at: float, x: int) -> int:
+    """``x + 1``, returned at wall-clock time ``at``: runs started apart end together."""
+    time.sleep(max(at - time.time(), 0.0))
+    return x + 1

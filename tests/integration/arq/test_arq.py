@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import signal
 import sys
@@ -25,7 +26,7 @@ from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import wait_for_file
-from wove_adapters.worker.arq import CANCEL_KEY, RESULT_KEY, pack_record
+from wove_adapters.worker.arq import CANCEL_KEY, RESULT_KEY, pack_record, read_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from hubs import hub_factory
@@ -65,6 +66,26 @@ def test_the_arq_cli_runs_payloads_with_one_settings_line(make_worker: Any, hubs
     hub = hubs(environment(queue_name=worker.queue))
     assert hub.run(tasks.add, 41) == 42
     assert hub.map(tasks.add, range(5)) == [1, 2, 3, 4, 5]
+
+
+def test_runs_ending_together_share_their_way_back(make_worker: Any, hubs: Any) -> None:
+    """Payload threads that end at the same moment send their terminal events in one
+    request between them (``pool.Terminals``), not one each; every run still gets its
+    own result. Each run also sends ``task_started`` (it outlives the short-task
+    window), one request each: so fewer than two requests per run means some terminal
+    events travelled together."""
+    runs = 8
+    worker: ArqWorker = make_worker(
+        "together", env={"WOVE_TEST_ARQ_MAX_JOBS": str(runs)}).start()
+    hub = hubs(environment(queue_name=worker.queue))
+    assert hub.run(tasks.add, 1) == 2  # warm: the worker's threads and connection
+    receiver = hub.dispatcher().transport.receiver  # type: ignore[attr-defined]
+    before = receiver.stats["accepted"]
+    at = time.time() + 1.5
+    ended_together = functools.partial(arq_test_tasks.add_at, at)
+    assert hub.map(ended_together, range(runs), map_chunk_size=0) == [
+        x + 1 for x in range(runs)]
+    assert receiver.stats["accepted"] - before < 2 * runs
 
 
 # ---------------------------------------------------------------- options
@@ -154,6 +175,60 @@ def test_a_failed_keyed_job_releases_its_key(
                    "ledger": f"sqlite:///{tmp_path / 'b.db'}"}, "b")
     assert second.run(arq_test_tasks.fail_once, str(markers), "again") == "again-ok"
     assert len((markers / "again.runs").read_text().splitlines()) == 2
+
+
+def test_a_keyed_submit_drops_a_record_its_job_id_outlived(hubs: Any) -> None:
+    """Our record of a job outlives ARQ's own keys (``keep_result`` against
+    ``MARKER_TTL``): the next job with that id must not inherit it. The caller removes it
+    before enqueueing, and only when none of ARQ's keys for the id exist (the worker no
+    longer spends a Redis command per job on it)."""
+    from dataclasses import replace
+
+    from wove_adapters.worker.arq import DONE_KEY
+
+    hub = hubs(environment(queue_name=f"{SESSION}-idle-stale"))  # no worker reads it
+    adapter = adapter_of(hub)
+    key = f"stale-{uuid.uuid4().hex[:8]}"
+    spec = replace(_spec("unused"), idempotency_key=key)
+    job_id = adapter.job_id(spec)
+    stale = pack_record({"state": "succeeded", "run_id": "old", "attempt": 1})
+    with redis_client() as client:
+        client.set(RESULT_KEY + job_id, stale, px=60_000)
+        client.set(DONE_KEY + job_id, stale, px=60_000)
+        assert shared_loop.run_sync(adapter.submit(spec)) == job_id  # enqueued, not followed
+        assert client.get(RESULT_KEY + job_id) is None
+        assert client.get(DONE_KEY + job_id) is None
+        # The job now exists (queued): a record written for it stays put.
+        client.set(RESULT_KEY + job_id, stale, px=60_000)
+        shared_loop.run_sync(adapter._drop_stale_record(job_id))
+        assert client.get(RESULT_KEY + job_id) == stale
+
+
+def test_an_acknowledged_runs_record_is_written_after_its_job(
+    arq_worker: ArqWorker, hubs: Any
+) -> None:
+    """A run without a key whose caller took its outcome does not wait for its record
+    (``pool.LateWrites``): the records of a burst land together, shortly after."""
+    hub = hubs(environment(queue_name=arq_worker.queue))
+    adapter = adapter_of(hub)
+    handles: list[str] = []
+    original = adapter.submit
+
+    async def submit(job: JobSpec) -> str:
+        handle = await original(job)
+        handles.append(handle)
+        return handle
+
+    adapter.submit = submit  # type: ignore[method-assign]
+    assert hub.map(tasks.add, range(12), map_chunk_size=0) == list(range(1, 13))
+    assert len(handles) == 12
+
+    def recorded() -> bool:
+        with redis_client() as client:
+            return all(raw is not None and read_record(raw)["state"] == "succeeded"
+                       for raw in client.mget([RESULT_KEY + h for h in handles]))
+
+    wait_until(recorded, what="every run's record", timeout=10)
 
 
 # ---------------------------------------------------------------- status, reconciliation

@@ -220,6 +220,39 @@ def test_status_finds_a_dead_worker_without_heartbeats(
         taskiq_worker.wait_ready()
 
 
+def test_acknowledged_runs_end_with_their_final_state_and_no_lease(
+    taskiq_worker: TaskiqWorker, hubs: Any
+) -> None:
+    """A run without a key whose caller took its outcome does not wait for its final
+    state (``pool.LateWrites``, list brokers only): the states of a burst are written
+    together shortly after, each ``succeeded``, each lease gone."""
+    from wove_adapters.adapters.base import JobSpec
+
+    hub = hubs(taskiq_worker.config)
+    adapter: Any = hub.dispatcher("t").transport.adapter  # type: ignore[attr-defined]
+    handles: list[str] = []
+    original = adapter.submit
+
+    async def submit(job: JobSpec) -> str:
+        handle = await original(job)
+        handles.append(handle)
+        return handle
+
+    adapter.submit = submit
+    assert hub.map(tasks.add, range(12), map_chunk_size=0) == list(range(1, 13))
+    assert len(handles) == 12
+    prefix = adapter.prefix
+    deadline = time.monotonic() + 10
+    with redis_client() as client:
+        while True:
+            states = client.mget([f"{prefix}:state:{h}" for h in handles])
+            leases = client.exists(*(f"{prefix}:lease:{h}" for h in handles))
+            if set(states) == {b"succeeded"} and not leases:
+                break
+            assert time.monotonic() < deadline, (states, leases)
+            time.sleep(0.05)
+
+
 def test_killed_payload_process_is_reported_lost_at_once(
     taskiq_worker: TaskiqWorker, hubs: Any, markers: Path
 ) -> None:
@@ -256,6 +289,49 @@ def test_cancel_of_queued_work_is_confirmed_without_a_worker(
         client.delete(idle)
         for key in client.scan_iter(match=f"wove:taskiq:{idle}:*"):
             client.delete(key)
+
+
+def test_kicks_of_one_loop_turn_share_one_lpush_in_order(
+    redis_available: None, hubs: Any
+) -> None:
+    """Runs submitted together (a mapped call's) reach the list in one ``LPUSH``, in
+    submission order (the oldest is the first a worker's ``BRPOP`` takes), and each
+    submit returns only once its message is in Redis."""
+    import asyncio
+
+    from wove_adapters.adapters.base import JobSpec
+
+    idle = f"wove-test-taskiq-nobody-{uuid.uuid4().hex[:6]}"
+    hub = hubs({"url": REDIS_URL, "queue": idle})
+    adapter: Any = hub.dispatcher("t").transport.adapter  # type: ignore[attr-defined]
+    client = redis_client()
+    try:
+        specs = [JobSpec(run_id=f"r:{i}", task_id="t", attempt=1, payload=f"wove1.p{i}",
+                         idempotency_key=None, job_name=f"job-{i}", environment="t",
+                         options={}) for i in range(20)]
+        pushes: list[int] = []
+
+        async def submit_all() -> list[str]:
+            await adapter.submit(specs[0])  # the broker's client exists from here on
+            redis = adapter._broker._wove_client
+            lpush = redis.lpush
+
+            async def counted(queue: str, *values: Any) -> Any:
+                pushes.append(len(values))
+                return await lpush(queue, *values)
+
+            redis.lpush = counted
+            return list(await asyncio.gather(*(adapter.submit(s) for s in specs[1:])))
+
+        handles = shared_loop.run_sync(submit_all())
+        assert pushes == [19]
+        queued = [json.loads(m)["task_id"] for m in reversed(client.lrange(idle, 0, -1))]
+        assert queued[1:] == handles
+    finally:
+        client.delete(idle)
+        for key in client.scan_iter(match=f"wove:taskiq:{idle}:*"):
+            client.delete(key)
+        client.close()
 
 
 # ---------------------------------------------------------------- wove
