@@ -239,9 +239,10 @@ class _Plain:
     request building the request line by line and parsing the answer's headers through
     ``email.parser``: 60% of the way back's CPU. The receiver's answers are small JSON
     with a ``Content-Length``; this writes the request in one ``sendall`` and reads the
-    answer with as few ``recv`` calls as it arrives in. A connection the receiver closed
-    while it was idle (its keep-alive timeout) is noticed before the request is written,
-    and a fresh one is opened instead of failing the request. Importing it costs nothing
+    answer with as few ``recv`` calls as it arrives in, parsed by ``httptools`` (llhttp).
+    A connection the receiver closed while it was idle (its keep-alive timeout) is
+    noticed before the request is written, and a fresh one is opened instead of failing
+    the request. Importing it costs nothing
     (``http.client`` pulls in ``email`` and ``ssl``: a quarter of a one-task worker's
     start, see docs/benchmarks.md)."""
 
@@ -274,65 +275,38 @@ class _Plain:
         )
 
     def getresponse(self) -> _Answer:
-        """Read the answer; the connection stays open unless the receiver ends it (or the
-        answer is larger than ``_MAX_ANSWER``: it is cut there, and the connection with
-        it)."""
+        """Read the answer (parsed by ``httptools``, llhttp's parser); the connection
+        stays open unless the receiver ends it or the answer is larger than
+        ``_MAX_ANSWER`` (it is cut there, and the connection with it)."""
+        import httptools
+
         sock = self.sock
         if sock is None:
             raise ConnectionError("not connected")
-        data = b""
-        while True:
-            end = data.find(b"\r\n\r\n")
-            if end >= 0:
-                status, length, chunked, close = _head_of(data[:end])
-                if 100 <= status < 200:  # an interim answer: the real one follows
-                    data = data[end + 4 :]
-                    continue
-                break
-            if len(data) > _MAX_ANSWER:
-                raise ConnectionError("the receiver's answer has no end of headers")
-            data += self._recv(sock)
-        body = data[end + 4 :]
-        if chunked:
-            body, complete = self._chunked(sock, body)
-            close = close or not complete
-        else:
-            want = min(length, _MAX_ANSWER) if length is not None else _MAX_ANSWER
-            while len(body) < want:
-                more = sock.recv(65536)
-                if not more:
-                    if length is not None:
-                        raise ConnectionError("the receiver closed the connection mid-answer")
+        answer = _AnswerReader()
+        parser = httptools.HttpResponseParser(answer)
+        answer.parser = parser
+        try:
+            while not answer.done:
+                data = sock.recv(65536)
+                if not data:
+                    if answer.status and answer.until_close:  # a body ended by the close
+                        answer.keep = False
+                        break
+                    raise ConnectionError("the receiver closed the connection mid-answer")
+                parser.feed_data(data)
+                if answer.size > _MAX_ANSWER:
+                    answer.keep = False
                     break
-                body += more
-            close = close or length is None or length > _MAX_ANSWER or len(body) > want
-        if close:
+        except httptools.HttpParserError as exc:
             self.close()
-        return _Answer(status, body[:_MAX_ANSWER])
-
-    def _chunked(self, sock: socket.socket, data: bytes) -> tuple[bytes, bool]:
-        """A chunked body (not what the receiver sends; bounded all the same)."""
-        body = b""
-        while len(body) <= _MAX_ANSWER:
-            line_end = data.find(b"\r\n")
-            if line_end < 0:
-                data += self._recv(sock)
-                continue
-            size = int(data[:line_end].split(b";")[0] or b"0", 16)
-            if size == 0:
-                return body, True
-            while len(data) < line_end + 2 + size + 2:
-                data += self._recv(sock)
-            body += data[line_end + 2 : line_end + 2 + size]
-            data = data[line_end + 2 + size + 2 :]
-        return body, False
-
-    @staticmethod
-    def _recv(sock: socket.socket) -> bytes:
-        more = sock.recv(65536)
-        if not more:
-            raise ConnectionError("the receiver closed the connection")
-        return more
+            raise ConnectionError(f"not an HTTP answer from the receiver: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+        if not answer.keep:
+            self.close()
+        return _Answer(answer.status, b"".join(answer.body)[:_MAX_ANSWER])
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
@@ -341,28 +315,39 @@ class _Plain:
                 sock.close()
 
 
-def _head_of(head: bytes) -> tuple[int, int | None, bool, bool]:
-    """Status, Content-Length, chunked, and whether the connection ends after this
-    answer, from an answer's status line and headers."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-        raise ConnectionError(f"not an HTTP answer: {lines[0][:80]!r}")
-    status = int(parts[1])
-    close = parts[0] == b"HTTP/1.0"
-    length: int | None = None
-    chunked = False
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value.strip())
-        elif name == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-        elif name == b"connection":
-            token = value.strip().lower()
-            close = token == b"close" or (close and token != b"keep-alive")
-    return status, length, chunked, close
+class _AnswerReader:
+    """``httptools`` callbacks for one answer: its status, whether the connection stays
+    open, and its body up to just past ``_MAX_ANSWER``. An interim (1xx) answer is
+    skipped: the real one follows on the same connection."""
+
+    __slots__ = ("body", "done", "keep", "parser", "size", "status", "until_close")
+
+    def __init__(self) -> None:
+        self.parser: Any = None
+        self.body: list[bytes] = []
+        self.size = 0
+        self.status = 0
+        self.keep = False
+        self.done = False
+        self.until_close = False
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep = self.parser.should_keep_alive()
+        # No length and not chunked: the body runs to the close (HTTP/1.0 style).
+        self.until_close = not self.keep
+
+    def on_body(self, data: bytes) -> None:
+        if self.size <= _MAX_ANSWER:
+            self.body.append(data)
+            self.size += len(data)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self.status < 200:
+            self.body.clear()
+            self.size = self.status = 0
+            return
+        self.done = True
 
 
 _Connection = Any  # _Plain, or http.client.HTTPSConnection for https receivers
