@@ -31,10 +31,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from wove_adapters.adapters import dask_cluster
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
 from wove_adapters.adapters.util import (
     FinishedStates,
@@ -174,11 +175,11 @@ class DaskAdapter(BackendAdapter):
     async def start(self) -> None:
         from distributed import Client, LocalCluster
 
-        address = _configured_address(self.config)
+        address = dask_cluster.configured_address(self.config)
         if self.config.get("cluster") == "local":
-            self.cluster = await LocalCluster(**_local_cluster_options(self.config))
+            self.cluster = await LocalCluster(**dask_cluster.local_cluster_options(self.config))
             address = self.cluster.scheduler_address
-        target, kwargs = _client_arguments(self.config, self.environment, address,
+        target, kwargs = dask_cluster.client_arguments(self.config, self.environment, address,
                                            local=self.cluster is not None)
         try:
             self.client = await Client(target, **kwargs)
@@ -191,7 +192,8 @@ class DaskAdapter(BackendAdapter):
             ) from exc
         failures = self.config.get("allowed_failures")
         if failures is not None and self.cluster is None:
-            await self.client.run_on_scheduler(_set_allowed_failures, allowed=int(failures))
+            await self.client.run_on_scheduler(dask_cluster.set_allowed_failures,
+                                               allowed=int(failures))
 
     async def aclose(self) -> None:
         """Stop in the order that keeps the cluster quiet: detached runs on our own
@@ -206,7 +208,7 @@ class DaskAdapter(BackendAdapter):
         await self._results.aclose()
         if self.client is not None:
             client, self.client = self.client, None
-            with _quiet_dask_logs():
+            with dask_cluster.quiet_dask_logs():
                 with contextlib.suppress(Exception):
                     await client.close()
         await self._close_cluster()
@@ -238,7 +240,7 @@ class DaskAdapter(BackendAdapter):
     async def _close_cluster(self) -> None:
         if self.cluster is not None:
             cluster, self.cluster = self.cluster, None
-            with _quiet_dask_logs():
+            with dask_cluster.quiet_dask_logs():
                 try:
                     await cluster.close()
                 except Exception:  # closing must go on
@@ -452,7 +454,7 @@ class DaskAdapter(BackendAdapter):
                 "workers import wove_adapters", self.client.run(hosted.worker_ready),
                 lambda versions: f"{len(versions)} workers",
                 lambda exc: f"{exc}: pip install 'wove-adapters[dask]' on every worker"))
-        failures = await self.client.run_on_scheduler(_allowed_failures)
+        failures = await self.client.run_on_scheduler(dask_cluster.allowed_failures)
         rows.append((
             "scheduler allowed-failures is 0", failures == 0,
             "a dead worker fails the task, so the orphan policy applies" if failures == 0 else
@@ -469,62 +471,6 @@ _STATE_OF_EVENT: dict[type, JobState] = {
     frames.TaskError: JobState.FAILED,
     frames.TaskCancelled: JobState.CANCELLED,
 }
-
-
-def _configured_address(config: dict[str, Any]) -> str | None:
-    """The scheduler ``executor_config`` names; a ValueError when it names none."""
-    address = config.get("address") or config.get("scheduler_file")
-    cluster = config.get("cluster")
-    if cluster not in (None, "local"):
-        raise ValueError(f"dask executor_config 'cluster' must be 'local', not {cluster!r}")
-    if not address and cluster is None:
-        raise ValueError(
-            "dask executor_config needs 'address' (e.g. 'tcp://127.0.0.1:8786'), "
-            "'scheduler_file', or cluster: 'local' to start a LocalCluster"
-        )
-    return str(address) if address else None
-
-
-def _client_arguments(
-    config: dict[str, Any], environment: str, address: str | None, *, local: bool
-) -> tuple[str | None, dict[str, Any]]:
-    """(address, keyword arguments) of the asynchronous ``Client`` to the scheduler."""
-    # Same host as an owned cluster: fetch results from the workers, not the scheduler.
-    defaults: dict[str, Any] = {"direct_to_workers": True} if local else {}
-    kwargs: dict[str, Any] = {"timeout": float(config.get("connect_timeout", 30)),
-                              "name": f"wove-adapters-{environment}",
-                              **defaults, **(config.get("client_options") or {}),
-                              "asynchronous": True}
-    if config.get("scheduler_file") and not config.get("address"):
-        kwargs["scheduler_file"] = config["scheduler_file"]
-        return None, kwargs
-    return address, kwargs
-
-
-def _local_cluster_options(config: dict[str, Any]) -> dict[str, Any]:
-    """``LocalCluster`` arguments for the cluster the environment owns."""
-    options: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "protocol": "tcp://",
-        "n_workers": int(config.get("n_workers", 2)),
-        "threads_per_worker": int(config.get("threads_per_worker", 1)),
-        "processes": True,
-        # The scheduler always serves HTTP (health, metrics); with None it takes 8787.
-        # Loopback and a free port instead ('--no-dashboard' would bind 0.0.0.0).
-        "dashboard_address": "127.0.0.1:0",
-        # A worker that dies mid-task fails the task (KilledWorker) instead of Dask
-        # re-running it: the orphan policy decides what happens to a lost run.
-        "scheduler_kwargs": {"allowed_failures": int(config.get("allowed_failures", 0))},
-        # The cluster is ours and stops with us: its workers' expected goodbyes at
-        # close (a cancelled task interrupted, comms closed, on a loaded machine a
-        # heartbeat that raced the scheduler's close, logged as ERROR) are not news
-        # for the user's terminal. What matters reaches the caller as run outcomes
-        # (task errors, KilledWorker); cluster_options={"silence_logs": ...} overrides.
-        "silence_logs": logging.CRITICAL,
-        "asynchronous": True,
-    }
-    options.update(config.get("cluster_options") or {})
-    return options
 
 
 def _frame_for(
@@ -571,32 +517,7 @@ def _format_remote(exc: BaseException, tb: Any) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-@contextlib.contextmanager
-def _quiet_dask_logs() -> Iterator[None]:
-    """While we stop our own client and cluster, Dask's in-process loggers (scheduler,
-    client, nanny, comms) report the expected goodbyes (closed comms, removed workers) as
-    warnings and tracebacks; only real failures (CRITICAL) pass."""
-    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
 def _lost(exc: BaseException) -> bool:
     from distributed import KilledWorker
 
     return isinstance(exc, (KilledWorker, hosted.OutcomeUndelivered))
-
-
-def _allowed_failures(dask_scheduler: Any) -> int:
-    return int(dask_scheduler.allowed_failures)
-
-
-def _set_allowed_failures(dask_scheduler: Any, allowed: int) -> int:
-    dask_scheduler.allowed_failures = allowed
-    return allowed
