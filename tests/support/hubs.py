@@ -7,6 +7,7 @@ open keeps its dispatcher, receiver and clients alive into the next test.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,3 +30,18 @@ def hub_factory(default_name: str) -> Iterator[Callable[..., Hub]]:
     finally:
         for hub in made:
             hub.close()
+
+
+def mapped_handles(hub: Hub, environment: str, fn: Callable[[int], Any], count: int
+                   ) -> tuple[list[Any], list[str]]:
+    """``hub.map(fn, range(count))`` with each run its own backend job, and those jobs'
+    handles, read back from the ledger (where the dispatcher records each submission)."""
+    from wove_adapters.core import loop as shared_loop
+
+    since = time.time()
+    values = hub.map(fn, range(count), environment=environment, map_chunk_size=0)
+    dispatcher = hub.dispatcher(environment)
+    shared_loop.run_sync(dispatcher.flush(), 30)
+    records = shared_loop.run_sync(
+        dispatcher.ledger.list_runs(limit=count, environment=environment, since=since), 30)
+    return values, [str(record.submission) for record in records if record.submission]

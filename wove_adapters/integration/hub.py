@@ -545,24 +545,6 @@ class Hub:
             accepted.set()
             self._accepting.pop(run_id, None)
 
-    async def _attempt_for(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        task_name: str,
-        settings: dict[str, Any],
-        run_id: str,
-        *,
-        in_place: tuple[int, frozenset[str] | None] | None = None,
-        chunk: tuple[str, int, int] | None = None,
-    ) -> tuple[Dispatcher, RunAttempt]:
-        """The run's dispatcher (started on first use) and its first attempt."""
-        dispatcher, policy = await self._resolve(settings)
-        return dispatcher, self._attempt(
-            fn, args, kwargs, task_name, settings, run_id, policy, in_place=in_place, chunk=chunk
-        )
-
     async def _resolve(self, settings: dict[str, Any]) -> tuple[Dispatcher, DeliveryPolicy]:
         """The dispatcher (started on first use) and delivery policy of these settings."""
         cached = self._resolved.get(id(settings))
@@ -648,8 +630,9 @@ class Hub:
         in_place: tuple[int, frozenset[str] | None] | None = None,
         chunk: tuple[str, int, int] | None = None,
     ) -> dict[str, Any]:
-        dispatcher, attempt = await self._attempt_for(
-            fn, args, kwargs, task_name, settings, run_id, in_place=in_place, chunk=chunk
+        dispatcher, policy = await self._resolve(settings)
+        attempt = self._attempt(
+            fn, args, kwargs, task_name, settings, run_id, policy, in_place=in_place, chunk=chunk
         )
         outcome, listener = self._outcome_listener(task_name)
         self._inflight[run_id] = dispatcher

@@ -10,6 +10,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 
 class ConformanceError(ValueError):
@@ -87,3 +88,18 @@ def chunk_member(spec: tuple[str, str, bool]) -> str:
         marker.write_text(str(os.getpid()))
         time.sleep(120)
     return tag
+
+
+class OpensOnUnpickle:
+    """A result whose unpickling creates a file: the proof, in security tests, of whether
+    a caller unpickled something it should have refused."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def opens_on_unpickle(path: str) -> OpensOnUnpickle:
+    return OpensOnUnpickle(path)

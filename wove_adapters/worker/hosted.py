@@ -11,13 +11,11 @@ talks to Dask or Ray, and importing this module imports neither.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import signal
-import threading
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from wove_adapters.core import frames
@@ -162,7 +160,6 @@ def run_native(envelope: Envelope) -> Any:
 
 def worker_ready() -> str:
     """Probe ``doctor`` runs on every worker: it imports this package."""
-    import os
     from importlib import metadata
 
     return f"wove-adapters {metadata.version('wove-adapters')} (pid {os.getpid()})"
@@ -218,48 +215,14 @@ def run_ray(payload: str, returned: bool = False) -> Any:
         return NativeCancelled(str(exc))
 
 
-class _Interrupts:
-    """``ray.cancel``'s interrupt (SIGINT) raises TaskCancelled in the main thread while
-    a payload runs there. One handler per process, installed by the first task and kept
-    (installed again only if something replaced it): swapping handlers around every task
-    cost two ``signal.signal`` calls per task. Between tasks the handler does what the
-    handler it replaced would have done, so a worker running no payload treats SIGINT as
-    it did without us (the same scheme as ``runner.sigterm_cancels``)."""
-
-    def __init__(self) -> None:
-        self.running = 0
-        self.previous: Any = signal.SIG_DFL
-        self.handler = self._handle  # one bound method: getsignal() compares identity
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        from wove_adapters.worker.runner import TaskCancelled
-
-        if self.running:
-            raise TaskCancelled("cancelled through ray.cancel")
-        previous = self.previous
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:  # SIG_DFL, or a handler set outside Python
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+def interrupt_cancels() -> AbstractContextManager[None]:
+    """Within the block, ``ray.cancel``'s interrupt (SIGINT) raises TaskCancelled in the
+    main thread; one handler per process, as for SIGTERM (``runner.SignalCancels``)."""
+    return _interrupts().cancels()
 
 
-_INTERRUPTS = _Interrupts()
+@functools.cache
+def _interrupts() -> Any:
+    from wove_adapters.worker.runner import SignalCancels
 
-
-@contextlib.contextmanager
-def interrupt_cancels() -> Iterator[None]:
-    """Within the block, ``ray.cancel``'s interrupt raises TaskCancelled (main thread);
-    see ``_Interrupts``."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    current = signal.getsignal(signal.SIGINT)
-    if current is not _INTERRUPTS.handler:
-        signal.signal(signal.SIGINT, _INTERRUPTS.handler)
-        _INTERRUPTS.previous = current
-    _INTERRUPTS.running += 1
-    try:
-        yield
-    finally:
-        _INTERRUPTS.running -= 1
+    return SignalCancels(signal.SIGINT, "cancelled through ray.cancel")

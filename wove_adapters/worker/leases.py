@@ -24,8 +24,9 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 # Seconds a lapsed lease stays readable (see the module docstring).
 TAIL = 60.0
@@ -110,14 +111,22 @@ class LeaseKeeper:
 
 
 _keepers: dict[int, LeaseKeeper] = {}
+T = TypeVar("T")
+
+
+def one_per_client(made: dict[int, T], client: Any, make: Callable[[Any], T]) -> T:
+    """The one ``make(client)`` of ``client`` in this process: a worker's Redis client
+    gets one batcher of each kind, however many jobs share it (kept by the client's id,
+    checked against a new client that reuses the id)."""
+    found = made.get(id(client))
+    if found is None or getattr(found, "client", None) is not client:
+        found = made[id(client)] = make(client)
+    return found
 
 
 def keeper(client: Any) -> LeaseKeeper:
     """The one ``LeaseKeeper`` of ``client`` in this process."""
-    found = _keepers.get(id(client))
-    if found is None or found.client is not client:
-        found = _keepers[id(client)] = LeaseKeeper(client)
-    return found
+    return one_per_client(_keepers, client, LeaseKeeper)
 
 
 # ==================================================================== the caller's side

@@ -784,10 +784,9 @@ _late: dict[int, LateWrites] = {}
 
 def late_writes(client: Any) -> LateWrites:
     """The one ``LateWrites`` of ``client`` in this process."""
-    found = _late.get(id(client))
-    if found is None or found.client is not client:
-        found = _late[id(client)] = LateWrites(client)
-    return found
+    from wove_adapters.worker.leases import one_per_client
+
+    return one_per_client(_late, client, LateWrites)
 
 
 def acknowledged(report: dict[str, Any]) -> bool:

@@ -144,25 +144,28 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-class _SigtermCancels:
-    """SIGTERM raises TaskCancelled in the main thread while a task runs there.
+class SignalCancels:
+    """A signal (SIGTERM on queue workers, ``ray.cancel``'s SIGINT on Ray) raises
+    TaskCancelled in the main thread while a task runs there.
 
-    One handler per process, installed by the first task and kept (installed again only
-    if something replaced it): swapping handlers around every task cost two
+    One handler per process and signal, installed by the first task and kept (installed
+    again only if something replaced it): swapping handlers around every task cost two
     ``signal.signal`` calls per task. Between tasks the handler does what the handler it
     replaced would have done (a Celery prefork child's is the default: the process
-    ends), so a worker that runs no task stops on SIGTERM as it did without us. Signal
-    handlers can only be set from the main thread; tasks in other threads are not
+    ends), so a worker that runs no task reacts to the signal as it did without us.
+    Signal handlers can only be set from the main thread; tasks in other threads are not
     interrupted (as before)."""
 
-    def __init__(self) -> None:
+    def __init__(self, signum: int, reason: str) -> None:
+        self.signum = signum
+        self.reason = reason
         self.running = 0  # tasks inside ``cancels()`` in the main thread
         self.previous: Any = signal.SIG_DFL
         self.handler = self._handle  # one bound method: getsignal() compares identity
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.running:
-            raise TaskCancelled(f"signal {signum}")
+            raise TaskCancelled(self.reason)
         previous = self.previous
         if callable(previous):
             previous(signum, frame)
@@ -175,9 +178,9 @@ class _SigtermCancels:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        current = signal.getsignal(signal.SIGTERM)
+        current = signal.getsignal(self.signum)
         if current is not self.handler:
-            signal.signal(signal.SIGTERM, self.handler)
+            signal.signal(self.signum, self.handler)
             self.previous = current
         self.running += 1
         try:
@@ -186,12 +189,12 @@ class _SigtermCancels:
             self.running -= 1
 
 
-_SIGTERM = _SigtermCancels()
+_SIGTERM = SignalCancels(signal.SIGTERM, f"signal {int(signal.SIGTERM)}")
 
 
 def sigterm_cancels() -> AbstractContextManager[None]:
     """Within the block, SIGTERM raises TaskCancelled in the main thread (see
-    ``_SigtermCancels``: one handler per process, no swap per task)."""
+    ``SignalCancels``: one handler per process, no swap per task)."""
     return _SIGTERM.cancels()
 
 

@@ -29,7 +29,7 @@ from wove_adapters.testing.conformance import wait_for_file
 from wove_adapters.worker.arq import CANCEL_KEY, RESULT_KEY, pack_record, read_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
-from hubs import hub_factory
+from hubs import hub_factory, mapped_handles
 from services import wait_until
 
 CancelledErrors = (concurrent.futures.CancelledError, asyncio.CancelledError)
@@ -210,17 +210,8 @@ def test_an_acknowledged_runs_record_is_written_after_its_job(
     """A run without a key whose caller took its outcome does not wait for its record
     (``pool.LateWrites``): the records of a burst land together, shortly after."""
     hub = hubs(environment(queue_name=arq_worker.queue))
-    adapter = adapter_of(hub)
-    handles: list[str] = []
-    original = adapter.submit
-
-    async def submit(job: JobSpec) -> str:
-        handle = await original(job)
-        handles.append(handle)
-        return handle
-
-    adapter.submit = submit  # type: ignore[method-assign]
-    assert hub.map(tasks.add, range(12), map_chunk_size=0) == list(range(1, 13))
+    values, handles = mapped_handles(hub, "arqtest", tasks.add, 12)
+    assert values == list(range(1, 13))
     assert len(handles) == 12
 
     def recorded() -> bool:

@@ -20,10 +20,13 @@ from wove_adapters.worker import runner, sender
 
 
 class _SlowReceiver:
-    """Answers every POST with 200 after ``delay`` seconds (one thread per connection);
-    ``posts`` counts the requests it read."""
+    """Answers every POST with 200 after ``delay`` seconds (one thread per connection),
+    the first one after ``first_delay`` more; with ``hang_up``, it closes the connection
+    after each answer without saying so (as a server whose keep-alive timeout ran out
+    does). ``posts`` counts the requests it read."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, *, first_delay: float = 0.0, hang_up: bool = False
+                 ) -> None:
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -32,8 +35,11 @@ class _SlowReceiver:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.posts += 1
-                time.sleep(receiver.delay)
+                time.sleep(receiver.delay + (first_delay if receiver.posts == 1 else 0.0))
                 self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                self.wfile.flush()
+                if hang_up:
+                    self.close_connection = True
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -113,3 +119,43 @@ def test_a_request_in_flight_never_blocks_the_outbox(slow: list[_SlowReceiver]) 
     assert outcome.pending is not None  # sent, its answer not there within the grace
     for item in [*first, outcome.pending]:
         assert item.wait(20) == sender.DELIVERED, item.label
+
+
+# Several runs of one worker process share its one connection to their caller (ARQ's
+# payload threads, a chunk's runs): the connection is held, or gone, between them.
+
+
+def _event() -> frames.TaskResult:
+    return frames.TaskResult(run_id=f"t:{uuid.uuid4().hex}", task_id="t",
+                             result=payload_mod.dumps(42))
+
+
+def test_a_try_behind_a_late_answer_waits_for_the_connection(
+    slow: list[_SlowReceiver],
+) -> None:
+    """Delivered inline (up to its grace), not turned away into the ledger and outbox."""
+    receiver = _SlowReceiver(0.0, first_delay=0.3)
+    slow.append(receiver)
+    path = payload_mod.ReturnPath(kind="http", url=receiver.url)
+    key_id = signing.KEYRING.generate()
+    first = _event()
+    inflight = sender.try_first(path, key_id, [first], 0.05)
+    assert inflight is not True and inflight is not False  # sent; its answer is late
+    late = sender.OUTBOX.put(
+        sender.Pending(path, key_id, [first], label="late", inflight=inflight))
+    started = time.monotonic()
+    assert sender.try_first(path, key_id, [_event()], 1.0) is True
+    assert time.monotonic() - started < 1.0
+    assert late.wait(10) == sender.DELIVERED
+    assert receiver.posts == 2
+
+
+def test_a_connection_closed_while_idle_is_replaced(slow: list[_SlowReceiver]) -> None:
+    receiver = _SlowReceiver(0.0, hang_up=True)
+    slow.append(receiver)
+    path = payload_mod.ReturnPath(kind="http", url=receiver.url)
+    key_id = signing.KEYRING.generate()
+    for _ in range(3):
+        assert sender.try_first(path, key_id, [_event()], 1.0) is True
+        time.sleep(0.1)  # the receiver has closed the connection by now
+    assert receiver.posts == 3

@@ -21,6 +21,7 @@ from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
+from wove_adapters.testing.tasks import opens_on_unpickle
 from wove_adapters.worker import hosted
 
 # Task functions below travel by value: the workers cannot import this test module.
@@ -171,20 +172,6 @@ def test_dask_keys_are_sanitised() -> None:
 
 
 # ---------------------------------------------------------------- outcomes in the futures
-
-
-class OpensOnUnpickle:
-    """A result whose unpickling creates a file: proof of whether the caller unpickled it."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
-        return (open, (self.path, "w"))
-
-
-def opens_on_unpickle(path: str) -> OpensOnUnpickle:
-    return OpensOnUnpickle(path)
 
 
 def tampering() -> Callable[..., Any]:

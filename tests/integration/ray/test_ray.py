@@ -35,6 +35,7 @@ from wove_adapters.core.policies import JobState
 from wove_adapters.integration.hub import Hub
 from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
+from wove_adapters.testing.tasks import opens_on_unpickle
 
 TIMEOUT = 60.0
 
@@ -76,20 +77,6 @@ def spin(directory: str, tag: str, seconds: float) -> str:
         pass
     Path(directory, f"{tag}.finished").write_text(str(os.getpid()))
     return tag
-
-
-class OpensOnUnpickle:
-    """A result whose unpickling creates a file: proof of whether the caller unpickled it."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
-        return (open, (self.path, "w"))
-
-
-def opens_on_unpickle(path: str) -> OpensOnUnpickle:
-    return OpensOnUnpickle(path)
 
 
 def tampered(payload: str, returned: bool = False) -> Any:

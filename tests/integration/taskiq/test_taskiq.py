@@ -23,7 +23,7 @@ from wove_adapters.testing import tasks
 from wove_adapters.testing.conformance import CancelledErrors, wait_for_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
-from hubs import hub_factory
+from hubs import hub_factory, mapped_handles
 from services import pid_alive
 
 
@@ -226,20 +226,10 @@ def test_acknowledged_runs_end_with_their_final_state_and_no_lease(
     """A run without a key whose caller took its outcome does not wait for its final
     state (``pool.LateWrites``, list brokers only): the states of a burst are written
     together shortly after, each ``succeeded``, each lease gone."""
-    from wove_adapters.adapters.base import JobSpec
-
     hub = hubs(taskiq_worker.config)
     adapter: Any = hub.dispatcher("t").transport.adapter  # type: ignore[attr-defined]
-    handles: list[str] = []
-    original = adapter.submit
-
-    async def submit(job: JobSpec) -> str:
-        handle = await original(job)
-        handles.append(handle)
-        return handle
-
-    adapter.submit = submit
-    assert hub.map(tasks.add, range(12), map_chunk_size=0) == list(range(1, 13))
+    values, handles = mapped_handles(hub, "t", tasks.add, 12)
+    assert values == list(range(1, 13))
     assert len(handles) == 12
     prefix = adapter.prefix
     deadline = time.monotonic() + 10
