@@ -1178,7 +1178,13 @@ def probe_health(url: str, timeout: float = 5.0) -> tuple[str, bool, str]:
 
 
 def main(config: ServeConfig) -> int:
-    return asyncio.run(serve(config))
+    code = asyncio.run(serve(config))
+    # Drained: closing the loop put SIGTERM and SIGINT back to their defaults, and a
+    # second signal (a supervisor repeating its stop) must not turn the clean exit that
+    # follows (interpreter shutdown, exit hooks) into a death by signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    return code
 
 
 def _trace_of(delivery: Mapping[str, Any]) -> dict[str, str] | None:
