@@ -193,6 +193,9 @@ class GrpcTransport(NetworkTransport):
                             or exc.code() != grpc.StatusCode.UNAVAILABLE):
                         raise
                     resent = True
+                    # Signed afresh: the first request may have reached the service, which
+                    # would refuse the same nonce as a replay before it could attach.
+                    metadata, nonce = self._call_metadata(netwire.GRPC_STREAM_METHOD, body)
                     await self._ready()
         except asyncio.CancelledError:
             call.cancel()
