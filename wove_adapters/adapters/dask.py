@@ -157,13 +157,13 @@ class DaskAdapter(BackendAdapter):
         self._detached: dict[str, Any] = {}
         # The transport's check of events a worker returned signed (``attach_signed``);
         # None: every outcome comes by the return path the envelope names.
-        self._accept: Callable[[bytes], list[frames.WireEvent]] | None = None
+        self._accept: Callable[[bytes], JobState] | None = None
         self._gate: asyncio.Future[None] | None = None
         # Runs whose value will be fetched (native, or sent with returned=True) and whose
         # futures have not ended yet.
         self._returning = 0
 
-    def attach_signed(self, accept: Callable[[bytes], list[frames.WireEvent]]) -> None:
+    def attach_signed(self, accept: Callable[[bytes], JobState]) -> None:
         """On the http return path: a run that ends within the short-task window
         returns its signed terminal event as the future's value
         (``hosted.run_returned``) and ``accept`` checks and routes it, so a short run
@@ -428,14 +428,12 @@ class DaskAdapter(BackendAdapter):
         orphan policy applies), nothing in them unpickled."""
         assert self._accept is not None
         try:
-            events = self._accept(value)
+            ended = self._accept(value)
         except Exception as exc:
             self._finished.remember(key, JobState.GONE)
             return frames.event_of(tracked, frames.TASK_LOST, reason=(
                 f"the outcome the Dask task returned did not verify ({type(exc).__name__}: "
                 f"{exc})"))
-        ended = next((_STATE_OF_EVENT[type(e)] for e in events if type(e) in _STATE_OF_EVENT),
-                     JobState.SUCCEEDED)
         self._finished.remember(key, ended)
         return None
 
@@ -464,13 +462,6 @@ class DaskAdapter(BackendAdapter):
             f"executor_config allowed_failures: 0",
         ))
         return rows
-
-
-_STATE_OF_EVENT: dict[type, JobState] = {
-    frames.TaskResult: JobState.SUCCEEDED,
-    frames.TaskError: JobState.FAILED,
-    frames.TaskCancelled: JobState.CANCELLED,
-}
 
 
 def _frame_for(

@@ -149,13 +149,13 @@ class RayAdapter(BackendAdapter):
         self._finished: FinishedStates[str] = FinishedStates()
         # The transport's check of events a worker returned signed (``attach_signed``);
         # None: every outcome comes by the return path the envelope names.
-        self._accept: Callable[[bytes], list[frames.WireEvent]] | None = None
+        self._accept: Callable[[bytes], JobState] | None = None
         # Refs Ray finished, waiting for the loop: one wake-up for all that finish
         # before the loop gets to them, not one per ref (``_settle_soon``).
         self._done: list[tuple[str, _Tracked, Any]] = []
         self._done_lock = threading.Lock()
 
-    def attach_signed(self, accept: Callable[[bytes], list[frames.WireEvent]]) -> None:
+    def attach_signed(self, accept: Callable[[bytes], JobState]) -> None:
         """On the http return path: a run that ends within the short-task window
         returns its signed terminal event in the ObjectRef (``hosted.run_returned``)
         and ``accept`` checks and routes it, so a short run costs no HTTP request."""
@@ -302,7 +302,7 @@ class RayAdapter(BackendAdapter):
             return "CANCELLED", frames.event_of(tracked, frames.TASK_CANCELLED, reason=value.reason)
         if isinstance(value, bytes) and self._accept is not None:
             try:  # the worker's signed events: checked, then routed as the receiver would
-                return _ended_as(self._accept(value)), None
+                return _STATE_OF_OUTCOME.get(self._accept(value), "FINISHED"), None
             except Exception as exc:  # nothing routed, nothing unpickled
                 return "LOST", frames.event_of(tracked, frames.TASK_LOST, reason=(
                     f"the outcome the Ray task returned did not verify "
@@ -348,19 +348,6 @@ _STATE_OF_OUTCOME = {
     "cancelled": "CANCELLED",
     "refused": "FAILED",
 }
-
-
-_STATE_OF_EVENT = {
-    frames.TaskResult: "FINISHED",
-    frames.TaskError: "FAILED",
-    frames.TaskCancelled: "CANCELLED",
-}
-
-
-def _ended_as(events: list[frames.WireEvent]) -> str:
-    """The native state of a run from the terminal event its worker returned."""
-    return next((_STATE_OF_EVENT[type(e)] for e in events if type(e) in _STATE_OF_EVENT),
-                "FINISHED")
 
 
 def _first_line(exc: BaseException) -> str:

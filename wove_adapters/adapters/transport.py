@@ -322,15 +322,15 @@ class AdapterTransport(Transport):
         self._emit(self._terminal_blob(event_frame(event, where=f"{self.name} receiver"),
                                        event, raw))
 
-    def accept_signed(self, data: bytes) -> list[frames.WireEvent]:
+    def accept_signed(self, data: bytes) -> JobState:
         """Events a worker signed and handed back through the backend's own result
         (``worker.hosted.run_returned``) instead of POSTing them: checked exactly as the
         receiver checks a request (signature with this process's keys, timestamp window,
         nonce, schema, each run's key binding) before anything in them is unpickled,
         then routed as the receiver routes them (a duplicate terminal event dropped).
-        Returns the verified events (those of runs nobody here follows are not routed);
-        raises PayloadError (or msgspec's DecodeError/ValidationError) for events that do
-        not verify: nothing is routed."""
+        Returns the state the terminal event among them ends its run in (``RunState.
+        of_event``; SUCCEEDED when none is there); raises PayloadError (or msgspec's
+        DecodeError/ValidationError) for events that do not verify: nothing is routed."""
         from wove_adapters.core.errors import PayloadError
 
         receiver = self.receiver
@@ -340,7 +340,9 @@ class AdapterTransport(Transport):
         if wrong:
             raise PayloadError(f"signed with key {key_id}, not with the key of run {wrong[0]}")
         receiver.route(batch.events, data)
-        return batch.events
+        ends = (JobState.of_event(str(type(event).__struct_config__.tag))
+                for event in batch.events)
+        return next((state for state in ends if state.finished), JobState.SUCCEEDED)
 
     async def _take(self, key: str, event: frames.WireEvent, raw: bytes) -> None:
         """Emit a by-reference event's frame once its bytes are taken from the store; a
