@@ -676,7 +676,6 @@ class Hub:
         task_name: str,
         settings: dict[str, Any],
         error_mode: str,
-        task_options: dict[str, Any] | None,
         chunk_of: Callable[[int], tuple[str, int, int] | None],
     ) -> tuple[str, list[dict[str, Any]]]:
         """A mapped call whose runs nothing paces, retries or times out one by one: each
@@ -768,7 +767,7 @@ class Hub:
         if resolved is not None and not (one_by_one or limiter or spacing or self._closed):
             # Nothing paces, retries or times the runs out one by one: no task per run.
             return await self._map_direct(
-                fn, items, *resolved, error_mode, task_options, chunk_of
+                fn, items, *resolved, error_mode, chunk_of
             )
 
         async def one(index: int, item: Any) -> dict[str, Any]:
