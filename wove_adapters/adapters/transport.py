@@ -1,9 +1,11 @@
 """The transport that drives any ``BackendAdapter``: the machinery every adapter shares.
 
-Signed payloads and the payload store, the callback receiver or drop box, array batching,
-require_ack confirmation, reconciliation through one ``status_many`` per tick, outcomes the
-worker recorded in the ledger, and following another caller's job that holds the same
-idempotency key (``followers.KeyFollowers``). An adapter only talks to its backend (``base.py``).
+Signed payloads and the payload store, the return path (receiver or drop box), array
+batching, chunks, require_ack confirmation, reconciliation through one ``status_many`` per
+tick, and following another caller's job that holds the same idempotency key
+(``followers.KeyFollowers``). What comes back (events, results by reference, outcomes the
+worker recorded) is the caller's way back, ``callbacks.inbox``. An adapter only talks to
+its backend (``base.py``).
 """
 
 from __future__ import annotations
@@ -19,32 +21,14 @@ from typing import Any
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.adapters.followers import KeyFollowers
 from wove_adapters.callbacks.dropbox import DropboxReader, get_dropbox
+from wove_adapters.callbacks.inbox import Inbox, delivery_grace, worker_bounds
 from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
-from wove_adapters.core.paths import default_store_url
 from wove_adapters.core.policies import JobState
 from wove_adapters.core.transport import Emit, RunAttempt, StartContext, Transport
 
 log = logging.getLogger("wove_adapters.adapters")
-
-
-def refused_event(executor: str, run: Any, key_id: str) -> dict[str, Any]:
-    """The run's error when its worker refused the payload (``RunState.REFUSED``): the
-    worker says so only through the backend's job status (it signs and sends nothing for
-    a payload it could not verify), so the caller names the likely cause and the fix. Not
-    retryable, and never requeued: the same payload would be refused again."""
-    from wove_adapters.core.errors import PayloadError
-
-    error = PayloadError(
-        f"the {executor} worker refused the payload of run {run.run_id} (task "
-        f"{run.task_id!r}): it did not verify there. Usually the worker does not hold the "
-        f"signing key {key_id}: give it the caller's secret (WOVE_ADAPTERS_SECRET, or "
-        f"WOVE_ADAPTERS_SECRETS with older keys after a rotation); else its clock or "
-        f"wove-adapters version differs. The worker's log says which."
-    )
-    return frames.error_event(run.run_id, run.task_id, error, attempt=run.attempt,
-                              source="payload")
 
 
 @dataclass
@@ -81,15 +65,9 @@ class AdapterTransport(Transport):
         self._store_url: str | None = None
         self._environment = ""
         self._body_refs: dict[str, payload_mod.BodyRef] = {}
-        # Results (and exceptions) workers left in the store for us, by run attempt: taken
-        # in a thread (``_taking`` while they are), deleted at release (see ``release``).
-        self._result_refs: dict[str, list[payload_mod.BodyRef]] = {}
-        self._taking: dict[str, asyncio.Task[None]] = {}
+        self.inbox: Inbox | None = None  # what comes back (callbacks.inbox), from start()
         self._batch: list[tuple[JobSpec, asyncio.Future[str]]] = []
         self._worker_bounds: dict[str, Any] = {}
-        # Runs whose job ended without their terminal event: when we first saw it.
-        self._ended_quiet: dict[str, float] = {}
-        self._delivery_grace = (0.0, 0.0)
         # require_ack cancels waiting for the backend to confirm: (run id, attempt) ->
         # (the attempt, deadline); one task polls them all (_confirm).
         self._confirming: dict[tuple[str, int], tuple[RunAttempt, float]] = {}
@@ -114,7 +92,6 @@ class AdapterTransport(Transport):
         self._ledger_url = executor_config.get("_ledger_url")
         self._store_url = executor_config.get("payload_store")
         self._worker_bounds = worker_bounds(executor_config)
-        self._delivery_grace = delivery_grace(self._worker_bounds, self.adapter_cls.after_job)
         if executor_config.get("return_path") == "redis":
             url = str(executor_config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
             self.receiver = self._dropbox = await get_dropbox(url)
@@ -122,12 +99,18 @@ class AdapterTransport(Transport):
             self.receiver = await get_receiver(executor_config, environment=environment)
         self.adapter = self.adapter_cls(executor_config, environment=environment)
         self.adapter.emit = emit
+        self.inbox = Inbox(
+            self.name, emit, key_id=self._key_id, receiver=self.receiver,
+            dropbox=self._dropbox, ledger_url=self._ledger_url, store_url=self._store_url,
+            grace=delivery_grace(self._worker_bounds, self.adapter_cls.after_job),
+            outcomes=self.adapter.outcomes, on_started=self._chunk_started,
+        )
         # An adapter whose backend can carry a worker's signed events back in its own
-        # result (Ray's ObjectRef, Dask's future) takes them to ``accept_signed``, on the
-        # http return path (where the receiver that checks them lives).
+        # result (Ray's ObjectRef, Dask's future) takes them to ``Inbox.accept_signed``,
+        # on the http return path (where the receiver that checks them lives).
         attach = getattr(self.adapter, "attach_signed", None)
         if callable(attach) and self.receiver is not None and self._dropbox is None:
-            attach(self.accept_signed)
+            attach(self.inbox.accept_signed)
         await self.adapter.start()
         self.followers = KeyFollowers(self.adapter, emit, self._key_id)
         # Chunks need the http receiver: its answers tell a chunk which of its runs were
@@ -207,7 +190,9 @@ class AdapterTransport(Transport):
         assert self.adapter is not None
         delivery = run.policy.as_delivery(run.idempotency_key)
         if self.receiver is not None:
-            self.receiver.register(run.run_id, self._sink, key_id=self._key_id, chunk=chunk)
+            assert self.inbox is not None
+            self.receiver.register(run.run_id, self.inbox.sink, key_id=self._key_id,
+                                   chunk=chunk)
         limit = int(
             self._config.get("inline_payload_limit") or self.capabilities.inline_payload_limit
         )
@@ -298,72 +283,10 @@ class AdapterTransport(Transport):
             with contextlib.suppress(Exception):
                 await self.adapter.cancel(handle, running=True)
 
-    def _sink(self, event: frames.WireEvent, raw: bytes) -> None:
-        """A verified event, as a frame for the dispatcher. Unpickling runs on the shared
-        loop and may run anything (a ``__reduce__`` that raises, or calls ``sys.exit``):
-        ``event_frame`` turns that into the run's own error at once (the loop survives,
-        the run is never dropped to wait out its delivery grace)."""
-        from wove_adapters.core.codec import stored_refs
-        from wove_adapters.core.executors.stdio import event_frame
-
-        assert self._emit is not None
-        if isinstance(event, frames.TaskStarted) and event.run_id in self._chunks:
-            self._chunks[event.run_id].started.add(event.run_id)
-        refs = stored_refs(event)
-        if refs:
-            # Sent by reference (large): fetched, checked and unpickled in a thread, so the
-            # loop never reads megabytes; the run counts as delivering meanwhile.
-            key = f"{event.run_id}#{event.attempt}"
-            self._result_refs.setdefault(key, []).extend(refs)
-            task = asyncio.get_running_loop().create_task(self._take(key, event, raw))
-            self._taking[key] = task
-            task.add_done_callback(lambda _: self._taking.pop(key, None))
-            return
-        self._emit(self._terminal_blob(event_frame(event, where=f"{self.name} receiver"),
-                                       event, raw))
-
-    def accept_signed(self, data: bytes) -> JobState:
-        """Events a worker signed and handed back through the backend's own result
-        (``worker.hosted.run_returned``) instead of POSTing them: checked exactly as the
-        receiver checks a request (signature with this process's keys, timestamp window,
-        nonce, schema, each run's key binding) before anything in them is unpickled,
-        then routed as the receiver routes them (a duplicate terminal event dropped).
-        Returns the state the terminal event among them ends its run in (``RunState.
-        of_event``; SUCCEEDED when none is there); raises PayloadError (or msgspec's
-        DecodeError/ValidationError) for events that do not verify: nothing is routed."""
-        from wove_adapters.core.errors import PayloadError
-
-        receiver = self.receiver
-        assert receiver is not None
-        key_id, batch = receiver.open_batch(data)
-        wrong = receiver.unbound(batch.events, key_id)
-        if wrong:
-            raise PayloadError(f"signed with key {key_id}, not with the key of run {wrong[0]}")
-        receiver.route(batch.events, data)
-        ends = (JobState.of_event(str(type(event).__struct_config__.tag))
-                for event in batch.events)
-        return next((state for state in ends if state.finished), JobState.SUCCEEDED)
-
-    async def _take(self, key: str, event: frames.WireEvent, raw: bytes) -> None:
-        """Emit a by-reference event's frame once its bytes are taken from the store; a
-        missing or tampered reference becomes the run's error (``event_frame``)."""
-        from wove_adapters.core.executors.stdio import event_frame
-
-        assert self._emit is not None
-        frame = await asyncio.to_thread(event_frame, event, where=f"{self.name} receiver")
-        self._emit(self._terminal_blob(frame, event, raw))
-
-    @staticmethod
-    def _terminal_blob(
-        frame: dict[str, Any], event: frames.WireEvent, raw: bytes
-    ) -> dict[str, Any]:
-        terminal = isinstance(event, (frames.TaskResult, frames.TaskError, frames.TaskCancelled))
-        if terminal and frame.get("type") == type(event).__struct_config__.tag:
-            # The worker's signed event is what the ledger keeps (not when it became an
-            # unpicklable-result error: that one the dispatcher signs itself). A result by
-            # reference stays in the store for it (see ``release``).
-            frame["_blob"] = raw
-        return frame
+    def _chunk_started(self, run_id: str) -> None:
+        chunk = self._chunks.get(run_id)
+        if chunk is not None:
+            chunk.started.add(run_id)
 
     async def cancel(self, run: RunAttempt, *, mode: str) -> None:
         assert self.adapter is not None
@@ -447,110 +370,27 @@ class AdapterTransport(Transport):
         return (await self.status_many([run]))[run.run_id]
 
     async def status_many(self, runs: Sequence[RunAttempt]) -> dict[str, JobState]:
-        """One ``adapter.status_many`` for every run, then ``_delivering`` per run."""
-        assert self.adapter is not None
+        """One ``adapter.status_many`` for every run, then the inbox's verdicts."""
+        assert self.adapter is not None and self.inbox is not None
         handles = sorted({run.submission for run in runs if run.submission is not None})
         found = await self.adapter.status_many(handles) if handles else {}
         states: dict[str, JobState] = {}
-        backlog: bool | None = None
+        ours: list[tuple[RunAttempt, JobState]] = []
         for run in runs:
             if run.submission is None:
                 states[run.run_id] = JobState.UNKNOWN
             elif (state := found.get(run.submission)) is None:
                 continue
-            elif state is JobState.REFUSED:
-                assert self._emit is not None
-                self._emit(refused_event(self.name, run, self._key_id))
-                states[run.run_id] = JobState.RUNNING  # the error frame ends it
-            elif self.followers is not None and self.followers.follows(run):
+            elif (state is not JobState.REFUSED and self.followers is not None
+                  and self.followers.follows(run)):
                 # The owner's outcome is the follower's to hand over: a finished job is
                 # not a lost run (its outcome may be a poll away); anything else is as
                 # the backend says, and the run's orphan policy applies.
                 states[run.run_id] = JobState.RUNNING if state is JobState.SUCCEEDED else state
             else:
-                if state.finished and self._dropbox is not None:
-                    if backlog is None:
-                        backlog = await self._dropbox.backlog()
-                    if backlog:  # its events may still be in the list: not lost
-                        states[run.run_id] = JobState.RUNNING
-                        continue
-                states[run.run_id] = await self._delivering(run, state)
+                ours.append((run, state))
+        states.update(await self.inbox.verdicts(ours))
         return states
-
-    async def _delivering(self, run: RunAttempt, state: JobState) -> JobState:
-        """The backend's view, with one correction: a job that ended normally while its
-        terminal event has not arrived is still RUNNING while its worker may deliver it
-        (the background outbox retries, see worker.sender). Then an outcome the worker
-        recorded in the ledger resolves the run; only a job with no event and no record
-        after the worker's whole retry window is reported finished (and so lost)."""
-        if state is not JobState.SUCCEEDED or self.receiver is None:
-            return state
-        key = f"{run.run_id}#{run.attempt}"
-        if key in self._taking:  # its result is being taken from the store
-            return JobState.RUNNING
-        now = asyncio.get_running_loop().time()
-        quiet = now - self._ended_quiet.setdefault(key, now)
-        ledger_after, give_up_after = self._delivery_grace
-        if quiet < ledger_after:  # the worker may still reach us itself
-            return JobState.RUNNING
-        if await self._resolve_from_ledger(run):
-            self._ended_quiet.pop(key, None)
-            return state
-        if quiet < give_up_after:  # not recorded: its outbox may still be retrying
-            return JobState.RUNNING
-        if self._dropbox is not None and self._emit is not None:
-            # The worker pushed its outcome and the list is empty: another reader of the
-            # list took it. Say so, rather than calling the run lost for no reason.
-            self._emit(frames.error_event(
-                run.run_id, run.task_id, self._dropbox.lost_outcome(run.run_id, run.submission),
-                attempt=run.attempt, source="transport",
-            ))
-            return JobState.RUNNING  # the error ends the run
-        return state
-
-    async def _resolve_from_ledger(self, run: RunAttempt) -> bool:
-        """Emit the outcome the worker recorded when it could not reach us, if any: in
-        the ledger, else in the backend's own record of the job (``adapter.outcomes``:
-        where the worker also puts it when the caller did not answer in time, see
-        ``worker.runner.deliver_terminals``; the only record when the caller's ledger is
-        not shareable). Either is checked against this run before anything in it is
-        unpickled."""
-        if self._emit is None:
-            return False
-        from wove_adapters.core.codec import decode_outcome
-
-        taken: list[payload_mod.BodyRef] = []
-        try:
-            blob = await self._ledger_outcome(run) or await self._backend_outcome(run)
-            if blob is None:
-                return False
-            frame = await asyncio.to_thread(functools.partial(
-                decode_outcome, blob, run.run_id, key_id=self._key_id,
-                idempotency_key=run.idempotency_key, task_id=run.task_id, taken=taken,
-            ))
-        except Exception:  # unreadable: reconciliation reports the run lost
-            return False
-        finally:  # a result it left in the store is ours to delete (see release)
-            if taken:
-                self._result_refs.setdefault(f"{run.run_id}#{run.attempt}", []).extend(taken)
-        if frame.get("attempt", run.attempt) != run.attempt:
-            return False
-        self._emit(frame)
-        return True
-
-    async def _ledger_outcome(self, run: RunAttempt) -> bytes | None:
-        if not self._ledger_url:
-            return None
-        from wove_adapters.core.ledger import open_ledger
-
-        record = await open_ledger(self._ledger_url).get(run.run_id)
-        return None if record is None else record.outcome
-
-    async def _backend_outcome(self, run: RunAttempt) -> bytes | None:
-        if self.adapter is None or run.submission is None:
-            return None
-        found = (await self.adapter.outcomes([run.submission])).get(run.submission)
-        return found if isinstance(found, bytes) else None
 
     async def detach(self, run: RunAttempt) -> None:
         assert self.adapter is not None
@@ -561,7 +401,6 @@ class AdapterTransport(Transport):
 
     async def release(self, run: RunAttempt) -> None:
         others = self.followers is not None and self.followers.forget(run)
-        self._ended_quiet.pop(f"{run.run_id}#{run.attempt}", None)
         if self.receiver is not None:
             self.receiver.unregister(run.run_id)
         chunk = self._chunks.pop(run.run_id, None)
@@ -575,22 +414,8 @@ class AdapterTransport(Transport):
         if self.adapter is not None and run.submission is not None and not others:
             with contextlib.suppress(Exception):
                 await self.adapter.release(run.submission)
-        key = f"{run.run_id}#{run.attempt}"
-        refs = [ref for ref in [self._body_refs.pop(key, None)] if ref is not None]
-        results = self._result_refs.pop(key, [])
-        # A result its worker left in the store goes once the run has ended (taken, or
-        # ended otherwise: a timeout, a cancel, a reference that failed its check), unless
-        # the ledger keeps this run's outcome for later readers (a key, or detach): then
-        # it stays until the store expires it (docs/security.md, "Limits").
-        if results and run.idempotency_key is None and run.policy.orphan_policy != "detach":
-            # Only this attempt's own keys in the store its payload named: a signed event
-            # cannot make the caller delete anything else.
-            ours = self._store_url or default_store_url()
-            mine = payload_mod.store_key(run.run_id, run.attempt) + "."
-            refs.extend(r for r in results if r.store == ours and r.key.startswith(mine))
-        for ref in refs:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(payload_mod.open_store(ref.store).delete, ref)
+        if self.inbox is not None:
+            await self.inbox.release(run, self._body_refs.pop(f"{run.run_id}#{run.attempt}", None))
 
     async def drain(self) -> None:
         """See BackendAdapter.drain (the dispatcher calls it while stopping)."""
@@ -604,54 +429,12 @@ class AdapterTransport(Transport):
                 await self._confirmer
             self._confirmer = None
         self._confirming.clear()
-        for task in list(self._taking.values()):  # results still being taken: moot now
-            task.cancel()
-        await asyncio.gather(*self._taking.values(), return_exceptions=True)
+        if self.inbox is not None:
+            await self.inbox.aclose()
         if self.followers is not None:
             await self.followers.aclose()
         if self.adapter is not None:
             await self.adapter.aclose()
-
-
-def worker_bounds(config: dict[str, Any]) -> dict[str, Any]:
-    """How long workers keep trying to hand an outcome back (see worker.sender), from
-    ``executor_config``; a bad value fails at start-up, naming the key."""
-    bounds: dict[str, Any] = {}
-    for key, field_name, kind in (
-        ("worker_retry_seconds", "retry_seconds", float),
-        ("worker_retry_attempts", "retry_attempts", int),
-        ("worker_exit_flush_seconds", "exit_flush_seconds", float),
-    ):
-        value = config.get(key)
-        if value is None:
-            continue
-        try:
-            number = kind(value)
-        except (TypeError, ValueError):
-            number = -1
-        if number < 0 or isinstance(value, bool):
-            raise ValueError(
-                f"executor_config {key!r} must be a number >= 0, not {value!r}"
-            )
-        bounds[field_name] = number
-    return bounds
-
-
-def delivery_grace(bounds: dict[str, Any], after_job: str = "retries") -> tuple[float, float]:
-    """How long a job that ended without its terminal event still counts as delivering:
-    ``(look in the ledger after, give up after)`` seconds, from the workers' bounds
-    (``worker_exit_flush_seconds``, ``worker_retry_seconds``; defaults: this process's,
-    see worker.sender) and what the adapter's workers do after a job (``after_job``),
-    plus a little for the last try in flight."""
-    from wove_adapters.worker import sender
-
-    if after_job == "flushed":
-        return 0.0, 0.0
-    flush = float(bounds.get("exit_flush_seconds", sender.EXIT_FLUSH_SECONDS)) + 2.0
-    if after_job == "settled":
-        return flush, flush
-    retry = float(bounds.get("retry_seconds", sender.RETRY_SECONDS)) + 5.0
-    return flush, max(retry, flush)
 
 
 def native_only(cls: type[BackendAdapter], config: dict[str, Any]) -> bool:

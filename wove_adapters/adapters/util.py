@@ -57,7 +57,7 @@ def refusal_frame(executor: str, run: Any, config: dict[str, Any]) -> dict[str, 
     adapter that emits its runs' events itself (a future or a workflow result as the way
     back): the transport's PayloadError naming the signing key (``executor_config``'s
     ``_key_id``) and the fix. ``run`` has ``run_id``, ``task_id`` and ``attempt``."""
-    from wove_adapters.adapters.transport import refused_event
+    from wove_adapters.callbacks.inbox import refused_event
 
     return refused_event(executor, run, str(config.get("_key_id", "?")))
 

@@ -104,7 +104,7 @@ def run_returned(envelope: Envelope, *, handle_sigterm: bool = True) -> Any:
     to the caller's receiver would be, becomes the future's value as ``bytes``: no HTTP
     request, no wait for an acknowledgement, nothing left in the outbox. The caller
     checks those bytes as its receiver checks a request before anything in them is
-    unpickled (``AdapterTransport.accept_signed``). Plain bytes, not an object: the
+    unpickled (``callbacks.inbox.Inbox.accept_signed``). Plain bytes, not an object: the
     backend carries them without pickling, and no value of this path is anything else
     (``run_reported`` returns the state as a ``str``).
 
