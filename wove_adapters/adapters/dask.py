@@ -28,7 +28,6 @@ run and attempt. This module must not import dask or distributed at import time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -41,7 +40,6 @@ from wove_adapters.adapters.util import (
     FinishedStates,
     Row,
     Watched,
-    checked_row,
     failure_frame,
     refusal_frame,
 )
@@ -104,6 +102,26 @@ class DaskOptions(AdapterOptions, kw_only=True):
     allow_other_workers: bool | None = None
 
 
+# Dask states, both views of a task.
+_STATES: dict[str, JobState] = {
+    # client-side Future.status
+    "PENDING": JobState.PENDING,
+    "FINISHED": JobState.SUCCEEDED,
+    "ERROR": JobState.FAILED,
+    "CANCELLED": JobState.CANCELLED,
+    "LOST": JobState.GONE,
+    # scheduler TaskState.state
+    "RELEASED": JobState.PENDING,
+    "WAITING": JobState.PENDING,
+    "QUEUED": JobState.PENDING,
+    "NO-WORKER": JobState.PENDING,
+    "PROCESSING": JobState.RUNNING,
+    "MEMORY": JobState.SUCCEEDED,
+    "ERRED": JobState.FAILED,
+    "FORGOTTEN": JobState.GONE,
+}
+
+
 class DaskAdapter(BackendAdapter):
     name = "dask"
     config_struct = DaskOptions
@@ -119,23 +137,7 @@ class DaskAdapter(BackendAdapter):
         inline_payload_limit=4 * 1024 * 1024,
         chunks=True,
     )
-    STATE_MAP: ClassVar[dict[str, JobState]] = {
-        # client-side Future.status
-        "PENDING": JobState.PENDING,
-        "FINISHED": JobState.SUCCEEDED,
-        "ERROR": JobState.FAILED,
-        "CANCELLED": JobState.CANCELLED,
-        "LOST": JobState.GONE,
-        # scheduler TaskState.state
-        "RELEASED": JobState.PENDING,
-        "WAITING": JobState.PENDING,
-        "QUEUED": JobState.PENDING,
-        "NO-WORKER": JobState.PENDING,
-        "PROCESSING": JobState.RUNNING,
-        "MEMORY": JobState.SUCCEEDED,
-        "ERRED": JobState.FAILED,
-        "FORGOTTEN": JobState.GONE,
-    }
+    STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
 
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
@@ -173,27 +175,7 @@ class DaskAdapter(BackendAdapter):
     # ---------------------------------------------------------- life cycle
 
     async def start(self) -> None:
-        from distributed import Client, LocalCluster
-
-        address = dask_cluster.configured_address(self.config)
-        if self.config.get("cluster") == "local":
-            self.cluster = await LocalCluster(**dask_cluster.local_cluster_options(self.config))
-            address = self.cluster.scheduler_address
-        target, kwargs = dask_cluster.client_arguments(self.config, self.environment, address,
-                                           local=self.cluster is not None)
-        try:
-            self.client = await Client(target, **kwargs)
-        except Exception as exc:
-            await self._close_cluster()
-            raise ConnectionError(
-                f"cannot reach the Dask scheduler at {address}: {exc}. Start one with "
-                f"'dask scheduler --host 127.0.0.1' and workers with 'dask worker {address}', "
-                f"or use executor_config cluster: 'local'."
-            ) from exc
-        failures = self.config.get("allowed_failures")
-        if failures is not None and self.cluster is None:
-            await self.client.run_on_scheduler(dask_cluster.set_allowed_failures,
-                                               allowed=int(failures))
+        self.client, self.cluster = await dask_cluster.connect(self.config, self.environment)
 
     async def aclose(self) -> None:
         """Stop in the order that keeps the cluster quiet: detached runs on our own
@@ -206,12 +188,8 @@ class DaskAdapter(BackendAdapter):
                 tracked.watcher.cancel()
         self._tracked.clear()
         await self._results.aclose()
-        if self.client is not None:
-            client, self.client = self.client, None
-            with dask_cluster.quiet_dask_logs():
-                with contextlib.suppress(Exception):
-                    await client.close()
-        await self._close_cluster()
+        client, cluster, self.client, self.cluster = self.client, self.cluster, None, None
+        await dask_cluster.close(client, cluster)
 
     async def drain(self) -> None:
         """Before the dispatcher stops writing its ledger: detached runs on our own
@@ -236,15 +214,6 @@ class DaskAdapter(BackendAdapter):
                 "stay 'detached'. Use a separate scheduler ('address') for runs that must "
                 "outlive the caller.", left, timeout,
             )
-
-    async def _close_cluster(self) -> None:
-        if self.cluster is not None:
-            cluster, self.cluster = self.cluster, None
-            with dask_cluster.quiet_dask_logs():
-                try:
-                    await cluster.close()
-                except Exception:  # closing must go on
-                    log.warning("closing the Dask LocalCluster failed", exc_info=True)
 
     # ---------------------------------------------------------- the primitives
 
@@ -438,30 +407,7 @@ class DaskAdapter(BackendAdapter):
         return None
 
     async def doctor(self) -> list[Row]:
-        if self.client is None:
-            return [("dask scheduler reachable", False, "the adapter is not started")]
-        address = self.client.scheduler.address
-        rows: list[Row] = [("dask scheduler reachable", True, str(address))]
-        workers = (await self.client.scheduler.identity()).get("workers", {})
-        threads = sum(int(w.get("nthreads", 0)) for w in workers.values())
-        rows.append(("dask workers connected", bool(workers),
-                     f"{len(workers)} workers, {threads} threads" if workers else
-                     f"no workers: start one with 'dask worker {address}'"))
-        if workers:
-            rows.append(await checked_row(
-                "workers import wove_adapters", self.client.run(hosted.worker_ready),
-                lambda versions: f"{len(versions)} workers",
-                lambda exc: f"{exc}: pip install 'wove-adapters[dask]' on every worker"))
-        failures = await self.client.run_on_scheduler(dask_cluster.allowed_failures)
-        rows.append((
-            "scheduler allowed-failures is 0", failures == 0,
-            "a dead worker fails the task, so the orphan policy applies" if failures == 0 else
-            f"allowed-failures={failures}: Dask re-runs a task whose worker died (at least "
-            f"once) before wove-adapters sees a loss; set "
-            f"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0 on the scheduler or "
-            f"executor_config allowed_failures: 0",
-        ))
-        return rows
+        return await dask_cluster.doctor_rows(self.client)
 
 
 def _frame_for(

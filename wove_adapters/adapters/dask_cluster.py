@@ -1,5 +1,6 @@
 """The Dask adapter's cluster plumbing: which scheduler ``executor_config`` names, the
-``Client`` and ``LocalCluster`` arguments, and the scheduler-side functions it runs.
+``Client`` and the ``LocalCluster`` it owns (started, and stopped quietly in order), the
+``doctor`` rows, and the scheduler-side functions it runs.
 Kept apart from ``dask.py`` (the adapter's job talk), like ``kubernetes_manifest.py``.
 The scheduler imports this module by name for ``run_on_scheduler``: it must not import
 dask or distributed at import time either."""
@@ -10,6 +11,78 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any
+
+from wove_adapters.adapters.util import Row, checked_row
+from wove_adapters.worker import hosted
+
+log = logging.getLogger("wove_adapters.adapters.dask")
+
+
+async def connect(config: dict[str, Any], environment: str) -> tuple[Any, Any]:
+    """(client, the LocalCluster the environment owns or None) for ``executor_config``;
+    a ConnectionError naming how to start a scheduler when none answers."""
+    from distributed import Client, LocalCluster
+
+    address = configured_address(config)
+    cluster = None
+    if config.get("cluster") == "local":
+        cluster = await LocalCluster(**local_cluster_options(config))
+        address = cluster.scheduler_address
+    target, kwargs = client_arguments(config, environment, address, local=cluster is not None)
+    try:
+        client = await Client(target, **kwargs)
+    except Exception as exc:
+        await close(None, cluster)
+        raise ConnectionError(
+            f"cannot reach the Dask scheduler at {address}: {exc}. Start one with "
+            f"'dask scheduler --host 127.0.0.1' and workers with 'dask worker {address}', "
+            f"or use executor_config cluster: 'local'."
+        ) from exc
+    failures = config.get("allowed_failures")
+    if failures is not None and cluster is None:
+        await client.run_on_scheduler(set_allowed_failures, allowed=int(failures))
+    return client, cluster
+
+
+async def close(client: Any, cluster: Any) -> None:
+    """The client first (releasing every key, so no worker holds data or runs our work
+    when it is told to stop), then the LocalCluster we own; closing always goes on."""
+    with quiet_dask_logs():
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+        if cluster is not None:
+            try:
+                await cluster.close()
+            except Exception:
+                log.warning("closing the Dask LocalCluster failed", exc_info=True)
+
+
+async def doctor_rows(client: Any) -> list[Row]:
+    if client is None:
+        return [("dask scheduler reachable", False, "the adapter is not started")]
+    address = client.scheduler.address
+    rows: list[Row] = [("dask scheduler reachable", True, str(address))]
+    workers = (await client.scheduler.identity()).get("workers", {})
+    threads = sum(int(w.get("nthreads", 0)) for w in workers.values())
+    rows.append(("dask workers connected", bool(workers),
+                 f"{len(workers)} workers, {threads} threads" if workers else
+                 f"no workers: start one with 'dask worker {address}'"))
+    if workers:
+        rows.append(await checked_row(
+            "workers import wove_adapters", client.run(hosted.worker_ready),
+            lambda versions: f"{len(versions)} workers",
+            lambda exc: f"{exc}: pip install 'wove-adapters[dask]' on every worker"))
+    failures = await client.run_on_scheduler(allowed_failures)
+    rows.append((
+        "scheduler allowed-failures is 0", failures == 0,
+        "a dead worker fails the task, so the orphan policy applies" if failures == 0 else
+        f"allowed-failures={failures}: Dask re-runs a task whose worker died (at least "
+        f"once) before wove-adapters sees a loss; set "
+        f"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0 on the scheduler or "
+        f"executor_config allowed_failures: 0",
+    ))
+    return rows
 
 
 def configured_address(config: dict[str, Any]) -> str | None:
