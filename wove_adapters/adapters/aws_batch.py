@@ -26,12 +26,12 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.adapters.util import Row, store_row, worker_command
 from wove_adapters.core import stores as payload_mod
 from wove_adapters.core.aio import submit_grouped, undone_if_abandoned
+from wove_adapters.core.doctor import Row, store_row
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
-from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED
+from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED, worker_command
 
 # AWS Batch's job statuses in the shared vocabulary.
 _STATES: dict[str, JobState] = {

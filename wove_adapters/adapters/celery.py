@@ -8,7 +8,7 @@ created once per adapter from ``executor_config`` (or your own app, ``app:
 with no app at all, ``celery -A wove_adapters.adapters.celery:worker_app worker`` does.
 
 The Celery task id is the run's idempotency key (sanitised), and the key is claimed in the
-Redis result backend (``adapters.claims``) before sending: Celery itself runs a task id as
+Redis result backend (``core.claims``) before sending: Celery itself runs a task id as
 often as it is sent, so the claim is what makes "same key, one execution" hold even
 between callers that share no ledger. A caller that loses the claim follows the owner's
 task (``Following``; the transport does the following) and answers from the signed
@@ -46,9 +46,9 @@ from wove_adapters.adapters.celery_reads import (
     read_meta,
     refused,
 )
-from wove_adapters.adapters.claims import KeyClaims
 from wove_adapters.adapters.registry import import_object
 from wove_adapters.core.aio import ThreadHops
+from wove_adapters.core.claims import KeyClaims
 from wove_adapters.core.errors import redact_url
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from wove_adapters.adapters.util import Row, checked_row
+from wove_adapters.core.doctor import Row, checked_row
 from wove_adapters.worker import hosted
 
 log = logging.getLogger("wove_adapters.adapters.dask")

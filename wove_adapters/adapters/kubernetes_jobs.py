@@ -52,9 +52,9 @@ from wove_adapters.adapters.kubernetes_manifest import (
     refused,
     start_failure,
 )
-from wove_adapters.adapters.util import Row, checked_row, store_row
 from wove_adapters.core import stores as payload_mod
 from wove_adapters.core.aio import submit_grouped
+from wove_adapters.core.doctor import Row, checked_row, store_row
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.core.signing import secret_text

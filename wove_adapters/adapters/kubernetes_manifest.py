@@ -16,8 +16,7 @@ import re
 from typing import Any
 
 from wove_adapters.adapters.base import digested
-from wove_adapters.adapters.util import worker_command
-from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED
+from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED, worker_command
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "wove-adapters"

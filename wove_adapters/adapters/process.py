@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.adapters.util import refusal_frame, worker_command
+from wove_adapters.callbacks.inbox import refusal_frame
 from wove_adapters.core import frames
 from wove_adapters.core.aio import wait_within
 from wove_adapters.core.executors.stdio import FAULT_SIGNALS, describe_exit, exit_frame
@@ -42,6 +42,7 @@ from wove_adapters.worker.runner import (
     EXIT_OK,
     EXIT_PAYLOAD_REFUSED,
     EXIT_TASK_FAILED,
+    worker_command,
 )
 
 # ``python -m wove_adapters.worker`` exit codes after which its outcome is settled

@@ -38,17 +38,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.adapters.util import (
-    FinishedStates,
-    Row,
-    Watched,
-    checked_row,
-    failure_frame,
-    refusal_frame,
-)
+from wove_adapters.callbacks.inbox import Watched, failure_frame, refusal_frame
 from wove_adapters.core import frames
+from wove_adapters.core.doctor import Row, checked_row
 from wove_adapters.core.options import AdapterOptions
-from wove_adapters.core.policies import Capabilities, JobState
+from wove_adapters.core.policies import Capabilities, FinishedStates, JobState
 from wove_adapters.worker import hosted
 
 log = logging.getLogger("wove_adapters.adapters.ray")

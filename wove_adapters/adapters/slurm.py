@@ -27,13 +27,13 @@ from typing import Any, ClassVar
 import msgspec
 
 from wove_adapters.adapters.base import BackendAdapter, JobSpec
-from wove_adapters.adapters.util import Row, worker_command
 from wove_adapters.core.aio import submit_grouped
+from wove_adapters.core.doctor import Row
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.paths import data_dir
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.core.stores import write_private
-from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED
+from wove_adapters.worker.runner import EXIT_PAYLOAD_REFUSED, worker_command
 
 # Slurm's job states (squeue %T / scontrol JobState) in the shared vocabulary.
 _STATES: dict[str, JobState] = {

@@ -5,7 +5,7 @@ by default, ``RedisStreamBroker``, or the user's own broker object), the async k
 (``kiq`` with ``with_task_id``), and a small set of Redis keys under ``key_prefix`` that
 give Taskiq what it lacks:
 
-- ``claim:<key>``: the shared key claim (``adapters.claims``) on the sanitised idempotency
+- ``claim:<key>``: the shared key claim (``core.claims``) on the sanitised idempotency
   key; a second caller with the same key gets ``Following`` (the transport reads the first
   job's signed ``outcome:<id>`` through ``outcomes``) instead of kicking again.
 - ``cancel:<id>`` + a publish on ``cancel``: the worker skips a queued job carrying the
@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
-from wove_adapters.adapters.claims import KeyClaims
+from wove_adapters.core.claims import KeyClaims
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
 from wove_adapters.worker import leases

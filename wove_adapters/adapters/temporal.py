@@ -27,8 +27,9 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
-from wove_adapters.adapters.util import Row, refusal_frame
+from wove_adapters.callbacks.inbox import refusal_frame
 from wove_adapters.core import frames
+from wove_adapters.core.doctor import Row
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState

@@ -16,12 +16,14 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from wove_adapters.callbacks.dropbox import DropboxReader
 from wove_adapters.callbacks.receiver import CallbackReceiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
+from wove_adapters.core.codec import attach_remote_traceback
 from wove_adapters.core.errors import PayloadError
 from wove_adapters.core.paths import default_store_url
 from wove_adapters.core.policies import JobState
@@ -269,6 +271,41 @@ def refused_event(executor: str, run: Any, key_id: str) -> dict[str, Any]:
     )
     return frames.error_event(run.run_id, run.task_id, error, attempt=run.attempt,
                               source="payload")
+
+
+# ---------------------------------------------------------------- a future as the way back
+
+
+@dataclass
+class Watched:
+    """A run whose backend future is watched (Dask, Ray): the future's end becomes its
+    terminal event, so no run waits for a reconciliation tick."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+
+
+def failure_frame(
+    run: Watched, exc: BaseException, *, native: bool, remote_tb: str = ""
+) -> dict[str, Any]:
+    """The ``task_error`` for an exception the future carries: a payload body that could
+    not be read, the task raised (``native`` return path) or our worker function failed.
+    ``remote_tb`` (the task's own frames, as the worker saw them) is chained to the
+    caller's exception as ``concurrent.futures`` does it."""
+    source = "payload" if isinstance(exc, PayloadError) else ("task" if native else "worker")
+    frame = frames.error_event(run.run_id, run.task_id, exc, attempt=run.attempt, source=source)
+    if remote_tb:
+        frame["error"]["traceback"] = remote_tb
+        attach_remote_traceback(exc, remote_tb)
+    return frame
+
+
+def refusal_frame(executor: str, run: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """``refused_event`` for an adapter that emits its runs' events itself (a future or a
+    workflow result as the way back), the signing key read from ``executor_config``'s
+    ``_key_id``. ``run`` has ``run_id``, ``task_id`` and ``attempt``."""
+    return refused_event(executor, run, str(config.get("_key_id", "?")))
 
 
 def worker_bounds(config: dict[str, Any]) -> dict[str, Any]:

@@ -12,9 +12,10 @@ import contextlib
 import enum
 import math
 import string
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from wove_adapters.core.errors import UnsupportedPolicyError
 from wove_adapters.core.frames import CANCEL_MODES, ORPHAN_POLICIES
@@ -362,3 +363,26 @@ def check_supported(
 
 
 KeyFunc = Callable[[Mapping[str, Any]], Any]
+
+
+V = TypeVar("V")
+
+
+class FinishedStates(Generic[V]):
+    """How the last ``size`` released runs ended, for ``status`` after the backend's
+    handle is gone (oldest forgotten first)."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._states: OrderedDict[str, V] = OrderedDict()
+        self._size = size
+
+    def remember(self, handle: str, state: V) -> None:
+        self._states[handle] = state
+        while len(self._states) > self._size:
+            self._states.popitem(last=False)
+
+    def forget(self, handle: str) -> None:
+        self._states.pop(handle, None)
+
+    def get(self, handle: str, default: V) -> V:
+        return self._states.get(handle, default)

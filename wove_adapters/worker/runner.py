@@ -56,6 +56,12 @@ EXIT_USAGE = 64  # sysexits EX_USAGE: the worker was started wrongly
 EXIT_CANCELLED = 143
 
 
+def worker_command(python: str, *args: str) -> list[str]:
+    """The command a batch job's container or script runs (Kubernetes, AWS Batch, Slurm,
+    the process adapter): one payload, then exit with one of the codes above."""
+    return [python, "-m", "wove_adapters.worker", *args]
+
+
 class TaskCancelled(BaseException):
     """Raised inside a running task when its run is cancelled (SIGTERM, cancel frame).
 
