@@ -598,16 +598,14 @@ def _doctor_rows(hub: Any, name: str, timeout: float) -> list[tuple[str, bool | 
     except Exception as exc:
         return [("executor starts", False, f"{type(exc).__name__}: {exc}")]
     rows.append(("executor starts", True, dispatcher.transport.name))
-    adapter = getattr(dispatcher.transport, "adapter", None)
-    if adapter is not None:
+    # An adapter's checks of its backend, then its return path's (AdapterTransport.doctor).
+    checks = getattr(dispatcher.transport, "doctor", None)
+    if checks is not None:
         try:
-            rows.extend(shared_loop.run_sync(adapter.doctor(), timeout))
+            rows.extend(shared_loop.run_sync(checks(), timeout))
         except Exception as exc:
             rows.append(("backend checks", False, f"did not finish within {timeout:g}s: "
                          f"{type(exc).__name__}: {exc}"))
-    receiver = getattr(dispatcher.transport, "receiver", None)
-    if receiver is not None:
-        rows.append(("return path", True, receiver.url.split("/wove/events/")[0]))
     if any(ok is False for _, ok, _ in rows):
         rows.append(("probe task round trip", None,
                      "not sent until the failures above are fixed (it would wait in the "

@@ -183,8 +183,15 @@ class BackendAdapter(abc.ABC):
 
     async def doctor(self) -> list[tuple[str, bool, str]]:
         """Checks for ``wove-adapters doctor``: (what, ok, detail) rows, e.g. broker
-        reachable, a worker listening on the queue. Each failing row says what to do."""
+        reachable, a worker listening on the queue. Each failing row says what to do.
+        The return path's rows (receiver, drop box) are the transport's, for every adapter."""
         return []
+
+    async def worker_hosts(self) -> list[str] | None:
+        """The hosts of the workers that take this environment's jobs, where the backend
+        can say (``doctor`` flags a loopback receiver that workers elsewhere cannot
+        reach); None where it cannot."""
+        return None
 
     @classmethod
     def map_state(cls, native: object) -> JobState:

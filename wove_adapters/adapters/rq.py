@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -303,6 +302,11 @@ class RqAdapter(BackendAdapter):
     async def release(self, handle: str) -> None:
         self._worker_gone.pop(handle, None)
 
+    async def worker_hosts(self) -> list[str] | None:
+        return await asyncio.to_thread(
+            _worker_hosts, self._connection, self._queue(self.queue_name)
+        )
+
     async def doctor(self) -> list[tuple[str, bool, str]]:
         rows: list[tuple[str, bool, str]] = []
         try:
@@ -312,9 +316,7 @@ class RqAdapter(BackendAdapter):
             rows.append(("redis reachable", False,
                          f"{self.redis_url}: {exc}; start Redis or set executor_config.redis_url"))
             return rows
-        hosts = await asyncio.to_thread(
-            _worker_hosts, self._connection, self._queue(self.queue_name)
-        )
+        hosts = await self.worker_hosts() or []
         if hosts:
             rows.append((f"rq worker on queue '{self.queue_name}'", True,
                          f"{len(hosts)} worker(s) on {', '.join(sorted(set(hosts)))}"))
@@ -322,7 +324,6 @@ class RqAdapter(BackendAdapter):
             rows.append((f"rq worker on queue '{self.queue_name}'", False,
                          f"no worker listens; start one: rq worker {self.queue_name} "
                          f"--url {self.redis_url} -w wove_adapters.adapters.rq.Worker"))
-        rows.append(await _return_path_row(self.config, hosts))
         return rows
 
 
@@ -363,48 +364,6 @@ def _worker_hosts(connection: Any, queue: Any) -> list[str]:
     workers = Worker.all(queue=queue)
     listening = subscribed(connection, [w.pubsub_channel_name for w in workers])
     return [str(w.hostname or "?") for w in workers if w.pubsub_channel_name in listening]
-
-
-async def _return_path_row(config: dict[str, Any], hosts: list[str]) -> tuple[str, bool, str]:
-    if config.get("return_path") == "redis":
-        import redis
-
-        url = str(config.get("return_redis_url") or DEFAULT_REDIS_URL)
-
-        def _ping_dropbox() -> None:
-            client = redis.Redis.from_url(url)
-            try:
-                client.ping()
-            finally:
-                client.close()
-
-        try:
-            await asyncio.to_thread(_ping_dropbox)
-            return ("return path (redis drop box) reachable", True, url)
-        except Exception as exc:
-            return ("return path (redis drop box) reachable", False, f"{url}: {exc}")
-    from wove_adapters.callbacks.receiver import get_receiver
-
-    receiver = await get_receiver(config)
-    base = receiver.url.split("/wove/events/")[0]
-    try:
-        await asyncio.to_thread(_http_get, f"{base}/wove/health")
-    except Exception as exc:
-        return ("receiver reachable", False, f"{base}: {exc}")
-    remote = sorted({h for h in hosts if h != socket.gethostname()})
-    loopback = any(part in base for part in ("//127.", "//localhost", "//[::1]"))
-    if remote and loopback:
-        return ("receiver reachable", False,
-                f"{base} is loopback but workers run on {', '.join(remote)}: set "
-                f"executor_config.callback_host / callback_url, or return_path 'redis'")
-    return ("receiver reachable", True, base)
-
-
-def _http_get(url: str) -> None:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=5) as response:
-        response.read()
 
 
 def __getattr__(name: str) -> Any:

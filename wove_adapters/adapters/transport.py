@@ -25,6 +25,7 @@ from wove_adapters.callbacks.inbox import Inbox, delivery_grace, worker_bounds
 from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
+from wove_adapters.core.doctor import Row
 from wove_adapters.core.policies import JobState
 from wove_adapters.core.transport import Emit, RunAttempt, StartContext, Transport
 
@@ -416,6 +417,16 @@ class AdapterTransport(Transport):
                 await self.adapter.release(run.submission)
         if self.inbox is not None:
             await self.inbox.release(run, self._body_refs.pop(f"{run.run_id}#{run.attempt}", None))
+
+    async def doctor(self) -> list[Row]:
+        """The adapter's checks of its backend, then the return path's (``Inbox``)."""
+        assert self.adapter is not None and self.inbox is not None
+        rows = await self.adapter.doctor()
+        try:
+            hosts = await self.adapter.worker_hosts()
+        except Exception:  # the adapter's own rows say why
+            hosts = None
+        return rows + await self.inbox.doctor_rows(hosts)
 
     async def drain(self) -> None:
         """See BackendAdapter.drain (the dispatcher calls it while stopping)."""

@@ -114,6 +114,10 @@ class DropboxReader(CallbackReceiver):
         self.route(batch.events, data)
         return True
 
+    async def ping(self) -> None:
+        """Raise when the drop box's Redis does not answer (``doctor``)."""
+        await self._client.ping()
+
     async def backlog(self) -> bool:
         """True while events wait in the list. With this return path a job ends once
         its events are pushed: until we have read them all, a finished job whose

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import socket
+import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +26,8 @@ from wove_adapters.callbacks.receiver import CallbackReceiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
 from wove_adapters.core.codec import attach_remote_traceback
-from wove_adapters.core.errors import PayloadError
+from wove_adapters.core.doctor import Row, checked_row
+from wove_adapters.core.errors import PayloadError, redact_url
 from wove_adapters.core.paths import default_store_url
 from wove_adapters.core.policies import JobState
 from wove_adapters.core.transport import Emit, RunAttempt
@@ -218,6 +221,31 @@ class Inbox:
         found = (await self._outcomes([run.submission])).get(run.submission)
         return found if isinstance(found, bytes) else None
 
+    # ------------------------------------------------------------ doctor
+
+    async def doctor_rows(self, hosts: list[str] | None) -> list[Row]:
+        """Can workers reach us: the drop box's Redis answers, or the receiver answers
+        its health check, and is not a loopback address while the workers (``hosts``,
+        where the backend names them) run on other machines."""
+        if self._dropbox is not None:
+            url = redact_url(self._dropbox.redis_url)
+            return [await checked_row("return path (redis drop box) reachable",
+                                      self._dropbox.ping(), url,
+                                      lambda exc: f"{url}: {exc}; start Redis or set "
+                                                  f"executor_config.return_redis_url")]
+        if self.receiver is None:
+            return []  # the backend carries the outcome itself (return_path "native")
+        base = self.receiver.url.split("/wove/events/")[0]
+        row = await checked_row("receiver reachable", asyncio.to_thread(_http_get,
+                                f"{base}/wove/health"), base, lambda exc: f"{base}: {exc}")
+        remote = sorted({host for host in hosts or () if host != socket.gethostname()})
+        loopback = any(part in base for part in ("//127.", "//localhost", "//[::1]"))
+        if row[1] and remote and loopback:
+            row = ("receiver reachable", False,
+                   f"{base} is loopback but workers run on {', '.join(remote)}: set "
+                   f"executor_config.callback_host / callback_url, or return_path 'redis'")
+        return [row]
+
     # ------------------------------------------------------------ life cycle
 
     async def release(self, run: RunAttempt, body: payload_mod.BodyRef | None) -> None:
@@ -245,6 +273,11 @@ class Inbox:
         for task in list(self._taking.values()):  # results still being taken: moot now
             task.cancel()
         await asyncio.gather(*self._taking.values(), return_exceptions=True)
+
+
+def _http_get(url: str) -> None:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        response.read()
 
 
 def _terminal_blob(frame: dict[str, Any], event: frames.WireEvent, raw: bytes) -> dict[str, Any]:

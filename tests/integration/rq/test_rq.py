@@ -251,18 +251,19 @@ def test_killed_work_horse_found_by_reconciliation(
 
 
 def test_doctor_rows(rq_environment: dict[str, Any], redis_url: str) -> None:
-    from wove_adapters.adapters.rq import RqAdapter
+    """The adapter's rows (Redis, a worker on the queue), then the transport's row of the
+    return path it opened (the receiver answers its health check, or the drop box's
+    Redis answers)."""
 
     def rows_for(config: dict[str, Any]) -> list[tuple[str, bool, str]]:
-        adapter = RqAdapter(config, environment="d")
-
-        async def go() -> list[tuple[str, bool, str]]:
-            async with adapter:
-                return await adapter.doctor()
-
-        return shared_loop.run_sync(go())
+        hub = _hub({"executor": "rq", "executor_config": config})
+        try:
+            return shared_loop.run_sync(hub.dispatcher("r").transport.doctor())
+        finally:
+            hub.close()
 
     rows = rows_for(rq_environment["executor_config"])
+    assert [(check, ok) for check, ok, _ in rows][2:] == [("receiver reachable", True)], rows
     assert [ok for _, ok, _ in rows] == [True, True, True], rows
     idle = f"wove-test-rq-nobody-{uuid.uuid4().hex[:6]}"
     rows = rows_for({"redis_url": redis_url, "queue": idle})
