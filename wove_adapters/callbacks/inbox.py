@@ -32,6 +32,8 @@ from wove_adapters.core.paths import default_store_url
 from wove_adapters.core.policies import JobState
 from wove_adapters.core.transport import Emit, RunAttempt
 
+# How long doctor waits for the drop box's Redis to answer a PING.
+PING_SECONDS = 5.0
 # An adapter's ``outcomes``: handle -> the signed outcome its backend recorded.
 Outcomes = Callable[[Sequence[str]], Awaitable[dict[str, bytes | Exception]]]
 
@@ -229,9 +231,12 @@ class Inbox:
         where the backend names them) run on other machines."""
         if self._dropbox is not None:
             url = redact_url(self._dropbox.redis_url)
+            # Bounded: a Redis that stopped answering (killed, or behind a dropped
+            # route) holds a client without a socket timeout for good.
             return [await checked_row("return path (redis drop box) reachable",
-                                      self._dropbox.ping(), url,
-                                      lambda exc: f"{url}: {exc}; start Redis or set "
+                                      asyncio.wait_for(self._dropbox.ping(), PING_SECONDS),
+                                      url,
+                                      lambda exc: f"{url}: {exc!r}; start Redis or set "
                                                   f"executor_config.return_redis_url")]
         if self.receiver is None:
             return []  # the backend carries the outcome itself (return_path "native")
