@@ -28,6 +28,8 @@ from wove_adapters.core.errors import DeliveryOrphanedError, MissingBackendError
 log = logging.getLogger("wove_adapters.dropbox")
 # Redis refuses bulk strings above 512 MB; an event batch has no business near that.
 DEFAULT_MAX_ENTRY = 64 * 1024 * 1024
+# How long closing waits for the reader to stop, and for Redis to delete the list.
+CLOSE_SECONDS = 3.0
 
 
 class DropboxReader(CallbackReceiver):
@@ -40,6 +42,7 @@ class DropboxReader(CallbackReceiver):
         self.redis_url = url
         self.key = key or f"wove-adapters:dropbox:{uuid.uuid4().hex}"
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._client: Any = None
         # Entries popped and not yet routed (a large one is verified in a thread): the
         # backlog, for the transport, until they are.
@@ -60,12 +63,18 @@ class DropboxReader(CallbackReceiver):
         self.ready.set()
 
     async def _read(self) -> None:
-        while True:
+        # Not ``while True``: a cancel that lands inside the Redis client's reconnect can
+        # come out as its ConnectionError (the cancellation swallowed), and a reader
+        # that only stops on CancelledError then never stops: aclose, and with it the
+        # caller's exit, waited for good while the drop box's Redis was down.
+        while not self._closing:
             try:
                 item = await self._client.blpop([self.key], timeout=1)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._closing:
+                    return
                 log.warning("drop box %s read failed: %s", self.key, exc)
                 await asyncio.sleep(0.5)
                 continue
@@ -145,13 +154,17 @@ class DropboxReader(CallbackReceiver):
         )
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            # The reader sees _closing within one blpop timeout or back-off, whatever
+            # became of the cancel; bounded anyway.
+            await asyncio.wait({self._task}, timeout=CLOSE_SECONDS)
         if self._client is not None:
             with contextlib.suppress(Exception):
-                await self._client.delete(self.key)
+                # The list is ours alone; a Redis that does not answer keeps it.
+                await asyncio.wait_for(self._client.delete(self.key), CLOSE_SECONDS)
+            with contextlib.suppress(Exception):
                 await self._client.aclose()
 
 
