@@ -30,6 +30,9 @@ log = logging.getLogger("wove_adapters.dropbox")
 DEFAULT_MAX_ENTRY = 64 * 1024 * 1024
 # How long closing waits for the reader to stop, and for Redis to delete the list.
 CLOSE_SECONDS = 3.0
+# While its Redis is down, the reader logs its failure once every this many tries
+# (two a second): a minute's outage logs two or three lines, not 120.
+FAILING_LOG_EVERY = 120
 
 
 class DropboxReader(CallbackReceiver):
@@ -67,6 +70,7 @@ class DropboxReader(CallbackReceiver):
         # come out as its ConnectionError (the cancellation swallowed), and a reader
         # that only stops on CancelledError then never stops: aclose, and with it the
         # caller's exit, waited for good while the drop box's Redis was down.
+        failing = 0  # reads failed in a row (Redis down): logged once, then every minute
         while not self._closing:
             try:
                 item = await self._client.blpop([self.key], timeout=1)
@@ -75,9 +79,15 @@ class DropboxReader(CallbackReceiver):
             except Exception as exc:
                 if self._closing:
                     return
-                log.warning("drop box %s read failed: %s", self.key, exc)
+                if failing % FAILING_LOG_EVERY == 0:
+                    log.warning("drop box %s read failed (%d in a row; retried every 0.5 s):"
+                                " %s", self.key, failing + 1, exc)
+                failing += 1
                 await asyncio.sleep(0.5)
                 continue
+            if failing:
+                log.warning("drop box %s reads again after %d failed reads", self.key, failing)
+                failing = 0
             if item is None:
                 continue
             self._taking += 1

@@ -6,12 +6,15 @@ drop box whose private ``redis-server`` is up, then killed. Real components only
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sys
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+import pytest
 
 from wove_adapters.callbacks.dropbox import DropboxReader
 from wove_adapters.callbacks.inbox import PING_SECONDS, Inbox
@@ -114,3 +117,35 @@ def test_dropbox_closes_while_its_redis_is_down(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert max(took) < 4.0, f"closing a drop box whose Redis is down took {took}"
+
+
+def test_dropbox_outage_is_logged_once_then_its_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the drop box's Redis is down its reader retries twice a second; it says so
+    once (not every half second), and says when reads work again."""
+    server = RedisServer(tmp_path / "redis").start()
+    caplog.set_level(logging.WARNING, logger="wove_adapters.dropbox")
+    try:
+        async def scenario() -> tuple[int, bool]:
+            dropbox = DropboxReader(server.url(), key=f"wove-test-outage:{uuid.uuid4().hex}")
+            await dropbox.start()
+            try:
+                server.kill()
+                await asyncio.sleep(3.0)  # about six failed reads
+                failed = sum("read failed" in r.getMessage() for r in caplog.records)
+                server.start()
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    if any("reads again" in r.getMessage() for r in caplog.records):
+                        return failed, True
+                    await asyncio.sleep(0.1)
+                return failed, False
+            finally:
+                await dropbox.aclose()
+
+        failed, recovered = shared_loop.run_sync(scenario(), 60)
+    finally:
+        server.stop()
+    assert failed == 1, [r.getMessage() for r in caplog.records]
+    assert recovered, [r.getMessage() for r in caplog.records]
