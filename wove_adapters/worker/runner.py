@@ -195,7 +195,9 @@ class SignalCancels:
             self.running -= 1
 
 
-_SIGTERM = SignalCancels(signal.SIGTERM, f"signal {int(signal.SIGTERM)}")
+# The reason the caller's exception carries when the worker reports the cancel first (a
+# revoke's SIGTERM can beat the caller's own best-effort verdict): say it was a cancel.
+_SIGTERM = SignalCancels(signal.SIGTERM, f"cancelled (SIGTERM, signal {int(signal.SIGTERM)})")
 
 
 def sigterm_cancels() -> AbstractContextManager[None]:
