@@ -102,7 +102,7 @@ class AdapterTransport(Transport):
         self.adapter.emit = emit
         self.inbox = Inbox(
             self.name, emit, key_id=self._key_id, receiver=self.receiver,
-            dropbox=self._dropbox, ledger_url=self._ledger_url, store_url=self._store_url,
+            ledger_url=self._ledger_url, store_url=self._store_url,
             grace=delivery_grace(self._worker_bounds, self.adapter_cls.after_job),
             outcomes=self.adapter.outcomes, on_started=self._chunk_started,
         )

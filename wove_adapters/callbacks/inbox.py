@@ -48,7 +48,6 @@ class Inbox:
         *,
         key_id: str,
         receiver: CallbackReceiver | None,
-        dropbox: DropboxReader | None,
         ledger_url: str | None,
         store_url: str | None,
         grace: tuple[float, float],
@@ -59,7 +58,8 @@ class Inbox:
         self._emit = emit
         self._key_id = key_id
         self.receiver = receiver
-        self._dropbox = dropbox
+        # The Redis drop box is a receiver too: its backlog and its lost outcomes count.
+        self._dropbox = receiver if isinstance(receiver, DropboxReader) else None
         self._ledger_url = ledger_url
         self._store_url = store_url
         self._grace = grace

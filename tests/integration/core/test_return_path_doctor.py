@@ -33,9 +33,9 @@ async def _no_outcomes(handles: Sequence[str]) -> dict[str, bytes | Exception]:
     return {}
 
 
-def _inbox(receiver: CallbackReceiver | None, dropbox: DropboxReader | None) -> Inbox:
-    return Inbox("test", lambda frame: None, key_id="k", receiver=receiver or dropbox,
-                 dropbox=dropbox, ledger_url=None, store_url=None, grace=(0.0, 0.0),
+def _inbox(receiver: CallbackReceiver) -> Inbox:
+    return Inbox("test", lambda frame: None, key_id="k", receiver=receiver,
+                 ledger_url=None, store_url=None, grace=(0.0, 0.0),
                  outcomes=_no_outcomes, on_started=lambda run_id: None)
 
 
@@ -43,7 +43,7 @@ def test_receiver_row_answers_and_flags_loopback_with_remote_workers() -> None:
     async def scenario() -> dict[str, Row]:
         receiver = CallbackReceiver(host="127.0.0.1", port=0)
         await receiver.start()
-        inbox = _inbox(receiver, None)
+        inbox = _inbox(receiver)
         try:
             rows = {
                 "unknown hosts": (await inbox.doctor_rows(None))[0],
@@ -72,7 +72,7 @@ def test_dropbox_row_follows_its_redis(tmp_path: Path) -> None:
         async def scenario() -> tuple[Row, Row]:
             dropbox = DropboxReader(server.url(), key=f"wove-test-doctor:{uuid.uuid4().hex}")
             await dropbox.start()
-            inbox = _inbox(None, dropbox)
+            inbox = _inbox(dropbox)
             try:
                 up = (await inbox.doctor_rows(None))[0]
                 server.kill()
