@@ -105,22 +105,20 @@ def _as_datetime(value: Any) -> dt.datetime:
     return dt.datetime.fromisoformat(str(value))
 
 
-def _worker_options(config: dict[str, Any], lease: float) -> dict[str, Any]:
+def _worker_options(options: ArqOptions) -> dict[str, Any]:
     """``wove_adapters_run``'s keywords where they differ from its defaults; an unknown
     ``isolation`` is an error here, before anything connects."""
-    isolation = str(config.get("isolation") or "thread")
-    if isolation not in ISOLATIONS:
+    if options.isolation not in ISOLATIONS:
         raise ValueError(
             f"arq executor_config.isolation must be one of {', '.join(ISOLATIONS)}, "
-            f"not {isolation!r}"
+            f"not {options.isolation!r}"
         )
-    kill_after = float(config.get("kill_after", 10.0))
-    options: dict[str, Any] = {}
-    if isolation == "process":
-        options.update(isolation="process", kill_after=kill_after)
-    if lease != LEASE_SECONDS:
-        options["lease_seconds"] = lease
-    return options
+    worker: dict[str, Any] = {}
+    if options.isolation == "process":
+        worker.update(isolation="process", kill_after=options.kill_after)
+    if options.lease_seconds != LEASE_SECONDS:
+        worker["lease_seconds"] = options.lease_seconds
+    return worker
 
 
 def _aborted_result(pool: Any, function: str, handle: str, queue: str) -> bytes | None:
@@ -200,32 +198,28 @@ class ArqAdapter(BackendAdapter):
     }
     reconcile_seconds: ClassVar[float] = 2.0
 
+    options: ArqOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
-        self._redis_url = str(config.get("redis_url") or DEFAULT_REDIS_URL)
-        self._redis_settings = dict(config.get("redis_settings") or {})
         self._queue = str(_option([config], "queue_name") or DEFAULT_QUEUE)
-        self._function = str(config.get("function") or FUNCTION_NAME)
-        self._prefix = str(config.get("job_id_prefix") or "")
-        self._max_submits = int(config.get("max_concurrent_submits", 64))
-        self._lease = float(config.get("lease_seconds", LEASE_SECONDS))
-        self._worker_options = _worker_options(config, self._lease)
+        self._worker_options = _worker_options(self.options)
         if self._worker_options.get("isolation") == "process":
             self.capabilities = self.PROCESS_CAPABILITIES  # type: ignore[misc]
         self._pool: Any = None
         self._submits: asyncio.Semaphore | None = None
         self._queues: dict[str, str] = {}  # job id -> queue name, until released
         # A job's first moments are unleased: the worker writes its lease a second in.
-        self._leases = LeaseReader(unleased_grace=self._lease)
+        self._leases = LeaseReader(unleased_grace=self.options.lease_seconds)
 
     # ------------------------------------------------------------ life cycle
 
     def _settings(self) -> Any:
         from arq.connections import RedisSettings
 
-        settings = RedisSettings.from_dsn(self._redis_url)
+        settings = RedisSettings.from_dsn(self.options.redis_url)
         settings.conn_retries = 1
-        for key, value in self._redis_settings.items():
+        for key, value in self.options.redis_settings.items():
             if not hasattr(settings, key):
                 raise ValueError(f"arq executor_config.redis_settings has unknown key {key!r}")
             setattr(settings, key, value)
@@ -239,11 +233,11 @@ class ArqAdapter(BackendAdapter):
                                            job_deserializer=never_deserialize)
         except Exception as exc:
             raise ConnectionError(
-                f"arq: cannot reach Redis at {self._redis_url} ({type(exc).__name__}: {exc}). "
-                f"Start Redis (e.g. `redis-server --daemonize yes --bind 127.0.0.1`) or set "
-                f"executor_config.redis_url."
+                f"arq: cannot reach Redis at {self.options.redis_url} "
+                f"({type(exc).__name__}: {exc}). Start Redis (e.g. `redis-server "
+                f"--daemonize yes --bind 127.0.0.1`) or set executor_config.redis_url."
             ) from exc
-        self._submits = asyncio.Semaphore(self._max_submits)
+        self._submits = asyncio.Semaphore(self.options.max_concurrent_submits)
 
     async def aclose(self) -> None:
         if self._pool is not None:
@@ -265,7 +259,7 @@ class ArqAdapter(BackendAdapter):
             ident = base if job.attempt == 1 else f"{base}~{job.attempt}"
         else:
             ident = job.job_name
-        return self._prefix + ident
+        return self.options.job_id_prefix + ident
 
     async def submit(self, job: JobSpec) -> str:
         assert self._pool is not None and self._submits is not None, "start() first"
@@ -279,7 +273,7 @@ class ArqAdapter(BackendAdapter):
                 await self._drop_stale_record(job_id)
             for _ in range(3):
                 created = await self._pool.enqueue_job(
-                    self._function, job.payload, _job_id=job_id, **enqueue
+                    self.options.function, job.payload, _job_id=job_id, **enqueue
                 )
                 if created is not None:
                     return job_id
@@ -389,7 +383,7 @@ class ArqAdapter(BackendAdapter):
             result_key_prefix,
             retry_key_prefix,
         )
-        aborted = _aborted_result(self._pool, self._function, handle, queue)
+        aborted = _aborted_result(self._pool, self.options.function, handle, queue)
         async with self._pool.pipeline(transaction=True) as pipe:
             await pipe.watch(in_progress_key_prefix + handle)
             if await pipe.exists(in_progress_key_prefix + handle):
@@ -444,10 +438,10 @@ class ArqAdapter(BackendAdapter):
 
         rows = [("arq installed", True, f"arq {arq.version.VERSION}")]
         try:
-            rows.append(await _broker_row(self._pool, self._redis_url))
+            rows.append(await _broker_row(self._pool, self.options.redis_url))
         except Exception as exc:  # every failure is a row
             return [*rows, ("broker reachable", False,
-                            f"Redis at {self._redis_url}: {exc}; start it or fix redis_url")]
+                            f"Redis at {self.options.redis_url}: {exc}; start it or fix redis_url")]
         rows.append(await _worker_row(self._pool, self._queue))
         rows.append(await _backlog_row(self._pool, self._queue))
         return rows

@@ -110,10 +110,12 @@ class AwsBatchAdapter(BackendAdapter):
     # its outcome first.
     after_job: ClassVar[str] = "flushed"
 
+    options: AwsBatchOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
-        self.store_url = str(config.get("payload_store") or "")
-        self.python = str(config.get("python") or "python")
+        self.store_url = self.options.payload_store or ""
+        self.python = self.options.python
         self.submissions = 0  # SubmitJob calls (an array job counts once)
         self._client: Any = None
         self._tracked: dict[str, float] = {}  # handle -> when we submitted it
@@ -122,11 +124,11 @@ class AwsBatchAdapter(BackendAdapter):
     # ------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        _check_required(self.config)
-        self._client = await asyncio.to_thread(_batch_client, self.config)
-        if self.config.get("verify_on_start", True):
+        _check_required(self.options)
+        self._client = await asyncio.to_thread(_batch_client, self.options)
+        if self.options.verify_on_start:
             try:
-                queue = await self._describe_queue(str(self.config["job_queue"]))
+                queue = await self._describe_queue(str(self.options.job_queue))
             except Exception as exc:  # botocore's errors: unreachable, credentials, denied
                 raise AwsBatchError(
                     f"cannot reach AWS Batch at {self._where()}: {exc}; check endpoint_url, "
@@ -134,13 +136,13 @@ class AwsBatchAdapter(BackendAdapter):
                 ) from exc
             if queue is None:
                 raise AwsBatchError(
-                    f"AWS Batch job queue {self.config['job_queue']!r} does not exist at "
+                    f"AWS Batch job queue {self.options.job_queue!r} does not exist at "
                     f"{self._where()}; create it or set executor_config.job_queue"
                 )
 
     def _where(self) -> str:
         region = getattr(getattr(self._client, "meta", None), "region_name", "?")
-        return str(self.config.get("endpoint_url") or f"AWS Batch in {region}")
+        return self.options.endpoint_url or f"AWS Batch in {region}"
 
     async def _call(self, method: str, **kwargs: Any) -> Any:
         if self._client is None:
@@ -311,7 +313,7 @@ class AwsBatchAdapter(BackendAdapter):
 
     async def doctor(self) -> list[Row]:
         rows: list[Row] = []
-        queue_name = str(self.config.get("job_queue"))
+        queue_name = str(self.options.job_queue)
         try:
             started = time.perf_counter()
             queue = await self._describe_queue(queue_name)
@@ -347,7 +349,7 @@ class AwsBatchAdapter(BackendAdapter):
         return [("compute environment VALID and ENABLED", bool(usable), names or "none found")]
 
     async def _definition_row(self) -> Row:
-        definition = str(self.config.get("job_definition"))
+        definition = str(self.options.job_definition)
         label = f"job definition '{definition}'"
         try:
             if definition.startswith("arn:") or ":" in definition:
@@ -377,27 +379,27 @@ def _exit_code(described: dict[str, Any]) -> int | None:
     return int(code) if isinstance(code, int) else None
 
 
-def _check_required(config: dict[str, Any]) -> None:
-    if not config.get("job_queue") or not config.get("job_definition"):
+def _check_required(options: AwsBatchOptions) -> None:
+    if not options.job_queue or not options.job_definition:
         raise AwsBatchError(
             "aws_batch needs executor_config.job_queue and executor_config.job_definition "
             "(the name or ARN of an existing Batch job queue and job definition)"
         )
-    if not config.get("payload_store"):
+    if not options.payload_store:
         raise AwsBatchError(
             "aws_batch needs executor_config.payload_store, a store the jobs can read, "
             "e.g. 's3://my-bucket/wove-payloads' (payloads never travel inside SubmitJob)"
         )
 
 
-def _batch_client(config: dict[str, Any]) -> Any:
+def _batch_client(options: AwsBatchOptions) -> Any:
     """Blocking: the boto3 Batch client (one per adapter), retries in standard mode."""
     import boto3
     from botocore.config import Config
 
     session = boto3.session.Session(
-        region_name=config.get("region") or config.get("region_name"),
-        profile_name=config.get("profile"),
+        region_name=options.region or options.region_name,
+        profile_name=options.profile,
     )
     if session.region_name is None:
         raise AwsBatchError(
@@ -405,13 +407,10 @@ def _batch_client(config: dict[str, Any]) -> Any:
         )
     return session.client(
         "batch",
-        endpoint_url=config.get("endpoint_url"),
+        endpoint_url=options.endpoint_url,
         config=Config(
-            max_pool_connections=int(config.get("max_pool_connections", 32)),
-            retries={
-                "mode": "standard",
-                "max_attempts": int(config.get("max_attempts", 5)),
-            },
+            max_pool_connections=options.max_pool_connections,
+            retries={"mode": "standard", "max_attempts": options.max_attempts},
         ),
     )
 

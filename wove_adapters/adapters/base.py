@@ -105,8 +105,14 @@ class BackendAdapter(abc.ABC):
     #   so the ledger is the only place left to look.
     after_job: ClassVar[str] = "retries"
 
+    # ``executor_config`` parsed into ``config_struct`` (defaults and coercions in one
+    # place); an adapter narrows the type (``options: ArqOptions``) and reads its keys
+    # here. ``config`` stays the raw mapping, for per-task options (``options_for``).
+    options: AdapterOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         self.config = config
+        self.options = (self.config_struct or AdapterOptions).of(config)
         self.environment = environment
         self.emit: Emit | None = None
 

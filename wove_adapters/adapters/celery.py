@@ -132,6 +132,8 @@ class CeleryAdapter(BackendAdapter):
     }
     reconcile_seconds: ClassVar[float] = 2.0
 
+    options: CeleryOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
         self.app: Any = None
@@ -139,61 +141,57 @@ class CeleryAdapter(BackendAdapter):
         self._own_app = False
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._hops: ThreadHops | None = None  # submits of one loop iteration, together
-        self.task_name = str(config.get("task_name") or TASK_NAME)
-        self.queue = str(config.get("queue") or DEFAULT_QUEUE)
+        self.task_name = self.options.task_name
+        self.queue = self.options.queue
         send = {key: config[key] for key in _SEND_KEYS if config.get(key) is not None}
         send.setdefault("queue", self.queue)
-        self.send_options: dict[str, Any] = {**send, **dict(config.get("send_options") or {})}
-        self.revoke_signal = str(config.get("revoke_signal") or "SIGTERM")
-        self.use_claims = bool(config.get("idempotency_claim", True))
+        self.send_options: dict[str, Any] = {**send, **self.options.send_options}
         self._claims: KeyClaims | None = None
         self._owned: dict[str, str] = {}  # task id -> run id, for the keys we claimed
         self._pending: PendingCheck | None = None
-        self.capabilities = self._capabilities_for(config)  # type: ignore[misc]
+        self.capabilities = self._capabilities_for(self.options)  # type: ignore[misc]
 
     @classmethod
-    def _capabilities_for(cls, config: dict[str, Any]) -> Capabilities:
+    def _capabilities_for(cls, options: CeleryOptions) -> Capabilities:
         """Narrow the claims to this configuration: without a result backend nothing can
         report a job's state (nor confirm a queued task's revoke); claims need one too."""
-        broker = str(config.get("broker_url") or DEFAULT_BROKER)
         has_backend = bool(
-            config.get("app")
-            or config.get("result_backend")
-            or (config.get("result_backend") is None
-                and broker.startswith(("redis://", "rediss://")))
+            options.app or options.result_backend
+            or (options.result_backend is None
+                and options.broker_url.startswith(("redis://", "rediss://")))
         )
         return dataclasses.replace(
             cls.capabilities,
             status=has_backend,
             confirm_cancel=has_backend,
-            native_idempotency=has_backend and bool(config.get("idempotency_claim", True)),
+            native_idempotency=has_backend and options.idempotency_claim,
         )
 
     # ------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        threads = int(self.config.get("client_threads") or 4)
+        threads = self.options.client_threads
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix=f"wove-celery-{self.environment}",
         )
         self._hops = ThreadHops(self._pool, threads)
         # May import a module (the user's app).
-        self.app, self._own_app = await self._call(client_app, self.config, self.environment)
+        self.app, self._own_app = await self._call(client_app, self.options, self.environment)
         if self._has_backend():  # nothing the caller reads back may be unpickled
             check_backend(self.app.backend)
         self.control = json_control(self.app)
-        await self._call(check_broker, self.app, float(self.config.get("connect_timeout") or 10))
-        if self.use_claims and self._has_backend():
+        await self._call(check_broker, self.app, self.options.connect_timeout)
+        if self.options.idempotency_claim and self._has_backend():
             self._claims = await open_claims(self.app.backend)
         # What the app really has: a user's app may keep its results anywhere.
         self.capabilities = dataclasses.replace(  # type: ignore[misc]
             self.capabilities, native_idempotency=self._claims is not None
         )
-        if self._has_backend() and _truthy(self.config.get("pending_check", True)):
+        if self._has_backend() and _truthy(self.options.pending_check):
             self._pending = PendingCheck(
                 self,
-                timeout=float(self.config.get("pending_check_timeout") or 1.0),
-                every=float(self.config.get("reconcile_seconds") or self.reconcile_seconds),
+                timeout=self.options.pending_check_timeout,
+                every=self.options.reconcile_seconds or self.reconcile_seconds,
             )
 
     async def aclose(self) -> None:
@@ -259,7 +257,7 @@ class CeleryAdapter(BackendAdapter):
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
         await self._call(
-            self.app.control.revoke, handle, terminate=running, signal=self.revoke_signal
+            self.app.control.revoke, handle, terminate=running, signal=self.options.revoke_signal
         )
         run_id = self._owned.pop(handle, None)
         if run_id is not None and self._claims is not None:  # a cancelled key may run again
@@ -329,8 +327,7 @@ class CeleryAdapter(BackendAdapter):
     async def doctor(self) -> list[tuple[str, bool, str]]:
         rows: list[tuple[str, bool, str]] = []
         try:
-            await self._call(check_broker, self.app,
-                             float(self.config.get("connect_timeout") or 10.0))
+            await self._call(check_broker, self.app, self.options.connect_timeout)
             rows.append(("broker reachable", True, redact_url(self.app.conf.broker_url)))
         except Exception as exc:  # every failure is a row
             rows.append(("broker reachable", False, str(exc)))
@@ -347,15 +344,8 @@ class CeleryAdapter(BackendAdapter):
         else:
             rows.append(("result backend", False, "none configured: status() cannot see "
                          "jobs; set executor_config.result_backend (e.g. redis://...)"))
-        timeout = float(self.config.get("inspect_timeout", 2.0))
-        rows.append(await self._call(worker_row, self.app, self.queue, self.task_name, timeout))
-        if self.config.get("return_path") == "redis":
-            url = str(self.config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
-            try:
-                await self._call(_redis_ping, url)
-                rows.append(("redis return path", True, redact_url(url)))
-            except Exception as exc:
-                rows.append(("redis return path", False, f"{redact_url(url)}: {exc}"))
+        rows.append(await self._call(worker_row, self.app, self.queue, self.task_name,
+                                     self.options.inspect_timeout))
         return rows
 
 
@@ -363,16 +353,17 @@ class CeleryAdapter(BackendAdapter):
 # Blocking calls: the adapter runs them in its client threads.
 
 
-def client_app(config: dict[str, Any], environment: str) -> tuple[Any, bool]:
+def client_app(options: CeleryOptions, environment: str) -> tuple[Any, bool]:
     """The app the caller sends through: the user's (``app``), or one of ours built from
     ``executor_config`` (True: ours, to close)."""
-    spec = config.get("app")
-    if spec:
-        return import_object(str(spec), default="app"), False
+    if options.app:
+        if not isinstance(options.app, str):
+            return options.app, False
+        return import_object(options.app, default="app"), False
     from celery import Celery
 
-    broker = str(config.get("broker_url") or DEFAULT_BROKER)
-    backend = config.get("result_backend")
+    broker = options.broker_url
+    backend = options.result_backend
     if backend is None and broker.startswith(("redis://", "rediss://")):
         backend = broker
     app = Celery(
@@ -383,7 +374,7 @@ def client_app(config: dict[str, Any], environment: str) -> tuple[Any, bool]:
     )
     app.conf.update(BASE_CONF)
     app.conf.task_publish_retry_policy = dict(PUBLISH_RETRY_POLICY)
-    app.conf.update(dict(config.get("celery_config") or {}))
+    app.conf.update(options.celery_config)
     return app, True
 
 
@@ -525,16 +516,6 @@ def _truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in ("", "0", "false", "no", "off")
     return bool(value)
-
-
-def _redis_ping(url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=5)
-    try:
-        client.ping()
-    finally:
-        client.close()
 
 
 def __getattr__(name: str) -> Any:

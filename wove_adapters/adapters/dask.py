@@ -134,18 +134,19 @@ class DaskAdapter(BackendAdapter):
     )
     STATE_MAP: ClassVar[dict[str, JobState]] = _STATES
 
+    options: DaskOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
         self.client: Any = None
         self.cluster: Any = None
-        self.native = config.get("return_path") == "native"
+        self.native = self.options.return_path == "native"
         if self.native:  # the future carries the outcome only: no started/heartbeat events
             self.capabilities = dataclasses.replace(  # type: ignore[misc]
                 type(self).capabilities, heartbeats=False)
         self._tracked: dict[str, _Tracked] = {}
         self._finished: FinishedStates[JobState] = FinishedStates()
         self._defaults = {k: config[k] for k in SUBMIT_OPTIONS if config.get(k) is not None}
-        self._cancel_force = bool(config.get("cancel_force", False))
         # One ``client.map`` for a loop iteration's submits (one graph update, not one per
         # task), one ``gather`` for the results that finished together.
         self._batch: IterationBatch[tuple[str, str, dict[str, Any]]] = IterationBatch(self._flush)
@@ -170,7 +171,7 @@ class DaskAdapter(BackendAdapter):
     # ---------------------------------------------------------- life cycle
 
     async def start(self) -> None:
-        self.client, self.cluster = await dask_cluster.connect(self.config, self.environment)
+        self.client, self.cluster = await dask_cluster.connect(self.options, self.environment)
 
     async def aclose(self) -> None:
         """Stop in the order that keeps the cluster quiet: detached runs on our own
@@ -200,7 +201,7 @@ class DaskAdapter(BackendAdapter):
         self._detached.clear()
         if not pending or self.client is None:
             return
-        timeout = float(self.config.get("close_timeout", 45))
+        timeout = self.options.close_timeout
         left = await wait_within([f.exception() for f in pending], timeout)
         if left:
             log.warning(
@@ -276,7 +277,7 @@ class DaskAdapter(BackendAdapter):
             return
         if tracked.future.done():
             return
-        await self.client.cancel([tracked.future], force=self._cancel_force,
+        await self.client.cancel([tracked.future], force=self.options.cancel_force,
                                  reason="cancelled by wove-adapters")
 
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:

@@ -10,25 +10,28 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wove_adapters.core.doctor import Row, checked_row
 from wove_adapters.worker import hosted
 
+if TYPE_CHECKING:
+    from wove_adapters.adapters.dask import DaskOptions
+
 log = logging.getLogger("wove_adapters.adapters.dask")
 
 
-async def connect(config: dict[str, Any], environment: str) -> tuple[Any, Any]:
+async def connect(options: DaskOptions, environment: str) -> tuple[Any, Any]:
     """(client, the LocalCluster the environment owns or None) for ``executor_config``;
     a ConnectionError naming how to start a scheduler when none answers."""
     from distributed import Client, LocalCluster
 
-    address = configured_address(config)
+    address = configured_address(options)
     cluster = None
-    if config.get("cluster") == "local":
-        cluster = await LocalCluster(**local_cluster_options(config))
+    if options.cluster == "local":
+        cluster = await LocalCluster(**local_cluster_options(options))
         address = cluster.scheduler_address
-    target, kwargs = client_arguments(config, environment, address, local=cluster is not None)
+    target, kwargs = client_arguments(options, environment, address, local=cluster is not None)
     try:
         client = await Client(target, **kwargs)
     except Exception as exc:
@@ -38,9 +41,8 @@ async def connect(config: dict[str, Any], environment: str) -> tuple[Any, Any]:
             f"'dask scheduler --host 127.0.0.1' and workers with 'dask worker {address}', "
             f"or use executor_config cluster: 'local'."
         ) from exc
-    failures = config.get("allowed_failures")
-    if failures is not None and cluster is None:
-        await client.run_on_scheduler(set_allowed_failures, allowed=int(failures))
+    if options.allowed_failures is not None and cluster is None:
+        await client.run_on_scheduler(set_allowed_failures, allowed=options.allowed_failures)
     return client, cluster
 
 
@@ -85,10 +87,10 @@ async def doctor_rows(client: Any) -> list[Row]:
     return rows
 
 
-def configured_address(config: dict[str, Any]) -> str | None:
+def configured_address(options: DaskOptions) -> str | None:
     """The scheduler ``executor_config`` names; a ValueError when it names none."""
-    address = config.get("address") or config.get("scheduler_file")
-    cluster = config.get("cluster")
+    address = options.address or options.scheduler_file
+    cluster = options.cluster
     if cluster not in (None, "local"):
         raise ValueError(f"dask executor_config 'cluster' must be 'local', not {cluster!r}")
     if not address and cluster is None:
@@ -96,39 +98,38 @@ def configured_address(config: dict[str, Any]) -> str | None:
             "dask executor_config needs 'address' (e.g. 'tcp://127.0.0.1:8786'), "
             "'scheduler_file', or cluster: 'local' to start a LocalCluster"
         )
-    return str(address) if address else None
+    return address or None
 
 
 def client_arguments(
-    config: dict[str, Any], environment: str, address: str | None, *, local: bool
+    options: DaskOptions, environment: str, address: str | None, *, local: bool
 ) -> tuple[str | None, dict[str, Any]]:
     """(address, keyword arguments) of the asynchronous ``Client`` to the scheduler."""
     # Same host as an owned cluster: fetch results from the workers, not the scheduler.
     defaults: dict[str, Any] = {"direct_to_workers": True} if local else {}
-    kwargs: dict[str, Any] = {"timeout": float(config.get("connect_timeout", 30)),
+    kwargs: dict[str, Any] = {"timeout": options.connect_timeout,
                               "name": f"wove-adapters-{environment}",
-                              **defaults, **(config.get("client_options") or {}),
-                              "asynchronous": True}
-    if config.get("scheduler_file") and not config.get("address"):
-        kwargs["scheduler_file"] = config["scheduler_file"]
+                              **defaults, **options.client_options, "asynchronous": True}
+    if options.scheduler_file and not options.address:
+        kwargs["scheduler_file"] = options.scheduler_file
         return None, kwargs
     return address, kwargs
 
 
-def local_cluster_options(config: dict[str, Any]) -> dict[str, Any]:
+def local_cluster_options(options: DaskOptions) -> dict[str, Any]:
     """``LocalCluster`` arguments for the cluster the environment owns."""
-    options: dict[str, Any] = {
+    arguments: dict[str, Any] = {
         "host": "127.0.0.1",
         "protocol": "tcp://",
-        "n_workers": int(config.get("n_workers", 2)),
-        "threads_per_worker": int(config.get("threads_per_worker", 1)),
+        "n_workers": options.n_workers,
+        "threads_per_worker": options.threads_per_worker,
         "processes": True,
         # The scheduler always serves HTTP (health, metrics); with None it takes 8787.
         # Loopback and a free port instead ('--no-dashboard' would bind 0.0.0.0).
         "dashboard_address": "127.0.0.1:0",
         # A worker that dies mid-task fails the task (KilledWorker) instead of Dask
         # re-running it: the orphan policy decides what happens to a lost run.
-        "scheduler_kwargs": {"allowed_failures": int(config.get("allowed_failures", 0))},
+        "scheduler_kwargs": {"allowed_failures": options.allowed_failures or 0},
         # The cluster is ours and stops with us: its workers' expected goodbyes at
         # close (a cancelled task interrupted, comms closed, on a loaded machine a
         # heartbeat that raced the scheduler's close, logged as ERROR) are not news
@@ -137,8 +138,7 @@ def local_cluster_options(config: dict[str, Any]) -> dict[str, Any]:
         "silence_logs": logging.CRITICAL,
         "asynchronous": True,
     }
-    options.update(config.get("cluster_options") or {})
-    return options
+    return {**arguments, **options.cluster_options}
 
 
 @contextlib.contextmanager

@@ -96,7 +96,6 @@ class _Job:
     name: str
     created: bool  # we created it (an attached Job belongs to someone else)
     payload_keys: dict[int | None, str]  # index (None: a plain Job) -> payload key
-    submitted_at: float = field(default_factory=time.monotonic)
     open_runs: set[int | None] = field(default_factory=set)
     cancelled: set[int | None] = field(default_factory=set)
 
@@ -164,13 +163,15 @@ class KubernetesJobsAdapter(BackendAdapter):
     # its outcome first.
     after_job: ClassVar[str] = "flushed"
 
+    options: KubernetesJobsOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
-        if config.get("array_jobs") is False:  # clusters older than 1.29 (backoffLimitPerIndex)
+        if not self.options.array_jobs:  # clusters older than 1.29 (backoffLimitPerIndex)
             self.capabilities = dataclasses.replace(  # type: ignore[misc]
                 self.capabilities, array_jobs=False
             )
-        self.namespace = str(config.get("namespace") or "")
+        self.namespace = self.options.namespace or ""
         self.submissions = 0  # Jobs created (an Indexed Job counts once)
         self._api: Any = None
         self._batch: Any = None
@@ -180,22 +181,20 @@ class KubernetesJobsAdapter(BackendAdapter):
         # namespace -> (job, index) -> why its Pod cannot start (past pending_timeout)
         self._stuck: dict[str, dict[tuple[str, int | None], str]] = {}
         self._stuck_since: dict[str, float] = {}
-        self._pending_timeout = float(config.get("pending_timeout", 120.0))
-        self._pods_every = max(1.0, min(self._pending_timeout / 4, 15.0))
+        self._pods_every = max(1.0, min(self.options.pending_timeout / 4, 15.0))
         self._pods_listed_at: dict[str, float] = {}
-        self._timeout = float(config.get("request_timeout", 30.0))
 
     # ------------------------------------------------------------ client
 
     async def start(self) -> None:
         from kubernetes import client
 
-        if not (self.config.get("image") or (self.config.get("task_options") or {}).get("image")):
+        if not (self.options.image or self.options.task_options.get("image")):
             raise ValueError(
                 "kubernetes_jobs needs executor_config 'image': an image with wove-adapters "
                 "installed (e.g. FROM python:3.11-slim + RUN pip install wove-adapters)"
             )
-        threads = int(self.config.get("api_threads", 8))
+        threads = self.options.api_threads
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="wove-k8s")
         try:
             configuration, context_namespace = await self._in_pool(self._client_configuration)
@@ -223,17 +222,16 @@ class KubernetesJobsAdapter(BackendAdapter):
 
         cfg = client.Configuration()
         namespace: str | None = None
-        if self.config.get("host"):
-            cfg.host = str(self.config["host"]).rstrip("/")
-            token = self.config.get("token")
-            if token:
-                token = secret_text(str(token), option="token")
+        options = self.options
+        if options.host:
+            cfg.host = options.host.rstrip("/")
+            if options.token:
+                token = secret_text(options.token, option="token")
                 cfg.api_key["BearerToken"] = f"Bearer {token}"
-            if self.config.get("ca_cert"):
-                cfg.ssl_ca_cert = str(self.config["ca_cert"])
-        elif self.config.get("in_cluster") or (
-            self.config.get("in_cluster") is None
-            and not self.config.get("kubeconfig")
+            if options.ca_cert:
+                cfg.ssl_ca_cert = options.ca_cert
+        elif options.in_cluster or (
+            options.in_cluster is None and not options.kubeconfig
             and os.environ.get("KUBERNETES_SERVICE_HOST")
         ):
             kube_config.load_incluster_config(client_configuration=cfg)
@@ -241,8 +239,7 @@ class KubernetesJobsAdapter(BackendAdapter):
                 with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as handle:
                     namespace = handle.read().strip() or None
         else:
-            path = self.config.get("kubeconfig")
-            context = self.config.get("context")
+            path, context = options.kubeconfig, options.context
             kube_config.load_kube_config(
                 config_file=path, context=context, client_configuration=cfg
             )
@@ -251,8 +248,8 @@ class KubernetesJobsAdapter(BackendAdapter):
                 if context:
                     active = next(c for c in contexts if c["name"] == context)
                 namespace = (active.get("context") or {}).get("namespace")
-        if self.config.get("verify_ssl") is not None:
-            cfg.verify_ssl = bool(self.config["verify_ssl"])
+        if options.verify_ssl is not None:
+            cfg.verify_ssl = options.verify_ssl
         return cfg, namespace
 
     async def _in_pool(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -266,7 +263,8 @@ class KubernetesJobsAdapter(BackendAdapter):
         def call() -> Any:
             try:
                 response = method(
-                    *args, _preload_content=False, _request_timeout=self._timeout, **kwargs
+                    *args, _preload_content=False,
+                    _request_timeout=self.options.request_timeout, **kwargs,
                 )
             except ApiException as exc:
                 raise _api_error(exc) from None
@@ -312,7 +310,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         return dns_label(job.job_name)
 
     def _store(self) -> payload_mod.PayloadStore:
-        return payload_mod.open_store(self.config.get("payload_store"))
+        return payload_mod.open_store(self.options.payload_store)
 
     # ------------------------------------------------------------ submit
 
@@ -500,7 +498,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             meta = pod.get("metadata") or {}
             uid = str(meta.get("uid", ""))
             seen.add(uid)
-            if now - self._stuck_since.setdefault(uid, now) < self._pending_timeout:
+            if now - self._stuck_since.setdefault(uid, now) < self.options.pending_timeout:
                 continue
             stuck[(job_of(pod), index_of(pod))] = reason
         for uid in set(self._stuck_since) - seen:
@@ -557,7 +555,7 @@ class KubernetesJobsAdapter(BackendAdapter):
         if tracked.open_runs:
             return
         self._jobs.pop((namespace, name), None)
-        if tracked.created and self.config.get("cleanup", True):
+        if tracked.created and self.options.cleanup:
             await self._delete_job(namespace, name)
 
     async def detach(self, handle: str) -> None:
@@ -621,7 +619,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             "needed to see Pods that cannot start", lambda exc: f"{exc}; grant list on pods",
             errors=KubernetesApiError,
         ))
-        rows.append(await store_row(self.config.get("payload_store"),
+        rows.append(await store_row(self.options.payload_store,
                                     "the Pods read them (mount the directory, or use Redis)"))
         return rows
 

@@ -73,20 +73,22 @@ class ProcessAdapter(BackendAdapter):
     # its outcome first.
     after_job: ClassVar[str] = "flushed"
 
+    options: ProcessOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._files: dict[str, Path] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self._closing = False
-        self._spool = Path(config.get("spool_dir") or data_dir() / "spool")
+        self._spool = Path(self.options.spool_dir or data_dir() / "spool")
         self._spool.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._python = str(config.get("python") or sys.executable)
-        self._env = {k: str(v) for k, v in (config.get("env") or {}).items()}
-        if config.get("secret"):
+        self._python = self.options.python or sys.executable
+        self._env = {k: str(v) for k, v in self.options.env.items()}
+        if self.options.secret:
             from wove_adapters.core.signing import SECRET_ENV, resolve_secret
 
-            secret = resolve_secret(config["secret"])
+            secret = resolve_secret(self.options.secret)
             if secret is not None:
                 self._env.setdefault(SECRET_ENV, secret.decode())
 

@@ -124,17 +124,19 @@ class RayAdapter(BackendAdapter):
         "REFUSED": JobState.REFUSED,  # ours: the worker refused the payload
     }
 
+    options: RayOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
-        self.address = str(config.get("address") or "local")
-        self.init_options: dict[str, Any] = dict(config.get("init") or {})
+        self.address = self.options.address
+        self.init_options = self.options.init
         self.remote_options: dict[str, Any] = {
             **DEFAULT_REMOTE_OPTIONS,
             **{key: config[key] for key in REMOTE_OPTIONS if key in config},
-            **dict(config.get("remote_options") or {}),
+            **self.options.remote_options,
         }
-        self.native = config.get("return_path") == "native"
-        self.force_cancel_after = float(config.get("force_cancel_after", 2.0))
+        self.native = self.options.return_path == "native"
+        self.force_cancel_after = self.options.force_cancel_after
         self._ray: Any = None
         self._remote: Any = None
         self._exported = False

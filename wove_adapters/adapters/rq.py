@@ -118,10 +118,12 @@ class RqAdapter(BackendAdapter):
     # its outcome first.
     after_job: ClassVar[str] = "settled"
 
+    options: RqOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
-        self.redis_url = str(config.get("redis_url") or DEFAULT_REDIS_URL)
-        self.queue_name = str(config.get("queue") or DEFAULT_QUEUE)
+        self.redis_url = self.options.redis_url
+        self.queue_name = self.options.queue
         self._defaults = {k: config[k] for k in (*_ENQUEUE_OPTIONS, "meta") if k in config}
         self._connection: Any = None
         self._queues: dict[str, Any] = {}
@@ -139,8 +141,7 @@ class RqAdapter(BackendAdapter):
         import redis
         from rq import Queue
 
-        options = dict(self.config.get("redis_options") or {})
-        self._connection = redis.Redis.from_url(self.redis_url, **options)
+        self._connection = redis.Redis.from_url(self.redis_url, **self.options.redis_options)
         try:
             self._connection.ping()
         except redis.RedisError as exc:

@@ -135,14 +135,16 @@ class SlurmAdapter(BackendAdapter):
     # its outcome first.
     after_job: ClassVar[str] = "flushed"
 
+    options: SlurmOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
-        self.spool = Path(config.get("spool_dir") or data_dir() / "slurm-spool")
-        self.python = str(config.get("python") or sys.executable)
+        self.spool = Path(self.options.spool_dir or data_dir() / "slurm-spool")
+        self.python = self.options.python or sys.executable
         self.env = dict(os.environ)
-        if config.get("slurm_conf"):
-            self.env["SLURM_CONF"] = str(config["slurm_conf"])
-        self.bin = Path(config["slurm_bin"]) if config.get("slurm_bin") else None
+        if self.options.slurm_conf:
+            self.env["SLURM_CONF"] = self.options.slurm_conf
+        self.bin = Path(self.options.slurm_bin) if self.options.slurm_bin else None
         self.submissions = 0
         self._payloads: dict[str, Path] = {}
 

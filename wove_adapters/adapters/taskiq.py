@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
+from wove_adapters.adapters.registry import import_object
 from wove_adapters.core.claims import KeyClaims
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
@@ -99,15 +100,16 @@ class TaskiqAdapter(BackendAdapter):
     }
     reconcile_seconds: ClassVar[float] = 2.0
 
+    options: TaskiqOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
-        self.url = str(config.get("url") or DEFAULT_URL)
-        self.queue = str(config.get("queue") or DEFAULT_QUEUE)
-        self.control_url = str(config.get("control_url") or self.url)
-        self.prefix = str(config.get("key_prefix") or f"wove:taskiq:{self.queue}")
-        self.lease_seconds = float(config.get("lease_seconds") or 10.0)
-        self.claim_ttl = int(config.get("claim_ttl") or 86400)
-        self.labels: dict[str, Any] = dict(config.get("labels") or {})
+        self.url = self.options.url
+        self.queue = self.options.queue
+        self.control_url = self.options.control_url or self.url
+        self.result_url = self.options.result_url or self.url
+        self.prefix = self.options.key_prefix or f"wove:taskiq:{self.queue}"
+        self.claim_ttl = self.options.claim_ttl
         self._broker: Any = None
         self._redis: Any = None
         self._claims: KeyClaims | None = None
@@ -130,12 +132,9 @@ class TaskiqAdapter(BackendAdapter):
     def _make_broker(self) -> Any:
         from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend, RedisStreamBroker
 
-        kind = str(self.config.get("broker") or "list")
+        kind = self.options.broker
         if ":" in kind:  # the user's own broker object (or a factory returning one)
-            import importlib
-
-            module, _, attr = kind.partition(":")
-            broker = getattr(importlib.import_module(module), attr)
+            broker = import_object(kind)
             return broker() if not hasattr(broker, "kick") else broker
         if kind == "list":
             broker = _kicking_list_broker(ListQueueBroker)(self.url, queue_name=self.queue)
@@ -149,8 +148,7 @@ class TaskiqAdapter(BackendAdapter):
         from taskiq.serializers import JSONSerializer
 
         backend: Any = RedisAsyncResultBackend(
-            str(self.config.get("result_url") or self.url),
-            prefix_str=self.config.get("result_prefix"),
+            self.result_url, prefix_str=self.options.result_prefix,
             serializer=JSONSerializer(),  # never pickle (the caller reads no result anyway)
         )
         return broker.with_result_backend(backend)
@@ -195,10 +193,10 @@ class TaskiqAdapter(BackendAdapter):
             "url": self.control_url,
             "prefix": self.prefix,
             "handle": handle,
-            "lease": self.lease_seconds,
+            "lease": self.options.lease_seconds,
             "ttl": self.claim_ttl,
         }
-        labels = {**self.labels, **job.options}
+        labels = {**self.options.labels, **job.options}
         kicker: Any = AsyncKicker(TASK_NAME, self._broker, labels).with_task_id(handle)
         await kicker.kiq(payload=job.payload, control=control)
         return handle
@@ -274,11 +272,9 @@ class TaskiqAdapter(BackendAdapter):
     def _result_key(self, handle: str) -> str | None:
         """Where our own RedisAsyncResultBackend keeps a result, when it shares our Redis
         (then the readiness check rides in the status pipeline)."""
-        if ":" in str(self.config.get("broker") or "list"):
+        if ":" in self.options.broker or self.result_url != self.control_url:
             return None
-        if str(self.config.get("result_url") or self.url) != self.control_url:
-            return None
-        prefix = self.config.get("result_prefix")
+        prefix = self.options.result_prefix
         return f"{prefix}:{handle}" if prefix else handle
 
     async def doctor(self) -> list[tuple[str, bool, str]]:
@@ -286,7 +282,7 @@ class TaskiqAdapter(BackendAdapter):
         try:
             await self._redis.ping()
             depth = ""
-            if str(self.config.get("broker") or "list") == "list":
+            if self.options.broker == "list":
                 depth = f", {await self._redis.llen(self.queue)} message(s) waiting"
             detail = f"{self.url} queue '{self.queue}'{depth}"
             rows.append(("taskiq broker reachable", True, detail))

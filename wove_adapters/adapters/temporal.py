@@ -114,12 +114,14 @@ class TemporalAdapter(BackendAdapter):
     # recorded its outcome first.
     after_job: ClassVar[str] = "settled"
 
+    options: TemporalOptions
+
     def __init__(self, config: dict[str, Any], *, environment: str) -> None:
         super().__init__(config, environment=environment)
-        self.address = str(config.get("address") or DEFAULT_ADDRESS)
-        self.namespace = str(config.get("namespace") or "default")
-        self.task_queue = str(config.get("task_queue") or DEFAULT_TASK_QUEUE)
-        self.native = config.get("return_path") == "native"
+        self.address = self.options.address
+        self.namespace = self.options.namespace
+        self.task_queue = self.options.task_queue
+        self.native = self.options.return_path == "native"
         self._client: Any = None
         # Our own workflows whose result is the way back (native path): id -> its reader.
         self._readers: dict[str, asyncio.Task[None]] = {}
@@ -129,18 +131,18 @@ class TemporalAdapter(BackendAdapter):
     async def start(self) -> None:
         from temporalio.client import Client
 
-        api_key = self.config.get("api_key")
+        api_key = self.options.api_key
         if api_key:  # a literal, env:VAR or file:/path
-            api_key = secret_text(str(api_key), option="api_key")
+            api_key = secret_text(api_key, option="api_key")
         try:
             self._client = await asyncio.wait_for(
                 Client.connect(
                     self.address,
                     namespace=self.namespace,
-                    tls=bool(self.config.get("tls", False)),
+                    tls=self.options.tls,
                     api_key=api_key or None,
                 ),
-                float(self.config.get("connect_timeout", 10.0)),
+                self.options.connect_timeout,
             )
         except Exception as exc:
             raise ConnectionError(

@@ -26,6 +26,7 @@ from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
 from wove_adapters.core.doctor import Row
+from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import JobState
 from wove_adapters.core.transport import Emit, RunAttempt, StartContext, Transport
 
@@ -60,7 +61,9 @@ class AdapterTransport(Transport):
         # The receiver when it is the Redis drop box (return_path "redis"), else None.
         self._dropbox: DropboxReader | None = None
         self._emit: Emit | None = None
-        self._config: dict[str, Any] = {}
+        self._options = AdapterOptions()
+        # The backend hands the outcome back itself (return_path "native", where offered).
+        self._native = False
         self._key_id = ""
         self._ledger_url: str | None = None
         self._store_url: str | None = None
@@ -87,16 +90,17 @@ class AdapterTransport(Transport):
             context.environment, context.executor_config, context.emit
         )
         self._emit = emit
-        self._config = executor_config
+        self._options = options = AdapterOptions.of(executor_config)
+        self._native = (self.adapter_cls.capabilities.native_result
+                        and options.return_path == "native")
         self._environment = environment
         self._key_id = executor_config["_key_id"]
         self._ledger_url = executor_config.get("_ledger_url")
-        self._store_url = executor_config.get("payload_store")
+        self._store_url = options.payload_store
         self._worker_bounds = worker_bounds(executor_config)
-        if executor_config.get("return_path") == "redis":
-            url = str(executor_config.get("return_redis_url") or "redis://127.0.0.1:6379/0")
-            self.receiver = self._dropbox = await get_dropbox(url)
-        elif not native_only(self.adapter_cls, executor_config):
+        if options.return_path == "redis":
+            self.receiver = self._dropbox = await get_dropbox(options.return_redis_url)
+        elif not self._native:
             self.receiver = await get_receiver(executor_config, environment=environment)
         self.adapter = self.adapter_cls(executor_config, environment=environment)
         self.adapter.emit = emit
@@ -124,9 +128,7 @@ class AdapterTransport(Transport):
         self.capabilities = self.adapter.capabilities
 
     def return_path(self, run: RunAttempt) -> payload_mod.ReturnPath:
-        kind = str(self._config.get("return_path", "http"))
-        if kind == "native" and native_only(self.adapter_cls, self._config):
-            # The backend hands the outcome back itself (the adapter emits it).
+        if self._native:  # the adapter emits the outcome the backend hands back
             return payload_mod.ReturnPath(kind="native")
         assert self.receiver is not None
         if self._dropbox is not None:
@@ -194,9 +196,7 @@ class AdapterTransport(Transport):
             assert self.inbox is not None
             self.receiver.register(run.run_id, self.inbox.sink, key_id=self._key_id,
                                    chunk=chunk)
-        limit = int(
-            self._config.get("inline_payload_limit") or self.capabilities.inline_payload_limit
-        )
+        limit = self._options.inline_payload_limit or self.capabilities.inline_payload_limit
         body = run.extra.get("body")
         if body is None:
             body = payload_mod.task_body(run.func, run.args)  # small: cheaper than a thread hop
@@ -250,7 +250,7 @@ class AdapterTransport(Transport):
         waiter: asyncio.Future[str] = loop.create_future()
         self._batch.append((job, waiter))
         if len(self._batch) == 1:
-            window = float(self._config.get("array_window", 0.05))
+            window = self._options.array_window
             loop.call_later(window, lambda: loop.create_task(self._flush_batch()))
         return await waiter
 
@@ -446,8 +446,3 @@ class AdapterTransport(Transport):
             await self.followers.aclose()
         if self.adapter is not None:
             await self.adapter.aclose()
-
-
-def native_only(cls: type[BackendAdapter], config: dict[str, Any]) -> bool:
-    """Adapters with a native result path may skip the receiver when configured so."""
-    return cls.capabilities.native_result and config.get("return_path") == "native"

@@ -8,9 +8,11 @@ caller waited forever). Each executor now declares the keys it reads as a
 delivery bounds) and each adapter extends it with its own. ``check_executor_config``
 compares a configuration with that declaration before anything connects or is submitted.
 
-The declaration is a schema, not a parser: adapters keep reading the same dict, so their
-defaults and coercions are unchanged; ``None`` means "unset" for every key (as it does in
-every configuration source). This module imports no backend library, so ``wove-adapters
+The declaration is also what an adapter reads: ``AdapterOptions.of(config)`` (the adapter
+base calls it) gives the struct with every default in one place and each value coerced
+the way configuration sources write it (``"2.5"`` -> 2.5 from a ``WOVE__`` variable, a
+path object -> its text); ``None`` means "unset" for every key (as it does in every
+configuration source). This module imports no backend library, so ``wove-adapters
 config`` and ``doctor`` can check a configuration on a machine without the backend.
 """
 
@@ -21,7 +23,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import msgspec
 
@@ -29,6 +31,8 @@ from wove_adapters.core.errors import ExecutorConfigError
 
 # Keys the runtime adds itself (signing key id, shareable ledger); never user keys.
 INTERNAL_KEYS = frozenset({"_key_id", "_ledger_url"})
+
+_Options = TypeVar("_Options", bound="ExecutorOptions")
 
 
 class ExecutorOptions(msgspec.Struct, kw_only=True):
@@ -56,6 +60,21 @@ class ExecutorOptions(msgspec.Struct, kw_only=True):
     # beyond either, its records are dropped and counted.
     task_logs_max_records: int = 10_000
     task_logs_max_bytes: int = 16 * 1024 * 1024
+
+    @classmethod
+    def of(cls: type[_Options], config: Mapping[str, Any]) -> _Options:
+        """The options ``config`` sets, on top of the declared defaults. Unset (None),
+        internal and undeclared keys are passed over: ``check_executor_config`` refuses
+        an undeclared key when the environment starts, and a bare adapter built in a
+        script or a test keeps working as before. A value no declared type can take is
+        a ValueError naming the key."""
+        fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+        given: dict[str, Any] = {}
+        for key, value in config.items():
+            field = fields.get(str(key))
+            if field is not None and value is not None and key not in INTERNAL_KEYS:
+                given[field.name] = _coerced(str(key), value, field.type)
+        return cls(**given)
 
 
 class AdapterOptions(ExecutorOptions, kw_only=True):
@@ -156,6 +175,27 @@ def _check_type(
             f"not {value!r} ({type(value).__name__})",
             key=key, executor=executor, environment=environment, suggestion=None,
         )
+
+
+def _coerced(key: str, value: Any, expected: Any) -> Any:
+    """``value`` as one member of ``expected``: unchanged where it already is one, else
+    converted the lenient way configuration sources need (see ``_fits``)."""
+    members = _members(expected)
+    for member in members:
+        plain = typing.get_origin(member) or member
+        if member is Any or (isinstance(plain, type) and isinstance(value, plain)
+                             and not (isinstance(value, bool) and plain in (int, float))):
+            return value
+    for member in members:
+        try:
+            return msgspec.convert(value, member, strict=False)
+        except (msgspec.ValidationError, TypeError):
+            continue
+    if _accepts(expected, str) and (isinstance(value, os.PathLike) or (
+            isinstance(value, (int, float)) and not isinstance(value, bool))):
+        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    raise ValueError(f"executor_config key '{key}' must be {_describe(expected)}, "
+                     f"not {value!r} ({type(value).__name__})")
 
 
 def _fits(value: Any, member: Any) -> bool:
