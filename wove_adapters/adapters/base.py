@@ -12,6 +12,7 @@ Which class a name means is the registry's job (``adapters/registry.py``).
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -115,6 +116,13 @@ class BackendAdapter(abc.ABC):
         self.options = (self.config_struct or AdapterOptions).of(config)
         self.environment = environment
         self.emit: Emit | None = None
+
+    @functools.cached_property
+    def native(self) -> bool:
+        """The backend hands each run's outcome back itself (``return_path: native`` on
+        an adapter that offers it): the transport opens no receiver, and the adapter
+        reports every run's end (``report``)."""
+        return self.capabilities.native_result and self.options.return_path == "native"
 
     def report(self, frame: dict[str, Any] | None) -> None:
         """Hand a run's event to the transport, for an adapter that reports its runs' ends

@@ -140,7 +140,6 @@ class DaskAdapter(BackendAdapter):
         super().__init__(config, environment=environment)
         self.client: Any = None
         self.cluster: Any = None
-        self.native = self.options.return_path == "native"
         if self.native:  # the future carries the outcome only: no started/heartbeat events
             self.capabilities = dataclasses.replace(  # type: ignore[misc]
                 type(self).capabilities, heartbeats=False)

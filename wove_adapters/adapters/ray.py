@@ -135,7 +135,6 @@ class RayAdapter(BackendAdapter):
             **{key: config[key] for key in REMOTE_OPTIONS if key in config},
             **self.options.remote_options,
         }
-        self.native = self.options.return_path == "native"
         self.force_cancel_after = self.options.force_cancel_after
         self._ray: Any = None
         self._remote: Any = None

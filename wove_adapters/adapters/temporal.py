@@ -121,7 +121,6 @@ class TemporalAdapter(BackendAdapter):
         self.address = self.options.address
         self.namespace = self.options.namespace
         self.task_queue = self.options.task_queue
-        self.native = self.options.return_path == "native"
         self._client: Any = None
         # Our own workflows whose result is the way back (native path): id -> its reader.
         self._readers: dict[str, asyncio.Task[None]] = {}

@@ -26,7 +26,6 @@ from wove_adapters.callbacks.receiver import CallbackReceiver, get_receiver
 from wove_adapters.core import envelope as payload_mod
 from wove_adapters.core import frames
 from wove_adapters.core.doctor import Row
-from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import JobState
 from wove_adapters.core.transport import Emit, RunAttempt, StartContext, Transport
 
@@ -61,9 +60,6 @@ class AdapterTransport(Transport):
         # The receiver when it is the Redis drop box (return_path "redis"), else None.
         self._dropbox: DropboxReader | None = None
         self._emit: Emit | None = None
-        self._options = AdapterOptions()
-        # The backend hands the outcome back itself (return_path "native", where offered).
-        self._native = False
         self._key_id = ""
         self._ledger_url: str | None = None
         self._store_url: str | None = None
@@ -90,20 +86,19 @@ class AdapterTransport(Transport):
             context.environment, context.executor_config, context.emit
         )
         self._emit = emit
-        self._options = options = AdapterOptions.of(executor_config)
-        self._native = (self.adapter_cls.capabilities.native_result
-                        and options.return_path == "native")
         self._environment = environment
         self._key_id = executor_config["_key_id"]
         self._ledger_url = executor_config.get("_ledger_url")
+        # Built (not started) first: its options, parsed once, are the transport's too.
+        self.adapter = adapter = self.adapter_cls(executor_config, environment=environment)
+        adapter.emit = emit
+        options = adapter.options
         self._store_url = options.payload_store
         self._worker_bounds = worker_bounds(executor_config)
         if options.return_path == "redis":
             self.receiver = self._dropbox = await get_dropbox(options.return_redis_url)
-        elif not self._native:
+        elif not adapter.native:
             self.receiver = await get_receiver(executor_config, environment=environment)
-        self.adapter = self.adapter_cls(executor_config, environment=environment)
-        self.adapter.emit = emit
         self.inbox = Inbox(
             self.name, emit, key_id=self._key_id, receiver=self.receiver,
             ledger_url=self._ledger_url, store_url=self._store_url,
@@ -128,7 +123,8 @@ class AdapterTransport(Transport):
         self.capabilities = self.adapter.capabilities
 
     def return_path(self, run: RunAttempt) -> payload_mod.ReturnPath:
-        if self._native:  # the adapter emits the outcome the backend hands back
+        assert self.adapter is not None
+        if self.adapter.native:  # the adapter emits the outcome the backend hands back
             return payload_mod.ReturnPath(kind="native")
         assert self.receiver is not None
         if self._dropbox is not None:
@@ -196,7 +192,7 @@ class AdapterTransport(Transport):
             assert self.inbox is not None
             self.receiver.register(run.run_id, self.inbox.sink, key_id=self._key_id,
                                    chunk=chunk)
-        limit = self._options.inline_payload_limit or self.capabilities.inline_payload_limit
+        limit = self.adapter.options.inline_payload_limit or self.capabilities.inline_payload_limit
         body = run.extra.get("body")
         if body is None:
             body = payload_mod.task_body(run.func, run.args)  # small: cheaper than a thread hop
@@ -250,7 +246,8 @@ class AdapterTransport(Transport):
         waiter: asyncio.Future[str] = loop.create_future()
         self._batch.append((job, waiter))
         if len(self._batch) == 1:
-            window = self._options.array_window
+            assert self.adapter is not None
+            window = self.adapter.options.array_window
             loop.call_later(window, lambda: loop.create_task(self._flush_batch()))
         return await waiter
 

@@ -163,23 +163,21 @@ def _unknown(
 def _check_type(
     key: str, value: Any, expected: Any, where: str, executor: str, environment: str
 ) -> None:
-    if _accepts(expected, str):
-        # Adapters str() these: a path object, or a number parsed from WOVE__... JSON.
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-    if not any(_fits(value, member) for member in _members(expected)):
+    """The start-up check accepts exactly what ``ExecutorOptions.of`` can read."""
+    try:
+        _coerced(key, value, expected)
+    except ValueError as exc:
         raise ExecutorConfigError(
-            f"{where}: executor_config key '{key}' must be {_describe(expected)}, "
-            f"not {value!r} ({type(value).__name__})",
-            key=key, executor=executor, environment=environment, suggestion=None,
-        )
+            f"{where}: {exc}", key=key, executor=executor, environment=environment,
+            suggestion=None,
+        ) from None
 
 
 def _coerced(key: str, value: Any, expected: Any) -> Any:
     """``value`` as one member of ``expected``: unchanged where it already is one, else
-    converted the lenient way configuration sources need (see ``_fits``)."""
+    converted the lenient way configuration sources need (``"2.5"`` -> 2.5, ``"false"``
+    -> False; a path object or a number -> text for a string key), member by member:
+    msgspec refuses some unions (``str | bytes``) as a whole."""
     members = _members(expected)
     for member in members:
         plain = typing.get_origin(member) or member
@@ -196,20 +194,6 @@ def _coerced(key: str, value: Any, expected: Any) -> Any:
         return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
     raise ValueError(f"executor_config key '{key}' must be {_describe(expected)}, "
                      f"not {value!r} ({type(value).__name__})")
-
-
-def _fits(value: Any, member: Any) -> bool:
-    """One member of a union at a time: msgspec refuses some unions (``str | bytes``)."""
-    if member is Any:
-        return True
-    plain = typing.get_origin(member) or member
-    if isinstance(plain, type) and isinstance(value, plain):
-        return not (isinstance(value, bool) and plain in (int, float))
-    try:
-        msgspec.convert(value, member, strict=False)  # "2.5" -> 2.5, "false" -> False
-    except (msgspec.ValidationError, TypeError):
-        return False
-    return True
 
 
 def _members(tp: Any) -> tuple[Any, ...]:
