@@ -572,7 +572,8 @@ def doctor_cmd(environments: tuple[str, ...], config_file: str | None, timeout: 
         names = list(environments) or sorted(hub.config.environments)
         for name in names:
             rows = _doctor_rows(hub, name, timeout)
-            executor = next((d for c, ok, d in rows if c == "executor starts" and ok), "?")
+            executor = next((d for c, ok, d in rows if c == "executor starts" and ok),
+                            _configured_executor(hub.config, name))
             click.echo(f"environment '{name}' ({executor})")
             for check, ok, detail in rows:
                 failed |= ok is False
@@ -584,6 +585,14 @@ def doctor_cmd(environments: tuple[str, ...], config_file: str | None, timeout: 
         click.echo("doctor: some checks failed; each FAIL line says what to do")
         sys.exit(1)
     click.echo("doctor: every check passed")
+
+
+def _configured_executor(cfg: Any, name: str) -> str:
+    """The executor an environment names, for the heading of one that did not start."""
+    executor = cfg.environments.get(name, {}).get("executor")
+    if isinstance(executor, str):
+        return executor
+    return type(executor).__name__ if executor is not None else "local"
 
 
 def _doctor_rows(hub: Any, name: str, timeout: float) -> list[tuple[str, bool | None, str]]:

@@ -136,7 +136,7 @@ def test_doctor_reports_the_typo_without_starting(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["doctor", "--config", str(path),
                                        "--environment", "images", "--timeout", "5"])
     assert result.exit_code == 1, result.output
-    assert "executor_config" in result.output
+    assert "environment 'images' (celery)" in result.output  # the executor it names
     assert "unknown executor_config key 'broker_ulr'; did you mean 'broker_url'?" in result.output
 
 
