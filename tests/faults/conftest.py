@@ -62,6 +62,22 @@ def rq_worker(tmp_path: Path) -> Iterator[Callable[..., faults.RqWorkerProcess]]
 
 
 @pytest.fixture
+def arq_worker(tmp_path: Path) -> Iterator[Callable[..., faults.ArqWorkerProcess]]:
+    """``arq_worker(redis_url, queue)``: a started ``arq`` worker; stopped at teardown."""
+    with faults.each_stopped() as keep:
+        yield lambda redis_url, queue: keep(
+            faults.ArqWorkerProcess(redis_url, queue, tmp_path)).wait_ready()
+
+
+@pytest.fixture
+def taskiq_worker(tmp_path: Path) -> Iterator[Callable[..., faults.TaskiqWorkerProcess]]:
+    """``taskiq_worker(redis_url, queue)``: a started ``taskiq worker``; stopped at teardown."""
+    with faults.each_stopped() as keep:
+        yield lambda redis_url, queue: keep(
+            faults.TaskiqWorkerProcess(redis_url, queue, tmp_path)).wait_ready()
+
+
+@pytest.fixture
 def redis_ledger() -> Iterator[str]:
     """A Redis ledger URL on the shared server, under a key prefix of this test's own."""
     prefix = f"wove-faults:{uuid.uuid4().hex[:12]}:"

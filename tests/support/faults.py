@@ -261,6 +261,99 @@ class RqWorkerProcess:
             kill(pid)
 
 
+class ArqWorkerProcess:
+    """One ``arq`` worker (``fault_arq_settings.WorkerSettings``) on ``queue`` at
+    ``redis_url``, in its own session, stopped by PID. Payloads run in its threads
+    (``isolation="thread"``), so killing the worker kills every execution it holds."""
+
+    def __init__(self, redis_url: str, queue: str, log_dir: Path) -> None:
+        self.redis_url = redis_url
+        self.queue = queue
+        self.log_path = log_dir / f"arq-{queue}-{uuid.uuid4().hex[:6]}.log"
+        env = fault_env({"WOVE_FAULTS_ARQ_REDIS_URL": redis_url, "WOVE_FAULTS_ARQ_QUEUE": queue})
+        command = [sys.executable, "-m", "arq", "fault_arq_settings.WorkerSettings"]
+        self.service = ServiceProcess(f"arq worker on {queue}", command, log=self.log_path,
+                                      env=env, cwd=log_dir).launch()
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.service.popen
+
+    def wait_ready(self, timeout: float = 60.0) -> ArqWorkerProcess:
+        """Ready once a worker's health check is in Redis (arq writes it every second)."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            self.service.wait_ready(
+                timeout, ready=lambda: client.exists(f"{self.queue}:health-check"))
+        except RuntimeError as exc:
+            raise AssertionError(str(exc)) from None
+        finally:
+            client.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker (a lost host: its running jobs die with it)."""
+        self.service.kill()
+
+    def stop(self) -> None:
+        self.service.stop()
+
+
+class TaskiqWorkerProcess:
+    """One ``taskiq worker`` (``fault_taskiq_app:broker``, one worker process, four
+    payload processes from the warm pool) on ``queue`` at ``redis_url``, in its own
+    session; ``kill`` SIGKILLs the whole session, payload processes included."""
+
+    def __init__(self, redis_url: str, queue: str, log_dir: Path) -> None:
+        self.redis_url = redis_url
+        self.queue = queue
+        self.log_path = log_dir / f"taskiq-{queue}-{uuid.uuid4().hex[:6]}.log"
+        env = fault_env({"WOVE_FAULTS_TASKIQ_URL": redis_url,
+                         "WOVE_FAULTS_TASKIQ_QUEUE": queue})
+        command = [sys.executable, "-m", "taskiq", "worker", "fault_taskiq_app:broker",
+                   "--workers", "1", "--max-async-tasks", "4", "--log-level", "WARNING",
+                   "--shutdown-timeout", "5", "--wait-tasks-timeout", "5"]
+        self.service = ServiceProcess(f"taskiq worker on {queue}", command,
+                                      log=self.log_path, env=env, cwd=log_dir,
+                                      grace=10).launch()
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.service.popen
+
+    def wait_ready(self, timeout: float = 90.0) -> TaskiqWorkerProcess:
+        """Ready once one of its worker processes announced itself (its payload
+        processes are warm by then)."""
+        import redis
+
+        from wove_adapters.worker.taskiq import workers_key
+
+        client = redis.Redis.from_url(self.redis_url)
+
+        def announced() -> bool:
+            seen = client.zrangebyscore(workers_key(self.queue), time.time() - 15, "+inf")
+            pids = {str(pid) for pid in children(self.service.pid)}
+            names = [m.decode() if isinstance(m, bytes) else str(m) for m in seen]
+            return any(name.rsplit(":", 1)[-1] in pids for name in names)
+
+        try:
+            self.service.wait_ready(timeout, ready=announced)
+        except RuntimeError as exc:
+            raise AssertionError(str(exc)) from None
+        finally:
+            client.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker session (a lost host)."""
+        self.service.kill()
+
+    def stop(self) -> None:
+        self.service.stop()
+
+
 class DaskCluster(DaskCliCluster):
     """``dask scheduler`` + ``dask worker`` from Dask's own CLI (``tests/support/dask_cli``),
     with this suite's environment. ``kill_workers`` SIGKILLs the whole ``dask worker``
@@ -679,3 +772,50 @@ def check(counts: Counts, started: float | None = None) -> None:
         f"{counts.scenario}: {counts.ok}/{counts.runs} ok, lost {counts.lost}, duplicated "
         f"{counts.duplicated}, wrong {counts.wrong}, hung {counts.hung}, over-executed "
         f"{counts.over_executed}{cap}\n" + table([counts]) + "\n" + "\n".join(counts.examples))
+
+
+# ---------------------------------------------------------------- scenarios shared by files
+
+
+def broker_kill_and_restart(backend: str, executor_config: Callable[[str, str], dict[str, Any]],
+                            worker: Callable[[str, str], Any], hub_for: Callable[..., Any],
+                            markers: Path, broker: RedisServer, *, runs: int = 24,
+                            task_seconds: float = 0.3, heartbeat: float = 2.0,
+                            outage: float = 3.0, result_bound: float = 90.0) -> None:
+    """The broker-kill scenario (docs/faults.md): ``runs`` runs on two workers of
+    ``backend`` over ``broker``; once 4 executed, the broker is SIGKILLed (some runs must
+    still be queued), stays down ``outage`` seconds and restarts; what is left of the old
+    workers is killed and two new ones start, as an operator would. Under ``requeue`` +
+    heartbeats every run gives exactly one correct result."""
+    import fault_tasks
+
+    started = time.monotonic()
+    queue = f"faults-{backend}-{uuid.uuid4().hex[:8]}"
+    workers = [worker(broker.url(), queue), worker(broker.url(), queue)]
+    hub = hub_for({"executor": backend,
+                   "executor_config": executor_config(broker.url(), queue),
+                   "delivery_orphan_policy": "requeue",
+                   "delivery_heartbeat_seconds": heartbeat})
+    prefix = uuid.uuid4().hex[:6]
+    tags = [f"{prefix}-{i}" for i in range(runs)]
+    futures = {tag: hub.submit(fault_tasks.work, str(markers), tag, task_seconds)
+               for tag in tags}
+    # Mid-burst: some done, some running, most still queued.
+    wait_until(lambda: sum(executions(markers).values()) >= 4, 60,
+               "4 executions before the outage")
+    broker.kill()
+    # Not vacuous: the outage caught runs no worker had started (the queue's own loss).
+    waiting = runs - len(executions(markers))
+    assert waiting > 0, "every run had started before the broker died: nothing was tested"
+    time.sleep(outage)
+    broker.start()
+    for old in workers:  # what is left of the old workers goes; the operator starts new ones
+        if old.proc.poll() is None:
+            old.kill()
+    workers += [worker(broker.url(), queue), worker(broker.url(), queue)]
+    counts = Counts(f"broker kill {outage:.0f}s + restart: {backend} "
+                    f"({'AOF' if broker.aof else 'no persistence'})")
+    count_futures(counts, futures, {tag: fault_tasks.expected(tag) for tag in tags},
+                  timeout=result_bound)
+    count_executions(counts, markers, tags, allowed=allowed_after_kills(markers))
+    check(counts, started)

@@ -12,6 +12,10 @@ give Taskiq what it lacks:
   marker (and reports ``task_cancelled``) and SIGTERMs a running one.
 - ``state:<id>`` / ``lease:<id>``: written by the worker; a ``running`` job whose lease
   (``worker.leases``) lapsed belongs to a worker that died (``status_many`` says GONE).
+- ``queued:<id>``: written before the kick, dropped by the worker as it begins the job.
+  A job with none of these keys is one the broker's Redis lost (a restart without
+  persistence, a failover, a flush): GONE, so the orphan policy applies instead of the
+  run waiting forever for a message that no longer exists.
 
 Worker side (``register(broker)``, ``wove_adapters.worker.taskiq``, importable from here
 too): adds the ``wove_adapters.run`` task to the user's broker, so ``taskiq worker
@@ -34,11 +38,12 @@ import base64
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from wove_adapters.adapters.base import BackendAdapter, Following, JobSpec
 from wove_adapters.adapters.registry import import_object
+from wove_adapters.core.aio import BatchedFetch
 from wove_adapters.core.claims import KeyClaims
 from wove_adapters.core.options import AdapterOptions
 from wove_adapters.core.policies import Capabilities, JobState
@@ -97,6 +102,7 @@ class TaskiqAdapter(BackendAdapter):
         # Only taskiq's result backend knows the job: it ended without the state our
         # worker writes before it returns (the result itself is never read).
         "RESULT_READY": JobState.FAILED,
+        "MISSING": JobState.GONE,  # no key of ours at all: the broker's Redis lost the job
     }
     reconcile_seconds: ClassVar[float] = 2.0
 
@@ -113,6 +119,10 @@ class TaskiqAdapter(BackendAdapter):
         self._broker: Any = None
         self._redis: Any = None
         self._claims: KeyClaims | None = None
+        # A loop iteration's queued markers go in one pipeline (``_mark_queued``).
+        self._queued: BatchedFetch[str, object] = BatchedFetch(
+            self._mark_queued, lambda handle: self._redis.set(
+                self._key("queued", handle), "1", ex=self.claim_ttl))
 
     # ---------------------------------------------------------------- life cycle
 
@@ -138,6 +148,9 @@ class TaskiqAdapter(BackendAdapter):
             return broker() if not hasattr(broker, "kick") else broker
         if kind == "list":
             broker = _kicking_list_broker(ListQueueBroker)(self.url, queue_name=self.queue)
+            if self.control_url == self.url:  # the markers ride in the kicks' transaction
+                broker.wove_marker = lambda task_id: (self._key("queued", task_id),
+                                                      self.claim_ttl)
         elif kind == "stream":
             broker = RedisStreamBroker(self.url, queue_name=self.queue)
         else:
@@ -154,6 +167,7 @@ class TaskiqAdapter(BackendAdapter):
         return broker.with_result_backend(backend)
 
     async def aclose(self) -> None:
+        await self._queued.aclose()
         if self._broker is not None:
             with contextlib.suppress(Exception):
                 await self._broker.shutdown()
@@ -198,8 +212,17 @@ class TaskiqAdapter(BackendAdapter):
         }
         labels = {**self.options.labels, **job.options}
         kicker: Any = AsyncKicker(TASK_NAME, self._broker, labels).with_task_id(handle)
+        if getattr(self._broker, "wove_marker", None) is None:
+            await self._queued.fetch(handle)  # before the kick: a status never misses both
         await kicker.kiq(payload=job.payload, control=control)
         return handle
+
+    async def _mark_queued(self, handles: list[str]) -> list[object]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for handle in handles:
+                pipe.set(self._key("queued", handle), "1", ex=self.claim_ttl)
+            await pipe.execute()
+        return [None] * len(handles)
 
     async def outcomes(self, handles: Sequence[str]) -> dict[str, bytes | Exception]:
         """The signed outcome the worker kept for each finished job (one ``MGET``). A job
@@ -234,9 +257,9 @@ class TaskiqAdapter(BackendAdapter):
 
     async def status_many(self, handles: Sequence[str]) -> dict[str, JobState]:
         """Our worker-written state, else whether taskiq's result backend has a result
-        (never the result: it may be a pickle): one pipeline for every
-        job asked about (when our own result backend shares our Redis, its readiness
-        check rides along)."""
+        (never the result: it may be a pickle), else whether the job is still queued:
+        one pipeline for every job asked about (when our own result backend shares our
+        Redis, its readiness check rides along)."""
         keyed = [(h, self._result_key(h)) for h in handles]
         async with self._redis.pipeline(transaction=False) as pipe:
             for handle, result_key in keyed:
@@ -244,17 +267,17 @@ class TaskiqAdapter(BackendAdapter):
                 pipe.pttl(self._key("lease", handle))
                 pipe.exists(self._key("cancel", handle))
                 pipe.exists(result_key or self._key("state", handle))
+                pipe.exists(self._key("queued", handle))
             replies = await pipe.execute()
         states: dict[str, JobState] = {}
         for i, (handle, result_key) in enumerate(keyed):
-            state, pttl, cancelled, result_ready = replies[4 * i : 4 * i + 4]
+            state, pttl, cancelled, result_ready, queued = replies[5 * i : 5 * i + 5]
             states[handle] = await self._state_of(handle, state, pttl, cancelled,
-                                                  result_ready or result_key is None)
+                                                  result_ready or result_key is None, queued)
         return states
 
-    async def _state_of(
-        self, handle: str, state: bytes | None, pttl: int, cancelled: int, check_result: bool
-    ) -> JobState:
+    async def _state_of(self, handle: str, state: bytes | None, pttl: int, cancelled: int,
+                        check_result: bool, queued: int) -> JobState:
         if state is not None:
             native = state.decode()
             if native == "running" and not leases.alive(pttl):
@@ -267,7 +290,9 @@ class TaskiqAdapter(BackendAdapter):
             with contextlib.suppress(Exception):
                 if await backend.is_result_ready(handle):
                     return self.map_state("result_ready")
-        return self.map_state("queued")
+        if queued or leases.alive(pttl):  # a live lease: its worker outlived a data loss
+            return self.map_state("queued" if queued else "running")
+        return self.map_state("missing")
 
     def _result_key(self, handle: str) -> str | None:
         """Where our own RedisAsyncResultBackend keeps a result, when it shares our Redis
@@ -314,11 +339,14 @@ def _kicking_list_broker(base: Any) -> Any:
     in a burst); the caller's broker keeps one over the same pool instead, and the kicks
     of one loop turn (a mapped call's runs are submitted together) go as one ``LPUSH``
     per queue: each kick still returns only once Redis has its message, and the messages
-    keep their order (a worker's ``BRPOP`` takes them oldest first)."""
+    keep their order (a worker's ``BRPOP`` takes them oldest first). With ``wove_marker``
+    (task id -> key, ttl), each message's queued marker is set in the same transaction
+    as its ``LPUSH``: a Redis that has the message has its marker."""
 
     class _ListQueueBroker(base):
         _wove_client: Any = None
-        _wove_kicks: dict[str, list[tuple[bytes, asyncio.Future[None]]]] | None = None
+        _wove_kicks: dict[str, list[tuple[bytes, str, asyncio.Future[None]]]] | None = None
+        wove_marker: Callable[[str], tuple[str, int]] | None = None
 
         async def kick(self, message: Any) -> None:
             loop = asyncio.get_running_loop()
@@ -327,7 +355,8 @@ def _kicking_list_broker(base: Any) -> Any:
             if self._wove_kicks is None:
                 self._wove_kicks = {}
                 loop.call_soon(lambda: loop.create_task(self._wove_push()))
-            self._wove_kicks.setdefault(str(queue), []).append((message.message, done))
+            self._wove_kicks.setdefault(str(queue), []).append(
+                (message.message, message.task_id, done))
             await done
 
         async def _wove_push(self) -> None:
@@ -339,19 +368,31 @@ def _kicking_list_broker(base: Any) -> Any:
                     self._wove_client = Redis(connection_pool=self.connection_pool)
                 for queue, items in kicks.items():
                     try:
-                        await self._wove_client.lpush(queue, *(data for data, _ in items))
+                        await self._wove_lpush(queue, items)
                     except Exception as exc:  # every kick of the push fails with it
-                        for _, done in items:
+                        for _, _, done in items:
                             if not done.done():
                                 done.set_exception(exc)
                         continue
-                    for _, done in items:
+                    for _, _, done in items:
                         if not done.done():
                             done.set_result(None)
             finally:  # cancelled (the loop is closing): no kick waits forever
                 for items in kicks.values():
-                    for _, done in items:
+                    for _, _, done in items:
                         if not done.done():
                             done.set_exception(ConnectionError("taskiq kick interrupted"))
+
+        async def _wove_lpush(self, queue: str, items: list[tuple[bytes, str, Any]]) -> None:
+            datas = [data for data, _, _ in items]
+            if self.wove_marker is None:
+                await self._wove_client.lpush(queue, *datas)
+                return
+            async with self._wove_client.pipeline(transaction=True) as pipe:
+                for _, task_id, _ in items:
+                    key, ttl = self.wove_marker(task_id)
+                    pipe.set(key, "1", ex=ttl)
+                pipe.lpush(queue, *datas)
+                await pipe.execute()
 
     return _ListQueueBroker

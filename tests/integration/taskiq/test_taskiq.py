@@ -285,8 +285,9 @@ def test_kicks_of_one_loop_turn_share_one_lpush_in_order(
     redis_available: None, hubs: Any
 ) -> None:
     """Runs submitted together (a mapped call's) reach the list in one ``LPUSH``, in
-    submission order (the oldest is the first a worker's ``BRPOP`` takes), and each
-    submit returns only once its message is in Redis."""
+    submission order (the oldest is the first a worker's ``BRPOP`` takes), each with its
+    ``queued:<id>`` marker set in the same transaction, and each submit returns only once
+    its message is in Redis."""
     import asyncio
 
     from wove_adapters.adapters.base import JobSpec
@@ -302,21 +303,30 @@ def test_kicks_of_one_loop_turn_share_one_lpush_in_order(
         pushes: list[int] = []
 
         async def submit_all() -> list[str]:
-            await adapter.submit(specs[0])  # the broker's client exists from here on
-            redis = adapter._broker._wove_client
-            lpush = redis.lpush
+            broker = adapter._broker
+            lpush = broker._wove_lpush
 
-            async def counted(queue: str, *values: Any) -> Any:
-                pushes.append(len(values))
-                return await lpush(queue, *values)
+            async def counted(queue: str, items: list[Any]) -> None:
+                pushes.append(len(items))
+                await lpush(queue, items)
 
-            redis.lpush = counted
-            return list(await asyncio.gather(*(adapter.submit(s) for s in specs[1:])))
+            broker._wove_lpush = counted
+            return list(await asyncio.gather(*(adapter.submit(s) for s in specs)))
 
         handles = shared_loop.run_sync(submit_all())
-        assert pushes == [19]
+        assert pushes == [20]
         queued = [json.loads(m)["task_id"] for m in reversed(client.lrange(idle, 0, -1))]
-        assert queued[1:] == handles
+        assert queued == handles
+        markers = [f"wove:taskiq:{idle}:queued:{handle}" for handle in handles]
+        assert client.exists(*markers) == len(handles)
+        # No worker takes them: the caller sees them queued, not lost.
+        states = shared_loop.run_sync(adapter.status_many(handles))
+        assert set(states.values()) == {JobState.PENDING}
+        # The broker's Redis loses its data (a restart without persistence): lost, not
+        # pending for good, so the orphan policy can act.
+        client.delete(idle, *markers)
+        states = shared_loop.run_sync(adapter.status_many(handles))
+        assert set(states.values()) == {JobState.GONE}
     finally:
         client.delete(idle)
         for key in client.scan_iter(match=f"wove:taskiq:{idle}:*"):
