@@ -334,6 +334,41 @@ def test_kicks_of_one_loop_turn_share_one_lpush_in_order(
         client.close()
 
 
+def test_a_stream_job_the_broker_lost_is_gone(redis_available: None, hubs: Any) -> None:
+    """Other brokers (a stream here) get their ``queued:<id>`` markers from one pipeline
+    per loop turn before the kicks: queued jobs read PENDING, and once Redis has lost
+    them (the stream and the markers gone, as after a restart without persistence) GONE."""
+    import asyncio
+
+    from wove_adapters.adapters.base import JobSpec
+
+    idle = f"wove-test-taskiq-nobody-{uuid.uuid4().hex[:6]}"
+    hub = hubs({"url": REDIS_URL, "queue": idle, "broker": "stream"})
+    adapter: Any = hub.dispatcher("t").transport.adapter  # type: ignore[attr-defined]
+    client = redis_client()
+    try:
+        specs = [JobSpec(run_id=f"r:{i}", task_id="t", attempt=1, payload=f"wove1.p{i}",
+                         idempotency_key=None, job_name=f"job-{i}", environment="t",
+                         options={}) for i in range(5)]
+
+        async def submit_all() -> list[str]:
+            return list(await asyncio.gather(*(adapter.submit(s) for s in specs)))
+
+        handles = shared_loop.run_sync(submit_all())
+        markers = [f"wove:taskiq:{idle}:queued:{handle}" for handle in handles]
+        assert client.exists(*markers) == len(handles)
+        states = shared_loop.run_sync(adapter.status_many(handles))
+        assert set(states.values()) == {JobState.PENDING}
+        client.delete(idle, *markers)
+        states = shared_loop.run_sync(adapter.status_many(handles))
+        assert set(states.values()) == {JobState.GONE}
+    finally:
+        client.delete(idle)
+        for key in client.scan_iter(match=f"wove:taskiq:{idle}:*"):
+            client.delete(key)
+        client.close()
+
+
 # ---------------------------------------------------------------- wove
 
 
