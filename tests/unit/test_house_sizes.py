@@ -21,7 +21,7 @@ CLASS_LINES = 300
 # Kubernetes: the Job manifest and its conditions are real backend talk.
 WIDER = {"kubernetes_jobs.py": 750, "KubernetesJobsAdapter": 550}
 # The whole package, see docs/design.md ("Size budgets") for how this number was set.
-TOTAL_LINES = 6_800
+TOTAL_LINES = 6_850
 
 
 def _modules() -> dict[str, str]:
