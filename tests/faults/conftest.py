@@ -1,7 +1,7 @@
 """Fixtures of the fault suite (see tests/support/faults.py for the harness and
 docs/faults.md for what each scenario proves).
 
-Every process a scenario starts (private redis-servers, rq and dask workers, caller
+Every process a scenario starts (private redis-servers, rq, arq, taskiq and dask workers, caller
 programs) is registered here and stopped by PID at the end of the test, whatever
 happened. Shared services (Redis 6379, PostgreSQL 5432) are used only under this test's
 own key prefix or table, removed afterwards; a missing one fails the test with the

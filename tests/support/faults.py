@@ -261,32 +261,34 @@ class RqWorkerProcess:
             kill(pid)
 
 
-class ArqWorkerProcess:
-    """One ``arq`` worker (``fault_arq_settings.WorkerSettings``) on ``queue`` at
-    ``redis_url``, in its own session, stopped by PID. Payloads run in its threads
-    (``isolation="thread"``), so killing the worker kills every execution it holds."""
+class _QueueWorker:
+    """A queue system's worker CLI on ``queue`` at ``redis_url``, in its own session,
+    stopped by PID; ready once ``announced`` says so; ``kill`` SIGKILLs the whole session
+    (a lost host: its running jobs and payload processes die with it)."""
 
-    def __init__(self, redis_url: str, queue: str, log_dir: Path) -> None:
+    kind = ""
+
+    def __init__(self, redis_url: str, queue: str, log_dir: Path, command: list[str],
+                 env: Mapping[str, str]) -> None:
         self.redis_url = redis_url
         self.queue = queue
-        self.log_path = log_dir / f"arq-{queue}-{uuid.uuid4().hex[:6]}.log"
-        env = fault_env({"WOVE_FAULTS_ARQ_REDIS_URL": redis_url, "WOVE_FAULTS_ARQ_QUEUE": queue})
-        command = [sys.executable, "-m", "arq", "fault_arq_settings.WorkerSettings"]
-        self.service = ServiceProcess(f"arq worker on {queue}", command, log=self.log_path,
-                                      env=env, cwd=log_dir).launch()
+        log = log_dir / f"{self.kind}-{queue}-{uuid.uuid4().hex[:6]}.log"
+        self.service = ServiceProcess(f"{self.kind} worker on {queue}", command, log=log,
+                                      env=fault_env(env), cwd=log_dir, grace=10).launch()
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
         return self.service.popen
 
-    def wait_ready(self, timeout: float = 60.0) -> ArqWorkerProcess:
-        """Ready once a worker's health check is in Redis (arq writes it every second)."""
+    def announced(self, client: Any) -> bool:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = 90.0) -> Any:
         import redis
 
         client = redis.Redis.from_url(self.redis_url)
         try:
-            self.service.wait_ready(
-                timeout, ready=lambda: client.exists(f"{self.queue}:health-check"))
+            self.service.wait_ready(timeout, ready=lambda: self.announced(client))
         except RuntimeError as exc:
             raise AssertionError(str(exc)) from None
         finally:
@@ -294,64 +296,51 @@ class ArqWorkerProcess:
         return self
 
     def kill(self) -> None:
-        """SIGKILL the worker (a lost host: its running jobs die with it)."""
         self.service.kill()
 
     def stop(self) -> None:
         self.service.stop()
 
 
-class TaskiqWorkerProcess:
-    """One ``taskiq worker`` (``fault_taskiq_app:broker``, one worker process, four
-    payload processes from the warm pool) on ``queue`` at ``redis_url``, in its own
-    session; ``kill`` SIGKILLs the whole session, payload processes included."""
+class ArqWorkerProcess(_QueueWorker):
+    """``python -m arq fault_arq_settings.WorkerSettings``: payloads run in its threads
+    (``isolation="thread"``)."""
+
+    kind = "arq"
 
     def __init__(self, redis_url: str, queue: str, log_dir: Path) -> None:
-        self.redis_url = redis_url
-        self.queue = queue
-        self.log_path = log_dir / f"taskiq-{queue}-{uuid.uuid4().hex[:6]}.log"
-        env = fault_env({"WOVE_FAULTS_TASKIQ_URL": redis_url,
-                         "WOVE_FAULTS_TASKIQ_QUEUE": queue})
-        command = [sys.executable, "-m", "taskiq", "worker", "fault_taskiq_app:broker",
-                   "--workers", "1", "--max-async-tasks", "4", "--log-level", "WARNING",
-                   "--shutdown-timeout", "5", "--wait-tasks-timeout", "5"]
-        self.service = ServiceProcess(f"taskiq worker on {queue}", command,
-                                      log=self.log_path, env=env, cwd=log_dir,
-                                      grace=10).launch()
+        super().__init__(redis_url, queue, log_dir,
+                         [sys.executable, "-m", "arq", "fault_arq_settings.WorkerSettings"],
+                         {"WOVE_FAULTS_ARQ_REDIS_URL": redis_url, "WOVE_FAULTS_ARQ_QUEUE": queue})
 
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        return self.service.popen
+    def announced(self, client: Any) -> bool:
+        """arq writes its health check every second."""
+        return bool(client.exists(f"{self.queue}:health-check"))
 
-    def wait_ready(self, timeout: float = 90.0) -> TaskiqWorkerProcess:
-        """Ready once one of its worker processes announced itself (its payload
-        processes are warm by then)."""
-        import redis
 
+class TaskiqWorkerProcess(_QueueWorker):
+    """``taskiq worker fault_taskiq_app:broker``: one worker process, four payload
+    processes from the warm pool."""
+
+    kind = "taskiq"
+
+    def __init__(self, redis_url: str, queue: str, log_dir: Path) -> None:
+        super().__init__(
+            redis_url, queue, log_dir,
+            [sys.executable, "-m", "taskiq", "worker", "fault_taskiq_app:broker",
+             "--workers", "1", "--max-async-tasks", "4", "--log-level", "WARNING",
+             "--shutdown-timeout", "5", "--wait-tasks-timeout", "5"],
+            {"WOVE_FAULTS_TASKIQ_URL": redis_url, "WOVE_FAULTS_TASKIQ_QUEUE": queue})
+
+    def announced(self, client: Any) -> bool:
+        """One of its worker processes announced itself (its payload processes are warm
+        by then)."""
         from wove_adapters.worker.taskiq import workers_key
 
-        client = redis.Redis.from_url(self.redis_url)
-
-        def announced() -> bool:
-            seen = client.zrangebyscore(workers_key(self.queue), time.time() - 15, "+inf")
-            pids = {str(pid) for pid in children(self.service.pid)}
-            names = [m.decode() if isinstance(m, bytes) else str(m) for m in seen]
-            return any(name.rsplit(":", 1)[-1] in pids for name in names)
-
-        try:
-            self.service.wait_ready(timeout, ready=announced)
-        except RuntimeError as exc:
-            raise AssertionError(str(exc)) from None
-        finally:
-            client.close()
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker session (a lost host)."""
-        self.service.kill()
-
-    def stop(self) -> None:
-        self.service.stop()
+        seen = client.zrangebyscore(workers_key(self.queue), time.time() - 15, "+inf")
+        pids = {str(pid) for pid in children(self.service.pid)}
+        names = [m.decode() if isinstance(m, bytes) else str(m) for m in seen]
+        return any(name.rsplit(":", 1)[-1] in pids for name in names)
 
 
 class DaskCluster(DaskCliCluster):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -281,6 +282,50 @@ def test_cancel_of_queued_work_is_confirmed_without_a_worker(
             client.delete(key)
 
 
+@contextlib.contextmanager
+def _queue_nobody_reads(hubs: Any, **config: Any) -> Iterator[tuple[Any, Any, str]]:
+    """(adapter, Redis client, queue) for a queue no worker reads; its keys go after."""
+    idle = f"wove-test-taskiq-nobody-{uuid.uuid4().hex[:6]}"
+    hub = hubs({"url": REDIS_URL, "queue": idle, **config})
+    client = redis_client()
+    try:
+        yield hub.dispatcher("t").transport.adapter, client, idle
+    finally:
+        client.delete(idle)
+        for key in client.scan_iter(match=f"wove:taskiq:{idle}:*"):
+            client.delete(key)
+        client.close()
+
+
+def _submit_together(adapter: Any, runs: int) -> list[str]:
+    """``runs`` unkeyed jobs submitted in one loop turn (a mapped call's), their handles."""
+    import asyncio
+
+    from wove_adapters.adapters.base import JobSpec
+
+    specs = [JobSpec(run_id=f"r:{i}", task_id="t", attempt=1, payload=f"wove1.p{i}",
+                     idempotency_key=None, job_name=f"job-{i}", environment="t",
+                     options={}) for i in range(runs)]
+
+    async def submit_all() -> list[str]:
+        return list(await asyncio.gather(*(adapter.submit(spec) for spec in specs)))
+
+    return shared_loop.run_sync(submit_all())
+
+
+def _pending_until_redis_loses_them(adapter: Any, client: Any, queue: str,
+                                    handles: list[str]) -> None:
+    """Each job has its ``queued:<id>`` marker and reads PENDING while no worker takes
+    it; once the broker's Redis has lost the queue and the markers (a restart without
+    persistence), GONE: lost, not pending for good, so the orphan policy can act."""
+    markers = [f"wove:taskiq:{queue}:queued:{handle}" for handle in handles]
+    assert client.exists(*markers) == len(handles)
+    assert set(shared_loop.run_sync(adapter.status_many(handles)).values()) == {
+        JobState.PENDING}
+    client.delete(queue, *markers)
+    assert set(shared_loop.run_sync(adapter.status_many(handles)).values()) == {JobState.GONE}
+
+
 def test_kicks_of_one_loop_turn_share_one_lpush_in_order(
     redis_available: None, hubs: Any
 ) -> None:
@@ -288,85 +333,28 @@ def test_kicks_of_one_loop_turn_share_one_lpush_in_order(
     submission order (the oldest is the first a worker's ``BRPOP`` takes), each with its
     ``queued:<id>`` marker set in the same transaction, and each submit returns only once
     its message is in Redis."""
-    import asyncio
-
-    from wove_adapters.adapters.base import JobSpec
-
-    idle = f"wove-test-taskiq-nobody-{uuid.uuid4().hex[:6]}"
-    hub = hubs({"url": REDIS_URL, "queue": idle})
-    adapter: Any = hub.dispatcher("t").transport.adapter  # type: ignore[attr-defined]
-    client = redis_client()
-    try:
-        specs = [JobSpec(run_id=f"r:{i}", task_id="t", attempt=1, payload=f"wove1.p{i}",
-                         idempotency_key=None, job_name=f"job-{i}", environment="t",
-                         options={}) for i in range(20)]
+    with _queue_nobody_reads(hubs) as (adapter, client, idle):
+        broker = adapter._broker
+        lpush = broker._wove_lpush
         pushes: list[int] = []
 
-        async def submit_all() -> list[str]:
-            broker = adapter._broker
-            lpush = broker._wove_lpush
+        async def counted(queue: str, items: list[Any]) -> None:
+            pushes.append(len(items))
+            await lpush(queue, items)
 
-            async def counted(queue: str, items: list[Any]) -> None:
-                pushes.append(len(items))
-                await lpush(queue, items)
-
-            broker._wove_lpush = counted
-            return list(await asyncio.gather(*(adapter.submit(s) for s in specs)))
-
-        handles = shared_loop.run_sync(submit_all())
+        broker._wove_lpush = counted
+        handles = _submit_together(adapter, 20)
         assert pushes == [20]
         queued = [json.loads(m)["task_id"] for m in reversed(client.lrange(idle, 0, -1))]
         assert queued == handles
-        markers = [f"wove:taskiq:{idle}:queued:{handle}" for handle in handles]
-        assert client.exists(*markers) == len(handles)
-        # No worker takes them: the caller sees them queued, not lost.
-        states = shared_loop.run_sync(adapter.status_many(handles))
-        assert set(states.values()) == {JobState.PENDING}
-        # The broker's Redis loses its data (a restart without persistence): lost, not
-        # pending for good, so the orphan policy can act.
-        client.delete(idle, *markers)
-        states = shared_loop.run_sync(adapter.status_many(handles))
-        assert set(states.values()) == {JobState.GONE}
-    finally:
-        client.delete(idle)
-        for key in client.scan_iter(match=f"wove:taskiq:{idle}:*"):
-            client.delete(key)
-        client.close()
+        _pending_until_redis_loses_them(adapter, client, idle, handles)
 
 
 def test_a_stream_job_the_broker_lost_is_gone(redis_available: None, hubs: Any) -> None:
     """Other brokers (a stream here) get their ``queued:<id>`` markers from one pipeline
-    per loop turn before the kicks: queued jobs read PENDING, and once Redis has lost
-    them (the stream and the markers gone, as after a restart without persistence) GONE."""
-    import asyncio
-
-    from wove_adapters.adapters.base import JobSpec
-
-    idle = f"wove-test-taskiq-nobody-{uuid.uuid4().hex[:6]}"
-    hub = hubs({"url": REDIS_URL, "queue": idle, "broker": "stream"})
-    adapter: Any = hub.dispatcher("t").transport.adapter  # type: ignore[attr-defined]
-    client = redis_client()
-    try:
-        specs = [JobSpec(run_id=f"r:{i}", task_id="t", attempt=1, payload=f"wove1.p{i}",
-                         idempotency_key=None, job_name=f"job-{i}", environment="t",
-                         options={}) for i in range(5)]
-
-        async def submit_all() -> list[str]:
-            return list(await asyncio.gather(*(adapter.submit(s) for s in specs)))
-
-        handles = shared_loop.run_sync(submit_all())
-        markers = [f"wove:taskiq:{idle}:queued:{handle}" for handle in handles]
-        assert client.exists(*markers) == len(handles)
-        states = shared_loop.run_sync(adapter.status_many(handles))
-        assert set(states.values()) == {JobState.PENDING}
-        client.delete(idle, *markers)
-        states = shared_loop.run_sync(adapter.status_many(handles))
-        assert set(states.values()) == {JobState.GONE}
-    finally:
-        client.delete(idle)
-        for key in client.scan_iter(match=f"wove:taskiq:{idle}:*"):
-            client.delete(key)
-        client.close()
+    per loop turn, before the kicks."""
+    with _queue_nobody_reads(hubs, broker="stream") as (adapter, client, idle):
+        _pending_until_redis_loses_them(adapter, client, idle, _submit_together(adapter, 5))
 
 
 # ---------------------------------------------------------------- wove
