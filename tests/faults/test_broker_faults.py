@@ -2,9 +2,9 @@
 queue) is SIGKILLed while runs are queued and running, stays down 3 s and is restarted,
 without persistence (the queue comes back empty) and with AOF (it comes back as
 acknowledged). Workers may exit when Redis goes away (RQ always does, Taskiq when a call
-fails past its retries); the scenario (``faults.broker_kill_and_restart``) then kills
-whatever is left of them and starts new ones, as an operator would. Under ``requeue`` +
-heartbeats every run gives exactly one correct result. ARQ's twin is
+fails past its retries); the scenario (``faults.broker_kill_and_restart``) replaces each
+one that exited, as a supervisor would, and keeps the ones that lived on. Under
+``requeue`` + heartbeats every run gives exactly one correct result. ARQ's twin is
 ``test_broker_faults_arq.py``: arq pins redis<6, so it runs in the ``arq`` tox env.
 """
 

@@ -773,9 +773,9 @@ def broker_kill_and_restart(backend: str, executor_config: Callable[[str, str], 
                             outage: float = 3.0, result_bound: float = 90.0) -> None:
     """The broker-kill scenario (docs/faults.md): ``runs`` runs on two workers of
     ``backend`` over ``broker``; once 4 executed, the broker is SIGKILLed (some runs must
-    still be queued), stays down ``outage`` seconds and restarts; what is left of the old
-    workers is killed and two new ones start, as an operator would. Under ``requeue`` +
-    heartbeats every run gives exactly one correct result."""
+    still be queued), stays down ``outage`` seconds and restarts; each worker that exited
+    meanwhile is replaced, as a supervisor would, and the ones that lived on keep
+    working. Under ``requeue`` + heartbeats every run gives exactly one correct result."""
     import fault_tasks
 
     started = time.monotonic()
@@ -798,10 +798,8 @@ def broker_kill_and_restart(backend: str, executor_config: Callable[[str, str], 
     assert waiting > 0, "every run had started before the broker died: nothing was tested"
     time.sleep(outage)
     broker.start()
-    for old in workers:  # what is left of the old workers goes; the operator starts new ones
-        if old.proc.poll() is None:
-            old.kill()
-    workers += [worker(broker.url(), queue), worker(broker.url(), queue)]
+    exited = [old for old in workers if old.proc.poll() is not None]
+    workers += [worker(broker.url(), queue) for _ in exited]
     counts = Counts(f"broker kill {outage:.0f}s + restart: {backend} "
                     f"({'AOF' if broker.aof else 'no persistence'})")
     count_futures(counts, futures, {tag: fault_tasks.expected(tag) for tag in tags},

@@ -40,10 +40,12 @@ from wove_adapters.worker.pool import (
 )
 
 TASK_NAME = "wove_adapters.run"
-# Worker side, atomically: a cancel marker wins (0); a job that already finished, or runs
-# elsewhere under a live lease (PTTL at least worker.leases.TAIL_MS), is a redelivery and
-# is dropped (2); else it runs here (1), under a lease.
+# Worker side, atomically: the caller's queued marker goes (the state key speaks from
+# here on); a cancel marker wins (0); a job that already finished, or runs elsewhere
+# under a live lease (PTTL at least worker.leases.TAIL_MS), is a redelivery and is
+# dropped (2); else it runs here (1), under a lease.
 _BEGIN_SCRIPT = """
+redis.call('DEL', KEYS[4])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('SET', KEYS[2], 'cancelled', 'EX', ARGV[1])
   return 0
@@ -62,6 +64,36 @@ redis.call('DEL', KEYS[2])
 if ARGV[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[1]) end
 return 1
 """
+
+
+# How long a worker that took a job keeps trying to begin it while its Redis is away.
+BEGIN_RETRY_SECONDS = 60.0
+
+
+async def _begin(begin: Any, client: Any, lease_key: str, owner: str, *, keys: list[str],
+                 args: list[Any]) -> int:
+    """The begin script, tried again while Redis does not answer: the job is out of the
+    queue and in no Redis yet, so giving up loses it (its caller would see it queued
+    for good). A retry answered "duplicate" under this process's own lease means the
+    first try did take effect and only its reply was lost: the job is ours."""
+    import redis.exceptions
+
+    deadline = time.monotonic() + BEGIN_RETRY_SECONDS
+    delay = 0.2
+    retried = False
+    while True:
+        try:
+            began = int(await begin(keys=keys, args=args))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            if time.monotonic() + delay > deadline:
+                raise
+            retried = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        if began == 2 and retried and await client.get(lease_key) in (owner, owner.encode()):
+            return 1
+        return began
 
 
 def workers_key(queue: str) -> str:
@@ -356,10 +388,10 @@ class _WorkerSide:
             # here on (also while it waits for a payload process: that wait is ours).
             lease_key = f"{prefix}:lease:{handle}"
             keeper = leases.keeper(client)
-            began = await begin(
-                keys=[f"{prefix}:cancel:{handle}", f"{prefix}:state:{handle}", lease_key],
-                args=[ttl, leases.lease_ms(lease), keeper.owner, leases.TAIL_MS],
-            )
+            began = await _begin(begin, client, lease_key, keeper.owner, keys=[
+                f"{prefix}:cancel:{handle}", f"{prefix}:state:{handle}", lease_key,
+                f"{prefix}:queued:{handle}",
+            ], args=[ttl, leases.lease_ms(lease), keeper.owner, leases.TAIL_MS])
             if began == 2:
                 return {"state": "duplicate"}  # redelivered (stream brokers): already handled
             if not began:

@@ -226,7 +226,8 @@ def test_acknowledged_runs_end_with_their_final_state_and_no_lease(
 ) -> None:
     """A run without a key whose caller took its outcome does not wait for its final
     state (``pool.LateWrites``, list brokers only): the states of a burst are written
-    together shortly after, each ``succeeded``, each lease gone."""
+    together shortly after, each ``succeeded``, each lease gone, and no caller's
+    ``queued:<id>`` marker is left behind (the worker drops it as it begins)."""
     hub = hubs(taskiq_worker.config)
     adapter: Any = hub.dispatcher("t").transport.adapter  # type: ignore[attr-defined]
     values, handles = mapped_handles(hub, "t", tasks.add, 12)
@@ -242,6 +243,7 @@ def test_acknowledged_runs_end_with_their_final_state_and_no_lease(
                 break
             assert time.monotonic() < deadline, (states, leases)
             time.sleep(0.05)
+        assert client.exists(*(f"{prefix}:queued:{h}" for h in handles)) == 0
 
 
 def test_killed_payload_process_is_reported_lost_at_once(
