@@ -789,9 +789,18 @@ def broker_kill_and_restart(backend: str, executor_config: Callable[[str, str], 
     tags = [f"{prefix}-{i}" for i in range(runs)]
     futures = {tag: hub.submit(fault_tasks.work, str(markers), tag, task_seconds)
                for tag in tags}
-    # Mid-burst: some done, some running, most still queued.
-    wait_until(lambda: sum(executions(markers).values()) >= 4, 60,
-               "4 executions before the outage")
+    # Mid-burst: some done, some running, most still queued, and every run handed over
+    # (a submit made while the broker is down fails with BackendUnavailableError: a
+    # different scenario; this one is about the runs the broker held).
+    dispatcher = hub.dispatcher("faults")
+
+    def handed_over() -> bool:
+        held = dispatcher.runs
+        return all(future.done() or ((run := held.get(future.run_id)) is not None
+                                     and run.launched) for future in futures.values())
+
+    wait_until(lambda: handed_over() and sum(executions(markers).values()) >= 4, 60,
+               "every run handed over and 4 executed before the outage")
     broker.kill()
     # Not vacuous: the outage caught runs no worker had started (the queue's own loss).
     waiting = runs - len(executions(markers))
