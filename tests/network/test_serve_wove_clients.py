@@ -52,7 +52,9 @@ def slow(directory: str, seconds: float = 30.0) -> str:
     import time
     from pathlib import Path
 
-    Path(directory, "pid").write_text(str(os.getpid()))
+    # Written whole, then renamed: a reader polling for the file never sees it empty.
+    Path(directory, "pid.tmp").write_text(str(os.getpid()))
+    Path(directory, "pid.tmp").replace(Path(directory, "pid"))
     time.sleep(seconds)
     Path(directory, "done").write_text("not cancelled")
     return "finished"
