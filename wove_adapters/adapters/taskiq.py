@@ -121,8 +121,7 @@ class TaskiqAdapter(BackendAdapter):
         self._claims: KeyClaims | None = None
         # A loop iteration's queued markers go in one pipeline (``_mark_queued``).
         self._queued: BatchedFetch[str, object] = BatchedFetch(
-            self._mark_queued, lambda handle: self._redis.set(
-                self._key("queued", handle), "1", ex=self.claim_ttl))
+            self._mark_queued, lambda handle: self._mark_queued([handle]))
 
     # ---------------------------------------------------------------- life cycle
 
@@ -149,8 +148,7 @@ class TaskiqAdapter(BackendAdapter):
         if kind == "list":
             broker = _kicking_list_broker(ListQueueBroker)(self.url, queue_name=self.queue)
             if self.control_url == self.url:  # the markers ride in the kicks' transaction
-                broker.wove_marker = lambda task_id: (self._key("queued", task_id),
-                                                      self.claim_ttl)
+                broker.wove_marker = self._queued_marker
         elif kind == "stream":
             broker = RedisStreamBroker(self.url, queue_name=self.queue)
         else:
@@ -217,10 +215,15 @@ class TaskiqAdapter(BackendAdapter):
         await kicker.kiq(payload=job.payload, control=control)
         return handle
 
+    def _queued_marker(self, handle: str) -> tuple[str, int]:
+        """(key, seconds to live) of a job's queued marker."""
+        return self._key("queued", handle), self.claim_ttl
+
     async def _mark_queued(self, handles: list[str]) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for handle in handles:
-                pipe.set(self._key("queued", handle), "1", ex=self.claim_ttl)
+                key, ttl = self._queued_marker(handle)
+                pipe.set(key, "1", ex=ttl)
             await pipe.execute()
         return [None] * len(handles)
 
