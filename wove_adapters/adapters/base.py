@@ -149,6 +149,11 @@ class BackendAdapter(abc.ABC):
         verdict). Default: ``status`` of each, a bounded number at a time."""
         return await gather_statuses(self.status, {handle: handle for handle in handles})
 
+    async def waiting_reasons(self, handles: Sequence[str]) -> dict[str, str]:
+        """``{handle: why it has not started}`` in the backend's words, for messages
+        only (``Transport.waiting_reasons``). Default: nothing to add."""
+        return {}
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         abstract = any(getattr(getattr(cls, name, None), "__isabstractmethod__", False)

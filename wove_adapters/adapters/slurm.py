@@ -282,6 +282,15 @@ class SlurmAdapter(BackendAdapter):
             for handle in handles
         }
 
+    async def waiting_reasons(self, handles: Sequence[str]) -> dict[str, str]:
+        """The scheduler's reason for each pending job (``squeue %r``): Resources and
+        Priority only wait; a held job (launch failed requeued held, JobHeldAdmin) or
+        a drained node waits for an administrator."""
+        out = await self._run("squeue", "-h", "-r", "-t", "PENDING", "-o", "%i|%r", check=False)
+        reasons = dict(line.partition("|")[::2] for line in out.splitlines())
+        return {handle: f"squeue reason: {reasons[handle].strip()}" for handle in handles
+                if reasons.get(handle, "None").strip() not in ("", "None")}
+
     async def cancel(self, handle: str, *, running: bool = True) -> None:
         await self._run("scancel", handle)
 

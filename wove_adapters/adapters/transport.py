@@ -390,6 +390,12 @@ class AdapterTransport(Transport):
         states.update(await self.inbox.verdicts(ours))
         return states
 
+    async def waiting_reasons(self, runs: Sequence[RunAttempt]) -> dict[str, str]:
+        assert self.adapter is not None
+        by_handle = {run.submission: run.run_id for run in runs if run.submission is not None}
+        found = await self.adapter.waiting_reasons(sorted(by_handle)) if by_handle else {}
+        return {by_handle[handle]: why for handle, why in found.items() if handle in by_handle}
+
     async def detach(self, run: RunAttempt) -> None:
         assert self.adapter is not None
         if self.followers is not None and self.followers.stop(run):

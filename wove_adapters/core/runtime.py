@@ -1329,11 +1329,23 @@ class Dispatcher:
         except Exception as exc:
             described = f"unknown (status failed: {type(exc).__name__}: {exc})"
             return {run.run_id: (None, described) for run in runs}
-        return {
-            run.run_id: (state, state.value) if (state := states.get(run.run_id)) is not None
-            else (None, "unknown (status failed)")
-            for run in runs
-        }
+        waiting = [run for run in runs if states.get(run.run_id) is JobState.PENDING]
+        reasons: dict[str, str] = {}
+        if waiting:
+            with contextlib.suppress(Exception):  # a reason only adds to the message
+                reasons = await asyncio.wait_for(
+                    self.transport.waiting_reasons([run.attempt for run in waiting]),
+                    _STATUS_BOUND,
+                )
+        told: dict[str, tuple[JobState | None, str]] = {}
+        for run in runs:
+            if (state := states.get(run.run_id)) is None:
+                told[run.run_id] = (None, "unknown (status failed)")
+            elif (reason := reasons.get(run.run_id)) is not None:
+                told[run.run_id] = (state, f"{state.value} ({reason})")
+            else:
+                told[run.run_id] = (state, state.value)
+        return told
 
     async def _judge_pending_all(self, runs: list[tuple[Run, float]]) -> None:
         """Runs past their ``delivery_max_pending_seconds``: one status round for all."""

@@ -118,6 +118,13 @@ class Transport(abc.ABC):
         verdict. Default: ``status`` of each, at most ``STATUS_CONCURRENCY`` at a time."""
         return await gather_statuses(self.status, {run.run_id: run for run in runs})
 
+    async def waiting_reasons(self, runs: Sequence[RunAttempt]) -> dict[str, str]:
+        """Why the backend has not started some attempts, in its own words (a scheduler's
+        pending reason, a held job), by run id. Asked only for the "has not started"
+        warning and the lost-run message, so an operator reads the cause there instead of
+        on the backend's console; never a verdict. Default: nothing to add."""
+        return {}
+
     async def detach(self, run: RunAttempt) -> None:
         """Stop tracking the attempt but leave it running (``detach`` policy)."""
 

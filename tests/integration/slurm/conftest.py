@@ -1,10 +1,15 @@
 """A real one-node Slurm cluster (slurmctld + slurmd + munged), started for the session
-by ``scripts/services/slurm`` (which installs slurm-wlm and munge from Debian if needed)."""
+by ``scripts/services/slurm`` (which installs slurm-wlm and munge from Debian if needed).
+
+The node reading idle is not enough: the session begins only once a job has run on it,
+and a failed test carries the cluster's view (queue with reasons, node, daemon logs), so
+a cluster that stops running jobs in CI says why in the report."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,65 @@ def slurm_cluster() -> Any:
             f"(needs root and apt-get for slurm-wlm/munge):\n{done.stdout}\n{done.stderr}"
         )
     os.environ["SLURM_CONF"] = SLURM_CONF
+    failed = _probe(env)
+    if failed and not was_running:
+        # Once, as a supervisor would: a cluster of this session's making that cannot run
+        # a job is restarted with a clean controller state (``slurmctld -c``).
+        first = f"{failed}\n{cluster_state()}"
+        subprocess.run([str(script), "stop"], check=False, timeout=60)
+        subprocess.run([str(script), "start"], capture_output=True, timeout=600, check=False)
+        failed = _probe(env)
+        if not failed:
+            warnings.warn(f"the Slurm cluster ran no job until restarted: {first}",
+                          stacklevel=1)
+    if failed:
+        pytest.fail(f"the local Slurm cluster is up but {failed}:\n{cluster_state()}")
     spool = Path(SLURM_DIR) / "shared" / f"spool-{os.getpid()}"
     spool.mkdir(parents=True, exist_ok=True)
     yield {"slurm_conf": SLURM_CONF, "spool_dir": str(spool)}
     if not was_running:  # stop only what this session started
         subprocess.run([str(script), "stop"], check=False, timeout=60)
+
+
+def _probe(env: dict[str, str]) -> str:
+    """A job run to its end on the node (``sbatch --wait``): '' or what went wrong."""
+    try:
+        probe = subprocess.run(
+            ["sbatch", "--wait", "--quiet", "--job-name=wove-probe", "--output=/dev/null",
+             "--wrap", "true"],
+            capture_output=True, text=True, env=env, timeout=120, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", "--name=wove-probe"], env=env, check=False, timeout=30)
+        return "a probe job (sbatch --wait --wrap true) did not finish within 120 s"
+    if probe.returncode != 0:
+        return f"a probe job failed (sbatch --wait: {probe.returncode} {probe.stderr.strip()})"
+    return ""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and "slurm_cluster" in getattr(item, "fixturenames", ()):
+        report.sections.append(("slurm cluster", cluster_state()))
+    return report
+
+
+def cluster_state() -> str:
+    """The queue with each job's reason, the node, and the daemons' last log lines."""
+    env = {**os.environ, "SLURM_CONF": SLURM_CONF}
+    parts = []
+    for command in (["squeue", "-h", "-o", "%i %j %T %r %M"], ["sinfo", "-R"],
+                    ["scontrol", "-o", "show", "node"],
+                    ["tail", "-n", "40", f"{SLURM_DIR}/slurmctld.log"],
+                    ["tail", "-n", "40", f"{SLURM_DIR}/slurmd.log"]):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env,
+                                  timeout=20, check=False)
+            parts.append(f"$ {' '.join(command)}\n{done.stdout}{done.stderr}")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            parts.append(f"$ {' '.join(command)}\n{exc}")
+    return "\n".join(parts)
 
 
 def _has(tool: str) -> bool:

@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from lost_runs import assert_killed_task_is_lost
 
@@ -125,3 +127,44 @@ def test_options_reach_the_batch_script(slurm_cluster: dict[str, Any]) -> None:
         assert future.result(timeout=120) == 2
     shown = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True).stdout
     assert "Comment=wove-test" in shown and "TimeLimit=00:05:00" in shown
+
+
+def test_a_held_job_is_reported_and_lost_naming_the_schedulers_reason(
+    slurm_cluster: dict[str, Any], caplog: Any
+) -> None:
+    # A held job (here --hold; in the field "launch failed requeued held" or an admin's
+    # hold) never starts by itself: the "has not started" warning and the lost-run error
+    # say why, in squeue's words, so the operator need not go looking.
+    from wove_adapters.core.errors import DeliveryOrphanedError
+
+    caplog.set_level("WARNING", logger="wove_adapters.runtime")
+    held_before = _held()
+    cluster = {**slurm_cluster, "sbatch_lines": ["#SBATCH --hold"],
+               "pending_warning_seconds": 1.0}
+    with hub_for(cluster) as hub:
+        waiting = hub.submit(tasks.add, 1)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _warnings(caplog, waiting.run_id):
+            time.sleep(0.2)
+        waiting.cancel()
+    warned = _warnings(caplog, waiting.run_id)
+    assert warned and all("backend state: pending (squeue reason: JobHeldUser)" in line
+                          for line in warned), warned
+    with hub_for(cluster, delivery_max_pending_seconds=4.0,
+                 delivery_orphan_policy="fail") as hub:
+        lost = hub.submit(tasks.add, 2)
+        with pytest.raises(DeliveryOrphanedError) as info:
+            lost.result(timeout=60)
+    assert "backend state: pending (squeue reason: JobHeldUser)" in str(info.value)
+    assert _held() <= held_before, "a held job of these runs is still queued"
+
+
+def _held() -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-t", "PENDING", "-o", "%i|%r"],
+                         capture_output=True, text=True, check=True).stdout
+    return {line for line in out.splitlines() if line.endswith("|JobHeldUser")}
+
+
+def _warnings(caplog: Any, run_id: str) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if run_id in record.getMessage() and "has not started" in record.getMessage()]
