@@ -51,6 +51,7 @@ from wove_adapters.adapters.kubernetes_manifest import (
     native_state,
     refused,
     start_failure,
+    waiting_reason,
 )
 from wove_adapters.core import stores as payload_mod
 from wove_adapters.core.aio import submit_grouped
@@ -504,6 +505,21 @@ class KubernetesJobsAdapter(BackendAdapter):
         for uid in set(self._stuck_since) - seen:
             del self._stuck_since[uid]
         return stuck
+
+    async def waiting_reasons(self, handles: Sequence[str]) -> dict[str, str]:
+        """Each pending run's Pod in the scheduler's or the kubelet's words (one LIST of
+        Pending Pods per namespace): capacity that never comes shows up here."""
+        wanted = {_parse(handle): handle for handle in handles}
+        selector = f"{MANAGED_BY}={MANAGER},{ENV_LABEL}={label_value(self.environment)}"
+        reasons: dict[str, str] = {}
+        for namespace in sorted({namespace for namespace, _, _ in wanted}):
+            pods = await self._call(self._core.list_namespaced_pod, namespace,
+                                    label_selector=selector, field_selector="status.phase=Pending")
+            for pod in pods.get("items") or []:
+                handle = wanted.get((namespace, job_of(pod), index_of(pod)))
+                if handle is not None and (why := waiting_reason(pod)) is not None:
+                    reasons[handle] = f"pod {pod['metadata']['name']}: {why.strip()}"
+        return reasons
 
     # ------------------------------------------------------------ cancel, release
 

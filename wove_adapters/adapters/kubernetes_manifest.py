@@ -243,6 +243,19 @@ def start_failure(pod: dict[str, Any]) -> str | None:
     return None
 
 
+def waiting_reason(pod: dict[str, Any]) -> str | None:
+    """Why a Pending Pod has not started: the scheduler's verdict (Unschedulable, with
+    its "0/3 nodes are available: ..." message) or a container's waiting reason."""
+    status = pod.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return f"{condition.get('reason', 'unscheduled')}: {condition.get('message', '')}"
+    for container in status.get("containerStatuses") or []:
+        if waiting := (container.get("state") or {}).get("waiting"):
+            return f"{waiting.get('reason', 'waiting')}: {waiting.get('message', '')}"
+    return None
+
+
 def refused(pod: dict[str, Any]) -> bool:
     """Whether the Pod's worker refused its payload: our container ended with the
     worker's refusal exit code (the only report a refusal gets)."""

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
-from kube_services import NAMESPACE, KubeCluster
+from kube_services import CAPACITY, NAMESPACE, KubeCluster
 from services import pid_alive, wait_until
 
 from wove_adapters import DeliveryOrphanedError, Hub
@@ -196,6 +196,30 @@ def test_cancel_one_index_of_an_indexed_job(kube_cluster: KubeCluster, tmp_path:
         assert adapter.submissions - before == 1, "three quick submissions are one Indexed Job"
     time.sleep(3.5)
     assert not (tmp_path / "ix1.finished").exists()
+
+
+# ---------------------------------------------------------------- waiting
+
+
+def test_a_run_waiting_for_capacity_is_reported_in_the_schedulers_words(
+    kube_cluster: KubeCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The node's slots are full: the next run's Pod is Unschedulable. The "has not
+    # started" warning quotes the scheduler instead of a bare "pending".
+    caplog.set_level("WARNING", logger="wove_adapters.runtime")
+    with hub_for(kube_cluster, config={"pending_warning_seconds": 1.0}) as hub:
+        blockers = [hub.submit(tasks.sleepy, str(tmp_path), f"full{i}", 8.0)
+                    for i in range(CAPACITY)]
+        for i in range(CAPACITY):
+            wait_for_file(tmp_path / f"full{i}.started", 90)
+        waiting = hub.submit(tasks.add, 1)
+        wait_until(lambda: any(waiting.run_id in r.getMessage() for r in caplog.records),
+                   30, "a warning about the waiting run")
+        assert waiting.result(timeout=120) == 2
+        assert [b.result(timeout=120) for b in blockers] == [f"full{i}" for i in range(CAPACITY)]
+    lines = [r.getMessage() for r in caplog.records if waiting.run_id in r.getMessage()]
+    assert lines and "backend state: pending (pod " in lines[0], lines
+    assert "Unschedulable: 0/1 nodes are available: 1 Insufficient pods." in lines[0], lines
 
 
 # ---------------------------------------------------------------- lost runs

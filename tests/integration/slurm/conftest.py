@@ -37,9 +37,10 @@ def slurm_cluster() -> Any:
         )
     os.environ["SLURM_CONF"] = SLURM_CONF
     failed = _probe(env)
-    if failed and not was_running:
-        # Once, as a supervisor would: a cluster of this session's making that cannot run
-        # a job is restarted with a clean controller state (``slurmctld -c``).
+    if failed:
+        # Once, as a supervisor would: a cluster that cannot run a job (a dead slurmd, a
+        # backlog of jobs whose callers are gone) is restarted with a clean controller
+        # state (``slurmctld -c``), even one an earlier session left running.
         first = f"{failed}\n{cluster_state()}"
         subprocess.run([str(script), "stop"], check=False, timeout=60)
         subprocess.run([str(script), "start"], capture_output=True, timeout=600, check=False)
@@ -56,17 +57,31 @@ def slurm_cluster() -> Any:
         subprocess.run([str(script), "stop"], check=False, timeout=60)
 
 
+@pytest.fixture(autouse=True)
+def _node_takes_work(request: pytest.FixtureRequest) -> None:
+    """A test that would wait on a node that is down or drained fails at once, saying
+    why, instead of running into its own timeouts one by one. (The conformance tests
+    reach the cluster through ``getfixturevalue``: it is asked for here, for all.)"""
+    request.getfixturevalue("slurm_cluster")
+    env = {**os.environ, "SLURM_CONF": SLURM_CONF}
+    states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                            env=env, timeout=30, check=False).stdout.split()
+    if not any(state.rstrip("*~#") in ("idle", "mixed", "allocated", "completing")
+               for state in states):
+        pytest.fail(f"the Slurm node cannot take work ({states}):\n{cluster_state()}")
+
+
 def _probe(env: dict[str, str]) -> str:
     """A job run to its end on the node (``sbatch --wait``): '' or what went wrong."""
     try:
         probe = subprocess.run(
             ["sbatch", "--wait", "--quiet", "--job-name=wove-probe", "--output=/dev/null",
              "--wrap", "true"],
-            capture_output=True, text=True, env=env, timeout=120, check=False,
+            capture_output=True, text=True, env=env, timeout=60, check=False,
         )
     except subprocess.TimeoutExpired:
         subprocess.run(["scancel", "--name=wove-probe"], env=env, check=False, timeout=30)
-        return "a probe job (sbatch --wait --wrap true) did not finish within 120 s"
+        return "a probe job (sbatch --wait --wrap true) did not finish within 60 s"
     if probe.returncode != 0:
         return f"a probe job failed (sbatch --wait: {probe.returncode} {probe.stderr.strip()})"
     return ""
@@ -75,7 +90,7 @@ def _probe(env: dict[str, str]) -> str:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
-    if report.failed and "slurm_cluster" in getattr(item, "fixturenames", ()):
+    if report.failed:  # this directory's tests all run on the cluster
         report.sections.append(("slurm cluster", cluster_state()))
     return report
 
