@@ -1,4 +1,5 @@
-"""The layers stay layered: ``core`` imports nothing above it, adapters skip the dispatcher.
+"""The layers stay layered: ``core`` imports nothing above it, adapters skip the dispatcher
+and leave the shared machinery to the shared layers.
 
 ``core`` (frames, codec, signing, envelope, stores, the dispatcher, the ledgers, the
 built-in executors) is what every other package builds on; if it imported
@@ -10,6 +11,8 @@ Starting ``python -m wove_adapters.stdio_worker`` as a child process is not an i
 
 Adapters decode through ``core.codec``; importing the dispatcher module
 (``core.runtime``) from an adapter would tie every backend to the dispatcher's internals.
+And a backend's module keeps to talking to its backend: no unpickling, HMAC, process
+pool, lease, key claim, follower or signer of its own (each has one shared home).
 """
 
 from __future__ import annotations
@@ -149,3 +152,88 @@ def test_the_checker_sees_every_form_of_import() -> None:
         (7, "wove_adapters.worker"),
         (8, "wove_adapters.adapters.aws_batch"),
     ]
+
+
+# What an adapter module must leave to the shared layers (issue 12's "an adapter only
+# talks to its backend"): loading bytes that execute code (core.codec verifies first;
+# writing a pickle for a backend's own workers is fine), HMAC signing (core.signing), and
+# process pools (worker.pool). Function-local imports count.
+_UNPICKLERS = ("pickle", "cloudpickle", "dill")
+_LOADS = ("loads", "load", "Unpickler")
+_DECODE = "decode through wove_adapters.core.codec, which verifies before it unpickles"
+_MACHINERY_IMPORTS = {
+    "hmac": "sign and verify with wove_adapters.core.signing",
+    "multiprocessing": "isolate payloads with the one warm pool, wove_adapters.worker.pool",
+    "concurrent.futures.process": "isolate payloads with wove_adapters.worker.pool",
+    **{f"{module}.{name}": _DECODE for module in _UNPICKLERS for name in _LOADS},
+}
+# Classes whose kind has one shared home: keys are name endings, values that home.
+_MACHINERY_CLASSES = {
+    "Pool": "wove_adapters.worker.pool",
+    "Lease": "wove_adapters.worker.leases",
+    "Leases": "wove_adapters.worker.leases",
+    "Claims": "wove_adapters.core.claims",
+    "Follower": "wove_adapters.adapters.followers",
+    "Followers": "wove_adapters.adapters.followers",
+    "Signer": "wove_adapters.core.signing",
+}
+# The shared modules of the adapters package (the contract, the registry, the transport
+# and its key followers): the rest are backends and their helpers.
+_SHARED = {"__init__.py", "base.py", "registry.py", "transport.py", "followers.py"}
+
+
+def machinery_in(source: str, importer: str) -> list[str]:
+    """What in ``source`` belongs to a shared layer, with the line and where it goes."""
+    found = []
+    for lineno, module in imports_of(source, importer):
+        for banned, home in _MACHINERY_IMPORTS.items():
+            if module == banned or module.startswith(banned + "."):
+                found.append(f"{lineno}: imports {module}: {home}")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            for ending, home in _MACHINERY_CLASSES.items():
+                if node.name.endswith(ending):
+                    found.append(f"{node.lineno}: class {node.name}: use {home}")
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id == "os" and node.attr in ("fork", "forkpty"):
+                found.append(f"{node.lineno}: os.{node.attr}: use wove_adapters.worker.pool")
+            elif node.value.id in _UNPICKLERS and node.attr in _LOADS:
+                found.append(f"{node.lineno}: {node.value.id}.{node.attr}: {_DECODE}")
+    return found
+
+
+def test_backend_modules_leave_the_machinery_to_the_shared_layers() -> None:
+    backends = [p for p in _sources("wove_adapters.adapters") if p.name not in _SHARED]
+    assert len(backends) >= 15, [p.name for p in backends]  # every backend and helper
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in backends
+        for line in machinery_in(path.read_text(), _module_name(path))
+    ]
+    assert not found, (
+        "an adapter module talks to its backend only; move this to the shared layer "
+        "named:\n" + "\n".join(found)
+    )
+
+
+def test_the_machinery_check_sees_what_it_forbids() -> None:
+    """Not vacuous: each forbidden form is reported."""
+    source = (
+        "import pickle; pickle.loads(b'')\n"
+        "from hmac import compare_digest\n"
+        "def later():\n"
+        "    import multiprocessing.pool\n"
+        "    from concurrent.futures.process import ProcessPoolExecutor\n"
+        "    return os.fork()\n"
+        "class _WarmPool: ...\n"
+        "class KeyFollowers: ...\n"
+        "class RedisClaims: ...\n"
+        "import picklable_thing\n"
+        "class Spool: ...\n"
+        "from cloudpickle import loads\n"
+        "data = pickle.dumps(None)\n"
+    )
+    found = machinery_in(source, "wove_adapters.adapters.acme")
+    lines = sorted({int(entry.split(":")[0]) for entry in found})
+    # Not picklable_thing, not Spool, not a pickle written for the backend's workers.
+    assert lines == [1, 2, 4, 5, 6, 7, 8, 9, 12], found
