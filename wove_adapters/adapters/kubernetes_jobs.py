@@ -184,6 +184,8 @@ class KubernetesJobsAdapter(BackendAdapter):
         self._stuck_since: dict[str, float] = {}
         self._pods_every = max(1.0, min(self.options.pending_timeout / 4, 15.0))
         self._pods_listed_at: dict[str, float] = {}
+        # The label selector of this environment's Jobs and Pods.
+        self._ours = f"{MANAGED_BY}={MANAGER},{ENV_LABEL}={label_value(self.environment)}"
 
     # ------------------------------------------------------------ client
 
@@ -467,10 +469,9 @@ class KubernetesJobsAdapter(BackendAdapter):
         """Our Jobs in a namespace (one LIST), and the Pods that cannot start: Pending
         Pods are listed when a Job has Pods that are not ready, at most every
         ``_pods_every`` seconds (the verdict is kept in between)."""
-        selector = f"{MANAGED_BY}={MANAGER},{ENV_LABEL}={label_value(self.environment)}"
         started = time.monotonic()
         listed = await self._call(
-            self._batch.list_namespaced_job, namespace, label_selector=selector
+            self._batch.list_namespaced_job, namespace, label_selector=self._ours
         )
         jobs: dict[str, dict[str, Any] | None] = {
             j["metadata"]["name"]: j for j in listed.get("items") or []
@@ -480,7 +481,7 @@ class KubernetesJobsAdapter(BackendAdapter):
             # Scheduled yet not running: pulling, or stuck (unscheduled Pods only wait).
             self._pods_listed_at[namespace] = started
             pods = await self._call(
-                self._core.list_namespaced_pod, namespace, label_selector=selector,
+                self._core.list_namespaced_pod, namespace, label_selector=self._ours,
                 field_selector="status.phase=Pending,spec.nodeName!=",
             )
             self._stuck[namespace] = self._stuck_pods(pods.get("items") or [], started)
@@ -510,15 +511,14 @@ class KubernetesJobsAdapter(BackendAdapter):
         """Each pending run's Pod in the scheduler's or the kubelet's words (one LIST of
         Pending Pods per namespace): capacity that never comes shows up here."""
         wanted = {_parse(handle): handle for handle in handles}
-        selector = f"{MANAGED_BY}={MANAGER},{ENV_LABEL}={label_value(self.environment)}"
         reasons: dict[str, str] = {}
         for namespace in sorted({namespace for namespace, _, _ in wanted}):
-            pods = await self._call(self._core.list_namespaced_pod, namespace,
-                                    label_selector=selector, field_selector="status.phase=Pending")
+            pods = await self._call(self._core.list_namespaced_pod, namespace, label_selector=
+                                    self._ours, field_selector="status.phase=Pending")
             for pod in pods.get("items") or []:
                 handle = wanted.get((namespace, job_of(pod), index_of(pod)))
                 if handle is not None and (why := waiting_reason(pod)) is not None:
-                    reasons[handle] = f"pod {pod['metadata']['name']}: {why.strip()}"
+                    reasons[handle] = f"pod {pod['metadata']['name']}: {why}"
         return reasons
 
     # ------------------------------------------------------------ cancel, release

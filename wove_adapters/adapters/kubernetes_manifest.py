@@ -249,10 +249,12 @@ def waiting_reason(pod: dict[str, Any]) -> str | None:
     status = pod.get("status") or {}
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            return f"{condition.get('reason', 'unscheduled')}: {condition.get('message', '')}"
+            return ": ".join(filter(None, (condition.get("reason") or "Unscheduled",
+                                           condition.get("message"))))
     for container in status.get("containerStatuses") or []:
         if waiting := (container.get("state") or {}).get("waiting"):
-            return f"{waiting.get('reason', 'waiting')}: {waiting.get('message', '')}"
+            return ": ".join(filter(None, (waiting.get("reason") or "Waiting",
+                                           waiting.get("message"))))
     return None
 
 

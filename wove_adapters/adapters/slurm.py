@@ -288,8 +288,8 @@ class SlurmAdapter(BackendAdapter):
         a drained node waits for an administrator."""
         out = await self._run("squeue", "-h", "-r", "-t", "PENDING", "-o", "%i|%r", check=False)
         reasons = dict(line.partition("|")[::2] for line in out.splitlines())
-        return {handle: f"squeue reason: {reasons[handle].strip()}" for handle in handles
-                if reasons.get(handle, "None").strip() not in ("", "None")}
+        return {handle: f"squeue reason: {why}" for handle in handles
+                if (why := reasons.get(handle, "").strip()) not in ("", "None")}
 
     async def cancel(self, handle: str, *, running: bool = True) -> None:
         await self._run("scancel", handle)

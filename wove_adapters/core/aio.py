@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -194,6 +195,24 @@ def _undo_soon(done: asyncio.Future[T], undo: Callable[[T], Awaitable[object]]) 
     task = asyncio.get_running_loop().create_task(quietly())
     _UNDOING.add(task)
     task.add_done_callback(_UNDOING.discard)
+
+
+async def retrying(
+    call: Callable[[], Awaitable[T]], *, errors: tuple[type[BaseException], ...],
+    budget: float, delay: float, cap: float,
+) -> T:
+    """``await call()``, tried again on ``errors`` with capped exponential backoff while
+    ``budget`` seconds allow another wait; the last error is raised. A service that is
+    only restarting is waited for, a dead one still fails."""
+    deadline = time.monotonic() + budget
+    while True:
+        try:
+            return await call()
+        except errors:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cap)
 
 
 async def wait_within(waits: Sequence[Awaitable[Any]], timeout: float) -> int:

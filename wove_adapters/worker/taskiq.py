@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from wove_adapters.core.aio import retrying
 from wove_adapters.core.errors import redact_url
 from wove_adapters.worker import leases
 from wove_adapters.worker.pool import (
@@ -78,22 +79,20 @@ async def _begin(begin: Any, client: Any, lease_key: str, owner: str, *, keys: l
     first try did take effect and only its reply was lost: the job is ours."""
     import redis.exceptions
 
-    deadline = time.monotonic() + BEGIN_RETRY_SECONDS
-    delay = 0.2
-    retried = False
-    while True:
-        try:
-            began = int(await begin(keys=keys, args=args))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-            if time.monotonic() + delay > deadline:
-                raise
-            retried = True
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-            continue
-        if began == 2 and retried and await client.get(lease_key) in (owner, owner.encode()):
-            return 1
-        return began
+    tries = 0
+
+    async def once() -> int:
+        nonlocal tries
+        tries += 1
+        return int(await begin(keys=keys, args=args))
+
+    began = await retrying(
+        once, errors=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError),
+        budget=BEGIN_RETRY_SECONDS, delay=0.2, cap=2.0,
+    )
+    if began == 2 and tries > 1 and await client.get(lease_key) in (owner, owner.encode()):
+        return 1
+    return began
 
 
 def workers_key(queue: str) -> str:

@@ -24,9 +24,9 @@ SLURM_CONF = f"{SLURM_DIR}/slurm.conf"
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Any:
     script = ROOT / "scripts" / "services" / "slurm"
-    env = {**os.environ, "SLURM_CONF": SLURM_CONF}
     was_running = (
-        subprocess.run(["sinfo", "-h"], capture_output=True, env=env, check=False).returncode == 0
+        subprocess.run(["sinfo", "-h"], capture_output=True, env=_env(), check=False).returncode
+        == 0
         if _has("sinfo")
         else False
     )
@@ -37,7 +37,7 @@ def slurm_cluster() -> Any:
             f"(needs root and apt-get for slurm-wlm/munge):\n{done.stdout}\n{done.stderr}"
         )
     os.environ["SLURM_CONF"] = SLURM_CONF
-    failed = _probe(env)
+    failed = _probe()
     if failed:
         # Once, as a supervisor would: a cluster that cannot run a job (a dead slurmd, a
         # backlog of jobs whose callers are gone) is restarted with a clean controller
@@ -45,7 +45,7 @@ def slurm_cluster() -> Any:
         first = f"{failed}\n{cluster_state()}"
         subprocess.run([str(script), "stop"], check=False, timeout=60)
         subprocess.run([str(script), "start"], capture_output=True, timeout=600, check=False)
-        failed = _probe(env)
+        failed = _probe()
         if not failed:
             warnings.warn(f"the Slurm cluster ran no job until restarted: {first}",
                           stacklevel=1)
@@ -71,11 +71,10 @@ def _node_takes_work(request: pytest.FixtureRequest) -> None:
     back by itself within that, as ReturnToService=2 allows, is fine). The conformance
     tests reach the cluster through ``getfixturevalue``: it is asked for here, for all."""
     request.getfixturevalue("slurm_cluster")
-    env = {**os.environ, "SLURM_CONF": SLURM_CONF}
     deadline = time.monotonic() + 30
     while True:
         states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                                env=env, timeout=30, check=False).stdout.split()
+                                env=_env(), timeout=30, check=False).stdout.split()
         if not states or any(s.rstrip("*~#!%$@^-+") not in _CANNOT_TAKE_WORK for s in states):
             return
         if time.monotonic() > deadline:
@@ -83,16 +82,21 @@ def _node_takes_work(request: pytest.FixtureRequest) -> None:
         time.sleep(1)
 
 
-def _probe(env: dict[str, str]) -> str:
+def _env() -> dict[str, str]:
+    """This environment with the test cluster's config, for Slurm's commands."""
+    return {**os.environ, "SLURM_CONF": SLURM_CONF}
+
+
+def _probe() -> str:
     """A job run to its end on the node (``sbatch --wait``): '' or what went wrong."""
     try:
         probe = subprocess.run(
             ["sbatch", "--wait", "--quiet", "--job-name=wove-probe", "--output=/dev/null",
              "--wrap", "true"],
-            capture_output=True, text=True, env=env, timeout=60, check=False,
+            capture_output=True, text=True, env=_env(), timeout=60, check=False,
         )
     except subprocess.TimeoutExpired:
-        subprocess.run(["scancel", "--name=wove-probe"], env=env, check=False, timeout=30)
+        subprocess.run(["scancel", "--name=wove-probe"], env=_env(), check=False, timeout=30)
         return "a probe job (sbatch --wait --wrap true) did not finish within 60 s"
     if probe.returncode != 0:
         return f"a probe job failed (sbatch --wait: {probe.returncode} {probe.stderr.strip()})"
@@ -109,7 +113,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def cluster_state() -> str:
     """The queue with each job's reason, the node, and the daemons' last log lines."""
-    env = {**os.environ, "SLURM_CONF": SLURM_CONF}
+    env = _env()
     parts = []
     for command in (["squeue", "-h", "-o", "%i %j %T %r %M"], ["sinfo", "-R"],
                     ["scontrol", "-o", "show", "node"],

@@ -38,6 +38,7 @@ from typing import Any
 import msgspec
 
 from wove_adapters.core import frames, netwire
+from wove_adapters.core.aio import retrying
 from wove_adapters.core.errors import BackendUnavailableError, ExecutorConfigError, PayloadError
 from wove_adapters.core.options import ExecutorOptions
 from wove_adapters.core.policies import Capabilities
@@ -466,18 +467,8 @@ class NetworkTransport(Transport, abc.ABC):
         """Hand the attempt to the service. A requeued attempt follows a lost one (the
         service was killed or restarted), so an unreachable service is retried for up to
         REQUEUE_WAIT seconds: a restart is waited for, a dead service still fails."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (REQUEUE_WAIT if run.attempt > 1 else 0.0)
-        delay = 0.1
-        while True:
-            try:
-                await self._submit(run)
-                return
-            except BackendUnavailableError:
-                if loop.time() + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        await retrying(functools.partial(self._submit, run), errors=(BackendUnavailableError,),
+                       budget=REQUEUE_WAIT if run.attempt > 1 else 0.0, delay=0.1, cap=1.0)
 
     @abc.abstractmethod
     async def _submit(self, run: RunAttempt) -> None:
